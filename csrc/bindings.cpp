@@ -1,0 +1,25 @@
+// The one place that names every part of xllm._C. Each csrc/ subdirectory
+// defines a register_* function next to its code; this file only wires them.
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+namespace xllm {
+void register_cpu_info(py::module_& m);
+void register_attention(py::module_& m);
+void register_block_pool(py::module_& m);
+void register_queue(py::module_& m);
+void register_vmm(py::module_& m);
+void register_shm_allreduce(py::module_& m);
+}  // namespace xllm
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "xllm native core: paged attention, KV cache write, block pool, MPMC queue, "
+            "VMM page pool and shared-memory allreduce.";
+  xllm::register_cpu_info(m);
+  xllm::register_attention(m);
+  xllm::register_block_pool(m);
+  xllm::register_queue(m);
+  xllm::register_vmm(m);
+  xllm::register_shm_allreduce(m);
+}

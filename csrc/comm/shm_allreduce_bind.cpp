@@ -1,0 +1,5 @@
+// Placeholder until this part lands; it exports nothing.
+#include <pybind11/pybind11.h>
+namespace xllm {
+void register_shm_allreduce(pybind11::module_& m) {}
+}  // namespace xllm
