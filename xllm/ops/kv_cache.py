@@ -1,0 +1,53 @@
+"""The paged KV cache layout, defined here once for every backend (C++, Triton, torch).
+
+Each attention layer owns two tensors of the same shape::
+
+    key_cache:   [num_blocks, num_kv_heads, block_size, head_size]
+    value_cache: [num_blocks, num_kv_heads, block_size, head_size]
+
+A *block* holds ``block_size`` consecutive tokens of one sequence for every KV
+head. Within a block each head's tokens are contiguous (``block_size *
+head_size`` elements), so an attention kernel working on one (sequence, KV head)
+streams memory linearly and loads each K/V row once for all the query heads that
+share it (GQA/MQA).
+
+A token's *slot* is ``block_id * block_size + offset_in_block``; the cache write
+takes one slot per new token, and slot ``-1`` marks padding that is skipped.
+
+A sequence's *block table* row lists its block ids in order: token ``i`` of the
+sequence lives in block ``block_table[i // block_size]`` at offset
+``i % block_size``. Rows are padded with the null block 0 (never written, never
+read past the sequence length). Block tables and sequence lengths are int32.
+
+Storage dtype: float32 or bfloat16 on CPU (bf16 is widened to fp32 on the fly;
+compute is always fp32 there), float32/float16/bfloat16 on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+def kv_cache_shape(num_blocks: int, num_kv_heads: int, block_size: int, head_size: int) -> tuple:
+    """Shape of one layer's key (or value) cache."""
+    for name, value in (("num_blocks", num_blocks), ("num_kv_heads", num_kv_heads),
+                        ("block_size", block_size), ("head_size", head_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    return (num_blocks, num_kv_heads, block_size, head_size)
+
+
+def allocate_kv_cache(num_blocks: int, num_kv_heads: int, block_size: int, head_size: int,
+                      dtype: torch.dtype = torch.float32,
+                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed (key_cache, value_cache) for one layer."""
+    shape = kv_cache_shape(num_blocks, num_kv_heads, block_size, head_size)
+    return (torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device))
+
+
+def slots_for_positions(block_table: list[int], positions: list[int], block_size: int) -> list[int]:
+    """Slots of the given token positions of one sequence (a helper for tests and callers)."""
+    return [block_table[p // block_size] * block_size + p % block_size for p in positions]
