@@ -34,7 +34,7 @@ def print_table(rows: list[Row]) -> None:
                       f"{r.ratio:.2f}x", (r.target + status).strip(), note))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     for line in lines:
-        cells = [c.ljust(w) for c, w in zip(line[:-1], widths)] + [line[-1]]
+        cells = [c.ljust(w) for c, w in zip(line[:-1], widths, strict=True)] + [line[-1]]
         print(" | ".join(cells))
 
 
