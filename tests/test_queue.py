@@ -69,15 +69,16 @@ def _run_threads(targets: list[Any], timeout: float) -> None:
 # ---------------------------------------------------------------- construction
 
 
-@pytest.mark.parametrize("capacity", [0, 1, 3, 6, 100, -4, 3 << 20, (1 << 30) * 2])
+@pytest.mark.parametrize("capacity", [0, 1, 3, 6, 100, -4, 3 << 20, 1 << 31, 1 << 70, -(1 << 70)])
 def test_capacity_must_be_power_of_two(impl: type, capacity: int) -> None:
     with pytest.raises(ValueError, match="capacity must be a power of two"):
         impl(capacity)
 
 
 def test_capacity_type_and_hint(impl: type) -> None:
-    with pytest.raises(TypeError):
-        impl(64.0)
+    for bad in (64.0, "64", None):
+        with pytest.raises(TypeError):
+            impl(bad)
     with pytest.raises(ValueError, match="try 64 or 128"):
         impl(100)
 
@@ -173,9 +174,12 @@ def test_bad_arguments(impl: type) -> None:
     for bad in (iter([1, 2]), "abc", b"abc", {1: 2}, 5, (x for x in [1])):
         with pytest.raises(TypeError, match="items must be a sequence"):
             q.push_many(bad)
-    for bad in (0, -1):
+    for bad in (0, -1, -(1 << 70)):
         with pytest.raises(ValueError, match="max_items must be >= 1"):
             q.pop_many(bad)
+    with pytest.raises(TypeError):
+        q.pop_many(1.5)
+    assert q.pop_many(1 << 70) == []
     for bad in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="timeout must be None or a non-negative"):
             q.pop(timeout=bad)
@@ -279,6 +283,47 @@ def test_signal_handler_interrupts_a_wait_on_the_main_thread(impl: type) -> None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+_DAEMON_EXIT_SCRIPT = """
+import threading, time
+from xllm.ops.queue import {impl} as Queue
+empty, full = Queue(4), Queue(2)
+full.push_many([0, 0])
+
+def pop_loop():
+    while True:
+        try:
+            empty.pop(timeout=0.001)
+        except TimeoutError:
+            pass
+
+def push_loop():
+    while True:
+        try:
+            full.push(1, timeout=0.001)
+        except TimeoutError:
+            pass
+
+for target in (pop_loop, pop_loop, push_loop, push_loop):
+    threading.Thread(target=target, daemon=True).start()
+time.sleep(0.05)
+print("main done")
+"""
+
+
+def test_interpreter_exits_cleanly_with_daemon_threads_waiting(impl: type) -> None:
+    """Daemon threads still waking from waits while Python shuts down must not abort it."""
+    import xllm
+
+    env = dict(os.environ, PYTHONPATH=str(Path(xllm.__file__).resolve().parents[1]))
+    script = _DAEMON_EXIT_SCRIPT.format(impl=impl.__name__)
+    for _ in range(2):
+        run = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, env=env
+        )
+        assert run.returncode == 0 and "main done" in run.stdout, run.stdout + run.stderr
+        assert "terminate" not in run.stderr, run.stderr
 
 
 # ---------------------------------------------------------------- close

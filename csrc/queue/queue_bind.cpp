@@ -91,10 +91,30 @@ Wait parse_timeout(const std::optional<double>& timeout) {
   throw py::error_already_set();
 }
 
+// One attempt with the GIL released. Not py::gil_scoped_release: during
+// interpreter shutdown PyEval_RestoreThread ends a daemon thread with
+// pthread_exit, and its forced unwinding must not cross a noexcept destructor
+// (that is std::terminate); from plain code it unwinds like CPython's own
+// waits. References held across the wait are then leaked, never released
+// without the GIL.
+template <typename Attempt>
+auto attempt_without_gil(Attempt& attempt, const mpmc::Deadline& slice) {
+  PyThreadState* state = PyEval_SaveThread();
+  decltype(attempt(slice)) r;
+  try {
+    r = attempt(slice);
+  } catch (...) {  // e.g. std::system_error from the condition variable
+    PyEval_RestoreThread(state);
+    throw;
+  }
+  PyEval_RestoreThread(state);
+  return r;
+}
+
 // Runs attempt(slice_deadline) with the GIL released until it returns something
 // other than `timed_out` or the caller's deadline passes. On the main thread
 // each attempt lasts at most kSignalPollInterval and signal handlers run between
-// attempts (an exception from one propagates).
+// attempts (an exception from one propagates, with the GIL held).
 template <typename R, typename Attempt>
 R wait_without_gil(Attempt&& attempt, const mpmc::Deadline& deadline, R timed_out) {
   const bool main_thread = PyThread_get_thread_ident() == g_main_thread_ident;
@@ -104,18 +124,29 @@ R wait_without_gil(Attempt&& attempt, const mpmc::Deadline& deadline, R timed_ou
       const auto poll = Clock::now() + kSignalPollInterval;
       if (!slice || poll < *slice) slice = poll;
     }
-    R r;
-    {
-      py::gil_scoped_release no_gil;
-      r = attempt(slice);
-    }
+    const R r = attempt_without_gil(attempt, slice);
     if (r != timed_out) return r;
     if (deadline && Clock::now() >= *deadline) return timed_out;
     if (PyErr_CheckSignals() != 0) throw py::error_already_set();
   }
 }
 
-std::size_t checked_capacity(std::int64_t capacity) {
+// An integer argument the way operator.index reads it (TypeError for floats,
+// strings, None), saturated to the int64 range so huge values reach the range
+// checks as ValueErrors instead of failing the conversion.
+std::int64_t index_arg(const py::handle& obj) {
+  py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr()));
+  if (!index) throw py::error_already_set();
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+  if (overflow > 0) return INT64_MAX;
+  if (overflow < 0) return INT64_MIN;
+  if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+  return v;
+}
+
+std::size_t checked_capacity(const py::handle& arg) {
+  const std::int64_t capacity = index_arg(arg);
   const auto max = static_cast<std::int64_t>(mpmc::kMaxCapacity);
   if (capacity < 2 || capacity > max || (capacity & (capacity - 1)) != 0) {
     std::string hint;
@@ -125,14 +156,14 @@ std::size_t checked_capacity(std::int64_t capacity) {
       hint = "; try " + std::to_string(up / 2) + " or " + std::to_string(up);
     }
     throw py::value_error("capacity must be a power of two >= 2 (and <= 2**30), got " +
-                          std::to_string(capacity) + hint);
+                          py::str(arg).cast<std::string>() + hint);
   }
   return static_cast<std::size_t>(capacity);
 }
 
 class PyObjectQueue {
  public:
-  explicit PyObjectQueue(std::int64_t capacity) : ring_(checked_capacity(capacity)) {}
+  explicit PyObjectQueue(const py::handle& capacity) : ring_(checked_capacity(capacity)) {}
   PyObjectQueue(const PyObjectQueue&) = delete;
   PyObjectQueue& operator=(const PyObjectQueue&) = delete;
 
@@ -167,17 +198,26 @@ class PyObjectQueue {
 
   void push(const py::handle& obj, const std::optional<double>& timeout) {
     const Wait wait = parse_timeout(timeout);
-    py::object ref = py::reinterpret_borrow<py::object>(obj);
-    PushResult r = ring_.try_push(ref.ptr());
+    // The queue's reference, managed by hand: see attempt_without_gil.
+    PyObject* ref = obj.ptr();
+    Py_INCREF(ref);
+    PushResult r = ring_.try_push(ref);
     if (r == PushResult::kFull && wait.blocking) {
-      PyObject* raw = ref.ptr();
-      r = wait_without_gil(
-          [&](const mpmc::Deadline& d) { return ring_.push_wait(raw, d); }, wait.deadline,
-          PushResult::kFull);
+      try {
+        r = wait_without_gil([&](const mpmc::Deadline& d) { return ring_.push_wait(ref, d); },
+                             wait.deadline, PushResult::kFull);
+      } catch (const py::error_already_set&) {  // a signal handler raised; GIL held
+        Py_DECREF(ref);
+        throw;
+      } catch (const std::exception&) {
+        Py_DECREF(ref);
+        throw;
+      }
     }
+    if (r == PushResult::kOk) return;  // the ring owns the reference now
+    Py_DECREF(ref);
     if (r == PushResult::kClosed) throw QueueClosedError("push to a closed MPMCQueue");
-    if (r == PushResult::kFull) raise_timeout("push to a full MPMCQueue", wait.seconds);
-    ref.release();
+    raise_timeout("push to a full MPMCQueue", wait.seconds);
   }
 
   py::object try_pop(const py::object& default_value) {
@@ -231,9 +271,11 @@ class PyObjectQueue {
     return pushed;
   }
 
-  py::list pop_many(std::int64_t max_items, const std::optional<double>& timeout) {
+  py::list pop_many(const py::handle& max_items_arg, const std::optional<double>& timeout) {
+    const std::int64_t max_items = index_arg(max_items_arg);
     if (max_items < 1) {
-      throw py::value_error("max_items must be >= 1, got " + std::to_string(max_items));
+      throw py::value_error("max_items must be >= 1, got " +
+                            py::str(max_items_arg).cast<std::string>());
     }
     const Wait wait = parse_timeout(timeout);
     const std::size_t limit =
@@ -307,7 +349,7 @@ Bounded lock-free multi-producer multi-consumer queue of Python objects
 
 MPMCQueue(capacity): capacity must be a power of two >= 2.
 )doc")
-      .def(py::init<std::int64_t>(), py::arg("capacity"))
+      .def(py::init<const py::handle&>(), py::arg("capacity"))
       .def("try_push", &PyObjectQueue::try_push, py::arg("item"),
            "Push without blocking; False if the queue is full. QueueClosed if closed.")
       .def("push", &PyObjectQueue::push, py::arg("item"), py::arg("timeout") = py::none(),
