@@ -237,16 +237,16 @@ def test_blocking_call_releases_the_gil(impl: type, side: str) -> None:
     def waiter() -> None:
         entered.set()
         if side == "pop":
-            assert q.pop(timeout=3) == "x"
+            assert q.pop(timeout=5) == "x"
         else:
-            q.push("x", timeout=3)
+            q.push("x", timeout=5)
         done.set()
 
     t = threading.Thread(target=waiter, daemon=True)
     t.start()
     assert entered.wait(2)
     time.sleep(0.02)  # let it reach the wait
-    # If the wait held the GIL this loop could only run after it timed out (3 s).
+    # If the wait held the GIL this loop could only run after it timed out (5 s).
     start, spins = time.monotonic(), 0
     while time.monotonic() - start < 0.1:
         spins += 1
@@ -256,8 +256,58 @@ def test_blocking_call_releases_the_gil(impl: type, side: str) -> None:
         q.push("x")
     else:
         assert q.pop() == 0
-    t.join(3)
-    assert done.is_set()
+    assert done.wait(1.0), "the waiter was not woken by the hand-off"
+    t.join(1.0)
+
+
+_PUSHES = {
+    "try_push": lambda q: q.try_push("x"),
+    "push": lambda q: q.push("x"),
+    "push_many": lambda q: q.push_many(["x", "y"]),
+}
+_POPS = {
+    "try_pop": lambda q: q.try_pop(),
+    "pop": lambda q: q.pop(),
+    "pop_many": lambda q: q.pop_many(2),
+}
+
+
+@pytest.mark.parametrize("waiter", ["pop", "pop_many"])
+@pytest.mark.parametrize("waker", sorted(_PUSHES))
+def test_every_push_wakes_a_sleeping_consumer(impl: type, waiter: str, waker: str) -> None:
+    """No lost wake-up: the sleeper returns promptly, long before its own 5 s timeout."""
+    q = impl(4)
+    woke = threading.Event()
+
+    def sleeper() -> None:
+        got = q.pop(timeout=5) if waiter == "pop" else q.pop_many(4, timeout=5)
+        if got == "x" or (isinstance(got, list) and got[:1] == ["x"]):
+            woke.set()
+
+    t = threading.Thread(target=sleeper, daemon=True)
+    t.start()
+    time.sleep(0.05)  # long enough to finish spinning and go to sleep
+    _PUSHES[waker](q)
+    assert woke.wait(1.0), f"{waker} did not wake a consumer sleeping in {waiter}"
+    t.join(1.0)
+
+
+@pytest.mark.parametrize("waker", sorted(_POPS))
+def test_every_pop_wakes_a_sleeping_producer(impl: type, waker: str) -> None:
+    q = impl(2)
+    q.push_many([0, 0])
+    woke = threading.Event()
+
+    def sleeper() -> None:
+        q.push("z", timeout=5)
+        woke.set()
+
+    t = threading.Thread(target=sleeper, daemon=True)
+    t.start()
+    time.sleep(0.05)
+    _POPS[waker](q)
+    assert woke.wait(1.0), f"{waker} did not wake a producer sleeping in push"
+    t.join(1.0)
 
 
 def test_signal_handler_interrupts_a_wait_on_the_main_thread(impl: type) -> None:
