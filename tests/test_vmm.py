@@ -33,9 +33,37 @@ def _rss_shmem() -> int:
     raise AssertionError("no RssShmem in /proc/self/status")
 
 
+def _kernel_view(pool: VmmPool) -> list[int]:
+    """Offsets the kernel really has memfd-mapped in the pool, from /proc/self/maps.
+
+    Also checks that the whole range is still reserved (every byte covered by
+    either a shared memfd mapping or a PROT_NONE one), so a bookkeeping bug
+    fails here instead of crashing the test process when a page is touched.
+    """
+    lo, hi = pool.address, pool.address + pool.reserved_bytes
+    mapped: set[int] = set()
+    covered = 0
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        start, end = max(start, lo), min(end, hi)
+        if start >= end:
+            continue
+        covered += end - start
+        if fields[1] == "rw-s" and "memfd:xllm-vmm" in line:
+            mapped.update(range(start - lo, end - lo, pool.page_bytes))
+        else:
+            assert fields[1] == "---p", f"unexpected mapping in the reservation: {line}"
+    assert covered == pool.reserved_bytes, "part of the reservation was lost"
+    return sorted(mapped)
+
+
 def _page(view: torch.Tensor, pool: VmmPool | PreallocatedPagePool, offset: int) -> torch.Tensor:
     return view[offset : offset + pool.page_bytes]
 
+
+# Asserts never name a whole-range view: on failure pytest would print it, and
+# printing reads its first and last elements, which may sit in unmapped pages.
 
 # ---------------------------------------------------------------- behaviour vs the reference
 
@@ -80,11 +108,12 @@ def test_random_ops_match_preallocation(seed: int) -> None:
             for pool in (native, ref):
                 with pytest.raises(ValueError, match="already mapped"):
                     pool.map_pages(batch)
-        assert native.mapped_offsets() == ref.mapped_offsets()
+        assert native.mapped_offsets() == ref.mapped_offsets() == _kernel_view(native)
         assert native.physical_bytes == ref.physical_bytes
         for off in native.mapped_offsets():
             # numpy's compare: several times faster than torch.equal on bytes.
-            assert np.array_equal(_page(nv, native, off).numpy(), _page(rv, ref, off).numpy()), off
+            same = np.array_equal(_page(nv, native, off).numpy(), _page(rv, ref, off).numpy())
+            assert same, f"page at {off} differs"
 
 
 def test_data_survives_other_pages_and_remap_is_zeroed() -> None:
@@ -98,9 +127,37 @@ def test_data_survives_other_pages_and_remap_is_zeroed() -> None:
         pool.unmap_pages([0, 4 * MIB, 6 * MIB])
         pool.map_pages([6 * MIB, 0, 4 * MIB, 8 * MIB])
         pool.unmap_page(8 * MIB)
-    assert torch.equal(view[2 * MIB : 4 * MIB], keep)
+    assert _kernel_view(pool) == [0, 2 * MIB, 4 * MIB, 6 * MIB]
+    kept = torch.equal(view[2 * MIB : 4 * MIB], keep)
+    assert kept
     # A remapped page comes back zeroed: unmap returned its memory, nothing survives.
-    assert int(view[4 * MIB : 6 * MIB].count_nonzero()) == 0
+    nonzero = int(view[4 * MIB : 6 * MIB].count_nonzero())
+    assert nonzero == 0
+
+
+def test_batch_unmap_spares_mapped_neighbours() -> None:
+    """A batch unmap spans gaps of unmapped pages in one syscall but never a mapped page."""
+    page = 64 * 1024
+    pool = VmmPool(200 * page, page)
+    view = pool.tensor()
+    pool.map_pages(list(range(0, 140 * page, page)))
+    for p in range(140):
+        view[p * page : (p + 1) * page] = p % 251 + 1
+    pool.unmap_pages([0, 2 * page, 4 * page])  # 1 and 3 stay
+    pool.unmap_page(page)
+    pool.unmap_pages([6 * page, 3 * page, 8 * page])  # 4 is a gap; 5 and 7 stay
+    # A long run of unmapped pages between two batch members, then a mapped one.
+    pool.unmap_pages([p * page for p in range(10, 130)])
+    pool.unmap_pages([9 * page, 131 * page, 133 * page])
+    expected = {p: p % 251 + 1 for p in (5, 7, 130, 132, *range(134, 140))}
+    assert [o // page for o in pool.mapped_offsets()] == sorted(expected)
+    assert pool.mapped_offsets() == _kernel_view(pool)
+    for p, value in expected.items():
+        ok = bool((view[p * page : (p + 1) * page] == value).all())
+        assert ok, f"page {p} lost its data"
+    pool.map_pages([0, 4 * page, 131 * page])
+    zeros = [int(view[p * page : (p + 1) * page].count_nonzero()) for p in (0, 4, 131)]
+    assert zeros == [0, 0, 0]
 
 
 def test_tensor_views_alias_one_memory() -> None:
@@ -109,7 +166,8 @@ def test_tensor_views_alias_one_memory() -> None:
     halves = pool.tensor(torch.float16, shape=(4, 256), offset=2 * MIB + 64)
     halves.copy_(torch.arange(1024, dtype=torch.float16).view(4, 256))
     raw = bytes(memoryview(pool)[2 * MIB + 64 : 2 * MIB + 64 + 2048])
-    assert raw == halves.numpy().tobytes()
+    written = halves.numpy().tobytes()
+    assert raw == written
     assert pool.as_tensor(torch.int32).shape == (8 * MIB // 4,)
     assert pool.tensor(torch.uint8, shape=(0, 3), offset=8 * MIB).numel() == 0
     assert pool.tensor().data_ptr() == pool.address
@@ -255,7 +313,8 @@ def test_pool_outlives_its_tensor_views() -> None:
     gc.collect()
     assert pool_ref() is not None  # a slice holds it too (through the storage)
     sub.fill_(2.5)
-    assert float(sub.sum()) == 2.5 * 2048
+    total = float(sub.sum())
+    assert total == 2.5 * 2048
     del sub
     gc.collect()
     assert pool_ref() is None  # and the last view lets it go
@@ -321,9 +380,11 @@ def test_concurrent_map_unmap() -> None:
             for r in range(rounds):
                 off = mine[r % 8]
                 pool.map_page(off)
-                assert int(view[off : off + page].count_nonzero()) == 0
+                nonzero = int(view[off : off + page].count_nonzero())
+                assert nonzero == 0, f"page {off} not zeroed on map"
                 view[off : off + page] = tid + 1
-                assert int(view[off]) == tid + 1
+                first = int(view[off])
+                assert first == tid + 1
                 if r % 3 == 0:
                     pool.unmap_pages([off])
                 else:

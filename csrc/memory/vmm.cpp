@@ -261,21 +261,60 @@ void VmmPool::do_map(const std::vector<Run>& runs) {
   }
 }
 
+bool VmmPool::none_mapped(int64_t first, int64_t end) const {
+  for (int64_t p = first; p < end;) {
+    const int64_t word = p >> 6;
+    const int64_t stop = std::min(end, (word + 1) << 6);
+    // Bits [p, stop) of this word.
+    const int lo = static_cast<int>(p & 63);
+    const int len = static_cast<int>(stop - p);
+    const uint64_t mask = (len == 64 ? ~uint64_t{0} : ((uint64_t{1} << len) - 1)) << lo;
+    if (mapped_bits_[static_cast<size_t>(word)] & mask) return false;
+    p = stop;
+  }
+  return true;
+}
+
+std::vector<VmmPool::Run> VmmPool::unmap_spans(const std::vector<Run>& runs) const {
+  // An unmapped page is always PROT_NONE over a punched hole, so doing both
+  // again is a no-op: runs separated only by unmapped pages can share one
+  // mmap and one punch. Scattered frees (every other page) then cost two
+  // syscalls per call instead of two per page. Long gaps are not scanned.
+  constexpr int64_t kMaxGapPages = 4096;
+  std::vector<Run> spans;
+  for (const Run& run : runs) {
+    if (!spans.empty()) {
+      Run& last = spans.back();
+      const int64_t gap_first = last.first + last.count;
+      if (run.first - gap_first <= kMaxGapPages && none_mapped(gap_first, run.first)) {
+        last.count = run.first + run.count - last.first;
+        continue;
+      }
+    }
+    spans.push_back(run);
+  }
+  return spans;
+}
+
 void VmmPool::do_unmap(const std::vector<Run>& runs) {
-  // First take every run out of the address space; memory is punched only when
-  // all succeeded, so a failure can be undone by mapping the data back.
-  for (size_t i = 0; i < runs.size(); ++i) {
+  const std::vector<Run> spans = unmap_spans(runs);
+  // First take every span out of the address space; memory is punched only
+  // when all succeeded, so a failure can be undone by mapping the data back.
+  for (size_t i = 0; i < spans.size(); ++i) {
     try {
-      protect_run(runs[i]);
+      protect_run(spans[i]);
     } catch (...) {
-      for (size_t j = 0; j < i; ++j) {
+      // The runs of the spans already done: map them back (the gaps between
+      // them were unmapped before and stay so).
+      for (const Run& run : runs) {
+        if (run.first >= spans[i].first) break;
         try {
-          map_run(runs[j]);
+          map_run(run);
         } catch (...) {
           // Could not restore it: it stays unmapped, so record that and free it.
-          set_bits(runs[j], false);
+          set_bits(run, false);
           try {
-            punch_run(runs[j]);
+            punch_run(run);
           } catch (...) {
           }
         }
@@ -284,7 +323,7 @@ void VmmPool::do_unmap(const std::vector<Run>& runs) {
     }
   }
   for (const Run& run : runs) set_bits(run, false);
-  for (const Run& run : runs) punch_run(run);
+  for (const Run& span : spans) punch_run(span);
 }
 
 void VmmPool::map_page(int64_t offset) {

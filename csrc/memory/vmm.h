@@ -34,6 +34,8 @@
 // - Thread safety: every method may be called from any thread. One mutex
 //   serialises map/unmap/release and the queries, so each call sees and leaves
 //   a consistent state; reading and writing page contents needs no lock.
+// - Unmapped pages are always PROT_NONE over a punched hole, so a batch unmap
+//   covers runs separated only by unmapped pages with one mmap and one punch.
 // - Batch calls are all-or-nothing: every offset is checked before anything
 //   changes, and if a syscall fails midway the pages already done in that call
 //   are put back (best effort: should the put-back fail too, the state still
@@ -108,6 +110,9 @@ class VmmPool {
   std::vector<Run> batch_runs(const std::vector<int64_t>& offsets, bool want_mapped,
                               const char* verb) const;
   bool test_bit(int64_t page) const;
+  bool none_mapped(int64_t first, int64_t end) const;  // pages [first, end)
+  // Ascending runs to unmap -> fewer, longer spans that also cover unmapped gaps.
+  std::vector<Run> unmap_spans(const std::vector<Run>& runs) const;
   void set_bits(const Run& run, bool mapped);
   // Syscall steps; each throws std::system_error on failure.
   void map_run(const Run& run);
