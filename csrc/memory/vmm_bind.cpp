@@ -52,7 +52,7 @@ void register_vmm(py::module_& m) {
 
   py::class_<VmmPool>(m, "VmmPool", py::buffer_protocol(), kClassDoc)
       .def(py::init<int64_t, int64_t>(), py::arg("reserve_bytes"),
-           py::arg("page_bytes") = VmmPool::kDefaultPageBytes, Release())
+           py::arg("page_bytes") = VmmPool::kDefaultPageBytes)
       .def("map_page", &VmmPool::map_page, py::arg("offset"), Release(),
            "Back the page at byte `offset` with zeroed memory; it must be unmapped.")
       .def("unmap_page", &VmmPool::unmap_page, py::arg("offset"), Release(),
