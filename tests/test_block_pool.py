@@ -353,6 +353,37 @@ def test_randomized_against_a_model() -> None:
     assert [pool.ref_count(b) for b in range(1, n)] == ref[1:]
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_colliding_hashes_survive_eviction(seed: int) -> None:
+    """Many hashes landing in the same few slots of the native pool's hash table, around its
+    wrap-around point, cached and evicted in random order: every lookup still agrees with
+    the Python twin's dict. (The native table has 2 * num_blocks slots, rounded up to a power
+    of two, and puts key k at slot (k * P1 mod 2**64) >> (64 - log2(slots)).)"""
+    rng = random.Random(seed)
+    num_blocks, bits = 16, 5
+    inverse = pow(bp._P1, -1, 2**64)
+
+    def key_at(slot: int) -> int:
+        product = (slot << (64 - bits)) | rng.randrange(1 << (64 - bits))
+        return product * inverse % 2**64
+
+    keys = [key_at(rng.choice([30, 31, 31, 0, 1])) for _ in range(60)]
+    native, python = bp.BlockPool(num_blocks), bp.PyBlockPool(num_blocks)
+    for _ in range(40):
+        k = rng.randrange(1, num_blocks)
+        chosen = rng.sample(keys, k)
+        order = rng.sample(range(k), k)
+        for pool in (native, python):
+            blocks = pool.allocate(k)  # evicts whatever those blocks held
+            assert blocks is not None
+            pool.cache_blocks(blocks, chosen)
+            pool.free([blocks[i] for i in order])
+        assert native.free_block_ids() == python.free_block_ids()
+        for key in keys:
+            assert native.lookup([key]) == python.lookup([key])
+        assert native.num_cached_blocks == python.num_cached_blocks
+
+
 # ---- chained block hash -----------------------------------------------------------------
 
 

@@ -135,8 +135,7 @@ BlockPool::BlockPool(int64_t num_blocks)
   for (int32_t b = 1; b < num_blocks_; ++b) link_tail(b);
 }
 
-void BlockPool::check_block(int64_t block, const char* what, int64_t index) const {
-  if (block >= 1 && block < num_blocks_) return;
+void BlockPool::bad_block(int64_t block, const char* what, int64_t index) const {
   std::ostringstream where;
   where << what;
   if (index >= 0) where << "[" << index << "]";

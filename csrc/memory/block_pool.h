@@ -144,7 +144,10 @@ class BlockPool {
  private:
   // Checks 1 <= block < num_blocks; `what` names the argument, `index` its
   // position in a list (-1: a scalar argument).
-  void check_block(int64_t block, const char* what, int64_t index) const;
+  void check_block(int64_t block, const char* what, int64_t index) const {
+    if (block < 1 || block >= num_blocks_) bad_block(block, what, index);
+  }
+  [[noreturn]] void bad_block(int64_t block, const char* what, int64_t index) const;
   void link_tail(int32_t block);
   void unlink(int32_t block);
   bool in_free_list(int32_t block) const { return next_[block] >= 0; }
