@@ -17,22 +17,20 @@ are checked here, before any launch: a bad one raises ValueError naming it. Cont
 (slot ids, block ids, lengths within the block-table width) are the caller's contract and
 are not read back; slots past the end of the cache are skipped rather than written.
 
-The kernels run on CUDA, or on CPU tensors when TRITON_INTERPRET=1 was set before this
-package was first imported (tests use that). The interpreter cannot multiply bf16 tiles,
+The kernels run on CUDA, or on CPU tensors when TRITON_INTERPRET=1 was set before `triton`
+and this package were first imported (tests use that). The interpreter cannot multiply bf16 tiles,
 so interpreted bf16 caches are widened to fp32 before the dot products.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
 
-from xllm.ops.triton import _kernels
+from xllm.ops.triton import _checks, _kernels
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 # Decode: contexts no longer than this are never split; longer ones are cut into
 # partitions of at least this many tokens, enough to fill the GPU ~4 programs per SM.
@@ -43,124 +41,6 @@ _PROGRAMS_PER_SM = 4
 def kernels_interpreted() -> bool:
     """Whether the kernels were decorated under TRITON_INTERPRET=1 (CPU tensors then)."""
     return _kernels.INTERPRETED
-
-
-# ---------------------------------------------------------------- argument checks
-
-
-def _check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
-    if t.device != device:
-        raise ValueError(
-            f"{name} is on {t.device} but the other tensors are on {device}; "
-            "move them to one device"
-        )
-
-
-def _check_backend_device(name: str, t: torch.Tensor) -> None:
-    if t.device.type == "cuda":
-        return
-    if t.device.type == "cpu" and _kernels.INTERPRETED:
-        return
-    raise ValueError(
-        f"{name} is on {t.device}: the Triton kernels need CUDA tensors (CPU "
-        "tensors only when TRITON_INTERPRET=1 is set before xllm.ops.triton is "
-        "imported); use backend='native' or 'torch' for other devices"
-    )
-
-
-def _check_tensor(name: str, t: object, ndim: int, dtypes: tuple[torch.dtype, ...]) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
-    if t.dtype not in dtypes:
-        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise ValueError(f"{name} must be {names}, got {str(t.dtype).removeprefix('torch.')}")
-
-
-def _check_contiguous(name: str, t: torch.Tensor) -> None:
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous; pass {name}.contiguous()")
-
-
-def _check_rows(name: str, t: torch.Tensor) -> None:
-    """[rows, heads, head_size] with heads and head_size packed; any stride between rows."""
-    if t.stride(2) != 1 or (t.shape[1] > 1 and t.stride(1) != t.shape[2]):
-        raise ValueError(
-            f"{name} must be contiguous within each row (dims 1 and 2); only "
-            f"dim 0 may be strided, got strides {tuple(t.stride())}"
-        )
-
-
-def _check_caches(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
-    _check_tensor("key_cache", key_cache, 4, _FLOAT_DTYPES)
-    _check_tensor("value_cache", value_cache, 4, _FLOAT_DTYPES)
-    if value_cache.shape != key_cache.shape:
-        raise ValueError(
-            f"value_cache shape {tuple(value_cache.shape)} must equal key_cache "
-            f"shape {tuple(key_cache.shape)}"
-        )
-    if value_cache.dtype != key_cache.dtype:
-        raise ValueError(
-            f"value_cache dtype {value_cache.dtype} must equal key_cache dtype {key_cache.dtype}"
-        )
-    _check_contiguous("key_cache", key_cache)
-    _check_contiguous("value_cache", value_cache)
-    _check_backend_device("key_cache", key_cache)
-    _check_device("value_cache", value_cache, key_cache.device)
-
-
-def _check_scale(scale: float) -> None:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise ValueError(f"scale must be a float, got {type(scale).__name__}")
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be finite and > 0, got {scale}")
-
-
-def _check_attention_args(
-    out: torch.Tensor,
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-) -> None:
-    """Checks shared by decode and prefill (num_seqs is block_tables.shape[0])."""
-    _check_tensor("query", query, 3, _FLOAT_DTYPES)
-    _check_caches(key_cache, value_cache)
-    _check_device("query", query, key_cache.device)
-    _check_rows("query", query)
-    _check_tensor("out", out, 3, _FLOAT_DTYPES)
-    if out.shape != query.shape:
-        raise ValueError(
-            f"out shape {tuple(out.shape)} must equal query shape {tuple(query.shape)}"
-        )
-    _check_contiguous("out", out)
-    _check_device("out", out, key_cache.device)
-    num_heads, head_size = query.shape[1], query.shape[2]
-    num_kv_heads = key_cache.shape[1]
-    if key_cache.shape[3] != head_size:
-        raise ValueError(
-            f"key_cache head_size {key_cache.shape[3]} must equal query head_size {head_size}"
-        )
-    if num_heads % num_kv_heads != 0:
-        raise ValueError(
-            f"query's num_heads {num_heads} must be a multiple of key_cache's "
-            f"num_kv_heads {num_kv_heads}"
-        )
-    _check_tensor("block_tables", block_tables, 2, (torch.int32,))
-    _check_contiguous("block_tables", block_tables)
-    _check_device("block_tables", block_tables, key_cache.device)
-    _check_tensor("seq_lens", seq_lens, 1, (torch.int32,))
-    _check_contiguous("seq_lens", seq_lens)
-    _check_device("seq_lens", seq_lens, key_cache.device)
-    if seq_lens.shape[0] != block_tables.shape[0]:
-        raise ValueError(
-            f"seq_lens has {seq_lens.shape[0]} entries but block_tables has "
-            f"{block_tables.shape[0]} rows; both need one per sequence"
-        )
-    _check_scale(scale)
 
 
 # ---------------------------------------------------------------- launch helpers
@@ -237,27 +117,8 @@ def write_kv_cache(
     slot_mapping: torch.Tensor,
 ) -> None:
     """key/value [num_tokens, num_kv_heads, head_size] -> cache slots; slot -1 is skipped."""
-    _check_caches(key_cache, value_cache)
+    _checks.check_write_args(key, value, key_cache, value_cache, slot_mapping)
     num_blocks, num_kv_heads, block_size, head_size = key_cache.shape
-    for name, t in (("key", key), ("value", value)):
-        _check_tensor(name, t, 3, _FLOAT_DTYPES)
-        _check_device(name, t, key_cache.device)
-        if tuple(t.shape[1:]) != (num_kv_heads, head_size):
-            raise ValueError(
-                f"{name} shape {tuple(t.shape)} must be [num_tokens, "
-                f"{num_kv_heads}, {head_size}] to match the cache"
-            )
-        _check_rows(name, t)
-    if value.shape[0] != key.shape[0]:
-        raise ValueError(f"value has {value.shape[0]} tokens but key has {key.shape[0]}")
-    _check_tensor("slot_mapping", slot_mapping, 1, (torch.int64, torch.int32))
-    _check_contiguous("slot_mapping", slot_mapping)
-    _check_device("slot_mapping", slot_mapping, key_cache.device)
-    if slot_mapping.shape[0] != key.shape[0]:
-        raise ValueError(
-            f"slot_mapping has {slot_mapping.shape[0]} entries but key has "
-            f"{key.shape[0]} tokens; pass one slot per token (-1 for padding)"
-        )
     num_tokens = key.shape[0]
     if num_tokens == 0:
         return
@@ -299,7 +160,7 @@ def paged_attention_decode(
     without it the block-table width is the bound. partition_size forces the split-KV
     partition length in tokens (tests; 0 forces a single pass); None picks it from the GPU.
     """
-    _check_attention_args(out, query, key_cache, value_cache, block_tables, seq_lens, scale)
+    _checks.check_attention_args(out, query, key_cache, value_cache, block_tables, seq_lens, scale)
     if block_tables.shape[0] != query.shape[0]:
         raise ValueError(
             f"block_tables has {block_tables.shape[0]} rows but query has "
@@ -390,16 +251,9 @@ def paged_attention_prefill(
 ) -> None:
     """Causal attention of each sequence's new tokens (rows query_start_loc[i]:[i+1], the last
     q_len of its seq_lens[i] tokens) over its paged context, cached prefix included."""
-    _check_attention_args(out, query, key_cache, value_cache, block_tables, seq_lens, scale)
+    _checks.check_attention_args(out, query, key_cache, value_cache, block_tables, seq_lens, scale)
     num_seqs = block_tables.shape[0]
-    _check_tensor("query_start_loc", query_start_loc, 1, (torch.int32,))
-    _check_contiguous("query_start_loc", query_start_loc)
-    _check_device("query_start_loc", query_start_loc, key_cache.device)
-    if query_start_loc.shape[0] != num_seqs + 1:
-        raise ValueError(
-            f"query_start_loc has {query_start_loc.shape[0]} entries; it needs "
-            f"num_seqs + 1 = {num_seqs + 1} (block_tables has {num_seqs} rows)"
-        )
+    _checks.check_query_start_loc(query_start_loc, num_seqs, key_cache.device)
     num_tokens, num_heads, head_size = query.shape
     _, num_kv_heads, block_size, _ = key_cache.shape
     if num_seqs == 0 or num_tokens == 0:
