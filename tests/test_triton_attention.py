@@ -99,7 +99,7 @@ def test_interpreter_cases_in_subprocess() -> None:
 
 
 def _paged(
-    num_seqs_ctx: list[int],
+    lens: list[int],
     kv_heads: int,
     head: int,
     block_size: int,
@@ -107,23 +107,26 @@ def _paged(
     device: str,
     gen: torch.Generator,
     extra_cols: int = 1,
-):
-    """Random caches holding each context in shuffled blocks; everything unowned is NaN."""
-    per_seq = [(n + block_size - 1) // block_size for n in num_seqs_ctx]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(key_cache, value_cache, block_tables, seq_lens) for contexts of the given lengths.
+
+    Contexts sit in shuffled blocks; every slot no sequence owns is NaN.
+    """
+    per_seq = [(n + block_size - 1) // block_size for n in lens]
     num_blocks = 1 + sum(per_seq)  # block 0 stays the null block
     shape = (num_blocks, kv_heads, block_size, head)
     key_cache = torch.full(shape, float("nan"), dtype=dtype)
     value_cache = torch.full(shape, float("nan"), dtype=dtype)
     ids = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
-    table = torch.zeros(len(num_seqs_ctx), max(per_seq, default=0) + extra_cols, dtype=torch.int32)
-    for i, n in enumerate(num_seqs_ctx):
+    table = torch.zeros(len(lens), max(per_seq, default=0) + extra_cols, dtype=torch.int32)
+    for i, n in enumerate(lens):
         blocks = [ids.pop() for _ in range(per_seq[i])]
         table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         for j, b in enumerate(blocks):
             used = min(block_size, n - j * block_size)
             for cache in (key_cache, value_cache):
                 cache[b, :, :used] = torch.randn(kv_heads, used, head, generator=gen).to(dtype)
-    seq_lens = torch.tensor(num_seqs_ctx, dtype=torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
     return (key_cache.to(device), value_cache.to(device), table.to(device), seq_lens.to(device))
 
 
