@@ -15,7 +15,7 @@ import torch
 
 from bench.ops.common import Row
 
-SUITES = ("attention", "kv_write", "block_pool", "queue", "vmm", "allreduce")
+SUITES = ("attention", "kv_write", "block_pool", "queue", "vmm", "allreduce", "triton_gpu")
 
 
 def _fmt_seconds(s: float) -> str:
