@@ -1,5 +1,83 @@
-// Placeholder until this part lands; it exports nothing.
+// Python binding of the shared-memory allreduce: xllm._C.ShmAllReduce.
+// Checks the tensor at the boundary, releases the GIL for every wait on peers
+// (attaching, each call, close), and maps CommError kinds onto Python
+// exceptions: ValueError, TimeoutError, RuntimeError.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+
+#include "comm/shm_allreduce.h"
+#include "common/tensor.h"
+
 namespace xllm {
-void register_shm_allreduce(pybind11::module_& m) {}
+namespace {
+
+using comm::CommError;
+using comm::ErrorKind;
+using comm::ShmAllReduce;
+
+void translate_comm_error(std::exception_ptr p) {
+  try {
+    if (p) std::rethrow_exception(p);
+  } catch (const CommError& e) {
+    switch (e.kind()) {
+      case ErrorKind::kInvalidArgument: py::set_error(PyExc_ValueError, e.what()); break;
+      case ErrorKind::kTimeout: py::set_error(PyExc_TimeoutError, e.what()); break;
+      default: py::set_error(PyExc_RuntimeError, e.what()); break;
+    }
+  }
+}
+
+py::object allreduce(ShmAllReduce& self, py::handle tensor) {
+  Tensor t = host_tensor(tensor, "tensor");
+  check_dtype(t, {DType::kFloat32, DType::kBFloat16});
+  check_contiguous(t);
+  const comm::ElemType type =
+      t.dtype == DType::kFloat32 ? comm::ElemType::kFloat32 : comm::ElemType::kBFloat16;
+  {
+    // The tensor stays alive: the caller's frame holds it for the whole call.
+    py::gil_scoped_release release;
+    self.allreduce(t.data, t.numel(), type);
+  }
+  return py::reinterpret_borrow<py::object>(tensor);
+}
+
+}  // namespace
+
+void register_shm_allreduce(py::module_& m) {
+  py::register_exception_translator(&translate_comm_error);
+  py::class_<ShmAllReduce>(m, "ShmAllReduce",
+                           "Sum-allreduce among world_size processes of this host through a "
+                           "POSIX shared-memory segment named after `group`. Blocks until all "
+                           "ranks have attached. See xllm.ops.allreduce.")
+      .def(py::init([](const std::string& group, int rank, int world_size, double timeout,
+                       int64_t buffer_bytes) {
+             py::gil_scoped_release release;  // attaching waits for the other ranks
+             return std::make_unique<ShmAllReduce>(group, rank, world_size, timeout,
+                                                   buffer_bytes);
+           }),
+           py::arg("group"), py::arg("rank"), py::arg("world_size"),
+           py::arg("timeout") = ShmAllReduce::kDefaultTimeoutSeconds,
+           py::arg("buffer_bytes") = ShmAllReduce::kDefaultBufferBytes)
+      .def("allreduce", &allreduce, py::arg("tensor"),
+           "Sums `tensor` (CPU, contiguous, float32 or bfloat16) over all ranks, in place; "
+           "returns it.")
+      .def("close", [](ShmAllReduce& self) {
+             py::gil_scoped_release release;  // waits for a call running in another thread
+             self.close();
+           },
+           "Leaves the group; peers waiting for this rank fail at once. Idempotent.")
+      .def_property_readonly("group", &ShmAllReduce::group)
+      .def_property_readonly("rank", &ShmAllReduce::rank)
+      .def_property_readonly("world_size", &ShmAllReduce::world_size)
+      .def_property_readonly("timeout", &ShmAllReduce::timeout)
+      .def_property_readonly("buffer_bytes", &ShmAllReduce::buffer_bytes)
+      .def_property_readonly("segment_name", &ShmAllReduce::segment_name)
+      .def_property_readonly("closed", &ShmAllReduce::closed)
+      .def_static("segment_name_for", &ShmAllReduce::segment_name_for, py::arg("group"),
+                  "The /dev/shm name a group uses: '/xllm_ar_<group>'; ValueError if the "
+                  "group name is invalid.");
+}
+
 }  // namespace xllm

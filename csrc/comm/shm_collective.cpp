@@ -1,0 +1,264 @@
+// The collective itself: barriers, failure detection and the chunked
+// copy-in / reduce-scatter / copy-out (see shm_allreduce.h for the protocol).
+#include <sched.h>
+#include <unistd.h>
+
+#include <array>
+#include <sstream>
+
+#include "comm/process_liveness.h"
+#include "comm/shm_allreduce.h"
+#include "comm/shm_reduce.h"
+#include "comm/shm_segment.h"
+
+namespace xllm::comm {
+namespace {
+
+// Waiting for peers, in three stages. (1) Spin with pause for a couple of
+// microseconds: on an idle host the last rank usually arrives within that.
+// (2) Then sched_yield between checks: when ranks share a core (more runnable
+// threads than cores), a spinning rank would keep its peer off that core, while
+// yielding lets it run; on an idle core the yield returns at once. (3) Then
+// sleep on the segment's futex until an arrival wakes us. Measured on a loaded
+// 2-core host, 50 us of pause-spinning made a 64 KiB call ~6x slower than this.
+constexpr double kSpinSeconds = 2e-6;
+constexpr double kYieldSeconds = 500e-6;
+// A sleeping rank wakes at least this often to check its peers' liveness and
+// the deadline (a dead process wakes nobody).
+constexpr double kPeerCheckSeconds = 2e-3;
+
+const char* type_name(int32_t type) {
+  switch (type) {
+    case static_cast<int32_t>(ElemType::kFloat32): return "float32";
+    case static_cast<int32_t>(ElemType::kBFloat16): return "bfloat16";
+    default: return "nothing";
+  }
+}
+
+}  // namespace
+
+std::string ShmAllReduce::describe_phase(const char* phase) const {
+  std::ostringstream os;
+  if (phase_call_ == 0) {
+    os << "while attaching";
+  } else {
+    os << "in call " << phase_call_ << " (chunk " << phase_chunk_ + 1 << " of " << phase_chunks_
+       << ", " << phase << ")";
+  }
+  return os.str();
+}
+
+void ShmAllReduce::fail(ErrorKind kind, const std::string& what) {
+  std::ostringstream os;
+  os << "ShmAllReduce group '" << group_ << "' (rank " << rank_ << " of " << world_size_
+     << ", pid " << owner_pid_ << "): " << what;
+  const std::string message = os.str();
+  if (kind == ErrorKind::kTimeout || kind == ErrorKind::kPeerFailure) {
+    // The protocol cannot resume after a missing rank: stop the others now
+    // rather than let each of them wait out its own timeout.
+    publish_abort_to(header_, rank_, what);
+    broken_ = message;
+  }
+  throw CommError(kind, message);
+}
+
+void ShmAllReduce::fail_from_abort() {
+  std::ostringstream os;
+  os << "ShmAllReduce group '" << group_ << "' (rank " << rank_ << " of " << world_size_
+     << "): rank " << header_->abort_rank << " gave up on the group: " << header_->abort_message;
+  broken_ = os.str();
+  throw CommError(ErrorKind::kPeerFailure, broken_);
+}
+
+void ShmAllReduce::check_usable() const {
+  std::ostringstream os;
+  os << "ShmAllReduce group '" << group_ << "' (rank " << rank_ << " of " << world_size_ << ") ";
+  if (header_ == nullptr) {
+    throw CommError(ErrorKind::kState, os.str() + "is closed");
+  }
+  if (static_cast<int>(getpid()) != owner_pid_) {
+    os << "was created in pid " << owner_pid_ << " and cannot be used in forked child pid "
+       << getpid() << "; create a new group in the child";
+    throw CommError(ErrorKind::kState, os.str());
+  }
+  if (!broken_.empty()) {
+    throw CommError(ErrorKind::kState,
+                    os.str() + "is unusable after an earlier failure; close it and create a new "
+                               "group on every rank. The failure was: " + broken_);
+  }
+}
+
+void ShmAllReduce::barrier(const char* phase) {
+  const uint64_t target = ++barriers_;
+  control(rank_).arrived.store(target, std::memory_order_release);
+  wake_sleepers(header_);
+  wait_for_peers(target, phase);
+}
+
+void ShmAllReduce::wait_for_peers(uint64_t target, const char* phase) {
+  int next = 0;  // ranks below `next` are known to have arrived
+  auto all_arrived = [&] {
+    while (next < world_size_ && control(next).arrived.load(std::memory_order_acquire) >= target) {
+      ++next;
+    }
+    return next == world_size_;
+  };
+  if (all_arrived()) return;
+
+  const double start = monotonic_now();
+  double now = start;
+  while (now - start < kSpinSeconds) {
+    for (int i = 0; i < 32; ++i) {
+      cpu_relax();
+      if (all_arrived()) return;
+    }
+    now = monotonic_now();
+  }
+  while (now - start < kYieldSeconds) {
+    sched_yield();
+    if (all_arrived()) return;
+    now = monotonic_now();
+  }
+
+  const double deadline = wait_deadline_ > 0 ? wait_deadline_ : start + timeout_s_;
+  double next_check = start + kPeerCheckSeconds;
+  header_->sleepers.fetch_add(1, std::memory_order_seq_cst);
+  struct SleeperGuard {
+    SegmentHeader* header;
+    ~SleeperGuard() { header->sleepers.fetch_sub(1, std::memory_order_seq_cst); }
+  } guard{header_};
+  for (;;) {
+    // Read the wake sequence before checking: an arrival after the check bumps
+    // it, and the futex then returns at once instead of sleeping.
+    const uint32_t seq = header_->wake_seq.load(std::memory_order_seq_cst);
+    if (all_arrived()) return;
+    if (header_->abort_state.load(std::memory_order_acquire) == kAbortPublished) {
+      fail_from_abort();
+    }
+    now = monotonic_now();
+    if (now >= next_check) {
+      check_missing_peers(target, phase);
+      next_check = now + kPeerCheckSeconds;
+    }
+    if (now >= deadline) {
+      next = 0;
+      if (all_arrived()) return;
+      std::ostringstream os;
+      os << "timed out after " << timeout_s_ << " s " << describe_phase(phase) << " waiting for";
+      const char* sep = " ";
+      for (int r = 0; r < world_size_; ++r) {
+        const RankControl& c = control(r);
+        if (c.arrived.load(std::memory_order_acquire) >= target) continue;
+        const int pid = c.pid.load(std::memory_order_acquire);
+        os << sep << "rank " << r;
+        if (pid == 0) {
+          os << " (never attached: is it running with group '" << group_ << "' and world_size "
+             << world_size_ << "?)";
+        } else {
+          os << " (pid " << pid << ", alive but not arriving)";
+        }
+        sep = ", ";
+      }
+      fail(ErrorKind::kTimeout, os.str());
+    }
+    futex_wait(&header_->wake_seq, seq, std::min(next_check, deadline) - now);
+  }
+}
+
+void ShmAllReduce::check_missing_peers(uint64_t target, const char* phase) {
+  for (int r = 0; r < world_size_; ++r) {
+    const RankControl& c = control(r);
+    if (c.arrived.load(std::memory_order_acquire) >= target) continue;
+    const int pid = c.pid.load(std::memory_order_acquire);
+    if (pid == 0) continue;  // not attached yet: only the deadline can tell
+    const bool closed = c.state.load(std::memory_order_acquire) == kClosed;
+    const bool dead = !closed && !process_alive(pid, c.start_time.load(std::memory_order_relaxed));
+    if (!closed && !dead) continue;
+    // It may have arrived just before leaving; then this barrier is complete for it.
+    if (c.arrived.load(std::memory_order_acquire) >= target) continue;
+    std::ostringstream os;
+    os << "rank " << r << " (pid " << pid << ") "
+       << (closed ? "closed its ShmAllReduce and left the group"
+                  : "died (its process is gone or a zombie)")
+       << " while this rank waited for it " << describe_phase(phase);
+    fail(ErrorKind::kPeerFailure, os.str());
+  }
+}
+
+void ShmAllReduce::check_call_descriptors(int64_t numel, ElemType type, int parity) {
+  bool same = true;
+  for (int r = 0; r < world_size_; ++r) {
+    same = same && control(r).call_numel[parity].load(std::memory_order_relaxed) == numel &&
+           control(r).call_type[parity].load(std::memory_order_relaxed) ==
+               static_cast<int32_t>(type);
+  }
+  if (same) return;
+  // Every rank sees the same descriptors and raises the same error at the same
+  // barrier, so the counters stay in step and the group remains usable.
+  std::ostringstream os;
+  os << "ShmAllReduce group '" << group_ << "' (rank " << rank_ << " of " << world_size_
+     << "): argument 'tensor' must have the same number of elements and dtype on every rank;"
+     << " call " << phase_call_ << " got";
+  for (int r = 0; r < world_size_; ++r) {
+    os << (r ? ", " : " ") << "rank " << r << ": "
+       << control(r).call_numel[parity].load(std::memory_order_relaxed) << " x "
+       << type_name(control(r).call_type[parity].load(std::memory_order_relaxed));
+  }
+  throw CommError(ErrorKind::kInvalidArgument, os.str());
+}
+
+void ShmAllReduce::allreduce(void* data, int64_t numel, ElemType type) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_usable();
+  // Fail at once if a peer gave up, even where this rank's next barrier happens
+  // to be complete already (peers may have arrived before giving up).
+  if (header_->abort_state.load(std::memory_order_acquire) == kAbortPublished) fail_from_abort();
+  if (numel < 0) throw CommError(ErrorKind::kInvalidArgument, "argument 'numel' must be >= 0");
+  if (numel == 0) return;
+  const int64_t elem = type == ElemType::kFloat32 ? 4 : 2;
+  const int parity = static_cast<int>(calls_ & 1);
+  ++calls_;
+  RankControl& me = control(rank_);
+  me.call_numel[parity].store(numel, std::memory_order_relaxed);
+  me.call_type[parity].store(static_cast<int32_t>(type), std::memory_order_relaxed);
+
+  const int64_t chunk_elems = buffer_bytes_ / elem;
+  // Slices start on 64-byte boundaries so no two ranks write one cache line of the result.
+  const int64_t line_elems = 64 / elem;
+  phase_call_ = calls_;
+  phase_chunks_ = (numel + chunk_elems - 1) / chunk_elems;
+  char* bytes = static_cast<char*>(data);
+  std::array<const float*, kMaxWorldSize> f32_srcs;
+  std::array<const uint16_t*, kMaxWorldSize> bf16_srcs;
+  for (int64_t chunk = 0; chunk < phase_chunks_; ++chunk) {
+    phase_chunk_ = chunk;
+    const int64_t first = chunk * chunk_elems;
+    const int64_t n = std::min(chunk_elems, numel - first);
+    std::memcpy(slot(rank_), bytes + first * elem, static_cast<size_t>(n * elem));
+    barrier("after copy-in");
+    if (chunk == 0) check_call_descriptors(numel, type, parity);
+
+    const int64_t per_rank = ((n + world_size_ - 1) / world_size_ + line_elems - 1) /
+                             line_elems * line_elems;
+    const int64_t lo = std::min(n, rank_ * per_rank);
+    const int64_t hi = std::min(n, lo + per_rank);
+    if (hi > lo) {
+      char* dst = result_area() + lo * elem;
+      if (type == ElemType::kFloat32) {
+        for (int r = 0; r < world_size_; ++r) {
+          f32_srcs[r] = reinterpret_cast<const float*>(slot(r) + lo * elem);
+        }
+        reduce_sum_f32(f32_srcs.data(), world_size_, reinterpret_cast<float*>(dst), hi - lo);
+      } else {
+        for (int r = 0; r < world_size_; ++r) {
+          bf16_srcs[r] = reinterpret_cast<const uint16_t*>(slot(r) + lo * elem);
+        }
+        reduce_sum_bf16(bf16_srcs.data(), world_size_, reinterpret_cast<uint16_t*>(dst), hi - lo);
+      }
+    }
+    barrier("after reduce");
+    std::memcpy(bytes + first * elem, result_area(), static_cast<size_t>(n * elem));
+  }
+}
+
+}  // namespace xllm::comm

@@ -1,0 +1,113 @@
+#include "comm/shm_reduce.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define XLLM_HAVE_X86 1
+#endif
+
+#include "common/cpu_info.h"
+
+namespace xllm::comm {
+namespace {
+
+// ---- scalar: the reference path, always compiled and tested ----
+
+void reduce_f32_scalar(const float* const* srcs, int n_src, float* dst, int64_t begin, int64_t n) {
+  for (int64_t i = begin; i < n; ++i) {
+    float acc = srcs[0][i];
+    for (int r = 1; r < n_src; ++r) acc += srcs[r][i];
+    dst[i] = acc;
+  }
+}
+
+void reduce_bf16_scalar(const uint16_t* const* srcs, int n_src, uint16_t* dst, int64_t begin,
+                        int64_t n) {
+  for (int64_t i = begin; i < n; ++i) {
+    float acc = bf16_to_f32(srcs[0][i]);
+    for (int r = 1; r < n_src; ++r) acc += bf16_to_f32(srcs[r][i]);
+    dst[i] = f32_to_bf16_rne(acc);
+  }
+}
+
+#ifdef XLLM_HAVE_X86
+
+// 32 floats per step: four independent accumulators keep the adder busy while
+// the loads stream in; the sum per element is still srcs[0] + srcs[1] + ...
+__attribute__((target("avx2"))) int64_t reduce_f32_avx2(const float* const* srcs, int n_src,
+                                                        float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m256 a0 = _mm256_loadu_ps(srcs[0] + i);
+    __m256 a1 = _mm256_loadu_ps(srcs[0] + i + 8);
+    __m256 a2 = _mm256_loadu_ps(srcs[0] + i + 16);
+    __m256 a3 = _mm256_loadu_ps(srcs[0] + i + 24);
+    for (int r = 1; r < n_src; ++r) {
+      const float* s = srcs[r] + i;
+      a0 = _mm256_add_ps(a0, _mm256_loadu_ps(s));
+      a1 = _mm256_add_ps(a1, _mm256_loadu_ps(s + 8));
+      a2 = _mm256_add_ps(a2, _mm256_loadu_ps(s + 16));
+      a3 = _mm256_add_ps(a3, _mm256_loadu_ps(s + 24));
+    }
+    _mm256_storeu_ps(dst + i, a0);
+    _mm256_storeu_ps(dst + i + 8, a1);
+    _mm256_storeu_ps(dst + i + 16, a2);
+    _mm256_storeu_ps(dst + i + 24, a3);
+  }
+  return i;  // the caller finishes the tail with the scalar loop
+}
+
+__attribute__((target("avx2"))) inline __m256 load_bf16x8(const uint16_t* p) {
+  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+// Eight fp32 -> eight bf16 bit patterns in the low halves of 32-bit lanes,
+// rounded exactly like f32_to_bf16_rne.
+__attribute__((target("avx2"))) inline __m256i round_to_bf16x8(__m256 value) {
+  const __m256i bits = _mm256_castps_si256(value);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(
+      _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(value, value, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), is_nan);
+}
+
+__attribute__((target("avx2"))) int64_t reduce_bf16_avx2(const uint16_t* const* srcs, int n_src,
+                                                         uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m256 lo = load_bf16x8(srcs[0] + i);
+    __m256 hi = load_bf16x8(srcs[0] + i + 8);
+    for (int r = 1; r < n_src; ++r) {
+      lo = _mm256_add_ps(lo, load_bf16x8(srcs[r] + i));
+      hi = _mm256_add_ps(hi, load_bf16x8(srcs[r] + i + 8));
+    }
+    // packus works per 128-bit lane: [lo0-3, hi0-3, lo4-7, hi4-7]; permute restores order.
+    const __m256i packed = _mm256_packus_epi32(round_to_bf16x8(lo), round_to_bf16x8(hi));
+    const __m256i ordered = _mm256_permute4x64_epi64(packed, 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), ordered);
+  }
+  return i;
+}
+
+#endif  // XLLM_HAVE_X86
+
+}  // namespace
+
+void reduce_sum_f32(const float* const* srcs, int n_src, float* dst, int64_t n) {
+  int64_t done = 0;
+#ifdef XLLM_HAVE_X86
+  if (active_isa() == Isa::kAvx2) done = reduce_f32_avx2(srcs, n_src, dst, n);
+#endif
+  reduce_f32_scalar(srcs, n_src, dst, done, n);
+}
+
+void reduce_sum_bf16(const uint16_t* const* srcs, int n_src, uint16_t* dst, int64_t n) {
+  int64_t done = 0;
+#ifdef XLLM_HAVE_X86
+  if (active_isa() == Isa::kAvx2) done = reduce_bf16_avx2(srcs, n_src, dst, n);
+#endif
+  reduce_bf16_scalar(srcs, n_src, dst, done, n);
+}
+
+}  // namespace xllm::comm
