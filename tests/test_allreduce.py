@@ -334,6 +334,39 @@ def test_peer_closing_fails_the_waiting_rank_at_once() -> None:
     assert results[0] < 5, "closing must be noticed long before the 30 s timeout"
 
 
+def test_ctrl_c_interrupts_a_wait() -> None:
+    group = _group("sigint")
+    interrupted = threading.Event()
+
+    idle_error: list[BaseException] = []
+
+    def idle_rank() -> None:
+        try:
+            with ShmAllReduce(group, 1, 2, timeout=20) as ar:
+                assert interrupted.wait(20)
+                with pytest.raises(RuntimeError, match="rank 0 was interrupted"):
+                    ar.allreduce(torch.ones(10))
+        except BaseException as exc:  # checked by the test below
+            idle_error.append(exc)
+
+    helper = threading.Thread(target=idle_rank, daemon=True)
+    helper.start()
+    try:
+        with ShmAllReduce(group, 0, 2, timeout=20) as ar:
+            timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+            start = time.monotonic()
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                ar.allreduce(torch.ones(10))  # rank 1 never calls: only Ctrl-C ends this
+            assert 0.25 < time.monotonic() - start < 5
+            with pytest.raises(RuntimeError, match="unusable"):
+                ar.allreduce(torch.ones(10))
+    finally:
+        interrupted.set()
+        helper.join(30)
+    assert not helper.is_alive() and not idle_error, idle_error
+
+
 def test_live_group_name_is_not_taken_over() -> None:
     group = _group("inuse")
     second_tried = threading.Event()

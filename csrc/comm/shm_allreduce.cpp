@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstring>
 #include <new>
+#include <utility>
 #include <sstream>
 
 #include "comm/process_liveness.h"
@@ -50,14 +51,15 @@ std::string ShmAllReduce::segment_name_for(const std::string& group) {
 }
 
 ShmAllReduce::ShmAllReduce(const std::string& group, int rank, int world_size, double timeout_s,
-                           int64_t buffer_bytes)
+                           int64_t buffer_bytes, InterruptCheck interrupt_check)
     : group_(group),
       name_(segment_name_for(group)),
       rank_(rank),
       world_size_(world_size),
       timeout_s_(timeout_s),
       buffer_bytes_(buffer_bytes),
-      owner_pid_(static_cast<int>(getpid())) {
+      owner_pid_(static_cast<int>(getpid())),
+      interrupt_check_(std::move(interrupt_check)) {
   std::ostringstream err;
   if (world_size < 1 || world_size > kMaxWorldSize) {
     err << "argument 'world_size' must be in [1, " << kMaxWorldSize << "], got " << world_size;
@@ -96,6 +98,7 @@ ShmAllReduce::ShmAllReduce(const std::string& group, int rank, int world_size, d
       wake_sleepers(header_);
     }
     release_segment();
+    closed_.store(true, std::memory_order_release);
     throw;
   }
 }
@@ -268,6 +271,7 @@ void ShmAllReduce::open_segment(double deadline) {
       }
       ::close(fd);
     }
+    if (interrupt_check_) interrupt_check_();  // nothing to abort yet: just propagate
     if (monotonic_now() >= deadline) {
       std::ostringstream os;
       os << "ShmAllReduce group '" << group_ << "' (rank " << rank_ << " of " << world_size_
@@ -315,6 +319,7 @@ void ShmAllReduce::close() {
     wake_sleepers(header_);  // peers waiting for this rank learn at once that it left
   }
   release_segment();
+  closed_.store(true, std::memory_order_release);
 }
 
 }  // namespace xllm::comm

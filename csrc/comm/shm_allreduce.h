@@ -34,7 +34,9 @@
 // so a later crash leaves nothing behind in /dev/shm.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -73,9 +75,14 @@ class ShmAllReduce {
   static constexpr int64_t kDefaultBufferBytes = int64_t{1} << 20;
   static constexpr double kDefaultTimeoutSeconds = 30.0;
 
+  // Called about every 2 ms while this rank waits for peers (never on the fast
+  // path); if it throws, the rank gives up on the group like on a failure and
+  // the exception propagates. The binding uses it to let Ctrl-C interrupt a wait.
+  using InterruptCheck = std::function<void()>;
+
   // Blocks until all world_size ranks have attached (or throws after timeout_s).
   ShmAllReduce(const std::string& group, int rank, int world_size, double timeout_s,
-               int64_t buffer_bytes);
+               int64_t buffer_bytes, InterruptCheck interrupt_check = {});
   ~ShmAllReduce();
   ShmAllReduce(const ShmAllReduce&) = delete;
   ShmAllReduce& operator=(const ShmAllReduce&) = delete;
@@ -88,7 +95,7 @@ class ShmAllReduce {
   // Leaves the group: peers still waiting for this rank fail at once. Idempotent.
   void close();
 
-  bool closed() const { return header_ == nullptr; }
+  bool closed() const { return closed_.load(std::memory_order_acquire); }
   const std::string& group() const { return group_; }
   const std::string& segment_name() const { return name_; }
   int rank() const { return rank_; }
@@ -120,6 +127,7 @@ class ShmAllReduce {
   [[noreturn]] void fail_from_abort();
   void publish_abort(const std::string& message) noexcept;
   void check_usable() const;
+  void poll_interrupt(const char* phase);
   void check_call_descriptors(int64_t numel, ElemType type, int parity);
 
   std::string group_;
@@ -129,6 +137,7 @@ class ShmAllReduce {
   double timeout_s_;
   int64_t buffer_bytes_;
   int owner_pid_;
+  InterruptCheck interrupt_check_;
 
   int fd_ = -1;
   SegmentHeader* header_ = nullptr;  // the whole mapping starts here
@@ -147,6 +156,7 @@ class ShmAllReduce {
   int64_t phase_chunk_ = 0;
   int64_t phase_chunks_ = 0;
   std::mutex mutex_;       // one collective at a time per object
+  std::atomic<bool> closed_{false};
 };
 
 }  // namespace xllm::comm

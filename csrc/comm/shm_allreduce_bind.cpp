@@ -29,6 +29,13 @@ void translate_comm_error(std::exception_ptr p) {
   }
 }
 
+// Runs Python signal handlers (only the main thread has any) while a rank
+// waits, so Ctrl-C interrupts a long wait instead of sitting out the timeout.
+void check_python_signals() {
+  py::gil_scoped_acquire gil;
+  if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+}
+
 py::object allreduce(ShmAllReduce& self, py::handle tensor) {
   Tensor t = host_tensor(tensor, "tensor");
   check_dtype(t, {DType::kFloat32, DType::kBFloat16});
@@ -55,7 +62,7 @@ void register_shm_allreduce(py::module_& m) {
                        int64_t buffer_bytes) {
              py::gil_scoped_release release;  // attaching waits for the other ranks
              return std::make_unique<ShmAllReduce>(group, rank, world_size, timeout,
-                                                   buffer_bytes);
+                                                   buffer_bytes, &check_python_signals);
            }),
            py::arg("group"), py::arg("rank"), py::arg("world_size"),
            py::arg("timeout") = ShmAllReduce::kDefaultTimeoutSeconds,

@@ -138,6 +138,8 @@ void ShmAllReduce::wait_for_peers(uint64_t target, const char* phase) {
     now = monotonic_now();
     if (now >= next_check) {
       check_missing_peers(target, phase);
+      poll_interrupt(phase);
+      now = monotonic_now();
       next_check = now + kPeerCheckSeconds;
     }
     if (now >= deadline) {
@@ -162,6 +164,20 @@ void ShmAllReduce::wait_for_peers(uint64_t target, const char* phase) {
       fail(ErrorKind::kTimeout, os.str());
     }
     futex_wait(&header_->wake_seq, seq, std::min(next_check, deadline) - now);
+  }
+}
+
+void ShmAllReduce::poll_interrupt(const char* phase) {
+  if (!interrupt_check_) return;
+  try {
+    interrupt_check_();
+  } catch (...) {
+    // This rank leaves mid-protocol: the others cannot complete without it.
+    const std::string what = "rank " + std::to_string(rank_) + " was interrupted " +
+                             describe_phase(phase) + " (e.g. KeyboardInterrupt)";
+    publish_abort_to(header_, rank_, what);
+    broken_ = "ShmAllReduce group '" + group_ + "': " + what;
+    throw;
   }
 }
 
@@ -255,9 +271,15 @@ void ShmAllReduce::allreduce(void* data, int64_t numel, ElemType type) {
         }
         reduce_sum_bf16(bf16_srcs.data(), world_size_, reinterpret_cast<uint16_t*>(dst), hi - lo);
       }
+      // Our own slice is hot in cache and final: copy it out now, before the
+      // barrier, where it overlaps with waiting for the slowest rank.
+      std::memcpy(bytes + (first + lo) * elem, dst, static_cast<size_t>((hi - lo) * elem));
     }
     barrier("after reduce");
-    std::memcpy(bytes + first * elem, result_area(), static_cast<size_t>(n * elem));
+    // The other ranks' slices: [0, lo) and [hi, n).
+    char* out = bytes + first * elem;
+    std::memcpy(out, result_area(), static_cast<size_t>(lo * elem));
+    std::memcpy(out + hi * elem, result_area() + hi * elem, static_cast<size_t>((n - hi) * elem));
   }
 }
 
