@@ -56,9 +56,15 @@ __attribute__((target("avx2"))) int64_t reduce_f32_avx2(const float* const* srcs
   return i;  // the caller finishes the tail with the scalar loop
 }
 
-__attribute__((target("avx2"))) inline __m256 load_bf16x8(const uint16_t* p) {
-  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+// bf16 is the top half of an fp32: interleaving zeros below each bf16 widens it
+// exactly. unpacklo/hi work within 128-bit lanes, so `lo` holds elements 0-3 and
+// 8-11 and `hi` holds 4-7 and 12-15; packus (also per lane) restores the order.
+__attribute__((target("avx2"))) inline void load_bf16x16(const uint16_t* p, __m256* lo,
+                                                         __m256* hi) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i zero = _mm256_setzero_si256();
+  *lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw));
+  *hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw));
 }
 
 // Eight fp32 -> eight bf16 bit patterns in the low halves of 32-bit lanes,
@@ -76,16 +82,16 @@ __attribute__((target("avx2"))) int64_t reduce_bf16_avx2(const uint16_t* const* 
                                                          uint16_t* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    __m256 lo = load_bf16x8(srcs[0] + i);
-    __m256 hi = load_bf16x8(srcs[0] + i + 8);
+    __m256 lo, hi;
+    load_bf16x16(srcs[0] + i, &lo, &hi);
     for (int r = 1; r < n_src; ++r) {
-      lo = _mm256_add_ps(lo, load_bf16x8(srcs[r] + i));
-      hi = _mm256_add_ps(hi, load_bf16x8(srcs[r] + i + 8));
+      __m256 lo_r, hi_r;
+      load_bf16x16(srcs[r] + i, &lo_r, &hi_r);
+      lo = _mm256_add_ps(lo, lo_r);
+      hi = _mm256_add_ps(hi, hi_r);
     }
-    // packus works per 128-bit lane: [lo0-3, hi0-3, lo4-7, hi4-7]; permute restores order.
     const __m256i packed = _mm256_packus_epi32(round_to_bf16x8(lo), round_to_bf16x8(hi));
-    const __m256i ordered = _mm256_permute4x64_epi64(packed, 0xD8);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), ordered);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), packed);
   }
   return i;
 }
