@@ -123,6 +123,9 @@ void ShmAllReduce::wait_for_peers(uint64_t target, const char* phase) {
   const double deadline = wait_deadline_ > 0 ? wait_deadline_ : start + timeout_s_;
   double next_check = start + kPeerCheckSeconds;
   header_->sleepers.fetch_add(1, std::memory_order_seq_cst);
+  // Pairs with the fence in wake_sleepers: an arriving rank either sees us in
+  // `sleepers` or we see its arrival below.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
   struct SleeperGuard {
     SegmentHeader* header;
     ~SleeperGuard() { header->sleepers.fetch_sub(1, std::memory_order_seq_cst); }
