@@ -191,6 +191,7 @@ void ShmAllReduce::create_segment(double deadline) {
       for (int r = 0; r < kMaxWorldSize; ++r) {
         RankControl& c = h->ranks[r];
         c.arrived.store(0, std::memory_order_relaxed);
+        c.cpu.store(-1, std::memory_order_relaxed);
         c.pid.store(0, std::memory_order_relaxed);
         c.state.store(kFree, std::memory_order_relaxed);
         c.start_time.store(0, std::memory_order_relaxed);

@@ -14,15 +14,18 @@
 namespace xllm::comm {
 namespace {
 
-// Waiting for peers, in three stages. (1) Spin with pause for a couple of
-// microseconds: on an idle host the last rank usually arrives within that.
-// (2) Then sched_yield between checks: when ranks share a core (more runnable
-// threads than cores), a spinning rank would keep its peer off that core, while
-// yielding lets it run; on an idle core the yield returns at once. (3) Then
-// sleep on the segment's futex until an arrival wakes us. Measured on a loaded
-// 2-core host, 50 us of pause-spinning made a 64 KiB call ~6x slower than this.
-constexpr double kSpinSeconds = 2e-6;
-constexpr double kYieldSeconds = 500e-6;
+// Waiting for peers, in three stages. (1) Spin with pause while the rank we
+// wait for runs on another CPU: on an idle host the last rank arrives within a
+// phase's work (tens to hundreds of microseconds for a 1 MiB chunk), and spinning
+// keeps this rank on its core. But a spinning rank must not hold the very core
+// its peer needs, so it stops spinning as soon as that peer last arrived from
+// this CPU. (2) Then sched_yield between checks: a peer sharing the core runs at
+// once, and on an otherwise idle core the yield returns at once. (3) Then sleep
+// on the segment's futex until an arrival wakes us. On a loaded 2-core host, a
+// spin that ignored the peer's CPU made 64 KiB calls up to 40x slower whenever
+// the scheduler put both ranks on one core; sleeping early cost ~3x at 1 MiB.
+constexpr double kSpinSeconds = 200e-6;
+constexpr double kYieldSeconds = 1e-3;
 // A sleeping rank wakes at least this often to check its peers' liveness and
 // the deadline (a dead process wakes nobody).
 constexpr double kPeerCheckSeconds = 2e-3;
@@ -90,6 +93,7 @@ void ShmAllReduce::check_usable() const {
 
 void ShmAllReduce::barrier(const char* phase) {
   const uint64_t target = ++barriers_;
+  control(rank_).cpu.store(sched_getcpu(), std::memory_order_relaxed);
   control(rank_).arrived.store(target, std::memory_order_release);
   wake_sleepers(header_);
   wait_for_peers(target, phase);
@@ -107,7 +111,19 @@ void ShmAllReduce::wait_for_peers(uint64_t target, const char* phase) {
 
   const double start = monotonic_now();
   double now = start;
-  while (now - start < kSpinSeconds) {
+  const int my_cpu = sched_getcpu();
+  // Does a rank we still wait for need this CPU (it last arrived from it)?
+  auto peer_needs_my_cpu = [&] {
+    for (int r = next; r < world_size_; ++r) {
+      const RankControl& c = control(r);
+      if (c.arrived.load(std::memory_order_relaxed) < target &&
+          c.cpu.load(std::memory_order_relaxed) == my_cpu) {
+        return true;
+      }
+    }
+    return false;
+  };
+  while (now - start < kSpinSeconds && !peer_needs_my_cpu()) {
     for (int i = 0; i < 32; ++i) {
       cpu_relax();
       if (all_arrived()) return;

@@ -34,7 +34,8 @@ enum AbortState : int32_t { kNoAbort = 0, kAbortWriting = 1, kAbortPublished = 2
 // alone on its cache line; the rest changes at most once per call.
 struct alignas(128) RankControl {
   std::atomic<uint64_t> arrived;  // barriers this rank has reached
-  char pad[64 - sizeof(std::atomic<uint64_t>)];
+  std::atomic<int32_t> cpu;       // the CPU it last arrived from (a scheduling hint only)
+  char pad[64 - sizeof(std::atomic<uint64_t>) - sizeof(std::atomic<int32_t>)];
   std::atomic<int32_t> pid;            // 0 until the rank attaches
   std::atomic<int32_t> state;          // RankState
   std::atomic<uint64_t> start_time;    // /proc start time: tells a reused pid apart
