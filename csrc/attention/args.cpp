@@ -50,7 +50,7 @@ void check_rows(const Tensor& t, int64_t rows, const char* rows_what, int64_t he
 void check_out(const Tensor& out, const Tensor& like) {
   check_ndim(out, 3, "[num_tokens, num_heads, head_size]");
   check_dtype(out, DType::kFloat32);
-  for (int d = 0; d < 3; ++d) check_dim(out, d, like.size(d), std::string(like.name) + "'s");
+  for (int d = 0; d < 3; ++d) check_dim(out, d, like.size(d), like.name + "'s size");
   check_contiguous(out);
 }
 

@@ -100,9 +100,17 @@ void attend_range(const Kernels<KT>& kern, SoftmaxFn softmax, const KvView<KT>& 
     float* s = st.s + static_cast<int64_t>(r0) * chunk;
     const float* q = st.q + static_cast<int64_t>(r0) * hs;
     float* acc = st.acc + static_cast<int64_t>(r0) * hs;
+    // Calls run K(0..), then V(0..) of this chunk; each prefetches what the next
+    // call reads, the last V prefetches the next chunk's first K block.
+    const int64_t row_bytes = static_cast<int64_t>(hs) * sizeof(KT);
+    auto rows_at = [&](int b) { return static_cast<int64_t>(std::min(bs, ncols - b)); };
     for (int b = 0; b < ncols; b += bs) {
       const int32_t block = block_table[(c0 + b) / bs];
-      kern.qk(q, hs, n, kv.k_rows(block, head), std::min(bs, ncols - b), hs, s + b, chunk);
+      const bool last = b + bs >= ncols;
+      const KT* next = last ? kv.v_rows(block_table[c0 / bs], head)
+                            : kv.k_rows(block_table[(c0 + b + bs) / bs], head);
+      kern.qk(q, hs, n, kv.k_rows(block, head), static_cast<int>(rows_at(b)), hs, s + b, chunk,
+              next, (last ? rows_at(0) : rows_at(b + bs)) * row_bytes);
     }
     for (int r = r0; r < rows; ++r) {
       st.valid[r] = static_cast<int>(std::min<int64_t>(st.pos[r] - c0 + 1, ncols));
@@ -110,7 +118,17 @@ void attend_range(const Kernels<KT>& kern, SoftmaxFn softmax, const KvView<KT>& 
     softmax(s, chunk, n, ncols, st.valid + r0, st.m + r0, st.l + r0, acc, hs);
     for (int b = 0; b < ncols; b += bs) {
       const int32_t block = block_table[(c0 + b) / bs];
-      kern.pv(s + b, chunk, n, kv.v_rows(block, head), std::min(bs, ncols - b), hs, acc);
+      const KT* next = nullptr;
+      int64_t next_rows = 0;
+      if (b + bs < ncols) {
+        next = kv.v_rows(block_table[(c0 + b + bs) / bs], head);
+        next_rows = rows_at(b + bs);
+      } else if (c0 + chunk < k1) {
+        next = kv.k_rows(block_table[(c0 + chunk) / bs], head);
+        next_rows = std::min<int64_t>(bs, k1 - c0 - chunk);
+      }
+      kern.pv(s + b, chunk, n, kv.v_rows(block, head), static_cast<int>(rows_at(b)), hs, acc, next,
+              next_rows * row_bytes);
     }
   }
 }

@@ -19,12 +19,16 @@ template <class KT>
 struct Kernels {
   // s[r * lds + t] = dot(q[r * ldq : +hs], k[t * hs : +hs])
   // q: [nrows, ldq] fp32; k: [ntok, hs] one block's rows of one KV head; s: [nrows, lds]
+  // next: the bytes [next, next + next_bytes) that the driver reads after this call
+  // (the next block); the kernel spreads prefetches for them over its work so that
+  // memory streams while it computes. nullptr: nothing to prefetch.
   void (*qk)(const float* q, int64_t ldq, int nrows, const KT* k, int ntok, int hs, float* s,
-             int64_t lds);
+             int64_t lds, const void* next, int64_t next_bytes);
 
   // acc[r * hs + d] += sum over t of p[r * ldp + t] * v[t * hs + d]
-  // p: [nrows, ldp] softmax weights; v: [ntok, hs]; acc: [nrows, hs]
-  void (*pv)(const float* p, int64_t ldp, int nrows, const KT* v, int ntok, int hs, float* acc);
+  // p: [nrows, ldp] softmax weights; v: [ntok, hs]; acc: [nrows, hs]; next: as for qk
+  void (*pv)(const float* p, int64_t ldp, int nrows, const KT* v, int ntok, int hs, float* acc,
+             const void* next, int64_t next_bytes);
 };
 
 // The online-softmax step for one chunk of key columns (flash-attention style).

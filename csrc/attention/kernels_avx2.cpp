@@ -12,6 +12,27 @@
 namespace xllm::attn {
 namespace {
 
+// Issues prefetches for a byte range a few cache lines per step, so a kernel's
+// loop streams the next block in while it computes on the current one.
+class Prefetcher {
+ public:
+  Prefetcher(const void* base, int64_t bytes, int64_t steps)
+      : p_(static_cast<const char*>(base)), left_(base ? (bytes + 63) / 64 : 0),
+        per_step_(steps > 0 ? (left_ + steps - 1) / steps : left_) {}
+  void step() {
+    for (int64_t i = 0; i < per_step_ && left_ > 0; ++i, --left_, p_ += 64) {
+      _mm_prefetch(p_, _MM_HINT_T0);
+    }
+  }
+  void flush() {
+    for (; left_ > 0; --left_, p_ += 64) _mm_prefetch(p_, _MM_HINT_T0);
+  }
+
+ private:
+  const char* p_;
+  int64_t left_, per_step_;
+};
+
 // s[r * lds + t] for r < NR, t < NT; k: [NT, hs]; q: [NR, ldq]
 template <int NR, int NT, class KT>
 XLLM_AVX2 void qk_tile(const float* q, int64_t ldq, const KT* k, int hs, float* s, int64_t lds) {
@@ -34,89 +55,112 @@ XLLM_AVX2 void qk_tile(const float* q, int64_t ldq, const KT* k, int hs, float* 
 }
 
 // Few rows share a K load with several tokens; many rows need one token each.
+constexpr int qk_tokens(int rows) { return rows >= 5 ? 1 : (rows >= 3 ? 2 : 8 / rows); }
 template <int NR>
 constexpr int qk_tokens() {
-  return NR >= 5 ? 1 : (NR >= 3 ? 2 : 8 / NR);
+  return qk_tokens(NR);
 }
+// Column chunks per PV tile: wider tiles for few rows keep ~8 FMA chains in flight.
+constexpr int pv_chunks(int rows) { return rows <= 2 ? 4 : (rows <= 4 ? 2 : 1); }
 
 template <int NR, class KT>
 XLLM_AVX2 void qk_rows(const float* q, int64_t ldq, const KT* k, int ntok, int hs, float* s,
-                       int64_t lds) {
+                       int64_t lds, Prefetcher& pf) {
   constexpr int NT = qk_tokens<NR>();
   int t = 0;
   for (; t + NT <= ntok; t += NT) {
+    pf.step();
     qk_tile<NR, NT>(q, ldq, k + static_cast<int64_t>(t) * hs, hs, s + t, lds);
   }
-  for (; t < ntok; ++t) qk_tile<NR, 1>(q, ldq, k + static_cast<int64_t>(t) * hs, hs, s + t, lds);
+  for (; t < ntok; ++t) {
+    pf.step();
+    qk_tile<NR, 1>(q, ldq, k + static_cast<int64_t>(t) * hs, hs, s + t, lds);
+  }
 }
 
 template <class KT>
 XLLM_AVX2 void qk(const float* q, int64_t ldq, int nrows, const KT* k, int ntok, int hs, float* s,
-                  int64_t lds) {
+                  int64_t lds, const void* next, int64_t next_bytes) {
+  // The first row group streams K from memory; prefetch the next block during it.
+  const int nt = qk_tokens(std::min(nrows, 8));
+  Prefetcher pf(next, next_bytes, ntok / nt + ntok % nt);
   int r = 0;
-  for (; r + 8 <= nrows; r += 8) qk_rows<8>(q + r * ldq, ldq, k, ntok, hs, s + r * lds, lds);
+  for (; r + 8 <= nrows; r += 8) qk_rows<8>(q + r * ldq, ldq, k, ntok, hs, s + r * lds, lds, pf);
   const float* qr = q + r * ldq;
   float* sr = s + r * lds;
   switch (nrows - r) {
-    case 1: qk_rows<1>(qr, ldq, k, ntok, hs, sr, lds); break;
-    case 2: qk_rows<2>(qr, ldq, k, ntok, hs, sr, lds); break;
-    case 3: qk_rows<3>(qr, ldq, k, ntok, hs, sr, lds); break;
-    case 4: qk_rows<4>(qr, ldq, k, ntok, hs, sr, lds); break;
-    case 5: qk_rows<5>(qr, ldq, k, ntok, hs, sr, lds); break;
-    case 6: qk_rows<6>(qr, ldq, k, ntok, hs, sr, lds); break;
-    case 7: qk_rows<7>(qr, ldq, k, ntok, hs, sr, lds); break;
+    case 1: qk_rows<1>(qr, ldq, k, ntok, hs, sr, lds, pf); break;
+    case 2: qk_rows<2>(qr, ldq, k, ntok, hs, sr, lds, pf); break;
+    case 3: qk_rows<3>(qr, ldq, k, ntok, hs, sr, lds, pf); break;
+    case 4: qk_rows<4>(qr, ldq, k, ntok, hs, sr, lds, pf); break;
+    case 5: qk_rows<5>(qr, ldq, k, ntok, hs, sr, lds, pf); break;
+    case 6: qk_rows<6>(qr, ldq, k, ntok, hs, sr, lds, pf); break;
+    case 7: qk_rows<7>(qr, ldq, k, ntok, hs, sr, lds, pf); break;
     default: break;
   }
+  pf.flush();
 }
 
 // acc[r, d0 : d0 + 8*DC] += p[r, :ntok] @ v[:ntok, d0 : d0 + 8*DC] for r < NR
 template <int NR, int DC, class KT>
 XLLM_AVX2 void pv_tile(const float* p, int64_t ldp, const KT* v, int ntok, int hs, float* acc,
                        int d0) {
-  __m256 a[NR][DC];
-  for (int r = 0; r < NR; ++r) {
-    for (int c = 0; c < DC; ++c) a[r][c] = _mm256_loadu_ps(acc + r * hs + d0 + 8 * c);
-  }
+  // A flat array with fully unrolled constant loops, so GCC keeps it in registers
+  // (a 2-D array here was kept in memory and stored back on every token).
+  __m256 a[NR * DC];
+#pragma GCC unroll 8
+  for (int i = 0; i < NR * DC; ++i) a[i] = _mm256_loadu_ps(acc + (i / DC) * hs + d0 + 8 * (i % DC));
   const KT* vt = v + d0;
   for (int t = 0; t < ntok; ++t, vt += hs) {
     __m256 vv[DC];
+#pragma GCC unroll 8
     for (int c = 0; c < DC; ++c) vv[c] = load8(vt + 8 * c);
+#pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
-      __m256 w = _mm256_broadcast_ss(p + r * ldp + t);
-      for (int c = 0; c < DC; ++c) a[r][c] = _mm256_fmadd_ps(w, vv[c], a[r][c]);
+      const __m256 w = _mm256_broadcast_ss(p + r * ldp + t);
+#pragma GCC unroll 8
+      for (int c = 0; c < DC; ++c) a[r * DC + c] = _mm256_fmadd_ps(w, vv[c], a[r * DC + c]);
     }
   }
-  for (int r = 0; r < NR; ++r) {
-    for (int c = 0; c < DC; ++c) _mm256_storeu_ps(acc + r * hs + d0 + 8 * c, a[r][c]);
-  }
+#pragma GCC unroll 8
+  for (int i = 0; i < NR * DC; ++i) _mm256_storeu_ps(acc + (i / DC) * hs + d0 + 8 * (i % DC), a[i]);
 }
 
 template <int NR, class KT>
-XLLM_AVX2 void pv_rows(const float* p, int64_t ldp, const KT* v, int ntok, int hs, float* acc) {
-  // Wider column tiles for few rows keep 8-ish independent FMA chains in flight.
-  constexpr int DC = NR <= 2 ? 4 : (NR <= 4 ? 2 : 1);
+XLLM_AVX2 void pv_rows(const float* p, int64_t ldp, const KT* v, int ntok, int hs, float* acc,
+                       Prefetcher& pf) {
+  constexpr int DC = pv_chunks(NR);
   int d = 0;
-  for (; d + 8 * DC <= hs; d += 8 * DC) pv_tile<NR, DC>(p, ldp, v, ntok, hs, acc, d);
-  for (; d < hs; d += 8) pv_tile<NR, 1>(p, ldp, v, ntok, hs, acc, d);
+  for (; d + 8 * DC <= hs; d += 8 * DC) {
+    pf.step();
+    pv_tile<NR, DC>(p, ldp, v, ntok, hs, acc, d);
+  }
+  for (; d < hs; d += 8) {
+    pf.step();
+    pv_tile<NR, 1>(p, ldp, v, ntok, hs, acc, d);
+  }
 }
 
 template <class KT>
 XLLM_AVX2 void pv(const float* p, int64_t ldp, int nrows, const KT* v, int ntok, int hs,
-                  float* acc) {
+                  float* acc, const void* next, int64_t next_bytes) {
+  const int dc = pv_chunks(std::min(nrows, 8));
+  Prefetcher pf(next, next_bytes, hs / (8 * dc) + hs / 8 % dc);
   int r = 0;
-  for (; r + 8 <= nrows; r += 8) pv_rows<8>(p + r * ldp, ldp, v, ntok, hs, acc + r * hs);
+  for (; r + 8 <= nrows; r += 8) pv_rows<8>(p + r * ldp, ldp, v, ntok, hs, acc + r * hs, pf);
   const float* pr = p + r * ldp;
   float* ar = acc + r * hs;
   switch (nrows - r) {
-    case 1: pv_rows<1>(pr, ldp, v, ntok, hs, ar); break;
-    case 2: pv_rows<2>(pr, ldp, v, ntok, hs, ar); break;
-    case 3: pv_rows<3>(pr, ldp, v, ntok, hs, ar); break;
-    case 4: pv_rows<4>(pr, ldp, v, ntok, hs, ar); break;
-    case 5: pv_rows<5>(pr, ldp, v, ntok, hs, ar); break;
-    case 6: pv_rows<6>(pr, ldp, v, ntok, hs, ar); break;
-    case 7: pv_rows<7>(pr, ldp, v, ntok, hs, ar); break;
+    case 1: pv_rows<1>(pr, ldp, v, ntok, hs, ar, pf); break;
+    case 2: pv_rows<2>(pr, ldp, v, ntok, hs, ar, pf); break;
+    case 3: pv_rows<3>(pr, ldp, v, ntok, hs, ar, pf); break;
+    case 4: pv_rows<4>(pr, ldp, v, ntok, hs, ar, pf); break;
+    case 5: pv_rows<5>(pr, ldp, v, ntok, hs, ar, pf); break;
+    case 6: pv_rows<6>(pr, ldp, v, ntok, hs, ar, pf); break;
+    case 7: pv_rows<7>(pr, ldp, v, ntok, hs, ar, pf); break;
     default: break;
   }
+  pf.flush();
 }
 
 XLLM_AVX2 void softmax(float* s, int64_t lds, int nrows, int ncols, const int* valid, float* m,

@@ -1,8 +1,8 @@
-// Baseline x86-64 (or any CPU) micro-kernels: the fallback when AVX2/FMA is
-// missing, and the plain statement of what kernels_avx2.cpp computes. Same
-// loop structure (rows share each K/V load), so both paths see the same
-// summation order per 8-wide lane only approximately; tests hold both to the
-// torch reference.
+// Baseline (any CPU) micro-kernels: the fallback when AVX2/FMA is missing and
+// the plain statement of what kernels_avx2.cpp computes. Rows still share each
+// K/V row; the summation order differs from the vector code, so tests hold both
+// paths to the torch reference rather than to each other. No software
+// prefetch: this path is for correctness on old CPUs, not for speed.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -14,7 +14,7 @@ namespace {
 
 template <class KT>
 void qk(const float* q, int64_t ldq, int nrows, const KT* k, int ntok, int hs, float* s,
-        int64_t lds) {
+        int64_t lds, const void* /*next*/, int64_t /*next_bytes*/) {
   for (int t = 0; t < ntok; ++t) {
     const KT* kt = k + static_cast<int64_t>(t) * hs;
     for (int r = 0; r < nrows; ++r) {
@@ -35,7 +35,8 @@ void qk(const float* q, int64_t ldq, int nrows, const KT* k, int ntok, int hs, f
 }
 
 template <class KT>
-void pv(const float* p, int64_t ldp, int nrows, const KT* v, int ntok, int hs, float* acc) {
+void pv(const float* p, int64_t ldp, int nrows, const KT* v, int ntok, int hs, float* acc,
+        const void* /*next*/, int64_t /*next_bytes*/) {
   for (int t = 0; t < ntok; ++t) {
     const KT* vt = v + static_cast<int64_t>(t) * hs;
     for (int r = 0; r < nrows; ++r) {
