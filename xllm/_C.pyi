@@ -4,6 +4,8 @@ tests/test_stub.py checks that both name the same symbols."""
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 # --- cpu_info (csrc/common/cpu_info.cpp) ---
 def cpu_isa() -> str: ...
 def detected_isa() -> str: ...
@@ -89,3 +91,33 @@ class BlockPool:
     def free_block_ids(self) -> list[int]: ...
     def reset_prefix_cache(self) -> bool: ...
     def prefix_cache_stats(self, reset: bool = False) -> tuple[int, int]: ...
+
+# --- attention (csrc/attention/; layout in xllm/ops/kv_cache.py, use xllm.ops.attention) ---
+# Every argument is checked (ValueError naming it) before anything is written; the GIL
+# is released while the kernels run.
+def write_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None: ...
+def paged_attention_decode(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> None: ...
+def paged_attention_prefill(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> None: ...

@@ -30,8 +30,7 @@ def _slots(num_tokens: int, decode: bool, gen: torch.Generator) -> torch.Tensor:
     return blocks[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
 
 
-def write_row(model: str, num_tokens: int, decode: bool,
-              dtype: torch.dtype = torch.float32) -> Row:
+def write_row(model: str, num_tokens: int, decode: bool, dtype: torch.dtype = torch.float32) -> Row:
     kv_heads, head_size = MODELS[model]
     gen = torch.Generator().manual_seed(0)
     shape = (NUM_BLOCKS, kv_heads, BLOCK_SIZE, head_size)
@@ -68,8 +67,13 @@ def write_row(model: str, num_tokens: int, decode: bool,
     adv = per_call_seconds(advanced_indexing, min_time=0.02, repeat=3)
     what = f"decode batch {num_tokens}" if decode else f"prefill {num_tokens} tokens"
     dt = "bf16" if dtype == torch.bfloat16 else "fp32"
-    row = compare("write_kv_cache", f"{model} kv{kv_heads}/d{head_size} {what} {dt} cache",
-                  native, index_copy, "torch index_copy_ on the flattened cache")
+    row = compare(
+        "write_kv_cache",
+        f"{model} kv{kv_heads}/d{head_size} {what} {dt} cache",
+        native,
+        index_copy,
+        "torch index_copy_ on the flattened cache",
+    )
     row.extra = {"advanced_indexing_s": adv}
     row.note = f"advanced indexing: {adv * 1e6:.1f} us; no target"
     return row
