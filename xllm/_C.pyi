@@ -122,3 +122,33 @@ class ShmAllReduce:
     def closed(self) -> bool: ...
     @staticmethod
     def segment_name_for(group: str) -> str: ...
+
+# --- attention (csrc/attention/; layout in xllm/ops/kv_cache.py, use xllm.ops.attention) ---
+# Every argument is checked (ValueError naming it) before anything is written; the GIL
+# is released while the kernels run.
+def write_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None: ...
+def paged_attention_decode(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> None: ...
+def paged_attention_prefill(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> None: ...

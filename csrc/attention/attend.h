@@ -1,0 +1,161 @@
+// The flash-attention loop shared by decode and prefill: one tile of query rows
+// (all of one KV head's group) walks a range of its sequence's paged context in
+// chunks of whole blocks, computing scores, the online softmax and the weighted
+// sum of V with the micro-kernels of kernels.h.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <memory>
+
+#include "attention/kernels.h"
+
+namespace xllm::attn {
+
+// One layer's paged cache (layout: xllm/ops/kv_cache.py), already checked.
+struct PagedCache {
+  const void* key;    // [num_blocks, num_kv_heads, block_size, head_size]
+  const void* value;  // same shape and dtype as key
+  bool bf16;          // storage dtype: bfloat16 if true, else float32
+  int64_t num_blocks, num_kv_heads, block_size, head_size;
+};
+
+template <class KT>
+struct KvView {
+  const KT* key;
+  const KT* value;
+  int64_t block_stride;  // num_kv_heads * block_size * head_size
+  int64_t head_stride;   // block_size * head_size
+  int block_size, head_size;
+
+  explicit KvView(const PagedCache& c)
+      : key(static_cast<const KT*>(c.key)), value(static_cast<const KT*>(c.value)),
+        block_stride(c.num_kv_heads * c.block_size * c.head_size),
+        head_stride(c.block_size * c.head_size), block_size(static_cast<int>(c.block_size)),
+        head_size(static_cast<int>(c.head_size)) {}
+
+  // [block_size, head_size] rows of KV head `head` in block `block`
+  const KT* k_rows(int32_t block, int64_t head) const { return key + block * block_stride + head * head_stride; }
+  const KT* v_rows(int32_t block, int64_t head) const { return value + block * block_stride + head * head_stride; }
+};
+
+// One tile's working state, carved from a thread's scratch.
+struct TileState {
+  float* q;    // [rows, hs] query rows times the softmax scale
+  float* acc;  // [rows, hs] unnormalised output
+  float* m;    // [rows] running max of scores
+  float* l;    // [rows] running sum of exp(score - m)
+  int* pos;    // [rows] last key position each row may see (causal), non-decreasing
+  int* valid;  // [rows] per chunk: how many of its columns the row sees
+  float* s;    // [rows, chunk] scores, then weights
+  int chunk;   // columns of s: the chunk length in tokens (a multiple of block_size)
+
+  // Floats of scratch that a tile of `rows` rows needs (rounded to 64-byte lines).
+  static size_t floats(int rows, int hs, int chunk) {
+    auto line = [](size_t n) { return (n + 15) / 16 * 16; };
+    return 2 * line(static_cast<size_t>(rows) * hs) + 4 * line(rows) +
+           line(static_cast<size_t>(rows) * chunk);
+  }
+  static TileState carve(float* base, int rows, int hs, int chunk) {
+    auto line = [](size_t n) { return (n + 15) / 16 * 16; };
+    TileState st;
+    st.q = base;
+    st.acc = st.q + line(static_cast<size_t>(rows) * hs);
+    st.m = st.acc + line(static_cast<size_t>(rows) * hs);
+    st.l = st.m + line(rows);
+    st.pos = reinterpret_cast<int*>(st.l + line(rows));
+    st.valid = reinterpret_cast<int*>(st.l + 2 * line(rows));
+    st.s = st.l + 3 * line(rows);
+    st.chunk = chunk;
+    return st;
+  }
+  void reset(int rows, int hs) {
+    std::fill(acc, acc + static_cast<size_t>(rows) * hs, 0.0f);
+    std::fill(m, m + rows, -std::numeric_limits<float>::infinity());
+    std::fill(l, l + rows, 0.0f);
+  }
+};
+
+// Chunk length: whole blocks, about `target` tokens (at least one block).
+inline int chunk_tokens(int64_t block_size, int target) {
+  return static_cast<int>(block_size * std::max<int64_t>(1, target / block_size));
+}
+
+// Attends the tile's rows to context tokens [k0, k1) of one sequence for KV head
+// `head`. k0 is a multiple of block_size; tokens past a row's pos are masked, and
+// nothing at or past k1 is read (a block's unused tail may hold anything).
+// block_table: [>= ceil(k1 / block_size)] ids already checked to be in range.
+template <class KT>
+void attend_range(const Kernels<KT>& kern, SoftmaxFn softmax, const KvView<KT>& kv, int64_t head,
+                  const int32_t* block_table, int64_t k0, int64_t k1, int rows, TileState& st) {
+  const int hs = kv.head_size, bs = kv.block_size, chunk = st.chunk;
+  int r0 = 0;  // rows before r0 see none of the current chunk (pos is non-decreasing)
+  for (int64_t c0 = k0; c0 < k1; c0 += chunk) {
+    while (r0 < rows && st.pos[r0] < c0) ++r0;
+    if (r0 == rows) return;
+    const int n = rows - r0;
+    const int ncols = static_cast<int>(std::min<int64_t>(chunk, k1 - c0));
+    float* s = st.s + static_cast<int64_t>(r0) * chunk;
+    const float* q = st.q + static_cast<int64_t>(r0) * hs;
+    float* acc = st.acc + static_cast<int64_t>(r0) * hs;
+    // Calls run K(0..), then V(0..) of this chunk; each prefetches what the next
+    // call reads, the last V prefetches the next chunk's first K block.
+    const int64_t row_bytes = static_cast<int64_t>(hs) * sizeof(KT);
+    auto rows_at = [&](int b) { return static_cast<int64_t>(std::min(bs, ncols - b)); };
+    for (int b = 0; b < ncols; b += bs) {
+      const int32_t block = block_table[(c0 + b) / bs];
+      const bool last = b + bs >= ncols;
+      const KT* next = last ? kv.v_rows(block_table[c0 / bs], head)
+                            : kv.k_rows(block_table[(c0 + b + bs) / bs], head);
+      kern.qk(q, hs, n, kv.k_rows(block, head), static_cast<int>(rows_at(b)), hs, s + b, chunk,
+              next, (last ? rows_at(0) : rows_at(b + bs)) * row_bytes);
+    }
+    for (int r = r0; r < rows; ++r) {
+      st.valid[r] = static_cast<int>(std::min<int64_t>(st.pos[r] - c0 + 1, ncols));
+    }
+    softmax(s, chunk, n, ncols, st.valid + r0, st.m + r0, st.l + r0, acc, hs);
+    for (int b = 0; b < ncols; b += bs) {
+      const int32_t block = block_table[(c0 + b) / bs];
+      const KT* next = nullptr;
+      int64_t next_rows = 0;
+      if (b + bs < ncols) {
+        next = kv.v_rows(block_table[(c0 + b + bs) / bs], head);
+        next_rows = rows_at(b + bs);
+      } else if (c0 + chunk < k1) {
+        next = kv.k_rows(block_table[(c0 + chunk) / bs], head);
+        next_rows = std::min<int64_t>(bs, k1 - c0 - chunk);
+      }
+      kern.pv(s + b, chunk, n, kv.v_rows(block, head), static_cast<int>(rows_at(b)), hs, acc, next,
+              next_rows * row_bytes);
+    }
+  }
+}
+
+// A grow-only scratch buffer owned by the calling thread (the one that entered
+// the op), 64-byte aligned, reused across calls so steady-state decode steps
+// allocate nothing; OpenMP workers use disjoint slices of it.
+inline float* caller_scratch(size_t floats) {
+  thread_local std::unique_ptr<float[]> buffer;
+  thread_local size_t capacity = 0;
+  if (floats + 16 > capacity) {
+    capacity = std::max(floats + 16, capacity * 2);
+    buffer.reset(new float[capacity]);
+  }
+  auto addr = reinterpret_cast<uintptr_t>(buffer.get());
+  return buffer.get() + ((64 - addr % 64) % 64) / sizeof(float);
+}
+
+// Reads query row `row` ([hs] elements, fp32 or bf16) into dst times scale.
+inline void load_scaled(const void* query, bool bf16, int64_t offset, int hs, float scale, float* dst) {
+  if (bf16) {
+    const bf16_t* src = static_cast<const bf16_t*>(query) + offset;
+    for (int d = 0; d < hs; ++d) dst[d] = to_f32(src[d]) * scale;
+  } else {
+    const float* src = static_cast<const float*>(query) + offset;
+    for (int d = 0; d < hs; ++d) dst[d] = src[d] * scale;
+  }
+}
+
+}  // namespace xllm::attn

@@ -1,0 +1,112 @@
+// The KV cache write: each new token's K and V rows (all KV heads) go to its
+// slot, slot = block * block_size + offset, into [num_blocks, num_kv_heads,
+// block_size, head_size] caches. Slot -1 is padding and is skipped. fp32 rows
+// stored into a bf16 cache are rounded to nearest even (as torch's .to() does).
+#include <omp.h>
+
+#include <cstring>
+
+#include "attention/args.h"
+#include "attention/ops.h"
+
+namespace xllm::attn {
+namespace {
+
+// Below this many elements per call the OpenMP fork costs more than the copy.
+constexpr int64_t kParallelElements = 1 << 16;
+
+#if XLLM_HAVE_AVX2_KERNELS
+XLLM_AVX2 void f32_to_bf16_avx2(const float* src, bf16_t* dst, int64_t n) {
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) store8(dst + d, _mm256_loadu_ps(src + d));
+  for (; d < n; ++d) dst[d] = f32_to_bf16(src[d]);
+}
+#endif
+
+// dst[:n] = src[:n], converting between float32 and bfloat16 as needed.
+void copy_row(const void* src, bool src_bf16, void* dst, bool dst_bf16, int64_t n, Isa isa) {
+  if (src_bf16 == dst_bf16) {
+    std::memcpy(dst, src, static_cast<size_t>(n) * (src_bf16 ? 2 : 4));
+  } else if (src_bf16) {
+    const bf16_t* s = static_cast<const bf16_t*>(src);
+    float* o = static_cast<float*>(dst);
+    for (int64_t d = 0; d < n; ++d) o[d] = to_f32(s[d]);
+  } else {
+    const float* s = static_cast<const float*>(src);
+    bf16_t* o = static_cast<bf16_t*>(dst);
+#if XLLM_HAVE_AVX2_KERNELS
+    if (isa == Isa::kAvx2) {
+      f32_to_bf16_avx2(s, o, n);
+      return;
+    }
+#endif
+    for (int64_t d = 0; d < n; ++d) o[d] = f32_to_bf16(s[d]);
+  }
+}
+
+int64_t slot_at(const Tensor& slots, int64_t t) {
+  return slots.dtype == DType::kInt64 ? slots.ptr<int64_t>()[t] : slots.ptr<int32_t>()[t];
+}
+
+}  // namespace
+
+void write_kv_cache(py::handle key_obj, py::handle value_obj, py::handle key_cache_obj,
+                    py::handle value_cache_obj, py::handle slot_mapping_obj) {
+  const Tensor key = host_tensor(key_obj, "key");
+  const Tensor value = host_tensor(value_obj, "value");
+  const Tensor key_cache = host_tensor(key_cache_obj, "key_cache");
+  const Tensor value_cache = host_tensor(value_cache_obj, "value_cache");
+  const Tensor slots = host_tensor(slot_mapping_obj, "slot_mapping");
+
+  const PagedCache cache = check_caches(key_cache, value_cache);
+  check_rows(key, -1, "", cache.num_kv_heads, "the caches' num_kv_heads", cache.head_size);
+  check_rows(value, key.size(0), "key's num_tokens", cache.num_kv_heads,
+             "the caches' num_kv_heads", cache.head_size);
+  if (value.dtype != key.dtype) {
+    fail("argument 'value' must have key's dtype ", dtype_name(key.dtype), ", got ",
+         dtype_name(value.dtype));
+  }
+  check_ndim(slots, 1, "[num_tokens]");
+  check_dtype(slots, {DType::kInt64, DType::kInt32});
+  check_contiguous(slots);
+  const int64_t num_tokens = key.size(0);
+  check_dim(slots, 0, num_tokens, "key's num_tokens");
+  const int64_t num_slots = cache.num_blocks * cache.block_size;
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const int64_t s = slot_at(slots, t);
+    if (s < -1 || s >= num_slots) {
+      fail("argument 'slot_mapping' has slot_mapping[", t, "] = ", s, " outside [0, ", num_slots,
+           ") (num_blocks x block_size of the caches); use -1 for padding");
+    }
+  }
+  if (num_tokens == 0) return;
+
+  const bool src_bf16 = key.dtype == DType::kBFloat16, dst_bf16 = cache.bf16;
+  const int64_t nkv = cache.num_kv_heads, bs = cache.block_size, hs = cache.head_size;
+  const int64_t src_elt = src_bf16 ? 2 : 4, dst_elt = dst_bf16 ? 2 : 4;
+  const char* key_src = static_cast<const char*>(key.data);
+  const char* value_src = static_cast<const char*>(value.data);
+  char* key_dst = static_cast<char*>(key_cache.data);
+  char* value_dst = static_cast<char*>(value_cache.data);
+  const int64_t k_s0 = key.stride[0], v_s0 = value.stride[0];
+  const Isa isa = active_isa();
+  const bool parallel = num_tokens * nkv * hs >= kParallelElements && omp_get_max_threads() > 1;
+
+  py::gil_scoped_release release;
+  // Two tokens with the same slot race (last writer wins, as with torch indexing);
+  // an engine never assigns one slot twice in a step.
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const int64_t s = slot_at(slots, t);
+    if (s < 0) continue;
+    const int64_t block = s / bs, offset = s % bs;
+    for (int64_t h = 0; h < nkv; ++h) {
+      const int64_t dst = ((block * nkv + h) * bs + offset) * hs * dst_elt;
+      const int64_t row_k = (t * k_s0 + h * hs) * src_elt, row_v = (t * v_s0 + h * hs) * src_elt;
+      copy_row(key_src + row_k, src_bf16, key_dst + dst, dst_bf16, hs, isa);
+      copy_row(value_src + row_v, src_bf16, value_dst + dst, dst_bf16, hs, isa);
+    }
+  }
+}
+
+}  // namespace xllm::attn

@@ -1,0 +1,128 @@
+// Per-ISA building blocks for the attention kernels: bf16 <-> fp32 conversion,
+// 8-wide AVX2/FMA loads and stores, a vectorised exp and horizontal sums.
+//
+// The module is compiled for baseline x86-64. Every function that uses AVX2 or
+// FMA intrinsics carries XLLM_AVX2 (a target attribute), and is only reached
+// after active_isa() said the CPU has both; the scalar twins below are the
+// fallback and the reference for what the vector code must compute.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define XLLM_HAVE_AVX2_KERNELS 1
+#else
+#define XLLM_HAVE_AVX2_KERNELS 0
+#endif
+
+#define XLLM_AVX2 __attribute__((target("avx2,fma")))
+
+namespace xllm::attn {
+
+// Raw bfloat16 bits: the upper half of an IEEE fp32.
+using bf16_t = uint16_t;
+
+// ---- scalar ---------------------------------------------------------------
+
+inline float to_f32(float x) { return x; }
+
+inline float to_f32(bf16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Round to nearest, ties to even, exactly like torch's Tensor.to(torch.bfloat16):
+// adding 0x7FFF plus the lowest kept bit carries into the kept half exactly when
+// the dropped half is above one half, or equal to it with an odd kept half. NaN
+// becomes the canonical quiet NaN 0x7FC0 (the add could otherwise turn it into inf).
+inline bf16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<bf16_t>(u >> 16);
+}
+
+inline void from_f32(float x, float* dst) { *dst = x; }
+inline void from_f32(float x, bf16_t* dst) { *dst = f32_to_bf16(x); }
+
+#if XLLM_HAVE_AVX2_KERNELS
+// ---- AVX2 / FMA -----------------------------------------------------------
+
+XLLM_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+// 8 bf16 -> 8 fp32: zero-extend to 32 bits and shift into the high half.
+XLLM_AVX2 inline __m256 load8(const bf16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+XLLM_AVX2 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+
+// Vector form of f32_to_bf16 (same rounding, same NaN).
+XLLM_AVX2 inline void store8(bf16_t* p, __m256 v) {
+  __m256i u = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  // packus works per 128-bit lane: [r0..r3 r0..r3 | r4..r7 r4..r7]; gather lanes 0 and 2.
+  __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
+XLLM_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+XLLM_AVX2 inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The horizontal sums of eight vectors as one vector [sum(a0), ..., sum(a7)]:
+// a tree of hadds shares the work that eight separate hsums would repeat.
+XLLM_AVX2 inline __m256 reduce8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5,
+                                __m256 a6, __m256 a7) {
+  __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+  // s0123 = [lo0 lo1 lo2 lo3 | hi0 hi1 hi2 hi3] (lo/hi: the 128-bit halves' sums)
+  __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20);
+  __m256 hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+  return _mm256_add_ps(lo, hi);
+}
+
+// exp(x) for x <= ~88, Cephes' polynomial (about 2 ulp); x < -87 gives exactly 0
+// (softmax weights that small vanish next to the row's maximum anyway), -inf included.
+XLLM_AVX2 inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), lo);
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // x - n*ln2 with ln2 split in two so the reduction stays exact.
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+#endif  // XLLM_HAVE_AVX2_KERNELS
+
+}  // namespace xllm::attn

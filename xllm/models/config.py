@@ -1,0 +1,140 @@
+"""ModelConfig: a decoder-only transformer's architecture, from a Hugging Face config.json.
+
+One dataclass serves the whole Llama family (Llama, Mistral, Qwen2, Qwen3): the
+differences are switches (biases, q/k norm, tied embeddings, GQA, rope scaling).
+Validated at construction; errors say which field to fix.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ROPE_SCALING = ("default", "llama3", "linear", "yarn")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str  # config.json "architectures"[0], the registry key
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # HF dict with "rope_type" (or "type")
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2: True)
+    o_proj_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm on q and k before rope (Qwen3)
+    sliding_window: int | None = None  # recorded; not applied (see docs)
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    torch_dtype: str = "float32"  # the checkpoint's dtype as config.json names it
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"config.json: {name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"config.json: num_attention_heads ({self.num_attention_heads}) must be a "
+                f"multiple of num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.hidden_act not in ("silu", "swish"):
+            raise ValueError(
+                f"config.json: hidden_act {self.hidden_act!r} is not supported; supported: 'silu'"
+            )
+        if self.rope_type not in SUPPORTED_ROPE_SCALING:
+            raise ValueError(
+                f"config.json: rope_scaling type {self.rope_type!r} is not "
+                f"supported; supported: {', '.join(SUPPORTED_ROPE_SCALING)}"
+            )
+
+    @property
+    def rope_type(self) -> str:
+        if not self.rope_scaling:
+            return "default"
+        return str(self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default")))
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """Builds from a parsed config.json; unknown keys are kept in `raw`."""
+        archs = cfg.get("architectures") or []
+        if not archs:
+            raise ValueError("config.json has no 'architectures' entry; cannot pick a model class")
+        arch = archs[0]
+        try:
+            heads = int(cfg["num_attention_heads"])
+            hidden = int(cfg["hidden_size"])
+            required = {k: cfg[k] for k in ("vocab_size", "intermediate_size", "num_hidden_layers")}
+        except KeyError as e:
+            raise ValueError(f"config.json is missing the required key {e.args[0]!r}") from None
+        eos = cfg.get("eos_token_id")
+        eos_list = (
+            [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(x) for x in eos])
+        )
+        head_dim = cfg.get("head_dim") or hidden // heads
+        qwen2 = arch == "Qwen2ForCausalLM"
+        qwen3 = arch == "Qwen3ForCausalLM"
+        return cls(
+            architecture=arch,
+            vocab_size=int(required["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(required["intermediate_size"]),
+            num_hidden_layers=int(required["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_scaling=cfg.get("rope_scaling"),
+            hidden_act=str(cfg.get("hidden_act", "silu")),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", qwen2)),
+            o_proj_bias=False,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=qwen3,
+            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window") else None,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=eos_list,
+            torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+            raw=dict(cfg),
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no config.json at {path}")
+        return cls.from_hf_dict(json.loads(path.read_text()))
