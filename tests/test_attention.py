@@ -137,17 +137,26 @@ def test_decode_long_context_partitions(isa: str, dtype: torch.dtype) -> None:
     # the most a 188-block table row holds; 2999 ends mid-block.
     p = make_paged([3008, 2999], 2, 64, 16, dtype, width=188)
     query = torch.randn(2, 8, 64)
-    for lens in ([3008, 2999], [3008, 0], [2999, 17]):
-        p.seq_lens = torch.tensor(lens, dtype=torch.int32)
-        out = decode(p, query, 0.125)
-        expected = ref.paged_attention_decode_ref(
-            query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, 0.125
-        )
-        torch.testing.assert_close(out, expected, rtol=RTOL, atol=ATOL)
-        alone = Paged(p.key_cache, p.value_cache, p.block_tables[:1], p.seq_lens[:1])
-        torch.testing.assert_close(
-            decode(alone, query[:1], 0.125), expected[:1], rtol=RTOL, atol=ATOL
-        )
+    # The kernels share torch's OpenMP runtime: make sure there are threads to split for.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, 2))
+    try:
+        for lens in ([3008, 2999], [3008, 0], [2999, 17]):
+            check_split_decode(p, query, lens)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_split_decode(p: Paged, query: torch.Tensor, lens: list[int]) -> None:
+    """Decode of the whole batch and of its first sequence alone, against the reference."""
+    p.seq_lens = torch.tensor(lens, dtype=torch.int32)
+    out = decode(p, query, 0.125)
+    expected = ref.paged_attention_decode_ref(
+        query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, 0.125
+    )
+    torch.testing.assert_close(out, expected, rtol=RTOL, atol=ATOL)
+    alone = Paged(p.key_cache, p.value_cache, p.block_tables[:1], p.seq_lens[:1])
+    torch.testing.assert_close(decode(alone, query[:1], 0.125), expected[:1], rtol=RTOL, atol=ATOL)
 
 
 def test_decode_full_block_table(isa: str) -> None:

@@ -10,6 +10,8 @@
 #include <limits>
 #include <memory>
 
+#include <omp.h>
+
 #include "attention/kernels.h"
 
 namespace xllm::attn {
@@ -131,6 +133,15 @@ void attend_range(const Kernels<KT>& kern, SoftmaxFn softmax, const KvView<KT>& 
               next_rows * row_bytes);
     }
   }
+}
+
+// Threads for a call doing about `macs` multiply-adds. Tiny calls (a decode step
+// of one short sequence) run on the calling thread alone: they finish in a few
+// microseconds, and a team would make them wait for a worker to be scheduled,
+// which on a busy machine can take a scheduler tick (milliseconds).
+inline int threads_for(int64_t macs) {
+  constexpr int64_t kSerialMacs = int64_t{1} << 18;  // ~15 us of FMA work on one core
+  return macs < kSerialMacs ? 1 : omp_get_max_threads();
 }
 
 // A grow-only scratch buffer owned by the calling thread (the one that entered

@@ -47,21 +47,17 @@ void run(const Decode& a, Isa isa) {
   const int64_t nkv = a.cache.num_kv_heads, bs = a.cache.block_size;
   const int hs = static_cast<int>(a.cache.head_size);
   const int group = static_cast<int>(a.num_heads / nkv);
-  const int threads = omp_get_max_threads();
-
-  // Partition length: whole blocks, long enough that merging costs little, short
-  // enough that there are ~8 items per thread for dynamic scheduling to balance.
-  int64_t total = 0, longest = 0;
-  for (int64_t i = 0; i < a.num_seqs; ++i) {
-    total += a.lens[i];
-    longest = std::max<int64_t>(longest, a.lens[i]);
-  }
-  int64_t part_len = longest;
+  // Partition length: whole blocks, long enough that merging costs little, and no
+  // longer than an eighth of a thread's fair share of the work, so that dynamic
+  // scheduling can balance it. Large batches of similar lengths are never split; a
+  // batch of one, or one long sequence among short ones, is.
+  int64_t total = 0;
+  for (int64_t i = 0; i < a.num_seqs; ++i) total += a.lens[i];
+  const int threads = threads_for(2 * total * a.num_heads * hs);
   const int64_t want_items = 8 * static_cast<int64_t>(threads);
-  if (a.num_seqs * nkv < want_items) {
-    part_len = std::max(kMinPartition, (total * nkv + want_items - 1) / want_items);
-  }
-  part_len = std::max<int64_t>(bs, (part_len + bs - 1) / bs * bs);
+  int64_t part_len = std::max(kMinPartition, (total * nkv + want_items - 1) / want_items);
+  if (threads == 1) part_len = std::max<int64_t>(total, 1);  // one thread: never split
+  part_len = (part_len + bs - 1) / bs * bs;
 
   // Items, and where split sequences keep their partial results.
   std::vector<Item> items;

@@ -38,7 +38,7 @@ struct Prefill {
 struct Item {
   int32_t seq, first;  // first: the tile's first query token within its sequence
   int32_t ntok;        // query tokens in the tile
-  int64_t cost;        // rows x keys visited, for ordering
+  int64_t cost;        // query tokens x keys visited, for ordering
 };
 
 template <class KT>
@@ -51,7 +51,6 @@ void run(const Prefill& a, Isa isa) {
   const int group = static_cast<int>(a.num_heads / nkv);
   const int tile_tokens = std::max(1, kTileRows / group);
   const int max_rows = tile_tokens * group;
-  const int threads = omp_get_max_threads();
 
   std::vector<Item> items;
   for (int64_t i = 0; i < a.num_seqs; ++i) {
@@ -62,6 +61,9 @@ void run(const Prefill& a, Isa isa) {
       items.push_back({static_cast<int32_t>(i), j, n, int64_t{n} * (past + j + n)});
     }
   }
+  int64_t macs = 0;  // QK and PV over the keys each tile visits
+  for (const Item& it : items) macs += 2 * it.cost * a.num_heads * hs;
+  const int threads = threads_for(macs);
   std::stable_sort(items.begin(), items.end(),
                    [](const Item& x, const Item& y) { return x.cost > y.cost; });
 
