@@ -88,9 +88,9 @@ void check_context(const Tensor& block_tables, const Tensor& seq_lens, const Pag
     for (int64_t j = 0; j < used; ++j) {
       const int64_t b = table[i * width + j];
       if (b < 0 || b >= cache.num_blocks) {
-        fail("argument 'block_tables' has block_tables[", i, ", ", j, "] = ", b,
-             " outside [0, ", cache.num_blocks, ") (num_blocks of the caches), used by a sequence of ",
-             n, " tokens");
+        fail("argument 'block_tables' has block_tables[", i, ", ", j, "] = ", b, " outside [0, ",
+             cache.num_blocks, ") (num_blocks of the caches), used by a sequence of ", n,
+             " tokens");
       }
     }
   }

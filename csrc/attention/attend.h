@@ -39,8 +39,12 @@ struct KvView {
         head_size(static_cast<int>(c.head_size)) {}
 
   // [block_size, head_size] rows of KV head `head` in block `block`
-  const KT* k_rows(int32_t block, int64_t head) const { return key + block * block_stride + head * head_stride; }
-  const KT* v_rows(int32_t block, int64_t head) const { return value + block * block_stride + head * head_stride; }
+  const KT* k_rows(int32_t block, int64_t head) const {
+    return key + block * block_stride + head * head_stride;
+  }
+  const KT* v_rows(int32_t block, int64_t head) const {
+    return value + block * block_stride + head * head_stride;
+  }
 };
 
 // One tile's working state, carved from a thread's scratch.
@@ -158,8 +162,10 @@ inline float* caller_scratch(size_t floats) {
   return buffer.get() + ((64 - addr % 64) % 64) / sizeof(float);
 }
 
-// Reads query row `row` ([hs] elements, fp32 or bf16) into dst times scale.
-inline void load_scaled(const void* query, bool bf16, int64_t offset, int hs, float scale, float* dst) {
+// Reads the query row at element `offset` ([hs] elements, fp32 or bf16) into dst,
+// times scale.
+inline void load_scaled(const void* query, bool bf16, int64_t offset, int hs, float scale,
+                        float* dst) {
   if (bf16) {
     const bf16_t* src = static_cast<const bf16_t*>(query) + offset;
     for (int d = 0; d < hs; ++d) dst[d] = to_f32(src[d]) * scale;

@@ -74,7 +74,9 @@ void run(const Decode& a, Isa isa) {
       partial_base[i] = num_partials;
       num_partials += parts;
     }
-    for (int64_t p = 0; p < parts; ++p) items.push_back({static_cast<int32_t>(i), static_cast<int32_t>(p)});
+    for (int64_t p = 0; p < parts; ++p) {
+      items.push_back({static_cast<int32_t>(i), static_cast<int32_t>(p)});
+    }
   }
   std::vector<int64_t> split_seqs;
   for (int64_t i = 0; i < a.num_seqs; ++i) {
@@ -94,7 +96,8 @@ void run(const Decode& a, Isa isa) {
   const int64_t out_s0 = a.num_heads * hs;
 #pragma omp parallel num_threads(threads)
   {
-    TileState st = TileState::carve(scratch + per_thread * omp_get_thread_num(), group, hs, chunk);
+    float* mine = scratch + per_thread * omp_get_thread_num();
+    TileState st = TileState::carve(mine, group, hs, chunk);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t w = 0; w < num_items; ++w) {
       const Item it = items[w / nkv];
@@ -103,7 +106,8 @@ void run(const Decode& a, Isa isa) {
       const int64_t k0 = it.part * part_len, k1 = std::min(n, k0 + part_len);
       for (int g = 0; g < group; ++g) {
         const int64_t qh = head * group + g;
-        load_scaled(a.query, a.query_bf16, it.seq * a.q_stride0 + qh * hs, hs, a.scale, st.q + g * hs);
+        load_scaled(a.query, a.query_bf16, it.seq * a.q_stride0 + qh * hs, hs, a.scale,
+                    st.q + g * hs);
         st.pos[g] = static_cast<int>(n - 1);
       }
       st.reset(group, hs);

@@ -266,7 +266,9 @@ XLLM_AVX2 void softmax(float* s, int64_t lds, int nrows, int ncols, const int* v
       l[r] *= alpha;
       const __m256 va = _mm256_set1_ps(alpha);
       float* ar = acc + static_cast<int64_t>(r) * hs;
-      for (int d = 0; d < hs; d += 8) _mm256_storeu_ps(ar + d, _mm256_mul_ps(va, _mm256_loadu_ps(ar + d)));
+      for (int d = 0; d < hs; d += 8) {
+        _mm256_storeu_ps(ar + d, _mm256_mul_ps(va, _mm256_loadu_ps(ar + d)));
+      }
       m[r] = m_new;
     }
     l[r] += sum;

@@ -74,7 +74,8 @@ void run(const Prefill& a, Isa isa) {
   const int64_t out_s0 = a.num_heads * hs;
 #pragma omp parallel num_threads(threads)
   {
-    TileState st = TileState::carve(scratch + per_thread * omp_get_thread_num(), max_rows, hs, chunk);
+    float* mine = scratch + per_thread * omp_get_thread_num();
+    TileState st = TileState::carve(mine, max_rows, hs, chunk);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t w = 0; w < num_items; ++w) {
       const Item it = items[w / nkv];
