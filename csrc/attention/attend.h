@@ -4,13 +4,13 @@
 // sum of V with the micro-kernels of kernels.h.
 #pragma once
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <memory>
-
-#include <omp.h>
 
 #include "attention/kernels.h"
 
