@@ -98,8 +98,8 @@ def prefill(p: Paged, query: torch.Tensor, starts: torch.Tensor, scale: float) -
     return out
 
 
-# (num_heads, num_kv_heads, head_size, block_size): GQA ratios 1, 3, 8 and MQA; head sizes
-# 64, 80, 96, 128, 256; block sizes 1, 5, 16, 32.
+# (num_heads, num_kv_heads, head_size, block_size): GQA ratios 1, 3, 4, 8 and MQA; head sizes
+# 64, 80, 96, 128, 256; block sizes 1, 5, 16, 32 (256 below).
 SHAPES = [
     (4, 4, 64, 16),
     (9, 3, 64, 16),
@@ -223,6 +223,23 @@ def test_prefill_matches_reference(
         query, p.key_cache, p.value_cache, p.block_tables, starts, p.seq_lens, 0.15
     )
     torch.testing.assert_close(out, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_large_group_and_blocks_longer_than_a_chunk(isa: str) -> None:
+    # MQA with 48 query heads (row tiles of 4 and the PV grouping's remainders), and
+    # 256-token blocks: one block is longer than a softmax chunk of either op.
+    p = make_paged([300, 256, 1, 0], 1, 64, 256)
+    query = torch.randn(4, 48, 64)
+    expected = ref.paged_attention_decode_ref(
+        query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, 0.125
+    )
+    torch.testing.assert_close(decode(p, query, 0.125), expected, rtol=RTOL, atol=ATOL)
+    starts = starts_of([30, 20, 1, 0])
+    query = torch.randn(51, 48, 64)
+    expected = ref.paged_attention_prefill_ref(
+        query, p.key_cache, p.value_cache, p.block_tables, starts, p.seq_lens, 0.125
+    )
+    torch.testing.assert_close(prefill(p, query, starts, 0.125), expected, rtol=RTOL, atol=ATOL)
 
 
 def test_prefill_long_prompt_with_prefix(isa: str) -> None:
