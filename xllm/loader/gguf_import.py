@@ -92,7 +92,7 @@ def _open_reader(path: Path) -> Any:
     and each memmap slice pays for memmap.__array_finalize__; slicing a plain ndarray view of
     the same mapping returns the same bytes without that cost.
     """
-    from gguf import GGUFReader
+    from gguf.gguf_reader import GGUFReader
 
     class _Reader(GGUFReader):  # type: ignore[misc, valid-type]
         def _get(
