@@ -66,6 +66,20 @@ def test_rmsnorm_matches_transformers_bitwise(hidden: int, rows: int) -> None:
         assert torch.equal(normed, ref(want_sum))
 
 
+def test_rmsnorm_bfloat16_matches_transformers() -> None:
+    """bf16 weights and input: statistics in fp32, rounded back before the weight."""
+    g = _gen(5)
+    ref = LlamaRMSNorm(96, eps=1e-6).to(torch.bfloat16)
+    ours = RMSNorm(96, eps=1e-6, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref.weight.copy_(1 + 0.3 * torch.randn(96, generator=g))
+        ours.weight.copy_(ref.weight)
+        x = (2 * torch.randn(6, 96, generator=g)).bfloat16()
+        got = ours(x)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, ref(x))
+
+
 def test_rmsnorm_inplace_on_strided_head_views() -> None:
     """Qwen3's q/k norm: per-head views into a fused QKV row, normalised in place."""
     g = _gen(1)
