@@ -465,6 +465,14 @@ def test_fused_projections_hold_checkpoint_tensors() -> None:
     assert "lm_head.weight" not in model.state_dict()
 
 
+def test_unsupported_settings_are_rejected_and_window_caps_context() -> None:
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.5"):
+        LlamaForCausalLM(_small_config(partial_rotary_factor=0.5))
+    assert LlamaForCausalLM(_small_config()).max_context_len == 256
+    windowed = _small_config(architectures=["MistralForCausalLM"], sliding_window=100)
+    assert get_model_class("MistralForCausalLM")(windowed).max_context_len == 100
+
+
 def test_bind_kv_caches_checks_shapes() -> None:
     model = LlamaForCausalLM(_small_config())
     good = allocate_kv_cache(4, 2, 16, 16)

@@ -146,8 +146,7 @@ class LlamaModel(nn.Module):
         residual: torch.Tensor | None = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, cos, sin, attn)
-        if residual is None:  # zero layers
-            return self.norm(hidden)
+        assert residual is not None  # ModelConfig guarantees num_hidden_layers >= 1
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -159,6 +158,13 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype}")
+        rope_keys = config.raw.get("rope_parameters") or config.raw.get("rope_scaling") or {}
+        partial = config.raw.get("partial_rotary_factor", rope_keys.get("partial_rotary_factor"))
+        if partial not in (None, 1, 1.0):
+            raise ValueError(
+                f"config.json: partial_rotary_factor {partial!r} is not supported by "
+                f"{config.architecture} here; only full-head rotary (1.0) is"
+            )
         self.config = config
         self.dtype = dtype
         self.model = LlamaModel(config, dtype)
@@ -177,6 +183,14 @@ class LlamaForCausalLM(nn.Module):
         Writes every row's K/V into the bound caches at attn.slot_mapping.
         """
         return self.model(input_ids, positions, attn)
+
+    @property
+    def max_context_len(self) -> int:
+        """The longest context computed exactly as transformers does: max_position_embeddings,
+        capped at sliding_window, which is recorded but not applied (docs/models.md)."""
+        cfg = self.config
+        window = cfg.sliding_window or cfg.max_position_embeddings
+        return min(cfg.max_position_embeddings, window)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [n, vocab_size] for hidden rows [n, hidden_size]."""
