@@ -439,6 +439,12 @@ def test_load_weights_rejects_bad_checkpoints() -> None:
     with pytest.raises(ValueError, match="appears twice"):
         model.load_weights([*sd.items(), ("model.norm.weight", sd["model.norm.weight"])])
 
+    tied_sd = dict(hf_model("qwen2-bias-tied").state_dict())
+    tied_sd["lm_head.weight"] = torch.zeros(VOCAB + 1, 64)
+    tied_model = get_model_class("Qwen2ForCausalLM")(our_model("qwen2-bias-tied").config)
+    with pytest.raises(ValueError, match=r"'lm_head.weight' has shape \(385, 64\)"):
+        tied_model.load_weights(tied_sd.items())
+
     # Harmless extras from old checkpoints are skipped; a bf16 checkpoint is widened.
     extra = [("model.layers.0.self_attn.rotary_emb.inv_freq", torch.zeros(8))]
     model.load_weights([*((k, v.bfloat16()) for k, v in sd.items()), *extra])

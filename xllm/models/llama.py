@@ -211,9 +211,9 @@ class LlamaForCausalLM(nn.Module):
             except (TypeError, ValueError) as e:
                 raise ValueError(f"kv_caches[{i}]: {e}") from None
 
-    def _expected_tensors(self) -> dict[str, tuple[torch.Tensor, str]]:
-        """Checkpoint name -> (destination tensor or row-range view, our parameter name)."""
-        expected: dict[str, tuple[torch.Tensor, str]] = {}
+    def _expected_tensors(self) -> dict[str, torch.Tensor]:
+        """Checkpoint name -> destination (a parameter, or a fused one's row-range view)."""
+        expected: dict[str, torch.Tensor] = {}
         for module_name, module in self.named_modules():
             prefix = f"{module_name}." if module_name else ""
             for pname, param in module.named_parameters(recurse=False):
@@ -221,9 +221,9 @@ class LlamaForCausalLM(nn.Module):
                     parent = module_name.rpartition(".")[0]
                     for i, shard_name in enumerate(module.shard_names):
                         hf_name = f"{parent}.{shard_name}.{pname}"
-                        expected[hf_name] = (module.shard(pname, i), prefix + pname)
+                        expected[hf_name] = module.shard(pname, i)
                 else:
-                    expected[prefix + pname] = (param, prefix + pname)
+                    expected[prefix + pname] = param
         return expected
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -240,11 +240,11 @@ class LlamaForCausalLM(nn.Module):
             if name.endswith(_IGNORED_SUFFIXES):
                 continue
             if tied and name == "lm_head.weight":
-                copy_shape = self.model.embed_tokens.weight
-                if tuple(tensor.shape) != tuple(copy_shape.shape):
+                table = self.model.embed_tokens.weight
+                if tuple(tensor.shape) != tuple(table.shape):
                     raise ValueError(
                         f"checkpoint tensor 'lm_head.weight' has shape {tuple(tensor.shape)}, but "
-                        f"the model expects {tuple(copy_shape.shape)}"
+                        f"the model expects {tuple(table.shape)}"
                     )
                 continue
             target = expected.get(name)
@@ -256,7 +256,7 @@ class LlamaForCausalLM(nn.Module):
                 )
             if name in loaded:
                 raise ValueError(f"checkpoint tensor {name!r} appears twice")
-            copy_checked(target[0], tensor, name)
+            copy_checked(target, tensor, name)
             loaded.add(name)
         missing = [n for n in expected if n not in loaded]
         if missing:
