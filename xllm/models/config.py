@@ -14,6 +14,55 @@ from typing import Any
 
 SUPPORTED_ROPE_SCALING = ("default", "llama3", "linear", "yarn")
 
+# transformers' config-class defaults for keys a config.json may leave out (None: derived).
+_ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "LlamaForCausalLM": {
+        "head_dim": None,
+        "num_key_value_heads": None,
+        "max_position_embeddings": 2048,
+    },
+    "MistralForCausalLM": {
+        "head_dim": None,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 4096 * 32,
+    },
+    "Qwen2ForCausalLM": {
+        "head_dim": None,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 32768,
+    },
+    "Qwen3ForCausalLM": {
+        "head_dim": 128,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 32768,
+    },
+}
+
+
+def _rope_from_hf(cfg: dict[str, Any], max_position_embeddings: int) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from either config.json dialect.
+
+    transformers < 5 writes ``rope_theta`` and ``rope_scaling`` at the top level; 5.x writes one
+    ``rope_parameters`` dict holding ``rope_theta`` and the scaling keys. Like transformers'
+    ``standardize_rope_params``, the llama3/yarn ``original_max_position_embeddings`` falls back
+    to a top-level key of that name, then to ``max_position_embeddings``.
+    """
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"config.json: rope_parameters must be an object, got {params!r}")
+    # As in transformers, a rope_theta inside rope_parameters wins over a top-level one.
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return float(theta), None
+    scaling["rope_type"] = rope_type
+    if rope_type in ("llama3", "yarn"):
+        if "original_max_position_embeddings" in cfg:
+            scaling["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+        scaling.setdefault("original_max_position_embeddings", max_position_embeddings)
+    return float(theta), scaling
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -101,9 +150,28 @@ class ModelConfig:
         eos_list = (
             [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(x) for x in eos])
         )
-        head_dim = cfg.get("head_dim") or hidden // heads
-        qwen2 = arch == "Qwen2ForCausalLM"
-        qwen3 = arch == "Qwen3ForCausalLM"
+        defaults = _ARCH_DEFAULTS.get(arch, _ARCH_DEFAULTS["LlamaForCausalLM"])
+        head_dim = cfg.get("head_dim") or defaults["head_dim"] or hidden // heads
+        # HF: an absent key takes the class default, an explicit null means "same as heads".
+        kv_heads = cfg.get("num_key_value_heads", defaults["num_key_value_heads"]) or heads
+        max_pos = int(cfg.get("max_position_embeddings", defaults["max_position_embeddings"]))
+        rope_theta, rope_scaling = _rope_from_hf(cfg, max_pos)
+        # Which biases exist is fixed per architecture in transformers' modeling code, whatever
+        # config.json says: Llama and Qwen3 put attention_bias on q/k/v AND o_proj; Qwen2 always
+        # has q/k/v bias and never o_proj bias; Mistral has none; only Llama reads mlp_bias.
+        if arch == "Qwen2ForCausalLM":
+            qkv_bias, o_bias = True, False
+        elif arch == "MistralForCausalLM":
+            qkv_bias = o_bias = False
+        else:
+            qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
+        mlp_bias = arch == "LlamaForCausalLM" and bool(cfg.get("mlp_bias", False))
+        # Mistral applies sliding_window whenever it is set (default 4096); Qwen2/3 only with
+        # use_sliding_window.
+        if arch == "MistralForCausalLM":
+            sliding_window = cfg.get("sliding_window", 4096)
+        else:
+            sliding_window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
         return cls(
             architecture=arch,
             vocab_size=int(required["vocab_size"]),
@@ -111,19 +179,19 @@ class ModelConfig:
             intermediate_size=int(required["intermediate_size"]),
             num_hidden_layers=int(required["num_hidden_layers"]),
             num_attention_heads=heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            num_key_value_heads=int(kv_heads),
             head_dim=int(head_dim),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            max_position_embeddings=max_pos,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             hidden_act=str(cfg.get("hidden_act", "silu")),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", qwen2)),
-            o_proj_bias=False,
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=qwen3,
-            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window") else None,
+            attention_bias=qkv_bias,
+            o_proj_bias=o_bias,
+            mlp_bias=mlp_bias,
+            qk_norm=arch == "Qwen3ForCausalLM",
+            sliding_window=None if sliding_window is None else int(sliding_window),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=eos_list,
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),

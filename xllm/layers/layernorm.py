@@ -1,0 +1,48 @@
+"""RMSNorm, with the residual add fused in."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """weight * x / sqrt(mean(x^2) + eps) over the last dimension.
+
+    The arithmetic follows transformers' LlamaRMSNorm op for op (statistics in fp32, then
+    back to the input dtype before the weight), so fp32 results match it bit for bit.
+    (``F.rms_norm`` gives the same bits but is not fused on CPU in torch 2.13: it
+    decomposes into more dispatches than this.)
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
+
+    def _normed(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        variance = xf.pow(2).mean(-1, keepdim=True)
+        return xf * variance.add_(self.eps).rsqrt_()
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x), or with ``residual``: (norm(residual + x), residual + x).
+
+        The fused form updates ``residual`` in place (it is the running hidden state the
+        decoder layers pass along), saving an allocation per layer.
+        """
+        if residual is None:
+            return self._normed(x).to(x.dtype).mul_(self.weight)
+        residual.add_(x)
+        return self._normed(residual).to(residual.dtype).mul_(self.weight), residual
+
+    def forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalises x (any strides, e.g. per-head views into a fused QKV output) in place."""
+        x.copy_(self._normed(x)).mul_(self.weight)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size}, eps={self.eps}"

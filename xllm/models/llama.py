@@ -1,0 +1,279 @@
+"""The Llama family: Llama, Mistral, Qwen2 and Qwen3 as one model with switches.
+
+What differs between them is data in ``ModelConfig`` (biases, q/k norm, tied
+embeddings, GQA/MQA, head_dim, rope theta and scaling), so one set of modules serves all
+four; the registry maps each architecture name to a class of this family.
+
+Per layer: x -> RMSNorm -> fused QKV (one matmul) -> [Qwen3: per-head RMSNorm on q, k]
+-> rope on q|k in place -> paged attention -> o_proj -> + residual -> RMSNorm -> fused
+gate|up (one matmul) -> silu(gate) * up -> down_proj -> + residual. The residual add is
+fused into the next norm.
+
+Weights load from Hugging Face names (``load_weights``); the checkpoint's q/k/v and
+gate/up tensors are copied into row ranges of the fused projections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from xllm.layers.activation import SiluAndMul
+from xllm.layers.attention import PagedAttention
+from xllm.layers.embedding import LMHead, VocabEmbedding
+from xllm.layers.layernorm import RMSNorm
+from xllm.layers.linear import Linear, MergedLinear, copy_checked
+from xllm.layers.rotary import RotaryEmbedding, apply_rotary
+from xllm.models.config import ModelConfig
+from xllm.runtime.attn_metadata import AttentionMetadata
+
+# Checkpoint tensors that carry no weights of ours (precomputed rope tables in old
+# checkpoints); accepted and skipped.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.q_size
+        self.kv_size = config.kv_size
+        self.qkv_proj = MergedLinear(
+            config.hidden_size,
+            [self.q_size, self.kv_size, self.kv_size],
+            ("q_proj", "k_proj", "v_proj"),
+            bias=config.attention_bias,
+            dtype=dtype,
+        )
+        self.o_proj = Linear(self.q_size, config.hidden_size, config.o_proj_bias, dtype)
+        self.qk_norm = config.qk_norm
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+        self.attn = PagedAttention(
+            self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim**-0.5
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)  # [T, q_size + 2 * kv_size]
+        t = qkv.shape[0]
+        qk_end = self.q_size + self.kv_size
+        # Views into qkv (row stride q_size + 2 * kv_size); the ops accept that stride.
+        q = qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim)
+        k = qkv[:, self.q_size : qk_end].view(t, self.num_kv_heads, self.head_dim)
+        v = qkv[:, qk_end:].view(t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            self.q_norm.forward_inplace(q)
+            self.k_norm.forward_inplace(k)
+        # q and k sit side by side in each row, so one rotation covers both.
+        apply_rotary(qkv[:, :qk_end].view(t, self.num_heads + self.num_kv_heads, -1), cos, sin)
+        out = self.attn(q, k, v, attn)
+        return self.o_proj(out.view(t, self.q_size).to(self.o_proj.weight.dtype))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedLinear(
+            config.hidden_size, [inter, inter], ("gate_proj", "up_proj"), config.mlp_bias, dtype
+        )
+        self.down_proj = Linear(inter, config.hidden_size, config.mlp_bias, dtype)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, dtype)
+        self.mlp = LlamaMLP(config, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it); the caller adds them."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin, attn)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, dtype) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.rotary_emb = RotaryEmbedding(
+            config.head_dim,
+            config.max_position_embeddings,
+            config.rope_theta,
+            config.rope_scaling,
+            dtype,
+        )
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb.lookup(positions)  # once per step, shared by all layers
+        residual: torch.Tensor | None = None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, cos, sin, attn)
+        assert residual is not None  # ModelConfig guarantees num_hidden_layers >= 1
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only LM over the paged KV cache; see the module docstring."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype}")
+        rope_keys = config.raw.get("rope_parameters") or config.raw.get("rope_scaling") or {}
+        partial = config.raw.get("partial_rotary_factor", rope_keys.get("partial_rotary_factor"))
+        if partial not in (None, 1, 1.0):
+            raise ValueError(
+                f"config.json: partial_rotary_factor {partial!r} is not supported by "
+                f"{config.architecture} here; only full-head rotary (1.0) is"
+            )
+        self.config = config
+        self.dtype = dtype
+        self.model = LlamaModel(config, dtype)
+        self.lm_head = LMHead(
+            config.vocab_size,
+            config.hidden_size,
+            dtype,
+            tied_to=self.model.embed_tokens if config.tie_word_embeddings else None,
+        )
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata
+    ) -> torch.Tensor:
+        """Final hidden states [T, hidden_size] for input_ids/positions [T] (int64).
+
+        Writes every row's K/V into the bound caches at attn.slot_mapping.
+        """
+        return self.model(input_ids, positions, attn)
+
+    @property
+    def max_context_len(self) -> int:
+        """The longest context computed exactly as transformers does: max_position_embeddings,
+        capped at sliding_window, which is recorded but not applied (docs/models.md)."""
+        cfg = self.config
+        window = cfg.sliding_window or cfg.max_position_embeddings
+        return min(cfg.max_position_embeddings, window)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [n, vocab_size] for hidden rows [n, hidden_size]."""
+        return self.lm_head(hidden)
+
+    def bind_kv_caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Gives layer i the (key_cache, value_cache) pair kv_caches[i]."""
+        layers = self.model.layers
+        if len(kv_caches) != len(layers):
+            raise ValueError(
+                f"kv_caches has {len(kv_caches)} (key, value) pairs; the model has "
+                f"{len(layers)} layers and needs one pair per layer"
+            )
+        for i, (layer, pair) in enumerate(zip(layers, kv_caches, strict=True)):
+            try:
+                key_cache, value_cache = pair
+                layer.self_attn.attn.bind_kv_cache(key_cache, value_cache)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"kv_caches[{i}]: {e}") from None
+
+    def _expected_tensors(self) -> dict[str, torch.Tensor]:
+        """Checkpoint name -> destination (a parameter, or a fused one's row-range view)."""
+        expected: dict[str, torch.Tensor] = {}
+        for module_name, module in self.named_modules():
+            prefix = f"{module_name}." if module_name else ""
+            for pname, param in module.named_parameters(recurse=False):
+                if isinstance(module, MergedLinear):
+                    parent = module_name.rpartition(".")[0]
+                    for i, shard_name in enumerate(module.shard_names):
+                        hf_name = f"{parent}.{shard_name}.{pname}"
+                        expected[hf_name] = module.shard(pname, i)
+                else:
+                    expected[prefix + pname] = param
+        return expected
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Fills every parameter from (Hugging Face name, tensor) pairs, converting dtype.
+
+        Raises ValueError for a tensor of the wrong shape, an unknown name, a name seen
+        twice, or any expected tensor the checkpoint lacks. With tied embeddings a
+        checkpoint's lm_head.weight (transformers' state_dict has it) is checked and skipped.
+        """
+        expected = self._expected_tensors()
+        loaded: set[str] = set()
+        tied = self.lm_head.tied
+        for name, tensor in weights:
+            if name.endswith(_IGNORED_SUFFIXES):
+                continue
+            if tied and name == "lm_head.weight":
+                table = self.model.embed_tokens.weight
+                if tuple(tensor.shape) != tuple(table.shape):
+                    raise ValueError(
+                        f"checkpoint tensor 'lm_head.weight' has shape {tuple(tensor.shape)}, but "
+                        f"the model expects {tuple(table.shape)}"
+                    )
+                continue
+            target = expected.get(name)
+            if target is None:
+                raise ValueError(
+                    f"checkpoint tensor {name!r} does not belong to {self.config.architecture} "
+                    f"with this config (e.g. a bias the config does not enable); expected names "
+                    f"look like {next(iter(expected), '')!r}"
+                )
+            if name in loaded:
+                raise ValueError(f"checkpoint tensor {name!r} appears twice")
+            copy_checked(target, tensor, name)
+            loaded.add(name)
+        missing = [n for n in expected if n not in loaded]
+        if missing:
+            shown = ", ".join(repr(n) for n in missing[:8])
+            more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+            raise ValueError(
+                f"checkpoint lacks {len(missing)} tensor(s) the model needs: {shown}{more}"
+            )
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Llama layers; no biases. sliding_window is recorded, not applied (docs/models.md)."""
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Llama layers with q/k/v bias (set by ModelConfig for this architecture)."""
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Llama layers with per-head RMSNorm on q and k before rope, and explicit head_dim."""

@@ -1,0 +1,33 @@
+"""Model classes by config.json ``architectures`` name."""
+
+from __future__ import annotations
+
+from xllm.models.llama import (
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+)
+
+_MODELS: dict[str, type[LlamaForCausalLM]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)
+
+
+def get_model_class(architecture: str) -> type:
+    """The model class for a config.json architecture name.
+
+    Raises ValueError naming the supported architectures for anything else.
+    """
+    try:
+        return _MODELS[architecture]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unsupported model architecture {architecture!r}; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        ) from None
