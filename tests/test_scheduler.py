@@ -16,6 +16,7 @@ import subprocess
 import sys
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from xllm.scheduler import (
     SchedulerConfig,
     SchedulerOutput,
 )
+from xllm.scheduler.policy import outranks
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 50
@@ -96,8 +98,9 @@ def reference(r: Request, max_seq_len: int) -> list[int]:
 class FakeModel:
     """Runs a step over a paged KV store and checks the scheduler's invariants."""
 
-    def __init__(self, sched: Scheduler) -> None:
+    def __init__(self, sched: Scheduler, before_update: Callable[[], None] | None = None) -> None:
         self.s = sched
+        self.before_update = before_update  # e.g. aborts arriving while the model runs
         self.bs = sched.block_size
         self.kv: dict[int, int] = {}  # slot -> token written there
         self.next_pos: dict[str, int] = {}  # request id -> first position not yet fed
@@ -109,6 +112,21 @@ class FakeModel:
         for b, n in holders.items():
             assert pool.ref_count(b) == n, (b, n)
         assert pool.num_free_blocks + len(holders) == pool.num_blocks - 1
+
+    def check_policy(self, out: SchedulerOutput) -> None:
+        """Who ran and who was preempted respects online/offline and priority."""
+        s = self.s
+        running = s.running_requests()
+        assert s.num_running + s.num_waiting == len(s.requests)
+        for rid in out.preempted_ids:  # never preempted while something it outranks runs
+            victim = s.get_request(rid)
+            if victim is not None:
+                assert not any(outranks(victim, r) for r in running), rid
+        ids = {x.request_id for x in out.scheduled}
+        if any(x.request.offline for x in out.scheduled):  # offline got leftovers only
+            assert all(r.request_id in ids for r in running if not r.offline)
+        if any(x.request.offline and x.is_new for x in out.scheduled):
+            assert len(s._waiting[0]) == 0  # no online request left queued
 
     def step(self) -> tuple[SchedulerOutput, list[Request]]:
         s, bs = self.s, self.bs
@@ -123,6 +141,7 @@ class FakeModel:
         for rid in out.preempted_ids:
             self.next_pos.pop(rid, None)
         self.check_blocks()
+        self.check_policy(out)
         sampled = []
         for x in out.scheduled:
             r, start, n = x.request, x.num_computed_tokens, x.num_new_tokens
@@ -146,6 +165,8 @@ class FakeModel:
                 sampled.append([next_token(ctx)])
             else:
                 sampled.append([])
+        if self.before_update is not None:
+            self.before_update()
         finished = s.update_from_output(out, sampled)
         for r in finished:
             self.next_pos.pop(r.request_id, None)
@@ -589,12 +610,19 @@ def test_randomized_simulation(seed: int, native: bool) -> None:
         prefix=seed != 3,
         native=native,
     )
-    m = FakeModel(s)
+    aborted: set[str] = set()
+
+    def abort_mid_step() -> None:
+        if s.requests and rng.random() < 0.02:
+            victim = rng.choice(list(s.requests))
+            s.abort_requests([victim])
+            aborted.add(victim)
+
+    m = FakeModel(s, abort_mid_step)
     usable = s.config.num_usable_blocks * s.block_size
     shared = [[rng.randrange(VOCAB) for _ in range(12)] for _ in range(3)]  # common prefixes
     pending = 120
     added: dict[str, Request] = {}
-    aborted: set[str] = set()
     while pending or s.has_unfinished_requests():
         assert m.steps < 20_000
         for _ in range(rng.choice([0, 0, 1, 2])):
@@ -606,8 +634,10 @@ def test_randomized_simulation(seed: int, native: bool) -> None:
             prompt = rng.choice(shared)[: rng.randint(0, 12)] if rng.random() < 0.5 else []
             prompt = (prompt + [rng.randrange(VOCAB) for _ in range(n)])[:n]
             leader = rng.choice(list(added)) if added and rng.random() < 0.2 else None
-            if leader is not None and not added[leader].is_finished:
-                prompt = list(added[leader].prompt_token_ids)
+            priority, offline = rng.choice([0, 0, 1, 5]), rng.random() < 0.3
+            if leader is not None:  # n > 1: same prompt, class and priority as the first
+                lead = added[leader]
+                prompt, priority, offline = list(lead.prompt_token_ids), lead.priority, lead.offline
             r = mk(
                 rid,
                 prompt,
@@ -617,8 +647,8 @@ def test_randomized_simulation(seed: int, native: bool) -> None:
                 ignore_eos=rng.random() < 0.3,
                 min_tokens=min(rng.choice([0, 0, 2]), mt or 2),
                 stop_token_ids=rng.choice([[], [1, 2]]),
-                priority=rng.choice([0, 0, 1, 5]),
-                offline=rng.random() < 0.3,
+                priority=priority,
+                offline=offline,
                 share_prefix_with=leader,
             )
             s.add_request(r)

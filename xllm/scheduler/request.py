@@ -67,8 +67,11 @@ class Request:
         "num_cached_tokens",
         "num_preemptions",
         "seq",
-        "_all_token_ids",
-        "_stop_token_ids",
+        "all_token_ids",
+        "stop_token_ids",
+        "min_tokens",
+        "max_output_tokens",
+        "stopping_token_ids",
     )
 
     def __init__(
@@ -131,9 +134,16 @@ class Request:
         self.num_cached_tokens = 0  # prefix-cache hit at the request's first admission
         self.num_preemptions = 0
         self.seq = -1  # admission order, set by Scheduler.add_request; breaks arrival ties
-        # Prompt + outputs in one list that only grows: slicing it is the runner's hot path.
-        self._all_token_ids = list(prompt)
-        self._stop_token_ids = frozenset(sampling_params.stop_token_ids)
+        # Prompt then outputs, one list that only grows (slicing it is the runner's hot path).
+        # Read it; only append_output_token changes it.
+        self.all_token_ids: list[int] = list(prompt)
+        # Token-level stop conditions, resolved once so the per-token check is two lookups.
+        self.stop_token_ids = frozenset(sampling_params.stop_token_ids)
+        self.min_tokens = sampling_params.min_tokens
+        self.max_output_tokens = sampling_params.max_tokens  # None: until the context is full
+        self.stopping_token_ids = (
+            self.stop_token_ids if sampling_params.ignore_eos else self.stop_token_ids | eos
+        )
 
     def __repr__(self) -> str:
         return (
@@ -142,13 +152,8 @@ class Request:
         )
 
     @property
-    def all_token_ids(self) -> list[int]:
-        """Prompt then outputs. The live list: read it, do not modify it."""
-        return self._all_token_ids
-
-    @property
     def num_tokens(self) -> int:
-        return len(self._all_token_ids)
+        return len(self.all_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -157,10 +162,6 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
-
-    @property
-    def stop_token_ids(self) -> frozenset[int]:
-        return self._stop_token_ids
 
     @property
     def is_finished(self) -> bool:
@@ -173,4 +174,4 @@ class Request:
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
-        self._all_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)

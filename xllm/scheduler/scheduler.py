@@ -34,6 +34,7 @@ from xllm.scheduler.request import FINISH_REASONS, Request, RequestStatus
 __all__ = ["Scheduler"]
 
 _RUNNING = RequestStatus.RUNNING
+_PREEMPTED = RequestStatus.PREEMPTED
 _STOPPED = RequestStatus.FINISHED_STOPPED
 _LENGTH = RequestStatus.FINISHED_LENGTH
 
@@ -267,49 +268,80 @@ class Scheduler:
         return out
 
     def _schedule_running(self, step: _Step, offline: bool) -> None:
+        # The hot loop of every step (one pass per running request): locals, no calls into
+        # the pool unless the request crosses into a new block.
+        bs = self.block_size
+        allocate = self.kv.allocate_slots
+        scheduled = step.scheduled
         for request in list(self._running[offline].values()):
-            if step.budget <= 0 or step.stopped:
+            budget = step.budget
+            if budget <= 0 or step.stopped:
                 return
             if request.status is not _RUNNING:  # preempted earlier in this step
                 continue
-            n = min(request.num_tokens - request.num_computed_tokens, step.budget)
-            while True:
-                new_blocks = self.kv.allocate_slots(request, n)
-                if new_blocks is not None:
-                    break
-                # least_important() is never more important than request; when it is the
-                # request itself nothing can make room for it this step.
-                victim = least_important(self._running[1].values(), self._running[0].values())
-                assert victim is not None
-                self._preempt(step, victim)
-                if victim is request:
-                    step.stopped = True
-                    return
-            self._record(step, request, n, new_blocks, is_new=False)
+            computed = request.num_computed_tokens
+            num_tokens = len(request.all_token_ids)
+            n = num_tokens - computed
+            if n > budget:
+                n = budget
+            if len(request.block_ids) * bs >= computed + n:
+                new_blocks: list[int] = []
+            else:
+                while True:
+                    new_blocks = allocate(request, n)  # type: ignore[assignment]
+                    if new_blocks is not None:
+                        break
+                    # least_important() is never more important than request; when it is
+                    # the request itself nothing can make room for it this step.
+                    victim = least_important(self._running[1].values(), self._running[0].values())
+                    assert victim is not None
+                    self._preempt(step, victim)
+                    if victim is request:
+                        step.stopped = True
+                        return
+                budget = step.budget  # preempting a request scheduled earlier refunds it
+            scheduled[request.request_id] = ScheduledRequest(
+                request, n, computed, computed + n == num_tokens, False, new_blocks
+            )
+            step.budget = budget - n
 
     def _schedule_waiting(self, step: _Step, offline: bool) -> None:
         queue = self._waiting[offline]
-        while step.budget > 0 and not step.stopped and not step.blocked:
+        online_queue = self._waiting[False]
+        while not step.stopped and not step.blocked:
             request = queue.peek()
             if request is None:
                 return
-            if request.request_id in step.preempted or not self._admit(step, request):
-                step.blocked = True  # the head waits, and nothing behind it jumps the line
+            if offline and len(online_queue):
+                # Online work queued since phase 2 (siblings released by a preemption or a
+                # finish) still comes before offline admissions.
+                step.blocked = True
+                return
+            # The head waits, and nothing behind it jumps the line: not in its queue, and not
+            # in the offline queue either, even if a later preemption refunds some budget.
+            if (
+                step.budget <= 0
+                or request.request_id in step.preempted
+                or not self._admit(step, request)
+            ):
+                step.blocked = True
                 return
 
     def _admit(self, step: _Step, request: Request) -> bool:
         """Admits the head of a waiting queue, preempting requests it outranks if it must."""
         kv = self.kv
+        victims: list[Request] | None = None
+        if self.num_running >= self.config.max_num_seqs:  # no seat: cheap refusal first
+            victims = self._outranked_by(request)
+            if not victims:
+                return False
         computed = kv.get_computed_blocks(request)
         n = min(request.num_tokens - computed.num_tokens, step.budget)
-        need_seat = self.num_running >= self.config.max_num_seqs
-        new_blocks = None if need_seat else kv.allocate_slots(request, n, computed)
+        new_blocks = None if victims else kv.allocate_slots(request, n, computed)
         if new_blocks is None:
             # Slow path: make room only if preempting what request outranks can suffice.
-            running = self._running
-            victims = [v for group in running for v in group.values() if outranks(request, v)]
-            if need_seat and not victims:
-                return False
+            if victims is None:
+                victims = self._outranked_by(request)
             room = kv.num_free_blocks + sum(len(v.block_ids) for v in victims)
             if room < kv.num_blocks_needed(request, n, computed):
                 return False
@@ -330,6 +362,10 @@ class Scheduler:
         self._running[request.offline][request.request_id] = request
         self._record(step, request, n, new_blocks, is_new=True)
         return True
+
+    def _outranked_by(self, request: Request) -> list[Request]:
+        """Running requests that request may preempt (it outranks them by class/priority)."""
+        return [v for group in self._running for v in group.values() if outranks(request, v)]
 
     def _record(
         self, step: _Step, request: Request, n: int, new_blocks: list[int], is_new: bool
@@ -380,8 +416,12 @@ class Scheduler:
                 f"scheduled {len(scheduled)} requests; give one list per scheduled request"
             )
         for i, (sr, tokens) in enumerate(zip(scheduled, sampled_token_ids, strict=True)):
-            if sr.request.is_finished:
+            if sr.request.status > _PREEMPTED:
                 continue  # aborted or stopped by the engine while the step ran
+            if len(tokens) == 1 and sr.samples:  # the usual case, checked without a generator
+                t = tokens[0]
+                if type(t) is int and t >= 0:
+                    continue
             if sr.samples != bool(tokens):
                 raise ValueError(
                     f"sampled_token_ids[{i}] for request {sr.request.request_id!r} must "
@@ -394,18 +434,31 @@ class Scheduler:
 
         advanced: list[Request] = []
         stopped: list[tuple[Request, RequestStatus, int | None]] = []
+        max_seq_len = self.max_seq_len
         for sr, tokens in zip(scheduled, sampled_token_ids, strict=True):
             request = sr.request
-            if request.is_finished:
+            if request.status > _PREEMPTED:  # finished while the step ran
                 continue
             request.num_computed_tokens = sr.num_computed_tokens + sr.num_new_tokens
             advanced.append(request)
             for token in tokens:
-                request.append_output_token(token)
-                verdict = self._check_stop(request, token)
-                if verdict is not None:
-                    stopped.append((request, *verdict))
+                request.output_token_ids.append(token)
+                request.all_token_ids.append(token)
+                # Token-level stops (stop strings are the engine's): EOS / stop ids, not
+                # before min_tokens; then max_tokens and the context length.
+                num_out = len(request.output_token_ids)
+                if token in request.stopping_token_ids and num_out >= request.min_tokens:
+                    reason = None if token in request.eos_token_ids else token
+                    if reason is None and request.sampling_params.ignore_eos:
+                        reason = token  # also a stop id
+                    stopped.append((request, _STOPPED, reason))
                     break  # tokens past a stop are dropped
+                max_out = request.max_output_tokens
+                if (max_out is not None and num_out >= max_out) or len(
+                    request.all_token_ids
+                ) >= max_seq_len:
+                    stopped.append((request, _LENGTH, None))
+                    break
         # Register full blocks while their requests still hold them, then free the finished.
         self.kv.cache_full_blocks(advanced)
         for request, status, stop_reason in stopped:
@@ -415,19 +468,3 @@ class Scheduler:
                 if request.request_id in self._deferred and not request.is_finished:
                     self._release_siblings(request)
         return [request for request, _, _ in stopped]
-
-    def _check_stop(self, request: Request, token: int) -> tuple[RequestStatus, int | None] | None:
-        """Token-level stops after appending token: EOS / stop ids (not before min_tokens,
-        and stop strings are the engine's), then max_tokens and the context length."""
-        params = request.sampling_params
-        num_out = len(request.output_token_ids)
-        if num_out >= params.min_tokens:
-            if not params.ignore_eos and token in request.eos_token_ids:
-                return _STOPPED, None
-            if token in request.stop_token_ids:
-                return _STOPPED, token
-        if params.max_tokens is not None and num_out >= params.max_tokens:
-            return _LENGTH, None
-        if request.num_tokens >= self.max_seq_len:
-            return _LENGTH, None
-        return None
