@@ -30,7 +30,7 @@ from xllm.scheduler import (
     SchedulerConfig,
     SchedulerOutput,
 )
-from xllm.scheduler.policy import outranks
+from xllm.scheduler.policy import WaitingQueue, outranks
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 50
@@ -357,6 +357,61 @@ def test_admission_that_releases_a_more_important_sibling() -> None:
     done = {r.request_id: r for r in m.run()}
     for r in done.values():
         assert r.output_token_ids == reference(r, s.max_seq_len)
+
+
+def test_waiting_admitted_by_priority_then_arrival() -> None:
+    s = make(budget=4, seqs=1)
+    m = FakeModel(s)
+    for rid, prio, t in [("c", 2, 0.0), ("a", 0, 3.0), ("b", 0, 4.0), ("z", 1, 1.0)]:
+        s.add_request(mk(rid, 3, max_tokens=1, t=t, priority=prio))
+    order = [m.step()[0].scheduled[0].request_id for _ in range(4)]
+    assert order == ["a", "b", "z", "c"]
+
+
+def test_waiting_queue_order_and_lazy_removal() -> None:
+    q = WaitingQueue()
+    reqs = [mk(f"r{i}", 2, t=float(i % 7), priority=i % 3) for i in range(300)]
+    for i, r in enumerate(reqs):
+        r.seq = i
+        q.push(r)
+    with pytest.raises(ValueError, match="already queued"):
+        q.push(reqs[0])
+    gone = set(range(0, 300, 2)) | {1}
+    for i in sorted(gone):
+        assert q.discard(reqs[i])
+    assert not q.discard(reqs[0]) and len(q) == 149
+    assert len(q._heap) < 300  # compacted once dead entries outnumbered live ones
+    q.remove(reqs[299])  # not the head: lazily
+    with pytest.raises(ValueError, match="not queued"):
+        q.remove(reqs[299])
+    expect = sorted(
+        (r for i, r in enumerate(reqs) if i not in gone and i != 299),
+        key=lambda r: (r.priority, r.arrival_time, r.seq),
+    )
+    got = []
+    while (head := q.peek()) is not None:
+        q.remove(head)
+        got.append(head)
+    assert got == expect and len(q) == 0
+
+
+def test_stats() -> None:
+    s = make(num_blocks=11, block_size=4, budget=8)
+    m = FakeModel(s)
+    prompt = list(range(9))
+    s.add_request(mk("a", prompt, max_tokens=3))
+    s.add_request(mk("b", prompt, max_tokens=3, t=1.0))
+    m.step()  # a: 8 tokens
+    st = s.stats()
+    assert (st.num_running, st.num_waiting, st.num_preempted) == (1, 1, 0)
+    assert st.kv_cache_usage == pytest.approx(0.2) == s.kv_cache_usage
+    m.step()  # a: last prompt token; b: 8-token hit + 1
+    st = s.stats()
+    assert (st.prefix_cache_queried_tokens, st.prefix_cache_hit_tokens) == (18, 8)
+    assert st.prefix_cache_hit_rate == pytest.approx(8 / 18) == s.prefix_cache_hit_rate
+    assert s.get_request("b").num_cached_tokens == 8  # type: ignore[union-attr]
+    m.run()
+    assert s.stats().kv_cache_usage == 0.0
 
 
 # ---- online / offline ------------------------------------------------------------------
