@@ -4,7 +4,10 @@ side effects, tail-first free, and prefix-cache stats, on the native pool and it
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +16,7 @@ from xllm.sampling_params import SamplingParams
 from xllm.scheduler import NO_COMPUTED_BLOCKS, ComputedBlocks, KVCacheManager, Request
 
 BS = 4
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(params=["native", "python"])
@@ -214,3 +218,32 @@ def test_free_then_reset_prefix_cache(make: Callable[..., KVCacheManager]) -> No
     assert a.block_ids == [] and kv.pool.num_free_blocks == 9
     assert kv.reset_prefix_cache()
     assert kv.get_computed_blocks(req("b", list(range(9)))) == NO_COMPUTED_BLOCKS
+
+
+def test_works_on_the_python_pool_without_native_module() -> None:
+    """Without xllm._C the scheduler still runs on PyBlockPool with the Python hash."""
+    code = """
+import sys
+sys.modules["xllm._C"] = None  # import of the native module fails
+from xllm.ops import block_pool as bp
+from xllm.sampling_params import SamplingParams
+from xllm.scheduler import Request, Scheduler, SchedulerConfig
+cfg = SchedulerConfig(num_blocks=16, max_model_len=64, block_size=4)
+s = Scheduler(cfg, bp.PyBlockPool(16))
+s.add_request(Request("a", list(range(9)), SamplingParams(max_tokens=2)))
+s.add_request(Request("b", list(range(9)), SamplingParams(max_tokens=2), share_prefix_with="a"))
+while s.has_unfinished_requests():
+    out = s.schedule()
+    s.update_from_output(out, [[1] if x.samples else [] for x in out.scheduled])
+assert s.prefix_cache_hit_rate > 0
+try:
+    Scheduler(cfg)
+except ImportError as e:
+    assert "could not be imported" in str(e)
+else:
+    raise AssertionError("native pool without xllm._C")
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
