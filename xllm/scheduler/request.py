@@ -169,7 +169,7 @@ class Request:
 
     @property
     def finish_reason(self) -> str | None:
-        """ "stop" | "length" | "abort" once finished, else None."""
+        """The OpenAI finish_reason ("stop", "length" or "abort") once finished, else None."""
         return _REASON_OF.get(self.status)
 
     def append_output_token(self, token_id: int) -> None:
