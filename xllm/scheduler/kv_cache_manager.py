@@ -1,0 +1,245 @@
+"""KVCacheManager: a request's KV blocks and the prefix cache, over the native block pool.
+
+The scheduler sees result values only: the cached prefix of a request
+(:class:`ComputedBlocks`), the blocks a step allocated, or ``None`` when the pool is short
+(nothing changed; the scheduler preempts and retries). The pool's ids, ref counts and LRU
+order stay inside :mod:`xllm.ops.block_pool`.
+
+Prefix caching (vLLM v1): every *full* block of a request's tokens has a chained hash
+(parent hash, block tokens), kept on the request and extended incrementally. After a step,
+blocks that became full are registered with ``cache_blocks``; a new request's hashes are
+looked up and the longest cached prefix is shared (ref count + 1) instead of recomputed.
+The hit is capped at ``num_tokens - 1`` rounded down to a block boundary: the last token
+must run through the model so there are logits to sample.
+
+Collisions: a 64-bit hash can collide, so each registered block's (parent hash, tokens) is
+kept here by block id, and a hit is confirmed against the request's own tokens and parent
+hash before it is used (O(hit tokens), once per admission). Entries are dropped when the
+pool hands the block out again, so they always describe the block's current content.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from xllm.ops.block_pool import (
+    ROOT_HASH,
+    BlockPoolProtocol,
+    block_hashes,
+    py_block_hashes,
+)
+from xllm.scheduler.request import Request
+
+__all__ = ["ComputedBlocks", "KVCacheManager", "NO_COMPUTED_BLOCKS"]
+
+
+@dataclass(frozen=True, slots=True)
+class ComputedBlocks:
+    """A cached prefix: blocks whose KV a request can share, and the tokens they hold."""
+
+    block_ids: tuple[int, ...]
+    num_tokens: int
+
+
+NO_COMPUTED_BLOCKS = ComputedBlocks((), 0)
+
+
+def _pick_hash_fn():  # type: ignore[no-untyped-def]
+    """The native chained hash; its bit-identical Python twin when xllm._C is missing."""
+    try:
+        block_hashes([], 1)
+    except ImportError:
+        return py_block_hashes
+    return block_hashes
+
+
+class KVCacheManager:
+    """Allocates, shares, caches and frees requests' KV blocks. One owner (the scheduler's
+    thread); a request's blocks live in ``request.block_ids`` in position order."""
+
+    def __init__(
+        self, block_pool: BlockPoolProtocol, block_size: int, enable_prefix_caching: bool = True
+    ) -> None:
+        if type(block_size) is not int or block_size < 1:
+            raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+        self.pool = block_pool
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._num_usable = block_pool.num_blocks - 1
+        self._hash = _pick_hash_fn()
+        # block id -> (parent hash, token ids) of a block registered in the prefix cache.
+        self._block_content: dict[int, tuple[int, tuple[int, ...]]] = {}
+        # request id -> how many leading blocks of request.block_ids are registered.
+        self._num_registered: dict[str, int] = {}
+        self.queried_tokens = 0  # prefix-cache stats, counted once per admission
+        self.hit_tokens = 0
+
+    # ---- metrics ---------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        """Share of usable blocks held by requests (free cached blocks count as free)."""
+        return 1.0 - self.pool.num_free_blocks / self._num_usable
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+    # ---- prefix cache ------------------------------------------------------------------
+
+    def _extend_hashes(self, request: Request, num_full_blocks: int) -> list[int]:
+        """request.block_hashes covering at least num_full_blocks blocks (hashes only the new
+        ones, in one native call)."""
+        hashes = request.block_hashes
+        have = len(hashes)
+        if num_full_blocks > have:
+            bs = self.block_size
+            parent = hashes[-1] if have else ROOT_HASH
+            tokens = request.all_token_ids[have * bs : num_full_blocks * bs]
+            hashes.extend(self._hash(tokens, bs, parent))
+        return hashes
+
+    def get_computed_blocks(self, request: Request) -> ComputedBlocks:
+        """The longest cached prefix of request's tokens that it may share: whole blocks,
+        confirmed against its tokens, never reaching its last token. Changes no ref count
+        (``allocate_slots`` takes the blocks)."""
+        if not self.enable_prefix_caching:
+            return NO_COMPUTED_BLOCKS
+        bs = self.block_size
+        max_blocks = (request.num_tokens - 1) // bs
+        if max_blocks <= 0:
+            return NO_COMPUTED_BLOCKS
+        hashes = self._extend_hashes(request, max_blocks)
+        hits = self.pool.lookup(hashes[:max_blocks] if len(hashes) > max_blocks else hashes)
+        if not hits:
+            return NO_COMPUTED_BLOCKS
+        tokens = request.all_token_ids
+        content = self._block_content
+        parent = ROOT_HASH
+        n = 0
+        for i, block in enumerate(hits):
+            entry = content.get(block)
+            if entry is None or entry[0] != parent:
+                break
+            if entry[1] != tuple(tokens[i * bs : (i + 1) * bs]):
+                break  # a hash collision: same hash, other tokens
+            parent = hashes[i]
+            n += 1
+        return ComputedBlocks(tuple(hits[:n]), n * bs)
+
+    def cache_full_blocks(self, requests: Iterable[Request]) -> None:
+        """Registers the blocks that became full of computed tokens since the last call, for
+        all requests at once (one native call). Call after a step, while they hold them."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        registered = self._num_registered
+        content = self._block_content
+        blocks: list[int] = []
+        hashes: list[int] = []
+        for request in requests:
+            num_full = request.num_computed_tokens // bs
+            done = registered.get(request.request_id, 0)
+            if num_full <= done:
+                continue
+            req_hashes = self._extend_hashes(request, num_full)
+            tokens = request.all_token_ids
+            ids = request.block_ids
+            parent = req_hashes[done - 1] if done else ROOT_HASH
+            for i in range(done, num_full):
+                content[ids[i]] = (parent, tuple(tokens[i * bs : (i + 1) * bs]))
+                parent = req_hashes[i]
+            blocks.extend(ids[done:num_full])
+            hashes.extend(req_hashes[done:num_full])
+            registered[request.request_id] = num_full
+        if blocks:
+            self.pool.cache_blocks(blocks, hashes)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached block; refused (False) while any block is in use."""
+        if not self.pool.reset_prefix_cache():
+            return False
+        self._block_content.clear()
+        return True
+
+    # ---- allocation --------------------------------------------------------------------
+
+    def _num_new_blocks(
+        self, request: Request, num_new_tokens: int, computed: ComputedBlocks
+    ) -> int:
+        total = request.num_computed_tokens + computed.num_tokens + num_new_tokens
+        held = len(request.block_ids) + len(computed.block_ids)
+        return max(0, -(-total // self.block_size) - held)
+
+    def num_blocks_needed(
+        self,
+        request: Request,
+        num_new_tokens: int,
+        computed: ComputedBlocks = NO_COMPUTED_BLOCKS,
+    ) -> int:
+        """Free blocks that allocate_slots would consume: new blocks, plus the prefix-hit
+        blocks that sit (cached, unused) in the free list."""
+        evictable = sum(1 for b in computed.block_ids if self.pool.ref_count(b) == 0)
+        return self._num_new_blocks(request, num_new_tokens, computed) + evictable
+
+    def allocate_slots(
+        self,
+        request: Request,
+        num_new_tokens: int,
+        computed: ComputedBlocks | None = None,
+    ) -> list[int] | None:
+        """Makes request.block_ids cover num_computed_tokens (+ the prefix hit) +
+        num_new_tokens tokens. ``computed`` (from get_computed_blocks) is given exactly once,
+        when a waiting request is admitted: its blocks are shared (ref count + 1) and the
+        admission counts in the prefix-cache stats. Returns the newly allocated block ids, or
+        None -- with nothing changed -- when the pool has too few free blocks."""
+        if type(num_new_tokens) is not int or num_new_tokens < 0:
+            raise ValueError(f"num_new_tokens must be an integer >= 0, got {num_new_tokens!r}")
+        admission = computed is not None
+        if computed is None:
+            computed = NO_COMPUTED_BLOCKS
+        elif computed.block_ids and request.block_ids:
+            raise ValueError(
+                f"computed blocks can only start a request that holds no blocks; request "
+                f"{request.request_id!r} holds {len(request.block_ids)}"
+            )
+        hits = computed.block_ids
+        num_new = self._num_new_blocks(request, num_new_tokens, computed)
+        pool = self.pool
+        # Fast path: fits even if every hit block had to come off the free list; only when
+        # tight ask the pool which hit blocks are free (one call per hit block).
+        if num_new + len(hits) > pool.num_free_blocks:
+            if self.num_blocks_needed(request, num_new_tokens, computed) > pool.num_free_blocks:
+                return None
+        if hits:
+            pool.touch(hits)
+            request.block_ids.extend(hits)
+            self._num_registered[request.request_id] = len(hits)
+        new_blocks = pool.allocate(num_new) if num_new else []
+        if new_blocks is None:  # cannot happen after the check above; never leave a half state
+            if hits:
+                pool.free(hits)
+                del request.block_ids[-len(hits) :]
+            raise RuntimeError("block pool refused an allocation it had room for")
+        if new_blocks:
+            content = self._block_content
+            for b in new_blocks:  # the pool evicted whatever b held: forget its content
+                content.pop(b, None)
+            request.block_ids.extend(new_blocks)
+        if admission:
+            self.queried_tokens += request.num_tokens
+            self.hit_tokens += computed.num_tokens
+        return new_blocks
+
+    def free(self, request: Request) -> None:
+        """Returns request's blocks to the pool at once, last block first (so its tail is
+        evicted before its shareable prefix); they stay in the prefix cache until reused."""
+        if request.block_ids:
+            self.pool.free(request.block_ids)
+            request.block_ids = []
+        self._num_registered.pop(request.request_id, None)
