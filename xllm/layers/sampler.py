@@ -4,22 +4,20 @@ Order of work (as vLLM): (1) logprobs of the RAW model logits, if any row asks; 
 frequency and presence penalties; (3) suppression of EOS/stop ids below ``min_tokens``; (4) greedy
 rows: argmax; (5) the other rows: divide by temperature, top-k, top-p, min-p, then draw.
 
-Drawing is inverse-CDF sampling with one uniform number per row (probability-proportional pick
-over the kept tokens), done in two levels (block sums in float64, then one block) so it costs
-about one pass over the logits. An exponential race (probs / Exp(1) noise, argmax) needs one
-random number per *token*: torch's CPU generator makes ~3M of them for a 64 x 49152 batch in
-tens of milliseconds, more than the whole forward pass of a small model. One number per row keeps
-per-request seeds just as easy: a seeded row draws its number from its own generator.
+Drawing is inverse-CDF sampling with one uniform number per row over the kept tokens' weights,
+in two levels (float64 sums of 256-token blocks, then one block) so it costs about one pass. An
+exponential race (probs / Exp(1) noise, argmax) needs one random number per *token*, and torch's
+CPU generator takes tens of milliseconds for the ~3M of a 64 x 49152 batch - more than a small
+model's forward pass. With one number per row, a seeded row simply draws it from its own generator.
 
-Top-k/top-p never sort the vocabulary when they can avoid it: a two-level top-k (block maxima,
-then the best blocks) gives candidates, and a row is resolved from them when its kept set provably
-ends inside them; otherwise the row is retried with more candidates, and finally with a sort.
+Top-k, top-p and min-p avoid sorting the vocabulary: a two-level top-k (block maxima, then the
+best blocks) yields candidates, and a row is decided from them when its kept set provably ends
+inside them; otherwise it is retried with more candidates and, for top-k/top-p, at last a sort.
 
-Batch invariance of seeded rows holds by construction: each seeded row is sampled alone (a
-``[1, vocab]`` slice through the same code), its number drawn from ``torch.Generator`` seeded with
-a 64-bit hash of (seed, tokens generated so far), and every step before it (penalties, suppression,
-temperature) is element-wise with that row's own scalars. So its token is a function of (seed,
-step, logits row) only - not of the batch size, its position or its neighbours.
+Seeded rows are batch invariant by construction: each is sampled alone (a [1, vocab] slice through
+the same code) with its number drawn from a ``torch.Generator`` seeded by a 64-bit hash of (seed,
+tokens generated so far), and the steps before (penalties, suppression) are element-wise with its
+own scalars. Its token is a function of (seed, step, logits row) only.
 """
 
 from __future__ import annotations
@@ -34,19 +32,19 @@ from xllm.sampling_params import SamplingParams
 __all__ = ["Sampler", "SamplerOutput", "SamplingBatch", "apply_penalties", "apply_suppression"]
 
 _INF = float("inf")
-_ARGMAX_BLOCK = 256  # argmax: block maxima over 256-wide blocks, then one block
-_CDF_BLOCK = 256  # inverse CDF: block sums, then a cumsum inside one block
-_TOPK_BLOCK = 64  # two-level top-k: k best blocks of 64 hold the k best tokens
-_ESCALATE = 16  # an unresolved top-p row is retried with 16x more candidates, then sorted
 _SAMPLING_EPS = 1e-5  # temperatures below this are greedy (as vLLM): 1/T would overflow
-_TOP_P_CANDIDATES = 128  # first guess of a top-p row's nucleus size (most fit in far fewer)
+_FIRST_CANDIDATES = 128  # first guess of a top-p/min-p row's kept-set size (most need far fewer)
+_ESCALATE = 16  # an undecided row is retried with 16x more candidates (then sorted)
+_ARGMAX_BLOCK = 256  # argmax: block maxima, then the first block holding the maximum
+_CDF_BLOCK = 256  # inverse CDF: block sums, then a cumsum inside one block
+_TOPK_BLOCK = 64  # two-level top-k: the k best blocks of 64 hold the k best tokens
+_RANK_LIST = 16  # logprobs: ranks read off a top-16 list when the token is in it
 _MASK64 = (1 << 64) - 1
 
 
 def mix_seed(seed: int, step: int) -> int:
-    """64-bit generator seed of a seeded request at ``step`` (= tokens generated so far):
-    splitmix64 of the seed, plus the step, mixed again, so neighbouring seeds and steps give
-    unrelated streams."""
+    """Generator seed of a seeded request at ``step`` (tokens generated so far): splitmix64 of
+    the seed, plus the step, mixed again - neighbouring seeds and steps give unrelated streams."""
     return _splitmix64((_splitmix64(seed & _MASK64) + step) & _MASK64)
 
 
@@ -57,33 +55,35 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+# ---------------------------------------------------------------------------------- the batch
+
+
 @dataclass
 class Penalties:
-    """Penalty state of the rows that use any penalty (``rows``; None = every row)."""
+    """Sparse penalty updates: positions in the flattened ``[n, vocab]`` logits (row * vocab +
+    token, each distinct) and what to do there, so the cost follows the tokens, not the vocab."""
 
-    rows: torch.Tensor | None  # int64 [p]
-    repetition: torch.Tensor  # float32 [p, 1]
-    frequency: torch.Tensor  # float32 [p, 1]
-    presence: torch.Tensor  # float32 [p, 1]
-    counts: torch.Tensor  # float32 [p, vocab]: occurrences of each token in the output
-    seen: torch.Tensor | None  # bool [p, vocab]: in prompt or output (None: no repetition penalty)
-    any_frequency: bool
-    any_presence: bool
+    repetition_index: torch.Tensor | None  # int64 [s]: tokens in prompt or output, rep != 1
+    repetition: torch.Tensor | None  # float32 [s]: that row's penalty
+    output_index: torch.Tensor | None  # int64 [t]: output tokens of rows with freq/presence
+    frequency: torch.Tensor | None  # float32 [t]: frequency_penalty * count
+    presence: torch.Tensor | None  # float32 [t]: presence_penalty
 
 
 @dataclass
 class RandomGroup:
-    """Non-greedy rows sampled together: all unseeded full-vocabulary rows, all unseeded top-k/
-    top-p rows, or ONE seeded row (sampled alone so its token ignores the rest of the batch)."""
+    """Non-greedy rows sampled together: the unseeded full-vocabulary rows, the unseeded rows
+    with top-k/top-p/min-p, or ONE seeded row (alone, so its neighbours cannot matter)."""
 
     rows: torch.Tensor | None  # int64 [m] rows of the batch; None = every row
-    temperature: torch.Tensor  # float32 [m, 1]
-    min_p: torch.Tensor | None  # float32 [m, 1]; None = no row uses min-p
-    top_k: torch.Tensor | None  # int64 [m], 0 = off; None = no row uses top-k
-    top_p: torch.Tensor | None  # float64 [m], 1 = off; None = no row uses top-p
-    top_p_full_mass: torch.Tensor | None  # bool [m]: top-p without top-k (needs the full mass)
-    restricted: bool  # some row uses top-k or top-p
-    candidates: int  # first number of candidate tokens for restricted rows
+    temperature: torch.Tensor | None  # float32 [m, 1]; None = every T is 1 (no division)
+    min_p: torch.Tensor | None  # float32 [m, 1], 0 = off; None = no row uses it
+    top_k: torch.Tensor | None  # int64 [m], 0 = off; None = no row uses it
+    top_p: torch.Tensor | None  # float64 [m, 1], 1 = off; None = no row uses it
+    needs_full_mass: torch.Tensor | None  # bool [m]: top-p without top-k; None = no such row
+    min_p_only: torch.Tensor | None  # bool [m]: min-p is the only restriction; None = no such row
+    restricted: bool  # rows use top-k/top-p/min-p (candidate path)
+    candidates: int  # first number of candidates for the restricted path
     seed: int | None = None  # mix_seed(seed, step) of a seeded row
 
     def select(self, idx: torch.Tensor) -> RandomGroup:
@@ -91,21 +91,19 @@ class RandomGroup:
             return None if t is None else t.index_select(0, idx)
 
         return RandomGroup(
-            None,
-            self.temperature.index_select(0, idx),
-            pick(self.min_p),
-            pick(self.top_k),
-            pick(self.top_p),
-            pick(self.top_p_full_mass),
-            self.restricted,
-            self.candidates,
+            None, pick(self.temperature), pick(self.min_p), pick(self.top_k), pick(self.top_p),
+            pick(self.needs_full_mass), pick(self.min_p_only), self.restricted, self.candidates,
             self.seed,
-        )
+        )  # fmt: skip
 
 
 @dataclass
 class SamplingBatch:
-    """Everything the sampler needs about a batch's rows, built once per step by ``build``."""
+    """Everything the sampler needs about a batch's rows, built once per step by ``build``.
+
+    The flags let the sampler skip work nobody asked for; the per-row parameter tensors
+    (``temperature``, ``top_k``, ...) are built on demand, as the sampler works on ``groups``.
+    """
 
     n: int
     vocab_size: int
@@ -117,11 +115,10 @@ class SamplingBatch:
     any_min_p: bool
     any_penalties: bool
     max_logprobs: int | None  # None: no row asks for logprobs
-    greedy_rows: torch.Tensor | None  # int64; None when there are none (or all rows are greedy)
-    random_groups: list[RandomGroup]
+    greedy_rows: torch.Tensor | None  # int64; None when there are none (or every row is greedy)
+    groups: list[RandomGroup]
     penalties: Penalties | None
-    suppress_rows: torch.Tensor | None  # int64 [s] with suppress_tokens: (row, token) to mask
-    suppress_tokens: torch.Tensor | None
+    suppress_index: torch.Tensor | None  # int64: row * vocab + token to mask to -inf
     logprob_rows: torch.Tensor | None  # int64; None = every row asks (or none does)
 
     @classmethod
@@ -136,7 +133,8 @@ class SamplingBatch:
     ) -> SamplingBatch:
         """``suppress_token_ids[i]``: ids masked to -inf in row i this step (the engine passes
         EOS + stop ids while a request has fewer than min_tokens outputs); ids outside the
-        vocabulary can never be sampled, so they are ignored."""
+        vocabulary can never be sampled anyway and are ignored. Seeded rows use
+        ``len(output_token_ids[i])`` as their step."""
         n = len(params)
         _check_rows("prompt_token_ids", prompt_token_ids, n)
         _check_rows("output_token_ids", output_token_ids, n)
@@ -147,48 +145,48 @@ class SamplingBatch:
         for i, p in enumerate(params):
             if not isinstance(p, SamplingParams):
                 raise ValueError(f"params[{i}] must be a SamplingParams, got {type(p).__name__}")
-        device = torch.device(device)
-        v = vocab_size
+        device, v = torch.device(device), vocab_size
 
         greedy = [p.temperature < _SAMPLING_EPS for p in params]
         top_k = [p.top_k if 0 < p.top_k < v else 0 for p in params]
-        full_rows: list[int] = []
-        restricted_rows: list[int] = []
-        groups: list[RandomGroup] = []
+        restricted = [
+            bool(k) or p.top_p < 1.0 or p.min_p > 0.0 for p, k in zip(params, top_k, strict=True)
+        ]
+        plain: list[int] = []
+        limited: list[int] = []
+        seeded: list[RandomGroup] = []
         for i, p in enumerate(params):
             if greedy[i]:
                 continue
             if p.seed is not None:
                 step = len(output_token_ids[i])
-                groups.append(_group([i], params, top_k, v, device, mix_seed(p.seed, step)))
-            elif top_k[i] or p.top_p < 1.0:
-                restricted_rows.append(i)
+                seeded.append(_group([i], params, top_k, v, device, mix_seed(p.seed, step)))
             else:
-                full_rows.append(i)
-        unseeded = [r for r in (full_rows, restricted_rows) if r]
-        groups[:0] = [_group(r, params, top_k, v, device, None, len(r) == n) for r in unseeded]
+                (limited if restricted[i] else plain).append(i)
+        groups = [_group(r, params, top_k, v, device, None, len(r) == n) for r in (plain, limited)]
 
+        sampled = [(p, k) for p, k, g in zip(params, top_k, greedy, strict=True) if not g]
         greedy_idx = [i for i in range(n) if greedy[i]]
         asking = [i for i, p in enumerate(params) if p.logprobs is not None]
+        penalties = _build_penalties(params, prompt_token_ids, output_token_ids, v, device)
         return cls(
             n=n,
             vocab_size=v,
             device=device,
             params=list(params),
             all_greedy=n > 0 and len(greedy_idx) == n,
-            any_top_k=any(top_k[i] for i in range(n) if not greedy[i]),
-            any_top_p=any(p.top_p < 1.0 for p, g in zip(params, greedy, strict=True) if not g),
-            any_min_p=any(p.min_p > 0.0 for p, g in zip(params, greedy, strict=True) if not g),
-            any_penalties=any(_uses_penalty(p) for p in params),
+            any_top_k=any(k for _, k in sampled),
+            any_top_p=any(p.top_p < 1.0 for p, _ in sampled),
+            any_min_p=any(p.min_p > 0.0 for p, _ in sampled),
+            any_penalties=penalties is not None,
             max_logprobs=max((params[i].logprobs for i in asking), default=None),
             greedy_rows=_index(greedy_idx, device) if 0 < len(greedy_idx) < n else None,
-            random_groups=groups,
-            penalties=_build_penalties(params, prompt_token_ids, output_token_ids, v, device),
-            **_build_suppression(suppress_token_ids, v, device),
+            groups=[g for g in groups if g is not None] + seeded,
+            penalties=penalties,
+            suppress_index=_build_suppression(suppress_token_ids, v, device),
             logprob_rows=_index(asking, device) if 0 < len(asking) < n else None,
         )
 
-    # Per-row views of the parameters (for callers and tests; the sampler uses the groups).
     @property
     def temperature(self) -> torch.Tensor:
         return self._per_row("temperature", torch.float32)
@@ -218,25 +216,22 @@ class SamplingBatch:
         return self._per_row("frequency_penalty", torch.float32)
 
     def _per_row(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(
-            [getattr(p, name) for p in self.params], dtype=dtype, device=self.device
-        )
+        values = [getattr(p, name) for p in self.params]
+        return torch.tensor(values, dtype=dtype, device=self.device)
 
 
 def _check_rows(name: str, rows: object, n: int) -> None:
     if not isinstance(rows, (list, tuple)) or len(rows) != n:
         got = len(rows) if isinstance(rows, (list, tuple)) else type(rows).__name__
-        raise ValueError(
-            f"{name} must be a list with one list of token ids per row ({n}), got {got}"
-        )
+        raise ValueError(f"{name} must hold one list of token ids per row ({n} rows), got {got}")
 
 
 def _index(rows: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
-def _uses_penalty(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+def _column(values: list[float], device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
 
 
 def _group(
@@ -247,50 +242,49 @@ def _group(
     device: torch.device,
     seed: int | None,
     all_rows: bool = False,
-) -> RandomGroup:
+) -> RandomGroup | None:
+    if not rows:
+        return None
     ps = [params[i] for i in rows]
     ks = [top_k[i] for i in rows]
     any_k = any(ks)
     any_p = any(p.top_p < 1.0 for p in ps)
+    any_min_p = any(p.min_p > 0.0 for p in ps)
     full_mass = [p.top_p < 1.0 and not k for p, k in zip(ps, ks, strict=True)]
+    min_p_only = [p.min_p > 0.0 and p.top_p == 1.0 and not k for p, k in zip(ps, ks, strict=True)]
     # A top-k row needs k + 1 candidates: the extra one shows whether the k-th value is tied.
-    need = [
-        k + 1 if k else _TOP_P_CANDIDATES for k, p in zip(ks, ps, strict=True) if k or p.top_p < 1.0
-    ]
-
-    def col(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
-
+    need = [k + 1 if k else _FIRST_CANDIDATES for k in ks]
     return RandomGroup(
         rows=None if all_rows else _index(rows, device),
-        temperature=col([p.temperature for p in ps]),
-        min_p=col([p.min_p for p in ps]) if any(p.min_p > 0.0 for p in ps) else None,
+        temperature=None
+        if all(p.temperature == 1.0 for p in ps)
+        else _column([p.temperature for p in ps], device),
+        min_p=_column([p.min_p for p in ps], device) if any_min_p else None,
         top_k=torch.tensor(ks, dtype=torch.long, device=device) if any_k else None,
-        top_p=torch.tensor([p.top_p for p in ps], dtype=torch.float64, device=device)
-        if any_p
-        else None,
-        top_p_full_mass=torch.tensor(full_mass, device=device) if any(full_mass) else None,
-        restricted=any_k or any_p,
-        candidates=min(max(need, default=1), v),
+        top_p=_column([p.top_p for p in ps], device, torch.float64) if any_p else None,
+        needs_full_mass=torch.tensor(full_mass, device=device) if any(full_mass) else None,
+        min_p_only=torch.tensor(min_p_only, device=device) if any(min_p_only) else None,
+        restricted=any_k or any_p or any_min_p,
+        candidates=min(max(need), v),
         seed=seed,
     )
 
 
-def _flat_tokens(
-    name: str, lists: list[list[int]], rows: list[int], v: int, device: torch.device
+def _flat_keys(
+    name: str, lists: list[list[int]], rows: list[int], v: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row position, token) pairs of ``lists[rows[j]]`` for j = 0.., checked against the vocab."""
+    """(row * v + token, row) of every token of ``lists[r]`` for r in rows (CPU), range-checked."""
     chosen = [lists[r] for r in rows]
     lengths = torch.tensor([len(t) for t in chosen], dtype=torch.long)
     tokens = torch.tensor([t for ts in chosen for t in ts], dtype=torch.long)
+    row_of = torch.repeat_interleave(torch.tensor(rows, dtype=torch.long), lengths)
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= v):
         bad = int(((tokens < 0) | (tokens >= v)).nonzero()[0])
-        row = rows[int(torch.searchsorted(lengths.cumsum(0), torch.tensor(bad), right=True))]
         raise ValueError(
-            f"{name}[{row}] holds token id {int(tokens[bad])}, outside the vocabulary [0, {v})"
+            f"{name}[{int(row_of[bad])}] holds token id {int(tokens[bad])}, outside the "
+            f"vocabulary [0, {v})"
         )
-    row_pos = torch.repeat_interleave(torch.arange(len(rows)), lengths)
-    return row_pos.to(device), tokens.to(device)
+    return row_of * v + tokens, row_of
 
 
 def _build_penalties(
@@ -300,45 +294,37 @@ def _build_penalties(
     v: int,
     device: torch.device,
 ) -> Penalties | None:
-    rows = [i for i, p in enumerate(params) if _uses_penalty(p)]
-    if not rows:
+    rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    out_rows = [
+        i for i, p in enumerate(params) if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+    ]
+    if not rep_rows and not out_rows:
         return None
-    ps = [params[i] for i in rows]
-
-    def col(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
-
-    # Vectorised counting: one scatter-add of every (row, token) pair, no loop over tokens.
-    counts = torch.zeros(len(rows), v, device=device)
-    row_pos, tokens = _flat_tokens("output_token_ids", outputs, rows, v, device)
-    counts.index_put_((row_pos, tokens), torch.ones_like(tokens, dtype=counts.dtype), True)
-    seen = None
-    rep_rows = [j for j, p in enumerate(ps) if p.repetition_penalty != 1.0]
+    pen = Penalties(None, None, None, None, None)
     if rep_rows:
-        seen = counts > 0
-        row_pos, tokens = _flat_tokens(
-            "prompt_token_ids", prompts, [rows[j] for j in rep_rows], v, device
-        )
-        rep_idx = _index(rep_rows, device)
-        seen.index_put_((rep_idx[row_pos], tokens), torch.ones_like(tokens, dtype=torch.bool))
-    return Penalties(
-        rows=None if len(rows) == len(params) else _index(rows, device),
-        repetition=col([p.repetition_penalty for p in ps]),
-        frequency=col([p.frequency_penalty for p in ps]),
-        presence=col([p.presence_penalty for p in ps]),
-        counts=counts,
-        seen=seen,
-        any_frequency=any(p.frequency_penalty != 0.0 for p in ps),
-        any_presence=any(p.presence_penalty != 0.0 for p in ps),
-    )
+        keys_p, _ = _flat_keys("prompt_token_ids", prompts, rep_rows, v)
+        keys_o, _ = _flat_keys("output_token_ids", outputs, rep_rows, v)
+        keys = torch.unique(torch.cat([keys_p, keys_o]))  # distinct (row, token) pairs
+        factor = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32)
+        pen.repetition_index = keys.to(device)
+        pen.repetition = factor[keys // v].to(device)
+    if out_rows:
+        keys, _ = _flat_keys("output_token_ids", outputs, out_rows, v)
+        keys, counts = torch.unique(keys, return_counts=True)
+        rows = keys // v
+        freq = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32)
+        pres = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32)
+        pen.output_index = keys.to(device)
+        pen.frequency = (freq[rows] * counts.float()).to(device)
+        pen.presence = pres[rows].to(device)
+    return pen
 
 
 def _build_suppression(
     suppress: list[list[int]] | None, v: int, device: torch.device
-) -> dict[str, torch.Tensor | None]:
-    none: dict[str, torch.Tensor | None] = {"suppress_rows": None, "suppress_tokens": None}
+) -> torch.Tensor | None:
     if not suppress:
-        return none
+        return None
     lengths = torch.tensor([len(ids) for ids in suppress], dtype=torch.long)
     tokens = torch.tensor([t for ids in suppress for t in ids], dtype=torch.long)
     rows = torch.repeat_interleave(torch.arange(len(suppress)), lengths)
@@ -347,8 +333,11 @@ def _build_suppression(
         raise ValueError(f"suppress_token_ids[{row}] must hold token ids >= 0")
     inside = tokens < v
     if not bool(inside.any()):
-        return none
-    return {"suppress_rows": rows[inside].to(device), "suppress_tokens": tokens[inside].to(device)}
+        return None
+    return (rows[inside] * v + tokens[inside]).to(device)
+
+
+# ---------------------------------------------------------------------------------- sampling
 
 
 @dataclass
@@ -368,7 +357,7 @@ class Sampler:
     """
 
     def __init__(self, seed: int | None = None) -> None:
-        if seed is not None and not isinstance(seed, int):
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError(f"seed must be an integer or None, got {seed!r}")
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -380,28 +369,24 @@ class Sampler:
             if self._seed is None:
                 gen.seed()
             else:
-                gen.manual_seed(self._seed & 0xFFFF_FFFF_FFFF_FFFF)
+                gen.manual_seed(self._seed & _MASK64)
             self._generators[device] = gen
         return gen
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         _check_logits(logits, batch)
-        n, device = batch.n, logits.device
-        k = batch.max_logprobs
+        n, device, k = batch.n, logits.device, batch.max_logprobs
         if n == 0:
             empty = torch.empty(0, dtype=torch.long, device=device)
             if k is None:
                 return SamplerOutput(empty)
-            return SamplerOutput(
-                empty,
-                torch.empty(0, k + 1, device=device),
-                torch.empty(0, k + 1, dtype=torch.long, device=device),
-                empty.clone(),
-            )
+            ids = torch.empty(0, k + 1, dtype=torch.long, device=device)
+            return SamplerOutput(empty, torch.empty(0, k + 1, device=device), ids, empty)
         raw = logits if logits.dtype == torch.float32 else logits.float()
         processed = raw
-        if batch.penalties is not None or batch.suppress_rows is not None:
-            processed = raw.clone()  # the caller's logits stay untouched
+        if batch.penalties is not None or batch.suppress_index is not None:
+            # a contiguous copy: the caller's logits stay untouched, and updates go to flat indices
+            processed = raw.clone(memory_format=torch.contiguous_format)
             apply_penalties(processed, batch)
             apply_suppression(processed, batch)
 
@@ -412,7 +397,7 @@ class Sampler:
             if batch.greedy_rows is not None:
                 rows = batch.greedy_rows
                 tokens.index_copy_(0, rows, argmax_first(processed.index_select(0, rows)))
-            for group in batch.random_groups:
+            for group in batch.groups:
                 self._sample_group(processed, group, tokens)
 
         out = SamplerOutput(tokens)
@@ -425,8 +410,7 @@ class Sampler:
         m, device = rows.shape[0], rows.device
         if group.seed is None:
             gen = self._generator(device)
-        else:
-            # A fresh generator per (seed, step): the row's draw ignores everything else.
+        else:  # a fresh generator per (seed, step): the row's draw ignores everything else
             gen = torch.Generator(device=device)
             gen.manual_seed(group.seed)
         u = torch.rand(m, generator=gen, dtype=torch.float64, device=device)
@@ -441,44 +425,39 @@ class Sampler:
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
-    """Repetition (prompt + output tokens), then frequency and presence (output tokens), in place.
-
-    Repetition as HF/vLLM: a seen token's positive logit is divided by the penalty, a negative
-    one multiplied. Frequency/presence as OpenAI: ``logit -= frequency * count + presence *
-    (count > 0)`` (applied as two subtractions, frequency first, like vLLM).
-    """
+    """Repetition (prompt + output tokens), then frequency and presence (output tokens), in
+    place on contiguous ``logits`` [n, vocab]. Repetition as HF/vLLM: a seen token's positive
+    logit is divided by the penalty, a negative one multiplied. Frequency/presence as OpenAI:
+    ``logit -= frequency * count``, then ``logit -= presence`` for tokens in the output."""
     pen = batch.penalties
     if pen is None:
         return
-    sub = logits if pen.rows is None else logits.index_select(0, pen.rows)
-    if pen.seen is not None:
-        scaled = torch.where(sub > 0, sub / pen.repetition, sub * pen.repetition)
-        sub = torch.where(pen.seen, scaled, sub)
-    if pen.any_frequency:
-        sub = sub - pen.frequency * pen.counts
-    if pen.any_presence:
-        sub = sub - pen.presence * (pen.counts > 0)
-    if pen.rows is None:
-        logits.copy_(sub)
-    else:
-        logits.index_copy_(0, pen.rows, sub)
+    flat = logits.view(-1)
+    if pen.repetition_index is not None:
+        vals = flat.index_select(0, pen.repetition_index)
+        factor = pen.repetition
+        flat.index_copy_(
+            0, pen.repetition_index, torch.where(vals > 0, vals / factor, vals * factor)
+        )
+    if pen.output_index is not None:
+        vals = flat.index_select(0, pen.output_index)
+        flat.index_copy_(0, pen.output_index, (vals - pen.frequency) - pen.presence)
 
 
 def apply_suppression(logits: torch.Tensor, batch: SamplingBatch) -> None:
     """Mask each row's suppressed ids (EOS/stop ids below min_tokens) to -inf, in place."""
-    if batch.suppress_rows is not None:
-        logits.index_put_((batch.suppress_rows, batch.suppress_tokens), logits.new_tensor(-_INF))
+    if batch.suppress_index is not None:
+        logits.view(-1).index_fill_(0, batch.suppress_index, -_INF)
 
 
 def argmax_first(x: torch.Tensor) -> torch.Tensor:
     """Row argmax, ties -> lowest index, in two levels: ``amax`` over 256-wide blocks streams
     the row several times faster than ``torch.argmax``; the first block holding the row maximum
     holds its first occurrence, and only that block is searched element by element."""
-    m, v = x.shape
+    v = x.shape[1]
     if v <= 4 * _ARGMAX_BLOCK:
         return x.argmax(-1)
-    block_max = _blocked(x, _ARGMAX_BLOCK, torch.amax)
-    first_block = block_max.argmax(-1, keepdim=True)  # argmax returns the first maximum
+    first_block = _blocked(x, _ARGMAX_BLOCK, torch.amax).argmax(-1, keepdim=True)
     idx, valid = _block_indices(first_block, _ARGMAX_BLOCK, v)
     vals = x.gather(1, idx).masked_fill_(~valid, -_INF)
     return idx.gather(1, vals.argmax(-1, keepdim=True)).squeeze(1)
@@ -487,14 +466,12 @@ def argmax_first(x: torch.Tensor) -> torch.Tensor:
 def topk_two_level(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) of the k largest per row, best first. The k best tokens lie in the k
     blocks with the largest block maxima, so only k * 64 gathered values are searched."""
-    m, v = x.shape
+    v = x.shape[1]
     if k * _TOPK_BLOCK * 4 > v:
         return x.topk(k, dim=-1)
-    block_max = _blocked(x, _TOPK_BLOCK, torch.amax)
-    blocks = block_max.topk(k, dim=-1).indices  # [m, k]
+    blocks = _blocked(x, _TOPK_BLOCK, torch.amax).topk(k, dim=-1).indices  # [m, k]
     idx, valid = _block_indices(blocks, _TOPK_BLOCK, v)  # [m, k * 64]
-    cand = x.gather(1, idx).masked_fill_(~valid, -_INF)
-    vals, pos = cand.topk(k, dim=-1)
+    vals, pos = x.gather(1, idx).masked_fill_(~valid, -_INF).topk(k, dim=-1)
     return vals, idx.gather(1, pos)
 
 
@@ -510,37 +487,32 @@ def _blocked(x: torch.Tensor, block: int, reduce) -> torch.Tensor:
 
 def _block_indices(blocks: torch.Tensor, block: int, v: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Column indices [m, nblocks * block] of the given blocks (clamped) and which are real."""
-    offs = torch.arange(block, device=blocks.device)
-    idx = (blocks.unsqueeze(-1) * block + offs).flatten(1)
+    idx = (blocks.unsqueeze(-1) * block + torch.arange(block, device=blocks.device)).flatten(1)
     valid = idx < v
     return idx.clamp_(max=v - 1), valid
 
 
-def _scaled(vals: torch.Tensor, row_max: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """``vals / T - max / T``: logits divided by temperature, shifted so the row maximum is 0."""
-    return torch.addcdiv(-(row_max / temperature), vals, temperature)
-
-
 def _sample_full(logits: torch.Tensor, group: RandomGroup, u: torch.Tensor) -> torch.Tensor:
-    """Temperature (and min-p) over the whole vocabulary: weights exp(l/T - max/T), then draw."""
-    weights = _scaled(logits, logits.amax(-1, keepdim=True), group.temperature).exp_()
-    if group.min_p is not None:
-        # min-p as vLLM: drop tokens whose probability is below min_p x the top probability;
-        # the top token's weight is exactly 1, so that is ``weight < min_p``.
-        weights.masked_fill_(weights < group.min_p, 0.0)
-    return _inverse_cdf(weights, u)
+    """Temperature (and min-p) over the whole vocabulary: softmax(l / T), then draw."""
+    x = logits if group.temperature is None else logits / group.temperature
+    probs = torch.softmax(x, dim=-1)  # one fused, cache-friendly pass per row
+    if group.min_p is not None:  # min-p as vLLM: p < min_p * p_max is dropped
+        probs = torch.where(probs < group.min_p * probs.amax(-1, keepdim=True), 0.0, probs)
+    return _inverse_cdf(probs, u)
 
 
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Index drawn with probability proportional to ``weights`` [m, V] (>= 0, each row > 0)
-    for uniforms ``u`` [m] (float64). Block sums are accumulated in float64 so tail tokens keep
-    their share; within the chosen block a short float64 cumsum finds the token."""
-    m, v = weights.shape
+    """Index drawn with probability proportional to ``weights`` [m, V] (>= 0, each row > 0) for
+    uniforms ``u`` [m] (float64). Block sums accumulate in float64 so tail tokens keep their
+    share; a short float64 cumsum inside the chosen block finds the token."""
+    v = weights.shape[1]
     sums = _blocked(weights, _CDF_BLOCK, torch.sum).double().cumsum_(-1)  # [m, blocks]
-    target = u.unsqueeze(1) * sums[:, -1:]
-    block = torch.searchsorted(sums, target, right=True)
-    # u * total may round up to total: fall back to the last block with weight (it ends at total).
-    block = torch.minimum(block, torch.searchsorted(sums, sums[:, -1:].contiguous()))
+    total = sums[:, -1:].contiguous()
+    target = u.unsqueeze(1) * total
+    # u * total may round up to total: then take the last block with weight (it ends at total).
+    block = torch.minimum(
+        torch.searchsorted(sums, target, right=True), torch.searchsorted(sums, total)
+    )
     before = torch.where(block > 0, sums.gather(1, (block - 1).clamp_(min=0)), 0.0)
     idx, valid = _block_indices(block, _CDF_BLOCK, v)
     inner = weights.gather(1, idx).masked_fill_(~valid, 0.0).double().cumsum_(-1)
@@ -556,12 +528,12 @@ def _sample_restricted(
     candidates: int,
     full_mass: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Top-k / top-p / min-p rows from their best ``candidates`` tokens (sorted descending).
+    """Top-k / top-p / min-p rows drawn from their ``candidates`` best tokens.
 
-    Kept tokens are those with scaled logit >= a per-row threshold, so ties at a boundary are all
-    kept (as HF/vLLM). A row is resolved when its last candidate is not kept (nothing beyond it
-    can be) and, with top-k, lies strictly below the k-th value (so the top-k mass is complete);
-    other rows are retried with more candidates, and at last with a full sort.
+    Kept tokens are those at or above a per-row threshold, so ties at a boundary are all kept
+    (as HF/vLLM). A row is decided when its last candidate is not kept (nothing after it can be)
+    and, with top-k, lies strictly below the k-th value (so the top-k mass is complete). Others
+    are retried with more candidates - min-p-only rows over the whole vocabulary instead.
     """
     m, v = logits.shape
     if candidates * 4 >= v:
@@ -569,75 +541,94 @@ def _sample_restricted(
         vals, ids = logits.sort(dim=-1, descending=True)
     else:
         vals, ids = topk_two_level(logits, candidates)
-    scaled = _scaled(vals, vals[:, :1], group.temperature)  # [m, K], column 0 == 0
-    weights = scaled.exp()
-    neg_inf = scaled.new_tensor(-_INF)
+    scaled = vals - vals[:, :1]  # <= 0, the best is 0 (same arithmetic as softmax's shift)
+    if group.temperature is not None:
+        scaled /= group.temperature
+    weights = scaled.exp()  # relative to the best token's
     keep = torch.ones_like(scaled, dtype=torch.bool)
-    kth = k_on = None
+    k_on = kth = None
     if group.top_k is not None:
         k_on = (group.top_k > 0).unsqueeze(1)
         kth_idx = (group.top_k.clamp(1, candidates) - 1).unsqueeze(1)
-        kth = torch.where(k_on, scaled.gather(1, kth_idx), neg_inf)  # [m, 1]
+        kth = torch.where(k_on, scaled.gather(1, kth_idx), -_INF)  # [m, 1]
         keep = scaled >= kth
     if group.top_p is not None:
         cum = torch.where(keep, weights, 0.0).double().cumsum_(-1)
-        mass = cum[:, -1:]  # the top-k set's mass: exact for top-k rows
-        if group.top_p_full_mass is not None:
-            # top-p without top-k is over the whole vocabulary: its total mass needs every token.
-            if full_mass is None:
-                full_mass = _scaled(logits, vals[:, :1], group.temperature).exp_().sum(-1)
-            mass = torch.where(
-                group.top_p_full_mass.unsqueeze(1), full_mass.double()[:, None], mass
-            )
-        p = group.top_p.unsqueeze(1)
+        mass = cum[:, -1:]  # the top-k set's mass: complete for decided top-k rows
+        if group.needs_full_mass is not None and candidates < v:
+            if full_mass is None:  # top-p over the whole vocabulary needs every token's weight
+                x = logits if group.temperature is None else logits / group.temperature
+                full_mass = 1.0 / torch.softmax(x, -1).gather(1, ids[:, :1]).double()
+            mass = torch.where(group.needs_full_mass.unsqueeze(1), full_mass, mass)
         # Position j is in the nucleus when the mass before it is < p * mass (vLLM's rule).
-        count = 1 + (cum[:, :-1] < p * mass).sum(-1, keepdim=True)
-        pth = torch.where(p < 1.0, scaled.gather(1, count - 1), neg_inf)
-        keep &= scaled >= pth
+        count = 1 + (cum[:, :-1] < group.top_p * mass).sum(-1, keepdim=True)
+        keep &= scaled >= torch.where(group.top_p < 1.0, scaled.gather(1, count - 1), -_INF)
     if group.min_p is not None:
         keep &= weights >= group.min_p
 
-    tokens = _inverse_cdf_sorted(torch.where(keep, weights, 0.0), keep, u)
-    tokens = ids.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    cum = torch.where(keep, weights, 0.0).double().cumsum_(-1)
+    pos = torch.searchsorted(cum, u.unsqueeze(1) * cum[:, -1:], right=True)
+    pos = torch.minimum(pos, keep.sum(-1, keepdim=True) - 1)  # kept positions are a prefix
+    tokens = ids.gather(1, pos).squeeze(1)
     if candidates == v:
         return tokens
-    unresolved = keep[:, -1]
+    undecided = keep[:, -1]
     if k_on is not None:
-        unresolved |= (k_on & (scaled[:, -1:] >= kth)).squeeze(1)
-    if bool(unresolved.any()):  # a sync, but only a CPU-side decision about a few rows
-        rows = unresolved.nonzero().squeeze(1)
-        sub_mass = None if full_mass is None else full_mass.index_select(0, rows)
-        retry = max(candidates * _ESCALATE, 2048)
-        tokens[rows] = _sample_restricted(
-            logits.index_select(0, rows),
-            group.select(rows),
-            u.index_select(0, rows),
-            retry,
-            sub_mass,
-        )
+        undecided |= (k_on & (scaled[:, -1:] >= kth)).squeeze(1)
+    if bool(undecided.any()):  # a host sync, but only to pick a few rows to redo
+        _redo(logits, group, u, candidates, full_mass, undecided, tokens)
     return tokens
 
 
-def _inverse_cdf_sorted(weights: torch.Tensor, keep: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Position drawn from candidate weights [m, K] whose kept entries form a prefix."""
-    cum = weights.double().cumsum_(-1)
-    pos = torch.searchsorted(cum, u.unsqueeze(1) * cum[:, -1:], right=True)
-    last = keep.sum(-1, keepdim=True) - 1  # u * total rounding up: the last kept position
-    return torch.minimum(pos, last).squeeze(1)
+def _redo(
+    logits: torch.Tensor,
+    group: RandomGroup,
+    u: torch.Tensor,
+    candidates: int,
+    full_mass: torch.Tensor | None,
+    undecided: torch.Tensor,
+    tokens: torch.Tensor,
+) -> None:
+    """Resample the undecided rows: min-p-only rows over the whole vocabulary (their kept set is
+    a plain threshold), the others from more candidates and at last a sort."""
+    if group.min_p_only is not None:
+        wide = (undecided & group.min_p_only).nonzero().squeeze(1)
+        undecided = undecided & ~group.min_p_only
+        if wide.numel():
+            sub = group.select(wide)
+            tokens[wide] = _sample_full(logits.index_select(0, wide), sub, u.index_select(0, wide))
+    rows = undecided.nonzero().squeeze(1)
+    if rows.numel():
+        mass = None if full_mass is None else full_mass.index_select(0, rows)
+        more = max(candidates * _ESCALATE, 2048)
+        tokens[rows] = _sample_restricted(
+            logits.index_select(0, rows), group.select(rows), u.index_select(0, rows), more, mass
+        )
 
 
 def _fill_logprobs(out: SamplerOutput, raw: torch.Tensor, batch: SamplingBatch, k: int) -> None:
     """Log-softmax of the raw logits: the sampled token's logprob and rank, then the top k."""
     rows = batch.logprob_rows
     logits = raw if rows is None else raw.index_select(0, rows)
-    tokens = out.token_ids if rows is None else out.token_ids.index_select(0, rows)
+    tokens = (out.token_ids if rows is None else out.token_ids.index_select(0, rows)).unsqueeze(1)
+    m, v = logits.shape
     logprobs = torch.log_softmax(logits, dim=-1)
-    chosen = logprobs.gather(1, tokens.unsqueeze(1))
-    ranks = (logprobs > chosen).sum(-1) + 1
-    lp, ids = chosen, tokens.unsqueeze(1)
-    if k > 0:
-        top_lp, top_ids = topk_two_level(logprobs, k)
-        lp, ids = torch.cat([chosen, top_lp], 1), torch.cat([ids, top_ids], 1)
+    chosen = logprobs.gather(1, tokens)
+    # Every token above the chosen one is in a top list holding the chosen one: count there, and
+    # compare against the whole row only for rows whose token is not in the top list.
+    listed = min(max(k, _RANK_LIST), v)
+    top_lp, top_ids = topk_two_level(logprobs, listed)
+    ranks = 1 + (top_lp > chosen).sum(-1)
+    outside = ~(top_ids == tokens).any(-1)
+    if bool(outside.any()):
+        far = outside.nonzero().squeeze(1)
+        ranks[far] = 1 + (logprobs.index_select(0, far) > chosen.index_select(0, far)).sum(-1)
+    shown = min(k, v)
+    lp = torch.cat([chosen, top_lp[:, :shown]], 1)
+    ids = torch.cat([tokens, top_ids[:, :shown]], 1)
+    if shown < k:  # a vocabulary smaller than the request: pad
+        lp = torch.cat([lp, lp.new_full((m, k - shown), math.nan)], 1)
+        ids = torch.cat([ids, ids.new_full((m, k - shown), -1)], 1)
     if rows is None:
         out.logprobs, out.logprob_token_ids, out.ranks = lp, ids, ranks
         return
