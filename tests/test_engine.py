@@ -1,0 +1,115 @@
+"""The engine end to end on the real demo model, against transformers as the reference."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from xllm import LLM, SamplingParams
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a terse assistant."},
+     {"role": "user", "content": "List three prime numbers."}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Explain recursion in one sentence."}],
+]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=False)
+
+
+@pytest.fixture(scope="module")
+def llm(demo_model_dir) -> LLM:  # noqa: ANN001
+    return LLM(model=str(demo_model_dir), max_num_batched_tokens=512, kv_cache_memory_gb=0.25)
+
+
+@pytest.fixture(scope="module")
+def hf_model(demo_model_dir):  # noqa: ANN001, ANN201
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(demo_model_dir),
+                                                              dtype=torch.float32)
+    return model.eval()
+
+
+def _hf_greedy(hf_model, prompt_ids: list[int], max_new: int, eos: set[int]) -> list[int]:  # noqa: ANN001
+    with torch.inference_mode():
+        out = hf_model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new,
+                                do_sample=False, eos_token_id=sorted(eos), pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def test_demo_chat_greedy_matches_transformers(llm: LLM, hf_model) -> None:  # noqa: ANN001
+    outputs = llm.chat(CHATS, GREEDY, use_tqdm=False)
+    eos = llm.engine.eos_token_ids
+    for out in outputs:
+        ours = out.outputs[0].token_ids
+        ref = _hf_greedy(hf_model, out.prompt_token_ids, 64, eos)
+        assert ours == ref, f"prompt {out.prompt!r}: ours {ours} vs transformers {ref}"
+        assert out.outputs[0].text == llm.tokenizer.decode(ours)
+        assert out.outputs[0].finish_reason in ("stop", "length")
+
+
+def test_batch_invariance_under_chunking_prefix_hits_and_preemption(demo_model_dir) -> None:  # noqa: ANN001
+    prompts = [f"Story {i}: once upon a time, in a land far away, there lived a " + "very " * i
+               + "curious fox who" for i in range(16)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    alone = LLM(model=str(demo_model_dir), max_num_seqs=1, kv_cache_memory_gb=0.1)
+    reference = [alone.generate(p, params, use_tqdm=False)[0].outputs[0].token_ids
+                 for p in prompts]
+    del alone
+    # A tiny KV budget and token budget: chunked prefill, shared-prefix hits, preemption.
+    tight = LLM(model=str(demo_model_dir), max_num_seqs=16, max_num_batched_tokens=32,
+                num_kv_blocks=30, block_size=8)
+    outputs = tight.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == reference
+    sched = tight.engine.scheduler
+    assert sched.num_preempted > 0, "the tiny KV budget should have forced preemption"
+    assert sched.prefix_cache_hit_rate > 0, "shared prompt prefixes should hit the cache"
+
+
+def test_bad_arguments_raise_value_error(llm: LLM) -> None:
+    for kwargs in ({"temperature": -0.5}, {"top_p": 0.0}, {"top_p": 1.5}, {"max_tokens": 0}):
+        with pytest.raises(ValueError):
+            SamplingParams(**kwargs)
+    too_long = [1] * (llm.engine.max_model_len + 1)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate([too_long], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="unknown engine option"):
+        LLM(model="demo", not_an_option=1)
+
+
+def test_stop_strings_n_seed_and_logprobs(llm: LLM, hf_model) -> None:  # noqa: ANN001
+    prompt = "The numbers from one to ten are: one, two, three,"
+    base = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    assert "five" in base.text
+    stopped = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=30, stop=["five"],
+                                                  ignore_eos=True), use_tqdm=False)[0]
+    completion = stopped.outputs[0]
+    assert completion.finish_reason == "stop" and completion.stop_reason == "five"
+    assert completion.text == base.text[:base.text.index("five")]
+
+    sampled = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, seed=1234, n=3,
+                             ignore_eos=True)
+    first = llm.generate(prompt, sampled, use_tqdm=False)[0]
+    again = llm.generate([prompt, "unrelated filler prompt"], sampled, use_tqdm=False)[0]
+    assert len(first.outputs) == 3
+    assert [c.token_ids for c in first.outputs] == [c.token_ids for c in again.outputs]
+
+    lp = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=4, logprobs=3,
+                                             ignore_eos=True), use_tqdm=False)[0]
+    ids = lp.prompt_token_ids + lp.outputs[0].token_ids
+    with torch.inference_mode():
+        logits = hf_model(torch.tensor([ids])).logits[0].float()
+    ref = torch.log_softmax(logits, dim=-1)
+    for step, entry in enumerate(lp.outputs[0].logprobs):
+        row = ref[len(lp.prompt_token_ids) - 1 + step]
+        assert len(entry) >= 3
+        for token_id, value in entry.items():
+            assert value == pytest.approx(row[token_id].item(), abs=1e-3)

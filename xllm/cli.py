@@ -1,0 +1,94 @@
+"""The ``xllm`` command: ``xllm generate --model demo --prompt "..."``.
+
+Engine options are generated from EngineConfig's fields, one flag per field, so
+the CLI and the config can never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from collections.abc import Sequence
+
+from xllm.config import EngineConfig
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """One --flag per EngineConfig field, typed and defaulted from the dataclass."""
+    hints = typing.get_type_hints(EngineConfig)
+    group = parser.add_argument_group("engine options (EngineConfig)")
+    for f in dataclasses.fields(EngineConfig):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        if base is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=f.default)
+        else:
+            group.add_argument(flag, dest=f.name, type=base, default=f.default,
+                               metavar=f.name.upper())
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{name: getattr(args, name) for name in EngineConfig.option_names()})
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from xllm.engine.llm import LLM
+    from xllm.sampling_params import SamplingParams
+
+    config = engine_config_from_args(args)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.sampling_seed,
+                            stop=args.stop or [])
+    llm = LLM(**dataclasses.asdict(config))
+    prompts = args.prompt
+    if args.chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,
+                           use_tqdm=not args.quiet)
+    else:
+        outputs = llm.generate(prompts, params, use_tqdm=not args.quiet)
+    for out in outputs:
+        completion = out.outputs[0]
+        if args.json:
+            print(json.dumps({"prompt": out.prompt, "text": completion.text,
+                              "token_ids": completion.token_ids,
+                              "finish_reason": completion.finish_reason}))
+        else:
+            print(completion.text)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="xllm", description="xllm command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text offline for one or more prompts")
+    gen.add_argument("--prompt", action="append", required=True,
+                     help="a prompt (repeat for a batch)")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message "
+                     "and apply the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--sampling-seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_engine_options(gen)
+    args = parser.parse_args(argv)
+    try:
+        return _generate(args)
+    except ValueError as e:
+        print(f"xllm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

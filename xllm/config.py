@@ -1,0 +1,57 @@
+"""EngineConfig: every engine option in one validated dataclass; the CLIs map onto it one to one."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class EngineConfig:
+    model: str = "demo"  # "demo" or a local Hugging Face-format model directory
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto = fp32 on CPUs)
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_num_seqs: int = 256  # requests running at once
+    max_num_batched_tokens: int = 2048  # token budget per step (long prompts are chunked)
+    block_size: int = 16  # tokens per KV block
+    num_kv_blocks: int | None = None  # default: as many as kv_cache_memory_gb holds
+    kv_cache_memory_gb: float = 2.0
+    kv_cache_dtype: str = "auto"  # auto (= compute dtype) | float32 | bfloat16
+    enable_prefix_caching: bool = True
+    seed: int = 0  # seeds the sampler for requests without their own seed
+    num_threads: int | None = None  # torch threads; default: all cores
+    device: str = "cpu"  # cpu | cuda
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError("kv_cache_dtype must be auto, float32, bfloat16 or float16, "
+                             f"got {self.kv_cache_dtype!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError(f"num_kv_blocks must be >= 2 (block 0 is reserved), "
+                             f"got {self.num_kv_blocks}")
+        if self.kv_cache_memory_gb <= 0:
+            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+
+    @property
+    def threads(self) -> int:
+        return self.num_threads or len(os.sched_getaffinity(0))
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name != "extra"]

@@ -1,0 +1,1 @@
+"""LLMEngine (the step loop) and the offline LLM API."""

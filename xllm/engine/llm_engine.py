@@ -1,0 +1,261 @@
+"""LLMEngine: owns the scheduler and the model runner and turns steps into request outputs.
+
+One call of ``step()`` schedules a batch under the token budget, runs the model
+once, appends the sampled tokens, applies stop conditions (token-level in the
+scheduler; stop strings here, on the incrementally detokenized text) and returns
+what changed. The engine is single-threaded; AsyncEngine (the server) drives it
+from its own thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from xllm.config import EngineConfig
+from xllm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from xllm.loader import resolve_model
+from xllm.loader.generation_config import GenerationConfig
+from xllm.loader.model import load_model, resolve_dtype
+from xllm.models.config import ModelConfig
+from xllm.runtime.model_runner import ModelRunner
+from xllm.sampling_params import SamplingParams
+from xllm.scheduler import Request, Scheduler, SchedulerConfig
+from xllm.tokenizer import IncrementalDetokenizer, Tokenizer
+
+_KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class _Completion:
+    """Engine-side state of one of a request's n completions."""
+
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    text_end: int | None = None  # where a stop string cut the text
+    emitted_chars: int = 0
+    emitted_tokens: int = 0
+    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    completions: list[_Completion] = field(default_factory=list)
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.completions)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, progress: bool = True) -> None:
+        self.config = config
+        torch.set_num_threads(config.threads)
+        self.model_dir = resolve_model(config.model)
+        self.model_config = ModelConfig.from_file(self.model_dir)
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        self.generation_config = GenerationConfig.from_dir(self.model_dir)
+        self.eos_token_ids = set(self.generation_config.eos_token_ids) or set(
+            self.tokenizer.eos_token_ids)
+        self.device = torch.device(config.device)
+        mc = self.model_config
+        limit = mc.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's "
+                             f"max_position_embeddings {limit}; use at most {limit}")
+        self.max_model_len = config.max_model_len or limit
+        self.dtype = resolve_dtype(config.dtype, mc, self.device)
+        kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else _KV_DTYPES[
+            config.kv_cache_dtype]
+        model = load_model(self.model_dir, mc, self.dtype, self.device, progress=progress)
+        block_bytes = (2 * mc.num_hidden_layers * mc.num_key_value_heads * config.block_size
+                       * mc.head_dim * torch.finfo(kv_dtype).bits // 8)
+        num_blocks = config.num_kv_blocks or max(
+            2, int(config.kv_cache_memory_gb * (1 << 30)) // block_bytes)
+        self.num_kv_blocks = num_blocks
+        self.runner = ModelRunner(
+            model, mc, block_size=config.block_size, num_blocks=num_blocks,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len, kv_cache_dtype=kv_dtype, device=self.device,
+            seed=config.seed)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            block_size=config.block_size, num_blocks=num_blocks,
+            max_model_len=self.max_model_len,
+            enable_prefix_caching=config.enable_prefix_caching))
+        self._states: dict[str, _RequestState] = {}
+        self._owner: dict[str, tuple[_RequestState, _Completion]] = {}
+        self._ids = itertools.count()
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def add_request(self, request_id: str, prompt: str | list[int],
+                    params: SamplingParams | None = None, priority: int = 0,
+                    offline: bool = False) -> None:
+        """Queues a request. ValueError if the prompt is empty or does not fit the context."""
+        params = params or SamplingParams()
+        if request_id in self._states:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, token_ids = None, [int(t) for t in prompt]
+        if not token_ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        vocab = self.model_config.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}); got one outside")
+        room = self.max_model_len - len(token_ids)
+        if room < 1:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens but the context holds "
+                             f"{self.max_model_len} (max_model_len); shorten the prompt")
+        if params.max_tokens is None:
+            params = replace(params, max_tokens=room)
+        state = _RequestState(request_id, text, token_ids, params)
+        for i in range(params.n):
+            child_params = params if params.seed is None else replace(params, seed=params.seed + i)
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            # Siblings wait for the first completion's prompt blocks and take them as a
+            # prefix hit, so the prompt is computed once for all n.
+            first = state.completions[0].request.request_id if i else None
+            req = Request(child_id, token_ids, child_params, eos_token_ids=self.eos_token_ids,
+                          priority=priority, offline=offline, share_prefix_with=first)
+            completion = _Completion(req, IncrementalDetokenizer(
+                self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens))
+            if params.logprobs is not None:
+                completion.logprobs = []
+            state.completions.append(completion)
+            self._owner[child_id] = (state, completion)
+        self._states[request_id] = state
+        for completion in state.completions:
+            self.scheduler.add_request(completion.request)
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        """Stops requests at once and frees their KV blocks."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        children = []
+        for rid in ids:
+            state = self._states.pop(rid, None)
+            if state is None:
+                continue
+            for c in state.completions:
+                children.append(c.request.request_id)
+                self._owner.pop(c.request.request_id, None)
+        if children:
+            self.scheduler.abort_requests(children)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._states)
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        result = self.runner.execute(out)
+        self.scheduler.update_from_output(out, result.sampled_token_ids)
+        now = time.monotonic()
+        touched: dict[str, _RequestState] = {}
+        for item, new_ids, lp in zip(out.scheduled, result.sampled_token_ids, result.logprobs,
+                                     strict=True):
+            if not new_ids:
+                continue
+            owner = self._owner.get(item.request.request_id)
+            if owner is None:
+                continue
+            state, completion = owner
+            if state.metrics.first_token_time is None:
+                state.metrics.first_token_time = now
+            self._absorb(completion, new_ids, lp)
+            touched[state.request_id] = state
+        outputs = []
+        for state in touched.values():
+            outputs.append(self._make_output(state))
+            if state.finished:
+                state.metrics.finished_time = now
+                del self._states[state.request_id]
+                for c in state.completions:
+                    self._owner.pop(c.request.request_id, None)
+        return outputs
+
+    def _absorb(self, completion: _Completion, new_ids: list[int], lp) -> None:  # noqa: ANN001
+        req = completion.request
+        params = req.sampling_params
+        if completion.logprobs is not None and lp is not None:
+            entry = {tid: val for tid, val in lp.top}
+            entry[lp.token_id] = lp.logprob
+            completion.logprobs.append(entry)
+            completion.cumulative_logprob += lp.logprob
+        before = len(completion.detokenizer.text)
+        completion.detokenizer.step(new_ids)
+        hit = None
+        if params.stop:
+            text = completion.detokenizer.text
+            longest = max(len(s) for s in params.stop)
+            hit = _find_stop(text, params.stop, max(0, before - longest + 1))
+        if hit is not None:
+            index, stop = hit
+            completion.text_end = index + (len(stop) if params.include_stop_str_in_output else 0)
+            completion.finish_reason, completion.stop_reason = "stop", stop
+            if not req.is_finished:
+                self.scheduler.finish_requests([req.request_id], "stop", stop)
+        elif req.is_finished:
+            completion.finish_reason = req.finish_reason
+            completion.stop_reason = req.stop_reason
+        if completion.finish_reason is not None:
+            completion.detokenizer.finish()  # flush a held-back partial character
+
+    def _visible_text(self, completion: _Completion) -> str:
+        text = completion.detokenizer.text
+        if completion.text_end is not None:
+            return text[:completion.text_end]
+        params = completion.request.sampling_params
+        if completion.finish_reason is None and params.stop:
+            # Hold back a tail that could still grow into a stop string.
+            hold = max(len(s) for s in params.stop) - 1
+            return text[:max(completion.emitted_chars, len(text) - hold)]
+        return text
+
+    def _make_output(self, state: _RequestState) -> RequestOutput:
+        outputs, deltas = [], {}
+        for i, c in enumerate(state.completions):
+            text = self._visible_text(c)
+            token_ids = list(c.request.output_token_ids)
+            deltas[i] = (text[c.emitted_chars:], token_ids[c.emitted_tokens:])
+            c.emitted_chars, c.emitted_tokens = len(text), len(token_ids)
+            outputs.append(CompletionOutput(
+                index=i, text=text, token_ids=token_ids, finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason, logprobs=c.logprobs,
+                cumulative_logprob=c.cumulative_logprob if c.logprobs is not None else None))
+        return RequestOutput(
+            request_id=state.request_id, prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids, outputs=outputs, finished=state.finished,
+            num_cached_tokens=max(c.request.num_cached_tokens for c in state.completions),
+            metrics=state.metrics, deltas=deltas)
+
+
+def _find_stop(text: str, stops: list[str], start: int) -> tuple[int, str] | None:
+    """The earliest stop string in text[start:], as (index, stop)."""
+    best = None
+    for stop in stops:
+        index = text.find(stop, start)
+        if index != -1 and (best is None or index < best[0]):
+            best = (index, stop)
+    return best
