@@ -332,6 +332,23 @@ def test_logprobs_are_of_the_raw_logits() -> None:
     assert out.ranks[0] == 1  # greedy on unpenalised logits: the best token
 
 
+def test_inverse_cdf_never_picks_zero_weight_tokens() -> None:
+    from xllm.layers.sampler import _inverse_cdf
+
+    g = torch.Generator().manual_seed(13)
+    weights = torch.rand(6, 1000, generator=g)
+    weights[weights < 0.7] = 0.0  # zero-weight runs, including whole 256-blocks:
+    weights[:, 256:768] = 0.0
+    weights[:, -50:] = 0.0  # and a zero tail
+    u = torch.tensor([0.0, 0.25, 0.5, 0.999, 1 - 2**-53, 1 - 2**-30], dtype=torch.float64)
+    picked = _inverse_cdf(weights, u)
+    cum = weights.double().cumsum(-1)
+    expected = torch.searchsorted(cum, (u * cum[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    last = (weights > 0).double().cumsum(-1).argmax(-1)  # the last positive weight
+    assert torch.equal(picked, torch.minimum(expected, last))
+    assert (weights.gather(1, picked.unsqueeze(1)) > 0).all()
+
+
 def test_topk_two_level_matches_torch_topk() -> None:
     g = torch.Generator().manual_seed(9)
     for vocab, k in ((49152, 20), (10001, 7), (1000, 30), (70000, 129)):

@@ -394,7 +394,7 @@ class Sampler:
                 return SamplerOutput(empty)
             ids = torch.empty(0, k + 1, dtype=torch.long, device=device)
             return SamplerOutput(empty, torch.empty(0, k + 1, device=device), ids, empty)
-        raw = logits if logits.dtype == torch.float32 else logits.float()
+        raw = logits.float().contiguous()  # no-ops for the usual fp32 contiguous logits
         processed = raw
         if batch.penalties is not None or batch.suppress_index is not None:
             # a contiguous copy: the caller's logits stay untouched, and updates go to flat indices
@@ -477,14 +477,26 @@ def argmax_first(x: torch.Tensor) -> torch.Tensor:
 
 def topk_two_level(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) of the k largest per row, best first. The k best tokens lie in the k
-    blocks with the largest block maxima, so only k * 64 gathered values are searched."""
-    v = x.shape[1]
+    64-wide blocks with the largest maxima (plus a short tail block, always searched), so only
+    those ~k * 64 values are copied (whole blocks, one index_select) and searched."""
+    m, v = x.shape
+    nb = v // _TOPK_BLOCK
     if k * _TOPK_BLOCK * 4 > v:
         return x.topk(k, dim=-1)
-    blocks = _blocked(x, _TOPK_BLOCK, torch.amax).topk(k, dim=-1).indices  # [m, k]
-    idx, valid = _block_indices(blocks, _TOPK_BLOCK, v)  # [m, k * 64]
-    vals, pos = x.gather(1, idx).masked_fill_(~valid, -_INF).topk(k, dim=-1)
-    return vals, idx.gather(1, pos)
+    x = x.contiguous()
+    main = x[:, : nb * _TOPK_BLOCK].view(m, nb, _TOPK_BLOCK)
+    blocks = main.amax(-1).topk(k, dim=-1).indices  # [m, k]
+    width = k * _TOPK_BLOCK
+    if v == nb * _TOPK_BLOCK:  # rows of blocks: one index_select copies whole blocks
+        flat = blocks + torch.arange(0, m * nb, nb, device=x.device).unsqueeze(1)
+        cand = x.view(m * nb, _TOPK_BLOCK).index_select(0, flat.view(-1)).view(m, width)
+    else:
+        rows = torch.arange(m, device=x.device).unsqueeze(1)
+        cand = torch.cat([main[rows, blocks].view(m, width), x[:, nb * _TOPK_BLOCK :]], 1)
+    vals, pos = cand.topk(k, dim=-1)
+    in_main = blocks.gather(1, (pos // _TOPK_BLOCK).clamp_(max=k - 1)) * _TOPK_BLOCK
+    ids = torch.where(pos < width, in_main + pos % _TOPK_BLOCK, pos - width + nb * _TOPK_BLOCK)
+    return vals, ids
 
 
 def _blocked(x: torch.Tensor, block: int, reduce) -> torch.Tensor:
@@ -579,8 +591,9 @@ def _sample_restricted(
         keep &= weights >= group.min_p
 
     cum = torch.where(keep, weights, 0.0).double().cumsum_(-1)
-    pos = torch.searchsorted(cum, u.unsqueeze(1) * cum[:, -1:], right=True)
-    pos = torch.minimum(pos, keep.sum(-1, keepdim=True) - 1)  # kept positions are a prefix
+    total = cum[:, -1:].contiguous()
+    pos = torch.searchsorted(cum, u.unsqueeze(1) * total, right=True)
+    pos = torch.minimum(pos, torch.searchsorted(cum, total))  # u * total rounded up to total
     tokens = ids.gather(1, pos).squeeze(1)
     if candidates == v:
         return tokens
