@@ -428,6 +428,8 @@ def test_bad_input_raises_value_error() -> None:
         SamplingBatch.build([SP()], [[1]], [[]], 10, suppress_token_ids=[[-3]])
     with pytest.raises(ValueError, match="params"):
         SamplingBatch.build([{"temperature": 0}], [[1]], [[]], 10)
+    with pytest.raises(ValueError, match="params"):
+        SamplingBatch.build(SP(), [[1]], [[]], 10)  # type: ignore[arg-type]
     batch = build([SP()] * 2, 10)
     with pytest.raises(ValueError, match="shape"):
         Sampler()(torch.zeros(2, 11), batch)
@@ -435,6 +437,16 @@ def test_bad_input_raises_value_error() -> None:
         Sampler()(torch.zeros(2, 10, dtype=torch.long), batch)
     with pytest.raises(ValueError, match="seed"):
         Sampler(seed="x")  # type: ignore[arg-type]
+
+
+def test_non_contiguous_logits_give_the_same_tokens() -> None:
+    logits = torch.randn(8, 6000, generator=torch.Generator().manual_seed(14)) * 3
+    strided = logits.t().contiguous().t()  # same values, column-major
+    params = [SP(temperature=0.0), SP(top_k=30), SP(top_p=0.8, logprobs=2), SP(min_p=0.1)] * 2
+    batch = build(params, 6000, [[1, 2]] * 8, [[3]] * 8)
+    a, b = Sampler(seed=3)(logits, batch), Sampler(seed=3)(strided, batch)
+    assert torch.equal(a.token_ids, b.token_ids)
+    torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=0, equal_nan=True)
 
 
 def test_half_precision_logits_are_widened() -> None:

@@ -137,6 +137,10 @@ class SamplingBatch:
         EOS + stop ids while a request has fewer than min_tokens outputs); ids outside the
         vocabulary can never be sampled anyway and are ignored. Seeded rows use
         ``len(output_token_ids[i])`` as their step."""
+        if not isinstance(params, (list, tuple)):
+            raise ValueError(
+                f"params must be a list of SamplingParams, got {type(params).__name__}"
+            )
         n = len(params)
         _check_rows("prompt_token_ids", prompt_token_ids, n)
         _check_rows("output_token_ids", output_token_ids, n)
