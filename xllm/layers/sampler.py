@@ -412,7 +412,7 @@ class Sampler:
             tokens = torch.empty(n, dtype=torch.long, device=device)
             if batch.greedy_rows is not None:
                 rows = batch.greedy_rows
-                tokens.index_copy_(0, rows, argmax_first(processed.index_select(0, rows)))
+                tokens.index_copy_(0, rows, argmax_first(processed[rows]))
             for group in batch.groups:
                 self._sample_group(processed, group, tokens)
 
@@ -422,7 +422,10 @@ class Sampler:
         return out
 
     def _sample_group(self, logits: torch.Tensor, group: RandomGroup, tokens: torch.Tensor) -> None:
-        rows = logits if group.rows is None else logits.index_select(0, group.rows)
+        # Whole rows are taken with advanced indexing, not index_select: for 2-D tensors
+        # index_select copies row by row, one OpenMP region per row, which stalls for
+        # milliseconds per row whenever the machine is oversubscribed.
+        rows = logits if group.rows is None else logits[group.rows]
         m, device = rows.shape[0], rows.device
         if group.seed is None:
             gen = self._generator(device)
@@ -625,20 +628,18 @@ def _redo(
         undecided = undecided & ~group.min_p_only
         if wide.numel():
             sub = group.select(wide)
-            tokens[wide] = _sample_full(logits.index_select(0, wide), sub, u.index_select(0, wide))
+            tokens[wide] = _sample_full(logits[wide], sub, u[wide])
     rows = undecided.nonzero().squeeze(1)
     if rows.numel():
         mass = None if full_mass is None else full_mass.index_select(0, rows)
         more = max(candidates * _ESCALATE, 2048)
-        tokens[rows] = _sample_restricted(
-            logits.index_select(0, rows), group.select(rows), u.index_select(0, rows), more, mass
-        )
+        tokens[rows] = _sample_restricted(logits[rows], group.select(rows), u[rows], more, mass)
 
 
 def _fill_logprobs(out: SamplerOutput, raw: torch.Tensor, batch: SamplingBatch, k: int) -> None:
     """Log-softmax of the raw logits: the sampled token's logprob and rank, then the top k."""
     rows = batch.logprob_rows
-    logits = raw if rows is None else raw.index_select(0, rows)
+    logits = raw if rows is None else raw[rows]
     tokens = (out.token_ids if rows is None else out.token_ids.index_select(0, rows)).unsqueeze(1)
     m, v = logits.shape
     logprobs = torch.log_softmax(logits, dim=-1)
@@ -651,7 +652,7 @@ def _fill_logprobs(out: SamplerOutput, raw: torch.Tensor, batch: SamplingBatch, 
     outside = ~(top_ids == tokens).any(-1)
     if bool(outside.any()):
         far = outside.nonzero().squeeze(1)
-        ranks[far] = 1 + (logprobs.index_select(0, far) > chosen.index_select(0, far)).sum(-1)
+        ranks[far] = 1 + (logprobs[far] > chosen[far]).sum(-1)
     shown = min(k, v)
     lp = torch.cat([chosen, top_lp[:, :shown]], 1)
     ids = torch.cat([tokens, top_ids[:, :shown]], 1)
