@@ -23,6 +23,8 @@ def vllm_style(logits: torch.Tensor, params: list[SP]) -> torch.Tensor:
     """The usual torch sampler: greedy argmax, else sort-based top-k/top-p and a race."""
     temp = torch.tensor([p.temperature or 1.0 for p in params]).unsqueeze(1)
     greedy = torch.tensor([p.temperature == 0 for p in params])
+    if bool(greedy.all()):
+        return logits.argmax(-1)
     x = logits / temp
     k = torch.tensor([p.top_k if p.top_k > 0 else x.shape[1] for p in params])
     top_p = torch.tensor([p.top_p for p in params])

@@ -332,6 +332,23 @@ def test_logprobs_are_of_the_raw_logits() -> None:
     assert out.ranks[0] == 1  # greedy on unpenalised logits: the best token
 
 
+def test_inverse_cdf_never_picks_zero_weight_tokens() -> None:
+    from xllm.layers.sampler import _inverse_cdf
+
+    g = torch.Generator().manual_seed(13)
+    weights = torch.rand(6, 1000, generator=g)
+    weights[weights < 0.7] = 0.0  # zero-weight runs, including whole 256-blocks:
+    weights[:, 256:768] = 0.0
+    weights[:, -50:] = 0.0  # and a zero tail
+    u = torch.tensor([0.0, 0.25, 0.5, 0.999, 1 - 2**-53, 1 - 2**-30], dtype=torch.float64)
+    picked = _inverse_cdf(weights, u)
+    cum = weights.double().cumsum(-1)
+    expected = torch.searchsorted(cum, (u * cum[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    last = (weights > 0).double().cumsum(-1).argmax(-1)  # the last positive weight
+    assert torch.equal(picked, torch.minimum(expected, last))
+    assert (weights.gather(1, picked.unsqueeze(1)) > 0).all()
+
+
 def test_topk_two_level_matches_torch_topk() -> None:
     g = torch.Generator().manual_seed(9)
     for vocab, k in ((49152, 20), (10001, 7), (1000, 30), (70000, 129)):
@@ -411,6 +428,8 @@ def test_bad_input_raises_value_error() -> None:
         SamplingBatch.build([SP()], [[1]], [[]], 10, suppress_token_ids=[[-3]])
     with pytest.raises(ValueError, match="params"):
         SamplingBatch.build([{"temperature": 0}], [[1]], [[]], 10)
+    with pytest.raises(ValueError, match="params"):
+        SamplingBatch.build(SP(), [[1]], [[]], 10)  # type: ignore[arg-type]
     batch = build([SP()] * 2, 10)
     with pytest.raises(ValueError, match="shape"):
         Sampler()(torch.zeros(2, 11), batch)
@@ -418,6 +437,16 @@ def test_bad_input_raises_value_error() -> None:
         Sampler()(torch.zeros(2, 10, dtype=torch.long), batch)
     with pytest.raises(ValueError, match="seed"):
         Sampler(seed="x")  # type: ignore[arg-type]
+
+
+def test_non_contiguous_logits_give_the_same_tokens() -> None:
+    logits = torch.randn(8, 6000, generator=torch.Generator().manual_seed(14)) * 3
+    strided = logits.t().contiguous().t()  # same values, column-major
+    params = [SP(temperature=0.0), SP(top_k=30), SP(top_p=0.8, logprobs=2), SP(min_p=0.1)] * 2
+    batch = build(params, 6000, [[1, 2]] * 8, [[3]] * 8)
+    a, b = Sampler(seed=3)(logits, batch), Sampler(seed=3)(strided, batch)
+    assert torch.equal(a.token_ids, b.token_ids)
+    torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=0, equal_nan=True)
 
 
 def test_half_precision_logits_are_widened() -> None:

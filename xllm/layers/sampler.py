@@ -137,6 +137,10 @@ class SamplingBatch:
         EOS + stop ids while a request has fewer than min_tokens outputs); ids outside the
         vocabulary can never be sampled anyway and are ignored. Seeded rows use
         ``len(output_token_ids[i])`` as their step."""
+        if not isinstance(params, (list, tuple)):
+            raise ValueError(
+                f"params must be a list of SamplingParams, got {type(params).__name__}"
+            )
         n = len(params)
         _check_rows("prompt_token_ids", prompt_token_ids, n)
         _check_rows("output_token_ids", output_token_ids, n)
@@ -394,7 +398,7 @@ class Sampler:
                 return SamplerOutput(empty)
             ids = torch.empty(0, k + 1, dtype=torch.long, device=device)
             return SamplerOutput(empty, torch.empty(0, k + 1, device=device), ids, empty)
-        raw = logits if logits.dtype == torch.float32 else logits.float()
+        raw = logits.float().contiguous()  # no-ops for the usual fp32 contiguous logits
         processed = raw
         if batch.penalties is not None or batch.suppress_index is not None:
             # a contiguous copy: the caller's logits stay untouched, and updates go to flat indices
@@ -408,7 +412,7 @@ class Sampler:
             tokens = torch.empty(n, dtype=torch.long, device=device)
             if batch.greedy_rows is not None:
                 rows = batch.greedy_rows
-                tokens.index_copy_(0, rows, argmax_first(processed.index_select(0, rows)))
+                tokens.index_copy_(0, rows, argmax_first(processed[rows]))
             for group in batch.groups:
                 self._sample_group(processed, group, tokens)
 
@@ -418,7 +422,10 @@ class Sampler:
         return out
 
     def _sample_group(self, logits: torch.Tensor, group: RandomGroup, tokens: torch.Tensor) -> None:
-        rows = logits if group.rows is None else logits.index_select(0, group.rows)
+        # Whole rows are taken with advanced indexing, not index_select: for 2-D tensors
+        # index_select copies row by row, one OpenMP region per row, which stalls for
+        # milliseconds per row whenever the machine is oversubscribed.
+        rows = logits if group.rows is None else logits[group.rows]
         m, device = rows.shape[0], rows.device
         if group.seed is None:
             gen = self._generator(device)
@@ -477,14 +484,26 @@ def argmax_first(x: torch.Tensor) -> torch.Tensor:
 
 def topk_two_level(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) of the k largest per row, best first. The k best tokens lie in the k
-    blocks with the largest block maxima, so only k * 64 gathered values are searched."""
-    v = x.shape[1]
+    64-wide blocks with the largest maxima (plus a short tail block, always searched), so only
+    those ~k * 64 values are copied (whole blocks, one index_select) and searched."""
+    m, v = x.shape
+    nb = v // _TOPK_BLOCK
     if k * _TOPK_BLOCK * 4 > v:
         return x.topk(k, dim=-1)
-    blocks = _blocked(x, _TOPK_BLOCK, torch.amax).topk(k, dim=-1).indices  # [m, k]
-    idx, valid = _block_indices(blocks, _TOPK_BLOCK, v)  # [m, k * 64]
-    vals, pos = x.gather(1, idx).masked_fill_(~valid, -_INF).topk(k, dim=-1)
-    return vals, idx.gather(1, pos)
+    x = x.contiguous()
+    main = x[:, : nb * _TOPK_BLOCK].view(m, nb, _TOPK_BLOCK)
+    blocks = main.amax(-1).topk(k, dim=-1).indices  # [m, k]
+    width = k * _TOPK_BLOCK
+    if v == nb * _TOPK_BLOCK:  # rows of blocks: one index_select copies whole blocks
+        flat = blocks + torch.arange(0, m * nb, nb, device=x.device).unsqueeze(1)
+        cand = x.view(m * nb, _TOPK_BLOCK).index_select(0, flat.view(-1)).view(m, width)
+    else:
+        rows = torch.arange(m, device=x.device).unsqueeze(1)
+        cand = torch.cat([main[rows, blocks].view(m, width), x[:, nb * _TOPK_BLOCK :]], 1)
+    vals, pos = cand.topk(k, dim=-1)
+    in_main = blocks.gather(1, (pos // _TOPK_BLOCK).clamp_(max=k - 1)) * _TOPK_BLOCK
+    ids = torch.where(pos < width, in_main + pos % _TOPK_BLOCK, pos - width + nb * _TOPK_BLOCK)
+    return vals, ids
 
 
 def _blocked(x: torch.Tensor, block: int, reduce) -> torch.Tensor:
@@ -579,8 +598,9 @@ def _sample_restricted(
         keep &= weights >= group.min_p
 
     cum = torch.where(keep, weights, 0.0).double().cumsum_(-1)
-    pos = torch.searchsorted(cum, u.unsqueeze(1) * cum[:, -1:], right=True)
-    pos = torch.minimum(pos, keep.sum(-1, keepdim=True) - 1)  # kept positions are a prefix
+    total = cum[:, -1:].contiguous()
+    pos = torch.searchsorted(cum, u.unsqueeze(1) * total, right=True)
+    pos = torch.minimum(pos, torch.searchsorted(cum, total))  # u * total rounded up to total
     tokens = ids.gather(1, pos).squeeze(1)
     if candidates == v:
         return tokens
@@ -608,20 +628,18 @@ def _redo(
         undecided = undecided & ~group.min_p_only
         if wide.numel():
             sub = group.select(wide)
-            tokens[wide] = _sample_full(logits.index_select(0, wide), sub, u.index_select(0, wide))
+            tokens[wide] = _sample_full(logits[wide], sub, u[wide])
     rows = undecided.nonzero().squeeze(1)
     if rows.numel():
         mass = None if full_mass is None else full_mass.index_select(0, rows)
         more = max(candidates * _ESCALATE, 2048)
-        tokens[rows] = _sample_restricted(
-            logits.index_select(0, rows), group.select(rows), u.index_select(0, rows), more, mass
-        )
+        tokens[rows] = _sample_restricted(logits[rows], group.select(rows), u[rows], more, mass)
 
 
 def _fill_logprobs(out: SamplerOutput, raw: torch.Tensor, batch: SamplingBatch, k: int) -> None:
     """Log-softmax of the raw logits: the sampled token's logprob and rank, then the top k."""
     rows = batch.logprob_rows
-    logits = raw if rows is None else raw.index_select(0, rows)
+    logits = raw if rows is None else raw[rows]
     tokens = (out.token_ids if rows is None else out.token_ids.index_select(0, rows)).unsqueeze(1)
     m, v = logits.shape
     logprobs = torch.log_softmax(logits, dim=-1)
@@ -634,7 +652,7 @@ def _fill_logprobs(out: SamplerOutput, raw: torch.Tensor, batch: SamplingBatch, 
     outside = ~(top_ids == tokens).any(-1)
     if bool(outside.any()):
         far = outside.nonzero().squeeze(1)
-        ranks[far] = 1 + (logprobs.index_select(0, far) > chosen.index_select(0, far)).sum(-1)
+        ranks[far] = 1 + (logprobs[far] > chosen[far]).sum(-1)
     shown = min(k, v)
     lp = torch.cat([chosen, top_lp[:, :shown]], 1)
     ids = torch.cat([tokens, top_ids[:, :shown]], 1)
