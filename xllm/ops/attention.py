@@ -61,28 +61,8 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor,
     the query's own token included; 0 gives zeros). Returns ``out``
     [num_seqs, num_heads, head_size] (fp32 on CPU; query's dtype on CUDA).
     """
-    chosen = _pick(backend, query)
-    if chosen == "torch":
-        result = ref.paged_attention_decode_ref(query, key_cache, value_cache, block_tables,
-                                                seq_lens, scale)
-        if out is None:
-            return result
-        out.copy_(result)
-        return out
-    if out is None:
-        dtype = torch.float32 if chosen == "native" else query.dtype
-        out = torch.empty(query.shape, dtype=dtype, device=query.device)
-    if chosen == "native":
-        from xllm import _C
-
-        _C.paged_attention_decode(out, query, key_cache, value_cache, block_tables, seq_lens,
-                                  float(scale))
-    else:
-        from xllm.ops.triton import attention as tri
-
-        tri.paged_attention_decode(out, query, key_cache, value_cache, block_tables, seq_lens,
-                                   float(scale))
-    return out
+    return _attend("paged_attention_decode", backend, out, query, key_cache, value_cache,
+                   block_tables, seq_lens, float(scale))
 
 
 def paged_attention_prefill(query: torch.Tensor, key_cache: torch.Tensor,
@@ -98,25 +78,24 @@ def paged_attention_prefill(query: torch.Tensor, key_cache: torch.Tensor,
     the new tokens' included, are already in the cache. Covers whole prompts,
     chunked prefill and prefix-cache hits alike. Returns ``out`` shaped like query.
     """
+    return _attend("paged_attention_prefill", backend, out, query, key_cache, value_cache,
+                   block_tables, query_start_loc, seq_lens, float(scale))
+
+
+def _attend(op: str, backend: str | None, out: torch.Tensor | None, query: torch.Tensor,
+            *args: object) -> torch.Tensor:
+    """Runs attention op `op` (same name in _C, the Triton module and, with _ref, the
+    references) on the chosen backend, into `out` when given."""
     chosen = _pick(backend, query)
     if chosen == "torch":
-        result = ref.paged_attention_prefill_ref(query, key_cache, value_cache, block_tables,
-                                                 query_start_loc, seq_lens, scale)
-        if out is None:
-            return result
-        out.copy_(result)
-        return out
+        result = getattr(ref, op + "_ref")(query, *args)
+        return result if out is None else out.copy_(result)
     if out is None:
         dtype = torch.float32 if chosen == "native" else query.dtype
         out = torch.empty(query.shape, dtype=dtype, device=query.device)
     if chosen == "native":
-        from xllm import _C
-
-        _C.paged_attention_prefill(out, query, key_cache, value_cache, block_tables,
-                                   query_start_loc, seq_lens, float(scale))
+        from xllm import _C as impl
     else:
-        from xllm.ops.triton import attention as tri
-
-        tri.paged_attention_prefill(out, query, key_cache, value_cache, block_tables,
-                                    query_start_loc, seq_lens, float(scale))
+        from xllm.ops.triton import attention as impl
+    getattr(impl, op)(out, query, *args)
     return out
