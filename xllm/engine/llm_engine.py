@@ -19,14 +19,12 @@ from xllm.config import EngineConfig
 from xllm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from xllm.loader import resolve_model
 from xllm.loader.generation_config import GenerationConfig
-from xllm.loader.model import load_model, resolve_dtype
+from xllm.loader.model import TORCH_DTYPES, load_model, resolve_dtype
 from xllm.models.config import ModelConfig
 from xllm.runtime.model_runner import ModelRunner
 from xllm.sampling_params import SamplingParams
 from xllm.scheduler import Request, Scheduler, SchedulerConfig
 from xllm.tokenizer import IncrementalDetokenizer, Tokenizer
-
-_KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -76,8 +74,8 @@ class LLMEngine:
                              f"max_position_embeddings {limit}; use at most {limit}")
         self.max_model_len = config.max_model_len or limit
         self.dtype = resolve_dtype(config.dtype, mc, self.device)
-        kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else _KV_DTYPES[
-            config.kv_cache_dtype]
+        kv_dtype = (self.dtype if config.kv_cache_dtype == "auto"
+                    else TORCH_DTYPES[config.kv_cache_dtype])
         model = load_model(self.model_dir, mc, self.dtype, self.device, progress=progress)
         block_bytes = (2 * mc.num_hidden_layers * mc.num_key_value_heads * config.block_size
                        * mc.head_dim * torch.finfo(kv_dtype).bits // 8)

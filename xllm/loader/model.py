@@ -9,7 +9,7 @@ import torch
 from xllm.models.config import ModelConfig
 from xllm.models.registry import get_model_class
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cpu_has_bf16_compute() -> bool:
@@ -24,9 +24,9 @@ def cpu_has_bf16_compute() -> bool:
 def resolve_dtype(dtype: str, model_config: ModelConfig, device: torch.device) -> torch.dtype:
     """'auto' = the checkpoint's dtype on CUDA; fp32 on CPUs without bf16 units."""
     if dtype != "auto":
-        return _DTYPES[dtype]
+        return TORCH_DTYPES[dtype]
     if device.type == "cuda":
-        return _DTYPES.get(model_config.torch_dtype, torch.bfloat16)
+        return TORCH_DTYPES.get(model_config.torch_dtype, torch.bfloat16)
     if model_config.torch_dtype == "bfloat16" and cpu_has_bf16_compute():
         return torch.bfloat16
     return torch.float32
