@@ -80,30 +80,78 @@ std::string Tensor::shape_str() const {
   return os.str();
 }
 
+namespace {
+
+// Attribute names as interned Python strings, made once: looking an attribute up by a
+// C string builds and hashes a new str each time, which dominated a call's cost.
+struct Names {
+  PyObject *data_ptr, *is_cpu, *shape, *stride, *dtype;
+};
+
+const Names& names() {
+  static const Names n{PyUnicode_InternFromString("data_ptr"), PyUnicode_InternFromString("is_cpu"),
+                       PyUnicode_InternFromString("shape"), PyUnicode_InternFromString("stride"),
+                       PyUnicode_InternFromString("dtype")};
+  return n;
+}
+
+// A new reference to obj.<name>, or a Python error turned into a C++ exception.
+py::object get(py::handle obj, PyObject* name) {
+  PyObject* r = PyObject_GetAttr(obj.ptr(), name);
+  if (!r) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(r);
+}
+
+py::object call(py::handle obj, PyObject* name) {
+  PyObject* r = PyObject_CallMethodNoArgs(obj.ptr(), name);
+  if (!r) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(r);
+}
+
+int64_t as_int(PyObject* o) {
+  const long long v = PyLong_AsLongLong(o);
+  if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+  return v;
+}
+
+}  // namespace
+
 Tensor host_tensor(py::handle obj, const char* name) {
-  if (!py::hasattr(obj, "data_ptr") || !py::hasattr(obj, "is_cpu")) {
+  const Names& n = names();
+  PyObject* is_cpu = PyObject_GetAttr(obj.ptr(), n.is_cpu);
+  if (!is_cpu) {
+    PyErr_Clear();
     fail("argument '", name, "' must be a torch.Tensor, got ",
          py::str(py::type::handle_of(obj).attr("__name__")).cast<std::string>());
   }
-  if (!obj.attr("is_cpu").cast<bool>()) {
+  const int cpu = PyObject_IsTrue(is_cpu);
+  Py_DECREF(is_cpu);
+  if (cpu != 1) {
+    if (cpu < 0) throw py::error_already_set();
     fail("argument '", name, "' must be a CPU tensor, got one on ",
          py::str(obj.attr("device")).cast<std::string>());
   }
   Tensor t;
   t.name = name;
-  py::tuple shape = obj.attr("shape");
-  if (shape.size() > static_cast<size_t>(kMaxDims)) {
-    fail("argument '", name, "' has ", shape.size(), " dimensions; at most ", kMaxDims,
+  py::object shape = get(obj, n.shape);
+  py::object stride = call(obj, n.stride);
+  if (!PyTuple_Check(shape.ptr()) || !PyTuple_Check(stride.ptr())) {
+    fail("argument '", name, "' must be a torch.Tensor (its shape and stride() are not tuples)");
+  }
+  const Py_ssize_t ndim = PyTuple_GET_SIZE(shape.ptr());
+  if (ndim > static_cast<Py_ssize_t>(kMaxDims)) {
+    fail("argument '", name, "' has ", ndim, " dimensions; at most ", kMaxDims,
          " are supported");
   }
-  py::tuple stride = obj.attr("stride")();
-  t.ndim = static_cast<int>(shape.size());
+  t.ndim = static_cast<int>(ndim);
   for (int i = 0; i < t.ndim; ++i) {
-    t.shape[i] = shape[i].cast<int64_t>();
-    t.stride[i] = stride[i].cast<int64_t>();
+    t.shape[i] = as_int(PyTuple_GET_ITEM(shape.ptr(), i));
+    t.stride[i] = as_int(PyTuple_GET_ITEM(stride.ptr(), i));
   }
-  t.dtype = to_dtype(obj.attr("dtype"));
-  t.data = reinterpret_cast<void*>(obj.attr("data_ptr")().cast<uintptr_t>());
+  t.dtype = to_dtype(get(obj, n.dtype));
+  py::object ptr = call(obj, n.data_ptr);
+  t.data = PyLong_AsVoidPtr(ptr.ptr());
+  if (!t.data && PyErr_Occurred()) throw py::error_already_set();
   return t;
 }
 
