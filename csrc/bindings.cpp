@@ -11,15 +11,19 @@ void register_block_pool(py::module_& m);
 void register_queue(py::module_& m);
 void register_vmm(py::module_& m);
 void register_shm_allreduce(py::module_& m);
+void register_quant(py::module_& m);
+void register_layer_ops(py::module_& m);
 }  // namespace xllm
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "xllm native core: paged attention, KV cache write, block pool, MPMC queue, "
-            "VMM page pool and shared-memory allreduce.";
+            "VMM page pool, shared-memory allreduce, block-weight linears and fused layer ops.";
   xllm::register_cpu_info(m);
   xllm::register_attention(m);
   xllm::register_block_pool(m);
   xllm::register_queue(m);
   xllm::register_vmm(m);
   xllm::register_shm_allreduce(m);
+  xllm::register_quant(m);
+  xllm::register_layer_ops(m);
 }

@@ -1,13 +1,16 @@
 """xllm.layers against transformers' modules and plain-torch references.
 
 RMSNorm and rotary are compared bit for bit where we claim the same arithmetic as
-transformers (fp32); the rest to fp32 rounding.
+transformers (fp32); the rest, and the native RMSNorm (whose sum runs in another order),
+to fp32 rounding. Native ops run on both their AVX2 and scalar paths.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,6 +25,7 @@ from transformers.models.llama.modeling_llama import (  # noqa: E402
     apply_rotary_pos_emb,
 )
 
+from xllm import _C  # noqa: E402
 from xllm.layers import (  # noqa: E402
     Linear,
     LMHead,
@@ -38,6 +42,19 @@ from xllm.ops.kv_cache import allocate_kv_cache  # noqa: E402
 from xllm.runtime.attn_metadata import AttentionMetadata  # noqa: E402
 
 
+@contextlib.contextmanager
+def isa_override(isa: str | None) -> Iterator[None]:
+    """Runs the native ops on `isa` ("scalar" = the fallback path); None: the detected one."""
+    if isa is None:
+        yield
+        return
+    _C.set_cpu_isa(isa)
+    try:
+        yield
+    finally:
+        _C.set_cpu_isa(_C.detected_isa())
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -46,8 +63,11 @@ def _gen(seed: int) -> torch.Generator:
 # RMSNorm
 
 
-@pytest.mark.parametrize("hidden, rows", [(64, 1), (576, 7), (37, 33)])
-def test_rmsnorm_matches_transformers_bitwise(hidden: int, rows: int) -> None:
+@pytest.mark.parametrize("hidden, rows", [(64, 1), (576, 7), (37, 33), (576, 70)])
+@pytest.mark.parametrize("path", ["native", "torch", "native-scalar"])
+def test_rmsnorm_matches_transformers(hidden: int, rows: int, path: str) -> None:
+    """The torch path matches transformers bit for bit; the native one (2-D fp32 CPU input)
+    differs only in the order of the mean's sum, so it is equal to fp32 rounding."""
     g = _gen(hidden)
     ref = LlamaRMSNorm(hidden, eps=1e-5)
     ours = RMSNorm(hidden, eps=1e-5)
@@ -56,14 +76,25 @@ def test_rmsnorm_matches_transformers_bitwise(hidden: int, rows: int) -> None:
         ours.weight.copy_(ref.weight)
     x = 3 * torch.randn(rows, hidden, generator=g)
     res = torch.randn(rows, hidden, generator=g)
-    with torch.no_grad():
-        assert torch.equal(ours(x), ref(x))
+
+    def run(*args: torch.Tensor):  # noqa: ANN202
+        if path == "torch":  # a 3-D input takes the torch path
+            out = ours(*(a[None] for a in args))
+            return out[0] if isinstance(out, torch.Tensor) else (out[0][0], args[1])
+        return ours(*args)
+
+    same = torch.equal if path == "torch" else (
+        lambda a, b: torch.allclose(a, b, rtol=2e-6, atol=1e-6))
+    with isa_override("scalar" if path == "native-scalar" else None), torch.no_grad():
+        assert same(run(x), ref(x))
         # Fused residual: returns (norm(res + x), res + x) and updates res in place.
         want_sum = res + x
         res_in = res.clone()
-        normed, new_res = ours(x, res_in)
-        assert new_res is res_in and torch.equal(new_res, want_sum)
-        assert torch.equal(normed, ref(want_sum))
+        normed, new_res = run(x, res_in)
+        assert torch.equal(res_in, want_sum)
+        if path != "torch":
+            assert new_res is res_in
+        assert same(normed, ref(want_sum))
 
 
 def test_rmsnorm_bfloat16_matches_transformers() -> None:
@@ -172,11 +203,31 @@ def test_rotary_matches_transformers(case: str, head_dim: int, theta: float) -> 
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos_hf, sin_hf
     )
     cos, sin = rope.lookup(positions)
+    original = fused.clone()
     qk = fused[:, : (heads + kv_heads) * head_dim].view(rows, heads + kv_heads, head_dim)
     apply_rotary(qk, cos, sin)
     assert torch.equal(qk[:, :heads], want_q[0].transpose(0, 1))
     assert torch.equal(qk[:, heads:], want_k[0].transpose(0, 1))
     assert torch.equal(fused[:, (heads + kv_heads) * head_dim :], v_before)
+    # The native rotation (what the model uses on the CPU) rounds the same way: bitwise.
+    for isa in (None, "scalar"):
+        again = original.clone()
+        view = again[:, : (heads + kv_heads) * head_dim].view(rows, heads + kv_heads, head_dim)
+        with isa_override(isa):
+            rope.prepare(positions)(view)
+        assert torch.equal(again, fused)
+
+
+def test_native_rotary_rejects_bad_input() -> None:
+    rope = RotaryEmbedding(16, 32, 10000.0)
+    x = torch.randn(2, 3, 16)
+    with pytest.raises(ValueError, match="positions must be in \\[0, 32\\)"):
+        rope.prepare(torch.tensor([0, 32]))(x)
+    with pytest.raises(ValueError, match="'positions' must be int64"):
+        _C.rotary(x, torch.tensor([0, 1], dtype=torch.int32), rope.cos_cache, rope.sin_cache)
+    with pytest.raises(ValueError, match="contiguous heads"):
+        _C.rotary(x.transpose(1, 2)[:, :, :3].contiguous().transpose(1, 2),
+                  torch.tensor([0, 1]), rope.cos_cache, rope.sin_cache)
 
 
 def test_rotary_rejects_bad_settings() -> None:
@@ -192,15 +243,24 @@ def test_rotary_rejects_bad_settings() -> None:
 # Activation, linear, embedding
 
 
-@pytest.mark.parametrize("shape", [(1, 2), (5, 224), (3, 4, 96), (17, 1001 * 2)])
-def test_silu_and_mul_matches_torch(shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize("shape", [(1, 2), (5, 224), (3, 4, 96), (17, 1001 * 2), (40, 3072)])
+@pytest.mark.parametrize("isa", [None, "scalar"])
+def test_silu_and_mul_matches_torch(shape: tuple[int, ...], isa: str | None) -> None:
+    """3-D input takes the torch path (bitwise); 2-D fp32 the native one, whose exp may
+    differ from torch's in the last bit."""
     x = 4 * torch.randn(*shape, generator=_gen(sum(shape)))
+    x[0, ..., 0] = 100.0  # silu saturates to the identity
+    x[-1, ..., 0] = -100.0  # and to -0
     d = shape[-1] // 2
     want = F.silu(x[..., :d]) * x[..., d:]
     before = x.clone()
-    got = SiluAndMul()(x)
+    with isa_override(isa):
+        got = SiluAndMul()(x)
     assert got.shape == (*shape[:-1], d)
-    assert torch.equal(got, want)
+    if x.dim() == 2:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-30)
+    else:
+        assert torch.equal(got, want)
     assert torch.equal(x, before)  # the input is not modified
 
 

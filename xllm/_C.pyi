@@ -152,3 +152,37 @@ def paged_attention_prefill(
     seq_lens: torch.Tensor,
     scale: float,
 ) -> None: ...
+
+# --- block weights (csrc/quant/; layout and use: xllm/ops/blocks.py) ---
+class BlockWeight:
+    """W [out_features, in_features] in GGUF-style blocks of 32, decoded exactly to fp32."""
+
+    def __init__(
+        self,
+        format: str,
+        qs: torch.Tensor,
+        scales: torch.Tensor,
+        mins: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> None: ...
+    def linear(self, x: torch.Tensor, out: torch.Tensor) -> None: ...
+    def dequantize(self, out: torch.Tensor) -> None: ...
+    @property
+    def out_features(self) -> int: ...
+    @property
+    def in_features(self) -> int: ...
+    @property
+    def format(self) -> str: ...
+
+# --- fused layer ops (csrc/layers/; used by xllm/layers on fp32 CPU tensors) ---
+def rms_norm(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> None: ...
+def silu_and_mul(out: torch.Tensor, x: torch.Tensor) -> None: ...
+def rotary(
+    x: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor
+) -> None: ...

@@ -13,6 +13,9 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 class EngineConfig:
     model: str = "demo"  # "demo" or a local Hugging Face-format model directory
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto = fp32 on CPUs)
+    # auto | dense | blocks: compute on a GGUF import's quantization blocks, decoded exactly
+    # to fp32 on the fly (auto: where they exist, on CPU in fp32); see xllm/ops/blocks.py.
+    weight_format: str = "auto"
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_num_seqs: int = 256  # requests running at once
     max_num_batched_tokens: int = 2048  # token budget per step (long prompts are chunked)
@@ -29,6 +32,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.weight_format not in ("auto", "dense", "blocks"):
+            raise ValueError("weight_format must be auto, dense or blocks, "
+                             f"got {self.weight_format!r}")
         if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError("kv_cache_dtype must be auto, float32, bfloat16 or float16, "
                              f"got {self.kv_cache_dtype!r}")

@@ -76,7 +76,8 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, mc, self.device)
         kv_dtype = (self.dtype if config.kv_cache_dtype == "auto"
                     else TORCH_DTYPES[config.kv_cache_dtype])
-        model = load_model(self.model_dir, mc, self.dtype, self.device, progress=progress)
+        model = load_model(self.model_dir, mc, self.dtype, self.device, progress=progress,
+                           weight_format=config.weight_format)
         block_bytes = (2 * mc.num_hidden_layers * mc.num_key_value_heads * config.block_size
                        * mc.head_dim * torch.finfo(kv_dtype).bits // 8)
         num_blocks = config.num_kv_blocks or max(

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xllm.ops.blocks import BlockLinearWeight
+
 
 class VocabEmbedding(nn.Module):
     """Token id -> row of a [vocab_size, hidden_size] table."""
@@ -49,12 +51,25 @@ class LMHead(nn.Module):
             self.weight = nn.Parameter(
                 torch.empty(vocab_size, hidden_size, dtype=dtype), requires_grad=False
             )
+        self.blocks: BlockLinearWeight | None = None
+
+    def use_blocks(self, blocks: BlockLinearWeight) -> None:
+        """Computes logits on ``blocks`` (fp32). The table stays: a tied embedding's lookup
+        still reads it, and lookups touch only the rows of the step's tokens."""
+        if (blocks.out_features, blocks.in_features) != tuple(self.table.shape):
+            raise ValueError(
+                f"blocks of shape [{blocks.out_features}, {blocks.in_features}] cannot replace "
+                f"the LM head's table {tuple(self.table.shape)}"
+            )
+        self.blocks = blocks
 
     @property
     def table(self) -> torch.Tensor:
         return self._tied_to[0].weight if self.tied else self.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.blocks is not None:
+            return self.blocks(hidden.float())
         w = self.table
         return F.linear(hidden.to(w.dtype), w).float()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from xllm import _C
+
 
 class RMSNorm(nn.Module):
     """weight * x / sqrt(mean(x^2) + eps) over the last dimension.
@@ -12,7 +14,9 @@ class RMSNorm(nn.Module):
     The arithmetic follows transformers' LlamaRMSNorm op for op (statistics in fp32, then
     back to the input dtype before the weight), so fp32 results match it bit for bit.
     (``F.rms_norm`` gives the same bits but is not fused on CPU in torch 2.13: it
-    decomposes into more dispatches than this.)
+    decomposes into more dispatches than this.) On the CPU in fp32 the native
+    ``_C.rms_norm`` does the same arithmetic in one call (only the mean's summation order
+    differs), residual add included.
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32):
@@ -34,6 +38,10 @@ class RMSNorm(nn.Module):
         The fused form updates ``residual`` in place (it is the running hidden state the
         decoder layers pass along), saving an allocation per layer.
         """
+        if x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2:
+            out = torch.empty(x.shape, dtype=torch.float32)
+            _C.rms_norm(out, x, self.weight, self.eps, residual)
+            return out if residual is None else (out, residual)
         if residual is None:
             return self._normed(x).to(x.dtype).mul_(self.weight)
         residual.add_(x)

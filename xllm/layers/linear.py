@@ -5,6 +5,9 @@ Weights are stored as transformers stores them, ``[out_features, in_features]``,
 as consecutive row ranges of one weight (q|k|v or gate|up): one matmul per step instead
 of two or three, and the loader fills each range from the checkpoint's separate tensor.
 Parameters never require grad: this is inference, and autograd bookkeeping costs time.
+
+A layer can instead run on its weight's GGUF quantization blocks (``use_blocks``), decoded
+exactly to fp32 on the fly by a native kernel; the dense weight is then released.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from xllm.ops.blocks import BlockLinearWeight
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
@@ -47,12 +52,31 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = _param(out_features, in_features, dtype=dtype)
         self.bias = _param(out_features, dtype=dtype) if bias else None
+        self.blocks: BlockLinearWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.blocks is not None:
+            return self.blocks(x)
         return F.linear(x, self.weight, self.bias)
 
+    def use_blocks(self, blocks: BlockLinearWeight) -> None:
+        """Computes on ``blocks`` from now on (fp32) and frees the dense weight."""
+        if (blocks.out_features, blocks.in_features) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"blocks of shape [{blocks.out_features}, {blocks.in_features}] cannot replace "
+                f"a weight [{self.out_features}, {self.in_features}]"
+            )
+        if self.weight.dtype != torch.float32:
+            raise ValueError(f"block weights compute in fp32; this layer is {self.weight.dtype}")
+        self.blocks = blocks
+        self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
+
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+        blocks = f", blocks={self.blocks.format}" if self.blocks is not None else ""
+        return (
+            f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+            f"{blocks}"
+        )
 
 
 class MergedLinear(Linear):

@@ -3,8 +3,10 @@
 The inverse frequencies follow transformers' ``modeling_rope_utils`` init functions
 operation for operation, so the cos/sin values are the ones transformers computes. The
 table covers every position up to ``max_position_embeddings`` and is built once; a
-forward pass gathers the rows of its positions once (``lookup``) and every layer rotates
-its q/k in place with them (``apply_rotary``), with no loop over tokens.
+forward pass prepares a ``Rotation`` for its positions once (``prepare``) and every layer
+rotates its q/k in place with it, with no loop over tokens: on the CPU in fp32 the native
+``_C.rotary`` reads the table rows itself; elsewhere the rows are gathered once
+(``lookup``) and ``apply_rotary`` runs in torch.
 
 Layout is transformers' "rotate half" (not interleaved): a head's first half pairs with
 its second half.
@@ -17,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from xllm import _C
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -149,6 +153,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cache", (freqs.cos() * attention_scaling).to(dtype), False)
         self.register_buffer("sin_cache", (freqs.sin() * attention_scaling).to(dtype), False)
 
+    def prepare(self, positions: torch.Tensor) -> Rotation:
+        """The rotation for this step's positions [T] (int64), shared by all layers."""
+        if positions.device.type == "cpu" and self.cos_cache.dtype == torch.float32:
+            return Rotation(positions, None, None, self.cos_cache, self.sin_cache)
+        cos, sin = self.lookup(positions)
+        return Rotation(positions, cos, sin, self.cos_cache, self.sin_cache)
+
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin), each [T, 1, head_dim // 2], for positions [T] (int64)."""
         cos = self.cos_cache.index_select(0, positions).unsqueeze(1)
@@ -160,6 +171,24 @@ class RotaryEmbedding(nn.Module):
             f"head_dim={self.head_dim}, max_position={self.max_position_embeddings}, "
             f"attention_scaling={self.attention_scaling}"
         )
+
+
+class Rotation:
+    """Rotates [T, heads, head_dim] views in place for one step's positions."""
+
+    __slots__ = ("positions", "cos", "sin", "cos_cache", "sin_cache")
+
+    def __init__(self, positions: torch.Tensor, cos: torch.Tensor | None,
+                 sin: torch.Tensor | None, cos_cache: torch.Tensor,
+                 sin_cache: torch.Tensor) -> None:
+        self.positions, self.cos, self.sin = positions, cos, sin
+        self.cos_cache, self.sin_cache = cos_cache, sin_cache
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cos is None:
+            _C.rotary(x, self.positions, self.cos_cache, self.sin_cache)
+            return x
+        return apply_rotary(x, self.cos, self.sin)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

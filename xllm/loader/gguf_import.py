@@ -4,7 +4,10 @@ The `gguf` package reads the file and dequantizes each tensor to fp32; this modu
 llama.cpp's tensor names to HF's, undoes the Q/K row permutation llama.cpp's converter
 applies to llama-architecture rotary weights, and writes config.json, model.safetensors
 (fp32: dequantized Q4/Q8 values are not exactly representable in bf16), tokenizer.json,
-tokenizer_config.json (with the chat template) and generation_config.json. The directory
+tokenizer_config.json (with the chat template) and generation_config.json. Q4_1 and Q8_0
+weights are also kept as their blocks, repacked, in `xllm_blocks/blocks.safetensors`
+(see xllm.ops.blocks): the engine can run on them, decoding them exactly to the same
+fp32 values on the fly, with a sixth of the memory traffic. The directory
 is built under a temporary name next to `out_dir` and renamed into place, so a reader
 never sees a half-written model.
 """
@@ -31,7 +34,10 @@ SUPPORTED_GGUF_ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
 }
 # Bumped whenever the output of the conversion changes, so caches keyed on it refresh.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: keeps Q4_1/Q8_0 blocks beside the dense weights
+BLOCKS_FILE = "xllm_blocks/blocks.safetensors"
+# GGUF block types the engine can compute on directly (xllm.ops.blocks).
+_BLOCK_TYPES = {"Q4_1": "q4_1", "Q8_0": "q8_0"}
 
 _GLOBAL_TENSORS = {
     "token_embd": "model.embed_tokens",
@@ -245,7 +251,11 @@ def _convert_into(gguf_path: Path, out: Path, progress: bool) -> None:
 
     tokenizer, tok_config = build_tokenizer(meta, config["max_position_embeddings"])
 
+    from xllm.ops.blocks import dequantize_ref, pack_gguf_blocks
+
     tensors: dict[str, np.ndarray] = {}
+    blocks: dict[str, np.ndarray] = {}
+    block_formats: dict[str, str] = {}
     for t in tqdm(reader.tensors, desc="Converting GGUF", unit="tensor", disable=not progress):
         name = hf_tensor_name(t.name)
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml lists dims fastest-first
@@ -258,12 +268,34 @@ def _convert_into(gguf_path: Path, out: Path, progress: bool) -> None:
             raise ValueError(f"GGUF tensor {t.name!r} holds {values.size} values, shape {shape}")
         values = values.reshape(shape)
         # Only llama's converter permutes q/k; Qwen's keeps HF's row order.
+        order = None
         if arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
-            values = unpermute_rope_rows(values, heads if ".attn_q." in t.name else kv_heads)
+            n_head = heads if ".attn_q." in t.name else kv_heads
+            values = unpermute_rope_rows(values, n_head)
+            order = unpermute_rope_rows(np.arange(shape[0]), n_head)
         tensors[name] = np.ascontiguousarray(values)
+        fmt = _BLOCK_TYPES.get(t.tensor_type.name)
+        if fmt is not None and len(shape) == 2:
+            packed = pack_gguf_blocks(np.asarray(t.data), fmt, shape)
+            if order is not None:
+                packed = packed.take_rows(order)
+            # The blocks must decode to exactly the dense weights written beside them.
+            if not np.array_equal(dequantize_ref(packed), tensors[name]):
+                raise ValueError(f"GGUF tensor {t.name!r}: its {fmt} blocks do not decode to "
+                                 "gguf's dequantized values; the file may be damaged")
+            block_formats[name] = fmt
+            blocks[f"{name}.qs"] = packed.qs
+            blocks[f"{name}.scales"] = packed.scales
+            if packed.mins is not None:
+                blocks[f"{name}.mins"] = packed.mins
     weights_path = out / "model.safetensors"
     save_file(tensors, str(weights_path), metadata={"format": "pt"})
     os.chmod(weights_path, 0o644)  # safetensors creates it owner-only; the cache may be shared
+    if blocks:
+        blocks_path = out / BLOCKS_FILE
+        blocks_path.parent.mkdir()
+        save_file(blocks, str(blocks_path), metadata=block_formats)
+        os.chmod(blocks_path, 0o644)
 
     tokenizer.save(str(out / "tokenizer.json"))
     eos_ids = [

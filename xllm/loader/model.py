@@ -32,11 +32,37 @@ def resolve_dtype(dtype: str, model_config: ModelConfig, device: torch.device) -
     return torch.float32
 
 
-def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
-               device: torch.device, progress: bool = True) -> torch.nn.Module:
-    from xllm.loader import iter_weights
+WEIGHT_FORMATS = ("auto", "dense", "blocks")
 
+
+def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
+               device: torch.device, progress: bool = True,
+               weight_format: str = "dense") -> torch.nn.Module:
+    """The model with its weights. ``weight_format``: ``dense`` computes on the
+    safetensors weights; ``blocks`` on the GGUF blocks an import kept beside them
+    (``xllm.ops.blocks``: the same fp32 values, decoded on the fly; CPU, fp32 only);
+    ``auto`` picks blocks where they exist and apply."""
+    from xllm.loader import iter_weights
+    from xllm.loader.gguf_import import BLOCKS_FILE
+
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+    blocks_path = Path(model_dir) / BLOCKS_FILE
+    use_blocks = weight_format == "blocks" or (
+        weight_format == "auto" and blocks_path.is_file() and device.type == "cpu"
+        and dtype == torch.float32)
+    if use_blocks:
+        if not blocks_path.is_file():
+            raise ValueError(f"weight_format 'blocks' needs {blocks_path}, which only a GGUF "
+                             "import writes; use weight_format 'dense' or 'auto'")
+        if device.type != "cpu" or dtype != torch.float32:
+            raise ValueError("weight_format 'blocks' runs on the CPU in float32 only; got "
+                             f"device {device.type} and dtype {dtype}")
     cls = get_model_class(model_config.architecture)
     model = cls(model_config, dtype=dtype)
     model.load_weights(iter_weights(model_dir, progress=progress))
+    if use_blocks:
+        from xllm.ops.blocks import read_blocks
+
+        model.attach_blocks(read_blocks(blocks_path))
     return model.to(device).eval()

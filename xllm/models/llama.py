@@ -25,8 +25,9 @@ from xllm.layers.attention import PagedAttention
 from xllm.layers.embedding import LMHead, VocabEmbedding
 from xllm.layers.layernorm import RMSNorm
 from xllm.layers.linear import Linear, MergedLinear, copy_checked
-from xllm.layers.rotary import RotaryEmbedding, apply_rotary
+from xllm.layers.rotary import RotaryEmbedding, Rotation
 from xllm.models.config import ModelConfig
+from xllm.ops.blocks import BlockLinearWeight, PackedBlocks, concat_rows
 from xllm.runtime.attn_metadata import AttentionMetadata
 
 # Checkpoint tensors that carry no weights of ours (precomputed rope tables in old
@@ -61,8 +62,7 @@ class LlamaAttention(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: Rotation,
         attn: AttentionMetadata,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)  # [T, q_size + 2 * kv_size]
@@ -76,7 +76,7 @@ class LlamaAttention(nn.Module):
             self.q_norm.forward_inplace(q)
             self.k_norm.forward_inplace(k)
         # q and k sit side by side in each row, so one rotation covers both.
-        apply_rotary(qkv[:, :qk_end].view(t, self.num_heads + self.num_kv_heads, -1), cos, sin)
+        rope(qkv[:, :qk_end].view(t, self.num_heads + self.num_kv_heads, -1))
         out = self.attn(q, k, v, attn)
         return self.o_proj(out.view(t, self.q_size).to(self.o_proj.weight.dtype))
 
@@ -107,8 +107,7 @@ class LlamaDecoderLayer(nn.Module):
         self,
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: Rotation,
         attn: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's MLP output, the residual stream before it); the caller adds them."""
@@ -117,7 +116,7 @@ class LlamaDecoderLayer(nn.Module):
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, cos, sin, attn)
+        hidden = self.self_attn(hidden, rope, attn)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -142,10 +141,10 @@ class LlamaModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb.lookup(positions)  # once per step, shared by all layers
+        rope = self.rotary_emb.prepare(positions)  # once per step, shared by all layers
         residual: torch.Tensor | None = None
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, cos, sin, attn)
+            hidden, residual = layer(hidden, residual, rope, attn)
         assert residual is not None  # ModelConfig guarantees num_hidden_layers >= 1
         hidden, _ = self.norm(hidden, residual)
         return hidden
@@ -210,6 +209,38 @@ class LlamaForCausalLM(nn.Module):
                 layer.self_attn.attn.bind_kv_cache(key_cache, value_cache)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"kv_caches[{i}]: {e}") from None
+
+    def attach_blocks(self, blocks: dict[str, PackedBlocks]) -> int:
+        """Runs every projection whose checkpoint tensors all have blocks on those blocks
+        (``xllm.ops.blocks``), releasing its dense weight; returns how many layers switched.
+
+        Call after ``load_weights`` (biases and norms still come from the dense checkpoint).
+        A fused projection switches only when all its parts share one block format.
+        """
+        if self.dtype != torch.float32:
+            raise ValueError(f"block weights compute in fp32; the model is {self.dtype}")
+        switched = 0
+        for module_name, module in self.named_modules():
+            if not isinstance(module, Linear):
+                continue
+            if isinstance(module, MergedLinear):
+                parent = module_name.rpartition(".")[0]
+                names = [f"{parent}.{shard}.weight" for shard in module.shard_names]
+            else:
+                names = [f"{module_name}.weight"]
+            parts = [blocks.get(n) for n in names]
+            if any(p is None for p in parts) or len({p.format for p in parts}) != 1:
+                continue
+            module.use_blocks(BlockLinearWeight(concat_rows(parts), module.bias))
+            switched += 1
+        head_name = "model.embed_tokens.weight" if self.lm_head.tied else "lm_head.weight"
+        head = blocks.get(head_name)
+        if head is not None:
+            self.lm_head.use_blocks(BlockLinearWeight(head))
+            if not self.lm_head.tied:
+                self.lm_head.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+            switched += 1
+        return switched
 
     def _expected_tensors(self) -> dict[str, torch.Tensor]:
         """Checkpoint name -> destination (a parameter, or a fused one's row-range view)."""

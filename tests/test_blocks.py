@@ -1,0 +1,177 @@
+"""Block weights (xllm.ops.blocks, xllm._C.BlockWeight) against numpy and gguf references.
+
+Decoding must be bit-identical to gguf's dequantize; the matmul equal to x @ W^T to fp32
+rounding on every path the kernel has (registers-only for <= 3 rows, decoded tiles for
+more, decode + MKL from DENSE_MIN_ROWS), on AVX2 and the scalar fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize, quantize
+
+from xllm import _C
+from xllm.ops.blocks import (
+    DENSE_MIN_ROWS,
+    BlockLinearWeight,
+    concat_rows,
+    dequantize_ref,
+    pack_gguf_blocks,
+    read_blocks,
+)
+
+Q = gguf.GGMLQuantizationType
+FORMATS = [("q4_1", Q.Q4_1), ("q8_0", Q.Q8_0)]
+ISAS = ["avx2", "scalar"] if _C.detected_isa() == "avx2" else ["scalar"]
+
+
+@contextlib.contextmanager
+def on_isa(isa: str) -> Iterator[None]:
+    _C.set_cpu_isa(isa)
+    try:
+        yield
+    finally:
+        _C.set_cpu_isa(_C.detected_isa())
+
+
+def _weight(fmt_type: Q, rows: int, cols: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((rows, cols)) * rng.uniform(0.01, 3)).astype(np.float32)
+    w[0, :32] = 0.0  # an all-zero block (d = 0)
+    raw = quantize(w, fmt_type)
+    return raw, dequantize(raw, fmt_type)
+
+
+@pytest.mark.parametrize("fmt, qtype", FORMATS)
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("rows, cols", [(1, 32), (5, 96), (64, 576), (13, 1536)])
+def test_decode_is_bit_identical_to_gguf(fmt: str, qtype: Q, isa: str, rows: int,
+                                         cols: int) -> None:
+    raw, want = _weight(qtype, rows, cols, rows + cols)
+    packed = pack_gguf_blocks(raw, fmt, (rows, cols))
+    assert np.array_equal(dequantize_ref(packed), want)
+    with on_isa(isa):
+        got = BlockLinearWeight(packed).dequantize().numpy()
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("fmt, qtype", FORMATS)
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", [0, 1, 2, 3, 4, 5, 7, 16, DENSE_MIN_ROWS - 1, DENSE_MIN_ROWS + 3])
+def test_linear_matches_dense_matmul(fmt: str, qtype: Q, isa: str, m: int) -> None:
+    rows, cols = 70, 192  # 70 output features: a 2-row edge tile after 17 full ones
+    raw, dense = _weight(qtype, rows, cols, m)
+    g = torch.Generator().manual_seed(m)
+    bias = torch.randn(rows, generator=g)
+    weight = BlockLinearWeight(pack_gguf_blocks(raw, fmt, (rows, cols)), bias)
+    # A strided input: the rows of a wider tensor, as a fused projection's output is.
+    wide = torch.randn(m, cols + 40, generator=g)
+    x = wide[:, 8:8 + cols]
+    want = x.double() @ torch.from_numpy(dense).double().t() + bias.double()
+    with on_isa(isa):
+        got = weight(x)
+    assert got.shape == (m, rows) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_linear_keeps_leading_dims_and_writes_into_out() -> None:
+    raw, dense = _weight(Q.Q4_1, 8, 64, 1)
+    weight = BlockLinearWeight(pack_gguf_blocks(raw, "q4_1", (8, 64)))
+    x = torch.randn(2, 3, 64)
+    torch.testing.assert_close(weight(x), x @ torch.from_numpy(dense).t(), rtol=1e-5, atol=1e-5)
+    out = torch.empty(2, 8)
+    assert weight(x[0, :2], out=out).data_ptr() == out.data_ptr()
+
+
+def test_concat_rows_and_row_permutation() -> None:
+    raw_a, dense_a = _weight(Q.Q4_1, 8, 64, 2)
+    raw_b, dense_b = _weight(Q.Q4_1, 4, 64, 3)
+    a = pack_gguf_blocks(raw_a, "q4_1", (8, 64))
+    b = pack_gguf_blocks(raw_b, "q4_1", (4, 64))
+    assert np.array_equal(dequantize_ref(concat_rows([a, b])), np.concatenate([dense_a, dense_b]))
+    order = np.array([3, 0, 7, 1])
+    assert np.array_equal(dequantize_ref(a.take_rows(order)), dense_a[order])
+    with pytest.raises(ValueError, match="share format"):
+        concat_rows([a, pack_gguf_blocks(*_weight(Q.Q8_0, 4, 64, 4)[:1], "q8_0", (4, 64))])
+
+
+def test_bad_arguments_raise_clear_errors() -> None:
+    raw, _ = _weight(Q.Q4_1, 4, 64, 5)
+    p = pack_gguf_blocks(raw, "q4_1", (4, 64))
+    qs, sc, mn = (torch.from_numpy(a) for a in (p.qs, p.scales, p.mins))
+    with pytest.raises(ValueError, match="'q4_1' or 'q8_0'"):
+        _C.BlockWeight("q4_0", qs, sc, mn)
+    with pytest.raises(ValueError, match="'mins' is required"):
+        _C.BlockWeight("q4_1", qs, sc)
+    with pytest.raises(ValueError, match="'qs' must be int8"):
+        _C.BlockWeight("q8_0", qs, sc)
+    with pytest.raises(ValueError, match="'scales' must be float32"):
+        _C.BlockWeight("q4_1", qs, sc.double(), mn)
+    with pytest.raises(ValueError, match="'qs'.*in_features"):
+        _C.BlockWeight("q4_1", qs[:, :16].contiguous(), sc, mn)
+    with pytest.raises(ValueError, match="'bias'"):
+        _C.BlockWeight("q4_1", qs, sc, mn, torch.zeros(5))
+    w = _C.BlockWeight("q4_1", qs, sc, mn)
+    with pytest.raises(ValueError, match="'x'.*in_features"):
+        w.linear(torch.zeros(1, 32), torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="'out'.*out_features"):
+        w.linear(torch.zeros(1, 64), torch.zeros(1, 5))
+    with pytest.raises(ValueError, match="contiguous rows"):
+        w.linear(torch.zeros(64, 2).t(), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="needs 160 bytes, got 40"):
+        pack_gguf_blocks(raw[:1], "q4_1", (4, 64))
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        pack_gguf_blocks(raw, "q4_1", (8, 40))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_imported_model_runs_on_blocks_like_dense(tmp_path: Path, arch: str) -> None:
+    """A Q4_1 GGUF import keeps its blocks (rows unpermuted like the dense q/k), and the
+    engine on them generates what it generates on the dense weights."""
+    from test_loader import write_tiny_gguf
+
+    from xllm import LLM, SamplingParams
+    from xllm.loader.gguf_import import BLOCKS_FILE, convert_gguf_to_hf
+
+    write_tiny_gguf(tmp_path / "m.gguf", arch=arch, qtype=Q.Q4_1, tied=arch == "llama", seed=9)
+    out = convert_gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf", progress=False)
+    blocks = read_blocks(out / BLOCKS_FILE)
+    from safetensors.numpy import load_file
+
+    dense = load_file(str(out / "model.safetensors"))
+    assert blocks and all(np.array_equal(dequantize_ref(b), dense[n]) for n, b in blocks.items())
+    assert json.loads((out / "config.json").read_text())["architectures"]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0)
+    prompts = [[5, 9, 30, 31], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]
+    runs = {}
+    for fmt in ("dense", "blocks"):
+        llm = LLM(str(out), weight_format=fmt, num_kv_blocks=64, max_model_len=128)
+        layer = llm.engine.runner.model.model.layers[0].mlp.down_proj
+        assert (layer.blocks is not None) == (fmt == "blocks")
+        runs[fmt] = llm.generate(prompts, params, use_tqdm=False)
+    for d, b in zip(runs["dense"], runs["blocks"], strict=True):
+        assert d.outputs[0].token_ids == b.outputs[0].token_ids
+        assert d.outputs[0].cumulative_logprob == pytest.approx(
+            b.outputs[0].cumulative_logprob, abs=1e-3)
+
+
+def test_weight_format_blocks_needs_an_import(tmp_path: Path) -> None:
+    from test_loader import write_tiny_gguf
+
+    from xllm import LLM
+    from xllm.loader.gguf_import import convert_gguf_to_hf
+
+    write_tiny_gguf(tmp_path / "m.gguf", seed=1)  # F32 tensors: nothing kept as blocks
+    out = convert_gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf", progress=False)
+    with pytest.raises(ValueError, match="weight_format 'blocks' needs"):
+        LLM(str(out), weight_format="blocks", num_kv_blocks=16)
+    with pytest.raises(ValueError, match="weight_format must be"):
+        LLM(str(out), weight_format="int4")

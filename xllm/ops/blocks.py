@@ -1,0 +1,183 @@
+"""Weights in GGUF quantization blocks, decoded exactly to fp32 on the fly.
+
+A GGUF file such as the demo model's stores its linear weights as Q4_1 blocks
+(``w = d * q + m``, 4-bit q) and its embedding as Q8_0 blocks (``w = d * q``, 8-bit q),
+32 consecutive input features per block, with fp16 ``d`` and ``m``. Decoding a block
+is exact in fp32 (``d * q`` has at most 19 significant bits), so the fp32 weights are
+the same numbers whether they are decoded once at import time (the dense safetensors
+the importer writes) or on the fly, block by block, inside a matmul. Keeping the blocks
+moves 5 bits (Q4_1) or 8.5 bits (Q8_0) per weight through memory instead of 32, which
+is what limits a decode step on a CPU. All arithmetic stays fp32.
+
+The native kernel (``xllm._C.BlockWeight``) takes the blocks repacked into three
+arrays per weight ``[N, K]`` (N output, K input features, K a multiple of 32):
+
+- ``qs``: Q4_1 uint8 ``[N, K/2]``, byte j of a block holding element j (low nibble)
+  and element j + 16 (high nibble), llama.cpp's order; Q8_0 int8 ``[N, K]``;
+- ``scales``: fp32 ``[N, K/32]``, the blocks' ``d`` widened from fp16 (exact);
+- ``mins``: fp32 ``[N, K/32]``, the blocks' ``m`` (Q4_1 only).
+
+``pack_gguf_blocks`` builds them from a GGUF tensor's raw bytes, ``dequantize_ref`` is
+the plain numpy reference (it is gguf's own formula), and ``block_linear`` picks the
+kernel per call: the fused one for a few rows (decode steps), or decode-then-MKL for
+many (prefill), where the matmul is compute-bound and the decode cost is small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+BLOCK = 32
+FORMATS = ("q4_1", "q8_0")
+# Bytes per 32-weight block in a GGUF file.
+_GGUF_BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
+# From this many input rows on, one decode into a dense scratch + MKL's GEMM beats the fused
+# kernel (measured on AVX2 with bench.ops, suite blocks).
+DENSE_MIN_ROWS = 48
+
+
+@dataclass
+class PackedBlocks:
+    """One weight's repacked blocks (numpy arrays; see the module docstring)."""
+
+    format: str
+    qs: np.ndarray
+    scales: np.ndarray
+    mins: np.ndarray | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, nblocks = self.scales.shape
+        return rows, nblocks * BLOCK
+
+    def take_rows(self, index: np.ndarray) -> PackedBlocks:
+        """The blocks of rows ``index`` in that order (row permutations, e.g. rope's)."""
+        mins = None if self.mins is None else self.mins[index]
+        return PackedBlocks(self.format, self.qs[index], self.scales[index], mins)
+
+
+def pack_gguf_blocks(raw: np.ndarray, fmt: str, shape: tuple[int, int]) -> PackedBlocks:
+    """Repacks a GGUF tensor's raw block bytes (any uint8 array) for ``BlockWeight``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"block format must be one of {FORMATS}, got {fmt!r}")
+    rows, cols = shape
+    if cols % BLOCK:
+        raise ValueError(f"in_features {cols} is not a multiple of the block size {BLOCK}")
+    nb = cols // BLOCK
+    size = _GGUF_BLOCK_BYTES[fmt]
+    data = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
+    if data.size != rows * nb * size:
+        raise ValueError(
+            f"{fmt} data of shape {shape} needs {rows * nb * size} bytes, got {data.size}"
+        )
+    blocks = data.reshape(rows, nb, size)
+    scales = blocks[:, :, 0:2].copy().view(np.float16).reshape(rows, nb).astype(np.float32)
+    if fmt == "q4_1":
+        mins = blocks[:, :, 2:4].copy().view(np.float16).reshape(rows, nb).astype(np.float32)
+        qs = np.ascontiguousarray(blocks[:, :, 4:]).reshape(rows, cols // 2)
+        return PackedBlocks(fmt, qs, scales, mins)
+    qs = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(rows, cols)
+    return PackedBlocks(fmt, qs, scales, None)
+
+
+def concat_rows(parts: list[PackedBlocks]) -> PackedBlocks:
+    """One weight of the parts' rows in order (fused q|k|v or gate|up projections)."""
+    if len({p.format for p in parts}) != 1 or len({p.shape[1] for p in parts}) != 1:
+        raise ValueError("blocks to concatenate must share format and in_features")
+    if len(parts) == 1:
+        return parts[0]
+    mins = None if parts[0].mins is None else np.concatenate([p.mins for p in parts])
+    return PackedBlocks(parts[0].format, np.concatenate([p.qs for p in parts]),
+                        np.concatenate([p.scales for p in parts]), mins)
+
+
+def read_blocks(path: Path) -> dict[str, PackedBlocks]:
+    """The blocks file an import wrote (``xllm_blocks/blocks.safetensors``), by HF name."""
+    from safetensors import safe_open
+
+    out: dict[str, PackedBlocks] = {}
+    with safe_open(str(path), framework="numpy") as f:
+        formats = f.metadata() or {}
+        for name, fmt in formats.items():
+            if fmt not in FORMATS:
+                raise ValueError(f"{path}: tensor {name!r} has unknown block format {fmt!r}")
+            mins = f.get_tensor(f"{name}.mins") if fmt == "q4_1" else None
+            out[name] = PackedBlocks(fmt, f.get_tensor(f"{name}.qs"),
+                                     f.get_tensor(f"{name}.scales"), mins)
+    return out
+
+
+def dequantize_ref(p: PackedBlocks) -> np.ndarray:
+    """fp32 [N, K] by gguf's formula, in numpy: the reference for the native decode."""
+    rows, cols = p.shape
+    nb = cols // BLOCK
+    if p.format == "q4_1":
+        q = p.qs.reshape(rows, nb, BLOCK // 2)
+        q = np.concatenate([q & 0x0F, q >> 4], axis=2).astype(np.float32)
+        out = p.scales[:, :, None] * q + p.mins[:, :, None]
+    else:
+        q = p.qs.reshape(rows, nb, BLOCK).astype(np.float32)
+        out = q * p.scales[:, :, None]
+    return out.reshape(rows, cols)
+
+
+class BlockLinearWeight:
+    """A linear layer's weight (and bias) as blocks, callable like F.linear on fp32 input."""
+
+    def __init__(self, blocks: PackedBlocks, bias: torch.Tensor | None = None) -> None:
+        self.format = blocks.format
+        self.qs = torch.from_numpy(np.ascontiguousarray(blocks.qs))
+        self.scales = torch.from_numpy(np.ascontiguousarray(blocks.scales))
+        self.mins = None if blocks.mins is None else torch.from_numpy(
+            np.ascontiguousarray(blocks.mins))
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        from xllm import _C  # here, so that the importer (numpy only) needs no native build
+
+        self.native = _C.BlockWeight(self.format, self.qs, self.scales, self.mins, self.bias)
+        self.out_features = self.native.out_features
+        self.in_features = self.native.in_features
+        self._dense: torch.Tensor | None = None  # decode scratch for many-row calls
+
+    def nbytes(self) -> int:
+        tensors = [self.qs, self.scales] + ([self.mins] if self.mins is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weight [out_features, in_features] (a new tensor)."""
+        out = torch.empty(self.out_features, self.in_features, dtype=torch.float32)
+        self.native.dequantize(out)
+        return out
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., in_features] fp32 -> [..., out_features] fp32."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        rows = x2.shape[0]
+        if rows >= DENSE_MIN_ROWS:
+            dense = self._scratch()
+            self.native.dequantize(dense)
+            y = F.linear(x2, dense, self.bias)
+            return y.view(*lead, self.out_features)
+        if out is None:
+            out = torch.empty(rows, self.out_features, dtype=torch.float32, device=x.device)
+        self.native.linear(x2, out)
+        return out.view(*lead, self.out_features)
+
+    def _scratch(self) -> torch.Tensor:
+        # One dense buffer per weight would cost as much memory as the dense model; all
+        # weights of a shape share one, which is safe because calls never overlap.
+        key = (self.out_features, self.in_features)
+        buf = _DENSE_SCRATCH.get(key)
+        if buf is None:
+            buf = _DENSE_SCRATCH[key] = torch.empty(key, dtype=torch.float32)
+        return buf
+
+
+_DENSE_SCRATCH: dict[tuple[int, int], torch.Tensor] = {}
