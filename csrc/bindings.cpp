@@ -13,11 +13,12 @@ void register_vmm(py::module_& m);
 void register_shm_allreduce(py::module_& m);
 void register_quant(py::module_& m);
 void register_layer_ops(py::module_& m);
+void register_decoder_stack(py::module_& m);
 }  // namespace xllm
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "xllm native core: paged attention, KV cache write, block pool, MPMC queue, "
-            "VMM page pool, shared-memory allreduce, block-weight linears and fused layer ops.";
+            "VMM page pool, shared-memory allreduce, block-weight linears, fused layer ops and the native decoder stack.";
   xllm::register_cpu_info(m);
   xllm::register_attention(m);
   xllm::register_block_pool(m);
@@ -26,4 +27,5 @@ PYBIND11_MODULE(_C, m) {
   xllm::register_shm_allreduce(m);
   xllm::register_quant(m);
   xllm::register_layer_ops(m);
+  xllm::register_decoder_stack(m);
 }

@@ -132,10 +132,12 @@ def test_bad_arguments_raise_clear_errors() -> None:
         pack_gguf_blocks(raw, "q4_1", (8, 40))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_imported_model_runs_on_blocks_like_dense(tmp_path: Path, arch: str) -> None:
-    """A Q4_1 GGUF import keeps its blocks (rows unpermuted like the dense q/k), and the
-    engine on them generates what it generates on the dense weights."""
+    """A Q4_1 GGUF import keeps its blocks (rows unpermuted like the dense q/k). The engine
+    generates the same on the dense weights, on the blocks through the Python modules, and
+    on the blocks through the native decoder stack, with prompts chunked so that steps mix
+    decode and prefill rows."""
     from test_loader import write_tiny_gguf
 
     from xllm import LLM, SamplingParams
@@ -150,17 +152,53 @@ def test_imported_model_runs_on_blocks_like_dense(tmp_path: Path, arch: str) -> 
     assert blocks and all(np.array_equal(dequantize_ref(b), dense[n]) for n, b in blocks.items())
     assert json.loads((out / "config.json").read_text())["architectures"]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0)
-    prompts = [[5, 9, 30, 31], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]
+    prompts = [[5, 9, 30, 31], list(range(40, 75)), [7] * 19]
     runs = {}
-    for fmt in ("dense", "blocks"):
-        llm = LLM(str(out), weight_format=fmt, num_kv_blocks=64, max_model_len=128)
-        layer = llm.engine.runner.model.model.layers[0].mlp.down_proj
-        assert (layer.blocks is not None) == (fmt == "blocks")
-        runs[fmt] = llm.generate(prompts, params, use_tqdm=False)
-    for d, b in zip(runs["dense"], runs["blocks"], strict=True):
-        assert d.outputs[0].token_ids == b.outputs[0].token_ids
-        assert d.outputs[0].cumulative_logprob == pytest.approx(
-            b.outputs[0].cumulative_logprob, abs=1e-3)
+    for name, fmt, stack in (("dense", "dense", False), ("modules", "blocks", False),
+                             ("stack", "blocks", True)):
+        llm = LLM(str(out), weight_format=fmt, num_kv_blocks=64, max_model_len=128,
+                  block_size=8, max_num_batched_tokens=16)
+        model = llm.engine.runner.model
+        assert (model.model.layers[0].mlp.down_proj.blocks is not None) == (fmt == "blocks")
+        assert model.use_native_stack(stack) == stack
+        runs[name] = llm.generate(prompts, params, use_tqdm=False)
+    for d, m, st in zip(runs["dense"], runs["modules"], runs["stack"], strict=True):
+        assert d.outputs[0].token_ids == m.outputs[0].token_ids == st.outputs[0].token_ids
+        for other in (m, st):
+            assert d.outputs[0].cumulative_logprob == pytest.approx(
+                other.outputs[0].cumulative_logprob, abs=1e-3)
+
+
+def test_decoder_stack_rejects_bad_input() -> None:
+    raw, _ = _weight(Q.Q4_1, 64, 64, 6)
+    w = BlockLinearWeight(pack_gguf_blocks(raw, "q4_1", (64, 64))).native
+    cos = torch.zeros(16, 8)
+    norm = torch.ones(64)
+    cache = torch.zeros(4, 1, 8, 16)
+    layer = (w, w, w, w, norm, norm, None, None, cache, cache)
+    with pytest.raises(ValueError, match=r"layers\[0\].qkv is \[64, 64\]; the model needs \[96"):
+        _C.DecoderStack(64, 4, 1, 16, 32, 1e-5, 0.25, cos, cos, norm, [layer])
+    with pytest.raises(ValueError, match="at least one layer"):
+        _C.DecoderStack(64, 4, 1, 16, 32, 1e-5, 0.25, cos, cos, norm, [])
+    def bw(rows: int, cols: int) -> _C.BlockWeight:
+        return BlockLinearWeight(
+            pack_gguf_blocks(_weight(Q.Q8_0, rows, cols, rows)[0], "q8_0", (rows, cols))).native
+
+    good = (bw(96, 64), bw(64, 64), bw(64, 64), bw(64, 32), norm, norm, None, None, cache, cache)
+    stack = _C.DecoderStack(64, 4, 1, 16, 32, 1e-5, 0.25, cos, cos, norm, [good])
+    x, out = torch.randn(2, 64), torch.empty(2, 64)
+    i32 = torch.int32
+    no_tables, no_lens = torch.zeros(0, 4, dtype=i32), torch.zeros(0, dtype=i32)
+    args = (torch.tensor([0, 1]), torch.tensor([0, 99]), 2, torch.ones(2, 4, dtype=i32),
+            torch.tensor([1, 2], dtype=i32), no_tables, torch.zeros(1, dtype=i32), no_lens, out)
+    # Checks inside the stack run without the GIL and still surface as ValueError.
+    with pytest.raises(ValueError, match="slot_mapping"):
+        stack.forward(x, *args)
+    with pytest.raises(ValueError, match="positions must be in"):
+        stack.forward(x, torch.tensor([0, 16]), *args[1:])
+    with pytest.raises(ValueError, match="must be an xllm._C.BlockWeight"):
+        _C.DecoderStack(64, 4, 1, 16, 32, 1e-5, 0.25, cos, cos, norm,
+                        [("x", w, w, w, norm, norm, None, None, cache, cache)])
 
 
 def test_weight_format_blocks_needs_an_import(tmp_path: Path) -> None:

@@ -186,3 +186,37 @@ def silu_and_mul(out: torch.Tensor, x: torch.Tensor) -> None: ...
 def rotary(
     x: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor
 ) -> None: ...
+
+# --- native decoder stack (csrc/model/; built by LlamaForCausalLM.use_native_stack) ---
+class DecoderStack:
+    """All decoder layers of a Llama-family model in one call (fp32 CPU, block weights)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        intermediate_size: int,
+        eps: float,
+        scale: float,
+        cos_cache: torch.Tensor,
+        sin_cache: torch.Tensor,
+        final_norm: torch.Tensor,
+        layers: list[tuple],
+    ) -> None: ...
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        num_decodes: int,
+        decode_block_tables: torch.Tensor,
+        decode_seq_lens: torch.Tensor,
+        prefill_block_tables: torch.Tensor,
+        prefill_query_start_loc: torch.Tensor,
+        prefill_seq_lens: torch.Tensor,
+        out: torch.Tensor,
+    ) -> None: ...
+    @property
+    def num_layers(self) -> int: ...

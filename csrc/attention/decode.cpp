@@ -161,6 +161,13 @@ void paged_attention_decode(py::handle out_obj, py::handle query_obj, py::handle
   const Tensor value_cache = host_tensor(value_cache_obj, "value_cache");
   const Tensor block_tables = host_tensor(block_tables_obj, "block_tables");
   const Tensor seq_lens = host_tensor(seq_lens_obj, "seq_lens");
+  py::gil_scoped_release release;
+  paged_attention_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+}
+
+void paged_attention_decode(const Tensor& out, const Tensor& query, const Tensor& key_cache,
+                            const Tensor& value_cache, const Tensor& block_tables,
+                            const Tensor& seq_lens, double scale) {
 
   const PagedCache cache = check_caches(key_cache, value_cache);
   check_rows(query, -1, "", -1, "", cache.head_size);
@@ -185,7 +192,6 @@ void paged_attention_decode(py::handle out_obj, py::handle query_obj, py::handle
   if (a.num_seqs == 0) return;
 
   const Isa isa = active_isa();
-  py::gil_scoped_release release;
   if (cache.bf16) run<bf16_t>(a, isa);
   else run<float>(a, isa);
 }

@@ -57,6 +57,12 @@ void write_kv_cache(py::handle key_obj, py::handle value_obj, py::handle key_cac
   const Tensor key_cache = host_tensor(key_cache_obj, "key_cache");
   const Tensor value_cache = host_tensor(value_cache_obj, "value_cache");
   const Tensor slots = host_tensor(slot_mapping_obj, "slot_mapping");
+  py::gil_scoped_release release;
+  write_kv_cache(key, value, key_cache, value_cache, slots);
+}
+
+void write_kv_cache(const Tensor& key, const Tensor& value, const Tensor& key_cache,
+                    const Tensor& value_cache, const Tensor& slots) {
 
   const PagedCache cache = check_caches(key_cache, value_cache);
   check_rows(key, -1, "", cache.num_kv_heads, "the caches' num_kv_heads", cache.head_size);
@@ -92,7 +98,6 @@ void write_kv_cache(py::handle key_obj, py::handle value_obj, py::handle key_cac
   const Isa isa = active_isa();
   const bool parallel = num_tokens * nkv * hs >= kParallelElements && omp_get_max_threads() > 1;
 
-  py::gil_scoped_release release;
   // Two tokens with the same slot race (last writer wins, as with torch indexing);
   // an engine never assigns one slot twice in a step.
 #pragma omp parallel for schedule(static) if (parallel)

@@ -1,9 +1,11 @@
 // The three entry points of csrc/attention, bound in attention_bind.cpp. Each
-// reads its torch tensors, checks every argument (ValueError naming it) before
-// writing anything, then releases the GIL and runs the kernels on OpenMP threads.
+// reads its torch tensors, releases the GIL, checks every argument (ValueError
+// naming it) before writing anything, and runs the kernels on OpenMP threads.
 #pragma once
 
 #include <pybind11/pybind11.h>
+
+#include "common/tensor.h"
 
 namespace xllm::attn {
 namespace py = pybind11;
@@ -18,5 +20,17 @@ void paged_attention_decode(py::handle out, py::handle query, py::handle key_cac
 void paged_attention_prefill(py::handle out, py::handle query, py::handle key_cache,
                              py::handle value_cache, py::handle block_tables,
                              py::handle query_start_loc, py::handle seq_lens, double scale);
+
+// The same ops on tensors already read (csrc/model calls these). They check every
+// argument the same way and touch no Python object, so they run without the GIL.
+void write_kv_cache(const Tensor& key, const Tensor& value, const Tensor& key_cache,
+                    const Tensor& value_cache, const Tensor& slot_mapping);
+void paged_attention_decode(const Tensor& out, const Tensor& query, const Tensor& key_cache,
+                            const Tensor& value_cache, const Tensor& block_tables,
+                            const Tensor& seq_lens, double scale);
+void paged_attention_prefill(const Tensor& out, const Tensor& query, const Tensor& key_cache,
+                             const Tensor& value_cache, const Tensor& block_tables,
+                             const Tensor& query_start_loc, const Tensor& seq_lens,
+                             double scale);
 
 }  // namespace xllm::attn

@@ -147,6 +147,14 @@ void paged_attention_prefill(py::handle out_obj, py::handle query_obj, py::handl
   const Tensor block_tables = host_tensor(block_tables_obj, "block_tables");
   const Tensor starts = host_tensor(query_start_loc_obj, "query_start_loc");
   const Tensor seq_lens = host_tensor(seq_lens_obj, "seq_lens");
+  py::gil_scoped_release release;
+  paged_attention_prefill(out, query, key_cache, value_cache, block_tables, starts, seq_lens,
+                          scale);
+}
+
+void paged_attention_prefill(const Tensor& out, const Tensor& query, const Tensor& key_cache,
+                             const Tensor& value_cache, const Tensor& block_tables,
+                             const Tensor& starts, const Tensor& seq_lens, double scale) {
 
   const PagedCache cache = check_caches(key_cache, value_cache);
   check_rows(query, -1, "", -1, "", cache.head_size);
@@ -172,7 +180,6 @@ void paged_attention_prefill(py::handle out_obj, py::handle query_obj, py::handl
   if (query.size(0) == 0) return;
 
   const Isa isa = active_isa();
-  py::gil_scoped_release release;
   if (cache.bf16) run<bf16_t>(a, isa);
   else run<float>(a, isa);
 }

@@ -1,4 +1,5 @@
-// Element-wise layer ops of a decoder step, fused: residual add + RMSNorm,
+// Python bindings of the element-wise layer ops (the loops live in rowops.cpp),
+// fused: residual add + RMSNorm,
 // SiLU(gate) * up, and rotary embedding in place. In torch each is 4-8 small
 // dispatches; at decode sizes ([1, 576]) those cost tens of microseconds per
 // call, more than the arithmetic. fp32 only (the CPU compute dtype); rows are
@@ -6,63 +7,19 @@
 //
 // Roundings follow transformers' ops: RMSNorm computes x * (1 / sqrt(mean(x^2) +
 // eps)) then * weight, rotary computes x1*cos - x2*sin and x2*cos + x1*sin with
-// each product rounded (this file is compiled with -ffp-contract=off, so no FMA
+// each product rounded (rowops.cpp is compiled with -ffp-contract=off, so no FMA
 // contraction), SiLU is g / (1 + exp(-g)). Only the order of the mean's sum and
 // exp's last bit differ.
-#include <omp.h>
 #include <pybind11/pybind11.h>
 
-#include <cmath>
-
-#include "attention/vec.h"
 #include "common/cpu_info.h"
 #include "common/tensor.h"
+#include "layers/rowops.h"
 
 namespace xllm {
 namespace py = pybind11;
 
 namespace {
-
-constexpr int64_t kParallelRows = 32;  // fewer rows than this run on the calling thread
-
-int threads_for_rows(int64_t rows) { return rows < kParallelRows ? 1 : omp_get_max_threads(); }
-
-// ---- RMSNorm ----------------------------------------------------------------
-
-void rms_row_scalar(const float* x, const float* w, float eps, int64_t h, float* out) {
-  float ss = 0.0f;
-  for (int64_t i = 0; i < h; ++i) ss += x[i] * x[i];
-  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(h) + eps);
-  for (int64_t i = 0; i < h; ++i) out[i] = (x[i] * inv) * w[i];
-}
-
-XLLM_AVX2 void rms_row_avx2(const float* x, const float* w, float eps, int64_t h, float* out) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= h; i += 16) {
-    const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
-    acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(a, a));
-    acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(b, b));
-  }
-  float ss = attn::hsum(_mm256_add_ps(acc0, acc1));
-  for (; i < h; ++i) ss += x[i] * x[i];
-  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(h) + eps);
-  const __m256 vinv = _mm256_set1_ps(inv);
-  i = 0;
-  for (; i + 8 <= h; i += 8) {
-    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv);
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(v, _mm256_loadu_ps(w + i)));
-  }
-  for (; i < h; ++i) out[i] = (x[i] * inv) * w[i];
-}
-
-XLLM_AVX2 void add_avx2(float* r, const float* x, int64_t h) {
-  int64_t i = 0;
-  for (; i + 8 <= h; i += 8) {
-    _mm256_storeu_ps(r + i, _mm256_add_ps(_mm256_loadu_ps(r + i), _mm256_loadu_ps(x + i)));
-  }
-  for (; i < h; ++i) r[i] += x[i];
-}
 
 // out = rmsnorm(x) * weight; with residual: residual += x, then out = rmsnorm(residual).
 void rms_norm(py::handle out_obj, py::handle x_obj, py::handle weight_obj, double eps,
@@ -95,45 +52,12 @@ void rms_norm(py::handle out_obj, py::handle x_obj, py::handle weight_obj, doubl
     res_stride = r.stride[0];
   }
   const bool avx2 = active_isa() == Isa::kAvx2;
-  const float* xp = x.ptr<float>();
-  const float* wp = w.ptr<float>();
-  float* op = out.ptr<float>();
-  const float e = static_cast<float>(eps);
   py::gil_scoped_release release;
-#pragma omp parallel for schedule(static) num_threads(threads_for_rows(rows))
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* src = xp + i * x.stride[0];
-    if (res) {
-      float* r = res + i * res_stride;
-      if (avx2) {
-        add_avx2(r, src, h);
-      } else {
-        for (int64_t j = 0; j < h; ++j) r[j] += src[j];
-      }
-      src = r;
-    }
-    if (avx2) {
-      rms_row_avx2(src, wp, e, h, op + i * out.stride[0]);
-    } else {
-      rms_row_scalar(src, wp, e, h, op + i * out.stride[0]);
-    }
-  }
+  rowops::rms_norm(x.ptr<float>(), x.stride[0], res, res_stride, w.ptr<float>(),
+                 static_cast<float>(eps), rows, h, out.ptr<float>(), out.stride[0], avx2);
 }
 
 // ---- SiLU(gate) * up ----------------------------------------------------------
-
-XLLM_AVX2 void silu_mul_avx2(const float* g, const float* u, int64_t d, float* out) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  int64_t i = 0;
-  for (; i + 8 <= d; i += 8) {
-    const __m256 gv = _mm256_loadu_ps(g + i);
-    const __m256 e = attn::exp8(_mm256_xor_ps(gv, sign));
-    const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
-  }
-  for (; i < d; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-}
 
 void silu_and_mul(py::handle out_obj, py::handle x_obj) {
   const Tensor out = host_tensor(out_obj, "out");
@@ -151,37 +75,12 @@ void silu_and_mul(py::handle out_obj, py::handle x_obj) {
     fail("arguments 'x' and 'out' must have contiguous rows (stride(1) == 1)");
   }
   const bool avx2 = active_isa() == Isa::kAvx2;
-  const float* xp = x.ptr<float>();
-  float* op = out.ptr<float>();
   py::gil_scoped_release release;
-#pragma omp parallel for schedule(static) num_threads(threads_for_rows(rows))
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* g = xp + i * x.stride[0];
-    float* o = op + i * out.stride[0];
-    if (avx2) {
-      silu_mul_avx2(g, g + d, d, o);
-    } else {
-      for (int64_t j = 0; j < d; ++j) o[j] = g[j] / (1.0f + std::exp(-g[j])) * g[d + j];
-    }
-  }
+  rowops::silu_and_mul(x.ptr<float>(), x.stride[0], rows, d, out.ptr<float>(), out.stride[0],
+                     avx2);
 }
 
 // ---- rotary embedding ---------------------------------------------------------
-
-XLLM_AVX2 void rotate_avx2(float* x1, float* x2, const float* c, const float* s, int64_t half) {
-  int64_t i = 0;
-  for (; i + 8 <= half; i += 8) {
-    const __m256 a = _mm256_loadu_ps(x1 + i), b = _mm256_loadu_ps(x2 + i);
-    const __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
-    _mm256_storeu_ps(x1 + i, _mm256_sub_ps(_mm256_mul_ps(a, cv), _mm256_mul_ps(b, sv)));
-    _mm256_storeu_ps(x2 + i, _mm256_add_ps(_mm256_mul_ps(b, cv), _mm256_mul_ps(a, sv)));
-  }
-  for (; i < half; ++i) {
-    const float a = x1[i], b = x2[i];
-    x1[i] = a * c[i] - b * s[i];
-    x2[i] = b * c[i] + a * s[i];
-  }
-}
 
 // x [T, heads, head_dim] (rows strided, heads contiguous) rotated in place at positions.
 void rotary(py::handle x_obj, py::handle positions_obj, py::handle cos_obj, py::handle sin_obj) {
@@ -218,27 +117,9 @@ void rotary(py::handle x_obj, py::handle positions_obj, py::handle cos_obj, py::
     }
   }
   const bool avx2 = active_isa() == Isa::kAvx2;
-  float* xp = x.ptr<float>();
-  const float* cp = cs.ptr<float>();
-  const float* sp = sn.ptr<float>();
   py::gil_scoped_release release;
-#pragma omp parallel for schedule(static) num_threads(threads_for_rows(rows))
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* c = cp + pp[i] * half;
-    const float* s = sp + pp[i] * half;
-    for (int64_t h = 0; h < heads; ++h) {
-      float* x1 = xp + i * x.stride[0] + h * hd;
-      if (avx2) {
-        rotate_avx2(x1, x1 + half, c, s, half);
-      } else {
-        for (int64_t j = 0; j < half; ++j) {
-          const float a = x1[j], b = x1[half + j];
-          x1[j] = a * c[j] - b * s[j];
-          x1[half + j] = b * c[j] + a * s[j];
-        }
-      }
-    }
-  }
+  rowops::rotary(x.ptr<float>(), x.stride[0], rows, heads, hd, pp, cs.ptr<float>(), sn.ptr<float>(),
+               avx2);
 }
 
 }  // namespace

@@ -52,9 +52,13 @@ void linear(const BlockMatrix& w, const float* x, int64_t ldx, int64_t m, const 
     }
     float* wt = thread_scratch(static_cast<size_t>(kTileRows * k));
     for (int j = 0; j < nt; ++j) kern.decode_row(w, n0 + j, wt + j * k);
-    for (int64_t r = 0; r < m; r += kTileCols) {
-      const int mr = static_cast<int>(std::min<int64_t>(kTileCols, m - r));
+    for (int64_t r = 0; r < m;) {
+      // Groups of 3 rows; a final 4 goes as 2 + 2, since a 1-row pass reloads every
+      // weight for a quarter of the work of a 3-row one.
+      const int64_t left = m - r;
+      const int mr = left == 4 ? 2 : static_cast<int>(std::min<int64_t>(kTileCols, left));
       kern.tile(x + r * ldx, ldx, mr, wt, nt, k, b, out + r * ldo + n0, ldo);
+      r += mr;
     }
   }
 }

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from xllm import _C
 from xllm.layers.activation import SiluAndMul
 from xllm.layers.attention import PagedAttention
 from xllm.layers.embedding import LMHead, VocabEmbedding
@@ -166,6 +167,7 @@ class LlamaForCausalLM(nn.Module):
             )
         self.config = config
         self.dtype = dtype
+        self._stack: _C.DecoderStack | None = None
         self.model = LlamaModel(config, dtype)
         self.lm_head = LMHead(
             config.vocab_size,
@@ -179,9 +181,53 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states [T, hidden_size] for input_ids/positions [T] (int64).
 
-        Writes every row's K/V into the bound caches at attn.slot_mapping.
+        Writes every row's K/V into the bound caches at attn.slot_mapping. Runs the native
+        decoder stack when it applies (see ``use_native_stack``), else the modules.
         """
-        return self.model(input_ids, positions, attn)
+        stack = self._stack
+        if stack is None:
+            return self.model(input_ids, positions, attn)
+        x = self.model.embed_tokens(input_ids)
+        out = torch.empty_like(x)
+        stack.forward(
+            x, positions, attn.slot_mapping, attn.num_decode_tokens, attn.decode_block_tables,
+            attn.decode_seq_lens, attn.prefill_block_tables, attn.prefill_query_start_loc,
+            attn.prefill_seq_lens, out,
+        )
+        return out
+
+    def use_native_stack(self, enabled: bool = True) -> bool:
+        """Runs all decoder layers as one native call (``_C.DecoderStack``) where it applies:
+        CPU, fp32, every projection on block weights, KV caches bound. Same computation as the
+        modules (to fp32 rounding) without their per-layer Python and tensor overhead.
+        Returns whether the stack is in use."""
+        self._stack = None
+        if not enabled or self.dtype != torch.float32:
+            return False
+        rope = self.model.rotary_emb
+        if rope.cos_cache.device.type != "cpu" or rope.cos_cache.dtype != torch.float32:
+            return False
+        layers = []
+        for layer in self.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            projections = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
+            if any(p.blocks is None for p in projections) or a.attn.key_cache is None:
+                return False
+            if a.attn.key_cache.device.type != "cpu":
+                return False
+            norms = (a.q_norm.weight, a.k_norm.weight) if a.qk_norm else (None, None)
+            layers.append((
+                *(p.blocks.native for p in projections),
+                layer.input_layernorm.weight, layer.post_attention_layernorm.weight, *norms,
+                a.attn.key_cache, a.attn.value_cache,
+            ))
+        cfg = self.config
+        self._stack = _C.DecoderStack(
+            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+            cfg.intermediate_size, cfg.rms_norm_eps, self.model.layers[0].self_attn.attn.scale,
+            rope.cos_cache, rope.sin_cache, self.model.norm.weight, layers,
+        )
+        return True
 
     @property
     def max_context_len(self) -> int:
@@ -209,6 +255,7 @@ class LlamaForCausalLM(nn.Module):
                 layer.self_attn.attn.bind_kv_cache(key_cache, value_cache)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"kv_caches[{i}]: {e}") from None
+        self.use_native_stack()
 
     def attach_blocks(self, blocks: dict[str, PackedBlocks]) -> int:
         """Runs every projection whose checkpoint tensors all have blocks on those blocks

@@ -1,0 +1,141 @@
+// Row-wise element-wise ops (see rowops.h). Compiled with -ffp-contract=off (see
+// CMakeLists.txt): each product is rounded as torch rounds it, no FMA contraction.
+#include "layers/rowops.h"
+
+#include <omp.h>
+
+#include <cmath>
+
+#include "attention/vec.h"
+
+namespace xllm::rowops {
+namespace {
+
+constexpr int64_t kParallelRows = 32;  // fewer rows than this run on the calling thread
+
+int threads_for_rows(int64_t rows) { return rows < kParallelRows ? 1 : omp_get_max_threads(); }
+
+void rms_row_scalar(const float* x, const float* w, float eps, int64_t h, float* out) {
+  float ss = 0.0f;
+  for (int64_t i = 0; i < h; ++i) ss += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(h) + eps);
+  for (int64_t i = 0; i < h; ++i) out[i] = (x[i] * inv) * w[i];
+}
+
+XLLM_AVX2 void rms_row_avx2(const float* x, const float* w, float eps, int64_t h, float* out) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= h; i += 16) {
+    const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+    acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(a, a));
+    acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(b, b));
+  }
+  float ss = attn::hsum(_mm256_add_ps(acc0, acc1));
+  for (; i < h; ++i) ss += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(h) + eps);
+  const __m256 vinv = _mm256_set1_ps(inv);
+  i = 0;
+  for (; i + 8 <= h; i += 8) {
+    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv);
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(v, _mm256_loadu_ps(w + i)));
+  }
+  for (; i < h; ++i) out[i] = (x[i] * inv) * w[i];
+}
+
+XLLM_AVX2 void add_avx2(float* r, const float* x, int64_t h) {
+  int64_t i = 0;
+  for (; i + 8 <= h; i += 8) {
+    _mm256_storeu_ps(r + i, _mm256_add_ps(_mm256_loadu_ps(r + i), _mm256_loadu_ps(x + i)));
+  }
+  for (; i < h; ++i) r[i] += x[i];
+}
+
+XLLM_AVX2 void silu_mul_avx2(const float* g, const float* u, int64_t d, float* out) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 e = attn::exp8(_mm256_xor_ps(gv, sign));
+    const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+  }
+  for (; i < d; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+XLLM_AVX2 void rotate_avx2(float* x1, float* x2, const float* c, const float* s, int64_t half) {
+  int64_t i = 0;
+  for (; i + 8 <= half; i += 8) {
+    const __m256 a = _mm256_loadu_ps(x1 + i), b = _mm256_loadu_ps(x2 + i);
+    const __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
+    _mm256_storeu_ps(x1 + i, _mm256_sub_ps(_mm256_mul_ps(a, cv), _mm256_mul_ps(b, sv)));
+    _mm256_storeu_ps(x2 + i, _mm256_add_ps(_mm256_mul_ps(b, cv), _mm256_mul_ps(a, sv)));
+  }
+  for (; i < half; ++i) {
+    const float a = x1[i], b = x2[i];
+    x1[i] = a * c[i] - b * s[i];
+    x2[i] = b * c[i] + a * s[i];
+  }
+}
+
+}  // namespace
+
+void rms_norm(const float* x, int64_t ldx, float* res, int64_t ldr, const float* w, float eps,
+              int64_t rows, int64_t h, float* out, int64_t ldo, bool avx2) {
+#pragma omp parallel for schedule(static) num_threads(threads_for_rows(rows))
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* src = x + i * ldx;
+    if (res) {
+      float* r = res + i * ldr;
+      if (avx2) {
+        add_avx2(r, src, h);
+      } else {
+        for (int64_t j = 0; j < h; ++j) r[j] += src[j];
+      }
+      src = r;
+    }
+    if (avx2) {
+      rms_row_avx2(src, w, eps, h, out + i * ldo);
+    } else {
+      rms_row_scalar(src, w, eps, h, out + i * ldo);
+    }
+  }
+}
+
+void silu_and_mul(const float* x, int64_t ldx, int64_t rows, int64_t d, float* out,
+                  int64_t ldo, bool avx2) {
+#pragma omp parallel for schedule(static) num_threads(threads_for_rows(rows))
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* g = x + i * ldx;
+    float* o = out + i * ldo;
+    if (avx2) {
+      silu_mul_avx2(g, g + d, d, o);
+    } else {
+      for (int64_t j = 0; j < d; ++j) o[j] = g[j] / (1.0f + std::exp(-g[j])) * g[d + j];
+    }
+  }
+}
+
+void rotary(float* x, int64_t ldx, int64_t rows, int64_t heads, int64_t hd, const int64_t* pos,
+            const float* cos, const float* sin, bool avx2) {
+  const int64_t half = hd / 2;
+#pragma omp parallel for schedule(static) num_threads(threads_for_rows(rows))
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* c = cos + pos[i] * half;
+    const float* s = sin + pos[i] * half;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* x1 = x + i * ldx + h * hd;
+      if (avx2) {
+        rotate_avx2(x1, x1 + half, c, s, half);
+      } else {
+        for (int64_t j = 0; j < half; ++j) {
+          const float a = x1[j], b = x1[half + j];
+          x1[j] = a * c[j] - b * s[j];
+          x1[half + j] = b * c[j] + a * s[j];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace xllm::rowops

@@ -1,0 +1,121 @@
+// BlockWeight: a weight in quantization blocks (block_linear.h) held for Python,
+// with its tensors checked once at construction. Bound in quant_bind.cpp; the
+// native decoder stack (csrc/model) calls linear_raw() on it directly.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "common/tensor.h"
+#include "quant/block_linear.h"
+
+namespace xllm {
+namespace py = pybind11;
+
+class BlockWeight {
+ public:
+  BlockWeight(const std::string& format, py::object qs, py::object scales, py::object mins,
+              py::object bias)
+      : qs_(std::move(qs)), scales_(std::move(scales)), mins_(std::move(mins)),
+        bias_(std::move(bias)) {
+    if (format == "q4_1") {
+      m_.format = quant::Format::kQ4_1;
+    } else if (format == "q8_0") {
+      m_.format = quant::Format::kQ8_0;
+    } else {
+      fail("argument 'format' must be 'q4_1' or 'q8_0', got '", format, "'");
+    }
+    format_ = format;
+    const bool q4 = m_.format == quant::Format::kQ4_1;
+    const Tensor s = host_tensor(scales_, "scales");
+    check_dtype(s, DType::kFloat32);
+    check_ndim(s, 2, "[out_features, in_features / 32]");
+    check_contiguous(s);
+    m_.rows = s.size(0);
+    m_.cols = s.size(1) * quant::kBlock;
+    const Tensor q = host_tensor(qs_, "qs");
+    check_dtype(q, q4 ? DType::kUInt8 : DType::kInt8);
+    check_ndim(q, 2, q4 ? "[out_features, in_features / 2]" : "[out_features, in_features]");
+    check_contiguous(q);
+    check_dim(q, 0, m_.rows, "out_features (scales.shape[0])");
+    check_dim(q, 1, q4 ? m_.cols / 2 : m_.cols, "in_features (32 * scales.shape[1])");
+    m_.qs = q.ptr<uint8_t>();
+    m_.scales = s.ptr<float>();
+    m_.mins = nullptr;
+    if (q4) {
+      if (mins_.is_none()) fail("argument 'mins' is required for format 'q4_1'");
+      const Tensor mn = host_tensor(mins_, "mins");
+      check_dtype(mn, DType::kFloat32);
+      check_ndim(mn, 2, "[out_features, in_features / 32]");
+      check_contiguous(mn);
+      check_dim(mn, 0, m_.rows, "out_features (scales.shape[0])");
+      check_dim(mn, 1, s.size(1), "scales.shape[1]");
+      m_.mins = mn.ptr<float>();
+    } else if (!mins_.is_none()) {
+      fail("argument 'mins' must be None for format 'q8_0' (it has no minimum)");
+    }
+    bias_ptr_ = nullptr;
+    if (!bias_.is_none()) {
+      const Tensor b = host_tensor(bias_, "bias");
+      check_dtype(b, DType::kFloat32);
+      check_ndim(b, 1, "[out_features]");
+      check_contiguous(b);
+      check_dim(b, 0, m_.rows, "out_features (scales.shape[0])");
+      bias_ptr_ = b.ptr<float>();
+    }
+  }
+
+  // out [M, N] = x [M, K] @ W^T (+ bias); rows of x and out may be strided.
+  void linear(py::handle x_obj, py::handle out_obj) const {
+    const Tensor x = host_tensor(x_obj, "x");
+    const Tensor out = host_tensor(out_obj, "out");
+    check_dtype(x, DType::kFloat32);
+    check_dtype(out, DType::kFloat32);
+    check_ndim(x, 2, "[num_tokens, in_features]");
+    check_ndim(out, 2, "[num_tokens, out_features]");
+    check_dim(x, 1, m_.cols, "in_features of the weight");
+    check_dim(out, 0, x.size(0), "x.shape[0]");
+    check_dim(out, 1, m_.rows, "out_features of the weight");
+    if (x.stride[1] != 1 || out.stride[1] != 1) {
+      fail("arguments 'x' and 'out' must have contiguous rows (stride(1) == 1)");
+    }
+    const Isa isa = active_isa();
+    py::gil_scoped_release release;
+    quant::linear(m_, x.ptr<float>(), x.stride[0], x.size(0), bias_ptr_, out.ptr<float>(),
+                  out.stride[0], isa);
+  }
+
+  // out [N, K] contiguous fp32 = the decoded weight (bias not applied).
+  void dequantize(py::handle out_obj) const {
+    const Tensor out = host_tensor(out_obj, "out");
+    check_dtype(out, DType::kFloat32);
+    check_ndim(out, 2, "[out_features, in_features]");
+    check_contiguous(out);
+    check_dim(out, 0, m_.rows, "out_features of the weight");
+    check_dim(out, 1, m_.cols, "in_features of the weight");
+    const Isa isa = active_isa();
+    py::gil_scoped_release release;
+    quant::dequantize(m_, out.ptr<float>(), isa);
+  }
+
+  // out [m, N] (row stride ldo) = x [m, K] (row stride ldx) @ W^T (+ bias); no checks, no
+  // GIL needed: for native callers that sized the buffers from rows() and cols().
+  void linear_raw(const float* x, int64_t ldx, int64_t m, float* out, int64_t ldo,
+                  Isa isa) const {
+    quant::linear(m_, x, ldx, m, bias_ptr_, out, ldo, isa);
+  }
+
+  int64_t rows() const { return m_.rows; }
+  int64_t cols() const { return m_.cols; }
+  const std::string& format() const { return format_; }
+
+ private:
+  py::object qs_, scales_, mins_, bias_;  // keep the tensors alive
+  quant::BlockMatrix m_{};
+  const float* bias_ptr_ = nullptr;
+  std::string format_;
+};
+
+
+}  // namespace xllm
