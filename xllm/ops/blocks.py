@@ -18,9 +18,10 @@ arrays per weight ``[N, K]`` (N output, K input features, K a multiple of 32):
 - ``mins``: fp32 ``[N, K/32]``, the blocks' ``m`` (Q4_1 only).
 
 ``pack_gguf_blocks`` builds them from a GGUF tensor's raw bytes, ``dequantize_ref`` is
-the plain numpy reference (it is gguf's own formula), and ``block_linear`` picks the
-kernel per call: the fused one for a few rows (decode steps), or decode-then-MKL for
-many (prefill), where the matmul is compute-bound and the decode cost is small.
+the plain numpy reference (it is gguf's own formula), and ``BlockLinearWeight`` is the
+callable a layer uses. The native kernel is used for every batch size: with few rows it
+moves a sixth of the bytes of a dense GEMV, and with many it runs at the core's fp32 peak
+(decoding each weight once per call), ahead of decode-then-MKL at every size measured.
 """
 
 from __future__ import annotations
@@ -30,15 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 BLOCK = 32
 FORMATS = ("q4_1", "q8_0")
 # Bytes per 32-weight block in a GGUF file.
 _GGUF_BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
-# From this many input rows on, one decode into a dense scratch + MKL's GEMM beats the fused
-# kernel (measured on AVX2 with bench.ops, suite blocks).
-DENSE_MIN_ROWS = 48
 
 
 @dataclass
@@ -141,7 +138,6 @@ class BlockLinearWeight:
         self.native = _C.BlockWeight(self.format, self.qs, self.scales, self.mins, self.bias)
         self.out_features = self.native.out_features
         self.in_features = self.native.in_features
-        self._dense: torch.Tensor | None = None  # decode scratch for many-row calls
 
     def nbytes(self) -> int:
         tensors = [self.qs, self.scales] + ([self.mins] if self.mins is not None else [])
@@ -160,24 +156,7 @@ class BlockLinearWeight:
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         rows = x2.shape[0]
-        if rows >= DENSE_MIN_ROWS:
-            dense = self._scratch()
-            self.native.dequantize(dense)
-            y = F.linear(x2, dense, self.bias)
-            return y.view(*lead, self.out_features)
         if out is None:
             out = torch.empty(rows, self.out_features, dtype=torch.float32, device=x.device)
         self.native.linear(x2, out)
         return out.view(*lead, self.out_features)
-
-    def _scratch(self) -> torch.Tensor:
-        # One dense buffer per weight would cost as much memory as the dense model; all
-        # weights of a shape share one, which is safe because calls never overlap.
-        key = (self.out_features, self.in_features)
-        buf = _DENSE_SCRATCH.get(key)
-        if buf is None:
-            buf = _DENSE_SCRATCH[key] = torch.empty(key, dtype=torch.float32)
-        return buf
-
-
-_DENSE_SCRATCH: dict[tuple[int, int], torch.Tensor] = {}
