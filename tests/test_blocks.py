@@ -81,6 +81,30 @@ def test_linear_matches_dense_matmul(fmt: str, qtype: Q, isa: str, m: int) -> No
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "f32"])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", [1, 3, 4, 16])
+def test_row_formats_match_dense_matmul(fmt: str, isa: str, m: int) -> None:
+    g = torch.Generator().manual_seed(m)
+    weight = torch.randn(36, 96, generator=g)
+    if fmt == "bf16":
+        weight = weight.bfloat16().float()  # bf16 rows are exact for bf16 values
+    bias = torch.randn(36, generator=g)
+    rows = BlockLinearWeight.from_rows(weight, fmt, bias)
+    x = torch.randn(m, 96, generator=g)
+    with on_isa(isa):
+        assert torch.equal(rows.dequantize(), weight)
+        got = rows(x)
+    want = x.double() @ weight.double().t() + bias.double()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    if fmt == "f32":  # no copy of a contiguous fp32 weight
+        assert rows.qs.data_ptr() == weight.data_ptr()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        BlockLinearWeight.from_rows(torch.zeros(4, 40), fmt)
+    with pytest.raises(ValueError, match="must be None for format"):
+        _C.BlockWeight(fmt, rows.qs, torch.ones(36, 3))
+
+
 def test_linear_keeps_leading_dims_and_writes_into_out() -> None:
     raw, dense = _weight(Q.Q4_1, 8, 64, 1)
     weight = BlockLinearWeight(pack_gguf_blocks(raw, "q4_1", (8, 64)))
@@ -106,7 +130,7 @@ def test_bad_arguments_raise_clear_errors() -> None:
     raw, _ = _weight(Q.Q4_1, 4, 64, 5)
     p = pack_gguf_blocks(raw, "q4_1", (4, 64))
     qs, sc, mn = (torch.from_numpy(a) for a in (p.qs, p.scales, p.mins))
-    with pytest.raises(ValueError, match="'q4_1' or 'q8_0'"):
+    with pytest.raises(ValueError, match="'q4_1', 'q8_0', 'bf16' or 'f32'"):
         _C.BlockWeight("q4_0", qs, sc, mn)
     with pytest.raises(ValueError, match="'mins' is required"):
         _C.BlockWeight("q4_1", qs, sc)

@@ -231,11 +231,16 @@ def _hf_classes(arch: str) -> tuple[type, type]:
 
 
 @functools.cache
-def hf_model(name: str) -> Any:
-    """A transformers model of this variant with O(1)-scale random weights (seeded)."""
+def hf_model(name: str, native_sizes: bool = False) -> Any:
+    """A transformers model of this variant with O(1)-scale random weights (seeded).
+
+    native_sizes: intermediate_size 128 (a multiple of the native kernels' 32) and every
+    weight rounded to a bf16 value, so the native stack runs it on bf16 or f32 rows exactly.
+    """
     arch, overrides = VARIANTS[name]
     config_cls, model_cls = _hf_classes(arch)
-    config = config_cls(**{**_SMALL, **overrides}, architectures=[arch])
+    sizes = {"intermediate_size": 128} if native_sizes else {}
+    config = config_cls(**{**_SMALL, **overrides, **sizes}, architectures=[arch])
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = model_cls(config).eval()
@@ -251,6 +256,8 @@ def hf_model(name: str) -> Any:
                 p.copy_(noise)
             else:  # weights [out, in]: unit-variance outputs for unit-variance inputs
                 p.copy_(noise / math.sqrt(p.shape[1]))
+            if native_sizes:
+                p.copy_(p.bfloat16().float())
     return model
 
 
@@ -269,8 +276,8 @@ def _prompts(name: str, lengths: Sequence[int]) -> list[list[int]]:
 
 
 @functools.cache
-def hf_greedy(name: str, prompt: tuple[int, ...]) -> list[int]:
-    hf = hf_model(name)
+def hf_greedy(name: str, prompt: tuple[int, ...], native_sizes: bool = False) -> list[int]:
+    hf = hf_model(name, native_sizes)
     ids = torch.tensor([prompt])
     gen_config = transformers.GenerationConfig(
         max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None, pad_token_id=0
@@ -386,6 +393,24 @@ def test_greedy_matches_with_whole_prompts_and_block_16(name: str) -> None:
     ours = paged_greedy_generate(model, prompts, MAX_NEW, block_size=16)
     for p, got in zip(prompts, ours, strict=True):
         assert got == hf_greedy(name, tuple(p)), f"prompt of {len(p)} tokens"
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("fmt", ["f32", "bf16"])
+def test_native_stack_on_row_weights_matches_transformers(name: str, fmt: str) -> None:
+    """Every projection on bf16 or f32 rows through the native kernels, all layers in the
+    native decoder stack: the same greedy tokens as transformers, chunked prefill beside
+    decodes."""
+    hf = hf_model(name, native_sizes=True)
+    config = ModelConfig.from_hf_dict(hf.config.to_dict())
+    model = get_model_class(config.architecture)(config)
+    model.load_weights(hf.state_dict().items())
+    assert model.attach_rows(fmt) == 4 * config.num_hidden_layers + 1  # + the LM head
+    prompts = _prompts(name, [3, 12, 21])
+    ours = paged_greedy_generate(model, prompts, MAX_NEW, block_size=4, prefill_chunk=8)
+    assert model._stack is not None
+    for p, got in zip(prompts, ours, strict=True):
+        assert got == hf_greedy(name, tuple(p), native_sizes=True), f"prompt of {len(p)} tokens"
 
 
 def test_single_sequence_chunked_prefill_matches() -> None:

@@ -13,8 +13,9 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 class EngineConfig:
     model: str = "demo"  # "demo" or a local Hugging Face-format model directory
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto = fp32 on CPUs)
-    # auto | dense | blocks: compute on a GGUF import's quantization blocks, decoded exactly
-    # to fp32 on the fly (auto: where they exist, on CPU in fp32); see xllm/ops/blocks.py.
+    # auto | dense | blocks | bf16 | f32: how the CPU stores the weights it computes on in
+    # fp32 (GGUF blocks or plain rows through native kernels, or torch's dense path);
+    # see xllm.loader.model.load_model and docs/models.md.
     weight_format: str = "auto"
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_num_seqs: int = 256  # requests running at once
@@ -32,8 +33,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        if self.weight_format not in ("auto", "dense", "blocks"):
-            raise ValueError("weight_format must be auto, dense or blocks, "
+        if self.weight_format not in ("auto", "dense", "blocks", "bf16", "f32"):
+            raise ValueError("weight_format must be auto, dense, blocks, bf16 or f32, "
                              f"got {self.weight_format!r}")
         if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError("kv_cache_dtype must be auto, float32, bfloat16 or float16, "

@@ -50,8 +50,14 @@ void linear(const BlockMatrix& w, const float* x, int64_t ldx, int64_t m, const 
       kern.direct(x, ldx, static_cast<int>(m), w, n0, nt, b, out + n0, ldo);
       continue;
     }
-    float* wt = thread_scratch(static_cast<size_t>(kTileRows * k));
-    for (int j = 0; j < nt; ++j) kern.decode_row(w, n0 + j, wt + j * k);
+    const float* wt;
+    if (w.format == Format::kF32) {  // the rows are already what a tile reads
+      wt = reinterpret_cast<const float*>(w.qs) + n0 * k;
+    } else {
+      float* scratch = thread_scratch(static_cast<size_t>(kTileRows * k));
+      for (int j = 0; j < nt; ++j) kern.decode_row(w, n0 + j, scratch + j * k);
+      wt = scratch;
+    }
     for (int64_t r = 0; r < m;) {
       // Groups of 3 rows; a final 4 goes as 2 + 2, since a 1-row pass reloads every
       // weight for a quarter of the work of a 3-row one.

@@ -7,6 +7,12 @@
 //   q4_1: w = d * q + m,  q in [0, 15]    qs uint8 [N, K / 2], d and m fp32 [N, K / 32]
 //   q8_0: w = d * q,      q in [-128, 127] qs int8 [N, K],     d fp32 [N, K / 32]
 //
+//   bf16: w = the bf16 value widened (exact)          qs uint16 [N, K], no scales
+//   f32:  w itself                                   qs float [N, K], no scales
+//
+// (bf16 and f32 are plain rows, handled by the same kernels so that any checkpoint can
+// run on them: a bf16 checkpoint moves half the bytes of its fp32 copy.)
+//
 // In q4_1, byte j of a block's 16 bytes holds element j in its low nibble and
 // element j + 16 in its high nibble (llama.cpp's order). d and m are the GGUF's
 // fp16 scales widened to fp32, so d * q is exact in fp32 and the decoded weight
@@ -20,18 +26,25 @@
 
 namespace xllm::quant {
 
-enum class Format : int { kQ4_1 = 0, kQ8_0 = 1 };
+enum class Format : int { kQ4_1 = 0, kQ8_0 = 1, kBF16 = 2, kF32 = 3 };
 
 constexpr int kBlock = 32;  // input features per block
 
 struct BlockMatrix {
   Format format;
-  const uint8_t* qs;     // [N, K / 2] (q4_1) or [N, K] (q8_0) bytes
-  const float* scales;   // [N, K / 32]
-  const float* mins;     // [N, K / 32] (q4_1), nullptr (q8_0)
+  const uint8_t* qs;     // [N, row bytes] (see qs_row_bytes)
+  const float* scales;   // [N, K / 32] (q4_1, q8_0), nullptr otherwise
+  const float* mins;     // [N, K / 32] (q4_1), nullptr otherwise
   int64_t rows, cols;    // N, K
 
-  int64_t qs_row_bytes() const { return format == Format::kQ4_1 ? cols / 2 : cols; }
+  int64_t qs_row_bytes() const {
+    switch (format) {
+      case Format::kQ4_1: return cols / 2;
+      case Format::kQ8_0: return cols;
+      case Format::kBF16: return cols * 2;
+      default: return cols * 4;
+    }
+  }
 };
 
 // The kernels of one ISA.

@@ -23,37 +23,57 @@ class BlockWeight {
       m_.format = quant::Format::kQ4_1;
     } else if (format == "q8_0") {
       m_.format = quant::Format::kQ8_0;
+    } else if (format == "bf16") {
+      m_.format = quant::Format::kBF16;
+    } else if (format == "f32") {
+      m_.format = quant::Format::kF32;
     } else {
-      fail("argument 'format' must be 'q4_1' or 'q8_0', got '", format, "'");
+      fail("argument 'format' must be 'q4_1', 'q8_0', 'bf16' or 'f32', got '", format, "'");
     }
     format_ = format;
     const bool q4 = m_.format == quant::Format::kQ4_1;
-    const Tensor s = host_tensor(scales_, "scales");
-    check_dtype(s, DType::kFloat32);
-    check_ndim(s, 2, "[out_features, in_features / 32]");
-    check_contiguous(s);
-    m_.rows = s.size(0);
-    m_.cols = s.size(1) * quant::kBlock;
+    const bool blocked = q4 || m_.format == quant::Format::kQ8_0;
     const Tensor q = host_tensor(qs_, "qs");
-    check_dtype(q, q4 ? DType::kUInt8 : DType::kInt8);
-    check_ndim(q, 2, q4 ? "[out_features, in_features / 2]" : "[out_features, in_features]");
+    check_ndim(q, 2, "[out_features, row bytes / element]");
     check_contiguous(q);
-    check_dim(q, 0, m_.rows, "out_features (scales.shape[0])");
-    check_dim(q, 1, q4 ? m_.cols / 2 : m_.cols, "in_features (32 * scales.shape[1])");
     m_.qs = q.ptr<uint8_t>();
-    m_.scales = s.ptr<float>();
+    m_.scales = nullptr;
     m_.mins = nullptr;
-    if (q4) {
-      if (mins_.is_none()) fail("argument 'mins' is required for format 'q4_1'");
-      const Tensor mn = host_tensor(mins_, "mins");
-      check_dtype(mn, DType::kFloat32);
-      check_ndim(mn, 2, "[out_features, in_features / 32]");
-      check_contiguous(mn);
-      check_dim(mn, 0, m_.rows, "out_features (scales.shape[0])");
-      check_dim(mn, 1, s.size(1), "scales.shape[1]");
-      m_.mins = mn.ptr<float>();
-    } else if (!mins_.is_none()) {
-      fail("argument 'mins' must be None for format 'q8_0' (it has no minimum)");
+    if (!blocked) {
+      check_dtype(q, m_.format == quant::Format::kBF16 ? DType::kBFloat16 : DType::kFloat32);
+      if (!scales_.is_none() || !mins_.is_none()) {
+        fail("arguments 'scales' and 'mins' must be None for format '", format, "'");
+      }
+      m_.rows = q.size(0);
+      m_.cols = q.size(1);
+      if (m_.cols % quant::kBlock) {
+        fail("argument 'qs' has ", m_.cols, " in_features; the kernels need a multiple of ",
+             quant::kBlock);
+      }
+    } else {
+      if (scales_.is_none()) fail("argument 'scales' is required for format '", format, "'");
+      const Tensor s = host_tensor(scales_, "scales");
+      check_dtype(s, DType::kFloat32);
+      check_ndim(s, 2, "[out_features, in_features / 32]");
+      check_contiguous(s);
+      m_.rows = s.size(0);
+      m_.cols = s.size(1) * quant::kBlock;
+      check_dtype(q, q4 ? DType::kUInt8 : DType::kInt8);
+      check_dim(q, 0, m_.rows, "out_features (scales.shape[0])");
+      check_dim(q, 1, q4 ? m_.cols / 2 : m_.cols, "in_features (32 * scales.shape[1])");
+      m_.scales = s.ptr<float>();
+      if (q4) {
+        if (mins_.is_none()) fail("argument 'mins' is required for format 'q4_1'");
+        const Tensor mn = host_tensor(mins_, "mins");
+        check_dtype(mn, DType::kFloat32);
+        check_ndim(mn, 2, "[out_features, in_features / 32]");
+        check_contiguous(mn);
+        check_dim(mn, 0, m_.rows, "out_features (scales.shape[0])");
+        check_dim(mn, 1, s.size(1), "scales.shape[1]");
+        m_.mins = mn.ptr<float>();
+      } else if (!mins_.is_none()) {
+        fail("argument 'mins' must be None for format 'q8_0' (it has no minimum)");
+      }
     }
     bias_ptr_ = nullptr;
     if (!bias_.is_none()) {

@@ -13,10 +13,25 @@
 namespace xllm::quant {
 namespace {
 
+// 8 bf16 values widened to fp32 (a shift of the bits: exact).
+XLLM_AVX2 inline __m256 widen_bf16(const uint8_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 XLLM_AVX2 void decode_row(const BlockMatrix& w, int64_t n, float* dst) {
   const int64_t nb = w.cols / kBlock;
-  const float* d = w.scales + n * nb;
   const uint8_t* qs = w.qs + n * w.qs_row_bytes();
+  if (w.format == Format::kF32) {
+    const float* src = reinterpret_cast<const float*>(qs);
+    for (int64_t i = 0; i < w.cols; i += 8) _mm256_storeu_ps(dst + i, _mm256_loadu_ps(src + i));
+    return;
+  }
+  if (w.format == Format::kBF16) {
+    for (int64_t i = 0; i < w.cols; i += 8) _mm256_storeu_ps(dst + i, widen_bf16(qs + 2 * i));
+    return;
+  }
+  const float* d = w.scales + n * nb;
   if (w.format == Format::kQ4_1) {
     const float* m = w.mins + n * nb;
     const __m128i low = _mm_set1_epi8(0x0F);
@@ -110,8 +125,17 @@ XLLM_AVX2 void tile(const float* x, int64_t ldx, int mr, const float* wt, int nt
 // Decodes block b of row n into 4 vectors of 8 weights each.
 XLLM_AVX2 inline void decode_block(const BlockMatrix& w, int64_t n, int64_t nb, int64_t b,
                                    __m256 out[4]) {
-  const __m256 scale = _mm256_set1_ps(w.scales[n * nb + b]);
   const uint8_t* qs = w.qs + n * w.qs_row_bytes();
+  if (w.format == Format::kF32) {
+    const float* src = reinterpret_cast<const float*>(qs) + b * kBlock;
+    for (int p = 0; p < 4; ++p) out[p] = _mm256_loadu_ps(src + 8 * p);
+    return;
+  }
+  if (w.format == Format::kBF16) {
+    for (int p = 0; p < 4; ++p) out[p] = widen_bf16(qs + 2 * (b * kBlock + 8 * p));
+    return;
+  }
+  const __m256 scale = _mm256_set1_ps(w.scales[n * nb + b]);
   if (w.format == Format::kQ4_1) {
     const __m256 min = _mm256_set1_ps(w.mins[n * nb + b]);
     const __m128i low = _mm_set1_epi8(0x0F);

@@ -1,13 +1,31 @@
 // Scalar kernels: the fallback on CPUs without AVX2/FMA and the reference the
 // vector kernels must agree with (decoding bit for bit, dot products to fp32
 // rounding).
+#include <cstring>
+
 #include "quant/block_linear.h"
 
 namespace xllm::quant {
 namespace {
 
+float bf16_value(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
 void decode_row(const BlockMatrix& w, int64_t n, float* dst) {
   const int64_t nb = w.cols / kBlock;
+  if (w.format == Format::kF32) {
+    std::memcpy(dst, w.qs + n * w.qs_row_bytes(), static_cast<size_t>(w.cols) * sizeof(float));
+    return;
+  }
+  if (w.format == Format::kBF16) {
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(w.qs + n * w.qs_row_bytes());
+    for (int64_t i = 0; i < w.cols; ++i) dst[i] = bf16_value(src[i]);
+    return;
+  }
   const float* d = w.scales + n * nb;
   const uint8_t* qs = w.qs + n * w.qs_row_bytes();
   if (w.format == Format::kQ4_1) {
@@ -45,12 +63,17 @@ void direct(const float* x, int64_t ldx, int mr, const BlockMatrix& w, int64_t n
   const int64_t nb = w.cols / kBlock;
   for (int j = 0; j < nt; ++j) {
     const int64_t n = n0 + j;
-    const float* d = w.scales + n * nb;
+    const float* d = w.scales ? w.scales + n * nb : nullptr;
     const uint8_t* qs = w.qs + n * w.qs_row_bytes();
     float sum[3] = {0.0f, 0.0f, 0.0f};
     float blk[kBlock];
     for (int64_t b = 0; b < nb; ++b) {
-      if (w.format == Format::kQ4_1) {
+      if (w.format == Format::kF32) {
+        std::memcpy(blk, qs + b * kBlock * 4, sizeof blk);
+      } else if (w.format == Format::kBF16) {
+        const uint16_t* q = reinterpret_cast<const uint16_t*>(qs) + b * kBlock;
+        for (int i = 0; i < kBlock; ++i) blk[i] = bf16_value(q[i]);
+      } else if (w.format == Format::kQ4_1) {
         const float mn = w.mins[n * nb + b];
         const uint8_t* q = qs + b * (kBlock / 2);
         for (int i = 0; i < kBlock / 2; ++i) {

@@ -12,11 +12,11 @@ namespace py = pybind11;
 void register_quant(py::module_& m) {
   py::class_<BlockWeight>(m, "BlockWeight",
                           "A weight [out_features, in_features] in GGUF-style blocks of 32 "
-                          "(q4_1: w = d*q + m; q8_0: w = d*q), decoded exactly to fp32 on the "
-                          "fly. Layout: xllm/ops/blocks.py.")
+                          "(q4_1: w = d*q + m; q8_0: w = d*q) or plain bf16/f32 rows, decoded "
+                          "exactly to fp32 on the fly. Layout: xllm/ops/blocks.py.")
       .def(py::init<const std::string&, py::object, py::object, py::object, py::object>(),
-           py::arg("format"), py::arg("qs"), py::arg("scales"), py::arg("mins") = py::none(),
-           py::arg("bias") = py::none())
+           py::arg("format"), py::arg("qs"), py::arg("scales") = py::none(),
+           py::arg("mins") = py::none(), py::arg("bias") = py::none())
       .def("linear", &BlockWeight::linear, py::arg("x"), py::arg("out"),
            "out [M, out_features] = x [M, in_features] @ W^T (+ bias), fp32.")
       .def("dequantize", &BlockWeight::dequantize, py::arg("out"),

@@ -28,7 +28,7 @@ from xllm.layers.layernorm import RMSNorm
 from xllm.layers.linear import Linear, MergedLinear, copy_checked
 from xllm.layers.rotary import RotaryEmbedding, Rotation
 from xllm.models.config import ModelConfig
-from xllm.ops.blocks import BlockLinearWeight, PackedBlocks, concat_rows
+from xllm.ops.blocks import BLOCK, BlockLinearWeight, PackedBlocks, concat_rows
 from xllm.runtime.attn_metadata import AttentionMetadata
 
 # Checkpoint tensors that carry no weights of ours (precomputed rope tables in old
@@ -286,6 +286,27 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.use_blocks(BlockLinearWeight(head))
             if not self.lm_head.tied:
                 self.lm_head.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+            switched += 1
+        return switched
+
+    def attach_rows(self, fmt: str) -> int:
+        """Runs every projection (and the LM head) whose input size suits the kernels on its
+        own weight as plain ``bf16`` or ``f32`` rows (``xllm.ops.blocks``), which lets the
+        native stack run any checkpoint; returns how many switched. ``bf16`` is exact only
+        for a bf16 checkpoint's values. Call after ``load_weights``."""
+        if self.dtype != torch.float32:
+            raise ValueError(f"row weights compute in fp32; the model is {self.dtype}")
+        switched = 0
+        for module in self.modules():
+            if isinstance(module, Linear) and module.blocks is None and (
+                    module.in_features % BLOCK == 0):
+                module.use_blocks(BlockLinearWeight.from_rows(module.weight, fmt, module.bias))
+                switched += 1
+        head = self.lm_head
+        if head.blocks is None and head.table.shape[1] % BLOCK == 0:
+            head.use_blocks(BlockLinearWeight.from_rows(head.table, fmt))
+            if not head.tied:
+                head.weight = nn.Parameter(torch.empty(0), requires_grad=False)
             switched += 1
         return switched
 

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 BLOCK = 32
-FORMATS = ("q4_1", "q8_0")
+FORMATS = ("q4_1", "q8_0")  # GGUF block formats
+ROW_FORMATS = ("bf16", "f32")  # plain rows of any checkpoint, through the same kernels
 # Bytes per 32-weight block in a GGUF file.
 _GGUF_BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
 
@@ -132,6 +133,27 @@ class BlockLinearWeight:
         self.scales = torch.from_numpy(np.ascontiguousarray(blocks.scales))
         self.mins = None if blocks.mins is None else torch.from_numpy(
             np.ascontiguousarray(blocks.mins))
+        self._finish(bias)
+
+    @classmethod
+    def from_rows(cls, weight: torch.Tensor, fmt: str,
+                  bias: torch.Tensor | None = None) -> BlockLinearWeight:
+        """A dense fp32 weight [N, K] as ``bf16`` rows (exact only when the values are bf16
+        values, e.g. a bf16 checkpoint's) or ``f32`` rows (no copy when contiguous)."""
+        if fmt not in ROW_FORMATS:
+            raise ValueError(f"row format must be one of {ROW_FORMATS}, got {fmt!r}")
+        if weight.dim() != 2 or weight.shape[1] % BLOCK:
+            raise ValueError(f"weight must be [out, in] with in a multiple of {BLOCK}, got "
+                             f"{tuple(weight.shape)}")
+        self = cls.__new__(cls)
+        self.format = fmt
+        dtype = torch.bfloat16 if fmt == "bf16" else torch.float32
+        self.qs = weight.detach().to(dtype).contiguous()
+        self.scales = self.mins = None
+        self._finish(bias)
+        return self
+
+    def _finish(self, bias: torch.Tensor | None) -> None:
         self.bias = None if bias is None else bias.detach().float().contiguous()
         from xllm import _C  # here, so that the importer (numpy only) needs no native build
 
@@ -140,7 +162,7 @@ class BlockLinearWeight:
         self.in_features = self.native.in_features
 
     def nbytes(self) -> int:
-        tensors = [self.qs, self.scales] + ([self.mins] if self.mins is not None else [])
+        tensors = [t for t in (self.qs, self.scales, self.mins) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def dequantize(self) -> torch.Tensor:
