@@ -23,10 +23,12 @@ from xllm.api.completions import create_completion
 from xllm.api.errors import error_body, install_error_handlers
 from xllm.api.metrics import CONTENT_TYPE, ServerMetrics
 from xllm.api.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    CompletionStreamResponse,
     ErrorResponse,
     HealthResponse,
     ModelCard,
@@ -48,10 +50,21 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (503, "overloaded, still loading, or the engine failed"))}
 
 
-def _generation_responses(model: type) -> dict[int | str, dict[str, Any]]:
-    return {200: {"model": model, "description": "the completion; with stream: true, "
-                  "server-sent events, each `data: <chunk JSON>`, ending with `data: [DONE]`",
-                  "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+def _generation_responses(model: type, chunk: type) -> dict[int | str, dict[str, Any]]:
+    # OpenAPI 3.1 without itemSchema: the event-stream schema describes one event.
+    event = {"type": "object", "required": ["data"], "properties": {
+        "event": {"type": "string"},
+        "data": {"anyOf": [
+            {"const": "[DONE]", "description": "the last event"},
+            {"type": "string", "contentMediaType": "application/json",
+             "contentSchema": {"oneOf": [
+                 {"$ref": f"#/components/schemas/{chunk.__name__}"},
+                 {"$ref": "#/components/schemas/ErrorResponse"}]},
+             "description": f"a {chunk.__name__} (an ErrorResponse if the engine fails "
+             "mid-stream)"}]}}}
+    return {200: {"model": model, "description": "the completion, or with stream: true "
+                  "server-sent events",
+                  "content": {"text/event-stream": {"schema": event}}},
             **_ERRORS}
 
 
@@ -167,12 +180,13 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, *,
                                for name in settings.served_model_names])
 
     @app.post("/v1/completions", response_model=CompletionResponse,
-              responses=_generation_responses(CompletionResponse))
+              responses=_generation_responses(CompletionResponse,
+                                               CompletionStreamResponse))
     async def completions(body: CompletionRequest, raw: Request) -> Response:
         return await create_completion(serving, body, raw)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-              responses=_generation_responses(ChatCompletionResponse))
+              responses=_generation_responses(ChatCompletionResponse, ChatCompletionChunk))
     async def chat(body: ChatCompletionRequest, raw: Request) -> Response:
         return await create_chat_completion(serving, body, raw)
 
@@ -181,8 +195,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, *,
 
 
 def _openapi(app: FastAPI, settings: ServerSettings) -> dict[str, Any]:
-    """FastAPI's schema, plus what the models cannot know: the server's max_tokens cap, the
-    API key, and error bodies in place of FastAPI's 422."""
+    """FastAPI's schema, plus what the models cannot know: the served model names, the
+    server's caps on max_tokens and n, the API key, and error bodies in place of FastAPI's 422."""
     if app.openapi_schema is not None:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
@@ -191,11 +205,19 @@ def _openapi(app: FastAPI, settings: ServerSettings) -> dict[str, Any]:
     for path in schema["paths"].values():
         for op in path.values():
             op.get("responses", {}).pop("422", None)
+    schemas = components.setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
-        components.get("schemas", {}).pop(name, None)
+        schemas.pop(name, None)
+    for chunk in (CompletionStreamResponse, ChatCompletionChunk):  # named by the SSE events
+        body = chunk.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(body.pop("$defs", {}))
+        schemas.setdefault(chunk.__name__, body)
     limit = settings.max_tokens_limit
     for model in ("CompletionRequest", "ChatCompletionRequest"):
         props = components["schemas"][model]["properties"]
+        # Only the served names are accepted (any other is a 404).
+        props["model"]["enum"] = list(settings.served_model_names)
+        props["n"]["maximum"] = settings.max_n
         for field in ("max_tokens", "max_completion_tokens"):
             if limit is not None and field in props:
                 for branch in props[field].get("anyOf", [props[field]]):

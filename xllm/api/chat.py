@@ -78,7 +78,8 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
     prompt = await _prompt(serving, req)
     params = to_sampling_params(req, num_prompt_tokens=len(prompt.token_ids),
                                 max_model_len=serving.max_model_len,
-                                max_tokens_limit=serving.settings.max_tokens_limit)
+                                max_tokens_limit=serving.settings.max_tokens_limit,
+                                max_n=serving.settings.max_n)
     k = params.logprobs
     job = serving.submit([prompt], [params], priority=req.priority, offline=req.offline)
     rid = random_id("chatcmpl")

@@ -64,7 +64,8 @@ async def create_completion(serving: OpenAIServing, req: CompletionRequest,
     prompts = await _prompts(serving, req)
     params = [to_sampling_params(req, num_prompt_tokens=len(p.token_ids),
                                  max_model_len=serving.max_model_len,
-                                 max_tokens_limit=serving.settings.max_tokens_limit)
+                                 max_tokens_limit=serving.settings.max_tokens_limit,
+                                max_n=serving.settings.max_n)
               for p in prompts]
     echo = [(p.text if p.text is not None else serving.decode(p.token_ids)) if req.echo else ""
             for p in prompts]

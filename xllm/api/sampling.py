@@ -39,12 +39,17 @@ def check_context(num_prompt_tokens: int, max_tokens: int | None, max_model_len:
 
 def to_sampling_params(request: CompletionRequest | ChatCompletionRequest, *,
                        num_prompt_tokens: int, max_model_len: int,
-                       max_tokens_limit: int | None = None) -> SamplingParams:
+                       max_tokens_limit: int | None = None, max_n: int | None = None
+                       ) -> SamplingParams:
     """SamplingParams for one prompt. APIError(400) naming the parameter on bad values.
 
     ``max_tokens_limit``: the server's cap on new tokens per completion (requests above it
-    are refused; requests without max_tokens get at most that many).
+    are refused; requests without max_tokens get at most that many). ``max_n``: the server's
+    cap on ``n``.
     """
+    if max_n is not None and request.n > max_n:
+        raise APIError.bad_request(f"n is {request.n} but this server allows at most {max_n} "
+                                   "completions per prompt", param="n")
     max_tokens = requested_max_tokens(request)
     param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
     check_context(num_prompt_tokens, max_tokens, max_model_len, param)

@@ -16,6 +16,7 @@ class ServerSettings:
     max_request_body_bytes: int = 8 << 20  # larger bodies get 413
     max_waiting_requests: int = 1024  # requests not yet started above this get 503
     max_tokens_limit: int | None = None  # cap on new tokens per completion (None: context)
+    max_n: int = 128  # cap on completions per prompt (``n``)
     grace_period_s: float = 30.0  # SIGTERM/SIGINT: how long in-flight requests may finish
     access_log: bool = False
     log_level: str = "info"
@@ -31,6 +32,8 @@ class ServerSettings:
                              f"{self.max_waiting_requests}")
         if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
             raise ValueError(f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
+        if not 1 <= self.max_n <= 128:
+            raise ValueError(f"max_n must be in [1, 128], got {self.max_n}")
         if self.grace_period_s < 0:
             raise ValueError(f"grace_period_s must be >= 0, got {self.grace_period_s}")
         if self.api_key is not None and not self.api_key:
