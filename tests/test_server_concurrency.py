@@ -100,14 +100,17 @@ def test_disconnect_mid_stream_frees_blocks_within_one_step(server: LiveServer,
     engine._abort = recording_abort
     try:
         u = urlparse(server.url)
-        body = (b'{"model": "demo", "prompt": "Count: one, two,", "max_tokens": 400, '
+        body = (b'{"model": "demo", "prompt": "Count: one, two,", "max_tokens": 200, '
                 b'"ignore_eos": true, "stream": true}')
         with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
             sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
                          b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-            seen = b""
+            seen = sock.recv(4096)
+            assert seen.startswith(b"HTTP/1.1 200"), seen
             while seen.count(b"data: ") < 3:  # a few tokens in: the request holds blocks
-                seen += sock.recv(4096)
+                more = sock.recv(4096)
+                assert more, seen
+                seen += more
             assert engine.stats().kv_cache_usage > 0
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -25,7 +25,7 @@ from xllm.api.settings import ServerSettings
 pytestmark = pytest.mark.timeout(240)
 
 # Valid requests reach the engine (a model step each); invalid ones are answered at once.
-EXAMPLES = {GenerationMode.POSITIVE: 150, GenerationMode.NEGATIVE: 360}
+EXAMPLES = {GenerationMode.POSITIVE: 110, GenerationMode.NEGATIVE: 400}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance]
 
