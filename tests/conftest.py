@@ -21,3 +21,21 @@ def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from xllm.loader.demo import demo_model_dir as fetch
 
     return fetch(progress=False)
+
+
+@pytest.fixture(scope="session")
+def served_engine(demo_model_dir: Path):  # noqa: ANN201
+    """One AsyncEngine on the demo model for every server test (a load costs seconds).
+
+    Tests build their own apps around it (build_app(..., shutdown_engine=False)); the
+    fixture stops it at the end of the session.
+    """
+    from xllm.config import EngineConfig
+    from xllm.engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine(EngineConfig(model=str(demo_model_dir), max_model_len=256,
+                                      kv_cache_memory_gb=0.25, num_threads=1))
+    engine.start()
+    assert engine.wait_ready(120), engine.error
+    yield engine
+    engine.shutdown()

@@ -1,4 +1,6 @@
-"""The ``xllm`` command: ``xllm generate --model demo --prompt "..."``.
+"""The ``xllm`` command: ``xllm generate --model demo --prompt "..."``, ``xllm serve`` (the
+OpenAI-compatible server, same as ``xllm-server``) and ``xllm bench serve`` (the serving
+load generator, same as ``python -m bench.serve``).
 
 Engine options are generated from EngineConfig's fields, one flag per field, so
 the CLI and the config can never drift apart.
@@ -66,8 +68,22 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # serve and bench serve own their whole command line; hand it over untouched.
+    if argv[:1] == ["serve"]:
+        from xllm.api.server import main as serve_main
+
+        return serve_main(argv[1:])
+    if argv[:2] == ["bench", "serve"]:
+        from xllm.benchmarks.serve import main as bench_main
+
+        return bench_main(argv[2:])
     parser = argparse.ArgumentParser(prog="xllm", description="xllm command line")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="the OpenAI-compatible server (xllm serve --help)",
+                   add_help=False)
+    bench = sub.add_parser("bench", help="benchmarks: bench serve (xllm bench serve --help)")
+    bench.add_argument("suite", choices=["serve"])
     gen = sub.add_parser("generate", help="generate text offline for one or more prompts")
     gen.add_argument("--prompt", action="append", required=True,
                      help="a prompt (repeat for a batch)")

@@ -1,0 +1,37 @@
+"""A uvicorn server on a free loopback port, in a thread of the test process (bounded)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import uvicorn
+from starlette.types import ASGIApp
+
+
+class LiveServer:
+    """``with LiveServer(app) as srv: srv.url``; stops (and joins) on exit."""
+
+    def __init__(self, app: ASGIApp, start_timeout: float = 30.0) -> None:
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                lifespan="on", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, name="live-server", daemon=True)
+        self._start_timeout = start_timeout
+        self.url = ""
+
+    def __enter__(self) -> LiveServer:
+        self._thread.start()
+        deadline = time.monotonic() + self._start_timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self._thread.join(15)
+        assert not self._thread.is_alive(), "the test server did not stop"

@@ -1,0 +1,234 @@
+"""The FastAPI application: routes, the API-key and body-size guard, OpenAPI description.
+
+``build_app(engine, settings)`` serves an AsyncEngine that the caller started (loading may
+still be under way: ``/health`` answers 503 until it is ready).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import xllm
+from xllm.api.chat import create_chat_completion
+from xllm.api.completions import create_completion
+from xllm.api.errors import error_body, install_error_handlers
+from xllm.api.metrics import CONTENT_TYPE, ServerMetrics
+from xllm.api.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
+    ErrorResponse,
+    HealthResponse,
+    ModelCard,
+    ModelList,
+    VersionResponse,
+)
+from xllm.api.serving import OpenAIServing
+from xllm.api.settings import ServerSettings
+from xllm.engine.async_engine import READY, AsyncEngine
+
+__all__ = ["build_app"]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": what} for status, what in (
+        (400, "malformed JSON, a wrong type or range, a prompt longer than the context"),
+        (401, "missing or wrong API key (when the server has one)"),
+        (404, "unknown model"),
+        (413, "request body over the server's limit"),
+        (503, "overloaded, still loading, or the engine failed"))}
+
+
+def _generation_responses(model: type, chunk: type) -> dict[int | str, dict[str, Any]]:
+    # OpenAPI 3.1 without itemSchema: the event-stream schema describes one event.
+    event = {"type": "object", "required": ["data"], "properties": {
+        "event": {"type": "string"},
+        "data": {"anyOf": [
+            {"const": "[DONE]", "description": "the last event"},
+            {"type": "string", "contentMediaType": "application/json",
+             "contentSchema": {"oneOf": [
+                 {"$ref": f"#/components/schemas/{chunk.__name__}"},
+                 {"$ref": "#/components/schemas/ErrorResponse"}]},
+             "description": f"a {chunk.__name__} (an ErrorResponse if the engine fails "
+             "mid-stream)"}]}}}
+    return {200: {"model": model, "description": "the completion, or with stream: true "
+                  "server-sent events",
+                  "content": {"text/event-stream": {"schema": event}}},
+            **_ERRORS}
+
+
+class _Guard:
+    """Pure ASGI middleware: API key on /v1/*, body-size limit (413) before any parsing.
+
+    The body is read here (counting) and replayed to the app; later receive() calls go to
+    the server, so handlers still see the client's disconnect.
+    """
+
+    def __init__(self, app: ASGIApp, settings: ServerSettings) -> None:
+        self.app = app
+        self.settings = settings
+        self.key = settings.api_key.encode() if settings.api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.key is not None and scope["path"].startswith("/v1/"):
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            if not auth.startswith(b"Bearer ") or not hmac.compare_digest(auth[7:], self.key):
+                await _send_error(send, 401, "missing or wrong API key: send the header "
+                                  "'Authorization: Bearer <key>'", code="invalid_api_key")
+                return
+        limit = self.settings.max_request_body_bytes
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            await _send_error(send, 413, f"the request body has {int(length)} bytes; this "
+                              f"server accepts at most {limit}", code="request_too_large")
+            return
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > limit:
+                await _send_error(send, 413, f"the request body is over {limit} bytes, this "
+                                  "server's limit", code="request_too_large")
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _send_error(send: Send, status: int, message: str, code: str) -> None:
+    body = json.dumps(error_body(status, message, code=code)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def build_app(engine: AsyncEngine, settings: ServerSettings, *,
+              shutdown_engine: bool = True) -> FastAPI:
+    """The app serving ``engine``; with ``shutdown_engine`` its lifespan end stops it."""
+    if not settings.served_model_names:
+        settings.served_model_names = [engine.config.model]
+    metrics = ServerMetrics(engine.stats)
+    serving = OpenAIServing(engine, settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if shutdown_engine:
+            engine.shutdown()
+
+    app = FastAPI(title="xllm", version=xllm.__version__, lifespan=lifespan,
+                  summary="OpenAI-compatible LLM server", docs_url=None, redoc_url=None)
+    app.state.serving = serving
+    install_error_handlers(app)
+    app.add_middleware(_Guard, settings=settings)  # type: ignore[arg-type]
+
+    @app.get("/health", response_model=HealthResponse,
+             responses={503: {"model": ErrorResponse, "description": "loading or failed"}})
+    async def health() -> Response:
+        if engine.state != READY:
+            message = engine.error or "the model is still loading"
+            return JSONResponse(error_body(503, message, code="engine_unavailable"),
+                                status_code=503)
+        return JSONResponse(HealthResponse().model_dump())
+
+    @app.get("/version", response_model=VersionResponse)
+    async def version() -> VersionResponse:
+        return VersionResponse(version=xllm.__version__)
+
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format"}})
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", response_model=ModelList, responses={401: _ERRORS[401]})
+    async def models() -> ModelList:
+        max_len = engine.engine.max_model_len if engine.state == READY else None
+        return ModelList(data=[ModelCard(id=name, max_model_len=max_len)
+                               for name in settings.served_model_names])
+
+    @app.post("/v1/completions", response_model=CompletionResponse,
+              responses=_generation_responses(CompletionResponse,
+                                               CompletionStreamResponse))
+    async def completions(body: CompletionRequest, raw: Request) -> Response:
+        return await create_completion(serving, body, raw)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+              responses=_generation_responses(ChatCompletionResponse, ChatCompletionChunk))
+    async def chat(body: ChatCompletionRequest, raw: Request) -> Response:
+        return await create_chat_completion(serving, body, raw)
+
+    app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI, settings: ServerSettings) -> dict[str, Any]:
+    """FastAPI's schema, plus what the models cannot know: the served model names, the
+    server's caps on max_tokens and n, the API key, and error bodies in place of FastAPI's 422."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
+                         routes=app.routes)
+    components = schema.setdefault("components", {})
+    for path in schema["paths"].values():
+        for op in path.values():
+            op.get("responses", {}).pop("422", None)
+    schemas = components.setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    for chunk in (CompletionStreamResponse, ChatCompletionChunk):  # named by the SSE events
+        body = chunk.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(body.pop("$defs", {}))
+        schemas.setdefault(chunk.__name__, body)
+    limit = settings.max_tokens_limit
+    for model in ("CompletionRequest", "ChatCompletionRequest"):
+        props = components["schemas"][model]["properties"]
+        # Only the served names are accepted (any other is a 404).
+        props["model"]["enum"] = list(settings.served_model_names)
+        props["n"]["maximum"] = settings.max_n
+        for field in ("max_tokens", "max_completion_tokens"):
+            if limit is not None and field in props:
+                for branch in props[field].get("anyOf", [props[field]]):
+                    if branch.get("type") == "integer":
+                        branch["maximum"] = limit
+    if settings.api_key is not None:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for route, path in schema["paths"].items():
+            if route.startswith("/v1/"):
+                for op in path.values():
+                    op["security"] = [{"bearer": []}]
+    app.openapi_schema = schema
+    return schema
+

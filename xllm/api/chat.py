@@ -1,0 +1,146 @@
+"""POST /v1/chat/completions: the model's chat template, stream or not, ``logprobs`` /
+``top_logprobs``, ``n``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import jinja2
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from xllm.api.errors import APIError, error_body
+from xllm.api.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatStreamChoice,
+    ChoiceLogprobs,
+    DeltaMessage,
+    TokenLogprob,
+    TopLogprob,
+    random_id,
+)
+from xllm.api.sampling import to_sampling_params
+from xllm.api.serving import Job, OpenAIServing, PromptInput, delta_logprobs
+from xllm.engine.outputs import RequestOutput
+
+__all__ = ["create_chat_completion"]
+
+
+def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    out = []
+    for m in req.messages:
+        content = m.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        message: dict[str, Any] = {"role": m.role, "content": content or ""}
+        if m.name is not None:
+            message["name"] = m.name
+        out.append(message)
+    return out
+
+
+async def _prompt(serving: OpenAIServing, req: ChatCompletionRequest) -> PromptInput:
+    tok = serving.engine.engine.tokenizer
+    try:
+        text = tok.apply_chat_template(_messages(req),
+                                       add_generation_prompt=req.add_generation_prompt)
+    except (ValueError, jinja2.TemplateError) as e:
+        # The template itself rejects some conversations (raise_exception in Jinja).
+        raise APIError.bad_request(f"the chat template rejected the messages: {e}",
+                                   param="messages") from e
+    # The template writes BOS itself; do not add special tokens a second time.
+    return PromptInput(text, await serving.encode(text, add_special_tokens=False))
+
+
+def _logprobs(serving: OpenAIServing, out: RequestOutput, index: int, num_new: int,
+              k: int) -> ChoiceLogprobs:
+    ids, entries = delta_logprobs(out, index, num_new)
+    content = []
+    for tid, value, top in serving.logprob_entries(ids, entries, k):
+        text = serving.token_text(tid)
+        content.append(TokenLogprob(
+            token=text, logprob=value, bytes=list(text.encode()),
+            top_logprobs=[TopLogprob(token=(t := serving.token_text(a)), logprob=v,
+                                     bytes=list(t.encode())) for a, v in top]))
+    return ChoiceLogprobs(content=content)
+
+
+async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequest,
+                                 raw: Request) -> Response:
+    serving.check_model(req.model)
+    serving.check_ready()
+    prompt = await _prompt(serving, req)
+    params = to_sampling_params(req, num_prompt_tokens=len(prompt.token_ids),
+                                max_model_len=serving.max_model_len,
+                                max_tokens_limit=serving.settings.max_tokens_limit,
+                                max_n=serving.settings.max_n)
+    k = params.logprobs
+    job = serving.submit([prompt], [params], priority=req.priority, offline=req.offline)
+    rid = random_id("chatcmpl")
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_stream(serving, req, job, rid, k, include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    final: list[RequestOutput] = []
+
+    async def collect() -> AsyncIterator[None]:
+        async for _, out in serving.outputs(job):
+            if out.finished:
+                final.append(out)
+            yield None
+
+    if not await serving.until_done_or_disconnected(job, raw, collect()):
+        return Response(status_code=499)  # nobody is listening
+    out = final[0]
+    choices = [ChatChoice(
+        index=c.index, message=AssistantMessage(content=c.text),
+        logprobs=None if k is None else _logprobs(serving, out, c.index, len(c.token_ids), k),
+        finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in out.outputs]
+    body = ChatCompletionResponse(id=rid, model=serving.model_name, choices=choices,
+                                  usage=job.usage())
+    return JSONResponse(body.model_dump())
+
+
+async def _stream(serving: OpenAIServing, req: ChatCompletionRequest, job: Job, rid: str,
+                  k: int | None, include_usage: bool) -> AsyncIterator[str]:
+    model = serving.model_name
+
+    def event(choices: list[ChatStreamChoice]) -> str:
+        chunk = ChatCompletionChunk(id=rid, model=model, choices=choices)
+        return f"data: {chunk.model_dump_json()}\n\n"
+
+    done: set[int] = set()
+    try:
+        # The role first, as OpenAI does, before any token is computed.
+        yield event([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                     for i in range(req.n)])
+        async for _, out in serving.outputs(job):
+            choices = []
+            for c in out.outputs:
+                if c.index in done:
+                    continue
+                text, ids = out.deltas.get(c.index, ("", []))
+                if not text and not ids and c.finish_reason is None:
+                    continue
+                if c.finish_reason is not None:
+                    done.add(c.index)
+                choices.append(ChatStreamChoice(
+                    index=c.index, delta=DeltaMessage(content=text),
+                    logprobs=None if k is None else _logprobs(serving, out, c.index, len(ids), k),
+                    finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+            if choices:
+                yield event(choices)
+        if include_usage:
+            chunk = ChatCompletionChunk(id=rid, model=model, choices=[], usage=job.usage())
+            yield f"data: {chunk.model_dump_json()}\n\n"
+    except APIError as e:
+        body = error_body(e.status, e.message, e.type, e.param, e.code)
+        yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,150 @@
+"""POST /v1/completions: text or token-id prompts (one or a batch), stream or not, echo,
+``logprobs: int``. Choice ``index`` is ``prompt_index * n + completion_index``, as OpenAI."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from xllm.api.errors import APIError, error_body
+from xllm.api.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
+    random_id,
+)
+from xllm.api.sampling import to_sampling_params
+from xllm.api.serving import Job, OpenAIServing, PromptInput, delta_logprobs
+from xllm.engine.outputs import RequestOutput
+
+__all__ = ["create_completion"]
+
+
+async def _prompts(serving: OpenAIServing, req: CompletionRequest) -> list[PromptInput]:
+    p = req.prompt
+    if isinstance(p, str):
+        return [PromptInput(p, await serving.encode(p))]
+    if isinstance(p[0], str):
+        return [PromptInput(t, await serving.encode(t)) for t in p]  # type: ignore[arg-type]
+    if isinstance(p[0], int):
+        serving.check_token_ids(p, "prompt")  # type: ignore[arg-type]
+        return [PromptInput(None, list(p))]  # type: ignore[arg-type]
+    for ids in p:
+        serving.check_token_ids(ids, "prompt")  # type: ignore[arg-type]
+    return [PromptInput(None, list(ids)) for ids in p]  # type: ignore[arg-type]
+
+
+class _Logprobs:
+    """Builds a choice's CompletionLogprobs incrementally (text offsets run on)."""
+
+    def __init__(self, serving: OpenAIServing, k: int, offset: int) -> None:
+        self.serving, self.k, self.offset = serving, k, offset
+
+    def add(self, out: RequestOutput, index: int, num_new: int) -> CompletionLogprobs:
+        ids, entries = delta_logprobs(out, index, num_new)
+        lp = CompletionLogprobs()
+        for tid, value, top in self.serving.logprob_entries(ids, entries, self.k):
+            text = self.serving.token_text(tid)
+            lp.tokens.append(text)
+            lp.token_logprobs.append(value)
+            lp.top_logprobs.append({self.serving.token_text(t): v for t, v in top})
+            lp.text_offset.append(self.offset)
+            self.offset += len(text)
+        return lp
+
+
+async def create_completion(serving: OpenAIServing, req: CompletionRequest,
+                            raw: Request) -> Response:
+    serving.check_model(req.model)
+    serving.check_ready()
+    prompts = await _prompts(serving, req)
+    params = [to_sampling_params(req, num_prompt_tokens=len(p.token_ids),
+                                 max_model_len=serving.max_model_len,
+                                 max_tokens_limit=serving.settings.max_tokens_limit,
+                                max_n=serving.settings.max_n)
+              for p in prompts]
+    echo = [(p.text if p.text is not None else serving.decode(p.token_ids)) if req.echo else ""
+            for p in prompts]
+    job = serving.submit(prompts, params, priority=req.priority, offline=req.offline)
+    rid = random_id("cmpl")
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_stream(serving, req, job, rid, echo, include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    final: dict[int, RequestOutput] = {}
+
+    async def collect() -> AsyncIterator[None]:
+        async for i, out in serving.outputs(job):
+            if out.finished:
+                final[i] = out
+            yield None
+
+    if not await serving.until_done_or_disconnected(job, raw, collect()):
+        return Response(status_code=499)  # nobody is listening
+    choices = []
+    for i in range(len(prompts)):
+        out = final[i]
+        for c in out.outputs:
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = _Logprobs(serving, req.logprobs, len(echo[i])).add(
+                    out, c.index, len(c.token_ids))
+            choices.append(CompletionChoice(
+                index=i * req.n + c.index, text=echo[i] + c.text, logprobs=logprobs,
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+    body = CompletionResponse(id=rid, model=serving.model_name, choices=choices,
+                              usage=job.usage())
+    return JSONResponse(body.model_dump())
+
+
+async def _stream(serving: OpenAIServing, req: CompletionRequest, job: Job, rid: str,
+                  echo: list[str], include_usage: bool) -> AsyncIterator[str]:
+    n = req.n
+    started: set[int] = set()
+    done: set[int] = set()
+    builders: dict[int, _Logprobs] = {}
+    try:
+        async for i, out in serving.outputs(job):
+            choices = []
+            for c in out.outputs:
+                index = i * n + c.index
+                if index in done:
+                    continue
+                text, ids = out.deltas.get(c.index, ("", []))
+                if index not in started:
+                    started.add(index)
+                    text = echo[i] + text
+                if not text and not ids and c.finish_reason is None:
+                    continue
+                logprobs = None
+                if req.logprobs is not None:
+                    builder = builders.setdefault(
+                        index, _Logprobs(serving, req.logprobs, len(echo[i])))
+                    logprobs = builder.add(out, c.index, len(ids))
+                if c.finish_reason is not None:
+                    done.add(index)
+                choices.append(CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                                finish_reason=c.finish_reason,
+                                                stop_reason=c.stop_reason))
+            if choices:
+                chunk = CompletionStreamResponse(id=rid, model=serving.model_name,
+                                                 choices=choices)
+                yield f"data: {chunk.model_dump_json()}\n\n"
+        if include_usage:
+            chunk = CompletionStreamResponse(id=rid, model=serving.model_name, choices=[],
+                                             usage=job.usage())
+            yield f"data: {chunk.model_dump_json()}\n\n"
+    except APIError as e:
+        yield f"data: {_json(error_body(e.status, e.message, e.type, e.param, e.code))}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _json(obj: object) -> str:
+    import json
+
+    return json.dumps(obj, separators=(",", ":"))

@@ -1,0 +1,94 @@
+"""Prometheus metrics of one server: request latencies and token counts recorded by the API
+layer, engine gauges read from the engine thread's latest snapshot at scrape time.
+
+Each server owns its registry (not prometheus-client's global one), so several servers in
+one process (tests) do not collide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from xllm.engine.async_engine import EngineStats
+
+__all__ = ["CONTENT_TYPE", "ServerMetrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+                    1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+        yield GaugeMetricFamily("xllm_num_requests_running", "Requests in the running batch",
+                                value=s.num_running)
+        yield GaugeMetricFamily("xllm_num_requests_waiting",
+                                "Requests queued in the scheduler (including preempted ones)",
+                                value=s.num_waiting)
+        yield CounterMetricFamily("xllm_num_preemptions", "Preemptions since start",
+                                  value=s.num_preemptions)
+        yield GaugeMetricFamily("xllm_kv_cache_usage_ratio",
+                                "Share of KV cache blocks held by requests (0..1)",
+                                value=s.kv_cache_usage)
+        yield GaugeMetricFamily("xllm_prefix_cache_hit_rate",
+                                "Prompt tokens served from the prefix cache / tokens looked up",
+                                value=s.prefix_cache_hit_rate)
+        yield CounterMetricFamily("xllm_prefix_cache_queries",
+                                  "Prompt tokens looked up in the prefix cache",
+                                  value=s.prefix_cache_queried_tokens)
+        yield CounterMetricFamily("xllm_prefix_cache_hits",
+                                  "Prompt tokens served from the prefix cache",
+                                  value=s.prefix_cache_hit_tokens)
+        yield CounterMetricFamily("xllm_engine_steps", "Model steps run", value=s.num_steps)
+        yield GaugeMetricFamily("xllm_engine_ready", "1 while the engine serves, else 0",
+                                value=1.0 if s.state == "ready" else 0.0)
+
+
+class ServerMetrics:
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("xllm_time_to_first_token_seconds",
+                              "Time from request arrival to its first token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("xllm_time_per_output_token_seconds",
+                              "Mean time between output tokens after the first, per request",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("xllm_e2e_request_latency_seconds",
+                             "Time from request arrival to its last token",
+                             buckets=_E2E_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("xllm_prompt_tokens", "Prompt tokens processed",
+                                     registry=r)
+        self.generation_tokens = Counter("xllm_generation_tokens", "Tokens generated",
+                                         registry=r)
+        self.requests = Counter("xllm_request_success", "Finished completions by finish reason",
+                                ["finished_reason"], registry=r)
+        r.register(_EngineCollector(stats))
+
+    def record(self, *, arrival: float, first_token: float | None, finished: float,
+               num_prompt_tokens: int, num_output_tokens: int,
+               finish_reasons: list[str]) -> None:
+        """One request (all its completions) that ran to the end."""
+        self.prompt_tokens.inc(num_prompt_tokens)
+        self.generation_tokens.inc(num_output_tokens)
+        for reason in finish_reasons:
+            self.requests.labels(finished_reason=reason).inc()
+        self.e2e.observe(finished - arrival)
+        if first_token is not None:
+            self.ttft.observe(first_token - arrival)
+            per_completion = num_output_tokens / max(1, len(finish_reasons))
+            if per_completion > 1:
+                self.tpot.observe((finished - first_token) / (per_completion - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,95 @@
+"""OpenAI request -> SamplingParams, with the context-length rule. Shared with the master."""
+
+from __future__ import annotations
+
+from xllm.api.errors import APIError
+from xllm.api.protocol import ChatCompletionRequest, CompletionRequest
+from xllm.sampling_params import SamplingParams
+
+__all__ = ["check_context", "requested_max_tokens", "to_sampling_params"]
+
+# OpenAI's completions endpoint defaults to 16 new tokens; chat to whatever the context holds.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+
+def requested_max_tokens(request: CompletionRequest | ChatCompletionRequest) -> int | None:
+    if isinstance(request, ChatCompletionRequest):
+        if request.max_completion_tokens is not None:
+            return request.max_completion_tokens
+        return request.max_tokens
+    return request.max_tokens
+
+
+def check_context(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,
+                  param: str) -> None:
+    """400 when the prompt (plus the tokens asked for) does not fit the context."""
+    if num_prompt_tokens >= max_model_len:
+        raise APIError.bad_request(
+            f"this model's maximum context length is {max_model_len} tokens, but the prompt "
+            f"has {num_prompt_tokens} tokens (at most {max_model_len - 1} leave room for one "
+            "new token); shorten the prompt", param=param, code="context_length_exceeded")
+    if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
+        raise APIError.bad_request(
+            f"this model's maximum context length is {max_model_len} tokens, but "
+            f"{num_prompt_tokens + max_tokens} were requested ({num_prompt_tokens} in the "
+            f"prompt, {max_tokens} to generate); lower max_tokens to at most "
+            f"{max_model_len - num_prompt_tokens} or shorten the prompt",
+            param="max_tokens", code="context_length_exceeded")
+
+
+def to_sampling_params(request: CompletionRequest | ChatCompletionRequest, *,
+                       num_prompt_tokens: int, max_model_len: int,
+                       max_tokens_limit: int | None = None, max_n: int | None = None
+                       ) -> SamplingParams:
+    """SamplingParams for one prompt. APIError(400) naming the parameter on bad values.
+
+    ``max_tokens_limit``: the server's cap on new tokens per completion (requests above it
+    are refused; requests without max_tokens get at most that many). ``max_n``: the server's
+    cap on ``n``.
+    """
+    if max_n is not None and request.n > max_n:
+        raise APIError.bad_request(f"n is {request.n} but this server allows at most {max_n} "
+                                   "completions per prompt", param="n")
+    max_tokens = requested_max_tokens(request)
+    param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
+    check_context(num_prompt_tokens, max_tokens, max_model_len, param)
+    if max_tokens is not None and max_tokens_limit is not None and max_tokens > max_tokens_limit:
+        raise APIError.bad_request(
+            f"max_tokens is {max_tokens} but this server allows at most {max_tokens_limit} new "
+            "tokens per completion", param="max_tokens")
+    if max_tokens is None:
+        room = max_model_len - num_prompt_tokens
+        if isinstance(request, CompletionRequest):
+            room = min(room, COMPLETIONS_DEFAULT_MAX_TOKENS)
+        max_tokens = room if max_tokens_limit is None else min(room, max_tokens_limit)
+    if isinstance(request, ChatCompletionRequest):
+        if request.top_logprobs is not None and not request.logprobs:
+            raise APIError.bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    else:
+        logprobs = request.logprobs
+        if request.echo and logprobs is not None:
+            raise APIError.bad_request(
+                "echo with logprobs is not supported: the engine does not score prompt tokens",
+                param="echo")
+    if request.min_tokens > max_tokens:
+        raise APIError.bad_request(
+            f"min_tokens ({request.min_tokens}) must not exceed max_tokens ({max_tokens})",
+            param="min_tokens")
+    stop = request.stop if request.stop is not None else []
+    try:
+        return SamplingParams(
+            n=request.n,
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_p=1.0 if request.top_p is None else request.top_p,
+            top_k=request.top_k, min_p=request.min_p, seed=request.seed,
+            repetition_penalty=request.repetition_penalty,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            max_tokens=max_tokens, min_tokens=request.min_tokens,
+            stop=[stop] if isinstance(stop, str) else list(stop),
+            stop_token_ids=list(request.stop_token_ids or []), ignore_eos=request.ignore_eos,
+            logprobs=logprobs, skip_special_tokens=request.skip_special_tokens,
+            include_stop_str_in_output=request.include_stop_str_in_output)
+    except ValueError as e:  # SamplingParams names the field in its message
+        raise APIError.bad_request(str(e)) from e

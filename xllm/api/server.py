@@ -1,0 +1,167 @@
+"""``xllm-server`` (also ``xllm serve``): the OpenAI-compatible server on uvicorn.
+
+The engine starts loading at once on its thread while the socket opens, so ``/health``
+answers 503 during the load. One log line says where the server listens once it is ready.
+SIGTERM/SIGINT: stop accepting connections, let in-flight requests finish for up to
+``--grace-period`` seconds (then cancel them, which aborts their engine requests), stop the
+engine, exit 0. A second SIGINT forces the exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Generator, Sequence
+from types import FrameType
+
+import uvicorn
+
+from xllm.api.app import build_app
+from xllm.api.settings import ServerSettings
+from xllm.cli import add_engine_options, engine_config_from_args
+from xllm.config import EngineConfig
+from xllm.engine.async_engine import READY, AsyncEngine
+
+__all__ = ["add_server_options", "main", "run_server", "settings_from_args"]
+
+logger = logging.getLogger("xllm.server")
+
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    d = ServerSettings()
+    g = parser.add_argument_group("server options")
+    g.add_argument("--host", default=d.host, help="address to bind (default: loopback only)")
+    g.add_argument("--port", type=int, default=d.port, help="0 picks a free port")
+    g.add_argument("--api-key", default=os.environ.get("XLLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $XLLM_API_KEY)")
+    g.add_argument("--served-model-name", nargs="+", dest="served_model_names", default=[],
+                   metavar="NAME", help="model name(s) clients use (default: the --model value)")
+    g.add_argument("--max-request-body-bytes", type=int, default=d.max_request_body_bytes)
+    g.add_argument("--max-waiting-requests", type=int, default=d.max_waiting_requests,
+                   help="answer 503 while more requests than this wait to start")
+    g.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit,
+                   help="cap on new tokens per completion (default: the context length)")
+    g.add_argument("--max-n", type=int, default=d.max_n,
+                   help="cap on completions per prompt (n)")
+    g.add_argument("--grace-period", type=float, default=d.grace_period_s, dest="grace_period_s",
+                   help="seconds in-flight requests may take to finish on SIGTERM/SIGINT")
+    g.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    g.add_argument("--log-level", default=d.log_level,
+                   choices=["debug", "info", "warning", "error"])
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    return ServerSettings(
+        host=args.host, port=args.port, served_model_names=list(args.served_model_names),
+        api_key=args.api_key, max_request_body_bytes=args.max_request_body_bytes,
+        max_waiting_requests=args.max_waiting_requests, max_tokens_limit=args.max_tokens_limit,
+        max_n=args.max_n,
+        grace_period_s=args.grace_period_s, access_log=args.access_log, log_level=args.log_level)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, except that a handled SIGTERM/SIGINT ends in exit status 0: uvicorn
+    re-raises the signal after its graceful shutdown, which would kill the process."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        elif not self.should_exit:
+            logger.info("%s: finishing in-flight requests (up to %.0f s), then exiting",
+                        signal.Signals(sig).name, self.config.timeout_graceful_shutdown or 0)
+        self.should_exit = True
+
+
+def _listen_url(server: uvicorn.Server, host: str) -> str:
+    port = server.servers[0].sockets[0].getsockname()[1] if server.servers else "?"
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+async def _serve(server: _Server, engine: AsyncEngine, settings: ServerSettings) -> int:
+    task = asyncio.ensure_future(server.serve())
+    # Startup only: wait for the socket and the model, then announce once.
+    while not (server.started and engine.wait_ready(0)) and not task.done():
+        if server.should_exit or engine.state not in ("loading", READY):
+            break
+        await asyncio.sleep(0.05)
+    status = 0
+    if engine.state == READY and server.started and not server.should_exit:
+        names = ", ".join(settings.served_model_names)
+        logger.info("xllm-server %s serving %s on %s", _version(), names,
+                    _listen_url(server, settings.host))
+    elif engine.state not in ("loading", READY) and not server.should_exit:
+        logger.error("%s; exiting", engine.error)
+        server.should_exit = True
+        status = 1
+    await task
+    return status
+
+
+def _version() -> str:
+    import xllm
+
+    return xllm.__version__
+
+
+def run_server(config: EngineConfig, settings: ServerSettings) -> int:
+    """Serves until SIGTERM/SIGINT; the exit status (0 after a graceful stop)."""
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # uvicorn's own start-up lines would say "running" before the model is loaded.
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.access").setLevel(
+        logging.INFO if settings.access_log else logging.WARNING)
+    engine = AsyncEngine(config)
+    engine.start()
+    app = build_app(engine, settings)
+    uv_config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                               access_log=settings.access_log, lifespan="on",
+                               timeout_graceful_shutdown=int(max(1, settings.grace_period_s)),
+                               limit_concurrency=None)
+    server = _Server(uv_config)
+    try:
+        return asyncio.run(_serve(server, engine, settings))
+    finally:
+        engine.shutdown()
+
+
+def build_parser(prog: str = "xllm-server") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible xllm server")
+    add_server_options(parser)
+    add_engine_options(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = engine_config_from_args(args)
+        settings = settings_from_args(args)
+    except ValueError as e:
+        print(f"xllm-server: error: {e}", file=sys.stderr)
+        return 2
+    return run_server(config, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
