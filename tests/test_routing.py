@@ -16,8 +16,8 @@ from xllm.service.routing import (
     POLICIES,
     NoInstanceAvailable,
     PrefixAwarePolicy,
-    RouteRequest,
     Router,
+    RouteRequest,
     SloAwarePolicy,
     make_policy,
 )
