@@ -12,7 +12,7 @@ import random
 import time
 
 from xllm.service.prefix_index import PrefixIndex, prompt_block_hashes
-from xllm.service.routing import POLICIES, RouteRequest, Router
+from xllm.service.routing import POLICIES, Router, RouteRequest
 from xllm.service.state import Capacity, InstanceInfo, InstanceLoad, InstanceView
 
 BLOCK = 16
