@@ -1,0 +1,281 @@
+"""Routing policies: which instance serves a request.
+
+Every policy implements :meth:`RoutingPolicy.select` over the routable instances (the
+registry's live :class:`~xllm.service.state.InstanceView` records) and the cluster's
+:class:`~xllm.service.prefix_index.PrefixIndex`; :func:`make_policy` builds one by name
+(``--policy``). :class:`Router` wraps a policy with what every policy needs: offline
+requests only go to instances with spare capacity, and each decision is booked on the
+chosen instance (pending load, optimistic prefix blocks) so a burst arriving between two
+heartbeats sees it.
+
+Policies never block and never copy the cluster: a decision is a pass over the instances
+plus, for the prefix-aware ones, one walk over the prompt's block hashes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from xllm.service.prefix_index import PrefixIndex, prompt_block_hashes
+from xllm.service.state import InstanceView
+
+__all__ = [
+    "POLICIES",
+    "LeastLoadPolicy",
+    "NoInstanceAvailable",
+    "PrefixAwarePolicy",
+    "RoundRobinPolicy",
+    "RouteDecision",
+    "RouteRequest",
+    "Router",
+    "RoutingPolicy",
+    "SloAwarePolicy",
+    "make_policy",
+]
+
+
+class NoInstanceAvailable(RuntimeError):
+    """No routable instance (none alive, or none with spare capacity for offline work)."""
+
+
+@dataclass(slots=True)
+class RouteRequest:
+    """What routing needs to know about a request. ``block_hashes`` are filled in once per
+    request (by :class:`Router`, with the cluster's block size) and reused on a retry."""
+
+    prompt_token_ids: Sequence[int]
+    ttft_slo_ms: float | None = None
+    tpot_slo_ms: float | None = None
+    offline: bool = False
+    block_hashes: list[int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    instance: InstanceView
+    matched_tokens: int = 0  # prompt tokens the master expects to hit the prefix cache
+    predicted_ttft_ms: float | None = None
+    predicted_tpot_ms: float | None = None
+
+
+class RoutingPolicy(ABC):
+    """Chooses one of ``instances`` (non-empty, all alive) for ``request``. ``select`` has
+    no side effects on the instances (Router books the decision); a policy may keep its
+    own state (a round-robin cursor)."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def select(
+        self, request: RouteRequest, instances: Sequence[InstanceView], index: PrefixIndex
+    ) -> RouteDecision: ...
+
+
+class RoundRobinPolicy(RoutingPolicy):
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._cursor = itertools.count()
+
+    def select(
+        self, request: RouteRequest, instances: Sequence[InstanceView], index: PrefixIndex
+    ) -> RouteDecision:
+        return RouteDecision(instances[next(self._cursor) % len(instances)])
+
+
+def _least_loaded(instances: Sequence[InstanceView], start: int) -> InstanceView:
+    """Lowest load score; ties go to the first at or after ``start`` (rotating the start
+    spreads equal instances instead of piling onto the first)."""
+    n = len(instances)
+    best = instances[start % n]
+    best_score = best.load_score()
+    for k in range(1, n):
+        v = instances[(start + k) % n]
+        s = v.load_score()
+        if s < best_score:
+            best, best_score = v, s
+    return best
+
+
+class LeastLoadPolicy(RoutingPolicy):
+    """The instance with the lowest :meth:`InstanceView.load_score` (queued and running
+    requests over its seats, plus KV usage, counting what was routed since its last beat)."""
+
+    name = "least_load"
+
+    def __init__(self) -> None:
+        self._cursor = itertools.count()
+
+    def select(
+        self, request: RouteRequest, instances: Sequence[InstanceView], index: PrefixIndex
+    ) -> RouteDecision:
+        return RouteDecision(_least_loaded(instances, next(self._cursor)))
+
+
+class PrefixAwarePolicy(RoutingPolicy):
+    """The instance holding the longest cached prefix of the prompt, among those not much
+    busier than the idlest one.
+
+    An instance is *eligible* when its load score is at most ``min_load * balance_rel +
+    balance_abs``: a hot prefix keeps going to the instance that caches it until that one is
+    clearly busier than the rest, then spills to the least-loaded instance, which caches the
+    prefix in turn. With no prefix hit anywhere it is least-load.
+    """
+
+    name = "prefix_aware"
+
+    def __init__(self, balance_abs: float = 0.5, balance_rel: float = 1.5) -> None:
+        if balance_abs < 0:
+            raise ValueError(f"balance_abs must be >= 0, got {balance_abs}")
+        if balance_rel < 1:
+            raise ValueError(f"balance_rel must be >= 1, got {balance_rel}")
+        self.balance_abs = balance_abs
+        self.balance_rel = balance_rel
+        self._cursor = itertools.count()
+
+    def select(
+        self, request: RouteRequest, instances: Sequence[InstanceView], index: PrefixIndex
+    ) -> RouteDecision:
+        matches = index.match(request.block_hashes or ())
+        start = next(self._cursor)
+        if not matches:
+            return RouteDecision(_least_loaded(instances, start))
+        scores = [v.load_score() for v in instances]
+        limit = min(scores) * self.balance_rel + self.balance_abs
+        best: InstanceView | None = None
+        best_key = (-1, 0.0)
+        n = len(instances)
+        for k in range(n):
+            i = (start + k) % n
+            if scores[i] > limit:
+                continue
+            v = instances[i]
+            key = (matches.get(v.slot, 0), -scores[i])
+            if key > best_key:
+                best, best_key = v, key
+        assert best is not None  # the least-loaded instance is always eligible
+        return RouteDecision(best, matched_tokens=best_key[0] * best.info.capacity.block_size)
+
+
+class SloAwarePolicy(RoutingPolicy):
+    """Predicts each instance's TTFT and TPOT for this request from its reported metrics
+    and picks the least-loaded one meeting the request's targets (``ttft_slo_ms`` /
+    ``tpot_slo_ms``, else the policy's defaults; no target = no constraint). If none meets
+    them, the one that misses them by the smallest factor.
+
+    TTFT: the prefill tokens queued ahead (reported + routed since) plus this prompt's
+    uncached tokens, over the instance's recent prefill throughput, plus one decode step;
+    without a throughput report, its recent TTFT scaled by its queue. TPOT: its recent TPOT
+    with the batch one larger, taking half a step as fixed cost and half as per-sequence
+    cost (a deliberately simple model: one observation cannot fit both terms).
+    """
+
+    name = "slo_aware"
+
+    def __init__(self, ttft_slo_ms: float | None = None, tpot_slo_ms: float | None = None) -> None:
+        for name, v in (("ttft_slo_ms", ttft_slo_ms), ("tpot_slo_ms", tpot_slo_ms)):
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be > 0 or None, got {v}")
+        self.ttft_slo_ms = ttft_slo_ms
+        self.tpot_slo_ms = tpot_slo_ms
+        self._cursor = itertools.count()
+
+    @staticmethod
+    def predict(v: InstanceView, prompt_len: int, matched_tokens: int) -> tuple[float, float]:
+        """(TTFT ms, TPOT ms) predicted for a request of ``prompt_len`` tokens of which
+        ``matched_tokens`` hit v's prefix cache."""
+        load = v.load
+        running = load.num_running + v.pending_requests
+        if load.num_running > 0:
+            tpot = load.tpot_ms * (0.5 + 0.5 * (running + 1) / load.num_running)
+        else:
+            tpot = load.tpot_ms
+        if load.prefill_tokens_per_s > 0:
+            queued = load.num_waiting_prefill_tokens + v.pending_prefill_tokens
+            prefill = queued + max(prompt_len - matched_tokens, 1)
+            ttft = 1000.0 * prefill / load.prefill_tokens_per_s + tpot
+        else:
+            queued_reqs = load.num_waiting + v.pending_requests
+            ttft = load.ttft_ms * (1.0 + queued_reqs / v.info.capacity.max_num_seqs)
+        return ttft, tpot
+
+    def select(
+        self, request: RouteRequest, instances: Sequence[InstanceView], index: PrefixIndex
+    ) -> RouteDecision:
+        ttft_slo = request.ttft_slo_ms if request.ttft_slo_ms is not None else self.ttft_slo_ms
+        tpot_slo = request.tpot_slo_ms if request.tpot_slo_ms is not None else self.tpot_slo_ms
+        matches = index.match(request.block_hashes or ())
+        prompt_len = len(request.prompt_token_ids)
+        n = len(instances)
+        start = next(self._cursor)
+        best: RouteDecision | None = None
+        best_key: tuple[float, float, float] = (float("inf"),) * 3
+        for k in range(n):
+            v = instances[(start + k) % n]
+            matched = matches.get(v.slot, 0) * v.info.capacity.block_size
+            ttft, tpot = self.predict(v, prompt_len, matched)
+            # Worst ratio of prediction to target: <= 1 meets every target.
+            miss = max(
+                ttft / ttft_slo if ttft_slo else 0.0,
+                tpot / tpot_slo if tpot_slo else 0.0,
+            )
+            # Meeting instances rank by load (keep headroom everywhere); the rest by miss.
+            key = (0.0, v.load_score(), ttft) if miss <= 1.0 else (1.0, miss, ttft)
+            if key < best_key:
+                best_key = key
+                best = RouteDecision(v, matched, ttft, tpot)
+        assert best is not None
+        return best
+
+
+POLICIES: dict[str, type[RoutingPolicy]] = {
+    p.name: p for p in (RoundRobinPolicy, LeastLoadPolicy, PrefixAwarePolicy, SloAwarePolicy)
+}
+
+
+def make_policy(name: str, **options: Any) -> RoutingPolicy:
+    """The policy called ``name`` (``--policy``), built with ``options``."""
+    cls = POLICIES.get(name)
+    if cls is None:
+        raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {name!r}")
+    return cls(**options)
+
+
+class Router:
+    """Applies a policy to the registry's routable instances and books the decision.
+
+    ``block_size``: the cluster's KV block size (all instances of a model share it), used to
+    hash prompts the way the instances' prefix caches do.
+    """
+
+    def __init__(self, policy: RoutingPolicy | str, block_size: int = 16) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        self.block_size = block_size
+
+    def route(
+        self, request: RouteRequest, instances: Sequence[InstanceView], index: PrefixIndex
+    ) -> RouteDecision:
+        """Chooses an instance and books the request on it: one more pending request, its
+        uncached prompt tokens as pending prefill, and its prompt's blocks as (optimistically)
+        cached there -- the instance's next heartbeats confirm or correct both. Raises
+        NoInstanceAvailable when nothing can take the request."""
+        if request.offline:
+            instances = [v for v in instances if v.has_spare_capacity()]
+        if not instances:
+            kind = "with spare capacity for offline work" if request.offline else "alive"
+            raise NoInstanceAvailable(f"no instance is {kind}")
+        if request.block_hashes is None:
+            request.block_hashes = prompt_block_hashes(request.prompt_token_ids, self.block_size)
+        decision = self.policy.select(request, instances, index)
+        v = decision.instance
+        v.pending_requests += 1
+        v.pending_prefill_tokens += len(request.prompt_token_ids) - decision.matched_tokens
+        if request.block_hashes:
+            index.apply(v.slot, request.block_hashes, ())
+        return decision

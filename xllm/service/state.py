@@ -1,0 +1,163 @@
+"""What the master knows about an instance: who it is (:class:`InstanceInfo`, fixed per
+incarnation), its last reported load (:class:`InstanceLoad`), and the live record routing
+reads (:class:`InstanceView`). Plain dataclasses; conversion to and from the gRPC messages
+of :mod:`xllm.service.proto` lives here so the registry and routing never touch protobuf.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from xllm.service.proto import master_pb2
+
+__all__ = ["ROLES", "Capacity", "InstanceInfo", "InstanceLoad", "InstanceView"]
+
+# Role names as the CLI and the rest of Python spell them, and their wire values.
+ROLES: dict[str, int] = {
+    "mixed": master_pb2.INSTANCE_ROLE_MIXED,
+    "prefill": master_pb2.INSTANCE_ROLE_PREFILL,
+    "decode": master_pb2.INSTANCE_ROLE_DECODE,
+}
+_ROLE_NAMES = {v: k for k, v in ROLES.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    num_kv_blocks: int = 0
+    block_size: int = 16
+    max_model_len: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"capacity.max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.block_size < 1:
+            raise ValueError(f"capacity.block_size must be >= 1, got {self.block_size}")
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceInfo:
+    """An instance as it registered. ``incarnation_id`` is 0 until the registry assigns it."""
+
+    instance_id: str
+    address: str
+    model: str = ""
+    role: str = "mixed"
+    capacity: Capacity = field(default_factory=Capacity)
+    incarnation_id: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.instance_id or "/" in self.instance_id:
+            raise ValueError(
+                f"instance_id must be a non-empty string without '/', got {self.instance_id!r}"
+            )
+        if not self.address:
+            raise ValueError(f"address of instance {self.instance_id!r} must be host:port")
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {sorted(ROLES)}, got {self.role!r}")
+
+    def to_proto(self) -> master_pb2.InstanceInfo:
+        c = self.capacity
+        return master_pb2.InstanceInfo(
+            instance_id=self.instance_id,
+            incarnation_id=self.incarnation_id,
+            address=self.address,
+            model=self.model,
+            role=ROLES[self.role],  # type: ignore[arg-type]
+            capacity=master_pb2.Capacity(
+                max_num_seqs=c.max_num_seqs,
+                max_num_batched_tokens=c.max_num_batched_tokens,
+                num_kv_blocks=c.num_kv_blocks,
+                block_size=c.block_size,
+                max_model_len=c.max_model_len,
+            ),
+        )
+
+    @classmethod
+    def from_proto(cls, msg: master_pb2.InstanceInfo) -> InstanceInfo:
+        """Raises ValueError (naming the field) on an incomplete or invalid registration."""
+        c = msg.capacity
+        role = _ROLE_NAMES.get(msg.role, "mixed" if msg.role == 0 else None)
+        if role is None:
+            raise ValueError(f"role: unknown instance role {msg.role}")
+        return cls(
+            instance_id=msg.instance_id,
+            address=msg.address,
+            model=msg.model,
+            role=role,
+            capacity=Capacity(
+                max_num_seqs=c.max_num_seqs or 256,
+                max_num_batched_tokens=c.max_num_batched_tokens or 8192,
+                num_kv_blocks=c.num_kv_blocks,
+                block_size=c.block_size or 16,
+                max_model_len=c.max_model_len,
+            ),
+            incarnation_id=msg.incarnation_id,
+        )
+
+
+@dataclass(slots=True)
+class InstanceLoad:
+    """The load an instance last reported (``LoadReport`` in master.proto)."""
+
+    num_waiting: int = 0
+    num_running: int = 0
+    num_waiting_prefill_tokens: int = 0
+    kv_usage: float = 0.0
+    ttft_ms: float = 0.0
+    tpot_ms: float = 0.0
+    prefill_tokens_per_s: float = 0.0
+    num_offline_running: int = 0
+
+    @classmethod
+    def from_proto(cls, msg: master_pb2.LoadReport) -> InstanceLoad:
+        return cls(
+            num_waiting=msg.num_waiting,
+            num_running=msg.num_running,
+            num_waiting_prefill_tokens=msg.num_waiting_prefill_tokens,
+            kv_usage=min(max(msg.kv_usage, 0.0), 1.0),
+            ttft_ms=max(msg.ttft_ms, 0.0),
+            tpot_ms=max(msg.tpot_ms, 0.0),
+            prefill_tokens_per_s=max(msg.prefill_tokens_per_s, 0.0),
+            num_offline_running=msg.num_offline_running,
+        )
+
+
+@dataclass(slots=True)
+class InstanceView:
+    """The registry's live record of one incarnation; routing reads it, the registry writes
+    it. ``pending_*`` count what the master routed there since the last load report, so a
+    burst between two heartbeats does not all land on the instance that looked idlest."""
+
+    info: InstanceInfo
+    slot: int  # the instance's bit in the registry's PrefixIndex
+    load: InstanceLoad = field(default_factory=InstanceLoad)
+    pending_requests: int = 0
+    pending_prefill_tokens: int = 0
+    last_seq: int = 0  # heartbeat sequence number last applied (0 = none yet)
+    needs_resync: bool = False  # a prefix-cache delta was lost: wait for a full report
+    last_heartbeat: float = field(default_factory=time.monotonic)
+    deadline: float = float("inf")  # monotonic time after which it is dead
+
+    @property
+    def instance_id(self) -> str:
+        return self.info.instance_id
+
+    @property
+    def incarnation_id(self) -> int:
+        return self.info.incarnation_id
+
+    def load_score(self) -> float:
+        """Normalised load: queued requests count twice (each one delays a new arrival's
+        prefill), running ones once, over the instance's seats, plus its KV usage."""
+        queued = self.load.num_waiting + self.pending_requests
+        return (2.0 * queued + self.load.num_running) / self.info.capacity.max_num_seqs + (
+            self.load.kv_usage
+        )
+
+    def has_spare_capacity(self) -> bool:
+        """A free seat and KV headroom: where offline work may go."""
+        busy = self.load.num_waiting + self.load.num_running + self.pending_requests
+        return busy < self.info.capacity.max_num_seqs and self.load.kv_usage < 0.9
