@@ -192,7 +192,13 @@ def test_standby_takes_over_when_leader_is_killed(etcd_endpoint: str, tmp_path: 
         [sys.executable, str(script), etcd_endpoint], stdout=subprocess.PIPE, env=env, text=True
     )
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "leader"
+        assert proc.stdout is not None
+        # The first line the child prints once it leads (a dev install may print a rebuild
+        # notice before it; EOF means the child died).
+        line = proc.stdout.readline()
+        while line and line.strip() != "leader":
+            line = proc.stdout.readline()
+        assert line.strip() == "leader"
 
         async def run() -> float:
             standby = EtcdRegistry(etcd_endpoint, "standby:2", prefix="/t3")
