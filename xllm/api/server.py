@@ -54,6 +54,13 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--access-log", action="store_true", help="log every HTTP request")
     g.add_argument("--log-level", default=d.log_level,
                    choices=["debug", "info", "warning", "error"])
+    c = parser.add_argument_group("cluster options (an instance of xllm-master)")
+    c.add_argument("--master", metavar="HOST:PORT",
+                   help="register with this xllm-master's gRPC address and serve Generate")
+    c.add_argument("--etcd", metavar="HOST:PORT", help="register in this etcd instead")
+    c.add_argument("--grpc-port", type=int, default=0,
+                   help="port of the gRPC Instance service (0 picks a free one)")
+    c.add_argument("--instance-id", help="stable id in the cluster (default: host:grpc-port)")
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -97,7 +104,25 @@ def _listen_url(server: uvicorn.Server, host: str) -> str:
     return f"http://{shown}:{port}"
 
 
-async def _serve(server: _Server, engine: AsyncEngine, settings: ServerSettings) -> int:
+async def _serve(server: _Server, engine: AsyncEngine, settings: ServerSettings,
+                 cluster: argparse.Namespace | None = None) -> int:
+    runtime = None
+    if cluster is not None and (cluster.master or cluster.etcd):
+        from xllm.service.instance import InstanceRuntime
+
+        runtime = InstanceRuntime(engine, master=cluster.master, etcd=cluster.etcd,
+                                  host=settings.host, grpc_port=cluster.grpc_port,
+                                  instance_id=cluster.instance_id,
+                                  model=(settings.served_model_names or [engine.config.model])[0])
+        await runtime.start()
+    try:
+        return await _serve_http(server, engine, settings)
+    finally:
+        if runtime is not None:
+            await runtime.close()
+
+
+async def _serve_http(server: _Server, engine: AsyncEngine, settings: ServerSettings) -> int:
     task = asyncio.ensure_future(server.serve())
     # Startup only: wait for the socket and the model, then announce once.
     while not (server.started and engine.wait_ready(0)) and not task.done():
@@ -123,7 +148,8 @@ def _version() -> str:
     return xllm.__version__
 
 
-def run_server(config: EngineConfig, settings: ServerSettings) -> int:
+def run_server(config: EngineConfig, settings: ServerSettings,
+               cluster: argparse.Namespace | None = None) -> int:
     """Serves until SIGTERM/SIGINT; the exit status (0 after a graceful stop)."""
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -140,7 +166,7 @@ def run_server(config: EngineConfig, settings: ServerSettings) -> int:
                                limit_concurrency=None)
     server = _Server(uv_config)
     try:
-        return asyncio.run(_serve(server, engine, settings))
+        return asyncio.run(_serve(server, engine, settings, cluster))
     finally:
         engine.shutdown()
 
@@ -160,7 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"xllm-server: error: {e}", file=sys.stderr)
         return 2
-    return run_server(config, settings)
+    if args.master and args.etcd:
+        print("xllm-server: error: give --master or --etcd, not both", file=sys.stderr)
+        return 2
+    return run_server(config, settings, args)
 
 
 if __name__ == "__main__":

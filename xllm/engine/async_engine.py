@@ -24,6 +24,7 @@ requests are refused with the same error, instead of hanging.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import threading
@@ -91,6 +92,12 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _Call:
+    fn: Callable[[LLMEngine], object]
+    future: concurrent.futures.Future[object]
+
+
 def _merge(old: RequestOutput, new: RequestOutput) -> RequestOutput:
     """One output standing for both: new's cumulative state, old's deltas followed by new's."""
     deltas = dict(new.deltas)
@@ -98,6 +105,15 @@ def _merge(old: RequestOutput, new: RequestOutput) -> RequestOutput:
         more_text, more_ids = deltas.get(index, ("", []))
         deltas[index] = (text + more_text, ids + more_ids)
     return replace(new, deltas=deltas)
+
+
+def _run_call(call: _Call, engine: LLMEngine) -> None:
+    if not call.future.set_running_or_notify_cancel():
+        return
+    try:
+        call.future.set_result(call.fn(engine))
+    except Exception as e:  # the caller's fault: report it to the caller, keep stepping
+        call.future.set_exception(e)
 
 
 def _snapshot(out: RequestOutput) -> RequestOutput:
@@ -292,6 +308,24 @@ class AsyncEngine:
                                         "requests queued); retry later")
         return stream
 
+    def call_on_engine_thread(self, fn: Callable[[LLMEngine], object]
+                              ) -> concurrent.futures.Future[object]:
+        """Runs ``fn(engine)`` on the engine thread between two steps; its result (or
+        exception) arrives in the returned future. For readers of scheduler state that only
+        the engine thread may touch (the cluster agent's prefix-cache snapshot). Keep ``fn``
+        short: the engine does not step while it runs. EngineDeadError when not running,
+        EngineOverloadedError when the inbox is full."""
+        future: concurrent.futures.Future[object] = concurrent.futures.Future()
+        if self.state != READY or self._stopping:
+            raise EngineDeadError(self._error or f"the engine is {self.state}, not ready")
+        try:
+            pushed = self._inbox.try_push(_Call(fn, future))
+        except QueueClosed:
+            raise EngineDeadError(self._error or "the engine is shutting down") from None
+        if not pushed:
+            raise EngineOverloadedError("the engine's inbox is full")
+        return future
+
     def _abort(self, request_id: str) -> None:
         try:
             if self._inbox.try_push(_Abort(request_id)):
@@ -338,6 +372,9 @@ class AsyncEngine:
             for item in items:
                 if isinstance(item, _Abort):
                     engine.abort_request(item.request_id)
+                    continue
+                if isinstance(item, _Call):
+                    _run_call(item, engine)
                     continue
                 stream = self._streams.get(item.request_id)
                 if stream is None:

@@ -1,0 +1,186 @@
+"""xllm-master end to end: a master with 3 spawned instances; one is SIGKILLed while 16
+streams run and every stream still completes with the offline greedy text; bad input gets
+the same OpenAI-format errors as xllm-server. Loopback only; every process is stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from live_server import LiveServer
+
+pytestmark = pytest.mark.timeout(240)
+
+ENGINE_ARGS = ["--max-model-len", "256", "--kv-cache-memory-gb", "0.25", "--num-threads", "1"]
+MAX_TOKENS = 20
+PROMPTS = [f"Question {i}: name a colour and a number between {i} and {i + 7}." for i in range(16)]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+@pytest.fixture(scope="module")
+def master(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    log = tmp_path_factory.mktemp("master") / "master.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xllm.service.master_server", "--port", "0", "--spawn", "3",
+             "--model", str(demo_model_dir), "--log-level", "info", *ENGINE_ARGS],
+            stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        url = None
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and proc.poll() is None:
+            text = log.read_text(errors="replace")
+            if url is None and "xllm-master serving" in text:
+                url = text.split("xllm-master serving", 1)[1].split(" on ", 1)[1].split()[0]
+            if url is not None:
+                try:
+                    if len(requests.get(f"{url}/cluster/instances", timeout=2).json()) == 3:
+                        break
+                except requests.RequestException:
+                    pass
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"the master did not come up:\n{log.read_text()[-4000:]}")
+        yield proc, url, log
+    finally:
+        children = _children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        for pid in children:  # the master stops them; make sure of it
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _expected(served_engine, prompts: list[str]) -> list[str]:  # noqa: ANN001
+    from xllm.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+    async def one(p: str) -> str:
+        text = ""
+        async for out in served_engine.generate(p, params):
+            text = out.outputs[0].text
+        return text
+
+    async def run() -> list[str]:
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+    return asyncio.run(run())
+
+
+def _stream(url: str, model: str, prompt: str, progress: list[int],
+            i: int) -> tuple[str, str | None]:
+    body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    text, finish = "", None
+    with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=120) as r:
+        assert r.status_code == 200, r.text
+        for line in r.iter_lines(decode_unicode=True):
+            if not line or not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            for choice in event["choices"]:
+                text += choice["text"]
+                finish = choice["finish_reason"] or finish
+                progress[i] += 1
+    return text, finish
+
+
+def test_sigkill_one_of_three_instances_mid_stream(master, served_engine,  # noqa: ANN001
+                                                    demo_model_dir: Path) -> None:
+    proc, url, log = master
+    expected = _expected(served_engine, PROMPTS)
+    victims = _children(proc.pid)
+    assert len(victims) == 3
+    model = str(demo_model_dir)
+    progress = [0] * len(PROMPTS)
+    started = time.monotonic()
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        futures = [pool.submit(_stream, url, model, p, progress, i)
+                   for i, p in enumerate(PROMPTS)]
+        # Kill once every stream is under way (and none is finished).
+        deadline = time.monotonic() + 90
+        while min(progress) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert max(progress) < MAX_TOKENS, "too late to kill: a stream already finished"
+        os.kill(victims[0], signal.SIGKILL)
+        results = [f.result(timeout=120) for f in futures]
+    elapsed = time.monotonic() - started
+    for (text, finish), want in zip(results, expected, strict=True):
+        assert finish == "length"
+        assert text == want
+    logged = log.read_text(errors="replace")
+    assert "resuming" in logged, logged[-3000:]
+    # The dead instance is out of routing within the heartbeat deadline (+ monitor period).
+    deadline = time.monotonic() + 5
+    while len(requests.get(f"{url}/cluster/instances", timeout=2).json()) != 2:
+        assert time.monotonic() < deadline, "the killed instance is still routable"
+        time.sleep(0.1)
+    print(f"16 streams with one SIGKILL: {elapsed:.1f} s")
+
+
+BAD_BODIES: list[tuple[str, object]] = [
+    ("/v1/completions", "{not json"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "bogus": 1}),
+    ("/v1/completions", {"model": "nope", "prompt": "hi"}),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "temperature": 7}),
+    ("/v1/completions", {"model": "M", "prompt": [10**9]}),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": 100000}),
+    ("/v1/completions", {"model": "M", "prompt": "word " * 400}),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "echo": True, "logprobs": 1}),
+    ("/v1/completions", {"model": "M"}),
+    ("/v1/chat/completions", {"model": "M", "messages": []}),
+    ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": "x"}],
+                              "top_logprobs": 2}),
+    ("/v1/chat/completions", {"model": "M", "messages": [{"role": "robot", "content": "x"}]}),
+    ("/v1/nothing", {}),
+]
+
+
+def test_bad_input_gets_the_same_errors_as_xllm_server(master, served_engine,  # noqa: ANN001
+                                                        demo_model_dir: Path) -> None:
+    from xllm.api.app import build_app
+    from xllm.api.settings import ServerSettings
+
+    _, url, _ = master
+    model = str(demo_model_dir)
+    app = build_app(served_engine, ServerSettings(served_model_names=[model]),
+                    shutdown_engine=False)
+    with LiveServer(app) as server:
+        for path, body in BAD_BODIES:
+            if isinstance(body, dict) and body.get("model") == "M":
+                body = {**body, "model": model}
+            content = body if isinstance(body, str) else json.dumps(body)
+            headers = {"content-type": "application/json"}
+            want = requests.post(server.url + path, content=content, headers=headers, timeout=30)
+            got = requests.post(url + path, content=content, headers=headers, timeout=30)
+            assert want.status_code >= 400, (path, body)
+            assert (got.status_code, got.json()) == (want.status_code, want.json()), (path, body)

@@ -1,0 +1,386 @@
+"""The instance side of the cluster: an ``xllm-server`` started with ``--master``/``--etcd``.
+
+- :class:`InstanceServicer` serves ``Instance.Generate`` from the server's AsyncEngine. A
+  resumed request (``generated_token_ids`` set) runs with prompt + generated tokens as its
+  context and ``max_tokens`` reduced by what was generated, so a greedy continuation equals
+  an uninterrupted run; text the first instance had not yet sent (a held-back partial
+  character) is sent first.
+- :class:`InstanceAgent` registers (``Master.Register``, or a leased etcd key) and beats
+  every interval with the engine's load and its prefix cache as block-hash deltas (a full
+  snapshot on the first beat, after a failed beat, on a resync request, and every
+  ``full_every`` beats as a safety net).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import grpc
+
+from xllm.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from xllm.sampling_params import SamplingParams
+from xllm.service.proto import instance_pb2, instance_pb2_grpc, master_pb2, master_pb2_grpc
+from xllm.service.state import Capacity, InstanceInfo
+from xllm.tokenizer.detokenizer import IncrementalDetokenizer
+
+__all__ = ["InstanceAgent", "InstanceServicer", "params_from_proto", "params_to_proto"]
+
+_log = logging.getLogger("xllm.instance")
+
+
+def params_to_proto(p: SamplingParams) -> instance_pb2.SamplingParams:
+    msg = instance_pb2.SamplingParams(
+        temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
+        repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty, min_tokens=p.min_tokens, stop=p.stop,
+        stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos,
+        skip_special_tokens=p.skip_special_tokens,
+        include_stop_str_in_output=p.include_stop_str_in_output)
+    if p.seed is not None:
+        msg.seed = p.seed
+    if p.max_tokens is not None:
+        msg.max_tokens = p.max_tokens
+    if p.logprobs is not None:
+        msg.logprobs = p.logprobs
+    return msg
+
+
+def params_from_proto(msg: instance_pb2.SamplingParams, num_generated: int) -> SamplingParams:
+    """The engine's params for the rest of a request of which ``num_generated`` tokens were
+    already produced elsewhere. ValueError (naming the field) on bad values."""
+    max_tokens = msg.max_tokens if msg.HasField("max_tokens") else None
+    if max_tokens is not None:
+        if num_generated >= max_tokens:
+            raise ValueError(f"generated_token_ids holds {num_generated} tokens, not fewer "
+                             f"than max_tokens ({max_tokens}): nothing is left to generate")
+        max_tokens -= num_generated
+    return SamplingParams(
+        temperature=msg.temperature, top_p=msg.top_p or 1.0, top_k=msg.top_k, min_p=msg.min_p,
+        seed=msg.seed if msg.HasField("seed") else None,
+        repetition_penalty=msg.repetition_penalty or 1.0,
+        presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
+        max_tokens=max_tokens, min_tokens=max(0, msg.min_tokens - num_generated),
+        stop=list(msg.stop), stop_token_ids=list(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        skip_special_tokens=msg.skip_special_tokens,
+        include_stop_str_in_output=msg.include_stop_str_in_output)
+
+
+class _Ewma:
+    def __init__(self, alpha: float = 0.2) -> None:
+        self.alpha, self.value = alpha, 0.0
+
+    def add(self, x: float) -> None:
+        self.value = x if self.value == 0.0 else self.value + self.alpha * (x - self.value)
+
+
+class InstanceServicer(instance_pb2_grpc.InstanceServicer):
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.ttft_ms, self.tpot_ms, self.prefill_tps = _Ewma(), _Ewma(), _Ewma()
+        self._streams: dict[str, Any] = {}
+
+    async def Generate(self, request: instance_pb2.GenerateRequest,  # noqa: N802
+                       context: grpc.aio.ServicerContext) -> Any:
+        prompt = list(request.prompt_token_ids)
+        generated = list(request.generated_token_ids)
+        try:
+            params = params_from_proto(request.sampling_params, len(generated))
+            stream = self.engine.generate(prompt + generated, params,
+                                          request_id=request.request_id or None,
+                                          priority=request.priority, offline=request.offline)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except EngineOverloadedError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except EngineDeadError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        start = time.monotonic()
+        first: float | None = None
+        pending_text = self._unsent_text(prompt, generated, request.generated_text, params)
+        self._streams[stream.request_id] = stream
+        try:
+            async with stream:
+                async for out in stream:
+                    c = out.outputs[0]
+                    text, ids = out.deltas.get(0, ("", []))
+                    now = time.monotonic()
+                    if ids and first is None:
+                        first = now
+                        self.ttft_ms.add(1000.0 * (now - start))
+                        uncached = len(prompt) + len(generated) - out.num_cached_tokens
+                        if now > start:
+                            self.prefill_tps.add(max(uncached, 1) / (now - start))
+                    msg = instance_pb2.GenerateResponse(token_ids=ids,
+                                                        text_delta=pending_text + text)
+                    pending_text = ""
+                    if c.logprobs is not None and ids:
+                        msg.logprobs.extend(_logprobs(ids, c.logprobs[len(c.logprobs) - len(ids):]))
+                    if c.finish_reason is not None:
+                        msg.finish_reason = c.finish_reason
+                        if isinstance(c.stop_reason, int):
+                            msg.stop_token_id = c.stop_reason
+                        elif isinstance(c.stop_reason, str):
+                            msg.stop_string = c.stop_reason
+                        n_out = len(c.token_ids)
+                        if first is not None and n_out > 1:
+                            self.tpot_ms.add(1000.0 * (now - first) / (n_out - 1))
+                        msg.usage.CopyFrom(instance_pb2.Usage(
+                            prompt_tokens=len(prompt), completion_tokens=len(generated) + n_out,
+                            cached_tokens=out.num_cached_tokens))
+                    yield msg
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except EngineDeadError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        finally:
+            self._streams.pop(stream.request_id, None)
+
+    def _unsent_text(self, prompt: list[int], generated: list[int], sent: str,
+                     params: SamplingParams) -> str:
+        """What the already-generated tokens decode to beyond the text already sent (a
+        partial character or stop-string tail the first instance was holding back)."""
+        if not generated:
+            return ""
+        detok = IncrementalDetokenizer(self.engine.engine.tokenizer, prompt,
+                                       skip_special_tokens=params.skip_special_tokens)
+        detok.step(generated)
+        text = detok.text
+        return text[len(sent):] if text.startswith(sent) else ""
+
+    async def Abort(self, request: instance_pb2.AbortRequest,  # noqa: N802
+                    context: grpc.aio.ServicerContext) -> instance_pb2.AbortResponse:
+        stream = self._streams.get(request.request_id)
+        if stream is not None:
+            stream.abort()
+        return instance_pb2.AbortResponse(found=stream is not None)
+
+
+def _logprobs(ids: list[int], entries: list[dict[int, float]]) -> list[instance_pb2.TokenLogprob]:
+    out = []
+    for tid, entry in zip(ids, entries, strict=False):
+        top = sorted(entry.items(), key=lambda kv: -kv[1])
+        out.append(instance_pb2.TokenLogprob(
+            token_id=tid, logprob=entry.get(tid, float("-inf")),
+            top_token_ids=[t for t, _ in top], top_logprobs=[v for _, v in top]))
+    return out
+
+
+def _engine_snapshot(engine: Any) -> tuple[set[int], int, int]:
+    """On the engine thread: (cached block hashes, queued prefill tokens, running offline)."""
+    sched = engine.scheduler
+    pool = sched.kv.pool
+    hashes = set()
+    for b in range(1, pool.num_blocks):  # block 0 is the null block, never cached
+        h = pool.block_hash(b)
+        if h is not None:
+            hashes.add(h)
+    prefill = offline = 0
+    for r in sched.requests.values():
+        prefill += max(0, r.num_prompt_tokens - r.num_computed_tokens)
+        offline += r.offline and r.num_computed_tokens > 0
+    return hashes, prefill, offline
+
+
+class InstanceAgent:
+    """Registers this instance and keeps it alive in the master's registry.
+
+    ``master``: the master's gRPC address (embedded registry); or ``etcd``: the etcd
+    endpoint (the key is leased there, and beats go to the leader master found under
+    ``/xllm/leader/``). Runs on the server's event loop until :meth:`close`.
+    """
+
+    def __init__(self, engine: AsyncEngine, servicer: InstanceServicer, info: InstanceInfo, *,
+                 master: str | None = None, etcd: str | None = None,
+                 full_every: int = 40) -> None:
+        if (master is None) == (etcd is None):
+            raise ValueError("give exactly one of master (HOST:PORT) or etcd (HOST:PORT)")
+        self.engine, self.servicer, self.info = engine, servicer, info
+        self.master, self.etcd = master, etcd
+        self.full_every = full_every
+        self.incarnation_id = 0
+        self.interval_s = 0.25
+        self._task: asyncio.Task[None] | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._channel_target = ""
+        self._etcd_lease: Any = None
+        self._etcd_client: Any = None
+
+    @staticmethod
+    def capacity_of(engine: AsyncEngine) -> Capacity:
+        c, e = engine.config, engine.engine
+        return Capacity(max_num_seqs=c.max_num_seqs,
+                        max_num_batched_tokens=c.max_num_batched_tokens,
+                        num_kv_blocks=e.num_kv_blocks, block_size=c.block_size,
+                        max_model_len=e.max_model_len)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="instance-agent")
+
+    async def close(self) -> None:
+        """Stops beating and deregisters (the master resumes nothing: requests finished)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            if self._etcd_lease is not None:
+                await self._etcd_lease.close()
+            elif self.incarnation_id and self._channel is not None:
+                await asyncio.wait_for(master_pb2_grpc.MasterStub(self._channel).Deregister(
+                    master_pb2.DeregisterRequest(instance_id=self.info.instance_id,
+                                                 incarnation_id=self.incarnation_id)), 1.0)
+        if self._etcd_client is not None:
+            with contextlib.suppress(Exception):
+                await self._etcd_client.close()
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def _stub(self) -> master_pb2_grpc.MasterStub | None:
+        target = self.master
+        if self.etcd is not None:
+            from xllm.service.etcd_registry import EtcdLeaderElection
+
+            target = await EtcdLeaderElection(self._etcd_client, "").leader_address()
+            if target is None:
+                return None
+        if target != self._channel_target or self._channel is None:
+            if self._channel is not None:
+                await self._channel.close()
+            self._channel = grpc.aio.insecure_channel(target)
+            self._channel_target = target or ""
+        return master_pb2_grpc.MasterStub(self._channel)
+
+    async def _register(self) -> None:
+        info = InstanceInfo(self.info.instance_id, self.info.address, self.info.model,
+                            self.info.role, self.capacity_of(self.engine))
+        if self.etcd is not None:
+            from xllm.service.etcd_registry import EtcdInstanceLease, connect
+
+            if self._etcd_client is None:
+                self._etcd_client = await connect(self.etcd)
+                self._etcd_lease = EtcdInstanceLease(self._etcd_client)
+            self.incarnation_id = await self._etcd_lease.register(info)
+            return
+        stub = await self._stub()
+        assert stub is not None
+        resp = await stub.Register(master_pb2.RegisterRequest(info=info.to_proto()), timeout=2.0)
+        self.incarnation_id = resp.incarnation_id
+        self.interval_s = max(resp.heartbeat_interval_ms, 10) / 1000.0
+
+    async def _run(self) -> None:
+        while True:  # (re)register, then beat until told to register again
+            try:
+                await self._register()
+                _log.info("registered %s as incarnation %d", self.info.instance_id,
+                          self.incarnation_id)
+                if not await self._beat_loop():
+                    return  # STALE: a newer incarnation of this id exists
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the master or etcd is not reachable yet: retry
+                _log.warning("registration failed (%s); retrying", e)
+                await asyncio.sleep(0.5)
+
+    async def _beat_loop(self) -> bool:
+        """Beats until the registration is gone (True: register again) or stale (False)."""
+        seq = 0
+        known: set[int] = set()
+        full = True
+        prefill = offline = 0
+        next_beat = time.monotonic()
+        while True:
+            next_beat += self.interval_s
+            await asyncio.sleep(max(0.0, next_beat - time.monotonic()))
+            if self._etcd_lease is not None and not self._etcd_lease.alive:
+                return True
+            seq += 1
+            added: list[int] = []
+            evicted: list[int] = []
+            try:  # the snapshot waits for the current step; never longer than half a beat
+                fut = self.engine.call_on_engine_thread(_engine_snapshot)
+                hashes, prefill, offline = await asyncio.wait_for(
+                    asyncio.wrap_future(fut), self.interval_s / 2)
+                if full or seq % self.full_every == 0:
+                    added, full = list(hashes), True
+                else:
+                    added, evicted = list(hashes - known), list(known - hashes)
+                known = hashes
+            except Exception as e:  # slow step, engine stopping: beat without a delta
+                if not isinstance(e, (TimeoutError, EngineDeadError, EngineOverloadedError)):
+                    _log.warning("prefix-cache snapshot failed: %r", e)
+                if full:
+                    added = list(known)  # the best full picture there is
+            stats = self.engine.stats()
+            s = self.servicer
+            req = master_pb2.HeartbeatRequest(
+                instance_id=self.info.instance_id, incarnation_id=self.incarnation_id, seq=seq,
+                load=master_pb2.LoadReport(
+                    num_waiting=stats.num_waiting, num_running=stats.num_running,
+                    num_waiting_prefill_tokens=prefill, kv_usage=stats.kv_cache_usage,
+                    ttft_ms=s.ttft_ms.value, tpot_ms=s.tpot_ms.value,
+                    prefill_tokens_per_s=s.prefill_tps.value, num_offline_running=offline),
+                prefix_cache=master_pb2.PrefixCacheDelta(full=full, added=added,
+                                                         evicted=evicted))
+            try:
+                stub = await self._stub()
+                if stub is None:
+                    full = True
+                    continue
+                resp = await stub.Heartbeat(req, timeout=max(self.interval_s, 0.5))
+            except grpc.aio.AioRpcError as e:
+                _log.debug("heartbeat failed: %s", e.code())
+                full = True  # the master may have missed this delta
+                continue
+            if resp.status == master_pb2.HeartbeatResponse.STATUS_STALE:
+                _log.warning("a newer incarnation of %s exists; stopping", self.info.instance_id)
+                return False
+            if resp.status == master_pb2.HeartbeatResponse.STATUS_UNKNOWN:
+                if self.etcd is None:
+                    return True  # declared dead or the master restarted: register again
+                full = True  # etcd: the master's watch may not have seen the key yet
+                continue
+            full = resp.resync_prefix_cache
+
+
+class InstanceRuntime:
+    """The gRPC ``Instance`` server plus the agent, as ``xllm-server --master/--etcd`` runs
+    them beside the HTTP server, on its event loop."""
+
+    def __init__(self, engine: AsyncEngine, *, master: str | None, etcd: str | None,
+                 host: str = "127.0.0.1", grpc_port: int = 0, instance_id: str | None = None,
+                 model: str = "") -> None:
+        self.engine = engine
+        self.servicer = InstanceServicer(engine)
+        self.server = grpc.aio.server()
+        instance_pb2_grpc.add_InstanceServicer_to_server(self.servicer, self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{grpc_port}")
+        if self.port == 0:
+            raise ValueError(f"grpc_port: cannot listen on {host}:{grpc_port}")
+        address = f"{host}:{self.port}"
+        self.info = InstanceInfo(instance_id or address, address, model)
+        self.agent = InstanceAgent(engine, self.servicer, self.info, master=master, etcd=etcd)
+
+    async def start(self) -> None:
+        """Serves Generate at once; registers once the engine is ready (the agent's capacity
+        report needs the loaded engine)."""
+        await self.server.start()
+        self._waiter = asyncio.create_task(self._register_when_ready())
+
+    async def _register_when_ready(self) -> None:
+        while not self.engine.wait_ready(0):
+            if self.engine.state not in ("loading", "ready"):
+                return  # the load failed: nothing to register
+            await asyncio.sleep(0.05)
+        self.agent.start()
+
+    async def close(self, grace_s: float = 1.0) -> None:
+        self._waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._waiter
+        await self.agent.close()
+        await self.server.stop(grace_s)

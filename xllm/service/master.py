@@ -1,0 +1,357 @@
+"""The master's core: the gRPC ``Master`` servicer over the registry, and
+:class:`ClusterEngine`, which gives the OpenAI layer of :mod:`xllm.api` the AsyncEngine
+interface it serves (``generate`` -> a stream of ``RequestOutput``), backed by the cluster.
+
+So ``xllm-master`` serves exactly xllm-server's HTTP API, errors and chat templates: the
+same ``build_app`` runs over a ClusterEngine instead of an AsyncEngine.
+
+Each completion of a request is a *flight*: routed by :class:`~xllm.service.routing.Router`,
+streamed from an instance's ``Instance.Generate``. When the instance dies (its stream breaks,
+or the registry reports it down after a missed heartbeat deadline) the flight is resumed on
+another instance with the prompt plus every token already received, so the client's stream
+continues with no gap and no duplicate. At most ``max_attempts`` instances are tried; then
+the request ends with EngineDeadError (HTTP 503 / an SSE error event), never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import grpc
+
+from xllm.engine.async_engine import READY, EngineDeadError, EngineStats
+from xllm.engine.outputs import CompletionOutput, RequestOutput
+from xllm.sampling_params import SamplingParams
+from xllm.service.instance import params_to_proto
+from xllm.service.proto import instance_pb2, instance_pb2_grpc, master_pb2, master_pb2_grpc
+from xllm.service.registry import EmbeddedRegistry, InstanceEvent, InstanceRegistry
+from xllm.service.routing import Router, RouteRequest
+from xllm.service.state import InstanceInfo, InstanceLoad
+
+__all__ = ["ClusterEngine", "MasterServicer", "ModelFacts"]
+
+_log = logging.getLogger("xllm.master")
+
+
+class MasterServicer(master_pb2_grpc.MasterServicer):
+    """``Master`` over a registry. With etcd, registration happens in etcd (Register is
+    refused) and only the leader takes heartbeats (standbys answer UNAVAILABLE)."""
+
+    def __init__(self, registry: InstanceRegistry) -> None:
+        self.registry = registry
+
+    async def Register(self, request: master_pb2.RegisterRequest,  # noqa: N802
+                       context: grpc.aio.ServicerContext) -> master_pb2.RegisterResponse:
+        if not isinstance(self.registry, EmbeddedRegistry):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this master uses etcd: register the instance there (--etcd)")
+        try:
+            info = InstanceInfo.from_proto(request.info)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        view = self.registry.register(info)  # type: ignore[union-attr]
+        r = self.registry
+        return master_pb2.RegisterResponse(
+            incarnation_id=view.incarnation_id,
+            heartbeat_interval_ms=int(r.heartbeat_interval_s * 1000),
+            heartbeat_timeout_ms=int(r.heartbeat_timeout_s * 1000))
+
+    async def Heartbeat(self, request: master_pb2.HeartbeatRequest,  # noqa: N802
+                        context: grpc.aio.ServicerContext) -> master_pb2.HeartbeatResponse:
+        if not self.registry.is_leader:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this master is a standby")
+        pc = request.prefix_cache
+        result = self.registry.heartbeat(
+            request.instance_id, request.incarnation_id, request.seq,
+            InstanceLoad.from_proto(request.load), pc.added, pc.evicted, pc.full)
+        return master_pb2.HeartbeatResponse(status=int(result.status),  # type: ignore[arg-type]
+                                            resync_prefix_cache=result.resync_prefix_cache)
+
+    async def Deregister(self, request: master_pb2.DeregisterRequest,  # noqa: N802
+                         context: grpc.aio.ServicerContext) -> master_pb2.DeregisterResponse:
+        if isinstance(self.registry, EmbeddedRegistry):
+            self.registry.deregister(request.instance_id, request.incarnation_id)
+        return master_pb2.DeregisterResponse()
+
+
+@dataclass
+class ModelFacts:
+    """What the OpenAI layer reads from ``AsyncEngine.engine``: the tokenizer (prompts, chat
+    template, logprob token texts), the vocabulary size and the context length."""
+
+    tokenizer: Any
+    model_config: Any
+    default_max_model_len: int
+    registry: InstanceRegistry
+
+    @property
+    def max_model_len(self) -> int:
+        """The smallest context any live instance holds (a resumed request may go anywhere)."""
+        lens = [v.info.capacity.max_model_len for v in self.registry.routable()
+                if v.info.capacity.max_model_len]
+        return min(lens) if lens else self.default_max_model_len
+
+
+@dataclass(eq=False)  # identity: flights live in per-instance sets
+class _Flight:
+    """One completion in flight; what the client has received so far lives here."""
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    priority: int
+    offline: bool
+    route: RouteRequest
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    attempt: int = 0
+    instance_id: str = ""
+    call: Any = None
+    lost: str | None = None  # why the current instance was given up (set before cancel)
+    excluded: set[str] = field(default_factory=set)
+
+
+class ClusterStream:
+    """The AsyncEngine ``RequestStream`` interface over ``n`` flights (one per completion)."""
+
+    def __init__(self, engine: ClusterEngine, request_id: str, prompt: list[int],
+                 params: SamplingParams, priority: int, offline: bool) -> None:
+        self.request_id = request_id
+        self.engine = engine
+        self.prompt = prompt
+        self.started = False
+        self.finished = False
+        self._events: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        self._outs = [CompletionOutput(i, "", []) for i in range(params.n)]
+        self._cached = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        for i in range(params.n):
+            p = replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+            rid = request_id if params.n == 1 else f"{request_id}#{i}"
+            if p.logprobs is not None:
+                self._outs[i].logprobs = []
+            flight = _Flight(rid, prompt, p, priority, offline, RouteRequest(prompt,
+                                                                             offline=offline))
+            self._tasks.append(asyncio.create_task(self._fly(i, flight)))
+
+    async def _fly(self, index: int, flight: _Flight) -> None:
+        try:
+            async for resp in self.engine._run_flight(flight):
+                self._events.put_nowait((index, resp))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - handed to the reader, who maps it to HTTP
+            self._events.put_nowait((index, e))
+
+    def __aiter__(self) -> ClusterStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        index, resp = await self._events.get()
+        if isinstance(resp, BaseException):
+            self.abort()
+            raise resp
+        self.started = True
+        c = self._outs[index]
+        ids = list(resp.token_ids)
+        c.token_ids = c.token_ids + ids
+        c.text += resp.text_delta
+        if c.logprobs is not None:
+            for lp in resp.logprobs:
+                entry = dict(zip(lp.top_token_ids, lp.top_logprobs, strict=False))
+                entry[lp.token_id] = lp.logprob
+                c.logprobs.append(entry)
+        if resp.finish_reason:
+            c.finish_reason = resp.finish_reason
+            kind = resp.WhichOneof("stop_reason")
+            c.stop_reason = getattr(resp, kind) if kind else None
+            self._cached = max(self._cached, resp.usage.cached_tokens)
+        done = all(o.finish_reason is not None for o in self._outs)
+        if done:
+            self.finished = True
+            self.engine._streams.pop(self.request_id, None)
+        outputs = [CompletionOutput(o.index, o.text, o.token_ids, o.finish_reason, o.stop_reason,
+                                    None if o.logprobs is None else list(o.logprobs))
+                   for o in self._outs]
+        return RequestOutput(self.request_id, None, self.prompt, outputs, done,
+                             num_cached_tokens=self._cached,
+                             deltas={index: (resp.text_delta, ids)})
+
+    def abort(self) -> None:
+        self.finished = True
+        self.engine._streams.pop(self.request_id, None)
+        for t in self._tasks:
+            t.cancel()
+
+    async def __aenter__(self) -> ClusterStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.abort()
+
+
+class ClusterEngine:
+    """An AsyncEngine look-alike over the cluster (see the module docstring).
+
+    ``max_attempts``: instances one completion may use in all (first try + resumes);
+    ``instance_wait_s``: how long a flight waits for a live instance it has not failed on.
+    """
+
+    def __init__(self, config: Any, facts: ModelFacts, registry: InstanceRegistry,
+                 router: Router, *, max_attempts: int = 4, instance_wait_s: float = 3.0) -> None:
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        self.config = config
+        self.engine = facts
+        self.registry = registry
+        self.router = router
+        self.max_attempts = max_attempts
+        self.instance_wait_s = instance_wait_s
+        self.num_resumed = 0  # flights moved to another instance (a metric, and for tests)
+        self._streams: dict[str, ClusterStream] = {}
+        self._by_instance: dict[str, set[_Flight]] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._ids = 0
+        self._closed = False
+        registry.subscribe(self._on_event)
+
+    # ---- what the OpenAI layer reads -------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        if self._closed:
+            return "stopped"
+        return READY if self.registry.routable() else "unavailable"
+
+    @property
+    def error(self) -> str | None:
+        if self.state == READY:
+            return None
+        return "no instance of the cluster is alive; retry shortly"
+
+    def stats(self) -> EngineStats:
+        views = self.registry.routable()
+        n = max(len(views), 1)
+        return EngineStats(
+            state=self.state, num_running=sum(v.load.num_running for v in views),
+            num_waiting=sum(v.load.num_waiting for v in views),
+            kv_cache_usage=sum(v.load.kv_usage for v in views) / n)
+
+    def num_unstarted(self) -> int:
+        return sum(1 for s in list(self._streams.values()) if not s.started)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self.state == READY
+
+    def new_request_id(self) -> str:
+        self._ids += 1
+        return f"mreq-{self._ids}-{time.monotonic_ns() % 1_000_000_000}"
+
+    def generate(self, prompt: str | list[int], params: SamplingParams, *,
+                 request_id: str | None = None, priority: int = 0,
+                 offline: bool = False) -> ClusterStream:
+        if self.state != READY:
+            raise EngineDeadError(self.error or "the master is stopped")
+        if isinstance(prompt, str):
+            prompt = self.engine.tokenizer.encode(prompt)
+        rid = request_id or self.new_request_id()
+        stream = ClusterStream(self, rid, list(prompt), params, priority, offline)
+        self._streams[rid] = stream
+        return stream
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._closed = True
+        for s in list(self._streams.values()):
+            s.abort()
+
+    async def close(self) -> None:
+        self.shutdown()
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+
+    # ---- flights ---------------------------------------------------------------------------
+
+    def _on_event(self, event: InstanceEvent) -> None:
+        if event.kind != "down":
+            return
+        iid = event.view.instance_id
+        for flight in list(self._by_instance.get(iid, ())):
+            if flight.call is not None and flight.lost is None:
+                flight.lost = f"instance {iid} went down ({event.reason})"
+                flight.call.cancel()
+        ch = self._channels.pop(event.view.info.address, None)
+        if ch is not None:
+            asyncio.get_running_loop().create_task(ch.close())
+
+    def _stub(self, address: str) -> instance_pb2_grpc.InstanceStub:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = grpc.aio.insecure_channel(address)
+        return instance_pb2_grpc.InstanceStub(ch)
+
+    async def _pick(self, flight: _Flight) -> Any:
+        deadline = time.monotonic() + self.instance_wait_s
+        while True:
+            live = self.registry.routable()
+            fresh = [v for v in live if v.instance_id not in flight.excluded]
+            if not fresh and live and time.monotonic() >= deadline:
+                fresh = list(live)  # maybe the earlier failure was transient
+            if fresh:
+                return self.router.route(flight.route, fresh, self.registry.index).instance
+            if not live and time.monotonic() >= deadline or self._closed:
+                raise EngineDeadError(f"no instance is alive to serve request "
+                                      f"{flight.request_id} (attempt {flight.attempt + 1})")
+            await asyncio.sleep(0.05)
+
+    async def _run_flight(self, flight: _Flight) -> Any:
+        """Yields the flight's GenerateResponses, resuming on another instance when one
+        dies. EngineDeadError after max_attempts; ValueError when an instance refuses the
+        request itself (bad input is not retried)."""
+        last_error = ""
+        while True:
+            view = await self._pick(flight)
+            iid = flight.instance_id = view.instance_id
+            flight.lost = None
+            req = instance_pb2.GenerateRequest(
+                request_id=f"{flight.request_id}@{flight.attempt}",
+                prompt_token_ids=flight.prompt, generated_token_ids=flight.generated,
+                generated_text=flight.text, sampling_params=params_to_proto(flight.params),
+                priority=flight.priority, offline=flight.offline, attempt=flight.attempt)
+            flight.call = self._stub(view.info.address).Generate(req)
+            self._by_instance.setdefault(iid, set()).add(flight)
+            try:
+                async for resp in flight.call:
+                    flight.generated.extend(resp.token_ids)
+                    flight.text += resp.text_delta
+                    yield resp
+                    if resp.finish_reason:
+                        return
+                last_error = f"instance {iid} ended the stream before the request finished"
+            except asyncio.CancelledError:
+                if flight.lost is None:
+                    flight.call.cancel()
+                    raise
+                last_error = flight.lost
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise ValueError(e.details()) from None
+                last_error = f"instance {iid}: {e.code().name}: {e.details()}"
+            finally:
+                self._by_instance.get(iid, set()).discard(flight)
+            flight.excluded.add(iid)
+            flight.attempt += 1
+            if flight.attempt >= self.max_attempts:
+                raise EngineDeadError(
+                    f"request {flight.request_id} failed on {flight.attempt} instance(s); "
+                    f"the last error: {last_error}")
+            self.num_resumed += 1
+            _log.warning("resuming %s after %d tokens (attempt %d): %s", flight.request_id,
+                         len(flight.generated), flight.attempt + 1, last_error)
+

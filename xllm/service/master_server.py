@@ -1,0 +1,197 @@
+"""``xllm-master``: the cluster's OpenAI-compatible front door and gRPC control plane.
+
+One event loop runs the HTTP API (xllm.api's app over a :class:`ClusterEngine`), the gRPC
+``Master`` service (registration and heartbeats), the registry (embedded, or etcd with
+``--etcd``) and the streams to the instances. ``--spawn N`` starts N local ``xllm-server``
+instances pointed at this master, passing on the engine options given here (``--model``,
+``--num-threads`` ...), and stops them on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import grpc
+import uvicorn
+
+from xllm.api.app import build_app
+from xllm.api.server import _listen_url, _Server, add_server_options, settings_from_args
+from xllm.cli import add_engine_options, engine_config_from_args
+from xllm.config import EngineConfig
+from xllm.service.master import ClusterEngine, MasterServicer, ModelFacts
+from xllm.service.proto import master_pb2_grpc
+from xllm.service.registry import EmbeddedRegistry, InstanceRegistry
+from xllm.service.routing import POLICIES, Router
+
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger("xllm.master")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xllm-master", description="xllm cluster master: OpenAI-compatible front door")
+    add_server_options(parser)
+    # add_server_options also adds the instance-side cluster flags; the master's own differ.
+    for action in list(parser._actions):
+        if action.dest in ("master", "etcd", "grpc_port", "instance_id"):
+            parser._remove_action(action)
+            for group in parser._action_groups:
+                if action in group._group_actions:
+                    group._group_actions.remove(action)
+            for opt in action.option_strings:
+                parser._option_string_actions.pop(opt, None)
+    parser.set_defaults(port=8080)
+    m = parser.add_argument_group("master options")
+    m.add_argument("--grpc-port", type=int, default=0,
+                   help="port of the gRPC Master service (0 picks a free one)")
+    m.add_argument("--etcd", metavar="HOST:PORT", help="keep the registry in this etcd")
+    m.add_argument("--policy", default="least_load", choices=sorted(POLICIES))
+    m.add_argument("--spawn", type=int, default=0, metavar="N",
+                   help="start N local xllm-server instances (stopped on exit)")
+    m.add_argument("--max-attempts", type=int, default=4,
+                   help="instances one request may use (first try + resumes)")
+    m.add_argument("--heartbeat-timeout", type=float, default=1.0,
+                   help="seconds of silence after which an instance is dead")
+    add_engine_options(parser)  # the model (tokenizer, context) and the spawned engines
+    return parser
+
+
+def _engine_argv(config: EngineConfig) -> list[str]:
+    """The flags that recreate ``config`` on an xllm-server command line."""
+    default = EngineConfig()
+    argv: list[str] = []
+    for f in dataclasses.fields(EngineConfig):
+        if f.name == "extra":
+            continue
+        value = getattr(config, f.name)
+        if value == getattr(default, f.name) and f.name != "model":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _die_with_parent() -> None:
+    """In a spawned instance: SIGTERM when the master dies, so no instance outlives it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def spawn_instances(n: int, master: str, config: EngineConfig, host: str,
+                    log_level: str) -> list[subprocess.Popen[bytes]]:
+    cmd = [sys.executable, "-m", "xllm.api.server", "--host", host, "--port", "0",
+           "--master", master, "--log-level", log_level, *_engine_argv(config)]
+    return [subprocess.Popen(cmd, preexec_fn=_die_with_parent) for _ in range(n)]  # noqa: PLW1509
+
+
+def stop_instances(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+async def _run(args: argparse.Namespace, config: EngineConfig) -> int:
+    from xllm.loader import resolve_model
+    from xllm.models.config import ModelConfig
+    from xllm.tokenizer import Tokenizer
+
+    settings = settings_from_args(args)
+    if not settings.served_model_names:
+        settings.served_model_names = [config.model]
+    model_dir = resolve_model(config.model)
+    model_config = ModelConfig.from_file(model_dir)
+    grpc_server = grpc.aio.server()
+    port = grpc_server.add_insecure_port(f"{args.host}:{args.grpc_port}")
+    if port == 0:
+        raise ValueError(f"grpc-port: cannot listen on {args.host}:{args.grpc_port}")
+    address = f"{args.host}:{port}"
+    registry: InstanceRegistry
+    if args.etcd:
+        from xllm.service.etcd_registry import EtcdRegistry
+
+        registry = EtcdRegistry(args.etcd, address, heartbeat_timeout_s=args.heartbeat_timeout)
+    else:
+        registry = EmbeddedRegistry(heartbeat_timeout_s=args.heartbeat_timeout)
+    master_pb2_grpc.add_MasterServicer_to_server(MasterServicer(registry), grpc_server)
+    facts = ModelFacts(Tokenizer.from_dir(model_dir), model_config,
+                       config.max_model_len or model_config.max_position_embeddings, registry)
+    cluster = ClusterEngine(config, facts, registry, Router(args.policy, config.block_size),
+                            max_attempts=args.max_attempts)
+    app = build_app(cluster, settings, shutdown_engine=False)  # type: ignore[arg-type]
+
+    @app.get("/cluster/instances")
+    async def instances() -> list[dict[str, object]]:
+        """The live instances and their last reported load (operators, tests)."""
+        return [{"instance_id": v.instance_id, "incarnation_id": v.incarnation_id,
+                 "address": v.info.address, "load": dataclasses.asdict(v.load)}
+                for v in registry.routable()]
+
+    server = _Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                    log_config=None, access_log=settings.access_log,
+                                    lifespan="on", timeout_graceful_shutdown=int(
+                                        max(1, settings.grace_period_s))))
+    await registry.start()
+    await grpc_server.start()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        if args.spawn:
+            procs = spawn_instances(args.spawn, address, config, args.host, args.log_level)
+        task = asyncio.ensure_future(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            logger.info("xllm-master serving %s on %s (gRPC %s, policy %s%s)",
+                        ", ".join(settings.served_model_names),
+                        _listen_url(server, settings.host), address, args.policy,
+                        f", {args.spawn} spawned instances" if args.spawn else "")
+        await task
+        return 0
+    finally:
+        await cluster.close()
+        await asyncio.to_thread(stop_instances, procs)
+        await grpc_server.stop(1.0)
+        await registry.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = engine_config_from_args(args)
+        if args.spawn < 0:
+            raise ValueError(f"spawn must be >= 0, got {args.spawn}")
+    except ValueError as e:
+        print(f"xllm-master: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(_run(args, config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
