@@ -180,7 +180,7 @@ def test_bad_input_gets_the_same_errors_as_xllm_server(master, served_engine,  #
                 body = {**body, "model": model}
             content = body if isinstance(body, str) else json.dumps(body)
             headers = {"content-type": "application/json"}
-            want = requests.post(server.url + path, content=content, headers=headers, timeout=30)
-            got = requests.post(url + path, content=content, headers=headers, timeout=30)
+            want = requests.post(server.url + path, data=content, headers=headers, timeout=30)
+            got = requests.post(url + path, data=content, headers=headers, timeout=30)
             assert want.status_code >= 400, (path, body)
             assert (got.status_code, got.json()) == (want.status_code, want.json()), (path, body)
