@@ -1,24 +1,50 @@
-"""Offline throughput on the demo model: xllm against transformers (and vLLM where installed).
+"""Offline throughput on the demo model: xllm against transformers, vLLM and llama.cpp.
 
     python -m bench.throughput [--scenarios single,batch16,prefill509] [--json PATH]
+                               [--engines xllm,transformers,vllm,llamacpp] [--plot PATH]
+    python -m bench.throughput --from-json PATH --plot PATH      (re-draw saved rows)
 
 Scenarios (the engine issue's): ``single`` = one stream, 128 greedy output tokens;
 ``batch16`` = 16 prompts of ~40 tokens x 128 output tokens; ``prefill509`` = one
-509-token prompt, 1 output token (prompt tokens per second). Every scenario runs
-each engine in this process, one after the other, fp32, torch threads = cores.
-transformers runs batched ``generate`` with left padding. vLLM is measured only
-where ``import vllm`` works; installing peers is not scripted yet.
+509-token prompt, 1 output token (prompt tokens per second); optional, not run by default
+as they take minutes: ``batch64`` and ``batch256`` (64 and 256 concurrent ~40-token
+prompts x 128 output tokens). ``--scenarios curve`` = single,batch16,batch64,batch256, the
+points of the ``--plot`` PNG (tok/s against batch size, one line per engine).
+
+Every engine gets the same prompts as token ids, greedy, ignore_eos, with an untimed
+warm-up before the timed run. xllm and transformers (batched ``generate``, left padding)
+run in this process, fp32, torch threads = the cores this process may use. The peers run
+as subprocesses in their own venvs (``bench/peers/setup.sh vllm|llamacpp``, installed under
+``~/.cache/xllm/peers/<name>`` or $XLLM_PEERS_DIR; ``--vllm-python`` / ``--llamacpp-python``
+point elsewhere): vLLM's CPU build on the converted HF directory in float32, its OpenMP
+threads bound to the same cores (VLLM_CPU_OMP_THREADS_BIND, VLLM_CPU_NUM_OF_RESERVED_CPU=0,
+unless already set); llama.cpp on the demo's Q4_1 GGUF, n_threads = cores, all prompts as
+parallel sequences of one context. Pin the whole run with ``taskset`` to measure on fewer
+cores. A peer that is not installed is reported as such and skipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 WORDS = ("cat dog fox owl bear wolf deer frog duck goat lion mole newt orca puma seal").split()
+ADJECTIVES = ("brave shy old young tiny giant clever sleepy happy grumpy swift quiet noisy "
+              "gentle proud lucky").split()
+SCENARIOS = ("single", "batch16", "prefill509", "batch64", "batch256")
+DEFAULT_SCENARIOS = "single,batch16,prefill509"
+CURVE = {"single": 1, "batch16": 16, "batch64": 64, "batch256": 256}  # scenario -> batch size
+ENGINES = ("transformers", "vllm", "llamacpp", "xllm")  # the order each scenario runs them in
+PEERS_DIR = Path(os.environ.get("XLLM_PEERS_DIR") or Path.home() / ".cache/xllm/peers")
+PEER_SCRIPTS = Path(__file__).resolve().parent / "peers"
 
 
 def _prompts(tokenizer, scenario: str) -> tuple[list[list[int]], int]:  # noqa: ANN001
@@ -30,11 +56,17 @@ def _prompts(tokenizer, scenario: str) -> tuple[list[list[int]], int]:  # noqa: 
                  "meeting many friends along the way, and tell it with vivid detail."
                  for w in WORDS]
         return [tokenizer.encode(t) for t in texts], 128
+    if scenario in ("batch64", "batch256"):
+        n = int(scenario.removeprefix("batch"))
+        texts = [f"Write a story about a {ADJECTIVES[i // len(WORDS)]} {WORDS[i % len(WORDS)]} "
+                 "who learns to fly over the mountains and the sea, meeting many friends along "
+                 "the way, and tell it with vivid detail." for i in range(n)]
+        return [tokenizer.encode(t) for t in texts], 128
     if scenario == "prefill509":
         base = tokenizer.encode(" ".join(f"The {w} walked along the river bank at dawn." for w in
                                          WORDS * 8))
         return [base[:509]], 1
-    raise ValueError(f"unknown scenario {scenario!r}; choose from single, batch16, prefill509")
+    raise ValueError(f"unknown scenario {scenario!r}; choose from {', '.join(SCENARIOS)}")
 
 
 def _tokens_per_second(prompts: list[list[int]], max_new: int, seconds: float) -> float:
@@ -67,46 +99,230 @@ def run_transformers(model, prompts: list[list[int]], max_new: int, pad_id: int)
     return time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> int:
+def _cpu_list(cpus: set[int]) -> str:
+    """{0, 1, 2, 5} -> "0-2,5", the form VLLM_CPU_OMP_THREADS_BIND takes."""
+    ordered, ranges = sorted(cpus), []
+    for cpu in ordered:
+        if ranges and cpu == ranges[-1][1] + 1:
+            ranges[-1][1] = cpu
+        else:
+            ranges.append([cpu, cpu])
+    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in ranges)
+
+
+class Peer:
+    """One peer engine: its venv's python, its runner script, the environment it runs in."""
+
+    def __init__(self, name: str, python: str | None, timeout_s: float) -> None:
+        self.name = name
+        self.python = Path(python) if python else PEERS_DIR / name / "bin" / "python"
+        # setup.sh leaves a marker when an install finished; a python given by hand is trusted.
+        self.marker = None if python else PEERS_DIR / name / ".xllm-peer-ok"
+        self.script = PEER_SCRIPTS / f"run_{name}.py"
+        self.timeout_s = timeout_s
+
+    def installed(self) -> bool:
+        return (self.python.is_file() and os.access(self.python, os.X_OK)
+                and (self.marker is None or self.marker.is_file()))
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)  # the runner must see its own venv, not xllm's
+        if self.name == "vllm":
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_list(os.sched_getaffinity(0)))
+            env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        return env
+
+    def run(self, spec: dict) -> dict:
+        """Runs the runner on `spec`; returns its JSON result, raising RuntimeError with the
+        tail of its output when it fails."""
+        with tempfile.NamedTemporaryFile("w", suffix=".json", prefix=f"xllm-{self.name}-") as f:
+            json.dump(spec, f)
+            f.flush()
+            try:
+                proc = subprocess.run([str(self.python), str(self.script), f.name],
+                                      capture_output=True, text=True, env=self.env(),
+                                      timeout=self.timeout_s, stdin=subprocess.DEVNULL)
+            except subprocess.TimeoutExpired as e:
+                raise RuntimeError(f"timed out after {self.timeout_s:.0f} s") from e
+        for line in reversed(proc.stdout.splitlines()):
+            if line.startswith('{"engine"'):
+                return json.loads(line)
+        tail = (proc.stderr + proc.stdout).strip()[-2000:]
+        raise RuntimeError(f"exit {proc.returncode}, no result line:\n{tail}")
+
+
+def _demo_gguf(path: str | None) -> str:
+    if path:
+        return str(Path(path).expanduser())
+    from xllm.loader.demo import ensure_demo_gguf
+
+    return str(ensure_demo_gguf())
+
+
+def _print_row(row: dict) -> None:
+    def ratio(key: str) -> str:
+        return "" if row.get(key) is None else f"{row[key]:.2f}x"
+
+    print(f"{row['scenario']:<10} | {row['engine']:<12} | {row['tokens_per_s']:7.1f} | "
+          f"{ratio('ratio_vs_transformers'):>8} | {ratio('ratio_vs_vllm'):>8} | "
+          f"{row.get('note', '')}", flush=True)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """tok/s against batch size (the CURVE scenarios), one line per engine, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    engines = [e for e in ENGINES if any(r["engine"] == e for r in rows)]
+    for engine in engines:
+        points = sorted((CURVE[r["scenario"]], r["tokens_per_s"]) for r in rows
+                        if r["engine"] == engine and r["scenario"] in CURVE)
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", label=engine)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(CURVE.values()), [str(v) for v in CURVE.values()])
+    ax.set_xlabel("concurrent requests (~40-token prompts, 128 output tokens; 1 = single)")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title("Offline throughput on the demo model (SmolLM2-135M)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"# plot written to {path}")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenarios", default="single,batch16,prefill509")
-    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--scenarios", default=DEFAULT_SCENARIOS,
+                        help=f"comma list of {', '.join(SCENARIOS)}, or 'curve' or 'all' "
+                             f"(default {DEFAULT_SCENARIOS})")
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help="comma list of engines to measure (default all)")
+    parser.add_argument("--json", metavar="PATH", help="write the rows here")
+    parser.add_argument("--plot", metavar="PATH", help="draw tok/s against batch size as a PNG")
+    parser.add_argument("--from-json", metavar="PATH",
+                        help="measure nothing: print and plot the rows saved in PATH")
+    parser.add_argument("--vllm-python", metavar="PATH",
+                        help="python of a venv with vllm-cpu "
+                             f"(default {PEERS_DIR}/vllm/bin/python)")
+    parser.add_argument("--llamacpp-python", metavar="PATH",
+                        help="python of a venv with llama-cpp-python "
+                             f"(default {PEERS_DIR}/llamacpp/bin/python)")
+    parser.add_argument("--gguf", metavar="PATH",
+                        help="GGUF file for llama.cpp (default: the demo model's Q4_1 GGUF)")
+    parser.add_argument("--peer-timeout", type=float, default=1800.0, metavar="S",
+                        help="seconds one peer run may take, start-up included (default 1800; "
+                             "vLLM's first start compiles for minutes)")
     args = parser.parse_args(argv)
-    import transformers
+    groups = {"all": ",".join(SCENARIOS), "curve": ",".join(CURVE)}
+    args.scenarios = [s.strip() for s in groups.get(args.scenarios, args.scenarios).split(",")
+                      if s.strip()]
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    for name, given, known in (("scenario", args.scenarios, SCENARIOS),
+                               ("engine", args.engines, ENGINES)):
+        bad = [g for g in given if g not in known]
+        if bad:
+            parser.error(f"unknown {name} {', '.join(bad)}; choose from {', '.join(known)}")
+    return args
 
-    from xllm import LLM
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            rows = json.load(f)
+        for row in rows:
+            _print_row(row)
+        if args.plot:
+            plot(rows, args.plot)
+        return 0
+
     from xllm.loader import resolve_model
+    from xllm.tokenizer import Tokenizer
 
-    torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(cores)
     model_dir = resolve_model("demo")
-    llm = LLM(model=str(model_dir), kv_cache_memory_gb=1.0)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir),
-                                                           dtype=torch.float32).eval()
-    pad_id = llm.tokenizer.pad_token_id or 0
-    rows = []
-    print(f"# demo model {model_dir.name}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}")
-    print("scenario   | engine       | tok/s   | ratio vs transformers")
-    for scenario in [s.strip() for s in args.scenarios.split(",") if s.strip()]:
-        prompts, max_new = _prompts(llm.tokenizer, scenario)
-        hf_tps = _tokens_per_second(prompts, max_new, run_transformers(hf, prompts, max_new,
-                                                                       pad_id))
-        ours_tps = _tokens_per_second(prompts, max_new, run_xllm(llm, prompts, max_new))
-        for engine, tps in (("transformers", hf_tps), ("xllm", ours_tps)):
-            rows.append({"scenario": scenario, "engine": engine, "tokens_per_s": tps,
-                         "ratio_vs_transformers": tps / hf_tps,
-                         "prompts": len(prompts), "output_tokens": max_new})
-            print(f"{scenario:<10} | {engine:<12} | {tps:7.1f} | {tps / hf_tps:.2f}x", flush=True)
-    try:
-        import vllm  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - any import failure means "not measured"
-        print(f"# vLLM not measured here: import vllm failed ({type(e).__name__})")
+    tokenizer = Tokenizer.from_dir(model_dir)
+    pad_id = tokenizer.pad_token_id or 0
+    llm = hf = None
+    header = [f"demo model {model_dir.name}", f"{cores} cores {_cpu_list(os.sched_getaffinity(0))}",
+              f"torch {torch.__version__}"]
+    if "xllm" in args.engines:
+        from xllm import LLM
+
+        llm = LLM(model=str(model_dir), kv_cache_memory_gb=1.0)
+    if "transformers" in args.engines:
+        import transformers
+
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir),
+                                                               dtype=torch.float32).eval()
+        header.append(f"transformers {transformers.__version__}")
+    peers = {}
+    for name, python in (("vllm", args.vllm_python), ("llamacpp", args.llamacpp_python)):
+        if name not in args.engines:
+            continue
+        peer = Peer(name, python, args.peer_timeout)
+        if peer.installed():
+            peers[name] = peer
+        else:
+            print(f"# {name}: not installed (run bench/peers/setup.sh {name}); "
+                  f"looked for {peer.python}")
+    gguf = _demo_gguf(args.gguf) if "llamacpp" in peers else None
+    print("# " + ", ".join(header))
+    print("scenario   | engine       | tok/s   | vs transformers | vs vLLM | note")
+    rows: list[dict] = []
+    for scenario in args.scenarios:
+        prompts, max_new = _prompts(tokenizer, scenario)
+        measured: dict[str, float] = {}
+        for engine in [e for e in ENGINES if e in args.engines]:
+            row = {"scenario": scenario, "engine": engine, "prompts": len(prompts),
+                   "prompt_tokens": sum(len(p) for p in prompts), "output_tokens": max_new}
+            if engine == "transformers":
+                seconds = run_transformers(hf, prompts, max_new, pad_id)
+            elif engine == "xllm":
+                seconds = run_xllm(llm, prompts, max_new)
+            elif engine in peers:
+                spec = {"prompts": prompts, "max_tokens": max_new}
+                if engine == "vllm":
+                    spec.update(model=str(model_dir), dtype="float32")
+                else:
+                    spec.update(gguf=gguf, n_threads=cores)
+                try:
+                    result = peers[engine].run(spec)
+                except RuntimeError as e:
+                    print(f"# {engine} failed on {scenario}: {e}", flush=True)
+                    continue
+                seconds = result["seconds"]
+                row["peer"] = result
+                notes = list(result.get("notes", []))
+                if engine == "llamacpp":
+                    notes.insert(0, "Q4_1 weights")
+                row["note"] = "; ".join(notes)
+            else:
+                continue
+            tps = _tokens_per_second(prompts, max_new, seconds)
+            measured[engine] = tps
+            row.update(seconds=seconds, tokens_per_s=tps,
+                       ratio_vs_transformers=tps / measured["transformers"]
+                       if "transformers" in measured else None,
+                       ratio_vs_vllm=tps / measured["vllm"] if "vllm" in measured else None)
+            rows.append(row)
+            _print_row(row)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+    if args.plot:
+        plot(rows, args.plot)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())
