@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,8 @@ SCENARIOS = ("single", "batch16", "prefill509", "batch64", "batch256")
 DEFAULT_SCENARIOS = "single,batch16,prefill509"
 CURVE = {"single": 1, "batch16": 16, "batch64": 64, "batch256": 256}  # scenario -> batch size
 ENGINES = ("transformers", "vllm", "llamacpp", "xllm")  # the order each scenario runs them in
+LABELS = {"transformers": "transformers (fp32)", "vllm": "vLLM CPU (fp32)",
+          "llamacpp": "llama.cpp (Q4_1 weights)", "xllm": "xllm (fp32)"}
 PEERS_DIR = Path(os.environ.get("XLLM_PEERS_DIR") or Path.home() / ".cache/xllm/peers")
 PEER_SCRIPTS = Path(__file__).resolve().parent / "peers"
 
@@ -133,23 +136,33 @@ class Peer:
             env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         return env
 
-    def run(self, spec: dict) -> dict:
-        """Runs the runner on `spec`; returns its JSON result, raising RuntimeError with the
-        tail of its output when it fails."""
+    def run(self, spec: dict, label: str) -> dict:
+        """Runs the runner on `spec`; returns its JSON result. Its whole output goes to a log
+        file; a failure raises RuntimeError with the log's tail and path."""
+        log = Path(tempfile.gettempdir()) / f"xllm-peer-{self.name}-{label}.log"
         with tempfile.NamedTemporaryFile("w", suffix=".json", prefix=f"xllm-{self.name}-") as f:
             json.dump(spec, f)
             f.flush()
+            # Its own session, so a timeout can end vLLM's engine processes with it.
+            proc = subprocess.Popen([str(self.python), str(self.script), f.name],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=self.env(), stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
             try:
-                proc = subprocess.run([str(self.python), str(self.script), f.name],
-                                      capture_output=True, text=True, env=self.env(),
-                                      timeout=self.timeout_s, stdin=subprocess.DEVNULL)
+                stdout, stderr = proc.communicate(timeout=self.timeout_s)
             except subprocess.TimeoutExpired as e:
-                raise RuntimeError(f"timed out after {self.timeout_s:.0f} s") from e
-        for line in reversed(proc.stdout.splitlines()):
+                os.killpg(proc.pid, signal.SIGKILL)
+                stdout, stderr = proc.communicate()
+                log.write_text(stdout + "\n--- stderr ---\n" + stderr)
+                raise RuntimeError(f"timed out after {self.timeout_s:.0f} s; "
+                                   f"output in {log}") from e
+        log.write_text(stdout + "\n--- stderr ---\n" + stderr)
+        for line in reversed(stdout.splitlines()):
             if line.startswith('{"engine"'):
                 return json.loads(line)
-        tail = (proc.stderr + proc.stdout).strip()[-2000:]
-        raise RuntimeError(f"exit {proc.returncode}, no result line:\n{tail}")
+        tail = "\n".join((stderr + stdout).strip().splitlines()[-15:])
+        raise RuntimeError(f"exit {proc.returncode}, no result line; full output in {log}:\n"
+                           f"{tail}")
 
 
 def _demo_gguf(path: str | None) -> str:
@@ -183,7 +196,7 @@ def plot(rows: list[dict], path: str) -> None:
                         if r["engine"] == engine and r["scenario"] in CURVE)
         if points:
             xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o", label=engine)
+            ax.plot(xs, ys, marker="o", label=LABELS.get(engine, engine))
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(CURVE.values()), [str(v) for v in CURVE.values()])
     ax.set_xlabel("concurrent requests (~40-token prompts, 128 output tokens; 1 = single)")
@@ -296,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     spec.update(gguf=gguf, n_threads=cores)
                 try:
-                    result = peers[engine].run(spec)
+                    result = peers[engine].run(spec, scenario)
                 except RuntimeError as e:
                     print(f"# {engine} failed on {scenario}: {e}", flush=True)
                     continue
