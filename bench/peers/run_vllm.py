@@ -97,6 +97,7 @@ def main(argv: list[str]) -> int:
         "dtype": spec.get("dtype", "float32"),
         "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
         "kv_cache_bytes": kv_bytes,
+        "ld_preload": os.environ.get("LD_PRELOAD", ""),
         "first_output_ids": list(outputs[0].outputs[0].token_ids[:16]),
         "notes": notes,
     }

