@@ -483,6 +483,15 @@ else:
         raise _missing_native()
 
 
+def best_block_hashes():  # type: ignore[no-untyped-def]
+    """The native chained hash; its bit-identical Python twin when xllm._C is missing."""
+    try:
+        block_hashes([], 1)
+    except ImportError:
+        return py_block_hashes
+    return block_hashes
+
+
 def make_block_pool(num_blocks: int, native: bool = True) -> BlockPoolProtocol:
     """The native pool (ImportError when xllm._C is missing), or the pure-Python twin."""
     return BlockPool(num_blocks) if native else PyBlockPool(num_blocks)

@@ -23,12 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from xllm.ops.block_pool import (
-    ROOT_HASH,
-    BlockPoolProtocol,
-    block_hashes,
-    py_block_hashes,
-)
+from xllm.ops.block_pool import ROOT_HASH, BlockPoolProtocol, best_block_hashes
 from xllm.scheduler.request import Request
 
 __all__ = ["ComputedBlocks", "KVCacheManager", "NO_COMPUTED_BLOCKS"]
@@ -45,15 +40,6 @@ class ComputedBlocks:
 NO_COMPUTED_BLOCKS = ComputedBlocks((), 0)
 
 
-def _pick_hash_fn():  # type: ignore[no-untyped-def]
-    """The native chained hash; its bit-identical Python twin when xllm._C is missing."""
-    try:
-        block_hashes([], 1)
-    except ImportError:
-        return py_block_hashes
-    return block_hashes
-
-
 class KVCacheManager:
     """Allocates, shares, caches and frees requests' KV blocks. One owner (the scheduler's
     thread); a request's blocks live in ``request.block_ids`` in position order."""
@@ -67,7 +53,7 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self._num_usable = block_pool.num_blocks - 1
-        self._hash = _pick_hash_fn()
+        self._hash = best_block_hashes()
         # block id -> (parent hash, token ids) of a block registered in the prefix cache.
         self._block_content: dict[int, tuple[int, tuple[int, ...]]] = {}
         # request id -> how many leading blocks of request.block_ids are registered.

@@ -18,21 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from xllm.ops.block_pool import ROOT_HASH, block_hashes, py_block_hashes
+from xllm.ops.block_pool import ROOT_HASH, best_block_hashes
 
 __all__ = ["PrefixIndex", "prompt_block_hashes"]
 
-
-def _pick_hash_fn():  # type: ignore[no-untyped-def]
-    """The native chained hash; its bit-identical Python twin when xllm._C is missing."""
-    try:
-        block_hashes([], 1)
-    except ImportError:
-        return py_block_hashes
-    return block_hashes
-
-
-_hash = _pick_hash_fn()
+_hash = best_block_hashes()
 
 
 def prompt_block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
