@@ -288,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     if "xllm" in args.engines:
         from xllm import LLM
 
-        llm = LLM(model=str(model_dir), kv_cache_memory_gb=1.0)
+        # Room for every scenario without preemption: batch256 holds 256 x ~170 tokens of
+        # fp32 KV at ~46 KB a token (~2 GiB); the peers are sized for their scenario too.
+        llm = LLM(model=str(model_dir), kv_cache_memory_gb=4.0)
     if "transformers" in args.engines:
         import transformers
 

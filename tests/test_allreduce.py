@@ -353,7 +353,12 @@ def test_ctrl_c_interrupts_a_wait() -> None:
     helper.start()
     try:
         with ShmAllReduce(group, 0, 2, timeout=20) as ar:
-            timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+            # Ctrl-C aimed at the main thread: a process-directed signal may land on any
+            # thread (OpenMP, gRPC and pytest threads exist in a full run), and then the
+            # main thread's futex wait is not interrupted and only a later poll sees it.
+            main = threading.main_thread().ident
+            assert main is not None
+            timer = threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT))
             start = time.monotonic()
             timer.start()
             with pytest.raises(KeyboardInterrupt):
