@@ -349,6 +349,12 @@ def test_ctrl_c_interrupts_a_wait() -> None:
         except BaseException as exc:  # checked by the test below
             idle_error.append(exc)
 
+    # The test's premise is Python's own Ctrl-C handling. In fresh-clone CI runs the wait was
+    # sometimes never interrupted, as if SIGINT were ignored or blocked by something loaded
+    # earlier in the session; set the premise explicitly and restore it afterwards.
+    found = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    old_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    old_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     helper = threading.Thread(target=idle_rank, daemon=True)
     helper.start()
     try:
@@ -366,9 +372,13 @@ def test_ctrl_c_interrupts_a_wait() -> None:
             assert 0.25 < time.monotonic() - start < 5
             with pytest.raises(RuntimeError, match="unusable"):
                 ar.allreduce(torch.ones(10))
+    except Exception as exc:
+        raise AssertionError(f"SIGINT handler and mask found at the start: {found}") from exc
     finally:
         interrupted.set()
         helper.join(30)
+        signal.signal(signal.SIGINT, old_handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     assert not helper.is_alive() and not idle_error, idle_error
 
 
