@@ -24,6 +24,11 @@ def test_synthetic_lengths_are_seeded_and_follow_the_means() -> None:
     clipped = synthetic_requests(500, 3, 100, 50, 120, 60, 0.8)
     assert max(s.prompt_words for s in clipped) <= 120 and max(s.output_len for s in clipped) <= 60
     assert len({s.prompt.split(":")[0] for s in a}) == len(a)  # distinct heads
+    # Another tag: the same lengths, but no prompt shares its head with the untagged ones.
+    tagged = synthetic_requests(2000, 3, 100, 50, 10_000, 10_000, 0.8, tag="L1-")
+    assert [(t.prompt_words, t.output_len) for t in tagged] == [
+        (s.prompt_words, s.output_len) for s in a]
+    assert not {t.prompt.split(":")[0] for t in tagged} & {s.prompt.split(":")[0] for s in a}
 
 
 def test_summary_statistics() -> None:

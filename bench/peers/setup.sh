@@ -68,17 +68,19 @@ setup_vllm() {
 }
 
 setup_llamacpp() {
-    if already_installed llamacpp llama_cpp "$LLAMACPP_VERSION"; then
-        echo "llamacpp: llama-cpp-python $LLAMACPP_VERSION already installed"
+    if already_installed llamacpp llama_cpp "$LLAMACPP_VERSION" \
+            && "$PEERS_DIR/llamacpp/bin/python" -c "import llama_cpp.server.app" 2>/dev/null; then
+        echo "llamacpp: llama-cpp-python[server] $LLAMACPP_VERSION already installed"
     else
         make_venv llamacpp
         local py="$PEERS_DIR/llamacpp/bin/python"
         local jobs
         jobs="$(nproc)"   # honours taskset: one job when pinned to one core
         echo "llamacpp: building llama-cpp-python==$LLAMACPP_VERSION from source with $jobs job(s)"
+        # [server]: its OpenAI-compatible server, which bench/peers/serve.sh runs for bench.serve.
         CMAKE_BUILD_PARALLEL_LEVEL="$jobs" "$py" -m pip install --no-binary llama-cpp-python \
-            "llama-cpp-python==$LLAMACPP_VERSION"
-        "$py" -c "import llama_cpp; print('llamacpp: import ok, llama-cpp-python', llama_cpp.__version__)"
+            "llama-cpp-python[server]==$LLAMACPP_VERSION"
+        "$py" -c "import llama_cpp, llama_cpp.server.app; print('llamacpp: import ok, llama-cpp-python', llama_cpp.__version__)"
     fi
     report llamacpp "llama-cpp-python==$LLAMACPP_VERSION"
 }

@@ -9,7 +9,8 @@ Load: open loop at a request rate (Poisson arrivals, seeded; ``inf`` sends every
 once) or closed loop at a fixed concurrency. Requests are streamed completions
 (``/v1/completions`` or ``/v1/chat/completions``) whose prompt and output lengths are drawn
 from a seeded ShareGPT-like distribution (log-normal, clipped); outputs run to their drawn
-length (``ignore_eos``, a vLLM-style extension; ``--no-ignore-eos`` for servers without it).
+length (``ignore_eos``, plus ``min_tokens`` = that length for servers such as
+llama-cpp-python's that only know the latter; ``--no-ignore-eos`` for servers with neither).
 
 Reports request throughput, output tokens/s, TTFT, TPOT (per request: time after the first
 token / further tokens), ITL (gaps between streamed events) and end-to-end latency at
@@ -77,8 +78,10 @@ class RequestResult:
 
 
 def synthetic_requests(n: int, seed: int, input_mean: int, output_mean: int, max_input: int,
-                       max_output: int, sigma: float) -> list[RequestSpec]:
-    """ShareGPT-like lengths: log-normal with the given means, clipped; seeded."""
+                       max_output: int, sigma: float, tag: str = "") -> list[RequestSpec]:
+    """ShareGPT-like lengths: log-normal with the given means, clipped; seeded. ``tag`` goes
+    into every prompt's head: the same lengths and words under another tag share no prefix
+    block, so each load level of a sweep prefills as much as the first one did."""
     rng = random.Random(seed)
 
     def draw(mean: int, lo: int, hi: int) -> int:
@@ -89,7 +92,7 @@ def synthetic_requests(n: int, seed: int, input_mean: int, output_mean: int, max
     for i in range(n):
         words = draw(input_mean, 4, max_input)
         # A distinct head per request, so prefix caching cannot serve whole prompts.
-        text = f"{i}: " + " ".join(rng.choice(_WORDS) for _ in range(words))
+        text = f"{tag}{i}: " + " ".join(rng.choice(_WORDS) for _ in range(words))
         specs.append(RequestSpec(text, words, draw(output_mean, 1, max_output)))
     return specs
 
@@ -124,7 +127,10 @@ class Client:
         else:
             payload["prompt"] = spec.prompt
         if self.ignore_eos:
+            # Both extensions: vLLM and xllm know ignore_eos; llama-cpp-python's server only
+            # min_tokens, which holds EOS back just as well when it equals max_tokens.
             payload["ignore_eos"] = True
+            payload["min_tokens"] = spec.output_len
         result = RequestResult(ok=False, prompt_tokens=spec.prompt_words)
         start = result.start = time.perf_counter()
         last = None
@@ -209,6 +215,9 @@ def summarize(results: list[RequestResult], duration: float, slo_ttft: float | N
                          ("e2e_ms", [r.e2e * ms for r in ok])):  # type: ignore[operator]
         out[name] = _percentiles(values)
         out[name + "_samples"] = values
+    # Per request (in completion order), so goodput under other SLOs can be recomputed later.
+    out["requests"] = [{"ttft_ms": r.ttft * ms, "tpot_ms": None if r.tpot is None  # type: ignore[operator]
+                        else r.tpot * ms, "output_tokens": r.output_tokens} for r in ok]
     errors = sorted({r.error for r in results if r.error})
     out["errors"] = errors[:10]
     return out
@@ -297,8 +306,6 @@ async def _bench(args: argparse.Namespace, base_url: str) -> dict[str, Any]:
     model = args.model or (await get_json(base_url.rstrip("/") + "/v1/models",
                                           headers))["data"][0]["id"]
     client = Client(base_url, model, args.endpoint, args.api_key, args.ignore_eos)
-    specs = synthetic_requests(args.num_prompts, args.seed, args.input_len, args.output_len,
-                               args.max_input_len, args.max_output_len, args.length_sigma)
     warm = synthetic_requests(args.warmup, args.seed + 999, 16, 4, 32, 8, 0.1)
     for spec in warm:
         await client.run(spec)
@@ -307,7 +314,12 @@ async def _bench(args: argparse.Namespace, base_url: str) -> dict[str, Any]:
         loads = [("concurrency", int(c)) for c in _parse_list(args.concurrency)]
     else:
         loads = [("request_rate", r) for r in (_parse_list(args.request_rate) or [math.inf])]
-    for kind, value in loads:
+    for index, (kind, value) in enumerate(loads):
+        # Same lengths at every load level, but new prompts: a level must not find the
+        # previous level's prompts in the server's prefix cache.
+        specs = synthetic_requests(args.num_prompts, args.seed, args.input_len,
+                                   args.output_len, args.max_input_len, args.max_output_len,
+                                   args.length_sigma, tag=f"L{index}-")
         rate = value if kind == "request_rate" else None
         conc = int(value) if kind == "concurrency" else None
         results, duration = await run_load(client, specs, rate, conc, args.seed)
