@@ -199,6 +199,12 @@ class LLMEngine:
             touched[state.request_id] = state
         outputs = []
         for state in touched.values():
+            scored = state.prompt_logprobs
+            if scored is not None and len(scored) < len(state.prompt_token_ids):
+                # A sibling (n > 1) sampled before the first completion finished scoring the
+                # prompt: hold its tokens for the next output, so every output a caller sees
+                # has the complete prompt logprobs (and the list is never appended to after).
+                continue
             outputs.append(self._make_output(state))
             if state.finished:
                 state.metrics.finished_time = now

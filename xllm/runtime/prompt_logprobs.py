@@ -99,7 +99,8 @@ def score_prompt_spans(out: SchedulerOutput, spans: list[PromptSpan], hidden: to
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
         target_logit = logits.gather(1, targets[a:b])
         chosen_parts.append((target_logit - lse).squeeze(1))
-        rank_parts.append(1 + (logits > target_logit).sum(-1))
+        # An int32 sum of the comparison runs about twice as fast as the default int64 one.
+        rank_parts.append(1 + (logits > target_logit).sum(-1, dtype=torch.int32))
         if k:
             values, ids = topk_two_level(logits, k)
             top_lp_parts.append(values - lse)
