@@ -71,22 +71,31 @@ def find_prompt_spans(out: SchedulerOutput) -> list[PromptSpan] | None:
     return spans
 
 
-def score_prompt_spans(out: SchedulerOutput, spans: list[PromptSpan], hidden: torch.Tensor,
-                       compute_logits: Callable[[torch.Tensor], torch.Tensor],
-                       vocab_size: int) -> list[PromptLogprobs]:
+def score_prompt_spans(
+    out: SchedulerOutput,
+    spans: list[PromptSpan],
+    hidden: torch.Tensor,
+    compute_logits: Callable[[torch.Tensor], torch.Tensor],
+    vocab_size: int,
+) -> list[PromptLogprobs]:
     """One PromptLogprobs per span: ``compute_logits`` (the LM head, [m, H] -> fp32 [m, V])
     on the spans' hidden rows, log-softmax, the prompt token's logprob and rank, the top k."""
     scheduled = out.scheduled
     if len(spans) == 1:
         s = spans[0]
-        rows = hidden[s.row:s.row + s.count]  # a view: no gather
+        rows = hidden[s.row : s.row + s.count]  # a view: no gather
     else:
         index = np.concatenate([np.arange(s.row, s.row + s.count) for s in spans])
         rows = hidden.index_select(0, torch.from_numpy(index).to(hidden.device))
     targets = torch.tensor(
-        [t for s in spans
-         for t in scheduled[s.index].request.prompt_token_ids[s.start:s.start + s.count]],
-        dtype=torch.int64, device=hidden.device).unsqueeze(1)
+        [
+            t
+            for s in spans
+            for t in scheduled[s.index].request.prompt_token_ids[s.start : s.start + s.count]
+        ],
+        dtype=torch.int64,
+        device=hidden.device,
+    ).unsqueeze(1)
     k = min(max(s.k for s in spans), vocab_size)
     m = rows.shape[0]
     step = max(1, _LOGITS_BYTES // (4 * vocab_size))
@@ -114,8 +123,10 @@ def score_prompt_spans(out: SchedulerOutput, spans: list[PromptSpan], hidden: to
     for s in spans:
         b = a + s.count
         if s.k and top_lp is not None and top_ids is not None:
-            top = [list(zip(ids[:s.k], lps[:s.k], strict=True))
-                   for ids, lps in zip(top_ids[a:b], top_lp[a:b], strict=True)]
+            top = [
+                list(zip(ids[: s.k], lps[: s.k], strict=True))
+                for ids, lps in zip(top_ids[a:b], top_lp[a:b], strict=True)
+            ]
         else:
             top = [[] for _ in range(s.count)]
         results.append(PromptLogprobs(s.start, chosen[a:b], ranks[a:b], top))
