@@ -27,6 +27,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; k >= 0 = the chosen token's plus top-k alternatives
+    # None = off; k >= 0 = each prompt token's logprob (given the tokens before it) plus the
+    # top-k alternatives at that position; the first prompt token has none. A request asking
+    # for it computes its whole prompt (no prefix-cache hit: cached positions have no logits).
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -80,6 +84,16 @@ class SamplingParams:
         _check(
             self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
             f"logprobs must be None or an integer in [0, 20], got {self.logprobs!r}",
+        )
+        _check(
+            self.prompt_logprobs is None
+            or (
+                isinstance(self.prompt_logprobs, int)
+                and not isinstance(self.prompt_logprobs, bool)
+                and 0 <= self.prompt_logprobs <= 20
+            ),
+            "prompt_logprobs must be None (off) or an integer in [0, 20] (alternatives per "
+            f"prompt token), got {self.prompt_logprobs!r}",
         )
         _check(
             all(isinstance(s, str) and s for s in self.stop),

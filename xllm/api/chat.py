@@ -1,5 +1,5 @@
 """POST /v1/chat/completions: the model's chat template, stream or not, ``logprobs`` /
-``top_logprobs``, ``n``."""
+``top_logprobs``, ``n``, the ``prompt_logprobs`` extension (vLLM's)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from xllm.api.protocol import (
     ChatStreamChoice,
     ChoiceLogprobs,
     DeltaMessage,
+    PromptLogprob,
     TokenLogprob,
     TopLogprob,
     random_id,
@@ -79,7 +80,8 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
     params = to_sampling_params(req, num_prompt_tokens=len(prompt.token_ids),
                                 max_model_len=serving.max_model_len,
                                 max_tokens_limit=serving.settings.max_tokens_limit,
-                                max_n=serving.settings.max_n)
+                                max_n=serving.settings.max_n,
+                                scores_prompts=serving.scores_prompts)
     k = params.logprobs
     job = serving.submit([prompt], [params], priority=req.priority, offline=req.offline)
     rid = random_id("chatcmpl")
@@ -103,8 +105,10 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
         index=c.index, message=AssistantMessage(content=c.text),
         logprobs=None if k is None else _logprobs(serving, out, c.index, len(c.token_ids), k),
         finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in out.outputs]
-    body = ChatCompletionResponse(id=rid, model=serving.model_name, choices=choices,
-                                  usage=job.usage())
+    body = ChatCompletionResponse(
+        id=rid, model=serving.model_name, choices=choices, usage=job.usage(),
+        prompt_logprobs=None if req.prompt_logprobs is None else serving.prompt_logprobs(
+            out, req.prompt_logprobs))
     return JSONResponse(body.model_dump())
 
 
@@ -112,11 +116,14 @@ async def _stream(serving: OpenAIServing, req: ChatCompletionRequest, job: Job, 
                   k: int | None, include_usage: bool) -> AsyncIterator[str]:
     model = serving.model_name
 
-    def event(choices: list[ChatStreamChoice]) -> str:
-        chunk = ChatCompletionChunk(id=rid, model=model, choices=choices)
+    def event(choices: list[ChatStreamChoice],
+              prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None) -> str:
+        chunk = ChatCompletionChunk(id=rid, model=model, choices=choices,
+                                    prompt_logprobs=prompt_logprobs)
         return f"data: {chunk.model_dump_json()}\n\n"
 
     done: set[int] = set()
+    prompt_sent = req.prompt_logprobs is None
     try:
         # The role first, as OpenAI does, before any token is computed.
         yield event([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
@@ -136,7 +143,11 @@ async def _stream(serving: OpenAIServing, req: ChatCompletionRequest, job: Job, 
                     logprobs=None if k is None else _logprobs(serving, out, c.index, len(ids), k),
                     finish_reason=c.finish_reason, stop_reason=c.stop_reason))
             if choices:
-                yield event(choices)
+                prompt_logprobs = None
+                if not prompt_sent:  # the extension rides on the first chunk with tokens
+                    prompt_sent = True
+                    prompt_logprobs = serving.prompt_logprobs(out, req.prompt_logprobs or 0)
+                yield event(choices, prompt_logprobs)
         if include_usage:
             chunk = ChatCompletionChunk(id=rid, model=model, choices=[], usage=job.usage())
             yield f"data: {chunk.model_dump_json()}\n\n"

@@ -1,5 +1,6 @@
 """POST /v1/completions: text or token-id prompts (one or a batch), stream or not, echo,
-``logprobs: int``. Choice ``index`` is ``prompt_index * n + completion_index``, as OpenAI."""
+``logprobs: int`` (with echo, the prompt tokens' too, as OpenAI's legacy completions), the
+``prompt_logprobs`` extension. Choice ``index`` is ``prompt_index * n + completion_index``."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from xllm.api.protocol import (
     CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
+    PromptLogprob,
     random_id,
 )
 from xllm.api.sampling import to_sampling_params
@@ -44,9 +46,11 @@ class _Logprobs:
     def __init__(self, serving: OpenAIServing, k: int, offset: int) -> None:
         self.serving, self.k, self.offset = serving, k, offset
 
-    def add(self, out: RequestOutput, index: int, num_new: int) -> CompletionLogprobs:
+    def add(self, out: RequestOutput, index: int, num_new: int,
+            lp: CompletionLogprobs | None = None) -> CompletionLogprobs:
+        """Appends the last ``num_new`` generated tokens of completion ``index`` to ``lp``."""
         ids, entries = delta_logprobs(out, index, num_new)
-        lp = CompletionLogprobs()
+        lp = lp if lp is not None else CompletionLogprobs()
         for tid, value, top in self.serving.logprob_entries(ids, entries, self.k):
             text = self.serving.token_text(tid)
             lp.tokens.append(text)
@@ -54,6 +58,22 @@ class _Logprobs:
             lp.top_logprobs.append({self.serving.token_text(t): v for t, v in top})
             lp.text_offset.append(self.offset)
             self.offset += len(text)
+        return lp
+
+    def prompt(self, out: RequestOutput) -> CompletionLogprobs:
+        """The echoed prompt's tokens, as OpenAI: the first one's logprob and alternatives are
+        null. Offsets run on from 0 over the tokens' texts; the generated tokens' offsets
+        continue from the echoed text's length (``offset``), where they sit in the text."""
+        lp = CompletionLogprobs()
+        offset = 0
+        for tid, value, top in self.serving.prompt_logprob_entries(out, self.k):
+            text = self.serving.token_text(tid)
+            lp.tokens.append(text)
+            lp.token_logprobs.append(value)
+            lp.top_logprobs.append(None if top is None else
+                                   {self.serving.token_text(t): v for t, v in top})
+            lp.text_offset.append(offset)
+            offset += len(text)
         return lp
 
 
@@ -65,7 +85,8 @@ async def create_completion(serving: OpenAIServing, req: CompletionRequest,
     params = [to_sampling_params(req, num_prompt_tokens=len(p.token_ids),
                                  max_model_len=serving.max_model_len,
                                  max_tokens_limit=serving.settings.max_tokens_limit,
-                                max_n=serving.settings.max_n)
+                                 max_n=serving.settings.max_n,
+                                 scores_prompts=serving.scores_prompts)
               for p in prompts]
     echo = [(p.text if p.text is not None else serving.decode(p.token_ids)) if req.echo else ""
             for p in prompts]
@@ -89,14 +110,17 @@ async def create_completion(serving: OpenAIServing, req: CompletionRequest,
     choices = []
     for i in range(len(prompts)):
         out = final[i]
+        prompt_logprobs = _prompt_logprobs(serving, req, out)
         for c in out.outputs:
             logprobs = None
             if req.logprobs is not None:
-                logprobs = _Logprobs(serving, req.logprobs, len(echo[i])).add(
-                    out, c.index, len(c.token_ids))
+                builder = _Logprobs(serving, req.logprobs, len(echo[i]))
+                logprobs = builder.add(out, c.index, len(c.token_ids),
+                                       builder.prompt(out) if req.echo else None)
             choices.append(CompletionChoice(
                 index=i * req.n + c.index, text=echo[i] + c.text, logprobs=logprobs,
-                finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                prompt_logprobs=prompt_logprobs))
     body = CompletionResponse(id=rid, model=serving.model_name, choices=choices,
                               usage=job.usage())
     return JSONResponse(body.model_dump())
@@ -116,21 +140,25 @@ async def _stream(serving: OpenAIServing, req: CompletionRequest, job: Job, rid:
                 if index in done:
                     continue
                 text, ids = out.deltas.get(c.index, ("", []))
-                if index not in started:
-                    started.add(index)
+                first = index not in started
+                if first:
                     text = echo[i] + text
                 if not text and not ids and c.finish_reason is None:
                     continue
+                started.add(index)
                 logprobs = None
                 if req.logprobs is not None:
                     builder = builders.setdefault(
                         index, _Logprobs(serving, req.logprobs, len(echo[i])))
-                    logprobs = builder.add(out, c.index, len(ids))
+                    # The echoed prompt (text and logprobs) rides on the choice's first chunk.
+                    logprobs = builder.add(out, c.index, len(ids),
+                                           builder.prompt(out) if first and req.echo else None)
                 if c.finish_reason is not None:
                     done.add(index)
-                choices.append(CompletionChoice(index=index, text=text, logprobs=logprobs,
-                                                finish_reason=c.finish_reason,
-                                                stop_reason=c.stop_reason))
+                choices.append(CompletionChoice(
+                    index=index, text=text, logprobs=logprobs, finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                    prompt_logprobs=_prompt_logprobs(serving, req, out) if first else None))
             if choices:
                 chunk = CompletionStreamResponse(id=rid, model=serving.model_name,
                                                  choices=choices)
@@ -142,6 +170,14 @@ async def _stream(serving: OpenAIServing, req: CompletionRequest, job: Job, rid:
     except APIError as e:
         yield f"data: {_json(error_body(e.status, e.message, e.type, e.param, e.code))}\n\n"
     yield "data: [DONE]\n\n"
+
+
+def _prompt_logprobs(serving: OpenAIServing, req: CompletionRequest,
+                     out: RequestOutput) -> list[dict[str, PromptLogprob] | None] | None:
+    """The prompt_logprobs extension's body, when the request asked for it."""
+    if req.prompt_logprobs is None:
+        return None
+    return serving.prompt_logprobs(out, req.prompt_logprobs)
 
 
 def _json(obj: object) -> str:

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "ChatCompletionChunk", "ChatCompletionRequest", "ChatCompletionResponse", "ChatMessage",
     "CompletionRequest", "CompletionResponse", "CompletionStreamResponse", "ErrorInfo",
-    "ErrorResponse", "HealthResponse", "ModelCard", "ModelList", "UsageInfo", "VersionResponse",
+    "ErrorResponse", "HealthResponse", "ModelCard", "ModelList", "PromptLogprob", "UsageInfo",
+    "VersionResponse",
     "MAX_N", "MAX_LOGPROBS",
 ]
 
@@ -72,6 +73,10 @@ class _SamplingFields(_Strict):
     skip_special_tokens: bool = Field(True, description="extension")
     include_stop_str_in_output: bool = Field(False, description="extension")
     priority: int = Field(0, description="extension; lower is more important")
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS,
+        description="extension: each prompt token's logprob and this many alternatives, in "
+        "the response's prompt_logprobs (the first prompt token's entry is null)")
     offline: bool = Field(False, description="extension; best-effort traffic that only uses "
                           "capacity online requests leave idle")
 
@@ -145,6 +150,19 @@ class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's shape of one entry of ``prompt_logprobs`` (keyed by the token id)."""
+
+    logprob: float
+    rank: int | None = Field(None, description="1 = the model's likeliest token there")
+    decoded_token: str
+
+
+# Per prompt token: {token id: PromptLogprob} for the token itself and the alternatives;
+# null for the first token, which nothing precedes.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)
@@ -158,6 +176,9 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = Field(None, description="the stop token or string")
+    prompt_logprobs: PromptLogprobs | None = Field(
+        None, description="extension, with the request's prompt_logprobs (in a stream: the "
+        "choice's first chunk)")
 
 
 class CompletionResponse(BaseModel):
@@ -215,6 +236,8 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = Field(
+        None, description="extension, with the request's prompt_logprobs")
 
 
 class DeltaMessage(BaseModel):
@@ -239,3 +262,6 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+    prompt_logprobs: PromptLogprobs | None = Field(
+        None, description="extension, with the request's prompt_logprobs: in the first chunk "
+        "that carries tokens")

@@ -39,13 +39,15 @@ def check_context(num_prompt_tokens: int, max_tokens: int | None, max_model_len:
 
 def to_sampling_params(request: CompletionRequest | ChatCompletionRequest, *,
                        num_prompt_tokens: int, max_model_len: int,
-                       max_tokens_limit: int | None = None, max_n: int | None = None
-                       ) -> SamplingParams:
+                       max_tokens_limit: int | None = None, max_n: int | None = None,
+                       scores_prompts: bool = True) -> SamplingParams:
     """SamplingParams for one prompt. APIError(400) naming the parameter on bad values.
 
     ``max_tokens_limit``: the server's cap on new tokens per completion (requests above it
     are refused; requests without max_tokens get at most that many). ``max_n``: the server's
-    cap on ``n``.
+    cap on ``n``. ``scores_prompts``: whether the engine behind the server computes prompt
+    logprobs (completions' ``echo`` with ``logprobs``, the ``prompt_logprobs`` extension);
+    where it does not, those requests are refused.
     """
     if max_n is not None and request.n > max_n:
         raise APIError.bad_request(f"n is {request.n} but this server allows at most {max_n} "
@@ -68,10 +70,16 @@ def to_sampling_params(request: CompletionRequest | ChatCompletionRequest, *,
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
     else:
         logprobs = request.logprobs
-        if request.echo and logprobs is not None:
-            raise APIError.bad_request(
-                "echo with logprobs is not supported: the engine does not score prompt tokens",
-                param="echo")
+    prompt_logprobs = request.prompt_logprobs
+    if isinstance(request, CompletionRequest) and request.echo and logprobs is not None:
+        # OpenAI's echo + logprobs scores the echoed prompt with the same k.
+        prompt_logprobs = max(logprobs, prompt_logprobs or 0)
+    if prompt_logprobs is not None and not scores_prompts:
+        echoing = request.prompt_logprobs is None
+        raise APIError.bad_request(
+            ("echo with logprobs needs" if echoing else "prompt_logprobs needs")
+            + " the prompt tokens scored, which this server's engine does not do",
+            param="echo" if echoing else "prompt_logprobs")
     if request.min_tokens > max_tokens:
         raise APIError.bad_request(
             f"min_tokens ({request.min_tokens}) must not exceed max_tokens ({max_tokens})",
@@ -89,7 +97,8 @@ def to_sampling_params(request: CompletionRequest | ChatCompletionRequest, *,
             max_tokens=max_tokens, min_tokens=request.min_tokens,
             stop=[stop] if isinstance(stop, str) else list(stop),
             stop_token_ids=list(request.stop_token_ids or []), ignore_eos=request.ignore_eos,
-            logprobs=logprobs, skip_special_tokens=request.skip_special_tokens,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=request.skip_special_tokens,
             include_stop_str_in_output=request.include_stop_str_in_output)
     except ValueError as e:  # SamplingParams names the field in its message
         raise APIError.bad_request(str(e)) from e

@@ -19,7 +19,7 @@ from fastapi import Request
 
 from xllm.api.errors import APIError
 from xllm.api.metrics import ServerMetrics
-from xllm.api.protocol import UsageInfo
+from xllm.api.protocol import PromptLogprob, UsageInfo
 from xllm.api.settings import ServerSettings
 from xllm.engine.async_engine import (
     READY,
@@ -88,6 +88,12 @@ class OpenAIServing:
     @property
     def max_model_len(self) -> int:
         return self.engine.engine.max_model_len
+
+    @property
+    def scores_prompts(self) -> bool:
+        """Whether the engine computes prompt logprobs (AsyncEngine does; an engine that
+        does not say so, like the cluster master's, is taken not to)."""
+        return bool(getattr(self.engine, "supports_prompt_logprobs", False))
 
     # ---- admission -----------------------------------------------------------------------
 
@@ -223,6 +229,36 @@ class OpenAIServing:
             out.append((tid, _finite(entry.get(tid, _MIN_LOGPROB)),
                         [(t, _finite(v)) for t, v in top]))
         return out
+
+
+    def prompt_logprob_entries(self, out: RequestOutput, k: int
+                               ) -> list[tuple[int, float | None, list[tuple[int, float]] | None]]:
+        """(prompt token, its logprob, top-k alternatives) per prompt token; the first
+        token's logprob and alternatives are None (nothing precedes it)."""
+        ids, entries = out.prompt_token_ids, out.prompt_logprobs
+        if entries is None or len(entries) != len(ids):
+            raise APIError(500, "the engine returned no prompt logprobs for a request that "
+                           "asked for them")
+        first: list[tuple[int, float | None, list[tuple[int, float]] | None]] = [
+            (ids[0], None, None)]
+        return first + self.logprob_entries(ids[1:], entries[1:], k)  # type: ignore[arg-type]
+
+    def prompt_logprobs(self, out: RequestOutput, k: int) -> list[dict[str, PromptLogprob] | None]:
+        """The ``prompt_logprobs`` extension's body (vLLM's shape): per prompt token, the
+        token and its k best alternatives keyed by token id, with rank and text."""
+        ranks = out.prompt_token_ranks or []
+        result: list[dict[str, PromptLogprob] | None] = []
+        for i, (tid, value, top) in enumerate(self.prompt_logprob_entries(out, k)):
+            if value is None or top is None:
+                result.append(None)
+                continue
+            entry = {str(tid): PromptLogprob(logprob=value, rank=ranks[i] if i < len(ranks)
+                                             else None, decoded_token=self.token_text(tid))}
+            for rank, (alt, alt_value) in enumerate(top, start=1):
+                entry.setdefault(str(alt), PromptLogprob(
+                    logprob=alt_value, rank=rank, decoded_token=self.token_text(alt)))
+            result.append(entry)
+        return result
 
 
 def _finite(value: float) -> float:

@@ -212,6 +212,9 @@ class AsyncEngine:
     ``engine_factory`` (default: ``LLMEngine(config)``) runs on the engine thread.
     """
 
+    # The OpenAI layer serves prompt logprobs (echo + logprobs) only from engines saying so.
+    supports_prompt_logprobs = True
+
     def __init__(self, config: EngineConfig, *, inbox_capacity: int = 4096,
                  engine_factory: Callable[[], LLMEngine] | None = None) -> None:
         self.config = config

@@ -22,8 +22,9 @@ from xllm.loader.generation_config import GenerationConfig
 from xllm.loader.model import TORCH_DTYPES, load_model, resolve_dtype
 from xllm.models.config import ModelConfig
 from xllm.runtime.model_runner import ModelRunner
+from xllm.runtime.prompt_logprobs import PromptLogprobs
 from xllm.sampling_params import SamplingParams
-from xllm.scheduler import Request, Scheduler, SchedulerConfig
+from xllm.scheduler import Request, Scheduler, SchedulerConfig, SchedulerOutput
 from xllm.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -50,6 +51,10 @@ class _RequestState:
     params: SamplingParams
     completions: list[_Completion] = field(default_factory=list)
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
+    # With params.prompt_logprobs: entries for the prompt tokens scored so far (see
+    # RequestOutput.prompt_logprobs), filled chunk by chunk by the first completion's request.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_token_ranks: list[int | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -127,8 +132,14 @@ class LLMEngine:
         if params.max_tokens is None:
             params = replace(params, max_tokens=room)
         state = _RequestState(request_id, text, token_ids, params)
+        if params.prompt_logprobs is not None:
+            state.prompt_logprobs, state.prompt_token_ranks = [None], [None]
         for i in range(params.n):
             child_params = params if params.seed is None else replace(params, seed=params.seed + i)
+            if i and params.prompt_logprobs is not None:
+                # Siblings share the prompt: the first completion scores it, and the others may
+                # then take its blocks as a prefix hit.
+                child_params = replace(child_params, prompt_logprobs=None)
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             # Siblings wait for the first completion's prompt blocks and take them as a
             # prefix hit, so the prompt is computed once for all n.
@@ -169,6 +180,8 @@ class LLMEngine:
         if not out.scheduled:
             return []
         result = self.runner.execute(out)
+        if result.prompt_logprobs is not None:
+            self._absorb_prompt_logprobs(out, result.prompt_logprobs)
         self.scheduler.update_from_output(out, result.sampled_token_ids)
         now = time.monotonic()
         touched: dict[str, _RequestState] = {}
@@ -186,6 +199,12 @@ class LLMEngine:
             touched[state.request_id] = state
         outputs = []
         for state in touched.values():
+            scored = state.prompt_logprobs
+            if scored is not None and len(scored) < len(state.prompt_token_ids):
+                # A sibling (n > 1) sampled before the first completion finished scoring the
+                # prompt: hold its tokens for the next output, so every output a caller sees
+                # has the complete prompt logprobs (and the list is never appended to after).
+                continue
             outputs.append(self._make_output(state))
             if state.finished:
                 state.metrics.finished_time = now
@@ -193,6 +212,27 @@ class LLMEngine:
                 for c in state.completions:
                     self._owner.pop(c.request.request_id, None)
         return outputs
+
+    def _absorb_prompt_logprobs(self, out: SchedulerOutput,
+                                scored: list[PromptLogprobs | None]) -> None:
+        for item, chunk in zip(out.scheduled, scored, strict=True):
+            owner = self._owner.get(item.request.request_id) if chunk is not None else None
+            if owner is None or owner[0].prompt_logprobs is None:
+                continue
+            state = owner[0]
+            entries, ranks = state.prompt_logprobs, state.prompt_token_ranks
+            assert entries is not None and ranks is not None
+            # A prompt preempted mid-way is recomputed from its start: keep the first scores.
+            skip = len(entries) - chunk.start
+            if skip < 0:
+                raise RuntimeError(f"request {state.request_id!r}: prompt tokens "
+                                   f"{len(entries)}..{chunk.start - 1} were never scored")
+            prompt = state.prompt_token_ids
+            for j in range(skip, len(chunk.logprobs)):
+                entry = dict(chunk.top[j])
+                entry[prompt[chunk.start + j]] = chunk.logprobs[j]
+                entries.append(entry)
+                ranks.append(chunk.ranks[j])
 
     def _absorb(self, completion: _Completion, new_ids: list[int], lp) -> None:  # noqa: ANN001
         req = completion.request
@@ -247,7 +287,8 @@ class LLMEngine:
             request_id=state.request_id, prompt=state.prompt,
             prompt_token_ids=state.prompt_token_ids, outputs=outputs, finished=state.finished,
             num_cached_tokens=max(c.request.num_cached_tokens for c in state.completions),
-            metrics=state.metrics, deltas=deltas)
+            metrics=state.metrics, deltas=deltas, prompt_logprobs=state.prompt_logprobs,
+            prompt_token_ranks=state.prompt_token_ranks)
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> tuple[int, str] | None:

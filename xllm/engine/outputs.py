@@ -39,3 +39,10 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     # Text and token ids added since the previous output of this request, per completion index.
     deltas: dict[int, tuple[str, list[int]]] = field(default_factory=dict)
+    # With SamplingParams.prompt_logprobs, per prompt token: {token id: logprob} holding that
+    # token and the top-k alternatives at its position, given the prompt before it; None for
+    # the first token (nothing precedes it). Complete in every output (the prompt is scored
+    # before the first token is sampled); None when not asked for.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    # Aligned with prompt_logprobs: each prompt token's rank (1 = the model's likeliest).
+    prompt_token_ranks: list[int | None] | None = None

@@ -17,6 +17,7 @@ from xllm.layers.sampler import Sampler, SamplingBatch
 from xllm.models.config import ModelConfig
 from xllm.ops.kv_cache import allocate_kv_cache
 from xllm.runtime.attn_metadata import AttentionMetadata
+from xllm.runtime.prompt_logprobs import PromptLogprobs, find_prompt_spans, score_prompt_spans
 from xllm.scheduler import SchedulerOutput
 
 
@@ -36,6 +37,9 @@ class RunnerOutput:
     sampled_token_ids: list[list[int]]
     # Aligned likewise; None where the request asked for no logprobs or did not sample.
     logprobs: list[TokenLogprobs | None]
+    # Aligned likewise, the prompt tokens this step scored per request; None (the whole list)
+    # when no request scored prompt tokens this step (see xllm.runtime.prompt_logprobs).
+    prompt_logprobs: list[PromptLogprobs | None] | None = None
 
 
 class ModelRunner:
@@ -131,8 +135,9 @@ class ModelRunner:
         sampling = [item for item in scheduled if item.samples]
         sampled: list[list[int]] = [[] for _ in scheduled]
         logprobs: list[TokenLogprobs | None] = [None] * len(scheduled)
+        prompt_logprobs = self._score_prompts(out, hidden)
         if not sampling:
-            return RunnerOutput(sampled, logprobs)
+            return RunnerOutput(sampled, logprobs, prompt_logprobs)
         logits = self.model.compute_logits(hidden[torch.from_numpy(last_rows).to(hidden.device)])
         reqs = [item.request for item in sampling]
         batch = SamplingBatch.build(
@@ -157,7 +162,20 @@ class ModelRunner:
                                             list(zip(lp_ids[j][1:k + 1], lp[j][1:k + 1],
                                                      strict=True)))
             j += 1
-        return RunnerOutput(sampled, logprobs)
+        return RunnerOutput(sampled, logprobs, prompt_logprobs)
+
+    def _score_prompts(self, out: SchedulerOutput,
+                       hidden: torch.Tensor) -> list[PromptLogprobs | None] | None:
+        """Prompt logprobs of the requests that asked, aligned with ``out.scheduled``."""
+        spans = find_prompt_spans(out)
+        if spans is None:
+            return None
+        scored = score_prompt_spans(out, spans, hidden, self.model.compute_logits,
+                                    self.config.vocab_size)
+        result: list[PromptLogprobs | None] = [None] * len(out.scheduled)
+        for span, item in zip(spans, scored, strict=True):
+            result[span.index] = item
+        return result
 
     @staticmethod
     def _suppressed(req) -> list[int]:  # noqa: ANN001 - a scheduler Request

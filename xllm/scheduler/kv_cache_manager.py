@@ -10,7 +10,9 @@ Prefix caching (vLLM v1): every *full* block of a request's tokens has a chained
 blocks that became full are registered with ``cache_blocks``; a new request's hashes are
 looked up and the longest cached prefix is shared (ref count + 1) instead of recomputed.
 The hit is capped at ``num_tokens - 1`` rounded down to a block boundary: the last token
-must run through the model so there are logits to sample.
+must run through the model so there are logits to sample. A request asking for prompt
+logprobs takes no hit until its prompt has been scored (it needs every position's logits);
+its blocks are still registered for others.
 
 Collisions: a 64-bit hash can collide, so each registered block's (parent hash, tokens) is
 kept here by block id, and a hit is confirmed against the request's own tokens and parent
@@ -95,6 +97,10 @@ class KVCacheManager:
         confirmed against its tokens, never reaching its last token. Changes no ref count
         (``allocate_slots`` takes the blocks)."""
         if not self.enable_prefix_caching:
+            return NO_COMPUTED_BLOCKS
+        if request.sampling_params.prompt_logprobs is not None and not request.output_token_ids:
+            # Prompt logprobs need the logits of every prompt position, and a cached block's
+            # positions are never run. (Once it has outputs, its prompt was scored already.)
             return NO_COMPUTED_BLOCKS
         bs = self.block_size
         max_blocks = (request.num_tokens - 1) // bs
