@@ -9,6 +9,7 @@ from its own thread.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import time
 from dataclasses import dataclass, field, replace
@@ -103,6 +104,11 @@ class LLMEngine:
         self._states: dict[str, _RequestState] = {}
         self._owner: dict[str, tuple[_RequestState, _Completion]] = {}
         self._ids = itertools.count()
+        # The model, tokenizer and torch's own objects live as long as the process: moved out
+        # of the collector's generations, the full collections that steps' garbage triggers
+        # no longer walk them (they were ~1% of a batched decode's time in a profile).
+        gc.collect()
+        gc.freeze()
 
     # ---- requests -------------------------------------------------------------------------
 
