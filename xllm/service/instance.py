@@ -1,10 +1,11 @@
 """The instance side of the cluster: an ``xllm-server`` started with ``--master``/``--etcd``.
 
 - :class:`InstanceServicer` serves ``Instance.Generate`` from the server's AsyncEngine. A
-  resumed request (``generated_token_ids`` set) runs with prompt + generated tokens as its
-  context and ``max_tokens`` reduced by what was generated, so a greedy continuation equals
-  an uninterrupted run; text the first instance had not yet sent (a held-back partial
-  character) is sent first.
+  resumed request (``generated_token_ids`` set) enters the engine with those tokens as its
+  outputs so far, so it continues exactly as an uninterrupted run would, sampled ones too
+  (the seeded draw's step, penalties, ``min_tokens``/``max_tokens``, stop strings spanning
+  the resume point); text the first instance had not yet sent (a held-back partial
+  character or stop-string tail) comes first.
 - :class:`InstanceAgent` registers (``Master.Register``, or a leased etcd key) and beats
   every interval with the engine's load and its prefix cache as block-hash deltas (a full
   snapshot on the first beat, after a failed beat, on a resync request, and every
@@ -25,7 +26,6 @@ from xllm.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloa
 from xllm.sampling_params import SamplingParams
 from xllm.service.proto import instance_pb2, instance_pb2_grpc, master_pb2, master_pb2_grpc
 from xllm.service.state import Capacity, InstanceInfo
-from xllm.tokenizer.detokenizer import IncrementalDetokenizer
 
 __all__ = ["InstanceAgent", "InstanceServicer", "params_from_proto", "params_to_proto"]
 
@@ -49,21 +49,16 @@ def params_to_proto(p: SamplingParams) -> instance_pb2.SamplingParams:
     return msg
 
 
-def params_from_proto(msg: instance_pb2.SamplingParams, num_generated: int) -> SamplingParams:
-    """The engine's params for the rest of a request of which ``num_generated`` tokens were
-    already produced elsewhere. ValueError (naming the field) on bad values."""
+def params_from_proto(msg: instance_pb2.SamplingParams) -> SamplingParams:
+    """The engine's params (the whole request's: a resumed request's generated tokens count
+    against them in the engine). ValueError (naming the field) on bad values."""
     max_tokens = msg.max_tokens if msg.HasField("max_tokens") else None
-    if max_tokens is not None:
-        if num_generated >= max_tokens:
-            raise ValueError(f"generated_token_ids holds {num_generated} tokens, not fewer "
-                             f"than max_tokens ({max_tokens}): nothing is left to generate")
-        max_tokens -= num_generated
     return SamplingParams(
         temperature=msg.temperature, top_p=msg.top_p or 1.0, top_k=msg.top_k, min_p=msg.min_p,
         seed=msg.seed if msg.HasField("seed") else None,
         repetition_penalty=msg.repetition_penalty or 1.0,
         presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
-        max_tokens=max_tokens, min_tokens=max(0, msg.min_tokens - num_generated),
+        max_tokens=max_tokens, min_tokens=msg.min_tokens,
         stop=list(msg.stop), stop_token_ids=list(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         skip_special_tokens=msg.skip_special_tokens,
@@ -89,10 +84,11 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         prompt = list(request.prompt_token_ids)
         generated = list(request.generated_token_ids)
         try:
-            params = params_from_proto(request.sampling_params, len(generated))
-            stream = self.engine.generate(prompt + generated, params,
-                                          request_id=request.request_id or None,
-                                          priority=request.priority, offline=request.offline)
+            params = params_from_proto(request.sampling_params)
+            stream = self.engine.generate(prompt, params, request_id=request.request_id or None,
+                                          priority=request.priority, offline=request.offline,
+                                          generated_token_ids=generated,
+                                          generated_text=request.generated_text)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except EngineOverloadedError as e:
@@ -101,7 +97,6 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         start = time.monotonic()
         first: float | None = None
-        pending_text = self._unsent_text(prompt, generated, request.generated_text, params)
         self._streams[stream.request_id] = stream
         try:
             async with stream:
@@ -115,9 +110,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                         uncached = len(prompt) + len(generated) - out.num_cached_tokens
                         if now > start:
                             self.prefill_tps.add(max(uncached, 1) / (now - start))
-                    msg = instance_pb2.GenerateResponse(token_ids=ids,
-                                                        text_delta=pending_text + text)
-                    pending_text = ""
+                    msg = instance_pb2.GenerateResponse(token_ids=ids, text_delta=text)
                     if c.logprobs is not None and ids:
                         msg.logprobs.extend(_logprobs(ids, c.logprobs[len(c.logprobs) - len(ids):]))
                     if c.finish_reason is not None:
@@ -126,11 +119,11 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                             msg.stop_token_id = c.stop_reason
                         elif isinstance(c.stop_reason, str):
                             msg.stop_string = c.stop_reason
-                        n_out = len(c.token_ids)
-                        if first is not None and n_out > 1:
-                            self.tpot_ms.add(1000.0 * (now - first) / (n_out - 1))
+                        n_new = len(c.token_ids) - len(generated)  # outputs hold both
+                        if first is not None and n_new > 1:
+                            self.tpot_ms.add(1000.0 * (now - first) / (n_new - 1))
                         msg.usage.CopyFrom(instance_pb2.Usage(
-                            prompt_tokens=len(prompt), completion_tokens=len(generated) + n_out,
+                            prompt_tokens=len(prompt), completion_tokens=len(c.token_ids),
                             cached_tokens=out.num_cached_tokens))
                     yield msg
         except ValueError as e:
@@ -139,18 +132,6 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         finally:
             self._streams.pop(stream.request_id, None)
-
-    def _unsent_text(self, prompt: list[int], generated: list[int], sent: str,
-                     params: SamplingParams) -> str:
-        """What the already-generated tokens decode to beyond the text already sent (a
-        partial character or stop-string tail the first instance was holding back)."""
-        if not generated:
-            return ""
-        detok = IncrementalDetokenizer(self.engine.engine.tokenizer, prompt,
-                                       skip_special_tokens=params.skip_special_tokens)
-        detok.step(generated)
-        text = detok.text
-        return text[len(sent):] if text.startswith(sent) else ""
 
     async def Abort(self, request: instance_pb2.AbortRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext) -> instance_pb2.AbortResponse:
@@ -181,7 +162,8 @@ def _engine_snapshot(engine: Any) -> tuple[set[int], int, int]:
             hashes.add(h)
     prefill = offline = 0
     for r in sched.requests.values():
-        prefill += max(0, r.num_prompt_tokens - r.num_computed_tokens)
+        left = r.num_tokens - r.num_computed_tokens  # 1 while decoding: its last token
+        prefill += left if left > 1 else 0
         offline += r.offline and r.num_computed_tokens > 0
     return hashes, prefill, offline
 
