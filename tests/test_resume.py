@@ -20,9 +20,18 @@ from xllm.service.proto import instance_pb2, instance_pb2_grpc
 pytestmark = pytest.mark.timeout(120)
 
 PROMPT = "Write a short list of fruits and their colours:"
-SAMPLED = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=32,
-                         min_tokens=20, frequency_penalty=0.6, presence_penalty=0.4,
-                         repetition_penalty=1.15, ignore_eos=False)
+SAMPLED = SamplingParams(
+    temperature=0.9,
+    top_p=0.95,
+    top_k=50,
+    seed=1234,
+    max_tokens=32,
+    min_tokens=20,
+    frequency_penalty=0.6,
+    presence_penalty=0.4,
+    repetition_penalty=1.15,
+    ignore_eos=False,
+)
 
 
 @asynccontextmanager
@@ -39,12 +48,21 @@ async def _instance(engine) -> AsyncIterator[instance_pb2_grpc.InstanceStub]:  #
         await server.stop(0)
 
 
-async def _generate(stub: instance_pb2_grpc.InstanceStub, prompt: list[int],
-                    params: SamplingParams, generated: list[int] = (),  # type: ignore[assignment]
-                    sent: str = "", rid: str = "r") -> list[instance_pb2.GenerateResponse]:
+async def _generate(
+    stub: instance_pb2_grpc.InstanceStub,
+    prompt: list[int],
+    params: SamplingParams,
+    generated: list[int] = (),  # type: ignore[assignment]
+    sent: str = "",
+    rid: str = "r",
+) -> list[instance_pb2.GenerateResponse]:
     req = instance_pb2.GenerateRequest(
-        request_id=rid, prompt_token_ids=prompt, generated_token_ids=list(generated),
-        generated_text=sent, sampling_params=params_to_proto(params))
+        request_id=rid,
+        prompt_token_ids=prompt,
+        generated_token_ids=list(generated),
+        generated_text=sent,
+        sampling_params=params_to_proto(params),
+    )
     return [resp async for resp in stub.Generate(req, timeout=60)]
 
 
@@ -72,8 +90,12 @@ def test_seeded_sampled_request_resumes_exactly(served_engine) -> None:  # noqa:
             want_ids, want_text, want_finish = _joined(full)
             assert len(want_ids) >= SAMPLED.min_tokens
             # the sampled run is not greedy: otherwise this test would prove nothing
-            greedy = await _generate(stub, prompt, SamplingParams(
-                temperature=0.0, max_tokens=SAMPLED.max_tokens), rid="greedy")
+            greedy = await _generate(
+                stub,
+                prompt,
+                SamplingParams(temperature=0.0, max_tokens=SAMPLED.max_tokens),
+                rid="greedy",
+            )
             assert _joined(greedy)[0] != want_ids
             cuts = _cuts(full)
             # early (inside min_tokens), middle and late resume points
@@ -102,21 +124,21 @@ def test_stop_string_spanning_the_resume_point_is_found(served_engine) -> None: 
             # only its first half in the tokens it is given.
             for ids_c, text_k in _cuts(plain)[6:18]:
                 k, before = len(ids_c), len(text_k)
-                stop = text[before - 3:before + 3]
+                stop = text[before - 3 : before + 3]
                 if len(stop) == 6 and text.find(stop) == before - 3:
                     break
             else:
                 raise AssertionError(f"no usable stop string in {text!r}")
-            params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
-                                    stop=[stop])
+            params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[stop])
             full = await _generate(stub, prompt, params, rid="stopped")
             want_ids, want_text, finish = _joined(full)
             assert (finish, full[-1].stop_string) == ("stop", stop)
-            assert want_text == text[:before - 3]
+            assert want_text == text[: before - 3]
             # what the client had after k tokens (messages carry one token each unless the
             # reader fell behind; then: the same rule, 5 characters held back for a stop)
-            ids_k, sent = next((c for c in _cuts(full) if len(c[0]) == k),
-                               (want_ids[:k], text_k[:before - 5]))
+            ids_k, sent = next(
+                (c for c in _cuts(full) if len(c[0]) == k), (want_ids[:k], text_k[: before - 5])
+            )
             assert len(sent) <= before - 3  # held back: the stop's first part is not sent
             resumed = await _generate(stub, prompt, params, ids_k, sent, rid="resumed")
             got_ids, got_text, got_finish = _joined(resumed)
