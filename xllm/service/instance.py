@@ -168,12 +168,30 @@ def _engine_snapshot(engine: Any) -> tuple[set[int], int, int]:
     return hashes, prefill, offline
 
 
+class _MasterLink:
+    """One master this instance beats to, and what that master has of its prefix cache.
+    At most one beat is in flight per master, so a slow master delays only its own beats."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = master_pb2_grpc.MasterStub(self.channel)
+        self.full = True  # its next beat must be a full snapshot
+        self.inflight: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        if self.inflight is not None:
+            self.inflight.cancel()
+        await self.channel.close()
+
+
 class InstanceAgent:
-    """Registers this instance and keeps it alive in the master's registry.
+    """Registers this instance and keeps it alive in the masters' registries.
 
     ``master``: the master's gRPC address (embedded registry); or ``etcd``: the etcd
-    endpoint (the key is leased there, and beats go to the leader master found under
-    ``/xllm/leader/``). Runs on the server's event loop until :meth:`close`.
+    endpoint (the key is leased there, and beats go to every master listed under
+    ``/xllm/leader/``, re-read every ``MASTER_REFRESH_S``). Runs on the server's event loop
+    until :meth:`close`.
     """
 
     def __init__(self, engine: AsyncEngine, servicer: InstanceServicer, info: InstanceInfo, *,
@@ -187,10 +205,11 @@ class InstanceAgent:
         self.incarnation_id = 0
         self.interval_s = 0.25
         self._task: asyncio.Task[None] | None = None
-        self._channel: grpc.aio.Channel | None = None
-        self._channel_target = ""
+        self._links: dict[str, _MasterLink] = {}
         self._etcd_lease: Any = None
         self._etcd_client: Any = None
+        self._refreshed = 0.0  # when the masters were last listed (etcd)
+        self._verdict: str | None = None  # "stale" / "unknown" from a master's answer
 
     @staticmethod
     def capacity_of(engine: AsyncEngine) -> Capacity:
@@ -212,30 +231,39 @@ class InstanceAgent:
         with contextlib.suppress(Exception):
             if self._etcd_lease is not None:
                 await self._etcd_lease.close()
-            elif self.incarnation_id and self._channel is not None:
-                await asyncio.wait_for(master_pb2_grpc.MasterStub(self._channel).Deregister(
-                    master_pb2.DeregisterRequest(instance_id=self.info.instance_id,
-                                                 incarnation_id=self.incarnation_id)), 1.0)
+            elif self.incarnation_id and self.master in self._links:
+                stub = self._links[self.master].stub
+                await asyncio.wait_for(stub.Deregister(master_pb2.DeregisterRequest(
+                    instance_id=self.info.instance_id, incarnation_id=self.incarnation_id)), 1.0)
         if self._etcd_client is not None:
             with contextlib.suppress(Exception):
                 await self._etcd_client.close()
-        if self._channel is not None:
-            await self._channel.close()
+        for link in list(self._links.values()):
+            await link.close()
+        self._links.clear()
 
-    async def _stub(self) -> master_pb2_grpc.MasterStub | None:
-        target = self.master
-        if self.etcd is not None:
-            from xllm.service.etcd_registry import EtcdLeaderElection
+    async def _refresh_masters(self, force: bool = False) -> None:
+        """Keeps one link per master: the one given (embedded), or those in etcd."""
+        if self.etcd is None:
+            assert self.master is not None
+            if self.master not in self._links:
+                self._links[self.master] = _MasterLink(self.master)
+            return
+        from xllm.service.etcd_registry import MASTER_REFRESH_S, master_addresses
 
-            target = await EtcdLeaderElection(self._etcd_client, "").leader_address()
-            if target is None:
-                return None
-        if target != self._channel_target or self._channel is None:
-            if self._channel is not None:
-                await self._channel.close()
-            self._channel = grpc.aio.insecure_channel(target)
-            self._channel_target = target or ""
-        return master_pb2_grpc.MasterStub(self._channel)
+        now = time.monotonic()
+        if not force and self._links and now - self._refreshed < MASTER_REFRESH_S:
+            return
+        try:
+            addresses = set(await master_addresses(self._etcd_client, timeout=1.0))
+        except Exception as e:  # etcd unreachable: keep beating the masters known
+            _log.debug("listing masters failed: %r", e)
+            return
+        self._refreshed = now
+        for address in addresses - self._links.keys():
+            self._links[address] = _MasterLink(address)
+        for address in self._links.keys() - addresses:  # that master is gone
+            await self._links.pop(address).close()
 
     async def _register(self) -> None:
         info = InstanceInfo(self.info.instance_id, self.info.address, self.info.model,
@@ -248,9 +276,10 @@ class InstanceAgent:
                 self._etcd_lease = EtcdInstanceLease(self._etcd_client)
             self.incarnation_id = await self._etcd_lease.register(info)
             return
-        stub = await self._stub()
-        assert stub is not None
-        resp = await stub.Register(master_pb2.RegisterRequest(info=info.to_proto()), timeout=2.0)
+        await self._refresh_masters()
+        assert self.master is not None
+        resp = await self._links[self.master].stub.Register(
+            master_pb2.RegisterRequest(info=info.to_proto()), timeout=2.0)
         self.incarnation_id = resp.incarnation_id
         self.interval_s = max(resp.heartbeat_interval_ms, 10) / 1000.0
 
@@ -272,61 +301,73 @@ class InstanceAgent:
         """Beats until the registration is gone (True: register again) or stale (False)."""
         seq = 0
         known: set[int] = set()
-        full = True
         prefill = offline = 0
+        self._verdict = None
+        for link in self._links.values():
+            link.full = True  # a new incarnation: every master starts from a snapshot
         next_beat = time.monotonic()
         while True:
             next_beat += self.interval_s
             await asyncio.sleep(max(0.0, next_beat - time.monotonic()))
+            if self._verdict == "stale":
+                _log.warning("a newer incarnation of %s exists; stopping", self.info.instance_id)
+                return False
+            if self._verdict == "unknown":
+                return True  # declared dead, or the master restarted: register again
             if self._etcd_lease is not None and not self._etcd_lease.alive:
                 return True
+            await self._refresh_masters(force=not self._links)
             seq += 1
-            added: list[int] = []
-            evicted: list[int] = []
+            snapshot: set[int] | None = None
             try:  # the snapshot waits for the current step; never longer than half a beat
                 fut = self.engine.call_on_engine_thread(_engine_snapshot)
-                hashes, prefill, offline = await asyncio.wait_for(
+                snapshot, prefill, offline = await asyncio.wait_for(
                     asyncio.wrap_future(fut), self.interval_s / 2)
-                if full or seq % self.full_every == 0:
-                    added, full = list(hashes), True
-                else:
-                    added, evicted = list(hashes - known), list(known - hashes)
-                known = hashes
             except Exception as e:  # slow step, engine stopping: beat without a delta
                 if not isinstance(e, (TimeoutError, EngineDeadError, EngineOverloadedError)):
                     _log.warning("prefix-cache snapshot failed: %r", e)
-                if full:
-                    added = list(known)  # the best full picture there is
             stats = self.engine.stats()
             s = self.servicer
-            req = master_pb2.HeartbeatRequest(
-                instance_id=self.info.instance_id, incarnation_id=self.incarnation_id, seq=seq,
-                load=master_pb2.LoadReport(
-                    num_waiting=stats.num_waiting, num_running=stats.num_running,
-                    num_waiting_prefill_tokens=prefill, kv_usage=stats.kv_cache_usage,
-                    ttft_ms=s.ttft_ms.value, tpot_ms=s.tpot_ms.value,
-                    prefill_tokens_per_s=s.prefill_tps.value, num_offline_running=offline),
-                prefix_cache=master_pb2.PrefixCacheDelta(full=full, added=added,
-                                                         evicted=evicted))
-            try:
-                stub = await self._stub()
-                if stub is None:
-                    full = True
+            load = master_pb2.LoadReport(
+                num_waiting=stats.num_waiting, num_running=stats.num_running,
+                num_waiting_prefill_tokens=prefill, kv_usage=stats.kv_cache_usage,
+                ttft_ms=s.ttft_ms.value, tpot_ms=s.tpot_ms.value,
+                prefill_tokens_per_s=s.prefill_tps.value, num_offline_running=offline)
+            current = known if snapshot is None else snapshot
+            # Without a fresh snapshot a delta is empty (the next one covers the change).
+            delta = master_pb2.PrefixCacheDelta(added=list(current - known),
+                                                evicted=list(known - current))
+            whole = master_pb2.PrefixCacheDelta(full=True, added=list(current))
+            known = current
+            for link in self._links.values():
+                if link.inflight is not None and not link.inflight.done():
+                    link.full = True  # it misses this beat, so its next one is full
                     continue
-                resp = await stub.Heartbeat(req, timeout=max(self.interval_s, 0.5))
-            except grpc.aio.AioRpcError as e:
-                _log.debug("heartbeat failed: %s", e.code())
-                full = True  # the master may have missed this delta
-                continue
-            if resp.status == master_pb2.HeartbeatResponse.STATUS_STALE:
-                _log.warning("a newer incarnation of %s exists; stopping", self.info.instance_id)
-                return False
-            if resp.status == master_pb2.HeartbeatResponse.STATUS_UNKNOWN:
-                if self.etcd is None:
-                    return True  # declared dead or the master restarted: register again
-                full = True  # etcd: the master's watch may not have seen the key yet
-                continue
-            full = resp.resync_prefix_cache
+                full = link.full or seq % self.full_every == 0
+                link.full = False  # until its answer says otherwise
+                req = master_pb2.HeartbeatRequest(
+                    instance_id=self.info.instance_id, incarnation_id=self.incarnation_id,
+                    seq=seq, load=load, prefix_cache=whole if full else delta)
+                link.inflight = asyncio.create_task(self._beat(link, req))
+
+    async def _beat(self, link: _MasterLink, req: master_pb2.HeartbeatRequest) -> None:
+        try:
+            resp = await link.stub.Heartbeat(req, timeout=max(2 * self.interval_s, 0.5))
+        except grpc.aio.AioRpcError as e:
+            _log.debug("heartbeat to %s failed: %s", link.address, e.code())
+            link.full = True  # the master may have missed this delta
+            return
+        if req.incarnation_id != self.incarnation_id:
+            return  # an answer about the previous incarnation
+        if resp.status == master_pb2.HeartbeatResponse.STATUS_STALE:
+            self._verdict = "stale"
+        elif resp.status == master_pb2.HeartbeatResponse.STATUS_UNKNOWN:
+            link.full = True
+            if self.etcd is None:
+                self._verdict = "unknown"
+            # etcd: that master's watch may not have seen the key yet; keep beating
+        elif resp.resync_prefix_cache:
+            link.full = True
 
 
 class InstanceRuntime:

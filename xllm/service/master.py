@@ -44,7 +44,8 @@ _log = logging.getLogger("xllm.master")
 
 class MasterServicer(master_pb2_grpc.MasterServicer):
     """``Master`` over a registry. With etcd, registration happens in etcd (Register is
-    refused) and only the leader takes heartbeats (standbys answer UNAVAILABLE)."""
+    refused) and every master takes heartbeats (each routes on the instances' load; only
+    the leader applies their deadlines)."""
 
     def __init__(self, registry: InstanceRegistry) -> None:
         self.registry = registry
@@ -67,8 +68,6 @@ class MasterServicer(master_pb2_grpc.MasterServicer):
 
     async def Heartbeat(self, request: master_pb2.HeartbeatRequest,  # noqa: N802
                         context: grpc.aio.ServicerContext) -> master_pb2.HeartbeatResponse:
-        if not self.registry.is_leader:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "this master is a standby")
         pc = request.prefix_cache
         result = self.registry.heartbeat(
             request.instance_id, request.incarnation_id, request.seq,
