@@ -99,8 +99,22 @@ def _get(url: str, path: str) -> object:
 
 
 def _start_master(name: str, etcd: str, model: str, logs: Path) -> Proc:
-    m = _start(name, ["xllm.service.master_server", "--etcd", etcd, "--port", "0",
-                      "--model", model, "--log-level", "info", *ENGINE], logs)
+    m = _start(
+        name,
+        [
+            "xllm.service.master_server",
+            "--etcd",
+            etcd,
+            "--port",
+            "0",
+            "--model",
+            model,
+            "--log-level",
+            "info",
+            *ENGINE,
+        ],
+        logs,
+    )
 
     def up() -> bool:
         text = m.text()
@@ -122,18 +136,43 @@ def cluster(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         try:
             # The instances load their model while the masters start.
             for i in range(2):
-                procs.append(_start(f"instance{i}", [
-                    "xllm.api.server", "--etcd", etcd, "--port", "0", "--model", model,
-                    "--instance-id", f"inst{i}", "--log-level", "info", *INSTANCE], logs))
+                procs.append(
+                    _start(
+                        f"instance{i}",
+                        [
+                            "xllm.api.server",
+                            "--etcd",
+                            etcd,
+                            "--port",
+                            "0",
+                            "--model",
+                            model,
+                            "--instance-id",
+                            f"inst{i}",
+                            "--log-level",
+                            "info",
+                            *INSTANCE,
+                        ],
+                        logs,
+                    )
+                )
             a = _start_master("master-a", etcd, model, logs)
             procs.append(a)
-            _wait(lambda: (_get(a.url, "/cluster/status") or {}).get("is_leader"), 30,
-                  "master-a to lead", procs)
+            _wait(
+                lambda: (_get(a.url, "/cluster/status") or {}).get("is_leader"),
+                30,
+                "master-a to lead",
+                procs,
+            )
             b = _start_master("master-b", etcd, model, logs)
             procs.append(b)
             for m in (a, b):
-                _wait(lambda m=m: len(_get(m.url, "/cluster/instances") or []) == 2, 150,
-                      f"2 instances at {m.name}", procs)
+                _wait(
+                    lambda m=m: len(_get(m.url, "/cluster/instances") or []) == 2,
+                    150,
+                    f"2 instances at {m.name}",
+                    procs,
+                )
             yield Cluster(etcd, [a, b], procs[:2], model)
         finally:
             for p in reversed(procs):
@@ -157,11 +196,26 @@ def _expected(served_engine, prompts: list[str], max_tokens: int) -> list[str]: 
     return asyncio.run(run())
 
 
-def _complete(url: str, model: str, prompt: str, max_tokens: int, *, offline: bool = False,
-              progress: list[int] | None = None, i: int = 0) -> tuple[str, str | None, float]:
+def _complete(
+    url: str,
+    model: str,
+    prompt: str,
+    max_tokens: int,
+    *,
+    offline: bool = False,
+    progress: list[int] | None = None,
+    i: int = 0,
+) -> tuple[str, str | None, float]:
     """Streams a completion; (text, finish_reason, monotonic time it finished)."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "offline": offline}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "offline": offline,
+    }
     text, finish = "", None
     with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=120) as r:
         assert r.status_code == 200, r.text
@@ -179,16 +233,20 @@ def _complete(url: str, model: str, prompt: str, max_tokens: int, *, offline: bo
 
 
 def test_offline_backlog_waits_at_the_master_and_online_goes_first(
-        cluster: Cluster, served_engine) -> None:  # noqa: ANN001
+    cluster: Cluster, served_engine
+) -> None:  # noqa: ANN001
     leader = cluster.masters[0]
-    offline_prompts = [f"Offline job {i}: summarise the number {i * 7} in words." for i in
-                       range(12)]
+    offline_prompts = [
+        f"Offline job {i}: summarise the number {i * 7} in words." for i in range(12)
+    ]
     online_prompt = "Online question: what is the capital of Italy?"
     expected = _expected(served_engine, offline_prompts, 12)
     (want_online,) = _expected(served_engine, [online_prompt], 8)
     with ThreadPoolExecutor(len(offline_prompts) + 1) as pool:
-        offline = [pool.submit(_complete, leader.url, cluster.model, p, 12, offline=True)
-                   for p in offline_prompts]
+        offline = [
+            pool.submit(_complete, leader.url, cluster.model, p, 12, offline=True)
+            for p in offline_prompts
+        ]
         # 2 instances x 4 seats: at least 4 of the 12 must wait at the master
         deadline = time.monotonic() + 30
         while (_get(leader.url, "/cluster/status") or {}).get("offline_queued", 0) < 4:
@@ -216,8 +274,10 @@ def test_sigkill_one_instance_mid_stream(cluster: Cluster, served_engine) -> Non
     progress = [0] * len(prompts)
     victim = cluster.instances[0]
     with ThreadPoolExecutor(len(prompts)) as pool:
-        futures = [pool.submit(_complete, leader.url, cluster.model, p, max_tokens,
-                               progress=progress, i=i) for i, p in enumerate(prompts)]
+        futures = [
+            pool.submit(_complete, leader.url, cluster.model, p, max_tokens, progress=progress, i=i)
+            for i, p in enumerate(prompts)
+        ]
         deadline = time.monotonic() + 90
         while min(progress) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -240,12 +300,10 @@ def test_sigkill_one_instance_mid_stream(cluster: Cluster, served_engine) -> Non
     # before it); both masters must have dropped the instance within 1 s of it.
     assert set(gone) == {leader.name, standby.name}, gone
     assert max(gone.values()) <= LEASE_TTL_S + 1.0, gone
-    print("instance out of routing after: " + ", ".join(f"{k} {v:.2f} s" for k, v in
-                                                        gone.items()))
+    print("instance out of routing after: " + ", ".join(f"{k} {v:.2f} s" for k, v in gone.items()))
 
 
-def test_standby_takes_over_when_the_leader_master_dies(
-        cluster: Cluster, served_engine) -> None:  # noqa: ANN001
+def test_standby_takes_over_when_the_leader_master_dies(cluster: Cluster, served_engine) -> None:  # noqa: ANN001
     leader, standby = cluster.masters
     prompt = "Failover: name three planets."
     (want,) = _expected(served_engine, [prompt], 8)
