@@ -269,7 +269,7 @@ def test_offline_backlog_waits_at_the_master_and_online_goes_first(
 def test_sigkill_one_instance_mid_stream(cluster: Cluster, served_engine) -> None:  # noqa: ANN001
     leader, standby = cluster.masters
     prompts = [f"Stream {i}: count the colours of a rainbow, then {i} more." for i in range(6)]
-    max_tokens = 16
+    max_tokens = 24
     expected = _expected(served_engine, prompts, max_tokens)
     progress = [0] * len(prompts)
     victim = cluster.instances[0]
@@ -279,9 +279,9 @@ def test_sigkill_one_instance_mid_stream(cluster: Cluster, served_engine) -> Non
             for i, p in enumerate(prompts)
         ]
         deadline = time.monotonic() + 90
-        while min(progress) < 2 and time.monotonic() < deadline:
+        while min(progress) < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert max(progress) < max_tokens, "too late to kill: a stream already finished"
+        assert 1 <= min(progress) and max(progress) < max_tokens, f"kill too late: {progress}"
         os.kill(victim.popen.pid, signal.SIGKILL)
         killed = time.monotonic()
         gone: dict[str, float] = {}
