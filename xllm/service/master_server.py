@@ -103,9 +103,11 @@ def _die_with_parent() -> None:
 
 
 def spawn_instances(n: int, master: str, config: EngineConfig, host: str,
-                    log_level: str) -> list[subprocess.Popen[bytes]]:
+                    log_level: str, etcd: str | None = None) -> list[subprocess.Popen[bytes]]:
+    """N local xllm-server instances registering with ``master`` (or in ``etcd``)."""
+    join = ["--etcd", etcd] if etcd else ["--master", master]
     cmd = [sys.executable, "-m", "xllm.api.server", "--host", host, "--port", "0",
-           "--master", master, "--log-level", log_level, *_engine_argv(config)]
+           *join, "--log-level", log_level, *_engine_argv(config)]
     return [subprocess.Popen(cmd, preexec_fn=_die_with_parent) for _ in range(n)]  # noqa: PLW1509
 
 
@@ -175,7 +177,8 @@ async def _run(args: argparse.Namespace, config: EngineConfig) -> int:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         if args.spawn:
-            procs = spawn_instances(args.spawn, address, config, args.host, args.log_level)
+            procs = spawn_instances(args.spawn, address, config, args.host, args.log_level,
+                                    args.etcd)
         task = asyncio.ensure_future(server.serve())
         while not server.started and not task.done():
             await asyncio.sleep(0.05)
