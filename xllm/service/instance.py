@@ -353,8 +353,8 @@ class InstanceAgent:
     async def _beat(self, link: _MasterLink, req: master_pb2.HeartbeatRequest) -> None:
         try:
             resp = await link.stub.Heartbeat(req, timeout=max(2 * self.interval_s, 0.5))
-        except grpc.aio.AioRpcError as e:
-            _log.debug("heartbeat to %s failed: %s", link.address, e.code())
+        except Exception as e:  # unreachable, timed out, channel closed: never unhandled
+            _log.debug("heartbeat to %s failed: %r", link.address, e)
             link.full = True  # the master may have missed this delta
             return
         if req.incarnation_id != self.incarnation_id:
