@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -82,6 +83,38 @@ def test_bad_arguments_raise_value_error(llm: LLM) -> None:
         llm.generate([[]], GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="unknown engine option"):
         LLM(model="demo", not_an_option=1)
+
+
+def _drive(engine, rid: str, prompt: list[int], params: SamplingParams,  # noqa: ANN001
+           **resume: object) -> tuple[list[int], str, object]:
+    """(new token ids, new text) from the deltas, and the final output."""
+    engine.add_request(rid, prompt, params, **resume)
+    ids, text, last = [], "", None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            delta_text, delta_ids = out.deltas[0]
+            ids, text, last = ids + delta_ids, text + delta_text, out
+    return ids, text, last
+
+
+def test_resume_with_generated_tokens_continues_exactly(llm: LLM) -> None:
+    """A request resumed with the tokens another engine generated continues as the
+    uninterrupted run: the seeded draw's step and the penalties count those tokens."""
+    engine = llm.engine
+    prompt = llm.tokenizer.encode("Three animals that live in the sea:")
+    params = SamplingParams(temperature=1.0, seed=7, max_tokens=16, frequency_penalty=1.0,
+                            repetition_penalty=1.2, ignore_eos=True)
+    ids, text, whole = _drive(engine, "whole", prompt, params)
+    k = 6
+    sent = llm.tokenizer.decode(ids[:k])
+    more_ids, more_text, out = _drive(engine, "resumed", prompt, params,
+                                      generated_token_ids=ids[:k], generated_text=sent)
+    assert ids[:k] + more_ids == ids and sent + more_text == text
+    assert out.outputs[0].token_ids == ids and out.outputs[0].text == text
+    assert out.outputs[0].finish_reason == "length"
+    for bad, match in [({"n": 2}, "n must be 1"), ({"max_tokens": k}, "nothing is left")]:
+        with pytest.raises(ValueError, match=match):
+            engine.add_request("bad", prompt, replace(params, **bad), generated_token_ids=ids[:k])
 
 
 def test_stop_strings_n_seed_and_logprobs(llm: LLM, hf_model) -> None:  # noqa: ANN001

@@ -550,6 +550,30 @@ def test_length_capped_by_kv_capacity() -> None:
     assert (r.num_tokens, r.finish_reason) == (12, "length")
 
 
+def test_resumed_request_continues_its_outputs() -> None:
+    """A request resumed from another engine arrives with outputs: prompt and outputs are
+    computed together (as after a preemption), and max_tokens counts them."""
+    s = make()
+    m = FakeModel(s)
+    whole = mk("w", 10, max_tokens=9)
+    s.add_request(whole)
+    m.run()
+    resumed = mk("w2", whole.prompt_token_ids, max_tokens=9)
+    for t in whole.output_token_ids[:4]:
+        resumed.append_output_token(t)
+    s.add_request(resumed)
+    out, _ = m.step()
+    assert plan(out) == [("w2", 12, 2)]  # 14 tokens; 12 (3 blocks) were a prefix-cache hit
+    m.run()
+    assert resumed.output_token_ids == whole.output_token_ids
+    assert (resumed.num_output_tokens, resumed.finish_reason) == (9, "length")
+    long = mk("long", 18)
+    long.append_output_token(1)
+    long.append_output_token(2)
+    with pytest.raises(ValueError, match="has 20 tokens"):
+        make(max_model_len=19).add_request(long)
+
+
 def test_finish_requests_for_stop_strings() -> None:
     s = make()
     s.add_request(mk("r", 6, max_tokens=10))

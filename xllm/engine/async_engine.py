@@ -85,6 +85,8 @@ class _Add:
     params: SamplingParams
     priority: int
     offline: bool
+    generated_token_ids: list[int] | None = None  # a resumed request's outputs so far
+    generated_text: str = ""
 
 
 @dataclass
@@ -286,8 +288,11 @@ class AsyncEngine:
 
     def generate(self, prompt: str | list[int], params: SamplingParams, *,
                  request_id: str | None = None, priority: int = 0,
-                 offline: bool = False) -> RequestStream:
+                 offline: bool = False, generated_token_ids: list[int] | None = None,
+                 generated_text: str = "") -> RequestStream:
         """Submits a request and returns its stream. Call from the loop that will read it.
+        ``generated_token_ids``/``generated_text`` resume a request another engine started
+        (see ``LLMEngine.add_request``).
 
         EngineDeadError when the engine is not ready, EngineOverloadedError when the inbox
         is full, ValueError (from the stream) when the engine rejects the request.
@@ -300,7 +305,8 @@ class AsyncEngine:
         stream = RequestStream(rid, self, asyncio.get_running_loop())
         self._streams[rid] = stream
         try:
-            pushed = self._inbox.try_push(_Add(rid, prompt, params, priority, offline))
+            pushed = self._inbox.try_push(_Add(rid, prompt, params, priority, offline,
+                                               generated_token_ids, generated_text))
         except QueueClosed:
             pushed = None
         if not pushed:
@@ -384,7 +390,9 @@ class AsyncEngine:
                     continue  # aborted before it reached the engine
                 try:
                     engine.add_request(item.request_id, item.prompt, item.params,
-                                       priority=item.priority, offline=item.offline)
+                                       priority=item.priority, offline=item.offline,
+                                       generated_token_ids=item.generated_token_ids,
+                                       generated_text=item.generated_text)
                 except ValueError as e:
                     stream._put(None, e)
             if engine.has_unfinished_requests():

@@ -117,9 +117,17 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int],
                     params: SamplingParams | None = None, priority: int = 0,
-                    offline: bool = False) -> None:
-        """Queues a request. ValueError if the prompt is empty or does not fit the context."""
+                    offline: bool = False, *, generated_token_ids: list[int] | None = None,
+                    generated_text: str = "") -> None:
+        """Queues a request. ValueError if the prompt is empty or does not fit the context.
+
+        ``generated_token_ids`` resumes a request (n = 1) another engine started: they become
+        its outputs so far, so the sampler's step (seeded draws), penalties, ``min_tokens``
+        and ``max_tokens`` continue exactly as in an uninterrupted run, and stop strings
+        spanning the resume point are found. ``generated_text``: the text the client already
+        has; outputs carry the full text and token ids, deltas only what follows."""
         params = params or SamplingParams()
+        generated = [int(t) for t in generated_token_ids or ()]
         if request_id in self._states:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):
@@ -135,6 +143,8 @@ class LLMEngine:
         if room < 1:
             raise ValueError(f"the prompt has {len(token_ids)} tokens but the context holds "
                              f"{self.max_model_len} (max_model_len); shorten the prompt")
+        if generated:
+            _check_resume(generated, params, vocab, room)
         if params.max_tokens is None:
             params = replace(params, max_tokens=room)
         state = _RequestState(request_id, text, token_ids, params)
@@ -156,6 +166,8 @@ class LLMEngine:
                 self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens))
             if params.logprobs is not None:
                 completion.logprobs = []
+            if generated:
+                _resume(completion, generated, generated_text)
             state.completions.append(completion)
             self._owner[child_id] = (state, completion)
         self._states[request_id] = state
@@ -295,6 +307,30 @@ class LLMEngine:
             num_cached_tokens=max(c.request.num_cached_tokens for c in state.completions),
             metrics=state.metrics, deltas=deltas, prompt_logprobs=state.prompt_logprobs,
             prompt_token_ranks=state.prompt_token_ranks)
+
+
+def _check_resume(generated: list[int], params: SamplingParams, vocab: int, room: int) -> None:
+    if params.n != 1:
+        raise ValueError(f"generated_token_ids resumes one completion; n must be 1, got {params.n}")
+    if min(generated) < 0 or max(generated) >= vocab:
+        raise ValueError(f"generated_token_ids must be in [0, {vocab}); got one outside")
+    limit = room if params.max_tokens is None else min(room, params.max_tokens)
+    if len(generated) >= limit:
+        raise ValueError(f"generated_token_ids holds {len(generated)} tokens, not fewer than "
+                         f"the request's limit ({limit}, from max_tokens and the context): "
+                         "nothing is left to generate")
+
+
+def _resume(completion: _Completion, generated: list[int], sent_text: str) -> None:
+    """Makes ``generated`` the completion's outputs so far, as if this engine had sampled
+    them; the client has ``sent_text`` of their text (it may lag: a held-back partial
+    character or stop-string tail), so the first delta starts there."""
+    for t in generated:
+        completion.request.append_output_token(t)
+    completion.detokenizer.step(generated)
+    text = completion.detokenizer.text
+    completion.emitted_tokens = len(generated)
+    completion.emitted_chars = len(sent_text) if text.startswith(sent_text) else len(text)
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> tuple[int, str] | None:

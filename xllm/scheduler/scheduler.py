@@ -134,7 +134,8 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         """Queues a new request. ValueError for a duplicate id, a request already added, or
         a prompt that could never run (longer than max_model_len, or more blocks than the
-        pool has)."""
+        pool has). A request may arrive with outputs already (resumed from another engine):
+        its prompt and outputs are then computed together, as after a preemption."""
         if not isinstance(request, Request):
             raise ValueError(f"request must be a Request, got {type(request).__name__}")
         rid = request.request_id
@@ -143,7 +144,7 @@ class Scheduler:
         if request.seq >= 0 or request.status is not RequestStatus.WAITING:
             raise ValueError(f"request {rid!r} was already added to a scheduler; make a new one")
         cfg = self.config
-        n = request.num_prompt_tokens
+        n = request.num_tokens  # the prompt, plus the outputs of a resumed request
         if n > cfg.max_model_len:
             raise ValueError(
                 f"request {rid!r}: prompt has {n} tokens, more than max_model_len = "

@@ -14,9 +14,15 @@ Key layout under ``prefix`` (default ``/xllm``):
   lease TTL (plus etcd's expiry check) after its last keepalive.
 
 Leases are kept alive every ``ttl / 4`` seconds; one whose keepalive fails for a whole TTL,
-or that etcd reports expired, is lost (``on_lost`` runs). Only the leader applies heartbeat
-deadlines: standbys receive no heartbeats. An instance the leader finds silent past its
-deadline gets its lease revoked, so the instance learns it must register again.
+or that etcd reports expired, is lost (``on_lost`` runs).
+
+Every master serves: instances send their heartbeats (load, prefix-cache deltas) to every
+master listed under ``{prefix}/leader/`` (re-read every ``MASTER_REFRESH_S``), so each one
+routes on fresh load. The leader owns the cluster-wide duty: it applies heartbeat deadlines,
+and an instance it finds silent past its deadline gets its lease revoked - the key's
+deletion takes it out of every master's routing at once, and the instance learns it must
+register again. Standbys apply no deadlines (a partition between one standby and an
+instance must not split the cluster's view); they rely on the leader and on lease expiry.
 
 Client: etcd3aio (grpc.aio; the older ``etcd3`` package does not work with protobuf >= 4).
 """
@@ -34,10 +40,21 @@ from xllm.service.proto import master_pb2
 from xllm.service.registry import InstanceRegistry
 from xllm.service.state import InstanceInfo
 
-__all__ = ["EtcdInstanceLease", "EtcdLease", "EtcdLeaderElection", "EtcdRegistry", "connect"]
+__all__ = [
+    "MASTER_REFRESH_S",
+    "EtcdInstanceLease",
+    "EtcdLease",
+    "EtcdLeaderElection",
+    "EtcdRegistry",
+    "connect",
+    "master_addresses",
+]
 
 _log = logging.getLogger(__name__)
 _PUT, _DELETE = 0, 1  # mvccpb.Event.EventType
+# How often an instance re-reads the list of masters it beats to: a new master receives an
+# instance's beats within this (plus one beat interval).
+MASTER_REFRESH_S = 1.0
 
 
 async def connect(endpoint: str) -> Any:
@@ -62,6 +79,13 @@ def _range_end(prefix: bytes) -> bytes:
     return prefix_range_end(prefix)
 
 
+async def master_addresses(client: Any, prefix: str = "/xllm", timeout: float = 2.0) -> list[str]:
+    """The gRPC addresses of the masters (every election candidate), the leader first."""
+    key = f"{prefix.rstrip('/')}/leader/".encode()
+    resp = await client.kv.get(key, range_end=_range_end(key), timeout=timeout)
+    return [kv.value.decode() for kv in sorted(resp.kvs, key=lambda kv: kv.create_revision)]
+
+
 class EtcdLease:
     """A lease kept alive in the background until :meth:`revoke` or loss."""
 
@@ -72,10 +96,12 @@ class EtcdLease:
         self.ttl_s = ttl_s
         self.id = 0
         self.alive = False
+        self.renewed = 0.0  # monotonic time of the last grant/keepalive: expiry is ttl after
         self._on_lost = on_lost
         self._task: asyncio.Task[None] | None = None
 
     async def grant(self) -> int:
+        self.renewed = time.monotonic()
         resp = await self._client.lease.grant(self.ttl_s, timeout=self.ttl_s)
         self.id, self.alive = int(resp.ID), True
         self._task = asyncio.create_task(self._keepalive(), name=f"etcd-lease-{self.id:x}")
@@ -87,6 +113,7 @@ class EtcdLease:
         while True:
             await asyncio.sleep(interval)
             try:
+                sent = time.monotonic()
                 call = self._client.lease.keep_alive(self.id)
                 try:
                     resp = await asyncio.wait_for(call.read(), timeout=interval)
@@ -94,7 +121,7 @@ class EtcdLease:
                     call.cancel()
                 if resp.TTL <= 0:
                     break  # expired (or revoked) on the server
-                last_ok = time.monotonic()
+                last_ok = self.renewed = sent
             except Exception as exc:  # etcd unreachable: keep trying for one TTL
                 if time.monotonic() - last_ok >= self.ttl_s:
                     _log.warning("lease %x: no keepalive for %d s (%s)", self.id, self.ttl_s, exc)
@@ -290,6 +317,7 @@ class EtcdRegistry(InstanceRegistry):
         self._watcher: asyncio.Task[None] | None = None
         self._leader_listeners: list[Callable[[bool], None]] = []
         self._revocations: set[asyncio.Task[None]] = set()  # held so they are not collected
+        self._started = time.monotonic()
 
     @property
     def is_leader(self) -> bool:
@@ -299,6 +327,7 @@ class EtcdRegistry(InstanceRegistry):
         self._leader_listeners.append(listener)
 
     async def start(self) -> None:
+        self._started = time.monotonic()
         self.client = await connect(self.endpoint)
         key = f"{self.prefix}/instances/".encode()
         resp = await self.client.kv.get(key, range_end=_range_end(key))
@@ -327,11 +356,13 @@ class EtcdRegistry(InstanceRegistry):
             self.client = None
 
     def _leadership(self, leader: bool) -> None:
-        if leader:  # instances need a moment to find the new leader: a fresh deadline each
-            deadline = time.monotonic() + self.heartbeat_timeout_s + self.lease_ttl_s
+        if leader:
+            # A standby has been receiving every instance's beats: its deadlines are true.
+            # Only a master that just started may lead before instances have found it (its
+            # election key, then their next re-read of the masters, then a beat).
+            grace = self._started + 2 * MASTER_REFRESH_S + self.heartbeat_timeout_s
             for v in self._instances.values():
-                v.deadline = deadline
-                v.needs_resync = True  # the previous leader had their prefix caches
+                v.deadline = max(v.deadline, grace)
         for listener in self._leader_listeners:
             listener(leader)
 

@@ -1,10 +1,11 @@
 """The instance side of the cluster: an ``xllm-server`` started with ``--master``/``--etcd``.
 
 - :class:`InstanceServicer` serves ``Instance.Generate`` from the server's AsyncEngine. A
-  resumed request (``generated_token_ids`` set) runs with prompt + generated tokens as its
-  context and ``max_tokens`` reduced by what was generated, so a greedy continuation equals
-  an uninterrupted run; text the first instance had not yet sent (a held-back partial
-  character) is sent first.
+  resumed request (``generated_token_ids`` set) enters the engine with those tokens as its
+  outputs so far, so it continues exactly as an uninterrupted run would, sampled ones too
+  (the seeded draw's step, penalties, ``min_tokens``/``max_tokens``, stop strings spanning
+  the resume point); text the first instance had not yet sent (a held-back partial
+  character or stop-string tail) comes first.
 - :class:`InstanceAgent` registers (``Master.Register``, or a leased etcd key) and beats
   every interval with the engine's load and its prefix cache as block-hash deltas (a full
   snapshot on the first beat, after a failed beat, on a resync request, and every
@@ -25,7 +26,6 @@ from xllm.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloa
 from xllm.sampling_params import SamplingParams
 from xllm.service.proto import instance_pb2, instance_pb2_grpc, master_pb2, master_pb2_grpc
 from xllm.service.state import Capacity, InstanceInfo
-from xllm.tokenizer.detokenizer import IncrementalDetokenizer
 
 __all__ = ["InstanceAgent", "InstanceServicer", "params_from_proto", "params_to_proto"]
 
@@ -49,21 +49,16 @@ def params_to_proto(p: SamplingParams) -> instance_pb2.SamplingParams:
     return msg
 
 
-def params_from_proto(msg: instance_pb2.SamplingParams, num_generated: int) -> SamplingParams:
-    """The engine's params for the rest of a request of which ``num_generated`` tokens were
-    already produced elsewhere. ValueError (naming the field) on bad values."""
+def params_from_proto(msg: instance_pb2.SamplingParams) -> SamplingParams:
+    """The engine's params (the whole request's: a resumed request's generated tokens count
+    against them in the engine). ValueError (naming the field) on bad values."""
     max_tokens = msg.max_tokens if msg.HasField("max_tokens") else None
-    if max_tokens is not None:
-        if num_generated >= max_tokens:
-            raise ValueError(f"generated_token_ids holds {num_generated} tokens, not fewer "
-                             f"than max_tokens ({max_tokens}): nothing is left to generate")
-        max_tokens -= num_generated
     return SamplingParams(
         temperature=msg.temperature, top_p=msg.top_p or 1.0, top_k=msg.top_k, min_p=msg.min_p,
         seed=msg.seed if msg.HasField("seed") else None,
         repetition_penalty=msg.repetition_penalty or 1.0,
         presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
-        max_tokens=max_tokens, min_tokens=max(0, msg.min_tokens - num_generated),
+        max_tokens=max_tokens, min_tokens=msg.min_tokens,
         stop=list(msg.stop), stop_token_ids=list(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         skip_special_tokens=msg.skip_special_tokens,
@@ -89,10 +84,11 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         prompt = list(request.prompt_token_ids)
         generated = list(request.generated_token_ids)
         try:
-            params = params_from_proto(request.sampling_params, len(generated))
-            stream = self.engine.generate(prompt + generated, params,
-                                          request_id=request.request_id or None,
-                                          priority=request.priority, offline=request.offline)
+            params = params_from_proto(request.sampling_params)
+            stream = self.engine.generate(prompt, params, request_id=request.request_id or None,
+                                          priority=request.priority, offline=request.offline,
+                                          generated_token_ids=generated,
+                                          generated_text=request.generated_text)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except EngineOverloadedError as e:
@@ -101,7 +97,6 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         start = time.monotonic()
         first: float | None = None
-        pending_text = self._unsent_text(prompt, generated, request.generated_text, params)
         self._streams[stream.request_id] = stream
         try:
             async with stream:
@@ -115,9 +110,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                         uncached = len(prompt) + len(generated) - out.num_cached_tokens
                         if now > start:
                             self.prefill_tps.add(max(uncached, 1) / (now - start))
-                    msg = instance_pb2.GenerateResponse(token_ids=ids,
-                                                        text_delta=pending_text + text)
-                    pending_text = ""
+                    msg = instance_pb2.GenerateResponse(token_ids=ids, text_delta=text)
                     if c.logprobs is not None and ids:
                         msg.logprobs.extend(_logprobs(ids, c.logprobs[len(c.logprobs) - len(ids):]))
                     if c.finish_reason is not None:
@@ -126,11 +119,11 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                             msg.stop_token_id = c.stop_reason
                         elif isinstance(c.stop_reason, str):
                             msg.stop_string = c.stop_reason
-                        n_out = len(c.token_ids)
-                        if first is not None and n_out > 1:
-                            self.tpot_ms.add(1000.0 * (now - first) / (n_out - 1))
+                        n_new = len(c.token_ids) - len(generated)  # outputs hold both
+                        if first is not None and n_new > 1:
+                            self.tpot_ms.add(1000.0 * (now - first) / (n_new - 1))
                         msg.usage.CopyFrom(instance_pb2.Usage(
-                            prompt_tokens=len(prompt), completion_tokens=len(generated) + n_out,
+                            prompt_tokens=len(prompt), completion_tokens=len(c.token_ids),
                             cached_tokens=out.num_cached_tokens))
                     yield msg
         except ValueError as e:
@@ -139,18 +132,6 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         finally:
             self._streams.pop(stream.request_id, None)
-
-    def _unsent_text(self, prompt: list[int], generated: list[int], sent: str,
-                     params: SamplingParams) -> str:
-        """What the already-generated tokens decode to beyond the text already sent (a
-        partial character or stop-string tail the first instance was holding back)."""
-        if not generated:
-            return ""
-        detok = IncrementalDetokenizer(self.engine.engine.tokenizer, prompt,
-                                       skip_special_tokens=params.skip_special_tokens)
-        detok.step(generated)
-        text = detok.text
-        return text[len(sent):] if text.startswith(sent) else ""
 
     async def Abort(self, request: instance_pb2.AbortRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext) -> instance_pb2.AbortResponse:
@@ -181,17 +162,36 @@ def _engine_snapshot(engine: Any) -> tuple[set[int], int, int]:
             hashes.add(h)
     prefill = offline = 0
     for r in sched.requests.values():
-        prefill += max(0, r.num_prompt_tokens - r.num_computed_tokens)
+        left = r.num_tokens - r.num_computed_tokens  # 1 while decoding: its last token
+        prefill += left if left > 1 else 0
         offline += r.offline and r.num_computed_tokens > 0
     return hashes, prefill, offline
 
 
+class _MasterLink:
+    """One master this instance beats to, and what that master has of its prefix cache.
+    At most one beat is in flight per master, so a slow master delays only its own beats."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = master_pb2_grpc.MasterStub(self.channel)
+        self.full = True  # its next beat must be a full snapshot
+        self.inflight: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        if self.inflight is not None:
+            self.inflight.cancel()
+        await self.channel.close()
+
+
 class InstanceAgent:
-    """Registers this instance and keeps it alive in the master's registry.
+    """Registers this instance and keeps it alive in the masters' registries.
 
     ``master``: the master's gRPC address (embedded registry); or ``etcd``: the etcd
-    endpoint (the key is leased there, and beats go to the leader master found under
-    ``/xllm/leader/``). Runs on the server's event loop until :meth:`close`.
+    endpoint (the key is leased there, and beats go to every master listed under
+    ``/xllm/leader/``, re-read every ``MASTER_REFRESH_S``). Runs on the server's event loop
+    until :meth:`close`.
     """
 
     def __init__(self, engine: AsyncEngine, servicer: InstanceServicer, info: InstanceInfo, *,
@@ -205,10 +205,11 @@ class InstanceAgent:
         self.incarnation_id = 0
         self.interval_s = 0.25
         self._task: asyncio.Task[None] | None = None
-        self._channel: grpc.aio.Channel | None = None
-        self._channel_target = ""
+        self._links: dict[str, _MasterLink] = {}
         self._etcd_lease: Any = None
         self._etcd_client: Any = None
+        self._refreshed = 0.0  # when the masters were last listed (etcd)
+        self._verdict: str | None = None  # "stale" / "unknown" from a master's answer
 
     @staticmethod
     def capacity_of(engine: AsyncEngine) -> Capacity:
@@ -230,30 +231,39 @@ class InstanceAgent:
         with contextlib.suppress(Exception):
             if self._etcd_lease is not None:
                 await self._etcd_lease.close()
-            elif self.incarnation_id and self._channel is not None:
-                await asyncio.wait_for(master_pb2_grpc.MasterStub(self._channel).Deregister(
-                    master_pb2.DeregisterRequest(instance_id=self.info.instance_id,
-                                                 incarnation_id=self.incarnation_id)), 1.0)
+            elif self.incarnation_id and self.master in self._links:
+                stub = self._links[self.master].stub
+                await asyncio.wait_for(stub.Deregister(master_pb2.DeregisterRequest(
+                    instance_id=self.info.instance_id, incarnation_id=self.incarnation_id)), 1.0)
         if self._etcd_client is not None:
             with contextlib.suppress(Exception):
                 await self._etcd_client.close()
-        if self._channel is not None:
-            await self._channel.close()
+        for link in list(self._links.values()):
+            await link.close()
+        self._links.clear()
 
-    async def _stub(self) -> master_pb2_grpc.MasterStub | None:
-        target = self.master
-        if self.etcd is not None:
-            from xllm.service.etcd_registry import EtcdLeaderElection
+    async def _refresh_masters(self, force: bool = False) -> None:
+        """Keeps one link per master: the one given (embedded), or those in etcd."""
+        if self.etcd is None:
+            assert self.master is not None
+            if self.master not in self._links:
+                self._links[self.master] = _MasterLink(self.master)
+            return
+        from xllm.service.etcd_registry import MASTER_REFRESH_S, master_addresses
 
-            target = await EtcdLeaderElection(self._etcd_client, "").leader_address()
-            if target is None:
-                return None
-        if target != self._channel_target or self._channel is None:
-            if self._channel is not None:
-                await self._channel.close()
-            self._channel = grpc.aio.insecure_channel(target)
-            self._channel_target = target or ""
-        return master_pb2_grpc.MasterStub(self._channel)
+        now = time.monotonic()
+        if not force and self._links and now - self._refreshed < MASTER_REFRESH_S:
+            return
+        try:
+            addresses = set(await master_addresses(self._etcd_client, timeout=1.0))
+        except Exception as e:  # etcd unreachable: keep beating the masters known
+            _log.debug("listing masters failed: %r", e)
+            return
+        self._refreshed = now
+        for address in addresses - self._links.keys():
+            self._links[address] = _MasterLink(address)
+        for address in self._links.keys() - addresses:  # that master is gone
+            await self._links.pop(address).close()
 
     async def _register(self) -> None:
         info = InstanceInfo(self.info.instance_id, self.info.address, self.info.model,
@@ -266,9 +276,10 @@ class InstanceAgent:
                 self._etcd_lease = EtcdInstanceLease(self._etcd_client)
             self.incarnation_id = await self._etcd_lease.register(info)
             return
-        stub = await self._stub()
-        assert stub is not None
-        resp = await stub.Register(master_pb2.RegisterRequest(info=info.to_proto()), timeout=2.0)
+        await self._refresh_masters()
+        assert self.master is not None
+        resp = await self._links[self.master].stub.Register(
+            master_pb2.RegisterRequest(info=info.to_proto()), timeout=2.0)
         self.incarnation_id = resp.incarnation_id
         self.interval_s = max(resp.heartbeat_interval_ms, 10) / 1000.0
 
@@ -290,61 +301,73 @@ class InstanceAgent:
         """Beats until the registration is gone (True: register again) or stale (False)."""
         seq = 0
         known: set[int] = set()
-        full = True
         prefill = offline = 0
+        self._verdict = None
+        for link in self._links.values():
+            link.full = True  # a new incarnation: every master starts from a snapshot
         next_beat = time.monotonic()
         while True:
             next_beat += self.interval_s
             await asyncio.sleep(max(0.0, next_beat - time.monotonic()))
+            if self._verdict == "stale":
+                _log.warning("a newer incarnation of %s exists; stopping", self.info.instance_id)
+                return False
+            if self._verdict == "unknown":
+                return True  # declared dead, or the master restarted: register again
             if self._etcd_lease is not None and not self._etcd_lease.alive:
                 return True
+            await self._refresh_masters(force=not self._links)
             seq += 1
-            added: list[int] = []
-            evicted: list[int] = []
+            snapshot: set[int] | None = None
             try:  # the snapshot waits for the current step; never longer than half a beat
                 fut = self.engine.call_on_engine_thread(_engine_snapshot)
-                hashes, prefill, offline = await asyncio.wait_for(
+                snapshot, prefill, offline = await asyncio.wait_for(
                     asyncio.wrap_future(fut), self.interval_s / 2)
-                if full or seq % self.full_every == 0:
-                    added, full = list(hashes), True
-                else:
-                    added, evicted = list(hashes - known), list(known - hashes)
-                known = hashes
             except Exception as e:  # slow step, engine stopping: beat without a delta
                 if not isinstance(e, (TimeoutError, EngineDeadError, EngineOverloadedError)):
                     _log.warning("prefix-cache snapshot failed: %r", e)
-                if full:
-                    added = list(known)  # the best full picture there is
             stats = self.engine.stats()
             s = self.servicer
-            req = master_pb2.HeartbeatRequest(
-                instance_id=self.info.instance_id, incarnation_id=self.incarnation_id, seq=seq,
-                load=master_pb2.LoadReport(
-                    num_waiting=stats.num_waiting, num_running=stats.num_running,
-                    num_waiting_prefill_tokens=prefill, kv_usage=stats.kv_cache_usage,
-                    ttft_ms=s.ttft_ms.value, tpot_ms=s.tpot_ms.value,
-                    prefill_tokens_per_s=s.prefill_tps.value, num_offline_running=offline),
-                prefix_cache=master_pb2.PrefixCacheDelta(full=full, added=added,
-                                                         evicted=evicted))
-            try:
-                stub = await self._stub()
-                if stub is None:
-                    full = True
+            load = master_pb2.LoadReport(
+                num_waiting=stats.num_waiting, num_running=stats.num_running,
+                num_waiting_prefill_tokens=prefill, kv_usage=stats.kv_cache_usage,
+                ttft_ms=s.ttft_ms.value, tpot_ms=s.tpot_ms.value,
+                prefill_tokens_per_s=s.prefill_tps.value, num_offline_running=offline)
+            current = known if snapshot is None else snapshot
+            # Without a fresh snapshot a delta is empty (the next one covers the change).
+            delta = master_pb2.PrefixCacheDelta(added=list(current - known),
+                                                evicted=list(known - current))
+            whole = master_pb2.PrefixCacheDelta(full=True, added=list(current))
+            known = current
+            for link in self._links.values():
+                if link.inflight is not None and not link.inflight.done():
+                    link.full = True  # it misses this beat, so its next one is full
                     continue
-                resp = await stub.Heartbeat(req, timeout=max(self.interval_s, 0.5))
-            except grpc.aio.AioRpcError as e:
-                _log.debug("heartbeat failed: %s", e.code())
-                full = True  # the master may have missed this delta
-                continue
-            if resp.status == master_pb2.HeartbeatResponse.STATUS_STALE:
-                _log.warning("a newer incarnation of %s exists; stopping", self.info.instance_id)
-                return False
-            if resp.status == master_pb2.HeartbeatResponse.STATUS_UNKNOWN:
-                if self.etcd is None:
-                    return True  # declared dead or the master restarted: register again
-                full = True  # etcd: the master's watch may not have seen the key yet
-                continue
-            full = resp.resync_prefix_cache
+                full = link.full or seq % self.full_every == 0
+                link.full = False  # until its answer says otherwise
+                req = master_pb2.HeartbeatRequest(
+                    instance_id=self.info.instance_id, incarnation_id=self.incarnation_id,
+                    seq=seq, load=load, prefix_cache=whole if full else delta)
+                link.inflight = asyncio.create_task(self._beat(link, req))
+
+    async def _beat(self, link: _MasterLink, req: master_pb2.HeartbeatRequest) -> None:
+        try:
+            resp = await link.stub.Heartbeat(req, timeout=max(2 * self.interval_s, 0.5))
+        except Exception as e:  # unreachable, timed out, channel closed: never unhandled
+            _log.debug("heartbeat to %s failed: %r", link.address, e)
+            link.full = True  # the master may have missed this delta
+            return
+        if req.incarnation_id != self.incarnation_id:
+            return  # an answer about the previous incarnation
+        if resp.status == master_pb2.HeartbeatResponse.STATUS_STALE:
+            self._verdict = "stale"
+        elif resp.status == master_pb2.HeartbeatResponse.STATUS_UNKNOWN:
+            link.full = True
+            if self.etcd is None:
+                self._verdict = "unknown"
+            # etcd: that master's watch may not have seen the key yet; keep beating
+        elif resp.resync_prefix_cache:
+            link.full = True
 
 
 class InstanceRuntime:

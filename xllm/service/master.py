@@ -11,6 +11,10 @@ or the registry reports it down after a missed heartbeat deadline) the flight is
 another instance with the prompt plus every token already received, so the client's stream
 continues with no gap and no duplicate. At most ``max_attempts`` instances are tried; then
 the request ends with EngineDeadError (HTTP 503 / an SSE error event), never a hang.
+
+Online flights are routed at once; offline flights wait in the master's bounded
+:class:`~xllm.service.admission.OfflineAdmission` queue for spare capacity (a full queue is
+HTTP 503), and a resumed offline flight waits there again, keeping its place.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import grpc
 from xllm.engine.async_engine import READY, EngineDeadError, EngineStats
 from xllm.engine.outputs import CompletionOutput, RequestOutput
 from xllm.sampling_params import SamplingParams
+from xllm.service.admission import OfflineAdmission
 from xllm.service.instance import params_to_proto
 from xllm.service.proto import instance_pb2, instance_pb2_grpc, master_pb2, master_pb2_grpc
 from xllm.service.registry import EmbeddedRegistry, InstanceEvent, InstanceRegistry
@@ -39,7 +44,8 @@ _log = logging.getLogger("xllm.master")
 
 class MasterServicer(master_pb2_grpc.MasterServicer):
     """``Master`` over a registry. With etcd, registration happens in etcd (Register is
-    refused) and only the leader takes heartbeats (standbys answer UNAVAILABLE)."""
+    refused) and every master takes heartbeats (each routes on the instances' load; only
+    the leader applies their deadlines)."""
 
     def __init__(self, registry: InstanceRegistry) -> None:
         self.registry = registry
@@ -62,8 +68,6 @@ class MasterServicer(master_pb2_grpc.MasterServicer):
 
     async def Heartbeat(self, request: master_pb2.HeartbeatRequest,  # noqa: N802
                         context: grpc.aio.ServicerContext) -> master_pb2.HeartbeatResponse:
-        if not self.registry.is_leader:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "this master is a standby")
         pc = request.prefix_cache
         result = self.registry.heartbeat(
             request.instance_id, request.incarnation_id, request.seq,
@@ -113,6 +117,8 @@ class _Flight:
     call: Any = None
     lost: str | None = None  # why the current instance was given up (set before cancel)
     excluded: set[str] = field(default_factory=set)
+    seq: int = 0  # offline: place in the admission queue (kept when resumed)
+    admitted: asyncio.Future[Any] | None = None  # offline: its first queue entry
 
 
 class ClusterStream:
@@ -123,12 +129,15 @@ class ClusterStream:
         self.request_id = request_id
         self.engine = engine
         self.prompt = prompt
+        self.offline = offline
         self.started = False
         self.finished = False
         self._events: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self._outs = [CompletionOutput(i, "", []) for i in range(params.n)]
         self._cached = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._flights: list[_Flight] = []
+        seq = engine.admission.next_seq()
         for i in range(params.n):
             p = replace(params, n=1, seed=None if params.seed is None else params.seed + i)
             rid = request_id if params.n == 1 else f"{request_id}#{i}"
@@ -136,6 +145,10 @@ class ClusterStream:
                 self._outs[i].logprobs = []
             flight = _Flight(rid, prompt, p, priority, offline, RouteRequest(prompt,
                                                                              offline=offline))
+            if offline:  # queued now, so the queue's bound holds however many arrive at once
+                flight.seq = seq
+                flight.admitted = engine.admission.enqueue(flight.route, priority, seq)
+            self._flights.append(flight)
             self._tasks.append(asyncio.create_task(self._fly(i, flight)))
 
     async def _fly(self, index: int, flight: _Flight) -> None:
@@ -188,6 +201,9 @@ class ClusterStream:
         self.engine._streams.pop(self.request_id, None)
         for t in self._tasks:
             t.cancel()
+        for f in self._flights:  # out of the offline queue even if its task never ran
+            if f.admitted is not None:
+                f.admitted.cancel()
 
     async def __aenter__(self) -> ClusterStream:
         return self
@@ -200,11 +216,13 @@ class ClusterEngine:
     """An AsyncEngine look-alike over the cluster (see the module docstring).
 
     ``max_attempts``: instances one completion may use in all (first try + resumes);
-    ``instance_wait_s``: how long a flight waits for a live instance it has not failed on.
+    ``instance_wait_s``: how long a flight waits for a live instance it has not failed on;
+    ``max_offline_queued``: offline requests that may wait at the master for capacity.
     """
 
     def __init__(self, config: Any, facts: ModelFacts, registry: InstanceRegistry,
-                 router: Router, *, max_attempts: int = 4, instance_wait_s: float = 3.0) -> None:
+                 router: Router, *, max_attempts: int = 4, instance_wait_s: float = 3.0,
+                 max_offline_queued: int = 1024) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         self.config = config
@@ -214,6 +232,8 @@ class ClusterEngine:
         self.max_attempts = max_attempts
         self.instance_wait_s = instance_wait_s
         self.num_resumed = 0  # flights moved to another instance (a metric, and for tests)
+        self.admission = OfflineAdmission(registry, router, max_queued=max_offline_queued,
+                                          instance_wait_s=instance_wait_s)
         self._streams: dict[str, ClusterStream] = {}
         self._by_instance: dict[str, set[_Flight]] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -244,7 +264,10 @@ class ClusterEngine:
             kv_cache_usage=sum(v.load.kv_usage for v in views) / n)
 
     def num_unstarted(self) -> int:
-        return sum(1 for s in list(self._streams.values()) if not s.started)
+        """Online requests without output yet (the server's overload limit): offline ones
+        waiting at the master are bounded by the admission queue instead, so a backlog of
+        offline work never makes online requests look overloaded."""
+        return sum(1 for s in list(self._streams.values()) if not s.started and not s.offline)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self.state == READY
@@ -258,6 +281,8 @@ class ClusterEngine:
                  offline: bool = False) -> ClusterStream:
         if self.state != READY:
             raise EngineDeadError(self.error or "the master is stopped")
+        if offline:
+            self.admission.check_room(params.n)  # AdmissionQueueFull: HTTP 503 "overloaded"
         if isinstance(prompt, str):
             prompt = self.engine.tokenizer.encode(prompt)
         rid = request_id or self.new_request_id()
@@ -272,6 +297,7 @@ class ClusterEngine:
 
     async def close(self) -> None:
         self.shutdown()
+        await self.admission.close()
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
@@ -297,6 +323,11 @@ class ClusterEngine:
         return instance_pb2_grpc.InstanceStub(ch)
 
     async def _pick(self, flight: _Flight) -> Any:
+        if flight.offline:  # waits for spare capacity; a resumed flight keeps its place
+            admitted = flight.admitted or self.admission.enqueue(
+                flight.route, flight.priority, flight.seq, flight.excluded, resumed=True)
+            flight.admitted = None
+            return await admitted
         deadline = time.monotonic() + self.instance_wait_s
         while True:
             live = self.registry.routable()

@@ -30,6 +30,7 @@ from xllm.service.master import ClusterEngine, MasterServicer, ModelFacts
 from xllm.service.proto import master_pb2_grpc
 from xllm.service.registry import EmbeddedRegistry, InstanceRegistry
 from xllm.service.routing import POLICIES, Router
+from xllm.service.state import SpareCapacity
 
 __all__ = ["build_parser", "main"]
 
@@ -61,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instances one request may use (first try + resumes)")
     m.add_argument("--heartbeat-timeout", type=float, default=1.0,
                    help="seconds of silence after which an instance is dead")
+    o = parser.add_argument_group("offline requests (\"offline\": true)")
+    o.add_argument("--offline-queue-size", type=int, default=1024, metavar="N",
+                   help="offline requests that may wait at the master for spare capacity "
+                        "(more are answered 503)")
+    o.add_argument("--offline-max-kv-usage", type=float, default=0.9, metavar="F",
+                   help="an instance takes offline work only below this KV cache usage")
+    o.add_argument("--offline-max-waiting", type=int, default=0, metavar="N",
+                   help="... and only with at most N requests queued in its scheduler")
     add_engine_options(parser)  # the model (tokenizer, context) and the spawned engines
     return parser
 
@@ -94,9 +103,11 @@ def _die_with_parent() -> None:
 
 
 def spawn_instances(n: int, master: str, config: EngineConfig, host: str,
-                    log_level: str) -> list[subprocess.Popen[bytes]]:
+                    log_level: str, etcd: str | None = None) -> list[subprocess.Popen[bytes]]:
+    """N local xllm-server instances registering with ``master`` (or in ``etcd``)."""
+    join = ["--etcd", etcd] if etcd else ["--master", master]
     cmd = [sys.executable, "-m", "xllm.api.server", "--host", host, "--port", "0",
-           "--master", master, "--log-level", log_level, *_engine_argv(config)]
+           *join, "--log-level", log_level, *_engine_argv(config)]
     return [subprocess.Popen(cmd, preexec_fn=_die_with_parent) for _ in range(n)]  # noqa: PLW1509
 
 
@@ -137,8 +148,11 @@ async def _run(args: argparse.Namespace, config: EngineConfig) -> int:
     master_pb2_grpc.add_MasterServicer_to_server(MasterServicer(registry), grpc_server)
     facts = ModelFacts(Tokenizer.from_dir(model_dir), model_config,
                        config.max_model_len or model_config.max_position_embeddings, registry)
-    cluster = ClusterEngine(config, facts, registry, Router(args.policy, config.block_size),
-                            max_attempts=args.max_attempts)
+    spare = SpareCapacity(args.offline_max_kv_usage, args.offline_max_waiting)
+    cluster = ClusterEngine(config, facts, registry,
+                            Router(args.policy, config.block_size, spare),
+                            max_attempts=args.max_attempts,
+                            max_offline_queued=args.offline_queue_size)
     app = build_app(cluster, settings, shutdown_engine=False)  # type: ignore[arg-type]
 
     @app.get("/cluster/instances")
@@ -147,6 +161,12 @@ async def _run(args: argparse.Namespace, config: EngineConfig) -> int:
         return [{"instance_id": v.instance_id, "incarnation_id": v.incarnation_id,
                  "address": v.info.address, "load": dataclasses.asdict(v.load)}
                 for v in registry.routable()]
+
+    @app.get("/cluster/status")
+    async def status() -> dict[str, object]:
+        """This master's view: leadership (etcd), live instances, offline queue, resumes."""
+        return {"is_leader": registry.is_leader, "num_instances": len(registry.routable()),
+                "offline_queued": len(cluster.admission), "num_resumed": cluster.num_resumed}
 
     server = _Server(uvicorn.Config(app, host=settings.host, port=settings.port,
                                     log_config=None, access_log=settings.access_log,
@@ -157,7 +177,8 @@ async def _run(args: argparse.Namespace, config: EngineConfig) -> int:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         if args.spawn:
-            procs = spawn_instances(args.spawn, address, config, args.host, args.log_level)
+            procs = spawn_instances(args.spawn, address, config, args.host, args.log_level,
+                                    args.etcd)
         task = asyncio.ensure_future(server.serve())
         while not server.started and not task.done():
             await asyncio.sleep(0.05)
@@ -182,6 +203,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = engine_config_from_args(args)
         if args.spawn < 0:
             raise ValueError(f"spawn must be >= 0, got {args.spawn}")
+        if args.offline_queue_size < 0:
+            raise ValueError(f"offline-queue-size must be >= 0, got {args.offline_queue_size}")
+        if not 0.0 < args.offline_max_kv_usage <= 1.0:
+            raise ValueError(f"offline-max-kv-usage must be in (0, 1], got "
+                             f"{args.offline_max_kv_usage}")
+        if args.offline_max_waiting < 0:
+            raise ValueError(f"offline-max-waiting must be >= 0, got {args.offline_max_waiting}")
     except ValueError as e:
         print(f"xllm-master: error: {e}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from xllm.service.prefix_index import PrefixIndex, prompt_block_hashes
-from xllm.service.state import InstanceView
+from xllm.service.state import InstanceView, SpareCapacity
 
 __all__ = [
     "POLICIES",
@@ -249,14 +249,17 @@ class Router:
     """Applies a policy to the registry's routable instances and books the decision.
 
     ``block_size``: the cluster's KV block size (all instances of a model share it), used to
-    hash prompts the way the instances' prefix caches do.
+    hash prompts the way the instances' prefix caches do. ``spare``: when an instance may
+    take offline work.
     """
 
-    def __init__(self, policy: RoutingPolicy | str, block_size: int = 16) -> None:
+    def __init__(self, policy: RoutingPolicy | str, block_size: int = 16,
+                 spare: SpareCapacity | None = None) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         self.block_size = block_size
+        self.spare = spare or SpareCapacity()
 
     def route(
         self, request: RouteRequest, instances: Sequence[InstanceView], index: PrefixIndex
@@ -266,7 +269,7 @@ class Router:
         cached there -- the instance's next heartbeats confirm or correct both. Raises
         NoInstanceAvailable when nothing can take the request."""
         if request.offline:
-            instances = [v for v in instances if v.has_spare_capacity()]
+            instances = [v for v in instances if self.spare.admits(v)]
         if not instances:
             kind = "with spare capacity for offline work" if request.offline else "alive"
             raise NoInstanceAvailable(f"no instance is {kind}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from xllm.service.proto import master_pb2
 
-__all__ = ["ROLES", "Capacity", "InstanceInfo", "InstanceLoad", "InstanceView"]
+__all__ = ["ROLES", "Capacity", "InstanceInfo", "InstanceLoad", "InstanceView", "SpareCapacity"]
 
 # Role names as the CLI and the rest of Python spell them, and their wire values.
 ROLES: dict[str, int] = {
@@ -125,6 +125,35 @@ class InstanceLoad:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class SpareCapacity:
+    """When an instance has room for offline work (``xllm-master --offline-max-kv-usage``,
+    ``--offline-max-waiting``): a free seat, at most ``max_waiting`` requests queued in its
+    scheduler, and KV usage under ``max_kv_usage`` counting the prompts routed to it since
+    its last report. Online work is never held to this: the instance preempts offline
+    requests for it."""
+
+    max_kv_usage: float = 0.9
+    max_waiting: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.max_kv_usage <= 1.0:
+            raise ValueError(f"max_kv_usage must be in (0, 1], got {self.max_kv_usage}")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+
+    def admits(self, view: InstanceView) -> bool:
+        load, cap = view.load, view.info.capacity
+        if load.num_waiting > self.max_waiting:
+            return False
+        if load.num_running + load.num_waiting + view.pending_requests >= cap.max_num_seqs:
+            return False
+        kv = load.kv_usage
+        if cap.num_kv_blocks:  # what the prompts routed since the last report will take
+            kv += view.pending_prefill_tokens / (cap.num_kv_blocks * cap.block_size)
+        return kv < self.max_kv_usage
+
+
 @dataclass(slots=True)
 class InstanceView:
     """The registry's live record of one incarnation; routing reads it, the registry writes
@@ -157,7 +186,9 @@ class InstanceView:
             self.load.kv_usage
         )
 
-    def has_spare_capacity(self) -> bool:
-        """A free seat and KV headroom: where offline work may go."""
-        busy = self.load.num_waiting + self.load.num_running + self.pending_requests
-        return busy < self.info.capacity.max_num_seqs and self.load.kv_usage < 0.9
+    def has_spare_capacity(self, rule: SpareCapacity | None = None) -> bool:
+        """Where offline work may go (see :class:`SpareCapacity`; default: its defaults)."""
+        return (rule or _DEFAULT_SPARE).admits(self)
+
+
+_DEFAULT_SPARE = SpareCapacity()
