@@ -81,6 +81,25 @@ def test_linear_matches_dense_matmul(fmt: str, qtype: Q, isa: str, m: int) -> No
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("fmt, qtype", FORMATS)
+@pytest.mark.parametrize("isa", ISAS)
+def test_prompt_sized_inputs_pass_over_the_weight_in_row_blocks(fmt: str, qtype: Q,
+                                                                isa: str) -> None:
+    # 1536 inputs: a pass holds 256 KiB of x, 42 rows, so 100 rows take passes of 42, 42
+    # and 16 rows. Blocking must change no row's arithmetic: rows across a pass boundary
+    # equal what a small call on those rows alone gives, bit for bit.
+    rows, cols, m = 70, 1536, 100
+    raw, dense = _weight(qtype, rows, cols, 7)
+    weight = BlockLinearWeight(pack_gguf_blocks(raw, fmt, (rows, cols)))
+    x = torch.randn(m, cols, generator=torch.Generator().manual_seed(7))
+    with on_isa(isa):
+        got = weight(x)
+        across = weight(x[40:47].contiguous())
+    want = x.double() @ torch.from_numpy(dense).double().t()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
+    assert torch.equal(got[40:47], across)
+
+
 @pytest.mark.parametrize("fmt", ["bf16", "f32"])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("m", [1, 3, 4, 16])
