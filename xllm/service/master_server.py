@@ -140,6 +140,7 @@ async def _run(args: argparse.Namespace, config: EngineConfig) -> int:
     cluster = ClusterEngine(config, facts, registry, Router(args.policy, config.block_size),
                             max_attempts=args.max_attempts)
     app = build_app(cluster, settings, shutdown_engine=False)  # type: ignore[arg-type]
+    cluster.metrics.register(app.state.serving.metrics.registry)  # on the same /metrics
 
     @app.get("/cluster/instances")
     async def instances() -> list[dict[str, object]]:
