@@ -64,10 +64,13 @@ def _us(seconds: float | None) -> float | None:
 
 def _routing_row(hist: list[tuple[float, float]], sum_s: float) -> dict[str, Any]:
     count = hist[-1][1] if hist else 0.0
-    return {"count": int(count), "mean_us": _us(sum_s / count) if count else None,
-            "p50_us": _us(prom.histogram_quantile(0.5, hist)),
-            "p99_us": _us(prom.histogram_quantile(0.99, hist)),
-            "p99_at_most_us": _us(prom.bucket_bound(0.99, hist))}
+    return {
+        "count": int(count),
+        "mean_us": _us(sum_s / count) if count else None,
+        "p50_us": _us(prom.histogram_quantile(0.5, hist)),
+        "p99_us": _us(prom.histogram_quantile(0.99, hist)),
+        "p99_at_most_us": _us(prom.bucket_bound(0.99, hist)),
+    }
 
 
 async def _scrape_all(cluster: LocalCluster) -> tuple[prom.Samples, list[prom.Samples]]:
@@ -75,8 +78,9 @@ async def _scrape_all(cluster: LocalCluster) -> tuple[prom.Samples, list[prom.Sa
     return master, [await prom.scrape(u) for u in cluster.instance_urls]
 
 
-async def measure_policy(cluster: LocalCluster, client: Client, specs: list[RequestSpec],
-                         args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+async def measure_policy(
+    cluster: LocalCluster, client: Client, specs: list[RequestSpec], args: argparse.Namespace
+) -> tuple[dict[str, Any], int]:
     """One policy's run on its fresh cluster: (report row, completions sent to the master)."""
     warm = synthetic_requests(args.warmup, args.seed + 999, 16, 4, 32, 4, 0.1)
     if warm:  # all at once, so the policies' bookings spread them over the instances
@@ -84,37 +88,44 @@ async def measure_policy(cluster: LocalCluster, client: Client, specs: list[Requ
     m0, i0 = await _scrape_all(cluster)
     load_before = os.getloadavg()[0]
     results, duration = await asyncio.wait_for(
-        run_load(client, specs, args.request_rate, args.concurrency, args.seed),
-        args.run_timeout)
+        run_load(client, specs, args.request_rate, args.concurrency, args.seed), args.run_timeout
+    )
     m1, i1 = await _scrape_all(cluster)
     summary = summarize(results, duration, None, None)
     per_instance = []
     for before, after in zip(i0, i1, strict=True):
         d = prom.delta(after, before)
-        per_instance.append({
-            "hit_tokens": prom.value(d, "xllm_prefix_cache_hits_total"),
-            "queried_tokens": prom.value(d, "xllm_prefix_cache_queries_total"),
-            "preemptions": prom.value(d, "xllm_num_preemptions_total"),
-            "engine_steps": prom.value(d, "xllm_engine_steps_total")})
+        per_instance.append(
+            {
+                "hit_tokens": prom.value(d, "xllm_prefix_cache_hits_total"),
+                "queried_tokens": prom.value(d, "xllm_prefix_cache_queries_total"),
+                "preemptions": prom.value(d, "xllm_num_preemptions_total"),
+                "engine_steps": prom.value(d, "xllm_engine_steps_total"),
+            }
+        )
     hits = sum(p["hit_tokens"] for p in per_instance)
     queried = sum(p["queried_tokens"] for p in per_instance)
     dm = prom.delta(m1, m0)
     row = {
         "summary": summary,
         "prefix_cache": {
-            "hit_rate": hits / queried if queried else 0.0, "hit_tokens": hits,
+            "hit_rate": hits / queried if queried else 0.0,
+            "hit_tokens": hits,
             "queried_tokens": queried,
             # Equal to queried_tokens when every request was admitted once (no preemption,
             # no resume): the instances' counters cover exactly this run's prompts.
             "client_prompt_tokens": sum(r.prompt_tokens for r in results if r.ok),
-            "per_instance": per_instance},
+            "per_instance": per_instance,
+        },
         "preemptions": sum(p["preemptions"] for p in per_instance),
         # Live instances the registry declared dead anyway (late heartbeats on a starved
         # machine): each restarts the requests it held elsewhere.
         "instances_declared_dead": prom.value(dm, "xllm_master_instances_down_total"),
         "resumed_flights": prom.value(dm, "xllm_master_resumed_flights_total"),
-        "routing": _routing_row(prom.buckets(dm, "xllm_master_routing_seconds"),
-                                prom.value(dm, "xllm_master_routing_seconds_sum")),
+        "routing": _routing_row(
+            prom.buckets(dm, "xllm_master_routing_seconds"),
+            prom.value(dm, "xllm_master_routing_seconds_sum"),
+        ),
         "load_average": [load_before, os.getloadavg()[0]],
     }
     return row, len(warm) + len(specs)
@@ -132,20 +143,28 @@ async def _victim(cluster: LocalCluster) -> tuple[Any, float]:
     return best, best_running
 
 
-async def kill_phase(cluster: LocalCluster, client: Client, sent_before: int,
-                     args: argparse.Namespace) -> dict[str, Any]:
+async def kill_phase(
+    cluster: LocalCluster, client: Client, sent_before: int, args: argparse.Namespace
+) -> dict[str, Any]:
     """SIGKILL of the busiest instance while ``args.kill_streams`` streams run."""
-    specs = shared_prefix_requests(max(1, args.groups), math.ceil(args.kill_streams /
-                                                                  max(1, args.groups)),
-                                   args.prefix_len, args.question_len, args.kill_output_len,
-                                   args.seed + 7)[:args.kill_streams]
+    specs = shared_prefix_requests(
+        max(1, args.groups),
+        math.ceil(args.kill_streams / max(1, args.groups)),
+        args.prefix_len,
+        args.question_len,
+        args.kill_output_len,
+        args.seed + 7,
+    )[: args.kill_streams]
     times: list[list[float]] = [[] for _ in specs]
     tasks: list[asyncio.Task[Any]] = []
     deadline = time.monotonic() + args.phase_timeout
     for j, spec in enumerate(specs):
         accepted = asyncio.Event()
-        tasks.append(asyncio.create_task(client.run(
-            spec, on_accept=lambda _t, e=accepted: e.set(), on_event=times[j].append)))
+        tasks.append(
+            asyncio.create_task(
+                client.run(spec, on_accept=lambda _t, e=accepted: e.set(), on_event=times[j].append)
+            )
+        )
         # One at a time: the master numbers requests as it takes them (mreq-<n>), and its
         # "resuming" log lines name them so; this keeps stream j = request sent_before+j+1.
         while not accepted.is_set() and not tasks[-1].done():
@@ -157,17 +176,25 @@ async def kill_phase(cluster: LocalCluster, client: Client, sent_before: int,
         if ended or time.monotonic() > deadline:
             for t in tasks:
                 t.cancel()
-            why = "; ".join(f"stream {j}: {r.output_tokens} tokens, error {r.error}"
-                            for j, r in ended) or "timed out"
-            raise RuntimeError(f"a kill-phase stream ended before every stream had 2 events "
-                               f"(raise --kill-output-len?): {why}; events so far "
-                               f"{[len(t) for t in times]}")
+            why = (
+                "; ".join(
+                    f"stream {j}: {r.output_tokens} tokens, error {r.error}" for j, r in ended
+                )
+                or "timed out"
+            )
+            raise RuntimeError(
+                f"a kill-phase stream ended before every stream had 2 events "
+                f"(raise --kill-output-len?): {why}; events so far "
+                f"{[len(t) for t in times]}"
+            )
         await asyncio.sleep(0.01)
     m0 = await prom.scrape(cluster.url)
     victim, running = await _victim(cluster)
     if victim.instance_id is None:
-        raise RuntimeError(f"cannot tell the registry id of instance {victim.url} (it listens "
-                           f"on {sorted(victim.ports)}); was it given --instance-id?")
+        raise RuntimeError(
+            f"cannot tell the registry id of instance {victim.url} (it listens "
+            f"on {sorted(victim.ports)}); was it given --instance-id?"
+        )
     log_offset = len(cluster.log_text())  # what the master logs from here on is about the kill
     kill_wall, kill_at = time.time(), time.perf_counter()
     os.kill(victim.pid, signal.SIGKILL)
@@ -181,110 +208,164 @@ async def kill_phase(cluster: LocalCluster, client: Client, sent_before: int,
         if down:
             break
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the master never declared the killed instance "
-                               f"{victim.instance_id} dead")
+            raise RuntimeError(
+                f"the master never declared the killed instance {victim.instance_id} dead"
+            )
         await asyncio.sleep(0.05)
     dm = prom.delta(m1, m0)
     if prom.value(dm, "xllm_master_instances_down_total") == 1:  # only the victim: exact
         detected_at = prom.value(m1, "xllm_master_last_instance_down_timestamp_seconds")
         source = "xllm_master_last_instance_down_timestamp_seconds"
     else:  # others were declared dead too: the victim's own log line (ms resolution)
-        stamp = log[:down[0].start()].rsplit("\n", 1)[-1].split(" ")[:2]
+        stamp = log[: down[0].start()].rsplit("\n", 1)[-1].split(" ")[:2]
         detected_at = datetime.strptime(" ".join(stamp), "%Y-%m-%d %H:%M:%S,%f").timestamp()
         source = "the master's log line"
     detection = detected_at - kill_wall
-    resumed_ids = [int(m.group(1)) for m in _RESUMING.finditer(log)
-                   if re.match(rf"instance {re.escape(str(victim.instance_id))}[ :]", m.group(3))]
+    resumed_ids = [
+        int(m.group(1))
+        for m in _RESUMING.finditer(log)
+        if re.match(rf"instance {re.escape(str(victim.instance_id))}[ :]", m.group(3))
+    ]
     affected = sorted({k - sent_before - 1 for k in resumed_ids})
     unmatched = [j for j in affected if not 0 <= j < len(specs)]
     missed = _MISSED_BY.search(down[0].group(2))
-    first_after = {j: next((t - kill_at for t in times[j] if t > kill_at), None)
-                   for j in affected if j not in unmatched}
+    first_after = {
+        j: next((t - kill_at for t in times[j] if t > kill_at), None)
+        for j in affected
+        if j not in unmatched
+    }
     resume = [v for v in first_after.values() if v is not None]
-    unaffected_gaps = [next((t - kill_at for t in times[j] if t > kill_at), 0.0)
-                       for j in range(len(specs)) if j not in first_after]
-    completed = [r.ok and r.output_tokens == s.output_len for r, s in zip(results, specs,
-                                                                         strict=True)]
+    unaffected_gaps = [
+        next((t - kill_at for t in times[j] if t > kill_at), 0.0)
+        for j in range(len(specs))
+        if j not in first_after
+    ]
+    completed = [
+        r.ok and r.output_tokens == s.output_len for r, s in zip(results, specs, strict=True)
+    ]
     return {
-        "streams": len(specs), "output_len": args.kill_output_len,
-        "victim": {"url": victim.url, "instance_id": victim.instance_id,
-                   "running_at_kill": running},
+        "streams": len(specs),
+        "output_len": args.kill_output_len,
+        "victim": {
+            "url": victim.url,
+            "instance_id": victim.instance_id,
+            "running_at_kill": running,
+        },
         "events_before_kill": [sum(1 for t in ts if t <= kill_at) for ts in times],
         "heartbeat_timeout_s": args.heartbeat_timeout,
-        "detection_s": detection, "detection_source": source,
+        "detection_s": detection,
+        "detection_source": source,
         "detection_after_deadline_s": detection - args.heartbeat_timeout,
         "down_reason": down[0].group(2),
         "registry_late_s": float(missed.group(1)) if missed else None,
         "instances_down": prom.value(dm, "xllm_master_instances_down_total"),
         "resumed_flights": prom.value(dm, "xllm_master_resumed_flights_total"),
-        "affected_streams": sorted(first_after), "unmatched_resumes": unmatched,
+        "affected_streams": sorted(first_after),
+        "unmatched_resumes": unmatched,
         "kill_to_first_resumed_token_s": {
-            "per_stream": first_after, "max": max(resume) if resume else None,
-            "median": statistics.median(resume) if resume else None},
+            "per_stream": first_after,
+            "max": max(resume) if resume else None,
+            "median": statistics.median(resume) if resume else None,
+        },
         "unaffected_first_token_after_kill_s": max(unaffected_gaps, default=None),
-        "master_resume_s_mean": (prom.value(dm, "xllm_master_resume_seconds_sum")
-                                 / max(1.0, prom.value(dm, "xllm_master_resume_seconds_count"))),
-        "all_completed": all(completed), "completed": sum(completed),
+        "master_resume_s_mean": (
+            prom.value(dm, "xllm_master_resume_seconds_sum")
+            / max(1.0, prom.value(dm, "xllm_master_resume_seconds_count"))
+        ),
+        "all_completed": all(completed),
+        "completed": sum(completed),
         "errors": sorted({r.error for r in results if r.error}),
     }
 
 
 def _master_args(args: argparse.Namespace) -> list[str]:
-    return ["--model", args.model, "--num-threads", "1", "--num-kv-blocks",
-            str(args.num_kv_blocks), "--max-model-len", str(args.max_model_len),
-            "--heartbeat-timeout", str(args.heartbeat_timeout), *shlex.split(args.engine_args)]
+    return [
+        "--model",
+        args.model,
+        "--num-threads",
+        "1",
+        "--num-kv-blocks",
+        str(args.num_kv_blocks),
+        "--max-model-len",
+        str(args.max_model_len),
+        "--heartbeat-timeout",
+        str(args.heartbeat_timeout),
+        *shlex.split(args.engine_args),
+    ]
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    specs = shared_prefix_requests(args.groups, args.per_group, args.prefix_len,
-                                   args.question_len, args.output_len, args.seed)
+    specs = shared_prefix_requests(
+        args.groups, args.per_group, args.prefix_len, args.question_len, args.output_len, args.seed
+    )
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="bench-cluster-"))
     report: dict[str, Any] = {
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "plot")},
-        "machine": {"cpus": os.cpu_count(), "nice": os.nice(0),
-                    "load_average_start": os.getloadavg()[0]},
-        "policies": {}, "log_dir": str(log_dir)}
+        "machine": {
+            "cpus": os.cpu_count(),
+            "nice": os.nice(0),
+            "load_average_start": os.getloadavg()[0],
+        },
+        "policies": {},
+        "log_dir": str(log_dir),
+    }
     for i, policy in enumerate(args.policies):
-        async with LocalCluster(args.instances, policy, _master_args(args),
-                                log_dir / f"{policy}.log",
-                                start_timeout_s=args.phase_timeout) as cluster:
+        async with LocalCluster(
+            args.instances,
+            policy,
+            _master_args(args),
+            log_dir / f"{policy}.log",
+            start_timeout_s=args.phase_timeout,
+        ) as cluster:
             model = (await get_json(cluster.url + "/v1/models"))["data"][0]["id"]
             client = Client(cluster.url, model, "completions", None, ignore_eos=True)
             row, sent = await measure_policy(cluster, client, specs, args)
             report["policies"][policy] = row
-            print(_HEADER + "   (latencies in ms)\n" + _row_line(policy, row)
-                  + f"   ({row['summary']['completed']} ok, {row['summary']['failed']} failed,"
-                  f" load {row['load_average'][1]:.1f})", flush=True)
+            print(
+                _HEADER
+                + "   (latencies in ms)\n"
+                + _row_line(policy, row)
+                + f"   ({row['summary']['completed']} ok, {row['summary']['failed']} failed,"
+                f" load {row['load_average'][1]:.1f})",
+                flush=True,
+            )
             if i == len(args.policies) - 1 and args.kill_streams > 0:
                 report["failure"] = await kill_phase(cluster, client, sent, args)
                 report["failure"]["policy"] = policy
     rates = {p: r["prefix_cache"]["hit_rate"] for p, r in report["policies"].items()}
     if rates.get("round_robin") and "prefix_aware" in rates:
-        report["prefix_aware_over_round_robin_hit_rate"] = (rates["prefix_aware"]
-                                                            / rates["round_robin"])
+        report["prefix_aware_over_round_robin_hit_rate"] = (
+            rates["prefix_aware"] / rates["round_robin"]
+        )
     if args.micro_requests > 0:
         from bench.routing import measure
 
         report["routing_micro"] = {}
         for name in POLICIES:
             t = sorted(measure(name, 16, 2048, args.micro_requests))
-            report["routing_micro"][name] = {"p50_us": 1e6 * t[len(t) // 2],
-                                             "p99_us": 1e6 * t[int(len(t) * 0.99)]}
+            report["routing_micro"][name] = {
+                "p50_us": 1e6 * t[len(t) // 2],
+                "p99_us": 1e6 * t[int(len(t) * 0.99)],
+            }
     report["machine"]["load_average_end"] = os.getloadavg()[0]
     return report
 
 
-_HEADER = (f"{'policy':<13}{'req/s':>7}{'out tok/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}"
-           f"{'TPOT p50':>10}{'TPOT p99':>10}{'hit rate':>9}{'preempt':>8}{'route p99':>11}")
+_HEADER = (
+    f"{'policy':<13}{'req/s':>7}{'out tok/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}"
+    f"{'TPOT p50':>10}{'TPOT p99':>10}{'hit rate':>9}{'preempt':>8}{'route p99':>11}"
+)
 
 
 def _row_line(policy: str, row: dict[str, Any]) -> str:
     s, r = row["summary"], row["routing"]
     lat = (s["ttft_ms"]["p50"], s["ttft_ms"]["p99"], s["tpot_ms"]["p50"], s["tpot_ms"]["p99"])
-    return (f"{policy:<13}{s['request_throughput']:>7.2f}{s['output_throughput']:>10.1f}"
-            + "".join(f"{v:10.0f}" if v is not None else f"{'-':>10}" for v in lat)
-            + f"{row['prefix_cache']['hit_rate']:>9.3f}{row['preemptions']:>8.0f}"
-            + (f"{r['p99_us']:>9.0f}us" if r["p99_us"] is not None else f"{'-':>11}"))
+    return (
+        f"{policy:<13}{s['request_throughput']:>7.2f}{s['output_throughput']:>10.1f}"
+        + "".join(f"{v:10.0f}" if v is not None else f"{'-':>10}" for v in lat)
+        + f"{row['prefix_cache']['hit_rate']:>9.3f}{row['preemptions']:>8.0f}"
+        + (f"{r['p99_us']:>9.0f}us" if r["p99_us"] is not None else f"{'-':>11}")
+    )
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -293,22 +374,28 @@ def print_report(report: dict[str, Any]) -> None:
         print(_row_line(policy, row))
     if "prefix_aware_over_round_robin_hit_rate" in report:
         x = report["prefix_aware_over_round_robin_hit_rate"]
-        print(f"prefix_aware / round_robin hit rate: {x:.2f}x (target >= 1.5x: "
-              f"{'met' if x >= 1.5 else 'MISSED'})")
+        print(
+            f"prefix_aware / round_robin hit rate: {x:.2f}x (target >= 1.5x: "
+            f"{'met' if x >= 1.5 else 'MISSED'})"
+        )
     for name, m in report.get("routing_micro", {}).items():
         print(f"bench.routing {name:<13} p50 {m['p50_us']:7.1f} us  p99 {m['p99_us']:7.1f} us")
     f = report.get("failure")
     if f:
         k = f["kill_to_first_resumed_token_s"]
         worst = f"{k['max']:.3f} s" if k["max"] is not None else "-"
-        print(f"kill on {f['policy']} ({f['streams']} streams, {f['output_len']} tokens each): "
-              f"dead after {f['detection_s']:.3f} s = heartbeat timeout "
-              f"{f['detection_after_deadline_s']:+.3f} s (target <= +1 s); "
-              f"{len(f['affected_streams'])} streams resumed, kill -> first resumed token at "
-              f"the client: max {worst}; all streams completed: {f['all_completed']}")
-    print(f"load average {report['machine']['load_average_start']:.1f} at the start, "
-          f"{report['machine']['load_average_end']:.1f} at the end; nice "
-          f"{report['machine']['nice']}")
+        print(
+            f"kill on {f['policy']} ({f['streams']} streams, {f['output_len']} tokens each): "
+            f"dead after {f['detection_s']:.3f} s = heartbeat timeout "
+            f"{f['detection_after_deadline_s']:+.3f} s (target <= +1 s); "
+            f"{len(f['affected_streams'])} streams resumed, kill -> first resumed token at "
+            f"the client: max {worst}; all streams completed: {f['all_completed']}"
+        )
+    print(
+        f"load average {report['machine']['load_average_start']:.1f} at the start, "
+        f"{report['machine']['load_average_end']:.1f} at the end; nice "
+        f"{report['machine']['nice']}"
+    )
 
 
 def plot(report: dict[str, Any], path: Path) -> bool:
@@ -319,8 +406,10 @@ def plot(report: dict[str, Any], path: Path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("bench.cluster: matplotlib is not installed (pip install 'xllm[bench]'); "
-              "no plot written")
+        print(
+            "bench.cluster: matplotlib is not installed (pip install 'xllm[bench]'); "
+            "no plot written"
+        )
         return False
     names = list(report["policies"])
     rows = [report["policies"][n] for n in names]
@@ -331,16 +420,22 @@ def plot(report: dict[str, Any], path: Path) -> bool:
     axes[1].set_title("output tokens/s")
     xs = range(len(names))
     for k, (q, w) in enumerate((("p50", -0.2), ("p99", 0.2))):
-        axes[2].bar([x + w for x in xs], [r["summary"]["ttft_ms"][q] or 0 for r in rows],
-                    width=0.4, label=f"TTFT {q}", color=f"C{k}")
+        axes[2].bar(
+            [x + w for x in xs],
+            [r["summary"]["ttft_ms"][q] or 0 for r in rows],
+            width=0.4,
+            label=f"TTFT {q}",
+            color=f"C{k}",
+        )
     axes[2].set_xticks(list(xs), names)
     axes[2].set_title("TTFT (ms)")
     axes[2].legend()
     for ax in axes:
         ax.tick_params(axis="x", labelrotation=20)
         ax.grid(True, axis="y", alpha=0.3)
-    fig.suptitle(f"{report['config']['instances']} instances, "
-                 f"{report['config']['groups']} prefix groups")
+    fig.suptitle(
+        f"{report['config']['instances']} instances, {report['config']['groups']} prefix groups"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -352,21 +447,33 @@ def _policies(text: str) -> list[str]:
     names = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in names if p not in POLICIES]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"policies must be a comma-separated subset of "
-                                         f"{sorted(POLICIES)}, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"policies must be a comma-separated subset of {sorted(POLICIES)}, got {text!r}"
+        )
     return names
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.cluster",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--instances", type=int, default=2, help="instances per cluster (--spawn)")
-    p.add_argument("--policies", type=_policies, default=list(POLICIES),
-                   help="comma-separated routing policies, each on a fresh cluster")
+    p.add_argument(
+        "--policies",
+        type=_policies,
+        default=list(POLICIES),
+        help="comma-separated routing policies, each on a fresh cluster",
+    )
     p.add_argument("--model", default="demo")
-    p.add_argument("--num-kv-blocks", type=int, default=128,
-                   help="KV blocks per instance: smaller than every group's prefix together, "
-                   "so where a group goes decides whether its prefix stays cached")
+    p.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        default=128,
+        help="KV blocks per instance: smaller than every group's prefix together, "
+        "so where a group goes decides whether its prefix stays cached",
+    )
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--engine-args", default="", help="more options for the master/instances")
     p.add_argument("--heartbeat-timeout", type=float, default=1.0)
@@ -376,19 +483,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question-len", type=int, default=16, help="distinct suffix (words)")
     p.add_argument("--output-len", type=int, default=16, help="tokens generated per request")
     load = p.add_mutually_exclusive_group()
-    load.add_argument("--request-rate", type=float, default=1.0,
-                      help="Poisson arrivals per second (inf: all at once)")
+    load.add_argument(
+        "--request-rate",
+        type=float,
+        default=1.0,
+        help="Poisson arrivals per second (inf: all at once)",
+    )
     load.add_argument("--concurrency", type=int, help="closed loop with this many in flight")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, help="requests before measuring (default: instances)")
-    p.add_argument("--kill-streams", type=int, default=8,
-                   help="streams running when an instance is killed (0: no failure test)")
+    p.add_argument(
+        "--kill-streams",
+        type=int,
+        default=8,
+        help="streams running when an instance is killed (0: no failure test)",
+    )
     p.add_argument("--kill-output-len", type=int, default=48)
-    p.add_argument("--micro-requests", type=int, default=2000,
-                   help="requests per policy in bench.routing's microbenchmark (0: skip)")
+    p.add_argument(
+        "--micro-requests",
+        type=int,
+        default=2000,
+        help="requests per policy in bench.routing's microbenchmark (0: skip)",
+    )
     p.add_argument("--run-timeout", type=float, default=1800.0, help="seconds per policy run")
-    p.add_argument("--phase-timeout", type=float, default=300.0,
-                   help="seconds for a cluster to start, and for the kill phase")
+    p.add_argument(
+        "--phase-timeout",
+        type=float,
+        default=300.0,
+        help="seconds for a cluster to start, and for the kill phase",
+    )
     p.add_argument("--log-dir", help="keep the clusters' logs here (default: a temp dir)")
     p.add_argument("--json", metavar="PATH", help="write the report here")
     p.add_argument("--plot", metavar="PATH", help="write a PNG here (needs matplotlib)")
@@ -404,8 +527,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench.cluster: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     if args.kill_streams > 0 and args.instances < 2:
-        print("bench.cluster: the kill test needs --instances >= 2 (or --kill-streams 0)",
-              file=sys.stderr)
+        print(
+            "bench.cluster: the kill test needs --instances >= 2 (or --kill-streams 0)",
+            file=sys.stderr,
+        )
         return 2
     report = asyncio.run(run(args))
     print_report(report)

@@ -44,17 +44,49 @@ def test_histogram_quantile_matches_prometheus() -> None:
 
 
 def _leftovers() -> list[int]:
-    return [pid for pid in children(os.getpid())
-            if b"master_server" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    return [
+        pid
+        for pid in children(os.getpid())
+        if b"master_server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
 
 
 def test_tiny_cluster_run_and_kill(demo_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "cluster.json"
-    argv = ["--model", str(demo_model_dir), "--instances", "2", "--policies", "prefix_aware",
-            "--groups", "2", "--per-group", "3", "--prefix-len", "64", "--question-len", "8",
-            "--output-len", "4", "--concurrency", "1", "--kill-streams", "4",
-            "--kill-output-len", "16", "--micro-requests", "50", "--phase-timeout", "150",
-            "--run-timeout", "150", "--log-dir", str(tmp_path / "logs"), "--json", str(out)]
+    argv = [
+        "--model",
+        str(demo_model_dir),
+        "--instances",
+        "2",
+        "--policies",
+        "prefix_aware",
+        "--groups",
+        "2",
+        "--per-group",
+        "3",
+        "--prefix-len",
+        "64",
+        "--question-len",
+        "8",
+        "--output-len",
+        "4",
+        "--concurrency",
+        "1",
+        "--kill-streams",
+        "4",
+        "--kill-output-len",
+        "16",
+        "--micro-requests",
+        "50",
+        "--phase-timeout",
+        "150",
+        "--run-timeout",
+        "150",
+        "--log-dir",
+        str(tmp_path / "logs"),
+        "--json",
+        str(out),
+    ]
     try:
         status = main(argv)
     finally:
@@ -83,8 +115,12 @@ def test_tiny_cluster_run_and_kill(demo_model_dir: Path, tmp_path: Path) -> None
 
     r = row["routing"]
     assert r["count"] >= 6 and 0 < r["p50_us"] <= r["p99_us"] <= r["p99_at_most_us"] < 1e5
-    assert set(report["routing_micro"]) == {"round_robin", "least_load", "prefix_aware",
-                                            "slo_aware"}
+    assert set(report["routing_micro"]) == {
+        "round_robin",
+        "least_load",
+        "prefix_aware",
+        "slo_aware",
+    }
 
     f = report["failure"]
     assert f["all_completed"] and f["completed"] == 4, f["errors"]

@@ -83,8 +83,16 @@ class LocalCluster:
     ``async with``; ``url`` is the master's base URL and ``instance_urls`` the instances'.
     Instances get ``OMP_NUM_THREADS=1`` unless ``env`` says otherwise."""
 
-    def __init__(self, num_instances: int, policy: str, master_args: list[str], log_path: Path,
-                 *, start_timeout_s: float = 300.0, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        num_instances: int,
+        policy: str,
+        master_args: list[str],
+        log_path: Path,
+        *,
+        start_timeout_s: float = 300.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
         if num_instances < 1:
             raise ValueError(f"num_instances must be >= 1, got {num_instances}")
         self.num_instances = num_instances
@@ -104,23 +112,44 @@ class LocalCluster:
             return ""
 
     async def start(self) -> None:
-        cmd = [sys.executable, "-m", "xllm.service.master_server", "--host", "127.0.0.1",
-               "--port", "0", "--spawn", str(self.num_instances), "--policy", self.policy,
-               "--log-level", "info", *self.master_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "xllm.service.master_server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--spawn",
+            str(self.num_instances),
+            "--policy",
+            self.policy,
+            "--log-level",
+            "info",
+            *self.master_args,
+        ]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as sink:
             self.proc = subprocess.Popen(
-                cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
+                cmd,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+            )
         deadline = time.monotonic() + self.start_timeout_s
         try:
             while True:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"xllm-master exited with {self.proc.returncode}:\n"
-                                       f"{self.log_text()[-3000:]}")
+                    raise RuntimeError(
+                        f"xllm-master exited with {self.proc.returncode}:\n"
+                        f"{self.log_text()[-3000:]}"
+                    )
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the cluster was not up after {self.start_timeout_s:.0f}"
-                                       f" s:\n{self.log_text()[-3000:]}")
+                    raise RuntimeError(
+                        f"the cluster was not up after {self.start_timeout_s:.0f}"
+                        f" s:\n{self.log_text()[-3000:]}"
+                    )
                 text = self.log_text()
                 m = _MASTER_LINE.search(text)
                 self.instance_urls = _INSTANCE_LINE.findall(text)

@@ -10,8 +10,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from xllm.benchmarks.http_client import get_text
 
-__all__ = ["Samples", "bucket_bound", "buckets", "delta", "histogram_quantile", "scrape",
-           "parse", "value"]
+__all__ = [
+    "Samples",
+    "bucket_bound",
+    "buckets",
+    "delta",
+    "histogram_quantile",
+    "scrape",
+    "parse",
+    "value",
+]
 
 Samples = dict[str, float]  # 'name{label="v",...}' (labels sorted) or 'name' -> value
 
@@ -53,7 +61,7 @@ def delta(after: Samples, before: Samples) -> Samples:
 def buckets(samples: Samples, name: str) -> list[tuple[float, float]]:
     """(upper bound, cumulative count) of histogram ``name``, by bound; +Inf last."""
     prefix = f'{name}_bucket{{le="'
-    out = [(float(k[len(prefix):-2]), v) for k, v in samples.items() if k.startswith(prefix)]
+    out = [(float(k[len(prefix) : -2]), v) for k, v in samples.items() if k.startswith(prefix)]
     if not out:
         raise KeyError(f"histogram {name} is not on the page")
     return sorted(out)
@@ -76,8 +84,9 @@ def histogram_quantile(q: float, hist: list[tuple[float, float]]) -> float | Non
                 return lower_bound
             if count == lower_count:
                 return bound
-            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count -
-                                                                                 lower_count)
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (
+                count - lower_count
+            )
         lower_bound, lower_count = bound, count
     return lower_bound
 
