@@ -29,17 +29,13 @@ import asyncio
 import json
 import math
 import os
-import re
 import shlex
-import signal
-import statistics
 import sys
 import tempfile
-import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench.cluster_failure import kill_phase
 from xllm.benchmarks import prometheus as prom
 from xllm.benchmarks.cluster import LocalCluster
 from xllm.benchmarks.http_client import get_json
@@ -52,10 +48,6 @@ from xllm.benchmarks.serve import (
     synthetic_requests,
 )
 from xllm.service.routing import POLICIES
-
-_RESUMING = re.compile(r"resuming mreq-(\d+)-\S+ after (\d+) tokens \(attempt \d+\): (.*)")
-_DOWN = re.compile(r"instance (\S+) down: (.*)")
-_MISSED_BY = re.compile(r"missed its heartbeat deadline by ([\d.]+) s")
 
 
 def _us(seconds: float | None) -> float | None:
@@ -131,153 +123,6 @@ async def measure_policy(
     return row, len(warm) + len(specs)
 
 
-async def _victim(cluster: LocalCluster) -> tuple[Any, float]:
-    """The instance running the most requests now, and that number."""
-    best, best_running = None, -1.0
-    for inst in cluster.instances():
-        running = prom.value(await prom.scrape(inst.url), "xllm_num_requests_running")
-        if running > best_running:
-            best, best_running = inst, running
-    if best is None:
-        raise RuntimeError("no instance process of the cluster is running")
-    return best, best_running
-
-
-async def kill_phase(
-    cluster: LocalCluster, client: Client, sent_before: int, args: argparse.Namespace
-) -> dict[str, Any]:
-    """SIGKILL of the busiest instance while ``args.kill_streams`` streams run."""
-    specs = shared_prefix_requests(
-        max(1, args.groups),
-        math.ceil(args.kill_streams / max(1, args.groups)),
-        args.prefix_len,
-        args.question_len,
-        args.kill_output_len,
-        args.seed + 7,
-    )[: args.kill_streams]
-    times: list[list[float]] = [[] for _ in specs]
-    tasks: list[asyncio.Task[Any]] = []
-    deadline = time.monotonic() + args.phase_timeout
-    for j, spec in enumerate(specs):
-        accepted = asyncio.Event()
-        tasks.append(
-            asyncio.create_task(
-                client.run(spec, on_accept=lambda _t, e=accepted: e.set(), on_event=times[j].append)
-            )
-        )
-        # One at a time: the master numbers requests as it takes them (mreq-<n>), and its
-        # "resuming" log lines name them so; this keeps stream j = request sent_before+j+1.
-        while not accepted.is_set() and not tasks[-1].done():
-            if time.monotonic() > deadline:
-                raise RuntimeError("the master did not take the kill-phase streams in time")
-            await asyncio.sleep(0.005)
-    while min(len(t) for t in times) < 2:
-        ended = [(j, t.result()) for j, t in enumerate(tasks) if t.done()]
-        if ended or time.monotonic() > deadline:
-            for t in tasks:
-                t.cancel()
-            why = (
-                "; ".join(
-                    f"stream {j}: {r.output_tokens} tokens, error {r.error}" for j, r in ended
-                )
-                or "timed out"
-            )
-            raise RuntimeError(
-                f"a kill-phase stream ended before every stream had 2 events "
-                f"(raise --kill-output-len?): {why}; events so far "
-                f"{[len(t) for t in times]}"
-            )
-        await asyncio.sleep(0.01)
-    m0 = await prom.scrape(cluster.url)
-    victim, running = await _victim(cluster)
-    if victim.instance_id is None:
-        raise RuntimeError(
-            f"cannot tell the registry id of instance {victim.url} (it listens "
-            f"on {sorted(victim.ports)}); was it given --instance-id?"
-        )
-    log_offset = len(cluster.log_text())  # what the master logs from here on is about the kill
-    kill_wall, kill_at = time.time(), time.perf_counter()
-    os.kill(victim.pid, signal.SIGKILL)
-    results = await asyncio.wait_for(asyncio.gather(*tasks), args.phase_timeout)
-    # The stream break resumes flights at once; the registry declares the death only at
-    # the heartbeat deadline, which may come after the streams ended: wait for it.
-    while True:
-        m1 = await prom.scrape(cluster.url)
-        log = cluster.log_text()[log_offset:]
-        down = [m for m in _DOWN.finditer(log) if m.group(1) == victim.instance_id]
-        if down:
-            break
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"the master never declared the killed instance {victim.instance_id} dead"
-            )
-        await asyncio.sleep(0.05)
-    dm = prom.delta(m1, m0)
-    if prom.value(dm, "xllm_master_instances_down_total") == 1:  # only the victim: exact
-        detected_at = prom.value(m1, "xllm_master_last_instance_down_timestamp_seconds")
-        source = "xllm_master_last_instance_down_timestamp_seconds"
-    else:  # others were declared dead too: the victim's own log line (ms resolution)
-        stamp = log[: down[0].start()].rsplit("\n", 1)[-1].split(" ")[:2]
-        detected_at = datetime.strptime(" ".join(stamp), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-        source = "the master's log line"
-    detection = detected_at - kill_wall
-    resumed_ids = [
-        int(m.group(1))
-        for m in _RESUMING.finditer(log)
-        if re.match(rf"instance {re.escape(str(victim.instance_id))}[ :]", m.group(3))
-    ]
-    affected = sorted({k - sent_before - 1 for k in resumed_ids})
-    unmatched = [j for j in affected if not 0 <= j < len(specs)]
-    missed = _MISSED_BY.search(down[0].group(2))
-    first_after = {
-        j: next((t - kill_at for t in times[j] if t > kill_at), None)
-        for j in affected
-        if j not in unmatched
-    }
-    resume = [v for v in first_after.values() if v is not None]
-    unaffected_gaps = [
-        next((t - kill_at for t in times[j] if t > kill_at), 0.0)
-        for j in range(len(specs))
-        if j not in first_after
-    ]
-    completed = [
-        r.ok and r.output_tokens == s.output_len for r, s in zip(results, specs, strict=True)
-    ]
-    return {
-        "streams": len(specs),
-        "output_len": args.kill_output_len,
-        "victim": {
-            "url": victim.url,
-            "instance_id": victim.instance_id,
-            "running_at_kill": running,
-        },
-        "events_before_kill": [sum(1 for t in ts if t <= kill_at) for ts in times],
-        "heartbeat_timeout_s": args.heartbeat_timeout,
-        "detection_s": detection,
-        "detection_source": source,
-        "detection_after_deadline_s": detection - args.heartbeat_timeout,
-        "down_reason": down[0].group(2),
-        "registry_late_s": float(missed.group(1)) if missed else None,
-        "instances_down": prom.value(dm, "xllm_master_instances_down_total"),
-        "resumed_flights": prom.value(dm, "xllm_master_resumed_flights_total"),
-        "affected_streams": sorted(first_after),
-        "unmatched_resumes": unmatched,
-        "kill_to_first_resumed_token_s": {
-            "per_stream": first_after,
-            "max": max(resume) if resume else None,
-            "median": statistics.median(resume) if resume else None,
-        },
-        "unaffected_first_token_after_kill_s": max(unaffected_gaps, default=None),
-        "master_resume_s_mean": (
-            prom.value(dm, "xllm_master_resume_seconds_sum")
-            / max(1.0, prom.value(dm, "xllm_master_resume_seconds_count"))
-        ),
-        "all_completed": all(completed),
-        "completed": sum(completed),
-        "errors": sorted({r.error for r in results if r.error}),
-    }
-
-
 def _master_args(args: argparse.Namespace) -> list[str]:
     return [
         "--model",
@@ -292,6 +137,52 @@ def _master_args(args: argparse.Namespace) -> list[str]:
         str(args.heartbeat_timeout),
         *shlex.split(args.engine_args),
     ]
+
+
+def _measured(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(p, r) for p, r in report["policies"].items() if "error" not in r]
+
+
+async def _policy_and_kill(
+    report: dict[str, Any],
+    policy: str,
+    specs: list[RequestSpec],
+    kill: bool,
+    log_dir: Path,
+    args: argparse.Namespace,
+) -> None:
+    """One policy on a fresh cluster (into ``report["policies"]``), then, with ``kill``,
+    the failure test on that cluster (into ``report["failure"]``)."""
+    async with LocalCluster(
+        args.instances,
+        policy,
+        _master_args(args),
+        log_dir / f"{policy}.log",
+        start_timeout_s=args.phase_timeout,
+    ) as cluster:
+        model = (await get_json(cluster.url + "/v1/models"))["data"][0]["id"]
+        client = Client(cluster.url, model, "completions", None, ignore_eos=True)
+        row, sent = await measure_policy(cluster, client, specs, args)
+        report["policies"][policy] = row
+        s = row["summary"]
+        print(
+            f"{_HEADER}   (latencies in ms)\n{_row_line(policy, row)}   ({s['completed']} ok, "
+            f"{s['failed']} failed, load {row['load_average'][1]:.1f})",
+            flush=True,
+        )
+        if kill:
+            kill_specs = shared_prefix_requests(
+                args.groups,
+                math.ceil(args.kill_streams / args.groups),
+                args.prefix_len,
+                args.question_len,
+                args.kill_output_len,
+                args.seed + 7,
+            )[: args.kill_streams]
+            report["failure"] = await kill_phase(
+                cluster, client, kill_specs, sent, args.heartbeat_timeout, args.phase_timeout
+            )
+            report["failure"]["policy"] = policy
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -310,29 +201,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "log_dir": str(log_dir),
     }
     for i, policy in enumerate(args.policies):
-        async with LocalCluster(
-            args.instances,
-            policy,
-            _master_args(args),
-            log_dir / f"{policy}.log",
-            start_timeout_s=args.phase_timeout,
-        ) as cluster:
-            model = (await get_json(cluster.url + "/v1/models"))["data"][0]["id"]
-            client = Client(cluster.url, model, "completions", None, ignore_eos=True)
-            row, sent = await measure_policy(cluster, client, specs, args)
-            report["policies"][policy] = row
-            print(
-                _HEADER
-                + "   (latencies in ms)\n"
-                + _row_line(policy, row)
-                + f"   ({row['summary']['completed']} ok, {row['summary']['failed']} failed,"
-                f" load {row['load_average'][1]:.1f})",
-                flush=True,
-            )
-            if i == len(args.policies) - 1 and args.kill_streams > 0:
-                report["failure"] = await kill_phase(cluster, client, sent, args)
-                report["failure"]["policy"] = policy
-    rates = {p: r["prefix_cache"]["hit_rate"] for p, r in report["policies"].items()}
+        kill = i == len(args.policies) - 1 and args.kill_streams > 0
+        try:
+            await _policy_and_kill(report, policy, specs, kill, log_dir, args)
+        except (RuntimeError, TimeoutError, OSError) as e:  # recorded; the others still run
+            error = f"{type(e).__name__}: {e}"[:3000]
+            if policy in report["policies"]:  # measured: the kill test failed
+                report["failure"] = {"policy": policy, "error": error}
+            else:
+                report["policies"][policy] = {"error": error}
+            print(f"bench.cluster: {policy}: {error}", file=sys.stderr, flush=True)
+    rates = {p: r["prefix_cache"]["hit_rate"] for p, r in _measured(report)}
     if rates.get("round_robin") and "prefix_aware" in rates:
         report["prefix_aware_over_round_robin_hit_rate"] = (
             rates["prefix_aware"] / rates["round_robin"]
@@ -371,7 +250,7 @@ def _row_line(policy: str, row: dict[str, Any]) -> str:
 def print_report(report: dict[str, Any]) -> None:
     print("\n" + _HEADER + "   (latencies in ms)")
     for policy, row in report["policies"].items():
-        print(_row_line(policy, row))
+        print(_row_line(policy, row) if "error" not in row else f"{policy:<13}{row['error']}")
     if "prefix_aware_over_round_robin_hit_rate" in report:
         x = report["prefix_aware_over_round_robin_hit_rate"]
         print(
@@ -381,7 +260,9 @@ def print_report(report: dict[str, Any]) -> None:
     for name, m in report.get("routing_micro", {}).items():
         print(f"bench.routing {name:<13} p50 {m['p50_us']:7.1f} us  p99 {m['p99_us']:7.1f} us")
     f = report.get("failure")
-    if f:
+    if f and "error" in f:
+        print(f"kill on {f['policy']}: {f['error']}")
+    elif f:
         k = f["kill_to_first_resumed_token_s"]
         worst = f"{k['max']:.3f} s" if k["max"] is not None else "-"
         print(
@@ -411,8 +292,11 @@ def plot(report: dict[str, Any], path: Path) -> bool:
             "no plot written"
         )
         return False
-    names = list(report["policies"])
-    rows = [report["policies"][n] for n in names]
+    measured = _measured(report)
+    if not measured:
+        return False
+    names = [p for p, _ in measured]
+    rows = [r for _, r in measured]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     axes[0].bar(names, [r["prefix_cache"]["hit_rate"] for r in rows])
     axes[0].set_title("cluster prefix-cache hit rate")
@@ -540,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.json}")
     if args.plot and plot(report, Path(args.plot)):
         print(f"wrote {args.plot}")
-    ok = all(r["summary"]["failed"] == 0 for r in report["policies"].values())
+    ok = all("error" not in r and r["summary"]["failed"] == 0 for r in report["policies"].values())
     return 0 if ok and report.get("failure", {}).get("all_completed", True) else 1
 
 
