@@ -3,7 +3,7 @@
 For each routing policy, a fresh ``xllm-master --spawn N --policy P`` (instances with one
 torch/OpenMP thread each) serves the same seeded shared-prefix workload: groups of
 requests, each group sharing a long document followed by a distinct question, groups
-interleaved, Poisson arrivals (or a fixed concurrency). Per policy it reports request
+interleaved, at a fixed concurrency (or Poisson arrivals). Per policy it reports request
 throughput, output tok/s, TTFT and TPOT p50/p99 (client side, ``xllm.benchmarks.serve``),
 the cluster prefix-cache hit rate (prompt tokens served from cache / prompt tokens looked
 up, summed over the instances' own ``xllm_prefix_cache_*`` counters, as deltas over the
@@ -232,7 +232,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 _HEADER = (
     f"{'policy':<13}{'req/s':>7}{'out tok/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}"
-    f"{'TPOT p50':>10}{'TPOT p99':>10}{'hit rate':>9}{'preempt':>8}{'route p99':>11}"
+    f"{'TPOT p50':>10}{'TPOT p99':>10}{'hit rate':>9}{'preempt':>8}{'route p50/p99 us':>18}"
 )
 
 
@@ -243,7 +243,7 @@ def _row_line(policy: str, row: dict[str, Any]) -> str:
         f"{policy:<13}{s['request_throughput']:>7.2f}{s['output_throughput']:>10.1f}"
         + "".join(f"{v:10.0f}" if v is not None else f"{'-':>10}" for v in lat)
         + f"{row['prefix_cache']['hit_rate']:>9.3f}{row['preemptions']:>8.0f}"
-        + (f"{r['p99_us']:>9.0f}us" if r["p99_us"] is not None else f"{'-':>11}")
+        + (f"{r['p50_us']:>11.0f}/{r['p99_us']:<6.0f}" if r["count"] else f"{'-':>18}")
     )
 
 
@@ -362,18 +362,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-args", default="", help="more options for the master/instances")
     p.add_argument("--heartbeat-timeout", type=float, default=1.0)
     p.add_argument("--groups", type=int, default=8, help="prefix groups")
-    p.add_argument("--per-group", type=int, default=6, help="requests per group")
+    p.add_argument("--per-group", type=int, default=12, help="requests per group")
     p.add_argument("--prefix-len", type=int, default=320, help="shared prefix (words ~ tokens)")
     p.add_argument("--question-len", type=int, default=16, help="distinct suffix (words)")
     p.add_argument("--output-len", type=int, default=16, help="tokens generated per request")
     load = p.add_mutually_exclusive_group()
     load.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        help="closed loop with this many requests in flight (the default: the running "
+        "requests' share of the KV cache, hence the hit rates, then do not depend on how "
+        "fast the machine is)",
+    )
+    load.add_argument(
         "--request-rate",
         type=float,
-        default=1.0,
-        help="Poisson arrivals per second (inf: all at once)",
+        help="open loop instead: Poisson arrivals per second (inf: all at once)",
     )
-    load.add_argument("--concurrency", type=int, help="closed loop with this many in flight")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, help="requests before measuring (default: instances)")
     p.add_argument(
@@ -404,12 +410,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.request_rate is not None:
+        args.concurrency = None  # the open loop replaces the default closed one
     if args.warmup is None:
         args.warmup = args.instances
     for name in ("instances", "num_kv_blocks", "groups", "per_group", "prefix_len"):
         if getattr(args, name) < 1:
             print(f"bench.cluster: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    if args.concurrency is not None and args.concurrency < 1:
+        print("bench.cluster: --concurrency must be >= 1", file=sys.stderr)
+        return 2
     if args.kill_streams > 0 and args.instances < 2:
         print(
             "bench.cluster: the kill test needs --instances >= 2 (or --kill-streams 0)",
