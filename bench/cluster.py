@@ -171,9 +171,12 @@ async def _policy_and_kill(
             flush=True,
         )
         if kill:
+            # As many prefix groups as instances: every stream must fit in the KV caches at
+            # once (before the kill, and on the survivors after it) to be under way.
+            groups = min(args.groups, args.instances)
             kill_specs = shared_prefix_requests(
-                args.groups,
-                math.ceil(args.kill_streams / args.groups),
+                groups,
+                math.ceil(args.kill_streams / groups),
                 args.prefix_len,
                 args.question_len,
                 args.kill_output_len,
