@@ -61,47 +61,51 @@ async def kill_phase(
     times: list[list[float]] = [[] for _ in specs]
     tasks: list[asyncio.Task[Any]] = []
     deadline = time.monotonic() + timeout_s
-    for j, spec in enumerate(specs):
-        accepted = asyncio.Event()
-        tasks.append(
-            asyncio.create_task(
-                client.run(spec, on_accept=lambda _t, e=accepted: e.set(), on_event=times[j].append)
-            )
-        )
-        # One at a time: the master numbers requests as it takes them (mreq-<n>), and its
-        # "resuming" log lines name them so; this keeps stream j = request sent_before+j+1.
-        while not accepted.is_set() and not tasks[-1].done():
-            if time.monotonic() > deadline:
-                raise RuntimeError("the master did not take the kill-phase streams in time")
-            await asyncio.sleep(0.005)
-    while min(len(t) for t in times) < 2:
-        ended = [(j, t.result()) for j, t in enumerate(tasks) if t.done()]
-        if ended or time.monotonic() > deadline:
-            for t in tasks:
-                t.cancel()
-            why = (
-                "; ".join(
-                    f"stream {j}: {r.output_tokens} tokens, error {r.error}" for j, r in ended
+    try:
+        for j, spec in enumerate(specs):
+            accepted = asyncio.Event()
+            tasks.append(
+                asyncio.create_task(
+                    client.run(
+                        spec, on_accept=lambda _t, e=accepted: e.set(), on_event=times[j].append
+                    )
                 )
-                or "timed out"
             )
+            # One at a time: the master numbers requests as it takes them (mreq-<n>), and its
+            # "resuming" log lines name them so; this keeps stream j = request sent_before+j+1.
+            while not accepted.is_set() and not tasks[-1].done():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the master did not take the kill-phase streams in time")
+                await asyncio.sleep(0.005)
+        while min(len(t) for t in times) < 2:
+            ended = [(j, t.result()) for j, t in enumerate(tasks) if t.done()]
+            if ended or time.monotonic() > deadline:
+                why = (
+                    "; ".join(
+                        f"stream {j}: {r.output_tokens} tokens, error {r.error}" for j, r in ended
+                    )
+                    or "timed out"
+                )
+                raise RuntimeError(
+                    f"a kill-phase stream ended before every stream had 2 events "
+                    f"(raise --kill-output-len?): {why}; events so far "
+                    f"{[len(t) for t in times]}"
+                )
+            await asyncio.sleep(0.01)
+        m0 = await prom.scrape(cluster.url)
+        victim, running = await _victim(cluster)
+        if victim.instance_id is None:
             raise RuntimeError(
-                f"a kill-phase stream ended before every stream had 2 events "
-                f"(raise --kill-output-len?): {why}; events so far "
-                f"{[len(t) for t in times]}"
+                f"cannot tell the registry id of instance {victim.url} (it listens "
+                f"on {sorted(victim.ports)}); was it given --instance-id?"
             )
-        await asyncio.sleep(0.01)
-    m0 = await prom.scrape(cluster.url)
-    victim, running = await _victim(cluster)
-    if victim.instance_id is None:
-        raise RuntimeError(
-            f"cannot tell the registry id of instance {victim.url} (it listens "
-            f"on {sorted(victim.ports)}); was it given --instance-id?"
-        )
-    log_offset = len(cluster.log_text())  # what the master logs from here on is about the kill
-    kill_wall, kill_at = time.time(), time.perf_counter()
-    os.kill(victim.pid, signal.SIGKILL)
-    results = await asyncio.wait_for(asyncio.gather(*tasks), timeout_s)
+        log_offset = len(cluster.log_text())  # what the master logs from here on is about the kill
+        kill_wall, kill_at = time.time(), time.perf_counter()
+        os.kill(victim.pid, signal.SIGKILL)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), timeout_s)
+    finally:  # on any failure, no stream outlives the phase
+        for t in tasks:
+            t.cancel()
     # The stream break resumes flights at once; the registry declares the death only at
     # the heartbeat deadline, which may come after the streams ended: wait for it.
     while True:
