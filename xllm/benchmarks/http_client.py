@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["HTTPError", "get_json", "post_sse"]
+__all__ = ["HTTPError", "get_json", "get_text", "post_sse"]
 
 
 class HTTPError(RuntimeError):
@@ -82,7 +82,8 @@ async def _body_chunks(reader: asyncio.StreamReader,
             yield data
 
 
-async def get_json(url: str, headers: dict[str, str] | None = None) -> Any:
+async def get_text(url: str, headers: dict[str, str] | None = None) -> str:
+    """The body of a GET (a Prometheus /metrics page, say). HTTPError for a non-200 answer."""
     status, h, reader, writer = await _request(url, "GET", None, headers or {})
     try:
         body = b"".join([c async for c in _body_chunks(reader, h)]).decode()
@@ -90,16 +91,24 @@ async def get_json(url: str, headers: dict[str, str] | None = None) -> Any:
         writer.close()
     if status != 200:
         raise HTTPError(status, body)
-    return json.loads(body)
+    return body
 
 
-async def post_sse(url: str, payload: dict[str, Any],
-                   headers: dict[str, str] | None = None) -> AsyncIterator[tuple[float, str]]:
+async def get_json(url: str, headers: dict[str, str] | None = None) -> Any:
+    return json.loads(await get_text(url, headers))
+
+
+async def post_sse(url: str, payload: dict[str, Any], headers: dict[str, str] | None = None,
+                   on_accept: Callable[[float], None] | None = None,
+                   ) -> AsyncIterator[tuple[float, str]]:
     """(perf_counter time of arrival, data) for each server-sent event of a streamed POST.
-    HTTPError for a non-200 answer."""
+    HTTPError for a non-200 answer. ``on_accept(time)`` is called once the server has
+    answered 200 (it has taken the request), before any event."""
     hdrs = {"Content-Type": "application/json", "Accept": "text/event-stream", **(headers or {})}
     status, h, reader, writer = await _request(url, "POST", json.dumps(payload).encode(), hdrs)
     try:
+        if status == 200 and on_accept is not None:
+            on_accept(time.perf_counter())
         if status != 200:
             body = b"".join([c async for c in _body_chunks(reader, h)]).decode(errors="replace")
             raise HTTPError(status, body)

@@ -30,6 +30,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,8 @@ from typing import Any
 from xllm.benchmarks.http_client import HTTPError, get_json, post_sse
 from xllm.benchmarks.plots import plot_runs
 
-__all__ = ["RequestResult", "RequestSpec", "main", "summarize", "synthetic_requests"]
+__all__ = ["Client", "RequestResult", "RequestSpec", "main", "run_load", "shared_prefix_requests",
+           "summarize", "synthetic_requests"]
 
 # Short common English words: about one token each with a leading space in BPE vocabularies,
 # so a prompt of k words is about k tokens on any server's tokenizer.
@@ -97,6 +99,31 @@ def synthetic_requests(n: int, seed: int, input_mean: int, output_mean: int, max
     return specs
 
 
+def shared_prefix_requests(num_groups: int, per_group: int, prefix_words: int,
+                           question_words: int, output_len: int, seed: int) -> list[RequestSpec]:
+    """``num_groups`` x ``per_group`` requests in a seeded shuffled order (groups
+    interleave): each group's prompts share one long document of ``prefix_words`` words
+    (a system prompt, a file being asked about) followed by a distinct question of
+    ``question_words`` words -- the traffic prefix caching and prefix-aware routing are for.
+    Words are about one token each, and the prefix ends at a word boundary, so every prompt
+    of a group tokenizes to the same leading tokens."""
+    for name, v in (("num_groups", num_groups), ("per_group", per_group),
+                    ("prefix_words", prefix_words), ("question_words", question_words),
+                    ("output_len", output_len)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    rng = random.Random(seed)
+    docs = [f"Document {g}: " + " ".join(rng.choice(_WORDS) for _ in range(prefix_words))
+            for g in range(num_groups)]
+    order = [g for g in range(num_groups) for _ in range(per_group)]
+    rng.shuffle(order)
+    specs = []
+    for i, g in enumerate(order):
+        question = f"\nQuestion {i}: " + " ".join(rng.choice(_WORDS) for _ in range(question_words))
+        specs.append(RequestSpec(docs[g] + question, prefix_words + question_words, output_len))
+    return specs
+
+
 def _percentiles(values: list[float]) -> dict[str, float | None]:
     out: dict[str, float | None] = {"mean": (sum(values) / len(values)) if values else None}
     ordered = sorted(values)
@@ -118,7 +145,11 @@ class Client:
         self.model, self.endpoint, self.ignore_eos = model, endpoint, ignore_eos
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
-    async def run(self, spec: RequestSpec) -> RequestResult:
+    async def run(self, spec: RequestSpec, *,
+                  on_accept: Callable[[float], None] | None = None,
+                  on_event: Callable[[float], None] | None = None) -> RequestResult:
+        """Streams one request. ``on_accept(t)``: the server took it (HTTP 200);
+        ``on_event(t)``: an event carrying text arrived (perf_counter times)."""
         payload: dict[str, Any] = {"model": self.model, "max_tokens": spec.output_len,
                                    "temperature": 0.0, "stream": True,
                                    "stream_options": {"include_usage": True}}
@@ -136,7 +167,7 @@ class Client:
         last = None
         events = 0
         try:
-            async for at, data in post_sse(self.url, payload, self.headers):
+            async for at, data in post_sse(self.url, payload, self.headers, on_accept):
                 if data == "[DONE]":
                     break
                 chunk = json.loads(data)
@@ -148,6 +179,8 @@ class Client:
                 if not any(_text(c) for c in chunk.get("choices") or []):
                     continue
                 events += 1
+                if on_event is not None:
+                    on_event(at)
                 if last is None:
                     result.ttft = at - start
                 else:

@@ -32,6 +32,7 @@ from xllm.engine.outputs import CompletionOutput, RequestOutput
 from xllm.sampling_params import SamplingParams
 from xllm.service.admission import OfflineAdmission
 from xllm.service.instance import params_to_proto
+from xllm.service.metrics import MasterMetrics
 from xllm.service.proto import instance_pb2, instance_pb2_grpc, master_pb2, master_pb2_grpc
 from xllm.service.registry import EmbeddedRegistry, InstanceEvent, InstanceRegistry
 from xllm.service.routing import Router, RouteRequest
@@ -234,6 +235,7 @@ class ClusterEngine:
         self.num_resumed = 0  # flights moved to another instance (a metric, and for tests)
         self.admission = OfflineAdmission(registry, router, max_queued=max_offline_queued,
                                           instance_wait_s=instance_wait_s)
+        self.metrics = MasterMetrics()  # the master's /metrics (master_server registers them)
         self._streams: dict[str, ClusterStream] = {}
         self._by_instance: dict[str, set[_Flight]] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -307,6 +309,7 @@ class ClusterEngine:
     def _on_event(self, event: InstanceEvent) -> None:
         if event.kind != "down":
             return
+        self.metrics.instance_down()
         iid = event.view.instance_id
         for flight in list(self._by_instance.get(iid, ())):
             if flight.call is not None and flight.lost is None:
@@ -330,12 +333,15 @@ class ClusterEngine:
             return await admitted
         deadline = time.monotonic() + self.instance_wait_s
         while True:
+            t0 = time.perf_counter()
             live = self.registry.routable()
             fresh = [v for v in live if v.instance_id not in flight.excluded]
             if not fresh and live and time.monotonic() >= deadline:
                 fresh = list(live)  # maybe the earlier failure was transient
             if fresh:
-                return self.router.route(flight.route, fresh, self.registry.index).instance
+                view = self.router.route(flight.route, fresh, self.registry.index).instance
+                self.metrics.routing_seconds.observe(time.perf_counter() - t0)
+                return view
             if not live and time.monotonic() >= deadline or self._closed:
                 raise EngineDeadError(f"no instance is alive to serve request "
                                       f"{flight.request_id} (attempt {flight.attempt + 1})")
@@ -346,6 +352,7 @@ class ClusterEngine:
         dies. EngineDeadError after max_attempts; ValueError when an instance refuses the
         request itself (bad input is not retried)."""
         last_error = ""
+        lost_at: float | None = None  # when the previous instance was given up (a resume)
         while True:
             view = await self._pick(flight)
             iid = flight.instance_id = view.instance_id
@@ -359,6 +366,9 @@ class ClusterEngine:
             self._by_instance.setdefault(iid, set()).add(flight)
             try:
                 async for resp in flight.call:
+                    if lost_at is not None and resp.token_ids:
+                        self.metrics.resume_seconds.observe(time.monotonic() - lost_at)
+                        lost_at = None
                     flight.generated.extend(resp.token_ids)
                     flight.text += resp.text_delta
                     yield resp
@@ -377,12 +387,14 @@ class ClusterEngine:
             finally:
                 self._by_instance.get(iid, set()).discard(flight)
             flight.excluded.add(iid)
+            lost_at = time.monotonic()
             flight.attempt += 1
             if flight.attempt >= self.max_attempts:
                 raise EngineDeadError(
                     f"request {flight.request_id} failed on {flight.attempt} instance(s); "
                     f"the last error: {last_error}")
             self.num_resumed += 1
+            self.metrics.resumed_flights.inc()
             _log.warning("resuming %s after %d tokens (attempt %d): %s", flight.request_id,
                          len(flight.generated), flight.attempt + 1, last_error)
 

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import signal
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -92,23 +92,32 @@ def _engine_argv(config: EngineConfig) -> list[str]:
     return argv
 
 
-def _die_with_parent() -> None:
-    """In a spawned instance: SIGTERM when the master dies, so no instance outlives it."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+# What a spawned instance runs before xllm.api.server: die with the master (PR_SET_PDEATHSIG),
+# set here after exec rather than in a preexec_fn -- Python code between fork and exec in a
+# process with threads (the master's gRPC threads) can deadlock, and did: on a loaded machine
+# about one cluster start in ten left an instance hung before exec ("epoll_wait error: Bad
+# file descriptor" in the log, the instance never up). Without a preexec_fn, subprocess runs
+# no Python in the child. If the master died before the prctl, the parent pid shows it.
+_INSTANCE_BOOT = """\
+import ctypes, os, runpy, signal, sys
+master = int(sys.argv.pop(1))
+try:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+except OSError:
+    pass
+if os.getppid() != master:
+    sys.exit("xllm-server: the xllm-master that spawned this instance is gone")
+runpy.run_module("xllm.api.server", run_name="__main__", alter_sys=True)
+"""
 
 
 def spawn_instances(n: int, master: str, config: EngineConfig, host: str,
                     log_level: str, etcd: str | None = None) -> list[subprocess.Popen[bytes]]:
     """N local xllm-server instances registering with ``master`` (or in ``etcd``)."""
     join = ["--etcd", etcd] if etcd else ["--master", master]
-    cmd = [sys.executable, "-m", "xllm.api.server", "--host", host, "--port", "0",
+    cmd = [sys.executable, "-c", _INSTANCE_BOOT, str(os.getpid()), "--host", host, "--port", "0",
            *join, "--log-level", log_level, *_engine_argv(config)]
-    return [subprocess.Popen(cmd, preexec_fn=_die_with_parent) for _ in range(n)]  # noqa: PLW1509
+    return [subprocess.Popen(cmd) for _ in range(n)]
 
 
 def stop_instances(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
@@ -154,6 +163,7 @@ async def _run(args: argparse.Namespace, config: EngineConfig) -> int:
                             max_attempts=args.max_attempts,
                             max_offline_queued=args.offline_queue_size)
     app = build_app(cluster, settings, shutdown_engine=False)  # type: ignore[arg-type]
+    cluster.metrics.register(app.state.serving.metrics.registry)  # on the same /metrics
 
     @app.get("/cluster/instances")
     async def instances() -> list[dict[str, object]]:
