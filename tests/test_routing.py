@@ -149,6 +149,26 @@ def test_prefix_aware_prefers_longest_prefix_within_balance() -> None:
     assert d.instance is views[0] and d.matched_tokens == 3 * BS
 
 
+def test_prefix_aware_counts_queued_requests_not_kv_share_as_load() -> None:
+    views, index = make_cluster(2)
+    prompt = list(range(20 * BS + 5))
+    hashes = prompt_block_hashes(prompt, BS)
+    index.apply(views[0].slot, hashes, [])
+    router = Router("prefix_aware", BS)
+    # The holder runs 3 requests that fill 70% of its KV; the other is idle. Running
+    # requests batch, and this prompt's prefix blocks are already there: it stays.
+    views[0].load = InstanceLoad(num_running=3, kv_usage=0.7)
+    d = router.route(RouteRequest(prompt), views, index)
+    assert d.instance is views[0] and d.matched_tokens == 20 * BS
+    # Requests queueing there (the routed one counts until the next report) move it.
+    views[0].load = InstanceLoad(num_running=3, num_waiting=1, kv_usage=0.7)
+    assert router.route(RouteRequest(prompt), views, index).instance is views[1]
+    # So does a KV cache at its ceiling, where a new request would preempt one.
+    views[0].load = InstanceLoad(num_running=1, kv_usage=0.95)
+    views[0].pending_requests = 0
+    assert router.route(RouteRequest(prompt), views, index).instance is views[1]
+
+
 def test_prefix_aware_spreads_one_hot_prefix() -> None:
     """64 requests with one shared prefix and no heartbeat in between: the load guard
     spills them over all instances instead of piling them on the first that cached it."""
