@@ -237,7 +237,7 @@ def test_offline_backlog_waits_at_the_master_and_online_goes_first(
 ) -> None:  # noqa: ANN001
     leader = cluster.masters[0]
     offline_prompts = [
-        f"Offline job {i}: summarise the number {i * 7} in words." for i in range(12)
+        f"Offline job {i}: summarise the number {i * 7} in words." for i in range(20)
     ]
     online_prompt = "Online question: what is the capital of Italy?"
     expected = _expected(served_engine, offline_prompts, 12)
@@ -247,7 +247,10 @@ def test_offline_backlog_waits_at_the_master_and_online_goes_first(
             pool.submit(_complete, leader.url, cluster.model, p, 12, offline=True)
             for p in offline_prompts
         ]
-        # 2 instances x 4 seats: at least 4 of the 12 must wait at the master
+        # 2 instances x 4 seats: at least 4 of the 20 must wait at the master. (With 12, a
+        # CI run once saw the backlog never reach 4: a heartbeat that lands while routed
+        # requests are still in transit clears the master's count of them, so it may admit
+        # a few more than the free seats. That race is known, see docs/cluster.md.)
         deadline = time.monotonic() + 30
         while (_get(leader.url, "/cluster/status") or {}).get("offline_queued", 0) < 4:
             assert time.monotonic() < deadline, "the offline backlog never queued at the master"
@@ -263,7 +266,7 @@ def test_offline_backlog_waits_at_the_master_and_online_goes_first(
     # FIFO admission would have run the online request after 8 or more offline ones; here
     # it overtakes at least the 4 that were waiting at the master when it arrived.
     assert after >= 4, (after, online_done - sent)
-    print(f"online request: {online_done - sent:.2f} s, finished before {after} of 12 offline")
+    print(f"online request: {online_done - sent:.2f} s, finished before {after} of 20 offline")
 
 
 def test_sigkill_one_instance_mid_stream(cluster: Cluster, served_engine) -> None:  # noqa: ANN001
