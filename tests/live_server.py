@@ -35,3 +35,24 @@ class LiveServer:
         self.server.should_exit = True
         self._thread.join(15)
         assert not self._thread.is_alive(), "the test server did not stop"
+
+
+def greedy_texts(served_engine, prompts: list[str], max_tokens: int) -> list[str]:  # noqa: ANN001
+    """What ``served_engine`` (an AsyncEngine) answers each prompt, greedily, ignoring EOS:
+    the reference a cluster's streamed texts must equal."""
+    import asyncio
+
+    from xllm.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+    async def one(p: str) -> str:
+        text = ""
+        async for out in served_engine.generate(p, params):
+            text = out.outputs[0].text
+        return text
+
+    async def run() -> list[str]:
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+    return asyncio.run(run())

@@ -12,7 +12,6 @@ Every process is stopped at the end (SIGTERM, then SIGKILL)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 import requests
 from etcd_server import ETCD, run_etcd
+from live_server import greedy_texts
 
 pytestmark = [
     pytest.mark.skipif(ETCD is None, reason="etcd binary not found (apt-get install etcd-server)"),
@@ -179,23 +179,6 @@ def cluster(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
                 p.stop()
 
 
-def _expected(served_engine, prompts: list[str], max_tokens: int) -> list[str]:  # noqa: ANN001
-    from xllm.sampling_params import SamplingParams
-
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-
-    async def one(p: str) -> str:
-        text = ""
-        async for out in served_engine.generate(p, params):
-            text = out.outputs[0].text
-        return text
-
-    async def run() -> list[str]:
-        return list(await asyncio.gather(*(one(p) for p in prompts)))
-
-    return asyncio.run(run())
-
-
 def _complete(
     url: str,
     model: str,
@@ -240,8 +223,8 @@ def test_offline_backlog_waits_at_the_master_and_online_goes_first(
         f"Offline job {i}: summarise the number {i * 7} in words." for i in range(20)
     ]
     online_prompt = "Online question: what is the capital of Italy?"
-    expected = _expected(served_engine, offline_prompts, 12)
-    (want_online,) = _expected(served_engine, [online_prompt], 8)
+    expected = greedy_texts(served_engine, offline_prompts, 12)
+    (want_online,) = greedy_texts(served_engine, [online_prompt], 8)
     with ThreadPoolExecutor(len(offline_prompts) + 1) as pool:
         offline = [
             pool.submit(_complete, leader.url, cluster.model, p, 12, offline=True)
@@ -273,7 +256,7 @@ def test_sigkill_one_instance_mid_stream(cluster: Cluster, served_engine) -> Non
     leader, standby = cluster.masters
     prompts = [f"Stream {i}: count the colours of a rainbow, then {i} more." for i in range(6)]
     max_tokens = 24
-    expected = _expected(served_engine, prompts, max_tokens)
+    expected = greedy_texts(served_engine, prompts, max_tokens)
     progress = [0] * len(prompts)
     victim = cluster.instances[0]
     with ThreadPoolExecutor(len(prompts)) as pool:
@@ -309,7 +292,7 @@ def test_sigkill_one_instance_mid_stream(cluster: Cluster, served_engine) -> Non
 def test_standby_takes_over_when_the_leader_master_dies(cluster: Cluster, served_engine) -> None:  # noqa: ANN001
     leader, standby = cluster.masters
     prompt = "Failover: name three planets."
-    (want,) = _expected(served_engine, [prompt], 8)
+    (want,) = greedy_texts(served_engine, [prompt], 8)
     # Every master serves: the standby already answers with fresh load from the instances.
     assert (_get(standby.url, "/cluster/status") or {}).get("is_leader") is False
     assert _complete(standby.url, cluster.model, prompt, 8)[:2] == (want, "length")

@@ -4,7 +4,6 @@ the same OpenAI-format errors as xllm-server. Loopback only; every process is st
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -16,26 +15,15 @@ from pathlib import Path
 
 import pytest
 import requests
-from live_server import LiveServer
+from live_server import LiveServer, greedy_texts
+
+from xllm.benchmarks.cluster import children
 
 pytestmark = pytest.mark.timeout(240)
 
 ENGINE_ARGS = ["--max-model-len", "256", "--kv-cache-memory-gb", "0.25", "--num-threads", "1"]
 MAX_TOKENS = 20
 PROMPTS = [f"Question {i}: name a colour and a number between {i} and {i + 7}." for i in range(16)]
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +52,14 @@ def master(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # n
             raise AssertionError(f"the master did not come up:\n{log.read_text()[-4000:]}")
         yield proc, url, log
     finally:
-        children = _children(proc.pid)
+        spawned = children(proc.pid)
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
-        for pid in children:  # the master stops them; make sure of it
+        for pid in spawned:  # the master stops them; make sure of it
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -79,20 +67,7 @@ def master(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # n
 
 
 def _expected(served_engine, prompts: list[str]) -> list[str]:  # noqa: ANN001
-    from xllm.sampling_params import SamplingParams
-
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-
-    async def one(p: str) -> str:
-        text = ""
-        async for out in served_engine.generate(p, params):
-            text = out.outputs[0].text
-        return text
-
-    async def run() -> list[str]:
-        return list(await asyncio.gather(*(one(p) for p in prompts)))
-
-    return asyncio.run(run())
+    return greedy_texts(served_engine, prompts, MAX_TOKENS)
 
 
 def _stream(url: str, model: str, prompt: str, progress: list[int],
@@ -118,7 +93,7 @@ def test_sigkill_one_of_three_instances_mid_stream(master, served_engine,  # noq
                                                     demo_model_dir: Path) -> None:
     proc, url, log = master
     expected = _expected(served_engine, PROMPTS)
-    victims = _children(proc.pid)
+    victims = children(proc.pid)
     assert len(victims) == 3
     model = str(demo_model_dir)
     progress = [0] * len(PROMPTS)
