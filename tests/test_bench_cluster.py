@@ -5,17 +5,22 @@ every process the benchmark started is gone afterwards."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench.cluster import main
+from bench.cluster_failure import _start_streams, _VoidTrial
 from xllm.benchmarks import prometheus as prom
 from xllm.benchmarks.cluster import children
-from xllm.benchmarks.serve import shared_prefix_requests
+from xllm.benchmarks.serve import RequestResult, RequestSpec, shared_prefix_requests
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -41,6 +46,52 @@ def test_histogram_quantile_matches_prometheus() -> None:
     assert prom.histogram_quantile(1.0, hist) == pytest.approx(0.005)  # in +Inf: last bound
     assert prom.bucket_bound(0.95, hist) == 0.005
     assert prom.histogram_quantile(0.5, [(1.0, 0.0), (float("inf"), 0.0)]) is None
+
+
+class _FakeClient:
+    """Streams whose k-th spec gets its first token after ``delays[k]`` s, then one token
+    every 10 ms until ``output_len``; records which streams were cancelled."""
+
+    def __init__(self, delays: list[float]) -> None:
+        self.delays = delays
+        self.started = 0
+        self.cancelled: list[int] = []
+
+    async def run(self, spec: RequestSpec, *, on_accept: Any, on_event: Any) -> RequestResult:
+        k = self.started
+        self.started += 1
+        on_accept(time.perf_counter())
+        try:
+            await asyncio.sleep(self.delays[k])
+            for _ in range(spec.output_len):
+                on_event(time.perf_counter())
+                await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            self.cancelled.append(k)
+            raise
+        return RequestResult(ok=True, prompt_tokens=1, output_tokens=spec.output_len)
+
+
+def test_kill_phase_streams_void_when_one_ends_before_all_streamed() -> None:
+    specs = [RequestSpec("p", 1, 4) for _ in range(3)]
+
+    async def run(delays: list[float], length: int) -> tuple[_FakeClient, int]:
+        client = _FakeClient(delays)
+        tasks, times = await _start_streams(  # type: ignore[arg-type]
+            client, [replace(s, output_len=length) for s in specs], time.monotonic() + 10
+        )
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return client, min(len(t) for t in times)
+
+    # The third stream starts after the first ended (4 tokens in ~40 ms): void, and no
+    # stream outlives the trial.
+    with pytest.raises(_VoidTrial, match="stream 0: 4 tokens"):
+        asyncio.run(run([0.0, 0.0, 0.3], 4))
+    # With outputs long enough, every stream is under way together.
+    client, least = asyncio.run(run([0.0, 0.0, 0.3], 64))
+    assert least >= 2 and sorted(client.cancelled) == [0, 1, 2]
 
 
 def _leftovers() -> list[int]:
