@@ -182,8 +182,17 @@ async def _policy_and_kill(
                 args.kill_output_len,
                 args.seed + 7,
             )[: args.kill_streams]
+            # A void trial (a stream ended before the last one streamed) is repeated with
+            # longer outputs, within the context: prompts take at most 2 tokens per word.
+            longest = max(s.prompt_words for s in kill_specs)
             report["failure"] = await kill_phase(
-                cluster, client, kill_specs, sent, args.heartbeat_timeout, args.phase_timeout
+                cluster,
+                client,
+                kill_specs,
+                sent,
+                args.heartbeat_timeout,
+                args.phase_timeout,
+                max_output_len=args.max_model_len - 2 * longest - 8,
             )
             report["failure"]["policy"] = policy
 
@@ -274,6 +283,7 @@ def print_report(report: dict[str, Any]) -> None:
             f"{f['detection_after_deadline_s']:+.3f} s (target <= +1 s); "
             f"{len(f['affected_streams'])} streams resumed, kill -> first resumed token at "
             f"the client: max {worst}; all streams completed: {f['all_completed']}"
+            + (f"; after {len(f['void_trials'])} void trial(s)" if f.get("void_trials") else "")
         )
     print(
         f"load average {report['machine']['load_average_start']:.1f} at the start, "

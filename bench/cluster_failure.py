@@ -2,7 +2,9 @@
 
 The streams start one at a time (each once the master has taken the previous one), so the
 master's request numbers (``mreq-<n>``, in its "resuming" log lines) name them. Once every
-stream has streamed, the instance running the most requests is SIGKILLed. Reported:
+stream has streamed, the instance running the most requests is SIGKILLed; a stream that
+ends before that makes the trial void, and it repeats with longer outputs (see
+:func:`kill_phase`). Reported:
 
 - ``detection_s``: kill -> the registry declares the instance dead, from the master's
   ``xllm_master_last_instance_down_timestamp_seconds`` (or, when other instances went down
@@ -21,6 +23,7 @@ import re
 import signal
 import statistics
 import time
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -47,20 +50,19 @@ async def _victim(cluster: LocalCluster) -> tuple[InstanceProcess, float]:
     return best, best_running
 
 
-async def kill_phase(
-    cluster: LocalCluster,
-    client: Client,
-    specs: list[RequestSpec],
-    sent_before: int,
-    heartbeat_timeout_s: float,
-    timeout_s: float,
-) -> dict[str, Any]:
-    """Streams ``specs`` (all ``ignore_eos``), SIGKILLs the busiest instance once every stream
-    has 2 events, and reports what the master and the client saw (module docstring).
-    ``sent_before``: completions this master was sent before (its request numbering)."""
+class _VoidTrial(Exception):
+    """A stream ended before every stream had streamed: nothing was killed."""
+
+
+async def _start_streams(
+    client: Client, specs: list[RequestSpec], deadline: float
+) -> tuple[list[asyncio.Task[Any]], list[list[float]]]:
+    """Starts ``specs`` one at a time (each once the master has taken the previous one: the
+    master numbers requests as it takes them, mreq-<n>, and its "resuming" log lines name
+    them so), then waits until every stream has 2 events. _VoidTrial when one ended first;
+    on any exception the streams are cancelled."""
     times: list[list[float]] = [[] for _ in specs]
     tasks: list[asyncio.Task[Any]] = []
-    deadline = time.monotonic() + timeout_s
     try:
         for j, spec in enumerate(specs):
             accepted = asyncio.Event()
@@ -71,27 +73,89 @@ async def kill_phase(
                     )
                 )
             )
-            # One at a time: the master numbers requests as it takes them (mreq-<n>), and its
-            # "resuming" log lines name them so; this keeps stream j = request sent_before+j+1.
             while not accepted.is_set() and not tasks[-1].done():
                 if time.monotonic() > deadline:
                     raise RuntimeError("the master did not take the kill-phase streams in time")
                 await asyncio.sleep(0.005)
         while min(len(t) for t in times) < 2:
             ended = [(j, t.result()) for j, t in enumerate(tasks) if t.done()]
-            if ended or time.monotonic() > deadline:
-                why = (
-                    "; ".join(
-                        f"stream {j}: {r.output_tokens} tokens, error {r.error}" for j, r in ended
-                    )
-                    or "timed out"
+            if ended:
+                why = "; ".join(
+                    f"stream {j}: {r.output_tokens} tokens, error {r.error}" for j, r in ended
                 )
+                if any(r.error for _, r in ended):  # a refusal or a failure: not timing
+                    raise RuntimeError(f"a kill-phase stream failed before the kill: {why}")
+                raise _VoidTrial(f"{why}; events so far {[len(t) for t in times]}")
+            if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"a kill-phase stream ended before every stream had 2 events "
-                    f"(raise --kill-output-len?): {why}; events so far "
+                    f"the kill-phase streams did not all stream in time; events so far "
                     f"{[len(t) for t in times]}"
                 )
             await asyncio.sleep(0.01)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    return tasks, times
+
+
+async def _wait_idle(cluster: LocalCluster, deadline: float) -> None:
+    """Until no instance holds a request (a void trial's cancelled streams are aborted)."""
+    while True:
+        busy = 0.0
+        for inst in cluster.instances():
+            m = await prom.scrape(inst.url)
+            busy += prom.value(m, "xllm_num_requests_running")
+            busy += prom.value(m, "xllm_num_requests_waiting")
+        if busy == 0:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError("the instances still hold the void trial's streams")
+        await asyncio.sleep(0.05)
+
+
+async def kill_phase(
+    cluster: LocalCluster,
+    client: Client,
+    specs: list[RequestSpec],
+    sent_before: int,
+    heartbeat_timeout_s: float,
+    timeout_s: float,
+    *,
+    max_output_len: int | None = None,
+    max_trials: int = 3,
+) -> dict[str, Any]:
+    """Streams ``specs`` (all ``ignore_eos``), SIGKILLs the busiest instance once every stream
+    has 2 events, and reports what the master and the client saw (module docstring).
+    ``sent_before``: completions this master was sent before (its request numbering).
+
+    Every stream must be under way at the kill. When one ends before the last has streamed
+    (a policy may queue several streams on one instance: on a starved machine that
+    instance's prefill step can outlast a whole stream elsewhere), the trial is void:
+    its streams are cancelled and the trial repeats, up to ``max_trials`` in all, with
+    outputs twice as long each time (up to ``max_output_len``, default: as given) -- the
+    prompts are cached by then, too. The report lists the void trials."""
+    if max_trials < 1:
+        raise ValueError(f"max_trials must be >= 1, got {max_trials}")
+    deadline = time.monotonic() + timeout_s
+    cap = max(max_output_len or 0, max(s.output_len for s in specs))
+    void: list[dict[str, Any]] = []
+    for trial in range(max_trials):
+        try:
+            tasks, times = await _start_streams(client, specs, deadline)
+            break
+        except _VoidTrial as e:
+            void.append({"output_len": max(s.output_len for s in specs), "why": str(e)})
+            if trial + 1 == max_trials:
+                raise RuntimeError(
+                    f"in each of {max_trials} trials a kill-phase stream ended before every "
+                    f"stream had 2 events (raise --kill-output-len?): {void}"
+                ) from None
+            sent_before += len(specs)  # the master numbered the void trial's streams
+            specs = [replace(s, output_len=min(2 * s.output_len, cap)) for s in specs]
+            await _wait_idle(cluster, deadline)
+    try:
         m0 = await prom.scrape(cluster.url)
         victim, running = await _victim(cluster)
         if victim.instance_id is None:
@@ -153,6 +217,7 @@ async def kill_phase(
     return {
         "streams": len(specs),
         "output_len": max(s.output_len for s in specs),
+        "void_trials": void,
         "victim": {
             "url": victim.url,
             "instance_id": victim.instance_id,

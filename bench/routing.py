@@ -58,9 +58,9 @@ def measure(
         t0 = time.perf_counter()
         router.route(req, views, index)
         times.append(time.perf_counter() - t0)
-        if k % 64 == 63:  # heartbeats reset the pending counters
+        if k % 64 == 63:  # heartbeats list the dispatches their load counts by now
             for v in views:
-                v.pending_requests = v.pending_prefill_tokens = 0
+                v.drop_in_transit()
     return times
 
 

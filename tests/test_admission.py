@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
@@ -39,10 +40,14 @@ def _cluster(n: int, seats: int = 2) -> tuple[EmbeddedRegistry, Router]:
 _seq = iter(range(1, 1 << 30))
 
 
-def _beat(registry: EmbeddedRegistry, iid: str, **load: Any) -> None:
+def _beat(registry: EmbeddedRegistry, iid: str, admitted: Iterable[int] = (), **load: Any) -> None:
+    """A load report from ``iid`` whose load counts the dispatches ``admitted`` (ids booked
+    on other instances are ignored, as a real master ignores them)."""
     view = registry.get(iid)
     assert view is not None
-    registry.heartbeat(iid, view.incarnation_id, next(_seq), InstanceLoad(**load), full=True)
+    registry.heartbeat(
+        iid, view.incarnation_id, next(_seq), InstanceLoad(**load), full=True, admitted=admitted
+    )
 
 
 def test_spare_capacity_rule() -> None:
@@ -93,27 +98,31 @@ def test_offline_queue_order_bound_cancel_and_exclusions() -> None:
         assert len(q) == 3
         _beat(registry, "i0", num_running=1)  # one seat frees up
         assert q.dispatch() == 1
-        assert futs["b"].done() and futs["b"].result().instance_id == "i0"  # prio 1, first
-        assert q.dispatch() == 0  # i0's seat is booked until its next report
-        _beat(registry, "i0")
+        assert futs["b"].done() and futs["b"].result().instance.instance_id == "i0"  # prio 1
+        assert q.dispatch() == 0  # i0's seat is booked until a report counts it
+        _beat(registry, "i0", num_running=1)  # a report that does not: still booked
+        assert q.dispatch() == 0
+        _beat(registry, "i0", admitted=[futs["b"].result().dispatch_id])  # b came and went
         _beat(registry, "i1")
         assert q.dispatch() == 2
         assert futs["c"].done() and futs["a"].done()
-        assert {futs["c"].result().instance_id, futs["a"].result().instance_id} == {"i0", "i1"}
+        placed = [futs[k].result() for k in "ca"]
+        assert {d.instance.instance_id for d in placed} == {"i0", "i1"}
         await asyncio.sleep(0)
         assert len(q) == 0
 
         # A resumed request keeps its place and is admitted even when the queue is full;
         # it avoids the instance it failed on until instance_wait_s has passed.
-        _beat(registry, "i0")
-        _beat(registry, "i1", num_running=2)
+        done = [d.dispatch_id for d in placed]
+        _beat(registry, "i0", admitted=done)
+        _beat(registry, "i1", admitted=done, num_running=2)
         early = q.enqueue(RouteRequest([4], offline=True), 9, 0, {"i0"}, resumed=True)
         late = q.enqueue(RouteRequest([5], offline=True), 9, q.next_seq())
         assert q.dispatch() == 1 and late.done() and not early.done()
-        _beat(registry, "i0")
+        _beat(registry, "i0", admitted=[late.result().dispatch_id])
         assert q.dispatch() == 0  # only i0 has room, and early failed there
         assert q.dispatch(now=time.monotonic() + 1.5) == 1
-        assert early.result().instance_id == "i0"
+        assert early.result().instance.instance_id == "i0"
         await q.close()
 
     asyncio.run(run())
@@ -201,19 +210,32 @@ def test_cluster_engine_online_first_offline_waits_for_capacity() -> None:
         _beat(registry, "i0", num_running=1)  # one seat: the most important offline one
         await asyncio.sleep(0.05)
         assert [c.req.priority for c in calls[1:]] == [1]
+        view = registry.get("i0")
+        assert view is not None and view.pending_requests == 1
+        # A report taken before that dispatch reached the engine: its seat stays booked.
         _beat(registry, "i0", num_running=1)
         await asyncio.sleep(0.05)
+        assert [c.req.priority for c in calls[1:]] == [1] and view.pending_requests == 1
+        # The report that counts it (a running online request finished meanwhile).
+        _beat(registry, "i0", admitted=[calls[1].req.dispatch_id], num_running=1)
+        await asyncio.sleep(0.05)
         assert [c.req.priority for c in calls[1:]] == [1, 2]
-        _beat(registry, "i0")
+        assert list(view.in_transit) == [calls[2].req.dispatch_id]
+        # Its first token settles that dispatch without any report: the seat the report
+        # left free goes to the last offline request.
+        calls[2].step()
         await asyncio.sleep(0.05)
         assert [c.req.priority for c in calls[1:]] == [1, 2, 3]
+        assert list(view.in_transit) == [calls[3].req.dispatch_id]
         for c in calls[1:]:
-            c.step()
-            c.step()
+            while c.left > 0:
+                c.step()
         for s in offline:
             outs = [o async for o in s]
             assert outs[-1].outputs[0].finish_reason == "length"
         assert len(engine.admission) == 0
+        assert view.pending_requests == 0 and not view.in_transit  # every stream ended
+        assert len({c.req.dispatch_id for c in calls}) == len(calls) and calls[0].req.dispatch_id
         await engine.close()
 
     asyncio.run(run())

@@ -5,17 +5,22 @@ every process the benchmark started is gone afterwards."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench.cluster import main
+from bench.cluster_failure import _start_streams, _VoidTrial
 from xllm.benchmarks import prometheus as prom
 from xllm.benchmarks.cluster import children
-from xllm.benchmarks.serve import shared_prefix_requests
+from xllm.benchmarks.serve import RequestResult, RequestSpec, shared_prefix_requests
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -43,6 +48,52 @@ def test_histogram_quantile_matches_prometheus() -> None:
     assert prom.histogram_quantile(0.5, [(1.0, 0.0), (float("inf"), 0.0)]) is None
 
 
+class _FakeClient:
+    """Streams whose k-th spec gets its first token after ``delays[k]`` s, then one token
+    every 10 ms until ``output_len``; records which streams were cancelled."""
+
+    def __init__(self, delays: list[float]) -> None:
+        self.delays = delays
+        self.started = 0
+        self.cancelled: list[int] = []
+
+    async def run(self, spec: RequestSpec, *, on_accept: Any, on_event: Any) -> RequestResult:
+        k = self.started
+        self.started += 1
+        on_accept(time.perf_counter())
+        try:
+            await asyncio.sleep(self.delays[k])
+            for _ in range(spec.output_len):
+                on_event(time.perf_counter())
+                await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            self.cancelled.append(k)
+            raise
+        return RequestResult(ok=True, prompt_tokens=1, output_tokens=spec.output_len)
+
+
+def test_kill_phase_streams_void_when_one_ends_before_all_streamed() -> None:
+    specs = [RequestSpec("p", 1, 4) for _ in range(3)]
+
+    async def run(delays: list[float], length: int) -> tuple[_FakeClient, int]:
+        client = _FakeClient(delays)
+        tasks, times = await _start_streams(  # type: ignore[arg-type]
+            client, [replace(s, output_len=length) for s in specs], time.monotonic() + 10
+        )
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return client, min(len(t) for t in times)
+
+    # The third stream starts after the first ended (4 tokens in ~40 ms): void, and no
+    # stream outlives the trial.
+    with pytest.raises(_VoidTrial, match="stream 0: 4 tokens"):
+        asyncio.run(run([0.0, 0.0, 0.3], 4))
+    # With outputs long enough, every stream is under way together.
+    client, least = asyncio.run(run([0.0, 0.0, 0.3], 64))
+    assert least >= 2 and sorted(client.cancelled) == [0, 1, 2]
+
+
 def _leftovers() -> list[int]:
     return [
         pid
@@ -59,10 +110,10 @@ def test_tiny_cluster_run_and_kill(demo_model_dir: Path, tmp_path: Path) -> None
         "--instances",
         "2",
         "--policies",
-        # The kill phase runs on the last policy's cluster: round_robin places its streams
-        # on both instances whatever the caches hold (prefix_aware may queue them on one,
-        # and a stream that finishes before the others started makes the phase refuse).
-        "prefix_aware,round_robin",
+        # The kill phase runs on this cluster too: prefix_aware may queue 3 of the 4
+        # streams on one instance, whose prefill step can outlast a whole 16-token stream
+        # on the other on a starved machine; the phase then repeats with longer outputs.
+        "prefix_aware",
         "--groups",
         "2",
         "--per-group",
@@ -126,7 +177,10 @@ def test_tiny_cluster_run_and_kill(demo_model_dir: Path, tmp_path: Path) -> None
     }
 
     f = report["failure"]
+    assert f["policy"] == "prefix_aware"
     assert f["all_completed"] and f["completed"] == 4, f["errors"]
+    # Each void trial doubled the outputs (72-word prompts: far within the context).
+    assert len(f["void_trials"]) < 3 and f["output_len"] == 16 * 2 ** len(f["void_trials"])
     assert f["affected_streams"] and not f["unmatched_resumes"]
     assert f["resumed_flights"] >= len(f["affected_streams"])
     assert "missed its heartbeat deadline" in f["down_reason"]

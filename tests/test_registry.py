@@ -71,12 +71,15 @@ def test_prefix_cache_deltas_chain_by_seq() -> None:
     assert reg.index.num_blocks(v.slot) == 2 and reg.index.match([3]) == {}
 
 
-def test_heartbeat_updates_load_and_resets_pending() -> None:
+def test_heartbeat_updates_load_and_settles_only_admitted_dispatches() -> None:
     reg = EmbeddedRegistry()
     v = reg.register(info())
-    v.pending_requests, v.pending_prefill_tokens = 3, 300
-    reg.heartbeat("a", v.incarnation_id, 1, InstanceLoad(num_waiting=2, kv_usage=0.5), full=True)
-    assert v.load.num_waiting == 2 and v.pending_requests == 0 and v.pending_prefill_tokens == 0
+    v.book(11, 100)
+    v.book(12, 200)
+    load = InstanceLoad(num_waiting=2, kv_usage=0.5)
+    reg.heartbeat("a", v.incarnation_id, 1, load, full=True, admitted=[12, 99])
+    assert v.load.num_waiting == 2 and v.in_transit == {11: 100}
+    assert (v.pending_requests, v.pending_prefill_tokens) == (1, 100)
 
 
 def test_deadline_marks_dead_and_frees_prefix_slot() -> None:

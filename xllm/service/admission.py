@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 
 from xllm.engine.async_engine import EngineDeadError, EngineOverloadedError
 from xllm.service.registry import InstanceRegistry
-from xllm.service.routing import Router, RouteRequest
-from xllm.service.state import InstanceView
+from xllm.service.routing import RouteDecision, Router, RouteRequest
 
 __all__ = ["AdmissionQueueFull", "OfflineAdmission"]
 
@@ -41,7 +40,7 @@ class AdmissionQueueFull(EngineOverloadedError):
 class _Waiting:
     priority: int
     seq: int  # arrival order; a resumed request keeps its first one
-    future: asyncio.Future[InstanceView] = field(compare=False)
+    future: asyncio.Future[RouteDecision] = field(compare=False)
     route: RouteRequest = field(compare=False)
     excluded: set[str] = field(compare=False)
     since: float = field(compare=False)  # when it (re)entered the queue
@@ -105,9 +104,10 @@ class OfflineAdmission:
         excluded: set[str] | None = None,
         *,
         resumed: bool = False,
-    ) -> asyncio.Future[InstanceView]:
-        """Queues an offline request; the future resolves to the instance it may go to
-        (already booked there), or fails with EngineDeadError. A new request (not
+    ) -> asyncio.Future[RouteDecision]:
+        """Queues an offline request; the future resolves to the routing decision (the
+        instance it may go to, already booked there: the caller settles the dispatch), or
+        fails with EngineDeadError. A new request (not
         ``resumed``) is refused with AdmissionQueueFull when the queue is full; cancelling
         the future takes the request out of the queue."""
         if self._closed:
@@ -115,7 +115,7 @@ class OfflineAdmission:
         if not resumed:
             self.check_room(1)
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[InstanceView] = loop.create_future()
+        future: asyncio.Future[RouteDecision] = loop.create_future()
         future.add_done_callback(self._left)
         self._num_waiting += 1
         heapq.heappush(
@@ -133,7 +133,7 @@ class OfflineAdmission:
         if not self._closed:
             self.dispatch()
 
-    def _left(self, _: asyncio.Future[InstanceView]) -> None:
+    def _left(self, _: asyncio.Future[RouteDecision]) -> None:
         self._num_waiting -= 1
 
     def dispatch(self, now: float | None = None) -> int:
@@ -159,7 +159,7 @@ class OfflineAdmission:
                 kept.append(w)
                 continue
             decision = self.router.route(w.route, fits, self.registry.index)
-            w.future.set_result(decision.instance)
+            w.future.set_result(decision)
             placed += 1
             spare = [v for v in spare if self.router.spare.admits(v)]  # booked: recheck
         for w in kept:

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -78,6 +79,20 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         self.engine = engine
         self.ttft_ms, self.tpot_ms, self.prefill_tps = _Ewma(), _Ewma(), _Ewma()
         self._streams: dict[str, Any] = {}
+        # Dispatch ids of requests submitted to the engine since the agent last took them.
+        # Appended right after engine.generate() has queued the request in the engine's
+        # FIFO inbox, on the event loop, so whatever the agent takes before queuing its
+        # load snapshot is counted by that snapshot (see InstanceAgent._beat_loop).
+        self._admitted: list[int] = []
+
+    def take_admitted(self) -> list[int]:
+        """The dispatch ids submitted since the previous call (the agent's next beat)."""
+        ids, self._admitted = self._admitted, []
+        return ids
+
+    def untake_admitted(self, ids: list[int]) -> None:
+        """Gives back ids a beat could not vouch for (its load snapshot failed)."""
+        self._admitted[:0] = ids
 
     async def Generate(self, request: instance_pb2.GenerateRequest,  # noqa: N802
                        context: grpc.aio.ServicerContext) -> Any:
@@ -95,6 +110,8 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except EngineDeadError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        if request.dispatch_id:
+            self._admitted.append(request.dispatch_id)
         start = time.monotonic()
         first: float | None = None
         self._streams[stream.request_id] = stream
@@ -151,8 +168,22 @@ def _logprobs(ids: list[int], entries: list[dict[int, float]]) -> list[instance_
     return out
 
 
-def _engine_snapshot(engine: Any) -> tuple[set[int], int, int]:
-    """On the engine thread: (cached block hashes, queued prefill tokens, running offline)."""
+@dataclass(slots=True)
+class _Snapshot:
+    """The engine's state between two steps, read on the engine thread."""
+
+    hashes: set[int]  # cached block hashes
+    prefill: int  # prompt tokens queued and not yet computed
+    offline: int  # running offline requests
+    num_waiting: int
+    num_running: int
+    kv_usage: float
+
+
+def _engine_snapshot(engine: Any) -> _Snapshot:
+    """On the engine thread. The load is read here too, not from AsyncEngine.stats()
+    (published after each step): this runs after every request queued in the inbox before
+    it was added to the scheduler, which the beat's admitted dispatch ids rely on."""
     sched = engine.scheduler
     pool = sched.kv.pool
     hashes = set()
@@ -165,7 +196,12 @@ def _engine_snapshot(engine: Any) -> tuple[set[int], int, int]:
         left = r.num_tokens - r.num_computed_tokens  # 1 while decoding: its last token
         prefill += left if left > 1 else 0
         offline += r.offline and r.num_computed_tokens > 0
-    return hashes, prefill, offline
+    st = sched.stats()
+    return _Snapshot(hashes, prefill, offline, st.num_waiting, st.num_running,
+                     st.kv_cache_usage)
+
+
+MAX_CARRIED_IDS = 65536  # per master: admitted dispatch ids waiting for a beat that lands
 
 
 class _MasterLink:
@@ -178,6 +214,16 @@ class _MasterLink:
         self.stub = master_pb2_grpc.MasterStub(self.channel)
         self.full = True  # its next beat must be a full snapshot
         self.inflight: asyncio.Task[None] | None = None
+        # Admitted dispatch ids this master has not received yet: a beat it misses (one
+        # still in flight, or failed) carries them to the next. Late is harmless (the
+        # load counted them earlier); bounded, as the master also settles a dispatch when
+        # its stream starts or ends.
+        self.admitted: list[int] = []
+
+    def carry(self, ids: list[int]) -> None:
+        self.admitted.extend(ids)
+        if len(self.admitted) > MAX_CARRIED_IDS:
+            del self.admitted[: len(self.admitted) - MAX_CARRIED_IDS]
 
     async def close(self) -> None:
         if self.inflight is not None:
@@ -318,28 +364,38 @@ class InstanceAgent:
                 return True
             await self._refresh_masters(force=not self._links)
             seq += 1
-            snapshot: set[int] | None = None
+            s = self.servicer
+            # Taken BEFORE the snapshot is queued: the engine's inbox is FIFO, so every
+            # request these ids name is in the scheduler when the snapshot reads its load.
+            admitted = s.take_admitted()
+            snapshot: _Snapshot | None = None
             try:  # the snapshot waits for the current step; never longer than half a beat
                 fut = self.engine.call_on_engine_thread(_engine_snapshot)
-                snapshot, prefill, offline = await asyncio.wait_for(
-                    asyncio.wrap_future(fut), self.interval_s / 2)
+                snapshot = await asyncio.wait_for(asyncio.wrap_future(fut), self.interval_s / 2)
             except Exception as e:  # slow step, engine stopping: beat without a delta
                 if not isinstance(e, (TimeoutError, EngineDeadError, EngineOverloadedError)):
                     _log.warning("prefix-cache snapshot failed: %r", e)
-            stats = self.engine.stats()
-            s = self.servicer
+            if snapshot is not None:
+                prefill, offline = snapshot.prefill, snapshot.offline
+                waiting, running, kv = snapshot.num_waiting, snapshot.num_running, snapshot.kv_usage
+            else:  # the last published stats may predate those requests: report them later
+                s.untake_admitted(admitted)
+                admitted = []
+                stats = self.engine.stats()
+                waiting, running, kv = stats.num_waiting, stats.num_running, stats.kv_cache_usage
             load = master_pb2.LoadReport(
-                num_waiting=stats.num_waiting, num_running=stats.num_running,
-                num_waiting_prefill_tokens=prefill, kv_usage=stats.kv_cache_usage,
+                num_waiting=waiting, num_running=running,
+                num_waiting_prefill_tokens=prefill, kv_usage=kv,
                 ttft_ms=s.ttft_ms.value, tpot_ms=s.tpot_ms.value,
                 prefill_tokens_per_s=s.prefill_tps.value, num_offline_running=offline)
-            current = known if snapshot is None else snapshot
+            current = known if snapshot is None else snapshot.hashes
             # Without a fresh snapshot a delta is empty (the next one covers the change).
             delta = master_pb2.PrefixCacheDelta(added=list(current - known),
                                                 evicted=list(known - current))
             whole = master_pb2.PrefixCacheDelta(full=True, added=list(current))
             known = current
             for link in self._links.values():
+                link.carry(admitted)
                 if link.inflight is not None and not link.inflight.done():
                     link.full = True  # it misses this beat, so its next one is full
                     continue
@@ -347,7 +403,9 @@ class InstanceAgent:
                 link.full = False  # until its answer says otherwise
                 req = master_pb2.HeartbeatRequest(
                     instance_id=self.info.instance_id, incarnation_id=self.incarnation_id,
-                    seq=seq, load=load, prefix_cache=whole if full else delta)
+                    seq=seq, load=load, prefix_cache=whole if full else delta,
+                    admitted_dispatch_ids=link.admitted)
+                link.admitted = []
                 link.inflight = asyncio.create_task(self._beat(link, req))
 
     async def _beat(self, link: _MasterLink, req: master_pb2.HeartbeatRequest) -> None:
@@ -356,6 +414,9 @@ class InstanceAgent:
         except Exception as e:  # unreachable, timed out, channel closed: never unhandled
             _log.debug("heartbeat to %s failed: %r", link.address, e)
             link.full = True  # the master may have missed this delta
+            if req.incarnation_id == self.incarnation_id:  # and these ids: the next beat
+                ids = list(req.admitted_dispatch_ids)
+                link.admitted[:0] = ids[-MAX_CARRIED_IDS:]
             return
         if req.incarnation_id != self.incarnation_id:
             return  # an answer about the previous incarnation

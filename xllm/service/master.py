@@ -35,7 +35,7 @@ from xllm.service.instance import params_to_proto
 from xllm.service.metrics import MasterMetrics
 from xllm.service.proto import instance_pb2, instance_pb2_grpc, master_pb2, master_pb2_grpc
 from xllm.service.registry import EmbeddedRegistry, InstanceEvent, InstanceRegistry
-from xllm.service.routing import Router, RouteRequest
+from xllm.service.routing import RouteDecision, Router, RouteRequest
 from xllm.service.state import InstanceInfo, InstanceLoad
 
 __all__ = ["ClusterEngine", "MasterServicer", "ModelFacts"]
@@ -72,7 +72,8 @@ class MasterServicer(master_pb2_grpc.MasterServicer):
         pc = request.prefix_cache
         result = self.registry.heartbeat(
             request.instance_id, request.incarnation_id, request.seq,
-            InstanceLoad.from_proto(request.load), pc.added, pc.evicted, pc.full)
+            InstanceLoad.from_proto(request.load), pc.added, pc.evicted, pc.full,
+            admitted=request.admitted_dispatch_ids)
         return master_pb2.HeartbeatResponse(status=int(result.status),  # type: ignore[arg-type]
                                             resync_prefix_cache=result.resync_prefix_cache)
 
@@ -119,7 +120,15 @@ class _Flight:
     lost: str | None = None  # why the current instance was given up (set before cancel)
     excluded: set[str] = field(default_factory=set)
     seq: int = 0  # offline: place in the admission queue (kept when resumed)
-    admitted: asyncio.Future[Any] | None = None  # offline: its first queue entry
+    admitted: asyncio.Future[RouteDecision] | None = None  # offline: its first queue entry
+
+
+def _settle_unsent(admitted: asyncio.Future[RouteDecision]) -> None:
+    """An offline flight placed by the admission queue but abandoned before its dispatch
+    was sent: its booking must not stay in transit."""
+    if admitted.done() and not admitted.cancelled() and admitted.exception() is None:
+        decision = admitted.result()
+        decision.instance.settle(decision.dispatch_id)
 
 
 class ClusterStream:
@@ -205,6 +214,7 @@ class ClusterStream:
         for f in self._flights:  # out of the offline queue even if its task never ran
             if f.admitted is not None:
                 f.admitted.cancel()
+                _settle_unsent(f.admitted)
 
     async def __aenter__(self) -> ClusterStream:
         return self
@@ -325,12 +335,17 @@ class ClusterEngine:
             ch = self._channels[address] = grpc.aio.insecure_channel(address)
         return instance_pb2_grpc.InstanceStub(ch)
 
-    async def _pick(self, flight: _Flight) -> Any:
+    async def _pick(self, flight: _Flight) -> RouteDecision:
+        """Routes the flight (booked on the chosen instance: the caller settles it)."""
         if flight.offline:  # waits for spare capacity; a resumed flight keeps its place
             admitted = flight.admitted or self.admission.enqueue(
                 flight.route, flight.priority, flight.seq, flight.excluded, resumed=True)
             flight.admitted = None
-            return await admitted
+            try:
+                return await admitted
+            except asyncio.CancelledError:
+                _settle_unsent(admitted)  # placed, but the flight is gone before sending
+                raise
         deadline = time.monotonic() + self.instance_wait_s
         while True:
             t0 = time.perf_counter()
@@ -339,9 +354,9 @@ class ClusterEngine:
             if not fresh and live and time.monotonic() >= deadline:
                 fresh = list(live)  # maybe the earlier failure was transient
             if fresh:
-                view = self.router.route(flight.route, fresh, self.registry.index).instance
+                decision = self.router.route(flight.route, fresh, self.registry.index)
                 self.metrics.routing_seconds.observe(time.perf_counter() - t0)
-                return view
+                return decision
             if not live and time.monotonic() >= deadline or self._closed:
                 raise EngineDeadError(f"no instance is alive to serve request "
                                       f"{flight.request_id} (attempt {flight.attempt + 1})")
@@ -354,18 +369,27 @@ class ClusterEngine:
         last_error = ""
         lost_at: float | None = None  # when the previous instance was given up (a resume)
         while True:
-            view = await self._pick(flight)
+            decision = await self._pick(flight)
+            view, dispatch_id = decision.instance, decision.dispatch_id
             iid = flight.instance_id = view.instance_id
             flight.lost = None
             req = instance_pb2.GenerateRequest(
                 request_id=f"{flight.request_id}@{flight.attempt}",
                 prompt_token_ids=flight.prompt, generated_token_ids=flight.generated,
                 generated_text=flight.text, sampling_params=params_to_proto(flight.params),
-                priority=flight.priority, offline=flight.offline, attempt=flight.attempt)
-            flight.call = self._stub(view.info.address).Generate(req)
+                priority=flight.priority, offline=flight.offline, attempt=flight.attempt,
+                dispatch_id=dispatch_id)
+            try:
+                flight.call = self._stub(view.info.address).Generate(req)
+            except BaseException:
+                view.settle(dispatch_id)
+                raise
             self._by_instance.setdefault(iid, set()).add(flight)
             try:
                 async for resp in flight.call:
+                    # A first message means the engine has it (its load counts it, or will
+                    # by the next beat): in transit no longer, whether or not a beat said so.
+                    view.settle(dispatch_id)
                     if lost_at is not None and resp.token_ids:
                         self.metrics.resume_seconds.observe(time.monotonic() - lost_at)
                         lost_at = None
@@ -384,7 +408,8 @@ class ClusterEngine:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise ValueError(e.details()) from None
                 last_error = f"instance {iid}: {e.code().name}: {e.details()}"
-            finally:
+            finally:  # ended, failed or cancelled: nothing of it is in transit any more
+                view.settle(dispatch_id)
                 self._by_instance.get(iid, set()).discard(flight)
             flight.excluded.add(iid)
             lost_at = time.monotonic()

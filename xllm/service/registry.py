@@ -139,26 +139,32 @@ class InstanceRegistry:
         evicted: Iterable[int] = (),
         full: bool = False,
         now: float | None = None,
+        admitted: Iterable[int] = (),
     ) -> HeartbeatResult:
         """Applies one beat: extends the deadline, replaces the load, applies the prefix
-        cache delta. Deltas chain by ``seq`` (+1 per beat, from 1); the first beat of an
-        incarnation and every answer to a resync request must be ``full``. After a gap, or
-        a delta without a full base, the delta is dropped and a resync is asked for on
-        every beat until a full one arrives. A beat older than the last applied one only
-        extends the deadline."""
+        cache delta, and settles the dispatches the beat lists as ``admitted`` to the
+        instance's engine (its load counts them now, so they are no longer in transit;
+        what the master routed there and the beat does not list stays counted).
+
+        Deltas chain by ``seq`` (+1 per beat, from 1); the first beat of an incarnation and
+        every answer to a resync request must be ``full``. After a gap, or a delta without
+        a full base, the delta is dropped and a resync is asked for on every beat until a
+        full one arrives. A beat older than the last applied one only extends the deadline
+        and settles its admitted dispatches (the newer load, taken after them, counts
+        them too)."""
         view = self._instances.get(instance_id)
         if view is None or view.incarnation_id != incarnation_id:
             return HeartbeatResult(self._mismatch_status(view, incarnation_id))
         now = time.monotonic() if now is None else now
         view.last_heartbeat = now
         view.deadline = now + self.heartbeat_timeout_s
+        for dispatch_id in admitted:  # ids of other masters (--etcd) are simply not booked
+            view.settle(dispatch_id)
         if seq <= view.last_seq:  # duplicated or overtaken by a newer beat
             return HeartbeatResult(HeartbeatStatus.OK, view.needs_resync)
         in_order = seq == view.last_seq + 1 and view.last_seq > 0 and not view.needs_resync
         view.last_seq = seq
         view.load = load
-        view.pending_requests = 0  # the report now includes what was routed before it
-        view.pending_prefill_tokens = 0
         if full:
             self.index.apply(view.slot, added, (), full=True)
             view.needs_resync = False
@@ -195,6 +201,7 @@ class InstanceRegistry:
             return  # already gone
         del self._instances[view.instance_id]
         self.index.remove_instance(view.slot)
+        view.drop_in_transit()  # a later settle of its dispatches is a no-op
         self._routable = None
         _log.warning("instance %s down: %s", view.instance_id, reason)
         self._emit(InstanceEvent("down", view, reason))

@@ -15,6 +15,7 @@ plus, for the prefix-aware ones, one walk over the prompt's block hashes.
 from __future__ import annotations
 
 import itertools
+import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,6 +61,9 @@ class RouteDecision:
     matched_tokens: int = 0  # prompt tokens the master expects to hit the prefix cache
     predicted_ttft_ms: float | None = None
     predicted_tpot_ms: float | None = None
+    # Set by Router: the id this dispatch is booked under on ``instance`` (send it in
+    # GenerateRequest.dispatch_id; settle it on the view when the stream starts or ends).
+    dispatch_id: int = 0
 
 
 class RoutingPolicy(ABC):
@@ -273,14 +277,21 @@ class Router:
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         self.block_size = block_size
         self.spare = spare or SpareCapacity()
+        # Dispatch ids from a random start: with several masters (--etcd) or a restarted
+        # one, an instance's heartbeat reaches masters whose ids must not collide (2^62
+        # apart on average; never 0, which means "untracked" on the wire).
+        self._dispatch_ids = itertools.count(secrets.randbits(62) + 1)
 
     def route(
         self, request: RouteRequest, instances: Sequence[InstanceView], index: PrefixIndex
     ) -> RouteDecision:
-        """Chooses an instance and books the request on it: one more pending request, its
-        uncached prompt tokens as pending prefill, and its prompt's blocks as (optimistically)
-        cached there -- the instance's next heartbeats confirm or correct both. Raises
-        NoInstanceAvailable when nothing can take the request."""
+        """Chooses an instance and books the request on it: a new dispatch in transit there
+        (one more pending request, its uncached prompt tokens as pending prefill, see
+        :meth:`InstanceView.book`), and its prompt's blocks as (optimistically) cached there
+        -- the instance's heartbeats confirm or correct the blocks. The caller settles the
+        dispatch (``decision.instance.settle(decision.dispatch_id)``) when its stream starts
+        or ends, or if it is never sent. Raises NoInstanceAvailable when nothing can take
+        the request."""
         if request.offline:
             instances = [v for v in instances if self.spare.admits(v)]
         if not instances:
@@ -290,8 +301,10 @@ class Router:
             request.block_hashes = prompt_block_hashes(request.prompt_token_ids, self.block_size)
         decision = self.policy.select(request, instances, index)
         v = decision.instance
-        v.pending_requests += 1
-        v.pending_prefill_tokens += len(request.prompt_token_ids) - decision.matched_tokens
+        dispatch_id = next(self._dispatch_ids)
+        v.book(dispatch_id, len(request.prompt_token_ids) - decision.matched_tokens)
         if request.block_hashes:
             index.apply(v.slot, request.block_hashes, ())
-        return decision
+        # Positional: dataclasses.replace costs several microseconds per decision.
+        return RouteDecision(v, decision.matched_tokens, decision.predicted_ttft_ms,
+                             decision.predicted_tpot_ms, dispatch_id)

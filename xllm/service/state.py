@@ -157,14 +157,22 @@ class SpareCapacity:
 @dataclass(slots=True)
 class InstanceView:
     """The registry's live record of one incarnation; routing reads it, the registry writes
-    it. ``pending_*`` count what the master routed there since the last load report, so a
-    burst between two heartbeats does not all land on the instance that looked idlest."""
+    it.
+
+    ``in_transit`` holds the dispatches the master sent here that the instance's load does
+    not include yet (dispatch id -> the uncached prompt tokens booked for it), so a burst
+    between two heartbeats does not all land on the instance that looked idlest.
+    ``pending_requests`` / ``pending_prefill_tokens`` are its running sums (routing reads
+    them per decision: kept up to date by :meth:`book` / :meth:`settle`, never summed).
+    A dispatch leaves the set when a heartbeat lists it as admitted to the engine (that
+    beat's load counts it), or when its stream yields a first message, ends or fails."""
 
     info: InstanceInfo
     slot: int  # the instance's bit in the registry's PrefixIndex
     load: InstanceLoad = field(default_factory=InstanceLoad)
     pending_requests: int = 0
     pending_prefill_tokens: int = 0
+    in_transit: dict[int, int] = field(default_factory=dict)
     last_seq: int = 0  # heartbeat sequence number last applied (0 = none yet)
     needs_resync: bool = False  # a prefix-cache delta was lost: wait for a full report
     last_heartbeat: float = field(default_factory=time.monotonic)
@@ -177,6 +185,30 @@ class InstanceView:
     @property
     def incarnation_id(self) -> int:
         return self.info.incarnation_id
+
+    def book(self, dispatch_id: int, prefill_tokens: int) -> None:
+        """Counts a dispatch routed here as in transit until :meth:`settle` (a repeated id
+        is booked once)."""
+        if dispatch_id in self.in_transit:
+            return
+        self.in_transit[dispatch_id] = prefill_tokens
+        self.pending_requests += 1
+        self.pending_prefill_tokens += prefill_tokens
+
+    def settle(self, dispatch_id: int) -> bool:
+        """The dispatch is no longer in transit (the load counts it, or it started, ended or
+        failed); False when it was not (or no longer) booked here."""
+        tokens = self.in_transit.pop(dispatch_id, None)
+        if tokens is None:
+            return False
+        self.pending_requests -= 1
+        self.pending_prefill_tokens -= tokens
+        return True
+
+    def drop_in_transit(self) -> None:
+        """Forgets every dispatch in transit (the incarnation is gone)."""
+        self.in_transit.clear()
+        self.pending_requests = self.pending_prefill_tokens = 0
 
     def load_score(self) -> float:
         """Normalised load: queued requests count twice (each one delays a new arrival's
