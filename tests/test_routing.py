@@ -169,6 +169,24 @@ def test_prefix_aware_counts_queued_requests_not_kv_share_as_load() -> None:
     assert router.route(RouteRequest(prompt), views, index).instance is views[1]
 
 
+def test_prefix_aware_sends_an_uncached_prefix_where_fewest_requests_are() -> None:
+    """A prompt cached nowhere goes by queued and running requests; KV usage only breaks
+    ties (with least_load's score, 3% more KV outweighed two more running requests)."""
+    views, index = make_cluster(2, seats=256)
+    router = Router("prefix_aware", BS)
+    views[0].load = InstanceLoad(num_running=3, kv_usage=0.10)
+    views[1].load = InstanceLoad(num_running=1, kv_usage=0.13)
+    d = router.route(RouteRequest(list(range(20 * BS))), views, index)
+    assert d.instance is views[1] and d.matched_tokens == 0
+    # Equal request counts: the emptier KV cache takes it, whichever the rotation starts at.
+    views[1].load = InstanceLoad(num_running=3, kv_usage=0.13)
+    for k in range(4):
+        prompt = [200_000 + k, *range(20 * BS)]
+        d = router.route(RouteRequest(prompt), views, index)
+        assert d.instance is views[0]
+        d.instance.settle(d.dispatch_id)  # its stream started: no longer pending
+
+
 def test_prefix_aware_spreads_one_hot_prefix() -> None:
     """64 requests with one shared prefix and no heartbeat in between: the load guard
     spills them over all instances instead of piling them on the first that cached it."""

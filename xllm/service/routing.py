@@ -132,8 +132,8 @@ class PrefixAwarePolicy(RoutingPolicy):
     ceiling, not part of the comparison: requests sharing a cached prefix share its blocks,
     and counting each running request's KV share as load (as ``least_load`` does) moved a
     group away from its cache after two or three requests and made the copies evict each
-    other (bench.cluster: 1.15x round_robin's hit rate). With no prefix hit anywhere it is
-    least-load.
+    other (bench.cluster: 1.15x round_robin's hit rate). With no prefix hit anywhere it takes
+    the instance with the least such work (KV usage breaks ties).
     """
 
     name = "prefix_aware"
@@ -156,11 +156,17 @@ class PrefixAwarePolicy(RoutingPolicy):
     ) -> RouteDecision:
         matches = index.match(request.block_hashes or ())
         start = next(self._cursor)
-        if not matches:
-            return RouteDecision(_least_loaded(instances, start))
         work = [
             2.0 * (v.load.num_waiting + v.pending_requests) + v.load.num_running for v in instances
         ]
+        if not matches:
+            # A prefix cached nowhere goes where the fewest requests are, KV usage breaking
+            # ties: least_load's score, where a few KV blocks outweigh a queued request, put
+            # three of four new groups on one instance (bench.cluster's kill phase).
+            n = len(instances)
+            i = min(range(n), key=lambda k: (work[(start + k) % n],
+                                             instances[(start + k) % n].load.kv_usage, k))
+            return RouteDecision(instances[(start + i) % n])
         limit = min(work) * self.balance_rel + self.balance_abs
         best: InstanceView | None = None
         best_key = (-1, 0.0)
