@@ -13,7 +13,9 @@
 #             preloaded as vLLM's CPU guide says, 4 GiB of KV cache (xllm-server gets the
 #             same: --kv-cache-memory-gb 4). Its first start compiles for several minutes.
 #   llamacpp: llama-cpp-python's server on the demo's Q4_1 GGUF, n_threads = cores. It
-#             serves one request at a time (no continuous batching).
+#             serves one request at a time (no continuous batching); --interrupt_requests
+#             False, since by default a new request cuts off the one streaming (most
+#             outputs then end after one token).
 #
 # Ready when GET /v1/models answers, e.g.
 #   until curl -sf http://127.0.0.1:8001/v1/models >/dev/null; do sleep 5; done
@@ -53,10 +55,11 @@ case "$PEER" in
         PY="$PEERS_DIR/llamacpp/bin/python"
         cd "$PEERS_DIR/llamacpp"
         exec env -u PYTHONPATH "$PY" -m llama_cpp.server --model "$GGUF" --model_alias demo \
-            --host 127.0.0.1 --port "$PORT" --n_threads "$(cores)" --n_ctx "$CONTEXT"
+            --host 127.0.0.1 --port "$PORT" --n_threads "$(cores)" --n_ctx "$CONTEXT" \
+            --interrupt_requests False
         ;;
     *)
-        sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac

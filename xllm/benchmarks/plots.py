@@ -68,19 +68,29 @@ def plot_runs(reports: list[dict[str, Any]], out_dir: Path) -> list[Path]:
                           key=lambda run: run["request_rate"])
             rates = [run["request_rate"] for run in runs]
             label = report["label"]
-            axes[0].plot(rates, [run["output_throughput"] for run in runs], "o-", label=label)
-            axes[1].plot(rates, [run["request_throughput"] for run in runs], "o-",
+            color = f"C{reports.index(report)}"  # one colour per server on every panel
+            axes[0].plot(rates, [run["output_throughput"] for run in runs], "o-", color=color,
+                         label=label)
+            axes[1].plot(rates, [run["request_throughput"] for run in runs], "o-", color=color,
                          label=f"{label} completed")
-            axes[1].plot(rates, [run["goodput"] for run in runs], "s--",
+            axes[1].plot(rates, [run["goodput"] for run in runs], "s--", color=color,
                          label=f"{label} goodput (within SLO)")
-            axes[2].plot(rates, [run["ttft_ms"]["p99"] for run in runs], "o-", label=label)
-            axes[3].plot(rates, [run["tpot_ms"]["p99"] for run in runs], "o-", label=label)
+            axes[2].plot(rates, [run["ttft_ms"]["p99"] for run in runs], "o-", color=color,
+                         label=label)
+            axes[3].plot(rates, [run["tpot_ms"]["p99"] for run in runs], "o-", color=color,
+                         label=label)
         titles = ("output tokens/s", "requests/s", "p99 TTFT (ms)", "p99 TPOT (ms)")
         for ax, title in zip(axes, titles, strict=True):
             ax.set_xlabel("request rate (req/s)")
             ax.set_title(title)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
+        for ax in axes[2:]:
+            # A saturated server's latencies are orders of magnitude above the others':
+            # a log axis keeps the others readable.
+            values = [y for line in ax.get_lines() for y in line.get_ydata() if y > 0]
+            if values and max(values) / min(values) > 20:
+                ax.set_yscale("log")
         fig.tight_layout()
         path = out_dir / "vs_request_rate.png"
         fig.savefig(path, dpi=110)
