@@ -95,6 +95,11 @@ def test_sigkill_one_of_three_instances_mid_stream(master, served_engine,  # noq
     expected = _expected(served_engine, PROMPTS)
     victims = children(proc.pid)
     assert len(victims) == 3
+    # Spawned instances run 10 nicer than the master (--spawn-nice's default), every thread.
+    for pid in victims:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            nice = int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+            assert nice == min(19, os.getpriority(os.PRIO_PROCESS, proc.pid) + 10), pid
     model = str(demo_model_dir)
     progress = [0] * len(PROMPTS)
     started = time.monotonic()
