@@ -374,8 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--engine-args", default="", help="more options for the master/instances")
     p.add_argument("--heartbeat-timeout", type=float, default=1.0)
-    p.add_argument("--groups", type=int, default=8, help="prefix groups")
-    p.add_argument("--per-group", type=int, default=12, help="requests per group")
+    p.add_argument(
+        "--groups",
+        type=int,
+        default=12,
+        help="prefix groups (the default 12 documents of ~21 blocks fill the default two "
+        "instances' caches together, so each instance can keep only half of them: the "
+        "regime where routing decides the hit rate)",
+    )
+    p.add_argument("--per-group", type=int, default=8, help="requests per group")
     p.add_argument("--prefix-len", type=int, default=320, help="shared prefix (words ~ tokens)")
     p.add_argument("--question-len", type=int, default=16, help="distinct suffix (words)")
     p.add_argument("--output-len", type=int, default=16, help="tokens generated per request")
