@@ -62,13 +62,13 @@ def plot_runs(reports: list[dict[str, Any]], out_dir: Path) -> list[Path]:
              >= 2]
     if swept:
         fig, axes = plt.subplots(1, 4, figsize=(19, 4.5))
-        for report in swept:
+        for number, report in enumerate(swept):
             runs = sorted((run for run in report["runs"]
                            if isinstance(run.get("request_rate"), (int, float))),
                           key=lambda run: run["request_rate"])
             rates = [run["request_rate"] for run in runs]
             label = report["label"]
-            color = f"C{reports.index(report)}"  # one colour per server on every panel
+            color = f"C{number}"  # one colour per server on every panel
             axes[0].plot(rates, [run["output_throughput"] for run in runs], "o-", color=color,
                          label=label)
             axes[1].plot(rates, [run["request_throughput"] for run in runs], "o-", color=color,

@@ -156,16 +156,14 @@ class PrefixAwarePolicy(RoutingPolicy):
     ) -> RouteDecision:
         matches = index.match(request.block_hashes or ())
         start = next(self._cursor)
-        work = [
-            2.0 * (v.load.num_waiting + v.pending_requests) + v.load.num_running for v in instances
-        ]
+        work = [v.work() for v in instances]
         if not matches:
             # A prefix cached nowhere goes where the fewest requests are, KV usage breaking
             # ties: least_load's score, where a few KV blocks outweigh a queued request, put
             # three of four new groups on one instance (bench.cluster's kill phase).
             n = len(instances)
             i = min(range(n), key=lambda k: (work[(start + k) % n],
-                                             instances[(start + k) % n].load.kv_usage, k))
+                                             instances[(start + k) % n].load.kv_usage))
             return RouteDecision(instances[(start + i) % n])
         limit = min(work) * self.balance_rel + self.balance_abs
         best: InstanceView | None = None

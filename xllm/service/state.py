@@ -210,13 +210,14 @@ class InstanceView:
         self.in_transit.clear()
         self.pending_requests = self.pending_prefill_tokens = 0
 
+    def work(self) -> float:
+        """Load in requests: queued ones (reported waiting + in transit) count twice, each
+        one delaying a new arrival's prefill; running ones once."""
+        return 2.0 * (self.load.num_waiting + self.pending_requests) + self.load.num_running
+
     def load_score(self) -> float:
-        """Normalised load: queued requests count twice (each one delays a new arrival's
-        prefill), running ones once, over the instance's seats, plus its KV usage."""
-        queued = self.load.num_waiting + self.pending_requests
-        return (2.0 * queued + self.load.num_running) / self.info.capacity.max_num_seqs + (
-            self.load.kv_usage
-        )
+        """Normalised load: :meth:`work` over the instance's seats, plus its KV usage."""
+        return self.work() / self.info.capacity.max_num_seqs + self.load.kv_usage
 
     def has_spare_capacity(self, rule: SpareCapacity | None = None) -> bool:
         """Where offline work may go (see :class:`SpareCapacity`; default: its defaults)."""
