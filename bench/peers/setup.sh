@@ -76,6 +76,15 @@ setup_llamacpp() {
         local py="$PEERS_DIR/llamacpp/bin/python"
         local jobs
         jobs="$(nproc)"   # honours taskset: one job when pinned to one core
+        # On a CPU with AMX, llama.cpp's native build (GGML_NATIVE, which turns on its AMX
+        # kernels) segfaults at the first decode in 0.3.36; the AVX-512 kernels without AMX
+        # run. A CMAKE_ARGS set from outside wins.
+        if [[ -z "${CMAKE_ARGS:-}" ]] && grep -qw amx_tile /proc/cpuinfo; then
+            export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON \
+-DGGML_AVX512_BF16=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_INT8=OFF \
+-DGGML_AMX_TILE=OFF"
+            echo "llamacpp: AMX CPU; building with CMAKE_ARGS=$CMAKE_ARGS"
+        fi
         echo "llamacpp: building llama-cpp-python==$LLAMACPP_VERSION from source with $jobs job(s)"
         # [server]: its OpenAI-compatible server, which bench/peers/serve.sh runs for bench.serve.
         CMAKE_BUILD_PARALLEL_LEVEL="$jobs" "$py" -m pip install --no-binary llama-cpp-python \

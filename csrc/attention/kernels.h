@@ -53,14 +53,14 @@ SoftmaxFn avx2_softmax();
 template <class KT>
 Kernels<KT> kernels_for(Isa isa) {
 #if XLLM_HAVE_AVX2_KERNELS
-  if (isa == Isa::kAvx2) return avx2_kernels<KT>();
+  if (isa >= Isa::kAvx2) return avx2_kernels<KT>();
 #endif
   return scalar_kernels<KT>();
 }
 
 inline SoftmaxFn softmax_for(Isa isa) {
 #if XLLM_HAVE_AVX2_KERNELS
-  if (isa == Isa::kAvx2) return avx2_softmax();
+  if (isa >= Isa::kAvx2) return avx2_softmax();
 #endif
   return scalar_softmax();
 }

@@ -35,7 +35,7 @@ void copy_row(const void* src, bool src_bf16, void* dst, bool dst_bf16, int64_t 
     const float* s = static_cast<const float*>(src);
     bf16_t* o = static_cast<bf16_t*>(dst);
 #if XLLM_HAVE_AVX2_KERNELS
-    if (isa == Isa::kAvx2) {
+    if (isa >= Isa::kAvx2) {
       f32_to_bf16_avx2(s, o, n);
       return;
     }

@@ -103,7 +103,7 @@ __attribute__((target("avx2"))) int64_t reduce_bf16_avx2(const uint16_t* const* 
 void reduce_sum_f32(const float* const* srcs, int n_src, float* dst, int64_t n) {
   int64_t done = 0;
 #ifdef XLLM_HAVE_X86
-  if (active_isa() == Isa::kAvx2) done = reduce_f32_avx2(srcs, n_src, dst, n);
+  if (active_isa() >= Isa::kAvx2) done = reduce_f32_avx2(srcs, n_src, dst, n);
 #endif
   reduce_f32_scalar(srcs, n_src, dst, done, n);
 }
@@ -111,7 +111,7 @@ void reduce_sum_f32(const float* const* srcs, int n_src, float* dst, int64_t n) 
 void reduce_sum_bf16(const uint16_t* const* srcs, int n_src, uint16_t* dst, int64_t n) {
   int64_t done = 0;
 #ifdef XLLM_HAVE_X86
-  if (active_isa() == Isa::kAvx2) done = reduce_bf16_avx2(srcs, n_src, dst, n);
+  if (active_isa() >= Isa::kAvx2) done = reduce_bf16_avx2(srcs, n_src, dst, n);
 #endif
   reduce_bf16_scalar(srcs, n_src, dst, done, n);
 }

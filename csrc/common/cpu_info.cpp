@@ -2,25 +2,99 @@
 
 #include <atomic>
 
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "common/tensor.h"
 
 namespace xllm {
 namespace {
 
-Isa detect() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-#endif
-  return Isa::kScalar;
+struct Features {
+  bool avx2 = false, fma = false, f16c = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+  bool avx512_vnni = false, avx512_bf16 = false, avx_vnni = false;
+  bool amx_tile = false, amx_bf16 = false, amx_int8 = false;
+  bool os_avx = false, os_avx512 = false, os_amx = false;  // state the OS saves for us
+};
+
+#if defined(__x86_64__)
+bool bit(unsigned reg, int i) { return (reg >> i) & 1u; }
+
+unsigned long long xgetbv0() {
+  unsigned lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (static_cast<unsigned long long>(hi) << 32) | lo;
 }
 
-const Isa kDetected = detect();
+// Linux keeps the AMX tile data (8 KiB a thread) out of every process until it asks:
+// without this, the first tile instruction dies with SIGILL. The grant is per process.
+bool request_amx_permission() {
+  constexpr int kArchGetXcompPerm = 0x1022, kArchReqXcompPerm = 0x1023;
+  constexpr int kXfeatureXtiledata = 18;
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return false;
+  unsigned long long granted = 0;
+  if (syscall(SYS_arch_prctl, kArchGetXcompPerm, &granted) != 0) return false;
+  return (granted >> kXfeatureXtiledata) & 1u;
+}
+#endif
+
+Features probe() {
+  Features f;
+#if defined(__x86_64__)
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool osxsave = bit(c, 27);
+  f.fma = bit(c, 12);
+  f.f16c = bit(c, 29);
+  const unsigned long long xcr0 = osxsave ? xgetbv0() : 0;
+  f.os_avx = (xcr0 & 0x6) == 0x6;                  // SSE and AVX state
+  f.os_avx512 = f.os_avx && (xcr0 & 0xE0) == 0xE0;  // opmask, ZMM0-15 upper, ZMM16-31
+  if (__get_cpuid_max(0, nullptr) < 7) return f;
+  __cpuid_count(7, 0, a, b, c, d);
+  f.avx2 = bit(b, 5);
+  f.avx512f = bit(b, 16);
+  f.avx512dq = bit(b, 17);
+  f.avx512bw = bit(b, 30);
+  f.avx512vl = bit(b, 31);
+  f.avx512_vnni = bit(c, 11);
+  f.amx_bf16 = bit(d, 22);
+  f.amx_tile = bit(d, 24);
+  f.amx_int8 = bit(d, 25);
+  unsigned a1, b1, c1, d1;
+  __cpuid_count(7, 1, a1, b1, c1, d1);
+  f.avx_vnni = bit(a1, 4);
+  f.avx512_bf16 = bit(a1, 5);
+  // XTILECFG and XTILEDATA (bits 17, 18) must be in XCR0, and Linux must grant them.
+  f.os_amx = f.os_avx512 && f.amx_tile && (xcr0 & 0x60000) == 0x60000 &&
+             request_amx_permission();
+#endif
+  return f;
+}
+
+const Features kFeatures = probe();
+
+Isa detect(const Features& f) {
+  const bool avx2 = f.os_avx && f.avx2 && f.fma && f.f16c;
+  const bool avx512 = avx2 && f.os_avx512 && f.avx512f && f.avx512bw && f.avx512vl &&
+                      f.avx512dq && f.avx512_vnni && f.avx512_bf16;
+  const bool amx = avx512 && f.os_amx && f.amx_bf16 && f.amx_int8;
+  return amx ? Isa::kAmx : avx512 ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kScalar;
+}
+
+const Isa kDetected = detect(kFeatures);
 std::atomic<int> g_active{static_cast<int>(kDetected)};
+
+constexpr const char* kNames[] = {"scalar", "avx2", "avx512", "amx"};
 
 }  // namespace
 
 Isa active_isa() { return static_cast<Isa>(g_active.load(std::memory_order_relaxed)); }
+
+Isa detected_isa() { return kDetected; }
 
 void set_isa_override(Isa isa) {
   if (static_cast<int>(isa) > static_cast<int>(kDetected)) {
@@ -30,21 +104,59 @@ void set_isa_override(Isa isa) {
   g_active.store(static_cast<int>(isa), std::memory_order_relaxed);
 }
 
-const char* isa_name(Isa isa) { return isa == Isa::kAvx2 ? "avx2" : "scalar"; }
+const char* isa_name(Isa isa) { return kNames[static_cast<int>(isa)]; }
+
+std::vector<std::pair<std::string, bool>> cpu_features() {
+  const Features& f = kFeatures;
+  return {
+      {"avx2", f.os_avx && f.avx2},
+      {"fma", f.os_avx && f.fma},
+      {"f16c", f.os_avx && f.f16c},
+      {"avx512f", f.os_avx512 && f.avx512f},
+      {"avx512bw", f.os_avx512 && f.avx512bw},
+      {"avx512vl", f.os_avx512 && f.avx512vl},
+      {"avx512dq", f.os_avx512 && f.avx512dq},
+      {"avx512_vnni", f.os_avx512 && f.avx512_vnni},
+      {"avx512_bf16", f.os_avx512 && f.avx512_bf16},
+      {"avx_vnni", f.os_avx && f.avx_vnni},
+      {"amx_tile", f.os_amx},
+      {"amx_bf16", f.os_amx && f.amx_bf16},
+      {"amx_int8", f.os_amx && f.amx_int8},
+  };
+}
 
 void register_cpu_info(py::module_& m) {
   m.def("cpu_isa", [] { return std::string(isa_name(active_isa())); },
-        "The ISA the CPU kernels use now: 'avx2' or 'scalar'.");
+        "The ISA level the CPU kernels use now: 'scalar', 'avx2', 'avx512' or 'amx'.");
   m.def("detected_isa", [] { return std::string(isa_name(kDetected)); },
-        "The best ISA this CPU supports.");
+        "The best ISA level this CPU (and OS) supports.");
+  m.def(
+      "cpu_isas",
+      [] {
+        py::list out;
+        for (int i = 0; i <= static_cast<int>(kDetected); ++i) out.append(kNames[i]);
+        return out;
+      },
+      "Every ISA level this CPU can run, lowest first (tests run each).");
+  m.def(
+      "cpu_features",
+      [] {
+        py::dict out;
+        for (const auto& [name, have] : cpu_features()) out[py::str(name)] = have;
+        return out;
+      },
+      "{feature: bool} for the instruction sets the kernels use. AVX-512 and AMX count only "
+      "when the OS saves their state; AMX only once Linux granted this process the tiles.");
   m.def(
       "set_cpu_isa",
       [](const std::string& name) {
-        if (name == "avx2") set_isa_override(Isa::kAvx2);
-        else if (name == "scalar") set_isa_override(Isa::kScalar);
-        else fail("argument 'isa' must be 'avx2' or 'scalar', got '", name, "'");
+        for (int i = 0; i < 4; ++i) {
+          if (name == kNames[i]) return set_isa_override(static_cast<Isa>(i));
+        }
+        fail("argument 'isa' must be 'scalar', 'avx2', 'avx512' or 'amx', got '", name, "'");
       },
-      py::arg("isa"), "Selects the CPU kernels' ISA ('avx2' or 'scalar'); tests use it.");
+      py::arg("isa"),
+      "Selects the CPU kernels' ISA level (any level up to detected_isa()); tests use it.");
 }
 
 }  // namespace xllm

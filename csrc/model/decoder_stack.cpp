@@ -150,7 +150,7 @@ class DecoderStack {
     if (n == 0) return;
     grow(n);
     const Isa isa = active_isa();
-    const bool avx2 = isa == Isa::kAvx2;
+    const bool avx2 = isa >= Isa::kAvx2;
     py::gil_scoped_release release;
 
     float* res = residual_.data();

@@ -68,7 +68,7 @@ Kernels avx2_kernels();
 
 inline Kernels kernels_for(Isa isa) {
 #if defined(__x86_64__)
-  if (isa == Isa::kAvx2) return avx2_kernels();
+  if (isa >= Isa::kAvx2) return avx2_kernels();
 #endif
   return scalar_kernels();
 }
