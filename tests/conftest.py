@@ -33,7 +33,7 @@ def served_engine(demo_model_dir: Path):  # noqa: ANN201
     from xllm.config import EngineConfig
     from xllm.engine.async_engine import AsyncEngine
 
-    engine = AsyncEngine(EngineConfig(model=str(demo_model_dir), max_model_len=256,
+    engine = AsyncEngine(EngineConfig(model=str(demo_model_dir), dtype="float32", max_model_len=256,
                                       kv_cache_memory_gb=0.25, num_threads=1))
     engine.start()
     assert engine.wait_ready(120), engine.error

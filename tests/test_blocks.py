@@ -29,7 +29,7 @@ from xllm.ops.blocks import (
 
 Q = gguf.GGMLQuantizationType
 FORMATS = [("q4_1", Q.Q4_1), ("q8_0", Q.Q8_0)]
-ISAS = ["avx2", "scalar"] if _C.detected_isa() == "avx2" else ["scalar"]
+ISAS = _C.cpu_isas()  # every level this CPU runs, lowest first
 
 
 @contextlib.contextmanager
@@ -149,7 +149,7 @@ def test_bad_arguments_raise_clear_errors() -> None:
     raw, _ = _weight(Q.Q4_1, 4, 64, 5)
     p = pack_gguf_blocks(raw, "q4_1", (4, 64))
     qs, sc, mn = (torch.from_numpy(a) for a in (p.qs, p.scales, p.mins))
-    with pytest.raises(ValueError, match="'q4_1', 'q8_0', 'bf16' or 'f32'"):
+    with pytest.raises(ValueError, match="'q4_1', 'q8_0', 'bf16', 'f32' or 'bf16_gemm'"):
         _C.BlockWeight("q4_0", qs, sc, mn)
     with pytest.raises(ValueError, match="'mins' is required"):
         _C.BlockWeight("q4_1", qs, sc)
@@ -198,7 +198,7 @@ def test_imported_model_runs_on_blocks_like_dense(tmp_path: Path, arch: str) -> 
     runs = {}
     for name, fmt, stack in (("dense", "dense", False), ("modules", "blocks", False),
                              ("stack", "blocks", True)):
-        llm = LLM(str(out), weight_format=fmt, num_kv_blocks=64, max_model_len=128,
+        llm = LLM(str(out), dtype="float32", weight_format=fmt, num_kv_blocks=64, max_model_len=128,
                   block_size=8, max_num_batched_tokens=16)
         model = llm.engine.runner.model
         assert (model.model.layers[0].mlp.down_proj.blocks is not None) == (fmt == "blocks")

@@ -34,7 +34,7 @@ pytestmark = [
     pytest.mark.timeout(240),
 ]
 
-ENGINE = ["--max-model-len", "256", "--num-threads", "1"]
+ENGINE = ["--dtype", "float32", "--max-model-len", "256", "--num-threads", "1"]
 INSTANCE = [*ENGINE, "--kv-cache-memory-gb", "0.1", "--max-num-seqs", "4"]
 LEASE_TTL_S = 2.0  # EtcdInstanceLease's default
 

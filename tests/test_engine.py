@@ -25,7 +25,9 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=False)
 
 @pytest.fixture(scope="module")
 def llm(demo_model_dir) -> LLM:  # noqa: ANN001
-    return LLM(model=str(demo_model_dir), max_num_batched_tokens=512, kv_cache_memory_gb=0.25)
+    # float32: exact against transformers (bf16 has its own checks: test_reduced_precision)
+    return LLM(model=str(demo_model_dir), dtype="float32", max_num_batched_tokens=512,
+               kv_cache_memory_gb=0.25)
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +60,13 @@ def test_batch_invariance_under_chunking_prefix_hits_and_preemption(demo_model_d
     prompts = [f"Story {i}: once upon a time, in a land far away, there lived a " + "very " * i
                + "curious fox who" for i in range(16)]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-    alone = LLM(model=str(demo_model_dir), max_num_seqs=1, kv_cache_memory_gb=0.1)
+    alone = LLM(model=str(demo_model_dir), dtype="float32", max_num_seqs=1, kv_cache_memory_gb=0.1)
     reference = [alone.generate(p, params, use_tqdm=False)[0].outputs[0].token_ids
                  for p in prompts]
     del alone
     # A tiny KV budget and token budget: chunked prefill, shared-prefix hits, preemption.
-    tight = LLM(model=str(demo_model_dir), max_num_seqs=16, max_num_batched_tokens=32,
-                num_kv_blocks=30, block_size=8)
+    tight = LLM(model=str(demo_model_dir), dtype="float32", max_num_seqs=16,
+                max_num_batched_tokens=32, num_kv_blocks=30, block_size=8)
     outputs = tight.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == reference
     sched = tight.engine.scheduler

@@ -21,7 +21,10 @@ from xllm.benchmarks.cluster import children
 
 pytestmark = pytest.mark.timeout(240)
 
-ENGINE_ARGS = ["--max-model-len", "256", "--kv-cache-memory-gb", "0.25", "--num-threads", "1"]
+ENGINE_ARGS = [
+    "--dtype", "float32", "--max-model-len", "256", "--kv-cache-memory-gb", "0.25",
+    "--num-threads", "1",
+]
 MAX_TOKENS = 20
 PROMPTS = [f"Question {i}: name a colour and a number between {i} and {i + 7}." for i in range(16)]
 

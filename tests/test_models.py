@@ -81,6 +81,7 @@ def paged_greedy_generate(
     max_new_tokens: int,
     block_size: int = 16,
     prefill_chunk: int | None = None,
+    kv_dtype: torch.dtype = torch.float32,
 ) -> list[list[int]]:
     """Greedy continuation of every prompt, all sequences stepped together.
 
@@ -93,7 +94,7 @@ def paged_greedy_generate(
     seqs = [_Seq(list(p), len(p), max_new_tokens) for p in prompts]
     num_blocks = 1 + sum(math.ceil((len(p) + max_new_tokens) / block_size) for p in prompts)
     caches = [
-        allocate_kv_cache(num_blocks, cfg.num_key_value_heads, block_size, cfg.head_dim)
+        allocate_kv_cache(num_blocks, cfg.num_key_value_heads, block_size, cfg.head_dim, kv_dtype)
         for _ in range(cfg.num_hidden_layers)
     ]
     model.bind_kv_caches(caches)
@@ -231,12 +232,15 @@ def _hf_classes(arch: str) -> tuple[type, type]:
 
 
 @functools.cache
-def hf_model(name: str, native_sizes: bool = False) -> Any:
+def hf_model(name: str, native_sizes: bool = False, bf16_values: bool | None = None) -> Any:
     """A transformers model of this variant with O(1)-scale random weights (seeded).
 
-    native_sizes: intermediate_size 128 (a multiple of the native kernels' 32) and every
-    weight rounded to a bf16 value, so the native stack runs it on bf16 or f32 rows exactly.
+    native_sizes: intermediate_size 128 (a multiple of the native kernels' 32) and, unless
+    bf16_values is False, every weight rounded to a bf16 value, so the native stack runs it
+    on bf16 or f32 rows exactly.
     """
+    if bf16_values is None:
+        bf16_values = native_sizes
     arch, overrides = VARIANTS[name]
     config_cls, model_cls = _hf_classes(arch)
     sizes = {"intermediate_size": 128} if native_sizes else {}
@@ -256,7 +260,7 @@ def hf_model(name: str, native_sizes: bool = False) -> Any:
                 p.copy_(noise)
             else:  # weights [out, in]: unit-variance outputs for unit-variance inputs
                 p.copy_(noise / math.sqrt(p.shape[1]))
-            if native_sizes:
+            if bf16_values:
                 p.copy_(p.bfloat16().float())
     return model
 

@@ -132,6 +132,7 @@ def test_random_llama_matches_transformers(
     hf = _random_llama(128 if native else 112)
     model_dir = _save(hf, tmp_path / "model", demo_model_dir)
     llm = LLM(
+        dtype="float32",
         model=str(model_dir),
         weight_format="f32" if native else "dense",
         max_num_batched_tokens=8,
@@ -187,6 +188,7 @@ def test_random_llama_matches_transformers(
     # Too few KV blocks for three 40-token prompts at once: prompts are preempted (some
     # mid-way) and recomputed; every prompt is still scored once and exactly.
     tight = LLM(
+        dtype="float32",
         model=str(model_dir),
         weight_format="f32" if native else "dense",
         max_num_batched_tokens=8,
@@ -208,6 +210,7 @@ def test_random_llama_matches_transformers(
 def test_prompt_of_one_token(demo_model_dir: Path, tmp_path: Path) -> None:
     hf = _random_llama(112)
     llm = LLM(
+        dtype="float32",
         model=str(_save(hf, tmp_path / "model", demo_model_dir)),
         weight_format="dense",
         num_kv_blocks=16,
@@ -225,6 +228,7 @@ TEXT = "The numbers from one to ten are: one, two, three, four, five, six, seven
 @pytest.fixture(scope="module")
 def demo_llm(demo_model_dir: Path) -> LLM:
     return LLM(
+        dtype="float32",
         model=str(demo_model_dir), max_num_batched_tokens=16, kv_cache_memory_gb=0.1, num_threads=1
     )
 

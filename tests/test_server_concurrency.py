@@ -38,8 +38,8 @@ def server(served_engine) -> Iterator[LiveServer]:  # noqa: ANN001
 
 def test_64_streaming_clients_match_offline_greedy(server: LiveServer, demo_model_dir) -> None:  # noqa: ANN001
     greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
-    offline = LLM(model=str(demo_model_dir), max_model_len=512, kv_cache_memory_gb=0.1,
-                  num_threads=1)
+    offline = LLM(model=str(demo_model_dir), dtype="float32", max_model_len=512,
+                  kv_cache_memory_gb=0.1, num_threads=1)
     ref_completions = [o.outputs[0] for o in offline.generate(PROMPTS, greedy, use_tqdm=False)]
     ref_chats = [o.outputs[0] for o in offline.chat(CHATS, greedy, use_tqdm=False)]
     del offline

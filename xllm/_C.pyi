@@ -9,6 +9,8 @@ import torch
 # --- cpu_info (csrc/common/cpu_info.cpp) ---
 def cpu_isa() -> str: ...
 def detected_isa() -> str: ...
+def cpu_isas() -> list[str]: ...
+def cpu_features() -> dict[str, bool]: ...
 def set_cpu_isa(isa: str) -> None: ...
 
 # --- queue (csrc/queue/queue_bind.cpp; contract in xllm/ops/queue.py) ---
@@ -155,7 +157,8 @@ def paged_attention_prefill(
 
 # --- block weights (csrc/quant/; layout and use: xllm/ops/blocks.py) ---
 class BlockWeight:
-    """W [out_features, in_features] in GGUF-style blocks of 32, decoded exactly to fp32."""
+    """W [out_features, in_features] in GGUF-style blocks of 32 or plain rows, decoded exactly
+    to fp32; or bf16 rows in bf16 arithmetic (format 'bf16_gemm')."""
 
     def __init__(
         self,
@@ -173,6 +176,8 @@ class BlockWeight:
     def in_features(self) -> int: ...
     @property
     def format(self) -> str: ...
+    @property
+    def nbytes(self) -> int: ...
 
 # --- fused layer ops (csrc/layers/; used by xllm/layers on fp32 CPU tensors) ---
 def rms_norm(

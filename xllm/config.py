@@ -12,10 +12,12 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 @dataclass
 class EngineConfig:
     model: str = "demo"  # "demo" or a local Hugging Face-format model directory
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto = fp32 on CPUs)
-    # auto | dense | blocks | bf16 | f32: how the CPU stores the weights it computes on in
-    # fp32 (GGUF blocks or plain rows through native kernels, or torch's dense path);
-    # see xllm.loader.model.load_model and docs/models.md.
+    # auto | float32 | bfloat16 | float16; auto = bfloat16 on CPUs with bf16 arithmetic (AMX,
+    # AVX512-BF16), float32 on other CPUs, the checkpoint's dtype on CUDA
+    dtype: str = "auto"
+    # auto | dense | blocks | bf16 | f32: how the CPU stores the weights (GGUF blocks or
+    # plain rows through native kernels, or torch's dense path); dtype says how they are
+    # multiplied. See xllm.loader.model.load_model and docs/models.md.
     weight_format: str = "auto"
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_num_seqs: int = 256  # requests running at once

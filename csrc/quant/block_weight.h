@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common/tensor.h"
+#include "quant/bf16_gemm.h"
 #include "quant/block_linear.h"
 
 namespace xllm {
@@ -27,8 +28,12 @@ class BlockWeight {
       m_.format = quant::Format::kBF16;
     } else if (format == "f32") {
       m_.format = quant::Format::kF32;
+    } else if (format == "bf16_gemm") {
+      m_.format = quant::Format::kBF16;
+      bf16_gemm_ = true;
     } else {
-      fail("argument 'format' must be 'q4_1', 'q8_0', 'bf16' or 'f32', got '", format, "'");
+      fail("argument 'format' must be 'q4_1', 'q8_0', 'bf16', 'f32' or 'bf16_gemm', got '",
+           format, "'");
     }
     format_ = format;
     const bool q4 = m_.format == quant::Format::kQ4_1;
@@ -75,6 +80,16 @@ class BlockWeight {
         fail("argument 'mins' must be None for format 'q8_0' (it has no minimum)");
       }
     }
+    if (bf16_gemm_) {  // packed once; the rows are not needed after that
+      packed_ = quant::alloc_packed_bf16(m_.rows, m_.cols);
+      {
+        py::gil_scoped_release release;
+        quant::pack_bf16(reinterpret_cast<const uint16_t*>(m_.qs), m_.cols, m_.rows, m_.cols,
+                         packed_.get());
+      }
+      m_.qs = nullptr;
+      qs_ = py::none();
+    }
     bias_ptr_ = nullptr;
     if (!bias_.is_none()) {
       const Tensor b = host_tensor(bias_, "bias");
@@ -102,8 +117,7 @@ class BlockWeight {
     }
     const Isa isa = active_isa();
     py::gil_scoped_release release;
-    quant::linear(m_, x.ptr<float>(), x.stride[0], x.size(0), bias_ptr_, out.ptr<float>(),
-                  out.stride[0], isa);
+    linear_raw(x.ptr<float>(), x.stride[0], x.size(0), out.ptr<float>(), out.stride[0], isa);
   }
 
   // out [N, K] contiguous fp32 = the decoded weight (bias not applied).
@@ -116,6 +130,7 @@ class BlockWeight {
     check_dim(out, 1, m_.cols, "in_features of the weight");
     const Isa isa = active_isa();
     py::gil_scoped_release release;
+    if (bf16_gemm_) return quant::unpack_bf16(packed(), out.ptr<float>());
     quant::dequantize(m_, out.ptr<float>(), isa);
   }
 
@@ -123,7 +138,15 @@ class BlockWeight {
   // GIL needed: for native callers that sized the buffers from rows() and cols().
   void linear_raw(const float* x, int64_t ldx, int64_t m, float* out, int64_t ldo,
                   Isa isa) const {
+    if (bf16_gemm_) return quant::bf16_linear(packed(), x, ldx, m, bias_ptr_, out, ldo, isa);
     quant::linear(m_, x, ldx, m, bias_ptr_, out, ldo, isa);
+  }
+
+  // Bytes of weight storage the kernels read (the packed copy for bf16_gemm).
+  int64_t nbytes() const {
+    if (bf16_gemm_) return packed().groups() * quant::kBf16Group * m_.cols * 2;
+    const int64_t scales = m_.scales ? m_.rows * (m_.cols / quant::kBlock) * 4 : 0;
+    return m_.rows * m_.qs_row_bytes() + scales * (m_.mins ? 2 : 1);
   }
 
   int64_t rows() const { return m_.rows; }
@@ -135,6 +158,10 @@ class BlockWeight {
   quant::BlockMatrix m_{};
   const float* bias_ptr_ = nullptr;
   std::string format_;
+  bool bf16_gemm_ = false;  // bf16 arithmetic on packed_ (quant/bf16_gemm.h)
+  quant::Bf16Buffer packed_;
+
+  quant::PackedBf16 packed() const { return {packed_.get(), m_.rows, m_.cols}; }
 };
 
 

@@ -13,7 +13,9 @@ void register_quant(py::module_& m) {
   py::class_<BlockWeight>(m, "BlockWeight",
                           "A weight [out_features, in_features] in GGUF-style blocks of 32 "
                           "(q4_1: w = d*q + m; q8_0: w = d*q) or plain bf16/f32 rows, decoded "
-                          "exactly to fp32 on the fly. Layout: xllm/ops/blocks.py.")
+                          "exactly to fp32 on the fly; or bf16 rows computed in bf16 "
+                          "arithmetic (bf16_gemm: x rounded to bf16, fp32 sums; AMX or "
+                          "AVX512-BF16 where present). Layout: xllm/ops/blocks.py.")
       .def(py::init<const std::string&, py::object, py::object, py::object, py::object>(),
            py::arg("format"), py::arg("qs"), py::arg("scales") = py::none(),
            py::arg("mins") = py::none(), py::arg("bias") = py::none())
@@ -23,7 +25,9 @@ void register_quant(py::module_& m) {
            "out [out_features, in_features] = W as fp32 (bit-identical to gguf's dequantize).")
       .def_property_readonly("out_features", &BlockWeight::rows)
       .def_property_readonly("in_features", &BlockWeight::cols)
-      .def_property_readonly("format", &BlockWeight::format);
+      .def_property_readonly("format", &BlockWeight::format)
+      .def_property_readonly("nbytes", &BlockWeight::nbytes,
+                             "Bytes of weight storage the kernels read.");
 }
 
 }  // namespace xllm

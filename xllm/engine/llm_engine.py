@@ -79,7 +79,7 @@ class LLMEngine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's "
                              f"max_position_embeddings {limit}; use at most {limit}")
         self.max_model_len = config.max_model_len or limit
-        self.dtype = resolve_dtype(config.dtype, mc, self.device)
+        self.dtype = resolve_dtype(config.dtype, mc, self.device, config.weight_format)
         kv_dtype = (self.dtype if config.kv_cache_dtype == "auto"
                     else TORCH_DTYPES[config.kv_cache_dtype])
         model = load_model(self.model_dir, mc, self.dtype, self.device, progress=progress,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -9,27 +10,44 @@ import torch
 from xllm.models.config import ModelConfig
 from xllm.models.registry import get_model_class
 
+logger = logging.getLogger("xllm.loader")
+
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cpu_has_bf16_compute() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 / AMX); else bf16 matmul crawls."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    from xllm import _C
+
+    return _C.detected_isa() in ("avx512", "amx")
 
 
-def resolve_dtype(dtype: str, model_config: ModelConfig, device: torch.device) -> torch.dtype:
-    """'auto' = the checkpoint's dtype on CUDA; fp32 on CPUs without bf16 units."""
+def resolve_dtype(dtype: str, model_config: ModelConfig, device: torch.device,
+                  weight_format: str = "auto") -> torch.dtype:
+    """The compute dtype. 'auto': the checkpoint's dtype on CUDA; on a CPU, bfloat16 where the
+    CPU has bf16 arithmetic (AMX or AVX512-BF16: bf16 GEMMs with fp32 sums, several times
+    fp32's speed, within the accuracy bounds tests/test_reduced_precision.py holds), else
+    float32, and float32 whenever the weight format asked for computes in fp32 (blocks,
+    f32). Logs the choice and why."""
     if dtype != "auto":
         return TORCH_DTYPES[dtype]
-    if device.type == "cuda":
-        return TORCH_DTYPES.get(model_config.torch_dtype, torch.bfloat16)
-    if model_config.torch_dtype == "bfloat16" and cpu_has_bf16_compute():
-        return torch.bfloat16
-    return torch.float32
+    if device.type == "cpu" and weight_format in ("blocks", "f32"):
+        chosen = torch.float32
+        why = f"weight_format {weight_format} computes in fp32"
+    elif device.type == "cuda":
+        chosen = TORCH_DTYPES.get(model_config.torch_dtype, torch.bfloat16)
+        why = f"the checkpoint's torch_dtype ({model_config.torch_dtype})"
+    elif cpu_has_bf16_compute():
+        from xllm import _C
+
+        chosen = torch.bfloat16
+        why = (f"this CPU multiplies bf16 natively (ISA level {_C.detected_isa()}): bf16 "
+               "weights and products, fp32 sums and residual stream")
+    else:
+        chosen = torch.float32
+        why = "this CPU has no bf16 arithmetic (no AVX512-BF16 or AMX); fp32 is exact and fastest"
+    logger.info("dtype auto -> %s: %s", str(chosen).removeprefix("torch."), why)
+    return chosen
 
 
 WEIGHT_FORMATS = ("auto", "dense", "blocks", "bf16", "f32")
@@ -38,18 +56,23 @@ WEIGHT_FORMATS = ("auto", "dense", "blocks", "bf16", "f32")
 def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
                device: torch.device, progress: bool = True,
                weight_format: str = "dense") -> torch.nn.Module:
-    """The model with its weights. ``weight_format`` (docs/models.md):
+    """The model with its weights. ``weight_format`` (docs/models.md) says how the weights
+    are stored; ``dtype`` how they are multiplied:
 
-    - ``dense``: torch modules on the fp32 (or ``dtype``) parameters, MKL matmuls;
+    - ``dense``: torch modules on ``dtype`` parameters (MKL / oneDNN matmuls);
     - ``blocks``: the GGUF blocks an import kept beside the weights, decoded exactly to the
-      same fp32 values on the fly by native kernels (``xllm.ops.blocks``);
-    - ``bf16`` / ``f32``: the same native kernels on the weights as plain rows, stored as
-      bf16 (half the bytes; exact for a bf16 checkpoint) or fp32;
-    - ``auto``: on a CPU in fp32, ``blocks`` where an import kept them, else ``bf16`` for a
-      bf16 checkpoint and ``f32`` otherwise; ``dense`` everywhere else.
+      same fp32 values on the fly by native kernels (``xllm.ops.blocks``); float32 only;
+    - ``bf16``: bf16 rows. In float32, widened exactly to fp32 in the native kernels
+      (exact for a bf16 checkpoint's values); in bfloat16, packed for the matrix units and
+      multiplied in bf16 with fp32 sums (``bf16_gemm``: AMX tiles for many rows,
+      AVX512-BF16 dot products for few, fp32 FMAs on CPUs without either);
+    - ``f32``: fp32 rows through the native kernels; float32 only;
+    - ``auto``: on a CPU in float32, ``blocks`` where an import kept them, else ``bf16`` for
+      a bf16 checkpoint and ``f32`` otherwise; on a CPU in bfloat16, ``bf16``; ``dense``
+      everywhere else.
 
-    Every format but ``dense`` runs on the CPU in fp32 only, and lets the native decoder
-    stack run the whole model.
+    Every format but ``dense`` runs on the CPU, keeps norms, rope, attention and the residual
+    stream in fp32, and lets the native decoder stack run the whole model.
     """
     from xllm.loader import iter_weights
     from xllm.loader.gguf_import import BLOCKS_FILE
@@ -57,27 +80,40 @@ def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
     blocks_path = Path(model_dir) / BLOCKS_FILE
-    native = device.type == "cpu" and dtype == torch.float32
+    cpu = device.type == "cpu"
     if weight_format == "auto":
-        if not native:
+        if not cpu or dtype not in (torch.float32, torch.bfloat16):
             weight_format = "dense"
+        elif dtype == torch.bfloat16:
+            weight_format = "bf16"
         elif blocks_path.is_file():
             weight_format = "blocks"
         else:
             weight_format = "bf16" if model_config.torch_dtype == "bfloat16" else "f32"
-    if weight_format != "dense" and not native:
-        raise ValueError(f"weight_format {weight_format!r} runs on the CPU in float32 only; got "
-                         f"device {device.type} and dtype {dtype}; use 'dense'")
+    if weight_format != "dense":
+        if not cpu or dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"weight_format {weight_format!r} runs on the CPU in float32 or "
+                             f"bfloat16 only; got device {device.type} and dtype {dtype}; use "
+                             "'dense'")
+        if dtype == torch.bfloat16 and weight_format != "bf16":
+            raise ValueError(f"weight_format {weight_format!r} computes in float32; with dtype "
+                             "bfloat16 use 'bf16' (or 'dense'), or use dtype float32")
     if weight_format == "blocks" and not blocks_path.is_file():
         raise ValueError(f"weight_format 'blocks' needs {blocks_path}, which only a GGUF "
                          "import writes; use weight_format 'auto', 'f32' or 'dense'")
+    bf16_gemm = weight_format == "bf16" and dtype == torch.bfloat16
     cls = get_model_class(model_config.architecture)
-    model = cls(model_config, dtype=dtype)
+    # bf16 GEMMs keep everything around them (embedding, norms, rope, residual) in fp32.
+    model = cls(model_config, dtype=torch.float32 if bf16_gemm else dtype)
     model.load_weights(iter_weights(model_dir, progress=progress))
     if weight_format == "blocks":
         from xllm.ops.blocks import read_blocks
 
         model.attach_blocks(read_blocks(blocks_path))
+    elif bf16_gemm:
+        model.attach_rows("bf16_gemm")
     elif weight_format in ("bf16", "f32"):
         model.attach_rows(weight_format)
+    logger.info("weight_format %s, dtype %s%s", weight_format, str(dtype).removeprefix("torch."),
+                ": bf16 products with fp32 sums (bf16_gemm)" if bf16_gemm else "")
     return model.to(device).eval()

@@ -293,7 +293,8 @@ class LlamaForCausalLM(nn.Module):
         """Runs every projection (and the LM head) whose input size suits the kernels on its
         own weight as plain ``bf16`` or ``f32`` rows (``xllm.ops.blocks``), which lets the
         native stack run any checkpoint; returns how many switched. ``bf16`` is exact only
-        for a bf16 checkpoint's values. Call after ``load_weights``."""
+        for a bf16 checkpoint's values; ``bf16_gemm`` multiplies in bf16 (fp32 sums). Call
+        after ``load_weights``."""
         if self.dtype != torch.float32:
             raise ValueError(f"row weights compute in fp32; the model is {self.dtype}")
         switched = 0

@@ -35,6 +35,8 @@ import torch
 BLOCK = 32
 FORMATS = ("q4_1", "q8_0")  # GGUF block formats
 ROW_FORMATS = ("bf16", "f32")  # plain rows of any checkpoint, through the same kernels
+# bf16 rows multiplied in bf16 (x rounded to bf16, fp32 sums), packed for AMX / AVX512-BF16.
+GEMM_FORMATS = ("bf16_gemm",)
 # Bytes per 32-weight block in a GGUF file.
 _GGUF_BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
 
@@ -139,18 +141,23 @@ class BlockLinearWeight:
     def from_rows(cls, weight: torch.Tensor, fmt: str,
                   bias: torch.Tensor | None = None) -> BlockLinearWeight:
         """A dense fp32 weight [N, K] as ``bf16`` rows (exact only when the values are bf16
-        values, e.g. a bf16 checkpoint's) or ``f32`` rows (no copy when contiguous)."""
-        if fmt not in ROW_FORMATS:
-            raise ValueError(f"row format must be one of {ROW_FORMATS}, got {fmt!r}")
+        values, e.g. a bf16 checkpoint's), ``f32`` rows (no copy when contiguous), or
+        ``bf16_gemm`` (bf16 rows packed for the matrix units; bf16 arithmetic: the layer
+        computes bf16(x) @ bf16(W)^T with fp32 sums)."""
+        if fmt not in ROW_FORMATS + GEMM_FORMATS:
+            raise ValueError(f"row format must be one of {ROW_FORMATS + GEMM_FORMATS}, "
+                             f"got {fmt!r}")
         if weight.dim() != 2 or weight.shape[1] % BLOCK:
             raise ValueError(f"weight must be [out, in] with in a multiple of {BLOCK}, got "
                              f"{tuple(weight.shape)}")
         self = cls.__new__(cls)
         self.format = fmt
-        dtype = torch.bfloat16 if fmt == "bf16" else torch.float32
+        dtype = torch.float32 if fmt == "f32" else torch.bfloat16
         self.qs = weight.detach().to(dtype).contiguous()
         self.scales = self.mins = None
         self._finish(bias)
+        if fmt in GEMM_FORMATS:
+            self.qs = None  # the native weight packed its own copy
         return self
 
     def _finish(self, bias: torch.Tensor | None) -> None:
@@ -162,8 +169,8 @@ class BlockLinearWeight:
         self.in_features = self.native.in_features
 
     def nbytes(self) -> int:
-        tensors = [t for t in (self.qs, self.scales, self.mins) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes of weight storage the kernels read."""
+        return self.native.nbytes
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight [out_features, in_features] (a new tensor)."""

@@ -1,0 +1,166 @@
+// Drivers of the bf16 linear (bf16_gemm.h): packing, the split of output groups over
+// threads, and the avx2/scalar form, which widens the packed weight back to fp32 (exact)
+// and runs the fp32 block kernels on x rounded to bf16: the same products, summed in
+// another order.
+#include "quant/bf16_gemm.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "attention/vec.h"
+#include "quant/block_linear.h"
+
+namespace xllm::quant {
+namespace {
+
+// Rows of x from which the AMX tiles beat VDPBF16PS: below it a tile computes mostly
+// padding while both forms stream the same weight bytes (bench/ops: bf16_linear).
+constexpr int64_t kAmxMinRows = 8;
+
+// A grow-only scratch buffer of the calling thread, `Slot` telling apart the buffers one
+// thread needs at once. 64-byte aligned (AMX tile rows, zmm loads).
+template <int Slot>
+void* thread_scratch(size_t bytes) {
+  struct Buffer {
+    void* p = nullptr;
+    size_t capacity = 0;
+    ~Buffer() { std::free(p); }
+  };
+  thread_local Buffer buffer;
+  if (bytes > buffer.capacity) {
+    std::free(buffer.p);
+    buffer.capacity = std::max(bytes, 2 * buffer.capacity);
+    buffer.capacity = (buffer.capacity + 63) / 64 * 64;
+    buffer.p = std::aligned_alloc(64, buffer.capacity);
+    if (!buffer.p) throw std::bad_alloc();
+  }
+  return buffer.p;
+}
+
+// Threads for a call: small ones stay on the calling thread, where waking a team would
+// cost more than it saves.
+int threads_for(const PackedBf16& w, int64_t m) {
+  const int64_t work = w.rows * w.cols * std::min<int64_t>(m, 16);
+  return work < (int64_t{1} << 18) ? 1 : omp_get_max_threads();
+}
+
+float widen(uint16_t h) { return attn::to_f32(h); }
+
+// Groups [g_begin, g_end) on the avx2 or scalar level: unpack a group to fp32 rows, then
+// the fp32 tile kernels (<= 3 rows x <= 4 outputs a call) over x already rounded to bf16.
+void groups_fp32(const PackedBf16& w, const float* xr, int64_t m, int64_t g_begin,
+                 int64_t g_end, const float* bias, float* out, int64_t ldo, Isa isa) {
+  const Kernels kern = kernels_for(isa);
+  const int64_t k = w.cols;
+  float* wt = static_cast<float*>(thread_scratch<1>(sizeof(float) * kBf16Group * k));
+  for (int64_t g = g_begin; g < g_end; ++g) {
+    const int64_t n0 = g * kBf16Group;
+    const int nt = static_cast<int>(std::min<int64_t>(kBf16Group, w.rows - n0));
+    const uint16_t* src = w.group(g);
+    for (int64_t p = 0; p < k / 2; ++p) {
+      for (int j = 0; j < nt; ++j) {
+        wt[j * k + 2 * p] = widen(src[p * 32 + 2 * j]);
+        wt[j * k + 2 * p + 1] = widen(src[p * 32 + 2 * j + 1]);
+      }
+    }
+    for (int j0 = 0; j0 < nt; j0 += 4) {
+      const int nj = std::min(4, nt - j0);
+      for (int64_t r = 0; r < m; r += 3) {
+        const int mr = static_cast<int>(std::min<int64_t>(3, m - r));
+        kern.tile(xr + r * k, k, mr, wt + j0 * k, nj, k, bias ? bias + n0 + j0 : nullptr,
+                  out + r * ldo + n0 + j0, ldo);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void AlignedFree::operator()(void* p) const { std::free(p); }
+
+Bf16Buffer alloc_packed_bf16(int64_t rows, int64_t cols) {
+  const int64_t groups = (rows + kBf16Group - 1) / kBf16Group;
+  const size_t bytes = static_cast<size_t>(groups * kBf16Group * cols) * sizeof(uint16_t);
+  void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+  if (!p) throw std::bad_alloc();
+  return Bf16Buffer(static_cast<uint16_t*>(p));
+}
+
+void pack_bf16(const uint16_t* w, int64_t ldw, int64_t rows, int64_t cols, uint16_t* dst) {
+  const int64_t groups = (rows + kBf16Group - 1) / kBf16Group;
+#pragma omp parallel for schedule(static)
+  for (int64_t g = 0; g < groups; ++g) {
+    uint16_t* d = dst + g * cols * kBf16Group;
+    for (int64_t p = 0; p < cols / 2; ++p) {
+      for (int j = 0; j < kBf16Group; ++j) {
+        const int64_t n = g * kBf16Group + j;
+        d[p * 32 + 2 * j] = n < rows ? w[n * ldw + 2 * p] : 0;
+        d[p * 32 + 2 * j + 1] = n < rows ? w[n * ldw + 2 * p + 1] : 0;
+      }
+    }
+  }
+}
+
+void unpack_bf16(const PackedBf16& w, float* dst) {
+  const int64_t k = w.cols;
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < w.rows; ++n) {
+    const uint16_t* src = w.group(n / kBf16Group) + 2 * (n % kBf16Group);
+    for (int64_t p = 0; p < k / 2; ++p) {
+      dst[n * k + 2 * p] = widen(src[p * 32]);
+      dst[n * k + 2 * p + 1] = widen(src[p * 32 + 1]);
+    }
+  }
+}
+
+void bf16_linear(const PackedBf16& w, const float* x, int64_t ldx, int64_t m,
+                 const float* bias, float* out, int64_t ldo, Isa isa) {
+  if (m == 0 || w.rows == 0) return;
+  const int64_t k = w.cols, groups = w.groups();
+  const int threads = threads_for(w, m);
+#if defined(__x86_64__)
+  if (isa >= Isa::kAvx512) {
+    const bool amx = isa >= Isa::kAmx && m >= kAmxMinRows;
+    // AMX reads whole 16-row tiles of x: the padding rows are zeros (their outputs are
+    // computed and dropped).
+    const int64_t m_pad = amx ? (m + 15) / 16 * 16 : m;
+    auto* xb = static_cast<uint16_t*>(thread_scratch<0>(sizeof(uint16_t) * m_pad * k));
+    round_rows_bf16_avx512(x, ldx, m, k, xb);
+    if (m_pad > m) std::memset(xb + m * k, 0, sizeof(uint16_t) * (m_pad - m) * k);
+    // Shares in pairs of groups: the AMX kernel computes two groups at a time.
+    const int64_t pairs = (groups + 1) / 2;
+#pragma omp parallel num_threads(threads)
+    {
+      const int nth = omp_get_num_threads(), me = omp_get_thread_num();
+      const int64_t g_begin = std::min(groups, 2 * (pairs * me / nth));
+      const int64_t g_end = std::min(groups, 2 * (pairs * (me + 1) / nth));
+      if (g_begin < g_end) {
+        if (amx) {
+          amx_begin();
+          bf16_groups_amx(w, xb, m, g_begin, g_end, bias, out, ldo);
+          amx_end();
+        } else {
+          bf16_groups_avx512(w, xb, m, g_begin, g_end, bias, out, ldo);
+        }
+      }
+    }
+    return;
+  }
+#endif
+  // avx2 / scalar: x rounded to bf16 and widened back (exact), then fp32 kernels.
+  auto* xr = static_cast<float*>(thread_scratch<0>(sizeof(float) * m * k));
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t i = 0; i < k; ++i) xr[r * k + i] = widen(attn::f32_to_bf16(x[r * ldx + i]));
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    const int nth = omp_get_num_threads(), me = omp_get_thread_num();
+    groups_fp32(w, xr, m, groups * me / nth, groups * (me + 1) / nth, bias, out, ldo, isa);
+  }
+}
+
+}  // namespace xllm::quant

@@ -1,0 +1,71 @@
+// Linear layers in bf16 arithmetic: bf16 weights, activations rounded to bf16 on the
+// way in, every product of two bf16 values (exact in fp32) summed in fp32. This is
+// what the matrix units compute (AMX TDPBF16PS, AVX512-BF16 VDPBF16PS); the avx2
+// and scalar levels compute the same sums in fp32 FMAs, so every level agrees with
+// the torch reference  (x.bfloat16().float() @ w.bfloat16().float().T)  up to the
+// order of the fp32 additions.
+//
+// The weight W [N, K] (K a multiple of 32) is packed once, at load, in the layout
+// both units read (VNNI pairs): for each group of 16 output features nb and each pair
+// of input features p,
+//
+//   packed[nb][p][j][e] = W[16 nb + j][2 p + e]     (j < 16, e < 2; rows past N are 0)
+//
+// so one 64-byte line holds a k-pair for 16 outputs. 32 input features of a group
+// (16 lines, 1 KiB) are an AMX B tile; a line is one VDPBF16PS operand.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "common/cpu_info.h"
+
+namespace xllm::quant {
+
+constexpr int kBf16Group = 16;  // output features per packed group (a tile's columns)
+
+struct PackedBf16 {
+  const uint16_t* data;  // [groups, K / 2, 16, 2] bf16 bits
+  int64_t rows, cols;    // N, K
+
+  int64_t groups() const { return (rows + kBf16Group - 1) / kBf16Group; }
+  const uint16_t* group(int64_t g) const { return data + g * cols * kBf16Group; }
+};
+
+// A 64-byte aligned buffer of bf16 bits for a packed weight.
+struct AlignedFree {
+  void operator()(void* p) const;
+};
+using Bf16Buffer = std::unique_ptr<uint16_t[], AlignedFree>;
+Bf16Buffer alloc_packed_bf16(int64_t rows, int64_t cols);
+
+// w [N, K] bf16 bits (row stride ldw) -> dst (alloc_packed_bf16(N, K)), packed as above.
+void pack_bf16(const uint16_t* w, int64_t ldw, int64_t rows, int64_t cols, uint16_t* dst);
+// dst [N, K] fp32 = the packed weight, unpacked (exact).
+void unpack_bf16(const PackedBf16& w, float* dst);
+
+// out [M, N] (row stride ldo) = bf16(x [M, K], row stride ldx) @ W^T (+ bias [N], fp32).
+void bf16_linear(const PackedBf16& w, const float* x, int64_t ldx, int64_t m,
+                 const float* bias, float* out, int64_t ldo, Isa isa);
+
+// The kernels of the bf16-capable levels. xb: x rounded to bf16, [m_pad, K] contiguous,
+// m_pad >= m; rows past m may hold anything. Each computes output groups
+// [g_begin, g_end) for rows [0, m) on the calling thread.
+using Bf16GroupsFn = void (*)(const PackedBf16& w, const uint16_t* xb, int64_t m,
+                              int64_t g_begin, int64_t g_end, const float* bias, float* out,
+                              int64_t ldo);
+#if defined(__x86_64__)
+// VDPBF16PS on zmm registers: any m; the form for few rows.
+void bf16_groups_avx512(const PackedBf16& w, const uint16_t* xb, int64_t m, int64_t g_begin,
+                        int64_t g_end, const float* bias, float* out, int64_t ldo);
+// AMX tiles: xb must have m rounded up to 16 rows. The calling thread must have called
+// amx_begin() (tile configuration) and calls amx_end() when done.
+void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m, int64_t g_begin,
+                     int64_t g_end, const float* bias, float* out, int64_t ldo);
+void amx_begin();
+void amx_end();
+// x [m, K] fp32 (row stride ldx) -> xb [m, K] bf16 bits, round to nearest even.
+void round_rows_bf16_avx512(const float* x, int64_t ldx, int64_t m, int64_t k, uint16_t* xb);
+#endif
+
+}  // namespace xllm::quant

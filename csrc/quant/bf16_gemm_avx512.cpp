@@ -1,0 +1,193 @@
+// bf16 linear kernels for the avx512 and amx levels (bf16_gemm.h has the layout).
+//
+// VDPBF16PS (few rows): a zmm of 16 fp32 accumulators per (row, output group); each
+// step broadcasts one k-pair of a row of x and multiplies it into the packed line of
+// the group, 32 products per instruction. MR rows x NT groups of accumulators share
+// each weight line loaded, and NT groups give NT independent FMA chains per row.
+//
+// AMX (many rows): 2 x 2 tiles of 16 x 16 fp32 sums (32 rows x 32 outputs), fed per
+// 32 input features by two 16-row tiles of x and two packed 1 KiB tiles of W; the
+// weight tiles of a pair of groups stay in L1 while every row block of x passes.
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "quant/bf16_gemm.h"
+
+#if defined(__x86_64__)
+#define XLLM_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma")))
+#define XLLM_AMX                                                                     \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma," \
+                        "amx-tile,amx-bf16,amx-int8")))
+
+namespace xllm::quant {
+namespace {
+
+// out[0:cols] = acc (+ bias[0:cols]) for cols <= 16.
+XLLM_AVX512 inline void store16(float* out, __m512 acc, const float* bias, int cols) {
+  const __mmask16 mask = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+  if (bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, bias));
+  _mm512_mask_storeu_ps(out, mask, acc);
+}
+
+template <int MR, int NT>
+XLLM_AVX512 void dot_block(const PackedBf16& w, const uint16_t* xb, int64_t g0,
+                           const float* bias, float* out, int64_t ldo) {
+  const int64_t kp = w.cols / 2;  // k-pairs
+  const auto* x32 = reinterpret_cast<const int32_t*>(xb);
+  const uint16_t* wg[NT];
+  for (int j = 0; j < NT; ++j) wg[j] = w.group(g0 + j);
+  __m512 acc[MR][NT];
+  for (int r = 0; r < MR; ++r) {
+    for (int j = 0; j < NT; ++j) acc[r][j] = _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < kp; ++p) {
+    __m512i wv[NT];
+    for (int j = 0; j < NT; ++j) wv[j] = _mm512_load_si512(wg[j] + p * 32);
+    for (int r = 0; r < MR; ++r) {
+      const __m512i xv = _mm512_set1_epi32(x32[r * kp + p]);
+      for (int j = 0; j < NT; ++j) {
+        acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)xv, (__m512bh)wv[j]);
+      }
+    }
+  }
+  for (int j = 0; j < NT; ++j) {
+    const int64_t n0 = (g0 + j) * kBf16Group;
+    const int cols = static_cast<int>(std::min<int64_t>(kBf16Group, w.rows - n0));
+    for (int r = 0; r < MR; ++r) {
+      store16(out + r * ldo + n0, acc[r][j], bias ? bias + n0 : nullptr, cols);
+    }
+  }
+}
+
+// Groups [g, g + NT) for all m rows, MR rows a pass.
+template <int NT>
+XLLM_AVX512 void dot_groups(const PackedBf16& w, const uint16_t* xb, int64_t m, int64_t g,
+                            const float* bias, float* out, int64_t ldo) {
+  const int64_t k = w.cols;
+  int64_t r = 0;
+  for (; r + 4 <= m; r += 4) dot_block<4, NT>(w, xb + r * k, g, bias, out + r * ldo, ldo);
+  switch (m - r) {
+    case 3: dot_block<3, NT>(w, xb + r * k, g, bias, out + r * ldo, ldo); break;
+    case 2: dot_block<2, NT>(w, xb + r * k, g, bias, out + r * ldo, ldo); break;
+    case 1: dot_block<1, NT>(w, xb + r * k, g, bias, out + r * ldo, ldo); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+XLLM_AVX512 void round_rows_bf16_avx512(const float* x, int64_t ldx, int64_t m, int64_t k,
+                                        uint16_t* xb) {
+  for (int64_t r = 0; r < m; ++r) {
+    const float* src = x + r * ldx;
+    uint16_t* dst = xb + r * k;
+    for (int64_t i = 0; i < k; i += 32) {
+      const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16),
+                                             _mm512_loadu_ps(src + i));
+      _mm512_storeu_si512(dst + i, (__m512i)v);
+    }
+  }
+}
+
+XLLM_AVX512 void bf16_groups_avx512(const PackedBf16& w, const uint16_t* xb, int64_t m,
+                                    int64_t g_begin, int64_t g_end, const float* bias,
+                                    float* out, int64_t ldo) {
+  int64_t g = g_begin;
+  // Four groups a pass when there are 4 rows to share each weight line; with fewer rows,
+  // eight, so that each row still has 8 independent accumulator chains.
+  if (m < 4) {
+    for (; g + 8 <= g_end; g += 8) dot_groups<8>(w, xb, m, g, bias, out, ldo);
+  }
+  for (; g + 4 <= g_end; g += 4) dot_groups<4>(w, xb, m, g, bias, out, ldo);
+  for (; g + 2 <= g_end; g += 2) dot_groups<2>(w, xb, m, g, bias, out, ldo);
+  if (g < g_end) dot_groups<1>(w, xb, m, g, bias, out, ldo);
+}
+
+// ---- AMX ---------------------------------------------------------------------
+
+namespace {
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tmm0-3: sums (16 x 16 fp32); tmm4-5: x (16 rows x 32 bf16); tmm6-7: W (16 pairs x 16 x 2).
+template <int MT, int NT>
+XLLM_AMX void amx_block(const uint16_t* a, int64_t k, const uint16_t* b0, const uint16_t* b1,
+                        float* c) {
+  const int64_t lda = k * static_cast<int64_t>(sizeof(uint16_t));
+  _tile_zero(0);
+  if (NT > 1) _tile_zero(1);
+  if (MT > 1) _tile_zero(2);
+  if (MT > 1 && NT > 1) _tile_zero(3);
+  for (int64_t kb = 0; kb < k / 32; ++kb) {
+    _tile_loadd(4, a + kb * 32, lda);
+    if (MT > 1) _tile_loadd(5, a + 16 * k + kb * 32, lda);
+    _tile_loadd(6, b0 + kb * 512, 64);
+    if (NT > 1) _tile_loadd(7, b1 + kb * 512, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if (NT > 1) _tile_dpbf16ps(1, 4, 7);
+    if (MT > 1) _tile_dpbf16ps(2, 5, 6);
+    if (MT > 1 && NT > 1) _tile_dpbf16ps(3, 5, 7);
+  }
+  // c: [32 rows][32 columns] fp32, row stride 128 bytes.
+  _tile_stored(0, c, 128);
+  if (NT > 1) _tile_stored(1, c + 16, 128);
+  if (MT > 1) _tile_stored(2, c + 16 * 32, 128);
+  if (MT > 1 && NT > 1) _tile_stored(3, c + 16 * 32 + 16, 128);
+}
+
+}  // namespace
+
+XLLM_AMX void amx_begin() {
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) {
+    cfg.colsb[i] = 64;
+    cfg.rows[i] = 16;
+  }
+  // ldtilecfg reads all 64 bytes; the intrinsic tells the compiler of only 8.
+  __asm__ volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+XLLM_AMX void amx_end() { _tile_release(); }
+
+XLLM_AMX void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m,
+                              int64_t g_begin, int64_t g_end, const float* bias, float* out,
+                              int64_t ldo) {
+  const int64_t k = w.cols;
+  alignas(64) float c[32 * 32];
+  for (int64_t g = g_begin; g < g_end; g += 2) {
+    const bool two = g + 1 < g_end;
+    const uint16_t* b0 = w.group(g);
+    const uint16_t* b1 = two ? w.group(g + 1) : b0;
+    const int64_t n0 = g * kBf16Group;
+    const int cols = static_cast<int>(std::min<int64_t>(two ? 32 : 16, w.rows - n0));
+    for (int64_t m0 = 0; m0 < m; m0 += 32) {
+      const bool tall = m0 + 16 < m;
+      const uint16_t* a = xb + m0 * k;
+      if (tall && two) amx_block<2, 2>(a, k, b0, b1, c);
+      else if (tall) amx_block<2, 1>(a, k, b0, b1, c);
+      else if (two) amx_block<1, 2>(a, k, b0, b1, c);
+      else amx_block<1, 1>(a, k, b0, b1, c);
+      const int64_t rows = std::min<int64_t>(32, m - m0);
+      const float* bb = bias ? bias + n0 : nullptr;
+      for (int64_t r = 0; r < rows; ++r) {
+        float* o = out + (m0 + r) * ldo + n0;
+        store16(o, _mm512_load_ps(c + r * 32), bb, std::min(cols, 16));
+        if (cols > 16) {
+          store16(o + 16, _mm512_load_ps(c + r * 32 + 16), bb ? bb + 16 : nullptr, cols - 16);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace xllm::quant
+#endif

@@ -1,0 +1,88 @@
+"""bf16 arithmetic linears (BlockWeight format 'bf16_gemm', csrc/quant/bf16_gemm.h) against
+the torch reference bf16(x) @ bf16(W)^T in float64, at every ISA level this CPU runs: AMX
+tiles, AVX512-BF16 dot products, and the fp32 kernels of the avx2 and scalar levels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xllm import _C
+from xllm.ops.blocks import BlockLinearWeight
+
+ISAS = _C.cpu_isas()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request: pytest.FixtureRequest):
+    _C.set_cpu_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        _C.set_cpu_isa(_C.detected_isa())
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = x.bfloat16().double() @ w.bfloat16().double().T
+    return out if bias is None else out + bias.double()
+
+
+# Rows on both sides of the AMX threshold and of the 16-row tiles and 4-row passes; output
+# features that fill no group (33), one group, odd and even numbers of groups.
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 15, 16, 17, 32, 33, 70])
+@pytest.mark.parametrize("n,k", [(33, 64), (16, 32), (48, 96), (160, 576), (576, 1536)])
+def test_linear_matches_reference(isa: str, m: int, n: int, k: int) -> None:
+    g = torch.Generator().manual_seed(n * 1000 + k + m)
+    w = torch.randn(n, k, generator=g)
+    bias = torch.randn(n, generator=g) if m % 2 else None
+    weight = BlockLinearWeight.from_rows(w, "bf16_gemm", bias)
+    x = torch.randn(m, k, generator=g)
+    out = weight(x)
+    ref = _reference(x, w, bias)
+    # Every product is exact in fp32; only the order of the fp32 sums differs.
+    tol = 4e-7 * k * (x.abs().max() * w.abs().max()).item() + 1e-5
+    assert (out.double() - ref).abs().max().item() < tol
+
+
+def test_strided_rows_and_large_output(isa: str) -> None:
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(4100, 64, generator=g)
+    weight = BlockLinearWeight.from_rows(w, "bf16_gemm")
+    big = torch.randn(20, 200, generator=g)
+    x = big[:, 8:72]  # row stride 200
+    out_big = torch.full((20, 5000), 7.0)
+    weight.native.linear(x, out_big[:, 100:4200])
+    ref = _reference(x, w, None)
+    assert (out_big[:, 100:4200].double() - ref).abs().max().item() < 1e-3
+    assert (out_big[:, :100] == 7).all() and (out_big[:, 4200:] == 7).all()  # nothing outside
+
+
+def test_dequantize_round_trips_and_storage() -> None:
+    w = torch.randn(50, 96)
+    weight = BlockLinearWeight.from_rows(w, "bf16_gemm")
+    assert torch.equal(weight.dequantize(), w.bfloat16().float())
+    assert weight.qs is None  # only the packed copy is kept
+    assert weight.nbytes() == 64 * 96 * 2  # 50 rows padded to 4 groups of 16
+
+
+def test_special_values_propagate(isa: str) -> None:
+    w = torch.ones(16, 32)
+    weight = BlockLinearWeight.from_rows(w, "bf16_gemm")
+    x = torch.zeros(16, 32)
+    x[3, 5] = float("inf")
+    x[4, 6] = float("nan")
+    out = weight(x)
+    assert torch.isinf(out[3]).all() and torch.isnan(out[4]).all()
+    assert torch.equal(out[0], torch.zeros(16))
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="must be bfloat16"):
+        _C.BlockWeight("bf16_gemm", torch.zeros(16, 32))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _C.BlockWeight("bf16_gemm", torch.zeros(16, 48, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="must be None"):
+        _C.BlockWeight("bf16_gemm", torch.zeros(16, 32, dtype=torch.bfloat16), torch.zeros(16, 1))
+    weight = BlockLinearWeight.from_rows(torch.zeros(16, 32), "bf16_gemm")
+    with pytest.raises(ValueError, match="in_features"):
+        weight.native.linear(torch.zeros(2, 64), torch.zeros(2, 16))
