@@ -12,11 +12,15 @@ prompts x 128 output tokens). ``--scenarios curve`` = single,batch16,batch64,bat
 points of the ``--plot`` PNG (tok/s against batch size, one line per engine).
 
 Every engine gets the same prompts as token ids, greedy, ignore_eos, with an untimed
-warm-up before the timed run. xllm and transformers (batched ``generate``, left padding)
-run in this process, fp32, torch threads = the cores this process may use. The peers run
+warm-up before the timed run. Engines (``--engines``): ``xllm`` in its default dtype for
+this CPU (bf16 GEMMs where the CPU has AVX512-BF16 or AMX, else fp32) and ``xllm-fp32``;
+``vllm`` in its default for this CPU (bfloat16 where the CPU has bf16 arithmetic, else
+float32) and ``vllm-fp32``; ``llamacpp`` (Q4_1); ``transformers`` (fp32). xllm and
+transformers (batched ``generate``, left padding) run in this process, torch threads = the
+cores this process may use. The peers run
 as subprocesses in their own venvs (``bench/peers/setup.sh vllm|llamacpp``, installed under
 ``~/.cache/xllm/peers/<name>`` or $XLLM_PEERS_DIR; ``--vllm-python`` / ``--llamacpp-python``
-point elsewhere): vLLM's CPU build on the converted HF directory in float32, its OpenMP
+point elsewhere): vLLM's CPU build on the converted HF directory, its OpenMP
 threads bound to the same cores (VLLM_CPU_OMP_THREADS_BIND, VLLM_CPU_NUM_OF_RESERVED_CPU=0,
 unless already set); llama.cpp on the demo's Q4_1 GGUF, n_threads = cores, all prompts as
 parallel sequences of one context. Pin the whole run with ``taskset`` to measure on fewer
@@ -43,9 +47,21 @@ ADJECTIVES = ("brave shy old young tiny giant clever sleepy happy grumpy swift q
 SCENARIOS = ("single", "batch16", "prefill509", "batch64", "batch256")
 DEFAULT_SCENARIOS = "single,batch16,prefill509"
 CURVE = {"single": 1, "batch16": 16, "batch64": 64, "batch256": 256}  # scenario -> batch size
-ENGINES = ("transformers", "vllm", "llamacpp", "xllm")  # the order each scenario runs them in
-LABELS = {"transformers": "transformers (fp32)", "vllm": "vLLM CPU (fp32)",
-          "llamacpp": "llama.cpp (Q4_1 weights)", "xllm": "xllm (fp32)"}
+# The order each scenario runs them in. "vllm" and "xllm" run in their own default dtype for
+# this CPU (bf16 where it has bf16 arithmetic: AVX512-BF16 or AMX); the -fp32 rows beside
+# them run in float32.
+ENGINES = ("transformers", "vllm-fp32", "vllm", "llamacpp", "xllm-fp32", "xllm")
+LABELS = {"transformers": "transformers (fp32)", "vllm-fp32": "vLLM CPU (fp32)",
+          "vllm": "vLLM CPU (default dtype)", "llamacpp": "llama.cpp (Q4_1 weights)",
+          "xllm-fp32": "xllm (fp32)", "xllm": "xllm (default dtype)"}
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX), where vLLM's CPU build
+    defaults to bfloat16 and xllm's dtype=auto picks it."""
+    from xllm import _C
+
+    return _C.detected_isa() in ("avx512", "amx")
 PEERS_DIR = Path(os.environ.get("XLLM_PEERS_DIR") or Path.home() / ".cache/xllm/peers")
 PEER_SCRIPTS = Path(__file__).resolve().parent / "peers"
 
@@ -178,6 +194,16 @@ class Peer:
                            f"{tail}")
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def _demo_gguf(path: str | None) -> str:
     if path:
         return str(Path(path).expanduser())
@@ -282,15 +308,23 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = resolve_model("demo")
     tokenizer = Tokenizer.from_dir(model_dir)
     pad_id = tokenizer.pad_token_id or 0
-    llm = hf = None
-    header = [f"demo model {model_dir.name}", f"{cores} cores {_cpu_list(os.sched_getaffinity(0))}",
-              f"torch {torch.__version__}"]
-    if "xllm" in args.engines:
-        from xllm import LLM
+    llms = {}
+    hf = None
+    from xllm import _C
 
-        # Room for every scenario without preemption: batch256 holds 256 x ~170 tokens of
-        # fp32 KV at ~46 KB a token (~2 GiB); the peers are sized for their scenario too.
-        llm = LLM(model=str(model_dir), kv_cache_memory_gb=4.0)
+    vllm_dtype = "bfloat16" if cpu_has_bf16() else "float32"
+    header = [f"demo model {model_dir.name}", f"{cores} cores {_cpu_list(os.sched_getaffinity(0))}",
+              f"torch {torch.__version__}", f"CPU {_cpu_name()} (xllm ISA {_C.detected_isa()})",
+              f"vLLM default dtype {vllm_dtype}"]
+    for engine in ("xllm-fp32", "xllm"):
+        if engine in args.engines:
+            from xllm import LLM
+
+            # Room for every scenario without preemption: batch256 holds 256 x ~170 tokens of
+            # fp32 KV at ~46 KB a token (~2 GiB); the peers are sized for their scenario too.
+            llms[engine] = LLM(model=str(model_dir), kv_cache_memory_gb=4.0,
+                               dtype="float32" if engine == "xllm-fp32" else "auto")
+            header.append(f"{engine} dtype {str(llms[engine].engine.dtype).removeprefix('torch.')}")
     if "transformers" in args.engines:
         import transformers
 
@@ -298,14 +332,16 @@ def main(argv: list[str] | None = None) -> int:
                                                                dtype=torch.float32).eval()
         header.append(f"transformers {transformers.__version__}")
     peers = {}
-    for name, python in (("vllm", args.vllm_python), ("llamacpp", args.llamacpp_python)):
-        if name not in args.engines:
+    for engine, name, python in (("vllm-fp32", "vllm", args.vllm_python),
+                                 ("vllm", "vllm", args.vllm_python),
+                                 ("llamacpp", "llamacpp", args.llamacpp_python)):
+        if engine not in args.engines:
             continue
         peer = Peer(name, python, args.peer_timeout, preload=not args.no_vllm_preload)
         if peer.installed():
-            peers[name] = peer
+            peers[engine] = peer
         else:
-            print(f"# {name}: not installed (run bench/peers/setup.sh {name}); "
+            print(f"# {engine}: not installed (run bench/peers/setup.sh {name}); "
                   f"looked for {peer.python}")
     gguf = _demo_gguf(args.gguf) if "llamacpp" in peers else None
     print("# " + ", ".join(header))
@@ -319,16 +355,17 @@ def main(argv: list[str] | None = None) -> int:
                    "prompt_tokens": sum(len(p) for p in prompts), "output_tokens": max_new}
             if engine == "transformers":
                 seconds = run_transformers(hf, prompts, max_new, pad_id)
-            elif engine == "xllm":
-                seconds = run_xllm(llm, prompts, max_new)
+            elif engine in llms:
+                seconds = run_xllm(llms[engine], prompts, max_new)
             elif engine in peers:
                 spec = {"prompts": prompts, "max_tokens": max_new}
-                if engine == "vllm":
-                    spec.update(model=str(model_dir), dtype="float32")
+                if engine.startswith("vllm"):
+                    spec.update(model=str(model_dir),
+                                dtype="float32" if engine == "vllm-fp32" else vllm_dtype)
                 else:
                     spec.update(gguf=gguf, n_threads=cores)
                 try:
-                    result = peers[engine].run(spec, scenario)
+                    result = peers[engine].run(spec, f"{engine}-{scenario}")
                 except RuntimeError as e:
                     print(f"# {engine} failed on {scenario}: {e}", flush=True)
                     continue

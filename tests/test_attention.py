@@ -219,10 +219,71 @@ def test_prefill_matches_reference(
     starts = starts_of(q_lens)
     query = torch.randn(int(starts[-1]), heads, head_size)
     out = prefill(p, query, starts, 0.15)
+    if uses_amx_prefill(isa, dtype, heads // kv_heads, head_size):
+        expected = amx_prefill_ref(p, query, starts, 0.15)
+        torch.testing.assert_close(out, expected, rtol=AMX_TOL, atol=AMX_TOL)
+        return
     expected = ref.paged_attention_prefill_ref(
         query, p.key_cache, p.value_cache, p.block_tables, starts, p.seq_lens, 0.15
     )
     torch.testing.assert_close(out, expected, rtol=RTOL, atol=ATOL)
+
+
+# The AMX prefill path rounds q * scale and the softmax weights to bf16 (bf16 products,
+# fp32 sums); its reference does the same in float64. A weight whose bf16 rounding differs
+# by the last bit between the kernel's exp and torch's moves an output by ~2^-9 of it.
+AMX_TOL = 4e-3
+
+
+def uses_amx_prefill(isa: str, dtype: torch.dtype, group: int, head_size: int) -> bool:
+    return (isa == "amx" and dtype == torch.bfloat16 and head_size % 32 == 0
+            and head_size <= 128 and group <= 16)
+
+
+def amx_prefill_ref(p: Paged, query: torch.Tensor, starts: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """What the AMX prefill computes, in float64: softmax(bf16(q * scale) K^T) V with the
+    weights exp(s - max) rounded to bf16 and normalised by their rounded sum."""
+    heads, hs = query.shape[1], query.shape[2]
+    kv_heads, bs = p.key_cache.shape[1], p.key_cache.shape[2]
+    group = heads // kv_heads
+    out = torch.zeros(query.shape, dtype=torch.float64)
+    for i, n in enumerate(p.seq_lens.tolist()):
+        q0, q1 = int(starts[i]), int(starts[i + 1])
+        if q1 == q0:
+            continue
+        blocks = p.block_tables[i, : (n + bs - 1) // bs].long()
+        keys = p.key_cache[blocks].transpose(1, 2).reshape(-1, kv_heads, hs)[:n].double()
+        values = p.value_cache[blocks].transpose(1, 2).reshape(-1, kv_heads, hs)[:n].double()
+        q = (query[q0:q1].float() * scale).bfloat16().double()  # [t, heads, hs]
+        past = n - (q1 - q0)
+        visible = torch.arange(n)[None, :] <= (past + torch.arange(q1 - q0))[:, None]
+        for h in range(heads):
+            s = q[:, h] @ keys[:, h // group].T
+            s = s.masked_fill(~visible, float("-inf"))
+            w = torch.exp(s - s.max(dim=1, keepdim=True).values).bfloat16().double()
+            out[q0:q1, h] = (w @ values[:, h // group]) / w.sum(dim=1, keepdim=True)
+    return out.float()
+
+
+def test_amx_prefill_long_prompts_and_head_sizes() -> None:
+    """The AMX path on prompt-sized inputs: GQA groups 1, 3, 8 and 16, head sizes 32-128,
+    chunks after a cached prefix, unused cache slots NaN; close to its rounding-aware
+    reference and, within bf16's resolution, to the fp32 reference."""
+    if "amx" not in ISAS:
+        pytest.skip("this CPU has no AMX")
+    for heads, kv_heads, hs, bs in [(9, 3, 64, 16), (8, 8, 32, 16), (16, 2, 128, 16),
+                                    (16, 1, 96, 8)]:
+        p = make_paged([509, 200, 77], kv_heads, hs, bs, torch.bfloat16, seed=hs)
+        starts = starts_of([509, 60, 77])
+        query = torch.randn(int(starts[-1]), heads, hs)
+        out = prefill(p, query, starts, hs**-0.5)
+        assert out.isfinite().all()
+        torch.testing.assert_close(out, amx_prefill_ref(p, query, starts, hs**-0.5),
+                                   rtol=AMX_TOL, atol=AMX_TOL)
+        fp32 = ref.paged_attention_prefill_ref(
+            query, p.key_cache, p.value_cache, p.block_tables, starts, p.seq_lens, hs**-0.5)
+        torch.testing.assert_close(out, fp32, rtol=3e-2, atol=3e-2)
 
 
 def test_large_group_and_blocks_longer_than_a_chunk(isa: str) -> None:

@@ -14,26 +14,13 @@
 
 #include "attention/args.h"
 #include "attention/ops.h"
+#include "attention/prefill_amx.h"
 
 namespace xllm::attn {
 namespace {
 
 constexpr int kTileRows = 32;    // query rows (tokens x group heads) per tile, about
 constexpr int kChunkTarget = 64;  // key tokens per online-softmax step
-
-struct Prefill {
-  float* out;              // [num_tokens, num_heads, hs] contiguous
-  const void* query;       // [num_tokens, num_heads, hs], row stride q_stride0
-  bool query_bf16;
-  int64_t q_stride0;
-  PagedCache cache;
-  const int32_t* tables;   // [num_seqs, table_width]
-  int64_t table_width;
-  const int32_t* lens;     // [num_seqs]
-  const int32_t* starts;   // [num_seqs + 1] query_start_loc
-  int64_t num_seqs, num_heads;
-  float scale;
-};
 
 struct Item {
   int32_t seq, first;  // first: the tile's first query token within its sequence
@@ -180,6 +167,7 @@ void paged_attention_prefill(const Tensor& out, const Tensor& query, const Tenso
   if (query.size(0) == 0) return;
 
   const Isa isa = active_isa();
+  if (cache.bf16 && isa >= Isa::kAmx && prefill_amx(a)) return;
   if (cache.bf16) run<bf16_t>(a, isa);
   else run<float>(a, isa);
 }

@@ -129,8 +129,8 @@ void bf16_linear(const PackedBf16& w, const float* x, int64_t ldx, int64_t m,
     // computed and dropped).
     const int64_t m_pad = amx ? (m + 15) / 16 * 16 : m;
     auto* xb = static_cast<uint16_t*>(thread_scratch<0>(sizeof(uint16_t) * m_pad * k));
-    round_rows_bf16_avx512(x, ldx, m, k, xb);
-    if (m_pad > m) std::memset(xb + m * k, 0, sizeof(uint16_t) * (m_pad - m) * k);
+    if (amx) round_rows_bf16_tiles(x, ldx, m, k, xb);
+    else round_rows_bf16_avx512(x, ldx, m, k, xb);
     // Shares in pairs of groups: the AMX kernel computes two groups at a time.
     const int64_t pairs = (groups + 1) / 2;
 #pragma omp parallel num_threads(threads)

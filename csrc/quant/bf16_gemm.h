@@ -48,8 +48,8 @@ void unpack_bf16(const PackedBf16& w, float* dst);
 void bf16_linear(const PackedBf16& w, const float* x, int64_t ldx, int64_t m,
                  const float* bias, float* out, int64_t ldo, Isa isa);
 
-// The kernels of the bf16-capable levels. xb: x rounded to bf16, [m_pad, K] contiguous,
-// m_pad >= m; rows past m may hold anything. Each computes output groups
+// The kernels of the bf16-capable levels. xb: x rounded to bf16, [m, K] contiguous (or
+// in tiles, for AMX). Each computes output groups
 // [g_begin, g_end) for rows [0, m) on the calling thread.
 using Bf16GroupsFn = void (*)(const PackedBf16& w, const uint16_t* xb, int64_t m,
                               int64_t g_begin, int64_t g_end, const float* bias, float* out,
@@ -58,7 +58,7 @@ using Bf16GroupsFn = void (*)(const PackedBf16& w, const uint16_t* xb, int64_t m
 // VDPBF16PS on zmm registers: any m; the form for few rows.
 void bf16_groups_avx512(const PackedBf16& w, const uint16_t* xb, int64_t m, int64_t g_begin,
                         int64_t g_end, const float* bias, float* out, int64_t ldo);
-// AMX tiles: xb must have m rounded up to 16 rows. The calling thread must have called
+// AMX tiles: xb as round_rows_bf16_tiles lays it out. The calling thread must have called
 // amx_begin() (tile configuration) and calls amx_end() when done.
 void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m, int64_t g_begin,
                      int64_t g_end, const float* bias, float* out, int64_t ldo);
@@ -66,6 +66,9 @@ void amx_begin();
 void amx_end();
 // x [m, K] fp32 (row stride ldx) -> xb [m, K] bf16 bits, round to nearest even.
 void round_rows_bf16_avx512(const float* x, int64_t ldx, int64_t m, int64_t k, uint16_t* xb);
+// The same into AMX A tiles: [m / 16 (rounded up)][k / 32][16 rows][32], each 1 KiB tile
+// contiguous (streamed, not strided); rows m .. m rounded up to 16 are zeros.
+void round_rows_bf16_tiles(const float* x, int64_t ldx, int64_t m, int64_t k, uint16_t* xb);
 #endif
 
 }  // namespace xllm::quant

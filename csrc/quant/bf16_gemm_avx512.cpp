@@ -91,6 +91,24 @@ XLLM_AVX512 void round_rows_bf16_avx512(const float* x, int64_t ldx, int64_t m, 
   }
 }
 
+XLLM_AVX512 void round_rows_bf16_tiles(const float* x, int64_t ldx, int64_t m, int64_t k,
+                                       uint16_t* xb) {
+  const int64_t m_pad = (m + 15) / 16 * 16, kb_count = k / 32;
+  for (int64_t r = 0; r < m_pad; ++r) {
+    const float* src = x + r * ldx;
+    uint16_t* dst = xb + ((r / 16) * kb_count * 16 + r % 16) * 32;
+    for (int64_t kb = 0; kb < kb_count; ++kb, dst += 16 * 32) {
+      if (r >= m) {
+        _mm512_storeu_si512(dst, _mm512_setzero_si512());
+        continue;
+      }
+      const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + kb * 32 + 16),
+                                             _mm512_loadu_ps(src + kb * 32));
+      _mm512_storeu_si512(dst, (__m512i)v);
+    }
+  }
+}
+
 XLLM_AVX512 void bf16_groups_avx512(const PackedBf16& w, const uint16_t* xb, int64_t m,
                                     int64_t g_begin, int64_t g_end, const float* bias,
                                     float* out, int64_t ldo) {
@@ -118,17 +136,17 @@ struct alignas(64) TileConfig {
 };
 
 // tmm0-3: sums (16 x 16 fp32); tmm4-5: x (16 rows x 32 bf16); tmm6-7: W (16 pairs x 16 x 2).
+// a: x in tiles (round_rows_bf16_tiles), the first of MT 16-row blocks.
 template <int MT, int NT>
 XLLM_AMX void amx_block(const uint16_t* a, int64_t k, const uint16_t* b0, const uint16_t* b1,
-                        float* c) {
-  const int64_t lda = k * static_cast<int64_t>(sizeof(uint16_t));
+                        float* c, int64_t ldc = 32) {
   _tile_zero(0);
   if (NT > 1) _tile_zero(1);
   if (MT > 1) _tile_zero(2);
   if (MT > 1 && NT > 1) _tile_zero(3);
   for (int64_t kb = 0; kb < k / 32; ++kb) {
-    _tile_loadd(4, a + kb * 32, lda);
-    if (MT > 1) _tile_loadd(5, a + 16 * k + kb * 32, lda);
+    _tile_loadd(4, a + kb * 512, 64);
+    if (MT > 1) _tile_loadd(5, a + 16 * k + kb * 512, 64);
     _tile_loadd(6, b0 + kb * 512, 64);
     if (NT > 1) _tile_loadd(7, b1 + kb * 512, 64);
     _tile_dpbf16ps(0, 4, 6);
@@ -136,11 +154,12 @@ XLLM_AMX void amx_block(const uint16_t* a, int64_t k, const uint16_t* b0, const 
     if (MT > 1) _tile_dpbf16ps(2, 5, 6);
     if (MT > 1 && NT > 1) _tile_dpbf16ps(3, 5, 7);
   }
-  // c: [32 rows][32 columns] fp32, row stride 128 bytes.
-  _tile_stored(0, c, 128);
-  if (NT > 1) _tile_stored(1, c + 16, 128);
-  if (MT > 1) _tile_stored(2, c + 16 * 32, 128);
-  if (MT > 1 && NT > 1) _tile_stored(3, c + 16 * 32 + 16, 128);
+  // c: [16 MT rows][16 NT columns] fp32, row stride ldc floats.
+  const int64_t stride = ldc * static_cast<int64_t>(sizeof(float));
+  _tile_stored(0, c, stride);
+  if (NT > 1) _tile_stored(1, c + 16, stride);
+  if (MT > 1) _tile_stored(2, c + 16 * ldc, stride);
+  if (MT > 1 && NT > 1) _tile_stored(3, c + 16 * ldc + 16, stride);
 }
 
 }  // namespace
@@ -172,6 +191,10 @@ XLLM_AMX void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m
     for (int64_t m0 = 0; m0 < m; m0 += 32) {
       const bool tall = m0 + 16 < m;
       const uint16_t* a = xb + m0 * k;
+      if (!bias && two && cols == 32 && m0 + 32 <= m) {  // a whole block: tiles straight out
+        amx_block<2, 2>(a, k, b0, b1, out + m0 * ldo + n0, ldo);
+        continue;
+      }
       if (tall && two) amx_block<2, 2>(a, k, b0, b1, c);
       else if (tall) amx_block<2, 1>(a, k, b0, b1, c);
       else if (two) amx_block<1, 2>(a, k, b0, b1, c);
