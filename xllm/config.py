@@ -15,7 +15,7 @@ class EngineConfig:
     # auto | float32 | bfloat16 | float16; auto = bfloat16 on CPUs with bf16 arithmetic (AMX,
     # AVX512-BF16), float32 on other CPUs, the checkpoint's dtype on CUDA
     dtype: str = "auto"
-    # auto | dense | blocks | bf16 | f32: how the CPU stores the weights (GGUF blocks or
+    # auto | dense | blocks | int8 | bf16 | f32: how the CPU stores the weights (GGUF blocks or
     # plain rows through native kernels, or torch's dense path); dtype says how they are
     # multiplied. See xllm.loader.model.load_model and docs/models.md.
     weight_format: str = "auto"
@@ -35,8 +35,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        if self.weight_format not in ("auto", "dense", "blocks", "bf16", "f32"):
-            raise ValueError("weight_format must be auto, dense, blocks, bf16 or f32, "
+        if self.weight_format not in ("auto", "dense", "blocks", "int8", "bf16", "f32"):
+            raise ValueError("weight_format must be auto, dense, blocks, int8, bf16 or f32, "
                              f"got {self.weight_format!r}")
         if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError("kv_cache_dtype must be auto, float32, bfloat16 or float16, "

@@ -10,6 +10,7 @@
 #include "common/tensor.h"
 #include "quant/bf16_gemm.h"
 #include "quant/block_linear.h"
+#include "quant/int8_dot.h"
 
 namespace xllm {
 namespace py = pybind11;
@@ -17,7 +18,7 @@ namespace py = pybind11;
 class BlockWeight {
  public:
   BlockWeight(const std::string& format, py::object qs, py::object scales, py::object mins,
-              py::object bias)
+              py::object bias, const std::string& arithmetic = "fp32")
       : qs_(std::move(qs)), scales_(std::move(scales)), mins_(std::move(mins)),
         bias_(std::move(bias)) {
     if (format == "q4_1") {
@@ -38,6 +39,12 @@ class BlockWeight {
     format_ = format;
     const bool q4 = m_.format == quant::Format::kQ4_1;
     const bool blocked = q4 || m_.format == quant::Format::kQ8_0;
+    if (arithmetic == "int8") {
+      if (!blocked) fail("arithmetic 'int8' needs format 'q4_1' or 'q8_0', got '", format, "'");
+      int8_ = true;
+    } else if (arithmetic != "fp32") {
+      fail("argument 'arithmetic' must be 'fp32' or 'int8', got '", arithmetic, "'");
+    }
     const Tensor q = host_tensor(qs_, "qs");
     check_ndim(q, 2, "[out_features, row bytes / element]");
     check_contiguous(q);
@@ -79,6 +86,15 @@ class BlockWeight {
       } else if (!mins_.is_none()) {
         fail("argument 'mins' must be None for format 'q8_0' (it has no minimum)");
       }
+    }
+    if (int8_) {  // repacked once; the GGUF-order blocks are not needed after that
+      {
+        py::gil_scoped_release release;
+        int8_w_ = quant::pack_int8(m_, int8_buffers_);
+      }
+      m_.qs = nullptr;
+      m_.scales = m_.mins = nullptr;
+      qs_ = scales_ = mins_ = py::none();
     }
     if (bf16_gemm_) {  // packed once; the rows are not needed after that
       packed_ = quant::alloc_packed_bf16(m_.rows, m_.cols);
@@ -131,6 +147,7 @@ class BlockWeight {
     const Isa isa = active_isa();
     py::gil_scoped_release release;
     if (bf16_gemm_) return quant::unpack_bf16(packed(), out.ptr<float>());
+    if (int8_) return quant::unpack_int8(int8_w_, out.ptr<float>());
     quant::dequantize(m_, out.ptr<float>(), isa);
   }
 
@@ -139,17 +156,22 @@ class BlockWeight {
   void linear_raw(const float* x, int64_t ldx, int64_t m, float* out, int64_t ldo,
                   Isa isa) const {
     if (bf16_gemm_) return quant::bf16_linear(packed(), x, ldx, m, bias_ptr_, out, ldo, isa);
+    if (int8_) return quant::int8_linear(int8_w_, x, ldx, m, bias_ptr_, out, ldo, isa);
     quant::linear(m_, x, ldx, m, bias_ptr_, out, ldo, isa);
   }
 
   // Bytes of weight storage the kernels read (the packed copy for bf16_gemm).
   int64_t nbytes() const {
     if (bf16_gemm_) return packed().groups() * quant::kBf16Group * m_.cols * 2;
+    if (int8_) {
+      return int8_w_.groups() * int8_w_.blocks() * (int8_w_.block_bytes() + 2 * 16 * 4);
+    }
     const int64_t scales = m_.scales ? m_.rows * (m_.cols / quant::kBlock) * 4 : 0;
     return m_.rows * m_.qs_row_bytes() + scales * (m_.mins ? 2 : 1);
   }
 
   int64_t rows() const { return m_.rows; }
+  std::string arithmetic() const { return int8_ ? "int8" : bf16_gemm_ ? "bf16" : "fp32"; }
   int64_t cols() const { return m_.cols; }
   const std::string& format() const { return format_; }
 
@@ -159,6 +181,9 @@ class BlockWeight {
   const float* bias_ptr_ = nullptr;
   std::string format_;
   bool bf16_gemm_ = false;  // bf16 arithmetic on packed_ (quant/bf16_gemm.h)
+  bool int8_ = false;       // int8 activations on int8_w_ (quant/int8_dot.h)
+  quant::PackedInt8Buffers int8_buffers_;
+  quant::PackedInt8 int8_w_{};
   quant::Bf16Buffer packed_;
 
   quant::PackedBf16 packed() const { return {packed_.get(), m_.rows, m_.cols}; }

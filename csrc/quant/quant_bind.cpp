@@ -16,9 +16,11 @@ void register_quant(py::module_& m) {
                           "exactly to fp32 on the fly; or bf16 rows computed in bf16 "
                           "arithmetic (bf16_gemm: x rounded to bf16, fp32 sums; AMX or "
                           "AVX512-BF16 where present). Layout: xllm/ops/blocks.py.")
-      .def(py::init<const std::string&, py::object, py::object, py::object, py::object>(),
+      .def(py::init<const std::string&, py::object, py::object, py::object, py::object,
+                    const std::string&>(),
            py::arg("format"), py::arg("qs"), py::arg("scales") = py::none(),
-           py::arg("mins") = py::none(), py::arg("bias") = py::none())
+           py::arg("mins") = py::none(), py::arg("bias") = py::none(),
+           py::arg("arithmetic") = "fp32")
       .def("linear", &BlockWeight::linear, py::arg("x"), py::arg("out"),
            "out [M, out_features] = x [M, in_features] @ W^T (+ bias), fp32.")
       .def("dequantize", &BlockWeight::dequantize, py::arg("out"),
@@ -26,6 +28,9 @@ void register_quant(py::module_& m) {
       .def_property_readonly("out_features", &BlockWeight::rows)
       .def_property_readonly("in_features", &BlockWeight::cols)
       .def_property_readonly("format", &BlockWeight::format)
+      .def_property_readonly("arithmetic", &BlockWeight::arithmetic,
+                             "'fp32' (exact decode), 'bf16' (bf16_gemm) or 'int8' (q4_1/q8_0 "
+                             "with int8 activations, csrc/quant/int8_dot.h).")
       .def_property_readonly("nbytes", &BlockWeight::nbytes,
                              "Bytes of weight storage the kernels read.");
 }

@@ -41,8 +41,9 @@ def resolve_dtype(dtype: str, model_config: ModelConfig, device: torch.device,
         from xllm import _C
 
         chosen = torch.bfloat16
-        why = (f"this CPU multiplies bf16 natively (ISA level {_C.detected_isa()}): bf16 "
-               "weights and products, fp32 sums and residual stream")
+        why = (f"this CPU has bf16 and int8 dot-product units (ISA level "
+               f"{_C.detected_isa()}): bf16 or int8 products with fp32 sums, fp32 residual "
+               "stream, bf16 KV cache")
     else:
         chosen = torch.float32
         why = "this CPU has no bf16 arithmetic (no AVX512-BF16 or AMX); fp32 is exact and fastest"
@@ -50,7 +51,7 @@ def resolve_dtype(dtype: str, model_config: ModelConfig, device: torch.device,
     return chosen
 
 
-WEIGHT_FORMATS = ("auto", "dense", "blocks", "bf16", "f32")
+WEIGHT_FORMATS = ("auto", "dense", "blocks", "int8", "bf16", "f32")
 
 
 def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
@@ -62,14 +63,21 @@ def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
     - ``dense``: torch modules on ``dtype`` parameters (MKL / oneDNN matmuls);
     - ``blocks``: the GGUF blocks an import kept beside the weights, decoded exactly to the
       same fp32 values on the fly by native kernels (``xllm.ops.blocks``); float32 only;
+    - ``int8``: the same blocks with activations quantized to int8 per block of 32 and
+      integer dot products (llama.cpp's arithmetic: VNNI; on AMX CPUs, prompt-sized inputs
+      decode the weights to bf16 tiles); float32 or bfloat16 (which sets the KV cache's
+      dtype and attention's arithmetic);
     - ``bf16``: bf16 rows. In float32, widened exactly to fp32 in the native kernels
       (exact for a bf16 checkpoint's values); in bfloat16, packed for the matrix units and
       multiplied in bf16 with fp32 sums (``bf16_gemm``: AMX tiles for many rows,
       AVX512-BF16 dot products for few, fp32 FMAs on CPUs without either);
     - ``f32``: fp32 rows through the native kernels; float32 only;
-    - ``auto``: on a CPU in float32, ``blocks`` where an import kept them, else ``bf16`` for
-      a bf16 checkpoint and ``f32`` otherwise; on a CPU in bfloat16, ``bf16``; ``dense``
-      everywhere else.
+    - ``auto``: the fastest format that passes the accuracy checks
+      (tests/test_reduced_precision.py). On a CPU in float32, ``blocks`` where an import
+      kept them, else ``bf16`` for a bf16 checkpoint and ``f32`` otherwise; on a CPU in
+      bfloat16, ``int8`` where an import kept blocks (a 4-5 bit weight moves a third of
+      bf16's bytes in a decode step, and prompt-sized inputs run on the same AMX tiles),
+      else ``bf16``; ``dense`` everywhere else. The choice is logged.
 
     Every format but ``dense`` runs on the CPU, keeps norms, rope, attention and the residual
     stream in fp32, and lets the native decoder stack run the whole model.
@@ -81,11 +89,12 @@ def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
         raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
     blocks_path = Path(model_dir) / BLOCKS_FILE
     cpu = device.type == "cpu"
+    requested = weight_format
     if weight_format == "auto":
         if not cpu or dtype not in (torch.float32, torch.bfloat16):
             weight_format = "dense"
         elif dtype == torch.bfloat16:
-            weight_format = "bf16"
+            weight_format = "int8" if blocks_path.is_file() else "bf16"
         elif blocks_path.is_file():
             weight_format = "blocks"
         else:
@@ -95,25 +104,32 @@ def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
             raise ValueError(f"weight_format {weight_format!r} runs on the CPU in float32 or "
                              f"bfloat16 only; got device {device.type} and dtype {dtype}; use "
                              "'dense'")
-        if dtype == torch.bfloat16 and weight_format != "bf16":
+        if dtype == torch.bfloat16 and weight_format not in ("bf16", "int8"):
             raise ValueError(f"weight_format {weight_format!r} computes in float32; with dtype "
-                             "bfloat16 use 'bf16' (or 'dense'), or use dtype float32")
-    if weight_format == "blocks" and not blocks_path.is_file():
-        raise ValueError(f"weight_format 'blocks' needs {blocks_path}, which only a GGUF "
-                         "import writes; use weight_format 'auto', 'f32' or 'dense'")
+                             "bfloat16 use 'bf16' or 'int8' (or 'dense'), or use dtype float32")
+    if weight_format in ("blocks", "int8") and not blocks_path.is_file():
+        raise ValueError(f"weight_format {weight_format!r} needs {blocks_path}, which only a "
+                         "GGUF import writes; use weight_format 'auto', 'bf16', 'f32' or "
+                         "'dense'")
     bf16_gemm = weight_format == "bf16" and dtype == torch.bfloat16
     cls = get_model_class(model_config.architecture)
     # bf16 GEMMs keep everything around them (embedding, norms, rope, residual) in fp32.
-    model = cls(model_config, dtype=torch.float32 if bf16_gemm else dtype)
+    model = cls(model_config, dtype=torch.float32 if cpu and weight_format != "dense" else dtype)
     model.load_weights(iter_weights(model_dir, progress=progress))
-    if weight_format == "blocks":
+    if weight_format in ("blocks", "int8"):
         from xllm.ops.blocks import read_blocks
 
-        model.attach_blocks(read_blocks(blocks_path))
+        model.attach_blocks(read_blocks(blocks_path),
+                            "int8" if weight_format == "int8" else "fp32")
     elif bf16_gemm:
         model.attach_rows("bf16_gemm")
     elif weight_format in ("bf16", "f32"):
         model.attach_rows(weight_format)
-    logger.info("weight_format %s, dtype %s%s", weight_format, str(dtype).removeprefix("torch."),
-                ": bf16 products with fp32 sums (bf16_gemm)" if bf16_gemm else "")
+    how = {"int8": ": GGUF blocks times x quantized to int8 per block of 32 (VNNI), bf16 "
+                   "tiles for prompt-sized inputs on AMX",
+           "bf16": ": bf16 products with fp32 sums (bf16_gemm)" if bf16_gemm else
+                   ": bf16 rows widened exactly to fp32",
+           "blocks": ": GGUF blocks decoded exactly to fp32"}.get(weight_format, "")
+    logger.info("weight_format %s%s, dtype %s%s", weight_format,
+                " (auto)" if requested == "auto" else "", str(dtype).removeprefix("torch."), how)
     return model.to(device).eval()

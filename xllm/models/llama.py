@@ -257,12 +257,14 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"kv_caches[{i}]: {e}") from None
         self.use_native_stack()
 
-    def attach_blocks(self, blocks: dict[str, PackedBlocks]) -> int:
+    def attach_blocks(self, blocks: dict[str, PackedBlocks], arithmetic: str = "fp32") -> int:
         """Runs every projection whose checkpoint tensors all have blocks on those blocks
         (``xllm.ops.blocks``), releasing its dense weight; returns how many layers switched.
 
         Call after ``load_weights`` (biases and norms still come from the dense checkpoint).
         A fused projection switches only when all its parts share one block format.
+        ``arithmetic``: ``fp32`` (exact) or ``int8`` (activations quantized to int8 per block
+        of 32; ``BlockLinearWeight``).
         """
         if self.dtype != torch.float32:
             raise ValueError(f"block weights compute in fp32; the model is {self.dtype}")
@@ -278,12 +280,12 @@ class LlamaForCausalLM(nn.Module):
             parts = [blocks.get(n) for n in names]
             if any(p is None for p in parts) or len({p.format for p in parts}) != 1:
                 continue
-            module.use_blocks(BlockLinearWeight(concat_rows(parts), module.bias))
+            module.use_blocks(BlockLinearWeight(concat_rows(parts), module.bias, arithmetic))
             switched += 1
         head_name = "model.embed_tokens.weight" if self.lm_head.tied else "lm_head.weight"
         head = blocks.get(head_name)
         if head is not None:
-            self.lm_head.use_blocks(BlockLinearWeight(head))
+            self.lm_head.use_blocks(BlockLinearWeight(head, arithmetic=arithmetic))
             if not self.lm_head.tied:
                 self.lm_head.weight = nn.Parameter(torch.empty(0), requires_grad=False)
             switched += 1

@@ -129,13 +129,19 @@ def dequantize_ref(p: PackedBlocks) -> np.ndarray:
 class BlockLinearWeight:
     """A linear layer's weight (and bias) as blocks, callable like F.linear on fp32 input."""
 
-    def __init__(self, blocks: PackedBlocks, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, blocks: PackedBlocks, bias: torch.Tensor | None = None,
+                 arithmetic: str = "fp32") -> None:
+        """``arithmetic``: ``fp32`` decodes the blocks exactly to fp32; ``int8`` quantizes
+        x to int8 per block of 32 and multiplies the quants as integers (csrc/quant/
+        int8_dot.h: VNNI, or bf16 tiles for prompt-sized inputs on AMX CPUs)."""
         self.format = blocks.format
         self.qs = torch.from_numpy(np.ascontiguousarray(blocks.qs))
         self.scales = torch.from_numpy(np.ascontiguousarray(blocks.scales))
         self.mins = None if blocks.mins is None else torch.from_numpy(
             np.ascontiguousarray(blocks.mins))
-        self._finish(bias)
+        self._finish(bias, arithmetic)
+        if self.arithmetic == "int8":  # the native weight repacked its own copy
+            self.qs = self.scales = self.mins = None
 
     @classmethod
     def from_rows(cls, weight: torch.Tensor, fmt: str,
@@ -160,11 +166,13 @@ class BlockLinearWeight:
             self.qs = None  # the native weight packed its own copy
         return self
 
-    def _finish(self, bias: torch.Tensor | None) -> None:
+    def _finish(self, bias: torch.Tensor | None, arithmetic: str = "fp32") -> None:
         self.bias = None if bias is None else bias.detach().float().contiguous()
         from xllm import _C  # here, so that the importer (numpy only) needs no native build
 
-        self.native = _C.BlockWeight(self.format, self.qs, self.scales, self.mins, self.bias)
+        self.native = _C.BlockWeight(self.format, self.qs, self.scales, self.mins, self.bias,
+                                     arithmetic)
+        self.arithmetic = self.native.arithmetic
         self.out_features = self.native.out_features
         self.in_features = self.native.in_features
 

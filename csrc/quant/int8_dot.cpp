@@ -1,0 +1,226 @@
+// Drivers and the scalar kernels of the int8 linear (int8_dot.h).
+#include "quant/int8_dot.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "quant/bf16_gemm.h"
+
+namespace xllm::quant {
+namespace {
+
+// Rows from which the amx level decodes the weight to bf16 tiles: below it the integer
+// kernel is faster, since decoding costs the same whatever the rows (crossover measured
+// at 32 rows on the demo's shapes, 2 cores of a Xeon with AMX).
+constexpr int64_t kAmxMinRows = 32;
+
+template <int Slot>
+void* thread_scratch(size_t bytes) {
+  struct Buffer {
+    void* p = nullptr;
+    size_t capacity = 0;
+    ~Buffer() { std::free(p); }
+  };
+  thread_local Buffer buffer;
+  if (bytes > buffer.capacity) {
+    std::free(buffer.p);
+    buffer.capacity = (std::max(bytes, 2 * buffer.capacity) + 63) / 64 * 64;
+    buffer.p = std::aligned_alloc(64, buffer.capacity);
+    if (!buffer.p) throw std::bad_alloc();
+  }
+  return buffer.p;
+}
+
+int threads_for(const PackedInt8& w, int64_t m) {
+  const int64_t work = w.rows * w.cols * std::min<int64_t>(m, 16);
+  return work < (int64_t{1} << 18) ? 1 : omp_get_max_threads();
+}
+
+// u of element i of row n and c of block b (int8_dot.h).
+inline int unsigned_quant(const BlockMatrix& w, int64_t n, int64_t i) {
+  if (w.format == Format::kQ4_1) {
+    const uint8_t byte = w.qs[n * (w.cols / 2) + (i / 32) * 16 + i % 16];
+    return i % 32 < 16 ? byte & 0x0F : byte >> 4;
+  }
+  return static_cast<int>(reinterpret_cast<const int8_t*>(w.qs)[n * w.cols + i]) + 128;
+}
+
+inline float block_offset(const BlockMatrix& w, int64_t n, int64_t b) {
+  const int64_t nb = w.cols / kBlock;
+  return w.format == Format::kQ4_1 ? w.mins[n * nb + b] : -128.0f * w.scales[n * nb + b];
+}
+
+// The quant of output j, element i (< 32) of block (g, b) in the packed form.
+inline int packed_quant(const PackedInt8& w, int64_t g, int64_t b, int j, int i) {
+  const uint8_t* blk = w.quads + (g * w.blocks() + b) * w.block_bytes();
+  if (w.format == Format::kQ8_0) return blk[(i / 4) * 64 + j * 4 + i % 4];
+  const uint8_t byte = blk[((i % 16) / 4) * 64 + j * 4 + i % 4];
+  return i < 16 ? byte & 0x0F : byte >> 4;
+}
+
+template <class T>
+T* aligned_array(size_t count) {
+  void* p = std::aligned_alloc(64, (count * sizeof(T) + 63) / 64 * 64);
+  if (!p) throw std::bad_alloc();
+  return static_cast<T*>(p);
+}
+
+}  // namespace
+
+PackedInt8 pack_int8(const BlockMatrix& w, PackedInt8Buffers& buffers) {
+  PackedInt8 p{w.format, nullptr, nullptr, nullptr, w.rows, w.cols};
+  const int64_t groups = p.groups(), nb = p.blocks(), bytes = p.block_bytes();
+  buffers.quads = {aligned_array<uint8_t>(groups * nb * bytes), std::free};
+  buffers.d = {aligned_array<float>(groups * nb * 16), std::free};
+  buffers.c = {aligned_array<float>(groups * nb * 16), std::free};
+  uint8_t* quads = buffers.quads.get();
+  float* d = buffers.d.get();
+  float* c = buffers.c.get();
+#pragma omp parallel for schedule(static)
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t b = 0; b < nb; ++b) {
+      uint8_t* blk = quads + (g * nb + b) * bytes;
+      std::memset(blk, 0, static_cast<size_t>(bytes));
+      for (int j = 0; j < 16; ++j) {
+        const int64_t n = g * 16 + j;
+        const bool real = n < w.rows;
+        d[(g * nb + b) * 16 + j] = real ? w.scales[n * nb + b] : 0.0f;
+        c[(g * nb + b) * 16 + j] = real ? block_offset(w, n, b) : 0.0f;
+        if (!real) continue;
+        for (int i = 0; i < kBlock; ++i) {
+          const int u = unsigned_quant(w, n, b * kBlock + i);
+          if (w.format == Format::kQ8_0) {
+            blk[(i / 4) * 64 + j * 4 + i % 4] = static_cast<uint8_t>(u);
+          } else {
+            blk[((i % 16) / 4) * 64 + j * 4 + i % 4] |= static_cast<uint8_t>(i < 16 ? u : u << 4);
+          }
+        }
+      }
+    }
+  }
+  p.quads = quads;
+  p.d = d;
+  p.c = c;
+  return p;
+}
+
+void unpack_int8(const PackedInt8& w, float* dst) {
+  const int64_t nb = w.blocks();
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < w.rows; ++n) {
+    const int64_t g = n / 16;
+    const int j = static_cast<int>(n % 16);
+    for (int64_t b = 0; b < nb; ++b) {
+      const float d = w.d[(g * nb + b) * 16 + j], c = w.c[(g * nb + b) * 16 + j];
+      for (int i = 0; i < kBlock; ++i) {
+        dst[n * w.cols + b * kBlock + i] = d * static_cast<float>(packed_quant(w, g, b, j, i)) + c;
+      }
+    }
+  }
+}
+
+void quantize_rows(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq, float* dx,
+                   float* sx, Isa isa) {
+#if defined(__x86_64__)
+  if (isa >= Isa::kAvx512) return quantize_rows_avx512(x, ldx, m, k, xq, dx, sx);
+#endif
+  const int64_t nb = k / kBlock;
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* src = x + r * ldx + b * kBlock;
+      float amax = 0.0f;
+      for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(src[i]));
+      const float d = amax / 127.0f;
+      const float id = d > 0.0f ? 1.0f / d : 0.0f;
+      int sum = 0;
+      for (int i = 0; i < kBlock; ++i) {
+        const int q = static_cast<int>(std::nearbyint(src[i] * id));  // round half to even
+        xq[r * k + b * kBlock + i] = static_cast<int8_t>(q);
+        sum += q;
+      }
+      dx[r * nb + b] = d;
+      sx[r * nb + b] = d * static_cast<float>(sum);
+    }
+  }
+}
+
+void int8_groups_scalar(const PackedInt8& w, const QuantizedRows& q, int64_t g_begin,
+                        int64_t g_end, const float* bias, float* out, int64_t ldo) {
+  const int64_t nb = w.blocks();
+  for (int64_t g = g_begin; g < g_end; ++g) {
+    for (int j = 0; j < 16 && g * 16 + j < w.rows; ++j) {
+      const int64_t n = g * 16 + j;
+      for (int64_t r = 0; r < q.m; ++r) {
+        float sum = 0.0f;
+        for (int64_t b = 0; b < nb; ++b) {
+          int dot = 0;
+          for (int i = 0; i < kBlock; ++i) {
+            dot += packed_quant(w, g, b, j, i) * q.xq[r * q.cols + b * kBlock + i];
+          }
+          sum += w.d[(g * nb + b) * 16 + j] * q.dx[r * nb + b] * static_cast<float>(dot) +
+                 w.c[(g * nb + b) * 16 + j] * q.sx[r * nb + b];
+        }
+        out[r * ldo + n] = bias ? sum + bias[n] : sum;
+      }
+    }
+  }
+}
+
+void int8_linear(const PackedInt8& w, const float* x, int64_t ldx, int64_t m,
+                 const float* bias, float* out, int64_t ldo, Isa isa) {
+  if (m == 0 || w.rows == 0) return;
+  const int64_t k = w.cols, nb = w.blocks(), groups = w.groups();
+  const int threads = threads_for(w, m);
+#if defined(__x86_64__)
+  if (isa >= Isa::kAmx && m >= kAmxMinRows) {
+    // Prompt-sized: the weight decoded to bf16, 32 rows at a time, through the AMX tiles.
+    const int64_t m_pad = (m + 15) / 16 * 16;
+    auto* xb = static_cast<uint16_t*>(thread_scratch<0>(sizeof(uint16_t) * m_pad * k));
+    round_rows_bf16_tiles(x, ldx, m, k, xb);
+    const int64_t pairs = (groups + 1) / 2;
+#pragma omp parallel num_threads(threads)
+    {
+      auto* wb = static_cast<uint16_t*>(thread_scratch<1>(sizeof(uint16_t) * 32 * k));
+      const int nth = omp_get_num_threads(), me = omp_get_thread_num();
+      const int64_t p_begin = pairs * me / nth, p_end = pairs * (me + 1) / nth;
+      if (p_begin < p_end) {
+        amx_begin();
+        for (int64_t p = p_begin; p < p_end; ++p) {
+          const int64_t n0 = p * 32;
+          decode_bf16_groups_avx512(w, 2 * p, wb);
+          const PackedBf16 sub{wb, std::min<int64_t>(32, w.rows - n0), k};
+          bf16_groups_amx(sub, xb, m, 0, sub.groups(), bias ? bias + n0 : nullptr, out + n0,
+                          ldo);
+        }
+        amx_end();
+      }
+    }
+    return;
+  }
+#endif
+  auto* xq = static_cast<int8_t*>(thread_scratch<0>(static_cast<size_t>(m * k) + 64));
+  auto* dx = static_cast<float*>(thread_scratch<1>(sizeof(float) * 2 * m * nb + 64));
+  float* sx = dx + m * nb;
+  quantize_rows(x, ldx, m, k, xq, dx, sx, isa);
+  const QuantizedRows q{xq, dx, sx, m, k};
+#pragma omp parallel num_threads(threads)
+  {
+    const int nth = omp_get_num_threads(), me = omp_get_thread_num();
+    const int64_t g_begin = groups * me / nth, g_end = groups * (me + 1) / nth;
+    if (g_begin < g_end) {
+#if defined(__x86_64__)
+      if (isa >= Isa::kAvx512) int8_groups_avx512(w, q, g_begin, g_end, bias, out, ldo);
+      else int8_groups_scalar(w, q, g_begin, g_end, bias, out, ldo);
+#else
+      int8_groups_scalar(w, q, g_begin, g_end, bias, out, ldo);
+#endif
+    }
+  }
+}
+
+}  // namespace xllm::quant

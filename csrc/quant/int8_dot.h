@@ -1,0 +1,84 @@
+// Linears on GGUF blocks with int8 activations (what llama.cpp does): each 32-element
+// block of a row of x is quantized to int8 with its own scale, and every block product is
+// an integer dot product of the weight's quants with x's, scaled once per block:
+//
+//   x[r, 32b + i] ~ dx[r, b] * xq[r, 32b + i],   xq in [-127, 127], dx = max|x block| / 127
+//   W[n, 32b + i] = d[n, b] * u[n, 32b + i] + c[n, b],   u in [0, 255] unsigned
+//   out[r, n] = sum over b of  d[n, b] dx[r, b] * (sum_i u xq)  +  c[n, b] * dx[r, b] * (sum_i xq)
+//
+// Q4_1 is already of that form (u = the 4-bit quant, c = its min); Q8_0 (w = d q, q signed)
+// becomes u = q + 128, c = -128 d. The integer sums are exact, so every ISA level computes
+// the same block sums from the same quantized x; only the order of the fp32 additions
+// differs. VNNI (VPDPBUSD: unsigned x signed bytes, four products per lane) does the
+// integer part on the avx512 and amx levels; prompt-sized inputs on the amx level instead
+// decode the weight to bf16 tiles and run the bf16 tile kernel (bf16_gemm.h).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "common/cpu_info.h"
+#include "quant/block_linear.h"
+
+namespace xllm::quant {
+
+// A q4_1 or q8_0 weight repacked at load for the integer kernels: per group of 16 outputs
+// g and block b, the unsigned quants as VPDPBUSD operands (one 64-byte line holds 4
+// consecutive inputs for each of the 16 outputs, one int32 lane per output), and the
+// block's scales for the 16 outputs side by side:
+//
+//   q8_0: quads[g][b][v][j][t] = u[16 g + j][32 b + 4 v + t]           v < 8   (512 B)
+//   q4_1: quads[g][b][v][j][t] = u[.. 4 v + t] | u[.. 16 + 4 v + t] << 4  v < 4   (256 B)
+//   d[g][b][j], c[g][b][j]     (fp32; zeros for rows past N)
+struct PackedInt8 {
+  Format format;               // kQ4_1 or kQ8_0
+  const uint8_t* quads;
+  const float* d;
+  const float* c;
+  int64_t rows, cols;
+
+  int64_t groups() const { return (rows + 15) / 16; }
+  int64_t blocks() const { return cols / kBlock; }
+  int64_t block_bytes() const { return format == Format::kQ4_1 ? 256 : 512; }
+};
+
+struct PackedInt8Buffers {
+  std::unique_ptr<uint8_t[], void (*)(void*)> quads{nullptr, nullptr};
+  std::unique_ptr<float[], void (*)(void*)> d{nullptr, nullptr}, c{nullptr, nullptr};
+};
+
+// Repacks w (q4_1 or q8_0) into buffers (allocated here) and returns the view.
+PackedInt8 pack_int8(const BlockMatrix& w, PackedInt8Buffers& buffers);
+// dst [N, K] fp32 = the weight decoded from the packed form (exact).
+void unpack_int8(const PackedInt8& w, float* dst);
+
+// x quantized per 32-element block: xq [m, K] int8, dx [m, K / 32], sx [m, K / 32] = dx * sum(xq).
+struct QuantizedRows {
+  const int8_t* xq;
+  const float* dx;
+  const float* sx;
+  int64_t m, cols;
+};
+
+// Quantizes x [m, K] (row stride ldx) into xq/dx/sx (the same bits on every level).
+void quantize_rows(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq, float* dx,
+                   float* sx, Isa isa);
+
+// out [m, N] (row stride ldo) = x @ W^T (+ bias), int8 arithmetic.
+void int8_linear(const PackedInt8& w, const float* x, int64_t ldx, int64_t m,
+                 const float* bias, float* out, int64_t ldo, Isa isa);
+
+// Kernels: output groups [g_begin, g_end) for every row of q.
+void int8_groups_scalar(const PackedInt8& w, const QuantizedRows& q, int64_t g_begin,
+                        int64_t g_end, const float* bias, float* out, int64_t ldo);
+#if defined(__x86_64__)
+void int8_groups_avx512(const PackedInt8& w, const QuantizedRows& q, int64_t g_begin,
+                        int64_t g_end, const float* bias, float* out, int64_t ldo);
+void quantize_rows_avx512(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq,
+                          float* dx, float* sx);
+// Groups g, g + 1 of w (one if g is the last) decoded to bf16 in the packed tile layout of
+// bf16_gemm.h, for the amx level's prompt-sized inputs.
+void decode_bf16_groups_avx512(const PackedInt8& w, int64_t g, uint16_t* dst);
+#endif
+
+}  // namespace xllm::quant

@@ -1,0 +1,187 @@
+// int8 linear kernels for the avx512 and amx levels, on the packed form (int8_dot.h).
+//
+// Dot products: one zmm lane per output. Each step broadcasts 4 int8 inputs of a row of x
+// to every lane and VPDPBUSD multiplies them with the 4 unsigned quants of each of 16
+// outputs in a packed line, summing into int32 lanes; after a block's 8 quads one FMA
+// scales the sums by d * dx and another adds c * sx. No horizontal sums: a zmm of sums is
+// 16 outputs. Up to 4 rows of x share each weight line loaded; with fewer rows, 4 groups
+// run side by side for independent chains.
+//
+// Prompt-sized inputs on the amx level decode the packed weight to bf16 tile rows (d u + c
+// in fp32, rounded once) for the bf16 tile kernel.
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "quant/int8_dot.h"
+
+#if defined(__x86_64__)
+#define XLLM_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma")))
+
+namespace xllm::quant {
+namespace {
+
+// out[0:cols] = acc (+ bias[0:cols]) for cols <= 16 (more: 16).
+XLLM_AVX512 inline void store16(float* out, __m512 acc, const float* bias, int64_t cols) {
+  const __mmask16 mask =
+      cols >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1);
+  if (bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, bias));
+  _mm512_mask_storeu_ps(out, mask, acc);
+}
+
+// Rows [r0, r0 + MR) x output groups [g0, g0 + NG).
+template <int MR, int NG>
+XLLM_AVX512 void int8_block(const PackedInt8& w, const QuantizedRows& q, int64_t r0, int64_t g0,
+                            const float* bias, float* out, int64_t ldo) {
+  const int64_t k = w.cols, nb = w.blocks(), bytes = w.block_bytes();
+  const int64_t group_stride = nb * bytes;
+  const bool q4 = w.format == Format::kQ4_1;
+  __m512 acc[MR][NG];
+  for (int r = 0; r < MR; ++r) {
+    for (int j = 0; j < NG; ++j) acc[r][j] = _mm512_setzero_ps();
+  }
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i isum[MR][NG];
+    for (int r = 0; r < MR; ++r) {
+      for (int j = 0; j < NG; ++j) isum[r][j] = _mm512_setzero_si512();
+    }
+    const uint8_t* blk = w.quads + (g0 * nb + b) * bytes;
+    for (int v = 0; v < (q4 ? 4 : 8); ++v) {
+      __m512i xa[MR], xb[MR];
+      for (int r = 0; r < MR; ++r) {
+        const int8_t* xr = q.xq + (r0 + r) * k + b * kBlock;
+        xa[r] = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xr + 4 * v));
+        xb[r] = q4 ? _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xr + 16 + 4 * v))
+                   : xa[r];
+      }
+      for (int j = 0; j < NG; ++j) {
+        const __m512i raw = _mm512_load_si512(blk + j * group_stride + v * 64);
+        if (q4) {
+          const __m512i lo = _mm512_and_si512(raw, low);
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+          for (int r = 0; r < MR; ++r) {
+            isum[r][j] = _mm512_dpbusd_epi32(isum[r][j], lo, xa[r]);
+            isum[r][j] = _mm512_dpbusd_epi32(isum[r][j], hi, xb[r]);
+          }
+        } else {
+          for (int r = 0; r < MR; ++r) isum[r][j] = _mm512_dpbusd_epi32(isum[r][j], raw, xa[r]);
+        }
+      }
+    }
+    for (int j = 0; j < NG; ++j) {
+      const __m512 d = _mm512_load_ps(w.d + ((g0 + j) * nb + b) * 16);
+      const __m512 c = _mm512_load_ps(w.c + ((g0 + j) * nb + b) * 16);
+      for (int r = 0; r < MR; ++r) {
+        const int64_t at = (r0 + r) * nb + b;
+        acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r][j]),
+                                    _mm512_mul_ps(d, _mm512_set1_ps(q.dx[at])), acc[r][j]);
+        acc[r][j] = _mm512_fmadd_ps(c, _mm512_set1_ps(q.sx[at]), acc[r][j]);
+      }
+    }
+  }
+  for (int j = 0; j < NG; ++j) {
+    const int64_t n0 = (g0 + j) * 16;
+    for (int r = 0; r < MR; ++r) {
+      store16(out + (r0 + r) * ldo + n0, acc[r][j], bias ? bias + n0 : nullptr, w.rows - n0);
+    }
+  }
+}
+
+template <int NG>
+XLLM_AVX512 void int8_rows(const PackedInt8& w, const QuantizedRows& q, int64_t g0,
+                           const float* bias, float* out, int64_t ldo) {
+  int64_t r = 0;
+  for (; r + 4 <= q.m; r += 4) int8_block<4, NG>(w, q, r, g0, bias, out, ldo);
+  switch (q.m - r) {
+    case 3: int8_block<3, NG>(w, q, r, g0, bias, out, ldo); break;
+    case 2: int8_block<2, NG>(w, q, r, g0, bias, out, ldo); break;
+    case 1: int8_block<1, NG>(w, q, r, g0, bias, out, ldo); break;
+    default: break;
+  }
+}
+
+// A tile row of bf16 pairs from fp32 values: dword j = (bf16(a[j]), bf16(b[j])).
+XLLM_AVX512 inline __m512i pairs_bf16(__m512 a, __m512 b) {
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                       24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                       16, 0);
+  return _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+}
+
+// The 4 weights a quad line holds for each output (u = (line >> (shift + 8 t)) & mask),
+// decoded as d u + c, written as tile rows (pairs) 2 p and 2 p + 1 at rows.
+XLLM_AVX512 inline void decode_quad(__m512i line, int shift, int mask, __m512 d, __m512 c,
+                                    uint16_t* rows) {
+  __m512 v[4];
+  for (int t = 0; t < 4; ++t) {
+    const __m512i u = _mm512_and_si512(_mm512_srli_epi32(line, shift + 8 * t),
+                                       _mm512_set1_epi32(mask));
+    v[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u), d, c);
+  }
+  _mm512_store_si512(rows, pairs_bf16(v[0], v[1]));
+  _mm512_store_si512(rows + 32, pairs_bf16(v[2], v[3]));
+}
+
+}  // namespace
+
+XLLM_AVX512 void quantize_rows_avx512(const float* x, int64_t ldx, int64_t m, int64_t k,
+                                      int8_t* xq, float* dx, float* sx) {
+  const int64_t nb = k / kBlock;
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* src = x + r * ldx + b * kBlock;
+      const __m512 v0 = _mm512_loadu_ps(src), v1 = _mm512_loadu_ps(src + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const float d = amax / 127.0f;
+      const __m512 id = _mm512_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+      // cvtps rounds half to even under the default MXCSR, as nearbyint does.
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id));
+      const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+      int8_t* dst = xq + r * k + b * kBlock;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(q0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtsepi32_epi8(q1));
+      dx[r * nb + b] = d;
+      sx[r * nb + b] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+    }
+  }
+}
+
+XLLM_AVX512 void int8_groups_avx512(const PackedInt8& w, const QuantizedRows& q,
+                                    int64_t g_begin, int64_t g_end, const float* bias,
+                                    float* out, int64_t ldo) {
+  int64_t g = g_begin;
+  // Four groups a pass for fewer than 4 rows, so that each row has 4 independent sums.
+  if (q.m < 4) {
+    for (; g + 4 <= g_end; g += 4) int8_rows<4>(w, q, g, bias, out, ldo);
+  }
+  for (; g + 2 <= g_end; g += 2) int8_rows<2>(w, q, g, bias, out, ldo);
+  if (g < g_end) int8_rows<1>(w, q, g, bias, out, ldo);
+}
+
+XLLM_AVX512 void decode_bf16_groups_avx512(const PackedInt8& w, int64_t g, uint16_t* dst) {
+  const int64_t k = w.cols, nb = w.blocks(), bytes = w.block_bytes();
+  const bool q4 = w.format == Format::kQ4_1;
+  for (int64_t gi = g; gi < std::min(g + 2, w.groups()); ++gi) {
+    uint16_t* group = dst + (gi - g) * k * 16;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = w.quads + (gi * nb + b) * bytes;
+      const __m512 d = _mm512_load_ps(w.d + (gi * nb + b) * 16);
+      const __m512 c = _mm512_load_ps(w.c + (gi * nb + b) * 16);
+      uint16_t* tile = group + b * 512;  // 16 rows (pairs) x 16 outputs x 2
+      for (int v = 0; v < (q4 ? 4 : 8); ++v) {
+        const __m512i line = _mm512_load_si512(blk + v * 64);
+        if (q4) {
+          decode_quad(line, 0, 0x0F, d, c, tile + (2 * v) * 32);      // elements 4v .. 4v+3
+          decode_quad(line, 4, 0x0F, d, c, tile + (2 * v + 8) * 32);  // 16 + 4v ..
+        } else {
+          decode_quad(line, 0, 0xFF, d, c, tile + (2 * v) * 32);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace xllm::quant
+#endif

@@ -1,0 +1,99 @@
+"""int8-activation linears on GGUF blocks (BlockWeight arithmetic='int8', csrc/quant/
+int8_dot.h) at every ISA level this CPU runs, against a float64 reference of the same
+arithmetic: x quantized per block of 32 to int8 (round half to even), exact integer block
+sums, scaled by the weight's and x's block scales. On the amx level, prompt-sized inputs
+(32 rows and more) decode the weight to bf16 tiles instead; those are checked against the
+weight rounded to bf16 and x rounded to bf16."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import quantize
+
+from xllm import _C
+from xllm.ops.blocks import BlockLinearWeight, dequantize_ref, pack_gguf_blocks
+
+Q = gguf.GGMLQuantizationType
+FORMATS = [("q4_1", Q.Q4_1), ("q8_0", Q.Q8_0)]
+ISAS = _C.cpu_isas()
+AMX_ROWS = 32  # int8_dot.cpp's kAmxMinRows
+
+
+@pytest.fixture(params=ISAS)
+def isa(request: pytest.FixtureRequest):
+    _C.set_cpu_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        _C.set_cpu_isa(_C.detected_isa())
+
+
+def _blocks(fmt: str, qtype: Q, rows: int, cols: int, seed: int):  # noqa: ANN202
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((rows, cols)) * rng.uniform(0.01, 3)).astype(np.float32)
+    w[0, :32] = 0.0  # an all-zero block (d = 0)
+    return pack_gguf_blocks(quantize(w, qtype), fmt, (rows, cols))
+
+
+def quantized_x(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels see it: per block of 32, d = max|x| / 127, round(x / d) * d."""
+    m, k = x.shape
+    xb = x.view(m, k // 32, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    return (torch.round(xb * inv) * d).view(m, k)  # torch.round: half to even
+
+
+@pytest.mark.parametrize("fmt, qtype", FORMATS)
+@pytest.mark.parametrize("rows, cols", [(16, 32), (33, 96), (96, 64), (160, 576), (50, 1536)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 31, 32, 40])
+def test_int8_linear_matches_reference(isa: str, fmt: str, qtype: Q, rows: int, cols: int,
+                                       m: int) -> None:
+    p = _blocks(fmt, qtype, rows, cols, seed=rows + cols + m)
+    w = torch.from_numpy(dequantize_ref(p)).double()
+    bias = torch.randn(rows) if m % 2 else None
+    weight = BlockLinearWeight(p, bias, arithmetic="int8")
+    x = torch.randn(m, cols) * 3
+    out = weight(x).double()
+    b = 0 if bias is None else bias.double()
+    if isa == "amx" and m >= AMX_ROWS:
+        ref = x.bfloat16().double() @ w.bfloat16().double().T + b
+        tol = 1e-5 * cols * float(x.abs().max() * w.abs().max()) + 1e-4
+    else:
+        ref = quantized_x(x).double() @ w.T + b
+        tol = 1e-6 * cols * float(x.abs().max() * w.abs().max()) + 1e-5
+    assert (out - ref).abs().max().item() < tol
+
+
+def test_every_level_computes_the_same_block_sums() -> None:
+    """The integer part is exact, so levels differ only in the order of fp32 additions."""
+    p = _blocks("q4_1", Q.Q4_1, 64, 576, seed=3)
+    weight = BlockLinearWeight(p, arithmetic="int8")
+    x = torch.randn(3, 576)
+    outs = []
+    for level in ISAS:
+        _C.set_cpu_isa(level)
+        outs.append(weight(x))
+    _C.set_cpu_isa(_C.detected_isa())
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=2e-6, atol=2e-5)
+
+
+@pytest.mark.parametrize("fmt, qtype", FORMATS)
+def test_repacked_weight_decodes_exactly(fmt: str, qtype: Q) -> None:
+    p = _blocks(fmt, qtype, 37, 96, seed=5)
+    weight = BlockLinearWeight(p, arithmetic="int8")
+    assert weight.qs is None and weight.arithmetic == "int8"  # only the repacked copy is kept
+    assert np.array_equal(weight.dequantize().numpy(), dequantize_ref(p))
+    per_block = 256 if fmt == "q4_1" else 512
+    assert weight.nbytes() == 3 * 3 * (per_block + 128)  # 3 groups of 16 x 3 blocks
+
+
+def test_int8_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="arithmetic 'int8' needs format 'q4_1' or 'q8_0'"):
+        _C.BlockWeight("f32", torch.zeros(16, 32), arithmetic="int8")
+    with pytest.raises(ValueError, match="'arithmetic' must be 'fp32' or 'int8'"):
+        _C.BlockWeight("f32", torch.zeros(16, 32), arithmetic="int4")
