@@ -15,7 +15,9 @@ import torch
 
 from bench.ops.common import Row
 
-SUITES = ("attention", "kv_write", "block_pool", "queue", "vmm", "allreduce", "triton_gpu")
+SUITES = (
+    "attention", "kv_write", "linear", "block_pool", "queue", "vmm", "allreduce", "triton_gpu",
+)
 
 
 def _fmt_seconds(s: float) -> str:

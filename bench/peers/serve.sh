@@ -8,7 +8,9 @@
 # ($XLLM_PEERS_DIR, default ~/.cache/xllm/peers). The model paths come from xllm's demo
 # cache (this repository's python: $XLLM_PYTHON, default the python on PATH).
 #
-#   vllm:     vLLM's OpenAI server on the converted HF directory, float32, threads bound to
+#   vllm:     vLLM's OpenAI server on the converted HF directory, in its default dtype for
+#             this CPU (bfloat16 where it has AVX512-BF16 or AMX, else float32;
+#             $XLLM_VLLM_DTYPE overrides), threads bound to
 #             the cores this script may use (pin it with taskset), tcmalloc and Intel OpenMP
 #             preloaded as vLLM's CPU guide says, 4 GiB of KV cache (xllm-server gets the
 #             same: --kv-cache-memory-gb 4). Its first start compiles for several minutes.
@@ -33,6 +35,17 @@ core_list() {
     "$XLLM_PYTHON" -c "import os; print(','.join(str(c) for c in sorted(os.sched_getaffinity(0))))"
 }
 
+# vLLM's CPU build computes in bf16 where the CPU has bf16 arithmetic, as xllm does.
+vllm_dtype() {
+    if [[ -n "${XLLM_VLLM_DTYPE:-}" ]]; then
+        echo "$XLLM_VLLM_DTYPE"
+    elif grep -qwE "avx512_bf16|amx_bf16" /proc/cpuinfo; then
+        echo bfloat16
+    else
+        echo float32
+    fi
+}
+
 case "$PEER" in
     vllm)
         MODEL="$("$XLLM_PYTHON" -c "from xllm.loader.demo import demo_model_dir; print(demo_model_dir())")"
@@ -47,7 +60,7 @@ case "$PEER" in
         exec env -u PYTHONPATH VLLM_CPU_OMP_THREADS_BIND="$(core_list)" \
             VLLM_CPU_NUM_OF_RESERVED_CPU=0 LD_PRELOAD="$PRELOAD" \
             "$PY" -m vllm.entrypoints.openai.api_server --model "$MODEL" \
-            --served-model-name demo --host 127.0.0.1 --port "$PORT" --dtype float32 \
+            --served-model-name demo --host 127.0.0.1 --port "$PORT" --dtype "$(vllm_dtype)" \
             --max-model-len "$CONTEXT" --kv-cache-memory-bytes $((4 << 30)) --seed 0
         ;;
     llamacpp)
@@ -59,7 +72,7 @@ case "$PEER" in
             --interrupt_requests False
         ;;
     *)
-        sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac

@@ -67,8 +67,9 @@ void amx_end();
 // x [m, K] fp32 (row stride ldx) -> xb [m, K] bf16 bits, round to nearest even.
 void round_rows_bf16_avx512(const float* x, int64_t ldx, int64_t m, int64_t k, uint16_t* xb);
 // The same into AMX A tiles: [m / 16 (rounded up)][k / 32][16 rows][32], each 1 KiB tile
-// contiguous (streamed, not strided); rows m .. m rounded up to 16 are zeros.
-void round_rows_bf16_tiles(const float* x, int64_t ldx, int64_t m, int64_t k, uint16_t* xb);
+// contiguous (streamed, not strided); rows [r_begin, r_end) of that, rows past m zeros.
+void round_rows_bf16_tiles(const float* x, int64_t ldx, int64_t m, int64_t k, uint16_t* xb,
+                           int64_t r_begin, int64_t r_end);
 #endif
 
 }  // namespace xllm::quant

@@ -92,9 +92,9 @@ XLLM_AVX512 void round_rows_bf16_avx512(const float* x, int64_t ldx, int64_t m, 
 }
 
 XLLM_AVX512 void round_rows_bf16_tiles(const float* x, int64_t ldx, int64_t m, int64_t k,
-                                       uint16_t* xb) {
-  const int64_t m_pad = (m + 15) / 16 * 16, kb_count = k / 32;
-  for (int64_t r = 0; r < m_pad; ++r) {
+                                       uint16_t* xb, int64_t r_begin, int64_t r_end) {
+  const int64_t kb_count = k / 32;
+  for (int64_t r = r_begin; r < r_end; ++r) {
     const float* src = x + r * ldx;
     uint16_t* dst = xb + ((r / 16) * kb_count * 16 + r % 16) * 32;
     for (int64_t kb = 0; kb < kb_count; ++kb, dst += 16 * 32) {

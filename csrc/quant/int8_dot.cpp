@@ -181,12 +181,14 @@ void int8_linear(const PackedInt8& w, const float* x, int64_t ldx, int64_t m,
     // Prompt-sized: the weight decoded to bf16, 32 rows at a time, through the AMX tiles.
     const int64_t m_pad = (m + 15) / 16 * 16;
     auto* xb = static_cast<uint16_t*>(thread_scratch<0>(sizeof(uint16_t) * m_pad * k));
-    round_rows_bf16_tiles(x, ldx, m, k, xb);
     const int64_t pairs = (groups + 1) / 2;
 #pragma omp parallel num_threads(threads)
     {
       auto* wb = static_cast<uint16_t*>(thread_scratch<1>(sizeof(uint16_t) * 32 * k));
       const int nth = omp_get_num_threads(), me = omp_get_thread_num();
+      round_rows_bf16_tiles(x, ldx, m, k, xb, m_pad / 16 * me / nth * 16,
+                            m_pad / 16 * (me + 1) / nth * 16);
+#pragma omp barrier
       const int64_t p_begin = pairs * me / nth, p_end = pairs * (me + 1) / nth;
       if (p_begin < p_end) {
         amx_begin();
@@ -215,6 +217,7 @@ void int8_linear(const PackedInt8& w, const float* x, int64_t ldx, int64_t m,
     if (g_begin < g_end) {
 #if defined(__x86_64__)
       if (isa >= Isa::kAvx512) int8_groups_avx512(w, q, g_begin, g_end, bias, out, ldo);
+      else if (isa >= Isa::kAvx2) int8_groups_avx2(w, q, g_begin, g_end, bias, out, ldo);
       else int8_groups_scalar(w, q, g_begin, g_end, bias, out, ldo);
 #else
       int8_groups_scalar(w, q, g_begin, g_end, bias, out, ldo);

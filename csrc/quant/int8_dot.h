@@ -72,6 +72,8 @@ void int8_linear(const PackedInt8& w, const float* x, int64_t ldx, int64_t m,
 void int8_groups_scalar(const PackedInt8& w, const QuantizedRows& q, int64_t g_begin,
                         int64_t g_end, const float* bias, float* out, int64_t ldo);
 #if defined(__x86_64__)
+void int8_groups_avx2(const PackedInt8& w, const QuantizedRows& q, int64_t g_begin,
+                      int64_t g_end, const float* bias, float* out, int64_t ldo);
 void int8_groups_avx512(const PackedInt8& w, const QuantizedRows& q, int64_t g_begin,
                         int64_t g_end, const float* bias, float* out, int64_t ldo);
 void quantize_rows_avx512(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq,
