@@ -39,3 +39,32 @@ def served_engine(demo_model_dir: Path):  # noqa: ANN201
     assert engine.wait_ready(120), engine.error
     yield engine
     engine.shutdown()
+
+
+def _isa_levels() -> list[str]:
+    from xllm import _C
+
+    return _C.cpu_isas()
+
+
+@pytest.fixture(params=_isa_levels())
+def isa(request: pytest.FixtureRequest):  # noqa: ANN201
+    """Runs the test at each ISA level this CPU has (xllm._C.cpu_isas(), lowest first),
+    restoring the best one afterwards. A module's own `isa` fixture or parameter wins."""
+    from xllm import _C
+
+    _C.set_cpu_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        _C.set_cpu_isa(_C.detected_isa())
+
+
+@pytest.fixture(scope="session")
+def demo_hf(demo_model_dir: Path):  # noqa: ANN201
+    """transformers' model of the demo directory in fp32: the reference for the engine."""
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(demo_model_dir), dtype=torch.float32).eval()

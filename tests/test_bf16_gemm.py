@@ -10,17 +10,6 @@ import torch
 from xllm import _C
 from xllm.ops.blocks import BlockLinearWeight
 
-ISAS = _C.cpu_isas()
-
-
-@pytest.fixture(params=ISAS)
-def isa(request: pytest.FixtureRequest):
-    _C.set_cpu_isa(request.param)
-    try:
-        yield request.param
-    finally:
-        _C.set_cpu_isa(_C.detected_isa())
-
 
 def _reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     out = x.bfloat16().double() @ w.bfloat16().double().T

@@ -18,17 +18,7 @@ from xllm.ops.blocks import BlockLinearWeight, dequantize_ref, pack_gguf_blocks
 
 Q = gguf.GGMLQuantizationType
 FORMATS = [("q4_1", Q.Q4_1), ("q8_0", Q.Q8_0)]
-ISAS = _C.cpu_isas()
 AMX_ROWS = 32  # int8_dot.cpp's kAmxMinRows
-
-
-@pytest.fixture(params=ISAS)
-def isa(request: pytest.FixtureRequest):
-    _C.set_cpu_isa(request.param)
-    try:
-        yield request.param
-    finally:
-        _C.set_cpu_isa(_C.detected_isa())
 
 
 def _blocks(fmt: str, qtype: Q, rows: int, cols: int, seed: int):  # noqa: ANN202
@@ -74,7 +64,7 @@ def test_every_level_computes_the_same_block_sums() -> None:
     weight = BlockLinearWeight(p, arithmetic="int8")
     x = torch.randn(3, 576)
     outs = []
-    for level in ISAS:
+    for level in _C.cpu_isas():
         _C.set_cpu_isa(level)
         outs.append(weight(x))
     _C.set_cpu_isa(_C.detected_isa())

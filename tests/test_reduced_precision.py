@@ -147,14 +147,6 @@ CHATS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def demo_hf(demo_model_dir):  # noqa: ANN001, ANN201
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(demo_model_dir),
-                                                              dtype=torch.float32)
-    return model.eval()
-
-
 # (weight_format, ISA level): bf16 at the best level; int8 at each level with its own path.
 DEMO_CASES = [("bf16", _C.detected_isa())] + [("int8", lv) for lv in INT8_LEVELS]
 

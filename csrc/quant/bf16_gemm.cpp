@@ -13,6 +13,7 @@
 
 #include "attention/vec.h"
 #include "quant/block_linear.h"
+#include "quant/scratch.h"
 
 namespace xllm::quant {
 namespace {
@@ -20,33 +21,6 @@ namespace {
 // Rows of x from which the AMX tiles beat VDPBF16PS: below it a tile computes mostly
 // padding while both forms stream the same weight bytes (bench/ops: bf16_linear).
 constexpr int64_t kAmxMinRows = 8;
-
-// A grow-only scratch buffer of the calling thread, `Slot` telling apart the buffers one
-// thread needs at once. 64-byte aligned (AMX tile rows, zmm loads).
-template <int Slot>
-void* thread_scratch(size_t bytes) {
-  struct Buffer {
-    void* p = nullptr;
-    size_t capacity = 0;
-    ~Buffer() { std::free(p); }
-  };
-  thread_local Buffer buffer;
-  if (bytes > buffer.capacity) {
-    std::free(buffer.p);
-    buffer.capacity = std::max(bytes, 2 * buffer.capacity);
-    buffer.capacity = (buffer.capacity + 63) / 64 * 64;
-    buffer.p = std::aligned_alloc(64, buffer.capacity);
-    if (!buffer.p) throw std::bad_alloc();
-  }
-  return buffer.p;
-}
-
-// Threads for a call: small ones stay on the calling thread, where waking a team would
-// cost more than it saves.
-int threads_for(const PackedBf16& w, int64_t m) {
-  const int64_t work = w.rows * w.cols * std::min<int64_t>(m, 16);
-  return work < (int64_t{1} << 18) ? 1 : omp_get_max_threads();
-}
 
 float widen(uint16_t h) { return attn::to_f32(h); }
 
@@ -121,7 +95,7 @@ void bf16_linear(const PackedBf16& w, const float* x, int64_t ldx, int64_t m,
                  const float* bias, float* out, int64_t ldo, Isa isa) {
   if (m == 0 || w.rows == 0) return;
   const int64_t k = w.cols, groups = w.groups();
-  const int threads = threads_for(w, m);
+  const int threads = linear_threads(w.rows, w.cols, m);
 #if defined(__x86_64__)
   if (isa >= Isa::kAvx512) {
     const bool amx = isa >= Isa::kAmx && m >= kAmxMinRows;

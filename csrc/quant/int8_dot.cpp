@@ -10,6 +10,7 @@
 #include <new>
 
 #include "quant/bf16_gemm.h"
+#include "quant/scratch.h"
 
 namespace xllm::quant {
 namespace {
@@ -18,28 +19,6 @@ namespace {
 // kernel is faster, since decoding costs the same whatever the rows (crossover measured
 // at 32 rows on the demo's shapes, 2 cores of a Xeon with AMX).
 constexpr int64_t kAmxMinRows = 32;
-
-template <int Slot>
-void* thread_scratch(size_t bytes) {
-  struct Buffer {
-    void* p = nullptr;
-    size_t capacity = 0;
-    ~Buffer() { std::free(p); }
-  };
-  thread_local Buffer buffer;
-  if (bytes > buffer.capacity) {
-    std::free(buffer.p);
-    buffer.capacity = (std::max(bytes, 2 * buffer.capacity) + 63) / 64 * 64;
-    buffer.p = std::aligned_alloc(64, buffer.capacity);
-    if (!buffer.p) throw std::bad_alloc();
-  }
-  return buffer.p;
-}
-
-int threads_for(const PackedInt8& w, int64_t m) {
-  const int64_t work = w.rows * w.cols * std::min<int64_t>(m, 16);
-  return work < (int64_t{1} << 18) ? 1 : omp_get_max_threads();
-}
 
 // u of element i of row n and c of block b (int8_dot.h).
 inline int unsigned_quant(const BlockMatrix& w, int64_t n, int64_t i) {
@@ -175,7 +154,7 @@ void int8_linear(const PackedInt8& w, const float* x, int64_t ldx, int64_t m,
                  const float* bias, float* out, int64_t ldo, Isa isa) {
   if (m == 0 || w.rows == 0) return;
   const int64_t k = w.cols, nb = w.blocks(), groups = w.groups();
-  const int threads = threads_for(w, m);
+  const int threads = linear_threads(w.rows, w.cols, m);
 #if defined(__x86_64__)
   if (isa >= Isa::kAmx && m >= kAmxMinRows) {
     // Prompt-sized: the weight decoded to bf16, 32 rows at a time, through the AMX tiles.
