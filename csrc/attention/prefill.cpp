@@ -14,19 +14,13 @@
 
 #include "attention/args.h"
 #include "attention/ops.h"
-#include "attention/prefill_amx.h"
+#include "attention/prefill.h"
 
 namespace xllm::attn {
 namespace {
 
 constexpr int kTileRows = 32;    // query rows (tokens x group heads) per tile, about
 constexpr int kChunkTarget = 64;  // key tokens per online-softmax step
-
-struct Item {
-  int32_t seq, first;  // first: the tile's first query token within its sequence
-  int32_t ntok;        // query tokens in the tile
-  int64_t cost;        // query tokens x keys visited, for ordering
-};
 
 template <class KT>
 void run(const Prefill& a, Isa isa) {
@@ -39,20 +33,10 @@ void run(const Prefill& a, Isa isa) {
   const int tile_tokens = std::max(1, kTileRows / group);
   const int max_rows = tile_tokens * group;
 
-  std::vector<Item> items;
-  for (int64_t i = 0; i < a.num_seqs; ++i) {
-    const int32_t q_len = a.starts[i + 1] - a.starts[i];
-    const int32_t past = a.lens[i] - q_len;  // tokens before the first query token
-    for (int32_t j = 0; j < q_len; j += tile_tokens) {
-      const int32_t n = std::min(tile_tokens, q_len - j);
-      items.push_back({static_cast<int32_t>(i), j, n, int64_t{n} * (past + j + n)});
-    }
-  }
+  const std::vector<Item> items = query_tiles(a, tile_tokens);
   int64_t macs = 0;  // QK and PV over the keys each tile visits
   for (const Item& it : items) macs += 2 * it.cost * a.num_heads * hs;
   const int threads = threads_for(macs);
-  std::stable_sort(items.begin(), items.end(),
-                   [](const Item& x, const Item& y) { return x.cost > y.cost; });
 
   const int chunk = chunk_tokens(a.cache.block_size, kChunkTarget);
   const size_t per_thread = TileState::floats(max_rows, hs, chunk);
@@ -94,6 +78,25 @@ void run(const Prefill& a, Isa isa) {
     }
   }
 }
+
+}  // namespace
+
+std::vector<Item> query_tiles(const Prefill& a, int tile_tokens) {
+  std::vector<Item> items;
+  for (int64_t i = 0; i < a.num_seqs; ++i) {
+    const int32_t q_len = a.starts[i + 1] - a.starts[i];
+    const int32_t past = a.lens[i] - q_len;  // tokens before the first query token
+    for (int32_t j = 0; j < q_len; j += tile_tokens) {
+      const int32_t n = std::min(tile_tokens, q_len - j);
+      items.push_back({static_cast<int32_t>(i), j, n, int64_t{n} * (past + j + n)});
+    }
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [](const Item& x, const Item& y) { return x.cost > y.cost; });
+  return items;
+}
+
+namespace {
 
 void check_query_starts(const Tensor& starts, const Tensor& seq_lens, int64_t num_tokens) {
   check_ndim(starts, 1, "[num_seqs + 1]");

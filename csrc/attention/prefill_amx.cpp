@@ -1,4 +1,4 @@
-// Prefill attention on AMX tiles (prefill_amx.h).
+// Prefill attention on AMX tiles (prefill.h).
 //
 // Two phases in one parallel region:
 //
@@ -13,7 +13,7 @@
 //    bf16 once, then O = P V in up to 4 output tiles at a time. Materialising a tile's
 //    scores (16 x context floats) instead of rescaling running sums keeps every product
 //    in the tiles. Items go out largest first.
-#include "attention/prefill_amx.h"
+#include "attention/prefill.h"
 
 #include <immintrin.h>
 #include <omp.h>
@@ -25,20 +25,12 @@
 #include "quant/bf16_gemm.h"
 
 #if defined(__x86_64__)
-#define XLLM_AMX                                                                        \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma," \
-                        "amx-tile,amx-bf16,amx-int8")))
 
 namespace xllm::attn {
 namespace {
 
 constexpr int kRows = 16;                      // query rows per tile
 constexpr int64_t kMaxPackBytes = int64_t{1} << 28;  // beyond this, the vector path
-
-struct Item {
-  int32_t seq, first, ntok;  // first: the tile's first query token within its sequence
-  int64_t cost;
-};
 
 // Where each (sequence, head)'s packed K and V live: K at pack + offset, V after it.
 struct Packs {
@@ -151,7 +143,7 @@ XLLM_AMX float softmax_row(const float* s, int64_t valid, int64_t width, bf16_t*
   int64_t i = 0;
   for (; i + 16 <= valid; i += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + i));
   if (i < valid) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (valid - i)) - 1);
+    const __mmask16 m = first_lanes(valid - i);
     vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, s + i));
   }
   const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
@@ -160,8 +152,7 @@ XLLM_AMX float softmax_row(const float* s, int64_t valid, int64_t width, bf16_t*
     __m512 e[2];
     for (int h = 0; h < 2; ++h) {
       const int64_t at = i + 16 * h;
-      const int64_t n = std::clamp<int64_t>(valid - at, 0, 16);
-      const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+      const __mmask16 m = first_lanes(valid - at);
       e[h] = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + at), mx)));
     }
     const __m512bh b = _mm512_cvtne2ps_pbh(e[1], e[0]);
@@ -298,21 +289,10 @@ bool prefill_amx(const Prefill& a) {
   }
   if (total * static_cast<int64_t>(sizeof(bf16_t)) > kMaxPackBytes) return false;
 
-  const int tile_tokens = std::max(1, kRows / group);
-  std::vector<Item> items;
-  int64_t macs = 0;
-  for (int64_t i = 0; i < a.num_seqs; ++i) {
-    const int32_t q_len = a.starts[i + 1] - a.starts[i];
-    const int32_t past = a.lens[i] - q_len;
-    for (int32_t j = 0; j < q_len; j += tile_tokens) {
-      const int32_t n = std::min(tile_tokens, q_len - j);
-      items.push_back({static_cast<int32_t>(i), j, n, int64_t{n} * (past + j + n)});
-      macs += 2 * int64_t{kRows} * (past + j + n) * hs * nkv;
-    }
-  }
+  const std::vector<Item> items = query_tiles(a, std::max(1, kRows / group));
   if (items.empty()) return true;
-  std::stable_sort(items.begin(), items.end(),
-                   [](const Item& x, const Item& y) { return x.cost > y.cost; });
+  int64_t macs = 0;  // QK and PV of the 16 (padded) rows of each tile over the keys it sees
+  for (const Item& it : items) macs += 2 * int64_t{kRows} * (it.cost / it.ntok) * hs * nkv;
   const int threads = threads_for(macs);
   // Per thread: scores and weights [16, max_padded], sums [16, hs], query [16, hs], 16 norms;
   // in floats, rounded to 64-byte lines.

@@ -13,6 +13,8 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+
+#include "common/avx512.h"
 #define XLLM_HAVE_AVX2_KERNELS 1
 #else
 #define XLLM_HAVE_AVX2_KERNELS 0
@@ -128,9 +130,6 @@ XLLM_AVX2 inline __m256 exp8(__m256 x) {
 
 // ---- AVX-512 (the avx512 and amx levels) -------------------------------------
 
-#define XLLM_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma")))
-
 // exp(x) for 16 lanes: exp8's polynomial, 2^n by scalef; x < -87 gives exactly 0.
 XLLM_AVX512 inline __m512 exp16(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.0f);
@@ -148,11 +147,6 @@ XLLM_AVX512 inline __m512 exp16(__m512 x) {
   y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
   return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~underflow), y, n);
-}
-
-// 16 lanes whose first n are set (n clamped to [0, 16]).
-inline __mmask16 first_lanes(int64_t n) {
-  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << n) - 1);
 }
 #endif  // XLLM_HAVE_AVX2_KERNELS
 

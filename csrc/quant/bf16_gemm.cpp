@@ -7,9 +7,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
-#include <new>
 
 #include "attention/vec.h"
 #include "quant/block_linear.h"
@@ -54,14 +51,9 @@ void groups_fp32(const PackedBf16& w, const float* xr, int64_t m, int64_t g_begi
 
 }  // namespace
 
-void AlignedFree::operator()(void* p) const { std::free(p); }
-
 Bf16Buffer alloc_packed_bf16(int64_t rows, int64_t cols) {
   const int64_t groups = (rows + kBf16Group - 1) / kBf16Group;
-  const size_t bytes = static_cast<size_t>(groups * kBf16Group * cols) * sizeof(uint16_t);
-  void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
-  if (!p) throw std::bad_alloc();
-  return Bf16Buffer(static_cast<uint16_t*>(p));
+  return aligned_array<uint16_t>(static_cast<size_t>(groups * kBf16Group * cols));
 }
 
 void pack_bf16(const uint16_t* w, int64_t ldw, int64_t rows, int64_t cols, uint16_t* dst) {

@@ -16,9 +16,9 @@
 #pragma once
 
 #include <cstdint>
-#include <memory>
 
 #include "common/cpu_info.h"
+#include "quant/scratch.h"
 
 namespace xllm::quant {
 
@@ -32,11 +32,8 @@ struct PackedBf16 {
   const uint16_t* group(int64_t g) const { return data + g * cols * kBf16Group; }
 };
 
-// A 64-byte aligned buffer of bf16 bits for a packed weight.
-struct AlignedFree {
-  void operator()(void* p) const;
-};
-using Bf16Buffer = std::unique_ptr<uint16_t[], AlignedFree>;
+// A buffer of bf16 bits for a packed weight.
+using Bf16Buffer = AlignedArray<uint16_t>;
 Bf16Buffer alloc_packed_bf16(int64_t rows, int64_t cols);
 
 // w [N, K] bf16 bits (row stride ldw) -> dst (alloc_packed_bf16(N, K)), packed as above.
@@ -49,11 +46,8 @@ void bf16_linear(const PackedBf16& w, const float* x, int64_t ldx, int64_t m,
                  const float* bias, float* out, int64_t ldo, Isa isa);
 
 // The kernels of the bf16-capable levels. xb: x rounded to bf16, [m, K] contiguous (or
-// in tiles, for AMX). Each computes output groups
-// [g_begin, g_end) for rows [0, m) on the calling thread.
-using Bf16GroupsFn = void (*)(const PackedBf16& w, const uint16_t* xb, int64_t m,
-                              int64_t g_begin, int64_t g_end, const float* bias, float* out,
-                              int64_t ldo);
+// in tiles, for AMX). Each computes output groups [g_begin, g_end) for rows [0, m) on the
+// calling thread.
 #if defined(__x86_64__)
 // VDPBF16PS on zmm registers: any m; the form for few rows.
 void bf16_groups_avx512(const PackedBf16& w, const uint16_t* xb, int64_t m, int64_t g_begin,

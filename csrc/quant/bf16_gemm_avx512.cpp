@@ -12,24 +12,13 @@
 
 #include <algorithm>
 
+#include "common/avx512.h"
 #include "quant/bf16_gemm.h"
 
 #if defined(__x86_64__)
-#define XLLM_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma")))
-#define XLLM_AMX                                                                     \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma," \
-                        "amx-tile,amx-bf16,amx-int8")))
 
 namespace xllm::quant {
 namespace {
-
-// out[0:cols] = acc (+ bias[0:cols]) for cols <= 16.
-XLLM_AVX512 inline void store16(float* out, __m512 acc, const float* bias, int cols) {
-  const __mmask16 mask = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
-  if (bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, bias));
-  _mm512_mask_storeu_ps(out, mask, acc);
-}
 
 template <int MR, int NT>
 XLLM_AVX512 void dot_block(const PackedBf16& w, const uint16_t* xb, int64_t g0,
@@ -56,7 +45,7 @@ XLLM_AVX512 void dot_block(const PackedBf16& w, const uint16_t* xb, int64_t g0,
     const int64_t n0 = (g0 + j) * kBf16Group;
     const int cols = static_cast<int>(std::min<int64_t>(kBf16Group, w.rows - n0));
     for (int r = 0; r < MR; ++r) {
-      store16(out + r * ldo + n0, acc[r][j], bias ? bias + n0 : nullptr, cols);
+      store_lanes(out + r * ldo + n0, acc[r][j], bias ? bias + n0 : nullptr, cols);
     }
   }
 }
@@ -203,9 +192,9 @@ XLLM_AMX void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m
       const float* bb = bias ? bias + n0 : nullptr;
       for (int64_t r = 0; r < rows; ++r) {
         float* o = out + (m0 + r) * ldo + n0;
-        store16(o, _mm512_load_ps(c + r * 32), bb, std::min(cols, 16));
+        store_lanes(o, _mm512_load_ps(c + r * 32), bb, std::min(cols, 16));
         if (cols > 16) {
-          store16(o + 16, _mm512_load_ps(c + r * 32 + 16), bb ? bb + 16 : nullptr, cols - 16);
+          store_lanes(o + 16, _mm512_load_ps(c + r * 32 + 16), bb ? bb + 16 : nullptr, cols - 16);
         }
       }
     }

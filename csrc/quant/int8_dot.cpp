@@ -5,9 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
-#include <new>
 
 #include "quant/bf16_gemm.h"
 #include "quant/scratch.h"
@@ -42,21 +40,14 @@ inline int packed_quant(const PackedInt8& w, int64_t g, int64_t b, int j, int i)
   return i < 16 ? byte & 0x0F : byte >> 4;
 }
 
-template <class T>
-T* aligned_array(size_t count) {
-  void* p = std::aligned_alloc(64, (count * sizeof(T) + 63) / 64 * 64);
-  if (!p) throw std::bad_alloc();
-  return static_cast<T*>(p);
-}
-
 }  // namespace
 
 PackedInt8 pack_int8(const BlockMatrix& w, PackedInt8Buffers& buffers) {
   PackedInt8 p{w.format, nullptr, nullptr, nullptr, w.rows, w.cols};
   const int64_t groups = p.groups(), nb = p.blocks(), bytes = p.block_bytes();
-  buffers.quads = {aligned_array<uint8_t>(groups * nb * bytes), std::free};
-  buffers.d = {aligned_array<float>(groups * nb * 16), std::free};
-  buffers.c = {aligned_array<float>(groups * nb * 16), std::free};
+  buffers.quads = aligned_array<uint8_t>(groups * nb * bytes);
+  buffers.d = aligned_array<float>(groups * nb * 16);
+  buffers.c = aligned_array<float>(groups * nb * 16);
   uint8_t* quads = buffers.quads.get();
   float* d = buffers.d.get();
   float* c = buffers.c.get();

@@ -15,10 +15,10 @@
 #pragma once
 
 #include <cstdint>
-#include <memory>
 
 #include "common/cpu_info.h"
 #include "quant/block_linear.h"
+#include "quant/scratch.h"
 
 namespace xllm::quant {
 
@@ -43,8 +43,8 @@ struct PackedInt8 {
 };
 
 struct PackedInt8Buffers {
-  std::unique_ptr<uint8_t[], void (*)(void*)> quads{nullptr, nullptr};
-  std::unique_ptr<float[], void (*)(void*)> d{nullptr, nullptr}, c{nullptr, nullptr};
+  AlignedArray<uint8_t> quads;
+  AlignedArray<float> d, c;
 };
 
 // Repacks w (q4_1 or q8_0) into buffers (allocated here) and returns the view.

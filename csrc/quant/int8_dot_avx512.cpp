@@ -13,22 +13,13 @@
 
 #include <algorithm>
 
+#include "common/avx512.h"
 #include "quant/int8_dot.h"
 
 #if defined(__x86_64__)
-#define XLLM_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma")))
 
 namespace xllm::quant {
 namespace {
-
-// out[0:cols] = acc (+ bias[0:cols]) for cols <= 16 (more: 16).
-XLLM_AVX512 inline void store16(float* out, __m512 acc, const float* bias, int64_t cols) {
-  const __mmask16 mask =
-      cols >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1);
-  if (bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, bias));
-  _mm512_mask_storeu_ps(out, mask, acc);
-}
 
 // Rows [r0, r0 + MR) x output groups [g0, g0 + NG).
 template <int MR, int NG>
@@ -84,7 +75,7 @@ XLLM_AVX512 void int8_block(const PackedInt8& w, const QuantizedRows& q, int64_t
   for (int j = 0; j < NG; ++j) {
     const int64_t n0 = (g0 + j) * 16;
     for (int r = 0; r < MR; ++r) {
-      store16(out + (r0 + r) * ldo + n0, acc[r][j], bias ? bias + n0 : nullptr, w.rows - n0);
+      store_lanes(out + (r0 + r) * ldo + n0, acc[r][j], bias ? bias + n0 : nullptr, w.rows - n0);
     }
   }
 }

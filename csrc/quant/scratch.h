@@ -1,5 +1,5 @@
-// Per-thread scratch and thread counts shared by the reduced-precision linears
-// (bf16_gemm.cpp, int8_dot.cpp).
+// Memory and thread counts shared by the reduced-precision linears (bf16_gemm, int8_dot):
+// 64-byte aligned arrays for packed weights, per-thread scratch, threads per call.
 #pragma once
 
 #include <omp.h>
@@ -8,9 +8,24 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <memory>
 #include <new>
 
 namespace xllm::quant {
+
+struct AlignedFree {
+  void operator()(void* p) const { std::free(p); }
+};
+// An owned, 64-byte aligned array (AMX tile rows and zmm lines want the alignment).
+template <class T>
+using AlignedArray = std::unique_ptr<T[], AlignedFree>;
+
+template <class T>
+AlignedArray<T> aligned_array(size_t count) {
+  void* p = std::aligned_alloc(64, (count * sizeof(T) + 63) / 64 * 64);
+  if (!p) throw std::bad_alloc();
+  return AlignedArray<T>(static_cast<T*>(p));
+}
 
 // A grow-only, 64-byte aligned scratch buffer of the calling thread; `Slot` tells apart the
 // buffers one thread needs at once (AMX tile rows and zmm loads want the alignment).

@@ -1,7 +1,9 @@
-// Prefill attention on AMX tiles, for a bf16 KV cache (the bf16 compute mode's cache).
+// What the two forms of prefill attention share: a call's checked arguments and its work
+// items (prefill.cpp: the vector kernels; prefill_amx.cpp: AMX tiles for a bf16 cache).
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "attention/attend.h"
 
@@ -21,6 +23,18 @@ struct Prefill {
   int64_t num_seqs, num_heads;
   float scale;
 };
+
+// A tile of query tokens of one sequence (times the KV head's query heads, which every KV
+// head repeats).
+struct Item {
+  int32_t seq, first;  // first: the tile's first query token within its sequence
+  int32_t ntok;        // query tokens in the tile
+  int64_t cost;        // query tokens x keys visited, for ordering
+};
+
+// Every sequence's query tokens in tiles of tile_tokens, largest cost first, so the long
+// tiles at the end of a prompt do not finish last.
+std::vector<Item> query_tiles(const Prefill& a, int tile_tokens);
 
 // Runs the call on the matrix units: scores and weighted sums as bf16 products with fp32
 // sums (the query times the scale and the softmax weights are rounded to bf16; the max,

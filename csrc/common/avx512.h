@@ -1,0 +1,33 @@
+// What the avx512 and amx levels' kernels share (common/cpu_info.h says when they run):
+// their target attributes, lane masks and the masked row store. The module is compiled
+// for baseline x86-64; only functions carrying these attributes use AVX-512 or AMX.
+#pragma once
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#include <cstdint>
+
+#define XLLM_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma")))
+#define XLLM_AMX                                                                        \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma," \
+                        "amx-tile,amx-bf16,amx-int8")))
+
+namespace xllm {
+
+// 16 lanes whose first n are set (n clamped to [0, 16]).
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF)
+                 : n <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// out[0:cols] = acc (+ bias[0:cols]) for the first min(cols, 16) lanes.
+XLLM_AVX512 inline void store_lanes(float* out, __m512 acc, const float* bias, int64_t cols) {
+  const __mmask16 mask = first_lanes(cols);
+  if (bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, bias));
+  _mm512_mask_storeu_ps(out, mask, acc);
+}
+
+}  // namespace xllm
+#endif
