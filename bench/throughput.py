@@ -54,14 +54,6 @@ ENGINES = ("transformers", "vllm-fp32", "vllm", "llamacpp", "xllm-fp32", "xllm")
 LABELS = {"transformers": "transformers (fp32)", "vllm-fp32": "vLLM CPU (fp32)",
           "vllm": "vLLM CPU (default dtype)", "llamacpp": "llama.cpp (Q4_1 weights)",
           "xllm-fp32": "xllm (fp32)", "xllm": "xllm (default dtype)"}
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX), where vLLM's CPU build
-    defaults to bfloat16 and xllm's dtype=auto picks it."""
-    from xllm import _C
-
-    return _C.detected_isa() in ("avx512", "amx")
 PEERS_DIR = Path(os.environ.get("XLLM_PEERS_DIR") or Path.home() / ".cache/xllm/peers")
 PEER_SCRIPTS = Path(__file__).resolve().parent / "peers"
 
@@ -311,8 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     llms = {}
     hf = None
     from xllm import _C
+    from xllm.loader.model import cpu_has_bf16_compute
 
-    vllm_dtype = "bfloat16" if cpu_has_bf16() else "float32"
+    # vLLM's CPU build computes in bf16 where the CPU has bf16 arithmetic, as xllm's auto does.
+    vllm_dtype = "bfloat16" if cpu_has_bf16_compute() else "float32"
     header = [f"demo model {model_dir.name}", f"{cores} cores {_cpu_list(os.sched_getaffinity(0))}",
               f"torch {torch.__version__}", f"CPU {_cpu_name()} (xllm ISA {_C.detected_isa()})",
               f"vLLM default dtype {vllm_dtype}"]

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.throughput import ENGINES, LABELS, _parse_args, cpu_has_bf16
-from xllm import _C
+from bench.throughput import ENGINES, LABELS, _parse_args
 
 
 def test_engines_and_labels() -> None:
@@ -16,4 +15,3 @@ def test_engines_and_labels() -> None:
     assert args.scenarios == ["single", "batch64"]
     with pytest.raises(SystemExit):
         _parse_args(["--engines", "xllm-int3"])
-    assert cpu_has_bf16() == (_C.detected_isa() in ("avx512", "amx"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Collection, Sequence
 
 import pytest
 import torch
@@ -49,20 +50,19 @@ PPL_BOUND = {"bf16_gemm": 0.01, "bf16": 0.01, "int8": 0.03}
 INT8_LEVELS = [lv for lv in ("avx512", "amx") if lv in _C.cpu_isas()]
 
 
-def assert_logprobs_close(ours: list[int], ours_logits: torch.Tensor, ref_logits: torch.Tensor,
-                          what: str) -> int:
-    """ours: our greedy tokens; *_logits [len(ours), vocab]: each side's logits at the
-    position that chose each token, on the same prefix (ours). Returns the steps that agree
-    before the first divergence (len(ours) if none)."""
+def assert_logprobs_close(ours: list[int], our_tops: Sequence[Collection[int]],
+                          ref_logits: torch.Tensor, what: str) -> int:
+    """ours: our greedy tokens; our_tops: our top-5 token ids at each of those steps;
+    ref_logits [len(ours), vocab]: the reference's logits there, on the same prefix (ours).
+    Returns the steps that agree before the first divergence (len(ours) if none)."""
     for i, tok in enumerate(ours):
         ref_tok = int(ref_logits[i].argmax())
         if tok == ref_tok:
             continue
         ref_top = ref_logits[i].topk(TOP).indices.tolist()
-        our_top = ours_logits[i].topk(TOP).indices.tolist()
-        assert tok in ref_top and ref_tok in our_top, (
+        assert tok in ref_top and ref_tok in our_tops[i], (
             f"{what}: step {i}: ours {tok} (reference top-{TOP} {ref_top}), reference "
-            f"{ref_tok} (our top-{TOP} {our_top})")
+            f"{ref_tok} (our top-{TOP} {sorted(our_tops[i])})")
         return i
     return len(ours)
 
@@ -125,7 +125,8 @@ def test_random_models_close_to_transformers_fp32(name: str, fmt: str) -> None:
         with torch.no_grad():
             ref_logits = hf(torch.tensor([seq])).logits[0].float()
         at = slice(len(prompt) - 1, len(seq) - 1)
-        agreed += assert_logprobs_close(ours, our_logits[at], ref_logits[at], name)
+        our_tops = our_logits[at].topk(TOP).indices.tolist()
+        agreed += assert_logprobs_close(ours, our_tops, ref_logits[at], name)
         ppl_ours, ppl_ref = perplexity(our_logits, seq), perplexity(ref_logits, seq)
         assert abs(ppl_ours / ppl_ref - 1) < PPL_BOUND[fmt], (name, ppl_ours, ppl_ref)
     assert agreed >= MAX_NEW  # most steps agree outright, not just within the top 5
@@ -184,17 +185,8 @@ def test_demo_greedy_close_to_transformers_fp32(demo_llm, demo_hf) -> None:  # n
         # with the full distribution's top-k; teacher-forced from the same tokens.
         scored = demo_bf16.generate(
             [seq], SamplingParams(max_tokens=1, prompt_logprobs=TOP), use_tqdm=False)[0]
-        our_top = [scored.prompt_logprobs[len(prompt) + i] for i in range(len(ours))]
-        for i, tok in enumerate(ours):
-            ref_tok = int(ref_logits[i].argmax())
-            if tok == ref_tok:
-                agreed += 1
-                continue
-            ref_top = ref_logits[i].topk(TOP).indices.tolist()
-            assert tok in ref_top and ref_tok in our_top[i], (
-                f"{out.prompt!r} step {i}: ours {tok}, reference top-{TOP} {ref_top}; "
-                f"reference {ref_tok}, our top {sorted(our_top[i])}")
-            break
+        our_tops = [scored.prompt_logprobs[len(prompt) + i] for i in range(len(ours))]
+        agreed += assert_logprobs_close(ours, our_tops, ref_logits, repr(out.prompt))
     assert agreed >= len(CHATS) * 8
 
 

@@ -113,7 +113,8 @@ def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
                          "'dense'")
     bf16_gemm = weight_format == "bf16" and dtype == torch.bfloat16
     cls = get_model_class(model_config.architecture)
-    # bf16 GEMMs keep everything around them (embedding, norms, rope, residual) in fp32.
+    # The native formats keep everything around the linears (embedding, norms, rope, residual)
+    # in fp32, whatever dtype the linears multiply in.
     model = cls(model_config, dtype=torch.float32 if cpu and weight_format != "dense" else dtype)
     model.load_weights(iter_weights(model_dir, progress=progress))
     if weight_format in ("blocks", "int8"):

@@ -289,7 +289,7 @@ class LlamaForCausalLM(nn.Module):
                 # The LM head in bf16 instead: its weight is the largest one a batched step
                 # reads, and int8's prompt-sized path decodes it to bf16 on every step (the
                 # demo at 64 sequences: 6 of 46 ms a step, against 2.6 ms on packed bf16).
-                # A single stream pays ~0.4 ms a token for it. The values are the blocks'.
+                # A single stream pays 0.4-0.9 ms a token for it. The values are the blocks'.
                 self.lm_head.use_blocks(BlockLinearWeight.from_rows(self.lm_head.table,
                                                                     "bf16_gemm"))
             else:
