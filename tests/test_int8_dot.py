@@ -1,9 +1,9 @@
 """int8-activation linears on GGUF blocks (BlockWeight arithmetic='int8', csrc/quant/
 int8_dot.h) at every ISA level this CPU runs, against a float64 reference of the same
 arithmetic: x quantized per block of 32 to int8 (round half to even), exact integer block
-sums, scaled by the weight's and x's block scales. On the amx level, prompt-sized inputs
-(32 rows and more) decode the weight to bf16 tiles instead; those are checked against the
-weight rounded to bf16 and x rounded to bf16."""
+sums, scaled by the weight's and x's block scales. On the amx level, from 8 rows, the AMX-INT8
+tiles run on the weight requantized per output row (q = round(w / s), s = max|w row| / 127)
+and x quantized per block as above; those are checked against that arithmetic."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from xllm.ops.blocks import BlockLinearWeight, dequantize_ref, pack_gguf_blocks
 
 Q = gguf.GGMLQuantizationType
 FORMATS = [("q4_1", Q.Q4_1), ("q8_0", Q.Q8_0)]
-AMX_ROWS = 32  # int8_dot.cpp's kAmxMinRows
+AMX_ROWS = 8  # int8_dot.h's kAmxInt8MinRows
 
 
 def _blocks(fmt: str, qtype: Q, rows: int, cols: int, seed: int):  # noqa: ANN202
@@ -37,24 +37,30 @@ def quantized_x(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(xb * inv) * d).view(m, k)  # torch.round: half to even
 
 
+def amx_weight(w: torch.Tensor) -> torch.Tensor:
+    """w as the amx level's tiles hold it: int8 per output row, s = max|w row| / 127."""
+    s = w.abs().amax(1, keepdim=True) / 127.0
+    return torch.round(w * torch.where(s > 0, 1.0 / s, torch.zeros_like(s))) * s
+
+
 @pytest.mark.parametrize("fmt, qtype", FORMATS)
 @pytest.mark.parametrize("rows, cols", [(16, 32), (33, 96), (96, 64), (160, 576), (50, 1536)])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 31, 32, 40])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 16, 31, 32, 40])
 def test_int8_linear_matches_reference(isa: str, fmt: str, qtype: Q, rows: int, cols: int,
                                        m: int) -> None:
     p = _blocks(fmt, qtype, rows, cols, seed=rows + cols + m)
-    w = torch.from_numpy(dequantize_ref(p)).double()
+    w32 = torch.from_numpy(dequantize_ref(p))
+    w = w32.double()
     bias = torch.randn(rows) if m % 2 else None
     weight = BlockLinearWeight(p, bias, arithmetic="int8")
     x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m + cols)) * 3
     out = weight(x).double()
     b = 0 if bias is None else bias.double()
     if isa == "amx" and m >= AMX_ROWS:
-        ref = x.bfloat16().double() @ w.bfloat16().double().T + b
-        tol = 1e-5 * cols * float(x.abs().max() * w.abs().max()) + 1e-4
+        ref = quantized_x(x).double() @ amx_weight(w32).double().T + b  # rounded in fp32
     else:
         ref = quantized_x(x).double() @ w.T + b
-        tol = 1e-6 * cols * float(x.abs().max() * w.abs().max()) + 1e-5
+    tol = 1e-6 * cols * float(x.abs().max() * w.abs().max()) + 1e-5
     assert (out - ref).abs().max().item() < tol
 
 
@@ -81,7 +87,10 @@ def test_repacked_weight_decodes_exactly(fmt: str, qtype: Q) -> None:
     assert weight.qs is None and weight.arithmetic == "int8"  # only the repacked copy is kept
     assert np.array_equal(weight.dequantize().numpy(), dequantize_ref(p))
     per_block = 256 if fmt == "q4_1" else 512
-    assert weight.nbytes() == 3 * 3 * (per_block + 128)  # 3 groups of 16 x 3 blocks
+    # 3 groups of 16 x 3 blocks; on an AMX CPU also the tile form: 3 tiles of 512 B and 16
+    # row scales a group.
+    amx = 3 * (3 * 512 + 64) if _C.detected_isa() == "amx" else 0
+    assert weight.nbytes() == 3 * 3 * (per_block + 128) + amx
 
 
 def test_int8_bad_arguments() -> None:

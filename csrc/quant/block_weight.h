@@ -91,6 +91,10 @@ class BlockWeight {
       {
         py::gil_scoped_release release;
         int8_w_ = quant::pack_int8(m_, int8_buffers_);
+        if (detected_isa() >= Isa::kAmx) {
+          amx_w_ = quant::pack_amx_int8(int8_w_, amx_buffers_);
+          has_amx_ = true;
+        }
       }
       m_.qs = nullptr;
       m_.scales = m_.mins = nullptr;
@@ -156,7 +160,10 @@ class BlockWeight {
   void linear_raw(const float* x, int64_t ldx, int64_t m, float* out, int64_t ldo,
                   Isa isa) const {
     if (bf16_gemm_) return quant::bf16_linear(packed(), x, ldx, m, bias_ptr_, out, ldo, isa);
-    if (int8_) return quant::int8_linear(int8_w_, x, ldx, m, bias_ptr_, out, ldo, isa);
+    if (int8_) {
+      return quant::int8_linear(int8_w_, has_amx_ ? &amx_w_ : nullptr, x, ldx, m, bias_ptr_, out,
+                                ldo, isa);
+    }
     quant::linear(m_, x, ldx, m, bias_ptr_, out, ldo, isa);
   }
 
@@ -164,7 +171,8 @@ class BlockWeight {
   int64_t nbytes() const {
     if (bf16_gemm_) return packed().groups() * quant::kBf16Group * m_.cols * 2;
     if (int8_) {
-      return int8_w_.groups() * int8_w_.blocks() * (int8_w_.block_bytes() + 2 * 16 * 4);
+      const int64_t amx = has_amx_ ? amx_w_.groups() * (amx_w_.chunks() * 16 * quant::kAmxChunk + 16 * 4) : 0;
+      return int8_w_.groups() * int8_w_.blocks() * (int8_w_.block_bytes() + 2 * 16 * 4) + amx;
     }
     const int64_t scales = m_.scales ? m_.rows * (m_.cols / quant::kBlock) * 4 : 0;
     return m_.rows * m_.qs_row_bytes() + scales * (m_.mins ? 2 : 1);
@@ -184,6 +192,9 @@ class BlockWeight {
   bool int8_ = false;       // int8 activations on int8_w_ (quant/int8_dot.h)
   quant::PackedInt8Buffers int8_buffers_;
   quant::PackedInt8 int8_w_{};
+  bool has_amx_ = false;  // int8 on a CPU with AMX: the tile form too, for many rows
+  quant::PackedAmxInt8Buffers amx_buffers_;
+  quant::PackedAmxInt8 amx_w_{};
   quant::Bf16Buffer packed_;
 
   quant::PackedBf16 packed() const { return {packed_.get(), m_.rows, m_.cols}; }

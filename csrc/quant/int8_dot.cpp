@@ -6,17 +6,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "quant/bf16_gemm.h"
 #include "quant/scratch.h"
 
 namespace xllm::quant {
 namespace {
-
-// Rows from which the amx level decodes the weight to bf16 tiles: below it the integer
-// kernel is faster, since decoding costs the same whatever the rows (crossover measured
-// at 32 rows on the demo's shapes, 2 cores of a Xeon with AMX).
-constexpr int64_t kAmxMinRows = 32;
 
 // u of element i of row n and c of block b (int8_dot.h).
 inline int unsigned_quant(const BlockMatrix& w, int64_t n, int64_t i) {
@@ -94,6 +90,43 @@ void unpack_int8(const PackedInt8& w, float* dst) {
   }
 }
 
+PackedAmxInt8 pack_amx_int8(const PackedInt8& w, PackedAmxInt8Buffers& buffers) {
+  PackedAmxInt8 p{nullptr, nullptr, w.rows, w.cols};
+  const int64_t groups = p.groups(), chunks = p.chunks(), nb = w.blocks();
+  constexpr int64_t kTile = 16 * kAmxChunk;
+  buffers.q = aligned_array<int8_t>(groups * chunks * kTile);
+  buffers.s = aligned_array<float>(groups * 16);
+  int8_t* q = buffers.q.get();
+  float* scales = buffers.s.get();
+#pragma omp parallel for schedule(static)
+  for (int64_t g = 0; g < groups; ++g) {
+    int8_t* dst = q + g * chunks * kTile;
+    std::memset(dst, 0, static_cast<size_t>(chunks * kTile));
+    std::fill(scales + g * 16, scales + (g + 1) * 16, 0.0f);
+    std::vector<float> row(static_cast<size_t>(w.cols));
+    for (int j = 0; j < 16 && g * 16 + j < w.rows; ++j) {
+      float amax = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const float d = w.d[(g * nb + b) * 16 + j], c = w.c[(g * nb + b) * 16 + j];
+        for (int i = 0; i < kBlock; ++i) {
+          const float v = d * static_cast<float>(packed_quant(w, g, b, j, i)) + c;
+          row[b * kBlock + i] = v;
+          amax = std::max(amax, std::fabs(v));
+        }
+      }
+      const float s = amax / 127.0f, inv = s > 0.0f ? 1.0f / s : 0.0f;
+      scales[g * 16 + j] = s;
+      for (int64_t k = 0; k < w.cols; ++k) {
+        dst[(k / kAmxChunk) * kTile + ((k % kAmxChunk) / 4) * 64 + j * 4 + k % 4] =
+            static_cast<int8_t>(std::nearbyint(row[k] * inv));
+      }
+    }
+  }
+  p.q = q;
+  p.s = scales;
+  return p;
+}
+
 void quantize_rows(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq, float* dx,
                    float* sx, Isa isa) {
 #if defined(__x86_64__)
@@ -141,34 +174,28 @@ void int8_groups_scalar(const PackedInt8& w, const QuantizedRows& q, int64_t g_b
   }
 }
 
-void int8_linear(const PackedInt8& w, const float* x, int64_t ldx, int64_t m,
-                 const float* bias, float* out, int64_t ldo, Isa isa) {
+void int8_linear(const PackedInt8& w, const PackedAmxInt8* amx, const float* x, int64_t ldx,
+                 int64_t m, const float* bias, float* out, int64_t ldo, Isa isa) {
   if (m == 0 || w.rows == 0) return;
   const int64_t k = w.cols, nb = w.blocks(), groups = w.groups();
   const int threads = linear_threads(w.rows, w.cols, m);
 #if defined(__x86_64__)
-  if (isa >= Isa::kAmx && m >= kAmxMinRows) {
-    // Prompt-sized: the weight decoded to bf16, 32 rows at a time, through the AMX tiles.
+  if (amx && isa >= Isa::kAmx && m >= kAmxInt8MinRows) {
     const int64_t m_pad = (m + 15) / 16 * 16;
-    auto* xb = static_cast<uint16_t*>(thread_scratch<0>(sizeof(uint16_t) * m_pad * k));
+    auto* xq = static_cast<int8_t*>(thread_scratch<0>(static_cast<size_t>(m_pad * k)));
+    auto* dx = static_cast<float*>(thread_scratch<1>(sizeof(float) * m_pad * nb));
     const int64_t pairs = (groups + 1) / 2;
 #pragma omp parallel num_threads(threads)
     {
-      auto* wb = static_cast<uint16_t*>(thread_scratch<1>(sizeof(uint16_t) * 32 * k));
       const int nth = omp_get_num_threads(), me = omp_get_thread_num();
-      round_rows_bf16_tiles(x, ldx, m, k, xb, m_pad / 16 * me / nth * 16,
-                            m_pad / 16 * (me + 1) / nth * 16);
+      quantize_rows_amx(x, ldx, m, k, xq, dx, m_pad / 16 * me / nth * 16,
+                        m_pad / 16 * (me + 1) / nth * 16);
 #pragma omp barrier
-      const int64_t p_begin = pairs * me / nth, p_end = pairs * (me + 1) / nth;
-      if (p_begin < p_end) {
-        amx_begin();
-        for (int64_t p = p_begin; p < p_end; ++p) {
-          const int64_t n0 = p * 32;
-          decode_bf16_groups_avx512(w, 2 * p, wb);
-          const PackedBf16 sub{wb, std::min<int64_t>(32, w.rows - n0), k};
-          bf16_groups_amx(sub, xb, m, 0, sub.groups(), bias ? bias + n0 : nullptr, out + n0,
-                          ldo);
-        }
+      const int64_t g_begin = std::min(groups, 2 * (pairs * me / nth));
+      const int64_t g_end = std::min(groups, 2 * (pairs * (me + 1) / nth));
+      if (g_begin < g_end) {
+        amx_begin_int8();
+        int8_groups_amx(*amx, xq, dx, m, g_begin, g_end, bias, out, ldo);
         amx_end();
       }
     }

@@ -10,8 +10,9 @@
 // becomes u = q + 128, c = -128 d. The integer sums are exact, so every ISA level computes
 // the same block sums from the same quantized x; only the order of the fp32 additions
 // differs. VNNI (VPDPBUSD: unsigned x signed bytes, four products per lane) does the
-// integer part on the avx512 and amx levels; prompt-sized inputs on the amx level instead
-// decode the weight to bf16 tiles and run the bf16 tile kernel (bf16_gemm.h).
+// integer part on the avx512 level, and on the amx level for fewer than kAmxInt8MinRows
+// rows; from there the amx level runs AMX-INT8 tiles on a requantized copy of the weight
+// (PackedAmxInt8, below).
 #pragma once
 
 #include <cstdint>
@@ -52,6 +53,39 @@ PackedInt8 pack_int8(const BlockMatrix& w, PackedInt8Buffers& buffers);
 // dst [N, K] fp32 = the weight decoded from the packed form (exact).
 void unpack_int8(const PackedInt8& w, float* dst);
 
+// The amx level's form for many rows: the weight requantized once, at load, to one scale
+// per output row, w[n, k] ~ s[n] q[n, k] (q = round(w / s), s = max |w row| / 127, signed),
+// packed as AMX-INT8 B tiles: per group of 16 outputs g and block of 32 inputs b, 512 B
+//
+//   q_tiles[g][b][v][j][t] = q[16 g + j][32 b + 4 v + t]     (v < 8; zeros past N)
+//
+// x is quantized per 32-input block as for the VNNI kernel (the same bits), so each tile
+// product of a block is exact in int32 and is scaled once by x's block scale; the weight's
+// row scale multiplies the total: out[r, n] = s[n] sum_b dx[r, b] (xq . q).
+// Why these granularities (perplexity of a fixed text on the demo, against fp32): the weight
+// per row adds 0.1-0.2% to the Q4_1 blocks' own error; x per row instead of per block was
+// +4-7%, x per 64 inputs +0.7-1.1% (and 3.6% on a random-weight test model, over the
+// 3% bound), per 32 +0.3%. Per-block weight scales cost a vector multiply per tile row
+// more (measured 16.2 against 12.5-13.3 ms for the demo's 30 layers at 64 rows).
+constexpr int kAmxChunk = kBlock;  // inputs per tile product and per scale of x
+struct PackedAmxInt8 {
+  const int8_t* q;
+  const float* s;  // [groups * 16]
+  int64_t rows, cols;
+
+  int64_t groups() const { return (rows + 15) / 16; }
+  int64_t chunks() const { return (cols + kAmxChunk - 1) / kAmxChunk; }
+  const int8_t* group(int64_t g) const { return q + g * chunks() * 16 * kAmxChunk; }
+};
+
+struct PackedAmxInt8Buffers {
+  AlignedArray<int8_t> q;
+  AlignedArray<float> s;
+};
+
+// Requantizes the packed weight w into buffers (allocated here) and returns the view.
+PackedAmxInt8 pack_amx_int8(const PackedInt8& w, PackedAmxInt8Buffers& buffers);
+
 // x quantized per 32-element block: xq [m, K] int8, dx [m, K / 32], sx [m, K / 32] = dx * sum(xq).
 struct QuantizedRows {
   const int8_t* xq;
@@ -64,9 +98,13 @@ struct QuantizedRows {
 void quantize_rows(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq, float* dx,
                    float* sx, Isa isa);
 
-// out [m, N] (row stride ldo) = x @ W^T (+ bias), int8 arithmetic.
-void int8_linear(const PackedInt8& w, const float* x, int64_t ldx, int64_t m,
-                 const float* bias, float* out, int64_t ldo, Isa isa);
+// out [m, N] (row stride ldo) = x @ W^T (+ bias), int8 arithmetic. amx: the tile form of
+// the weight (null where not packed), used on the amx level from kAmxInt8MinRows rows.
+void int8_linear(const PackedInt8& w, const PackedAmxInt8* amx, const float* x, int64_t ldx,
+                 int64_t m, const float* bias, float* out, int64_t ldo, Isa isa);
+// Measured on the demo's shapes (30 layers streamed, 2 cores of a Xeon with AMX): the tiles
+// are 0.86x VNNI at 4 rows, 1.13x at 6, 1.55x at 12 and 2x at 16.
+constexpr int64_t kAmxInt8MinRows = 8;
 
 // Kernels: output groups [g_begin, g_end) for every row of q.
 void int8_groups_scalar(const PackedInt8& w, const QuantizedRows& q, int64_t g_begin,
@@ -78,9 +116,17 @@ void int8_groups_avx512(const PackedInt8& w, const QuantizedRows& q, int64_t g_b
                         int64_t g_end, const float* bias, float* out, int64_t ldo);
 void quantize_rows_avx512(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq,
                           float* dx, float* sx);
-// Groups g, g + 1 of w (one if g is the last) decoded to bf16 in the packed tile layout of
-// bf16_gemm.h, for the amx level's prompt-sized inputs.
-void decode_bf16_groups_avx512(const PackedInt8& w, int64_t g, uint16_t* dst);
+// x [m, K] quantized as quantize_rows does (the same bits), xq laid out as AMX A tiles,
+// [m / 16 (rounded up)][K / 32][16 rows][32], with dx [m rounded up to 16][K / 32]; rows
+// [r_begin, r_end) of that, rows past m zeros.
+void quantize_rows_amx(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq,
+                       float* dx, int64_t r_begin, int64_t r_end);
+// Configures the calling thread's tiles for int8_groups_amx (amx_end() releases them).
+void amx_begin_int8();
+// Output groups [g_begin, g_end) for rows [0, m) of x in tiles; amx_begin_int8() first.
+void int8_groups_amx(const PackedAmxInt8& w, const int8_t* xq, const float* dx, int64_t m,
+                     int64_t g_begin, int64_t g_end, const float* bias, float* out,
+                     int64_t ldo);
 #endif
 
 }  // namespace xllm::quant
