@@ -3,7 +3,9 @@ int8_dot.h) at every ISA level this CPU runs, against a float64 reference of the
 arithmetic: x quantized per block of 32 to int8 (round half to even), exact integer block
 sums, scaled by the weight's and x's block scales. On the amx level, from 8 rows, the AMX-INT8
 tiles run on the weight requantized per output row (q = round(w / s), s = max|w row| / 127)
-and x quantized per block as above; those are checked against that arithmetic."""
+and x quantized per block as above; those are checked against that arithmetic. From 128 rows
+(prompts) the amx level decodes the blocks to bf16 tiles instead; those are checked against
+the weight rounded to bf16 and x rounded to bf16."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from xllm.ops.blocks import BlockLinearWeight, dequantize_ref, pack_gguf_blocks
 Q = gguf.GGMLQuantizationType
 FORMATS = [("q4_1", Q.Q4_1), ("q8_0", Q.Q8_0)]
 AMX_ROWS = 8  # int8_dot.h's kAmxInt8MinRows
+AMX_DECODE_ROWS = 128  # int8_dot.h's kAmxDecodeMinRows
 
 
 def _blocks(fmt: str, qtype: Q, rows: int, cols: int, seed: int):  # noqa: ANN202
@@ -45,7 +48,7 @@ def amx_weight(w: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("fmt, qtype", FORMATS)
 @pytest.mark.parametrize("rows, cols", [(16, 32), (33, 96), (96, 64), (160, 576), (50, 1536)])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 16, 31, 32, 40])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 16, 31, 32, 40, 127, 130])
 def test_int8_linear_matches_reference(isa: str, fmt: str, qtype: Q, rows: int, cols: int,
                                        m: int) -> None:
     p = _blocks(fmt, qtype, rows, cols, seed=rows + cols + m)
@@ -56,11 +59,14 @@ def test_int8_linear_matches_reference(isa: str, fmt: str, qtype: Q, rows: int, 
     x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m + cols)) * 3
     out = weight(x).double()
     b = 0 if bias is None else bias.double()
-    if isa == "amx" and m >= AMX_ROWS:
+    tol = 1e-6 * cols * float(x.abs().max() * w.abs().max()) + 1e-5
+    if isa == "amx" and m >= AMX_DECODE_ROWS:
+        ref = x.bfloat16().double() @ w.bfloat16().double().T + b
+        tol = 10 * tol + 1e-4
+    elif isa == "amx" and m >= AMX_ROWS:
         ref = quantized_x(x).double() @ amx_weight(w32).double().T + b  # rounded in fp32
     else:
         ref = quantized_x(x).double() @ w.T + b
-    tol = 1e-6 * cols * float(x.abs().max() * w.abs().max()) + 1e-5
     assert (out - ref).abs().max().item() < tol
 
 

@@ -180,6 +180,33 @@ void int8_linear(const PackedInt8& w, const PackedAmxInt8* amx, const float* x, 
   const int64_t k = w.cols, nb = w.blocks(), groups = w.groups();
   const int threads = linear_threads(w.rows, w.cols, m);
 #if defined(__x86_64__)
+  if (isa >= Isa::kAmx && m >= kAmxDecodeMinRows) {
+    // Prompt-sized: the weight decoded to bf16, 32 rows at a time, through the AMX tiles.
+    const int64_t m_pad = (m + 15) / 16 * 16;
+    auto* xb = static_cast<uint16_t*>(thread_scratch<0>(sizeof(uint16_t) * m_pad * k));
+    const int64_t pairs = (groups + 1) / 2;
+#pragma omp parallel num_threads(threads)
+    {
+      auto* wb = static_cast<uint16_t*>(thread_scratch<1>(sizeof(uint16_t) * 32 * k));
+      const int nth = omp_get_num_threads(), me = omp_get_thread_num();
+      round_rows_bf16_tiles(x, ldx, m, k, xb, m_pad / 16 * me / nth * 16,
+                            m_pad / 16 * (me + 1) / nth * 16);
+#pragma omp barrier
+      const int64_t p_begin = pairs * me / nth, p_end = pairs * (me + 1) / nth;
+      if (p_begin < p_end) {
+        amx_begin();
+        for (int64_t p = p_begin; p < p_end; ++p) {
+          const int64_t n0 = p * 32;
+          decode_bf16_groups_avx512(w, 2 * p, wb);
+          const PackedBf16 sub{wb, std::min<int64_t>(32, w.rows - n0), k};
+          bf16_groups_amx(sub, xb, m, 0, sub.groups(), bias ? bias + n0 : nullptr, out + n0,
+                          ldo);
+        }
+        amx_end();
+      }
+    }
+    return;
+  }
   if (amx && isa >= Isa::kAmx && m >= kAmxInt8MinRows) {
     const int64_t m_pad = (m + 15) / 16 * 16;
     auto* xq = static_cast<int8_t*>(thread_scratch<0>(static_cast<size_t>(m_pad * k)));

@@ -98,13 +98,16 @@ struct QuantizedRows {
 void quantize_rows(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq, float* dx,
                    float* sx, Isa isa);
 
-// out [m, N] (row stride ldo) = x @ W^T (+ bias), int8 arithmetic. amx: the tile form of
-// the weight (null where not packed), used on the amx level from kAmxInt8MinRows rows.
+// out [m, N] (row stride ldo) = x @ W^T (+ bias), int8 arithmetic. On the amx level: from
+// kAmxInt8MinRows rows, amx (the int8 tile form; null where not packed); from
+// kAmxDecodeMinRows, the blocks decoded to bf16 for the bf16 tiles (no x quantization).
 void int8_linear(const PackedInt8& w, const PackedAmxInt8* amx, const float* x, int64_t ldx,
                  int64_t m, const float* bias, float* out, int64_t ldo, Isa isa);
-// Measured on the demo's shapes (30 layers streamed, 2 cores of a Xeon with AMX): the tiles
-// are 0.86x VNNI at 4 rows, 1.13x at 6, 1.55x at 12 and 2x at 16.
+// Measured on the demo's shapes (30 layers streamed, 2 cores of a Xeon with AMX): the int8
+// tiles are about VNNI's speed at 8 rows and 1.6-1.8x at 16; decoding to bf16 is 0.63x the
+// int8 tiles at 64 rows, 1.08x at 128, 1.25x at 256, 1.2x at 509.
 constexpr int64_t kAmxInt8MinRows = 8;
+constexpr int64_t kAmxDecodeMinRows = 128;
 
 // Kernels: output groups [g_begin, g_end) for every row of q.
 void int8_groups_scalar(const PackedInt8& w, const QuantizedRows& q, int64_t g_begin,
@@ -121,6 +124,9 @@ void quantize_rows_avx512(const float* x, int64_t ldx, int64_t m, int64_t k, int
 // [r_begin, r_end) of that, rows past m zeros.
 void quantize_rows_amx(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq,
                        float* dx, int64_t r_begin, int64_t r_end);
+// Groups g, g + 1 of w (one if g is the last) decoded to bf16 in the packed tile layout of
+// bf16_gemm.h, for the amx level's prompt-sized inputs.
+void decode_bf16_groups_avx512(const PackedInt8& w, int64_t g, uint16_t* dst);
 // Configures the calling thread's tiles for int8_groups_amx (amx_end() releases them).
 void amx_begin_int8();
 // Output groups [g_begin, g_end) for rows [0, m) of x in tiles; amx_begin_int8() first.
