@@ -64,10 +64,12 @@ struct Kernels {
 Kernels scalar_kernels();
 #if defined(__x86_64__)
 Kernels avx2_kernels();
+Kernels avx512_kernels();
 #endif
 
 inline Kernels kernels_for(Isa isa) {
 #if defined(__x86_64__)
+  if (isa >= Isa::kAvx512) return avx512_kernels();
   if (isa >= Isa::kAvx2) return avx2_kernels();
 #endif
   return scalar_kernels();
