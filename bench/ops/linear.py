@@ -2,13 +2,15 @@
 
 - bf16 (``BlockWeight`` format ``bf16_gemm``: AMX tiles from 8 rows, AVX512-BF16 below)
   against torch's bf16 ``F.linear`` (oneDNN, AMX where present) on the same bf16 values;
-- int8 (Q4_1 blocks, ``arithmetic='int8'``: VNNI below 32 rows, bf16 tiles from 32 rows)
+- int8 (Q4_1 blocks, ``arithmetic='int8'``: VNNI below 8 rows, AMX-INT8 tiles on the
+  per-row int8 copy from 8, bf16 tiles from 128 rows)
   against the same torch bf16 ``F.linear`` (what a bf16 engine runs for that layer); its
   ``extra`` holds the fp32 block kernel's time (``weight_format=blocks``) too.
 
-Rows: 1 (a decode step), 16 (batch 16) and 509 (a prompt). Only on CPUs with bf16 and
-int8 units (ISA level avx512 or amx); elsewhere the suite reports nothing: those CPUs
-compute in fp32 by default and these paths exist there only as plain references.
+Rows: 1 (a decode step), 16 and 64 (batched decode steps) and 509 (a prompt). Only on
+CPUs with bf16 and int8 units (ISA level avx512 or amx); elsewhere the suite reports
+nothing: those CPUs compute in fp32 by default and these paths exist there only as plain
+references.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def run(quick: bool = False) -> list[Row]:
         return []
     rng = np.random.default_rng(0)
     rows: list[Row] = []
-    for m in (1, 16) if quick else (1, 16, 509):
+    for m in (1, 16) if quick else (1, 16, 64, 509):
         for name, (n, k) in SHAPES.items():
             rows += _rows(name, n, k, m, rng)
     return rows
