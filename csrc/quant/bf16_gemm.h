@@ -56,7 +56,10 @@ void bf16_groups_avx512(const PackedBf16& w, const uint16_t* xb, int64_t m, int6
 // amx_begin() (tile configuration) and calls amx_end() when done.
 void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m, int64_t g_begin,
                      int64_t g_end, const float* bias, float* out, int64_t ldo);
-void amx_begin();
+// Configures the calling thread's tiles: tmm0-3 16 rows of 64 bytes (the sums), tmm4-5 16
+// rows of x_colsb bytes (x), tmm6-7 w_rows rows of 64 bytes (the weight). The bf16 kernels
+// and the AMX attention use the defaults; the int8 tiles (int8_dot.h) (32, 8).
+void amx_begin(int x_colsb = 64, int w_rows = 16);
 void amx_end();
 // x [m, K] fp32 (row stride ldx) -> xb [m, K] bf16 bits, round to nearest even.
 void round_rows_bf16_avx512(const float* x, int64_t ldx, int64_t m, int64_t k, uint16_t* xb);

@@ -153,11 +153,11 @@ XLLM_AMX void amx_block(const uint16_t* a, int64_t k, const uint16_t* b0, const 
 
 }  // namespace
 
-XLLM_AMX void amx_begin() {
+XLLM_AMX void amx_begin(int x_colsb, int w_rows) {
   TileConfig cfg;
   for (int i = 0; i < 8; ++i) {
-    cfg.colsb[i] = 64;
-    cfg.rows[i] = 16;
+    cfg.colsb[i] = i == 4 || i == 5 ? x_colsb : 64;
+    cfg.rows[i] = i >= 6 ? w_rows : 16;
   }
   // ldtilecfg reads all 64 bytes; the intrinsic tells the compiler of only 8.
   __asm__ volatile("" : : "r"(&cfg) : "memory");

@@ -19,17 +19,9 @@ namespace xllm::quant {
 namespace {
 
 constexpr int64_t kTile = 16 * kAmxChunk;  // bytes of an x or W tile
-constexpr int64_t kQuads = kAmxChunk / 4;   // rows of a W tile
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// tmm0-3: int32 sums; tmm4-5: x (16 rows x kAmxChunk bytes); tmm6-7: W (kQuads x 16 x 4).
+// tmm0-3: int32 sums; tmm4-5: x (16 rows x kAmxChunk bytes); tmm6-7: W (kAmxChunk / 4 quads
+// x 16 outputs x 4).
 // a: the first 16-row block of x's tiles (quantize_rows_amx), MT blocks of it; acc [32][32].
 template <int MT, int NT>
 XLLM_AMX void chunk_sums(const int8_t* a, const float* sx, int64_t chunks, const int8_t* b0,
@@ -82,17 +74,6 @@ XLLM_AMX void chunk_sums(const int8_t* a, const float* sx, int64_t chunks, const
 }
 
 }  // namespace
-
-XLLM_AMX void amx_begin_int8() {
-  TileConfig cfg;
-  for (int i = 0; i < 8; ++i) {
-    cfg.colsb[i] = i == 4 || i == 5 ? kAmxChunk : 64;
-    cfg.rows[i] = i >= 6 ? kQuads : 16;
-  }
-  // ldtilecfg reads all 64 bytes; the intrinsic tells the compiler of only 8.
-  __asm__ volatile("" : : "r"(&cfg) : "memory");
-  _tile_loadconfig(&cfg);
-}
 
 XLLM_AMX void int8_groups_amx(const PackedAmxInt8& w, const int8_t* xq, const float* dx,
                               int64_t m, int64_t g_begin, int64_t g_end, const float* bias,

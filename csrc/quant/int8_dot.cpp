@@ -221,7 +221,7 @@ void int8_linear(const PackedInt8& w, const PackedAmxInt8* amx, const float* x, 
       const int64_t g_begin = std::min(groups, 2 * (pairs * me / nth));
       const int64_t g_end = std::min(groups, 2 * (pairs * (me + 1) / nth));
       if (g_begin < g_end) {
-        amx_begin_int8();
+        amx_begin(kAmxChunk, kAmxChunk / 4);
         int8_groups_amx(*amx, xq, dx, m, g_begin, g_end, bias, out, ldo);
         amx_end();
       }

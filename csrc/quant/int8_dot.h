@@ -127,9 +127,8 @@ void quantize_rows_amx(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t
 // Groups g, g + 1 of w (one if g is the last) decoded to bf16 in the packed tile layout of
 // bf16_gemm.h, for the amx level's prompt-sized inputs.
 void decode_bf16_groups_avx512(const PackedInt8& w, int64_t g, uint16_t* dst);
-// Configures the calling thread's tiles for int8_groups_amx (amx_end() releases them).
-void amx_begin_int8();
-// Output groups [g_begin, g_end) for rows [0, m) of x in tiles; amx_begin_int8() first.
+// Output groups [g_begin, g_end) for rows [0, m) of x in tiles; the calling thread has
+// configured its tiles with amx_begin(kAmxChunk, kAmxChunk / 4) (bf16_gemm.h).
 void int8_groups_amx(const PackedAmxInt8& w, const int8_t* xq, const float* dx, int64_t m,
                      int64_t g_begin, int64_t g_end, const float* bias, float* out,
                      int64_t ldo);
