@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from xllm import _C
 from xllm.layers.sampler import (
     Sampler,
     SamplingBatch,
@@ -73,6 +74,30 @@ def test_argmax_first_matches_torch_including_ties(vocab: int) -> None:
     assert torch.equal(argmax_first(x), x.argmax(-1))
     ties = x.max(-1, keepdim=True).values == x
     assert torch.equal(argmax_first(x), ties.float().argmax(-1))  # the FIRST maximum
+
+
+@pytest.mark.parametrize("isa", _C.cpu_isas())
+@pytest.mark.parametrize("vocab", [1, 7, 33, 300, 49152])
+def test_native_argmax_rows_matches_torch(isa: str, vocab: int) -> None:
+    """The native pick of greedy rows, at every ISA level: ties, +-inf, NaN (torch's first
+    NaN wins), strided rows, and the two-level torch path (a non-CPU dtype) agreeing."""
+    g = torch.Generator().manual_seed(vocab)
+    wide = torch.randint(-3, 4, (8, vocab + 5), generator=g).float()
+    x = wide[:, 2:2 + vocab]  # rows strided
+    x[1] = -math.inf
+    x[2, -1] = math.inf
+    x[3, vocab // 3] = math.nan
+    x[4, vocab - 1] = math.nan
+    x[4, 0] = math.inf
+    _C.set_cpu_isa(isa)
+    try:
+        got = argmax_first(x)
+    finally:
+        _C.set_cpu_isa(_C.detected_isa())
+    assert torch.equal(got, x.argmax(-1))
+    assert torch.equal(got, argmax_first(x.double()).long())  # the torch two-level form
+    with pytest.raises(ValueError, match="must have contiguous rows"):
+        _C.argmax_rows(torch.empty(vocab, dtype=torch.long), x.t())
 
 
 def test_greedy_rows_are_argmax_and_ignore_top_k_p() -> None:

@@ -122,9 +122,31 @@ void rotary(py::handle x_obj, py::handle positions_obj, py::handle cos_obj, py::
                avx2);
 }
 
+// ---- argmax over rows ---------------------------------------------------------
+
+void argmax_rows(py::handle out_obj, py::handle x_obj) {
+  const Tensor out = host_tensor(out_obj, "out");
+  const Tensor x = host_tensor(x_obj, "x");
+  check_dtype(x, DType::kFloat32);
+  check_dtype(out, DType::kInt64);
+  check_ndim(x, 2, "[num_rows, vocab_size]");
+  check_ndim(out, 1, "[num_rows]");
+  check_contiguous(out);
+  check_dim(out, 0, x.size(0), "x.shape[0]");
+  if (x.size(1) == 0) fail("argument 'x' has no columns: an argmax needs at least one");
+  if (x.stride[1] != 1) fail("argument 'x' must have contiguous rows (stride(1) == 1)");
+  const bool avx2 = active_isa() >= Isa::kAvx2;
+  py::gil_scoped_release release;
+  rowops::argmax_rows(x.ptr<float>(), x.stride[0], x.size(0), x.size(1), out.ptr<int64_t>(),
+                      avx2);
+}
+
 }  // namespace
 
 void register_layer_ops(py::module_& m) {
+  m.def("argmax_rows", &argmax_rows, py::arg("out"), py::arg("x"),
+        "out [T] (int64) = the index of each row's first maximum of x [T, V] (fp32, rows may "
+        "be strided), as torch.argmax: the first NaN if a row holds one.");
   m.def("rms_norm", &rms_norm, py::arg("out"), py::arg("x"), py::arg("weight"), py::arg("eps"),
         py::arg("residual") = py::none(),
         "out = x / sqrt(mean(x^2) + eps) * weight over rows of x [T, H] (fp32). With "

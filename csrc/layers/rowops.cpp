@@ -4,6 +4,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "attention/vec.h"
@@ -78,7 +79,59 @@ XLLM_AVX2 void rotate_avx2(float* x1, float* x2, const float* c, const float* s,
   }
 }
 
+// The first index of the row's maximum (or first NaN): a vector pass for the maximum and
+// whether a NaN occurs, then a scan for the first element equal to it.
+int64_t argmax_row_scalar(const float* x, int64_t v) {
+  int64_t best = 0;
+  for (int64_t i = 0; i < v; ++i) {
+    if (std::isnan(x[i])) return i;
+    if (x[i] > x[best]) best = i;
+  }
+  return best;
+}
+
+XLLM_AVX2 int64_t argmax_row_avx2(const float* x, int64_t v) {
+  __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
+  __m256 nan = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= v; i += 32) {
+    const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+    const __m256 c = _mm256_loadu_ps(x + i + 16), d = _mm256_loadu_ps(x + i + 24);
+    m0 = _mm256_max_ps(m0, a);
+    m1 = _mm256_max_ps(m1, b);
+    m2 = _mm256_max_ps(m2, c);
+    m3 = _mm256_max_ps(m3, d);
+    nan = _mm256_or_ps(nan, _mm256_or_ps(_mm256_cmp_ps(a, b, _CMP_UNORD_Q),
+                                         _mm256_cmp_ps(c, d, _CMP_UNORD_Q)));
+  }
+  float mx = attn::hmax(_mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
+  bool any_nan = _mm256_movemask_ps(nan) != 0;
+  for (int64_t j = i; j < v; ++j) {
+    any_nan |= std::isnan(x[j]);
+    mx = std::max(mx, x[j]);
+  }
+  if (any_nan) return argmax_row_scalar(x, v);
+  const __m256 target = _mm256_set1_ps(mx);
+  for (i = 0; i + 8 <= v; i += 8) {
+    const int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), target, _CMP_EQ_OQ));
+    if (hits) return i + __builtin_ctz(static_cast<unsigned>(hits));
+  }
+  for (; i < v; ++i) {
+    if (x[i] == mx) return i;
+  }
+  return 0;  // an empty row, or all -inf: index 0, as torch gives
+}
+
 }  // namespace
+
+void argmax_rows(const float* x, int64_t ldx, int64_t rows, int64_t v, int64_t* out, bool avx2) {
+  // Threads only for several rows of a large vocabulary (a batch's logits).
+  const int threads = rows * v >= (int64_t{1} << 18) ? omp_get_max_threads() : 1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t r = 0; r < rows; ++r) {
+    out[r] = avx2 ? argmax_row_avx2(x + r * ldx, v) : argmax_row_scalar(x + r * ldx, v);
+  }
+}
 
 void rms_norm(const float* x, int64_t ldx, float* res, int64_t ldr, const float* w, float eps,
               int64_t rows, int64_t h, float* out, int64_t ldo, bool avx2) {

@@ -24,4 +24,9 @@ void silu_and_mul(const float* x, int64_t ldx, int64_t rows, int64_t d, float* o
 void rotary(float* x, int64_t ldx, int64_t rows, int64_t heads, int64_t hd, const int64_t* pos,
             const float* cos, const float* sin, bool avx2);
 
+// out[r] = the index of the first maximum of x[r, :v] (x [rows, v], row stride ldx), as
+// torch.argmax gives it: the first NaN if the row holds one, else the first of equal
+// maxima. Greedy sampling's pick over the vocabulary.
+void argmax_rows(const float* x, int64_t ldx, int64_t rows, int64_t v, int64_t* out, bool avx2);
+
 }  // namespace xllm::rowops

@@ -29,6 +29,7 @@ from itertools import chain
 import numpy as np
 import torch
 
+from xllm import _C
 from xllm.sampling_params import SamplingParams
 
 __all__ = ["Sampler", "SamplerOutput", "SamplingBatch", "apply_penalties", "apply_suppression"]
@@ -470,9 +471,16 @@ def apply_suppression(logits: torch.Tensor, batch: SamplingBatch) -> None:
 
 
 def argmax_first(x: torch.Tensor) -> torch.Tensor:
-    """Row argmax, ties -> lowest index, in two levels: ``amax`` over 256-wide blocks streams
-    the row several times faster than ``torch.argmax``; the first block holding the row maximum
-    holds its first occurrence, and only that block is searched element by element."""
+    """Row argmax, ties -> lowest index (a NaN, as torch.argmax, wins). On CPU fp32 the native
+    ``argmax_rows`` (one vector pass for the maximum, a scan for its first index; ~5x the
+    torch ops below on a batch's [64, 49152] logits). Elsewhere in two levels: ``amax`` over
+    256-wide blocks streams the row several times faster than ``torch.argmax``; the first
+    block holding the row maximum holds its first occurrence, and only that block is
+    searched element by element."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[1] and x.stride(1) == 1:
+        out = torch.empty(x.shape[0], dtype=torch.long)
+        _C.argmax_rows(out, x)
+        return out
     v = x.shape[1]
     if v <= 4 * _ARGMAX_BLOCK:
         return x.argmax(-1)
