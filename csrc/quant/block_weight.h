@@ -171,7 +171,7 @@ class BlockWeight {
   int64_t nbytes() const {
     if (bf16_gemm_) return packed().groups() * quant::kBf16Group * m_.cols * 2;
     if (int8_) {
-      const int64_t amx = has_amx_ ? amx_w_.groups() * (amx_w_.chunks() * 16 * quant::kAmxChunk + 16 * 4) : 0;
+      const int64_t amx = has_amx_ ? amx_w_.groups() * (amx_w_.blocks() * 16 * quant::kBlock + 16 * 4) : 0;
       return int8_w_.groups() * int8_w_.blocks() * (int8_w_.block_bytes() + 2 * 16 * 4) + amx;
     }
     const int64_t scales = m_.scales ? m_.rows * (m_.cols / quant::kBlock) * 4 : 0;

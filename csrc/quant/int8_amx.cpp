@@ -18,13 +18,13 @@
 namespace xllm::quant {
 namespace {
 
-constexpr int64_t kTile = 16 * kAmxChunk;  // bytes of an x or W tile
+constexpr int64_t kTile = 16 * kBlock;  // bytes of an x or W tile
 
-// tmm0-3: int32 sums; tmm4-5: x (16 rows x kAmxChunk bytes); tmm6-7: W (kAmxChunk / 4 quads
-// x 16 outputs x 4).
-// a: the first 16-row block of x's tiles (quantize_rows_amx), MT blocks of it; acc [32][32].
+// tmm0-3: int32 sums; tmm4-5: x (16 rows x 32 bytes); tmm6-7: W (8 quads x 16 outputs x 4).
+// a: the first 16-row block of x's tiles (quantize_rows_amx), MT of them; sx: their rows'
+// block scales dx; acc [32][32].
 template <int MT, int NT>
-XLLM_AMX void chunk_sums(const int8_t* a, const float* sx, int64_t chunks, const int8_t* b0,
+XLLM_AMX void block_sums(const int8_t* a, const float* sx, int64_t blocks, const int8_t* b0,
                          const int8_t* b1, float* acc) {
   alignas(64) int32_t sums[2][32 * 32];
   for (int r = 0; r < 16 * MT; ++r) {
@@ -32,11 +32,11 @@ XLLM_AMX void chunk_sums(const int8_t* a, const float* sx, int64_t chunks, const
     if (NT > 1) _mm512_store_ps(acc + r * 32 + 16, _mm512_setzero_ps());
   }
   constexpr int64_t kStride = 32 * sizeof(int32_t), kAhead = 4;
-  for (int64_t c = 0; c < chunks; ++c) {
-    int32_t* s = sums[c & 1];  // alternate, so the next chunk's stores need not wait on reads
-    // The weight streams from memory: ask for the tiles kAhead chunks on, past the last
-    // chunk those of the next pair of groups (a prefetch past the array is harmless).
-    const int64_t ahead = c + kAhead < chunks ? c + kAhead : c + kAhead + chunks;
+  for (int64_t c = 0; c < blocks; ++c) {
+    int32_t* s = sums[c & 1];  // alternate, so the next block's stores need not wait on reads
+    // The weight streams from memory: ask for the tiles kAhead blocks on, past the last
+    // block those of the next pair of groups (a prefetch past the array is harmless).
+    const int64_t ahead = c + kAhead < blocks ? c + kAhead : c + kAhead + blocks;
     for (int l = 0; l < kTile / 64; ++l) {
       _mm_prefetch(reinterpret_cast<const char*>(b0 + ahead * kTile + l * 64), _MM_HINT_T0);
       if (NT > 1) {
@@ -47,8 +47,8 @@ XLLM_AMX void chunk_sums(const int8_t* a, const float* sx, int64_t chunks, const
     if (NT > 1) _tile_zero(1);
     if (MT > 1) _tile_zero(2);
     if (MT > 1 && NT > 1) _tile_zero(3);
-    _tile_loadd(4, a + c * kTile, kAmxChunk);
-    if (MT > 1) _tile_loadd(5, a + (chunks + c) * kTile, kAmxChunk);
+    _tile_loadd(4, a + c * kTile, kBlock);
+    if (MT > 1) _tile_loadd(5, a + (blocks + c) * kTile, kBlock);
     _tile_loadd(6, b0 + c * kTile, 64);
     if (NT > 1) _tile_loadd(7, b1 + c * kTile, 64);
     _tile_dpbssd(0, 4, 6);
@@ -60,7 +60,7 @@ XLLM_AMX void chunk_sums(const int8_t* a, const float* sx, int64_t chunks, const
     if (MT > 1) _tile_stored(2, s + 16 * 32, kStride);
     if (MT > 1 && NT > 1) _tile_stored(3, s + 16 * 32 + 16, kStride);
     for (int r = 0; r < 16 * MT; ++r) {
-      const __m512 xs = _mm512_set1_ps(sx[r * chunks + c]);
+      const __m512 xs = _mm512_set1_ps(sx[r * blocks + c]);
       float* row = acc + r * 32;
       _mm512_store_ps(row, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(s + r * 32)), xs,
                                            _mm512_load_ps(row)));
@@ -78,7 +78,7 @@ XLLM_AMX void chunk_sums(const int8_t* a, const float* sx, int64_t chunks, const
 XLLM_AMX void int8_groups_amx(const PackedAmxInt8& w, const int8_t* xq, const float* dx,
                               int64_t m, int64_t g_begin, int64_t g_end, const float* bias,
                               float* out, int64_t ldo) {
-  const int64_t chunks = w.chunks();
+  const int64_t blocks = w.blocks();
   alignas(64) float acc[32 * 32];
   for (int64_t g = g_begin; g < g_end; g += 2) {
     const bool two = g + 1 < g_end;
@@ -90,12 +90,12 @@ XLLM_AMX void int8_groups_amx(const PackedAmxInt8& w, const int8_t* xq, const fl
     const __m512 s1 = two ? _mm512_load_ps(w.s + n0 + 16) : s0;
     for (int64_t m0 = 0; m0 < m; m0 += 32) {
       const bool tall = m0 + 16 < m;
-      const int8_t* a = xq + m0 * chunks * kAmxChunk;
-      const float* sxm = dx + m0 * chunks;
-      if (tall && two) chunk_sums<2, 2>(a, sxm, chunks, b0, b1, acc);
-      else if (tall) chunk_sums<2, 1>(a, sxm, chunks, b0, b1, acc);
-      else if (two) chunk_sums<1, 2>(a, sxm, chunks, b0, b1, acc);
-      else chunk_sums<1, 1>(a, sxm, chunks, b0, b1, acc);
+      const int8_t* a = xq + m0 * blocks * kBlock;
+      const float* sxm = dx + m0 * blocks;
+      if (tall && two) block_sums<2, 2>(a, sxm, blocks, b0, b1, acc);
+      else if (tall) block_sums<2, 1>(a, sxm, blocks, b0, b1, acc);
+      else if (two) block_sums<1, 2>(a, sxm, blocks, b0, b1, acc);
+      else block_sums<1, 1>(a, sxm, blocks, b0, b1, acc);
       const int64_t rows = std::min<int64_t>(32, m - m0);
       const float* bb = bias ? bias + n0 : nullptr;
       for (int64_t r = 0; r < rows; ++r) {

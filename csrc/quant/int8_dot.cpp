@@ -92,16 +92,16 @@ void unpack_int8(const PackedInt8& w, float* dst) {
 
 PackedAmxInt8 pack_amx_int8(const PackedInt8& w, PackedAmxInt8Buffers& buffers) {
   PackedAmxInt8 p{nullptr, nullptr, w.rows, w.cols};
-  const int64_t groups = p.groups(), chunks = p.chunks(), nb = w.blocks();
-  constexpr int64_t kTile = 16 * kAmxChunk;
-  buffers.q = aligned_array<int8_t>(groups * chunks * kTile);
+  const int64_t groups = p.groups(), blocks = p.blocks(), nb = w.blocks();
+  constexpr int64_t kTile = 16 * kBlock;
+  buffers.q = aligned_array<int8_t>(groups * blocks * kTile);
   buffers.s = aligned_array<float>(groups * 16);
   int8_t* q = buffers.q.get();
   float* scales = buffers.s.get();
 #pragma omp parallel for schedule(static)
   for (int64_t g = 0; g < groups; ++g) {
-    int8_t* dst = q + g * chunks * kTile;
-    std::memset(dst, 0, static_cast<size_t>(chunks * kTile));
+    int8_t* dst = q + g * blocks * kTile;
+    std::memset(dst, 0, static_cast<size_t>(blocks * kTile));
     std::fill(scales + g * 16, scales + (g + 1) * 16, 0.0f);
     std::vector<float> row(static_cast<size_t>(w.cols));
     for (int j = 0; j < 16 && g * 16 + j < w.rows; ++j) {
@@ -117,7 +117,7 @@ PackedAmxInt8 pack_amx_int8(const PackedInt8& w, PackedAmxInt8Buffers& buffers) 
       const float s = amax / 127.0f, inv = s > 0.0f ? 1.0f / s : 0.0f;
       scales[g * 16 + j] = s;
       for (int64_t k = 0; k < w.cols; ++k) {
-        dst[(k / kAmxChunk) * kTile + ((k % kAmxChunk) / 4) * 64 + j * 4 + k % 4] =
+        dst[(k / kBlock) * kTile + ((k % kBlock) / 4) * 64 + j * 4 + k % 4] =
             static_cast<int8_t>(std::nearbyint(row[k] * inv));
       }
     }
@@ -221,7 +221,7 @@ void int8_linear(const PackedInt8& w, const PackedAmxInt8* amx, const float* x, 
       const int64_t g_begin = std::min(groups, 2 * (pairs * me / nth));
       const int64_t g_end = std::min(groups, 2 * (pairs * (me + 1) / nth));
       if (g_begin < g_end) {
-        amx_begin(kAmxChunk, kAmxChunk / 4);
+        amx_begin(kBlock, kBlock / 4);
         int8_groups_amx(*amx, xq, dx, m, g_begin, g_end, bias, out, ldo);
         amx_end();
       }

@@ -67,15 +67,14 @@ void unpack_int8(const PackedInt8& w, float* dst);
 // +4-7%, x per 64 inputs +0.7-1.1% (and 3.6% on a random-weight test model, over the
 // 3% bound), per 32 +0.3%. Per-block weight scales cost a vector multiply per tile row
 // more (measured 16.2 against 12.5-13.3 ms for the demo's 30 layers at 64 rows).
-constexpr int kAmxChunk = kBlock;  // inputs per tile product and per scale of x
 struct PackedAmxInt8 {
   const int8_t* q;
   const float* s;  // [groups * 16]
   int64_t rows, cols;
 
   int64_t groups() const { return (rows + 15) / 16; }
-  int64_t chunks() const { return (cols + kAmxChunk - 1) / kAmxChunk; }
-  const int8_t* group(int64_t g) const { return q + g * chunks() * 16 * kAmxChunk; }
+  int64_t blocks() const { return cols / kBlock; }
+  const int8_t* group(int64_t g) const { return q + g * blocks() * 16 * kBlock; }
 };
 
 struct PackedAmxInt8Buffers {
@@ -128,7 +127,7 @@ void quantize_rows_amx(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t
 // bf16_gemm.h, for the amx level's prompt-sized inputs.
 void decode_bf16_groups_avx512(const PackedInt8& w, int64_t g, uint16_t* dst);
 // Output groups [g_begin, g_end) for rows [0, m) of x in tiles; the calling thread has
-// configured its tiles with amx_begin(kAmxChunk, kAmxChunk / 4) (bf16_gemm.h).
+// configured its tiles with amx_begin(kBlock, kBlock / 4) (bf16_gemm.h).
 void int8_groups_amx(const PackedAmxInt8& w, const int8_t* xq, const float* dx, int64_t m,
                      int64_t g_begin, int64_t g_end, const float* bias, float* out,
                      int64_t ldo);
