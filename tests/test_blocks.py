@@ -23,6 +23,7 @@ from xllm.ops.blocks import (
     BlockLinearWeight,
     concat_rows,
     dequantize_ref,
+    gguf_tensor_blocks,
     pack_gguf_blocks,
     read_blocks,
 )
@@ -98,6 +99,76 @@ def test_prompt_sized_inputs_pass_over_the_weight_in_row_blocks(fmt: str, qtype:
     want = x.double() @ torch.from_numpy(dense).double().t()
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
     assert torch.equal(got[40:47], across)
+
+
+def _q4_k_raw(rows: int, cols: int, seed: int) -> np.ndarray:
+    """Random Q4_K super-blocks (every byte pattern is a valid block once d and dmin are
+    finite): gguf-py can dequantize Q4_K but not quantize it."""
+    rng = np.random.default_rng(seed)
+    n = rows * cols // 256
+    raw = rng.integers(0, 256, (n, 144), dtype=np.uint8)
+    for at, scale in ((0, 0.05), (2, 0.02)):  # d, dmin
+        v = rng.uniform(-scale, scale, n).astype(np.float16)
+        v[0] = 0.0  # a super-block with d = 0 (and dmin = 0)
+        raw[:, at:at + 2] = v.view(np.uint8).reshape(n, 2)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("rows, cols", [(1, 256), (7, 512), (33, 1536)])
+def test_q4_0_and_q4_k_run_as_q4_1_with_gguf_values(isa: str, rows: int, cols: int) -> None:
+    """Q4_0 and Q4_K tensors become Q4_1 blocks that decode to gguf's values exactly, in
+    numpy and on every level, and compute on the fp32 and int8 paths."""
+    rng = np.random.default_rng(rows)
+    cases = [("Q4_0", quantize((rng.standard_normal((rows, cols)) * 0.3).astype(np.float32),
+                               Q.Q4_0)),
+             ("Q4_K", _q4_k_raw(rows, cols, rows + cols))]
+    for name, raw in cases:
+        want = dequantize(raw, Q[name]).reshape(rows, cols)
+        packed = gguf_tensor_blocks(raw, name, (rows, cols))
+        assert packed.format == "q4_1"
+        # Equal values (a zero's sign may differ: d q + (-8 d) is +0 where d (q - 8) is -0).
+        assert np.array_equal(dequantize_ref(packed), want)
+        x = torch.randn(3, cols, generator=torch.Generator().manual_seed(cols))
+        with on_isa(isa):
+            exact = BlockLinearWeight(packed)
+            assert np.array_equal(exact.dequantize().numpy(), want)
+            got = exact(x)
+            int8 = BlockLinearWeight(packed, arithmetic="int8")(x)
+        ref = x.double() @ torch.from_numpy(want).double().t()
+        scale = float(ref.abs().max())  # random Q4_K scales make outputs in the hundreds
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6 * scale + 1e-4)
+        assert (int8.double() - ref).abs().max() < 0.02 * scale + 1e-3  # x in int8
+    with pytest.raises(ValueError, match="multiple of its super-block"):
+        gguf_tensor_blocks(np.zeros(144 * 2, np.uint8), "Q4_K", (1, 288))
+    with pytest.raises(ValueError, match="GGUF type must be one of"):
+        gguf_tensor_blocks(np.zeros(10, np.uint8), "Q6_K", (1, 256))
+    with pytest.raises(ValueError, match="needs 36 bytes"):
+        gguf_tensor_blocks(np.zeros(10, np.uint8), "Q4_0", (1, 64))
+
+
+def test_q4_0_import_keeps_q4_1_blocks(tmp_path: Path) -> None:
+    """A Q4_0 GGUF imports with Q4_1 blocks equal to its dense weights, and the engine runs
+    on them as on the dense weights."""
+    from test_loader import write_tiny_gguf
+
+    from xllm import LLM, SamplingParams
+    from xllm.loader.gguf_import import BLOCKS_FILE, convert_gguf_to_hf
+
+    write_tiny_gguf(tmp_path / "m.gguf", arch="llama", qtype=Q.Q4_0, tied=False, seed=3)
+    out = convert_gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf", progress=False)
+    blocks = read_blocks(out / BLOCKS_FILE)
+    from safetensors.numpy import load_file
+
+    dense = load_file(str(out / "model.safetensors"))
+    assert blocks and {b.format for b in blocks.values()} == {"q4_1"}
+    assert all(np.array_equal(dequantize_ref(b), dense[n]) for n, b in blocks.items())
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    runs = [LLM(str(out), dtype="float32", weight_format=fmt, num_kv_blocks=32,
+                max_model_len=64, block_size=8).generate([[5, 9, 30, 31]], params,
+                                                          use_tqdm=False)
+            for fmt in ("dense", "blocks")]
+    assert runs[0][0].outputs[0].token_ids == runs[1][0].outputs[0].token_ids
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "f32"])

@@ -5,9 +5,10 @@ llama.cpp's tensor names to HF's, undoes the Q/K row permutation llama.cpp's con
 applies to llama-architecture rotary weights, and writes config.json, model.safetensors
 (fp32: dequantized Q4/Q8 values are not exactly representable in bf16), tokenizer.json,
 tokenizer_config.json (with the chat template) and generation_config.json. Q4_1 and Q8_0
-weights are also kept as their blocks, repacked, in `xllm_blocks/blocks.safetensors`
-(see xllm.ops.blocks): the engine can run on them, decoding them exactly to the same
-fp32 values on the fly, with a sixth of the memory traffic. The directory
+weights are also kept as their blocks, repacked, in `xllm_blocks/blocks.safetensors`, and
+Q4_0 and Q4_K weights as Q4_1 blocks holding the same values (see xllm.ops.blocks): the
+engine can run on them, decoding them exactly to the same fp32 values on the fly, with a
+sixth of the memory traffic. Other types (Q5_x, Q6_K, ...) run from the dense weights. The directory
 is built under a temporary name next to `out_dir` and renamed into place, so a reader
 never sees a half-written model.
 """
@@ -34,10 +35,8 @@ SUPPORTED_GGUF_ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
 }
 # Bumped whenever the output of the conversion changes, so caches keyed on it refresh.
-CONVERTER_VERSION = 2  # 2: keeps Q4_1/Q8_0 blocks beside the dense weights
+CONVERTER_VERSION = 3  # 2: keeps Q4_1/Q8_0 blocks beside the dense weights; 3: Q4_0, Q4_K too
 BLOCKS_FILE = "xllm_blocks/blocks.safetensors"
-# GGUF block types the engine can compute on directly (xllm.ops.blocks).
-_BLOCK_TYPES = {"Q4_1": "q4_1", "Q8_0": "q8_0"}
 
 _GLOBAL_TENSORS = {
     "token_embd": "model.embed_tokens",
@@ -251,7 +250,7 @@ def _convert_into(gguf_path: Path, out: Path, progress: bool) -> None:
 
     tokenizer, tok_config = build_tokenizer(meta, config["max_position_embeddings"])
 
-    from xllm.ops.blocks import dequantize_ref, pack_gguf_blocks
+    from xllm.ops.blocks import GGUF_BLOCK_TYPES, dequantize_ref, gguf_tensor_blocks
 
     tensors: dict[str, np.ndarray] = {}
     blocks: dict[str, np.ndarray] = {}
@@ -274,9 +273,9 @@ def _convert_into(gguf_path: Path, out: Path, progress: bool) -> None:
             values = unpermute_rope_rows(values, n_head)
             order = unpermute_rope_rows(np.arange(shape[0]), n_head)
         tensors[name] = np.ascontiguousarray(values)
-        fmt = _BLOCK_TYPES.get(t.tensor_type.name)
-        if fmt is not None and len(shape) == 2:
-            packed = pack_gguf_blocks(np.asarray(t.data), fmt, shape)
+        if t.tensor_type.name in GGUF_BLOCK_TYPES and len(shape) == 2:
+            packed = gguf_tensor_blocks(np.asarray(t.data), t.tensor_type.name, shape)
+            fmt = packed.format
             if order is not None:
                 packed = packed.take_rows(order)
             # The blocks must decode to exactly the dense weights written beside them.

@@ -17,7 +17,9 @@ arrays per weight ``[N, K]`` (N output, K input features, K a multiple of 32):
 - ``scales``: fp32 ``[N, K/32]``, the blocks' ``d`` widened from fp16 (exact);
 - ``mins``: fp32 ``[N, K/32]``, the blocks' ``m`` (Q4_1 only).
 
-``pack_gguf_blocks`` builds them from a GGUF tensor's raw bytes, ``dequantize_ref`` is
+Q4_0 and Q4_K tensors are held as Q4_1 blocks (their values are of that form exactly:
+``gguf_tensor_blocks``). ``pack_gguf_blocks`` builds them from a GGUF tensor's raw bytes,
+``dequantize_ref`` is
 the plain numpy reference (it is gguf's own formula), and ``BlockLinearWeight`` is the
 callable a layer uses. The native kernel is used for every batch size: with few rows it
 moves a sixth of the bytes of a dense GEMV, and with many it runs at the core's fp32 peak
@@ -83,6 +85,75 @@ def pack_gguf_blocks(raw: np.ndarray, fmt: str, shape: tuple[int, int]) -> Packe
         return PackedBlocks(fmt, qs, scales, mins)
     qs = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(rows, cols)
     return PackedBlocks(fmt, qs, scales, None)
+
+
+def _q4_0_as_q4_1(raw: np.ndarray, shape: tuple[int, int]) -> PackedBlocks:
+    """Q4_0 (``w = d (q - 8)``, 18-byte blocks, the same nibble order) as Q4_1 with
+    ``m = -8 d``: ``d q`` and ``8 d`` are exact in fp32 and so is their sum, ``d (q - 8)``,
+    so the blocks decode to gguf's values exactly (a zero's sign aside: ``+0`` here where
+    gguf gives ``-0`` for a negative ``d``)."""
+    rows, cols = shape
+    nb = cols // BLOCK
+    blocks = _raw_blocks(raw, "Q4_0", rows * nb, 18)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32).reshape(rows, nb)
+    qs = np.ascontiguousarray(blocks[:, 2:]).reshape(rows, cols // 2)
+    return PackedBlocks("q4_1", qs, d, -8.0 * d)
+
+
+def _q4_k_as_q4_1(raw: np.ndarray, shape: tuple[int, int]) -> PackedBlocks:
+    """Q4_K (super-blocks of 256: fp16 ``d`` and ``dmin``, 6-bit scale and min per 32, 4-bit
+    q) as Q4_1 per 32: scale ``d * sc`` and min ``-(dmin * m)`` are exact in fp32 (fp16
+    times a 6-bit integer), so ``scale q + min`` rounds once, where gguf's ``d sc q - dmin m``
+    does: the same fp32 values."""
+    rows, cols = shape
+    if cols % 256:
+        raise ValueError(f"Q4_K in_features {cols} is not a multiple of its super-block, 256")
+    n = rows * (cols // 256)
+    blocks = _raw_blocks(raw, "Q4_K", n, 144)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    # The 12 scale bytes: sub-blocks 0-3 in the low 6 bits of bytes 0-3 (scales) and 4-7
+    # (mins); 4-7 in the nibbles of bytes 8-11 with their top 2 bits in bytes 0-7's top bits.
+    sb = blocks[:, 4:16].reshape(n, 3, 4)
+    lo, hi, mix = sb[:, 0], sb[:, 1], sb[:, 2]
+    sc = np.concatenate([lo & 0x3F, (mix & 0x0F) | ((lo >> 2) & 0x30)], axis=1)
+    mn = np.concatenate([hi & 0x3F, (mix >> 4) | ((hi >> 2) & 0x30)], axis=1)
+    scales = (d * sc.astype(np.float32)).reshape(rows, cols // BLOCK)
+    mins = (-(dmin * mn.astype(np.float32))).reshape(rows, cols // BLOCK)
+    # Sub-block 2c + h holds the low (h = 0) or high nibbles of the 32 bytes of chunk c;
+    # Q4_1 packs element j with element j + 16 in one byte.
+    q = (blocks[:, 16:].reshape(n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1))
+    q = (q & 0x0F).reshape(n, 8, 32)
+    qs = (q[:, :, :16] | (q[:, :, 16:] << 4)).astype(np.uint8).reshape(rows, cols // 2)
+    return PackedBlocks("q4_1", qs, scales, mins)
+
+
+def _raw_blocks(raw: np.ndarray, name: str, count: int, size: int) -> np.ndarray:
+    data = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
+    if data.size != count * size:
+        raise ValueError(f"{name} data needs {count * size} bytes, got {data.size}")
+    return data.reshape(count, size)
+
+
+# GGUF tensor types the engine computes on, by ggml type name: the native block formats
+# as they are, and 4-bit formats whose values Q4_1 blocks hold exactly.
+_GGUF_BLOCKS = {
+    "Q4_1": lambda raw, shape: pack_gguf_blocks(raw, "q4_1", shape),
+    "Q8_0": lambda raw, shape: pack_gguf_blocks(raw, "q8_0", shape),
+    "Q4_0": _q4_0_as_q4_1,
+    "Q4_K": _q4_k_as_q4_1,
+}
+GGUF_BLOCK_TYPES = tuple(_GGUF_BLOCKS)
+
+
+def gguf_tensor_blocks(raw: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> PackedBlocks:
+    """The blocks of a GGUF tensor of type ``ggml_type`` (one of ``GGUF_BLOCK_TYPES``) and
+    shape [N, K], in a format ``BlockWeight`` computes on, decoding to gguf's own values."""
+    if ggml_type not in _GGUF_BLOCKS:
+        raise ValueError(f"GGUF type must be one of {GGUF_BLOCK_TYPES}, got {ggml_type!r}")
+    if shape[1] % BLOCK:
+        raise ValueError(f"in_features {shape[1]} is not a multiple of the block size {BLOCK}")
+    return _GGUF_BLOCKS[ggml_type](raw, shape)
 
 
 def concat_rows(parts: list[PackedBlocks]) -> PackedBlocks:
