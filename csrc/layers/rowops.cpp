@@ -79,8 +79,7 @@ XLLM_AVX2 void rotate_avx2(float* x1, float* x2, const float* c, const float* s,
   }
 }
 
-// The first index of the row's maximum (or first NaN): a vector pass for the maximum and
-// whether a NaN occurs, then a scan for the first element equal to it.
+// The first index of the row's maximum, or its first NaN (torch.argmax's rule).
 int64_t argmax_row_scalar(const float* x, int64_t v) {
   int64_t best = 0;
   for (int64_t i = 0; i < v; ++i) {
@@ -90,6 +89,8 @@ int64_t argmax_row_scalar(const float* x, int64_t v) {
   return best;
 }
 
+// The same: a vector pass for the maximum and whether a NaN occurs (then the scalar form),
+// then a scan for the first element equal to the maximum.
 XLLM_AVX2 int64_t argmax_row_avx2(const float* x, int64_t v) {
   __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
   __m256 nan = _mm256_setzero_ps();

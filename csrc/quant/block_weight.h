@@ -91,10 +91,7 @@ class BlockWeight {
       {
         py::gil_scoped_release release;
         int8_w_ = quant::pack_int8(m_, int8_buffers_);
-        if (detected_isa() >= Isa::kAmx) {
-          amx_w_ = quant::pack_amx_int8(int8_w_, amx_buffers_);
-          has_amx_ = true;
-        }
+        if (detected_isa() >= Isa::kAmx) amx_w_ = quant::pack_amx_int8(int8_w_, amx_buffers_);
       }
       m_.qs = nullptr;
       m_.scales = m_.mins = nullptr;
@@ -161,7 +158,7 @@ class BlockWeight {
                   Isa isa) const {
     if (bf16_gemm_) return quant::bf16_linear(packed(), x, ldx, m, bias_ptr_, out, ldo, isa);
     if (int8_) {
-      return quant::int8_linear(int8_w_, has_amx_ ? &amx_w_ : nullptr, x, ldx, m, bias_ptr_, out,
+      return quant::int8_linear(int8_w_, amx_w_.q ? &amx_w_ : nullptr, x, ldx, m, bias_ptr_, out,
                                 ldo, isa);
     }
     quant::linear(m_, x, ldx, m, bias_ptr_, out, ldo, isa);
@@ -171,7 +168,8 @@ class BlockWeight {
   int64_t nbytes() const {
     if (bf16_gemm_) return packed().groups() * quant::kBf16Group * m_.cols * 2;
     if (int8_) {
-      const int64_t amx = has_amx_ ? amx_w_.groups() * (amx_w_.blocks() * 16 * quant::kBlock + 16 * 4) : 0;
+      const int64_t amx =
+          amx_w_.q ? amx_w_.groups() * (amx_w_.blocks() * 16 * quant::kBlock + 16 * 4) : 0;
       return int8_w_.groups() * int8_w_.blocks() * (int8_w_.block_bytes() + 2 * 16 * 4) + amx;
     }
     const int64_t scales = m_.scales ? m_.rows * (m_.cols / quant::kBlock) * 4 : 0;
@@ -192,9 +190,8 @@ class BlockWeight {
   bool int8_ = false;       // int8 activations on int8_w_ (quant/int8_dot.h)
   quant::PackedInt8Buffers int8_buffers_;
   quant::PackedInt8 int8_w_{};
-  bool has_amx_ = false;  // int8 on a CPU with AMX: the tile form too, for many rows
   quant::PackedAmxInt8Buffers amx_buffers_;
-  quant::PackedAmxInt8 amx_w_{};
+  quant::PackedAmxInt8 amx_w_{};  // int8 on a CPU with AMX: the tile form too (else q null)
   quant::Bf16Buffer packed_;
 
   quant::PackedBf16 packed() const { return {packed_.get(), m_.rows, m_.cols}; }

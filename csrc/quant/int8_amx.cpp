@@ -2,9 +2,8 @@
 // (TDPBSSD, signed x signed bytes, int32 sums), 2 x 2 tiles of 16 x 16 sums (32 rows x
 // 32 outputs) per 32-input block, fed by two 16-row tiles of x and two 512 B tiles of the
 // weight. x has a scale per row and block, so after each block the int32 tiles are stored
-// and added into fp32 sums as  acc += float(sum) * dx[row, block]  (the vector units work on
-// one block while the tile unit runs the next); the weight's scale per output multiplies the
-// total once, at the end. That scaling per block is the kernel's cost: without it the tiles
+// and added into fp32 sums as  acc += float(sum) * dx[row, block]; the weight's scale per
+// output multiplies the total once, at the end. That scaling per block is the kernel's cost: without it the tiles
 // run ~1.6x faster. The weight streams from memory and is prefetched kAhead blocks on.
 #include <immintrin.h>
 
@@ -21,10 +20,10 @@ namespace {
 constexpr int64_t kTile = 16 * kBlock;  // bytes of an x or W tile
 
 // tmm0-3: int32 sums; tmm4-5: x (16 rows x 32 bytes); tmm6-7: W (8 quads x 16 outputs x 4).
-// a: the first 16-row block of x's tiles (quantize_rows_amx), MT of them; sx: their rows'
-// block scales dx; acc [32][32].
+// a: the first 16-row block of x's tiles (quantize_rows_amx), MT of them; dx: their rows'
+// block scales; acc [32][32].
 template <int MT, int NT>
-XLLM_AMX void block_sums(const int8_t* a, const float* sx, int64_t blocks, const int8_t* b0,
+XLLM_AMX void block_sums(const int8_t* a, const float* dx, int64_t blocks, const int8_t* b0,
                          const int8_t* b1, float* acc) {
   alignas(64) int32_t sums[2][32 * 32];
   for (int r = 0; r < 16 * MT; ++r) {
@@ -60,7 +59,7 @@ XLLM_AMX void block_sums(const int8_t* a, const float* sx, int64_t blocks, const
     if (MT > 1) _tile_stored(2, s + 16 * 32, kStride);
     if (MT > 1 && NT > 1) _tile_stored(3, s + 16 * 32 + 16, kStride);
     for (int r = 0; r < 16 * MT; ++r) {
-      const __m512 xs = _mm512_set1_ps(sx[r * blocks + c]);
+      const __m512 xs = _mm512_set1_ps(dx[r * blocks + c]);
       float* row = acc + r * 32;
       _mm512_store_ps(row, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(s + r * 32)), xs,
                                            _mm512_load_ps(row)));
@@ -91,11 +90,11 @@ XLLM_AMX void int8_groups_amx(const PackedAmxInt8& w, const int8_t* xq, const fl
     for (int64_t m0 = 0; m0 < m; m0 += 32) {
       const bool tall = m0 + 16 < m;
       const int8_t* a = xq + m0 * blocks * kBlock;
-      const float* sxm = dx + m0 * blocks;
-      if (tall && two) block_sums<2, 2>(a, sxm, blocks, b0, b1, acc);
-      else if (tall) block_sums<2, 1>(a, sxm, blocks, b0, b1, acc);
-      else if (two) block_sums<1, 2>(a, sxm, blocks, b0, b1, acc);
-      else block_sums<1, 1>(a, sxm, blocks, b0, b1, acc);
+      const float* d = dx + m0 * blocks;
+      if (tall && two) block_sums<2, 2>(a, d, blocks, b0, b1, acc);
+      else if (tall) block_sums<2, 1>(a, d, blocks, b0, b1, acc);
+      else if (two) block_sums<1, 2>(a, d, blocks, b0, b1, acc);
+      else block_sums<1, 1>(a, d, blocks, b0, b1, acc);
       const int64_t rows = std::min<int64_t>(32, m - m0);
       const float* bb = bias ? bias + n0 : nullptr;
       for (int64_t r = 0; r < rows; ++r) {

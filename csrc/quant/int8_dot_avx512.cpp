@@ -94,10 +94,6 @@ XLLM_AVX512 void int8_rows(const PackedInt8& w, const QuantizedRows& q, int64_t 
   }
 }
 
-}  // namespace
-
-namespace {
-
 // One 32-element block of x: dst = round(src / d), d = max|src| / 127; returns d and
 // stores d * sum(dst) in *sum_d.
 XLLM_AVX512 float quantize_block(const float* src, int8_t* dst, float* sum_d) {

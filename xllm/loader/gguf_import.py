@@ -8,9 +8,9 @@ tokenizer_config.json (with the chat template) and generation_config.json. Q4_1 
 weights are also kept as their blocks, repacked, in `xllm_blocks/blocks.safetensors`, and
 Q4_0 and Q4_K weights as Q4_1 blocks holding the same values (see xllm.ops.blocks): the
 engine can run on them, decoding them exactly to the same fp32 values on the fly, with a
-sixth of the memory traffic. Other types (Q5_x, Q6_K, ...) run from the dense weights. The directory
-is built under a temporary name next to `out_dir` and renamed into place, so a reader
-never sees a half-written model.
+sixth of the memory traffic. Other types (Q5_x, Q6_K, ...) run from the dense weights. The
+directory is built under a temporary name next to `out_dir` and renamed into place, so a
+reader never sees a half-written model.
 """
 
 from __future__ import annotations

@@ -19,11 +19,11 @@ arrays per weight ``[N, K]`` (N output, K input features, K a multiple of 32):
 
 Q4_0 and Q4_K tensors are held as Q4_1 blocks (their values are of that form exactly:
 ``gguf_tensor_blocks``). ``pack_gguf_blocks`` builds them from a GGUF tensor's raw bytes,
-``dequantize_ref`` is
-the plain numpy reference (it is gguf's own formula), and ``BlockLinearWeight`` is the
-callable a layer uses. The native kernel is used for every batch size: with few rows it
-moves a sixth of the bytes of a dense GEMV, and with many it runs at the core's fp32 peak
-(decoding each weight once per call), ahead of decode-then-MKL at every size measured.
+``dequantize_ref`` is the plain numpy reference (it is gguf's own formula), and
+``BlockLinearWeight`` is the callable a layer uses. The native kernel is used for every
+batch size: with few rows it moves a sixth of the bytes of a dense GEMV, and with many it
+runs at the core's fp32 peak (decoding each weight once per call), ahead of decode-then-MKL
+at every size measured.
 """
 
 from __future__ import annotations
@@ -71,20 +71,28 @@ def pack_gguf_blocks(raw: np.ndarray, fmt: str, shape: tuple[int, int]) -> Packe
     if cols % BLOCK:
         raise ValueError(f"in_features {cols} is not a multiple of the block size {BLOCK}")
     nb = cols // BLOCK
-    size = _GGUF_BLOCK_BYTES[fmt]
-    data = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
-    if data.size != rows * nb * size:
-        raise ValueError(
-            f"{fmt} data of shape {shape} needs {rows * nb * size} bytes, got {data.size}"
-        )
-    blocks = data.reshape(rows, nb, size)
-    scales = blocks[:, :, 0:2].copy().view(np.float16).reshape(rows, nb).astype(np.float32)
+    blocks = _raw_blocks(raw, fmt, shape, rows * nb, _GGUF_BLOCK_BYTES[fmt])
+    scales = _fp16(blocks, 0).reshape(rows, nb)
     if fmt == "q4_1":
-        mins = blocks[:, :, 2:4].copy().view(np.float16).reshape(rows, nb).astype(np.float32)
-        qs = np.ascontiguousarray(blocks[:, :, 4:]).reshape(rows, cols // 2)
-        return PackedBlocks(fmt, qs, scales, mins)
-    qs = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(rows, cols)
+        qs = np.ascontiguousarray(blocks[:, 4:]).reshape(rows, cols // 2)
+        return PackedBlocks(fmt, qs, scales, _fp16(blocks, 2).reshape(rows, nb))
+    qs = np.ascontiguousarray(blocks[:, 2:]).view(np.int8).reshape(rows, cols)
     return PackedBlocks(fmt, qs, scales, None)
+
+
+def _raw_blocks(raw: np.ndarray, name: str, shape: tuple[int, int], count: int,
+                size: int) -> np.ndarray:
+    """A GGUF tensor's bytes as [count, size] blocks, its size checked."""
+    data = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
+    if data.size != count * size:
+        raise ValueError(f"{name} data of shape {shape} needs {count * size} bytes, "
+                         f"got {data.size}")
+    return data.reshape(count, size)
+
+
+def _fp16(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The fp16 field at byte ``at`` of each block, widened to fp32 (exact): [count]."""
+    return blocks[:, at:at + 2].copy().view(np.float16).reshape(-1).astype(np.float32)
 
 
 def _q4_0_as_q4_1(raw: np.ndarray, shape: tuple[int, int]) -> PackedBlocks:
@@ -94,8 +102,8 @@ def _q4_0_as_q4_1(raw: np.ndarray, shape: tuple[int, int]) -> PackedBlocks:
     gguf gives ``-0`` for a negative ``d``)."""
     rows, cols = shape
     nb = cols // BLOCK
-    blocks = _raw_blocks(raw, "Q4_0", rows * nb, 18)
-    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32).reshape(rows, nb)
+    blocks = _raw_blocks(raw, "Q4_0", shape, rows * nb, 18)
+    d = _fp16(blocks, 0).reshape(rows, nb)
     qs = np.ascontiguousarray(blocks[:, 2:]).reshape(rows, cols // 2)
     return PackedBlocks("q4_1", qs, d, -8.0 * d)
 
@@ -109,9 +117,8 @@ def _q4_k_as_q4_1(raw: np.ndarray, shape: tuple[int, int]) -> PackedBlocks:
     if cols % 256:
         raise ValueError(f"Q4_K in_features {cols} is not a multiple of its super-block, 256")
     n = rows * (cols // 256)
-    blocks = _raw_blocks(raw, "Q4_K", n, 144)
-    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
-    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    blocks = _raw_blocks(raw, "Q4_K", shape, n, 144)
+    d, dmin = _fp16(blocks, 0)[:, None], _fp16(blocks, 2)[:, None]
     # The 12 scale bytes: sub-blocks 0-3 in the low 6 bits of bytes 0-3 (scales) and 4-7
     # (mins); 4-7 in the nibbles of bytes 8-11 with their top 2 bits in bytes 0-7's top bits.
     sb = blocks[:, 4:16].reshape(n, 3, 4)
@@ -126,13 +133,6 @@ def _q4_k_as_q4_1(raw: np.ndarray, shape: tuple[int, int]) -> PackedBlocks:
     q = (q & 0x0F).reshape(n, 8, 32)
     qs = (q[:, :, :16] | (q[:, :, 16:] << 4)).astype(np.uint8).reshape(rows, cols // 2)
     return PackedBlocks("q4_1", qs, scales, mins)
-
-
-def _raw_blocks(raw: np.ndarray, name: str, count: int, size: int) -> np.ndarray:
-    data = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
-    if data.size != count * size:
-        raise ValueError(f"{name} data needs {count * size} bytes, got {data.size}")
-    return data.reshape(count, size)
 
 
 # GGUF tensor types the engine computes on, by ggml type name: the native block formats
