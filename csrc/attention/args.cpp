@@ -100,4 +100,21 @@ void check_scale(double scale) {
   if (!std::isfinite(scale)) fail("argument 'scale' must be finite, got ", scale);
 }
 
+PagedCall paged_call(const Tensor& out, const Tensor& query, const PagedCache& cache,
+                     const Tensor& block_tables, const Tensor& seq_lens, double scale) {
+  PagedCall a;
+  a.out = out.ptr<float>();
+  a.query = query.data;
+  a.query_bf16 = query.dtype == DType::kBFloat16;
+  a.q_stride0 = query.stride[0];
+  a.cache = cache;
+  a.tables = block_tables.ptr<int32_t>();
+  a.table_width = block_tables.size(1);
+  a.lens = seq_lens.ptr<int32_t>();
+  a.num_seqs = seq_lens.size(0);
+  a.num_heads = query.size(1);
+  a.scale = static_cast<float>(scale);
+  return a;
+}
+
 }  // namespace xllm::attn

@@ -32,4 +32,8 @@ void check_context(const Tensor& block_tables, const Tensor& seq_lens, const Pag
 
 void check_scale(double scale);
 
+// The call's pointers and sizes from its checked tensors (num_seqs: seq_lens' length).
+PagedCall paged_call(const Tensor& out, const Tensor& query, const PagedCache& cache,
+                     const Tensor& block_tables, const Tensor& seq_lens, double scale);
+
 }  // namespace xllm::attn

@@ -24,6 +24,21 @@ struct PagedCache {
   int64_t num_blocks, num_kv_heads, block_size, head_size;
 };
 
+// What a decode or prefill call reads, its arguments already checked (args.h: paged_call).
+// Query rows: one per sequence (decode) or per query token (prefill).
+struct PagedCall {
+  float* out;             // [rows, num_heads, hs] contiguous
+  const void* query;      // [rows, num_heads, hs], row stride q_stride0
+  bool query_bf16;
+  int64_t q_stride0;
+  PagedCache cache;
+  const int32_t* tables;  // [num_seqs, table_width]
+  int64_t table_width;
+  const int32_t* lens;    // [num_seqs]
+  int64_t num_seqs, num_heads;
+  float scale;
+};
+
 template <class KT>
 struct KvView {
   const KT* key;

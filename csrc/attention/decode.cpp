@@ -22,25 +22,12 @@ namespace {
 constexpr int kChunkTarget = 128;     // tokens scored per online-softmax step
 constexpr int64_t kMinPartition = 128;  // never split a context finer than this
 
-struct Decode {
-  float* out;             // [num_seqs, num_heads, hs] contiguous
-  const void* query;      // [num_seqs, num_heads, hs], row stride q_stride0
-  bool query_bf16;
-  int64_t q_stride0;
-  PagedCache cache;
-  const int32_t* tables;  // [num_seqs, table_width]
-  int64_t table_width;
-  const int32_t* lens;    // [num_seqs]
-  int64_t num_seqs, num_heads;
-  float scale;
-};
-
 struct Item {
   int32_t seq, part;
 };
 
 template <class KT>
-void run(const Decode& a, Isa isa) {
+void run(const PagedCall& a, Isa isa) {  // a query row per sequence
   const Kernels<KT> kern = kernels_for<KT>(isa);
   const SoftmaxFn softmax = softmax_for(isa);
   const KvView<KT> kv(a.cache);
@@ -177,18 +164,7 @@ void paged_attention_decode(const Tensor& out, const Tensor& query, const Tensor
   check_dim(query, 0, seq_lens.size(0), "seq_lens' num_seqs");
   check_scale(scale);
 
-  Decode a;
-  a.out = out.ptr<float>();
-  a.query = query.data;
-  a.query_bf16 = query.dtype == DType::kBFloat16;
-  a.q_stride0 = query.stride[0];
-  a.cache = cache;
-  a.tables = block_tables.ptr<int32_t>();
-  a.table_width = block_tables.size(1);
-  a.lens = seq_lens.ptr<int32_t>();
-  a.num_seqs = query.size(0);
-  a.num_heads = query.size(1);
-  a.scale = static_cast<float>(scale);
+  const PagedCall a = paged_call(out, query, cache, block_tables, seq_lens, scale);
   if (a.num_seqs == 0) return;
 
   const Isa isa = active_isa();

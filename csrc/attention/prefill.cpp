@@ -154,19 +154,8 @@ void paged_attention_prefill(const Tensor& out, const Tensor& query, const Tenso
   check_query_starts(starts, seq_lens, query.size(0));
   check_scale(scale);
 
-  Prefill a;
-  a.out = out.ptr<float>();
-  a.query = query.data;
-  a.query_bf16 = query.dtype == DType::kBFloat16;
-  a.q_stride0 = query.stride[0];
-  a.cache = cache;
-  a.tables = block_tables.ptr<int32_t>();
-  a.table_width = block_tables.size(1);
-  a.lens = seq_lens.ptr<int32_t>();
-  a.starts = starts.ptr<int32_t>();
-  a.num_seqs = seq_lens.size(0);
-  a.num_heads = query.size(1);
-  a.scale = static_cast<float>(scale);
+  const Prefill a{paged_call(out, query, cache, block_tables, seq_lens, scale),
+                  starts.ptr<int32_t>()};
   if (query.size(0) == 0) return;
 
   const Isa isa = active_isa();

@@ -9,19 +9,9 @@
 
 namespace xllm::attn {
 
-// One prefill call's arguments, already checked (prefill.cpp).
-struct Prefill {
-  float* out;              // [num_tokens, num_heads, hs] contiguous
-  const void* query;       // [num_tokens, num_heads, hs], row stride q_stride0
-  bool query_bf16;
-  int64_t q_stride0;
-  PagedCache cache;
-  const int32_t* tables;   // [num_seqs, table_width]
-  int64_t table_width;
-  const int32_t* lens;     // [num_seqs]
-  const int32_t* starts;   // [num_seqs + 1] query_start_loc
-  int64_t num_seqs, num_heads;
-  float scale;
+// One prefill call's arguments, already checked (prefill.cpp): a query row per token.
+struct Prefill : PagedCall {
+  const int32_t* starts;  // [num_seqs + 1] query_start_loc
 };
 
 // A tile of query tokens of one sequence (times the KV head's query heads, which every KV
