@@ -21,7 +21,6 @@ from xllm.ops.blocks import BlockLinearWeight, dequantize_ref, pack_gguf_blocks
 Q = gguf.GGMLQuantizationType
 FORMATS = [("q4_1", Q.Q4_1), ("q8_0", Q.Q8_0)]
 AMX_ROWS = 8  # int8_dot.h's kAmxInt8MinRows
-AMX_DECODE_ROWS = 128  # int8_dot.h's kAmxDecodeMinRows
 
 
 def _blocks(fmt: str, qtype: Q, rows: int, cols: int, seed: int):  # noqa: ANN202
@@ -40,6 +39,14 @@ def quantized_x(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(xb * inv) * d).view(m, k)  # torch.round: half to even
 
 
+def quantized_x16(x: torch.Tensor) -> torch.Tensor:
+    """x as the amx level's tiles see it: per row, s = max|x| / 32767, round(x * (1 / s)) * s
+    (the reciprocal rounded to fp32 first, as the kernel computes it)."""
+    amax = x.abs().amax(1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(32767.0) / amax, torch.zeros_like(amax))
+    return torch.round(x * inv).double() * (amax / 32767.0).double()
+
+
 def amx_weight(w: torch.Tensor) -> torch.Tensor:
     """w as the amx level's tiles hold it: int8 per output row, s = max|w row| / 127."""
     s = w.abs().amax(1, keepdim=True) / 127.0
@@ -48,7 +55,7 @@ def amx_weight(w: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("fmt, qtype", FORMATS)
 @pytest.mark.parametrize("rows, cols", [(16, 32), (33, 96), (96, 64), (160, 576), (50, 1536)])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 16, 31, 32, 40, 127, 130])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 16, 31, 32, 40, 127, 130, 1100])
 def test_int8_linear_matches_reference(isa: str, fmt: str, qtype: Q, rows: int, cols: int,
                                        m: int) -> None:
     p = _blocks(fmt, qtype, rows, cols, seed=rows + cols + m)
@@ -60,11 +67,8 @@ def test_int8_linear_matches_reference(isa: str, fmt: str, qtype: Q, rows: int, 
     out = weight(x).double()
     b = 0 if bias is None else bias.double()
     tol = 1e-6 * cols * float(x.abs().max() * w.abs().max()) + 1e-5
-    if isa == "amx" and m >= AMX_DECODE_ROWS:
-        ref = x.bfloat16().double() @ w.bfloat16().double().T + b
-        tol = 10 * tol + 1e-4
-    elif isa == "amx" and m >= AMX_ROWS:
-        ref = quantized_x(x).double() @ amx_weight(w32).double().T + b  # rounded in fp32
+    if isa == "amx" and m >= AMX_ROWS:
+        ref = quantized_x16(x) @ amx_weight(w32).double().T + b  # rounded in fp32
     else:
         ref = quantized_x(x).double() @ w.T + b
     assert (out - ref).abs().max().item() < tol
@@ -93,9 +97,9 @@ def test_repacked_weight_decodes_exactly(fmt: str, qtype: Q) -> None:
     assert weight.qs is None and weight.arithmetic == "int8"  # only the repacked copy is kept
     assert np.array_equal(weight.dequantize().numpy(), dequantize_ref(p))
     per_block = 256 if fmt == "q4_1" else 512
-    # 3 groups of 16 x 3 blocks; on an AMX CPU also the tile form: 3 tiles of 512 B and 16
-    # row scales a group.
-    amx = 3 * (3 * 512 + 64) if _C.detected_isa() == "amx" else 0
+    # 3 groups of 16 x 3 blocks; on an AMX CPU also the tile form: 2 tiles of 1 KB (64
+    # inputs, the last half zeros) and 16 row scales a group.
+    amx = 3 * (2 * 1024 + 64) if _C.detected_isa() == "amx" else 0
     assert weight.nbytes() == 3 * 3 * (per_block + 128) + amx
 
 

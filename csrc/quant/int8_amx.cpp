@@ -1,10 +1,20 @@
-// The amx level's int8 linear for many rows (int8_dot.h: PackedAmxInt8): AMX-INT8 tiles
-// (TDPBSSD, signed x signed bytes, int32 sums), 2 x 2 tiles of 16 x 16 sums (32 rows x
-// 32 outputs) per 32-input block, fed by two 16-row tiles of x and two 512 B tiles of the
-// weight. x has a scale per row and block, so after each block the int32 tiles are stored
-// and added into fp32 sums as  acc += float(sum) * dx[row, block]; the weight's scale per
-// output multiplies the total once, at the end. That scaling per block is the kernel's cost: without it the tiles
-// run ~1.6x faster. The weight streams from memory and is prefetched kAhead blocks on.
+// The amx level's int8 linear from kAmxInt8MinRows rows (int8_dot.h: PackedAmxInt8).
+//
+// x is quantized per row to 16 bits, x[r, k] ~ sx[r] * v with v = 256 hi + lo, hi a signed
+// and lo an unsigned byte; the weight is its per-row int8 copy, w[n, k] ~ s[n] q. Per 64
+// inputs, one TDPBSSD multiplies hi with q and one TDPBUSD lo with q, into two int32 tiles
+// that hold exact sums over all of K (|sum| < 2^31 up to K = 66k inputs); after the last
+// input the two are combined once, out = sx s (256 sum_hi + sum_lo). Nothing is scaled
+// inside K, so the tile products run back to back; the cost is a second tile product per
+// 64 inputs, which is cheaper than the per-block fp32 rescaling that an int8 x with a
+// scale per 32 inputs needs (that kernel ran 1.3x slower on the demo's 64-row steps and up
+// to 2x on prompt-sized inputs).
+//
+// Blocking: 16 rows x 32 outputs a pass (tmm0/1: the hi sums of the two groups of 16
+// outputs, tmm2/3: the lo sums, tmm4/5: x's hi and lo tiles, tmm6/7: the weight). A
+// thread walks its pairs of groups for each band of rows whose x tiles fit in L2 (kBandBytes);
+// within a band the pair's weight, streamed from memory in the band's first pass, stays in
+// L1/L2 for the other passes, and the second pass prefetches the next pair's.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -17,93 +27,129 @@
 namespace xllm::quant {
 namespace {
 
-constexpr int64_t kTile = 16 * kBlock;  // bytes of an x or W tile
+constexpr int64_t kChunk = 2 * kBlock;   // inputs per tile product
+constexpr int64_t kTile = 16 * kChunk;   // bytes of an x tile (16 rows x 64) or a W tile
+constexpr int64_t kBandBytes = 1 << 20;  // x tiles a band of rows may hold (measured best)
+constexpr int64_t kAhead = 2;            // chunks of W prefetched ahead in a streaming pass
 
-// tmm0-3: int32 sums; tmm4-5: x (16 rows x 32 bytes); tmm6-7: W (8 quads x 16 outputs x 4).
-// a: the first 16-row block of x's tiles (quantize_rows_amx), MT of them; dx: their rows'
-// block scales; acc [32][32].
-template <int MT, int NT>
-XLLM_AMX void block_sums(const int8_t* a, const float* dx, int64_t blocks, const int8_t* b0,
-                         const int8_t* b1, float* acc) {
-  alignas(64) int32_t sums[2][32 * 32];
-  for (int r = 0; r < 16 * MT; ++r) {
-    _mm512_store_ps(acc + r * 32, _mm512_setzero_ps());
-    if (NT > 1) _mm512_store_ps(acc + r * 32 + 16, _mm512_setzero_ps());
-  }
-  constexpr int64_t kStride = 32 * sizeof(int32_t), kAhead = 4;
-  for (int64_t c = 0; c < blocks; ++c) {
-    int32_t* s = sums[c & 1];  // alternate, so the next block's stores need not wait on reads
-    // The weight streams from memory: ask for the tiles kAhead blocks on, past the last
-    // block those of the next pair of groups (a prefetch past the array is harmless).
-    const int64_t ahead = c + kAhead < blocks ? c + kAhead : c + kAhead + blocks;
-    for (int l = 0; l < kTile / 64; ++l) {
-      _mm_prefetch(reinterpret_cast<const char*>(b0 + ahead * kTile + l * 64), _MM_HINT_T0);
-      if (NT > 1) {
-        _mm_prefetch(reinterpret_cast<const char*>(b1 + ahead * kTile + l * 64), _MM_HINT_T0);
+// sums [2][16][32] int32: the hi then the lo sums of 16 rows x 16 NT outputs, over all chunks.
+// a: the rows' x tiles (hi, lo per chunk); b0, b1: the two groups' W tiles. stream: ask for
+// W kAhead chunks on (past the end, the next pair's first chunks). next: the next pair's W,
+// asked for into L2, a chunk's worth a step.
+template <int NT>
+XLLM_AMX void chunk_sums(const int8_t* a, int64_t chunks, const int8_t* b0, const int8_t* b1,
+                         bool stream, const int8_t* next, int32_t* sums) {
+  _tile_zero(0);
+  if (NT > 1) _tile_zero(1);
+  _tile_zero(2);
+  if (NT > 1) _tile_zero(3);
+  for (int64_t c = 0; c < chunks; ++c) {
+    if (next) {
+      for (int l = 0; l < 2 * kTile / 64; ++l) {
+        _mm_prefetch(reinterpret_cast<const char*>(next + c * 2 * kTile + l * 64), _MM_HINT_T1);
+      }
+    } else if (stream) {
+      const int64_t ahead = c + kAhead < chunks ? c + kAhead : c + kAhead + chunks;
+      for (int l = 0; l < kTile / 64; ++l) {
+        _mm_prefetch(reinterpret_cast<const char*>(b0 + ahead * kTile + l * 64), _MM_HINT_T0);
+        if (NT > 1) {
+          _mm_prefetch(reinterpret_cast<const char*>(b1 + ahead * kTile + l * 64), _MM_HINT_T0);
+        }
       }
     }
-    _tile_zero(0);
-    if (NT > 1) _tile_zero(1);
-    if (MT > 1) _tile_zero(2);
-    if (MT > 1 && NT > 1) _tile_zero(3);
-    _tile_loadd(4, a + c * kTile, kBlock);
-    if (MT > 1) _tile_loadd(5, a + (blocks + c) * kTile, kBlock);
+    _tile_loadd(4, a + c * 2 * kTile, kChunk);
+    _tile_loadd(5, a + c * 2 * kTile + kTile, kChunk);
     _tile_loadd(6, b0 + c * kTile, 64);
     if (NT > 1) _tile_loadd(7, b1 + c * kTile, 64);
     _tile_dpbssd(0, 4, 6);
     if (NT > 1) _tile_dpbssd(1, 4, 7);
-    if (MT > 1) _tile_dpbssd(2, 5, 6);
-    if (MT > 1 && NT > 1) _tile_dpbssd(3, 5, 7);
-    _tile_stored(0, s, kStride);
-    if (NT > 1) _tile_stored(1, s + 16, kStride);
-    if (MT > 1) _tile_stored(2, s + 16 * 32, kStride);
-    if (MT > 1 && NT > 1) _tile_stored(3, s + 16 * 32 + 16, kStride);
-    for (int r = 0; r < 16 * MT; ++r) {
-      const __m512 xs = _mm512_set1_ps(dx[r * blocks + c]);
-      float* row = acc + r * 32;
-      _mm512_store_ps(row, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(s + r * 32)), xs,
-                                           _mm512_load_ps(row)));
-      if (NT > 1) {
-        _mm512_store_ps(row + 16,
-                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(s + r * 32 + 16)),
-                                        xs, _mm512_load_ps(row + 16)));
+    _tile_dpbusd(2, 5, 6);
+    if (NT > 1) _tile_dpbusd(3, 5, 7);
+  }
+  constexpr int64_t kStride = 32 * sizeof(int32_t);
+  _tile_stored(0, sums, kStride);
+  if (NT > 1) _tile_stored(1, sums + 16, kStride);
+  _tile_stored(2, sums + 16 * 32, kStride);
+  if (NT > 1) _tile_stored(3, sums + 16 * 32 + 16, kStride);
+}
+
+// 256 hi + lo, as fp32.
+XLLM_AVX512 inline __m512 combine(const int32_t* hi, const int32_t* lo) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(hi)), _mm512_set1_ps(256.0f),
+                         _mm512_cvtepi32_ps(_mm512_load_si512(lo)));
+}
+
+}  // namespace
+
+XLLM_AMX void int8_groups_amx(const PackedAmxInt8& w, const int8_t* xq, const float* sx,
+                              int64_t m, int64_t g_begin, int64_t g_end, const float* bias,
+                              float* out, int64_t ldo) {
+  const int64_t chunks = w.chunks();
+  const int64_t band = std::max<int64_t>(32, kBandBytes / (2 * chunks * kTile / 16) / 16 * 16);
+  alignas(64) int32_t sums[2 * 16 * 32];
+  for (int64_t m_begin = 0; m_begin < m; m_begin += band) {
+    const int64_t m_end = std::min(m, m_begin + band);
+    for (int64_t g = g_begin; g < g_end; g += 2) {
+      const bool two = g + 1 < g_end;
+      const int8_t* b0 = w.group(g);
+      const int8_t* b1 = two ? w.group(g + 1) : b0;
+      const int64_t n0 = g * 16;
+      const int cols = static_cast<int>(std::min<int64_t>(two ? 32 : 16, w.rows - n0));
+      const __m512 s0 = _mm512_load_ps(w.s + n0);
+      const __m512 s1 = two ? _mm512_load_ps(w.s + n0 + 16) : s0;
+      const float* bb = bias ? bias + n0 : nullptr;
+      for (int64_t m0 = m_begin; m0 < m_end; m0 += 16) {
+        const int8_t* a = xq + (m0 / 16) * chunks * 2 * kTile;
+        const int8_t* next = m0 == m_begin + 16 && g + 2 < g_end ? w.group(g + 2) : nullptr;
+        if (two) chunk_sums<2>(a, chunks, b0, b1, m0 == m_begin, next, sums);
+        else chunk_sums<1>(a, chunks, b0, b1, m0 == m_begin, next, sums);
+        const int64_t rows = std::min<int64_t>(16, m - m0);
+        for (int64_t r = 0; r < rows; ++r) {
+          const __m512 xs = _mm512_set1_ps(sx[m0 + r]);
+          float* o = out + (m0 + r) * ldo + n0;
+          const int32_t* hi = sums + r * 32;
+          const int32_t* lo = sums + 16 * 32 + r * 32;
+          store_lanes(o, _mm512_mul_ps(_mm512_mul_ps(combine(hi, lo), xs), s0), bb,
+                      std::min(cols, 16));
+          if (cols > 16) {
+            store_lanes(o + 16, _mm512_mul_ps(_mm512_mul_ps(combine(hi + 16, lo + 16), xs), s1),
+                        bb ? bb + 16 : nullptr, cols - 16);
+          }
+        }
       }
     }
   }
 }
 
-}  // namespace
-
-XLLM_AMX void int8_groups_amx(const PackedAmxInt8& w, const int8_t* xq, const float* dx,
-                              int64_t m, int64_t g_begin, int64_t g_end, const float* bias,
-                              float* out, int64_t ldo) {
-  const int64_t blocks = w.blocks();
-  alignas(64) float acc[32 * 32];
-  for (int64_t g = g_begin; g < g_end; g += 2) {
-    const bool two = g + 1 < g_end;
-    const int8_t* b0 = w.group(g);
-    const int8_t* b1 = two ? w.group(g + 1) : b0;
-    const int64_t n0 = g * 16;
-    const int cols = static_cast<int>(std::min<int64_t>(two ? 32 : 16, w.rows - n0));
-    const __m512 s0 = _mm512_load_ps(w.s + n0);
-    const __m512 s1 = two ? _mm512_load_ps(w.s + n0 + 16) : s0;
-    for (int64_t m0 = 0; m0 < m; m0 += 32) {
-      const bool tall = m0 + 16 < m;
-      const int8_t* a = xq + m0 * blocks * kBlock;
-      const float* d = dx + m0 * blocks;
-      if (tall && two) block_sums<2, 2>(a, d, blocks, b0, b1, acc);
-      else if (tall) block_sums<2, 1>(a, d, blocks, b0, b1, acc);
-      else if (two) block_sums<1, 2>(a, d, blocks, b0, b1, acc);
-      else block_sums<1, 1>(a, d, blocks, b0, b1, acc);
-      const int64_t rows = std::min<int64_t>(32, m - m0);
-      const float* bb = bias ? bias + n0 : nullptr;
-      for (int64_t r = 0; r < rows; ++r) {
-        float* o = out + (m0 + r) * ldo + n0;
-        store_lanes(o, _mm512_mul_ps(_mm512_load_ps(acc + r * 32), s0), bb, std::min(cols, 16));
-        if (cols > 16) {
-          store_lanes(o + 16, _mm512_mul_ps(_mm512_load_ps(acc + r * 32 + 16), s1),
-                      bb ? bb + 16 : nullptr, cols - 16);
-        }
+XLLM_AVX512 void quantize_rows_amx(const float* x, int64_t ldx, int64_t m, int64_t k,
+                                   int8_t* xq, float* sx, int64_t r_begin, int64_t r_end) {
+  const int64_t chunks = (k / kBlock + 1) / 2;
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    int8_t* tiles = xq + (r / 16) * chunks * 2 * kTile + (r % 16) * kChunk;  // row r % 16
+    const float* src = x + r * ldx;
+    float amax = 0.0f;
+    if (r < m) {
+      __m512 vmax = _mm512_setzero_ps();
+      for (int64_t i = 0; i < k; i += 16) {
+        vmax = _mm512_max_ps(vmax, _mm512_andnot_ps(sign, _mm512_loadu_ps(src + i)));
+      }
+      amax = _mm512_reduce_max_ps(vmax);
+    }
+    sx[r] = amax / 32767.0f;
+    const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
+    for (int64_t c = 0; c < chunks; ++c) {
+      int8_t* hi = tiles + c * 2 * kTile;
+      int8_t* lo = hi + kTile;
+      for (int64_t j = 0; j < kChunk; j += 16) {
+        const int64_t i = c * kChunk + j;
+        // v = round(x * inv), half to even (the default rounding mode), |v| <= 32767.
+        __m512i v = _mm512_setzero_si512();
+        if (r < m && i < k) v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src + i), inv));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + j),
+                         _mm512_cvtepi32_epi8(_mm512_srai_epi32(v, 8)));  // v >> 8, signed
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + j),
+                         _mm512_cvtepi32_epi8(v));  // v & 255: the low byte, unsigned
       }
     }
   }

@@ -92,7 +92,7 @@ void unpack_int8(const PackedInt8& w, float* dst) {
 
 PackedAmxInt8 pack_amx_int8(const PackedInt8& w, PackedAmxInt8Buffers& buffers) {
   PackedAmxInt8 p{nullptr, nullptr, w.rows, w.cols};
-  const int64_t groups = p.groups(), blocks = p.blocks(), nb = w.blocks();
+  const int64_t groups = p.groups(), blocks = 2 * p.chunks(), nb = w.blocks();
   constexpr int64_t kTile = 16 * kBlock;
   buffers.q = aligned_array<int8_t>(groups * blocks * kTile);
   buffers.s = aligned_array<float>(groups * 16);
@@ -180,49 +180,23 @@ void int8_linear(const PackedInt8& w, const PackedAmxInt8* amx, const float* x, 
   const int64_t k = w.cols, nb = w.blocks(), groups = w.groups();
   const int threads = linear_threads(w.rows, w.cols, m);
 #if defined(__x86_64__)
-  if (isa >= Isa::kAmx && m >= kAmxDecodeMinRows) {
-    // Prompt-sized: the weight decoded to bf16, 32 rows at a time, through the AMX tiles.
-    const int64_t m_pad = (m + 15) / 16 * 16;
-    auto* xb = static_cast<uint16_t*>(thread_scratch<0>(sizeof(uint16_t) * m_pad * k));
-    const int64_t pairs = (groups + 1) / 2;
-#pragma omp parallel num_threads(threads)
-    {
-      auto* wb = static_cast<uint16_t*>(thread_scratch<1>(sizeof(uint16_t) * 32 * k));
-      const int nth = omp_get_num_threads(), me = omp_get_thread_num();
-      round_rows_bf16_tiles(x, ldx, m, k, xb, m_pad / 16 * me / nth * 16,
-                            m_pad / 16 * (me + 1) / nth * 16);
-#pragma omp barrier
-      const int64_t p_begin = pairs * me / nth, p_end = pairs * (me + 1) / nth;
-      if (p_begin < p_end) {
-        amx_begin();
-        for (int64_t p = p_begin; p < p_end; ++p) {
-          const int64_t n0 = p * 32;
-          decode_bf16_groups_avx512(w, 2 * p, wb);
-          const PackedBf16 sub{wb, std::min<int64_t>(32, w.rows - n0), k};
-          bf16_groups_amx(sub, xb, m, 0, sub.groups(), bias ? bias + n0 : nullptr, out + n0,
-                          ldo);
-        }
-        amx_end();
-      }
-    }
-    return;
-  }
   if (amx && isa >= Isa::kAmx && m >= kAmxInt8MinRows) {
     const int64_t m_pad = (m + 15) / 16 * 16;
-    auto* xq = static_cast<int8_t*>(thread_scratch<0>(static_cast<size_t>(m_pad * k)));
-    auto* dx = static_cast<float*>(thread_scratch<1>(sizeof(float) * m_pad * nb));
+    const size_t x_bytes = static_cast<size_t>(m_pad * amx->chunks() * 2 * PackedAmxInt8::kChunk);
+    auto* xq = static_cast<int8_t*>(thread_scratch<0>(x_bytes));
+    auto* sx = static_cast<float*>(thread_scratch<1>(sizeof(float) * m_pad));
     const int64_t pairs = (groups + 1) / 2;
 #pragma omp parallel num_threads(threads)
     {
       const int nth = omp_get_num_threads(), me = omp_get_thread_num();
-      quantize_rows_amx(x, ldx, m, k, xq, dx, m_pad / 16 * me / nth * 16,
+      quantize_rows_amx(x, ldx, m, k, xq, sx, m_pad / 16 * me / nth * 16,
                         m_pad / 16 * (me + 1) / nth * 16);
 #pragma omp barrier
       const int64_t g_begin = std::min(groups, 2 * (pairs * me / nth));
       const int64_t g_end = std::min(groups, 2 * (pairs * (me + 1) / nth));
       if (g_begin < g_end) {
-        amx_begin(kBlock, kBlock / 4);
-        int8_groups_amx(*amx, xq, dx, m, g_begin, g_end, bias, out, ldo);
+        amx_begin();
+        int8_groups_amx(*amx, xq, sx, m, g_begin, g_end, bias, out, ldo);
         amx_end();
       }
     }

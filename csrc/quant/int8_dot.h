@@ -53,20 +53,23 @@ PackedInt8 pack_int8(const BlockMatrix& w, PackedInt8Buffers& buffers);
 // dst [N, K] fp32 = the weight decoded from the packed form (exact).
 void unpack_int8(const PackedInt8& w, float* dst);
 
-// The amx level's form for many rows: the weight requantized once, at load, to one scale
-// per output row, w[n, k] ~ s[n] q[n, k] (q = round(w / s), s = max |w row| / 127, signed),
-// packed as AMX-INT8 B tiles: per group of 16 outputs g and block of 32 inputs b, 512 B
+// The amx level's form from kAmxInt8MinRows rows: the weight requantized once, at load, to
+// one scale per output row, w[n, k] ~ s[n] q[n, k] (q = round(w / s), s = max |w row| / 127,
+// signed), packed as AMX-INT8 B tiles: per group of 16 outputs g and block of 32 inputs b,
+// 512 B (the blocks padded with zeros to an even count, so two make one 1 KB tile of 64
+// inputs):
 //
 //   q_tiles[g][b][v][j][t] = q[16 g + j][32 b + 4 v + t]     (v < 8; zeros past N)
 //
-// x is quantized per 32-input block as for the VNNI kernel (the same bits), so each tile
-// product of a block is exact in int32 and is scaled once by x's block scale; the weight's
-// row scale multiplies the total: out[r, n] = s[n] sum_b dx[r, b] (xq . q).
+// x is quantized per row to 16 bits and split into a signed high and an unsigned low byte
+// (int8_amx.cpp), so the tile sums are exact over all of K and scaled once:
+// out[r, n] = s[n] sx[r] (256 (hi . q) + (lo . q)).
 // Why these granularities (perplexity of a fixed text on the demo, against fp32): the weight
-// per row adds 0.1-0.2% to the Q4_1 blocks' own error; x per row instead of per block was
-// +4-7%, x per 64 inputs +0.7-1.1% (and 3.6% on a random-weight test model, over the
-// 3% bound), per 32 +0.3%. Per-block weight scales cost a vector multiply per tile row
-// more (measured 16.2 against 12.5-13.3 ms for the demo's 30 layers at 64 rows).
+// per row adds 0.1-0.2% to the Q4_1 blocks' own error; x as int8 per row was +4-7%, per 64
+// inputs +0.7-1.1%, per 32 +0.3% (but every block then needs its own fp32 rescaling of the
+// tile sums: 1.3x slower at 64 rows); x in 16 bits per row keeps 15 bits of the row's
+// largest value, finer than int8 per block unless a row's largest value is 256x its
+// block's. Per-block weight scales would need the per-block rescaling too.
 struct PackedAmxInt8 {
   const int8_t* q;
   const float* s;  // [groups * 16]
@@ -74,7 +77,9 @@ struct PackedAmxInt8 {
 
   int64_t groups() const { return (rows + 15) / 16; }
   int64_t blocks() const { return cols / kBlock; }
-  const int8_t* group(int64_t g) const { return q + g * blocks() * 16 * kBlock; }
+  int64_t chunks() const { return (blocks() + 1) / 2; }  // 1 KB tiles of 64 inputs a group
+  const int8_t* group(int64_t g) const { return q + g * chunks() * 16 * kChunk; }
+  static constexpr int64_t kChunk = 2 * kBlock;
 };
 
 struct PackedAmxInt8Buffers {
@@ -97,16 +102,13 @@ struct QuantizedRows {
 void quantize_rows(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq, float* dx,
                    float* sx, Isa isa);
 
-// out [m, N] (row stride ldo) = x @ W^T (+ bias), int8 arithmetic. On the amx level: from
-// kAmxInt8MinRows rows, amx (the int8 tile form; null where not packed); from
-// kAmxDecodeMinRows, the blocks decoded to bf16 for the bf16 tiles (no x quantization).
+// out [m, N] (row stride ldo) = x @ W^T (+ bias), int8 arithmetic. On the amx level from
+// kAmxInt8MinRows rows: amx (the int8 tile form; null where not packed).
 void int8_linear(const PackedInt8& w, const PackedAmxInt8* amx, const float* x, int64_t ldx,
                  int64_t m, const float* bias, float* out, int64_t ldo, Isa isa);
-// Measured on the demo's shapes (30 layers streamed, 2 cores of a Xeon with AMX): the int8
-// tiles are about VNNI's speed at 8 rows and 1.6-1.8x at 16; decoding to bf16 is 0.63x the
-// int8 tiles at 64 rows, 1.08x at 128, 1.25x at 256, 1.2x at 509.
+// Measured on the demo's shapes (30 layers streamed, 2 cores of a Xeon with AMX): below 8
+// rows VNNI on the blocks is as fast (a step is bound by the bytes it reads).
 constexpr int64_t kAmxInt8MinRows = 8;
-constexpr int64_t kAmxDecodeMinRows = 128;
 
 // Kernels: output groups [g_begin, g_end) for every row of q.
 void int8_groups_scalar(const PackedInt8& w, const QuantizedRows& q, int64_t g_begin,
@@ -118,17 +120,15 @@ void int8_groups_avx512(const PackedInt8& w, const QuantizedRows& q, int64_t g_b
                         int64_t g_end, const float* bias, float* out, int64_t ldo);
 void quantize_rows_avx512(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq,
                           float* dx, float* sx);
-// x [m, K] quantized as quantize_rows does (the same bits), xq laid out as AMX A tiles,
-// [m / 16 (rounded up)][K / 32][16 rows][32], with dx [m rounded up to 16][K / 32]; rows
-// [r_begin, r_end) of that, rows past m zeros.
+// x [m, K] quantized per row to 16 bits, v = round(x / sx), sx = max |x row| / 32767, as AMX
+// A tiles of its high (signed) and low (unsigned) bytes, v = 256 hi + lo:
+// xq [m / 16 (rounded up)][chunks][hi, lo][16 rows][64], zeros past K; sx [m rounded up to
+// 16]. Rows [r_begin, r_end) of that, rows past m zeros (sx 0).
 void quantize_rows_amx(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq,
-                       float* dx, int64_t r_begin, int64_t r_end);
-// Groups g, g + 1 of w (one if g is the last) decoded to bf16 in the packed tile layout of
-// bf16_gemm.h, for the amx level's prompt-sized inputs.
-void decode_bf16_groups_avx512(const PackedInt8& w, int64_t g, uint16_t* dst);
+                       float* sx, int64_t r_begin, int64_t r_end);
 // Output groups [g_begin, g_end) for rows [0, m) of x in tiles; the calling thread has
-// configured its tiles with amx_begin(kBlock, kBlock / 4) (bf16_gemm.h).
-void int8_groups_amx(const PackedAmxInt8& w, const int8_t* xq, const float* dx, int64_t m,
+// configured its tiles with amx_begin() (bf16_gemm.h: 16 rows x 64 bytes each).
+void int8_groups_amx(const PackedAmxInt8& w, const int8_t* xq, const float* sx, int64_t m,
                      int64_t g_begin, int64_t g_end, const float* bias, float* out,
                      int64_t ldo);
 #endif

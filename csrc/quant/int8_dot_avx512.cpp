@@ -7,9 +7,7 @@
 // 16 outputs. Up to 4 rows of x share each weight line loaded; with fewer rows, 4 groups
 // run side by side for independent chains.
 //
-// From kAmxInt8MinRows rows the amx level runs the int8 tile form instead (int8_amx.cpp);
-// from kAmxDecodeMinRows (prompts) it decodes the packed weight to bf16 tile rows (d u + c
-// in fp32, rounded once) for the bf16 tile kernel.
+// From kAmxInt8MinRows rows the amx level runs the int8 tile form instead (int8_amx.cpp).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -110,28 +108,6 @@ XLLM_AVX512 float quantize_block(const float* src, int8_t* dst, float* sum_d) {
   return d;
 }
 
-// A tile row of bf16 pairs from fp32 values: dword j = (bf16(a[j]), bf16(b[j])).
-XLLM_AVX512 inline __m512i pairs_bf16(__m512 a, __m512 b) {
-  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
-                                       24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
-                                       16, 0);
-  return _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(b, a));
-}
-
-// The 4 weights a quad line holds for each output (u = (line >> (shift + 8 t)) & mask),
-// decoded as d u + c, written as tile rows (pairs) 2 p and 2 p + 1 at rows.
-XLLM_AVX512 inline void decode_quad(__m512i line, int shift, int mask, __m512 d, __m512 c,
-                                    uint16_t* rows) {
-  __m512 v[4];
-  for (int t = 0; t < 4; ++t) {
-    const __m512i u = _mm512_and_si512(_mm512_srli_epi32(line, shift + 8 * t),
-                                       _mm512_set1_epi32(mask));
-    v[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u), d, c);
-  }
-  _mm512_store_si512(rows, pairs_bf16(v[0], v[1]));
-  _mm512_store_si512(rows + 32, pairs_bf16(v[2], v[3]));
-}
-
 }  // namespace
 
 XLLM_AVX512 void quantize_rows_avx512(const float* x, int64_t ldx, int64_t m, int64_t k,
@@ -141,24 +117,6 @@ XLLM_AVX512 void quantize_rows_avx512(const float* x, int64_t ldx, int64_t m, in
     for (int64_t b = 0; b < nb; ++b) {
       dx[r * nb + b] = quantize_block(x + r * ldx + b * kBlock, xq + r * k + b * kBlock,
                                       &sx[r * nb + b]);
-    }
-  }
-}
-
-XLLM_AVX512 void quantize_rows_amx(const float* x, int64_t ldx, int64_t m, int64_t k,
-                                   int8_t* xq, float* dx, int64_t r_begin, int64_t r_end) {
-  const int64_t nb = k / kBlock;
-  for (int64_t r = r_begin; r < r_end; ++r) {
-    int8_t* row = xq + ((r / 16) * nb * 16 + r % 16) * kBlock;  // tile (r / 16, b), row r % 16
-    for (int64_t b = 0; b < nb; ++b) {
-      int8_t* dst = row + b * 16 * kBlock;
-      if (r >= m) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_setzero_si256());
-        dx[r * nb + b] = 0.0f;
-        continue;
-      }
-      float sum_d;
-      dx[r * nb + b] = quantize_block(x + r * ldx + b * kBlock, dst, &sum_d);
     }
   }
 }
@@ -173,29 +131,6 @@ XLLM_AVX512 void int8_groups_avx512(const PackedInt8& w, const QuantizedRows& q,
   }
   for (; g + 2 <= g_end; g += 2) int8_rows<2>(w, q, g, bias, out, ldo);
   if (g < g_end) int8_rows<1>(w, q, g, bias, out, ldo);
-}
-
-XLLM_AVX512 void decode_bf16_groups_avx512(const PackedInt8& w, int64_t g, uint16_t* dst) {
-  const int64_t k = w.cols, nb = w.blocks(), bytes = w.block_bytes();
-  const bool q4 = w.format == Format::kQ4_1;
-  for (int64_t gi = g; gi < std::min(g + 2, w.groups()); ++gi) {
-    uint16_t* group = dst + (gi - g) * k * 16;
-    for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* blk = w.quads + (gi * nb + b) * bytes;
-      const __m512 d = _mm512_load_ps(w.d + (gi * nb + b) * 16);
-      const __m512 c = _mm512_load_ps(w.c + (gi * nb + b) * 16);
-      uint16_t* tile = group + b * 512;  // 16 rows (pairs) x 16 outputs x 2
-      for (int v = 0; v < (q4 ? 4 : 8); ++v) {
-        const __m512i line = _mm512_load_si512(blk + v * 64);
-        if (q4) {
-          decode_quad(line, 0, 0x0F, d, c, tile + (2 * v) * 32);      // elements 4v .. 4v+3
-          decode_quad(line, 4, 0x0F, d, c, tile + (2 * v + 8) * 32);  // 16 + 4v ..
-        } else {
-          decode_quad(line, 0, 0xFF, d, c, tile + (2 * v) * 32);
-        }
-      }
-    }
-  }
 }
 
 }  // namespace xllm::quant
