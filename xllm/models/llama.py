@@ -285,11 +285,13 @@ class LlamaForCausalLM(nn.Module):
         head_name = "model.embed_tokens.weight" if self.lm_head.tied else "lm_head.weight"
         head = blocks.get(head_name)
         if head is not None:
-            if arithmetic == "int8" and self.lm_head.table.shape[1] % BLOCK == 0:
-                # The LM head in bf16 instead: its weight is the largest one a batched step
-                # reads, and int8's prompt-sized path decodes it to bf16 on every step (the
-                # demo at 64 sequences: 6 of 46 ms a step, against 2.6 ms on packed bf16).
-                # A single stream pays 0.4-0.9 ms a token for it. The values are the blocks'.
+            if (arithmetic == "int8" and self.lm_head.table.shape[1] % BLOCK == 0
+                    and _C.detected_isa() != "amx"):
+                # Without AMX, the LM head in bf16 (the same values): its weight is the
+                # largest one a batched step reads, and int8 on VNNI slows with the rows
+                # (int8_dot.h); not yet measured against bf16 on such a CPU. On AMX CPUs the
+                # int8 tiles are faster at every batch size (demo, 49152 x 576: 0.68 ms at 1
+                # row against bf16's 1.1, 1.5 against 2.3 at 64).
                 self.lm_head.use_blocks(BlockLinearWeight.from_rows(self.lm_head.table,
                                                                     "bf16_gemm"))
             else:
