@@ -44,7 +44,6 @@ XLLM_AMX void chunk_sums(const int8_t* a, int64_t chunks, const int8_t* b0, cons
   _tile_zero(2);
   if (NT > 1) _tile_zero(3);
   for (int64_t c = 0; c < chunks; ++c) {
-#ifndef NOPF
     if (next) {
       for (int l = 0; l < 2 * kTile / 64; ++l) {
         _mm_prefetch(reinterpret_cast<const char*>(next + c * 2 * kTile + l * 64), _MM_HINT_T1);
@@ -58,7 +57,6 @@ XLLM_AMX void chunk_sums(const int8_t* a, int64_t chunks, const int8_t* b0, cons
         }
       }
     }
-#endif
     _tile_loadd(4, a + c * 2 * kTile, kChunk);
     _tile_loadd(5, a + c * 2 * kTile + kTile, kChunk);
     _tile_loadd(6, b0 + c * kTile, 64);
