@@ -14,15 +14,7 @@
 namespace xllm::quant {
 namespace {
 
-// u of element i of row n and c of block b (int8_dot.h).
-inline int unsigned_quant(const BlockMatrix& w, int64_t n, int64_t i) {
-  if (w.format == Format::kQ4_1) {
-    const uint8_t byte = w.qs[n * (w.cols / 2) + (i / 32) * 16 + i % 16];
-    return i % 32 < 16 ? byte & 0x0F : byte >> 4;
-  }
-  return static_cast<int>(reinterpret_cast<const int8_t*>(w.qs)[n * w.cols + i]) + 128;
-}
-
+// c of block b of row n (int8_dot.h).
 inline float block_offset(const BlockMatrix& w, int64_t n, int64_t b) {
   const int64_t nb = w.cols / kBlock;
   return w.format == Format::kQ4_1 ? w.mins[n * nb + b] : -128.0f * w.scales[n * nb + b];
@@ -47,6 +39,11 @@ PackedInt8 pack_int8(const BlockMatrix& w, PackedInt8Buffers& buffers) {
   uint8_t* quads = buffers.quads.get();
   float* d = buffers.d.get();
   float* c = buffers.c.get();
+  // Line v of a block holds 4 consecutive bytes of each output's block: q4_1's bytes as
+  // the file has them (byte i: quant i low, quant 16 + i high, which is the packed form's
+  // nibble order), q8_0's with q + 128 (flipping the sign bit).
+  const int64_t row_bytes = w.qs_row_bytes(), src_block = bytes == 256 ? 16 : 32;
+  const uint32_t flip = w.format == Format::kQ8_0 ? 0x80808080u : 0u;
 #pragma omp parallel for schedule(static)
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t b = 0; b < nb; ++b) {
@@ -58,13 +55,12 @@ PackedInt8 pack_int8(const BlockMatrix& w, PackedInt8Buffers& buffers) {
         d[(g * nb + b) * 16 + j] = real ? w.scales[n * nb + b] : 0.0f;
         c[(g * nb + b) * 16 + j] = real ? block_offset(w, n, b) : 0.0f;
         if (!real) continue;
-        for (int i = 0; i < kBlock; ++i) {
-          const int u = unsigned_quant(w, n, b * kBlock + i);
-          if (w.format == Format::kQ8_0) {
-            blk[(i / 4) * 64 + j * 4 + i % 4] = static_cast<uint8_t>(u);
-          } else {
-            blk[((i % 16) / 4) * 64 + j * 4 + i % 4] |= static_cast<uint8_t>(i < 16 ? u : u << 4);
-          }
+        const uint8_t* src = w.qs + n * row_bytes + b * src_block;
+        for (int64_t v = 0; v < src_block / 4; ++v) {
+          uint32_t four;
+          std::memcpy(&four, src + 4 * v, 4);
+          four ^= flip;
+          std::memcpy(blk + v * 64 + j * 4, &four, 4);
         }
       }
     }
@@ -92,38 +88,13 @@ void unpack_int8(const PackedInt8& w, float* dst) {
 
 PackedAmxInt8 pack_amx_int8(const PackedInt8& w, PackedAmxInt8Buffers& buffers) {
   PackedAmxInt8 p{nullptr, nullptr, w.rows, w.cols};
-  const int64_t groups = p.groups(), blocks = 2 * p.chunks(), nb = w.blocks();
-  constexpr int64_t kTile = 16 * kBlock;
-  buffers.q = aligned_array<int8_t>(groups * blocks * kTile);
+  const int64_t groups = p.groups(), blocks = 2 * p.chunks();
+  buffers.q = aligned_array<int8_t>(groups * blocks * 16 * kBlock);
   buffers.s = aligned_array<float>(groups * 16);
-  int8_t* q = buffers.q.get();
-  float* scales = buffers.s.get();
 #pragma omp parallel for schedule(static)
-  for (int64_t g = 0; g < groups; ++g) {
-    int8_t* dst = q + g * blocks * kTile;
-    std::memset(dst, 0, static_cast<size_t>(blocks * kTile));
-    std::fill(scales + g * 16, scales + (g + 1) * 16, 0.0f);
-    std::vector<float> row(static_cast<size_t>(w.cols));
-    for (int j = 0; j < 16 && g * 16 + j < w.rows; ++j) {
-      float amax = 0.0f;
-      for (int64_t b = 0; b < nb; ++b) {
-        const float d = w.d[(g * nb + b) * 16 + j], c = w.c[(g * nb + b) * 16 + j];
-        for (int i = 0; i < kBlock; ++i) {
-          const float v = d * static_cast<float>(packed_quant(w, g, b, j, i)) + c;
-          row[b * kBlock + i] = v;
-          amax = std::max(amax, std::fabs(v));
-        }
-      }
-      const float s = amax / 127.0f, inv = s > 0.0f ? 1.0f / s : 0.0f;
-      scales[g * 16 + j] = s;
-      for (int64_t k = 0; k < w.cols; ++k) {
-        dst[(k / kBlock) * kTile + ((k % kBlock) / 4) * 64 + j * 4 + k % 4] =
-            static_cast<int8_t>(std::nearbyint(row[k] * inv));
-      }
-    }
-  }
-  p.q = q;
-  p.s = scales;
+  for (int64_t g = 0; g < groups; ++g) requantize_group_avx512(w, g, buffers.q.get(), buffers.s.get());
+  p.q = buffers.q.get();
+  p.s = buffers.s.get();
   return p;
 }
 

@@ -87,7 +87,8 @@ struct PackedAmxInt8Buffers {
   AlignedArray<float> s;
 };
 
-// Requantizes the packed weight w into buffers (allocated here) and returns the view.
+// Requantizes the packed weight w into buffers (allocated here) and returns the view. AMX
+// CPUs only (the requantization runs on AVX-512).
 PackedAmxInt8 pack_amx_int8(const PackedInt8& w, PackedAmxInt8Buffers& buffers);
 
 // x quantized per 32-element block: xq [m, K] int8, dx [m, K / 32], sx [m, K / 32] = dx * sum(xq).
@@ -120,6 +121,9 @@ void int8_groups_avx512(const PackedInt8& w, const QuantizedRows& q, int64_t g_b
                         int64_t g_end, const float* bias, float* out, int64_t ldo);
 void quantize_rows_avx512(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq,
                           float* dx, float* sx);
+// Group g of pack_amx_int8: its 16 rows' row scales into s[16 g ..] and their int8 tiles
+// into q (the group's padded blocks; zeros past the last block and for rows past N).
+void requantize_group_avx512(const PackedInt8& w, int64_t g, int8_t* q, float* s);
 // x [m, K] quantized per row to 16 bits, v = round(x / sx), sx = max |x row| / 32767, as AMX
 // A tiles of its high (signed) and low (unsigned) bytes, v = 256 hi + lo:
 // xq [m / 16 (rounded up)][chunks][hi, lo][16 rows][64], zeros past K; sx [m rounded up to

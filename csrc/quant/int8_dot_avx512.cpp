@@ -133,5 +133,61 @@ XLLM_AVX512 void int8_groups_avx512(const PackedInt8& w, const QuantizedRows& q,
   if (g < g_end) int8_rows<1>(w, q, g, bias, out, ldo);
 }
 
+XLLM_AVX512 void requantize_group_avx512(const PackedInt8& w, int64_t g, int8_t* q, float* s) {
+  // A packed line holds 4 consecutive inputs t of each of the 16 outputs (one dword an
+  // output); lane j of the t-th vector below is output j's input 4 v + t of the line.
+  const int64_t nb = w.blocks(), bytes = w.block_bytes(), padded = (nb + 1) / 2 * 2;
+  const bool q4 = w.format == Format::kQ4_1;
+  const int lines = q4 ? 4 : 8;
+  auto values = [&](int64_t b, int v, int shift, __m512 out[4]) XLLM_AVX512 {
+    const __m512i line = _mm512_load_si512(w.quads + (g * nb + b) * bytes + v * 64);
+    const __m512 d = _mm512_load_ps(w.d + (g * nb + b) * 16);
+    const __m512 c = _mm512_load_ps(w.c + (g * nb + b) * 16);
+    const __m512i mask = _mm512_set1_epi32(q4 ? 0x0F : 0xFF);
+    for (int t = 0; t < 4; ++t) {
+      const __m512i u = _mm512_and_si512(_mm512_srli_epi32(line, shift + 8 * t), mask);
+      // d u + c as the blocks' decode rounds it: a product, then a sum (no FMA).
+      out[t] = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(u)), c);
+    }
+  };
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int v = 0; v < lines; ++v) {
+      for (int half = 0; half < (q4 ? 2 : 1); ++half) {
+        __m512 x[4];
+        values(b, v, 4 * half, x);
+        for (int t = 0; t < 4; ++t) amax = _mm512_max_ps(amax, _mm512_abs_ps(x[t]));
+      }
+    }
+  }
+  const __m512 scale = _mm512_div_ps(amax, _mm512_set1_ps(127.0f));
+  const __mmask16 live = _mm512_cmp_ps_mask(scale, _mm512_setzero_ps(), _CMP_GT_OQ);
+  const __m512 inv = _mm512_maskz_div_ps(live, _mm512_set1_ps(1.0f), scale);
+  _mm512_store_ps(s + g * 16, scale);
+  int8_t* dst = q + g * padded * 16 * kBlock;
+  for (int64_t b = 0; b < padded; ++b) {
+    int8_t* tile = dst + b * 16 * kBlock;  // [8 lines][16 outputs][4]
+    if (b >= nb) {
+      std::fill(tile, tile + 16 * kBlock, int8_t{0});
+      continue;
+    }
+    for (int v = 0; v < lines; ++v) {
+      for (int half = 0; half < (q4 ? 2 : 1); ++half) {
+        __m512 x[4];
+        values(b, v, 4 * half, x);
+        __m512i packed = _mm512_setzero_si512();
+        for (int t = 0; t < 4; ++t) {
+          // round half to even (the default mode), as nearbyint; |x * inv| <= 127.
+          const __m512i qt = _mm512_cvtps_epi32(_mm512_mul_ps(x[t], inv));
+          packed = _mm512_or_si512(packed, _mm512_slli_epi32(
+              _mm512_and_si512(qt, _mm512_set1_epi32(0xFF)), 8 * t));
+        }
+        // q4_1's high nibbles are inputs 16 + 4 v + t: tile line v + 4.
+        _mm512_store_si512(tile + (v + 4 * half) * 64, packed);
+      }
+    }
+  }
+}
+
 }  // namespace xllm::quant
 #endif
