@@ -51,10 +51,10 @@ void rms_norm(py::handle out_obj, py::handle x_obj, py::handle weight_obj, doubl
     res = r.ptr<float>();
     res_stride = r.stride[0];
   }
-  const bool avx2 = active_isa() >= Isa::kAvx2;
+  const Isa isa = active_isa();
   py::gil_scoped_release release;
   rowops::rms_norm(x.ptr<float>(), x.stride[0], res, res_stride, w.ptr<float>(),
-                 static_cast<float>(eps), rows, h, out.ptr<float>(), out.stride[0], avx2);
+                 static_cast<float>(eps), rows, h, out.ptr<float>(), out.stride[0], isa);
 }
 
 // ---- SiLU(gate) * up ----------------------------------------------------------
@@ -74,10 +74,10 @@ void silu_and_mul(py::handle out_obj, py::handle x_obj) {
   if (x.stride[1] != 1 || out.stride[1] != 1) {
     fail("arguments 'x' and 'out' must have contiguous rows (stride(1) == 1)");
   }
-  const bool avx2 = active_isa() >= Isa::kAvx2;
+  const Isa isa = active_isa();
   py::gil_scoped_release release;
   rowops::silu_and_mul(x.ptr<float>(), x.stride[0], rows, d, out.ptr<float>(), out.stride[0],
-                     avx2);
+                     isa);
 }
 
 // ---- rotary embedding ---------------------------------------------------------
@@ -116,10 +116,10 @@ void rotary(py::handle x_obj, py::handle positions_obj, py::handle cos_obj, py::
            max_pos, ") (the model's max_position_embeddings)");
     }
   }
-  const bool avx2 = active_isa() >= Isa::kAvx2;
+  const Isa isa = active_isa();
   py::gil_scoped_release release;
   rowops::rotary(x.ptr<float>(), x.stride[0], rows, heads, hd, pp, cs.ptr<float>(), sn.ptr<float>(),
-               avx2);
+               isa);
 }
 
 // ---- argmax over rows ---------------------------------------------------------
@@ -135,10 +135,10 @@ void argmax_rows(py::handle out_obj, py::handle x_obj) {
   check_dim(out, 0, x.size(0), "x.shape[0]");
   if (x.size(1) == 0) fail("argument 'x' has no columns: an argmax needs at least one");
   if (x.stride[1] != 1) fail("argument 'x' must have contiguous rows (stride(1) == 1)");
-  const bool avx2 = active_isa() >= Isa::kAvx2;
+  const Isa isa = active_isa();
   py::gil_scoped_release release;
   rowops::argmax_rows(x.ptr<float>(), x.stride[0], x.size(0), x.size(1), out.ptr<int64_t>(),
-                      avx2);
+                      isa);
 }
 
 }  // namespace

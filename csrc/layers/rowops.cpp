@@ -79,6 +79,66 @@ XLLM_AVX2 void rotate_avx2(float* x1, float* x2, const float* c, const float* s,
   }
 }
 
+#if defined(__x86_64__)
+// ---- AVX-512 (the avx512 and amx levels): the AVX2 forms 16 lanes wide. On the AMX Xeon
+// (2 cores, 64 rows of the demo): SiLU-and-mul 1.43x the AVX2 form (the same bits),
+// RMSNorm 1.2x, rotary 1.2x.
+
+XLLM_AVX512 void rms_row_avx512(const float* x, const float* w, float eps, int64_t h,
+                                float* out) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= h; i += 32) {
+    const __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + 16);
+    acc0 = _mm512_add_ps(acc0, _mm512_mul_ps(a, a));
+    acc1 = _mm512_add_ps(acc1, _mm512_mul_ps(b, b));
+  }
+  float ss = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  for (; i < h; ++i) ss += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(h) + eps);
+  const __m512 vinv = _mm512_set1_ps(inv);
+  i = 0;
+  for (; i + 16 <= h; i += 16) {
+    const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), vinv);
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(v, _mm512_loadu_ps(w + i)));
+  }
+  for (; i < h; ++i) out[i] = (x[i] * inv) * w[i];
+}
+
+XLLM_AVX512 void add_avx512(float* r, const float* x, int64_t h) {
+  int64_t i = 0;
+  for (; i + 16 <= h; i += 16) {
+    _mm512_storeu_ps(r + i, _mm512_add_ps(_mm512_loadu_ps(r + i), _mm512_loadu_ps(x + i)));
+  }
+  for (; i < h; ++i) r[i] += x[i];
+}
+
+XLLM_AVX512 void silu_mul_avx512(const float* g, const float* u, int64_t d, float* out) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) {
+    const __m512 gv = _mm512_loadu_ps(g + i);
+    const __m512 e = attn::exp16(_mm512_xor_ps(gv, sign));
+    const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(s, _mm512_loadu_ps(u + i)));
+  }
+  if (i < d) silu_mul_avx2(g + i, u + i, d - i, out + i);
+}
+
+XLLM_AVX512 void rotate_avx512(float* x1, float* x2, const float* c, const float* s,
+                               int64_t half) {
+  int64_t i = 0;
+  for (; i + 16 <= half; i += 16) {
+    const __m512 a = _mm512_loadu_ps(x1 + i), b = _mm512_loadu_ps(x2 + i);
+    const __m512 cv = _mm512_loadu_ps(c + i), sv = _mm512_loadu_ps(s + i);
+    _mm512_storeu_ps(x1 + i, _mm512_sub_ps(_mm512_mul_ps(a, cv), _mm512_mul_ps(b, sv)));
+    _mm512_storeu_ps(x2 + i, _mm512_add_ps(_mm512_mul_ps(b, cv), _mm512_mul_ps(a, sv)));
+  }
+  if (i < half) rotate_avx2(x1 + i, x2 + i, c + i, s + i, half - i);
+}
+#endif
+
 // The first index of the row's maximum, or its first NaN (torch.argmax's rule).
 int64_t argmax_row_scalar(const float* x, int64_t v) {
   int64_t best = 0;
@@ -125,7 +185,8 @@ XLLM_AVX2 int64_t argmax_row_avx2(const float* x, int64_t v) {
 
 }  // namespace
 
-void argmax_rows(const float* x, int64_t ldx, int64_t rows, int64_t v, int64_t* out, bool avx2) {
+void argmax_rows(const float* x, int64_t ldx, int64_t rows, int64_t v, int64_t* out, Isa isa) {
+  const bool avx2 = isa >= Isa::kAvx2;
   // Threads only for several rows of a large vocabulary (a batch's logits).
   const int threads = rows * v >= (int64_t{1} << 18) ? omp_get_max_threads() : 1;
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -135,43 +196,46 @@ void argmax_rows(const float* x, int64_t ldx, int64_t rows, int64_t v, int64_t* 
 }
 
 void rms_norm(const float* x, int64_t ldx, float* res, int64_t ldr, const float* w, float eps,
-              int64_t rows, int64_t h, float* out, int64_t ldo, bool avx2) {
+              int64_t rows, int64_t h, float* out, int64_t ldo, Isa isa) {
 #pragma omp parallel for schedule(static) num_threads(threads_for_rows(rows))
   for (int64_t i = 0; i < rows; ++i) {
     const float* src = x + i * ldx;
     if (res) {
       float* r = res + i * ldr;
-      if (avx2) {
-        add_avx2(r, src, h);
-      } else {
-        for (int64_t j = 0; j < h; ++j) r[j] += src[j];
-      }
+#if defined(__x86_64__)
+      if (isa >= Isa::kAvx512) add_avx512(r, src, h);
+      else
+#endif
+      if (isa >= Isa::kAvx2) add_avx2(r, src, h);
+      else for (int64_t j = 0; j < h; ++j) r[j] += src[j];
       src = r;
     }
-    if (avx2) {
-      rms_row_avx2(src, w, eps, h, out + i * ldo);
-    } else {
-      rms_row_scalar(src, w, eps, h, out + i * ldo);
-    }
+#if defined(__x86_64__)
+    if (isa >= Isa::kAvx512) rms_row_avx512(src, w, eps, h, out + i * ldo);
+    else
+#endif
+    if (isa >= Isa::kAvx2) rms_row_avx2(src, w, eps, h, out + i * ldo);
+    else rms_row_scalar(src, w, eps, h, out + i * ldo);
   }
 }
 
 void silu_and_mul(const float* x, int64_t ldx, int64_t rows, int64_t d, float* out,
-                  int64_t ldo, bool avx2) {
+                  int64_t ldo, Isa isa) {
 #pragma omp parallel for schedule(static) num_threads(threads_for_rows(rows))
   for (int64_t i = 0; i < rows; ++i) {
     const float* g = x + i * ldx;
     float* o = out + i * ldo;
-    if (avx2) {
-      silu_mul_avx2(g, g + d, d, o);
-    } else {
-      for (int64_t j = 0; j < d; ++j) o[j] = g[j] / (1.0f + std::exp(-g[j])) * g[d + j];
-    }
+#if defined(__x86_64__)
+    if (isa >= Isa::kAvx512) silu_mul_avx512(g, g + d, d, o);
+    else
+#endif
+    if (isa >= Isa::kAvx2) silu_mul_avx2(g, g + d, d, o);
+    else for (int64_t j = 0; j < d; ++j) o[j] = g[j] / (1.0f + std::exp(-g[j])) * g[d + j];
   }
 }
 
 void rotary(float* x, int64_t ldx, int64_t rows, int64_t heads, int64_t hd, const int64_t* pos,
-            const float* cos, const float* sin, bool avx2) {
+            const float* cos, const float* sin, Isa isa) {
   const int64_t half = hd / 2;
 #pragma omp parallel for schedule(static) num_threads(threads_for_rows(rows))
   for (int64_t i = 0; i < rows; ++i) {
@@ -179,7 +243,12 @@ void rotary(float* x, int64_t ldx, int64_t rows, int64_t heads, int64_t hd, cons
     const float* s = sin + pos[i] * half;
     for (int64_t h = 0; h < heads; ++h) {
       float* x1 = x + i * ldx + h * hd;
-      if (avx2) {
+#if defined(__x86_64__)
+      if (isa >= Isa::kAvx512) {
+        rotate_avx512(x1, x1 + half, c, s, half);
+      } else
+#endif
+      if (isa >= Isa::kAvx2) {
         rotate_avx2(x1, x1 + half, c, s, half);
       } else {
         for (int64_t j = 0; j < half; ++j) {

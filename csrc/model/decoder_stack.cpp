@@ -150,7 +150,6 @@ class DecoderStack {
     if (n == 0) return;
     grow(n);
     const Isa isa = active_isa();
-    const bool avx2 = isa >= Isa::kAvx2;
     py::gil_scoped_release release;
 
     float* res = residual_.data();
@@ -166,19 +165,19 @@ class DecoderStack {
     for (size_t li = 0; li < layers_.size(); ++li) {
       const Layer& l = layers_[li];
       if (li == 0) {
-        rowops::rms_norm(res, H, nullptr, 0, l.in_norm, eps_, n, H, normed, H, avx2);
+        rowops::rms_norm(res, H, nullptr, 0, l.in_norm, eps_, n, H, normed, H, isa);
       } else {
-        rowops::rms_norm(tmp, H, res, H, l.in_norm, eps_, n, H, normed, H, avx2);
+        rowops::rms_norm(tmp, H, res, H, l.in_norm, eps_, n, H, normed, H, isa);
       }
       l.qkv->linear_raw(normed, H, n, qkv, QKV, isa);
       if (l.q_norm) {
         for (int64_t r = 0; r < n; ++r) {
           float* q = qkv + r * QKV;
-          rowops::rms_norm(q, hd_, nullptr, 0, l.q_norm, eps_, heads_, hd_, q, hd_, avx2);
-          rowops::rms_norm(q + Q, hd_, nullptr, 0, l.k_norm, eps_, kv_, hd_, q + Q, hd_, avx2);
+          rowops::rms_norm(q, hd_, nullptr, 0, l.q_norm, eps_, heads_, hd_, q, hd_, isa);
+          rowops::rms_norm(q + Q, hd_, nullptr, 0, l.k_norm, eps_, kv_, hd_, q + Q, hd_, isa);
         }
       }
-      rowops::rotary(qkv, QKV, n, heads_ + kv_, hd_, pp, cos_, sin_, avx2);
+      rowops::rotary(qkv, QKV, n, heads_ + kv_, hd_, pp, cos_, sin_, isa);
       const Tensor k = view("key", qkv + Q, DType::kFloat32, {n, kv_, hd_}, {QKV, hd_, 1});
       const Tensor v = view("value", qkv + Q + KVS, DType::kFloat32, {n, kv_, hd_}, {QKV, hd_, 1});
       attn::write_kv_cache(k, v, l.key_cache, l.value_cache, slots);
@@ -196,12 +195,12 @@ class DecoderStack {
                                       scale_);
       }
       l.o->linear_raw(attn, Q, n, tmp, H, isa);
-      rowops::rms_norm(tmp, H, res, H, l.post_norm, eps_, n, H, normed, H, avx2);
+      rowops::rms_norm(tmp, H, res, H, l.post_norm, eps_, n, H, normed, H, isa);
       l.gate_up->linear_raw(normed, H, n, gu, 2 * I, isa);
-      rowops::silu_and_mul(gu, 2 * I, n, I, act, I, avx2);
+      rowops::silu_and_mul(gu, 2 * I, n, I, act, I, isa);
       l.down->linear_raw(act, I, n, tmp, H, isa);
     }
-    rowops::rms_norm(tmp, H, res, H, final_norm_, eps_, n, H, out.ptr<float>(), H, avx2);
+    rowops::rms_norm(tmp, H, res, H, final_norm_, eps_, n, H, out.ptr<float>(), H, isa);
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
