@@ -7,14 +7,18 @@
 // input the two are combined once, out = sx s (256 sum_hi + sum_lo). Nothing is scaled
 // inside K, so the tile products run back to back; the cost is a second tile product per
 // 64 inputs, which is cheaper than the per-block fp32 rescaling that an int8 x with a
-// scale per 32 inputs needs (that kernel ran 1.3x slower on the demo's 64-row steps and up
-// to 2x on prompt-sized inputs).
+// scale per 32 inputs needs (that kernel ran 1.3x slower on the demo's 64-row steps; the
+// bf16 decode of the blocks that prompts took ran 1.2-2x slower).
 //
 // Blocking: 16 rows x 32 outputs a pass (tmm0/1: the hi sums of the two groups of 16
 // outputs, tmm2/3: the lo sums, tmm4/5: x's hi and lo tiles, tmm6/7: the weight). A
-// thread walks its pairs of groups for each band of rows whose x tiles fit in L2 (kBandBytes);
-// within a band the pair's weight, streamed from memory in the band's first pass, stays in
-// L1/L2 for the other passes, and the second pass prefetches the next pair's.
+// thread walks its pairs of groups for each band of rows whose x tiles fit in L2
+// (kBandBytes); within a band the pair's weight, streamed from memory in the band's first
+// pass, stays in L1/L2 for the other passes, and the second pass prefetches the next
+// pair's. With a long K (the 14336 inputs of Llama-3-8B's down projection) a band is 32
+// rows and the weight streams once per band; splitting K instead (bands of up to 512 rows,
+// partial sums added into the output) was 1.1-1.15x faster there from 128 rows but 1.2x
+// slower on K = 4096, so it was not kept.
 #include <immintrin.h>
 
 #include <algorithm>
