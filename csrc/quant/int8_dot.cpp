@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <vector>
 
 #include "quant/bf16_gemm.h"
 #include "quant/scratch.h"
@@ -91,8 +90,12 @@ PackedAmxInt8 pack_amx_int8(const PackedInt8& w, PackedAmxInt8Buffers& buffers) 
   const int64_t groups = p.groups(), blocks = 2 * p.chunks();
   buffers.q = aligned_array<int8_t>(groups * blocks * 16 * kBlock);
   buffers.s = aligned_array<float>(groups * 16);
+#if defined(__x86_64__)
 #pragma omp parallel for schedule(static)
-  for (int64_t g = 0; g < groups; ++g) requantize_group_avx512(w, g, buffers.q.get(), buffers.s.get());
+  for (int64_t g = 0; g < groups; ++g) {
+    requantize_group_avx512(w, g, buffers.q.get(), buffers.s.get());
+  }
+#endif
   p.q = buffers.q.get();
   p.s = buffers.s.get();
   return p;
