@@ -31,7 +31,7 @@
 namespace xllm::quant {
 namespace {
 
-constexpr int64_t kChunk = 2 * kBlock;   // inputs per tile product
+constexpr int64_t kChunk = PackedAmxInt8::kChunk;  // inputs per tile product
 constexpr int64_t kTile = 16 * kChunk;   // bytes of an x tile (16 rows x 64) or a W tile
 constexpr int64_t kBandBytes = 1 << 20;  // x tiles a band of rows may hold (measured best)
 constexpr int64_t kAhead = 2;            // chunks of W prefetched ahead in a streaming pass
