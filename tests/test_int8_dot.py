@@ -108,3 +108,21 @@ def test_int8_bad_arguments() -> None:
         _C.BlockWeight("f32", torch.zeros(16, 32), arithmetic="int8")
     with pytest.raises(ValueError, match="'arithmetic' must be 'fp32' or 'int8'"):
         _C.BlockWeight("f32", torch.zeros(16, 32), arithmetic="int4")
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 40])
+def test_int8_non_finite_input_gives_nan_rows(isa: str, m: int) -> None:
+    """A NaN or infinity in a row of x makes that row's outputs NaN, as fp32 arithmetic
+    would, on every path (VNNI, AVX2, scalar, AMX tiles); the other rows are unaffected."""
+    p = _blocks("q4_1", Q.Q4_1, 48, 96, seed=7)
+    weight = BlockLinearWeight(p, arithmetic="int8")
+    x = torch.randn(m, 96, generator=torch.Generator().manual_seed(m))
+    clean = weight(x.clone())
+    x[0, 50] = float("nan")
+    if m > 1:
+        x[1, 3] = float("inf")
+    out = weight(x)
+    bad = 2 if m > 1 else 1
+    assert torch.isnan(out[:bad]).all()
+    if m > bad:  # the AMX tiles quantize per row, VNNI per block: other rows keep their bits
+        assert torch.equal(out[bad:], clean[bad:])

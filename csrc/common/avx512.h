@@ -16,6 +16,9 @@
 
 namespace xllm {
 
+// _mm512_fpclass_ps_mask's categories for a NaN (quiet or signalling) or an infinity.
+constexpr int kNonFinite = 0x01 | 0x08 | 0x10 | 0x80;
+
 // 16 lanes whose first n are set (n clamped to [0, 16]).
 inline __mmask16 first_lanes(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF)

@@ -22,6 +22,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "common/avx512.h"
 #include "quant/int8_dot.h"
@@ -133,15 +134,22 @@ XLLM_AVX512 void quantize_rows_amx(const float* x, int64_t ldx, int64_t m, int64
     int8_t* tiles = xq + (r / 16) * chunks * 2 * kTile + (r % 16) * kChunk;  // row r % 16
     const float* src = x + r * ldx;
     float amax = 0.0f;
+    bool finite = true;
     if (r < m) {
       __m512 vmax = _mm512_setzero_ps();
+      __mmask16 bad = 0;
       for (int64_t i = 0; i < k; i += 16) {
-        vmax = _mm512_max_ps(vmax, _mm512_andnot_ps(sign, _mm512_loadu_ps(src + i)));
+        const __m512 v = _mm512_loadu_ps(src + i);
+        vmax = _mm512_max_ps(vmax, _mm512_andnot_ps(sign, v));
+        bad |= _mm512_fpclass_ps_mask(v, kNonFinite);
       }
       amax = _mm512_reduce_max_ps(vmax);
+      finite = bad == 0;
     }
-    sx[r] = amax / 32767.0f;
-    const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
+    // A NaN or infinity in the row: a NaN scale and zero quants, so the row's outputs are
+    // NaN, as in fp32 (the quants of converting NaN would be arbitrary).
+    sx[r] = finite ? amax / 32767.0f : std::numeric_limits<float>::quiet_NaN();
+    const __m512 inv = _mm512_set1_ps(finite && amax > 0.0f ? 32767.0f / amax : 0.0f);
     for (int64_t c = 0; c < chunks; ++c) {
       int8_t* hi = tiles + c * 2 * kTile;
       int8_t* lo = hi + kTile;
@@ -149,7 +157,9 @@ XLLM_AVX512 void quantize_rows_amx(const float* x, int64_t ldx, int64_t m, int64
         const int64_t i = c * kChunk + j;
         // v = round(x * inv), half to even (the default rounding mode), |v| <= 32767.
         __m512i v = _mm512_setzero_si512();
-        if (r < m && i < k) v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src + i), inv));
+        if (finite && r < m && i < k) {
+          v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src + i), inv));
+        }
         _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + j),
                          _mm512_cvtepi32_epi8(_mm512_srai_epi32(v, 8)));  // v >> 8, signed
         _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + j),

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "quant/bf16_gemm.h"
 #include "quant/scratch.h"
@@ -111,7 +112,16 @@ void quantize_rows(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq
     for (int64_t b = 0; b < nb; ++b) {
       const float* src = x + r * ldx + b * kBlock;
       float amax = 0.0f;
-      for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(src[i]));
+      bool finite = true;
+      for (int i = 0; i < kBlock; ++i) {
+        amax = std::max(amax, std::fabs(src[i]));
+        finite &= std::isfinite(src[i]);
+      }
+      if (!finite) {  // NaN scales: the row's outputs are NaN, as in fp32 (quantize_block)
+        std::fill(xq + r * k + b * kBlock, xq + r * k + (b + 1) * kBlock, int8_t{0});
+        dx[r * nb + b] = sx[r * nb + b] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
       const float d = amax / 127.0f;
       const float id = d > 0.0f ? 1.0f / d : 0.0f;
       int sum = 0;

@@ -11,6 +11,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "common/avx512.h"
 #include "quant/int8_dot.h"
@@ -96,6 +97,13 @@ XLLM_AVX512 void int8_rows(const PackedInt8& w, const QuantizedRows& q, int64_t 
 // stores d * sum(dst) in *sum_d.
 XLLM_AVX512 float quantize_block(const float* src, int8_t* dst, float* sum_d) {
   const __m512 v0 = _mm512_loadu_ps(src), v1 = _mm512_loadu_ps(src + 16);
+  if (_mm512_fpclass_ps_mask(v0, kNonFinite) | _mm512_fpclass_ps_mask(v1, kNonFinite)) {
+    // A NaN or infinity: the block's scale is NaN, so every output of the row is NaN (as
+    // in fp32), and the quants are zeros rather than what converting NaN would give.
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_setzero_si256());
+    *sum_d = std::numeric_limits<float>::quiet_NaN();
+    return std::numeric_limits<float>::quiet_NaN();
+  }
   const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
   const float d = amax / 127.0f;
   const __m512 id = _mm512_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
