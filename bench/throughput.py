@@ -12,8 +12,11 @@ prompts x 128 output tokens). ``--scenarios curve`` = single,batch16,batch64,bat
 points of the ``--plot`` PNG (tok/s against batch size, one line per engine).
 
 Every engine gets the same prompts as token ids, greedy, ignore_eos, with an untimed
-warm-up before the timed run. Engines (``--engines``): ``xllm`` in its default dtype for
-this CPU (bf16 GEMMs where the CPU has AVX512-BF16 or AMX, else fp32) and ``xllm-fp32``;
+warm-up before the timed run. Engines (``--engines``): ``xllm`` in its defaults for this
+CPU (on the GGUF demo: int8 linears on the blocks where the CPU has bf16 and int8 units,
+else exact fp32 blocks), ``xllm-fp32``, and
+``xllm-bf16`` (bf16 rows and bf16 GEMMs: what a Hugging Face checkpoint gets by default on
+a CPU with bf16 arithmetic, where the GGUF demo gets int8);
 ``vllm`` in its default for this CPU (bfloat16 where the CPU has bf16 arithmetic, else
 float32) and ``vllm-fp32``; ``llamacpp`` (Q4_1); ``transformers`` (fp32). xllm and
 transformers (batched ``generate``, left padding) run in this process, torch threads = the
@@ -50,10 +53,11 @@ CURVE = {"single": 1, "batch16": 16, "batch64": 64, "batch256": 256}  # scenario
 # The order each scenario runs them in. "vllm" and "xllm" run in their own default dtype for
 # this CPU (bf16 where it has bf16 arithmetic: AVX512-BF16 or AMX); the -fp32 rows beside
 # them run in float32.
-ENGINES = ("transformers", "vllm-fp32", "vllm", "llamacpp", "xllm-fp32", "xllm")
+ENGINES = ("transformers", "vllm-fp32", "vllm", "llamacpp", "xllm-fp32", "xllm-bf16", "xllm")
 LABELS = {"transformers": "transformers (fp32)", "vllm-fp32": "vLLM CPU (fp32)",
           "vllm": "vLLM CPU (default dtype)", "llamacpp": "llama.cpp (Q4_1 weights)",
-          "xllm-fp32": "xllm (fp32)", "xllm": "xllm (default dtype)"}
+          "xllm-fp32": "xllm (fp32)", "xllm-bf16": "xllm (bf16 rows, bf16 arithmetic)",
+          "xllm": "xllm (default dtype)"}
 PEERS_DIR = Path(os.environ.get("XLLM_PEERS_DIR") or Path.home() / ".cache/xllm/peers")
 PEER_SCRIPTS = Path(__file__).resolve().parent / "peers"
 
@@ -310,14 +314,18 @@ def main(argv: list[str] | None = None) -> int:
     header = [f"demo model {model_dir.name}", f"{cores} cores {_cpu_list(os.sched_getaffinity(0))}",
               f"torch {torch.__version__}", f"CPU {_cpu_name()} (xllm ISA {_C.detected_isa()})",
               f"vLLM default dtype {vllm_dtype}"]
-    for engine in ("xllm-fp32", "xllm"):
+    xllm_options = {"xllm-fp32": {"dtype": "float32"}, "xllm": {"dtype": "auto"},
+                    # What a Hugging Face (not GGUF) checkpoint gets by default on a CPU with
+                    # bf16 arithmetic: bf16 rows through bf16 GEMMs.
+                    "xllm-bf16": {"dtype": "bfloat16", "weight_format": "bf16"}}
+    for engine in ("xllm-fp32", "xllm-bf16", "xllm"):
         if engine in args.engines:
             from xllm import LLM
 
             # Room for every scenario without preemption: batch256 holds 256 x ~170 tokens of
             # fp32 KV at ~46 KB a token (~2 GiB); the peers are sized for their scenario too.
             llms[engine] = LLM(model=str(model_dir), kv_cache_memory_gb=4.0,
-                               dtype="float32" if engine == "xllm-fp32" else "auto")
+                               **xllm_options[engine])
             header.append(f"{engine} dtype {str(llms[engine].engine.dtype).removeprefix('torch.')}")
     if "transformers" in args.engines:
         import transformers
