@@ -16,9 +16,10 @@ def _reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> t
     return out if bias is None else out + bias.double()
 
 
-# Rows on both sides of the AMX threshold and of the 16-row tiles and 4-row passes; output
-# features that fill no group (33), one group, odd and even numbers of groups.
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 15, 16, 17, 32, 33, 70])
+# Rows on both sides of the AMX threshold and of the 16-row tiles and 4-row passes, and
+# (700 rows of 1536 inputs) over several of the AMX kernel's 320-row bands; output features
+# that fill no group (33), one group, odd and even numbers of groups.
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 15, 16, 17, 32, 33, 70, 700])
 @pytest.mark.parametrize("n,k", [(33, 64), (16, 32), (48, 96), (160, 576), (576, 1536)])
 def test_linear_matches_reference(isa: str, m: int, n: int, k: int) -> None:
     g = torch.Generator().manual_seed(n * 1000 + k + m)
