@@ -3,13 +3,13 @@
 //
 // Work items are (sequence, partition); a thread takes an item's KV heads one after
 // the other (a block holds them side by side, so it streams the block's K, then V,
-// contiguously: 1.1-1.4x on batches of 16-64 than spreading the heads over threads),
-// unless there are too few items for the threads, when the heads are split again. A KV head's query heads (its GQA group) form one tile of rows, so each
-// K/V row is read from memory once.
-// When there are too few (sequence, KV head) pairs to keep every thread busy, as
-// with a batch of one and a long context, sequences are split into partitions
-// of whole blocks (flash-decoding); each partition keeps its own max, sum and
-// unnormalised output, and a second pass merges them.
+// contiguously: 1.1-1.3x on batches of 16-64 against spreading the heads over threads).
+// A KV head's query heads (its GQA group) form one tile of rows, so each K/V row is read
+// from memory once. When there are too few sequences to keep every thread busy, as with
+// a batch of one and a long context, sequences are split into partitions of whole
+// blocks (flash-decoding); each partition keeps its own max, sum and unnormalised
+// output, and a second pass merges them. If that still leaves too few items, their KV
+// heads are split into pieces.
 #include <omp.h>
 
 #include <algorithm>

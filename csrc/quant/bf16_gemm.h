@@ -15,6 +15,7 @@
 // (16 lines, 1 KiB) are an AMX B tile; a line is one VDPBF16PS operand.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "common/cpu_info.h"
@@ -56,11 +57,16 @@ void bf16_groups_avx512(const PackedBf16& w, const uint16_t* xb, int64_t m, int6
 // amx_begin() (tile configuration) and calls amx_end() when done.
 void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m, int64_t g_begin,
                      int64_t g_end, const float* bias, float* out, int64_t ldo);
-// Configures the calling thread's tiles: tmm0-3 16 rows of 64 bytes (the sums), tmm4-5 16
-// rows of x_colsb bytes (x), tmm6-7 w_rows rows of 64 bytes (the weight). The bf16 kernels
-// and the AMX attention use the defaults; the int8 tiles (int8_dot.h) (32, 8).
-void amx_begin(int x_colsb = 64, int w_rows = 16);
+// Configures the calling thread's tiles, all eight 16 rows of 64 bytes (the bf16 and int8
+// kernels and the AMX attention share this shape); amx_end() releases them.
+void amx_begin();
 void amx_end();
+// Rows of x a band may hold so that its tiles (row_bytes a row) fit L2, a multiple of
+// step and at least 32: the AMX GEMMs pass each band over a thread's weight groups.
+inline int64_t amx_band_rows(int64_t row_bytes, int64_t step) {
+  constexpr int64_t kBandBytes = int64_t{1} << 20;  // measured best on the AMX Xeon
+  return std::max<int64_t>(32, kBandBytes / row_bytes / step * step);
+}
 // x [m, K] fp32 (row stride ldx) -> xb [m, K] bf16 bits, round to nearest even.
 void round_rows_bf16_avx512(const float* x, int64_t ldx, int64_t m, int64_t k, uint16_t* xb);
 // The same into AMX A tiles: [m / 16 (rounded up)][k / 32][16 rows][32], each 1 KiB tile

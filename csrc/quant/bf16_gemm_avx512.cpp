@@ -153,11 +153,11 @@ XLLM_AMX void amx_block(const uint16_t* a, int64_t k, const uint16_t* b0, const 
 
 }  // namespace
 
-XLLM_AMX void amx_begin(int x_colsb, int w_rows) {
+XLLM_AMX void amx_begin() {
   TileConfig cfg;
   for (int i = 0; i < 8; ++i) {
-    cfg.colsb[i] = i == 4 || i == 5 ? x_colsb : 64;
-    cfg.rows[i] = i >= 6 ? w_rows : 16;
+    cfg.colsb[i] = 64;
+    cfg.rows[i] = 16;
   }
   // ldtilecfg reads all 64 bytes; the intrinsic tells the compiler of only 8.
   __asm__ volatile("" : : "r"(&cfg) : "memory");
@@ -174,7 +174,7 @@ XLLM_AMX void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m
   // Rows in bands whose x tiles fit L2 (1 MiB, as the int8 tiles do), each band passing
   // over this thread's pairs of groups, so that a long prompt's x is not streamed from L3
   // for every pair (the demo's 30 layers at 2048 rows: 343 -> 263 ms; no change up to 509).
-  const int64_t band = std::max<int64_t>(32, (int64_t{1} << 20) / (2 * k) / 32 * 32);
+  const int64_t band = amx_band_rows(2 * k, 32);
   for (int64_t m_begin = 0; m_begin < m; m_begin += band) {
     const int64_t m_end = std::min(m, m_begin + band);
     for (int64_t g = g_begin; g < g_end; g += 2) {

@@ -168,9 +168,7 @@ class BlockWeight {
   int64_t nbytes() const {
     if (bf16_gemm_) return packed().groups() * quant::kBf16Group * m_.cols * 2;
     if (int8_) {
-      const int64_t amx =
-          amx_w_.q ? amx_w_.groups() * (amx_w_.chunks() * 16 * quant::PackedAmxInt8::kChunk + 16 * 4)
-                   : 0;
+      const int64_t amx = amx_w_.q ? amx_w_.groups() * (amx_w_.group_bytes() + 16 * 4) : 0;
       return int8_w_.groups() * int8_w_.blocks() * (int8_w_.block_bytes() + 2 * 16 * 4) + amx;
     }
     const int64_t scales = m_.scales ? m_.rows * (m_.cols / quant::kBlock) * 4 : 0;

@@ -13,7 +13,7 @@
 // Blocking: 16 rows x 32 outputs a pass (tmm0/1: the hi sums of the two groups of 16
 // outputs, tmm2/3: the lo sums, tmm4/5: x's hi and lo tiles, tmm6/7: the weight). A
 // thread walks its pairs of groups for each band of rows whose x tiles fit in L2
-// (kBandBytes); within a band the pair's weight, streamed from memory in the band's first
+// (amx_band_rows); within a band the pair's weight, streamed from memory in the band's first
 // pass, stays in L1/L2 for the other passes, and the second pass prefetches the next
 // pair's. With a long K (the 14336 inputs of Llama-3-8B's down projection) a band is 32
 // rows and the weight streams once per band; splitting K instead (bands of up to 512 rows,
@@ -25,6 +25,7 @@
 #include <limits>
 
 #include "common/avx512.h"
+#include "quant/bf16_gemm.h"
 #include "quant/int8_dot.h"
 
 #if defined(__x86_64__)
@@ -34,7 +35,6 @@ namespace {
 
 constexpr int64_t kChunk = PackedAmxInt8::kChunk;  // inputs per tile product
 constexpr int64_t kTile = 16 * kChunk;   // bytes of an x tile (16 rows x 64) or a W tile
-constexpr int64_t kBandBytes = 1 << 20;  // x tiles a band of rows may hold (measured best)
 constexpr int64_t kAhead = 2;            // chunks of W prefetched ahead in a streaming pass
 
 // sums [2][16][32] int32: the hi then the lo sums of 16 rows x 16 NT outputs, over all chunks.
@@ -90,7 +90,7 @@ XLLM_AMX void int8_groups_amx(const PackedAmxInt8& w, const int8_t* xq, const fl
                               int64_t m, int64_t g_begin, int64_t g_end, const float* bias,
                               float* out, int64_t ldo) {
   const int64_t chunks = w.chunks();
-  const int64_t band = std::max<int64_t>(32, kBandBytes / (2 * chunks * kTile / 16) / 16 * 16);
+  const int64_t band = amx_band_rows(2 * chunks * kChunk, 16);
   alignas(64) int32_t sums[2 * 16 * 32];
   for (int64_t m_begin = 0; m_begin < m; m_begin += band) {
     const int64_t m_end = std::min(m, m_begin + band);

@@ -88,13 +88,14 @@ void unpack_int8(const PackedInt8& w, float* dst) {
 
 PackedAmxInt8 pack_amx_int8(const PackedInt8& w, PackedAmxInt8Buffers& buffers) {
   PackedAmxInt8 p{nullptr, nullptr, w.rows, w.cols};
-  const int64_t groups = p.groups(), blocks = 2 * p.chunks();
-  buffers.q = aligned_array<int8_t>(groups * blocks * 16 * kBlock);
+  const int64_t groups = p.groups();
+  buffers.q = aligned_array<int8_t>(groups * p.group_bytes());
   buffers.s = aligned_array<float>(groups * 16);
 #if defined(__x86_64__)
 #pragma omp parallel for schedule(static)
   for (int64_t g = 0; g < groups; ++g) {
-    requantize_group_avx512(w, g, buffers.q.get(), buffers.s.get());
+    requantize_group_avx512(w, g, 2 * p.chunks(), buffers.q.get() + g * p.group_bytes(),
+                            buffers.s.get() + g * 16);
   }
 #endif
   p.q = buffers.q.get();

@@ -78,7 +78,8 @@ struct PackedAmxInt8 {
   int64_t groups() const { return (rows + 15) / 16; }
   int64_t blocks() const { return cols / kBlock; }
   int64_t chunks() const { return (blocks() + 1) / 2; }  // 1 KB tiles of 64 inputs a group
-  const int8_t* group(int64_t g) const { return q + g * chunks() * 16 * kChunk; }
+  int64_t group_bytes() const { return chunks() * 16 * kChunk; }
+  const int8_t* group(int64_t g) const { return q + g * group_bytes(); }
   static constexpr int64_t kChunk = 2 * kBlock;
 };
 
@@ -121,9 +122,10 @@ void int8_groups_avx512(const PackedInt8& w, const QuantizedRows& q, int64_t g_b
                         int64_t g_end, const float* bias, float* out, int64_t ldo);
 void quantize_rows_avx512(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq,
                           float* dx, float* sx);
-// Group g of pack_amx_int8: its 16 rows' row scales into s[16 g ..] and their int8 tiles
-// into q (the group's padded blocks; zeros past the last block and for rows past N).
-void requantize_group_avx512(const PackedInt8& w, int64_t g, int8_t* q, float* s);
+// Group g of pack_amx_int8: its 16 rows' scales into s[0..16) and their int8 tiles into
+// dst, `blocks` 512 B tiles (zeros past the weight's last block and for rows past N).
+void requantize_group_avx512(const PackedInt8& w, int64_t g, int64_t blocks, int8_t* dst,
+                             float* s);
 // x [m, K] quantized per row to 16 bits, v = round(x / sx), sx = max |x row| / 32767, as AMX
 // A tiles of its high (signed) and low (unsigned) bytes, v = 256 hi + lo:
 // xq [m / 16 (rounded up)][chunks][hi, lo][16 rows][64], zeros past K; sx [m rounded up to
@@ -131,7 +133,7 @@ void requantize_group_avx512(const PackedInt8& w, int64_t g, int8_t* q, float* s
 void quantize_rows_amx(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq,
                        float* sx, int64_t r_begin, int64_t r_end);
 // Output groups [g_begin, g_end) for rows [0, m) of x in tiles; the calling thread has
-// configured its tiles with amx_begin() (bf16_gemm.h: 16 rows x 64 bytes each).
+// configured its tiles with amx_begin() (bf16_gemm.h).
 void int8_groups_amx(const PackedAmxInt8& w, const int8_t* xq, const float* sx, int64_t m,
                      int64_t g_begin, int64_t g_end, const float* bias, float* out,
                      int64_t ldo);

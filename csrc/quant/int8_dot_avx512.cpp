@@ -141,10 +141,11 @@ XLLM_AVX512 void int8_groups_avx512(const PackedInt8& w, const QuantizedRows& q,
   if (g < g_end) int8_rows<1>(w, q, g, bias, out, ldo);
 }
 
-XLLM_AVX512 void requantize_group_avx512(const PackedInt8& w, int64_t g, int8_t* q, float* s) {
+XLLM_AVX512 void requantize_group_avx512(const PackedInt8& w, int64_t g, int64_t blocks,
+                                         int8_t* dst, float* s) {
   // A packed line holds 4 consecutive inputs t of each of the 16 outputs (one dword an
   // output); lane j of the t-th vector below is output j's input 4 v + t of the line.
-  const int64_t nb = w.blocks(), bytes = w.block_bytes(), padded = (nb + 1) / 2 * 2;
+  const int64_t nb = w.blocks(), bytes = w.block_bytes();
   const bool q4 = w.format == Format::kQ4_1;
   const int lines = q4 ? 4 : 8;
   auto values = [&](int64_t b, int v, int shift, __m512 out[4]) XLLM_AVX512 {
@@ -171,9 +172,8 @@ XLLM_AVX512 void requantize_group_avx512(const PackedInt8& w, int64_t g, int8_t*
   const __m512 scale = _mm512_div_ps(amax, _mm512_set1_ps(127.0f));
   const __mmask16 live = _mm512_cmp_ps_mask(scale, _mm512_setzero_ps(), _CMP_GT_OQ);
   const __m512 inv = _mm512_maskz_div_ps(live, _mm512_set1_ps(1.0f), scale);
-  _mm512_store_ps(s + g * 16, scale);
-  int8_t* dst = q + g * padded * 16 * kBlock;
-  for (int64_t b = 0; b < padded; ++b) {
+  _mm512_store_ps(s, scale);
+  for (int64_t b = 0; b < blocks; ++b) {
     int8_t* tile = dst + b * 16 * kBlock;  // [8 lines][16 outputs][4]
     if (b >= nb) {
       std::fill(tile, tile + 16 * kBlock, int8_t{0});
