@@ -10,6 +10,7 @@ void register_attention(py::module_& m);
 void register_block_pool(py::module_& m);
 void register_queue(py::module_& m);
 void register_vmm(py::module_& m);
+void register_kv_copy(py::module_& m);
 void register_shm_allreduce(py::module_& m);
 void register_quant(py::module_& m);
 void register_layer_ops(py::module_& m);
@@ -24,6 +25,7 @@ PYBIND11_MODULE(_C, m) {
   xllm::register_block_pool(m);
   xllm::register_queue(m);
   xllm::register_vmm(m);
+  xllm::register_kv_copy(m);
   xllm::register_shm_allreduce(m);
   xllm::register_quant(m);
   xllm::register_layer_ops(m);

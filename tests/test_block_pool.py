@@ -33,6 +33,8 @@ def state(pool: Pool) -> tuple:
         [pool.ref_count(b) for b in ids],
         [pool.block_hash(b) for b in ids],
         pool.prefix_cache_stats(),
+        pool.num_retired_blocks,
+        [pool.is_retired(b) for b in ids],
     )
 
 
@@ -264,6 +266,39 @@ def test_hash_argument_errors(native: bool) -> None:
         one(0, [1], extra=2**64)
 
 
+def test_retire_and_restore(make: Callable[[int], Pool]) -> None:
+    """Retired blocks leave service (their hashes dropped and returned); restored ones are
+    handed out first, before cached free blocks."""
+    pool = make(8)
+    a = pool.allocate(4)
+    assert a == [1, 2, 3, 4]
+    pool.cache_blocks(a, [11, 12, 13, 14])
+    pool.free(a)
+    assert pool.retire([2, 5]) == [12]
+    assert pool.num_retired_blocks == 2 and pool.num_free_blocks == 5
+    assert pool.is_retired(2) and not pool.is_retired(3)
+    assert pool.lookup([11, 12]) == [1]
+    with pytest.raises(ValueError, match="retired"):
+        pool.touch([2])
+    with pytest.raises(ValueError, match="already retired"):
+        pool.retire([5])
+    b = pool.allocate(1)
+    with pytest.raises(ValueError, match="in use"):
+        pool.retire(b)
+    with pytest.raises(ValueError, match="appears twice"):
+        pool.retire([7, 7])
+    assert not pool.is_retired(7)
+    with pytest.raises(ValueError, match="not retired"):
+        pool.restore([3])
+    pool.restore([5, 2])
+    assert pool.num_retired_blocks == 0
+    assert pool.free_block_ids()[:2] == [5, 2]
+    pool.free(b)
+    # a pool whose only non-free blocks are retired may reset its prefix cache
+    pool.retire([5])
+    assert pool.reset_prefix_cache()
+
+
 # ---- the two implementations agree ------------------------------------------------------
 
 
@@ -288,6 +323,10 @@ def _random_op(rng: random.Random, pool_size: int, held: list[list[int]], hashes
         return "cache_blocks", (blocks, hashes[start : start + len(blocks)])
     if r < 0.90:  # garbage ids: null, out of range, already free
         return "free", ([rng.randrange(-1, pool_size + 1) for _ in range(rng.randrange(1, 4))],)
+    if r < 0.915:  # mostly free blocks (valid), sometimes held or retired ones (refused)
+        return "retire", ([rng.randrange(1, pool_size) for _ in range(rng.randrange(1, 3))],)
+    if r < 0.925:
+        return "restore", ([rng.randrange(1, pool_size) for _ in range(rng.randrange(1, 3))],)
     if r < 0.93:
         return "reset_prefix_cache", ()
     if r < 0.96:

@@ -124,6 +124,7 @@ BlockPool::BlockPool(int64_t num_blocks)
   ref_.assign(num_blocks_, 0);
   hash_.assign(num_blocks_, 0);
   has_hash_.assign(num_blocks_, 0);
+  retired_.assign(num_blocks_, 0);
   prev_.assign(num_blocks_ + 2, -1);
   next_.assign(num_blocks_ + 2, -1);
   prev_[head_] = -1;
@@ -151,6 +152,15 @@ void BlockPool::link_tail(int32_t block) {
   prev_[block] = last;
   next_[block] = tail_;
   prev_[tail_] = block;
+  ++num_free_;
+}
+
+void BlockPool::link_head(int32_t block) {
+  const int32_t first = next_[head_];
+  prev_[first] = block;
+  next_[block] = first;
+  prev_[block] = head_;
+  next_[head_] = block;
   ++num_free_;
 }
 
@@ -198,7 +208,10 @@ void BlockPool::free(const int64_t* blocks, size_t n) {
 }
 
 void BlockPool::touch(const int64_t* blocks, size_t n) {
-  for (size_t i = 0; i < n; ++i) check_block(blocks[i], "blocks", static_cast<int64_t>(i));
+  for (size_t i = 0; i < n; ++i) {
+    check_block(blocks[i], "blocks", static_cast<int64_t>(i));
+    if (retired_[blocks[i]]) invalid("blocks[", i, "] = ", blocks[i], " is retired");
+  }
   for (size_t i = 0; i < n; ++i) {
     const int32_t b = static_cast<int32_t>(blocks[i]);
     if (ref_[b] == 0) unlink(b);
@@ -275,10 +288,59 @@ std::vector<int32_t> BlockPool::free_block_ids() const {
 bool BlockPool::reset_prefix_cache() {
   // Like vLLM: a block in use may be shared through its hash right now, so the
   // cache is only dropped when nothing is in use.
-  if (num_free_ != num_blocks_ - 1) return false;
+  if (num_free_ + num_retired_ != num_blocks_ - 1) return false;
   cache_.clear();
   for (auto& h : has_hash_) h = 0;
   return true;
+}
+
+void BlockPool::retire(const int64_t* blocks, size_t n, std::vector<uint64_t>* evicted) {
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t b = blocks[i];
+    check_block(b, "blocks", static_cast<int64_t>(i));
+    if (retired_[b]) invalid("blocks[", i, "] = ", b, " is already retired");
+    if (ref_[b] != 0) {
+      invalid("blocks[", i, "] = ", b, " is in use (ref count ", ref_[b],
+              "); retire only free blocks");
+    }
+  }
+  for (size_t i = 0; i < n; ++i) {  // a block listed twice: caught before any change
+    const int32_t b = static_cast<int32_t>(blocks[i]);
+    if (retired_[b]) {
+      for (size_t j = 0; j < i; ++j) retired_[blocks[j]] = 0;
+      invalid("blocks[", i, "] = ", b, " appears twice");
+    }
+    retired_[b] = 1;
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const int32_t b = static_cast<int32_t>(blocks[i]);
+    unlink(b);
+    if (has_hash_[b]) {
+      cache_.erase(hash_[b], b);
+      has_hash_[b] = 0;
+      if (evicted != nullptr) evicted->push_back(hash_[b]);
+    }
+  }
+  num_retired_ += static_cast<int64_t>(n);
+}
+
+void BlockPool::restore(const int64_t* blocks, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t b = blocks[i];
+    check_block(b, "blocks", static_cast<int64_t>(i));
+    if (!retired_[b]) invalid("blocks[", i, "] = ", b, " is not retired");
+  }
+  for (size_t i = 0; i < n; ++i) {  // a block listed twice: caught before any change
+    const int32_t b = static_cast<int32_t>(blocks[i]);
+    if (!retired_[b]) {
+      for (size_t j = 0; j < i; ++j) retired_[blocks[j]] = 1;
+      invalid("blocks[", i, "] = ", b, " appears twice");
+    }
+    retired_[b] = 0;
+  }
+  // Linked at the head last block first, so blocks[0] ends up first in line.
+  for (size_t i = n; i-- > 0;) link_head(static_cast<int32_t>(blocks[i]));
+  num_retired_ -= static_cast<int64_t>(n);
 }
 
 }  // namespace xllm

@@ -137,6 +137,24 @@ class BlockPool {
   // Drops every hash; refused (false) while any block is in use.
   bool reset_prefix_cache();
 
+  // ---- memory on demand ---------------------------------------------------
+  // A retired block is out of service: out of the free list, never allocated,
+  // its hash dropped (its memory may be unmapped). The KV pool retires the
+  // blocks of pages it unmaps and restores them when it maps pages again.
+
+  // blocks: [n], each free (ref count 0) and not retired. Takes them out of the
+  // free list and drops their hashes, appending the dropped hashes to
+  // `evicted` (may be null).
+  void retire(const int64_t* blocks, size_t n, std::vector<uint64_t>* evicted);
+  // blocks: [n], each retired. Puts them at the free-list head in the given
+  // order (empty blocks are handed out before cached ones).
+  void restore(const int64_t* blocks, size_t n);
+  int64_t num_retired_blocks() const { return num_retired_; }
+  bool is_retired(int64_t block) const {
+    check_block(block, "block", -1);
+    return retired_[block] != 0;
+  }
+
   // (queried blocks, hit blocks) counted by lookup() since the last reset.
   std::pair<uint64_t, uint64_t> prefix_cache_stats() const { return {queries_, hits_}; }
   void reset_prefix_cache_stats() { queries_ = hits_ = 0; }
@@ -149,6 +167,7 @@ class BlockPool {
   }
   [[noreturn]] void bad_block(int64_t block, const char* what, int64_t index) const;
   void link_tail(int32_t block);
+  void link_head(int32_t block);
   void unlink(int32_t block);
   bool in_free_list(int32_t block) const { return next_[block] >= 0; }
 
@@ -160,6 +179,8 @@ class BlockPool {
   std::vector<int32_t> prev_, next_;  // [num_blocks + 2]; -1: not in the free list
   std::vector<uint64_t> hash_;
   std::vector<uint8_t> has_hash_;
+  std::vector<uint8_t> retired_;
+  int64_t num_retired_ = 0;
   BlockHashMap cache_;
   uint64_t queries_ = 0, hits_ = 0;
 };

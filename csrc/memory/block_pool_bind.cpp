@@ -297,6 +297,30 @@ void register_block_pool(py::module_& m) {
            })
       .def("reset_prefix_cache", [](BoundPool& bound) { return bound.pool.reset_prefix_cache(); })
       .def(
+          "retire",
+          [](BoundPool& bound, py::handle blocks) {
+            const std::vector<int64_t> ids = read_ids(blocks, "blocks");
+            std::vector<uint64_t> evicted;
+            bound.pool.retire(ids.data(), ids.size(), &evicted);
+            return hash_list(evicted.data(), evicted.size());
+          },
+          py::arg("blocks"))
+      .def(
+          "restore",
+          [](BoundPool& bound, py::handle blocks) {
+            const std::vector<int64_t> ids = read_ids(blocks, "blocks");
+            bound.pool.restore(ids.data(), ids.size());
+          },
+          py::arg("blocks"))
+      .def_property_readonly("num_retired_blocks",
+                             [](const BoundPool& b) { return b.pool.num_retired_blocks(); })
+      .def(
+          "is_retired",
+          [](const BoundPool& bound, py::handle block) {
+            return bound.pool.is_retired(to_int64(block.ptr(), "block", -1));
+          },
+          py::arg("block"))
+      .def(
           "prefix_cache_stats",
           [](BoundPool& bound, bool reset) {
             const auto stats = bound.pool.prefix_cache_stats();

@@ -217,6 +217,17 @@ class BlockPoolProtocol(Protocol):
     def reset_prefix_cache(self) -> bool:
         """Drops every hash; refused (False) while any block is in use."""
 
+    @property
+    def num_retired_blocks(self) -> int: ...
+    def retire(self, blocks: Sequence[int]) -> list[int]:
+        """Takes free blocks out of service (out of the free list, hashes dropped: their memory
+        may be unmapped); returns the hashes it dropped."""
+
+    def restore(self, blocks: Sequence[int]) -> None:
+        """Returns retired blocks to the free-list head, in the given order."""
+
+    def is_retired(self, block: int) -> bool: ...
+
     def prefix_cache_stats(self, reset: bool = False) -> tuple[int, int]:
         """(queried blocks, hit blocks) counted by lookup; reset=True zeroes them after."""
 
@@ -251,6 +262,8 @@ class PyBlockPool:
         self._next = [-1] + list(range(2, n)) + [self._tail, 1, -1]
         self._prev = [-1, self._head] + list(range(1, n - 1)) + [-1, n - 1]
         self._num_free = n - 1
+        self._retired = [False] * n
+        self._num_retired = 0
         self._queries = 0
         self._hits = 0
 
@@ -348,6 +361,9 @@ class PyBlockPool:
 
     def touch(self, blocks: Sequence[int]) -> None:
         ids = self._block_ids(blocks, "blocks")
+        for i, b in enumerate(ids):
+            if self._retired[b]:
+                raise ValueError(f"blocks[{i}] = {b} is retired")
         ref = self._ref
         for b in ids:
             if ref[b] == 0:
@@ -425,11 +441,70 @@ class PyBlockPool:
 
     def reset_prefix_cache(self) -> bool:
         # Like vLLM: a block in use may be shared through its hash right now.
-        if self._num_free != self._n - 1:
+        if self._num_free + self._num_retired != self._n - 1:
             return False
         self._cache.clear()
         self._hash = [None] * self._n
         return True
+
+    @property
+    def num_retired_blocks(self) -> int:
+        return self._num_retired
+
+    def is_retired(self, block: int) -> bool:
+        return self._retired[self._block_id(block, "block")]
+
+    def retire(self, blocks: Sequence[int]) -> list[int]:
+        ids = self._block_ids(blocks, "blocks")
+        retired, ref = self._retired, self._ref
+        for i, b in enumerate(ids):
+            if retired[b]:
+                raise ValueError(f"blocks[{i}] = {b} is already retired")
+            if ref[b]:
+                raise ValueError(
+                    f"blocks[{i}] = {b} is in use (ref count {ref[b]}); retire only free blocks"
+                )
+        if len(set(ids)) != len(ids):
+            seen: set[int] = set()
+            for i, b in enumerate(ids):
+                if b in seen:
+                    raise ValueError(f"blocks[{i}] = {b} appears twice")
+                seen.add(b)
+        evicted = []
+        for b in ids:
+            retired[b] = True
+            self._unlink(b)
+            self._num_free -= 1
+            h = self._hash[b]
+            if h is not None:
+                del self._cache[h]
+                self._hash[b] = None
+                evicted.append(h)
+        self._num_retired += len(ids)
+        return evicted
+
+    def restore(self, blocks: Sequence[int]) -> None:
+        ids = self._block_ids(blocks, "blocks")
+        retired = self._retired
+        for i, b in enumerate(ids):
+            if not retired[b]:
+                raise ValueError(f"blocks[{i}] = {b} is not retired")
+        if len(set(ids)) != len(ids):
+            seen: set[int] = set()
+            for i, b in enumerate(ids):
+                if b in seen:
+                    raise ValueError(f"blocks[{i}] = {b} appears twice")
+                seen.add(b)
+        prv, nxt, head = self._prev, self._next, self._head
+        for b in reversed(ids):  # linked at the head last first: ids[0] ends up first
+            retired[b] = False
+            first = nxt[head]
+            prv[first] = b
+            nxt[b] = first
+            prv[b] = head
+            nxt[head] = b
+        self._num_free += len(ids)
+        self._num_retired -= len(ids)
 
     def prefix_cache_stats(self, reset: bool = False) -> tuple[int, int]:
         stats = (self._queries, self._hits)
