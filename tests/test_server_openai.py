@@ -101,6 +101,22 @@ def test_completion_stream_matches_non_stream(client: openai.OpenAI, served_engi
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
 
 
+def test_usage_reports_cached_prompt_tokens(client: openai.OpenAI, served_engine) -> None:  # noqa: ANN001
+    prompt = "A long shared context about lighthouses and the ships they guide. " * 6
+    n_prompt = len(served_engine.engine.tokenizer.encode(prompt))
+    bs = served_engine.engine.config.block_size
+    first = client.completions.create(model="demo", prompt=prompt, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens == n_prompt
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    again = client.completions.create(model="demo", prompt=prompt, max_tokens=2, temperature=0)
+    want = (n_prompt - 1) // bs * bs  # every full block but the one holding the last token
+    assert want > 0 and again.usage.prompt_tokens_details.cached_tokens == want
+    chunks = list(client.completions.create(model="demo", prompt=prompt, max_tokens=2,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == want
+
+
 def test_chat_stream_matches_non_stream(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "Name a color."}]
     full = client.chat.completions.create(model="demo", messages=messages, max_tokens=10,
@@ -229,8 +245,9 @@ def test_metrics(server: LiveServer, client: openai.OpenAI) -> None:
     for name in ("xllm_num_requests_running", "xllm_num_requests_waiting",
                  "xllm_num_preemptions_total", "xllm_kv_cache_usage_ratio",
                  "xllm_prefix_cache_hit_rate", "xllm_time_per_output_token_seconds_count",
-                 "xllm_e2e_request_latency_seconds_count"):
+                 "xllm_e2e_request_latency_seconds_count", "xllm_kv_reserved_bytes"):
         assert name in values, name
+    assert 0 < values["xllm_kv_mapped_bytes"] <= values["xllm_kv_reserved_bytes"]
     assert values["xllm_time_to_first_token_seconds_count"] >= 1
     assert values['xllm_request_success_total{finished_reason="length"}'] >= 1
     assert values["xllm_generation_tokens_total"] >= 3

@@ -24,7 +24,13 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # token budget per step (long prompts are chunked)
     block_size: int = 16  # tokens per KV block
     num_kv_blocks: int | None = None  # default: as many as kv_cache_memory_gb holds
+    # The KV pool's ceiling. On CPU its memory is mapped as blocks come into use and given
+    # back after kv_idle_release_s seconds with spare free blocks (see xllm.kvcache).
     kv_cache_memory_gb: float = 2.0
+    kv_idle_release_s: float = 5.0
+    # A CPU tier below the pool: blocks the pool frees are written there (in the background)
+    # and prefix hits on it are loaded instead of recomputed. 0 = off.
+    kv_offload_cpu_gb: float = 0.0
     kv_cache_dtype: str = "auto"  # auto (= compute dtype) | float32 | bfloat16
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds the sampler for requests without their own seed
@@ -52,6 +58,11 @@ class EngineConfig:
                              f"got {self.num_kv_blocks}")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if self.kv_idle_release_s < 0:
+            raise ValueError(f"kv_idle_release_s must be >= 0, got {self.kv_idle_release_s}")
+        if self.kv_offload_cpu_gb < 0:
+            raise ValueError(f"kv_offload_cpu_gb must be >= 0 (0 = no CPU tier), got "
+                             f"{self.kv_offload_cpu_gb}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.device not in ("cpu", "cuda"):

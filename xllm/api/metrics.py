@@ -10,10 +10,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from xllm.engine.async_engine import EngineStats
+from xllm.kvcache.store import LOAD_BUCKETS, KVStoreStats
 
 __all__ = ["CONTENT_TYPE", "ServerMetrics"]
 
@@ -50,8 +56,42 @@ class _EngineCollector(Collector):
                                   "Prompt tokens served from the prefix cache",
                                   value=s.prefix_cache_hit_tokens)
         yield CounterMetricFamily("xllm_engine_steps", "Model steps run", value=s.num_steps)
+        yield from _kv_store_metrics(s.kv_store)
         yield GaugeMetricFamily("xllm_engine_ready", "1 while the engine serves, else 0",
                                 value=1.0 if s.state == "ready" else 0.0)
+
+
+def _kv_store_metrics(kv: KVStoreStats) -> Iterator[Metric]:
+    yield GaugeMetricFamily("xllm_kv_mapped_bytes",
+                            "KV cache memory mapped now (on CPU it grows and shrinks with use)",
+                            value=kv.mapped_bytes)
+    yield GaugeMetricFamily("xllm_kv_reserved_bytes", "The KV pool's ceiling",
+                            value=kv.reserved_bytes)
+    families = {
+        "blocks": GaugeMetricFamily("xllm_kv_tier_blocks", "KV blocks a tier holds",
+                                    labels=["tier"]),
+        "capacity_blocks": GaugeMetricFamily("xllm_kv_tier_capacity_blocks",
+                                             "KV blocks a tier can hold", labels=["tier"]),
+        "hit_blocks": CounterMetricFamily("xllm_kv_tier_hit_blocks",
+                                          "Prefix blocks loaded from a tier instead of "
+                                          "recomputed", labels=["tier"]),
+        "bytes_written": CounterMetricFamily("xllm_kv_tier_written_bytes",
+                                             "Bytes written down to a tier", labels=["tier"]),
+        "bytes_read": CounterMetricFamily("xllm_kv_tier_read_bytes",
+                                          "Bytes loaded from a tier", labels=["tier"]),
+        "corrupt_blocks": CounterMetricFamily("xllm_kv_tier_corrupt_blocks",
+                                              "Blocks that failed their checksum (recomputed)",
+                                              labels=["tier"]),
+    }
+    for tier in kv.tiers:
+        for field_name, family in families.items():
+            family.add_metric([tier.name], getattr(tier, field_name))
+    yield from families.values()
+    if kv.load_buckets:
+        bounds = [str(b) for b in LOAD_BUCKETS] + ["+Inf"]
+        yield HistogramMetricFamily(
+            "xllm_kv_load_seconds", "Time to load a prefix's blocks from the tiers",
+            buckets=list(zip(bounds, kv.load_buckets, strict=True)), sum_value=kv.load_sum)
 
 
 class ServerMetrics:

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "ChatCompletionChunk", "ChatCompletionRequest", "ChatCompletionResponse", "ChatMessage",
     "CompletionRequest", "CompletionResponse", "CompletionStreamResponse", "ErrorInfo",
-    "ErrorResponse", "HealthResponse", "ModelCard", "ModelList", "PromptLogprob", "UsageInfo",
+    "ErrorResponse", "HealthResponse", "ModelCard", "ModelList", "PromptLogprob",
+    "PromptTokensDetails", "UsageInfo",
     "VersionResponse",
     "MAX_N", "MAX_LOGPROBS",
 ]
@@ -112,10 +113,15 @@ class ChatCompletionRequest(_SamplingFields):
 # ---- responses ---------------------------------------------------------------------------
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens not recomputed (from the pool or a tier below it)
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ErrorInfo(BaseModel):

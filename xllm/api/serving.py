@@ -19,7 +19,7 @@ from fastapi import Request
 
 from xllm.api.errors import APIError
 from xllm.api.metrics import ServerMetrics
-from xllm.api.protocol import PromptLogprob, UsageInfo
+from xllm.api.protocol import PromptLogprob, PromptTokensDetails, UsageInfo
 from xllm.api.settings import ServerSettings
 from xllm.engine.async_engine import (
     READY,
@@ -52,6 +52,7 @@ class _Track:
     first_token: float | None = None
     finished: float | None = None
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0
     finish_reasons: list[str] = field(default_factory=list)
 
 
@@ -71,7 +72,9 @@ class Job:
     def usage(self) -> UsageInfo:
         p = sum(t.num_prompt_tokens for t in self.tracks)
         c = sum(t.num_output_tokens for t in self.tracks)
-        return UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+        cached = sum(t.num_cached_tokens for t in self.tracks)
+        return UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
+                         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 class OpenAIServing:
@@ -183,6 +186,7 @@ class OpenAIServing:
         now = time.monotonic()
         if track.first_token is None and any(ids for _, ids in out.deltas.values()):
             track.first_token = now
+        track.num_cached_tokens = out.num_cached_tokens
         if out.finished:
             track.finished = now
             track.num_output_tokens = sum(len(c.token_ids) for c in out.outputs)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from xllm.config import EngineConfig
 from xllm.engine.outputs import CompletionOutput, RequestOutput
+from xllm.kvcache.store import KVStoreStats
 from xllm.ops.queue import MPMCQueue, QueueClosed
 from xllm.sampling_params import SamplingParams
 
@@ -71,6 +72,7 @@ class EngineStats:
     prefix_cache_hit_tokens: int = 0
     num_unfinished_requests: int = 0  # requests the scheduler still holds (blocks or a place)
     num_steps: int = 0  # model steps run since start
+    kv_store: KVStoreStats = KVStoreStats()
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -370,8 +372,10 @@ class AsyncEngine:
         while not self._stopping:
             idle = not engine.has_unfinished_requests()
             try:
-                # Idle: sleep in the queue (GIL released) until work or close() arrives.
-                items = self._inbox.pop_many(_DRAIN_BATCH, timeout=None if idle else 0.0)
+                # Idle: sleep in the queue (GIL released) until work or close() arrives, or
+                # until the KV store's upkeep is due (giving idle memory back).
+                timeout = engine.maintain() if idle else 0.0
+                items = self._inbox.pop_many(_DRAIN_BATCH, timeout=timeout)
             except QueueClosed:
                 return
             if self._overflow_aborts:
@@ -413,7 +417,8 @@ class AsyncEngine:
             num_free_blocks=sched.kv.num_free_blocks,
             prefix_cache_queried_tokens=s.prefix_cache_queried_tokens,
             prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
-            num_unfinished_requests=len(sched.requests), num_steps=steps)
+            num_unfinished_requests=len(sched.requests), num_steps=steps,
+            kv_store=engine.kv_store.stats())
 
     def _fail(self, message: str, state: str = FAILED) -> None:
         self._error = message

@@ -18,6 +18,7 @@ import torch
 
 from xllm.config import EngineConfig
 from xllm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from xllm.kvcache.store import KVStore, KVStoreConfig
 from xllm.loader import resolve_model
 from xllm.loader.generation_config import GenerationConfig
 from xllm.loader.model import TORCH_DTYPES, load_model, resolve_dtype
@@ -84,23 +85,28 @@ class LLMEngine:
                     else TORCH_DTYPES[config.kv_cache_dtype])
         model = load_model(self.model_dir, mc, self.dtype, self.device, progress=progress,
                            weight_format=config.weight_format)
-        block_bytes = (2 * mc.num_hidden_layers * mc.num_key_value_heads * config.block_size
-                       * mc.head_dim * torch.finfo(kv_dtype).bits // 8)
+        store_config = KVStoreConfig(
+            num_blocks=2, num_layers=mc.num_hidden_layers, num_kv_heads=mc.num_key_value_heads,
+            block_size=config.block_size, head_size=mc.head_dim,
+            dtype_bytes=kv_dtype.itemsize, on_demand=self.device.type == "cpu",
+            idle_seconds=config.kv_idle_release_s,
+            cpu_tier_bytes=int(config.kv_offload_cpu_gb * (1 << 30)))
         num_blocks = config.num_kv_blocks or max(
-            2, int(config.kv_cache_memory_gb * (1 << 30)) // block_bytes)
+            2, int(config.kv_cache_memory_gb * (1 << 30)) // store_config.block_bytes)
         self.num_kv_blocks = num_blocks
+        self.kv_store = KVStore(replace(store_config, num_blocks=num_blocks))
         self.runner = ModelRunner(
-            model, mc, block_size=config.block_size, num_blocks=num_blocks,
+            model, mc, block_size=config.block_size,
+            kv_caches=self.kv_store.kv_caches(kv_dtype, self.device),
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len, kv_cache_dtype=kv_dtype, device=self.device,
-            seed=config.seed)
+            max_model_len=self.max_model_len, device=self.device, seed=config.seed)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             block_size=config.block_size, num_blocks=num_blocks,
             max_model_len=self.max_model_len,
-            enable_prefix_caching=config.enable_prefix_caching))
+            enable_prefix_caching=config.enable_prefix_caching), store=self.kv_store)
         self._states: dict[str, _RequestState] = {}
         self._owner: dict[str, tuple[_RequestState, _Completion]] = {}
         self._ids = itertools.count()
@@ -193,7 +199,17 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------
 
+    def maintain(self) -> float | None:
+        """Background upkeep of the KV store between steps (publishing tier writes, giving
+        idle KV memory back); returns the seconds until it is next due, None when nothing is
+        pending. Idle callers sleep that long at most."""
+        return self.kv_store.maintain()
+
+    def close(self) -> None:
+        self.kv_store.close()
+
     def step(self) -> list[RequestOutput]:
+        self.kv_store.maintain()
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []

@@ -15,7 +15,6 @@ import torch
 
 from xllm.layers.sampler import Sampler, SamplingBatch
 from xllm.models.config import ModelConfig
-from xllm.ops.kv_cache import allocate_kv_cache
 from xllm.runtime.attn_metadata import AttentionMetadata
 from xllm.runtime.prompt_logprobs import PromptLogprobs, find_prompt_spans, score_prompt_spans
 from xllm.scheduler import SchedulerOutput
@@ -44,8 +43,8 @@ class RunnerOutput:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, *, block_size: int,
-                 num_blocks: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, kv_cache_dtype: torch.dtype, device: torch.device,
+                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], max_num_seqs: int,
+                 max_num_batched_tokens: int, max_model_len: int, device: torch.device,
                  seed: int = 0) -> None:
         self.model = model
         self.config = model_config
@@ -53,11 +52,10 @@ class ModelRunner:
         self.device = device
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // block_size)
-        self.kv_caches = [
-            allocate_kv_cache(num_blocks, model_config.num_key_value_heads, block_size,
-                              model_config.head_dim, dtype=kv_cache_dtype, device=device)
-            for _ in range(model_config.num_hidden_layers)
-        ]
+        if len(kv_caches) != model_config.num_hidden_layers:
+            raise ValueError(f"kv_caches has {len(kv_caches)} layers; the model has "
+                             f"{model_config.num_hidden_layers}")
+        self.kv_caches = kv_caches  # per layer (key, value): xllm.kvcache.KVStore.kv_caches
         model.bind_kv_caches(self.kv_caches)
         max_tokens = max_num_batched_tokens
         self._input_ids = np.zeros(max_tokens, dtype=np.int64)

@@ -24,19 +24,25 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from xllm.ops.block_pool import ROOT_HASH, BlockPoolProtocol, best_block_hashes
 from xllm.scheduler.request import Request
+
+if TYPE_CHECKING:
+    from xllm.kvcache.store import KVStore, TierHit
 
 __all__ = ["ComputedBlocks", "KVCacheManager", "NO_COMPUTED_BLOCKS"]
 
 
 @dataclass(frozen=True, slots=True)
 class ComputedBlocks:
-    """A cached prefix: blocks whose KV a request can share, and the tokens they hold."""
+    """A cached prefix: pool blocks whose KV a request can share, then blocks a tier below
+    the pool holds (loaded into new pool blocks at admission), and the tokens of both."""
 
     block_ids: tuple[int, ...]
     num_tokens: int
+    tier_hits: tuple[TierHit, ...] = ()
 
 
 NO_COMPUTED_BLOCKS = ComputedBlocks((), 0)
@@ -47,11 +53,17 @@ class KVCacheManager:
     thread); a request's blocks live in ``request.block_ids`` in position order."""
 
     def __init__(
-        self, block_pool: BlockPoolProtocol, block_size: int, enable_prefix_caching: bool = True
+        self,
+        block_pool: BlockPoolProtocol,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        store: KVStore | None = None,
     ) -> None:
         if type(block_size) is not int or block_size < 1:
             raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
         self.pool = block_pool
+        # The tiers below the pool (xllm.kvcache), when the engine has any.
+        self.store = store if store is not None and store.tiers else None
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self._num_usable = block_pool.num_blocks - 1
@@ -108,7 +120,7 @@ class KVCacheManager:
             return NO_COMPUTED_BLOCKS
         hashes = self._extend_hashes(request, max_blocks)
         hits = self.pool.lookup(hashes[:max_blocks] if len(hashes) > max_blocks else hashes)
-        if not hits:
+        if not hits and self.store is None:
             return NO_COMPUTED_BLOCKS
         tokens = request.all_token_ids
         content = self._block_content
@@ -122,7 +134,26 @@ class KVCacheManager:
                 break  # a hash collision: same hash, other tokens
             parent = hashes[i]
             n += 1
+        store = self.store
+        if store is not None and n < max_blocks:
+            tier_hits = store.lookup(hashes[n:max_blocks], parent, tokens, n * bs)
+            if tier_hits:
+                m = sum(len(h.slots) for h in tier_hits)
+                return ComputedBlocks(tuple(hits[:n]), (n + m) * bs, tuple(tier_hits))
         return ComputedBlocks(tuple(hits[:n]), n * bs)
+
+    def load_tier_hits(self, request: Request, computed: ComputedBlocks) -> int:
+        """Loads computed's tier hits into the blocks allocate_slots gave request after its
+        pool hits; returns the prefix tokens now in the pool (fewer than computed.num_tokens
+        when a block failed its checksum: the rest is recomputed)."""
+        if not computed.tier_hits:
+            return computed.num_tokens
+        assert self.store is not None
+        start = len(computed.block_ids)
+        m = sum(len(h.slots) for h in computed.tier_hits)
+        loaded = self.store.load(computed.tier_hits, request.block_ids[start:start + m])
+        self.hit_tokens -= (m - loaded) * self.block_size  # counted in full at admission
+        return (start + loaded) * self.block_size
 
     def cache_full_blocks(self, requests: Iterable[Request]) -> None:
         """Registers the blocks that became full of computed tokens since the last call, for
@@ -222,6 +253,8 @@ class KVCacheManager:
             content = self._block_content
             for b in new_blocks:  # the pool evicted whatever b held: forget its content
                 content.pop(b, None)
+            if self.store is not None:
+                self.store.claim(new_blocks)
             request.block_ids.extend(new_blocks)
         if admission:
             self.queried_tokens += request.num_tokens
@@ -231,7 +264,13 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         """Returns request's blocks to the pool at once, last block first (so its tail is
         evicted before its shareable prefix); they stay in the prefix cache until reused."""
+        registered = self._num_registered.pop(request.request_id, 0)
         if request.block_ids:
+            if self.store is not None and registered:
+                # Written down to the tiers before the pool can evict them (in the background).
+                blocks = request.block_ids[:registered]
+                content = self._block_content
+                self.store.offer(blocks, request.block_hashes[:registered],
+                                 [content[b] for b in blocks])
             self.pool.free(request.block_ids)
             request.block_ids = []
-        self._num_registered.pop(request.request_id, None)

@@ -23,6 +23,7 @@ leader's prompt blocks are cached, then takes them as a prefix hit.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from xllm.ops.block_pool import BlockPool, BlockPoolProtocol
 from xllm.scheduler.config import SchedulerConfig
@@ -30,6 +31,9 @@ from xllm.scheduler.kv_cache_manager import KVCacheManager
 from xllm.scheduler.output import ScheduledRequest, SchedulerOutput, SchedulerStats
 from xllm.scheduler.policy import WaitingQueue, importance_key, least_important, outranks
 from xllm.scheduler.request import FINISH_REASONS, Request, RequestStatus
+
+if TYPE_CHECKING:
+    from xllm.kvcache.store import KVStore
 
 __all__ = ["Scheduler"]
 
@@ -56,12 +60,15 @@ class Scheduler:
     """Decides, step by step, which tokens of which requests the model computes."""
 
     def __init__(
-        self, config: SchedulerConfig, block_pool: BlockPoolProtocol | None = None
+        self,
+        config: SchedulerConfig,
+        block_pool: BlockPoolProtocol | None = None,
+        store: KVStore | None = None,
     ) -> None:
         if not isinstance(config, SchedulerConfig):
             raise ValueError(f"config must be a SchedulerConfig, got {type(config).__name__}")
         if block_pool is None:
-            block_pool = BlockPool(config.num_blocks)
+            block_pool = store.pool if store is not None else BlockPool(config.num_blocks)
         elif block_pool.num_blocks != config.num_blocks:
             raise ValueError(
                 f"block_pool has {block_pool.num_blocks} blocks but config.num_blocks is "
@@ -70,7 +77,9 @@ class Scheduler:
         self.config = config
         self.block_size = config.block_size
         self.max_seq_len = config.max_seq_len
-        self.kv = KVCacheManager(block_pool, config.block_size, config.enable_prefix_caching)
+        self.kv = KVCacheManager(
+            block_pool, config.block_size, config.enable_prefix_caching, store=store
+        )
         self.requests: dict[str, Request] = {}  # every unfinished request
         # Indexed by request.offline: running requests in admission order, waiting queues.
         self._running: tuple[dict[str, Request], dict[str, Request]] = ({}, {})
@@ -356,9 +365,10 @@ class Scheduler:
                 return False
         self._waiting[request.offline].remove(request)
         self._num_waiting -= 1
+        hit_tokens = kv.load_tier_hits(request, computed)  # tier hits land in the new blocks
         if request.num_preemptions == 0:
-            request.num_cached_tokens = computed.num_tokens
-        request.num_computed_tokens = computed.num_tokens
+            request.num_cached_tokens = hit_tokens
+        request.num_computed_tokens = hit_tokens
         request.status = _RUNNING
         self._running[request.offline][request.request_id] = request
         self._record(step, request, n, new_blocks, is_new=True)

@@ -1,0 +1,311 @@
+"""The KV store (xllm.kvcache): memory mapped on demand, the CPU tier below the pool, and the
+block copies between them, each against a plain reference; then the engine end to end."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from xllm import _C, LLM, SamplingParams
+from xllm.kvcache.memory import KVMemory
+from xllm.kvcache.pool import OnDemandBlockPool
+from xllm.kvcache.store import KVStore, KVStoreConfig
+from xllm.ops.block_pool import ROOT_HASH, block_hashes
+
+# ---- memory on demand -------------------------------------------------------------------
+
+
+def test_memory_geometry_and_views_alias_the_regions() -> None:
+    mem = KVMemory(num_blocks=40, num_layers=2, segment_bytes=3 * 1024, target_page_bytes=16384)
+    # a page is a whole number of segments and of system pages
+    assert mem.page_bytes % mem.segment_bytes == 0 and mem.page_bytes % 4096 == 0
+    assert mem.blocks_per_group == mem.page_bytes // mem.segment_bytes
+    assert mem.num_groups == -(-40 // mem.blocks_per_group)
+    assert mem.mapped_bytes == 0
+    mem.map_group(0)
+    assert mem.mapped_bytes == mem.page_bytes * 4
+    views = mem.tensors((40, 1, 3, 256), torch.float32)
+    assert len(views) == 2 and all(k.shape == (40, 1, 3, 256) for k, _ in views)
+    k1 = views[1][0]
+    k1[0].fill_(7.0)  # layer 1's key cache is region 2
+    raw = mem.vmm.tensor(torch.float32, (mem.segment_bytes // 4,), offset=2 * mem.region_bytes)
+    assert torch.all(raw == 7.0)
+    with pytest.raises(ValueError, match="already mapped"):
+        mem.map_group(0)
+    mem.unmap_group(0)
+    with pytest.raises(ValueError, match="not mapped"):
+        mem.unmap_group(0)
+    mem.map_group(0)  # remapped pages read as zeros
+    assert torch.all(k1[0] == 0)
+    with pytest.raises(ValueError, match="does not cover"):
+        mem.tensors((39, 1, 3, 256), torch.float32)
+
+
+def _pool(num_blocks: int = 50, idle: float = 10.0) -> OnDemandBlockPool:
+    mem = KVMemory(num_blocks, 1, 4096, target_page_bytes=4 * 4096)  # 4 blocks per group
+    return OnDemandBlockPool(mem, idle_seconds=idle)
+
+
+def test_pool_maps_groups_only_when_blocks_run_short() -> None:
+    pool = _pool()
+    mem = pool.memory
+    assert mem.num_mapped_groups == 1 and pool.num_free_blocks == 49
+    a = pool.allocate(3)  # group 0 holds blocks 1..3
+    assert a == [1, 2, 3] and mem.num_mapped_groups == 1
+    b = pool.allocate(6)  # two more groups, mapped lowest first
+    assert sorted(b) == list(range(4, 10)) and mem.num_mapped_groups == 3
+    pool.cache_blocks(a, [101, 102, 103])
+    pool.free(a)
+    # cached free blocks are reused before more memory is mapped
+    c = pool.allocate(5)
+    assert mem.num_mapped_groups == 3 and pool.lookup([101]) == []
+    assert pool.allocate(10**6) is None
+    pool.free(b)
+    pool.free(c)
+    assert pool.num_free_blocks == 49
+
+
+def test_pool_gives_idle_groups_back_and_keeps_held_ones() -> None:
+    evicted: list[int] = []
+    pool = _pool(idle=5.0)
+    pool.on_evict = evicted.extend
+    mem = pool.memory
+    blocks = pool.allocate(40)
+    assert mem.num_mapped_groups == 11
+    pool.cache_blocks(blocks, list(range(1000, 1040)))
+    keep = [b for b in blocks if b // 4 == 7]  # one block held keeps group 7
+    pool.free([b for b in blocks if b not in keep])
+    assert pool.maintain(100.0) == 5.0  # idle from now on; due in 5 s
+    assert pool.maintain(103.0) == pytest.approx(2.0)
+    assert pool.maintain(105.0) is None
+    # all but group 0 (the null block's) and group 7 are back
+    assert mem.num_mapped_groups == 2
+    assert mem.is_mapped(7) and mem.is_mapped(0)
+    # the 40 blocks were 4..43 (mapped blocks come first); all but group 7's were unmapped
+    assert blocks == list(range(4, 44))
+    assert len(evicted) == 36  # and their hashes reported
+    assert pool.lookup([1000]) == [] and pool.lookup([1024]) == [28]
+    assert pool.num_free_blocks == 49 - len(keep)
+    # the pool grows again on demand
+    again = pool.allocate(30)
+    assert again is not None and len(set(again)) == 30
+    for b in again:
+        assert mem.is_mapped(b // 4)
+
+
+def test_pool_release_waits_for_work_then_idleness() -> None:
+    pool = _pool(idle=1.0)
+    blocks = pool.allocate(20)
+    assert pool.maintain(0.0) is None  # busy: nothing free to give back
+    pool.free(blocks)
+    assert pool.maintain(1.0) == 1.0
+    got = pool.allocate(20)  # busy again before the deadline: the clock restarts
+    assert pool.maintain(2.5) is None
+    pool.free(got)
+    assert pool.maintain(3.0) == 1.0
+
+
+# ---- block copies ----------------------------------------------------------------------
+
+
+def _regions(caches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[int]:
+    return [t.data_ptr() for pair in caches for t in pair]
+
+
+def test_gather_and_scatter_match_torch_and_catch_corruption() -> None:
+    torch.manual_seed(0)
+    caches = [(torch.randn(12, 2, 4, 8), torch.randn(12, 2, 4, 8)) for _ in range(3)]
+    seg = 2 * 4 * 8 * 4
+    slot_bytes = 6 * seg
+    tier = torch.zeros(5 * slot_bytes, dtype=torch.uint8)
+    blocks, slots = [3, 7, 1], [4, 0, 2]
+    sums = _C.kv_gather_blocks(_regions(caches), seg, blocks, tier.data_ptr(), slot_bytes, slots)
+    for b, s in zip(blocks, slots, strict=True):
+        want = torch.cat([t[b].reshape(-1) for pair in caches for t in pair])
+        got = tier[s * slot_bytes:(s + 1) * slot_bytes].view(torch.float32)
+        assert torch.equal(got, want)
+    assert len(set(sums)) == 3
+    assert sums[0] == _C.kv_block_checksum(tier.data_ptr() + 4 * slot_bytes, slot_bytes, seg)
+    dst = [(torch.zeros(12, 2, 4, 8), torch.zeros(12, 2, 4, 8)) for _ in range(3)]
+    n = _C.kv_scatter_blocks(tier.data_ptr(), slot_bytes, slots, sums, _regions(dst), seg,
+                             [5, 6, 9])
+    assert n == 3
+    for (k, v), (k2, v2) in zip(caches, dst, strict=True):
+        assert torch.equal(k2[[5, 6, 9]], k[blocks]) and torch.equal(v2[[5, 6, 9]], v[blocks])
+    tier[0 * slot_bytes + 100] ^= 1  # one flipped bit in the second block's slot
+    assert _C.kv_scatter_blocks(tier.data_ptr(), slot_bytes, slots, sums, _regions(dst), seg,
+                                [5, 6, 9]) == 1
+    with pytest.raises(ValueError, match="same length"):
+        _C.kv_gather_blocks(_regions(caches), seg, [1], tier.data_ptr(), slot_bytes, [0, 1])
+
+
+# ---- the store -----------------------------------------------------------------------------
+
+
+def _store(cpu_blocks: int) -> KVStore:
+    cfg = KVStoreConfig(num_blocks=24, num_layers=2, num_kv_heads=2, block_size=4, head_size=8,
+                        dtype_bytes=4, idle_seconds=0.0)
+    return KVStore(replace(cfg, cpu_tier_bytes=cpu_blocks * cfg.block_bytes))
+
+
+def test_store_writes_back_and_loads_with_lru_eviction() -> None:
+    store = _store(cpu_blocks=3)
+    caches = store.kv_caches(torch.float32)
+    pool = store.pool
+    tokens = list(range(100, 116))
+    hashes = block_hashes(tokens, 4)
+    blocks = pool.allocate(4)
+    for i, b in enumerate(blocks):
+        for k, v in caches:
+            k[b].fill_(float(i + 1))
+            v[b].fill_(-float(i + 1))
+    parents = [ROOT_HASH, *hashes[:-1]]
+    contents = [(parents[i], tuple(tokens[4 * i:4 * i + 4])) for i in range(4)]
+    store.offer(blocks, hashes, contents)  # 4 blocks, 3 slots: the chain's head goes in
+    store.flush()
+    tier = store.tiers[0]
+    assert tier.num_blocks == 3 and tier.bytes_written == 3 * tier.slot_bytes
+    hits = store.lookup(hashes, ROOT_HASH, tokens, 0)
+    assert [len(h.slots) for h in hits] == [3]
+    assert store.lookup(hashes, ROOT_HASH, [0] * 16, 0) == []  # content confirmed, not hash only
+    pool.free(blocks)
+    fresh = [b for b in pool.allocate(8) if b not in blocks][:3]
+    assert store.load(hits, fresh) == 3
+    for i, b in enumerate(fresh):
+        for k, v in caches:
+            assert torch.all(k[b] == i + 1) and torch.all(v[b] == -(i + 1))
+    # a corrupted slot ends the hit there; the slot leaves the tier
+    bad = hits[0].slots[1]
+    mv = memoryview(tier.memory)
+    mv[bad * tier.slot_bytes + 5] ^= 0xFF
+    assert store.load(hits, fresh) == 1
+    assert tier.corrupt_blocks == 1
+    assert [len(h.slots) for h in store.lookup(hashes, ROOT_HASH, tokens, 0)] == [1]
+    store.close()
+
+
+def test_claim_waits_for_a_write_still_reading_its_block() -> None:
+    store = _store(cpu_blocks=8)
+    store.kv_caches(torch.float32)
+    tokens = list(range(8))
+    hashes = block_hashes(tokens, 4)
+    blocks = store.pool.allocate(2)
+    store.offer(blocks, hashes, [(ROOT_HASH, tuple(tokens[:4])), (hashes[0], tuple(tokens[4:]))])
+    store.claim(blocks)  # returns only once the copy has finished and is published
+    assert not store._pending_blocks and store.tiers[0].num_blocks == 2
+    store.close()
+
+
+# ---- the engine end to end ------------------------------------------------------------------
+
+DOC = ("The lighthouse keeper kept a log of every ship that passed the rocky point. " * 14)
+QUESTIONS = ["What did the keeper record?", "Where were the rocks?", "Summarise the log."]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def _flood(llm: LLM) -> None:
+    """Distinct prompts that need more blocks than the pool has, so the document's cached
+    blocks are evicted from the pool."""
+    prompts = [f"Unrelated note {i}: " + "lorem ipsum dolor sit amet " * 25 for i in range(6)]
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+def test_outputs_identical_from_pool_and_cpu_tier(demo_model_dir, kv_dtype: str) -> None:  # noqa: ANN001
+    prompts = [DOC + q for q in QUESTIONS]
+    opts = dict(dtype="float32", kv_cache_dtype=kv_dtype, num_kv_blocks=72,
+                max_num_batched_tokens=512, max_num_seqs=4)
+    plain = LLM(model=str(demo_model_dir), enable_prefix_caching=False, **opts)
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, GREEDY, use_tqdm=False)]
+    del plain
+    llm = LLM(model=str(demo_model_dir), kv_offload_cpu_gb=0.2, **opts)
+    first = llm.generate(prompts[:1], GREEDY, use_tqdm=False)[0]
+    assert first.outputs[0].token_ids == want[0]
+    _flood(llm)
+    store = llm.engine.kv_store
+    store.flush()
+    tier = store.tiers[0]
+    assert tier.num_blocks > 0
+    for prompt, ref in zip(prompts, want, strict=True):
+        hits_before = tier.hit_blocks
+        out = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == ref
+        assert out.num_cached_tokens >= 16 * 10  # the document's blocks, not recomputed
+        assert tier.hit_blocks > hits_before or out.num_cached_tokens > 0
+        _flood(llm)
+        store.flush()
+    assert tier.hit_blocks > 0
+    llm.engine.close()
+
+
+def test_corrupt_cpu_tier_block_is_recomputed(demo_model_dir) -> None:  # noqa: ANN001
+    prompt = DOC + QUESTIONS[0]
+    llm = LLM(model=str(demo_model_dir), dtype="float32", num_kv_blocks=72,
+              max_num_batched_tokens=512, kv_offload_cpu_gb=0.2)
+    want = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    _flood(llm)
+    store = llm.engine.kv_store
+    store.flush()
+    tier = store.tiers[0]
+    mv = memoryview(tier.memory)
+    tokens = llm.engine.tokenizer.encode(prompt)
+    hashes = block_hashes(tokens, 16)
+    hit = tier.lookup(hashes, ROOT_HASH, tokens, 0, 16)
+    assert len(hit) >= 4
+    mv[hit[3] * tier.slot_bytes + 1234] ^= 0x40
+    out = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == want
+    assert tier.corrupt_blocks == 1 and out.num_cached_tokens == 3 * 16
+    llm.engine.close()
+
+
+def test_engine_gives_kv_memory_back_when_idle(demo_model_dir) -> None:  # noqa: ANN001
+    llm = LLM(model=str(demo_model_dir), dtype="float32", kv_cache_memory_gb=0.5,
+              kv_idle_release_s=0.0, max_num_batched_tokens=2048)
+    store = llm.engine.kv_store
+    idle = store.mapped_bytes
+    # 16 prompts of ~25 blocks, all running at once: ~3 of the pool's 5 page groups
+    prompts = [f"Request {i}: " + "tell me a long story about ships " * 60 for i in range(16)]
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    burst = store.mapped_bytes
+    assert burst > idle
+    store.maintain()
+    store.maintain()
+    assert store.mapped_bytes < burst
+    assert store.mapped_bytes <= idle + 2 * store.memory.page_bytes * store.memory.num_regions
+    out = llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4),
+                       use_tqdm=False)  # and serves again after
+    assert all(o.finished for o in out)
+
+
+def test_metrics_show_mapped_memory_tiers_and_load_latency() -> None:
+    from prometheus_client import generate_latest
+
+    from xllm.api.metrics import ServerMetrics
+    from xllm.engine.async_engine import EngineStats
+
+    store = _store(cpu_blocks=4)
+    store.kv_caches(torch.float32)
+    tokens = list(range(8))
+    hashes = block_hashes(tokens, 4)
+    blocks = store.pool.allocate(2)
+    store.offer(blocks, hashes, [(ROOT_HASH, tuple(tokens[:4])), (hashes[0], tuple(tokens[4:]))])
+    store.flush()
+    hits = store.lookup(hashes, ROOT_HASH, tokens, 0)
+    assert store.load(hits, store.pool.allocate(2)) == 2
+    metrics = ServerMetrics(lambda: EngineStats(kv_store=store.stats()))
+    text = generate_latest(metrics.registry).decode()
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+              for line in text.splitlines() if line and not line.startswith("#")}
+    slot = store.tiers[0].slot_bytes
+    assert values["xllm_kv_mapped_bytes"] == store.mapped_bytes > 0
+    assert values['xllm_kv_tier_blocks{tier="cpu"}'] == 2
+    assert values['xllm_kv_tier_capacity_blocks{tier="cpu"}'] == 4
+    assert values['xllm_kv_tier_hit_blocks_total{tier="cpu"}'] == 2
+    assert values['xllm_kv_tier_written_bytes_total{tier="cpu"}'] == 2 * slot
+    assert values['xllm_kv_tier_read_bytes_total{tier="cpu"}'] == 2 * slot
+    assert values["xllm_kv_load_seconds_count"] == 1
+    assert values['xllm_kv_load_seconds_bucket{le="+Inf"}'] == 1
+    store.close()

@@ -1,0 +1,106 @@
+"""The paged KV cache's memory, mapped on demand over the native VMM page pool.
+
+Each attention layer has a key and a value tensor ``[num_blocks, num_kv_heads, block_size,
+head_size]`` (the layout of :mod:`xllm.ops.kv_cache`), so block ``b`` occupies
+``segment_bytes`` bytes at ``b * segment_bytes`` of each of the ``2 * num_layers``
+*regions*. All regions live in one :class:`~xllm.ops.vmm.VmmPool` reservation sized for the
+pool's ceiling; a *page group* ``g`` is page ``g`` of every region, which holds blocks
+``[g * blocks_per_group, (g + 1) * blocks_per_group)`` of every layer. Groups are mapped as
+blocks come into use and unmapped when their blocks are all free, so the attention kernels
+see one contiguous tensor per layer while the memory behind it grows and shrinks.
+
+A page is a whole number of segments and of system pages, about ``target_page_bytes``
+(2 MiB) large. torch is imported only by :meth:`KVMemory.tensors`; the scheduler's side
+(:mod:`xllm.kvcache.pool`) maps and unmaps without it.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+from typing import TYPE_CHECKING
+
+from xllm.ops.vmm import VmmPool
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["KVMemory"]
+
+DEFAULT_TARGET_PAGE_BYTES = 2 << 20
+
+
+class KVMemory:
+    """Reserved address space for ``num_blocks`` KV blocks of ``num_layers`` layers; page
+    groups mapped on demand. Thread-safe as the VMM pool is (one mutex)."""
+
+    def __init__(self, num_blocks: int, num_layers: int, segment_bytes: int,
+                 target_page_bytes: int = DEFAULT_TARGET_PAGE_BYTES) -> None:
+        for name, value in (("num_blocks", num_blocks), ("num_layers", num_layers),
+                            ("segment_bytes", segment_bytes),
+                            ("target_page_bytes", target_page_bytes)):
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        unit = math.lcm(segment_bytes, mmap.PAGESIZE)
+        self.page_bytes = unit * max(1, target_page_bytes // unit)
+        self.blocks_per_group = self.page_bytes // segment_bytes
+        self.num_blocks = num_blocks
+        self.num_layers = num_layers
+        self.segment_bytes = segment_bytes
+        self.num_regions = 2 * num_layers
+        self.num_groups = -(-num_blocks // self.blocks_per_group)
+        self.region_bytes = self.num_groups * self.page_bytes
+        self.vmm = VmmPool(self.region_bytes * self.num_regions, self.page_bytes)
+        base = self.vmm.address
+        self.regions = [base + r * self.region_bytes for r in range(self.num_regions)]
+        self._mapped = [False] * self.num_groups
+        self.num_mapped_groups = 0
+
+    def group_blocks(self, group: int) -> range:
+        """The block ids group ``group`` holds (the last group may be short)."""
+        start = group * self.blocks_per_group
+        return range(start, min(start + self.blocks_per_group, self.num_blocks))
+
+    def is_mapped(self, group: int) -> bool:
+        return self._mapped[group]
+
+    def _offsets(self, group: int) -> list[int]:
+        page = group * self.page_bytes
+        return [r * self.region_bytes + page for r in range(self.num_regions)]
+
+    def map_group(self, group: int) -> None:
+        """Backs group ``group`` of every region with zeroed memory."""
+        if self._mapped[group]:
+            raise ValueError(f"page group {group} is already mapped")
+        self.vmm.map_pages(self._offsets(group))
+        self._mapped[group] = True
+        self.num_mapped_groups += 1
+
+    def unmap_group(self, group: int) -> None:
+        """Returns group ``group``'s memory to the OS; its blocks must not be touched until it
+        is mapped again."""
+        if not self._mapped[group]:
+            raise ValueError(f"page group {group} is not mapped")
+        self.vmm.unmap_pages(self._offsets(group))
+        self._mapped[group] = False
+        self.num_mapped_groups -= 1
+
+    @property
+    def mapped_bytes(self) -> int:
+        return self.num_mapped_groups * self.page_bytes * self.num_regions
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self.region_bytes * self.num_regions
+
+    def tensors(self, shape: tuple[int, ...], dtype: torch.dtype) -> list[tuple[torch.Tensor,
+                                                                              torch.Tensor]]:
+        """Per layer (key_cache, value_cache) views of ``shape`` over the regions (no copy)."""
+        elems = math.prod(shape)
+        if shape[0] != self.num_blocks or elems * dtype.itemsize != (
+                self.num_blocks * self.segment_bytes):
+            raise ValueError(f"shape {shape} of {dtype} does not cover {self.num_blocks} blocks "
+                             f"of {self.segment_bytes} bytes")
+        views = [self.vmm.tensor(dtype, shape, offset=r * self.region_bytes)
+                 for r in range(self.num_regions)]
+        return [(views[2 * i], views[2 * i + 1]) for i in range(self.num_layers)]

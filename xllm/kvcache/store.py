@@ -1,0 +1,362 @@
+"""KVStore: the KV cache as one store of blocks -- the pool, its memory and the tiers below.
+
+The scheduler's :class:`~xllm.scheduler.kv_cache_manager.KVCacheManager` keeps requests'
+blocks in :attr:`KVStore.pool`; the store adds what lies outside the pool:
+
+- **Memory on demand** (CPU): the pool is an
+  :class:`~xllm.kvcache.pool.OnDemandBlockPool` over a :class:`~xllm.kvcache.memory.KVMemory`
+  when ``on_demand`` is set; ``maintain(now)`` unmaps idle page groups.
+- **Write-back to the CPU tier.** When a request frees its blocks, the full blocks it
+  registered in the prefix cache are *offered*: those the tier lacks get slots at once
+  (evicting the tier's least recently used blocks) and a background thread copies them
+  out with their checksums (native, the GIL released); the slots are published when the
+  copy is done. Copying at free time, not at eviction, keeps the copy off the step: the
+  pool evicts from the head of its free list while freed blocks join its tail, so a copy
+  has long finished when its block is handed out again; ``claim(blocks)`` waits for it in
+  the rare case it has not.
+- **Lookups across tiers.** ``lookup`` continues a pool hit in the tiers (content
+  confirmed like a pool hit); ``load`` copies the hits into freshly allocated pool blocks
+  before the step that needs them, checking each block's checksum: a block that fails it
+  (and every block after it) is recomputed instead.
+
+Torch-free: the store works on raw addresses through ``xllm._C``; the runner gets torch
+views of the pool's memory from :meth:`KVStore.kv_caches`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from xllm import _C
+from xllm.kvcache.memory import KVMemory
+from xllm.kvcache.pool import DEFAULT_IDLE_SECONDS, OnDemandBlockPool
+from xllm.kvcache.tiers import Content, CpuTier, Tier
+from xllm.ops.block_pool import BlockPool, BlockPoolProtocol
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["LOAD_BUCKETS", "KVStore", "KVStoreConfig", "KVStoreStats", "TierHit", "TierStats"]
+
+
+@dataclass(frozen=True)
+class KVStoreConfig:
+    num_blocks: int
+    num_layers: int
+    num_kv_heads: int
+    block_size: int
+    head_size: int
+    dtype_bytes: int
+    on_demand: bool = True  # CPU memory mapped as blocks come into use
+    idle_seconds: float = DEFAULT_IDLE_SECONDS
+    cpu_tier_bytes: int = 0
+
+    @property
+    def segment_bytes(self) -> int:
+        """One block of one layer's key (or value) cache."""
+        return self.num_kv_heads * self.block_size * self.head_size * self.dtype_bytes
+
+    @property
+    def block_bytes(self) -> int:
+        """One block of every layer, keys and values."""
+        return 2 * self.num_layers * self.segment_bytes
+
+
+# Load-latency histogram buckets (seconds): a few blocks take microseconds, a long prefix from
+# disk milliseconds.
+LOAD_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class TierStats:
+    """Counters of one tier since start (a snapshot)."""
+
+    name: str
+    blocks: int  # held now
+    capacity_blocks: int
+    hit_blocks: int
+    bytes_written: int
+    bytes_read: int
+    corrupt_blocks: int
+
+
+@dataclass(frozen=True, slots=True)
+class KVStoreStats:
+    """What /metrics shows of the store (a snapshot, cheap to take every step)."""
+
+    mapped_bytes: int = 0
+    reserved_bytes: int = 0
+    tiers: tuple[TierStats, ...] = ()
+    load_buckets: tuple[int, ...] = ()  # cumulative counts per LOAD_BUCKETS bound, then +Inf
+    load_sum: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TierHit:
+    """Blocks of a prefix found in a tier: its slots, in chain order."""
+
+    tier: Tier
+    slots: tuple[int, ...]
+
+
+class _Writer:
+    """One background thread that copies offered blocks into tier slots."""
+
+    def __init__(self, store: KVStore) -> None:
+        self._store = store
+        self._jobs: deque = deque()
+        self.done: deque = deque()
+        self._cv = threading.Condition()
+        self._busy = 0  # jobs queued or running
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="xllm-kv-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: tuple) -> None:
+        with self._cv:
+            self._jobs.append(job)
+            self._busy += 1
+            self._cv.notify_all()
+
+    @property
+    def busy(self) -> bool:
+        return self._busy > 0
+
+    def wait_idle(self) -> None:
+        with self._cv:
+            while self._busy:
+                self._cv.wait()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        store = self._store
+        while True:
+            with self._cv:
+                while not self._jobs and not self._closed:
+                    self._cv.wait()
+                if not self._jobs:
+                    return
+                job = self._jobs.popleft()
+            tier, blocks, slots, hashes, contents = job
+            try:
+                sums = _C.kv_gather_blocks(store.regions, store.config.segment_bytes, blocks,
+                                           tier.address, tier.slot_bytes, slots)
+            except Exception:  # noqa: BLE001 - a failed write leaves the blocks unwritten
+                sums = None
+            self.done.append((job, sums))
+            with self._cv:
+                self._busy -= 1
+                self._cv.notify_all()
+
+
+class KVStore:
+    """The pool, its memory and the tiers of one engine (see the module docstring)."""
+
+    def __init__(self, config: KVStoreConfig) -> None:
+        self.config = config
+        self.memory: KVMemory | None = None
+        self.pool: BlockPoolProtocol
+        if config.on_demand:
+            self.memory = KVMemory(config.num_blocks, config.num_layers, config.segment_bytes)
+            self.pool = OnDemandBlockPool(self.memory, idle_seconds=config.idle_seconds,
+                                          before_unmap=self._before_unmap)
+            self.regions = self.memory.regions
+        else:
+            self.pool = BlockPool(config.num_blocks)
+            self.regions: list[int] = []  # set by kv_caches() from the tensors it makes
+        self.tiers: list[Tier] = []
+        if config.cpu_tier_bytes:
+            self.tiers.append(CpuTier(config.cpu_tier_bytes, config.block_bytes))
+        self._writer = _Writer(self) if self.tiers else None
+        self._pending_blocks: dict[int, int] = {}  # pool block -> writes still reading it
+        self._pending_hashes: set[int] = set()
+        self._load_counts = [0] * (len(LOAD_BUCKETS) + 1)
+        self._load_sum = 0.0
+        self.num_loads = 0
+
+    # ---- the runner's view ----------------------------------------------------------------
+
+    def kv_caches(self, dtype: torch.dtype, device: torch.device | str = "cpu"
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (key_cache, value_cache): views of the mapped-on-demand memory, or plain
+        zeroed tensors when memory is not on demand (CUDA)."""
+        import torch
+
+        from xllm.ops.kv_cache import allocate_kv_cache, kv_cache_shape
+
+        c = self.config
+        if dtype.itemsize != c.dtype_bytes:
+            raise ValueError(f"dtype {dtype} is not {c.dtype_bytes} bytes per element")
+        if self.memory is not None:
+            if torch.device(device).type != "cpu":
+                raise ValueError("memory on demand is host memory; use on_demand=False on "
+                                 f"{device}")
+            shape = kv_cache_shape(c.num_blocks, c.num_kv_heads, c.block_size, c.head_size)
+            return self.memory.tensors(shape, dtype)
+        caches = [allocate_kv_cache(c.num_blocks, c.num_kv_heads, c.block_size, c.head_size,
+                                    dtype=dtype, device=device) for _ in range(c.num_layers)]
+        if torch.device(device).type == "cpu":
+            self.regions = [t.data_ptr() for pair in caches for t in pair]
+        elif self.tiers:
+            raise ValueError("KV tiers need the KV cache in host memory for now")
+        return caches
+
+    # ---- memory -------------------------------------------------------------------------------
+
+    @property
+    def mapped_bytes(self) -> int:
+        """KV memory mapped now (the whole pool when memory is not on demand)."""
+        if self.memory is not None:
+            return self.memory.mapped_bytes
+        return self.config.num_blocks * self.config.block_bytes
+
+    def maintain(self, now: float | None = None) -> float | None:
+        """Publishes finished writes and releases idle memory; returns seconds until the next
+        call is due (None: nothing pending)."""
+        self.poll()
+        if isinstance(self.pool, OnDemandBlockPool):
+            return self.pool.maintain(time.monotonic() if now is None else now)
+        return None
+
+    def _before_unmap(self, blocks: Sequence[int]) -> None:
+        if self._pending_blocks:
+            self.flush()
+
+    # ---- write-back ---------------------------------------------------------------------------
+
+    def offer(self, blocks: Sequence[int], hashes: Sequence[int],
+              contents: Sequence[Content]) -> None:
+        """A request freed these registered blocks (a chain from its first block): the CPU
+        tier gets those it lacks, copied in the background."""
+        if not self.tiers or not blocks:
+            return
+        self.poll()
+        tier = self.tiers[0]
+        have = len(tier.index.lookup(hashes))
+        # already there: refresh (keeps the head of a chain longer than its tail)
+        if have:
+            tier.refresh(tier.index.lookup(hashes[:have]))
+        pending = self._pending_hashes
+        todo = [i for i in range(have, len(blocks)) if hashes[i] not in pending]
+        if not todo:
+            return
+        slots = tier.reserve(len(todo))
+        if not slots:
+            return
+        todo = todo[:len(slots)]
+        job_blocks = [blocks[i] for i in todo]
+        job_hashes = [hashes[i] for i in todo]
+        for b in job_blocks:
+            self._pending_blocks[b] = self._pending_blocks.get(b, 0) + 1
+        pending.update(job_hashes)
+        assert self._writer is not None
+        self._writer.submit((tier, job_blocks, slots, job_hashes, [contents[i] for i in todo]))
+
+    def poll(self) -> None:
+        """Publishes the writes the background thread has finished (engine thread only)."""
+        writer = self._writer
+        if writer is None:
+            return
+        done = writer.done
+        while done:
+            (tier, blocks, slots, hashes, contents), sums = done.popleft()
+            for b in blocks:
+                left = self._pending_blocks[b] - 1
+                if left:
+                    self._pending_blocks[b] = left
+                else:
+                    del self._pending_blocks[b]
+            self._pending_hashes.difference_update(hashes)
+            if sums is None:
+                tier.discard(slots)
+            else:
+                tier.publish(slots, hashes, sums, contents)
+
+    def flush(self) -> None:
+        """Waits for every write in flight and publishes it."""
+        if self._writer is not None:
+            self._writer.wait_idle()
+            self.poll()
+
+    def claim(self, blocks: Sequence[int]) -> None:
+        """Blocks just allocated will be written by the next step: wait for writes still
+        reading them (rare: see the module docstring)."""
+        pending = self._pending_blocks
+        if pending and any(b in pending for b in blocks):
+            self.flush()
+
+    # ---- lookups and loads ----------------------------------------------------------------
+
+    def lookup(self, hashes: Sequence[int], parent: int, tokens: Sequence[int], start: int
+               ) -> list[TierHit]:
+        """The blocks after a pool hit that the tiers hold, as hits in chain order: ``hashes``
+        are the chain's next blocks, ``parent`` the hash before them, and block ``i``
+        covers ``tokens[start + i * block_size:]``."""
+        bs = self.config.block_size
+        hits: list[TierHit] = []
+        for tier in self.tiers:
+            if not hashes:
+                break
+            slots = tier.lookup(hashes, parent, tokens, start, bs)
+            if slots:
+                hits.append(TierHit(tier, tuple(slots)))
+                n = len(slots)
+                parent = hashes[n - 1]
+                hashes = hashes[n:]
+                start += n * bs
+        return hits
+
+    def load(self, hits: Sequence[TierHit], blocks: Sequence[int]) -> int:
+        """Copies the hits into ``blocks`` (fresh pool blocks, in chain order); returns how
+        many leading blocks arrived intact (the rest must be recomputed)."""
+        t0 = time.perf_counter()
+        done = 0
+        for hit in hits:
+            tier = hit.tier
+            slots = list(hit.slots)
+            target = list(blocks[done:done + len(slots)])
+            sums = [tier.checksums[s] for s in slots]
+            ok = _C.kv_scatter_blocks(tier.address, tier.slot_bytes, slots, sums, self.regions,
+                                      self.config.segment_bytes, target)
+            tier.hit_blocks += ok
+            tier.bytes_read += ok * tier.slot_bytes
+            tier.refresh(slots[:ok])
+            done += ok
+            if ok < len(slots):
+                tier.corrupt_blocks += 1
+                # A slot that fails its check is dropped from the tier for good.
+                bad = slots[ok]
+                tier.index.retire([bad])
+                tier.index.restore([bad])
+                tier.contents[bad] = None
+                break
+        seconds = time.perf_counter() - t0
+        self.num_loads += 1
+        self._load_sum += seconds
+        self._load_counts[bisect.bisect_left(LOAD_BUCKETS, seconds)] += 1
+        return done
+
+    def stats(self) -> KVStoreStats:
+        tiers = tuple(TierStats(t.name, t.num_blocks, t.num_slots, t.hit_blocks, t.bytes_written,
+                                t.bytes_read, t.corrupt_blocks) for t in self.tiers)
+        cumulative = tuple(itertools.accumulate(self._load_counts))
+        reserved = (self.memory.reserved_bytes if self.memory is not None
+                    else self.config.num_blocks * self.config.block_bytes)
+        return KVStoreStats(self.mapped_bytes, reserved, tiers, cumulative, self._load_sum)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self.poll()
