@@ -114,6 +114,25 @@ def _regions(caches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[int]:
     return [t.data_ptr() for pair in caches for t in pair]
 
 
+@pytest.mark.parametrize("head_size", [8, 3])  # segments of 256 bytes, and of 96 (a tail)
+def test_checksums_agree_at_every_isa_level(isa: str, head_size: int) -> None:
+    """The checksum is one value at every level (a block may be read by another CPU)."""
+    torch.manual_seed(1)
+    caches = [(torch.randn(6, 2, 4, head_size), torch.randn(6, 2, 4, head_size))
+              for _ in range(2)]
+    seg = 2 * 4 * head_size * 4
+    tier = torch.zeros(4 * 4 * seg, dtype=torch.uint8)
+    sums = _C.kv_gather_blocks(_regions(caches), seg, [1, 5], tier.data_ptr(), 4 * seg, [0, 2])
+    _C.set_cpu_isa("scalar")
+    try:
+        ref = _C.kv_gather_blocks(_regions(caches), seg, [1, 5], tier.data_ptr(), 4 * seg, [1, 3])
+    finally:
+        _C.set_cpu_isa(isa)
+    assert sums == ref
+    assert torch.equal(tier[:4 * seg], tier[4 * seg:8 * seg])
+    assert sums[0] == _C.kv_block_checksum(tier.data_ptr(), 4 * seg, seg)
+
+
 def test_gather_and_scatter_match_torch_and_catch_corruption() -> None:
     torch.manual_seed(0)
     caches = [(torch.randn(12, 2, 4, 8), torch.randn(12, 2, 4, 8)) for _ in range(3)]

@@ -1,0 +1,263 @@
+"""The KV store on the demo model: tiers against the pool alone, transfer rates, memory.
+
+    python -m bench.kvcache [--docs 16] [--doc-tokens 1024] [--idle 30] [--json PATH]
+                            [--parts workload,transfer,memory]
+
+Parts (each engine in this CPU's default dtype, one run, one machine):
+
+``workload``: a shared-document workload whose prefix working set is 4x the pool. ``--docs``
+documents of ``--doc-tokens`` tokens (random token ids); the pool holds a quarter of them.
+Round 1 asks each document one question (cold), round 2 asks each a new question in the
+same order (re-asked: the document is a prefix hit if anything still holds it). Requests go
+one at a time through an ``LLMEngine``; TTFT is from ``add_request`` to the first token.
+Run twice, on fresh engines: ``pool`` (no tier: LRU has evicted every document by the time it
+is re-asked) and ``pool+cpu`` (``kv_offload_cpu_gb`` holding every document). Reports TTFT
+p50/p99 per round and the prefix hit rate (cached / prompt tokens) of round 2; the ratio of
+round-2 p50s is the issue's target (>= 3x). ``load_vs_recompute``: the mean time of the
+CPU tier's loads in round 2 (each a whole document, ``--doc-tokens`` tokens) against the
+median round-2 TTFT of ``pool`` (the same document recomputed): target >= 10x.
+
+``transfer``: single-thread rates over the demo's block size (all layers, K and V) in this
+CPU's default KV dtype, for as many blocks as 512 MiB holds: ``memcpy`` (ctypes.memmove
+between two buffers of that size, the reference), the CPU tier's write (``kv_gather_blocks``:
+pool blocks -> tier slots with checksums) and load (``kv_scatter_blocks``, checksums
+verified). Best of 5 each. Target: both >= 50% of memcpy.
+
+``memory``: an engine whose pool's ceiling is 1 GiB serves a burst of long prompts, all at
+once, that fills most of the pool; then it sits idle for ``--idle`` seconds (upkeep runs when
+due, as the server's engine thread does). Reports mapped KV memory before, at the peak, and
+after, and the share of what the burst mapped that was returned (target >= 80%); and the
+time to grow the pool by one page group (map it, and first touch of its pages).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import random
+import statistics
+import time
+
+import torch
+
+from bench.throughput import _cpu_name
+from xllm import _C, SamplingParams
+from xllm.config import EngineConfig
+from xllm.engine.llm_engine import LLMEngine
+from xllm.kvcache.memory import KVMemory
+from xllm.kvcache.store import KVStore, KVStoreConfig
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def _ttft(engine: LLMEngine, rid: str, prompt: list[int]) -> tuple[float, int]:
+    """Runs one request alone; (seconds to its first token, cached prompt tokens)."""
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    t0 = time.perf_counter()
+    engine.add_request(rid, prompt, params)
+    first = None
+    cached = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if first is None and out.outputs[0].token_ids:
+                first = time.perf_counter() - t0
+                cached = out.num_cached_tokens
+    assert first is not None
+    return first, cached
+
+
+def run_workload(args: argparse.Namespace) -> dict:
+    rng = random.Random(0)
+    probe = LLMEngine(EngineConfig(model="demo", num_kv_blocks=2), progress=False)
+    vocab = probe.model_config.vocab_size
+    store_cfg = probe.kv_store.config
+    bs = probe.config.block_size
+    del probe
+    docs = [[rng.randrange(100, vocab) for _ in range(args.doc_tokens)] for _ in range(args.docs)]
+    questions = [[[rng.randrange(100, vocab) for _ in range(16)] for _ in docs] for _ in range(2)]
+    blocks_per_prompt = -(-(args.doc_tokens + 16) // bs)
+    pool_blocks = max(args.docs // 4, 1) * blocks_per_prompt + 1  # a quarter of the documents
+    tier_gb = 1.25 * args.docs * blocks_per_prompt * store_cfg.block_bytes / (1 << 30)
+    result: dict = {"docs": args.docs, "doc_tokens": args.doc_tokens, "pool_blocks": pool_blocks,
+                    "block_bytes": store_cfg.block_bytes, "cpu_tier_gb": round(tier_gb, 3)}
+    for name, cpu_gb in (("pool", 0.0), ("pool+cpu", tier_gb)):
+        engine = LLMEngine(EngineConfig(model="demo", num_kv_blocks=pool_blocks,
+                                        max_num_batched_tokens=2048,
+                                        kv_offload_cpu_gb=cpu_gb), progress=False)
+        _ttft(engine, "warm", docs[0][:64])
+        rounds = []
+        cached_tokens = prompt_tokens = 0
+        for r in range(2):
+            times = []
+            for i, doc in enumerate(docs):
+                seconds, cached = _ttft(engine, f"r{r}-{i}", doc + questions[r][i])
+                times.append(seconds)
+                if r == 1:
+                    cached_tokens += cached
+                    prompt_tokens += len(doc) + 16
+                engine.kv_store.flush()  # the next request sees every write-back published
+            rounds.append(times)
+        store = engine.kv_store
+        loads = store.stats()
+        row = {
+            "round1_ttft_p50_ms": 1e3 * statistics.median(rounds[0]),
+            "round1_ttft_p99_ms": 1e3 * _percentile(rounds[0], 99),
+            "round2_ttft_p50_ms": 1e3 * statistics.median(rounds[1]),
+            "round2_ttft_p99_ms": 1e3 * _percentile(rounds[1], 99),
+            "round2_hit_rate": cached_tokens / prompt_tokens,
+        }
+        if store.num_loads:
+            row["mean_load_ms"] = 1e3 * loads.load_sum / store.num_loads
+            row["num_loads"] = store.num_loads
+        result[name] = row
+        engine.close()
+        del engine
+    pool, cpu = result["pool"], result["pool+cpu"]
+    result["round2_p50_speedup"] = pool["round2_ttft_p50_ms"] / cpu["round2_ttft_p50_ms"]
+    if "mean_load_ms" in cpu:
+        result["load_vs_recompute"] = pool["round2_ttft_p50_ms"] / cpu["mean_load_ms"]
+    return result
+
+
+def _best(fn, repeats: int = 5) -> float:  # noqa: ANN001
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run_transfer(args: argparse.Namespace) -> dict:
+    probe = LLMEngine(EngineConfig(model="demo", num_kv_blocks=2), progress=False)
+    c = probe.kv_store.config
+    del probe
+    n = max(1, (512 << 20) // c.block_bytes)
+    store = KVStore(KVStoreConfig(num_blocks=n + 1, num_layers=c.num_layers,
+                                  num_kv_heads=c.num_kv_heads, block_size=c.block_size,
+                                  head_size=c.head_size, dtype_bytes=c.dtype_bytes,
+                                  cpu_tier_bytes=(n + 2) * c.block_bytes))
+    caches = store.kv_caches(torch.bfloat16 if c.dtype_bytes == 2 else torch.float32)
+    blocks = store.pool.allocate(n)  # maps every group
+    for k, v in caches:
+        k.normal_()
+        v.normal_()
+    tier = store.tiers[0]
+    slots = list(range(1, n + 1))
+    nbytes = n * c.block_bytes
+    src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+    dst = torch.empty(nbytes, dtype=torch.uint8).fill_(2)
+    t_memcpy = _best(lambda: ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes))
+    sums: list[int] = []
+
+    def gather() -> None:
+        sums[:] = _C.kv_gather_blocks(store.regions, c.segment_bytes, blocks, tier.address,
+                                      tier.slot_bytes, slots)
+
+    t_gather = _best(gather)
+
+    def scatter() -> None:
+        ok = _C.kv_scatter_blocks(tier.address, tier.slot_bytes, slots, sums, store.regions,
+                                  c.segment_bytes, blocks)
+        assert ok == n
+
+    t_scatter = _best(scatter)
+    store.close()
+    gbs = lambda t: nbytes / t / 1e9  # noqa: E731
+    return {"blocks": n, "block_bytes": c.block_bytes, "bytes": nbytes,
+            "memcpy_GBps": gbs(t_memcpy), "cpu_tier_write_GBps": gbs(t_gather),
+            "cpu_tier_load_GBps": gbs(t_scatter),
+            "write_vs_memcpy": t_memcpy / t_gather, "load_vs_memcpy": t_memcpy / t_scatter}
+
+
+def run_memory(args: argparse.Namespace) -> dict:
+    engine = LLMEngine(EngineConfig(model="demo", kv_cache_memory_gb=1.0,
+                                    max_num_batched_tokens=2048, max_num_seqs=256),
+                       progress=False)
+    store = engine.kv_store
+    rng = random.Random(1)
+    vocab = engine.model_config.vocab_size
+    bs = engine.config.block_size
+    capacity_tokens = (engine.num_kv_blocks - 1) * bs
+    n = max(1, int(0.85 * capacity_tokens) // 1024)
+    before = store.mapped_bytes
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    for i in range(n):
+        engine.add_request(f"burst-{i}", [rng.randrange(100, vocab) for _ in range(1023)], params)
+    peak = before
+    t0 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+        peak = max(peak, store.mapped_bytes)
+    burst_s = time.perf_counter() - t0
+    after_burst = store.mapped_bytes
+    end = time.monotonic() + args.idle
+    while True:
+        due = engine.maintain()
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(left, due if due is not None else left))
+    after_idle = store.mapped_bytes
+    engine.close()
+    del engine
+    # one page group: map it, then the first write to its pages (the OS fills them)
+    c = store.config
+    mem = KVMemory(64 * 1024, c.num_layers, c.segment_bytes)
+    map_s, touch_s = [], []
+    for g in range(1, 9):
+        t = time.perf_counter()
+        mem.map_group(g)
+        map_s.append(time.perf_counter() - t)
+        view = mem.vmm.tensor(torch.uint8, (mem.page_bytes,), offset=g * mem.page_bytes)
+        t = time.perf_counter()
+        for r in range(mem.num_regions):
+            mem.vmm.tensor(torch.uint8, (mem.page_bytes,),
+                           offset=r * mem.region_bytes + g * mem.page_bytes).fill_(1)
+        touch_s.append(time.perf_counter() - t)
+        del view
+    burst_mapped = peak - before
+    return {"ceiling_bytes": store.memory.reserved_bytes if store.memory else None,
+            "burst_prompts": n, "burst_seconds": burst_s, "mapped_before": before,
+            "mapped_peak": peak, "mapped_after_burst": after_burst, "idle_seconds": args.idle,
+            "mapped_after_idle": after_idle,
+            "returned_share": (peak - after_idle) / burst_mapped if burst_mapped else None,
+            "group_bytes": mem.page_bytes * mem.num_regions,
+            "grow_map_ms": 1e3 * statistics.median(map_s),
+            "grow_first_touch_ms": 1e3 * statistics.median(touch_s)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--docs", type=int, default=16)
+    parser.add_argument("--doc-tokens", type=int, default=1024)
+    parser.add_argument("--idle", type=float, default=30.0)
+    parser.add_argument("--parts", default="workload,transfer,memory")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    parts = args.parts.split(",")
+    unknown = set(parts) - {"workload", "transfer", "memory"}
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}")
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    report = {"cpu": _cpu_name(), "isa": _C.detected_isa(),
+              "cores": len(os.sched_getaffinity(0)), "date": time.strftime("%Y-%m-%d %H:%M")}
+    print(f"CPU {report['cpu']} ({report['isa']}), {report['cores']} cores")
+    runners = {"workload": run_workload, "transfer": run_transfer, "memory": run_memory}
+    for part in parts:
+        report[part] = runners[part](args)
+        print(part, json.dumps(report[part], indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
