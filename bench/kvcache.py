@@ -24,7 +24,7 @@ pool blocks -> tier slots with checksums) and load (``kv_scatter_blocks``, check
 verified). Best of 5 each. Target: both >= 50% of memcpy.
 
 ``memory``: an engine whose pool's ceiling is 1 GiB serves a burst of long prompts, all at
-once, that fills most of the pool; then it sits idle for ``--idle`` seconds (upkeep runs when
+once and all running together, that fills most of the pool; then it sits idle for ``--idle`` seconds (upkeep runs when
 due, as the server's engine thread does). Reports mapped KV memory before, at the peak, and
 after, and the share of what the burst mapped that was returned (target >= 80%); and the
 time to grow the pool by one page group (map it, and first touch of its pages).
@@ -187,7 +187,10 @@ def run_memory(args: argparse.Namespace) -> dict:
     capacity_tokens = (engine.num_kv_blocks - 1) * bs
     n = max(1, int(0.85 * capacity_tokens) // 1024)
     before = store.mapped_bytes
-    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    # Enough output tokens that the first prompts still run when the last is admitted, so the
+    # burst holds most of the pool at once.
+    steps_to_admit = -(-n * 1024 // engine.config.max_num_batched_tokens)
+    params = SamplingParams(temperature=0.0, max_tokens=steps_to_admit + 8, ignore_eos=True)
     for i in range(n):
         engine.add_request(f"burst-{i}", [rng.randrange(100, vocab) for _ in range(1023)], params)
     peak = before
