@@ -231,32 +231,146 @@ def _flood(llm: LLM) -> None:
     llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
 
 
-@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
-def test_outputs_identical_from_pool_and_cpu_tier(demo_model_dir, kv_dtype: str) -> None:  # noqa: ANN001
+TIERS = {"cpu": dict(kv_offload_cpu_gb=0.2),
+         "disk": dict(kv_offload_disk_gb=0.2),
+         "cpu+disk": dict(kv_offload_cpu_gb=0.012, kv_offload_disk_gb=0.2)}
+
+
+def _tier_opts(tiers: str, tmp_path) -> dict:  # noqa: ANN001
+    opts = dict(TIERS[tiers])
+    if "kv_offload_disk_gb" in opts:
+        opts["kv_offload_disk"] = str(tmp_path / "kv")
+    return opts
+
+
+@pytest.mark.parametrize(("kv_dtype", "tiers"), [("float32", "cpu"), ("bfloat16", "cpu"),
+                                                 ("float32", "disk"), ("bfloat16", "cpu+disk")])
+def test_outputs_identical_from_pool_and_tiers(demo_model_dir, tmp_path, kv_dtype: str,  # noqa: ANN001
+                                               tiers: str) -> None:
     prompts = [DOC + q for q in QUESTIONS]
     opts = dict(dtype="float32", kv_cache_dtype=kv_dtype, num_kv_blocks=72,
                 max_num_batched_tokens=512, max_num_seqs=4)
     plain = LLM(model=str(demo_model_dir), enable_prefix_caching=False, **opts)
     want = [o.outputs[0].token_ids for o in plain.generate(prompts, GREEDY, use_tqdm=False)]
     del plain
-    llm = LLM(model=str(demo_model_dir), kv_offload_cpu_gb=0.2, **opts)
+    llm = LLM(model=str(demo_model_dir), **opts, **_tier_opts(tiers, tmp_path))
     first = llm.generate(prompts[:1], GREEDY, use_tqdm=False)[0]
     assert first.outputs[0].token_ids == want[0]
     _flood(llm)
     store = llm.engine.kv_store
     store.flush()
-    tier = store.tiers[0]
-    assert tier.num_blocks > 0
+    bottom = store.tiers[-1]
+    assert bottom.num_blocks > 0
     for prompt, ref in zip(prompts, want, strict=True):
-        hits_before = tier.hit_blocks
         out = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
         assert out.outputs[0].token_ids == ref
         assert out.num_cached_tokens >= 16 * 10  # the document's blocks, not recomputed
-        assert tier.hit_blocks > hits_before or out.num_cached_tokens > 0
         _flood(llm)
         store.flush()
-    assert tier.hit_blocks > 0
+    assert bottom.hit_blocks > 0  # the cpu+disk case: the small CPU tier wrote down to disk
     llm.engine.close()
+
+
+def test_disk_tier_survives_a_restart_and_ignores_another_layout(demo_model_dir,  # noqa: ANN001
+                                                                 tmp_path) -> None:
+    prompt = DOC + QUESTIONS[0]
+    opts = dict(dtype="float32", num_kv_blocks=72, max_num_batched_tokens=512,
+                kv_offload_disk=str(tmp_path / "kv"), kv_offload_disk_gb=0.1)
+    llm = LLM(model=str(demo_model_dir), **opts)
+    want = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    llm.engine.kv_store.flush()
+    llm.engine.close()
+    del llm
+    again = LLM(model=str(demo_model_dir), **opts)
+    out = again.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == want and out.num_cached_tokens >= 16 * 10
+    assert again.engine.kv_store.disk.hit_blocks > 0
+    again.engine.close()
+    del again
+    other = LLM(model=str(demo_model_dir), **{**opts, "kv_cache_dtype": "bfloat16"})
+    out = other.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert out.num_cached_tokens == 0  # another dtype: another directory, never read
+    assert len(list((tmp_path / "kv").iterdir())) == 2
+    other.engine.close()
+
+
+@pytest.fixture
+def small_fs(tmp_path):  # noqa: ANN001, ANN201
+    """A 4 MiB tmpfs (a disk that fills after ~11 demo blocks); skipped where mount is not
+    allowed."""
+    import subprocess
+
+    path = tmp_path / "small"
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_full_disk_falls_back_to_recompute(demo_model_dir, small_fs) -> None:  # noqa: ANN001
+    prompt = DOC + QUESTIONS[1]
+    llm = LLM(model=str(demo_model_dir), dtype="float32", num_kv_blocks=72,
+              max_num_batched_tokens=512, kv_offload_disk=str(small_fs), kv_offload_disk_gb=0.1)
+    disk = llm.engine.kv_store.disk
+    want = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    _flood(llm)
+    llm.engine.kv_store.flush()
+    assert disk.write_errors > 0  # ENOSPC: those blocks were never published
+    out = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == want
+    llm.engine.close()
+
+
+def test_unreadable_disk_blocks_fall_back_to_recompute(demo_model_dir, tmp_path) -> None:  # noqa: ANN001
+    import os
+
+    prompt = DOC + QUESTIONS[1]
+    llm = LLM(model=str(demo_model_dir), dtype="float32", num_kv_blocks=72,
+              max_num_batched_tokens=512, kv_offload_disk=str(tmp_path / "kv"),
+              kv_offload_disk_gb=0.1)
+    store = llm.engine.kv_store
+    disk = store.disk
+    want = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    _flood(llm)
+    store.flush()
+    tokens = llm.engine.tokenizer.encode(prompt)
+    hit = disk.lookup(block_hashes(tokens, 16), ROOT_HASH, tokens, 0, 16)
+    assert len(hit) >= 6
+    # one block's bytes flipped on disk: the hit ends there
+    with open(disk.path / "blocks.bin", "r+b") as f:
+        f.seek(hit[4] * disk.slot_bytes + 777)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x10]))
+    out = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == want
+    assert disk.corrupt_blocks == 1 and out.num_cached_tokens == 4 * 16
+    # the file cut short under the tier: a short read, recomputed
+    _flood(llm)
+    store.flush()
+    os.truncate(disk.path / "blocks.bin", min(hit) * disk.slot_bytes)
+    out = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == want and disk.read_errors > 0
+    llm.engine.close()
+
+
+def test_bad_disk_tier_flags_are_clear_errors(tmp_path) -> None:  # noqa: ANN001
+    from xllm.config import EngineConfig
+
+    with pytest.raises(ValueError, match="kv_offload_disk_gb"):
+        EngineConfig(kv_offload_disk=str(tmp_path))
+    with pytest.raises(ValueError, match="kv_offload_disk "):
+        EngineConfig(kv_offload_disk_gb=1.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        EngineConfig(kv_offload_cpu_gb=-1.0)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cfg = KVStoreConfig(num_blocks=8, num_layers=1, num_kv_heads=1, block_size=4, head_size=8,
+                        dtype_bytes=4, disk_tier_dir=str(blocker / "kv"), disk_tier_bytes=1 << 20)
+    with pytest.raises(ValueError, match="cannot be used"):
+        KVStore(cfg)
 
 
 def test_corrupt_cpu_tier_block_is_recomputed(demo_model_dir) -> None:  # noqa: ANN001

@@ -118,6 +118,18 @@ def kv_scatter_blocks(
     blocks: Sequence[int],
 ) -> int: ...
 def kv_block_checksum(addr: int, nbytes: int, segment_bytes: int) -> int: ...
+def kv_disk_read(
+    fd: int,
+    offsets: Sequence[int],
+    checksums: Sequence[int],
+    regions: Sequence[int],
+    segment_bytes: int,
+    blocks: Sequence[int],
+) -> tuple[int, int]: ...
+def kv_disk_write(
+    fd: int, offsets: Sequence[int], regions: Sequence[int], segment_bytes: int,
+    blocks: Sequence[int],
+) -> tuple[list[int], int]: ...
 
 # --- shm_allreduce (csrc/comm/shm_allreduce_bind.cpp); use xllm.ops.allreduce ---
 class ShmAllReduce:

@@ -31,6 +31,10 @@ class EngineConfig:
     # A CPU tier below the pool: blocks the pool frees are written there (in the background)
     # and prefix hits on it are loaded instead of recomputed. 0 = off.
     kv_offload_cpu_gb: float = 0.0
+    # A disk tier in this directory (kept across restarts of the same model), below the CPU
+    # tier if there is one; kv_offload_disk_gb caps its files.
+    kv_offload_disk: str | None = None
+    kv_offload_disk_gb: float = 0.0
     kv_cache_dtype: str = "auto"  # auto (= compute dtype) | float32 | bfloat16
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds the sampler for requests without their own seed
@@ -63,6 +67,12 @@ class EngineConfig:
         if self.kv_offload_cpu_gb < 0:
             raise ValueError(f"kv_offload_cpu_gb must be >= 0 (0 = no CPU tier), got "
                              f"{self.kv_offload_cpu_gb}")
+        if self.kv_offload_disk_gb < 0:
+            raise ValueError(f"kv_offload_disk_gb must be >= 0, got {self.kv_offload_disk_gb}")
+        if self.kv_offload_disk is not None and self.kv_offload_disk_gb <= 0:
+            raise ValueError("kv_offload_disk needs kv_offload_disk_gb > 0 (the tier's size)")
+        if self.kv_offload_disk is None and self.kv_offload_disk_gb > 0:
+            raise ValueError("kv_offload_disk_gb needs kv_offload_disk (the tier's directory)")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.device not in ("cpu", "cuda"):

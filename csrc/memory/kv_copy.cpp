@@ -2,7 +2,14 @@
 
 #include <immintrin.h>
 
+#include <fcntl.h>
+#include <sys/uio.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
 #include <cstring>
+#include <vector>
 
 #include "common/cpu_info.h"
 #include "memory/block_pool.h"
@@ -156,6 +163,92 @@ size_t kv_scatter_blocks(const uint8_t* src, size_t slot_bytes, const int64_t* s
   }
   _mm_sfence();  // visible to the attention kernels' threads on other cores
   return n;
+}
+
+namespace {
+
+// Moves one block with preadv/pwritev, resuming after partial transfers.
+// Returns 0, an errno, or -1 when the file ended or the device took nothing.
+template <bool kRead>
+int move_block(int fd, int64_t offset, std::vector<iovec>& iov) {
+  size_t first = 0;
+  while (first < iov.size()) {
+    const int count = static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX));
+    const ssize_t got = kRead ? preadv(fd, iov.data() + first, count, offset)
+                              : pwritev(fd, iov.data() + first, count, offset);
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (got == 0) return -1;
+    offset += got;
+    size_t left = static_cast<size_t>(got);
+    while (left > 0 && first < iov.size()) {  // drop what moved; trim a partial iovec
+      if (left >= iov[first].iov_len) {
+        left -= iov[first].iov_len;
+        ++first;
+      } else {
+        iov[first].iov_base = static_cast<uint8_t*>(iov[first].iov_base) + left;
+        iov[first].iov_len -= left;
+        left = 0;
+      }
+    }
+  }
+  return 0;
+}
+
+void block_iov(std::vector<iovec>& iov, const uint8_t* const* regions, size_t num_regions,
+               size_t segment_bytes, int64_t block) {
+  const size_t off = static_cast<size_t>(block) * segment_bytes;
+  for (size_t r = 0; r < num_regions; ++r) {
+    iov[r].iov_base = const_cast<uint8_t*>(regions[r] + off);
+    iov[r].iov_len = segment_bytes;
+  }
+}
+
+uint64_t block_sum(const uint8_t* const* regions, size_t num_regions, size_t segment_bytes,
+                   int64_t block) {
+  const size_t off = static_cast<size_t>(block) * segment_bytes;
+  BlockChecksum c;
+  for (size_t r = 0; r < num_regions; ++r) c.update(regions[r] + off, segment_bytes);
+  return c.digest();
+}
+
+}  // namespace
+
+DiskIoResult kv_disk_read(int fd, const int64_t* offsets, const uint64_t* checksums, size_t n,
+                          uint8_t* const* regions, size_t num_regions, size_t segment_bytes,
+                          const int64_t* blocks) {
+  // Ask for every slot up front (runs of adjacent slots as one range), so the device reads
+  // ahead while earlier blocks are copied and checked, as it does for one sequential read.
+  const int64_t slot_bytes = static_cast<int64_t>(num_regions * segment_bytes);
+  for (size_t i = 0; i < n;) {
+    size_t j = i + 1;
+    while (j < n && offsets[j] == offsets[j - 1] + slot_bytes) ++j;
+    posix_fadvise(fd, offsets[i], static_cast<off_t>(j - i) * slot_bytes, POSIX_FADV_WILLNEED);
+    i = j;
+  }
+  std::vector<iovec> iov(num_regions);
+  for (size_t i = 0; i < n; ++i) {
+    block_iov(iov, regions, num_regions, segment_bytes, blocks[i]);
+    const int err = move_block<true>(fd, offsets[i], iov);
+    if (err != 0) return {i, err};
+    if (block_sum(regions, num_regions, segment_bytes, blocks[i]) != checksums[i]) return {i, -2};
+  }
+  return {n, 0};
+}
+
+DiskIoResult kv_disk_write(int fd, const int64_t* offsets, size_t n,
+                           const uint8_t* const* regions, size_t num_regions,
+                           size_t segment_bytes, const int64_t* blocks, uint64_t* checksums) {
+  std::vector<iovec> iov(num_regions);
+  for (size_t i = 0; i < n; ++i) {
+    checksums[i] = block_sum(regions, num_regions, segment_bytes, blocks[i]);
+    block_iov(iov, regions, num_regions, segment_bytes, blocks[i]);
+    const int err = move_block<false>(fd, offsets[i], iov);
+    if (err != 0) return {i, err};
+  }
+  return {n, 0};
 }
 
 }  // namespace xllm

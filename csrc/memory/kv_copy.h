@@ -54,4 +54,27 @@ size_t kv_scatter_blocks(const uint8_t* src, size_t slot_bytes, const int64_t* s
                          const uint64_t* checksums, size_t n, uint8_t* const* regions,
                          size_t num_regions, size_t segment_bytes, const int64_t* blocks);
 
+// ---- the disk tier: blocks straight between the KV cache and a file ---------
+// Slot s of the file is at offsets[i]; its bytes are the block's segments in
+// region order (the same image as a tier slot), so one preadv/pwritev per block
+// with an iovec per segment moves it, no staging copy.
+
+struct DiskIoResult {
+  size_t done;  // leading blocks moved (and, on reads, checked)
+  int error;    // 0; an errno from the first failure; -1 a short transfer (EOF, full disk);
+                // -2 a read block that failed its checksum
+};
+
+// Reads blocks[i] from fd at offsets[i], checking each against checksums[i];
+// stops at the first failure.
+DiskIoResult kv_disk_read(int fd, const int64_t* offsets, const uint64_t* checksums, size_t n,
+                          uint8_t* const* regions, size_t num_regions, size_t segment_bytes,
+                          const int64_t* blocks);
+
+// Writes blocks[i] to fd at offsets[i] and their checksums to checksums[i];
+// stops at the first failure.
+DiskIoResult kv_disk_write(int fd, const int64_t* offsets, size_t n,
+                           const uint8_t* const* regions, size_t num_regions,
+                           size_t segment_bytes, const int64_t* blocks, uint64_t* checksums);
+
 }  // namespace xllm

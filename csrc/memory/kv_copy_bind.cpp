@@ -73,6 +73,46 @@ void register_kv_copy(py::module_& m) {
       "Copies tier slots into KV blocks, checking each; returns how many leading blocks are "
       "intact.");
   m.def(
+      "kv_disk_read",
+      [](int fd, const std::vector<int64_t>& offsets, const std::vector<uint64_t>& checksums,
+         const std::vector<uintptr_t>& regions, size_t segment_bytes,
+         const std::vector<int64_t>& blocks) {
+        check_lengths(blocks.size(), offsets.size());
+        check_lengths(blocks.size(), checksums.size());
+        const auto ptrs = as_pointers<uint8_t>(regions);
+        DiskIoResult r;
+        {
+          py::gil_scoped_release release;
+          r = kv_disk_read(fd, offsets.data(), checksums.data(), blocks.size(), ptrs.data(),
+                           ptrs.size(), segment_bytes, blocks.data());
+        }
+        return py::make_tuple(r.done, r.error);
+      },
+      py::arg("fd"), py::arg("offsets"), py::arg("checksums"), py::arg("regions"),
+      py::arg("segment_bytes"), py::arg("blocks"),
+      "Reads KV blocks from a file, checking each; returns (blocks done, error): error 0, an "
+      "errno, -1 for a short read, -2 for a failed checksum.");
+  m.def(
+      "kv_disk_write",
+      [](int fd, const std::vector<int64_t>& offsets, const std::vector<uintptr_t>& regions,
+         size_t segment_bytes, const std::vector<int64_t>& blocks) {
+        check_lengths(blocks.size(), offsets.size());
+        const auto ptrs = as_pointers<const uint8_t>(regions);
+        std::vector<uint64_t> sums(blocks.size());
+        DiskIoResult r;
+        {
+          py::gil_scoped_release release;
+          r = kv_disk_write(fd, offsets.data(), blocks.size(), ptrs.data(), ptrs.size(),
+                            segment_bytes, blocks.data(), sums.data());
+        }
+        sums.resize(r.done);
+        return py::make_tuple(sums, r.error);
+      },
+      py::arg("fd"), py::arg("offsets"), py::arg("regions"), py::arg("segment_bytes"),
+      py::arg("blocks"),
+      "Writes KV blocks to a file; returns (checksums of the blocks written, error) as "
+      "kv_disk_read.");
+  m.def(
       "kv_block_checksum",
       [](uintptr_t addr, size_t nbytes, size_t segment_bytes) {
         if (segment_bytes == 0 || nbytes % segment_bytes) {

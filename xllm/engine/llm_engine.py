@@ -90,7 +90,11 @@ class LLMEngine:
             block_size=config.block_size, head_size=mc.head_dim,
             dtype_bytes=kv_dtype.itemsize, on_demand=self.device.type == "cpu",
             idle_seconds=config.kv_idle_release_s,
-            cpu_tier_bytes=int(config.kv_offload_cpu_gb * (1 << 30)))
+            cpu_tier_bytes=int(config.kv_offload_cpu_gb * (1 << 30)),
+            disk_tier_dir=config.kv_offload_disk,
+            disk_tier_bytes=int(config.kv_offload_disk_gb * (1 << 30)),
+            identity=(_kv_identity(self.model_dir, self.dtype, kv_dtype, config.weight_format)
+                      if config.kv_offload_disk else ()))
         num_blocks = config.num_kv_blocks or max(
             2, int(config.kv_cache_memory_gb * (1 << 30)) // store_config.block_bytes)
         self.num_kv_blocks = num_blocks
@@ -323,6 +327,29 @@ class LLMEngine:
             num_cached_tokens=max(c.request.num_cached_tokens for c in state.completions),
             metrics=state.metrics, deltas=deltas, prompt_logprobs=state.prompt_logprobs,
             prompt_token_ranks=state.prompt_token_ranks)
+
+
+def _kv_identity(model_dir, dtype: torch.dtype, kv_dtype: torch.dtype,  # noqa: ANN001
+                 weight_format: str) -> tuple[tuple[str, str], ...]:
+    """What KV bytes depend on beyond their shape: the model's config and weight files (name,
+    size and a hash of their first and last MiB), the compute and cache dtypes and the weight
+    format. A disk tier written under another identity is never read."""
+    import hashlib
+
+    items = [("dtype", str(dtype)), ("kv_dtype", str(kv_dtype)),
+             ("weight_format", weight_format)]
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        if path.suffix not in (".json", ".safetensors", ".gguf", ".bin"):
+            continue
+        digest = hashlib.sha256()
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            digest.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(size - (1 << 20))
+                digest.update(f.read(1 << 20))
+        items.append((str(path.relative_to(model_dir)), f"{size}:{digest.hexdigest()[:16]}"))
+    return tuple(items)
 
 
 def _check_resume(generated: list[int], params: SamplingParams, vocab: int, room: int) -> None:

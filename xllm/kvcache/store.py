@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -37,11 +38,13 @@ from typing import TYPE_CHECKING
 from xllm import _C
 from xllm.kvcache.memory import KVMemory
 from xllm.kvcache.pool import DEFAULT_IDLE_SECONDS, OnDemandBlockPool
-from xllm.kvcache.tiers import Content, CpuTier, Tier
+from xllm.kvcache.tiers import Content, CpuTier, DiskTier, Tier
 from xllm.ops.block_pool import BlockPool, BlockPoolProtocol
 
 if TYPE_CHECKING:
     import torch
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["LOAD_BUCKETS", "KVStore", "KVStoreConfig", "KVStoreStats", "TierHit", "TierStats"]
 
@@ -57,6 +60,11 @@ class KVStoreConfig:
     on_demand: bool = True  # CPU memory mapped as blocks come into use
     idle_seconds: float = DEFAULT_IDLE_SECONDS
     cpu_tier_bytes: int = 0
+    disk_tier_dir: str | None = None
+    disk_tier_bytes: int = 0
+    # What the KV bytes depend on beyond the shape (model files, dtypes, weight format): a
+    # disk tier written under another identity is never read (xllm.kvcache.tiers.DiskTier).
+    identity: tuple[tuple[str, str], ...] = ()
 
     @property
     def segment_bytes(self) -> int:
@@ -149,11 +157,10 @@ class _Writer:
                 if not self._jobs:
                     return
                 job = self._jobs.popleft()
-            tier, blocks, slots, hashes, contents = job
             try:
-                sums = _C.kv_gather_blocks(store.regions, store.config.segment_bytes, blocks,
-                                           tier.address, tier.slot_bytes, slots)
+                sums = store._write(job)
             except Exception:  # noqa: BLE001 - a failed write leaves the blocks unwritten
+                logger.exception("KV write-back failed; its blocks stay unwritten")
                 sums = None
             self.done.append((job, sums))
             with self._cv:
@@ -177,11 +184,22 @@ class KVStore:
             self.pool = BlockPool(config.num_blocks)
             self.regions: list[int] = []  # set by kv_caches() from the tensors it makes
         self.tiers: list[Tier] = []
+        self.cpu: CpuTier | None = None
+        self.disk: DiskTier | None = None
         if config.cpu_tier_bytes:
-            self.tiers.append(CpuTier(config.cpu_tier_bytes, config.block_bytes))
+            self.cpu = CpuTier(config.cpu_tier_bytes, config.block_bytes)
+            self.tiers.append(self.cpu)
+        if config.disk_tier_dir is not None:
+            layout = {"identity": dict(config.identity), "block_size": config.block_size,
+                      "num_layers": config.num_layers, "num_kv_heads": config.num_kv_heads,
+                      "head_size": config.head_size, "dtype_bytes": config.dtype_bytes}
+            self.disk = DiskTier(config.disk_tier_dir, config.disk_tier_bytes,
+                                 config.block_bytes, config.block_size, layout)
+            self.tiers.append(self.disk)
         self._writer = _Writer(self) if self.tiers else None
         self._pending_blocks: dict[int, int] = {}  # pool block -> writes still reading it
         self._pending_hashes: set[int] = set()
+        self._down_ok: dict[int, bool] = {}  # job id -> its write-down to disk succeeded
         self._load_counts = [0] * (len(LOAD_BUCKETS) + 1)
         self._load_sum = 0.0
         self.num_loads = 0
@@ -238,23 +256,24 @@ class KVStore:
 
     def offer(self, blocks: Sequence[int], hashes: Sequence[int],
               contents: Sequence[Content]) -> None:
-        """A request freed these registered blocks (a chain from its first block): the CPU
-        tier gets those it lacks, copied in the background."""
+        """A request freed these registered blocks (a chain from its first block): the top
+        tier gets those it lacks, copied in the background. With a CPU and a disk tier, the
+        blocks the CPU tier evicts for them are written down to the disk first."""
         if not self.tiers or not blocks:
             return
         self.poll()
-        tier = self.tiers[0]
-        have = len(tier.index.lookup(hashes))
-        # already there: refresh (keeps the head of a chain longer than its tail)
-        if have:
-            tier.refresh(tier.index.lookup(hashes[:have]))
+        top = self.tiers[0]
+        have = len(top.index.lookup(hashes))
+        if have:  # already there: refresh (keeps the head of a chain longer than its tail)
+            top.refresh(top.index.lookup(hashes[:have]))
         pending = self._pending_hashes
         todo = [i for i in range(have, len(blocks)) if hashes[i] not in pending]
         if not todo:
             return
-        slots = tier.reserve(len(todo))
+        slots = top.reserve(len(todo))
         if not slots:
             return
+        down = self._write_down(top, slots) if top is self.cpu and self.disk else None
         todo = todo[:len(slots)]
         job_blocks = [blocks[i] for i in todo]
         job_hashes = [hashes[i] for i in todo]
@@ -262,7 +281,52 @@ class KVStore:
             self._pending_blocks[b] = self._pending_blocks.get(b, 0) + 1
         pending.update(job_hashes)
         assert self._writer is not None
-        self._writer.submit((tier, job_blocks, slots, job_hashes, [contents[i] for i in todo]))
+        self._writer.submit((top, job_blocks, slots, job_hashes, [contents[i] for i in todo],
+                             down))
+
+    def _write_down(self, cpu: Tier, slots: Sequence[int]) -> tuple | None:
+        """The blocks that reserving ``slots`` evicts from the CPU tier, with disk slots for
+        those the disk lacks: (cpu slots, disk slots, hashes, checksums, contents)."""
+        disk = self.disk
+        assert disk is not None
+        src, hashes, sums, contents = [], [], [], []
+        for slot in slots:
+            content = cpu.contents[slot]
+            if content is None:
+                continue
+            cpu.contents[slot] = None  # the slot is being rewritten
+            h = cpu.hashes[slot]
+            if h in self._pending_hashes or disk.index.lookup([h]):
+                continue
+            src.append(slot)
+            hashes.append(h)
+            sums.append(cpu.checksums[slot])
+            contents.append(content)
+        if not src:
+            return None
+        disk_slots = disk.reserve(len(src))
+        if not disk_slots:
+            return None
+        n = len(disk_slots)
+        self._pending_hashes.update(hashes[:n])
+        return src[:n], disk_slots, hashes[:n], sums[:n], contents[:n]
+
+    def _write(self, job: tuple) -> list[int] | None:
+        """The writer thread's part of a job: the bytes. Returns the new blocks' checksums."""
+        tier, blocks, slots, hashes, contents, down = job
+        c = self.config
+        if down is not None:
+            cpu_slots, disk_slots, d_hashes, d_sums, d_contents = down
+            assert self.disk is not None and self.cpu is not None
+            ok = self.disk.write(disk_slots, memoryview(self.cpu.memory),
+                                 [s * self.cpu.slot_bytes for s in cpu_slots], d_hashes, d_sums,
+                                 d_contents)
+            self._down_ok[id(job)] = ok
+        if tier is self.cpu:
+            return _C.kv_gather_blocks(self.regions, c.segment_bytes, blocks, tier.address,
+                                       tier.slot_bytes, slots)
+        assert isinstance(tier, DiskTier)  # straight from the pool to the disk
+        return tier.write_blocks(slots, self.regions, c.segment_bytes, blocks, hashes, contents)
 
     def poll(self) -> None:
         """Publishes the writes the background thread has finished (engine thread only)."""
@@ -271,7 +335,8 @@ class KVStore:
             return
         done = writer.done
         while done:
-            (tier, blocks, slots, hashes, contents), sums = done.popleft()
+            job, sums = done.popleft()
+            tier, blocks, slots, hashes, contents, down = job
             for b in blocks:
                 left = self._pending_blocks[b] - 1
                 if left:
@@ -279,6 +344,14 @@ class KVStore:
                 else:
                     del self._pending_blocks[b]
             self._pending_hashes.difference_update(hashes)
+            if down is not None:
+                _, disk_slots, d_hashes, d_sums, d_contents = down
+                self._pending_hashes.difference_update(d_hashes)
+                assert self.disk is not None
+                if self._down_ok.pop(id(job), False):
+                    self.disk.publish(disk_slots, d_hashes, d_sums, d_contents)
+                else:
+                    self.disk.discard(disk_slots)
             if sums is None:
                 tier.discard(slots)
             else:
@@ -324,29 +397,39 @@ class KVStore:
         t0 = time.perf_counter()
         done = 0
         for hit in hits:
-            tier = hit.tier
             slots = list(hit.slots)
-            target = list(blocks[done:done + len(slots)])
-            sums = [tier.checksums[s] for s in slots]
-            ok = _C.kv_scatter_blocks(tier.address, tier.slot_bytes, slots, sums, self.regions,
-                                      self.config.segment_bytes, target)
-            tier.hit_blocks += ok
-            tier.bytes_read += ok * tier.slot_bytes
-            tier.refresh(slots[:ok])
+            ok = self._load_hit(hit.tier, slots, list(blocks[done:done + len(slots)]))
             done += ok
             if ok < len(slots):
-                tier.corrupt_blocks += 1
-                # A slot that fails its check is dropped from the tier for good.
-                bad = slots[ok]
-                tier.index.retire([bad])
-                tier.index.restore([bad])
-                tier.contents[bad] = None
                 break
         seconds = time.perf_counter() - t0
         self.num_loads += 1
         self._load_sum += seconds
         self._load_counts[bisect.bisect_left(LOAD_BUCKETS, seconds)] += 1
         return done
+
+    def _load_hit(self, tier: Tier, slots: list[int], target: list[int]) -> int:
+        seg = self.config.segment_bytes
+        if isinstance(tier, DiskTier):
+            ok, corrupt = tier.read_blocks(slots, self.regions, seg, target)
+            if corrupt:
+                self._corrupt(tier, slots[ok])
+        else:
+            sums = [tier.checksums[s] for s in slots]
+            ok = _C.kv_scatter_blocks(tier.address, tier.slot_bytes, slots, sums, self.regions,
+                                      seg, target)
+            if ok < len(slots):
+                self._corrupt(tier, slots[ok])
+        tier.hit_blocks += ok
+        tier.bytes_read += ok * tier.slot_bytes
+        tier.refresh(slots[:ok])
+        return ok
+
+    @staticmethod
+    def _corrupt(tier: Tier, slot: int) -> None:
+        """A slot that fails its check leaves the tier for good."""
+        tier.corrupt_blocks += 1
+        tier.forget(slot)
 
     def stats(self) -> KVStoreStats:
         tiers = tuple(TierStats(t.name, t.num_blocks, t.num_slots, t.hit_blocks, t.bytes_written,
@@ -360,3 +443,5 @@ class KVStore:
         if self._writer is not None:
             self._writer.close()
             self.poll()
+        for tier in self.tiers:
+            tier.close()
