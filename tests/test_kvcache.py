@@ -442,3 +442,37 @@ def test_metrics_show_mapped_memory_tiers_and_load_latency() -> None:
     assert values["xllm_kv_load_seconds_count"] == 1
     assert values['xllm_kv_load_seconds_bucket{le="+Inf"}'] == 1
     store.close()
+
+
+def test_swap_preemption_gives_the_outputs_of_no_preemption(demo_model_dir) -> None:  # noqa: ANN001
+    prompts = [f"Story {i}: " + "the ships sailed past the lighthouse at night " * 9
+               for i in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    roomy = LLM(model=str(demo_model_dir), dtype="float32", num_kv_blocks=400)
+    want = [o.outputs[0].token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
+    del roomy
+    tight = LLM(model=str(demo_model_dir), dtype="float32", num_kv_blocks=40,
+                max_num_batched_tokens=256, kv_offload_cpu_gb=0.1)
+    got = [o.outputs[0].token_ids for o in tight.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    engine = tight.engine
+    store = engine.kv_store
+    assert engine.scheduler.num_preempted > 0
+    assert store.num_swapped > 0 and store.cpu.hit_blocks > 0
+    engine.close()
+
+
+def test_swap_or_recompute_follows_measured_costs() -> None:
+    store = _store(cpu_blocks=8)
+    store.kv_caches(torch.float32)
+    assert store.swap_cheaper(4, 16)  # nothing measured yet: memory copies are taken to win
+    block = store.config.block_bytes
+    store._write_bps = store._load_bps = 2 * block  # two blocks a second each way
+    store.observe_prefill(100, 1.0)  # 100 tokens a second
+    assert store._prefill_tps == 100
+    # 4 blocks: 2 s + 2 s of copies against 16 tokens (0.16 s) of recompute
+    assert not store.swap_cheaper(4, 16)
+    assert store.swap_cheaper(4, 1000)  # 10 s of recompute
+    store.observe_prefill(10, 0.001)  # too small a step to measure anything
+    assert store._prefill_tps == 100
+    store.close()

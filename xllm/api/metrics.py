@@ -87,6 +87,12 @@ def _kv_store_metrics(kv: KVStoreStats) -> Iterator[Metric]:
         for field_name, family in families.items():
             family.add_metric([tier.name], getattr(tier, field_name))
     yield from families.values()
+    preempt = CounterMetricFamily("xllm_kv_preemptions",
+                                  "Preemptions by what became of the request's KV blocks",
+                                  labels=["kv"])
+    preempt.add_metric(["swapped"], kv.preemptions_swapped)
+    preempt.add_metric(["recomputed"], kv.preemptions_recomputed)
+    yield preempt
     if kv.load_buckets:
         bounds = [str(b) for b in LOAD_BUCKETS] + ["+Inf"]
         yield HistogramMetricFamily(

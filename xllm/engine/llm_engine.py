@@ -217,7 +217,11 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
+        t0 = time.perf_counter()
         result = self.runner.execute(out)
+        if out.prefills:  # the prompt speed, for the KV store's swap-or-recompute choice
+            self.kv_store.observe_prefill(out.num_batched_tokens - len(out.decodes),
+                                          time.perf_counter() - t0)
         if result.prompt_logprobs is not None:
             self._absorb_prompt_logprobs(out, result.prompt_logprobs)
         self.scheduler.update_from_output(out, result.sampled_token_ids)

@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+_RATE_WEIGHT = 0.2  # running averages of measured rates: weight of the newest sample
+_MIN_PREFILL_SAMPLE = 64  # prompt tokens a step must compute to measure the prompt speed
+
 __all__ = ["LOAD_BUCKETS", "KVStore", "KVStoreConfig", "KVStoreStats", "TierHit", "TierStats"]
 
 
@@ -104,6 +107,8 @@ class KVStoreStats:
     tiers: tuple[TierStats, ...] = ()
     load_buckets: tuple[int, ...] = ()  # cumulative counts per LOAD_BUCKETS bound, then +Inf
     load_sum: float = 0.0
+    preemptions_swapped: int = 0
+    preemptions_recomputed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,12 +162,13 @@ class _Writer:
                 if not self._jobs:
                     return
                 job = self._jobs.popleft()
+            t0 = time.perf_counter()
             try:
                 sums = store._write(job)
             except Exception:  # noqa: BLE001 - a failed write leaves the blocks unwritten
                 logger.exception("KV write-back failed; its blocks stay unwritten")
                 sums = None
-            self.done.append((job, sums))
+            self.done.append((job, sums, time.perf_counter() - t0))
             with self._cv:
                 self._busy -= 1
                 self._cv.notify_all()
@@ -200,6 +206,13 @@ class KVStore:
         self._pending_blocks: dict[int, int] = {}  # pool block -> writes still reading it
         self._pending_hashes: set[int] = set()
         self._down_ok: dict[int, bool] = {}  # job id -> its write-down to disk succeeded
+        # Measured rates for swap-or-recompute (None until measured): the top tier's write and
+        # load bandwidth (bytes/s), the engine's prompt speed (tokens/s).
+        self._write_bps: float | None = None
+        self._load_bps: float | None = None
+        self._prefill_tps: float | None = None
+        self.num_swapped = 0  # preemptions whose blocks went to a tier
+        self.num_recomputed = 0  # preemptions left to recompute
         self._load_counts = [0] * (len(LOAD_BUCKETS) + 1)
         self._load_sum = 0.0
         self.num_loads = 0
@@ -335,8 +348,10 @@ class KVStore:
             return
         done = writer.done
         while done:
-            job, sums = done.popleft()
+            job, sums, seconds = done.popleft()
             tier, blocks, slots, hashes, contents, down = job
+            if sums is not None and tier is self.tiers[0]:
+                self._observe("_write_bps", len(blocks) * self.config.block_bytes, seconds)
             for b in blocks:
                 left = self._pending_blocks[b] - 1
                 if left:
@@ -403,6 +418,8 @@ class KVStore:
             if ok < len(slots):
                 break
         seconds = time.perf_counter() - t0
+        if hits and hits[0].tier is self.tiers[0]:
+            self._observe("_load_bps", done * self.config.block_bytes, seconds)
         self.num_loads += 1
         self._load_sum += seconds
         self._load_counts[bisect.bisect_left(LOAD_BUCKETS, seconds)] += 1
@@ -431,13 +448,45 @@ class KVStore:
         tier.corrupt_blocks += 1
         tier.forget(slot)
 
+    # ---- swap or recompute ------------------------------------------------------------------
+
+    def _observe(self, name: str, amount: float, seconds: float) -> None:
+        """Folds a measured rate (per second) into a running average; tiny samples, whose
+        time is mostly fixed costs, are skipped."""
+        if seconds <= 0 or amount <= 0:
+            return
+        if name != "_prefill_tps" and amount < (1 << 20):
+            return
+        rate = amount / seconds
+        old = getattr(self, name)
+        setattr(self, name, rate if old is None else old + _RATE_WEIGHT * (rate - old))
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        """The engine's measured prompt speed (a step's new prompt tokens over its time)."""
+        if tokens >= _MIN_PREFILL_SAMPLE:
+            self._observe("_prefill_tps", tokens, seconds)
+
+    def swap_cheaper(self, num_blocks: int, num_tokens: int) -> bool:
+        """Whether writing a preempted request's blocks to the top tier and loading them back
+        costs less than recomputing its tokens, from measured rates: bytes over the tier's
+        write and load bandwidth against tokens over the prompt speed. Until a rate has been
+        measured, the tier's copies are taken to win (they are memory copies)."""
+        if not self.tiers or num_blocks == 0:
+            return False
+        prefill, write, load = self._prefill_tps, self._write_bps, self._load_bps
+        if prefill is None or write is None or load is None:
+            return True
+        nbytes = num_blocks * self.config.block_bytes
+        return nbytes / write + nbytes / load < num_tokens / prefill
+
     def stats(self) -> KVStoreStats:
         tiers = tuple(TierStats(t.name, t.num_blocks, t.num_slots, t.hit_blocks, t.bytes_written,
                                 t.bytes_read, t.corrupt_blocks) for t in self.tiers)
         cumulative = tuple(itertools.accumulate(self._load_counts))
         reserved = (self.memory.reserved_bytes if self.memory is not None
                     else self.config.num_blocks * self.config.block_bytes)
-        return KVStoreStats(self.mapped_bytes, reserved, tiers, cumulative, self._load_sum)
+        return KVStoreStats(self.mapped_bytes, reserved, tiers, cumulative, self._load_sum,
+                            self.num_swapped, self.num_recomputed)
 
     def close(self) -> None:
         if self._writer is not None:

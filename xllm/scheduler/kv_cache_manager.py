@@ -261,16 +261,26 @@ class KVCacheManager:
             self.hit_tokens += computed.num_tokens
         return new_blocks
 
-    def free(self, request: Request) -> None:
+    def free(self, request: Request, preempted: bool = False) -> None:
         """Returns request's blocks to the pool at once, last block first (so its tail is
-        evicted before its shareable prefix); they stay in the prefix cache until reused."""
+        evicted before its shareable prefix); they stay in the prefix cache until reused.
+        With tiers below the pool, its full blocks are written down first (in the background)
+        -- for a preempted request only when that costs less than recomputing them (a swap:
+        its readmission then loads them as a prefix hit)."""
         registered = self._num_registered.pop(request.request_id, 0)
         if request.block_ids:
-            if self.store is not None and registered:
+            store = self.store
+            if store is not None and registered and preempted:
+                if store.swap_cheaper(registered, registered * self.block_size):
+                    store.num_swapped += 1
+                else:
+                    store.num_recomputed += 1
+                    registered = 0
+            if store is not None and registered:
                 # Written down to the tiers before the pool can evict them (in the background).
                 blocks = request.block_ids[:registered]
                 content = self._block_content
-                self.store.offer(blocks, request.block_hashes[:registered],
-                                 [content[b] for b in blocks])
+                store.offer(blocks, request.block_hashes[:registered],
+                            [content[b] for b in blocks])
             self.pool.free(request.block_ids)
             request.block_ids = []

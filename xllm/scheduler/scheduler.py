@@ -388,14 +388,16 @@ class Scheduler:
         step.budget -= n
 
     def _preempt(self, step: _Step, victim: Request) -> None:
-        """Preemption by recompute: blocks freed, outputs kept (recomputed with the prompt),
-        back into its class's queue under its original key."""
+        """Preemption: blocks freed, outputs kept, back into its class's queue under its
+        original key. Its tokens are recomputed with the prompt, except what the prefix cache
+        still holds at readmission -- and, with a tier below the pool, what the KV manager
+        swapped out (written down) when that costs less than recomputing."""
         rid = victim.request_id
         del self._running[victim.offline][rid]
         undone = step.scheduled.pop(rid, None)
         if undone is not None:  # already scheduled this step: give its tokens back
             step.budget += undone.num_new_tokens
-        self.kv.free(victim)
+        self.kv.free(victim, preempted=True)
         victim.num_computed_tokens = 0
         victim.status = RequestStatus.PREEMPTED
         victim.num_preemptions += 1
