@@ -327,8 +327,10 @@ def _random_op(rng: random.Random, pool_size: int, held: list[list[int]], hashes
         return "retire", ([rng.randrange(1, pool_size) for _ in range(rng.randrange(1, 3))],)
     if r < 0.925:
         return "restore", ([rng.randrange(1, pool_size) for _ in range(rng.randrange(1, 3))],)
-    if r < 0.93:
+    if r < 0.928:
         return "reset_prefix_cache", ()
+    if r < 0.94:
+        return rng.choice(["drain_events", "cached_hashes"]), ()
     if r < 0.96:
         return "prefix_cache_stats", (rng.random() < 0.5,)
     return rng.choice(["ref_count", "block_hash"]), (rng.randrange(0, pool_size + 1),)
@@ -339,6 +341,10 @@ def test_native_matches_python_on_random_operations(seed: int) -> None:
     rng = random.Random(seed)
     pool_size = [2, 9, 17, 64][seed % 4]
     native, python = bp.BlockPool(pool_size), bp.PyBlockPool(pool_size)
+    for pool in (native, python):
+        pool.set_events(True)
+    # A listener applying the drained deltas holds exactly the cached hashes.
+    listener: set[int] = set()
     held: list[list[int]] = []
     hashes = [rng.randrange(2**64) for _ in range(80)]
     for step in range(2500):
@@ -350,6 +356,11 @@ def test_native_matches_python_on_random_operations(seed: int) -> None:
             except ValueError:
                 results.append(("ValueError", None))
         assert results[0] == results[1], f"step {step}: {name}{args}"
+        if name == "drain_events":
+            added, evicted = results[0][1]
+            listener.difference_update(evicted)
+            listener.update(added)
+            assert listener == set(native.cached_hashes()), f"step {step}"
         if name == "allocate" and results[0][1]:
             held.append(results[0][1])
         if step % 50 == 0:

@@ -1,6 +1,8 @@
 // KV block pool with prefix cache; see block_pool.h for the design.
 #include "memory/block_pool.h"
 
+#include <algorithm>
+
 #include <limits>
 #include <sstream>
 #include <stdexcept>
@@ -180,6 +182,7 @@ bool BlockPool::allocate(int64_t n, int32_t* out) {
     if (has_hash_[b]) {  // lazy eviction of the least recently freed cached block
       cache_.erase(hash_[b], b);
       has_hash_[b] = 0;
+      note(hash_[b], false);
     }
     ref_[b] = 1;
     out[i] = b;
@@ -266,6 +269,7 @@ void BlockPool::cache_blocks(const int64_t* blocks, const uint64_t* hashes, size
       added.push_back(i);
     }
   }
+  for (size_t i : added) note(hashes[i], true);
 }
 
 int32_t BlockPool::ref_count(int64_t block) const {
@@ -289,6 +293,11 @@ bool BlockPool::reset_prefix_cache() {
   // Like vLLM: a block in use may be shared through its hash right now, so the
   // cache is only dropped when nothing is in use.
   if (num_free_ + num_retired_ != num_blocks_ - 1) return false;
+  if (events_) {
+    for (int32_t b = 1; b < num_blocks_; ++b) {
+      if (has_hash_[b]) note(hash_[b], false);
+    }
+  }
   cache_.clear();
   for (auto& h : has_hash_) h = 0;
   return true;
@@ -318,10 +327,32 @@ void BlockPool::retire(const int64_t* blocks, size_t n, std::vector<uint64_t>* e
     if (has_hash_[b]) {
       cache_.erase(hash_[b], b);
       has_hash_[b] = 0;
+      note(hash_[b], false);
       if (evicted != nullptr) evicted->push_back(hash_[b]);
     }
   }
   num_retired_ += static_cast<int64_t>(n);
+}
+
+void BlockPool::set_events(bool on) {
+  events_ = on;
+  if (!on) changes_.clear();
+}
+
+void BlockPool::drain_events(std::vector<uint64_t>* added, std::vector<uint64_t>* evicted) {
+  for (const auto& [hash, present] : changes_) (present ? added : evicted)->push_back(hash);
+  changes_.clear();
+  std::sort(added->begin(), added->end());  // a deterministic order (the twin's too)
+  std::sort(evicted->begin(), evicted->end());
+}
+
+std::vector<uint64_t> BlockPool::cached_hashes() const {
+  std::vector<uint64_t> out;
+  out.reserve(cache_.size());
+  for (int32_t b = 1; b < num_blocks_; ++b) {
+    if (has_hash_[b]) out.push_back(hash_[b]);
+  }
+  return out;
 }
 
 void BlockPool::restore(const int64_t* blocks, size_t n) {

@@ -25,6 +25,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -150,6 +151,16 @@ class BlockPool {
   // order (empty blocks are handed out before cached ones).
   void restore(const int64_t* blocks, size_t n);
   int64_t num_retired_blocks() const { return num_retired_; }
+
+  // ---- block events ---------------------------------------------------------
+  // With events on, every hash the cache gains (cache_blocks) or loses (lazy
+  // eviction in allocate, retire, reset_prefix_cache) is noted; drain_events
+  // returns the net change since the previous drain -- the hashes now cached
+  // that were not, and those no longer cached -- so a listener applying the
+  // deltas in order holds exactly cached_hashes(). Off by default (no cost).
+  void set_events(bool on);
+  void drain_events(std::vector<uint64_t>* added, std::vector<uint64_t>* evicted);
+  std::vector<uint64_t> cached_hashes() const;
   bool is_retired(int64_t block) const {
     check_block(block, "block", -1);
     return retired_[block] != 0;
@@ -181,6 +192,11 @@ class BlockPool {
   std::vector<uint8_t> has_hash_;
   std::vector<uint8_t> retired_;
   int64_t num_retired_ = 0;
+  void note(uint64_t hash, bool present) {
+    if (events_) changes_[hash] = present;
+  }
+  bool events_ = false;
+  std::unordered_map<uint64_t, bool> changes_;  // hash -> cached now (last change wins)
   BlockHashMap cache_;
   uint64_t queries_ = 0, hits_ = 0;
 };

@@ -312,6 +312,21 @@ void register_block_pool(py::module_& m) {
             bound.pool.restore(ids.data(), ids.size());
           },
           py::arg("blocks"))
+      .def(
+          "set_events", [](BoundPool& bound, bool on) { bound.pool.set_events(on); },
+          py::arg("on"))
+      .def("drain_events",
+           [](BoundPool& bound) {
+             std::vector<uint64_t> added, evicted;
+             bound.pool.drain_events(&added, &evicted);
+             return py::make_tuple(hash_list(added.data(), added.size()),
+                                   hash_list(evicted.data(), evicted.size()));
+           })
+      .def("cached_hashes",
+           [](BoundPool& bound) {
+             const std::vector<uint64_t> h = bound.pool.cached_hashes();
+             return hash_list(h.data(), h.size());
+           })
       .def_property_readonly("num_retired_blocks",
                              [](const BoundPool& b) { return b.pool.num_retired_blocks(); })
       .def(

@@ -60,6 +60,9 @@ class OnDemandBlockPool:
         self.reset_prefix_cache = inner.reset_prefix_cache
         self.prefix_cache_stats = inner.prefix_cache_stats
         self.is_retired = inner.is_retired
+        self.set_events = inner.set_events
+        self.drain_events = inner.drain_events
+        self.cached_hashes = inner.cached_hashes
 
     def __repr__(self) -> str:
         return (f"OnDemandBlockPool(num_blocks={self.num_blocks}, "

@@ -211,6 +211,7 @@ class KVStore:
         self._write_bps: float | None = None
         self._load_bps: float | None = None
         self._prefill_tps: float | None = None
+        self.events_enabled = False
         self.num_swapped = 0  # preemptions whose blocks went to a tier
         self.num_recomputed = 0  # preemptions left to recompute
         self._load_counts = [0] * (len(LOAD_BUCKETS) + 1)
@@ -420,6 +421,11 @@ class KVStore:
         seconds = time.perf_counter() - t0
         if hits and hits[0].tier is self.tiers[0]:
             self._observe("_load_bps", done * self.config.block_bytes, seconds)
+        if len(hits) == 1 and done:  # one tier: its own rate (the cluster's routing weights)
+            tier = hits[0].tier
+            rate = done * self.config.block_bytes / max(seconds, 1e-9)
+            tier.load_bps = rate if tier.load_bps is None else (
+                tier.load_bps + _RATE_WEIGHT * (rate - tier.load_bps))
         self.num_loads += 1
         self._load_sum += seconds
         self._load_counts[bisect.bisect_left(LOAD_BUCKETS, seconds)] += 1
@@ -478,6 +484,35 @@ class KVStore:
             return True
         nbytes = num_blocks * self.config.block_bytes
         return nbytes / write + nbytes / load < num_tokens / prefill
+
+    # ---- block events (the cluster's prefix index) --------------------------------------------
+
+    def enable_events(self) -> None:
+        """Starts noting, in the pool and every tier, each block hash gained or lost."""
+        self.events_enabled = True
+        self.pool.set_events(True)
+        for tier in self.tiers:
+            tier.index.set_events(True)
+
+    def drain_events(self) -> dict[str, tuple[list[int], list[int]]]:
+        """Tier name ("pool", "cpu", "disk") -> (added, evicted): the net change of the block
+        hashes it holds since the previous drain. Publishes finished writes first."""
+        self.poll()
+        out = {"pool": self.pool.drain_events()}
+        for tier in self.tiers:
+            out[tier.name] = tier.index.drain_events()
+        return out
+
+    def cached_hashes(self) -> dict[str, list[int]]:
+        """Tier name -> every block hash it holds now."""
+        out = {"pool": self.pool.cached_hashes()}
+        for tier in self.tiers:
+            out[tier.name] = tier.index.cached_hashes()
+        return out
+
+    def load_rates(self) -> dict[str, float]:
+        """Tier name -> its measured load bandwidth (bytes/s; 0 until measured)."""
+        return {tier.name: tier.load_bps or 0.0 for tier in self.tiers}
 
     def stats(self) -> KVStoreStats:
         tiers = tuple(TierStats(t.name, t.num_blocks, t.num_slots, t.hit_blocks, t.bytes_written,

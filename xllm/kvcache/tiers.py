@@ -51,6 +51,7 @@ class Tier:
         self.bytes_written = 0
         self.bytes_read = 0
         self.corrupt_blocks = 0
+        self.load_bps: float | None = None  # measured by the store's loads
 
     @property
     def num_blocks(self) -> int:

@@ -227,6 +227,15 @@ class BlockPoolProtocol(Protocol):
         """Returns retired blocks to the free-list head, in the given order."""
 
     def is_retired(self, block: int) -> bool: ...
+    def set_events(self, on: bool) -> None:
+        """Starts (or stops) noting every hash the cache gains or loses."""
+
+    def drain_events(self) -> tuple[list[int], list[int]]:
+        """(added, evicted): the net change of the cached hashes since the previous drain,
+        each sorted."""
+
+    def cached_hashes(self) -> list[int]:
+        """Every cached hash, in block id order."""
 
     def prefix_cache_stats(self, reset: bool = False) -> tuple[int, int]:
         """(queried blocks, hit blocks) counted by lookup; reset=True zeroes them after."""
@@ -264,6 +273,8 @@ class PyBlockPool:
         self._num_free = n - 1
         self._retired = [False] * n
         self._num_retired = 0
+        self._events = False
+        self._changes: dict[int, bool] = {}
         self._queries = 0
         self._hits = 0
 
@@ -330,6 +341,8 @@ class PyBlockPool:
                 if cache.get(h) == b:
                     del cache[h]
                 hashes[b] = None
+                if self._events:
+                    self._changes[h] = False
             ref[b] = 1
             out.append(b)
         self._num_free -= count
@@ -423,6 +436,9 @@ class PyBlockPool:
                 cache[h] = b
                 block_hash[b] = h
                 added.append(b)
+        if self._events:
+            for b in added:
+                self._changes[block_hash[b]] = True  # type: ignore[index]
 
     def ref_count(self, block: int) -> int:
         return self._ref[self._block_id(block, "block")]
@@ -443,6 +459,9 @@ class PyBlockPool:
         # Like vLLM: a block in use may be shared through its hash right now.
         if self._num_free + self._num_retired != self._n - 1:
             return False
+        if self._events:
+            for h in self._cache:
+                self._changes[h] = False
         self._cache.clear()
         self._hash = [None] * self._n
         return True
@@ -480,8 +499,24 @@ class PyBlockPool:
                 del self._cache[h]
                 self._hash[b] = None
                 evicted.append(h)
+                if self._events:
+                    self._changes[h] = False
         self._num_retired += len(ids)
         return evicted
+
+    def set_events(self, on: bool) -> None:
+        self._events = bool(on)
+        if not on:
+            self._changes.clear()
+
+    def drain_events(self) -> tuple[list[int], list[int]]:
+        added = sorted(h for h, present in self._changes.items() if present)
+        evicted = sorted(h for h, present in self._changes.items() if not present)
+        self._changes.clear()
+        return added, evicted
+
+    def cached_hashes(self) -> list[int]:
+        return [h for h in self._hash if h is not None]
 
     def restore(self, blocks: Sequence[int]) -> None:
         ids = self._block_ids(blocks, "blocks")

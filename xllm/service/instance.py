@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -172,33 +173,60 @@ def _logprobs(ids: list[int], entries: list[dict[int, float]]) -> list[instance_
 class _Snapshot:
     """The engine's state between two steps, read on the engine thread."""
 
-    hashes: set[int]  # cached block hashes
+    # Tier name -> (added, evicted): the block hashes gained and lost since the previous
+    # snapshot (the KV store's block events; "pool" and the tiers below it).
+    deltas: dict[str, tuple[list[int], list[int]]]
+    full: dict[str, list[int]] | None  # tier name -> every hash it holds (when asked)
     prefill: int  # prompt tokens queued and not yet computed
     offline: int  # running offline requests
     num_waiting: int
     num_running: int
     kv_usage: float
+    load_rates: dict[str, float]  # tier name -> measured load bandwidth, bytes/s
+    block_bytes: int
 
 
-def _engine_snapshot(engine: Any) -> _Snapshot:
+def _engine_snapshot(engine: Any, full: bool) -> _Snapshot:
     """On the engine thread. The load is read here too, not from AsyncEngine.stats()
     (published after each step): this runs after every request queued in the inbox before
-    it was added to the scheduler, which the beat's admitted dispatch ids rely on."""
+    it was added to the scheduler, which the beat's admitted dispatch ids rely on. The
+    prefix caches travel as the KV store's block events (what changed), never as a walk
+    over the pool; ``full`` adds every hash held (a resync)."""
     sched = engine.scheduler
-    pool = sched.kv.pool
-    hashes = set()
-    for b in range(1, pool.num_blocks):  # block 0 is the null block, never cached
-        h = pool.block_hash(b)
-        if h is not None:
-            hashes.add(h)
+    store = engine.kv_store
+    if not store.events_enabled:
+        store.enable_events()  # the first beat of an incarnation is full: nothing is missed
+    deltas = store.drain_events()
     prefill = offline = 0
     for r in sched.requests.values():
         left = r.num_tokens - r.num_computed_tokens  # 1 while decoding: its last token
         prefill += left if left > 1 else 0
         offline += r.offline and r.num_computed_tokens > 0
     st = sched.stats()
-    return _Snapshot(hashes, prefill, offline, st.num_waiting, st.num_running,
-                     st.kv_cache_usage)
+    return _Snapshot(deltas, store.cached_hashes() if full else None, prefill, offline,
+                     st.num_waiting, st.num_running, st.kv_cache_usage, store.load_rates(),
+                     store.config.block_bytes)
+
+
+_TIER_PROTO = {"cpu": master_pb2.KV_TIER_CPU, "disk": master_pb2.KV_TIER_DISK}
+
+
+def _tier_deltas(snapshot: _Snapshot | None, full: bool) -> list[master_pb2.PrefixCacheDelta]:
+    """The tiers below the pool, as one delta each (``full``: everything they hold)."""
+    if snapshot is None:
+        return []
+    source = snapshot.full if full else snapshot.deltas
+    assert source is not None
+    out = []
+    for name, tier in _TIER_PROTO.items():
+        if name not in source:
+            continue
+        if full:
+            out.append(master_pb2.PrefixCacheDelta(full=True, added=source[name], tier=tier))
+        else:
+            added, evicted = source[name]
+            out.append(master_pb2.PrefixCacheDelta(added=added, evicted=evicted, tier=tier))
+    return out
 
 
 MAX_CARRIED_IDS = 65536  # per master: admitted dispatch ids waiting for a beat that lands
@@ -346,7 +374,6 @@ class InstanceAgent:
     async def _beat_loop(self) -> bool:
         """Beats until the registration is gone (True: register again) or stale (False)."""
         seq = 0
-        known: set[int] = set()
         prefill = offline = 0
         self._verdict = None
         for link in self._links.values():
@@ -369,12 +396,18 @@ class InstanceAgent:
             # request these ids name is in the scheduler when the snapshot reads its load.
             admitted = s.take_admitted()
             snapshot: _Snapshot | None = None
+            periodic = seq % self.full_every == 0
+            want_full = periodic or any(link.full for link in self._links.values())
             try:  # the snapshot waits for the current step; never longer than half a beat
-                fut = self.engine.call_on_engine_thread(_engine_snapshot)
+                fut = self.engine.call_on_engine_thread(
+                    functools.partial(_engine_snapshot, full=want_full))
                 snapshot = await asyncio.wait_for(asyncio.wrap_future(fut), self.interval_s / 2)
             except Exception as e:  # slow step, engine stopping: beat without a delta
                 if not isinstance(e, (TimeoutError, EngineDeadError, EngineOverloadedError)):
                     _log.warning("prefix-cache snapshot failed: %r", e)
+                # The late snapshot still drains the block events: every master must resync.
+                for link in self._links.values():
+                    link.full = True
             if snapshot is not None:
                 prefill, offline = snapshot.prefill, snapshot.offline
                 waiting, running, kv = snapshot.num_waiting, snapshot.num_running, snapshot.kv_usage
@@ -383,27 +416,36 @@ class InstanceAgent:
                 admitted = []
                 stats = self.engine.stats()
                 waiting, running, kv = stats.num_waiting, stats.num_running, stats.kv_cache_usage
+            rates = snapshot.load_rates if snapshot is not None else {}
             load = master_pb2.LoadReport(
                 num_waiting=waiting, num_running=running,
                 num_waiting_prefill_tokens=prefill, kv_usage=kv,
                 ttft_ms=s.ttft_ms.value, tpot_ms=s.tpot_ms.value,
-                prefill_tokens_per_s=s.prefill_tps.value, num_offline_running=offline)
-            current = known if snapshot is None else snapshot.hashes
-            # Without a fresh snapshot a delta is empty (the next one covers the change).
-            delta = master_pb2.PrefixCacheDelta(added=list(current - known),
-                                                evicted=list(known - current))
-            whole = master_pb2.PrefixCacheDelta(full=True, added=list(current))
-            known = current
+                prefill_tokens_per_s=s.prefill_tps.value, num_offline_running=offline,
+                cpu_tier_load_bytes_per_s=rates.get("cpu", 0.0),
+                disk_tier_load_bytes_per_s=rates.get("disk", 0.0),
+                kv_block_bytes=snapshot.block_bytes if snapshot is not None else 0)
+            # Without a fresh snapshot the deltas are empty (every link resyncs next beat).
+            pool_added, pool_evicted = (snapshot.deltas["pool"] if snapshot is not None
+                                        else ([], []))
+            delta = master_pb2.PrefixCacheDelta(added=pool_added, evicted=pool_evicted)
+            tier_delta = _tier_deltas(snapshot, full=False)
+            has_full = snapshot is not None and snapshot.full is not None
+            if has_full:
+                assert snapshot is not None and snapshot.full is not None
+                whole = master_pb2.PrefixCacheDelta(full=True, added=snapshot.full["pool"])
+                tier_whole = _tier_deltas(snapshot, full=True)
             for link in self._links.values():
                 link.carry(admitted)
                 if link.inflight is not None and not link.inflight.done():
                     link.full = True  # it misses this beat, so its next one is full
                     continue
-                full = link.full or seq % self.full_every == 0
-                link.full = False  # until its answer says otherwise
+                full = (link.full or periodic) and has_full
+                link.full = link.full and not full  # until its answer says otherwise
                 req = master_pb2.HeartbeatRequest(
                     instance_id=self.info.instance_id, incarnation_id=self.incarnation_id,
                     seq=seq, load=load, prefix_cache=whole if full else delta,
+                    tier_caches=tier_whole if full else tier_delta,
                     admitted_dispatch_ids=link.admitted)
                 link.admitted = []
                 link.inflight = asyncio.create_task(self._beat(link, req))

@@ -38,6 +38,10 @@ from xllm.service.registry import EmbeddedRegistry, InstanceEvent, InstanceRegis
 from xllm.service.routing import RouteDecision, Router, RouteRequest
 from xllm.service.state import InstanceInfo, InstanceLoad
 
+# KvTier (master.proto) -> the prefix index's tier names.
+_TIER_NAMES = {master_pb2.KV_TIER_POOL: "pool", master_pb2.KV_TIER_CPU: "cpu",
+               master_pb2.KV_TIER_DISK: "disk"}
+
 __all__ = ["ClusterEngine", "MasterServicer", "ModelFacts"]
 
 _log = logging.getLogger("xllm.master")
@@ -70,10 +74,12 @@ class MasterServicer(master_pb2_grpc.MasterServicer):
     async def Heartbeat(self, request: master_pb2.HeartbeatRequest,  # noqa: N802
                         context: grpc.aio.ServicerContext) -> master_pb2.HeartbeatResponse:
         pc = request.prefix_cache
+        tiers = [(_TIER_NAMES[d.tier], d.added, d.evicted) for d in request.tier_caches
+                 if d.tier in _TIER_NAMES and d.tier != master_pb2.KV_TIER_POOL]
         result = self.registry.heartbeat(
             request.instance_id, request.incarnation_id, request.seq,
             InstanceLoad.from_proto(request.load), pc.added, pc.evicted, pc.full,
-            admitted=request.admitted_dispatch_ids)
+            admitted=request.admitted_dispatch_ids, tiers=tiers)
         return master_pb2.HeartbeatResponse(status=int(result.status),  # type: ignore[arg-type]
                                             resync_prefix_cache=result.resync_prefix_cache)
 

@@ -176,9 +176,11 @@ async def _run(args: argparse.Namespace, config: EngineConfig) -> int:
 
     @app.get("/cluster/instances")
     async def instances() -> list[dict[str, object]]:
-        """The live instances and their last reported load (operators, tests)."""
+        """The live instances, their last reported load, and the KV blocks the master's
+        prefix index records for each per tier (pool, cpu, disk) (operators, tests)."""
         return [{"instance_id": v.instance_id, "incarnation_id": v.incarnation_id,
-                 "address": v.info.address, "load": dataclasses.asdict(v.load)}
+                 "address": v.info.address, "load": dataclasses.asdict(v.load),
+                 "kv_blocks": registry.index.blocks_per_tier(v.slot)}
                 for v in registry.routable()]
 
     @app.get("/cluster/status")

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 
 from xllm.ops.block_pool import ROOT_HASH, best_block_hashes
 
-__all__ = ["PrefixIndex", "prompt_block_hashes"]
+__all__ = ["TIERS", "PrefixIndex", "TieredPrefixIndex", "prompt_block_hashes"]
 
 _hash = best_block_hashes()
 
@@ -119,6 +119,10 @@ class PrefixIndex:
             mask ^= low
         return out
 
+    def match_tiers(self, hashes: Sequence[int]) -> dict[int, tuple[int, int, int]]:
+        """:meth:`match` as (pool, cpu, disk) counts, for an index of the pool alone."""
+        return {slot: (depth, 0, 0) for slot, depth in self.match(hashes).items()}
+
     def _slot(self, slot: int) -> set[int]:
         held = self._held[slot] if 0 <= slot < len(self._held) else None
         if held is None:
@@ -134,3 +138,109 @@ class PrefixIndex:
                 owners[h] = m
             else:
                 del owners[h]
+
+
+TIERS = ("pool", "cpu", "disk")
+
+
+class TieredPrefixIndex:
+    """Which instance holds each block in which tier: one :class:`PrefixIndex` per tier
+    (``pool``, ``cpu``, ``disk``; docs/kvcache.md), the same slot in each.
+
+    :meth:`match_tiers` finds, per instance, what its engine would find: the longest prefix
+    in its pool, continued in its CPU tier, continued on its disk (the lookup order of
+    ``KVStore.lookup``), as (pool, cpu, disk) block counts. :meth:`match` is their sum, and
+    ``apply`` without a tier is the pool's, so the policies that only count blocks read it
+    like a plain :class:`PrefixIndex`.
+    """
+
+    def __init__(self) -> None:
+        self.tiers = {name: PrefixIndex() for name in TIERS}
+
+    @property
+    def pool(self) -> PrefixIndex:
+        return self.tiers["pool"]
+
+    def add_instance(self) -> int:
+        slots = {index.add_instance() for index in self.tiers.values()}
+        assert len(slots) == 1, "the tiers' indexes must hand out the same slots"
+        return slots.pop()
+
+    def remove_instance(self, slot: int) -> None:
+        for index in self.tiers.values():
+            index.remove_instance(slot)
+
+    def apply(self, slot: int, added: Iterable[int], evicted: Iterable[int],
+              full: bool = False, tier: str = "pool") -> None:
+        index = self.tiers.get(tier)
+        if index is None:
+            raise ValueError(f"tier must be one of {TIERS}, got {tier!r}")
+        index.apply(slot, added, evicted, full)
+
+    def num_blocks(self, slot: int, tier: str = "pool") -> int:
+        return self.tiers[tier].num_blocks(slot)
+
+    def blocks_per_tier(self, slot: int) -> dict[str, int]:
+        return {name: index.num_blocks(slot) for name, index in self.tiers.items()}
+
+    def holds(self, slot: int, block_hash: int, tier: str = "pool") -> bool:
+        return self.tiers[tier].holds(slot, block_hash)
+
+    def match(self, hashes: Sequence[int]) -> dict[int, int]:
+        """Slot -> leading blocks of ``hashes`` it holds in any tier (as its engine finds
+        them), for every slot holding at least the first one."""
+        return {slot: sum(counts) for slot, counts in self.match_tiers(hashes).items()}
+
+    def match_tiers(self, hashes: Sequence[int]) -> dict[int, tuple[int, int, int]]:
+        """Slot -> (pool, cpu, disk) blocks of the longest prefix of ``hashes`` it holds:
+        first in its pool, then in its CPU tier, then on its disk. One walk for all slots,
+        over bitmasks of the slots in each phase."""
+        if not hashes:
+            return {}
+        op, oc, od = (self.tiers[name]._owners for name in TIERS)
+        h0 = hashes[0]
+        phase_p = op.get(h0, 0) | oc.get(h0, 0) | od.get(h0, 0)  # start in the pool phase
+        phase_c = phase_d = 0
+        ends: dict[int, list[int]] = {}  # slot -> [pool end, cpu end, disk end]
+        n = len(hashes)
+
+        def leave(mask: int, phase: int, at: int) -> None:
+            while mask:
+                low = mask & -mask
+                ends.setdefault(low.bit_length() - 1, [n, n, n])[phase] = at
+                mask ^= low
+
+        for i, h in enumerate(hashes):
+            if not (phase_p | phase_c | phase_d):
+                break
+            m = op.get(h, 0)
+            out = phase_p & ~m
+            phase_p &= m
+            if out:
+                leave(out, 0, i)
+                phase_c |= out
+            m = oc.get(h, 0)
+            out = phase_c & ~m
+            phase_c &= m
+            if out:
+                leave(out, 1, i)
+                phase_d |= out
+            m = od.get(h, 0)
+            out = phase_d & ~m
+            phase_d &= m
+            if out:
+                leave(out, 2, i)
+        for slot in _bits(phase_p | phase_c | phase_d):  # still matching at the end
+            ends.setdefault(slot, [n, n, n])
+        # A phase's end defaults to n, the prompt's end, when the slot never left it (and so
+        # never entered the phases after it: their ends are n too).
+        return {slot: (p, c - p, d - c) for slot, (p, c, d) in ends.items()}
+
+
+def _bits(mask: int) -> list[int]:
+    out = []
+    while mask:
+        low = mask & -mask
+        out.append(low.bit_length() - 1)
+        mask ^= low
+    return out

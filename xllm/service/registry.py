@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from xllm.service.prefix_index import PrefixIndex
+from xllm.service.prefix_index import TieredPrefixIndex
 from xllm.service.state import InstanceInfo, InstanceLoad, InstanceView
 
 __all__ = [
@@ -87,7 +87,7 @@ class InstanceRegistry:
             )
         self.heartbeat_interval_s = heartbeat_interval_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
-        self.index = PrefixIndex()
+        self.index = TieredPrefixIndex()
         self._instances: dict[str, InstanceView] = {}
         self._routable: list[InstanceView] | None = []  # cached list; None = rebuild
         self._listeners: list[Listener] = []
@@ -140,9 +140,11 @@ class InstanceRegistry:
         full: bool = False,
         now: float | None = None,
         admitted: Iterable[int] = (),
+        tiers: Iterable[tuple[str, Iterable[int], Iterable[int]]] = (),
     ) -> HeartbeatResult:
         """Applies one beat: extends the deadline, replaces the load, applies the prefix
-        cache delta, and settles the dispatches the beat lists as ``admitted`` to the
+        cache deltas (the pool's in ``added``/``evicted``, the tiers' below it in ``tiers``
+        as (name, added, evicted)), and settles the dispatches the beat lists as ``admitted`` to the
         instance's engine (its load counts them now, so they are no longer in transit;
         what the master routed there and the beat does not list stays counted).
 
@@ -165,11 +167,17 @@ class InstanceRegistry:
         in_order = seq == view.last_seq + 1 and view.last_seq > 0 and not view.needs_resync
         view.last_seq = seq
         view.load = load
-        if full:
+        if full:  # every tier: one a full beat leaves out holds nothing
             self.index.apply(view.slot, added, (), full=True)
+            reported = {name: tier_added for name, tier_added, _ in tiers}
+            for name in self.index.tiers:
+                if name != "pool":
+                    self.index.apply(view.slot, reported.get(name, ()), (), True, name)
             view.needs_resync = False
         elif in_order:
             self.index.apply(view.slot, added, evicted)
+            for name, tier_added, tier_evicted in tiers:
+                self.index.apply(view.slot, tier_added, tier_evicted, tier=name)
         else:
             view.needs_resync = True
         return HeartbeatResult(HeartbeatStatus.OK, view.needs_resync)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from xllm.service.prefix_index import PrefixIndex, prompt_block_hashes
+from xllm.service.prefix_index import TieredPrefixIndex, prompt_block_hashes
 from xllm.service.state import InstanceView, SpareCapacity
 
 __all__ = [
@@ -75,7 +75,7 @@ class RoutingPolicy(ABC):
 
     @abstractmethod
     def select(
-        self, request: RouteRequest, instances: Sequence[InstanceView], index: PrefixIndex
+        self, request: RouteRequest, instances: Sequence[InstanceView], index: TieredPrefixIndex
     ) -> RouteDecision: ...
 
 
@@ -86,7 +86,7 @@ class RoundRobinPolicy(RoutingPolicy):
         self._cursor = itertools.count()
 
     def select(
-        self, request: RouteRequest, instances: Sequence[InstanceView], index: PrefixIndex
+        self, request: RouteRequest, instances: Sequence[InstanceView], index: TieredPrefixIndex
     ) -> RouteDecision:
         return RouteDecision(instances[next(self._cursor) % len(instances)])
 
@@ -115,7 +115,7 @@ class LeastLoadPolicy(RoutingPolicy):
         self._cursor = itertools.count()
 
     def select(
-        self, request: RouteRequest, instances: Sequence[InstanceView], index: PrefixIndex
+        self, request: RouteRequest, instances: Sequence[InstanceView], index: TieredPrefixIndex
     ) -> RouteDecision:
         return RouteDecision(_least_loaded(instances, next(self._cursor)))
 
@@ -152,11 +152,19 @@ class PrefixAwarePolicy(RoutingPolicy):
         self._cursor = itertools.count()
 
     def select(
-        self, request: RouteRequest, instances: Sequence[InstanceView], index: PrefixIndex
+        self, request: RouteRequest, instances: Sequence[InstanceView], index: TieredPrefixIndex
     ) -> RouteDecision:
-        matches = index.match(request.block_hashes or ())
+        tiers = index.match_tiers(request.block_hashes or ())
         start = next(self._cursor)
         work = [v.work() for v in instances]
+        # A pool hit counts in full; a tier hit by the share of recompute time its load
+        # saves on that instance (pool above CPU above disk above none).
+        matches: dict[int, float] = {}
+        for v in instances:
+            hit = tiers.get(v.slot)
+            if hit is not None:
+                w_cpu, w_disk = v.load.tier_weights(v.info.capacity.block_size)
+                matches[v.slot] = hit[0] + w_cpu * hit[1] + w_disk * hit[2]
         if not matches:
             # A prefix cached nowhere goes where the fewest requests are, KV usage breaking
             # ties: least_load's score, where a few KV blocks outweigh a queued request, put
@@ -167,19 +175,21 @@ class PrefixAwarePolicy(RoutingPolicy):
             return RouteDecision(instances[(start + i) % n])
         limit = min(work) * self.balance_rel + self.balance_abs
         best: InstanceView | None = None
-        best_key = (-1, 0.0)
+        best_key = (-1.0, 0.0)
         n = len(instances)
         for k in range(n):
             i = (start + k) % n
             v = instances[i]
             if work[i] > limit or v.load.kv_usage > self.max_kv_usage:
                 continue
-            key = (matches.get(v.slot, 0), -v.load_score())
+            key = (matches.get(v.slot, 0.0), -v.load_score())
             if key > best_key:
                 best, best_key = v, key
         if best is None:  # every instance near its KV ceiling: the least loaded takes it
             return RouteDecision(_least_loaded(instances, start))
-        return RouteDecision(best, matched_tokens=best_key[0] * best.info.capacity.block_size)
+        hit = tiers.get(best.slot)
+        return RouteDecision(best, matched_tokens=sum(hit) * best.info.capacity.block_size
+                             if hit else 0)
 
 
 class SloAwarePolicy(RoutingPolicy):
@@ -225,7 +235,7 @@ class SloAwarePolicy(RoutingPolicy):
         return ttft, tpot
 
     def select(
-        self, request: RouteRequest, instances: Sequence[InstanceView], index: PrefixIndex
+        self, request: RouteRequest, instances: Sequence[InstanceView], index: TieredPrefixIndex
     ) -> RouteDecision:
         ttft_slo = request.ttft_slo_ms if request.ttft_slo_ms is not None else self.ttft_slo_ms
         tpot_slo = request.tpot_slo_ms if request.tpot_slo_ms is not None else self.tpot_slo_ms
@@ -287,7 +297,7 @@ class Router:
         self._dispatch_ids = itertools.count(secrets.randbits(62) + 1)
 
     def route(
-        self, request: RouteRequest, instances: Sequence[InstanceView], index: PrefixIndex
+        self, request: RouteRequest, instances: Sequence[InstanceView], index: TieredPrefixIndex
     ) -> RouteDecision:
         """Chooses an instance and books the request on it: a new dispatch in transit there
         (one more pending request, its uncached prompt tokens as pending prefill, see

@@ -110,6 +110,23 @@ class InstanceLoad:
     tpot_ms: float = 0.0
     prefill_tokens_per_s: float = 0.0
     num_offline_running: int = 0
+    cpu_tier_load_bytes_per_s: float = 0.0  # measured; 0 = no such tier, or unmeasured
+    disk_tier_load_bytes_per_s: float = 0.0
+    kv_block_bytes: int = 0
+
+    def tier_weights(self, block_size: int) -> tuple[float, float]:
+        """What a block held in the CPU tier and on disk is worth against one in the pool
+        (1.0): the share of its recompute time a load saves, from this instance's measured
+        prompt speed and tier bandwidths; 0.9 and 0.5 until measured."""
+        tps, nbytes = self.prefill_tokens_per_s, self.kv_block_bytes
+        if tps <= 0 or nbytes <= 0:
+            return 0.9, 0.5
+        recompute = block_size / tps
+        out = []
+        for rate, default in ((self.cpu_tier_load_bytes_per_s, 0.9),
+                              (self.disk_tier_load_bytes_per_s, 0.5)):
+            out.append(max(0.0, 1.0 - nbytes / rate / recompute) if rate > 0 else default)
+        return out[0], out[1]
 
     @classmethod
     def from_proto(cls, msg: master_pb2.LoadReport) -> InstanceLoad:
@@ -122,6 +139,9 @@ class InstanceLoad:
             tpot_ms=max(msg.tpot_ms, 0.0),
             prefill_tokens_per_s=max(msg.prefill_tokens_per_s, 0.0),
             num_offline_running=msg.num_offline_running,
+            cpu_tier_load_bytes_per_s=max(msg.cpu_tier_load_bytes_per_s, 0.0),
+            disk_tier_load_bytes_per_s=max(msg.disk_tier_load_bytes_per_s, 0.0),
+            kv_block_bytes=msg.kv_block_bytes,
         )
 
 
