@@ -27,6 +27,12 @@ the same blocks (background thread, timed to the last one published), and its lo
 against a plain sequential read of the same file, each after dropping the file from the page
 cache; best of 3. Target: the load >= 50% of the sequential read.
 
+``peer``: two instances, each its own process, over real gRPC on loopback: one holds the same
+number of blocks as ``transfer`` in its prefix cache, the other fetches them (the path a
+master's hint starts), over shared memory (the peer writes into the fetcher's KV memory) and
+streamed over gRPC; best of 3 each against memcpy of the same bytes. Targets: shared memory
+>= 50% of memcpy, gRPC >= 1 GB/s.
+
 ``memory``: an engine whose pool's ceiling is 1 GiB serves a burst of long prompts, all at
 once and all running together, that fills most of the pool; then it sits idle for
 ``--idle`` seconds (upkeep runs when due, as the server's engine thread does). Reports
@@ -38,6 +44,7 @@ it, and first touch of its pages).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import json
 import os
@@ -169,9 +176,7 @@ def run_transfer(args: argparse.Namespace) -> dict:
     tier = store.tiers[0]
     slots = list(range(1, n + 1))
     nbytes = n * c.block_bytes
-    src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
-    dst = torch.empty(nbytes, dtype=torch.uint8).fill_(2)
-    t_memcpy = _best(lambda: ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes))
+    t_memcpy = _memcpy_seconds(nbytes)
     sums: list[int] = []
 
     def gather() -> None:
@@ -254,6 +259,126 @@ def _disk_rates(c: KVStoreConfig, n: int, args: argparse.Namespace) -> dict:
             "disk_load_vs_seq_read": min(plain) / min(tier)}
 
 
+def _memcpy_seconds(nbytes: int) -> float:
+    """Best of 5: one thread's memmove between two buffers of nbytes (the reference)."""
+    src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+    dst = torch.empty(nbytes, dtype=torch.uint8).fill_(2)
+    return _best(lambda: ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes))
+
+
+def _peer_chain(c: KVStoreConfig, n: int) -> tuple[list[int], list[int]]:
+    """The token chain the peer part's blocks are cached under, and its block hashes."""
+    tokens = [100 + (i % 30000) for i in range(n * c.block_size + 1)]
+    return tokens, block_hashes(tokens[:-1], c.block_size)
+
+
+def serve_peer(n: int) -> None:
+    """The serving instance of the peer part, in its own process (as instances are): an
+    engine holding ``n`` blocks of random bytes in its prefix cache under the chain's
+    hashes, behind a gRPC server on loopback; prints its port, serves until stdin closes."""
+    import sys
+
+    import grpc
+
+    from xllm.engine.async_engine import AsyncEngine
+    from xllm.service.instance import InstanceServicer
+    from xllm.service.proto import instance_pb2_grpc
+
+    engine = AsyncEngine(EngineConfig(model="demo", num_kv_blocks=n + 8))
+    engine.start()
+    assert engine.wait_ready(300), engine.error
+    c = engine.engine.kv_store.config
+    tokens, hashes = _peer_chain(c, n)
+
+    def seed(e: LLMEngine) -> int:
+        kv = e.scheduler.kv
+        blocks = kv.reserve_blocks(n)
+        assert blocks is not None
+        for k, v in e.runner.kv_caches:
+            k[blocks].normal_()
+            v[blocks].normal_()
+        parents = [ROOT_HASH, *hashes[:-1]]
+        contents = [(parents[i], tuple(tokens[i * c.block_size:(i + 1) * c.block_size]))
+                    for i in range(n)]
+        kv.adopt_blocks(blocks, hashes, contents, n)
+        return len(kv.pool.lookup(hashes))
+
+    async def run() -> None:
+        assert await asyncio.wrap_future(engine.call_on_engine_thread(seed)) == n
+        server = grpc.aio.server()
+        instance_pb2_grpc.add_InstanceServicer_to_server(InstanceServicer(engine), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        print(f"PORT {port}", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        await server.stop(0.5)
+
+    try:
+        asyncio.run(run())
+    finally:
+        engine.shutdown()
+
+
+def run_peer(args: argparse.Namespace) -> dict:
+    """Two instances, each its own process, over real gRPC on loopback: the other process
+    (:func:`serve_peer`) holds a chain of blocks as large as the transfer part's; this one
+    fetches it, over the shared-memory path and over the streamed gRPC path, best of 3
+    each, its cache emptied between runs."""
+    import subprocess
+    import sys
+
+    from xllm.engine.async_engine import AsyncEngine
+    from xllm.service.instance import InstanceServicer
+
+    probe = LLMEngine(EngineConfig(model="demo", num_kv_blocks=2), progress=False)
+    c = probe.kv_store.config
+    del probe
+    n = max(4, (512 << 20) // c.block_bytes)
+    tokens, _ = _peer_chain(c, n)
+    nbytes = n * c.block_bytes
+    t_memcpy = _memcpy_seconds(nbytes)
+    peer = subprocess.Popen([sys.executable, "-m", "bench.kvcache", "--serve-peer", str(n)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    engine = AsyncEngine(EngineConfig(model="demo", num_kv_blocks=n + 8))
+    engine.start()
+    try:
+        assert engine.wait_ready(300), engine.error
+        line = ""
+        while not line.startswith("PORT "):
+            line = peer.stdout.readline()  # type: ignore[union-attr]
+            assert line, "the serving instance died"
+        address = f"127.0.0.1:{line.split()[1]}"
+
+        async def run() -> dict:
+            client = InstanceServicer(engine)
+            engine.engine.kv_store._prefill_tps = None  # always fetch: this measures it
+            rows = {}
+            try:
+                for path, same in (("shm", True), ("grpc", False)):
+                    client.same_host = staticmethod(lambda peer, v=same: v)  # type: ignore
+                    best = float("inf")
+                    for _ in range(3):
+                        fut = engine.call_on_engine_thread(
+                            lambda e: e.scheduler.reset_prefix_cache())
+                        assert await asyncio.wrap_future(fut)
+                        t0 = time.perf_counter()
+                        got = await client.fetch_from_peer(address, tokens, n)
+                        best = min(best, time.perf_counter() - t0)
+                        assert got == n, (path, got)
+                    rows[f"{path}_GBps"] = nbytes / best / 1e9
+                    rows[f"{path}_vs_memcpy"] = t_memcpy / best
+            finally:
+                await client.close_peers()
+            return rows
+
+        rows = asyncio.run(run())
+    finally:
+        engine.shutdown()
+        peer.stdin.close()  # type: ignore[union-attr]
+        peer.wait(30)
+    return {"blocks": n, "bytes": nbytes, "memcpy_GBps": nbytes / t_memcpy / 1e9, **rows}
+
+
 def run_memory(args: argparse.Namespace) -> dict:
     engine = LLMEngine(EngineConfig(model="demo", kv_cache_memory_gb=1.0,
                                     max_num_batched_tokens=2048, max_num_seqs=256),
@@ -319,20 +444,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=int, default=16)
     parser.add_argument("--doc-tokens", type=int, default=1024)
     parser.add_argument("--idle", type=float, default=30.0)
-    parser.add_argument("--parts", default="workload,transfer,memory")
+    parser.add_argument("--parts", default="workload,transfer,peer,memory")
     parser.add_argument("--disk-dir", default=None,
                         help="where the disk tier's files go (default: the system's temp dir)")
     parser.add_argument("--json")
+    parser.add_argument("--serve-peer", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_peer:
+        serve_peer(args.serve_peer)
+        return 0
     parts = args.parts.split(",")
-    unknown = set(parts) - {"workload", "transfer", "memory"}
+    unknown = set(parts) - {"workload", "transfer", "peer", "memory"}
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}")
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     report = {"cpu": _cpu_name(), "isa": _C.detected_isa(),
               "cores": len(os.sched_getaffinity(0)), "date": time.strftime("%Y-%m-%d %H:%M")}
     print(f"CPU {report['cpu']} ({report['isa']}), {report['cores']} cores")
-    runners = {"workload": run_workload, "transfer": run_transfer, "memory": run_memory}
+    runners = {"workload": run_workload, "transfer": run_transfer, "peer": run_peer,
+               "memory": run_memory}
     for part in parts:
         report[part] = runners[part](args)
         print(part, json.dumps(report[part], indent=1))

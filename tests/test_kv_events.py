@@ -210,3 +210,21 @@ def test_in_process_cluster_index_equals_the_instance_per_tier(demo_model_dir: P
         asyncio.run(run())
     finally:
         engine.shutdown()
+
+
+def test_router_hints_a_peer_holding_a_longer_prefix() -> None:
+    reg = EmbeddedRegistry()
+    a, b = (reg.register(InstanceInfo(n, f"127.0.0.1:{p}", capacity=Capacity(8, block_size=4)))
+            for n, p in (("a", 7001), ("b", 7002)))
+    prompt = list(range(41))
+    hashes = prompt_block_hashes(prompt, 4)
+    reg.heartbeat("a", a.incarnation_id, 1, InstanceLoad(num_running=6), full=True,
+                  tiers=[("disk", hashes, ())])  # a holds it, on disk, and is busy
+    reg.heartbeat("b", b.incarnation_id, 1, InstanceLoad(), added=hashes[:3], full=True)
+    d = Router("least_load", 4).route(RouteRequest(prompt), reg.routable(), reg.index)
+    assert d.instance is b
+    assert (d.kv_peer, d.kv_peer_blocks) == ("127.0.0.1:7001", 10)
+    # b is now booked as holding the prompt in its pool (the router's optimistic entry):
+    # prefix_aware picks it over a's disk copy, and a holds no more than it: no hint
+    d = Router("prefix_aware", 4).route(RouteRequest(prompt), reg.routable(), reg.index)
+    assert d.instance is b and (d.kv_peer, d.kv_peer_blocks) == ("", 0)

@@ -63,6 +63,8 @@ class VmmPool:
     @property
     def address(self) -> int: ...
     @property
+    def fd(self) -> int: ...
+    @property
     def released(self) -> bool: ...
 
 # --- block_pool (csrc/memory/block_pool*.cpp) ---
@@ -121,6 +123,19 @@ def kv_scatter_blocks(
     blocks: Sequence[int],
 ) -> int: ...
 def kv_block_checksum(addr: int, nbytes: int, segment_bytes: int) -> int: ...
+def kv_copy_blocks(
+    src_regions: Sequence[int],
+    src_blocks: Sequence[int],
+    dst_regions: Sequence[int],
+    dst_blocks: Sequence[int],
+    segment_bytes: int,
+) -> list[int]: ...
+def kv_gather_bytes(
+    regions: Sequence[int], segment_bytes: int, blocks: Sequence[int]
+) -> tuple[bytes, list[int]]: ...
+def kv_blocks_checksums(
+    regions: Sequence[int], segment_bytes: int, blocks: Sequence[int]
+) -> list[int]: ...
 def kv_disk_read(
     fd: int,
     offsets: Sequence[int],

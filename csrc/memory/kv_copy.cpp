@@ -143,6 +143,33 @@ void kv_gather_blocks(const uint8_t* const* regions, size_t num_regions, size_t 
   _mm_sfence();  // the streamed stores are visible before the slots are published
 }
 
+void kv_copy_blocks(const uint8_t* const* src_regions, const int64_t* src_blocks,
+                    uint8_t* const* dst_regions, const int64_t* dst_blocks, size_t n,
+                    size_t num_regions, size_t segment_bytes, uint64_t* checksums) {
+  for (size_t i = 0; i < n; ++i) {
+    const size_t src_off = static_cast<size_t>(src_blocks[i]) * segment_bytes;
+    const size_t dst_off = static_cast<size_t>(dst_blocks[i]) * segment_bytes;
+    BlockChecksum c;
+    for (size_t r = 0; r < num_regions; ++r) {
+      c.copy_update(dst_regions[r] + dst_off, src_regions[r] + src_off, segment_bytes,
+                    /*stream=*/true);
+    }
+    checksums[i] = c.digest();
+  }
+  _mm_sfence();
+}
+
+void kv_blocks_checksums(const uint8_t* const* regions, size_t num_regions,
+                         size_t segment_bytes, const int64_t* blocks, size_t n,
+                         uint64_t* checksums) {
+  for (size_t i = 0; i < n; ++i) {
+    const size_t off = static_cast<size_t>(blocks[i]) * segment_bytes;
+    BlockChecksum c;
+    for (size_t r = 0; r < num_regions; ++r) c.update(regions[r] + off, segment_bytes);
+    checksums[i] = c.digest();
+  }
+}
+
 size_t kv_scatter_blocks(const uint8_t* src, size_t slot_bytes, const int64_t* slots,
                          const uint64_t* checksums, size_t n, uint8_t* const* regions,
                          size_t num_regions, size_t segment_bytes, const int64_t* blocks) {

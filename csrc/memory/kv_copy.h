@@ -54,6 +54,18 @@ size_t kv_scatter_blocks(const uint8_t* src, size_t slot_bytes, const int64_t* s
                          const uint64_t* checksums, size_t n, uint8_t* const* regions,
                          size_t num_regions, size_t segment_bytes, const int64_t* blocks);
 
+// Block src_blocks[i] of the src regions -> block dst_blocks[i] of the dst
+// regions (another KV cache: a peer's, mapped from its memfd), checksums of
+// each block's bytes to checksums[i], one pass, streaming stores.
+void kv_copy_blocks(const uint8_t* const* src_regions, const int64_t* src_blocks,
+                    uint8_t* const* dst_regions, const int64_t* dst_blocks, size_t n,
+                    size_t num_regions, size_t segment_bytes, uint64_t* checksums);
+
+// The checksum of each block in place (what kv_gather_blocks would return).
+void kv_blocks_checksums(const uint8_t* const* regions, size_t num_regions,
+                         size_t segment_bytes, const int64_t* blocks, size_t n,
+                         uint64_t* checksums);
+
 // ---- the disk tier: blocks straight between the KV cache and a file ---------
 // Slot s of the file is at offsets[i]; its bytes are the block's segments in
 // region order (the same image as a tier slot), so one preadv/pwritev per block

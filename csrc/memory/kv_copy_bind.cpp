@@ -113,6 +113,65 @@ void register_kv_copy(py::module_& m) {
       "Writes KV blocks to a file; returns (checksums of the blocks written, error) as "
       "kv_disk_read.");
   m.def(
+      "kv_copy_blocks",
+      [](const std::vector<uintptr_t>& src_regions, const std::vector<int64_t>& src_blocks,
+         const std::vector<uintptr_t>& dst_regions, const std::vector<int64_t>& dst_blocks,
+         size_t segment_bytes) {
+        check_lengths(src_blocks.size(), dst_blocks.size());
+        if (src_regions.size() != dst_regions.size()) fail("src and dst region counts differ");
+        const auto src = as_pointers<const uint8_t>(src_regions);
+        const auto dst = as_pointers<uint8_t>(dst_regions);
+        std::vector<uint64_t> sums(src_blocks.size());
+        {
+          py::gil_scoped_release release;
+          kv_copy_blocks(src.data(), src_blocks.data(), dst.data(), dst_blocks.data(),
+                         src_blocks.size(), src.size(), segment_bytes, sums.data());
+        }
+        return sums;
+      },
+      py::arg("src_regions"), py::arg("src_blocks"), py::arg("dst_regions"),
+      py::arg("dst_blocks"), py::arg("segment_bytes"),
+      "Copies KV blocks between two caches; returns each block's checksum.");
+  m.def(
+      "kv_blocks_checksums",
+      [](const std::vector<uintptr_t>& regions, size_t segment_bytes,
+         const std::vector<int64_t>& blocks) {
+        const auto ptrs = as_pointers<const uint8_t>(regions);
+        std::vector<uint64_t> sums(blocks.size());
+        {
+          py::gil_scoped_release release;
+          kv_blocks_checksums(ptrs.data(), ptrs.size(), segment_bytes, blocks.data(),
+                              blocks.size(), sums.data());
+        }
+        return sums;
+      },
+      py::arg("regions"), py::arg("segment_bytes"), py::arg("blocks"),
+      "Each KV block's checksum, in place.");
+  m.def(
+      "kv_gather_bytes",
+      [](const std::vector<uintptr_t>& regions, size_t segment_bytes,
+         const std::vector<int64_t>& blocks) {
+        const auto ptrs = as_pointers<const uint8_t>(regions);
+        const size_t slot = ptrs.size() * segment_bytes;
+        // A new bytes object, filled before anyone sees it (no zeroing, no second copy).
+        PyObject* raw = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(
+                                                               slot * blocks.size()));
+        if (raw == nullptr) throw py::error_already_set();
+        py::bytes out = py::reinterpret_steal<py::bytes>(raw);
+        auto* dst = reinterpret_cast<uint8_t*>(PyBytes_AS_STRING(raw));
+        std::vector<int64_t> slots(blocks.size());
+        for (size_t i = 0; i < slots.size(); ++i) slots[i] = static_cast<int64_t>(i);
+        std::vector<uint64_t> sums(blocks.size());
+        {
+          py::gil_scoped_release release;
+          kv_gather_blocks(ptrs.data(), ptrs.size(), segment_bytes, blocks.data(), blocks.size(),
+                           dst, slot, slots.data(), sums.data());
+        }
+        return py::make_tuple(out, sums);
+      },
+      py::arg("regions"), py::arg("segment_bytes"), py::arg("blocks"),
+      "KV blocks gathered back to back into a new bytes object, and their checksums.");
+  m.def(
       "kv_block_checksum",
       [](uintptr_t addr, size_t nbytes, size_t segment_bytes) {
         if (segment_bytes == 0 || nbytes % segment_bytes) {

@@ -89,6 +89,9 @@ class VmmPool {
   // Base of the reserved range: reserved_bytes bytes, aligned to 2 MiB when
   // page_bytes is a multiple of 2 MiB (so huge pages can back it).
   void* address() const { return base_; }
+  // The memfd behind the range (file offset = offset in the range): another process of
+  // the same user may map it through /proc/<pid>/fd/<fd> (the KV peer path on one host).
+  int fd() const { return fd_; }
 
   // Unmaps every page and returns its memory; idempotent. See above.
   void release();

@@ -81,6 +81,7 @@ void register_vmm(py::module_& m) {
           "address", [](const VmmPool& pool) { return reinterpret_cast<uintptr_t>(pool.address()); },
           "Base address of the reserved range.")
       .def_property_readonly("released", &VmmPool::released)
+      .def_property_readonly("fd", &VmmPool::fd)
       .def("__repr__",
            [](const VmmPool& pool) {
              return "VmmPool(reserved_bytes=" + std::to_string(pool.reserved_bytes()) +

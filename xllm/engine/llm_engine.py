@@ -93,8 +93,7 @@ class LLMEngine:
             cpu_tier_bytes=int(config.kv_offload_cpu_gb * (1 << 30)),
             disk_tier_dir=config.kv_offload_disk,
             disk_tier_bytes=int(config.kv_offload_disk_gb * (1 << 30)),
-            identity=(_kv_identity(self.model_dir, self.dtype, kv_dtype, config.weight_format)
-                      if config.kv_offload_disk else ()))
+            identity=_kv_identity(self.model_dir, self.dtype, kv_dtype, config.weight_format))
         num_blocks = config.num_kv_blocks or max(
             2, int(config.kv_cache_memory_gb * (1 << 30)) // store_config.block_bytes)
         self.num_kv_blocks = num_blocks

@@ -79,6 +79,11 @@ class KVStoreConfig:
         """One block of every layer, keys and values."""
         return 2 * self.num_layers * self.segment_bytes
 
+    @property
+    def num_regions(self) -> int:
+        """Per-layer key and value tensors."""
+        return 2 * self.num_layers
+
 
 # Load-latency histogram buckets (seconds): a few blocks take microseconds, a long prefix from
 # disk milliseconds.
@@ -212,6 +217,9 @@ class KVStore:
         self._load_bps: float | None = None
         self._prefill_tps: float | None = None
         self.events_enabled = False
+        self.peer_bps: dict[str, float] = {}  # measured peer transfer rates by path
+        self.peer_blocks_fetched = 0
+        self.peer_blocks_served = 0
         self.num_swapped = 0  # preemptions whose blocks went to a tier
         self.num_recomputed = 0  # preemptions left to recompute
         self._load_counts = [0] * (len(LOAD_BUCKETS) + 1)
@@ -471,6 +479,31 @@ class KVStore:
         """The engine's measured prompt speed (a step's new prompt tokens over its time)."""
         if tokens >= _MIN_PREFILL_SAMPLE:
             self._observe("_prefill_tps", tokens, seconds)
+
+    @property
+    def prefill_tps(self) -> float | None:
+        """The measured prompt speed (tokens/s), None until measured."""
+        return self._prefill_tps
+
+    def observe_peer(self, path: str, nbytes: int, seconds: float) -> None:
+        """A peer transfer's rate (``path``: "shm" or "grpc"), for the fetch decision."""
+        if seconds > 0 and nbytes >= (1 << 20):
+            rate = nbytes / seconds
+            old = self.peer_bps.get(path)
+            self.peer_bps[path] = rate if old is None else old + _RATE_WEIGHT * (rate - old)
+
+    def layout_key(self) -> str:
+        """A fingerprint of what this cache's bytes mean (model identity, dtypes, shape):
+        peers exchange blocks only when theirs is the same."""
+        import hashlib
+        import json
+
+        c = self.config
+        key = json.dumps({"identity": dict(c.identity), "block_size": c.block_size,
+                          "num_layers": c.num_layers, "num_kv_heads": c.num_kv_heads,
+                          "head_size": c.head_size, "dtype_bytes": c.dtype_bytes},
+                         sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()[:32]
 
     def swap_cheaper(self, num_blocks: int, num_tokens: int) -> bool:
         """Whether writing a preempted request's blocks to the top tier and loading them back

@@ -119,10 +119,17 @@ class KVCacheManager:
         if max_blocks <= 0:
             return NO_COMPUTED_BLOCKS
         hashes = self._extend_hashes(request, max_blocks)
-        hits = self.pool.lookup(hashes[:max_blocks] if len(hashes) > max_blocks else hashes)
+        return self.find_prefix(hashes[:max_blocks], request.all_token_ids)
+
+    def find_prefix(self, hashes: list[int], tokens: list[int]) -> ComputedBlocks:
+        """The longest leading part of the chain ``hashes`` (block ``i`` holding
+        ``tokens[i * bs : (i + 1) * bs]``) held in the pool and then in the tiers, every
+        block confirmed against its tokens. Changes no ref count."""
+        bs = self.block_size
+        max_blocks = len(hashes)
+        hits = self.pool.lookup(hashes)
         if not hits and self.store is None:
             return NO_COMPUTED_BLOCKS
-        tokens = request.all_token_ids
         content = self._block_content
         parent = ROOT_HASH
         n = 0
@@ -141,6 +148,34 @@ class KVCacheManager:
                 m = sum(len(h.slots) for h in tier_hits)
                 return ComputedBlocks(tuple(hits[:n]), (n + m) * bs, tuple(tier_hits))
         return ComputedBlocks(tuple(hits[:n]), n * bs)
+
+    # ---- blocks from outside (a peer instance) --------------------------------------------
+
+    def reserve_blocks(self, n: int) -> list[int] | None:
+        """n free blocks held outside any request (ref count 1), to be filled from a peer
+        and then adopted; None when the pool is short."""
+        blocks = self.pool.allocate(n)
+        if blocks is None:
+            return None
+        content = self._block_content
+        for b in blocks:
+            content.pop(b, None)
+        if self.store is not None:
+            self.store.claim(blocks)
+        return blocks
+
+    def adopt_blocks(self, blocks: list[int], hashes: list[int],
+                     contents: list[tuple[int, tuple[int, ...]]], num_filled: int) -> None:
+        """Registers the first num_filled reserved blocks (filled and checked) in the prefix
+        cache under their hashes and content, and frees all of them: the filled ones stay
+        cached (a request for this prompt takes them as a pool hit), the rest are empty."""
+        if num_filled and self.enable_prefix_caching:
+            content = self._block_content
+            for b, entry in zip(blocks[:num_filled], contents, strict=False):
+                content[b] = entry
+            self.pool.cache_blocks(blocks[:num_filled], hashes[:num_filled])
+        if blocks:
+            self.pool.free(blocks)  # tail first into the free list: the head evicted last
 
     def load_tier_hits(self, request: Request, computed: ComputedBlocks) -> int:
         """Loads computed's tier hits into the blocks allocate_slots gave request after its

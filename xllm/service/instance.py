@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,14 @@ from typing import Any
 import grpc
 
 from xllm.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from xllm.kvcache.transfer import (
+    export_blocks,
+    finish_fetch,
+    gather_chunk,
+    plan_fetch,
+    receive_chunk,
+    release_export,
+)
 from xllm.sampling_params import SamplingParams
 from xllm.service.proto import instance_pb2, instance_pb2_grpc, master_pb2, master_pb2_grpc
 from xllm.service.state import Capacity, InstanceInfo
@@ -85,6 +94,116 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         # FIFO inbox, on the event loop, so whatever the agent takes before queuing its
         # load snapshot is counted by that snapshot (see InstanceAgent._beat_loop).
         self._admitted: list[int] = []
+        self._peers: dict[str, instance_pb2_grpc.InstanceStub] = {}
+        self._peer_channels: list[grpc.aio.Channel] = []
+
+    # ---- KV blocks between instances (docs/kvcache.md) -------------------------------------
+
+    async def FetchBlocks(self, request: instance_pb2.FetchBlocksRequest,  # noqa: N802
+                          context: grpc.aio.ServicerContext) -> Any:
+        shm = None
+        if request.shm_pid:
+            shm = (request.shm_pid, request.shm_fd, request.shm_region_bytes,
+                   list(request.shm_blocks))
+        try:
+            fut = self.engine.call_on_engine_thread(functools.partial(
+                export_blocks, hashes=list(request.block_hashes),
+                tokens=list(request.token_ids), first=request.first, layout=request.layout,
+                shm=shm))
+            export = await asyncio.wrap_future(fut)
+        except (EngineDeadError, EngineOverloadedError) as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        if export.sources is None:  # same host: already in the client's memory
+            yield instance_pb2.BlockChunk(first=export.first, count=export.count,
+                                          checksums=export.checksums)
+            return
+        store = self.engine.engine.kv_store
+        loop = asyncio.get_running_loop()
+        try:  # each chunk gathered (off the loop) while the previous one travels
+            per = max(1, FETCH_CHUNK_BYTES // store.config.block_bytes)
+            for i in range(0, export.count, per):
+                k = min(per, export.count - i)
+                sums, data = await loop.run_in_executor(None, gather_chunk, store, export, i, k)
+                if sums:
+                    yield instance_pb2.BlockChunk(first=export.first + i, count=len(sums),
+                                                  checksums=sums, data=data)
+                if len(sums) < k:
+                    break  # a tier read failed: the client recomputes the rest
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(self.engine.call_on_engine_thread(
+                    functools.partial(release_export, export=export)))
+
+    async def fetch_from_peer(self, peer: str, context: list[int], peer_blocks: int) -> int:
+        """Fetches the prompt blocks ``peer`` holds and this instance lacks, when that costs
+        less than recomputing them (plan_fetch decides); returns the blocks adopted. Never
+        raises: a peer that fails, stalls or sends a bad block leaves the rest to be
+        recomputed."""
+        try:
+            fut = self.engine.call_on_engine_thread(functools.partial(
+                plan_fetch, prompt=context, peer_blocks=peer_blocks,
+                same_host=self.same_host(peer)))
+            plan = await asyncio.wrap_future(fut)
+        except Exception:  # noqa: BLE001 - the engine is busy or stopping: just compute
+            return 0
+        if plan is None:
+            return 0
+        store = self.engine.engine.kv_store  # type: ignore[union-attr]
+        path = "shm" if plan.shm is not None else "grpc"
+        req = instance_pb2.FetchBlocksRequest(block_hashes=plan.hashes, token_ids=plan.tokens,
+                                              first=plan.first, layout=plan.layout)
+        if plan.shm is not None:
+            req.shm_pid, req.shm_fd, req.shm_region_bytes = plan.shm
+            req.shm_blocks.extend(plan.blocks)
+        call = None
+        try:
+            call = self._peer_stub(peer).FetchBlocks(req, timeout=FETCH_TIMEOUT_S)
+            it = call.__aiter__()
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(it.__anext__(), FETCH_STALL_S)
+                except StopAsyncIteration:
+                    break
+                if chunk.data:
+                    path = "grpc"  # the peer could not map this memory: it streamed
+                landed = await asyncio.get_running_loop().run_in_executor(
+                    None, receive_chunk, store, plan, chunk.first, chunk.count,
+                    list(chunk.checksums), chunk.data)
+                if not landed:
+                    break
+        except Exception as e:  # noqa: BLE001 - dead, stalled or refusing peer: recompute
+            _log.info("KV fetch from %s stopped after %d blocks: %r", peer, plan.filled, e)
+        finally:
+            if call is not None:
+                call.cancel()
+        try:
+            fut = self.engine.call_on_engine_thread(functools.partial(
+                finish_fetch, plan=plan, path=path))
+            return await asyncio.wrap_future(fut)  # type: ignore[return-value]
+        except Exception:  # noqa: BLE001 - the engine stopped: nothing to adopt into
+            return 0
+
+    @staticmethod
+    def same_host(peer: str) -> bool:
+        """Whether a peer's gRPC address is on this host (then the shared-memory path is
+        tried first; the peer streams if it cannot map this instance's memory)."""
+        host = peer.rsplit(":", 1)[0].strip("[]")
+        return host in ("127.0.0.1", "localhost", "::1", socket.gethostname())
+
+    def _peer_stub(self, address: str) -> instance_pb2_grpc.InstanceStub:
+        stub = self._peers.get(address)
+        if stub is None:
+            channel = grpc.aio.insecure_channel(address, options=[
+                ("grpc.max_receive_message_length", 2 * FETCH_CHUNK_BYTES)])
+            self._peer_channels.append(channel)
+            stub = self._peers[address] = instance_pb2_grpc.InstanceStub(channel)
+        return stub
+
+    async def close_peers(self) -> None:
+        for channel in self._peer_channels:
+            await channel.close()
+        self._peer_channels.clear()
+        self._peers.clear()
 
     def take_admitted(self) -> list[int]:
         """The dispatch ids submitted since the previous call (the agent's next beat)."""
@@ -99,6 +218,9 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                        context: grpc.aio.ServicerContext) -> Any:
         prompt = list(request.prompt_token_ids)
         generated = list(request.generated_token_ids)
+        if request.kv_peer and request.kv_peer_blocks:
+            await self.fetch_from_peer(request.kv_peer, prompt + generated,
+                                       request.kv_peer_blocks)
         try:
             params = params_from_proto(request.sampling_params)
             stream = self.engine.generate(prompt, params, request_id=request.request_id or None,
@@ -228,6 +350,10 @@ def _tier_deltas(snapshot: _Snapshot | None, full: bool) -> list[master_pb2.Pref
             out.append(master_pb2.PrefixCacheDelta(added=added, evicted=evicted, tier=tier))
     return out
 
+
+FETCH_CHUNK_BYTES = 4 << 20  # a streamed chunk of blocks (the peer channel accepts 2x)
+FETCH_STALL_S = 2.0  # a peer silent this long between chunks is given up on
+FETCH_TIMEOUT_S = 30.0  # a whole fetch
 
 MAX_CARRIED_IDS = 65536  # per master: admitted dispatch ids waiting for a beat that lands
 
@@ -510,3 +636,4 @@ class InstanceRuntime:
             await self._waiter
         await self.agent.close()
         await self.server.stop(grace_s)
+        await self.servicer.close_peers()

@@ -384,7 +384,8 @@ class ClusterEngine:
                 prompt_token_ids=flight.prompt, generated_token_ids=flight.generated,
                 generated_text=flight.text, sampling_params=params_to_proto(flight.params),
                 priority=flight.priority, offline=flight.offline, attempt=flight.attempt,
-                dispatch_id=dispatch_id)
+                dispatch_id=dispatch_id, kv_peer=decision.kv_peer,
+                kv_peer_blocks=decision.kv_peer_blocks)
             try:
                 flight.call = self._stub(view.info.address).Generate(req)
             except BaseException:

@@ -24,6 +24,8 @@ from typing import Any, ClassVar
 from xllm.service.prefix_index import TieredPrefixIndex, prompt_block_hashes
 from xllm.service.state import InstanceView, SpareCapacity
 
+MIN_PEER_BLOCKS = 2  # a peer must hold this many more prompt blocks to be worth a hint
+
 __all__ = [
     "POLICIES",
     "LeastLoadPolicy",
@@ -64,6 +66,10 @@ class RouteDecision:
     # Set by Router: the id this dispatch is booked under on ``instance`` (send it in
     # GenerateRequest.dispatch_id; settle it on the view when the stream starts or ends).
     dispatch_id: int = 0
+    # Set by Router: another instance holding a longer cached prefix of the prompt (its
+    # gRPC address and the prompt blocks it holds), which ``instance`` may fetch from.
+    kv_peer: str = ""
+    kv_peer_blocks: int = 0
 
 
 class RoutingPolicy(ABC):
@@ -316,9 +322,28 @@ class Router:
         decision = self.policy.select(request, instances, index)
         v = decision.instance
         dispatch_id = next(self._dispatch_ids)
+        peer, peer_blocks = self._peer_hint(request, v, instances, index)
         v.book(dispatch_id, len(request.prompt_token_ids) - decision.matched_tokens)
         if request.block_hashes:
             index.apply(v.slot, request.block_hashes, ())
         # Positional: dataclasses.replace costs several microseconds per decision.
         return RouteDecision(v, decision.matched_tokens, decision.predicted_ttft_ms,
-                             decision.predicted_tpot_ms, dispatch_id)
+                             decision.predicted_tpot_ms, dispatch_id, peer, peer_blocks)
+
+    @staticmethod
+    def _peer_hint(request: RouteRequest, chosen: InstanceView,
+                   instances: Sequence[InstanceView],
+                   index: TieredPrefixIndex) -> tuple[str, int]:
+        """The instance holding the longest cached prefix of the prompt (in any tier) when
+        it holds at least MIN_PEER_BLOCKS more blocks than the chosen one: the chosen
+        instance may fetch them instead of recomputing (it decides, from its costs)."""
+        if not request.block_hashes or len(instances) < 2:
+            return "", 0
+        matches = index.match(request.block_hashes)
+        have = matches.get(chosen.slot, 0)
+        best, best_blocks = None, have + MIN_PEER_BLOCKS - 1
+        for v in instances:
+            n = matches.get(v.slot, 0)
+            if n > best_blocks and v is not chosen:
+                best, best_blocks = v, n
+        return (best.info.address, best_blocks) if best is not None else ("", 0)

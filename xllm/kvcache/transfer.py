@@ -1,0 +1,315 @@
+"""KV blocks between instances (the FetchBlocks RPC of instance.proto).
+
+**Server side** (:func:`export_blocks`, on the engine thread, so nothing moves the blocks
+while they are read): finds the longest leading part of the requested chain it holds -- in
+its pool, then its tiers, each block confirmed against the tokens, as its own prefix cache
+does -- and either writes the blocks straight into the client's KV memory (same host: the
+client's memfd mapped through ``/proc/<pid>/fd/<fd>``; one copy, from the pool with
+:func:`xllm._C.kv_copy_blocks`, from the CPU tier checked on the way, from disk by
+``preadv``), or pins them and gathers them chunk by chunk as the stream goes (gRPC).
+
+**Client side** (:func:`plan_fetch`, :func:`receive_chunk`, :func:`finish_fetch`):
+the engine thread reserves pool blocks for the part of the prompt the peer has and this
+instance lacks, when fetching costs less than recomputing (bytes over the measured
+transfer rate, plus a round trip, against tokens over the measured prompt speed); the
+chunks are checked as they land (streamed: checked while copied in; same host: the
+checksums the server computed, against the blocks in place); then the engine thread adopts
+the leading blocks that arrived whole into the prefix cache and frees the rest. The
+request that follows takes them as an ordinary pool hit. A peer that dies, stalls or sends
+a bad block costs only the blocks after it: they are recomputed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from xllm import _C
+from xllm.kvcache.store import KVStore
+from xllm.kvcache.tiers import DiskTier
+from xllm.ops.block_pool import ROOT_HASH, best_block_hashes
+
+__all__ = ["Export", "FetchPlan", "export_blocks", "finish_fetch", "gather_chunk", "plan_fetch",
+           "receive_chunk", "release_export"]
+
+_hash = best_block_hashes()
+MIN_FETCH_BLOCKS = 2  # fewer are cheaper to recompute than to ask for
+ROUND_TRIP_S = 0.002  # an RPC's fixed cost in the fetch-or-recompute comparison
+DEFAULT_RATES = {"shm": 4e9, "grpc": 1e9}  # bytes/s until measured
+
+
+# ---- the server ---------------------------------------------------------------------------
+
+
+@dataclass
+class Export:
+    """What the server holds of a requested chain: ``count`` blocks from ``first``. Same
+    host: already written into the client's memory, with their ``checksums``. Streamed:
+    ``sources`` are pinned (pool blocks and tier slots held, so nothing reuses them) and
+    :func:`gather_chunk` reads them chunk by chunk while earlier chunks travel;
+    :func:`release_export` unpins them (on the engine thread) when the stream ends."""
+
+    first: int
+    count: int
+    checksums: list[int]
+    sources: list[tuple[Any, int]] | None = None  # streamed: (place, id) per block
+
+
+class _PeerMemory:
+    """A client's KV memory mapped into this process (same host), cached by (pid, fd)."""
+
+    _cache: dict[tuple[int, int], tuple[mmap.mmap, int]] = {}
+
+    @classmethod
+    def regions(cls, pid: int, fd: int, region_bytes: int, num_regions: int) -> list[int]:
+        key = (pid, fd)
+        entry = cls._cache.get(key)
+        size = region_bytes * num_regions
+        if entry is None or entry[0].size() < size:
+            path = f"/proc/{pid}/fd/{fd}"
+            handle = os.open(path, os.O_RDWR)
+            try:
+                mm = mmap.mmap(handle, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(handle)
+            base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+            if len(cls._cache) > 16:  # peers come and go: keep a few
+                cls._cache.clear()
+            cls._cache[key] = entry = (mm, base)
+        base = entry[1]
+        return [base + r * region_bytes for r in range(num_regions)]
+
+
+def export_blocks(engine: Any, hashes: list[int], tokens: list[int], first: int,
+                  layout: str, shm: tuple[int, int, int, list[int]] | None) -> Export:
+    """On the engine thread. ``hashes``: the chain from the prompt's first block;
+    ``first``: where the client's wanted part starts; ``shm``: (pid, fd, region bytes,
+    client blocks) for the same-host path. A layout mismatch exports nothing."""
+    store: KVStore = engine.kv_store
+    export = _export(engine, store, hashes, tokens, first, layout, shm)
+    store.peer_blocks_served += export.count
+    return export
+
+
+def _export(engine: Any, store: KVStore, hashes: list[int], tokens: list[int], first: int,
+            layout: str, shm: tuple[int, int, int, list[int]] | None) -> Export:
+    kv = engine.scheduler.kv
+    if layout != store.layout_key() or first >= len(hashes):
+        return Export(first, 0, [])
+    found = kv.find_prefix(hashes, tokens)
+    held = found.num_tokens // kv.block_size
+    if held <= first:
+        return Export(first, 0, [])
+    cfg = store.config
+    # (source, index) per wanted block: ("pool", block) or (tier, slot)
+    sources: list[tuple[Any, int]] = [("pool", b) for b in found.block_ids]
+    for hit in found.tier_hits:
+        sources.extend((hit.tier, s) for s in hit.slots)
+    sources = sources[first:held]
+    if shm is not None:
+        pid, fd, region_bytes, dst_blocks = shm
+        try:
+            dst = _PeerMemory.regions(pid, fd, region_bytes, cfg.num_regions)
+        except OSError:
+            shm = None  # cannot map it (permissions, gone): stream instead
+        else:
+            return _export_shm(store, sources[:len(dst_blocks)], dst, dst_blocks, first)
+    _pin(engine, sources, +1)
+    return Export(first, len(sources), [], sources)
+
+
+def _pin(engine: Any, sources: list[tuple[Any, int]], sign: int) -> None:
+    """Holds (+1) or lets go of (-1) the sources' pool blocks and tier slots."""
+    for place, ids, _ in _runs(sources):
+        index = engine.scheduler.kv.pool if place == "pool" else place.index
+        (index.touch if sign > 0 else index.free)(ids)
+
+
+def release_export(engine: Any, export: Export) -> None:
+    """On the engine thread, once a streamed export is over (finished or abandoned)."""
+    if export.sources:
+        _pin(engine, export.sources, -1)
+        export.sources = None
+
+
+def _runs(sources: list[tuple[Any, int]]) -> list[tuple[Any, list[int], int]]:
+    """Consecutive sources from one place as (place, ids, offset in the chain part)."""
+    runs: list[tuple[Any, list[int], int]] = []
+    for i, (place, index) in enumerate(sources):
+        if runs and runs[-1][0] is place:
+            runs[-1][1].append(index)
+        else:
+            runs.append((place, [index], i))
+    return runs
+
+
+def _export_shm(store: KVStore, sources: list[tuple[Any, int]], dst: list[int],
+                dst_blocks: list[int], first: int) -> Export:
+    seg = store.config.segment_bytes
+    sums: list[int] = []
+    for place, ids, at in _runs(sources):
+        target = dst_blocks[at:at + len(ids)]
+        if place == "pool":
+            sums.extend(_C.kv_copy_blocks(store.regions, ids, dst, target, seg))
+            continue
+        checks = [place.checksums[s] for s in ids]
+        if isinstance(place, DiskTier):
+            ok, _ = place.read_blocks(ids, dst, seg, target)
+        else:
+            ok = _C.kv_scatter_blocks(place.address, place.slot_bytes, ids, checks, dst, seg,
+                                      target)
+        sums.extend(checks[:ok])
+        if ok < len(ids):
+            break
+    return Export(first, len(sums), sums)
+
+
+def gather_chunk(store: KVStore, export: Export, start: int, count: int
+                 ) -> tuple[list[int], bytes]:
+    """Blocks ``start .. start + count`` of a streamed export (pinned: any thread), back to
+    back, with their checksums (computed for pool blocks, stored for tier slots: the client
+    checks them). Ends early at a tier read that fails."""
+    assert export.sources is not None
+    cfg = store.config
+    nbytes = cfg.block_bytes
+    sources = export.sources[start:start + count]
+    if all(place == "pool" for place, _ in sources):  # the usual chunk: one native pass
+        data_bytes, pool_sums = _C.kv_gather_bytes(store.regions, cfg.segment_bytes,
+                                                   [b for _, b in sources])
+        return pool_sums, data_bytes
+    data = bytearray(len(sources) * nbytes)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(data)) if data else 0
+    sums: list[int] = []
+    for place, ids, at in _runs(sources):
+        if place == "pool":
+            sums.extend(_C.kv_gather_blocks(store.regions, cfg.segment_bytes, ids, base, nbytes,
+                                            list(range(at, at + len(ids)))))
+            continue
+        done = 0
+        for k, slot in enumerate(ids):
+            if isinstance(place, DiskTier):
+                dst = memoryview(data)[(at + k) * nbytes:(at + k + 1) * nbytes]
+                try:
+                    if os.preadv(place.fd, [dst], slot * place.slot_bytes) != nbytes:
+                        break
+                except OSError:
+                    break
+            else:
+                ctypes.memmove(base + (at + k) * nbytes, place.address + slot * place.slot_bytes,
+                               nbytes)
+            done += 1
+        sums.extend(place.checksums[s] for s in ids[:done])
+        if done < len(ids):
+            break
+    return sums, bytes(memoryview(data)[:len(sums) * nbytes])
+
+
+# ---- the client ---------------------------------------------------------------------------
+
+
+@dataclass
+class FetchPlan:
+    """A fetch this instance decided on: the chain, where its wanted part starts, and the
+    reserved blocks that part lands in."""
+
+    hashes: list[int]
+    tokens: list[int]
+    first: int
+    blocks: list[int]
+    layout: str
+    shm: tuple[int, int, int] | None  # (pid, memfd, region bytes) of this instance's KV
+    filled: int = 0  # leading blocks arrived whole so far
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def contents(self) -> list[tuple[int, tuple[int, ...]]]:
+        bs = len(self.tokens) // len(self.hashes)
+        out = []
+        for i in range(self.first, self.first + len(self.blocks)):
+            parent = self.hashes[i - 1] if i else ROOT_HASH
+            out.append((parent, tuple(self.tokens[i * bs:(i + 1) * bs])))
+        return out
+
+
+def plan_fetch(engine: Any, prompt: list[int], peer_blocks: int, same_host: bool
+               ) -> FetchPlan | None:
+    """On the engine thread. Reserves pool blocks for the prompt blocks the peer holds
+    beyond what this instance finds locally, when fetching them costs less than
+    recomputing them; None when it does not (or the pool is short)."""
+    store: KVStore = engine.kv_store
+    kv = engine.scheduler.kv
+    if not kv.enable_prefix_caching:
+        return None
+    bs = kv.block_size
+    wanted = min(peer_blocks, (len(prompt) - 1) // bs)
+    if wanted < MIN_FETCH_BLOCKS:
+        return None
+    tokens = prompt[:wanted * bs]
+    hashes = _hash(tokens, bs)
+    local = kv.find_prefix(hashes, tokens).num_tokens // bs
+    n = wanted - local
+    if n < MIN_FETCH_BLOCKS:
+        return None
+    path = "shm" if same_host and store.memory is not None else "grpc"
+    rate = store.peer_bps.get(path) or DEFAULT_RATES[path]
+    fetch_s = ROUND_TRIP_S + n * store.config.block_bytes / rate
+    prefill = store.prefill_tps
+    if prefill is not None and fetch_s >= n * bs / prefill:
+        return None
+    blocks = kv.reserve_blocks(n)
+    if blocks is None:
+        return None
+    shm = None
+    if path == "shm":
+        assert store.memory is not None
+        shm = (os.getpid(), store.memory.vmm.fd, store.memory.region_bytes)
+    return FetchPlan(hashes, tokens, local, blocks, store.layout_key(), shm)
+
+
+def receive_chunk(store: KVStore, plan: FetchPlan, first: int, count: int,
+                  checksums: list[int], data: bytes, verify_in_place: bool = False) -> bool:
+    """Lands one chunk (any thread: the blocks are reserved). Streamed bytes are checked
+    while copied in; same-host blocks (no bytes: the peer wrote them) only when
+    ``verify_in_place``. Returns whether every block of the chunk arrived whole (the fetch
+    stops at the first that did not)."""
+    at = first - plan.first
+    if at != plan.filled or count != len(checksums) or at + count > len(plan.blocks):
+        return False
+    targets = plan.blocks[at:at + count]
+    seg = store.config.segment_bytes
+    if data:
+        if len(data) != count * store.config.block_bytes:
+            return False
+        # The bytes object's own buffer (read only here; no copy); data stays referenced.
+        base = ctypes.cast(ctypes.c_char_p(bytes(data) if not isinstance(data, bytes)
+                                           else data), ctypes.c_void_p).value
+        ok = _C.kv_scatter_blocks(base, store.config.block_bytes, list(range(count)), checksums,
+                                  store.regions, seg, targets)
+    elif verify_in_place:
+        have = _C.kv_blocks_checksums(store.regions, seg, targets)
+        ok = next((i for i, (a, b) in enumerate(zip(have, checksums, strict=True)) if a != b),
+                  count)
+    else:
+        # Same host: the peer copied these in with one pass that summed them (tier blocks
+        # checked against their stored checksums as they were read); re-reading them here
+        # would cost as much as the copy, for a copy that never left memory.
+        ok = count
+    plan.filled += ok
+    return ok == count
+
+
+def finish_fetch(engine: Any, plan: FetchPlan, path: str) -> int:
+    """On the engine thread: adopts the blocks that arrived whole, frees the rest; returns
+    how many were adopted, and folds the transfer's rate into the store's measurements."""
+    store: KVStore = engine.kv_store
+    n = plan.filled
+    engine.scheduler.kv.adopt_blocks(plan.blocks, plan.hashes[plan.first:], plan.contents, n)
+    seconds = time.perf_counter() - plan.started
+    if n:
+        store.observe_peer(path, n * store.config.block_bytes, seconds)
+    store.peer_blocks_fetched += n
+    return n
