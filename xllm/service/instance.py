@@ -121,14 +121,24 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         loop = asyncio.get_running_loop()
         try:  # each chunk gathered (off the loop) while the previous one travels
             per = max(1, FETCH_CHUNK_BYTES // store.config.block_bytes)
-            for i in range(0, export.count, per):
+            starts = list(range(0, export.count, per))
+
+            def gather(i: int) -> asyncio.Future[tuple[list[int], bytes]]:
                 k = min(per, export.count - i)
-                sums, data = await loop.run_in_executor(None, gather_chunk, store, export, i, k)
+                return loop.run_in_executor(None, gather_chunk, store, export, i, k)
+
+            ahead = gather(starts[0]) if starts else None
+            for j, i in enumerate(starts):
+                assert ahead is not None
+                sums, data = await ahead
+                ahead = gather(starts[j + 1]) if j + 1 < len(starts) else None
                 if sums:
                     yield instance_pb2.BlockChunk(first=export.first + i, count=len(sums),
                                                   checksums=sums, data=data)
-                if len(sums) < k:
+                if len(sums) < min(per, export.count - i):
                     break  # a tier read failed: the client recomputes the rest
+            if ahead is not None:
+                await ahead  # never leave a gather running past the unpinning
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wrap_future(self.engine.call_on_engine_thread(
@@ -156,6 +166,8 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
             req.shm_pid, req.shm_fd, req.shm_region_bytes = plan.shm
             req.shm_blocks.extend(plan.blocks)
         call = None
+        landing: asyncio.Future[bool] | None = None  # the previous chunk, landing off the loop
+        loop = asyncio.get_running_loop()
         try:
             call = self._peer_stub(peer).FetchBlocks(req, timeout=FETCH_TIMEOUT_S)
             it = call.__aiter__()
@@ -166,16 +178,19 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                     break
                 if chunk.data:
                     path = "grpc"  # the peer could not map this memory: it streamed
-                landed = await asyncio.get_running_loop().run_in_executor(
-                    None, receive_chunk, store, plan, chunk.first, chunk.count,
-                    list(chunk.checksums), chunk.data)
-                if not landed:
+                if landing is not None and not await landing:
+                    landing = None
                     break
+                landing = loop.run_in_executor(None, receive_chunk, store, plan, chunk.first,
+                                               chunk.count, list(chunk.checksums), chunk.data)
         except Exception as e:  # noqa: BLE001 - dead, stalled or refusing peer: recompute
             _log.info("KV fetch from %s stopped after %d blocks: %r", peer, plan.filled, e)
         finally:
             if call is not None:
                 call.cancel()
+            if landing is not None:
+                with contextlib.suppress(Exception):
+                    await landing  # finished before the blocks are adopted or freed
         try:
             fut = self.engine.call_on_engine_thread(functools.partial(
                 finish_fetch, plan=plan, path=path))
