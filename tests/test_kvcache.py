@@ -268,6 +268,9 @@ def test_outputs_identical_from_pool_and_tiers(demo_model_dir, tmp_path, kv_dtyp
         _flood(llm)
         store.flush()
     assert bottom.hit_blocks > 0  # the cpu+disk case: the small CPU tier wrote down to disk
+    # each re-asked prompt's tier blocks were prefetched on arrival (the loader thread),
+    # then taken as a pool hit at admission
+    assert store.num_prefetches >= len(prompts)
     llm.engine.close()
 
 
@@ -476,3 +479,32 @@ def test_swap_or_recompute_follows_measured_costs() -> None:
     store.observe_prefill(10, 0.001)  # too small a step to measure anything
     assert store._prefill_tps == 100
     store.close()
+
+
+def test_prefetch_lands_while_other_work_runs(demo_model_dir) -> None:  # noqa: ANN001
+    """A request that waits behind running work has its tier blocks loaded in the
+    background; by its admission they are pool blocks (no load on the step's path)."""
+    prompt = DOC + QUESTIONS[2]
+    llm = LLM(model=str(demo_model_dir), dtype="float32", num_kv_blocks=72,
+              max_num_batched_tokens=256, max_num_seqs=1, kv_offload_cpu_gb=0.2)
+    engine = llm.engine
+    want = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    _flood(llm)
+    store = engine.kv_store
+    store.flush()
+    tokens = engine.tokenizer.encode(prompt)
+    assert not engine.scheduler.kv.pool.lookup(block_hashes(tokens, 16)[:1])  # not in the pool
+    busy = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    engine.add_request("busy", "Count slowly from one to thirty.", busy)
+    engine.step()  # "busy" runs; the seat is taken (max_num_seqs=1)
+    loads_before = store.num_loads
+    engine.add_request("doc", tokens, GREEDY)
+    assert store.prefetching("doc") or store.num_prefetches > 0
+    outs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outs[out.request_id] = out
+    assert outs["doc"].outputs[0].token_ids == want
+    assert outs["doc"].num_cached_tokens >= 16 * 10
+    assert store.num_prefetches >= 1 and store.num_loads == loads_before + 1  # the prefetch
+    llm.engine.close()

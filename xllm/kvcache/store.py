@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -179,6 +179,58 @@ class _Writer:
                 self._cv.notify_all()
 
 
+class _Loader:
+    """One background thread that runs prefetches' copies (KVStore.prefetch)."""
+
+    def __init__(self, store: KVStore) -> None:
+        self._store = store
+        self._keys: deque[str] = deque()
+        self.done: deque[tuple[str, list[tuple[int, int]], float]] = deque()
+        self._finished: set[str] = set()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="xllm-kv-loader", daemon=True)
+        self._thread.start()
+
+    def submit(self, key: str) -> None:
+        with self._cv:
+            self._keys.append(key)
+            self._cv.notify_all()
+
+    def wait(self, key: str) -> None:
+        with self._cv:
+            while key not in self._finished and not self._closed:
+                self._cv.wait()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._keys and not self._closed:
+                    self._cv.wait()
+                if not self._keys:
+                    return
+                key = self._keys.popleft()
+            try:
+                results, seconds = self._store._run_prefetch(key)
+            except Exception:  # noqa: BLE001 - a failed prefetch loads nothing
+                logger.exception("KV prefetch failed; its blocks are recomputed")
+                results, seconds = [], 0.0
+            self.done.append((key, results, seconds))
+            with self._cv:
+                self._finished.add(key)
+                self._cv.notify_all()
+
+    def take_finished(self, key: str) -> None:
+        with self._cv:
+            self._finished.discard(key)
+
+
 class KVStore:
     """The pool, its memory and the tiers of one engine (see the module docstring)."""
 
@@ -211,6 +263,11 @@ class KVStore:
         self._pending_blocks: dict[int, int] = {}  # pool block -> writes still reading it
         self._pending_hashes: set[int] = set()
         self._down_ok: dict[int, bool] = {}  # job id -> its write-down to disk succeeded
+        self._loader: _Loader | None = None
+        # key -> (hits, reserved blocks, done callback) of a prefetch in flight
+        self._prefetching: dict[str, tuple[Sequence[TierHit], list[int],
+                                           Callable[[int], None]]] = {}
+        self.num_prefetches = 0
         # Measured rates for swap-or-recompute (None until measured): the top tier's write and
         # load bandwidth (bytes/s), the engine's prompt speed (tokens/s).
         self._write_bps: float | None = None
@@ -351,7 +408,14 @@ class KVStore:
         return tier.write_blocks(slots, self.regions, c.segment_bytes, blocks, hashes, contents)
 
     def poll(self) -> None:
-        """Publishes the writes the background thread has finished (engine thread only)."""
+        """Publishes the writes the background thread has finished and finishes the
+        prefetches the loader has (engine thread only)."""
+        loader = self._loader
+        if loader is not None:
+            while loader.done:
+                key, results, seconds = loader.done.popleft()
+                loader.take_finished(key)
+                self._finish_prefetch(key, results, seconds)
         writer = self._writer
         if writer is None:
             return
@@ -422,11 +486,15 @@ class KVStore:
         done = 0
         for hit in hits:
             slots = list(hit.slots)
-            ok = self._load_hit(hit.tier, slots, list(blocks[done:done + len(slots)]))
+            ok, err = self._copy_in(hit.tier, slots, list(blocks[done:done + len(slots)]))
+            self._account(hit.tier, slots, ok, err)
             done += ok
             if ok < len(slots):
                 break
-        seconds = time.perf_counter() - t0
+        self._observe_load(hits, done, time.perf_counter() - t0)
+        return done
+
+    def _observe_load(self, hits: Sequence[TierHit], done: int, seconds: float) -> None:
         if hits and hits[0].tier is self.tiers[0]:
             self._observe("_load_bps", done * self.config.block_bytes, seconds)
         if len(hits) == 1 and done:  # one tier: its own rate (the cluster's routing weights)
@@ -437,24 +505,81 @@ class KVStore:
         self.num_loads += 1
         self._load_sum += seconds
         self._load_counts[bisect.bisect_left(LOAD_BUCKETS, seconds)] += 1
-        return done
 
-    def _load_hit(self, tier: Tier, slots: list[int], target: list[int]) -> int:
+    def _copy_in(self, tier: Tier, slots: list[int], target: list[int]) -> tuple[int, int]:
+        """The bytes of a load, nothing else (any thread, while the slots are held and the
+        targets reserved): (leading blocks intact, error: 0, -2 a failed checksum, else an
+        I/O failure)."""
         seg = self.config.segment_bytes
+        sums = [tier.checksums[s] for s in slots]
         if isinstance(tier, DiskTier):
-            ok, corrupt = tier.read_blocks(slots, self.regions, seg, target)
-            if corrupt:
-                self._corrupt(tier, slots[ok])
-        else:
-            sums = [tier.checksums[s] for s in slots]
-            ok = _C.kv_scatter_blocks(tier.address, tier.slot_bytes, slots, sums, self.regions,
-                                      seg, target)
-            if ok < len(slots):
-                self._corrupt(tier, slots[ok])
+            done, err = _C.kv_disk_read(tier.fd, [s * tier.slot_bytes for s in slots], sums,
+                                        self.regions, seg, target)
+            return done, err
+        ok = _C.kv_scatter_blocks(tier.address, tier.slot_bytes, slots, sums, self.regions, seg,
+                                  target)
+        return ok, 0 if ok == len(slots) else -2
+
+    def _account(self, tier: Tier, slots: list[int], ok: int, err: int) -> None:
+        """A load's bookkeeping (engine thread): counters, LRU, a corrupt slot dropped."""
+        if err == -2:
+            self._corrupt(tier, slots[ok])
+        elif err and isinstance(tier, DiskTier):
+            tier.read_errors += 1
         tier.hit_blocks += ok
         tier.bytes_read += ok * tier.slot_bytes
         tier.refresh(slots[:ok])
-        return ok
+
+    # ---- prefetch: tier hits loaded while steps run ---------------------------------------
+
+    def prefetch(self, key: str, hits: Sequence[TierHit], blocks: list[int],
+                 done: Callable[[int], None]) -> None:
+        """Loads ``hits`` into the reserved ``blocks`` on the loader thread while the engine
+        steps; ``done(blocks intact)`` runs on the engine thread (from :meth:`poll`) when it
+        is over. The hits' slots are held meanwhile, so no write reuses them."""
+        for hit in hits:
+            hit.tier.index.touch(list(hit.slots))
+        if self._loader is None:
+            self._loader = _Loader(self)
+        self._prefetching[key] = (hits, blocks, done)
+        self._loader.submit(key)
+
+    def prefetching(self, key: str) -> bool:
+        return key in self._prefetching
+
+    def wait_prefetch(self, key: str) -> None:
+        """Blocks until the prefetch ``key`` is over and finished (engine thread)."""
+        if key in self._prefetching:
+            assert self._loader is not None
+            self._loader.wait(key)
+            self.poll()
+
+    def _run_prefetch(self, key: str) -> tuple[list[tuple[int, int]], float]:
+        """The loader thread's part: the copies. Returns (ok, err) per hit and the time."""
+        hits, blocks, _ = self._prefetching[key]
+        t0 = time.perf_counter()
+        results, at = [], 0
+        for hit in hits:
+            slots = list(hit.slots)
+            ok, err = self._copy_in(hit.tier, slots, blocks[at:at + len(slots)])
+            results.append((ok, err))
+            at += ok
+            if ok < len(slots):
+                break
+        return results, time.perf_counter() - t0
+
+    def _finish_prefetch(self, key: str, results: list[tuple[int, int]], seconds: float
+                         ) -> None:
+        hits, blocks, done = self._prefetching.pop(key)
+        total = 0
+        for hit, (ok, err) in zip(hits, results, strict=False):
+            slots = list(hit.slots)
+            hit.tier.index.free(slots)  # let go of them, then account as a load does
+            self._account(hit.tier, slots, ok, err)
+            total += ok
+        self._observe_load(hits, total, seconds)
+        self.num_prefetches += 1
+        done(total)
 
     @staticmethod
     def _corrupt(tier: Tier, slot: int) -> None:
@@ -557,8 +682,10 @@ class KVStore:
                             self.num_swapped, self.num_recomputed)
 
     def close(self) -> None:
+        if self._loader is not None:
+            self._loader.close()
         if self._writer is not None:
             self._writer.close()
-            self.poll()
+        self.poll()
         for tier in self.tiers:
             tier.close()

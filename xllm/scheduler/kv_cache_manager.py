@@ -114,6 +114,8 @@ class KVCacheManager:
             # Prompt logprobs need the logits of every prompt position, and a cached block's
             # positions are never run. (Once it has outputs, its prompt was scored already.)
             return NO_COMPUTED_BLOCKS
+        if self.store is not None and self.store.prefetching(request.request_id):
+            self.store.wait_prefetch(request.request_id)  # its prefix is landing: take it
         bs = self.block_size
         max_blocks = (request.num_tokens - 1) // bs
         if max_blocks <= 0:
@@ -148,6 +150,40 @@ class KVCacheManager:
                 m = sum(len(h.slots) for h in tier_hits)
                 return ComputedBlocks(tuple(hits[:n]), (n + m) * bs, tuple(tier_hits))
         return ComputedBlocks(tuple(hits[:n]), n * bs)
+
+    def prefetch(self, request: Request, min_free_blocks: int = 0) -> bool:
+        """Starts loading the part of a waiting request's prefix that only the tiers hold
+        into reserved pool blocks, while steps run; when it lands the blocks join the prefix
+        cache, and the request's admission takes them as a pool hit (waiting for the load if
+        it is still going). Only while the pool keeps ``min_free_blocks`` free beside it.
+        Returns whether a prefetch started."""
+        store = self.store
+        if store is None or not self.enable_prefix_caching:
+            return False
+        if request.sampling_params.prompt_logprobs is not None and not request.output_token_ids:
+            return False
+        bs = self.block_size
+        max_blocks = (request.num_tokens - 1) // bs
+        if max_blocks <= 0:
+            return False
+        hashes = self._extend_hashes(request, max_blocks)[:max_blocks]
+        found = self.find_prefix(hashes, request.all_token_ids)
+        if not found.tier_hits:
+            return False
+        start = len(found.block_ids)
+        m = sum(len(h.slots) for h in found.tier_hits)
+        if self.pool.num_free_blocks - m < min_free_blocks:
+            return False
+        blocks = self.reserve_blocks(m)
+        if blocks is None:
+            return False
+        tokens = request.all_token_ids
+        contents = [(hashes[i - 1] if i else ROOT_HASH, tuple(tokens[i * bs:(i + 1) * bs]))
+                    for i in range(start, start + m)]
+        chain = hashes[start:start + m]
+        store.prefetch(request.request_id, found.tier_hits, blocks,
+                       lambda ok: self.adopt_blocks(blocks, chain, contents, ok))
+        return True
 
     # ---- blocks from outside (a peer instance) --------------------------------------------
 

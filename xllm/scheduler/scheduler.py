@@ -175,6 +175,11 @@ class Scheduler:
             self._waiting[request.offline].push(request)
         else:
             self._deferred.setdefault(wait[0].request_id, []).append((request, wait[1]))
+        if self.kv.store is not None:
+            # Its prefix in a tier below the pool starts landing now, while steps run; keep
+            # a step's worth of blocks free for the running requests.
+            self.kv.prefetch(request, min_free_blocks=cfg.max_num_batched_tokens
+                             // cfg.block_size + self.num_running)
 
     def _sibling_wait(self, request: Request) -> tuple[Request, int] | None:
         """(leader, tokens it must compute first) when request should wait for its leader's
@@ -262,6 +267,8 @@ class Scheduler:
                 "SchedulerOutput (on a failed step, abort its requests and pass [] for each)"
             )
         step = _Step(self.config.max_num_batched_tokens)
+        if self.kv.store is not None:
+            self.kv.store.poll()  # landed prefetches join the prefix cache before admissions
         for offline in (False, True):
             self._schedule_running(step, offline)
             self._schedule_waiting(step, offline)
