@@ -32,34 +32,15 @@ size_t sum_chunks_scalar(const uint8_t* data, size_t n, uint64_t* a, uint64_t* b
   return i;
 }
 
-__attribute__((target("avx2"))) size_t sum_chunks_avx2(const uint8_t* data, size_t n,
-                                                       uint64_t* a, uint64_t* b) {
-  __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
-  __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 4));
-  __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
-  __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 4));
-  size_t i = 0;
-  for (; i + 64 <= n; i += 64) {
-    a0 = _mm256_add_epi64(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data + i)));
-    a1 = _mm256_add_epi64(a1,
-                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data + i + 32)));
-    b0 = _mm256_add_epi64(b0, a0);
-    b1 = _mm256_add_epi64(b1, a1);
-  }
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(a), a0);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + 4), a1);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(b), b0);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(b + 4), b1);
-  return i;
-}
+// The whole 64-byte chunks of src[0, n) summed into the lanes and, unless kMode
+// is kSumOnly, copied to dst in the same pass (kStream: streaming stores, past
+// the cache: a tier's copy is not read again soon, and they spare the read of
+// each destination line; dst must be 32-byte aligned). Returns the bytes done.
+enum class Pass { kSumOnly, kCopy, kStream };
 
-// dst[0, n) = src[0, n) for the whole 64-byte chunks, summing them into the
-// lanes in the same pass; returns the bytes done. Streaming stores (past the
-// cache) where dst is aligned and `stream` is set: a tier's copy is not read
-// again soon, and they spare the read of each destination line.
-template <bool kStream>
-__attribute__((target("avx2"))) size_t copy_sum_avx2(uint8_t* dst, const uint8_t* src, size_t n,
-                                                     uint64_t* a, uint64_t* b) {
+template <Pass kMode>
+__attribute__((target("avx2"))) size_t sum_avx2(uint8_t* dst, const uint8_t* src, size_t n,
+                                                uint64_t* a, uint64_t* b) {
   __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
   __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 4));
   __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
@@ -68,10 +49,10 @@ __attribute__((target("avx2"))) size_t copy_sum_avx2(uint8_t* dst, const uint8_t
   for (; i + 64 <= n; i += 64) {
     const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
     const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 32));
-    if constexpr (kStream) {
+    if constexpr (kMode == Pass::kStream) {
       _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i), w0);
       _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i + 32), w1);
-    } else {
+    } else if constexpr (kMode == Pass::kCopy) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), w0);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i + 32), w1);
     }
@@ -93,8 +74,8 @@ void BlockChecksum::copy_update(uint8_t* dst, const uint8_t* src, size_t n, bool
   size_t done = 0;
   if (active_isa() >= Isa::kAvx2) {
     done = stream && reinterpret_cast<uintptr_t>(dst) % 32 == 0
-               ? copy_sum_avx2<true>(dst, src, n, a_, b_)
-               : copy_sum_avx2<false>(dst, src, n, a_, b_);
+               ? sum_avx2<Pass::kStream>(dst, src, n, a_, b_)
+               : sum_avx2<Pass::kCopy>(dst, src, n, a_, b_);
     bytes_ += done;
   }
   std::memcpy(dst + done, src + done, n - done);
@@ -102,8 +83,9 @@ void BlockChecksum::copy_update(uint8_t* dst, const uint8_t* src, size_t n, bool
 }
 
 void BlockChecksum::update(const uint8_t* data, size_t n) {
-  const size_t done = active_isa() >= Isa::kAvx2 ? sum_chunks_avx2(data, n, a_, b_)
-                                                 : sum_chunks_scalar(data, n, a_, b_);
+  const size_t done = active_isa() >= Isa::kAvx2
+                          ? sum_avx2<Pass::kSumOnly>(nullptr, data, n, a_, b_)
+                          : sum_chunks_scalar(data, n, a_, b_);
   if (done < n) {  // a tail: zero-padded to 64 bytes
     uint8_t tail[64] = {};
     std::memcpy(tail, data + done, n - done);

@@ -33,7 +33,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from xllm import _C
 from xllm.kvcache.memory import KVMemory
@@ -124,22 +124,25 @@ class TierHit:
     slots: tuple[int, ...]
 
 
-class _Writer:
-    """One background thread that copies offered blocks into tier slots."""
+class _Worker:
+    """One background thread running ``fn(item)`` for queued items in order; results land
+    in ``done`` as (item, result, seconds) for the engine thread to pick up (KVStore.poll).
+    A failed item's result is None."""
 
-    def __init__(self, store: KVStore) -> None:
-        self._store = store
-        self._jobs: deque = deque()
+    def __init__(self, name: str, fn: Callable[[Any], Any]) -> None:
+        self._fn = fn
+        self._name = name
+        self._items: deque = deque()
         self.done: deque = deque()
         self._cv = threading.Condition()
-        self._busy = 0  # jobs queued or running
+        self._busy = 0  # items queued or running
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="xllm-kv-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, job: tuple) -> None:
+    def submit(self, item: Any) -> None:
         with self._cv:
-            self._jobs.append(job)
+            self._items.append(item)
             self._busy += 1
             self._cv.notify_all()
 
@@ -159,76 +162,23 @@ class _Writer:
         self._thread.join()
 
     def _run(self) -> None:
-        store = self._store
         while True:
             with self._cv:
-                while not self._jobs and not self._closed:
+                while not self._items and not self._closed:
                     self._cv.wait()
-                if not self._jobs:
-                    return
-                job = self._jobs.popleft()
+                if not self._items:
+                    return  # closed, and everything queued has run
+                item = self._items.popleft()
             t0 = time.perf_counter()
             try:
-                sums = store._write(job)
-            except Exception:  # noqa: BLE001 - a failed write leaves the blocks unwritten
-                logger.exception("KV write-back failed; its blocks stay unwritten")
-                sums = None
-            self.done.append((job, sums, time.perf_counter() - t0))
+                result = self._fn(item)
+            except Exception:  # noqa: BLE001 - a failed copy moves nothing; it is recomputed
+                logger.exception("%s: a KV copy failed; its blocks are recomputed", self._name)
+                result = None
+            self.done.append((item, result, time.perf_counter() - t0))
             with self._cv:
                 self._busy -= 1
                 self._cv.notify_all()
-
-
-class _Loader:
-    """One background thread that runs prefetches' copies (KVStore.prefetch)."""
-
-    def __init__(self, store: KVStore) -> None:
-        self._store = store
-        self._keys: deque[str] = deque()
-        self.done: deque[tuple[str, list[tuple[int, int]], float]] = deque()
-        self._finished: set[str] = set()
-        self._cv = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="xllm-kv-loader", daemon=True)
-        self._thread.start()
-
-    def submit(self, key: str) -> None:
-        with self._cv:
-            self._keys.append(key)
-            self._cv.notify_all()
-
-    def wait(self, key: str) -> None:
-        with self._cv:
-            while key not in self._finished and not self._closed:
-                self._cv.wait()
-
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._keys and not self._closed:
-                    self._cv.wait()
-                if not self._keys:
-                    return
-                key = self._keys.popleft()
-            try:
-                results, seconds = self._store._run_prefetch(key)
-            except Exception:  # noqa: BLE001 - a failed prefetch loads nothing
-                logger.exception("KV prefetch failed; its blocks are recomputed")
-                results, seconds = [], 0.0
-            self.done.append((key, results, seconds))
-            with self._cv:
-                self._finished.add(key)
-                self._cv.notify_all()
-
-    def take_finished(self, key: str) -> None:
-        with self._cv:
-            self._finished.discard(key)
 
 
 class KVStore:
@@ -259,11 +209,12 @@ class KVStore:
             self.disk = DiskTier(config.disk_tier_dir, config.disk_tier_bytes,
                                  config.block_bytes, config.block_size, layout)
             self.tiers.append(self.disk)
-        self._writer = _Writer(self) if self.tiers else None
+        # Write-back jobs (pool blocks to a tier) and prefetch loads, each on its own thread.
+        self._writer = _Worker("xllm-kv-writer", self._write) if self.tiers else None
         self._pending_blocks: dict[int, int] = {}  # pool block -> writes still reading it
         self._pending_hashes: set[int] = set()
         self._down_ok: dict[int, bool] = {}  # job id -> its write-down to disk succeeded
-        self._loader: _Loader | None = None
+        self._loader: _Worker | None = None
         # key -> (hits, reserved blocks, done callback) of a prefetch in flight
         self._prefetching: dict[str, tuple[Sequence[TierHit], list[int],
                                            Callable[[int], None]]] = {}
@@ -413,9 +364,7 @@ class KVStore:
         loader = self._loader
         if loader is not None:
             while loader.done:
-                key, results, seconds = loader.done.popleft()
-                loader.take_finished(key)
-                self._finish_prefetch(key, results, seconds)
+                self._finish_prefetch(*loader.done.popleft())
         writer = self._writer
         if writer is None:
             return
@@ -540,7 +489,7 @@ class KVStore:
         for hit in hits:
             hit.tier.index.touch(list(hit.slots))
         if self._loader is None:
-            self._loader = _Loader(self)
+            self._loader = _Worker("xllm-kv-loader", self._run_prefetch)
         self._prefetching[key] = (hits, blocks, done)
         self._loader.submit(key)
 
@@ -551,13 +500,12 @@ class KVStore:
         """Blocks until the prefetch ``key`` is over and finished (engine thread)."""
         if key in self._prefetching:
             assert self._loader is not None
-            self._loader.wait(key)
+            self._loader.wait_idle()  # prefetches run in order; the ones before it are short
             self.poll()
 
-    def _run_prefetch(self, key: str) -> tuple[list[tuple[int, int]], float]:
-        """The loader thread's part: the copies. Returns (ok, err) per hit and the time."""
+    def _run_prefetch(self, key: str) -> list[tuple[int, int]]:
+        """The loader thread's part: the copies. Returns (ok, err) per hit."""
         hits, blocks, _ = self._prefetching[key]
-        t0 = time.perf_counter()
         results, at = [], 0
         for hit in hits:
             slots = list(hit.slots)
@@ -566,16 +514,16 @@ class KVStore:
             at += ok
             if ok < len(slots):
                 break
-        return results, time.perf_counter() - t0
+        return results
 
-    def _finish_prefetch(self, key: str, results: list[tuple[int, int]], seconds: float
-                         ) -> None:
+    def _finish_prefetch(self, key: str, results: list[tuple[int, int]] | None,
+                         seconds: float) -> None:
         hits, blocks, done = self._prefetching.pop(key)
+        for hit in hits:  # let go of every held slot, then account as a load does
+            hit.tier.index.free(list(hit.slots))
         total = 0
-        for hit, (ok, err) in zip(hits, results, strict=False):
-            slots = list(hit.slots)
-            hit.tier.index.free(slots)  # let go of them, then account as a load does
-            self._account(hit.tier, slots, ok, err)
+        for hit, (ok, err) in zip(hits, results or (), strict=False):
+            self._account(hit.tier, list(hit.slots), ok, err)
             total += ok
         self._observe_load(hits, total, seconds)
         self.num_prefetches += 1

@@ -205,10 +205,8 @@ class TieredPrefixIndex:
         n = len(hashes)
 
         def leave(mask: int, phase: int, at: int) -> None:
-            while mask:
-                low = mask & -mask
-                ends.setdefault(low.bit_length() - 1, [n, n, n])[phase] = at
-                mask ^= low
+            for slot in _bits(mask):
+                ends.setdefault(slot, [n, n, n])[phase] = at
 
         for i, h in enumerate(hashes):
             if not (phase_p | phase_c | phase_d):
