@@ -228,3 +228,27 @@ def test_router_hints_a_peer_holding_a_longer_prefix() -> None:
     # prefix_aware picks it over a's disk copy, and a holds no more than it: no hint
     d = Router("prefix_aware", 4).route(RouteRequest(prompt), reg.routable(), reg.index)
     assert d.instance is b and (d.kv_peer, d.kv_peer_blocks) == ("", 0)
+
+
+def test_scheduler_and_kv_store_import_no_torch() -> None:
+    """The scheduler drives the store (pool, memory on demand, tiers, events) without torch;
+    only the runner's views of the memory need it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from xllm.kvcache.store import KVStore, KVStoreConfig\n"
+        "from xllm.scheduler import Scheduler, SchedulerConfig\n"
+        "import xllm.kvcache.transfer\n"
+        "cfg = KVStoreConfig(num_blocks=16, num_layers=1, num_kv_heads=1, block_size=4,\n"
+        "                    head_size=8, dtype_bytes=4, cpu_tier_bytes=1 << 16)\n"
+        "store = KVStore(cfg)\n"
+        "Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=8, block_size=4,\n"
+        "                          num_blocks=16, max_model_len=32), store=store)\n"
+        "store.close()\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr

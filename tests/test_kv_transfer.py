@@ -142,10 +142,17 @@ def test_grpc_fetch_and_a_peer_that_stalls_mid_transfer(demo_model_dir: Path,
                 yield chunk
                 await asyncio.sleep(30)  # the peer hangs after its first chunk
 
+    class Crashing(InstanceServicer):
+        async def FetchBlocks(self, request: Any, context: Any) -> Any:  # noqa: N802
+            async for chunk in super().FetchBlocks(request, context):
+                yield chunk
+                raise RuntimeError("the peer died")  # the stream breaks after one chunk
+
     async def run() -> None:
         servers = []
         addresses = []
-        for servicer in (InstanceServicer(engines[0]), Stalling(engines[0])):
+        for servicer in (InstanceServicer(engines[0]), Stalling(engines[0]),
+                         Crashing(engines[0])):
             server = grpc.aio.server()
             instance_pb2_grpc.add_InstanceServicer_to_server(servicer, server)
             addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
@@ -178,13 +185,18 @@ def test_grpc_fetch_and_a_peer_that_stalls_mid_transfer(demo_model_dir: Path,
                 assert outs[-1].num_cached_tokens == n * 16
                 assert outs[-1].outputs[0].token_ids == want.outputs[0].token_ids
             # a stalling peer: the first chunk lands, the rest is given up on in 0.5 s
-            await reset()
-            t0 = asyncio.get_running_loop().time()
-            got = await client.fetch_from_peer(addresses[1], prompt, n)
-            assert 0 < got < n and asyncio.get_running_loop().time() - t0 < 5
-            outs = [o async for o in engines[1].generate(prompt, GREEDY)]
-            assert outs[-1].num_cached_tokens == got * 16
-            assert outs[-1].outputs[0].token_ids == want.outputs[0].token_ids
+            for address in addresses[1:]:  # one that stalls, one that dies mid-stream
+                await reset()
+                t0 = asyncio.get_running_loop().time()
+                got = await client.fetch_from_peer(address, prompt, n)
+                assert 0 < got < n and asyncio.get_running_loop().time() - t0 < 5
+                outs = [o async for o in engines[1].generate(prompt, GREEDY)]
+                assert outs[-1].num_cached_tokens == got * 16
+                assert outs[-1].outputs[0].token_ids == want.outputs[0].token_ids
+            # every block the peers pinned for the streams was let go
+            fut = engines[0].call_on_engine_thread(
+                lambda e: e.scheduler.kv.pool.num_free_blocks)
+            assert await asyncio.wrap_future(fut) == engines[0].engine.num_kv_blocks - 1
         finally:
             await client.close_peers()
             for server in servers:
