@@ -95,6 +95,20 @@ def test_pool_gives_idle_groups_back_and_keeps_held_ones() -> None:
         assert mem.is_mapped(b // 4)
 
 
+def test_work_resuming_after_a_pause_keeps_its_memory() -> None:
+    """An offline engine between two batches calls no upkeep; its next step must not give
+    back the memory it is about to use."""
+    pool = _pool(idle=5.0)
+    pool.free(pool.allocate(20))
+    assert pool.maintain(0.0, busy=True) == 5.0  # spare from now on
+    groups = pool.memory.num_mapped_groups
+    assert pool.maintain(60.0, busy=True) == 5.0  # a minute with no upkeep: a new clock
+    assert pool.memory.num_mapped_groups == groups
+    assert pool.maintain(61.0, busy=True) == pytest.approx(4.0)
+    assert pool.maintain(65.0, busy=True) is None  # spare for 5 s of steps: released
+    assert pool.memory.num_mapped_groups == 1
+
+
 def test_pool_release_waits_for_work_then_idleness() -> None:
     pool = _pool(idle=1.0)
     blocks = pool.allocate(20)

@@ -365,6 +365,10 @@ class AsyncEngine:
             logger.exception("engine step failed; failing all in-flight requests")
             self._fail(f"engine fault: {type(e).__name__}: {e}")
             return
+        try:  # the KV store finishes its writes (a disk tier keeps them for the next run)
+            engine.close()
+        except Exception:  # noqa: BLE001 - shutting down regardless
+            logger.exception("closing the KV store failed")
         self._fail("the engine was shut down", state=STOPPED)
 
     def _loop(self, engine: LLMEngine) -> None:

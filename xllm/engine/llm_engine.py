@@ -212,7 +212,7 @@ class LLMEngine:
         self.kv_store.close()
 
     def step(self) -> list[RequestOutput]:
-        self.kv_store.maintain()
+        self.kv_store.maintain(busy=True)
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []

@@ -47,6 +47,7 @@ class OnDemandBlockPool:
         if rest:
             inner.retire(rest)
         self._idle_since: float | None = None
+        self._last_call: float | None = None
         self.num_maps = 0
         self.num_unmaps = 0
         # The calls that need no wrapping go straight to the native pool.
@@ -115,9 +116,15 @@ class OnDemandBlockPool:
             need -= len(blocks)
         self._inner.restore(restored)  # in one call: handed out in id order
 
-    def maintain(self, now: float) -> float | None:
+    def maintain(self, now: float, busy: bool = False) -> float | None:
         """Releases idle page groups when they are due; returns the seconds until the next
-        call would release something, or None when nothing is waiting to be released."""
+        call would release something, or None when nothing is waiting to be released.
+        ``busy``: called before a step. Work that resumes after a pause with no upkeep (an
+        offline engine between two batches) restarts the clock instead of releasing the
+        memory it is about to use."""
+        last, self._last_call = self._last_call, now
+        if busy and (last is None or now - last > self.idle_seconds):
+            self._idle_since = None
         spare = self._inner.num_free_blocks - self.keep_free_blocks
         if spare < self.memory.blocks_per_group:
             self._idle_since = None

@@ -270,12 +270,12 @@ class KVStore:
             return self.memory.mapped_bytes
         return self.config.num_blocks * self.config.block_bytes
 
-    def maintain(self, now: float | None = None) -> float | None:
+    def maintain(self, now: float | None = None, busy: bool = False) -> float | None:
         """Publishes finished writes and releases idle memory; returns seconds until the next
-        call is due (None: nothing pending)."""
+        call is due (None: nothing pending). ``busy``: called before a step."""
         self.poll()
         if isinstance(self.pool, OnDemandBlockPool):
-            return self.pool.maintain(time.monotonic() if now is None else now)
+            return self.pool.maintain(time.monotonic() if now is None else now, busy)
         return None
 
     def _before_unmap(self, blocks: Sequence[int]) -> None:
