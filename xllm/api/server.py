@@ -61,6 +61,10 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--grpc-port", type=int, default=0,
                    help="port of the gRPC Instance service (0 picks a free one)")
     c.add_argument("--instance-id", help="stable id in the cluster (default: host:grpc-port)")
+    c.add_argument("--role", default="mixed", choices=("mixed", "prefill", "decode"),
+                   help="what the master sends here: everything (mixed), prompts and their "
+                        "first token (prefill), or the decoding of prompts a prefill "
+                        "instance computed (decode); see docs/cluster.md")
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -113,7 +117,8 @@ async def _serve(server: _Server, engine: AsyncEngine, settings: ServerSettings,
         runtime = InstanceRuntime(engine, master=cluster.master, etcd=cluster.etcd,
                                   host=settings.host, grpc_port=cluster.grpc_port,
                                   instance_id=cluster.instance_id,
-                                  model=(settings.served_model_names or [engine.config.model])[0])
+                                  model=(settings.served_model_names or [engine.config.model])[0],
+                                  role=getattr(cluster, "role", "mixed"))
         await runtime.start()
     try:
         return await _serve_http(server, engine, settings)

@@ -33,8 +33,8 @@ from xllm.kvcache.store import KVStore
 from xllm.kvcache.tiers import DiskTier
 from xllm.ops.block_pool import ROOT_HASH, best_block_hashes
 
-__all__ = ["Export", "FetchPlan", "export_blocks", "finish_fetch", "gather_chunk", "plan_fetch",
-           "receive_chunk", "release_export"]
+__all__ = ["Export", "FetchPlan", "export_blocks", "finish_fetch", "gather_chunk",
+           "hold_blocks", "plan_fetch", "receive_chunk", "release_blocks", "release_export"]
 
 _hash = best_block_hashes()
 MIN_FETCH_BLOCKS = 2  # fewer are cheaper to recompute than to ask for
@@ -313,3 +313,28 @@ def finish_fetch(engine: Any, plan: FetchPlan, path: str) -> int:
         store.observe_peer(path, n * store.config.block_bytes, seconds)
     store.peer_blocks_fetched += n
     return n
+
+
+# ---- prefill/decode: a prefill instance holds a prompt's blocks for its decode instance ----
+
+
+def hold_blocks(engine: Any, tokens: list[int]) -> list[int]:
+    """On the engine thread: pins the pool blocks holding ``tokens``' full blocks (a
+    finished prefill's prompt), so no eviction takes them before a decode instance has
+    fetched them. Returns the blocks (for :func:`release_blocks`)."""
+    kv = engine.scheduler.kv
+    bs = kv.block_size
+    n = len(tokens) // bs
+    if n == 0 or not kv.enable_prefix_caching:
+        return []
+    prefix = tokens[:n * bs]
+    blocks = list(kv.find_prefix(_hash(prefix, bs), prefix).block_ids)
+    if blocks:
+        kv.pool.touch(blocks)
+    return blocks
+
+
+def release_blocks(engine: Any, blocks: list[int]) -> None:
+    """On the engine thread: lets go of blocks :func:`hold_blocks` pinned."""
+    if blocks:
+        engine.scheduler.kv.pool.free(blocks)

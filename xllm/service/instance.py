@@ -30,8 +30,10 @@ from xllm.kvcache.transfer import (
     export_blocks,
     finish_fetch,
     gather_chunk,
+    hold_blocks,
     plan_fetch,
     receive_chunk,
+    release_blocks,
     release_export,
 )
 from xllm.sampling_params import SamplingParams
@@ -95,6 +97,8 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         # load snapshot is counted by that snapshot (see InstanceAgent._beat_loop).
         self._admitted: list[int] = []
         self._peers: dict[str, instance_pb2_grpc.InstanceStub] = {}
+        self._holds: dict[str, list[int]] = {}  # prefill holds: request id -> pinned blocks
+        self._background: set[asyncio.Future[None]] = set()
         self._peer_channels: list[grpc.aio.Channel] = []
 
     # ---- KV blocks between instances (docs/kvcache.md) -------------------------------------
@@ -116,6 +120,8 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         if export.sources is None:  # same host: already in the client's memory
             yield instance_pb2.BlockChunk(first=export.first, count=export.count,
                                           checksums=export.checksums)
+            if request.release_hold:
+                await self._release(request.release_hold)
             return
         store = self.engine.engine.kv_store
         loop = asyncio.get_running_loop()
@@ -143,8 +149,30 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
             with contextlib.suppress(Exception):
                 await asyncio.wrap_future(self.engine.call_on_engine_thread(
                     functools.partial(release_export, export=export)))
+            if request.release_hold:
+                await self._release(request.release_hold)
 
-    async def fetch_from_peer(self, peer: str, context: list[int], peer_blocks: int) -> int:
+    async def _hold(self, key: str, tokens: list[int], ms: int) -> None:
+        try:
+            fut = self.engine.call_on_engine_thread(functools.partial(hold_blocks,
+                                                                      tokens=tokens))
+            blocks = await asyncio.wrap_future(fut)
+        except Exception:  # noqa: BLE001 - the blocks stay cached (LRU) even unheld
+            return
+        if blocks:
+            self._holds[key] = blocks  # type: ignore[assignment]
+            asyncio.get_running_loop().call_later(
+                ms / 1000.0, lambda: asyncio.ensure_future(self._release(key)))
+
+    async def _release(self, key: str) -> None:
+        blocks = self._holds.pop(key, None)
+        if blocks:
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(self.engine.call_on_engine_thread(
+                    functools.partial(release_blocks, blocks=blocks)))
+
+    async def fetch_from_peer(self, peer: str, context: list[int], peer_blocks: int,
+                              peer_hold: str = "") -> int:
         """Fetches the prompt blocks ``peer`` holds and this instance lacks, when that costs
         less than recomputing them (plan_fetch decides); returns the blocks adopted. Never
         raises: a peer that fails, stalls or sends a bad block leaves the rest to be
@@ -155,13 +183,18 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                 same_host=self.same_host(peer)))
             plan = await asyncio.wrap_future(fut)
         except Exception:  # noqa: BLE001 - the engine is busy or stopping: just compute
-            return 0
+            plan = None
         if plan is None:
+            if peer_hold:  # nothing to fetch (held here already, or cheaper to compute)
+                task = asyncio.ensure_future(self._release_peer_hold(peer, peer_hold))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
             return 0
         store = self.engine.engine.kv_store  # type: ignore[union-attr]
         path = "shm" if plan.shm is not None else "grpc"
         req = instance_pb2.FetchBlocksRequest(block_hashes=plan.hashes, token_ids=plan.tokens,
-                                              first=plan.first, layout=plan.layout)
+                                              first=plan.first, layout=plan.layout,
+                                              release_hold=peer_hold)
         if plan.shm is not None:
             req.shm_pid, req.shm_fd, req.shm_region_bytes = plan.shm
             req.shm_blocks.extend(plan.blocks)
@@ -205,6 +238,15 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         host = peer.rsplit(":", 1)[0].strip("[]")
         return host in ("127.0.0.1", "localhost", "::1", socket.gethostname())
 
+    async def _release_peer_hold(self, peer: str, key: str) -> None:
+        """Tells a prefill peer its hold on a prompt's blocks is no longer needed: a
+        FetchBlocks asking for nothing."""
+        with contextlib.suppress(Exception):
+            call = self._peer_stub(peer).FetchBlocks(
+                instance_pb2.FetchBlocksRequest(release_hold=key), timeout=FETCH_STALL_S)
+            async for _ in call:
+                pass
+
     def _peer_stub(self, address: str) -> instance_pb2_grpc.InstanceStub:
         stub = self._peers.get(address)
         if stub is None:
@@ -235,7 +277,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         generated = list(request.generated_token_ids)
         if request.kv_peer and request.kv_peer_blocks:
             await self.fetch_from_peer(request.kv_peer, prompt + generated,
-                                       request.kv_peer_blocks)
+                                       request.kv_peer_blocks, request.kv_peer_hold)
         try:
             params = params_from_proto(request.sampling_params)
             stream = self.engine.generate(prompt, params, request_id=request.request_id or None,
@@ -268,6 +310,10 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                     msg = instance_pb2.GenerateResponse(token_ids=ids, text_delta=text)
                     if c.logprobs is not None and ids:
                         msg.logprobs.extend(_logprobs(ids, c.logprobs[len(c.logprobs) - len(ids):]))
+                    if c.finish_reason is not None and request.hold_kv_ms:
+                        # A prefill for a decode instance: its KV stays until fetched (or
+                        # the hold times out), pinned before the master hears it is done.
+                        await self._hold(request.request_id, prompt, request.hold_kv_ms)
                     if c.finish_reason is not None:
                         msg.finish_reason = c.finish_reason
                         if isinstance(c.stop_reason, int):
@@ -620,7 +666,7 @@ class InstanceRuntime:
 
     def __init__(self, engine: AsyncEngine, *, master: str | None, etcd: str | None,
                  host: str = "127.0.0.1", grpc_port: int = 0, instance_id: str | None = None,
-                 model: str = "") -> None:
+                 model: str = "", role: str = "mixed") -> None:
         self.engine = engine
         self.servicer = InstanceServicer(engine)
         self.server = grpc.aio.server()
@@ -629,7 +675,7 @@ class InstanceRuntime:
         if self.port == 0:
             raise ValueError(f"grpc_port: cannot listen on {host}:{grpc_port}")
         address = f"{host}:{self.port}"
-        self.info = InstanceInfo(instance_id or address, address, model)
+        self.info = InstanceInfo(instance_id or address, address, model, role)
         self.agent = InstanceAgent(engine, self.servicer, self.info, master=master, etcd=etcd)
 
     async def start(self) -> None:

@@ -36,7 +36,9 @@ from xllm.service.metrics import MasterMetrics
 from xllm.service.proto import instance_pb2, instance_pb2_grpc, master_pb2, master_pb2_grpc
 from xllm.service.registry import EmbeddedRegistry, InstanceEvent, InstanceRegistry
 from xllm.service.routing import RouteDecision, Router, RouteRequest
-from xllm.service.state import InstanceInfo, InstanceLoad
+from xllm.service.state import InstanceInfo, InstanceLoad, InstanceView
+
+PD_HOLD_MS = 10_000  # a prefill instance holds a prompt's KV this long for its decode
 
 # KvTier (master.proto) -> the prefix index's tier names.
 _TIER_NAMES = {master_pb2.KV_TIER_POOL: "pool", master_pb2.KV_TIER_CPU: "cpu",
@@ -127,6 +129,12 @@ class _Flight:
     excluded: set[str] = field(default_factory=set)
     seq: int = 0  # offline: place in the admission queue (kept when resumed)
     admitted: asyncio.Future[RouteDecision] | None = None  # offline: its first queue entry
+    # Prefill/decode disaggregation: "prefill" while a prefill instance computes the prompt
+    # and the first token, "decode" once a decode instance is to take it on, "" otherwise.
+    phase: str = ""
+    prefill_address: str = ""  # the prefill instance holding the prompt's KV
+    prefill_key: str = ""  # its hold on those blocks (released by the decode's fetch)
+    prefill_cached: int = 0  # prompt tokens the prefill instance found cached
 
 
 def _settle_unsent(admitted: asyncio.Future[RouteDecision]) -> None:
@@ -249,6 +257,7 @@ class ClusterEngine:
         self.max_attempts = max_attempts
         self.instance_wait_s = instance_wait_s
         self.num_resumed = 0  # flights moved to another instance (a metric, and for tests)
+        self.num_pd_handoffs = 0  # flights a prefill instance handed to a decode instance
         self.admission = OfflineAdmission(registry, router, max_queued=max_offline_queued,
                                           instance_wait_s=instance_wait_s)
         self.metrics = MasterMetrics()  # the master's /metrics (master_server registers them)
@@ -360,6 +369,7 @@ class ClusterEngine:
             if not fresh and live and time.monotonic() >= deadline:
                 fresh = list(live)  # maybe the earlier failure was transient
             if fresh:
+                fresh = self._pd_candidates(flight, fresh)
                 decision = self.router.route(flight.route, fresh, self.registry.index)
                 self.metrics.routing_seconds.observe(time.perf_counter() - t0)
                 return decision
@@ -367,6 +377,23 @@ class ClusterEngine:
                 raise EngineDeadError(f"no instance is alive to serve request "
                                       f"{flight.request_id} (attempt {flight.attempt + 1})")
             await asyncio.sleep(0.05)
+
+    @staticmethod
+    def _pd_candidates(flight: _Flight, fresh: list[InstanceView]) -> list[InstanceView]:
+        """Prefill/decode disaggregation: with a prefill and a decode instance among
+        ``fresh``, a new flight goes to a prefill instance (the prompt and its first token)
+        and one with tokens already to a decode instance; otherwise (a role missing, or
+        gone) any instance serves the whole request."""
+        prefill = [v for v in fresh if v.info.role == "prefill"]
+        decode = [v for v in fresh if v.info.role == "decode"]
+        if flight.generated:
+            flight.phase = "decode" if decode else ""
+            return decode or fresh
+        if prefill and decode and flight.params.max_tokens != 1:
+            flight.phase = "prefill"
+            return prefill
+        flight.phase = ""
+        return fresh
 
     async def _run_flight(self, flight: _Flight) -> Any:
         """Yields the flight's GenerateResponses, resuming on another instance when one
@@ -379,13 +406,21 @@ class ClusterEngine:
             view, dispatch_id = decision.instance, decision.dispatch_id
             iid = flight.instance_id = view.instance_id
             flight.lost = None
+            params, phase = flight.params, flight.phase
+            kv_peer, kv_peer_blocks = decision.kv_peer, decision.kv_peer_blocks
+            if phase == "prefill":  # the prompt and the first token; the KV held for D
+                params = replace(params, max_tokens=1)
+            elif phase == "decode" and flight.prefill_address:
+                kv_peer = flight.prefill_address
+                kv_peer_blocks = len(flight.prompt) // view.info.capacity.block_size
             req = instance_pb2.GenerateRequest(
-                request_id=f"{flight.request_id}@{flight.attempt}",
+                request_id=f"{flight.request_id}@{flight.attempt}{phase[:1]}",
                 prompt_token_ids=flight.prompt, generated_token_ids=flight.generated,
-                generated_text=flight.text, sampling_params=params_to_proto(flight.params),
+                generated_text=flight.text, sampling_params=params_to_proto(params),
                 priority=flight.priority, offline=flight.offline, attempt=flight.attempt,
-                dispatch_id=dispatch_id, kv_peer=decision.kv_peer,
-                kv_peer_blocks=decision.kv_peer_blocks)
+                dispatch_id=dispatch_id, kv_peer=kv_peer, kv_peer_blocks=kv_peer_blocks,
+                hold_kv_ms=PD_HOLD_MS if phase == "prefill" else 0,
+                kv_peer_hold=flight.prefill_key if phase == "decode" else "")
             try:
                 flight.call = self._stub(view.info.address).Generate(req)
             except BaseException:
@@ -402,9 +437,30 @@ class ClusterEngine:
                         lost_at = None
                     flight.generated.extend(resp.token_ids)
                     flight.text += resp.text_delta
+                    if phase == "prefill" and resp.finish_reason == "length" and (
+                            flight.params.max_tokens is None
+                            or len(flight.generated) < flight.params.max_tokens):
+                        # Only the prefill's own limit: the stream goes on from a decode
+                        # instance, which takes the KV from this one.
+                        flight.prefill_address = view.info.address
+                        flight.prefill_key = req.request_id
+                        flight.prefill_cached = resp.usage.cached_tokens
+                        handoff = instance_pb2.GenerateResponse()
+                        handoff.CopyFrom(resp)
+                        handoff.ClearField("finish_reason")
+                        handoff.ClearField("usage")
+                        yield handoff
+                        break
+                    if phase == "decode" and flight.prefill_address and resp.finish_reason:
+                        # cached = what the prefill instance found, not what D fetched
+                        resp.usage.cached_tokens = flight.prefill_cached
                     yield resp
                     if resp.finish_reason:
                         return
+                if phase == "prefill" and flight.prefill_address:
+                    self.num_pd_handoffs += 1
+                    self.metrics.pd_handoffs.inc()
+                    continue  # to a decode instance (not a failure: nothing excluded)
                 last_error = f"instance {iid} ended the stream before the request finished"
             except asyncio.CancelledError:
                 if flight.lost is None:

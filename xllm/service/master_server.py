@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--policy", default="least_load", choices=sorted(POLICIES))
     m.add_argument("--spawn", type=int, default=0, metavar="N",
                    help="start N local xllm-server instances (stopped on exit)")
+    m.add_argument("--spawn-prefill", type=int, default=0, metavar="P",
+                   help="start P local prefill instances (--role prefill)")
+    m.add_argument("--spawn-decode", type=int, default=0, metavar="D",
+                   help="start D local decode instances (--role decode)")
     m.add_argument("--spawn-nice", type=int, default=10, metavar="N",
                    help="niceness added to the spawned instances (0: none), so that the "
                         "master, which routes every request, keeps a core when its "
@@ -118,14 +122,15 @@ runpy.run_module("xllm.api.server", run_name="__main__", alter_sys=True)
 
 def spawn_instances(n: int, master: str, config: EngineConfig, host: str,
                     log_level: str, etcd: str | None = None,
-                    nice: int = 0) -> list[subprocess.Popen[bytes]]:
+                    nice: int = 0, role: str = "mixed") -> list[subprocess.Popen[bytes]]:
     """N local xllm-server instances registering with ``master`` (or in ``etcd``), their
     niceness raised by ``nice``: on a host they saturate, the master's routing otherwise
     waits for a scheduler slice now and then (bench.cluster: 1-2 decisions in 96 took
     3-4 ms at nice 0, against a p50 of ~60 us)."""
     join = ["--etcd", etcd] if etcd else ["--master", master]
     cmd = [sys.executable, "-c", _INSTANCE_BOOT, str(os.getpid()), str(nice), "--host", host,
-           "--port", "0", *join, "--log-level", log_level, *_engine_argv(config)]
+           "--port", "0", *join, "--log-level", log_level, "--role", role,
+           *_engine_argv(config)]
     return [subprocess.Popen(cmd) for _ in range(n)]
 
 
@@ -179,7 +184,8 @@ async def _run(args: argparse.Namespace, config: EngineConfig) -> int:
         """The live instances, their last reported load, and the KV blocks the master's
         prefix index records for each per tier (pool, cpu, disk) (operators, tests)."""
         return [{"instance_id": v.instance_id, "incarnation_id": v.incarnation_id,
-                 "address": v.info.address, "load": dataclasses.asdict(v.load),
+                 "address": v.info.address, "role": v.info.role,
+                 "load": dataclasses.asdict(v.load),
                  "kv_blocks": registry.index.blocks_per_tier(v.slot)}
                 for v in registry.routable()]
 
@@ -197,9 +203,11 @@ async def _run(args: argparse.Namespace, config: EngineConfig) -> int:
     await grpc_server.start()
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        if args.spawn:
-            procs = spawn_instances(args.spawn, address, config, args.host, args.log_level,
-                                    args.etcd, args.spawn_nice)
+        for count, role in ((args.spawn, "mixed"), (args.spawn_prefill, "prefill"),
+                            (args.spawn_decode, "decode")):
+            if count:
+                procs += spawn_instances(count, address, config, args.host, args.log_level,
+                                         args.etcd, args.spawn_nice, role)
         task = asyncio.ensure_future(server.serve())
         while not server.started and not task.done():
             await asyncio.sleep(0.05)
@@ -207,7 +215,8 @@ async def _run(args: argparse.Namespace, config: EngineConfig) -> int:
             logger.info("xllm-master serving %s on %s (gRPC %s, policy %s%s)",
                         ", ".join(settings.served_model_names),
                         _listen_url(server, settings.host), address, args.policy,
-                        f", {args.spawn} spawned instances" if args.spawn else "")
+                        f", spawned {args.spawn} mixed, {args.spawn_prefill} prefill, "
+                        f"{args.spawn_decode} decode" if procs else "")
         await task
         return 0
     finally:
@@ -222,8 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = engine_config_from_args(args)
-        if args.spawn < 0:
-            raise ValueError(f"spawn must be >= 0, got {args.spawn}")
+        for name in ("spawn", "spawn_prefill", "spawn_decode"):
+            if getattr(args, name) < 0:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 0, got "
+                                 f"{getattr(args, name)}")
         if not 0 <= args.spawn_nice <= 19:
             raise ValueError(f"spawn-nice must be in [0, 19], got {args.spawn_nice}")
         if args.offline_queue_size < 0:

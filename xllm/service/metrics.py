@@ -68,6 +68,12 @@ class MasterMetrics:
             "Completions moved to another instance after theirs was lost",
             registry=None,
         )
+        self.pd_handoffs = Counter(
+            "xllm_master_pd_handoffs",
+            "Completions a prefill instance began and a decode instance took on (its KV "
+            "fetched from the prefill instance)",
+            registry=None,
+        )
         self.resume_seconds = Histogram(
             "xllm_master_resume_seconds",
             "From giving up on an instance to the first token of the resumed completion from "
@@ -82,6 +88,7 @@ class MasterMetrics:
             self.instances_down,
             self.last_instance_down,
             self.resumed_flights,
+            self.pd_handoffs,
             self.resume_seconds,
         ):
             registry.register(metric)

@@ -1,0 +1,121 @@
+"""Prefill/decode disaggregation, first slice: a prefill instance computes the prompt and
+the first token and holds the prompt's KV; a decode instance fetches it and decodes the
+rest; the client sees one stream, token-identical to a mixed instance's (greedy and
+seeded). Missing roles fall back to whole requests."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+
+from xllm import SamplingParams
+from xllm.service.master import ClusterEngine, MasterServicer, ModelFacts, _Flight
+from xllm.service.registry import EmbeddedRegistry
+from xllm.service.routing import Router, RouteRequest
+from xllm.service.state import Capacity, InstanceInfo
+
+pytestmark = pytest.mark.timeout(180)
+
+DOC = "Two lighthouses stood on the cape, and their keepers traded letters every week. " * 8
+
+
+def test_roles_pick_where_a_flight_goes() -> None:
+    reg = EmbeddedRegistry()
+    views = {role: reg.register(InstanceInfo(role, f"127.0.0.1:{i + 1}", role=role,
+                                             capacity=Capacity(8)))
+             for i, role in enumerate(("prefill", "decode", "mixed"))}
+    flight = _Flight("r", [1, 2, 3], SamplingParams(max_tokens=8), 0, False,
+                     RouteRequest([1, 2, 3]))
+    every = list(views.values())
+    assert ClusterEngine._pd_candidates(flight, every) == [views["prefill"]]
+    assert flight.phase == "prefill"
+    flight.generated.append(7)
+    assert ClusterEngine._pd_candidates(flight, every) == [views["decode"]]
+    assert flight.phase == "decode"
+    # no decode instance: whoever is there decodes; no prefill instance: whole requests
+    assert ClusterEngine._pd_candidates(flight, [views["prefill"]]) == [views["prefill"]]
+    fresh = _Flight("s", [1], SamplingParams(max_tokens=8), 0, False, RouteRequest([1]))
+    only = [views["decode"], views["mixed"]]
+    assert ClusterEngine._pd_candidates(fresh, only) == only and fresh.phase == ""
+    one = _Flight("t", [1], SamplingParams(max_tokens=1), 0, False, RouteRequest([1]))
+    assert ClusterEngine._pd_candidates(one, every) == every  # one token: nothing to hand
+
+
+def test_prefill_then_decode_equals_a_mixed_instance(demo_model_dir: Path) -> None:
+    from xllm.config import EngineConfig
+    from xllm.engine.async_engine import AsyncEngine
+    from xllm.service.instance import InstanceRuntime
+    from xllm.service.proto import master_pb2_grpc
+
+    cfg = EngineConfig(model=str(demo_model_dir), dtype="float32", max_model_len=512,
+                       num_kv_blocks=96, num_threads=1)
+    engines = {role: AsyncEngine(cfg) for role in ("prefill", "decode", "mixed")}
+    for e in engines.values():
+        e.start()
+    for e in engines.values():
+        assert e.wait_ready(120), e.error
+    tokenizer = engines["mixed"].engine.tokenizer
+    prompts = [tokenizer.encode(DOC + q) for q in ("Who wrote first?", "What did they trade?")]
+    cases = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+             SamplingParams(temperature=0.9, top_p=0.9, seed=1234, max_tokens=12,
+                            ignore_eos=True)]
+
+    async def run() -> None:
+        want = []
+        for params in cases:
+            for prompt in prompts:
+                out = [o async for o in engines["mixed"].generate(prompt, params)][-1]
+                want.append(out.outputs[0].token_ids)
+        reg = EmbeddedRegistry(heartbeat_interval_s=0.1, heartbeat_timeout_s=5.0)
+        server = grpc.aio.server()
+        master_pb2_grpc.add_MasterServicer_to_server(MasterServicer(reg), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        await reg.start()
+        runtimes = [InstanceRuntime(engines[role], master=f"127.0.0.1:{port}", etcd=None,
+                                    role=role) for role in ("prefill", "decode")]
+        for r in runtimes:
+            await r.start()
+        facts = ModelFacts(tokenizer=None, model_config=None, default_max_model_len=512,
+                           registry=reg)
+        cluster = ClusterEngine(None, facts, reg, Router("least_load", 16))
+        try:
+            deadline = asyncio.get_running_loop().time() + 30
+            while len(reg.routable()) < 2:
+                assert asyncio.get_running_loop().time() < deadline, "instances never came"
+                await asyncio.sleep(0.02)
+            got = []
+            for params in cases:
+                for prompt in prompts:
+                    outs = [o async for o in cluster.generate(prompt, params)]
+                    assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "length"
+                    got.append(outs[-1].outputs[0].token_ids)
+                    # the first token came alone (from the prefill instance), then the rest
+                    assert len(outs[0].outputs[0].token_ids) == 1
+            assert got == want
+            assert cluster.num_pd_handoffs == len(got) and cluster.num_resumed == 0
+            # the decode instance fetched the first prompt's blocks from the prefill
+            # instance (later prompts share most of them: it had them by then)
+            assert engines["decode"].engine.kv_store.peer_blocks_fetched >= len(prompts[0]) // 16
+            assert engines["prefill"].engine.kv_store.peer_blocks_served >= len(prompts[0]) // 16
+            # the prefill instance let go of every hold once its blocks were fetched (or
+            # the decode instance said it had them)
+            await asyncio.sleep(0.2)
+            fut = engines["prefill"].call_on_engine_thread(
+                lambda e: e.scheduler.kv.pool.num_free_blocks)
+            assert await asyncio.wrap_future(fut) == engines["prefill"].engine.num_kv_blocks - 1
+        finally:
+            await cluster.close()
+            for r in runtimes:
+                await r.close(0.5)
+            await reg.close()
+            await server.stop(0.5)
+
+    try:
+        asyncio.run(run())
+    finally:
+        for e in engines.values():
+            e.shutdown()
