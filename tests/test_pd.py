@@ -119,3 +119,78 @@ def test_prefill_then_decode_equals_a_mixed_instance(demo_model_dir: Path) -> No
     finally:
         for e in engines.values():
             e.shutdown()
+
+
+def test_pd_survives_a_prefill_or_decode_instance_failing(demo_model_dir: Path,
+                                                          monkeypatch) -> None:  # noqa: ANN001
+    """The prefill instance fails before its first token: the request is dispatched again
+    (to the decode instance, the only one left). The decode instance fails after two
+    tokens: the request resumes (on the prefill instance, the only one left). Both streams
+    equal a mixed instance's."""
+    from xllm.config import EngineConfig
+    from xllm.engine.async_engine import AsyncEngine
+    from xllm.service.instance import InstanceRuntime, InstanceServicer
+    from xllm.service.proto import master_pb2_grpc
+
+    cfg = EngineConfig(model=str(demo_model_dir), dtype="float32", max_model_len=512,
+                       num_kv_blocks=96, num_threads=1)
+    engines = {role: AsyncEngine(cfg) for role in ("prefill", "decode", "mixed")}
+    for e in engines.values():
+        e.start()
+    for e in engines.values():
+        assert e.wait_ready(120), e.error
+    faults: dict[str, int] = {}  # role -> tokens it sends before failing (once)
+    generate = InstanceServicer.Generate
+
+    async def faulty(self, request, context):  # noqa: ANN001, ANN202
+        role = next(r for r, e in engines.items() if e is self.engine)
+        after = faults.pop(role, None)
+        sent = 0
+        async for msg in generate(self, request, context):
+            if after is not None and sent >= after:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{role} instance died")
+            sent += len(msg.token_ids)
+            yield msg
+
+    monkeypatch.setattr(InstanceServicer, "Generate", faulty)
+    prompt = engines["mixed"].engine.tokenizer.encode(DOC + "Who answered last?")
+    params = SamplingParams(temperature=0.8, seed=7, max_tokens=10, ignore_eos=True)
+
+    async def run() -> None:
+        want = [o async for o in engines["mixed"].generate(prompt, params)][-1]
+        reg = EmbeddedRegistry(heartbeat_interval_s=0.1, heartbeat_timeout_s=5.0)
+        server = grpc.aio.server()
+        master_pb2_grpc.add_MasterServicer_to_server(MasterServicer(reg), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        await reg.start()
+        runtimes = [InstanceRuntime(engines[role], master=f"127.0.0.1:{port}", etcd=None,
+                                    role=role) for role in ("prefill", "decode")]
+        for r in runtimes:
+            await r.start()
+        facts = ModelFacts(tokenizer=None, model_config=None, default_max_model_len=512,
+                           registry=reg)
+        cluster = ClusterEngine(None, facts, reg, Router("least_load", 16))
+        try:
+            deadline = asyncio.get_running_loop().time() + 30
+            while len(reg.routable()) < 2:
+                assert asyncio.get_running_loop().time() < deadline, "instances never came"
+                await asyncio.sleep(0.02)
+            for role, after in (("prefill", 0), ("decode", 2)):
+                faults[role] = after
+                outs = [o async for o in cluster.generate(prompt, params)]
+                assert outs[-1].outputs[0].token_ids == want.outputs[0].token_ids, role
+                assert role not in faults  # the fault did happen
+            assert cluster.num_resumed == 2
+        finally:
+            await cluster.close()
+            for r in runtimes:
+                await r.close(0.5)
+            await reg.close()
+            await server.stop(0.5)
+
+    try:
+        asyncio.run(run())
+    finally:
+        for e in engines.values():
+            e.shutdown()
