@@ -93,6 +93,17 @@ def _kv_store_metrics(kv: KVStoreStats) -> Iterator[Metric]:
     preempt.add_metric(["swapped"], kv.preemptions_swapped)
     preempt.add_metric(["recomputed"], kv.preemptions_recomputed)
     yield preempt
+    peer = CounterMetricFamily("xllm_kv_peer_blocks",
+                               "KV blocks moved between instances, by direction",
+                               labels=["direction"])
+    peer.add_metric(["fetched"], kv.peer_blocks_fetched)
+    peer.add_metric(["served"], kv.peer_blocks_served)
+    yield peer
+    yield CounterMetricFamily("xllm_kv_peer_fetches", "Fetches of a prefix from a peer",
+                              value=kv.peer_fetches)
+    yield CounterMetricFamily("xllm_kv_peer_fetch_seconds",
+                              "Time spent fetching prefixes from peers (plan to adoption)",
+                              value=kv.peer_fetch_seconds)
     if kv.load_buckets:
         bounds = [str(b) for b in LOAD_BUCKETS] + ["+Inf"]
         yield HistogramMetricFamily(

@@ -114,6 +114,10 @@ class KVStoreStats:
     load_sum: float = 0.0
     preemptions_swapped: int = 0
     preemptions_recomputed: int = 0
+    peer_blocks_fetched: int = 0
+    peer_blocks_served: int = 0
+    peer_fetches: int = 0
+    peer_fetch_seconds: float = 0.0  # summed over fetches (plan to adoption)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +232,8 @@ class KVStore:
         self.peer_bps: dict[str, float] = {}  # measured peer transfer rates by path
         self.peer_blocks_fetched = 0
         self.peer_blocks_served = 0
+        self.peer_fetches = 0
+        self.peer_fetch_seconds = 0.0
         self.num_swapped = 0  # preemptions whose blocks went to a tier
         self.num_recomputed = 0  # preemptions left to recompute
         self._load_counts = [0] * (len(LOAD_BUCKETS) + 1)
@@ -627,7 +633,9 @@ class KVStore:
         reserved = (self.memory.reserved_bytes if self.memory is not None
                     else self.config.num_blocks * self.config.block_bytes)
         return KVStoreStats(self.mapped_bytes, reserved, tiers, cumulative, self._load_sum,
-                            self.num_swapped, self.num_recomputed)
+                            self.num_swapped, self.num_recomputed, self.peer_blocks_fetched,
+                            self.peer_blocks_served, self.peer_fetches,
+                            self.peer_fetch_seconds)
 
     def close(self) -> None:
         if self._loader is not None:
