@@ -61,7 +61,7 @@ def test_prefill_then_decode_equals_a_mixed_instance(demo_model_dir: Path) -> No
     prompts = [tokenizer.encode(DOC + q) for q in ("Who wrote first?", "What did they trade?")]
     cases = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
              SamplingParams(temperature=0.9, top_p=0.9, seed=1234, max_tokens=12,
-                            ignore_eos=True)]
+                            min_tokens=6)]  # EOS held back past the prefill's token
 
     async def run() -> None:
         want = []
@@ -91,7 +91,7 @@ def test_prefill_then_decode_equals_a_mixed_instance(demo_model_dir: Path) -> No
             for params in cases:
                 for prompt in prompts:
                     outs = [o async for o in cluster.generate(prompt, params)]
-                    assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "length"
+                    assert outs[-1].finished
                     got.append(outs[-1].outputs[0].token_ids)
                     # the first token came alone (from the prefill instance), then the rest
                     assert len(outs[0].outputs[0].token_ids) == 1

@@ -409,7 +409,8 @@ class ClusterEngine:
             params, phase = flight.params, flight.phase
             kv_peer, kv_peer_blocks = decision.kv_peer, decision.kv_peer_blocks
             if phase == "prefill":  # the prompt and the first token; the KV held for D
-                params = replace(params, max_tokens=1)
+                # (min_tokens past the first token is the decode instance's to keep)
+                params = replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
             elif phase == "decode" and flight.prefill_address:
                 kv_peer = flight.prefill_address
                 kv_peer_blocks = len(flight.prompt) // view.info.capacity.block_size
