@@ -89,6 +89,7 @@ class _Add:
     offline: bool
     generated_token_ids: list[int] | None = None  # a resumed request's outputs so far
     generated_text: str = ""
+    hold_kv: bool = False  # a prefill for a decode instance (LLMEngine.add_request)
 
 
 @dataclass
@@ -291,7 +292,7 @@ class AsyncEngine:
     def generate(self, prompt: str | list[int], params: SamplingParams, *,
                  request_id: str | None = None, priority: int = 0,
                  offline: bool = False, generated_token_ids: list[int] | None = None,
-                 generated_text: str = "") -> RequestStream:
+                 generated_text: str = "", hold_kv: bool = False) -> RequestStream:
         """Submits a request and returns its stream. Call from the loop that will read it.
         ``generated_token_ids``/``generated_text`` resume a request another engine started
         (see ``LLMEngine.add_request``).
@@ -308,7 +309,7 @@ class AsyncEngine:
         self._streams[rid] = stream
         try:
             pushed = self._inbox.try_push(_Add(rid, prompt, params, priority, offline,
-                                               generated_token_ids, generated_text))
+                                               generated_token_ids, generated_text, hold_kv))
         except QueueClosed:
             pushed = None
         if not pushed:
@@ -400,7 +401,8 @@ class AsyncEngine:
                     engine.add_request(item.request_id, item.prompt, item.params,
                                        priority=item.priority, offline=item.offline,
                                        generated_token_ids=item.generated_token_ids,
-                                       generated_text=item.generated_text)
+                                       generated_text=item.generated_text,
+                                       hold_kv=item.hold_kv)
                 except ValueError as e:
                     stream._put(None, e)
             if engine.has_unfinished_requests():

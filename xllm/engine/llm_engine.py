@@ -127,7 +127,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | list[int],
                     params: SamplingParams | None = None, priority: int = 0,
                     offline: bool = False, *, generated_token_ids: list[int] | None = None,
-                    generated_text: str = "") -> None:
+                    generated_text: str = "", hold_kv: bool = False) -> None:
         """Queues a request. ValueError if the prompt is empty or does not fit the context.
 
         ``generated_token_ids`` resumes a request (n = 1) another engine started: they become
@@ -171,6 +171,7 @@ class LLMEngine:
             first = state.completions[0].request.request_id if i else None
             req = Request(child_id, token_ids, child_params, eos_token_ids=self.eos_token_ids,
                           priority=priority, offline=offline, share_prefix_with=first)
+            req.hold_kv = hold_kv  # a prefill whose blocks a decode instance will fetch
             completion = _Completion(req, IncrementalDetokenizer(
                 self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens))
             if params.logprobs is not None:

@@ -33,8 +33,8 @@ from xllm.kvcache.store import KVStore
 from xllm.kvcache.tiers import DiskTier
 from xllm.ops.block_pool import ROOT_HASH, best_block_hashes
 
-__all__ = ["Export", "FetchPlan", "export_blocks", "finish_fetch", "gather_chunk",
-           "hold_blocks", "plan_fetch", "receive_chunk", "release_blocks", "release_export"]
+__all__ = ["Export", "FetchPlan", "export_blocks", "export_held", "finish_fetch", "gather_chunk",
+           "plan_fetch", "receive_chunk", "release_export"]
 
 _hash = best_block_hashes()
 MIN_FETCH_BLOCKS = 2  # fewer are cheaper to recompute than to ask for
@@ -57,6 +57,7 @@ class Export:
     count: int
     checksums: list[int]
     sources: list[tuple[Any, int]] | None = None  # streamed: (place, id) per block
+    own_pins: bool = False  # the export pinned its sources (else a hold keeps them)
 
 
 class _PeerMemory:
@@ -119,6 +120,34 @@ def _export(engine: Any, store: KVStore, hashes: list[int], tokens: list[int], f
         else:
             return _export_shm(store, sources[:len(dst_blocks)], dst, dst_blocks, first)
     _pin(engine, sources, +1)
+    return Export(first, len(sources), [], sources, own_pins=True)
+
+
+def export_held(store: KVStore, held: tuple[tuple[int, ...], tuple[int, ...]],
+                hashes: list[int], first: int, layout: str,
+                shm: tuple[int, int, int, list[int]] | None) -> Export:
+    """Like :func:`export_blocks`, from a finished prefill's held blocks (pinned until the
+    hold is released), without the engine thread: any thread, so a busy prefill instance
+    serves its decode instance at once. The chain must match the held hashes."""
+    blocks, held_hashes = held
+    if layout != store.layout_key():
+        return Export(first, 0, [])
+    n = 0
+    limit = min(len(blocks), len(hashes))
+    while n < limit and held_hashes[n] == hashes[n]:
+        n += 1
+    if n <= first:
+        return Export(first, 0, [])
+    sources: list[tuple[Any, int]] = [("pool", b) for b in blocks[first:n]]
+    store.peer_blocks_served += len(sources)
+    if shm is not None:
+        pid, fd, region_bytes, dst_blocks = shm
+        try:
+            dst = _PeerMemory.regions(pid, fd, region_bytes, store.config.num_regions)
+        except OSError:
+            pass
+        else:
+            return _export_shm(store, sources[:len(dst_blocks)], dst, dst_blocks, first)
     return Export(first, len(sources), [], sources)
 
 
@@ -131,9 +160,9 @@ def _pin(engine: Any, sources: list[tuple[Any, int]], sign: int) -> None:
 
 def release_export(engine: Any, export: Export) -> None:
     """On the engine thread, once a streamed export is over (finished or abandoned)."""
-    if export.sources:
+    if export.sources and export.own_pins:
         _pin(engine, export.sources, -1)
-        export.sources = None
+    export.sources = None
 
 
 def _runs(sources: list[tuple[Any, int]]) -> list[tuple[Any, list[int], int]]:
@@ -315,28 +344,3 @@ def finish_fetch(engine: Any, plan: FetchPlan, path: str) -> int:
     store.peer_fetches += 1
     store.peer_fetch_seconds += seconds
     return n
-
-
-# ---- prefill/decode: a prefill instance holds a prompt's blocks for its decode instance ----
-
-
-def hold_blocks(engine: Any, tokens: list[int]) -> list[int]:
-    """On the engine thread: pins the pool blocks holding ``tokens``' full blocks (a
-    finished prefill's prompt), so no eviction takes them before a decode instance has
-    fetched them. Returns the blocks (for :func:`release_blocks`)."""
-    kv = engine.scheduler.kv
-    bs = kv.block_size
-    n = len(tokens) // bs
-    if n == 0 or not kv.enable_prefix_caching:
-        return []
-    prefix = tokens[:n * bs]
-    blocks = list(kv.find_prefix(_hash(prefix, bs), prefix).block_ids)
-    if blocks:
-        kv.pool.touch(blocks)
-    return blocks
-
-
-def release_blocks(engine: Any, blocks: list[int]) -> None:
-    """On the engine thread: lets go of blocks :func:`hold_blocks` pinned."""
-    if blocks:
-        engine.scheduler.kv.pool.free(blocks)

@@ -72,6 +72,9 @@ class KVCacheManager:
         self._block_content: dict[int, tuple[int, tuple[int, ...]]] = {}
         # request id -> how many leading blocks of request.block_ids are registered.
         self._num_registered: dict[str, int] = {}
+        # request id -> (its full blocks, their hashes): held for a peer (see hold()). Set
+        # and cleared on the engine thread; read (never changed) by the gRPC servicer.
+        self.holds: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self.queried_tokens = 0  # prefix-cache stats, counted once per admission
         self.hit_tokens = 0
 
@@ -183,6 +186,29 @@ class KVCacheManager:
         chain = hashes[start:start + m]
         store.prefetch(request.request_id, found.tier_hits, blocks,
                        lambda ok: self.adopt_blocks(blocks, chain, contents, ok))
+        return True
+
+    # ---- holds: a finished prefill's blocks kept for a decode instance -------------------
+
+    def hold(self, request: Request) -> None:
+        """Instead of freeing a finished request's blocks: keeps its registered (full)
+        blocks pinned under its id, with their hashes, for a peer to fetch
+        (:attr:`holds`, readable from other threads); frees the rest."""
+        registered = self._num_registered.pop(request.request_id, 0)
+        blocks = request.block_ids
+        if blocks[registered:]:
+            self.pool.free(blocks[registered:])
+        if registered:
+            self.holds[request.request_id] = (tuple(blocks[:registered]),
+                                              tuple(request.block_hashes[:registered]))
+        request.block_ids = []
+
+    def release_hold(self, request_id: str) -> bool:
+        """Lets go of a hold: its blocks join the free list (still cached)."""
+        entry = self.holds.pop(request_id, None)
+        if entry is None:
+            return False
+        self.pool.free(list(entry[0]))
         return True
 
     # ---- blocks from outside (a peer instance) --------------------------------------------

@@ -72,6 +72,7 @@ class Request:
         "min_tokens",
         "max_output_tokens",
         "stopping_token_ids",
+        "hold_kv",
     )
 
     def __init__(
@@ -123,6 +124,9 @@ class Request:
         self.offline = offline
         self.arrival_time = float(arrival_time)
         self.share_prefix_with = share_prefix_with
+        # Prefill/decode: when it finishes, its full blocks stay held (pinned) for a decode
+        # instance to fetch, until released (KVCacheManager.release_hold).
+        self.hold_kv = False
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0  # tokens whose KV is written into block_ids
         self.block_ids: list[int] = []

@@ -247,7 +247,10 @@ class Scheduler:
     ) -> None:
         if request.status is _RUNNING:
             del self._running[request.offline][request.request_id]
-            self.kv.free(request)
+            if request.hold_kv and status is not RequestStatus.FINISHED_ABORTED:
+                self.kv.hold(request)  # a prefill's prompt, kept for its decode instance
+            else:
+                self.kv.free(request)
         else:  # waiting: lazily out of its queue, or out of a leader's deferred list
             self._waiting[request.offline].discard(request)
             self._num_waiting -= 1

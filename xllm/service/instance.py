@@ -28,12 +28,11 @@ import grpc
 from xllm.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
 from xllm.kvcache.transfer import (
     export_blocks,
+    export_held,
     finish_fetch,
     gather_chunk,
-    hold_blocks,
     plan_fetch,
     receive_chunk,
-    release_blocks,
     release_export,
 )
 from xllm.sampling_params import SamplingParams
@@ -97,7 +96,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         # load snapshot is counted by that snapshot (see InstanceAgent._beat_loop).
         self._admitted: list[int] = []
         self._peers: dict[str, instance_pb2_grpc.InstanceStub] = {}
-        self._holds: dict[str, list[int]] = {}  # prefill holds: request id -> pinned blocks
+        self._reading_holds: set[str] = set()  # prefill holds a fetch is reading now
         self._background: set[asyncio.Future[None]] = set()
         self._peer_channels: list[grpc.aio.Channel] = []
 
@@ -109,22 +108,36 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         if request.shm_pid:
             shm = (request.shm_pid, request.shm_fd, request.shm_region_bytes,
                    list(request.shm_blocks))
-        try:
-            fut = self.engine.call_on_engine_thread(functools.partial(
-                export_blocks, hashes=list(request.block_hashes),
-                tokens=list(request.token_ids), first=request.first, layout=request.layout,
-                shm=shm))
-            export = await asyncio.wrap_future(fut)
-        except (EngineDeadError, EngineOverloadedError) as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        if export.sources is None:  # same host: already in the client's memory
-            yield instance_pb2.BlockChunk(first=export.first, count=export.count,
-                                          checksums=export.checksums)
-            if request.release_hold:
-                await self._release(request.release_hold)
-            return
-        store = self.engine.engine.kv_store
+        key = request.release_hold
         loop = asyncio.get_running_loop()
+        store = self.engine.engine.kv_store
+        held = self.engine.engine.scheduler.kv.holds.get(key) if key else None
+        if held is not None:
+            self._reading_holds.add(key)
+        try:
+            if held is not None:  # a prefill's held blocks: no wait for the engine's step
+                export = await loop.run_in_executor(None, functools.partial(
+                    export_held, store, held, list(request.block_hashes), request.first,
+                    request.layout, shm))
+            elif request.block_hashes:
+                fut = self.engine.call_on_engine_thread(functools.partial(
+                    export_blocks, hashes=list(request.block_hashes),
+                    tokens=list(request.token_ids), first=request.first,
+                    layout=request.layout, shm=shm))
+                export = await asyncio.wrap_future(fut)
+            else:
+                export = None  # only a release
+        except (EngineDeadError, EngineOverloadedError) as e:
+            self._reading_holds.discard(key)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        if export is None or export.sources is None:  # same host: already in its memory
+            if export is not None:
+                yield instance_pb2.BlockChunk(first=export.first, count=export.count,
+                                              checksums=export.checksums)
+            if key:
+                self._reading_holds.discard(key)
+                await self._release_hold(key)
+            return
         try:  # each chunk gathered (off the loop) while the previous one travels
             per = max(1, FETCH_CHUNK_BYTES // store.config.block_bytes)
             starts = list(range(0, export.count, per))
@@ -146,30 +159,21 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
             if ahead is not None:
                 await ahead  # never leave a gather running past the unpinning
         finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wrap_future(self.engine.call_on_engine_thread(
-                    functools.partial(release_export, export=export)))
-            if request.release_hold:
-                await self._release(request.release_hold)
+            if export.own_pins:
+                with contextlib.suppress(Exception):
+                    await asyncio.wrap_future(self.engine.call_on_engine_thread(
+                        functools.partial(release_export, export=export)))
+            if key:
+                self._reading_holds.discard(key)
+                await self._release_hold(key)
 
-    async def _hold(self, key: str, tokens: list[int], ms: int) -> None:
-        try:
-            fut = self.engine.call_on_engine_thread(functools.partial(hold_blocks,
-                                                                      tokens=tokens))
-            blocks = await asyncio.wrap_future(fut)
-        except Exception:  # noqa: BLE001 - the blocks stay cached (LRU) even unheld
-            return
-        if blocks:
-            self._holds[key] = blocks  # type: ignore[assignment]
-            asyncio.get_running_loop().call_later(
-                ms / 1000.0, lambda: asyncio.ensure_future(self._release(key)))
-
-    async def _release(self, key: str) -> None:
-        blocks = self._holds.pop(key, None)
-        if blocks:
-            with contextlib.suppress(Exception):
-                await asyncio.wrap_future(self.engine.call_on_engine_thread(
-                    functools.partial(release_blocks, blocks=blocks)))
+    async def _release_hold(self, key: str) -> None:
+        """Lets go of a finished prefill's held blocks (not while a fetch reads them)."""
+        if key in self._reading_holds:
+            return  # the fetch releases it when it is done
+        with contextlib.suppress(Exception):
+            await asyncio.wrap_future(self.engine.call_on_engine_thread(
+                lambda e: e.scheduler.kv.release_hold(key)))
 
     async def fetch_from_peer(self, peer: str, context: list[int], peer_blocks: int,
                               peer_hold: str = "") -> int:
@@ -283,7 +287,8 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
             stream = self.engine.generate(prompt, params, request_id=request.request_id or None,
                                           priority=request.priority, offline=request.offline,
                                           generated_token_ids=generated,
-                                          generated_text=request.generated_text)
+                                          generated_text=request.generated_text,
+                                          hold_kv=request.hold_kv_ms > 0)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except EngineOverloadedError as e:
@@ -310,10 +315,6 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                     msg = instance_pb2.GenerateResponse(token_ids=ids, text_delta=text)
                     if c.logprobs is not None and ids:
                         msg.logprobs.extend(_logprobs(ids, c.logprobs[len(c.logprobs) - len(ids):]))
-                    if c.finish_reason is not None and request.hold_kv_ms:
-                        # A prefill for a decode instance: its KV stays until fetched (or
-                        # the hold times out), pinned before the master hears it is done.
-                        await self._hold(request.request_id, prompt, request.hold_kv_ms)
                     if c.finish_reason is not None:
                         msg.finish_reason = c.finish_reason
                         if isinstance(c.stop_reason, int):
@@ -333,6 +334,11 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         finally:
             self._streams.pop(stream.request_id, None)
+            if request.hold_kv_ms:  # a prefill's held KV: released when fetched, or then
+                key = stream.request_id
+                asyncio.get_running_loop().call_later(
+                    request.hold_kv_ms / 1000.0,
+                    lambda: asyncio.ensure_future(self._release_hold(key)))
 
     async def Abort(self, request: instance_pb2.AbortRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext) -> instance_pb2.AbortResponse:
