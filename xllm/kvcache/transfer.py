@@ -34,7 +34,7 @@ from xllm.kvcache.tiers import DiskTier
 from xllm.ops.block_pool import ROOT_HASH, best_block_hashes
 
 __all__ = ["Export", "FetchPlan", "export_blocks", "export_held", "finish_fetch", "gather_chunk",
-           "plan_fetch", "receive_chunk", "release_export"]
+           "locate_held", "plan_fetch", "pull_blocks", "receive_chunk", "release_export"]
 
 _hash = best_block_hashes()
 MIN_FETCH_BLOCKS = 2  # fewer are cheaper to recompute than to ask for
@@ -121,6 +121,22 @@ def _export(engine: Any, store: KVStore, hashes: list[int], tokens: list[int], f
             return _export_shm(store, sources[:len(dst_blocks)], dst, dst_blocks, first)
     _pin(engine, sources, +1)
     return Export(first, len(sources), [], sources, own_pins=True)
+
+
+def locate_held(store: KVStore, held: tuple[tuple[int, ...], tuple[int, ...]],
+                hashes: list[int], first: int, layout: str) -> list[int]:
+    """The held blocks a same-host client may copy itself (pull): those of ``hashes``
+    from ``first`` that match the hold's chain, in order ([] on a layout mismatch)."""
+    blocks, held_hashes = held
+    if layout != store.layout_key() or store.memory is None:
+        return []
+    n = 0
+    limit = min(len(blocks), len(hashes))
+    while n < limit and held_hashes[n] == hashes[n]:
+        n += 1
+    out = list(blocks[first:n])
+    store.peer_blocks_served += len(out)
+    return out
 
 
 def export_held(store: KVStore, held: tuple[tuple[int, ...], tuple[int, ...]],
@@ -252,7 +268,7 @@ class FetchPlan:
     layout: str
     shm: tuple[int, int, int] | None  # (pid, memfd, region bytes) of this instance's KV
     filled: int = 0  # leading blocks arrived whole so far
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=time.perf_counter)  # reset when the copy starts
 
     @property
     def contents(self) -> list[tuple[int, tuple[int, ...]]]:
@@ -264,11 +280,13 @@ class FetchPlan:
         return out
 
 
-def plan_fetch(engine: Any, prompt: list[int], peer_blocks: int, same_host: bool
-               ) -> FetchPlan | None:
+def plan_fetch(engine: Any, prompt: list[int], peer_blocks: int, same_host: bool,
+               force: bool = False) -> FetchPlan | None:
     """On the engine thread. Reserves pool blocks for the prompt blocks the peer holds
     beyond what this instance finds locally, when fetching them costs less than
-    recomputing them; None when it does not (or the pool is short)."""
+    recomputing them (``force``: whatever the costs -- a decode instance taking over a
+    prefill instance's request must not prefill it again); None when it does not (or the
+    pool is short)."""
     store: KVStore = engine.kv_store
     kv = engine.scheduler.kv
     if not kv.enable_prefix_caching:
@@ -287,7 +305,7 @@ def plan_fetch(engine: Any, prompt: list[int], peer_blocks: int, same_host: bool
     rate = store.peer_bps.get(path) or DEFAULT_RATES[path]
     fetch_s = ROUND_TRIP_S + n * store.config.block_bytes / rate
     prefill = store.prefill_tps
-    if prefill is not None and fetch_s >= n * bs / prefill:
+    if not force and prefill is not None and fetch_s >= n * bs / prefill:
         return None
     blocks = kv.reserve_blocks(n)
     if blocks is None:
@@ -297,6 +315,25 @@ def plan_fetch(engine: Any, prompt: list[int], peer_blocks: int, same_host: bool
         assert store.memory is not None
         shm = (os.getpid(), store.memory.vmm.fd, store.memory.region_bytes)
     return FetchPlan(hashes, tokens, local, blocks, store.layout_key(), shm)
+
+
+def pull_blocks(store: KVStore, plan: FetchPlan, first: int, peer: tuple[int, int, int],
+                blocks: list[int]) -> bool:
+    """Same host, a held prefill: copies the peer's blocks (its memfd mapped here) into the
+    reserved blocks, on this instance's core (any thread: the peer holds them pinned until
+    released, the targets are reserved). Returns whether all arrived."""
+    at = first - plan.first
+    if at != plan.filled or at + len(blocks) > len(plan.blocks):
+        return False
+    pid, fd, region_bytes = peer
+    try:
+        src = _PeerMemory.regions(pid, fd, region_bytes, store.config.num_regions)
+    except OSError:
+        return False
+    _C.kv_copy_blocks(src, blocks, store.regions, plan.blocks[at:at + len(blocks)],
+                      store.config.segment_bytes)
+    plan.filled += len(blocks)
+    return True
 
 
 def receive_chunk(store: KVStore, plan: FetchPlan, first: int, count: int,
@@ -333,7 +370,9 @@ def receive_chunk(store: KVStore, plan: FetchPlan, first: int, count: int,
 
 def finish_fetch(engine: Any, plan: FetchPlan, path: str) -> int:
     """On the engine thread: adopts the blocks that arrived whole, frees the rest; returns
-    how many were adopted, and folds the transfer's rate into the store's measurements."""
+    how many were adopted, and folds the transfer's rate (from the copy's start, not the
+    plan's: waiting for this engine's step is no part of it) into the store's
+    measurements."""
     store: KVStore = engine.kv_store
     n = plan.filled
     engine.scheduler.kv.adopt_blocks(plan.blocks, plan.hashes[plan.first:], plan.contents, n)

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -31,7 +32,9 @@ from xllm.kvcache.transfer import (
     export_held,
     finish_fetch,
     gather_chunk,
+    locate_held,
     plan_fetch,
+    pull_blocks,
     receive_chunk,
     release_export,
 )
@@ -112,6 +115,16 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         loop = asyncio.get_running_loop()
         store = self.engine.engine.kv_store
         held = self.engine.engine.scheduler.kv.holds.get(key) if key else None
+        if held is not None and request.pull and store.memory is not None:
+            # Same host: say where the held blocks are; the client copies them on its own
+            # core and releases the hold after (this instance stays on its prefills).
+            blocks = locate_held(store, held, list(request.block_hashes), request.first,
+                                 request.layout)
+            yield instance_pb2.BlockChunk(
+                first=request.first, count=len(blocks), shm_pid=os.getpid(),
+                shm_fd=store.memory.vmm.fd, shm_region_bytes=store.memory.region_bytes,
+                blocks=blocks)
+            return
         if held is not None:
             self._reading_holds.add(key)
         try:
@@ -184,7 +197,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         try:
             fut = self.engine.call_on_engine_thread(functools.partial(
                 plan_fetch, prompt=context, peer_blocks=peer_blocks,
-                same_host=self.same_host(peer)))
+                same_host=self.same_host(peer), force=bool(peer_hold)))
             plan = await asyncio.wrap_future(fut)
         except Exception:  # noqa: BLE001 - the engine is busy or stopping: just compute
             plan = None
@@ -198,13 +211,16 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         path = "shm" if plan.shm is not None else "grpc"
         req = instance_pb2.FetchBlocksRequest(block_hashes=plan.hashes, token_ids=plan.tokens,
                                               first=plan.first, layout=plan.layout,
-                                              release_hold=peer_hold)
+                                              release_hold=peer_hold,
+                                              pull=plan.shm is not None and bool(peer_hold))
         if plan.shm is not None:
             req.shm_pid, req.shm_fd, req.shm_region_bytes = plan.shm
             req.shm_blocks.extend(plan.blocks)
         call = None
         landing: asyncio.Future[bool] | None = None  # the previous chunk, landing off the loop
         loop = asyncio.get_running_loop()
+        plan.started = time.perf_counter()
+        pulled = False
         try:
             call = self._peer_stub(peer).FetchBlocks(req, timeout=FETCH_TIMEOUT_S)
             it = call.__aiter__()
@@ -218,6 +234,13 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                 if landing is not None and not await landing:
                     landing = None
                     break
+                if chunk.shm_pid:  # pull: the peer said where its held blocks are
+                    landing = loop.run_in_executor(
+                        None, pull_blocks, store, plan, chunk.first,
+                        (chunk.shm_pid, chunk.shm_fd, chunk.shm_region_bytes),
+                        list(chunk.blocks))
+                    pulled = True
+                    continue
                 landing = loop.run_in_executor(None, receive_chunk, store, plan, chunk.first,
                                                chunk.count, list(chunk.checksums), chunk.data)
         except Exception as e:  # noqa: BLE001 - dead, stalled or refusing peer: recompute
@@ -228,6 +251,10 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
             if landing is not None:
                 with contextlib.suppress(Exception):
                     await landing  # finished before the blocks are adopted or freed
+            if pulled:  # the peer kept its hold for the copy: let it go now
+                task = asyncio.ensure_future(self._release_peer_hold(peer, peer_hold))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
         try:
             fut = self.engine.call_on_engine_thread(functools.partial(
                 finish_fetch, plan=plan, path=path))
