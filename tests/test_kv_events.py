@@ -10,7 +10,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import grpc
 import pytest
 
 from xllm.kvcache.store import KVStore, KVStoreConfig
@@ -151,35 +150,19 @@ def test_events_keep_an_index_equal_to_the_store_through_a_random_workload(tmp_p
 def test_in_process_cluster_index_equals_the_instance_per_tier(demo_model_dir: Path,
                                                                tmp_path: Path) -> None:
     """A real master and a real instance (CPU and disk tiers, a small pool): after a random
-    workload and two beats, the master's index of the instance, per tier, is exactly what
-    the instance's KV store holds; /cluster-style counts come from it."""
-    from xllm.config import EngineConfig
-    from xllm.engine.async_engine import AsyncEngine
-    from xllm.service.instance import InstanceRuntime
-    from xllm.service.master import MasterServicer
-    from xllm.service.proto import master_pb2_grpc
+    workload and a few beats, the master's index of the instance, per tier, is exactly what
+    the instance's KV store holds."""
+    from cluster_helpers import cluster, engines
 
-    engine = AsyncEngine(EngineConfig(
+    from xllm.config import EngineConfig
+
+    cfg = EngineConfig(
         model=str(demo_model_dir), dtype="float32", max_model_len=256, num_kv_blocks=48,
         num_threads=1, kv_offload_cpu_gb=0.01, kv_offload_disk=str(tmp_path / "kv"),
-        kv_offload_disk_gb=0.05))
-    engine.start()
-    assert engine.wait_ready(120), engine.error
+        kv_offload_disk_gb=0.05)
 
-    async def run() -> None:
-        reg = EmbeddedRegistry(heartbeat_interval_s=0.2, heartbeat_timeout_s=5.0)
-        server = grpc.aio.server()
-        master_pb2_grpc.add_MasterServicer_to_server(MasterServicer(reg), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        await reg.start()
-        runtime = InstanceRuntime(engine, master=f"127.0.0.1:{port}", etcd=None)
-        await runtime.start()
-        try:
-            deadline = time.monotonic() + 30
-            while not reg.routable() or reg.routable()[0].last_seq == 0:
-                assert time.monotonic() < deadline, "the instance never registered and beat"
-                await asyncio.sleep(0.02)
+    async def run(engine) -> None:  # noqa: ANN001
+        async with cluster([(engine, "mixed")], beat_s=0.2) as (reg, _):
             view = reg.routable()[0]
             rng = random.Random(3)
             stems = [[rng.randrange(100, 40000) for _ in range(40)] for _ in range(4)]
@@ -201,15 +184,9 @@ def test_in_process_cluster_index_equals_the_instance_per_tier(demo_model_dir: P
             assert actual["disk"], "the workload should reach the disk tier"
             for tier, hashes in actual.items():
                 assert reg.index.tiers[tier]._held[view.slot] == set(hashes), tier
-        finally:
-            await runtime.close(0.5)
-            await reg.close()
-            await server.stop(0.5)
 
-    try:
-        asyncio.run(run())
-    finally:
-        engine.shutdown()
+    with engines(cfg, 1) as (engine,):
+        asyncio.run(run(engine))
 
 
 def test_router_hints_a_peer_holding_a_longer_prefix() -> None:

@@ -214,58 +214,24 @@ def test_in_process_cluster_routes_a_prefix_to_a_peer_that_fetches_it(
     """A real master (round robin) and two real instances: the first computes a prompt, the
     second gets the same prompt with the first as its hint, fetches its blocks, and reports
     them as cached tokens; both give the same greedy output."""
+    from cluster_helpers import cluster, engines
+
     from xllm.config import EngineConfig
-    from xllm.engine.async_engine import AsyncEngine
-    from xllm.service.instance import InstanceRuntime
-    from xllm.service.master import ClusterEngine, MasterServicer, ModelFacts
-    from xllm.service.proto import master_pb2_grpc
-    from xllm.service.registry import EmbeddedRegistry
-    from xllm.service.routing import Router
 
     cfg = EngineConfig(model=str(demo_model_dir), max_model_len=512, num_threads=1, **OPTS)
-    engines = [AsyncEngine(cfg), AsyncEngine(cfg)]
-    for e in engines:
-        e.start()
-    for e in engines:
-        assert e.wait_ready(120), e.error
 
-    async def run() -> None:
-        reg = EmbeddedRegistry(heartbeat_interval_s=0.1, heartbeat_timeout_s=5.0)
-        server = grpc.aio.server()
-        master_pb2_grpc.add_MasterServicer_to_server(MasterServicer(reg), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        await reg.start()
-        runtimes = [InstanceRuntime(e, master=f"127.0.0.1:{port}", etcd=None) for e in engines]
-        for r in runtimes:
-            await r.start()
-        facts = ModelFacts(tokenizer=None, model_config=None, default_max_model_len=512,
-                           registry=reg)
-        cluster = ClusterEngine(None, facts, reg, Router("round_robin", 16))
-        try:
-            deadline = asyncio.get_running_loop().time() + 30
-            while len(reg.routable()) < 2 or any(v.last_seq == 0 for v in reg.routable()):
-                assert asyncio.get_running_loop().time() < deadline, "instances never beat"
-                await asyncio.sleep(0.02)
-            prompt = engines[0].engine.tokenizer.encode(DOC + "Where did they sail?")
+    async def run(pair: list) -> None:
+        async with cluster([(e, "mixed") for e in pair], policy="round_robin") as (_, master):
+            prompt = pair[0].engine.tokenizer.encode(DOC + "Where did they sail?")
             n = (len(prompt) - 1) // 16
-            first = [o async for o in cluster.generate(prompt, GREEDY)][-1]
-            served = [e.engine.kv_store.peer_blocks_served for e in engines]
+            first = [o async for o in master.generate(prompt, GREEDY)][-1]
+            served = [e.engine.kv_store.peer_blocks_served for e in pair]
             await asyncio.sleep(0.4)  # beats carry the first instance's blocks to the index
-            second = [o async for o in cluster.generate(prompt, GREEDY)][-1]
+            second = [o async for o in master.generate(prompt, GREEDY)][-1]
             assert second.outputs[0].token_ids == first.outputs[0].token_ids
             assert second.num_cached_tokens == n * 16  # fetched from the peer, not computed
-            now_served = [e.engine.kv_store.peer_blocks_served for e in engines]
+            now_served = [e.engine.kv_store.peer_blocks_served for e in pair]
             assert sum(now_served) - sum(served) == n
-        finally:
-            await cluster.close()
-            for r in runtimes:
-                await r.close(0.5)
-            await reg.close()
-            await server.stop(0.5)
 
-    try:
-        asyncio.run(run())
-    finally:
-        for e in engines:
-            e.shutdown()
+    with engines(cfg, 2) as pair:
+        asyncio.run(run(pair))

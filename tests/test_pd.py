@@ -12,9 +12,9 @@ import grpc
 import pytest
 
 from xllm import SamplingParams
-from xllm.service.master import ClusterEngine, MasterServicer, ModelFacts, _Flight
+from xllm.service.master import ClusterEngine, _Flight
 from xllm.service.registry import EmbeddedRegistry
-from xllm.service.routing import Router, RouteRequest
+from xllm.service.routing import RouteRequest
 from xllm.service.state import Capacity, InstanceInfo
 
 pytestmark = pytest.mark.timeout(180)
@@ -45,80 +45,47 @@ def test_roles_pick_where_a_flight_goes() -> None:
 
 
 def test_prefill_then_decode_equals_a_mixed_instance(demo_model_dir: Path) -> None:
+    from cluster_helpers import cluster, engines
+
     from xllm.config import EngineConfig
-    from xllm.engine.async_engine import AsyncEngine
-    from xllm.service.instance import InstanceRuntime
-    from xllm.service.proto import master_pb2_grpc
 
     cfg = EngineConfig(model=str(demo_model_dir), dtype="float32", max_model_len=512,
                        num_kv_blocks=96, num_threads=1)
-    engines = {role: AsyncEngine(cfg) for role in ("prefill", "decode", "mixed")}
-    for e in engines.values():
-        e.start()
-    for e in engines.values():
-        assert e.wait_ready(120), e.error
-    tokenizer = engines["mixed"].engine.tokenizer
-    prompts = [tokenizer.encode(DOC + q) for q in ("Who wrote first?", "What did they trade?")]
     cases = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
              SamplingParams(temperature=0.9, top_p=0.9, seed=1234, max_tokens=12,
                             min_tokens=6)]  # EOS held back past the prefill's token
 
-    async def run() -> None:
+    async def run(prefill, decode, mixed) -> None:  # noqa: ANN001
+        tokenizer = mixed.engine.tokenizer
+        prompts = [tokenizer.encode(DOC + q) for q in ("Who wrote first?", "What did they trade?")]
         want = []
         for params in cases:
             for prompt in prompts:
-                out = [o async for o in engines["mixed"].generate(prompt, params)][-1]
+                out = [o async for o in mixed.generate(prompt, params)][-1]
                 want.append(out.outputs[0].token_ids)
-        reg = EmbeddedRegistry(heartbeat_interval_s=0.1, heartbeat_timeout_s=5.0)
-        server = grpc.aio.server()
-        master_pb2_grpc.add_MasterServicer_to_server(MasterServicer(reg), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        await reg.start()
-        runtimes = [InstanceRuntime(engines[role], master=f"127.0.0.1:{port}", etcd=None,
-                                    role=role) for role in ("prefill", "decode")]
-        for r in runtimes:
-            await r.start()
-        facts = ModelFacts(tokenizer=None, model_config=None, default_max_model_len=512,
-                           registry=reg)
-        cluster = ClusterEngine(None, facts, reg, Router("least_load", 16))
-        try:
-            deadline = asyncio.get_running_loop().time() + 30
-            while len(reg.routable()) < 2:
-                assert asyncio.get_running_loop().time() < deadline, "instances never came"
-                await asyncio.sleep(0.02)
+        async with cluster([(prefill, "prefill"), (decode, "decode")]) as (_, master):
             got = []
             for params in cases:
                 for prompt in prompts:
-                    outs = [o async for o in cluster.generate(prompt, params)]
+                    outs = [o async for o in master.generate(prompt, params)]
                     assert outs[-1].finished
                     got.append(outs[-1].outputs[0].token_ids)
                     # the first token came alone (from the prefill instance), then the rest
                     assert len(outs[0].outputs[0].token_ids) == 1
             assert got == want
-            assert cluster.num_pd_handoffs == len(got) and cluster.num_resumed == 0
+            assert master.num_pd_handoffs == len(got) and master.num_resumed == 0
             # the decode instance fetched the first prompt's blocks from the prefill
             # instance (later prompts share most of them: it had them by then)
-            assert engines["decode"].engine.kv_store.peer_blocks_fetched >= len(prompts[0]) // 16
-            assert engines["prefill"].engine.kv_store.peer_blocks_served >= len(prompts[0]) // 16
+            assert decode.engine.kv_store.peer_blocks_fetched >= len(prompts[0]) // 16
+            assert prefill.engine.kv_store.peer_blocks_served >= len(prompts[0]) // 16
             # the prefill instance let go of every hold once its blocks were fetched (or
             # the decode instance said it had them)
             await asyncio.sleep(0.2)
-            fut = engines["prefill"].call_on_engine_thread(
-                lambda e: e.scheduler.kv.pool.num_free_blocks)
-            assert await asyncio.wrap_future(fut) == engines["prefill"].engine.num_kv_blocks - 1
-        finally:
-            await cluster.close()
-            for r in runtimes:
-                await r.close(0.5)
-            await reg.close()
-            await server.stop(0.5)
+            fut = prefill.call_on_engine_thread(lambda e: e.scheduler.kv.pool.num_free_blocks)
+            assert await asyncio.wrap_future(fut) == prefill.engine.num_kv_blocks - 1
 
-    try:
-        asyncio.run(run())
-    finally:
-        for e in engines.values():
-            e.shutdown()
+    with engines(cfg, 3) as (prefill, decode, mixed):
+        asyncio.run(run(prefill, decode, mixed))
 
 
 def test_pd_survives_a_prefill_or_decode_instance_failing(demo_model_dir: Path,
@@ -127,23 +94,19 @@ def test_pd_survives_a_prefill_or_decode_instance_failing(demo_model_dir: Path,
     (to the decode instance, the only one left). The decode instance fails after two
     tokens: the request resumes (on the prefill instance, the only one left). Both streams
     equal a mixed instance's."""
+    from cluster_helpers import cluster, engines
+
     from xllm.config import EngineConfig
-    from xllm.engine.async_engine import AsyncEngine
-    from xllm.service.instance import InstanceRuntime, InstanceServicer
-    from xllm.service.proto import master_pb2_grpc
+    from xllm.service.instance import InstanceServicer
 
     cfg = EngineConfig(model=str(demo_model_dir), dtype="float32", max_model_len=512,
                        num_kv_blocks=96, num_threads=1)
-    engines = {role: AsyncEngine(cfg) for role in ("prefill", "decode", "mixed")}
-    for e in engines.values():
-        e.start()
-    for e in engines.values():
-        assert e.wait_ready(120), e.error
     faults: dict[str, int] = {}  # role -> tokens it sends before failing (once)
+    roles: dict[int, str] = {}
     generate = InstanceServicer.Generate
 
     async def faulty(self, request, context):  # noqa: ANN001, ANN202
-        role = next(r for r, e in engines.items() if e is self.engine)
+        role = roles.get(id(self.engine), "")
         after = faults.pop(role, None)
         sent = 0
         async for msg in generate(self, request, context):
@@ -153,44 +116,19 @@ def test_pd_survives_a_prefill_or_decode_instance_failing(demo_model_dir: Path,
             yield msg
 
     monkeypatch.setattr(InstanceServicer, "Generate", faulty)
-    prompt = engines["mixed"].engine.tokenizer.encode(DOC + "Who answered last?")
     params = SamplingParams(temperature=0.8, seed=7, max_tokens=10, ignore_eos=True)
 
-    async def run() -> None:
-        want = [o async for o in engines["mixed"].generate(prompt, params)][-1]
-        reg = EmbeddedRegistry(heartbeat_interval_s=0.1, heartbeat_timeout_s=5.0)
-        server = grpc.aio.server()
-        master_pb2_grpc.add_MasterServicer_to_server(MasterServicer(reg), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        await reg.start()
-        runtimes = [InstanceRuntime(engines[role], master=f"127.0.0.1:{port}", etcd=None,
-                                    role=role) for role in ("prefill", "decode")]
-        for r in runtimes:
-            await r.start()
-        facts = ModelFacts(tokenizer=None, model_config=None, default_max_model_len=512,
-                           registry=reg)
-        cluster = ClusterEngine(None, facts, reg, Router("least_load", 16))
-        try:
-            deadline = asyncio.get_running_loop().time() + 30
-            while len(reg.routable()) < 2:
-                assert asyncio.get_running_loop().time() < deadline, "instances never came"
-                await asyncio.sleep(0.02)
+    async def run(prefill, decode, mixed) -> None:  # noqa: ANN001
+        prompt = mixed.engine.tokenizer.encode(DOC + "Who answered last?")
+        want = [o async for o in mixed.generate(prompt, params)][-1]
+        roles.update({id(prefill): "prefill", id(decode): "decode"})
+        async with cluster([(prefill, "prefill"), (decode, "decode")]) as (_, master):
             for role, after in (("prefill", 0), ("decode", 2)):
                 faults[role] = after
-                outs = [o async for o in cluster.generate(prompt, params)]
+                outs = [o async for o in master.generate(prompt, params)]
                 assert outs[-1].outputs[0].token_ids == want.outputs[0].token_ids, role
                 assert role not in faults  # the fault did happen
-            assert cluster.num_resumed == 2
-        finally:
-            await cluster.close()
-            for r in runtimes:
-                await r.close(0.5)
-            await reg.close()
-            await server.stop(0.5)
+            assert master.num_resumed == 2
 
-    try:
-        asyncio.run(run())
-    finally:
-        for e in engines.values():
-            e.shutdown()
+    with engines(cfg, 3) as (prefill, decode, mixed):
+        asyncio.run(run(prefill, decode, mixed))
