@@ -132,3 +132,49 @@ def test_pd_survives_a_prefill_or_decode_instance_failing(demo_model_dir: Path,
 
     with engines(cfg, 3) as (prefill, decode, mixed):
         asyncio.run(run(prefill, decode, mixed))
+
+
+def test_a_decode_instance_dying_resumes_on_another_that_fetches_from_the_prefill(
+        demo_model_dir: Path, monkeypatch) -> None:  # noqa: ANN001
+    """One prefill and two decode instances: the decode instance that takes the request
+    fails after three tokens; the request resumes on the other decode instance, which
+    fetches the prompt's KV from the prefill instance (still holding it) rather than
+    recomputing it. The stream equals a mixed instance's."""
+    from cluster_helpers import cluster, engines
+
+    from xllm.config import EngineConfig
+    from xllm.service.instance import InstanceServicer
+
+    cfg = EngineConfig(model=str(demo_model_dir), dtype="float32", max_model_len=512,
+                       num_kv_blocks=96, num_threads=1)
+    fail_next = {"decode": True}
+    decoders: set[int] = set()
+    generate = InstanceServicer.Generate
+
+    async def faulty(self, request, context):  # noqa: ANN001, ANN202
+        dies = id(self.engine) in decoders and fail_next.pop("decode", False)
+        sent = 0
+        async for msg in generate(self, request, context):
+            if dies and sent >= 3:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "decode instance died")
+            sent += len(msg.token_ids)
+            yield msg
+
+    monkeypatch.setattr(InstanceServicer, "Generate", faulty)
+    params = SamplingParams(temperature=0.7, seed=11, max_tokens=12, ignore_eos=True)
+
+    async def run(prefill, d1, d2, mixed) -> None:  # noqa: ANN001
+        prompt = mixed.engine.tokenizer.encode(DOC + "Which keeper was older?")
+        want = [o async for o in mixed.generate(prompt, params)][-1]
+        decoders.update({id(d1), id(d2)})
+        members = [(prefill, "prefill"), (d1, "decode"), (d2, "decode")]
+        async with cluster(members) as (_, master):
+            outs = [o async for o in master.generate(prompt, params)]
+            assert outs[-1].outputs[0].token_ids == want.outputs[0].token_ids
+            assert not fail_next and master.num_resumed == 1
+            fetched = [d.engine.kv_store.peer_blocks_fetched for d in (d1, d2)]
+            # both decode instances fetched the prompt from the prefill instance
+            assert min(fetched) >= len(prompt) // 16
+
+    with engines(cfg, 4) as (prefill, d1, d2, mixed):
+        asyncio.run(run(prefill, d1, d2, mixed))
