@@ -1,0 +1,163 @@
+"""The PD planner's decision: how many of N instances should prefill and how many decode,
+for the traffic now, predicted from each role's speed model (issue 12).
+
+For a split of ``p`` prefill and ``d`` decode instances (and for all ``N`` mixed) it
+predicts TTFT and TPOT:
+
+- **prefill**: a request's prefill takes ``S = TTFT(Lp)`` on one instance; ``p`` instances
+  at arrival rate ``lam`` are busy ``rho = lam * S / p``; the wait is the M/D/1 mean,
+  ``rho * S / (2 (1 - rho))``, so ``TTFT = S + wait``;
+- **decode**: by Little's law each decode instance holds ``B = lam * Lo * TPOT / d``
+  sequences, and ``TPOT = TPOT(B, ctx)`` with ``ctx = Lp + Lo / 2``: the fixed point of
+  the two;
+- **mixed**: each instance takes ``lam / N``; its prefills take the share ``rho`` of its
+  time, stretching its decode steps by ``1 / (1 - rho)``.
+
+A split's score is its predicted SLO attainment, ``min(1, slo / predicted)`` for TTFT and
+for TPOT, the smaller of the two (0 when a side cannot keep up). :class:`Planner` moves to
+the best split only when it beats the current one by ``margin`` and the last move is at
+least ``min_dwell_s`` old (hysteresis), and says why.
+
+Built so far: this decision and its tests on synthetic loads. Not yet: the master feeding
+it measured traffic and instance speed models, and the role switches it decides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xllm.service.speed_model import SpeedModel
+
+__all__ = ["Decision", "Planner", "Split", "Traffic", "predict"]
+
+
+@dataclass(frozen=True)
+class Traffic:
+    rate: float  # requests per second
+    prompt_len: float  # mean prompt tokens
+    output_len: float  # mean output tokens
+
+
+@dataclass(frozen=True)
+class Split:
+    """``prefill`` and ``decode`` instances; both 0 means every instance is mixed."""
+
+    prefill: int
+    decode: int
+
+    @property
+    def mixed(self) -> bool:
+        return self.prefill == 0 and self.decode == 0
+
+    def __str__(self) -> str:
+        return "all mixed" if self.mixed else f"{self.prefill}P:{self.decode}D"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    split: Split
+    ttft_ms: float  # inf: the prefill side cannot keep up
+    tpot_ms: float  # inf: the decode side cannot keep up
+    score: float  # predicted SLO attainment, 0..1
+
+
+def _decode_tpot(model: SpeedModel, rate_per_instance: float, output_len: float,
+                 context: float, stretch: float = 1.0, max_batch: int = 1024) -> float:
+    """The fixed point of B = rate * Lo * TPOT and TPOT = stretch * model(B, ctx)."""
+    batch = 1.0
+    tpot = stretch * model.tpot_ms(1, int(context))
+    for _ in range(100):
+        batch = max(1.0, rate_per_instance * output_len * tpot / 1000.0)
+        if batch > max_batch:
+            return float("inf")
+        new = stretch * model.tpot_ms(max(1, round(batch)), int(context))
+        if abs(new - tpot) < 1e-6 * max(tpot, 1.0):
+            return new
+        tpot = new
+    return tpot
+
+
+def _attainment(predicted: float, slo: float | None) -> float:
+    if predicted == float("inf"):
+        return 0.0
+    if slo is None or predicted <= slo:
+        return 1.0
+    return slo / predicted
+
+
+def predict(split: Split, n: int, model: SpeedModel, traffic: Traffic,
+            slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> Prediction:
+    """TTFT, TPOT and score of one split of ``n`` instances alike (one speed model)."""
+    lam, lp, lo = traffic.rate, traffic.prompt_len, traffic.output_len
+    s = model.ttft_ms(int(lp)) / 1000.0
+    context = lp + lo / 2
+    if split.mixed:
+        rho = lam / n * s
+        if rho >= 1:
+            return Prediction(split, float("inf"), float("inf"), 0.0)
+        ttft = 1000 * (s + rho * s / (2 * (1 - rho)))
+        tpot = _decode_tpot(model, lam / n, lo, context, stretch=1 / (1 - rho))
+    else:
+        rho = lam * s / split.prefill
+        ttft = float("inf") if rho >= 1 else 1000 * (s + rho * s / (2 * (1 - rho)))
+        tpot = _decode_tpot(model, lam / split.decode, lo, context)
+    score = min(_attainment(ttft, slo_ttft_ms), _attainment(tpot, slo_tpot_ms))
+    return Prediction(split, ttft, tpot, score)
+
+
+@dataclass(frozen=True)
+class Decision:
+    split: Split  # the split to run now (the current one when staying)
+    switch: bool
+    reason: str
+    predictions: tuple[Prediction, ...]
+
+
+class Planner:
+    def __init__(self, num_instances: int, model: SpeedModel, *,
+                 slo_ttft_ms: float | None, slo_tpot_ms: float | None,
+                 margin: float = 0.05, min_dwell_s: float = 30.0,
+                 allow_mixed: bool = True) -> None:
+        if num_instances < 1:
+            raise ValueError(f"num_instances must be >= 1, got {num_instances}")
+        self.n = num_instances
+        self.model = model
+        self.slo_ttft_ms = slo_ttft_ms
+        self.slo_tpot_ms = slo_tpot_ms
+        self.margin = margin
+        self.min_dwell_s = min_dwell_s
+        self.allow_mixed = allow_mixed
+        self.current = Split(0, 0) if allow_mixed or num_instances < 2 else Split(
+            num_instances // 2, num_instances - num_instances // 2)
+        self.last_switch: float | None = None
+
+    def candidates(self) -> list[Split]:
+        splits = [Split(p, self.n - p) for p in range(1, self.n)]
+        if self.allow_mixed or self.n < 2:
+            splits.append(Split(0, 0))
+        return splits
+
+    def decide(self, traffic: Traffic, now: float) -> Decision:
+        """The split for ``traffic``: the best predicted, if it beats the current one by the
+        margin and the last switch is old enough; else the current one."""
+        preds = tuple(predict(s, self.n, self.model, traffic, self.slo_ttft_ms,
+                              self.slo_tpot_ms) for s in self.candidates())
+        by_split = {p.split: p for p in preds}
+        current = by_split[self.current]
+        best = max(preds, key=lambda p: (p.score, -abs(p.split.prefill - self.current.prefill),
+                                         -p.tpot_ms))
+        if best.split == self.current:
+            return Decision(self.current, False, f"{self.current} is best "
+                            f"(predicted attainment {current.score:.2f})", preds)
+        if best.score < current.score + self.margin:
+            return Decision(self.current, False, f"{best.split} would reach {best.score:.2f} "
+                            f"against {current.score:.2f}: under the margin", preds)
+        if self.last_switch is not None and now - self.last_switch < self.min_dwell_s:
+            return Decision(self.current, False, f"{best.split} is better ({best.score:.2f} "
+                            f"against {current.score:.2f}) but the last switch was "
+                            f"{now - self.last_switch:.0f} s ago", preds)
+        reason = (f"{self.current} -> {best.split}: predicted attainment {current.score:.2f} "
+                  f"-> {best.score:.2f} (TTFT {best.ttft_ms:.0f} ms, TPOT {best.tpot_ms:.1f} ms)")
+        self.current = best.split
+        self.last_switch = now
+        return Decision(best.split, True, reason, preds)
