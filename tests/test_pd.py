@@ -178,3 +178,47 @@ def test_a_decode_instance_dying_resumes_on_another_that_fetches_from_the_prefil
 
     with engines(cfg, 4) as (prefill, d1, d2, mixed):
         asyncio.run(run(prefill, d1, d2, mixed))
+
+
+def test_a_role_switch_under_load_loses_and_duplicates_nothing(demo_model_dir: Path) -> None:
+    """One prefill and two decode instances serve a stream of requests; midway one decode
+    instance is switched to prefill (it refuses decode work at once, drains what it holds,
+    confirms). Every request completes with a mixed instance's tokens, none twice, and the
+    master routes by the new role."""
+    from cluster_helpers import cluster, engines
+
+    from xllm.config import EngineConfig
+
+    cfg = EngineConfig(model=str(demo_model_dir), dtype="float32", max_model_len=512,
+                       num_kv_blocks=160, num_threads=1)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+    async def run(prefill, d1, d2, mixed) -> None:  # noqa: ANN001
+        tok = mixed.engine.tokenizer
+        prompts = [tok.encode(f"Letter {i}: " + DOC[: 120 + 40 * i]) for i in range(6)]
+        want = []
+        for prompt in prompts:
+            want.append([o async for o in mixed.generate(prompt, params)][-1]
+                        .outputs[0].token_ids)
+        members = [(prefill, "prefill"), (d1, "decode"), (d2, "decode")]
+        async with cluster(members) as (reg, master):
+            async def one(i: int) -> list[int]:
+                await asyncio.sleep(0.05 * i)
+                outs = [o async for o in master.generate(prompts[i], params)]
+                return outs[-1].outputs[0].token_ids
+
+            tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
+            await asyncio.sleep(0.12)
+            target = next(v for v in reg.routable() if v.info.role == "decode")
+            resp = await master.switch_role(target.instance_id, "prefill", drain_timeout_s=20)
+            assert resp.role == "prefill" and resp.still_running == 0
+            got = await asyncio.gather(*tasks)
+            assert got == want  # each exactly once, each right
+            roles = sorted(v.info.role for v in reg.routable())
+            assert roles == ["decode", "prefill", "prefill"]
+            await asyncio.sleep(0.3)  # a heartbeat confirms it
+            assert reg.get(target.instance_id).load.role == "prefill"
+            assert master.num_role_switches == 1
+
+    with engines(cfg, 4) as (prefill, d1, d2, mixed):
+        asyncio.run(run(prefill, d1, d2, mixed))

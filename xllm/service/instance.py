@@ -40,7 +40,7 @@ from xllm.kvcache.transfer import (
 )
 from xllm.sampling_params import SamplingParams
 from xllm.service.proto import instance_pb2, instance_pb2_grpc, master_pb2, master_pb2_grpc
-from xllm.service.state import Capacity, InstanceInfo
+from xllm.service.state import ROLES, Capacity, InstanceInfo
 
 __all__ = ["InstanceAgent", "InstanceServicer", "params_from_proto", "params_to_proto"]
 
@@ -89,8 +89,9 @@ class _Ewma:
 
 
 class InstanceServicer(instance_pb2_grpc.InstanceServicer):
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, role: str = "mixed") -> None:
         self.engine = engine
+        self.role = role  # what it serves now (SetRole changes it; heartbeats report it)
         self.ttft_ms, self.tpot_ms, self.prefill_tps = _Ewma(), _Ewma(), _Ewma()
         self._streams: dict[str, Any] = {}
         # Dispatch ids of requests submitted to the engine since the agent last took them.
@@ -306,6 +307,12 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                        context: grpc.aio.ServicerContext) -> Any:
         prompt = list(request.prompt_token_ids)
         generated = list(request.generated_token_ids)
+        if (request.hold_kv_ms and self.role == "decode") or (
+                request.kv_peer_hold and self.role == "prefill"):
+            # Work of a role it no longer serves (a switch crossed the dispatch): the master
+            # sends it elsewhere.
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"this instance serves the {self.role} role now")
         if request.kv_peer and request.kv_peer_blocks:
             await self.fetch_from_peer(request.kv_peer, prompt + generated,
                                        request.kv_peer_blocks, request.kv_peer_hold)
@@ -366,6 +373,20 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                 asyncio.get_running_loop().call_later(
                     request.hold_kv_ms / 1000.0,
                     lambda: asyncio.ensure_future(self._release_hold(key)))
+
+    async def SetRole(self, request: instance_pb2.SetRoleRequest,  # noqa: N802
+                      context: grpc.aio.ServicerContext) -> instance_pb2.SetRoleResponse:
+        if request.role not in ("mixed", "prefill", "decode"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"role must be mixed, prefill or decode, got {request.role!r}")
+        self.role = request.role  # from now on, work of the old role is refused
+        holding = set(self._streams)
+        deadline = time.monotonic() + request.drain_timeout_ms / 1000.0
+        while holding & set(self._streams) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        left = len(holding & set(self._streams))
+        return instance_pb2.SetRoleResponse(role=self.role, drained=len(holding) - left,
+                                            still_running=left)
 
     async def Abort(self, request: instance_pb2.AbortRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext) -> instance_pb2.AbortResponse:
@@ -642,6 +663,7 @@ class InstanceAgent:
                 num_waiting_prefill_tokens=prefill, kv_usage=kv,
                 ttft_ms=s.ttft_ms.value, tpot_ms=s.tpot_ms.value,
                 prefill_tokens_per_s=s.prefill_tps.value, num_offline_running=offline,
+                role=ROLES[s.role],
                 cpu_tier_load_bytes_per_s=rates.get("cpu", 0.0),
                 disk_tier_load_bytes_per_s=rates.get("disk", 0.0),
                 kv_block_bytes=snapshot.block_bytes if snapshot is not None else 0)
@@ -701,7 +723,7 @@ class InstanceRuntime:
                  host: str = "127.0.0.1", grpc_port: int = 0, instance_id: str | None = None,
                  model: str = "", role: str = "mixed") -> None:
         self.engine = engine
-        self.servicer = InstanceServicer(engine)
+        self.servicer = InstanceServicer(engine, role)
         self.server = grpc.aio.server()
         instance_pb2_grpc.add_InstanceServicer_to_server(self.servicer, self.server)
         self.port = self.server.add_insecure_port(f"{host}:{grpc_port}")

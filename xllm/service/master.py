@@ -258,6 +258,7 @@ class ClusterEngine:
         self.instance_wait_s = instance_wait_s
         self.num_resumed = 0  # flights moved to another instance (a metric, and for tests)
         self.num_pd_handoffs = 0  # flights a prefill instance handed to a decode instance
+        self.num_role_switches = 0
         self.admission = OfflineAdmission(registry, router, max_queued=max_offline_queued,
                                           instance_wait_s=instance_wait_s)
         self.metrics = MasterMetrics()  # the master's /metrics (master_server registers them)
@@ -377,6 +378,23 @@ class ClusterEngine:
                 raise EngineDeadError(f"no instance is alive to serve request "
                                       f"{flight.request_id} (attempt {flight.attempt + 1})")
             await asyncio.sleep(0.05)
+
+    async def switch_role(self, instance_id: str, role: str, drain_timeout_s: float = 30.0
+                          ) -> instance_pb2.SetRoleResponse:
+        """Tells an instance to serve another role (PD). It refuses work of its old role at
+        once, lets what it holds finish, then answers; the registry takes the new role from
+        the answer (and the instance's heartbeats keep reporting it)."""
+        view = self.registry.get(instance_id)
+        if view is None:
+            raise ValueError(f"no live instance {instance_id!r}")
+        resp = await self._stub(view.info.address).SetRole(
+            instance_pb2.SetRoleRequest(role=role, drain_timeout_ms=int(drain_timeout_s * 1e3)),
+            timeout=drain_timeout_s + 5)
+        if self.registry.get(instance_id) is view and view.info.role != resp.role:
+            view.info = replace(view.info, role=resp.role)
+        self.num_role_switches += 1
+        self.metrics.role_switches.inc()
+        return resp
 
     @staticmethod
     def _pd_candidates(flight: _Flight, fresh: list[InstanceView]) -> list[InstanceView]:

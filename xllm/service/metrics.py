@@ -74,6 +74,11 @@ class MasterMetrics:
             "fetched from the prefill instance)",
             registry=None,
         )
+        self.role_switches = Counter(
+            "xllm_master_role_switches",
+            "Instances told to serve another role (prefill, decode, mixed)",
+            registry=None,
+        )
         self.resume_seconds = Histogram(
             "xllm_master_resume_seconds",
             "From giving up on an instance to the first token of the resumed completion from "
@@ -89,6 +94,7 @@ class MasterMetrics:
             self.last_instance_down,
             self.resumed_flights,
             self.pd_handoffs,
+            self.role_switches,
             self.resume_seconds,
         ):
             registry.register(metric)

@@ -27,7 +27,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from xllm.service.prefix_index import TieredPrefixIndex
 from xllm.service.state import InstanceInfo, InstanceLoad, InstanceView
@@ -167,6 +167,9 @@ class InstanceRegistry:
         in_order = seq == view.last_seq + 1 and view.last_seq > 0 and not view.needs_resync
         view.last_seq = seq
         view.load = load
+        if load.role and load.role != view.info.role:  # a role switch, confirmed by the beat
+            view.info = replace(view.info, role=load.role)
+            self._routable = None
         if full:  # every tier: one a full beat leaves out holds nothing
             self.index.apply(view.slot, added, (), full=True)
             reported = {name: tier_added for name, tier_added, _ in tiers}

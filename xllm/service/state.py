@@ -110,6 +110,7 @@ class InstanceLoad:
     tpot_ms: float = 0.0
     prefill_tokens_per_s: float = 0.0
     num_offline_running: int = 0
+    role: str = ""  # the role the instance reports serving ("" = as registered)
     cpu_tier_load_bytes_per_s: float = 0.0  # measured; 0 = no such tier, or unmeasured
     disk_tier_load_bytes_per_s: float = 0.0
     kv_block_bytes: int = 0
@@ -142,6 +143,7 @@ class InstanceLoad:
             cpu_tier_load_bytes_per_s=max(msg.cpu_tier_load_bytes_per_s, 0.0),
             disk_tier_load_bytes_per_s=max(msg.disk_tier_load_bytes_per_s, 0.0),
             kv_block_bytes=msg.kv_block_bytes,
+            role=_ROLE_NAMES.get(msg.role, ""),
         )
 
 
