@@ -181,6 +181,8 @@ def test_grpc_fetch_and_a_peer_that_stalls_mid_transfer(demo_model_dir: Path,
                 served = engines[0].engine.kv_store.peer_blocks_served
                 assert await client.fetch_from_peer(addresses[0], prompt, n) == n
                 assert engines[0].engine.kv_store.peer_blocks_served == served + n
+                # the path it took (a loopback caller gets shared memory)
+                assert ("shm" if same_host else "grpc") in engines[1].engine.kv_store.peer_bps
                 outs = [o async for o in engines[1].generate(prompt, GREEDY)]
                 assert outs[-1].num_cached_tokens == n * 16
                 assert outs[-1].outputs[0].token_ids == want.outputs[0].token_ids
@@ -235,3 +237,28 @@ def test_in_process_cluster_routes_a_prefix_to_a_peer_that_fetches_it(
 
     with engines(cfg, 2) as pair:
         asyncio.run(run(pair))
+
+
+def test_the_shared_memory_path_only_maps_xllm_kv_memory(tmp_path: Path) -> None:
+    """A FetchBlocks request names a pid and fd to write into: only an xllm KV memfd is
+    ever mapped, never another file a process has open; and only a loopback caller gets
+    the shared-memory path at all."""
+    import os
+
+    from xllm.kvcache.transfer import _PeerMemory
+    from xllm.ops.vmm import VmmPool
+    from xllm.service.instance import _is_loopback
+
+    victim = tmp_path / "not-kv.bin"
+    victim.write_bytes(bytes(1 << 16))
+    fd = os.open(victim, os.O_RDWR)
+    try:
+        with pytest.raises(PermissionError, match="not an xllm KV memory"):
+            _PeerMemory.regions(os.getpid(), fd, 4096, 2)
+    finally:
+        os.close(fd)
+    pool = VmmPool(4 << 20)
+    regions = _PeerMemory.regions(os.getpid(), pool.fd, 2 << 20, 2)
+    assert len(regions) == 2 and regions[1] - regions[0] == 2 << 20
+    assert _is_loopback("ipv4:127.0.0.1:5000") and _is_loopback("ipv6:[::1]:5000")
+    assert not _is_loopback("ipv4:10.0.0.7:5000") and not _is_loopback("")

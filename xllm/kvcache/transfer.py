@@ -60,6 +60,9 @@ class Export:
     own_pins: bool = False  # the export pinned its sources (else a hold keeps them)
 
 
+_VMM_MEMFD = "/memfd:xllm-vmm (deleted)"  # what /proc/<pid>/fd/<fd> of a VmmPool reads
+
+
 class _PeerMemory:
     """A client's KV memory mapped into this process (same host), cached by (pid, fd)."""
 
@@ -72,6 +75,10 @@ class _PeerMemory:
         size = region_bytes * num_regions
         if entry is None or entry[0].size() < size:
             path = f"/proc/{pid}/fd/{fd}"
+            # Only an xllm KV memory (a VMM pool's memfd): a request can never make this
+            # process write into some other file another process has open.
+            if os.readlink(path) != _VMM_MEMFD:
+                raise PermissionError(f"{path} is not an xllm KV memory")
             handle = os.open(path, os.O_RDWR)
             try:
                 mm = mmap.mmap(handle, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)

@@ -88,6 +88,15 @@ class _Ewma:
         self.value = x if self.value == 0.0 else self.value + self.alpha * (x - self.value)
 
 
+def _is_loopback(peer: str | None) -> bool:
+    """Whether a gRPC peer string ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "unix:...")
+    is a caller on this host."""
+    if not peer:
+        return False
+    return (peer.startswith(("ipv4:127.", "ipv6:[::1]", "unix:"))
+            or peer.startswith("ipv6:[::ffff:127."))
+
+
 class InstanceServicer(instance_pb2_grpc.InstanceServicer):
     def __init__(self, engine: AsyncEngine, role: str = "mixed") -> None:
         self.engine = engine
@@ -109,14 +118,15 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
     async def FetchBlocks(self, request: instance_pb2.FetchBlocksRequest,  # noqa: N802
                           context: grpc.aio.ServicerContext) -> Any:
         shm = None
-        if request.shm_pid:
+        local = _is_loopback(context.peer())
+        if request.shm_pid and local:  # shared memory only for a caller on this host
             shm = (request.shm_pid, request.shm_fd, request.shm_region_bytes,
                    list(request.shm_blocks))
         key = request.release_hold
         loop = asyncio.get_running_loop()
         store = self.engine.engine.kv_store
         held = self.engine.engine.scheduler.kv.holds.get(key) if key else None
-        if held is not None and request.pull and store.memory is not None:
+        if held is not None and request.pull and local and store.memory is not None:
             # Same host: say where the held blocks are; the client copies them on its own
             # core and releases the hold after (this instance stays on its prefills).
             blocks = locate_held(store, held, list(request.block_hashes), request.first,
