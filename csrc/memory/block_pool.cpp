@@ -303,6 +303,19 @@ bool BlockPool::reset_prefix_cache() {
   return true;
 }
 
+void BlockPool::flip_retired(const int64_t* blocks, size_t n, uint8_t to) {
+  // Every block was checked to be in the other state, so a block found already flipped
+  // is listed twice: undo and refuse, before anything else changed.
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t b = blocks[i];
+    if (retired_[b] == to) {
+      for (size_t j = 0; j < i; ++j) retired_[blocks[j]] = static_cast<uint8_t>(1 - to);
+      invalid("blocks[", i, "] = ", b, " appears twice");
+    }
+    retired_[b] = to;
+  }
+}
+
 void BlockPool::retire(const int64_t* blocks, size_t n, std::vector<uint64_t>* evicted) {
   for (size_t i = 0; i < n; ++i) {
     const int64_t b = blocks[i];
@@ -313,14 +326,7 @@ void BlockPool::retire(const int64_t* blocks, size_t n, std::vector<uint64_t>* e
               "); retire only free blocks");
     }
   }
-  for (size_t i = 0; i < n; ++i) {  // a block listed twice: caught before any change
-    const int32_t b = static_cast<int32_t>(blocks[i]);
-    if (retired_[b]) {
-      for (size_t j = 0; j < i; ++j) retired_[blocks[j]] = 0;
-      invalid("blocks[", i, "] = ", b, " appears twice");
-    }
-    retired_[b] = 1;
-  }
+  flip_retired(blocks, n, 1);
   for (size_t i = 0; i < n; ++i) {
     const int32_t b = static_cast<int32_t>(blocks[i]);
     unlink(b);
@@ -361,14 +367,7 @@ void BlockPool::restore(const int64_t* blocks, size_t n) {
     check_block(b, "blocks", static_cast<int64_t>(i));
     if (!retired_[b]) invalid("blocks[", i, "] = ", b, " is not retired");
   }
-  for (size_t i = 0; i < n; ++i) {  // a block listed twice: caught before any change
-    const int32_t b = static_cast<int32_t>(blocks[i]);
-    if (!retired_[b]) {
-      for (size_t j = 0; j < i; ++j) retired_[blocks[j]] = 1;
-      invalid("blocks[", i, "] = ", b, " appears twice");
-    }
-    retired_[b] = 0;
-  }
+  flip_retired(blocks, n, 0);
   // Linked at the head last block first, so blocks[0] ends up first in line.
   for (size_t i = n; i-- > 0;) link_head(static_cast<int32_t>(blocks[i]));
   num_retired_ -= static_cast<int64_t>(n);

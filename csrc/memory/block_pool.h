@@ -179,6 +179,8 @@ class BlockPool {
   [[noreturn]] void bad_block(int64_t block, const char* what, int64_t index) const;
   void link_tail(int32_t block);
   void link_head(int32_t block);
+  // Sets retired_ of each block to `to` (each was checked to be 1 - to).
+  void flip_retired(const int64_t* blocks, size_t n, uint8_t to);
   void unlink(int32_t block);
   bool in_free_list(int32_t block) const { return next_[block] >= 0; }
 

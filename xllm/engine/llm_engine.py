@@ -213,6 +213,8 @@ class LLMEngine:
         self.kv_store.close()
 
     def step(self) -> list[RequestOutput]:
+        # Before scheduling: finished write-backs published, landed prefetches in the prefix
+        # cache (an admission whose prefetch is still going waits for it), idle memory freed.
         self.kv_store.maintain(busy=True)
         out = self.scheduler.schedule()
         if not out.scheduled:

@@ -48,8 +48,6 @@ class OnDemandBlockPool:
             inner.retire(rest)
         self._idle_since: float | None = None
         self._last_call: float | None = None
-        self.num_maps = 0
-        self.num_unmaps = 0
         # The calls that need no wrapping go straight to the native pool.
         self.free = inner.free
         self.touch = inner.touch
@@ -88,10 +86,6 @@ class OnDemandBlockPool:
     def num_retired_blocks(self) -> int:
         return self._inner.num_retired_blocks
 
-    @property
-    def num_mapped_blocks(self) -> int:
-        return self._inner.num_blocks - self._inner.num_retired_blocks
-
     def allocate(self, n: int) -> list[int] | None:
         inner = self._inner
         if n > inner.num_free_blocks:
@@ -112,7 +106,6 @@ class OnDemandBlockPool:
             memory.map_group(group)
             blocks = memory.group_blocks(group)
             restored.extend(blocks)
-            self.num_maps += 1
             need -= len(blocks)
         self._inner.restore(restored)  # in one call: handed out in id order
 
@@ -163,5 +156,4 @@ class OnDemandBlockPool:
                 self.on_evict(evicted)
             budget -= len(blocks)
             released += 1
-            self.num_unmaps += 1
         return released

@@ -26,6 +26,7 @@ views of the pool's memory from :meth:`KVStore.kv_caches`.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import logging
 import threading
@@ -78,6 +79,13 @@ class KVStoreConfig:
     def block_bytes(self) -> int:
         """One block of every layer, keys and values."""
         return 2 * self.num_layers * self.segment_bytes
+
+    def layout(self) -> dict[str, Any]:
+        """What the KV bytes depend on: a disk tier's directory and a peer's layout key are
+        fingerprints of it."""
+        return {"identity": dict(self.identity), "block_size": self.block_size,
+                "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
+                "head_size": self.head_size, "dtype_bytes": self.dtype_bytes}
 
     @property
     def num_regions(self) -> int:
@@ -150,10 +158,6 @@ class _Worker:
             self._busy += 1
             self._cv.notify_all()
 
-    @property
-    def busy(self) -> bool:
-        return self._busy > 0
-
     def wait_idle(self) -> None:
         with self._cv:
             while self._busy:
@@ -207,11 +211,8 @@ class KVStore:
             self.cpu = CpuTier(config.cpu_tier_bytes, config.block_bytes)
             self.tiers.append(self.cpu)
         if config.disk_tier_dir is not None:
-            layout = {"identity": dict(config.identity), "block_size": config.block_size,
-                      "num_layers": config.num_layers, "num_kv_heads": config.num_kv_heads,
-                      "head_size": config.head_size, "dtype_bytes": config.dtype_bytes}
             self.disk = DiskTier(config.disk_tier_dir, config.disk_tier_bytes,
-                                 config.block_bytes, config.block_size, layout)
+                                 config.block_bytes, config.block_size, config.layout())
             self.tiers.append(self.disk)
         # Write-back jobs (pool blocks to a tier) and prefetch loads, each on its own thread.
         self._writer = _Worker("xllm-kv-writer", self._write) if self.tiers else None
@@ -438,16 +439,33 @@ class KVStore:
         """Copies the hits into ``blocks`` (fresh pool blocks, in chain order); returns how
         many leading blocks arrived intact (the rest must be recomputed)."""
         t0 = time.perf_counter()
-        done = 0
+        results = self._copy_hits(hits, blocks)
+        return self._account_hits(hits, results, time.perf_counter() - t0)
+
+    def _copy_hits(self, hits: Sequence[TierHit], blocks: Sequence[int]
+                   ) -> list[tuple[int, int]]:
+        """The bytes of the hits, in chain order into ``blocks`` (any thread, while the
+        slots are held and the blocks reserved): (ok, err) per hit, stopping at the first
+        that fell short."""
+        results, at = [], 0
         for hit in hits:
             slots = list(hit.slots)
-            ok, err = self._copy_in(hit.tier, slots, list(blocks[done:done + len(slots)]))
-            self._account(hit.tier, slots, ok, err)
-            done += ok
+            ok, err = self._copy_in(hit.tier, slots, list(blocks[at:at + len(slots)]))
+            results.append((ok, err))
+            at += ok
             if ok < len(slots):
                 break
-        self._observe_load(hits, done, time.perf_counter() - t0)
-        return done
+        return results
+
+    def _account_hits(self, hits: Sequence[TierHit], results: list[tuple[int, int]],
+                      seconds: float) -> int:
+        """A load's bookkeeping (engine thread); returns the blocks intact."""
+        total = 0
+        for hit, (ok, err) in zip(hits, results, strict=False):
+            self._account(hit.tier, list(hit.slots), ok, err)
+            total += ok
+        self._observe_load(hits, total, seconds)
+        return total
 
     def _observe_load(self, hits: Sequence[TierHit], done: int, seconds: float) -> None:
         if hits and hits[0].tier is self.tiers[0]:
@@ -510,28 +528,16 @@ class KVStore:
             self.poll()
 
     def _run_prefetch(self, key: str) -> list[tuple[int, int]]:
-        """The loader thread's part: the copies. Returns (ok, err) per hit."""
+        """The loader thread's part: the copies."""
         hits, blocks, _ = self._prefetching[key]
-        results, at = [], 0
-        for hit in hits:
-            slots = list(hit.slots)
-            ok, err = self._copy_in(hit.tier, slots, blocks[at:at + len(slots)])
-            results.append((ok, err))
-            at += ok
-            if ok < len(slots):
-                break
-        return results
+        return self._copy_hits(hits, blocks)
 
     def _finish_prefetch(self, key: str, results: list[tuple[int, int]] | None,
                          seconds: float) -> None:
         hits, blocks, done = self._prefetching.pop(key)
         for hit in hits:  # let go of every held slot, then account as a load does
             hit.tier.index.free(list(hit.slots))
-        total = 0
-        for hit, (ok, err) in zip(hits, results or (), strict=False):
-            self._account(hit.tier, list(hit.slots), ok, err)
-            total += ok
-        self._observe_load(hits, total, seconds)
+        total = self._account_hits(hits, results or [], seconds)
         self.num_prefetches += 1
         done(total)
 
@@ -571,18 +577,18 @@ class KVStore:
             old = self.peer_bps.get(path)
             self.peer_bps[path] = rate if old is None else old + _RATE_WEIGHT * (rate - old)
 
-    def layout_key(self) -> str:
-        """A fingerprint of what this cache's bytes mean (model identity, dtypes, shape):
-        peers exchange blocks only when theirs is the same."""
+    @functools.cached_property
+    def _layout_key(self) -> str:
         import hashlib
         import json
 
-        c = self.config
-        key = json.dumps({"identity": dict(c.identity), "block_size": c.block_size,
-                          "num_layers": c.num_layers, "num_kv_heads": c.num_kv_heads,
-                          "head_size": c.head_size, "dtype_bytes": c.dtype_bytes},
-                         sort_keys=True)
+        key = json.dumps(self.config.layout(), sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+    def layout_key(self) -> str:
+        """A fingerprint of what this cache's bytes mean (model identity, dtypes, shape):
+        peers exchange blocks only when theirs is the same. Computed once."""
+        return self._layout_key
 
     def swap_cheaper(self, num_blocks: int, num_tokens: int) -> bool:
         """Whether writing a preempted request's blocks to the top tier and loading them back

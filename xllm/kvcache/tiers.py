@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from xllm import _C
-from xllm.ops.block_pool import BlockPool
+from xllm.ops.block_pool import BlockPool, confirm_chain
 from xllm.ops.vmm import VmmPool
 
 __all__ = ["CpuTier", "DiskTier", "Tier"]
@@ -63,15 +63,8 @@ class Tier:
         """Slots of the longest chain of ``hashes`` the tier holds whose content matches
         ``tokens`` (block ``i`` of the chain covers ``tokens[start + i * bs : ...]``)."""
         slots = self.index.lookup(hashes)
-        contents = self.contents
-        n = 0
-        for i, slot in enumerate(slots):
-            entry = contents[slot]
-            lo = start + i * block_size
-            if entry is None or entry[0] != parent or entry[1] != tuple(tokens[lo:lo + block_size]):
-                break
-            parent = hashes[i]
-            n += 1
+        n = confirm_chain(slots, self.contents.__getitem__, hashes, parent, tokens, start,
+                          block_size)
         return slots[:n]
 
     def refresh(self, slots: Sequence[int]) -> None:

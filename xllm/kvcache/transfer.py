@@ -112,36 +112,50 @@ def _export(engine: Any, store: KVStore, hashes: list[int], tokens: list[int], f
     held = found.num_tokens // kv.block_size
     if held <= first:
         return Export(first, 0, [])
-    cfg = store.config
     # (source, index) per wanted block: ("pool", block) or (tier, slot)
     sources: list[tuple[Any, int]] = [("pool", b) for b in found.block_ids]
     for hit in found.tier_hits:
         sources.extend((hit.tier, s) for s in hit.slots)
     sources = sources[first:held]
-    if shm is not None:
-        pid, fd, region_bytes, dst_blocks = shm
-        try:
-            dst = _PeerMemory.regions(pid, fd, region_bytes, cfg.num_regions)
-        except OSError:
-            shm = None  # cannot map it (permissions, gone): stream instead
-        else:
-            return _export_shm(store, sources[:len(dst_blocks)], dst, dst_blocks, first)
+    shipped = _ship(store, sources, first, shm)
+    if shipped is not None:
+        return shipped
     _pin(engine, sources, +1)
     return Export(first, len(sources), [], sources, own_pins=True)
+
+
+def _ship(store: KVStore, sources: list[tuple[Any, int]], first: int,
+          shm: tuple[int, int, int, list[int]] | None) -> Export | None:
+    """Same host: the sources written straight into the client's memory; None when there
+    is no such client or its memory cannot be mapped (permissions, gone): stream instead."""
+    if shm is None:
+        return None
+    pid, fd, region_bytes, dst_blocks = shm
+    try:
+        dst = _PeerMemory.regions(pid, fd, region_bytes, store.config.num_regions)
+    except OSError:
+        return None
+    return _export_shm(store, sources[:len(dst_blocks)], dst, dst_blocks, first)
+
+
+def _held_blocks(held: tuple[tuple[int, ...], tuple[int, ...]], hashes: list[int],
+                 first: int) -> list[int]:
+    """The held blocks of ``hashes`` from ``first``: as far as the hold's chain matches."""
+    blocks, held_hashes = held
+    n = 0
+    limit = min(len(blocks), len(hashes))
+    while n < limit and held_hashes[n] == hashes[n]:
+        n += 1
+    return list(blocks[first:n])
 
 
 def locate_held(store: KVStore, held: tuple[tuple[int, ...], tuple[int, ...]],
                 hashes: list[int], first: int, layout: str) -> list[int]:
     """The held blocks a same-host client may copy itself (pull): those of ``hashes``
     from ``first`` that match the hold's chain, in order ([] on a layout mismatch)."""
-    blocks, held_hashes = held
     if layout != store.layout_key() or store.memory is None:
         return []
-    n = 0
-    limit = min(len(blocks), len(hashes))
-    while n < limit and held_hashes[n] == hashes[n]:
-        n += 1
-    out = list(blocks[first:n])
+    out = _held_blocks(held, hashes, first)
     store.peer_blocks_served += len(out)
     return out
 
@@ -152,26 +166,14 @@ def export_held(store: KVStore, held: tuple[tuple[int, ...], tuple[int, ...]],
     """Like :func:`export_blocks`, from a finished prefill's held blocks (pinned until the
     hold is released), without the engine thread: any thread, so a busy prefill instance
     serves its decode instance at once. The chain must match the held hashes."""
-    blocks, held_hashes = held
     if layout != store.layout_key():
         return Export(first, 0, [])
-    n = 0
-    limit = min(len(blocks), len(hashes))
-    while n < limit and held_hashes[n] == hashes[n]:
-        n += 1
-    if n <= first:
+    sources: list[tuple[Any, int]] = [("pool", b) for b in _held_blocks(held, hashes, first)]
+    if not sources:
         return Export(first, 0, [])
-    sources: list[tuple[Any, int]] = [("pool", b) for b in blocks[first:n]]
-    store.peer_blocks_served += len(sources)
-    if shm is not None:
-        pid, fd, region_bytes, dst_blocks = shm
-        try:
-            dst = _PeerMemory.regions(pid, fd, region_bytes, store.config.num_regions)
-        except OSError:
-            pass
-        else:
-            return _export_shm(store, sources[:len(dst_blocks)], dst, dst_blocks, first)
-    return Export(first, len(sources), [], sources)
+    export = _ship(store, sources, first, shm) or Export(first, len(sources), [], sources)
+    store.peer_blocks_served += export.count
+    return export
 
 
 def _pin(engine: Any, sources: list[tuple[Any, int]], sign: int) -> None:

@@ -44,6 +44,7 @@ __all__ = [
     "BlockPoolProtocol",
     "PyBlockPool",
     "block_hashes",
+    "confirm_chain",
     "hash_block_tokens",
     "make_block_pool",
     "py_block_hashes",
@@ -132,6 +133,16 @@ def _hashes(values: Iterable[Any], name: str) -> Sequence[int]:
         if type(h) is not int or not 0 <= h <= _MASK:
             return [_uint64(v, name, i) for i, v in enumerate(seq)]
     return seq
+
+
+def _check_distinct(ids: Sequence[int]) -> None:
+    """retire/restore take each block once (their native twins check it likewise)."""
+    if len(set(ids)) != len(ids):
+        seen: set[int] = set()
+        for i, b in enumerate(ids):
+            if b in seen:
+                raise ValueError(f"blocks[{i}] = {b} appears twice")
+            seen.add(b)
 
 
 # ---- chained block hash --------------------------------------------------------------
@@ -483,12 +494,7 @@ class PyBlockPool:
                 raise ValueError(
                     f"blocks[{i}] = {b} is in use (ref count {ref[b]}); retire only free blocks"
                 )
-        if len(set(ids)) != len(ids):
-            seen: set[int] = set()
-            for i, b in enumerate(ids):
-                if b in seen:
-                    raise ValueError(f"blocks[{i}] = {b} appears twice")
-                seen.add(b)
+        _check_distinct(ids)
         evicted = []
         for b in ids:
             retired[b] = True
@@ -524,12 +530,7 @@ class PyBlockPool:
         for i, b in enumerate(ids):
             if not retired[b]:
                 raise ValueError(f"blocks[{i}] = {b} is not retired")
-        if len(set(ids)) != len(ids):
-            seen: set[int] = set()
-            for i, b in enumerate(ids):
-                if b in seen:
-                    raise ValueError(f"blocks[{i}] = {b} appears twice")
-                seen.add(b)
+        _check_distinct(ids)
         prv, nxt, head = self._prev, self._next, self._head
         for b in reversed(ids):  # linked at the head last first: ids[0] ends up first
             retired[b] = False
@@ -591,6 +592,31 @@ else:
         token_ids: Sequence[int], block_size: int, parent_hash: int = ROOT_HASH, extra: int = 0
     ) -> list[int]:
         raise _missing_native()
+
+
+def confirm_chain(
+    found: Sequence[int],
+    content_of: Any,
+    hashes: Sequence[int],
+    parent: int,
+    tokens: Sequence[int],
+    start: int,
+    block_size: int,
+) -> int:
+    """How many leading entries of ``found`` (the blocks or slots a lookup of ``hashes``
+    returned) really hold that chain: ``content_of(entry)`` gives the (parent hash, token
+    ids) stored with it, or None, and block ``i`` must hold ``tokens[start + i * bs :]``
+    under ``parent`` (then ``hashes[i - 1]``). A 64-bit hash can collide; the tokens
+    cannot."""
+    n = 0
+    for i, key in enumerate(found):
+        entry = content_of(key)
+        lo = start + i * block_size
+        if entry is None or entry[0] != parent or entry[1] != tuple(tokens[lo : lo + block_size]):
+            break
+        parent = hashes[i]
+        n += 1
+    return n
 
 
 def best_block_hashes():  # type: ignore[no-untyped-def]

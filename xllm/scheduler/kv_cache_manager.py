@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from xllm.ops.block_pool import ROOT_HASH, BlockPoolProtocol, best_block_hashes
+from xllm.ops.block_pool import ROOT_HASH, BlockPoolProtocol, best_block_hashes, confirm_chain
 from xllm.scheduler.request import Request
 
 if TYPE_CHECKING:
@@ -135,17 +135,8 @@ class KVCacheManager:
         hits = self.pool.lookup(hashes)
         if not hits and self.store is None:
             return NO_COMPUTED_BLOCKS
-        content = self._block_content
-        parent = ROOT_HASH
-        n = 0
-        for i, block in enumerate(hits):
-            entry = content.get(block)
-            if entry is None or entry[0] != parent:
-                break
-            if entry[1] != tuple(tokens[i * bs : (i + 1) * bs]):
-                break  # a hash collision: same hash, other tokens
-            parent = hashes[i]
-            n += 1
+        n = confirm_chain(hits, self._block_content.get, hashes, ROOT_HASH, tokens, 0, bs)
+        parent = hashes[n - 1] if n else ROOT_HASH
         store = self.store
         if store is not None and n < max_blocks:
             tier_hits = store.lookup(hashes[n:max_blocks], parent, tokens, n * bs)

@@ -270,8 +270,6 @@ class Scheduler:
                 "SchedulerOutput (on a failed step, abort its requests and pass [] for each)"
             )
         step = _Step(self.config.max_num_batched_tokens)
-        if self.kv.store is not None:
-            self.kv.store.poll()  # landed prefetches join the prefix cache before admissions
         for offline in (False, True):
             self._schedule_running(step, offline)
             self._schedule_waiting(step, offline)

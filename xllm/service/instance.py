@@ -214,9 +214,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
             plan = None
         if plan is None:
             if peer_hold:  # nothing to fetch (held here already, or cheaper to compute)
-                task = asyncio.ensure_future(self._release_peer_hold(peer, peer_hold))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._release_peer_hold_soon(peer, peer_hold)
             return 0
         store = self.engine.engine.kv_store  # type: ignore[union-attr]
         path = "shm" if plan.shm is not None else "grpc"
@@ -263,9 +261,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                 with contextlib.suppress(Exception):
                     await landing  # finished before the blocks are adopted or freed
             if pulled:  # the peer kept its hold for the copy: let it go now
-                task = asyncio.ensure_future(self._release_peer_hold(peer, peer_hold))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._release_peer_hold_soon(peer, peer_hold)
         try:
             fut = self.engine.call_on_engine_thread(functools.partial(
                 finish_fetch, plan=plan, path=path))
@@ -279,6 +275,12 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         tried first; the peer streams if it cannot map this instance's memory)."""
         host = peer.rsplit(":", 1)[0].strip("[]")
         return host in ("127.0.0.1", "localhost", "::1", socket.gethostname())
+
+    def _release_peer_hold_soon(self, peer: str, key: str) -> None:
+        """Releases a peer's hold in the background (the request need not wait for it)."""
+        task = asyncio.ensure_future(self._release_peer_hold(peer, key))
+        self._background.add(task)  # referenced until done
+        task.add_done_callback(self._background.discard)
 
     async def _release_peer_hold(self, peer: str, key: str) -> None:
         """Tells a prefill peer its hold on a prompt's blocks is no longer needed: a

@@ -157,10 +157,6 @@ class TieredPrefixIndex:
     def __init__(self) -> None:
         self.tiers = {name: PrefixIndex() for name in TIERS}
 
-    @property
-    def pool(self) -> PrefixIndex:
-        return self.tiers["pool"]
-
     def add_instance(self) -> int:
         slots = {index.add_instance() for index in self.tiers.values()}
         assert len(slots) == 1, "the tiers' indexes must hand out the same slots"
@@ -197,38 +193,24 @@ class TieredPrefixIndex:
         over bitmasks of the slots in each phase."""
         if not hashes:
             return {}
-        op, oc, od = (self.tiers[name]._owners for name in TIERS)
+        owners = [self.tiers[name]._owners for name in TIERS]
         h0 = hashes[0]
-        phase_p = op.get(h0, 0) | oc.get(h0, 0) | od.get(h0, 0)  # start in the pool phase
-        phase_c = phase_d = 0
+        # phase[k]: the slots whose chain continues in tier k; all start in the pool's
+        phases = [owners[0].get(h0, 0) | owners[1].get(h0, 0) | owners[2].get(h0, 0), 0, 0]
         ends: dict[int, list[int]] = {}  # slot -> [pool end, cpu end, disk end]
         n = len(hashes)
-
-        def leave(mask: int, phase: int, at: int) -> None:
-            for slot in _bits(mask):
-                ends.setdefault(slot, [n, n, n])[phase] = at
-
         for i, h in enumerate(hashes):
-            if not (phase_p | phase_c | phase_d):
+            if not (phases[0] | phases[1] | phases[2]):
                 break
-            m = op.get(h, 0)
-            out = phase_p & ~m
-            phase_p &= m
-            if out:
-                leave(out, 0, i)
-                phase_c |= out
-            m = oc.get(h, 0)
-            out = phase_c & ~m
-            phase_c &= m
-            if out:
-                leave(out, 1, i)
-                phase_d |= out
-            m = od.get(h, 0)
-            out = phase_d & ~m
-            phase_d &= m
-            if out:
-                leave(out, 2, i)
-        for slot in _bits(phase_p | phase_c | phase_d):  # still matching at the end
+            for k in range(3):  # a slot leaving tier k tries tier k + 1 at the same block
+                out = phases[k] & ~owners[k].get(h, 0)
+                if out:
+                    phases[k] ^= out
+                    for slot in _bits(out):
+                        ends.setdefault(slot, [n, n, n])[k] = i
+                    if k < 2:
+                        phases[k + 1] |= out
+        for slot in _bits(phases[0] | phases[1] | phases[2]):  # still matching at the end
             ends.setdefault(slot, [n, n, n])
         # A phase's end defaults to n, the prompt's end, when the slot never left it (and so
         # never entered the phases after it: their ends are n too).
