@@ -24,7 +24,7 @@ from bench.throughput import _cpu_name
 from xllm import _C
 from xllm.config import EngineConfig
 from xllm.engine.llm_engine import LLMEngine
-from xllm.service.speed_model import SpeedModel, profile_engine
+from xllm.engine.speed_model import SpeedModel, profile_engine
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,7 +38,8 @@ def engines(config: EngineConfig, n: int) -> Iterator[list[AsyncEngine]]:
 @contextlib.asynccontextmanager
 async def cluster(members: Sequence[tuple[AsyncEngine, str]], policy: str = "least_load",
                   block_size: int = 16, beat_s: float = 0.1,
-                  max_model_len: int = 512) -> AsyncIterator[tuple[EmbeddedRegistry, Any]]:
+                  max_model_len: int = 512, pd: Any = None
+                  ) -> AsyncIterator[tuple[EmbeddedRegistry, Any]]:
     """A master over ``members`` ((engine, role) each); yields (registry, ClusterEngine)
     once every instance has registered and beaten."""
     reg = EmbeddedRegistry(heartbeat_interval_s=beat_s, heartbeat_timeout_s=5.0)
@@ -53,7 +54,7 @@ async def cluster(members: Sequence[tuple[AsyncEngine, str]], policy: str = "lea
         await r.start()
     facts = ModelFacts(tokenizer=None, model_config=None, default_max_model_len=max_model_len,
                        registry=reg)
-    engine = ClusterEngine(None, facts, reg, Router(policy, block_size))
+    engine = ClusterEngine(None, facts, reg, Router(policy, block_size), pd=pd)
     try:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30

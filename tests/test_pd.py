@@ -6,15 +6,15 @@ seeded). Missing roles fall back to whole requests."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 
 from xllm import SamplingParams
-from xllm.service.master import ClusterEngine, _Flight
+from xllm.service.master import pd_candidates
 from xllm.service.registry import EmbeddedRegistry
-from xllm.service.routing import RouteRequest
 from xllm.service.state import Capacity, InstanceInfo
 
 pytestmark = pytest.mark.timeout(180)
@@ -27,22 +27,15 @@ def test_roles_pick_where_a_flight_goes() -> None:
     views = {role: reg.register(InstanceInfo(role, f"127.0.0.1:{i + 1}", role=role,
                                              capacity=Capacity(8)))
              for i, role in enumerate(("prefill", "decode", "mixed"))}
-    flight = _Flight("r", [1, 2, 3], SamplingParams(max_tokens=8), 0, False,
-                     RouteRequest([1, 2, 3]))
     every = list(views.values())
-    assert ClusterEngine._pd_candidates(flight, every) == [views["prefill"]]
-    assert flight.phase == "prefill"
-    flight.generated.append(7)
-    assert ClusterEngine._pd_candidates(flight, every) == [views["decode"]]
-    assert flight.phase == "decode"
+    assert pd_candidates(every, False, 8) == ("prefill", [views["prefill"]])
+    assert pd_candidates(every, True, 8) == ("decode", [views["decode"]])
     # no decode instance: whoever is there decodes; no prefill instance: whole requests
-    assert ClusterEngine._pd_candidates(flight, [views["prefill"]]) == [views["prefill"]]
-    fresh = _Flight("s", [1], SamplingParams(max_tokens=8), 0, False, RouteRequest([1]))
+    assert pd_candidates([views["prefill"]], True, 8) == ("", [views["prefill"]])
     only = [views["decode"], views["mixed"]]
-    assert ClusterEngine._pd_candidates(fresh, only) == only and fresh.phase == ""
-    one = _Flight("t", [1], SamplingParams(max_tokens=1), 0, False, RouteRequest([1]))
-    assert ClusterEngine._pd_candidates(one, every) == every  # one token: nothing to hand
-
+    assert pd_candidates(only, False, 8) == ("", only)
+    assert pd_candidates(every, False, 1) == ("", every)  # one token: nothing to hand on
+    assert pd_candidates(every, False, None) == ("prefill", [views["prefill"]])
 
 def test_prefill_then_decode_equals_a_mixed_instance(demo_model_dir: Path) -> None:
     from cluster_helpers import cluster, engines
@@ -222,3 +215,64 @@ def test_a_role_switch_under_load_loses_and_duplicates_nothing(demo_model_dir: P
 
     with engines(cfg, 4) as (prefill, d1, d2, mixed):
         asyncio.run(run(prefill, d1, d2, mixed))
+
+
+def test_dynamic_pd_plans_from_reported_speed_models_and_switches_under_load(
+        demo_model_dir: Path) -> None:
+    """--pd-policy dynamic: the instances report their speed models in heartbeats; on a
+    prefill-heavy traffic the master's planning round moves two mixed instances to 1P:1D
+    while requests run. Every request completes with the tokens a lone instance gives,
+    and the decision is recorded with its reason and how long the switch took."""
+    from cluster_helpers import cluster, engines
+
+    from xllm.config import EngineConfig
+    from xllm.engine.speed_model import SpeedModel
+    from xllm.service.pd import PdController
+
+    model = SpeedModel((0.0, 0.3, 0.0), (10.0, 0.2, 0.0))
+    prefill_samples = [(n, model.ttft_ms(n)) for n in (64, 256, 512, 1024)]
+    decode_samples = [(b, c, model.tpot_ms(b, c)) for b in (1, 4, 16) for c in (128, 512)]
+
+    def seed(engine) -> None:  # noqa: ANN001 - a profile's samples, made up: a known model
+        engine.speed.prefill.clear()
+        engine.speed.decode.clear()
+        engine.speed.seed(prefill_samples, decode_samples)
+
+    cfg = EngineConfig(model=str(demo_model_dir), dtype="float32", max_model_len=512,
+                       num_kv_blocks=160, num_threads=1)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+    async def run(a, b) -> None:  # noqa: ANN001
+        tok = a.engine.tokenizer
+        prompts = [tok.encode(f"Letter {i}: " + DOC[: 120 + 40 * i]) for i in range(6)]
+        want = []
+        for prompt in prompts:
+            want.append([o async for o in a.generate(prompt, params)][-1].outputs[0].token_ids)
+        for e in (a, b):
+            await asyncio.wrap_future(e.call_on_engine_thread(seed))
+        pd = PdController("dynamic", slo_ttft_ms=2000, slo_tpot_ms=12, min_dwell_s=0,
+                          window_s=10)
+        async with cluster([(a, "mixed"), (b, "mixed")], pd=pd) as (reg, master):
+            for v in reg.routable():  # reported in the heartbeats
+                assert v.load.speed is not None
+                assert v.load.speed.ttft_ms(1000) == pytest.approx(300, rel=1e-3)
+            for i in range(20):  # the last 10 s: 2 req/s of 1k-token prompts
+                pd.meter.arrive(time.monotonic() - 10 + 0.5 * i, 1000, 128)
+
+            async def one(i: int) -> list[int]:
+                await asyncio.sleep(0.05 * i)
+                outs = [o async for o in master.generate(prompts[i], params)]
+                return outs[-1].outputs[0].token_ids
+
+            tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
+            await asyncio.sleep(0.12)
+            await master.pd_round()
+            record = pd.decisions[-1]
+            assert record.target == "1P:1D" and "attainment" in record.reason
+            assert record.switch_seconds is not None and not record.errors
+            assert sorted(v.info.role for v in reg.routable()) == ["decode", "prefill"]
+            assert await asyncio.gather(*tasks) == want  # each exactly once, each right
+            assert master.num_role_switches == 2
+
+    with engines(cfg, 2) as (a, b):
+        asyncio.run(run(a, b))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from xllm.engine.speed_model import SpeedModel
 from xllm.service.planner import Planner, Split, Traffic, predict
-from xllm.service.speed_model import SpeedModel
 
 # About the demo model on one core: 1k-token prompts in ~0.6 s, decode steps of 10-40 ms.
 MODEL = SpeedModel((8.0, 0.35, 1e-4), (8.0, 0.6, 0.0015))

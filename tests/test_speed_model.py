@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from xllm.service.speed_model import OnlineSpeedModel, SpeedModel, profile_engine
+from xllm.engine.speed_model import OnlineSpeedModel, SpeedModel, profile_engine
 
 
 def _synthetic(noise: float, seed: int = 0) -> tuple[list, list]:
@@ -64,3 +64,11 @@ def test_profile_of_the_demo_engine_fits(demo_model_dir) -> None:  # noqa: ANN00
     model = SpeedModel.fit(prefill, decode)
     err_ttft, err_tpot = model.errors(prefill, decode)
     assert err_ttft < 0.5 and err_tpot < 0.5  # a loose bound: a shared CI machine is noisy
+    # The engine's own steps fed its online model meanwhile: each prompt alone was a prefill
+    # sample of its length, each decode step a (batch, context) sample.
+    online = engine.speed
+    assert online.model is not None
+    assert {n for n, _ in online.prefill} >= {32, 128, 256, 512}
+    assert {b for b, _, _ in online.decode} >= {1, 4, 8}
+    online.seed(prefill, decode)  # what --profile-speed does: kept in every later fit
+    assert online.num_samples == (len(online.prefill) + 4, len(online.decode) + 6)

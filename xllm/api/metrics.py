@@ -99,6 +99,12 @@ def _kv_store_metrics(kv: KVStoreStats) -> Iterator[Metric]:
     peer.add_metric(["fetched"], kv.peer_blocks_fetched)
     peer.add_metric(["served"], kv.peer_blocks_served)
     yield peer
+    peer_bytes = CounterMetricFamily("xllm_kv_peer_bytes",
+                                     "KV bytes moved between instances (PD handoffs, peer "
+                                     "prefix hits), by direction", labels=["direction"])
+    peer_bytes.add_metric(["fetched"], kv.peer_blocks_fetched * kv.block_bytes)
+    peer_bytes.add_metric(["served"], kv.peer_blocks_served * kv.block_bytes)
+    yield peer_bytes
     yield CounterMetricFamily("xllm_kv_peer_fetches", "Fetches of a prefix from a peer",
                               value=kv.peer_fetches)
     yield CounterMetricFamily("xllm_kv_peer_fetch_seconds",

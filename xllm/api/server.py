@@ -65,6 +65,10 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
                    help="what the master sends here: everything (mixed), prompts and their "
                         "first token (prefill), or the decoding of prompts a prefill "
                         "instance computed (decode); see docs/cluster.md")
+    c.add_argument("--profile-speed", action="store_true",
+                   help="before registering, profile prompt and decode step times (~10 s) "
+                        "to seed the speed model reported to the master's PD planner "
+                        "(it is refined from the instance's own steps either way)")
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -118,7 +122,8 @@ async def _serve(server: _Server, engine: AsyncEngine, settings: ServerSettings,
                                   host=settings.host, grpc_port=cluster.grpc_port,
                                   instance_id=cluster.instance_id,
                                   model=(settings.served_model_names or [engine.config.model])[0],
-                                  role=getattr(cluster, "role", "mixed"))
+                                  role=getattr(cluster, "role", "mixed"),
+                                  profile_speed=getattr(cluster, "profile_speed", False))
         await runtime.start()
     try:
         return await _serve_http(server, engine, settings)

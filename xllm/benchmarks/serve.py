@@ -248,9 +248,13 @@ def summarize(results: list[RequestResult], duration: float, slo_ttft: float | N
                          ("e2e_ms", [r.e2e * ms for r in ok])):  # type: ignore[operator]
         out[name] = _percentiles(values)
         out[name + "_samples"] = values
-    # Per request (in completion order), so goodput under other SLOs can be recomputed later.
+    # Per request (in completion order), so goodput under other SLOs can be recomputed later,
+    # and the run replayed as a trace (bench.simulate): when each was sent, its lengths.
+    t0 = min((r.start for r in results), default=0.0)
     out["requests"] = [{"ttft_ms": r.ttft * ms, "tpot_ms": None if r.tpot is None  # type: ignore[operator]
-                        else r.tpot * ms, "output_tokens": r.output_tokens} for r in ok]
+                        else r.tpot * ms, "output_tokens": r.output_tokens,
+                        "prompt_tokens": r.prompt_tokens, "start_s": r.start - t0}
+                       for r in ok]
     errors = sorted({r.error for r in results if r.error})
     out["errors"] = errors[:10]
     return out

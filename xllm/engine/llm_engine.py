@@ -18,6 +18,7 @@ import torch
 
 from xllm.config import EngineConfig
 from xllm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from xllm.engine.speed_model import OnlineSpeedModel
 from xllm.kvcache.store import KVStore, KVStoreConfig
 from xllm.loader import resolve_model
 from xllm.loader.generation_config import GenerationConfig
@@ -113,6 +114,9 @@ class LLMEngine:
         self._states: dict[str, _RequestState] = {}
         self._owner: dict[str, tuple[_RequestState, _Completion]] = {}
         self._ids = itertools.count()
+        # TTFT/TPOT as functions of length and batch, fitted from its own steps (the PD
+        # planner's speed model; instances report it in their heartbeats).
+        self.speed = OnlineSpeedModel()
         # The model, tokenizer and torch's own objects live as long as the process: moved out
         # of the collector's generations, the full collections that steps' garbage triggers
         # no longer walk them (they were ~1% of a batched decode's time in a profile).
@@ -221,9 +225,17 @@ class LLMEngine:
             return []
         t0 = time.perf_counter()
         result = self.runner.execute(out)
+        elapsed = time.perf_counter() - t0
         if out.prefills:  # the prompt speed, for the KV store's swap-or-recompute choice
-            self.kv_store.observe_prefill(out.num_batched_tokens - len(out.decodes),
-                                          time.perf_counter() - t0)
+            self.kv_store.observe_prefill(out.num_batched_tokens - len(out.decodes), elapsed)
+            if not out.decodes and len(out.prefills) == 1:  # a speed-model sample
+                one = out.prefills[0]
+                if one.num_computed_tokens == 0 and one.samples:
+                    self.speed.add_prefill(one.num_new_tokens, 1e3 * elapsed)
+        else:
+            batch = len(out.decodes)
+            self.speed.add_decode(batch, sum(d.num_computed_tokens for d in out.decodes) // batch,
+                                  1e3 * elapsed)
         if result.prompt_logprobs is not None:
             self._absorb_prompt_logprobs(out, result.prompt_logprobs)
         self.scheduler.update_from_output(out, result.sampled_token_ids)

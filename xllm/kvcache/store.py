@@ -126,6 +126,7 @@ class KVStoreStats:
     peer_blocks_served: int = 0
     peer_fetches: int = 0
     peer_fetch_seconds: float = 0.0  # summed over fetches (plan to adoption)
+    block_bytes: int = 0  # one block's K and V over all layers (peer blocks x this = bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -641,7 +642,7 @@ class KVStore:
         return KVStoreStats(self.mapped_bytes, reserved, tiers, cumulative, self._load_sum,
                             self.num_swapped, self.num_recomputed, self.peer_blocks_fetched,
                             self.peer_blocks_served, self.peer_fetches,
-                            self.peer_fetch_seconds)
+                            self.peer_fetch_seconds, self.config.block_bytes)
 
     def close(self) -> None:
         if self._loader is not None:

@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 from xllm.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from xllm.engine.speed_model import profile_engine
 from xllm.kvcache.transfer import (
     export_blocks,
     export_held,
@@ -40,7 +41,7 @@ from xllm.kvcache.transfer import (
 )
 from xllm.sampling_params import SamplingParams
 from xllm.service.proto import instance_pb2, instance_pb2_grpc, master_pb2, master_pb2_grpc
-from xllm.service.state import ROLES, Capacity, InstanceInfo
+from xllm.service.state import ROLES, Capacity, InstanceInfo, speed_to_proto
 
 __all__ = ["InstanceAgent", "InstanceServicer", "params_from_proto", "params_to_proto"]
 
@@ -433,6 +434,12 @@ class _Snapshot:
     kv_usage: float
     load_rates: dict[str, float]  # tier name -> measured load bandwidth, bytes/s
     block_bytes: int
+    speed: master_pb2.SpeedModel | None  # the engine's fitted speed model, once it has one
+
+
+def _profile_speed(engine: Any) -> None:
+    """On the engine thread: seeds its online speed model with a short profile."""
+    engine.speed.seed(*profile_engine(engine))
 
 
 def _engine_snapshot(engine: Any, full: bool) -> _Snapshot:
@@ -454,7 +461,7 @@ def _engine_snapshot(engine: Any, full: bool) -> _Snapshot:
     st = sched.stats()
     return _Snapshot(deltas, store.cached_hashes() if full else None, prefill, offline,
                      st.num_waiting, st.num_running, st.kv_cache_usage, store.load_rates(),
-                     store.config.block_bytes)
+                     store.config.block_bytes, speed_to_proto(engine.speed))
 
 
 _TIER_PROTO = {"cpu": master_pb2.KV_TIER_CPU, "disk": master_pb2.KV_TIER_DISK}
@@ -678,7 +685,8 @@ class InstanceAgent:
                 role=ROLES[s.role],
                 cpu_tier_load_bytes_per_s=rates.get("cpu", 0.0),
                 disk_tier_load_bytes_per_s=rates.get("disk", 0.0),
-                kv_block_bytes=snapshot.block_bytes if snapshot is not None else 0)
+                kv_block_bytes=snapshot.block_bytes if snapshot is not None else 0,
+                speed=snapshot.speed if snapshot is not None else None)
             # Without a fresh snapshot the deltas are empty (every link resyncs next beat).
             pool_added, pool_evicted = (snapshot.deltas["pool"] if snapshot is not None
                                         else ([], []))
@@ -733,8 +741,9 @@ class InstanceRuntime:
 
     def __init__(self, engine: AsyncEngine, *, master: str | None, etcd: str | None,
                  host: str = "127.0.0.1", grpc_port: int = 0, instance_id: str | None = None,
-                 model: str = "", role: str = "mixed") -> None:
+                 model: str = "", role: str = "mixed", profile_speed: bool = False) -> None:
         self.engine = engine
+        self.profile_speed = profile_speed
         self.servicer = InstanceServicer(engine, role)
         self.server = grpc.aio.server()
         instance_pb2_grpc.add_InstanceServicer_to_server(self.servicer, self.server)
@@ -756,6 +765,10 @@ class InstanceRuntime:
             if self.engine.state not in ("loading", "ready"):
                 return  # the load failed: nothing to register
             await asyncio.sleep(0.05)
+        if self.profile_speed:  # before registering: no request competes with the profile
+            t0 = time.monotonic()
+            await asyncio.wrap_future(self.engine.call_on_engine_thread(_profile_speed))
+            _log.info("speed profile taken in %.1f s", time.monotonic() - t0)
         self.agent.start()
 
     async def close(self, grace_s: float = 1.0) -> None:

@@ -20,6 +20,7 @@ HTTP 503), and a resumed offline flight waits there again, keeping its place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -33,6 +34,7 @@ from xllm.sampling_params import SamplingParams
 from xllm.service.admission import OfflineAdmission
 from xllm.service.instance import params_to_proto
 from xllm.service.metrics import MasterMetrics
+from xllm.service.pd import PdController
 from xllm.service.proto import instance_pb2, instance_pb2_grpc, master_pb2, master_pb2_grpc
 from xllm.service.registry import EmbeddedRegistry, InstanceEvent, InstanceRegistry
 from xllm.service.routing import RouteDecision, Router, RouteRequest
@@ -44,7 +46,7 @@ PD_HOLD_MS = 10_000  # a prefill instance holds a prompt's KV this long for its 
 _TIER_NAMES = {master_pb2.KV_TIER_POOL: "pool", master_pb2.KV_TIER_CPU: "cpu",
                master_pb2.KV_TIER_DISK: "disk"}
 
-__all__ = ["ClusterEngine", "MasterServicer", "ModelFacts"]
+__all__ = ["ClusterEngine", "MasterServicer", "ModelFacts", "pd_candidates"]
 
 _log = logging.getLogger("xllm.master")
 
@@ -237,6 +239,22 @@ class ClusterStream:
         self.abort()
 
 
+def pd_candidates(fresh: list[InstanceView], started: bool, max_tokens: int | None
+                  ) -> tuple[str, list[InstanceView]]:
+    """Prefill/decode disaggregation: with a prefill and a decode instance among ``fresh``,
+    a new request goes to a prefill instance (the prompt and its first token) and one with
+    tokens already (``started``) to a decode instance; otherwise (a role missing, or gone)
+    any instance serves the whole request. Returns the phase ("prefill", "decode" or "")
+    and the instances that may take it."""
+    prefill = [v for v in fresh if v.info.role == "prefill"]
+    decode = [v for v in fresh if v.info.role == "decode"]
+    if started:
+        return ("decode", decode) if decode else ("", fresh)
+    if prefill and decode and max_tokens != 1:
+        return "prefill", prefill
+    return "", fresh
+
+
 class ClusterEngine:
     """An AsyncEngine look-alike over the cluster (see the module docstring).
 
@@ -247,7 +265,7 @@ class ClusterEngine:
 
     def __init__(self, config: Any, facts: ModelFacts, registry: InstanceRegistry,
                  router: Router, *, max_attempts: int = 4, instance_wait_s: float = 3.0,
-                 max_offline_queued: int = 1024) -> None:
+                 max_offline_queued: int = 1024, pd: PdController | None = None) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         self.config = config
@@ -262,6 +280,9 @@ class ClusterEngine:
         self.admission = OfflineAdmission(registry, router, max_queued=max_offline_queued,
                                           instance_wait_s=instance_wait_s)
         self.metrics = MasterMetrics()  # the master's /metrics (master_server registers them)
+        # PD planning (--pd-policy): meters the traffic always; plans roles when dynamic.
+        self.pd = pd or PdController("static")
+        self._pd_task: asyncio.Task[None] | None = None
         self._streams: dict[str, ClusterStream] = {}
         self._by_instance: dict[str, set[_Flight]] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -314,6 +335,7 @@ class ClusterEngine:
         if isinstance(prompt, str):
             prompt = self.engine.tokenizer.encode(prompt)
         rid = request_id or self.new_request_id()
+        self.pd.meter.arrive(time.monotonic(), len(prompt), params.max_tokens)
         stream = ClusterStream(self, rid, list(prompt), params, priority, offline)
         self._streams[rid] = stream
         return stream
@@ -325,6 +347,10 @@ class ClusterEngine:
 
     async def close(self) -> None:
         self.shutdown()
+        if self._pd_task is not None:
+            self._pd_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pd_task
         await self.admission.close()
         for ch in self._channels.values():
             await ch.close()
@@ -370,7 +396,8 @@ class ClusterEngine:
             if not fresh and live and time.monotonic() >= deadline:
                 fresh = list(live)  # maybe the earlier failure was transient
             if fresh:
-                fresh = self._pd_candidates(flight, fresh)
+                flight.phase, fresh = pd_candidates(fresh, bool(flight.generated),
+                                                    flight.params.max_tokens)
                 decision = self.router.route(flight.route, fresh, self.registry.index)
                 self.metrics.routing_seconds.observe(time.perf_counter() - t0)
                 return decision
@@ -379,14 +406,48 @@ class ClusterEngine:
                                       f"{flight.request_id} (attempt {flight.attempt + 1})")
             await asyncio.sleep(0.05)
 
+    def start_pd(self) -> None:
+        """Starts the dynamic PD loop (``--pd-policy dynamic``); on the running loop."""
+        if self.pd.policy == "dynamic" and self._pd_task is None:
+            self._pd_task = asyncio.get_running_loop().create_task(self._pd_loop(),
+                                                                   name="pd-planner")
+
+    async def _pd_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.pd.interval_s)
+            try:
+                await self.pd_round()
+            except Exception:  # noqa: BLE001 - a failed round must not end planning
+                _log.exception("PD planning round failed")
+
+    async def pd_round(self) -> None:
+        """One planning round: the planner's moves, made (every switch at once) and timed."""
+        moves = self.pd.plan(time.monotonic(), self.registry.routable())
+        if not moves:
+            return
+        record = self.pd.decisions[-1]
+        _log.info("PD planner: %s", record.reason)
+        t0 = time.monotonic()
+        results = await asyncio.gather(
+            *(self.switch_role(v.instance_id, role) for v, role in moves),
+            return_exceptions=True)
+        record.switch_seconds = round(time.monotonic() - t0, 3)
+        for r in results:
+            if isinstance(r, BaseException):
+                record.errors.append(f"{type(r).__name__}: {r}")
+            else:
+                record.migrated += r.migrated
+
     async def switch_role(self, instance_id: str, role: str, drain_timeout_s: float = 30.0
                           ) -> instance_pb2.SetRoleResponse:
         """Tells an instance to serve another role (PD). It refuses work of its old role at
-        once, lets what it holds finish, then answers; the registry takes the new role from
-        the answer (and the instance's heartbeats keep reporting it)."""
+        once, lets what it holds finish, then answers. The master routes to it by its new
+        role from the start (the instance takes new-role work while it drains); heartbeats
+        keep reporting the role."""
         view = self.registry.get(instance_id)
         if view is None:
             raise ValueError(f"no live instance {instance_id!r}")
+        view.info = replace(view.info, role=role)
         resp = await self._stub(view.info.address).SetRole(
             instance_pb2.SetRoleRequest(role=role, drain_timeout_ms=int(drain_timeout_s * 1e3)),
             timeout=drain_timeout_s + 5)
@@ -395,23 +456,6 @@ class ClusterEngine:
         self.num_role_switches += 1
         self.metrics.role_switches.inc()
         return resp
-
-    @staticmethod
-    def _pd_candidates(flight: _Flight, fresh: list[InstanceView]) -> list[InstanceView]:
-        """Prefill/decode disaggregation: with a prefill and a decode instance among
-        ``fresh``, a new flight goes to a prefill instance (the prompt and its first token)
-        and one with tokens already to a decode instance; otherwise (a role missing, or
-        gone) any instance serves the whole request."""
-        prefill = [v for v in fresh if v.info.role == "prefill"]
-        decode = [v for v in fresh if v.info.role == "decode"]
-        if flight.generated:
-            flight.phase = "decode" if decode else ""
-            return decode or fresh
-        if prefill and decode and flight.params.max_tokens != 1:
-            flight.phase = "prefill"
-            return prefill
-        flight.phase = ""
-        return fresh
 
     async def _run_flight(self, flight: _Flight) -> Any:
         """Yields the flight's GenerateResponses, resuming on another instance when one
@@ -475,6 +519,8 @@ class ClusterEngine:
                         resp.usage.cached_tokens = flight.prefill_cached
                     yield resp
                     if resp.finish_reason:
+                        self.pd.meter.finish(time.monotonic(), len(flight.generated),
+                                             flight.params.max_tokens)
                         return
                 if phase == "prefill" and flight.prefill_address:
                     self.num_pd_handoffs += 1

@@ -27,6 +27,7 @@ from xllm.api.server import _listen_url, _Server, add_server_options, settings_f
 from xllm.cli import add_engine_options, engine_config_from_args
 from xllm.config import EngineConfig
 from xllm.service.master import ClusterEngine, MasterServicer, ModelFacts
+from xllm.service.pd import PD_POLICIES, PdController, load_speed_model
 from xllm.service.proto import master_pb2_grpc
 from xllm.service.registry import EmbeddedRegistry, InstanceRegistry
 from xllm.service.routing import POLICIES, Router
@@ -70,6 +71,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instances one request may use (first try + resumes)")
     m.add_argument("--heartbeat-timeout", type=float, default=1.0,
                    help="seconds of silence after which an instance is dead")
+    pd = parser.add_argument_group("prefill/decode disaggregation (docs/cluster.md)")
+    pd.add_argument("--pd-policy", default="static", choices=PD_POLICIES,
+                    help="static: instances keep the roles they start with; dynamic: the "
+                         "planner switches roles to the split whose predicted SLO "
+                         "attainment is best for the measured traffic")
+    pd.add_argument("--slo-ttft-ms", type=float, default=None, metavar="MS",
+                    help="the time-to-first-token objective the planner plans for")
+    pd.add_argument("--slo-tpot-ms", type=float, default=None, metavar="MS",
+                    help="the time-per-output-token objective the planner plans for")
+    pd.add_argument("--pd-interval", type=float, default=5.0, metavar="S",
+                    help="seconds between planning rounds")
+    pd.add_argument("--pd-min-dwell", type=float, default=30.0, metavar="S",
+                    help="seconds a split stays at least before the next switch")
+    pd.add_argument("--pd-window", type=float, default=15.0, metavar="S",
+                    help="seconds of traffic the planner measures")
+    pd.add_argument("--speed-model", metavar="FILE",
+                    help="plan with this speed model (JSON, as bench.speed_model writes) "
+                         "instead of the instances' reported ones; without it, spawned "
+                         "instances take a start-up profile (--profile-speed)")
     o = parser.add_argument_group("offline requests (\"offline\": true)")
     o.add_argument("--offline-queue-size", type=int, default=1024, metavar="N",
                    help="offline requests that may wait at the master for spare capacity "
@@ -122,7 +142,8 @@ runpy.run_module("xllm.api.server", run_name="__main__", alter_sys=True)
 
 def spawn_instances(n: int, master: str, config: EngineConfig, host: str,
                     log_level: str, etcd: str | None = None,
-                    nice: int = 0, role: str = "mixed") -> list[subprocess.Popen[bytes]]:
+                    nice: int = 0, role: str = "mixed", extra: Sequence[str] = ()
+                    ) -> list[subprocess.Popen[bytes]]:
     """N local xllm-server instances registering with ``master`` (or in ``etcd``), their
     niceness raised by ``nice``: on a host they saturate, the master's routing otherwise
     waits for a scheduler slice now and then (bench.cluster: 1-2 decisions in 96 took
@@ -130,7 +151,7 @@ def spawn_instances(n: int, master: str, config: EngineConfig, host: str,
     join = ["--etcd", etcd] if etcd else ["--master", master]
     cmd = [sys.executable, "-c", _INSTANCE_BOOT, str(os.getpid()), str(nice), "--host", host,
            "--port", "0", *join, "--log-level", log_level, "--role", role,
-           *_engine_argv(config)]
+           *extra, *_engine_argv(config)]
     return [subprocess.Popen(cmd) for _ in range(n)]
 
 
@@ -172,22 +193,40 @@ async def _run(args: argparse.Namespace, config: EngineConfig) -> int:
     facts = ModelFacts(Tokenizer.from_dir(model_dir), model_config,
                        config.max_model_len or model_config.max_position_embeddings, registry)
     spare = SpareCapacity(args.offline_max_kv_usage, args.offline_max_waiting)
+    pd = PdController(args.pd_policy, slo_ttft_ms=args.slo_ttft_ms,
+                      slo_tpot_ms=args.slo_tpot_ms, interval_s=args.pd_interval,
+                      min_dwell_s=args.pd_min_dwell, window_s=args.pd_window,
+                      speed_model=load_speed_model(args.speed_model) if args.speed_model
+                      else None)
     cluster = ClusterEngine(config, facts, registry,
                             Router(args.policy, config.block_size, spare),
                             max_attempts=args.max_attempts,
-                            max_offline_queued=args.offline_queue_size)
+                            max_offline_queued=args.offline_queue_size, pd=pd)
     app = build_app(cluster, settings, shutdown_engine=False)  # type: ignore[arg-type]
     cluster.metrics.register(app.state.serving.metrics.registry)  # on the same /metrics
 
     @app.get("/cluster/instances")
     async def instances() -> list[dict[str, object]]:
-        """The live instances, their last reported load, and the KV blocks the master's
-        prefix index records for each per tier (pool, cpu, disk) (operators, tests)."""
+        """The live instances: role, last reported load (its speed model among it), the KV
+        blocks the master's prefix index records for each per tier (pool, cpu, disk), and
+        the PD planner's recent decisions that moved it, with their reasons."""
+        moved: dict[str, list[dict[str, object]]] = {}
+        for record in pd.decisions:
+            for move in record.moves:
+                moved.setdefault(move["instance"], []).append(
+                    {"time": record.time, "from": move["from"], "to": move["to"],
+                     "reason": record.reason, "switch_seconds": record.switch_seconds})
         return [{"instance_id": v.instance_id, "incarnation_id": v.incarnation_id,
                  "address": v.info.address, "role": v.info.role,
                  "load": dataclasses.asdict(v.load),
-                 "kv_blocks": registry.index.blocks_per_tier(v.slot)}
+                 "kv_blocks": registry.index.blocks_per_tier(v.slot),
+                 "pd_decisions": moved.get(v.instance_id, [])}
                 for v in registry.routable()]
+
+    @app.get("/cluster/pd")
+    async def pd_status() -> dict[str, object]:
+        """The PD planner: policy, SLOs, its latest round and its recent switches."""
+        return pd.view()
 
     @app.get("/cluster/status")
     async def status() -> dict[str, object]:
@@ -202,12 +241,15 @@ async def _run(args: argparse.Namespace, config: EngineConfig) -> int:
     await registry.start()
     await grpc_server.start()
     procs: list[subprocess.Popen[bytes]] = []
+    # The dynamic planner needs speed models: spawned instances profile themselves first.
+    profile = ["--profile-speed"] if args.pd_policy == "dynamic" and not args.speed_model else []
     try:
         for count, role in ((args.spawn, "mixed"), (args.spawn_prefill, "prefill"),
                             (args.spawn_decode, "decode")):
             if count:
                 procs += spawn_instances(count, address, config, args.host, args.log_level,
-                                         args.etcd, args.spawn_nice, role)
+                                         args.etcd, args.spawn_nice, role, profile)
+        cluster.start_pd()
         task = asyncio.ensure_future(server.serve())
         while not server.started and not task.done():
             await asyncio.sleep(0.05)
@@ -237,6 +279,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  f"{getattr(args, name)}")
         if not 0 <= args.spawn_nice <= 19:
             raise ValueError(f"spawn-nice must be in [0, 19], got {args.spawn_nice}")
+        for name in ("slo_ttft_ms", "slo_tpot_ms"):
+            value = getattr(args, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name.replace('_', '-')} must be > 0, got {value}")
+        for name in ("pd_interval", "pd_window"):
+            if not getattr(args, name) > 0:
+                raise ValueError(f"{name.replace('_', '-')} must be > 0, got "
+                                 f"{getattr(args, name)}")
+        if args.pd_min_dwell < 0:
+            raise ValueError(f"pd-min-dwell must be >= 0, got {args.pd_min_dwell}")
+        if args.speed_model:
+            load_speed_model(args.speed_model)  # a bad file fails here, with its reason
         if args.offline_queue_size < 0:
             raise ValueError(f"offline-queue-size must be >= 0, got {args.offline_queue_size}")
         if not 0.0 < args.offline_max_kv_usage <= 1.0:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from xllm.service.speed_model import SpeedModel
+from xllm.engine.speed_model import SpeedModel
 
 __all__ = ["Decision", "Planner", "Split", "Traffic", "predict"]
 
@@ -137,6 +137,15 @@ class Planner:
             splits.append(Split(0, 0))
         return splits
 
+    def _headroom(self, p: Prediction) -> float:
+        """How far under its SLOs a split is predicted to run: the smaller of SLO/TTFT and
+        SLO/TPOT (0 when a side cannot keep up), capped at 4."""
+        if p.ttft_ms == float("inf") or p.tpot_ms == float("inf"):
+            return 0.0
+        ratios = [slo / max(v, 1e-9) for slo, v in ((self.slo_ttft_ms, p.ttft_ms),
+                                                      (self.slo_tpot_ms, p.tpot_ms)) if slo]
+        return min(4.0, min(ratios)) if ratios else 0.0
+
     def decide(self, traffic: Traffic, now: float) -> Decision:
         """The split for ``traffic``: the best predicted, if it beats the current one by the
         margin and the last switch is old enough; else the current one."""
@@ -144,8 +153,11 @@ class Planner:
                               self.slo_tpot_ms) for s in self.candidates())
         by_split = {p.split: p for p in preds}
         current = by_split[self.current]
-        best = max(preds, key=lambda p: (p.score, -abs(p.split.prefill - self.current.prefill),
-                                         -p.tpot_ms))
+        # Among equally good splits, the one with the most headroom under its SLOs (a split
+        # that only just meets them falls behind at the first burst, and the traffic it is
+        # planned for is a window's mean); then the nearest to the current one.
+        best = max(preds, key=lambda p: (round(p.score, 3), self._headroom(p),
+                                         -abs(p.split.prefill - self.current.prefill)))
         if best.split == self.current:
             return Decision(self.current, False, f"{self.current} is best "
                             f"(predicted attainment {current.score:.2f})", preds)

@@ -6,9 +6,11 @@ of :mod:`xllm.service.proto` lives here so the registry and routing never touch 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
+from xllm.engine.speed_model import OnlineSpeedModel, SpeedModel
 from xllm.service.proto import master_pb2
 
 __all__ = ["ROLES", "Capacity", "InstanceInfo", "InstanceLoad", "InstanceView", "SpareCapacity"]
@@ -98,6 +100,25 @@ class InstanceInfo:
         )
 
 
+def _speed_from_proto(msg: master_pb2.SpeedModel) -> SpeedModel | None:
+    if len(msg.ttft_coef) != 3 or len(msg.tpot_coef) != 3:
+        return None
+    values = (*msg.ttft_coef, *msg.tpot_coef)
+    if not all(math.isfinite(v) for v in values):
+        return None
+    return SpeedModel(tuple(msg.ttft_coef), tuple(msg.tpot_coef))  # type: ignore[arg-type]
+
+
+def speed_to_proto(online: OnlineSpeedModel) -> master_pb2.SpeedModel | None:
+    """An engine's online speed model as a LoadReport carries it (None: not fitted yet)."""
+    model = online.model
+    if model is None:
+        return None
+    n_prefill, n_decode = online.num_samples
+    return master_pb2.SpeedModel(ttft_coef=model.ttft_coef, tpot_coef=model.tpot_coef,
+                                 prefill_samples=n_prefill, decode_samples=n_decode)
+
+
 @dataclass(slots=True)
 class InstanceLoad:
     """The load an instance last reported (``LoadReport`` in master.proto)."""
@@ -114,6 +135,7 @@ class InstanceLoad:
     cpu_tier_load_bytes_per_s: float = 0.0  # measured; 0 = no such tier, or unmeasured
     disk_tier_load_bytes_per_s: float = 0.0
     kv_block_bytes: int = 0
+    speed: SpeedModel | None = None  # its fitted speed model (PD planning), once it has one
 
     def tier_weights(self, block_size: int) -> tuple[float, float]:
         """What a block held in the CPU tier and on disk is worth against one in the pool
@@ -144,6 +166,7 @@ class InstanceLoad:
             disk_tier_load_bytes_per_s=max(msg.disk_tier_load_bytes_per_s, 0.0),
             kv_block_bytes=msg.kv_block_bytes,
             role=_ROLE_NAMES.get(msg.role, ""),
+            speed=_speed_from_proto(msg.speed) if msg.HasField("speed") else None,
         )
 
 

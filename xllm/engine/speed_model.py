@@ -14,8 +14,12 @@ a window of recent samples (a registration profile, then step metrics) and refit
 :func:`profile_engine` measures the samples on a real engine (a short profile: prompts of a
 few lengths, decode steps at a few batch sizes and contexts).
 
-Built so far: the model, its fit and error, the profile. Not yet: the instances reporting
-it at registration and refining it from step metrics, and the planner that uses it.
+The engine keeps an :class:`OnlineSpeedModel` (``LLMEngine.speed``) fed from its own
+steps: a step that is one whole prompt alone is a prefill sample, a step of decodes alone a
+decode sample. ``xllm-server --profile-speed`` seeds it with a profile before the instance
+registers (the samples stay in the fit, so the model covers lengths the traffic has not
+shown yet); instances report the fitted coefficients in every heartbeat and the master's
+PD planner (xllm.service.pd) plans with them.
 """
 
 from __future__ import annotations
@@ -82,15 +86,28 @@ class SpeedModel:
 
 
 class OnlineSpeedModel:
-    """A window of recent samples and the model fitted to them (refitted every
-    ``refit_every`` new samples once both kinds have enough)."""
+    """A window of recent samples, plus the profile's (kept for good), and the model fitted
+    to them all (refitted every ``refit_every`` new samples once both kinds have enough)."""
 
     def __init__(self, window: int = 512, refit_every: int = 32) -> None:
         self.prefill: deque[PrefillSample] = deque(maxlen=window)
         self.decode: deque[DecodeSample] = deque(maxlen=window)
+        self.base_prefill: list[PrefillSample] = []
+        self.base_decode: list[DecodeSample] = []
         self.refit_every = refit_every
         self.model: SpeedModel | None = None
         self._since = 0
+
+    def seed(self, prefill: Sequence[PrefillSample], decode: Sequence[DecodeSample]) -> None:
+        """A profile's samples: always part of the fit (refitted now)."""
+        self.base_prefill, self.base_decode = list(prefill), list(decode)
+        self._since = self.refit_every
+        self._tick(0)
+
+    @property
+    def num_samples(self) -> tuple[int, int]:
+        return (len(self.base_prefill) + len(self.prefill),
+                len(self.base_decode) + len(self.decode))
 
     def add_prefill(self, prompt_len: int, ms: float) -> None:
         self.prefill.append((prompt_len, ms))
@@ -100,11 +117,13 @@ class OnlineSpeedModel:
         self.decode.append((batch, context, ms))
         self._tick()
 
-    def _tick(self) -> None:
-        self._since += 1
+    def _tick(self, new: int = 1) -> None:
+        self._since += new
         due = self.model is None or self._since >= self.refit_every
-        if due and len(self.prefill) >= 3 and len(self.decode) >= 3:
-            self.model = SpeedModel.fit(list(self.prefill), list(self.decode))
+        n_prefill, n_decode = self.num_samples
+        if due and n_prefill >= 3 and n_decode >= 3:
+            self.model = SpeedModel.fit(self.base_prefill + list(self.prefill),
+                                        self.base_decode + list(self.decode))
             self._since = 0
 
 
@@ -119,6 +138,9 @@ def profile_engine(engine: Any, prompt_lens: Sequence[int] = (64, 256, 512, 1024
 
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
+    room = engine.max_model_len - decode_steps - 2  # a profile request's prompt, at most
+    prompt_lens = sorted({min(n, room) for n in prompt_lens})
+    contexts = sorted({min(c, room) for c in contexts})
     ids = iter(range(10**9))
 
     def prompt(n: int) -> list[int]:
