@@ -3,6 +3,7 @@ instance against two mixed instances, each instance on its own core.
 
     python -m bench.pd [--rate 1.5] [--num-prompts 60] [--input-len 1000] [--output-len 128]
                        [--slo-ttft-ms 4000] [--slo-tpot-ms 60] [--json PATH]
+                       [--layouts mixed+mixed,prefill+decode,dynamic] [--profile-speed]
 
 For each layout it starts an ``xllm-master`` (no spawned instances) and two ``xllm-server``
 instances registered with it, pinned with ``taskset`` to cores 0 and 1 (one thread each),
@@ -10,7 +11,14 @@ then runs ``bench.serve`` against the master: Poisson arrivals at ``--rate``, pr
 about ``--input-len`` tokens and outputs of about ``--output-len`` (lengths nearly fixed),
 goodput under the SLO. For the PD layout it also reports the KV transfer's time against the
 prefill it follows: the decode instance's mean fetch time (its ``/metrics``) over the time
-the prefill instance takes for one prompt at its reported prompt speed.
+the prefill instance takes for one prompt at its reported prompt speed. The ``dynamic``
+layout starts two mixed instances under ``--pd-policy dynamic`` (planning every 2 s, a
+10 s dwell) and reports the planner's decisions and how long each role switch took; the
+``switch`` layout switches two mixed instances to 1P:1D and back while the load runs and
+times each switch from the decision to the instance's confirmation.
+
+Each layout keeps bench.serve's per-request log and the speed models the instances reported,
+so ``python -m bench.simulate --validate PD_JSON`` can replay the same run in simulation.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -46,12 +55,47 @@ def _metric(url: str, name: str) -> float:
     return 0.0
 
 
-def run_layout(roles: tuple[str, str], args: argparse.Namespace, out: Path) -> dict:
+LAYOUTS = {"mixed+mixed": ("mixed", "mixed"), "prefill+decode": ("prefill", "decode"),
+           "dynamic": ("mixed", "mixed"), "switch": ("mixed", "mixed")}
+
+
+def _switch_one(url: str, iid: str, role: str, answers: list[dict | None], i: int) -> None:
+    answers[i] = requests.post(f"{url}/cluster/role", json={"instance_id": iid, "role": role},
+                               timeout=120).json()
+
+
+def _switches(url: str, at: list[float], log: list[dict]) -> None:
+    """The switch layout: at each time in ``at`` (seconds into the load) the two instances
+    switch together, to 1P:1D and then back to mixed; each switch timed from the request
+    (the decision) to the instance's confirmation (its drain included)."""
+    t0 = time.monotonic()
+    ids = [v["instance_id"] for v in requests.get(f"{url}/cluster/instances", timeout=10).json()]
+    for k, when in enumerate(at):
+        time.sleep(max(0.0, t0 + when - time.monotonic()))
+        roles = ("prefill", "decode") if k % 2 == 0 else ("mixed", "mixed")
+        threads: list[threading.Thread] = []
+        answers: list[dict | None] = [None, None]
+        for i, role in enumerate(roles):
+            threads.append(threading.Thread(target=_switch_one,
+                                            args=(url, ids[i], role, answers, i)))
+            threads[-1].start()
+        for t in threads:
+            t.join()
+        log.append({"at_s": round(time.monotonic() - t0, 1), "to": list(roles),
+                    "answers": answers})
+
+
+def run_layout(name: str, args: argparse.Namespace, out: Path) -> dict:
+    roles = LAYOUTS[name]
     http, grpc_port = _port(), _port()
+    pd = (["--pd-policy", "dynamic", "--slo-ttft-ms", str(args.slo_ttft_ms),
+           "--slo-tpot-ms", str(args.slo_tpot_ms), "--pd-interval", "2",
+           "--pd-min-dwell", "10", "--pd-window", "10"] if name == "dynamic" else [])
     master = subprocess.Popen(
         [sys.executable, "-m", "xllm.service.master_server", "--port", str(http),
-         "--grpc-port", str(grpc_port), "--heartbeat-timeout", "5", *ENGINE],
+         "--grpc-port", str(grpc_port), "--heartbeat-timeout", "5", *pd, *ENGINE],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    profile = ["--profile-speed"] if args.profile_speed or name == "dynamic" else []
     url = f"http://127.0.0.1:{http}"
     instances, urls = [], []
     try:
@@ -61,19 +105,29 @@ def run_layout(roles: tuple[str, str], args: argparse.Namespace, out: Path) -> d
             instances.append(subprocess.Popen(
                 ["taskset", "-c", str(core), sys.executable, "-m", "xllm.api.server",
                  "--port", str(port), "--master", f"127.0.0.1:{grpc_port}", "--role", role,
-                 "--num-threads", "1", "--kv-cache-memory-gb", "2", *ENGINE],
+                 "--num-threads", "1", "--kv-cache-memory-gb", "2", *profile, *ENGINE],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.monotonic() + 300
-        while True:
+        while True:  # both up, and (when they profile) their speed models reported
             try:
-                if len(requests.get(f"{url}/cluster/instances", timeout=2).json()) == 2:
+                views = requests.get(f"{url}/cluster/instances", timeout=2).json()
+                if len(views) == 2 and (not profile or all(v["load"]["speed"] for v in views)):
                     break
             except requests.RequestException:
                 pass
             assert time.monotonic() < deadline, "the cluster did not come up"
             time.sleep(0.5)
-        label = "+".join(roles)
+        label = name
         result = out / f"{label}.json"
+        speed = [v["load"]["speed"] for v in
+                 requests.get(f"{url}/cluster/instances", timeout=10).json()]
+        switch_log: list[dict] = []
+        switcher = None
+        if name == "switch":
+            span = args.num_prompts / args.rate
+            switcher = threading.Thread(target=_switches,
+                                        args=(url, [span / 3, 2 * span / 3], switch_log))
+            switcher.start()
         subprocess.run(
             [sys.executable, "-m", "bench.serve", "--base-url", url, "--label", label,
              "--request-rate", str(args.rate), "--num-prompts", str(args.num_prompts),
@@ -82,12 +136,23 @@ def run_layout(roles: tuple[str, str], args: argparse.Namespace, out: Path) -> d
              "--max-output-len", str(args.output_len + 16), "--length-sigma", "0.05",
              "--slo-ttft-ms", str(args.slo_ttft_ms), "--slo-tpot-ms", str(args.slo_tpot_ms),
              "--warmup", "2", "--json", str(result)], check=True)
+        if switcher is not None:
+            switcher.join()
         row = json.loads(result.read_text())["runs"][0]
-        for key in [k for k in row if k.endswith("_samples")] + ["requests"]:
+        for key in [k for k in row if k.endswith("_samples")]:
             row.pop(key, None)
         views = requests.get(f"{url}/cluster/instances", timeout=10).json()
-        report = {"layout": label, "serve": row}
-        if roles == ("prefill", "decode"):
+        # The speed models the instances reported before the load (profiled at start with
+        # --profile-speed) and after it (refined by their steps): bench.simulate --validate
+        # replays this run's request log against them.
+        report = {"layout": label, "serve": row, "speed_models_before": speed,
+                  "speed_models_after": [v["load"]["speed"] for v in views]}
+        if name == "switch":
+            report["switches"] = switch_log
+        if name == "dynamic":
+            report["pd"] = requests.get(f"{url}/cluster/pd", timeout=10).json()
+            report["role_switches"] = _metric(url, "xllm_master_role_switches_total")
+        if name == "prefill+decode":
             fetches = _metric(urls[1], "xllm_kv_peer_fetches_total")
             fetch_s = _metric(urls[1], "xllm_kv_peer_fetch_seconds_total")
             prefill = next(v for v in views if v["role"] == "prefill")
@@ -124,17 +189,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--slo-ttft-ms", type=float, default=4000)
     parser.add_argument("--slo-tpot-ms", type=float, default=60)
+    parser.add_argument("--layouts", default="mixed+mixed,prefill+decode",
+                        help="comma-separated: mixed+mixed, prefill+decode, dynamic (two "
+                             "mixed instances under --pd-policy dynamic), switch (two mixed "
+                             "instances switched to 1P:1D a third into the load and back "
+                             "at two thirds, by POST /cluster/role)")
+    parser.add_argument("--profile-speed", action="store_true",
+                        help="instances profile their speed at start (for bench.simulate "
+                             "--validate); the dynamic layout always does")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    layouts = args.layouts.split(",")
+    for name in layouts:
+        if name not in LAYOUTS:
+            parser.error(f"unknown layout {name!r}; choose from {', '.join(LAYOUTS)}")
     if len(os.sched_getaffinity(0)) < 2:
         parser.error("needs two cores")
     report = {"cpu": _cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
-        for roles in (("mixed", "mixed"), ("prefill", "decode")):
-            r = run_layout(roles, args, Path(tmp))
-            report["+".join(roles)] = r
-            print(r["layout"], _summary(r), {k: v for k, v in r.items()
-                                             if k not in ("serve", "layout")}, flush=True)
+        for name in layouts:
+            r = run_layout(name, args, Path(tmp))
+            report[name] = r
+            print(name, _summary(r), {k: v for k, v in r.items()
+                                      if k not in ("serve", "layout")}, flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -33,7 +33,14 @@ coefficient of variation), ``shift`` (three phases of equal length: long prompts
 outputs, short prompts and long outputs, long prompts again), or ``serve:PATH`` (a
 ``bench.serve`` JSON's per-request log). Deterministic for a given ``--seed``.
 
-Goodput: requests per second (over the trace's span) that finished meeting both SLOs.
+Goodput: requests per second that finished meeting both SLOs, over the run (first arrival
+to last completion), as bench.serve counts it.
+
+``--validate PD_JSON`` checks the simulator against a real cluster: for each layout a
+``python -m bench.pd`` run recorded (two instances: mixed+mixed, prefill+decode, dynamic),
+it replays that run's request log (send times and lengths) with the speed models the
+instances reported at start, and compares TTFT p50, TPOT p50 and goodput with what was
+measured.
 """
 
 from __future__ import annotations
@@ -408,10 +415,15 @@ class Simulation:
             k = int(row["time"] // self.cfg.sample_s) - 1
             met = bins.get(k, [])
             row["attainment"] = sum(met) / len(met) if met else None
+        # As bench.serve counts it: over the run, first arrival to last completion (or to the
+        # end of the simulation when some never finished).
+        duration = (max(r.finish for r in done) if len(done) == len(self.requests) and done
+                    else self.now)  # type: ignore[type-var]
         return {
             "policy": self.cfg.policy, "instances": self.cfg.instances,
             "requests": len(self.requests), "completed": len(done),
-            "span_s": span, "goodput": good / span if span else 0.0,
+            "span_s": span, "duration_s": duration,
+            "goodput": good / duration if duration else 0.0,
             "goodput_share": good / len(self.requests) if self.requests else 0.0,
             "ttft_ms": _percentiles(ttft), "tpot_ms": _percentiles(tpot),
             "switches": self.pd.num_switches, "switch_seconds": _percentiles(
@@ -479,6 +491,57 @@ def plot(results: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def validate(path: str | Path, out: str | None = None, which: str = "after") -> dict[str, Any]:
+    """Replays each layout of a bench.pd JSON in simulation; relative errors per metric."""
+    from xllm.service.pd import mean_speed_model
+
+    data = json.loads(Path(path).read_text())
+    args = data["args"]
+    policies = {"mixed+mixed": "mixed", "prefill+decode": "static:1", "dynamic": "dynamic"}
+    rows = []
+    for layout, policy in policies.items():
+        run = data.get(layout)
+        if run is None:
+            continue
+        models = [SpeedModel(tuple(m["ttft_coef"]), tuple(m["tpot_coef"]))  # type: ignore[arg-type]
+                  for m in run.get(f"speed_models_{which}") or [] if m]
+        model = mean_speed_model(models)
+        if model is None:
+            raise ValueError(f"{path}: layout {layout} has no reported speed models (rerun "
+                             "bench.pd with --profile-speed)")
+        serve = run["serve"]
+        trace = sorted((TraceRequest(r["start_s"], int(r["prompt_tokens"]),
+                                     max(int(r["output_tokens"]), 1))
+                        for r in serve["requests"]), key=lambda r: r.arrival)
+        cfg = SimConfig(instances=2, policy=policy, slo_ttft_ms=args["slo_ttft_ms"],
+                        slo_tpot_ms=args["slo_tpot_ms"], pd_interval_s=2.0,
+                        pd_min_dwell_s=10.0, pd_window_s=10.0)
+        pd_run = data.get("prefill+decode") or {}
+        if pd_run.get("mean_fetch_ms"):  # the measured KV transfer, per prompt token
+            cfg.kv_ms_per_token = pd_run["mean_fetch_ms"] / (
+                sum(t.prompt for t in trace) / len(trace))
+        sim = simulate(cfg, model, trace)
+        real = {"ttft_p50_ms": serve["ttft_ms"]["p50"], "tpot_p50_ms": serve["tpot_ms"]["p50"],
+                "goodput": serve["goodput"]}
+        simulated = {"ttft_p50_ms": sim["ttft_ms"]["p50"], "tpot_p50_ms": sim["tpot_ms"]["p50"],
+                     "goodput": sim["goodput"]}
+        errors = {k: abs(simulated[k] - v) / v if v else None for k, v in real.items()}
+        rows.append({"layout": layout, "policy": policy, "real": real,
+                     "simulated": simulated, "error": errors,
+                     "speed_model": {"ttft_coef": model.ttft_coef, "tpot_coef": model.tpot_coef},
+                     "kv_ms_per_token": cfg.kv_ms_per_token, "switches": sim["switches"]})
+        print(f"{layout:>15}: " + "  ".join(
+            f"{k} real {real[k]:.3g} sim {simulated[k]:.3g} ({100 * (errors[k] or 0):.0f}%)"
+            for k in real), flush=True)
+    worst = max((e for r in rows for e in r["error"].values() if e is not None), default=None)
+    report = {"source": str(path), "cpu": data.get("cpu"), "layouts": rows,
+              "worst_error": worst}
+    print(json.dumps({"worst_error": worst}))
+    if out:
+        Path(out).write_text(json.dumps(report, indent=1))
+    return report
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.simulate",
                                 description=__doc__.split("\n\n")[0])
@@ -506,6 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pd-interval", type=float, default=d.pd_interval_s)
     p.add_argument("--pd-min-dwell", type=float, default=d.pd_min_dwell_s)
     p.add_argument("--pd-window", type=float, default=d.pd_window_s)
+    p.add_argument("--validate", metavar="PD_JSON",
+                   help="replay a bench.pd run's layouts and report the simulator's error")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--png", metavar="PATH")
     return p
@@ -542,6 +607,13 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.instances <= 4096:
         print("bench.simulate: --instances must be in [1, 4096]", file=sys.stderr)
         return 2
+    if args.validate:
+        try:
+            validate(args.validate, args.json)
+        except (ValueError, KeyError, OSError) as e:
+            print(f"bench.simulate: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         model = load_speed_model(args.speed_model)
         trace = trace_from_args(args)

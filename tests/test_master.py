@@ -172,3 +172,38 @@ def test_bad_input_gets_the_same_errors_as_xllm_server(master, served_engine,  #
         body = {"model": model, "prompt": "hi", "max_tokens": 1, **extra}
         got = requests.post(url + "/v1/completions", json=body, timeout=30)
         assert got.status_code == 400 and got.json()["error"]["param"] == param, got.text
+
+
+def test_operators_switch_roles_by_hand(master, served_engine,  # noqa: ANN001
+                                        demo_model_dir: Path) -> None:
+    """POST /cluster/role: an instance switches role and the master routes by it at once
+    (1 prefill + 1 decode: PD, with the same greedy text); bad input gets 4xx errors."""
+    _, url, _ = master
+    views = requests.get(f"{url}/cluster/instances", timeout=5).json()
+    assert len(views) >= 2
+    a, b = views[0]["instance_id"], views[1]["instance_id"]
+    for body, status in (({"instance_id": a, "role": "boss"}, 400),
+                         ({"instance_id": "nobody", "role": "decode"}, 404),
+                         ({"instance_id": a, "role": "decode", "drain_timeout_s": -1}, 400)):
+        r = requests.post(f"{url}/cluster/role", json=body, timeout=10)
+        assert r.status_code == status and "error" in r.json(), (body, r.text)
+    try:
+        for iid, role in ((a, "prefill"), (b, "decode")):
+            r = requests.post(f"{url}/cluster/role", json={"instance_id": iid, "role": role},
+                              timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.json()["role"] == role and r.json()["seconds"] >= 0
+        roles = {v["instance_id"]: v["role"]
+                 for v in requests.get(f"{url}/cluster/instances", timeout=5).json()}
+        assert roles[a] == "prefill" and roles[b] == "decode"
+        progress = [0]
+        text, finish = _stream(url, str(demo_model_dir), PROMPTS[0], progress, 0)
+        assert (text, finish) == (_expected(served_engine, PROMPTS[:1])[0], "length")
+        metrics = requests.get(f"{url}/metrics", timeout=5).text
+        assert "xllm_master_pd_handoffs_total 1.0" in metrics
+        assert "xllm_master_role_switches_total 2.0" in metrics
+        assert requests.get(f"{url}/cluster/pd", timeout=5).json()["policy"] == "static"
+    finally:
+        for iid in (a, b):
+            requests.post(f"{url}/cluster/role", json={"instance_id": iid, "role": "mixed"},
+                          timeout=60)

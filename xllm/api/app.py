@@ -69,7 +69,8 @@ def _generation_responses(model: type, chunk: type) -> dict[int | str, dict[str,
 
 
 class _Guard:
-    """Pure ASGI middleware: API key on /v1/*, body-size limit (413) before any parsing.
+    """Pure ASGI middleware: API key on /v1/* (and on a master's POST /cluster/* actions),
+    body-size limit (413) before any parsing.
 
     The body is read here (counting) and replayed to the app; later receive() calls go to
     the server, so handlers still see the client's disconnect.
@@ -84,7 +85,9 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.key is not None and scope["path"].startswith("/v1/"):
+        guarded = scope["path"].startswith("/v1/") or (
+            scope["path"].startswith("/cluster/") and scope["method"] == "POST")
+        if self.key is not None and guarded:
             auth = dict(scope["headers"]).get(b"authorization", b"")
             if not auth.startswith(b"Bearer ") or not hmac.compare_digest(auth[7:], self.key):
                 await _send_error(send, 401, "missing or wrong API key: send the header "

@@ -17,12 +17,14 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 
 import grpc
 import uvicorn
 
 from xllm.api.app import build_app
+from xllm.api.errors import APIError
 from xllm.api.server import _listen_url, _Server, add_server_options, settings_from_args
 from xllm.cli import add_engine_options, engine_config_from_args
 from xllm.config import EngineConfig
@@ -222,6 +224,30 @@ async def _run(args: argparse.Namespace, config: EngineConfig) -> int:
                  "kv_blocks": registry.index.blocks_per_tier(v.slot),
                  "pd_decisions": moved.get(v.instance_id, [])}
                 for v in registry.routable()]
+
+    @app.post("/cluster/role")
+    async def set_role(body: dict[str, object]) -> dict[str, object]:
+        """Switches an instance's role by hand (operators; the dynamic planner does it by
+        itself): {"instance_id": ..., "role": "prefill" | "decode" | "mixed",
+        "drain_timeout_s": 30}. Answers once the instance confirms: the requests it let
+        finish, those still running at the timeout, and the seconds it took."""
+        iid, role = body.get("instance_id"), body.get("role")
+        drain = body.get("drain_timeout_s", 30.0)
+        if role not in ("prefill", "decode", "mixed"):
+            raise APIError.bad_request("role must be prefill, decode or mixed", param="role")
+        if not isinstance(drain, (int, float)) or not 0 < drain <= 3600:
+            raise APIError.bad_request("drain_timeout_s must be a number in (0, 3600]",
+                                       param="drain_timeout_s")
+        if not isinstance(iid, str) or registry.get(iid) is None:
+            raise APIError(404, f"no live instance {iid!r}", param="instance_id")
+        t0 = time.monotonic()
+        try:
+            resp = await cluster.switch_role(iid, str(role), float(drain))
+        except grpc.aio.AioRpcError as e:
+            raise APIError(502, f"instance {iid}: {e.code().name}: {e.details()}") from None
+        return {"instance_id": iid, "role": resp.role, "drained": resp.drained,
+                "still_running": resp.still_running, "migrated": resp.migrated,
+                "seconds": round(time.monotonic() - t0, 3)}
 
     @app.get("/cluster/pd")
     async def pd_status() -> dict[str, object]:
