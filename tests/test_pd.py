@@ -22,6 +22,26 @@ pytestmark = pytest.mark.timeout(180)
 DOC = "Two lighthouses stood on the cape, and their keepers traded letters every week. " * 8
 
 
+async def _tokens(engine, prompts: list[list[int]], params: SamplingParams  # noqa: ANN001
+                  ) -> list[list[int]]:
+    """Each prompt's tokens from ``engine`` alone, one after another."""
+    out = []
+    for p in prompts:
+        out.append([o async for o in engine.generate(p, params)][-1].outputs[0].token_ids)
+    return out
+
+
+def _staggered(master, prompts: list[list[int]], params: SamplingParams  # noqa: ANN001
+               ) -> list[asyncio.Future[list[int]]]:
+    """The prompts sent to the cluster 50 ms apart; each future ends with its tokens."""
+    async def one(i: int) -> list[int]:
+        await asyncio.sleep(0.05 * i)
+        outs = [o async for o in master.generate(prompts[i], params)]
+        return outs[-1].outputs[0].token_ids
+
+    return [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
+
+
 def test_roles_pick_where_a_flight_goes() -> None:
     reg = EmbeddedRegistry()
     views = {role: reg.register(InstanceInfo(role, f"127.0.0.1:{i + 1}", role=role,
@@ -189,18 +209,10 @@ def test_a_role_switch_under_load_loses_and_duplicates_nothing(demo_model_dir: P
     async def run(prefill, d1, d2, mixed) -> None:  # noqa: ANN001
         tok = mixed.engine.tokenizer
         prompts = [tok.encode(f"Letter {i}: " + DOC[: 120 + 40 * i]) for i in range(6)]
-        want = []
-        for prompt in prompts:
-            want.append([o async for o in mixed.generate(prompt, params)][-1]
-                        .outputs[0].token_ids)
+        want = await _tokens(mixed, prompts, params)
         members = [(prefill, "prefill"), (d1, "decode"), (d2, "decode")]
         async with cluster(members) as (reg, master):
-            async def one(i: int) -> list[int]:
-                await asyncio.sleep(0.05 * i)
-                outs = [o async for o in master.generate(prompts[i], params)]
-                return outs[-1].outputs[0].token_ids
-
-            tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
+            tasks = _staggered(master, prompts, params)
             await asyncio.sleep(0.12)
             target = next(v for v in reg.routable() if v.info.role == "decode")
             resp = await master.switch_role(target.instance_id, "prefill", drain_timeout_s=20)
@@ -245,9 +257,7 @@ def test_dynamic_pd_plans_from_reported_speed_models_and_switches_under_load(
     async def run(a, b) -> None:  # noqa: ANN001
         tok = a.engine.tokenizer
         prompts = [tok.encode(f"Letter {i}: " + DOC[: 120 + 40 * i]) for i in range(6)]
-        want = []
-        for prompt in prompts:
-            want.append([o async for o in a.generate(prompt, params)][-1].outputs[0].token_ids)
+        want = await _tokens(a, prompts, params)
         for e in (a, b):
             await asyncio.wrap_future(e.call_on_engine_thread(seed))
         pd = PdController("dynamic", slo_ttft_ms=2000, slo_tpot_ms=12, min_dwell_s=0,
@@ -258,13 +268,7 @@ def test_dynamic_pd_plans_from_reported_speed_models_and_switches_under_load(
                 assert v.load.speed.ttft_ms(1000) == pytest.approx(300, rel=1e-3)
             for i in range(20):  # the last 10 s: 2 req/s of 1k-token prompts
                 pd.meter.arrive(time.monotonic() - 10 + 0.5 * i, 1000, 128)
-
-            async def one(i: int) -> list[int]:
-                await asyncio.sleep(0.05 * i)
-                outs = [o async for o in master.generate(prompts[i], params)]
-                return outs[-1].outputs[0].token_ids
-
-            tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
+            tasks = _staggered(master, prompts, params)
             await asyncio.sleep(0.12)
             await master.pd_round()
             record = pd.decisions[-1]
