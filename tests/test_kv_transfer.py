@@ -243,6 +243,8 @@ def test_the_shared_memory_path_only_maps_xllm_kv_memory(tmp_path: Path) -> None
     """A FetchBlocks request names a pid and fd to write into: only an xllm KV memfd is
     ever mapped, never another file a process has open; and only a loopback caller gets
     the shared-memory path at all."""
+    import ctypes
+    import gc
     import os
 
     from xllm.kvcache.transfer import _PeerMemory
@@ -258,7 +260,17 @@ def test_the_shared_memory_path_only_maps_xllm_kv_memory(tmp_path: Path) -> None
     finally:
         os.close(fd)
     pool = VmmPool(4 << 20)
-    regions = _PeerMemory.regions(os.getpid(), pool.fd, 2 << 20, 2)
+    mapping, regions = _PeerMemory.regions(os.getpid(), pool.fd, 2 << 20, 2)
     assert len(regions) == 2 and regions[1] - regions[0] == 2 << 20
+    # A closed memfd's number is soon another memfd's: the cached mapping of the first is
+    # never used for the second.
+    ctypes.memmove(regions[0], b"old pool", 8)
+    old_fd = pool.fd
+    del pool, mapping, regions
+    gc.collect()
+    fresh = VmmPool(4 << 20)
+    _, again = _PeerMemory.regions(os.getpid(), fresh.fd, 2 << 20, 2)
+    assert fresh.fd == old_fd  # the number came back (the lowest free one)
+    assert ctypes.string_at(again[0], 8) == bytes(8)  # the new memory, not the old
     assert _is_loopback("ipv4:127.0.0.1:5000") and _is_loopback("ipv6:[::1]:5000")
     assert not _is_loopback("ipv4:10.0.0.7:5000") and not _is_loopback("")

@@ -280,3 +280,57 @@ def test_dynamic_pd_plans_from_reported_speed_models_and_switches_under_load(
 
     with engines(cfg, 2) as (a, b):
         asyncio.run(run(a, b))
+
+
+def test_a_decode_instance_turning_prefill_hands_its_requests_off(demo_model_dir: Path) -> None:
+    """SetRole to prefill with migrate: the decode instance stops its decoding requests at
+    once with their KV held; the master resumes each on the other decode instance, which
+    fetches the KV of every token so far. Each request completes once with a lone
+    instance's tokens (greedy and seeded), and the switch does not wait for them."""
+    from cluster_helpers import cluster, engines
+
+    from xllm.config import EngineConfig
+
+    cfg = EngineConfig(model=str(demo_model_dir), dtype="float32", max_model_len=512,
+                       num_kv_blocks=200, num_threads=1)
+    cases = [SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True),
+             SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=60,
+                            ignore_eos=True)]
+
+    async def run(prefill, d1, d2, mixed) -> None:  # noqa: ANN001
+        tok = mixed.engine.tokenizer
+        members = [(prefill, "prefill"), (d1, "decode"), (d2, "decode")]
+        for k, params in enumerate(cases):  # new prompts each case: nothing cached yet
+            prompts = [tok.encode(f"Case {k}, letter {i}: " + DOC[: 200 + 30 * i])
+                       for i in range(4)]
+            want = await _tokens(mixed, prompts, params)
+            before = 0
+            for e in (d1, d2):
+                before += await asyncio.wrap_future(e.call_on_engine_thread(
+                    lambda eng: eng.kv_store.peer_fetches))
+            async with cluster(members) as (reg, master):
+                tasks = _staggered(master, prompts, params)
+                busy = None
+                for _ in range(400):  # until a decode instance is decoding two or more
+                    await asyncio.sleep(0.02)
+                    busy = next((v for v in reg.routable() if v.info.role == "decode"
+                                 and v.load.num_running >= 2), None)
+                    if busy is not None:
+                        break
+                assert busy is not None, "no decode instance got going"
+                resp = await master.switch_role(busy.instance_id, "prefill",
+                                                drain_timeout_s=30)
+                assert resp.role == "prefill" and resp.migrated >= 1
+                got = await asyncio.gather(*tasks)
+                assert got == want  # each exactly once, each right
+                assert master.num_migrated == resp.migrated
+                # every hand-on fetched its KV: the prefill handoffs and the migrated ones
+                fetches = 0
+                for e in (d1, d2):
+                    fetches += await asyncio.wrap_future(e.call_on_engine_thread(
+                        lambda eng: eng.kv_store.peer_fetches))
+                assert fetches - before == master.num_pd_handoffs + master.num_migrated
+                await master.switch_role(busy.instance_id, "decode")
+
+    with engines(cfg, 4) as (prefill, d1, d2, mixed):
+        asyncio.run(run(prefill, d1, d2, mixed))

@@ -198,6 +198,11 @@ class RequestStream:
         self.finished = True
         self._engine._streams.pop(self.request_id, None)
 
+    def fail(self, error: BaseException) -> None:
+        """Ends the stream with ``error`` after the outputs already produced (from any
+        thread): for a request the engine no longer runs here (handed off)."""
+        self._put(None, error)
+
     def abort(self) -> None:
         """Stops the request if it is still running (idempotent)."""
         if not self.finished:

@@ -27,7 +27,7 @@ from xllm.models.config import ModelConfig
 from xllm.runtime.model_runner import ModelRunner
 from xllm.runtime.prompt_logprobs import PromptLogprobs
 from xllm.sampling_params import SamplingParams
-from xllm.scheduler import Request, Scheduler, SchedulerConfig, SchedulerOutput
+from xllm.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig, SchedulerOutput
 from xllm.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -201,6 +201,24 @@ class LLMEngine:
                 self._owner.pop(c.request.request_id, None)
         if children:
             self.scheduler.abort_requests(children)
+
+    def migrate_out(self, request_id: str) -> bool:
+        """Stops a request that is decoding and keeps the full blocks of its KV held under
+        its id (as a finished prefill's are), for another instance to fetch and go on from
+        (a role switch hands it over). False, and nothing changes, for a request that is
+        unknown, has several completions, or has not produced a token yet. No output follows
+        for it: the caller ends its stream."""
+        state = self._states.get(request_id)
+        if state is None or len(state.completions) != 1:
+            return False
+        req = state.completions[0].request
+        if req.status is not RequestStatus.RUNNING or not req.output_token_ids:
+            return False
+        req.hold_kv = True
+        del self._states[request_id]
+        self._owner.pop(req.request_id, None)
+        self.scheduler.finish_requests(req.request_id, "length")  # held, not freed
+        return True
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._states)

@@ -64,23 +64,30 @@ _VMM_MEMFD = "/memfd:xllm-vmm (deleted)"  # what /proc/<pid>/fd/<fd> of a VmmPoo
 
 
 class _PeerMemory:
-    """A client's KV memory mapped into this process (same host), cached by (pid, fd)."""
+    """A peer's KV memory mapped into this process (same host), cached by the memfd's
+    identity: (pid, fd) and its inode, since a closed fd number is soon reused by another
+    memfd (a restarted engine in the same process). Callers keep the returned mapping
+    object referenced while they copy: a cache eviction on another thread then drops only
+    the cache's reference, never unmapping memory a copy is using."""
 
-    _cache: dict[tuple[int, int], tuple[mmap.mmap, int]] = {}
+    _cache: dict[tuple[int, int, int], tuple[mmap.mmap, int]] = {}
 
     @classmethod
-    def regions(cls, pid: int, fd: int, region_bytes: int, num_regions: int) -> list[int]:
-        key = (pid, fd)
+    def regions(cls, pid: int, fd: int, region_bytes: int, num_regions: int
+                ) -> tuple[mmap.mmap, list[int]]:
+        path = f"/proc/{pid}/fd/{fd}"
+        key = (pid, fd, os.stat(path).st_ino)
         entry = cls._cache.get(key)
         size = region_bytes * num_regions
         if entry is None or entry[0].size() < size:
-            path = f"/proc/{pid}/fd/{fd}"
             # Only an xllm KV memory (a VMM pool's memfd): a request can never make this
             # process write into some other file another process has open.
             if os.readlink(path) != _VMM_MEMFD:
                 raise PermissionError(f"{path} is not an xllm KV memory")
             handle = os.open(path, os.O_RDWR)
             try:
+                if os.fstat(handle).st_ino != key[2]:
+                    raise OSError(f"{path} changed while it was opened")
                 mm = mmap.mmap(handle, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             finally:
                 os.close(handle)
@@ -88,8 +95,8 @@ class _PeerMemory:
             if len(cls._cache) > 16:  # peers come and go: keep a few
                 cls._cache.clear()
             cls._cache[key] = entry = (mm, base)
-        base = entry[1]
-        return [base + r * region_bytes for r in range(num_regions)]
+        mm, base = entry
+        return mm, [base + r * region_bytes for r in range(num_regions)]
 
 
 def export_blocks(engine: Any, hashes: list[int], tokens: list[int], first: int,
@@ -132,10 +139,12 @@ def _ship(store: KVStore, sources: list[tuple[Any, int]], first: int,
         return None
     pid, fd, region_bytes, dst_blocks = shm
     try:
-        dst = _PeerMemory.regions(pid, fd, region_bytes, store.config.num_regions)
+        mapping, dst = _PeerMemory.regions(pid, fd, region_bytes, store.config.num_regions)
     except OSError:
         return None
-    return _export_shm(store, sources[:len(dst_blocks)], dst, dst_blocks, first)
+    export = _export_shm(store, sources[:len(dst_blocks)], dst, dst_blocks, first)
+    del mapping  # referenced until the copy is done
+    return export
 
 
 def _held_blocks(held: tuple[tuple[int, ...], tuple[int, ...]], hashes: list[int],
@@ -336,11 +345,12 @@ def pull_blocks(store: KVStore, plan: FetchPlan, first: int, peer: tuple[int, in
         return False
     pid, fd, region_bytes = peer
     try:
-        src = _PeerMemory.regions(pid, fd, region_bytes, store.config.num_regions)
+        mapping, src = _PeerMemory.regions(pid, fd, region_bytes, store.config.num_regions)
     except OSError:
         return False
     _C.kv_copy_blocks(src, blocks, store.regions, plan.blocks[at:at + len(blocks)],
                       store.config.segment_bytes)
+    del mapping  # referenced until the copy is done
     plan.filled += len(blocks)
     return True
 

@@ -98,6 +98,14 @@ def _is_loopback(peer: str | None) -> bool:
             or peer.startswith("ipv6:[::ffff:127."))
 
 
+# How long a request handed off in a role switch keeps its KV held for the next instance.
+HANDOFF_HOLD_MS = 10_000
+
+
+class HandedOff(Exception):  # noqa: N818 - an event, not a failure
+    """Ends a request's stream on this instance: a role switch handed it to another."""
+
+
 class InstanceServicer(instance_pb2_grpc.InstanceServicer):
     def __init__(self, engine: AsyncEngine, role: str = "mixed") -> None:
         self.engine = engine
@@ -347,6 +355,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         start = time.monotonic()
         first: float | None = None
         self._streams[stream.request_id] = stream
+        handed_off = False
         try:
             async with stream:
                 async for out in stream:
@@ -375,16 +384,21 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                             prompt_tokens=len(prompt), completion_tokens=len(c.token_ids),
                             cached_tokens=out.num_cached_tokens))
                     yield msg
+        except HandedOff:
+            # A role switch handed the request off: its KV is held under its id until the
+            # next instance fetches it (or the hold times out); the master resumes it there.
+            handed_off = True
+            yield instance_pb2.GenerateResponse(handoff_hold=stream.request_id)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except EngineDeadError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         finally:
             self._streams.pop(stream.request_id, None)
-            if request.hold_kv_ms:  # a prefill's held KV: released when fetched, or then
+            if request.hold_kv_ms or handed_off:  # held KV: released when fetched, or then
                 key = stream.request_id
                 asyncio.get_running_loop().call_later(
-                    request.hold_kv_ms / 1000.0,
+                    (request.hold_kv_ms or HANDOFF_HOLD_MS) / 1000.0,
                     lambda: asyncio.ensure_future(self._release_hold(key)))
 
     async def SetRole(self, request: instance_pb2.SetRoleRequest,  # noqa: N802
@@ -393,13 +407,25 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"role must be mixed, prefill or decode, got {request.role!r}")
         self.role = request.role  # from now on, work of the old role is refused
-        holding = set(self._streams)
+        migrated: list[str] = []
+        if request.migrate and request.role == "prefill" and self._streams:
+            # Decoding requests go to decode instances now rather than finish here: each
+            # stops with its KV held, and its stream ends with the hold's key.
+            ids = list(self._streams)
+            with contextlib.suppress(EngineDeadError, EngineOverloadedError):
+                migrated = await asyncio.wrap_future(self.engine.call_on_engine_thread(
+                    lambda e: [rid for rid in ids if e.migrate_out(rid)]))
+            for rid in migrated:
+                stream = self._streams.get(rid)
+                if stream is not None:
+                    stream.fail(HandedOff(rid))
+        holding = set(self._streams) - set(migrated)
         deadline = time.monotonic() + request.drain_timeout_ms / 1000.0
         while holding & set(self._streams) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         left = len(holding & set(self._streams))
         return instance_pb2.SetRoleResponse(role=self.role, drained=len(holding) - left,
-                                            still_running=left)
+                                            still_running=left, migrated=len(migrated))
 
     async def Abort(self, request: instance_pb2.AbortRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext) -> instance_pb2.AbortResponse:

@@ -277,6 +277,7 @@ class ClusterEngine:
         self.num_resumed = 0  # flights moved to another instance (a metric, and for tests)
         self.num_pd_handoffs = 0  # flights a prefill instance handed to a decode instance
         self.num_role_switches = 0
+        self.num_migrated = 0  # flights a role switch handed to another instance
         self.admission = OfflineAdmission(registry, router, max_queued=max_offline_queued,
                                           instance_wait_s=instance_wait_s)
         self.metrics = MasterMetrics()  # the master's /metrics (master_server registers them)
@@ -438,18 +439,21 @@ class ClusterEngine:
             else:
                 record.migrated += r.migrated
 
-    async def switch_role(self, instance_id: str, role: str, drain_timeout_s: float = 30.0
-                          ) -> instance_pb2.SetRoleResponse:
+    async def switch_role(self, instance_id: str, role: str, drain_timeout_s: float = 30.0,
+                          migrate: bool = True) -> instance_pb2.SetRoleResponse:
         """Tells an instance to serve another role (PD). It refuses work of its old role at
-        once, lets what it holds finish, then answers. The master routes to it by its new
-        role from the start (the instance takes new-role work while it drains); heartbeats
-        keep reporting the role."""
+        once, lets what it holds finish, then answers; turning prefill with ``migrate``, it
+        hands its decoding requests off at once instead (their KV held for the decode
+        instance each resumes on). The master routes to it by its new role from the start
+        (the instance takes new-role work while it drains); heartbeats keep reporting the
+        role."""
         view = self.registry.get(instance_id)
         if view is None:
             raise ValueError(f"no live instance {instance_id!r}")
         view.info = replace(view.info, role=role)
         resp = await self._stub(view.info.address).SetRole(
-            instance_pb2.SetRoleRequest(role=role, drain_timeout_ms=int(drain_timeout_s * 1e3)),
+            instance_pb2.SetRoleRequest(role=role, drain_timeout_ms=int(drain_timeout_s * 1e3),
+                                        migrate=migrate),
             timeout=drain_timeout_s + 5)
         if self.registry.get(instance_id) is view and view.info.role != resp.role:
             view.info = replace(view.info, role=resp.role)
@@ -473,9 +477,12 @@ class ClusterEngine:
             if phase == "prefill":  # the prompt and the first token; the KV held for D
                 # (min_tokens past the first token is the decode instance's to keep)
                 params = replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
-            elif phase == "decode" and flight.prefill_address:
+            elif flight.prefill_address and flight.prefill_address != view.info.address:
+                # After a PD handoff or a role switch's hand-off: the instance it left holds
+                # the KV of every token but the last.
                 kv_peer = flight.prefill_address
-                kv_peer_blocks = len(flight.prompt) // view.info.capacity.block_size
+                kv_peer_blocks = ((len(flight.prompt) + len(flight.generated) - 1)
+                                  // view.info.capacity.block_size)
             req = instance_pb2.GenerateRequest(
                 request_id=f"{flight.request_id}@{flight.attempt}{phase[:1]}",
                 prompt_token_ids=flight.prompt, generated_token_ids=flight.generated,
@@ -483,18 +490,24 @@ class ClusterEngine:
                 priority=flight.priority, offline=flight.offline, attempt=flight.attempt,
                 dispatch_id=dispatch_id, kv_peer=kv_peer, kv_peer_blocks=kv_peer_blocks,
                 hold_kv_ms=PD_HOLD_MS if phase == "prefill" else 0,
-                kv_peer_hold=flight.prefill_key if phase == "decode" else "")
+                kv_peer_hold=flight.prefill_key if phase == "decode" and kv_peer else "")
             try:
                 flight.call = self._stub(view.info.address).Generate(req)
             except BaseException:
                 view.settle(dispatch_id)
                 raise
             self._by_instance.setdefault(iid, set()).add(flight)
+            handed_off = False
             try:
                 async for resp in flight.call:
                     # A first message means the engine has it (its load counts it, or will
                     # by the next beat): in transit no longer, whether or not a beat said so.
                     view.settle(dispatch_id)
+                    if resp.handoff_hold:  # a role switch handed it off, its KV held there
+                        flight.prefill_address = view.info.address
+                        flight.prefill_key = resp.handoff_hold
+                        handed_off = True
+                        break
                     if lost_at is not None and resp.token_ids:
                         self.metrics.resume_seconds.observe(time.monotonic() - lost_at)
                         lost_at = None
@@ -522,6 +535,10 @@ class ClusterEngine:
                         self.pd.meter.finish(time.monotonic(), len(flight.generated),
                                              flight.params.max_tokens)
                         return
+                if handed_off:
+                    self.num_migrated += 1
+                    self.metrics.migrated_flights.inc()
+                    continue  # to another instance (not a failure: nothing excluded)
                 if phase == "prefill" and flight.prefill_address:
                     self.num_pd_handoffs += 1
                     self.metrics.pd_handoffs.inc()

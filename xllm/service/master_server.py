@@ -229,10 +229,15 @@ async def _run(args: argparse.Namespace, config: EngineConfig) -> int:
     async def set_role(body: dict[str, object]) -> dict[str, object]:
         """Switches an instance's role by hand (operators; the dynamic planner does it by
         itself): {"instance_id": ..., "role": "prefill" | "decode" | "mixed",
-        "drain_timeout_s": 30}. Answers once the instance confirms: the requests it let
-        finish, those still running at the timeout, and the seconds it took."""
+        "drain_timeout_s": 30, "migrate": true}. Answers once the instance confirms: the
+        requests it let finish, those still running at the timeout, those it handed off
+        (to prefill with migrate: decoding requests go on elsewhere, their KV fetched),
+        and the seconds it took."""
         iid, role = body.get("instance_id"), body.get("role")
         drain = body.get("drain_timeout_s", 30.0)
+        migrate = body.get("migrate", True)
+        if not isinstance(migrate, bool):
+            raise APIError.bad_request("migrate must be true or false", param="migrate")
         if role not in ("prefill", "decode", "mixed"):
             raise APIError.bad_request("role must be prefill, decode or mixed", param="role")
         if not isinstance(drain, (int, float)) or not 0 < drain <= 3600:
@@ -242,7 +247,7 @@ async def _run(args: argparse.Namespace, config: EngineConfig) -> int:
             raise APIError(404, f"no live instance {iid!r}", param="instance_id")
         t0 = time.monotonic()
         try:
-            resp = await cluster.switch_role(iid, str(role), float(drain))
+            resp = await cluster.switch_role(iid, str(role), float(drain), migrate)
         except grpc.aio.AioRpcError as e:
             raise APIError(502, f"instance {iid}: {e.code().name}: {e.details()}") from None
         return {"instance_id": iid, "role": resp.role, "drained": resp.drained,

@@ -74,6 +74,12 @@ class MasterMetrics:
             "fetched from the prefill instance)",
             registry=None,
         )
+        self.migrated_flights = Counter(
+            "xllm_master_migrated_flights",
+            "Completions an instance switching to prefill handed off mid-decode (their KV "
+            "fetched by the instance that went on)",
+            registry=None,
+        )
         self.role_switches = Counter(
             "xllm_master_role_switches",
             "Instances told to serve another role (prefill, decode, mixed)",
@@ -94,6 +100,7 @@ class MasterMetrics:
             self.last_instance_down,
             self.resumed_flights,
             self.pd_handoffs,
+            self.migrated_flights,
             self.role_switches,
             self.resume_seconds,
         ):
