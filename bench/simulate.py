@@ -24,7 +24,9 @@ What is real and what is simulated:
   fixed prefill cost ``TTFT(0)`` replaces ``TPOT``'s when there are no decodes). A PD
   handoff costs ``--kv-ms-per-token`` per prompt token before the decode instance takes the
   request (46 ms for 1k tokens on one host: bench.pd). A role switch takes effect at once
-  for new work (as ``SetRole`` does) while the instance finishes what it holds. Not
+  for new work (as ``SetRole`` does) while the instance finishes what it holds; one
+  turning prefill hands its decoding requests to decode instances after its current step
+  (they pay the transfer of their prompt and tokens so far). Not
   simulated: KV capacity and preemption, prefix caching, failures.
 
 Traces (``--trace``): ``poisson`` (``--rate``, ``--prompt-len``, ``--output-len``, lengths
@@ -180,6 +182,7 @@ class SimInstance:
         self.admitted: list[int] = []
         self.draining: set[int] | None = None  # jobs held when a switch began (by id)
         self.drain_since = 0.0
+        self.migrate_pending = False  # turning prefill: hand decodes off after this step
         self._seq = itertools.count()
 
     def submit(self, job: Job, now: float) -> None:
@@ -248,12 +251,32 @@ class SimInstance:
             if job.generated >= req.trace.output:
                 self._leave(job, now)
                 self.sim.finished(job, now)
-            elif job.mode == "prefill":
-                self._leave(job, now)
+            elif job.mode == "prefill" or self.view.info.role == "prefill":
+                self._leave(job, now)  # (a prompt begun before a switch to prefill too)
                 self.sim.handoff(job, now)
             else:
                 self._admit_decode(job)
+                self._leave(job, now)  # a switch to decode waited for its prompt only
+        if self.migrate_pending:
+            self._migrate_out(now)
         self._start_step(now)
+
+    def _migrate_out(self, now: float) -> None:
+        """SetRole to prefill with migrate, between two steps: every decoding request goes
+        to a decode instance, which fetches its KV (prompt and tokens so far)."""
+        self.migrate_pending = False
+        moved = list(self.ready)
+        for job in self.running:
+            job.generated = job.req.trace.output - (job.done_at_step - self.steps)
+            moved.append(job)
+        self.ready.clear()
+        self.running = []
+        self.finish_heap = []
+        self.ctx_sum = 0
+        self.sim.migrated += len(moved)
+        for job in moved:
+            self._leave(job, now)
+            self.sim.handoff(job, now)
 
     def _leave(self, job: Job, now: float) -> None:
         if self.draining is not None:
@@ -265,11 +288,23 @@ class SimInstance:
     def switch(self, role: str, now: float) -> None:
         """SetRole: new-role work is taken at once; what it holds finishes here."""
         self.view.info = replace(self.view.info, role=role)
-        held = {id(j) for j in (*self.running, *self.waiting, *self.ready)}
+        # As SetRole: nothing to see through to become mixed, the prompts in progress to
+        # become decode, everything to become prefill (decodes handed off).
+        if role == "mixed":
+            held: set[int] = set()
+        elif role == "decode":
+            held = {id(j) for j in self.waiting}
+        else:
+            held = {id(j) for j in (*self.running, *self.waiting, *self.ready)}
         if held:
             self.draining, self.drain_since = held, now
         else:
             self.sim.switch_done(0.0)
+        if role == "prefill" and (self.running or self.ready):
+            if self.busy:
+                self.migrate_pending = True  # the engine hands off between steps
+            else:
+                self._migrate_out(now)
 
     def beat(self) -> None:
         """The agent's heartbeat: load, and the dispatches admitted since the last one."""
@@ -309,6 +344,7 @@ class Simulation:
         self.requests: list[SimRequest] = []
         self.timeline: list[dict[str, Any]] = []
         self.switch_seconds: list[float] = []
+        self.migrated = 0  # requests handed off by instances turning prefill
         self.decisions: list[dict[str, Any]] = []
         self._unfinished = 0
 
@@ -323,9 +359,9 @@ class Simulation:
         route = RouteRequest(range(req.trace.prompt), block_hashes=[])
         decision = self.router.route(route, candidates, self.registry.index)
         inst = self.instances[decision.instance.instance_id]
-        if started:  # the KV comes from the prefill instance first
+        if started:  # the KV comes from the instance it left first
             job = Job(req, "decode", decision.dispatch_id, req.trace.prompt, generated)
-            delay = self.cfg.kv_ms_per_token * req.trace.prompt / 1000.0
+            delay = self.cfg.kv_ms_per_token * (req.trace.prompt + generated) / 1000.0
             self.at(now + delay, lambda t: inst.submit(job, t))
         else:
             mode = "prefill" if phase == "prefill" else "whole"
@@ -427,7 +463,7 @@ class Simulation:
             "goodput_share": good / len(self.requests) if self.requests else 0.0,
             "ttft_ms": _percentiles(ttft), "tpot_ms": _percentiles(tpot),
             "switches": self.pd.num_switches, "switch_seconds": _percentiles(
-                sorted(self.switch_seconds)),
+                sorted(self.switch_seconds)), "migrated": self.migrated,
             "decisions": self.decisions, "timeline": self.timeline,
             "sim_wall_s": wall, "events": events,
         }

@@ -78,3 +78,15 @@ def test_a_recorded_serve_run_replays_as_a_trace(tmp_path: Path) -> None:
                  "--speed-model", str(model), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["results"][0]["completed"] == 2
     assert main(["--trace", "nope", "--speed-model", str(model)]) == 2
+
+
+def test_a_simulated_instance_turning_prefill_hands_its_decodes_on() -> None:
+    from bench.simulate import Simulation
+
+    trace = [TraceRequest(0.1 * i, 300, 400) for i in range(6)]
+    sim = Simulation(SimConfig(instances=3, policy="static:1"), MODEL, trace)
+    decode = [i for i in sim.instances.values() if i.view.info.role == "decode"]
+    sim.at(2.0, lambda t: decode[0].switch("prefill", t))
+    report = sim.run()
+    assert report["completed"] == 6 and sim.migrated >= 1
+    assert not decode[0].running and decode[1].steps > decode[0].steps

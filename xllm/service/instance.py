@@ -407,25 +407,48 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"role must be mixed, prefill or decode, got {request.role!r}")
         self.role = request.role  # from now on, work of the old role is refused
-        migrated: list[str] = []
-        if request.migrate and request.role == "prefill" and self._streams:
-            # Decoding requests go to decode instances now rather than finish here: each
-            # stops with its KV held, and its stream ends with the hold's key.
-            ids = list(self._streams)
-            with contextlib.suppress(EngineDeadError, EngineOverloadedError):
-                migrated = await asyncio.wrap_future(self.engine.call_on_engine_thread(
-                    lambda e: [rid for rid in ids if e.migrate_out(rid)]))
-            for rid in migrated:
-                stream = self._streams.get(rid)
-                if stream is not None:
-                    stream.fail(HandedOff(rid))
-        holding = set(self._streams) - set(migrated)
+        # What it must see through before confirming: nothing to become mixed; prompts not
+        # yet at their first token to become decode (what decodes is decode work already);
+        # everything to become prefill -- where, with migrate, whatever is decoding (now,
+        # or once its first token is out) is handed off instead of finished here.
+        holding = set(self._streams)
+        if request.role == "mixed":
+            holding.clear()
+        elif request.role == "decode":
+            holding = {rid for rid in holding if not self._streams[rid].started}
+        migrate = request.migrate and request.role == "prefill"
+        tried: set[str] = set()
+        migrated = 0
         deadline = time.monotonic() + request.drain_timeout_ms / 1000.0
-        while holding & set(self._streams) and time.monotonic() < deadline:
+        while True:
+            if migrate:
+                ready = [rid for rid in holding - tried
+                         if rid in self._streams and self._streams[rid].started]
+                tried.update(ready)
+                moved = await self._hand_off(ready) if ready else []
+                holding.difference_update(moved)
+                migrated += len(moved)
+            left = holding & set(self._streams)
+            if not left or time.monotonic() >= deadline:
+                break
             await asyncio.sleep(0.02)
-        left = len(holding & set(self._streams))
-        return instance_pb2.SetRoleResponse(role=self.role, drained=len(holding) - left,
-                                            still_running=left, migrated=len(migrated))
+        return instance_pb2.SetRoleResponse(
+            role=self.role, drained=len(holding) - len(left), still_running=len(left),
+            migrated=migrated)
+
+    async def _hand_off(self, ids: list[str]) -> list[str]:
+        """Stops these decoding requests with their KV held (on the engine thread) and ends
+        their streams with the hold's key; the ones it could hand off."""
+        try:
+            moved = await asyncio.wrap_future(self.engine.call_on_engine_thread(
+                lambda e: [rid for rid in ids if e.migrate_out(rid)]))
+        except (EngineDeadError, EngineOverloadedError):
+            return []
+        for rid in moved:
+            stream = self._streams.get(rid)
+            if stream is not None:
+                stream.fail(HandedOff(rid))
+        return moved
 
     async def Abort(self, request: instance_pb2.AbortRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext) -> instance_pb2.AbortResponse:
