@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -105,7 +106,9 @@ def run_layout(name: str, args: argparse.Namespace, out: Path) -> dict:
             instances.append(subprocess.Popen(
                 ["taskset", "-c", str(core), sys.executable, "-m", "xllm.api.server",
                  "--port", str(port), "--master", f"127.0.0.1:{grpc_port}", "--role", role,
-                 "--num-threads", "1", "--kv-cache-memory-gb", "2", *profile, *ENGINE],
+                 "--num-threads", "1", "--kv-cache-memory-gb", "2", *profile,
+                 *shlex.split(args.instance_args),
+                 *(shlex.split(args.prefill_args) if role == "prefill" else []), *ENGINE],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.monotonic() + 300
         while True:  # both up, and (when they profile) their speed models reported
@@ -197,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-speed", action="store_true",
                         help="instances profile their speed at start (for bench.simulate "
                              "--validate); the dynamic layout always does")
+    parser.add_argument("--instance-args", default="",
+                        help="extra xllm-server flags for every instance of every layout")
+    parser.add_argument("--prefill-args", default="",
+                        help="extra xllm-server flags for prefill instances only (e.g. a "
+                             "step budget of one prompt: --max-num-batched-tokens 1024)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     layouts = args.layouts.split(",")

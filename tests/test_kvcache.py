@@ -522,3 +522,33 @@ def test_prefetch_lands_while_other_work_runs(demo_model_dir) -> None:  # noqa: 
     assert outs["doc"].num_cached_tokens >= 16 * 10
     assert store.num_prefetches >= 1 and store.num_loads == loads_before + 1  # the prefetch
     llm.engine.close()
+
+
+def test_closing_waits_for_peer_copies_and_refuses_new_ones() -> None:
+    """A peer transfer copies on another thread: close() waits for it (the memory must
+    outlive the copy), and no copy starts once the store is closing."""
+    import threading
+
+    store = _store(cpu_blocks=2)
+    store.kv_caches(torch.float32)
+    entered, release = threading.Event(), threading.Event()
+    closed = threading.Event()
+
+    def copy() -> None:
+        with store.off_thread_copy() as allowed:
+            assert allowed
+            entered.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=copy)
+    worker.start()
+    assert entered.wait(10)
+    closer = threading.Thread(target=lambda: (store.close(), closed.set()))
+    closer.start()
+    assert not closed.wait(0.3)  # held back by the copy in flight
+    release.set()
+    assert closed.wait(10)
+    worker.join()
+    closer.join()
+    with store.off_thread_copy() as allowed:
+        assert not allowed

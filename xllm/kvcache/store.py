@@ -26,13 +26,14 @@ views of the pool's memory from :meth:`KVStore.kv_caches`.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -236,6 +237,11 @@ class KVStore:
         self.peer_blocks_served = 0
         self.peer_fetches = 0
         self.peer_fetch_seconds = 0.0
+        # Copies into or out of the KV memory on other threads (peer transfers): close()
+        # waits for them, and refuses new ones, so the memory is never unmapped under one.
+        self._copy_cv = threading.Condition()
+        self._copies = 0
+        self._closing = False
         self.num_swapped = 0  # preemptions whose blocks went to a tier
         self.num_recomputed = 0  # preemptions left to recompute
         self._load_counts = [0] * (len(LOAD_BUCKETS) + 1)
@@ -644,7 +650,26 @@ class KVStore:
                             self.peer_blocks_served, self.peer_fetches,
                             self.peer_fetch_seconds, self.config.block_bytes)
 
+    @contextlib.contextmanager
+    def off_thread_copy(self) -> Iterator[bool]:
+        """Around a copy into or out of the KV memory off the engine thread (a peer
+        transfer): yields False once the store is closing (copy nothing), else True, and
+        the memory stays mapped until the block ends."""
+        with self._copy_cv:
+            allowed = not self._closing
+            self._copies += allowed
+        try:
+            yield allowed
+        finally:
+            if allowed:
+                with self._copy_cv:
+                    self._copies -= 1
+                    self._copy_cv.notify_all()
+
     def close(self) -> None:
+        with self._copy_cv:  # no peer copy may outlive the memory it touches
+            self._closing = True
+            self._copy_cv.wait_for(lambda: self._copies == 0, timeout=30.0)
         if self._loader is not None:
             self._loader.close()
         if self._writer is not None:

@@ -235,7 +235,14 @@ def gather_chunk(store: KVStore, export: Export, start: int, count: int
                  ) -> tuple[list[int], bytes]:
     """Blocks ``start .. start + count`` of a streamed export (pinned: any thread), back to
     back, with their checksums (computed for pool blocks, stored for tier slots: the client
-    checks them). Ends early at a tier read that fails."""
+    checks them). Ends early at a tier read that fails, and at once when the engine is
+    closing."""
+    with store.off_thread_copy() as allowed:
+        return _gather(store, export, start, count) if allowed else ([], b"")
+
+
+def _gather(store: KVStore, export: Export, start: int, count: int
+            ) -> tuple[list[int], bytes]:
     assert export.sources is not None
     cfg = store.config
     nbytes = cfg.block_bytes
@@ -348,8 +355,11 @@ def pull_blocks(store: KVStore, plan: FetchPlan, first: int, peer: tuple[int, in
         mapping, src = _PeerMemory.regions(pid, fd, region_bytes, store.config.num_regions)
     except OSError:
         return False
-    _C.kv_copy_blocks(src, blocks, store.regions, plan.blocks[at:at + len(blocks)],
-                      store.config.segment_bytes)
+    with store.off_thread_copy() as allowed:
+        if not allowed:  # the engine is closing: its memory is going away
+            return False
+        _C.kv_copy_blocks(src, blocks, store.regions, plan.blocks[at:at + len(blocks)],
+                          store.config.segment_bytes)
     del mapping  # referenced until the copy is done
     plan.filled += len(blocks)
     return True
@@ -361,6 +371,13 @@ def receive_chunk(store: KVStore, plan: FetchPlan, first: int, count: int,
     while copied in; same-host blocks (no bytes: the peer wrote them) only when
     ``verify_in_place``. Returns whether every block of the chunk arrived whole (the fetch
     stops at the first that did not)."""
+    with store.off_thread_copy() as allowed:
+        return allowed and _receive(store, plan, first, count, checksums, data,
+                                    verify_in_place)
+
+
+def _receive(store: KVStore, plan: FetchPlan, first: int, count: int,
+             checksums: list[int], data: bytes, verify_in_place: bool) -> bool:
     at = first - plan.first
     if at != plan.filled or count != len(checksums) or at + count > len(plan.blocks):
         return False
