@@ -60,6 +60,12 @@ LAYOUTS = {"mixed+mixed": ("mixed", "mixed"), "prefill+decode": ("prefill", "dec
            "dynamic": ("mixed", "mixed"), "switch": ("mixed", "mixed")}
 
 
+def _speed_models(views: list[dict]) -> list[dict | None]:
+    """Each instance's reported speed model, with its role (None: none reported yet)."""
+    return [{"role": v["role"], **v["load"]["speed"]} if v["load"]["speed"] else None
+            for v in views]
+
+
 def _switch_one(url: str, iid: str, role: str, answers: list[dict | None], i: int) -> None:
     answers[i] = requests.post(f"{url}/cluster/role", json={"instance_id": iid, "role": role},
                                timeout=120).json()
@@ -122,8 +128,7 @@ def run_layout(name: str, args: argparse.Namespace, out: Path) -> dict:
             time.sleep(0.5)
         label = name
         result = out / f"{label}.json"
-        speed = [v["load"]["speed"] for v in
-                 requests.get(f"{url}/cluster/instances", timeout=10).json()]
+        speed = _speed_models(requests.get(f"{url}/cluster/instances", timeout=10).json())
         switch_log: list[dict] = []
         switcher = None
         if name == "switch":
@@ -149,7 +154,7 @@ def run_layout(name: str, args: argparse.Namespace, out: Path) -> dict:
         # --profile-speed) and after it (refined by their steps): bench.simulate --validate
         # replays this run's request log against them.
         report = {"layout": label, "serve": row, "speed_models_before": speed,
-                  "speed_models_after": [v["load"]["speed"] for v in views]}
+                  "speed_models_after": _speed_models(views)}
         if name == "switch":
             report["switches"] = switch_log
         if name == "dynamic":

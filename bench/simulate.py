@@ -40,9 +40,10 @@ to last completion), as bench.serve counts it.
 
 ``--validate PD_JSON`` checks the simulator against a real cluster: for each layout a
 ``python -m bench.pd`` run recorded (two instances: mixed+mixed, prefill+decode, dynamic),
-it replays that run's request log (send times and lengths) with the speed models the
-instances reported at start, and compares TTFT p50, TPOT p50 and goodput with what was
-measured.
+it replays that run's request log (send times and lengths), each simulated instance at
+the speed model its real counterpart reported at the end of the run (its start-up profile
+refined by its steps) and with its step budget, and compares TTFT p50, TPOT p50 and
+goodput with what was measured.
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ class SimConfig:
     slo_tpot_ms: float = 50.0
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
+    prefill_max_num_batched_tokens: int | None = None  # instances started as prefill
     kv_ms_per_token: float = 0.046
     beat_s: float = 0.25
     pd_interval_s: float = 5.0
@@ -168,9 +170,10 @@ class SimConfig:
 
 
 class SimInstance:
-    def __init__(self, sim: Simulation, view: InstanceView) -> None:
+    def __init__(self, sim: Simulation, view: InstanceView, model: SpeedModel) -> None:
         self.sim = sim
         self.view = view
+        self.model = model
         self.waiting: deque[Job] = deque()  # prompts to compute, in arrival order
         self.ready: deque[Job] = deque()  # decodes whose KV is here, waiting for a seat
         self.waiting_prefill = 0  # prompt tokens of ``waiting`` not computed yet
@@ -180,6 +183,9 @@ class SimInstance:
         self.ctx_sum = 0  # the running jobs' context lengths, summed
         self.busy = False
         self.admitted: list[int] = []
+        cfg = sim.cfg
+        self.budget = (cfg.prefill_max_num_batched_tokens or cfg.max_num_batched_tokens
+                       if view.info.role == "prefill" else cfg.max_num_batched_tokens)
         self.draining: set[int] | None = None  # jobs held when a switch began (by id)
         self.drain_since = 0.0
         self.migrate_pending = False  # turning prefill: hand decodes off after this step
@@ -203,13 +209,13 @@ class SimInstance:
 
     def _start_step(self, now: float) -> None:
         cfg = self.sim.cfg
-        model = self.sim.model
+        model = self.model
         seats = cfg.max_num_seqs - len(self.running)
         while self.ready and seats > 0:  # their KV is here: they only need a seat
             self._admit_decode(self.ready.popleft())
             seats -= 1
         chunks: list[tuple[Job, int, int]] = []
-        budget = cfg.max_num_batched_tokens - len(self.running)
+        budget = self.budget - len(self.running)
         for job in self.waiting:
             if budget <= 0 or (job.computed == 0 and seats <= 0):
                 break
@@ -311,17 +317,23 @@ class SimInstance:
         self.view.load = InstanceLoad(
             num_waiting=len(self.waiting) + len(self.ready), num_running=len(self.running),
             num_waiting_prefill_tokens=self.waiting_prefill, role=self.view.info.role,
-            speed=self.sim.model)
+            speed=self.model)
         for d in self.admitted:
             self.view.settle(d)
         self.admitted.clear()
 
 
 class Simulation:
-    def __init__(self, cfg: SimConfig, model: SpeedModel, trace: Sequence[TraceRequest]
-                 ) -> None:
+    """``model``: every instance's speed model, or one per instance (in the order of their
+    initial roles: prefill ones first); the planner sees the models in the heartbeats, as
+    the master does."""
+
+    def __init__(self, cfg: SimConfig, model: SpeedModel | Sequence[SpeedModel],
+                 trace: Sequence[TraceRequest]) -> None:
         self.cfg = cfg
-        self.model = model
+        models = [model] * cfg.instances if isinstance(model, SpeedModel) else list(model)
+        if len(models) != cfg.instances:
+            raise ValueError(f"{len(models)} speed models for {cfg.instances} instances")
         self.trace = trace
         self.now = 0.0
         self._events: list[tuple[float, int, Callable[[float], None]]] = []
@@ -335,7 +347,7 @@ class Simulation:
         for i, role in enumerate(roles):
             view = self.registry.register(InstanceInfo(f"sim-{i}", f"sim:{i}", role=role,
                                                        capacity=cap))
-            self.instances[view.instance_id] = SimInstance(self, view)
+            self.instances[view.instance_id] = SimInstance(self, view, models[i])
         self.pd = PdController(
             "dynamic" if cfg.policy == "dynamic" else "static",
             slo_ttft_ms=cfg.slo_ttft_ms, slo_tpot_ms=cfg.slo_tpot_ms,
@@ -491,8 +503,8 @@ def _initial_roles(policy: str, n: int) -> list[str]:
     raise ValueError(f"policy must be dynamic, mixed or static:P, got {policy!r}")
 
 
-def simulate(cfg: SimConfig, model: SpeedModel, trace: Sequence[TraceRequest]
-             ) -> dict[str, Any]:
+def simulate(cfg: SimConfig, model: SpeedModel | Sequence[SpeedModel],
+             trace: Sequence[TraceRequest]) -> dict[str, Any]:
     return Simulation(cfg, model, trace).run()
 
 
@@ -527,10 +539,16 @@ def plot(results: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _budget(flags: str) -> int | None:
+    """--max-num-batched-tokens N among an instance's extra flags (bench.pd's)."""
+    words = flags.replace("=", " ").split()
+    if "--max-num-batched-tokens" in words:
+        return int(words[words.index("--max-num-batched-tokens") + 1])
+    return None
+
+
 def validate(path: str | Path, out: str | None = None, which: str = "after") -> dict[str, Any]:
     """Replays each layout of a bench.pd JSON in simulation; relative errors per metric."""
-    from xllm.service.pd import mean_speed_model
-
     data = json.loads(Path(path).read_text())
     args = data["args"]
     policies = {"mixed+mixed": "mixed", "prefill+decode": "static:1", "dynamic": "dynamic"}
@@ -539,24 +557,26 @@ def validate(path: str | Path, out: str | None = None, which: str = "after") -> 
         run = data.get(layout)
         if run is None:
             continue
+        reported = [m for m in run.get(f"speed_models_{which}") or [] if m and m.get("role")]
+        if len(reported) != 2:
+            raise ValueError(f"{path}: layout {layout} lacks the instances' speed models by "
+                             "role (rerun bench.pd with --profile-speed)")
+        reported.sort(key=lambda m: m["role"] != "prefill")  # the simulation's order
         models = [SpeedModel(tuple(m["ttft_coef"]), tuple(m["tpot_coef"]))  # type: ignore[arg-type]
-                  for m in run.get(f"speed_models_{which}") or [] if m]
-        model = mean_speed_model(models)
-        if model is None:
-            raise ValueError(f"{path}: layout {layout} has no reported speed models (rerun "
-                             "bench.pd with --profile-speed)")
+                  for m in reported]
         serve = run["serve"]
         trace = sorted((TraceRequest(r["start_s"], int(r["prompt_tokens"]),
                                      max(int(r["output_tokens"]), 1))
                         for r in serve["requests"]), key=lambda r: r.arrival)
         cfg = SimConfig(instances=2, policy=policy, slo_ttft_ms=args["slo_ttft_ms"],
                         slo_tpot_ms=args["slo_tpot_ms"], pd_interval_s=2.0,
-                        pd_min_dwell_s=10.0, pd_window_s=10.0)
+                        pd_min_dwell_s=10.0, pd_window_s=10.0,
+                        prefill_max_num_batched_tokens=_budget(args.get("prefill_args", "")))
         pd_run = data.get("prefill+decode") or {}
         if pd_run.get("mean_fetch_ms"):  # the measured KV transfer, per prompt token
             cfg.kv_ms_per_token = pd_run["mean_fetch_ms"] / (
                 sum(t.prompt for t in trace) / len(trace))
-        sim = simulate(cfg, model, trace)
+        sim = simulate(cfg, models, trace)  # each instance its own measured model
         real = {"ttft_p50_ms": serve["ttft_ms"]["p50"], "tpot_p50_ms": serve["tpot_ms"]["p50"],
                 "goodput": serve["goodput"]}
         simulated = {"ttft_p50_ms": sim["ttft_ms"]["p50"], "tpot_p50_ms": sim["tpot_ms"]["p50"],
@@ -564,7 +584,8 @@ def validate(path: str | Path, out: str | None = None, which: str = "after") -> 
         errors = {k: abs(simulated[k] - v) / v if v else None for k, v in real.items()}
         rows.append({"layout": layout, "policy": policy, "real": real,
                      "simulated": simulated, "error": errors,
-                     "speed_model": {"ttft_coef": model.ttft_coef, "tpot_coef": model.tpot_coef},
+                     "speed_models": [{"ttft_coef": m.ttft_coef, "tpot_coef": m.tpot_coef}
+                                      for m in models],
                      "kv_ms_per_token": cfg.kv_ms_per_token, "switches": sim["switches"]})
         print(f"{layout:>15}: " + "  ".join(
             f"{k} real {real[k]:.3g} sim {simulated[k]:.3g} ({100 * (errors[k] or 0):.0f}%)"

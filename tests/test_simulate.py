@@ -90,3 +90,33 @@ def test_a_simulated_instance_turning_prefill_hands_its_decodes_on() -> None:
     report = sim.run()
     assert report["completed"] == 6 and sim.migrated >= 1
     assert not decode[0].running and decode[1].steps > decode[0].steps
+
+
+def test_validate_replays_a_recorded_run_per_instance(tmp_path: Path) -> None:
+    """--validate: a bench.pd record's request log replayed with each instance's own
+    model; a record whose numbers are the simulation's own validates with no error."""
+    from bench.simulate import validate
+
+    fast = SpeedModel((5.0, 0.1, 1e-5), (4.0, 0.2, 0.0003))
+    rows = [{"start_s": 0.4 * i, "prompt_tokens": 600, "output_tokens": 40, "ttft_ms": 0,
+             "tpot_ms": 0} for i in range(30)]
+    trace = [TraceRequest(r["start_s"], 600, 40) for r in rows]
+    sim = simulate(SimConfig(instances=2, policy="static:1", slo_ttft_ms=4000,
+                             slo_tpot_ms=60, prefill_max_num_batched_tokens=1024),
+                   [MODEL, fast], trace)  # the prefill instance first
+    models = [{"role": "decode", "ttft_coef": fast.ttft_coef, "tpot_coef": fast.tpot_coef},
+              {"role": "prefill", "ttft_coef": MODEL.ttft_coef, "tpot_coef": MODEL.tpot_coef}]
+    record = {"args": {"slo_ttft_ms": 4000, "slo_tpot_ms": 60,
+                       "prefill_args": "--max-num-batched-tokens 1024"},
+              "prefill+decode": {"speed_models_after": models, "serve": {
+                  "requests": rows, "ttft_ms": sim["ttft_ms"], "tpot_ms": sim["tpot_ms"],
+                  "goodput": sim["goodput"]}}}
+    path = tmp_path / "pd.json"
+    path.write_text(json.dumps(record))
+    report = validate(path)
+    assert [r["layout"] for r in report["layouts"]] == ["prefill+decode"]
+    assert report["worst_error"] == pytest.approx(0.0, abs=1e-9)
+    record["prefill+decode"]["speed_models_after"] = models[::-1][:1]
+    path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="by role"):
+        validate(path)
