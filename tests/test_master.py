@@ -4,12 +4,14 @@ the same OpenAI-format errors as xllm-server. Loopback only; every process is st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,13 +31,16 @@ MAX_TOKENS = 20
 PROMPTS = [f"Question {i}: name a colour and a number between {i} and {i + 7}." for i in range(16)]
 
 
-@pytest.fixture(scope="module")
-def master(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    log = tmp_path_factory.mktemp("master") / "master.log"
+@contextlib.contextmanager
+def _running_master(model_dir: Path, log: Path, extra: list[str], n: int,
+                    ready: Callable[[list[dict]], bool] | None = None
+                    ) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    """``xllm-master`` with ``extra`` flags, once ``n`` instances are listed (and
+    ``ready(instances)``, when given); stopped with everything it spawned on exit."""
     with log.open("wb") as sink:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "xllm.service.master_server", "--port", "0", "--spawn", "3",
-             "--model", str(demo_model_dir), "--log-level", "info", *ENGINE_ARGS],
+            [sys.executable, "-m", "xllm.service.master_server", "--port", "0", *extra,
+             "--model", str(model_dir), "--log-level", "info", *ENGINE_ARGS],
             stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         url = None
@@ -46,13 +51,15 @@ def master(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # n
                 url = text.split("xllm-master serving", 1)[1].split(" on ", 1)[1].split()[0]
             if url is not None:
                 try:
-                    if len(requests.get(f"{url}/cluster/instances", timeout=2).json()) == 3:
+                    views = requests.get(f"{url}/cluster/instances", timeout=2).json()
+                    if len(views) == n and (ready is None or ready(views)):
                         break
                 except requests.RequestException:
                     pass
             time.sleep(0.2)
         else:
             raise AssertionError(f"the master did not come up:\n{log.read_text()[-4000:]}")
+        assert url is not None
         yield proc, url, log
     finally:
         spawned = children(proc.pid)
@@ -67,6 +74,13 @@ def master(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # n
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@pytest.fixture(scope="module")
+def master(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    log = tmp_path_factory.mktemp("master") / "master.log"
+    with _running_master(demo_model_dir, log, ["--spawn", "3"], 3) as running:
+        yield running
 
 
 def _expected(served_engine, prompts: list[str]) -> list[str]:  # noqa: ANN001
@@ -207,3 +221,30 @@ def test_operators_switch_roles_by_hand(master, served_engine,  # noqa: ANN001
         for iid in (a, b):
             requests.post(f"{url}/cluster/role", json={"instance_id": iid, "role": "mixed"},
                           timeout=60)
+
+
+def test_dynamic_pd_from_the_command_line(demo_model_dir: Path, served_engine,  # noqa: ANN001
+                                          tmp_path: Path) -> None:
+    """xllm-master --pd-policy dynamic --spawn 2: the spawned instances profile their
+    speed before registering and report the fitted models; the planner runs its rounds
+    (/cluster/pd says what it decided and why) while requests are served exactly."""
+    extra = ["--spawn", "2", "--pd-policy", "dynamic", "--slo-ttft-ms", "3000",
+             "--slo-tpot-ms", "50", "--pd-interval", "0.5", "--pd-min-dwell", "0"]
+    with _running_master(demo_model_dir, tmp_path / "master.log", extra, 2,
+                         ready=lambda views: all(v["load"]["speed"] for v in views)
+                         ) as (_, url, log):
+        for v in requests.get(f"{url}/cluster/instances", timeout=5).json():
+            speed = v["load"]["speed"]
+            assert len(speed["ttft_coef"]) == 3 and len(speed["tpot_coef"]) == 3
+        assert "speed profile taken" in log.read_text(errors="replace")
+        progress = [0]
+        text, finish = _stream(url, str(demo_model_dir), PROMPTS[1], progress, 0)
+        assert (text, finish) == (_expected(served_engine, PROMPTS[1:2])[0], "length")
+        deadline = time.monotonic() + 10
+        pd = requests.get(f"{url}/cluster/pd", timeout=5).json()
+        while pd["last"] is None or pd["last"]["reason"] == "no traffic yet":
+            assert time.monotonic() < deadline, pd
+            time.sleep(0.2)
+            pd = requests.get(f"{url}/cluster/pd", timeout=5).json()
+        assert pd["policy"] == "dynamic" and pd["slo_tpot_ms"] == 50
+        assert pd["last"]["traffic"]["rate"] > 0 and pd["last"]["reason"]
