@@ -134,3 +134,23 @@ def test_bad_settings_are_refused() -> None:
         PdController("adaptive")
     with pytest.raises(ValueError, match="slo_tpot_ms"):
         PdController("dynamic", slo_tpot_ms=0)
+
+
+def test_heartbeats_carry_speed_models_and_bad_ones_are_dropped() -> None:
+    from xllm.engine.speed_model import OnlineSpeedModel
+    from xllm.service.proto import master_pb2
+    from xllm.service.state import speed_to_proto
+
+    online = OnlineSpeedModel()
+    assert speed_to_proto(online) is None  # nothing fitted yet: nothing sent
+    online.seed([(n, MODEL.ttft_ms(n)) for n in (64, 256, 1024)],
+                [(b, 512, MODEL.tpot_ms(b, 512)) for b in (1, 4, 16)])
+    msg = speed_to_proto(online)
+    assert msg is not None and (msg.prefill_samples, msg.decode_samples) == (3, 3)
+    load = InstanceLoad.from_proto(master_pb2.LoadReport(speed=msg))
+    assert load.speed is not None
+    assert load.speed.ttft_ms(1000) == pytest.approx(MODEL.ttft_ms(1000), rel=1e-6)
+    for bad in (master_pb2.SpeedModel(ttft_coef=[1, 2], tpot_coef=[1, 2, 3]),
+                master_pb2.SpeedModel(ttft_coef=[1, 2, float("nan")], tpot_coef=[1, 2, 3])):
+        assert InstanceLoad.from_proto(master_pb2.LoadReport(speed=bad)).speed is None
+    assert InstanceLoad.from_proto(master_pb2.LoadReport()).speed is None
