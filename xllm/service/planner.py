@@ -16,10 +16,12 @@ predicts TTFT and TPOT:
 A split's score is its predicted SLO attainment, ``min(1, slo / predicted)`` for TTFT and
 for TPOT, the smaller of the two (0 when a side cannot keep up). :class:`Planner` moves to
 the best split only when it beats the current one by ``margin`` and the last move is at
-least ``min_dwell_s`` old (hysteresis), and says why.
+least ``min_dwell_s`` old (hysteresis), and says why; among splits of equal attainment it
+prefers the most headroom under the SLOs.
 
-Built so far: this decision and its tests on synthetic loads. Not yet: the master feeding
-it measured traffic and instance speed models, and the role switches it decides.
+The master's :class:`~xllm.service.pd.PdController` feeds it measured traffic and the
+instances' reported speed models and carries out its decisions (``--pd-policy dynamic``);
+bench.simulate runs the same code against simulated instances.
 """
 
 from __future__ import annotations
