@@ -133,7 +133,6 @@ class SimRequest:
     trace: TraceRequest
     first_token: float | None = None
     finish: float | None = None
-    handoffs: int = 0
 
 
 @dataclass(slots=True)
@@ -384,7 +383,7 @@ class Simulation:
         self._dispatch(req, now, False, 0)
 
     def handoff(self, job: Job, now: float) -> None:
-        job.req.handoffs += 1
+        """The request goes on elsewhere (a PD handoff, or an instance turning prefill)."""
         self._dispatch(job.req, now, True, job.generated)
 
     def finished(self, job: Job, now: float) -> None:
@@ -547,7 +546,7 @@ def _budget(flags: str) -> int | None:
     return None
 
 
-def validate(path: str | Path, out: str | None = None, which: str = "after") -> dict[str, Any]:
+def validate(path: str | Path, out: str | None = None) -> dict[str, Any]:
     """Replays each layout of a bench.pd JSON in simulation; relative errors per metric."""
     data = json.loads(Path(path).read_text())
     args = data["args"]
@@ -557,7 +556,7 @@ def validate(path: str | Path, out: str | None = None, which: str = "after") -> 
         run = data.get(layout)
         if run is None:
             continue
-        reported = [m for m in run.get(f"speed_models_{which}") or [] if m and m.get("role")]
+        reported = [m for m in run.get("speed_models_after") or [] if m and m.get("role")]
         if len(reported) != 2:
             raise ValueError(f"{path}: layout {layout} lacks the instances' speed models by "
                              "role (rerun bench.pd with --profile-speed)")

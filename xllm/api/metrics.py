@@ -61,6 +61,15 @@ class _EngineCollector(Collector):
                                 value=1.0 if s.state == "ready" else 0.0)
 
 
+def _labelled(name: str, documentation: str, label: str, values: dict[str, float]
+              ) -> CounterMetricFamily:
+    """A counter family with one label, one sample per value."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for key, value in values.items():
+        family.add_metric([key], value)
+    return family
+
+
 def _kv_store_metrics(kv: KVStoreStats) -> Iterator[Metric]:
     yield GaugeMetricFamily("xllm_kv_mapped_bytes",
                             "KV cache memory mapped now (on CPU it grows and shrinks with use)",
@@ -87,24 +96,17 @@ def _kv_store_metrics(kv: KVStoreStats) -> Iterator[Metric]:
         for field_name, family in families.items():
             family.add_metric([tier.name], getattr(tier, field_name))
     yield from families.values()
-    preempt = CounterMetricFamily("xllm_kv_preemptions",
-                                  "Preemptions by what became of the request's KV blocks",
-                                  labels=["kv"])
-    preempt.add_metric(["swapped"], kv.preemptions_swapped)
-    preempt.add_metric(["recomputed"], kv.preemptions_recomputed)
-    yield preempt
-    peer = CounterMetricFamily("xllm_kv_peer_blocks",
-                               "KV blocks moved between instances, by direction",
-                               labels=["direction"])
-    peer.add_metric(["fetched"], kv.peer_blocks_fetched)
-    peer.add_metric(["served"], kv.peer_blocks_served)
-    yield peer
-    peer_bytes = CounterMetricFamily("xllm_kv_peer_bytes",
-                                     "KV bytes moved between instances (PD handoffs, peer "
-                                     "prefix hits), by direction", labels=["direction"])
-    peer_bytes.add_metric(["fetched"], kv.peer_blocks_fetched * kv.block_bytes)
-    peer_bytes.add_metric(["served"], kv.peer_blocks_served * kv.block_bytes)
-    yield peer_bytes
+    yield _labelled("xllm_kv_preemptions",
+                    "Preemptions by what became of the request's KV blocks", "kv",
+                    {"swapped": kv.preemptions_swapped,
+                     "recomputed": kv.preemptions_recomputed})
+    yield _labelled("xllm_kv_peer_blocks", "KV blocks moved between instances, by direction",
+                    "direction", {"fetched": kv.peer_blocks_fetched,
+                                  "served": kv.peer_blocks_served})
+    yield _labelled("xllm_kv_peer_bytes", "KV bytes moved between instances (PD handoffs, "
+                    "peer prefix hits), by direction", "direction",
+                    {"fetched": kv.peer_blocks_fetched * kv.block_bytes,
+                     "served": kv.peer_blocks_served * kv.block_bytes})
     yield CounterMetricFamily("xllm_kv_peer_fetches", "Fetches of a prefix from a peer",
                               value=kv.peer_fetches)
     yield CounterMetricFamily("xllm_kv_peer_fetch_seconds",
