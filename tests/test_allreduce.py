@@ -197,9 +197,81 @@ def test_mismatched_calls_raise_on_every_rank_and_group_survives() -> None:
     results = _in_threads([partial(job, 0), partial(job, 1)])
     _check_ok(results)
     for numel_msg, dtype_msg, last in results:
-        assert "'tensor'" in numel_msg and "rank 0: 10 x float32, rank 1: 11 x float32" in numel_msg
+        assert "same call" in numel_msg
+        assert "rank 0: 10 x float32, rank 1: 11 x float32" in numel_msg
         assert "rank 1: 10 x bfloat16" in dtype_msg
         assert torch.equal(last, torch.ones(5))  # 0 + 1: the group still works
+
+
+def test_broadcast_and_gather_between_allreduces() -> None:
+    """Byte collectives of every size (empty, one chunk, many chunks) interleave with sums on
+    one group, as tensor-parallel steps use them; rank 0 gets every rank's bytes in order."""
+    group = _group("bytes")
+    sizes = [0, 1, 4095, 4096, 4097, 3 * 4096 + 17]
+
+    def job(rank: int) -> tuple[list[bytes], list[torch.Tensor | None], torch.Tensor]:
+        got, gathered = [], []
+        with ShmAllReduce(group, rank, 3, timeout=20, buffer_bytes=SMALL_BUFFER) as ar:
+            for i, n in enumerate(sizes):
+                msg = bytes((i + j) % 251 for j in range(n)) if rank == 0 else None
+                got.append(ar.broadcast(msg, wait_forever=rank > 0))
+                src = torch.arange(n // 4 + 1, dtype=torch.int32) * 10 + rank
+                dst = torch.empty(3, n // 4 + 1, dtype=torch.int32) if rank == 0 else None
+                gathered.append(ar.gather(src, dst))
+            total = ar.allreduce(torch.full((100,), float(rank)))
+        return got, gathered, total
+
+    results = _in_threads([partial(job, r) for r in range(3)])
+    _check_ok(results)
+    for rank, (got, gathered, total) in enumerate(results):
+        for i, n in enumerate(sizes):
+            assert got[i] == bytes((i + j) % 251 for j in range(n))
+            if rank == 0:
+                base = torch.arange(n // 4 + 1, dtype=torch.int32) * 10
+                assert torch.equal(gathered[i], torch.stack([base, base + 1, base + 2]))
+            else:
+                assert gathered[i] is None
+        assert torch.equal(total, torch.full((100,), 3.0))
+
+
+def test_byte_collective_misuse_is_a_clear_error() -> None:
+    group = _group("bytesbad")
+
+    def job(rank: int) -> tuple[str, str]:
+        with ShmAllReduce(group, rank, 2, timeout=20) as ar:
+            with pytest.raises(ValueError) as who:
+                ar.broadcast(b"x" if rank == 1 else None)  # both wrong: only rank 0 sends
+            with pytest.raises(ValueError) as size:
+                ar.gather(torch.ones(4 + rank), torch.empty(2, 4) if rank == 0 else None)
+            return str(who.value), str(size.value)
+
+    results = _in_threads([partial(job, 0), partial(job, 1)])
+    _check_ok(results)
+    assert "must be bytes" in results[0][0] and "only rank 0 sends" in results[1][0]
+    assert "same call" in results[1][1]  # rank 1 checked against rank 0's byte count
+
+
+def test_idle_receiver_fails_when_rank_0_leaves() -> None:
+    """A worker waiting without a deadline for its next message learns at once that the
+    engine (rank 0) has gone."""
+    group = _group("idle")
+    ready = threading.Event()
+
+    def receiver() -> str:
+        with ShmAllReduce(group, 1, 2, timeout=0.5) as ar:
+            ready.set()
+            with pytest.raises(RuntimeError) as err:
+                ar.broadcast(None, wait_forever=True)  # waits past its 0.5 s timeout
+            return str(err.value)
+
+    def sender() -> None:
+        with ShmAllReduce(group, 0, 2, timeout=0.5):
+            ready.wait(10)
+            time.sleep(1.5)
+
+    results = _in_threads([sender, receiver])
+    _check_ok(results)
+    assert "rank 0" in results[1] and "closed" in results[1]
 
 
 # ---------------------------------------------------------------- arguments and lifecycle

@@ -61,7 +61,10 @@ class CommError : public std::runtime_error {
   ErrorKind kind_;
 };
 
-enum class ElemType : int32_t { kFloat32 = 1, kBFloat16 = 2 };
+// What a rank's current call is, as published in its call descriptor: the element
+// type of an allreduce, or one of the byte collectives (every rank must make the same
+// kind of call; a mismatch fails on every rank at the same barrier).
+enum class ElemType : int32_t { kFloat32 = 1, kBFloat16 = 2, kBroadcast = 3, kGather = 4 };
 
 struct SegmentHeader;
 struct RankControl;
@@ -91,6 +94,16 @@ class ShmAllReduce {
   // numel and type (checked; a mismatch throws kInvalidArgument on every rank
   // and leaves the group usable). numel == 0 returns at once without syncing.
   void allreduce(void* data, int64_t numel, ElemType type);
+
+  // Rank 0 sends `message` to every rank; every other rank receives it into `message`
+  // (replacing what it held). Messages of any length pass in chunks of buffer_bytes.
+  // wait_forever: a receiving rank waits for rank 0 without the deadline (a worker idle
+  // between steps), still failing at once if rank 0 dies, closes or aborts.
+  void broadcast(std::string& message, bool wait_forever);
+
+  // Gathers `nbytes` from every rank (the same count on each, checked) into rank 0's
+  // `dst`, laid out [world_size][nbytes] in rank order; `dst` is unused on other ranks.
+  void gather(const void* src, int64_t nbytes, void* dst);
 
   // Leaves the group: peers still waiting for this rank fail at once. Idempotent.
   void close();
@@ -129,6 +142,8 @@ class ShmAllReduce {
   void check_usable() const;
   void poll_interrupt(const char* phase);
   void check_call_descriptors(int64_t numel, ElemType type, int parity);
+  // Starts a non-empty call: usable, not aborted, descriptor published; returns its parity.
+  int begin_call(int64_t numel, ElemType type);
 
   std::string group_;
   std::string name_;

@@ -50,6 +50,44 @@ py::object allreduce(ShmAllReduce& self, py::handle tensor) {
   return py::reinterpret_borrow<py::object>(tensor);
 }
 
+py::bytes broadcast(ShmAllReduce& self, py::object message, bool wait_forever) {
+  std::string buf;
+  if (self.rank() == 0) {
+    if (message.is_none()) {
+      throw py::value_error("rank 0 broadcasts: argument 'message' must be bytes, got None");
+    }
+    buf = py::cast<std::string>(py::bytes(message));
+  } else if (!message.is_none()) {
+    throw py::value_error("only rank 0 sends: pass message=None on rank " +
+                          std::to_string(self.rank()));
+  }
+  {
+    py::gil_scoped_release release;
+    self.broadcast(buf, wait_forever);
+  }
+  return py::bytes(buf);
+}
+
+void gather(ShmAllReduce& self, py::handle src, py::handle dst) {
+  const Tensor s = host_tensor(src, "src");
+  check_contiguous(s);
+  const int64_t nbytes = s.numel() * dtype_size(s.dtype);
+  void* out = nullptr;
+  if (self.rank() == 0) {
+    if (dst.is_none()) throw py::value_error("rank 0 receives: argument 'dst' must be a tensor");
+    const Tensor d = host_tensor(dst, "dst");
+    check_contiguous(d);
+    if (d.numel() * dtype_size(d.dtype) != nbytes * self.world_size()) {
+      throw py::value_error("argument 'dst' must hold world_size x src's bytes (" +
+                            std::to_string(nbytes * self.world_size()) + "), it holds " +
+                            std::to_string(d.numel() * dtype_size(d.dtype)));
+    }
+    out = d.data;
+  }
+  py::gil_scoped_release release;
+  self.gather(s.data, nbytes, out);
+}
+
 }  // namespace
 
 void register_shm_allreduce(py::module_& m) {
@@ -70,6 +108,12 @@ void register_shm_allreduce(py::module_& m) {
       .def("allreduce", &allreduce, py::arg("tensor"),
            "Sums `tensor` (CPU, contiguous, float32 or bfloat16) over all ranks, in place; "
            "returns it.")
+      .def("broadcast", &broadcast, py::arg("message"), py::arg("wait_forever") = false,
+           "Rank 0 sends `message` (bytes) to every rank; the others pass None and get it "
+           "back. wait_forever: a receiver waits for rank 0 without the timeout.")
+      .def("gather", &gather, py::arg("src"), py::arg("dst"),
+           "Rank 0's `dst` (world_size x src's bytes) gets every rank's contiguous `src` in "
+           "rank order; the other ranks pass dst=None.")
       .def("close", [](ShmAllReduce& self) {
              py::gil_scoped_release release;  // waits for a call running in another thread
              self.close();

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <array>
+#include <limits>
 #include <sstream>
 
 #include "comm/process_liveness.h"
@@ -34,6 +35,8 @@ const char* type_name(int32_t type) {
   switch (type) {
     case static_cast<int32_t>(ElemType::kFloat32): return "float32";
     case static_cast<int32_t>(ElemType::kBFloat16): return "bfloat16";
+    case static_cast<int32_t>(ElemType::kBroadcast): return "bytes (broadcast)";
+    case static_cast<int32_t>(ElemType::kGather): return "bytes (gather)";
     default: return "nothing";
   }
 }
@@ -222,8 +225,11 @@ void ShmAllReduce::check_missing_peers(uint64_t target, const char* phase) {
 
 void ShmAllReduce::check_call_descriptors(int64_t numel, ElemType type, int parity) {
   bool same = true;
+  // A broadcast's receivers do not know the length: only the kind of call must agree.
+  const bool any_numel = type == ElemType::kBroadcast;
   for (int r = 0; r < world_size_; ++r) {
-    same = same && control(r).call_numel[parity].load(std::memory_order_relaxed) == numel &&
+    same = same &&
+           (any_numel || control(r).call_numel[parity].load(std::memory_order_relaxed) == numel) &&
            control(r).call_type[parity].load(std::memory_order_relaxed) ==
                static_cast<int32_t>(type);
   }
@@ -232,8 +238,9 @@ void ShmAllReduce::check_call_descriptors(int64_t numel, ElemType type, int pari
   // barrier, so the counters stay in step and the group remains usable.
   std::ostringstream os;
   os << "ShmAllReduce group '" << group_ << "' (rank " << rank_ << " of " << world_size_
-     << "): argument 'tensor' must have the same number of elements and dtype on every rank;"
-     << " call " << phase_call_ << " got";
+     << "): every rank must make the same call (allreduce: the same number of elements and "
+     << "dtype; gather: the same byte count; broadcast: all at once); call " << phase_call_
+     << " got";
   for (int r = 0; r < world_size_; ++r) {
     os << (r ? ", " : " ") << "rank " << r << ": "
        << control(r).call_numel[parity].load(std::memory_order_relaxed) << " x "
@@ -242,25 +249,35 @@ void ShmAllReduce::check_call_descriptors(int64_t numel, ElemType type, int pari
   throw CommError(ErrorKind::kInvalidArgument, os.str());
 }
 
-void ShmAllReduce::allreduce(void* data, int64_t numel, ElemType type) {
-  std::lock_guard<std::mutex> lock(mutex_);
+int ShmAllReduce::begin_call(int64_t numel, ElemType type) {
   check_usable();
   // Fail at once if a peer gave up, even where this rank's next barrier happens
   // to be complete already (peers may have arrived before giving up).
   if (header_->abort_state.load(std::memory_order_acquire) == kAbortPublished) fail_from_abort();
-  if (numel < 0) throw CommError(ErrorKind::kInvalidArgument, "argument 'numel' must be >= 0");
-  if (numel == 0) return;
-  const int64_t elem = type == ElemType::kFloat32 ? 4 : 2;
   const int parity = static_cast<int>(calls_ & 1);
   ++calls_;
   RankControl& me = control(rank_);
   me.call_numel[parity].store(numel, std::memory_order_relaxed);
   me.call_type[parity].store(static_cast<int32_t>(type), std::memory_order_relaxed);
+  phase_call_ = calls_;
+  return parity;
+}
+
+void ShmAllReduce::allreduce(void* data, int64_t numel, ElemType type) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_usable();
+  if (header_->abort_state.load(std::memory_order_acquire) == kAbortPublished) fail_from_abort();
+  if (numel < 0) throw CommError(ErrorKind::kInvalidArgument, "argument 'numel' must be >= 0");
+  if (numel == 0) return;
+  if (type != ElemType::kFloat32 && type != ElemType::kBFloat16) {
+    throw CommError(ErrorKind::kInvalidArgument, "allreduce sums float32 or bfloat16 only");
+  }
+  const int parity = begin_call(numel, type);
+  const int64_t elem = type == ElemType::kFloat32 ? 4 : 2;
 
   const int64_t chunk_elems = buffer_bytes_ / elem;
   // Slices start on 64-byte boundaries so no two ranks write one cache line of the result.
   const int64_t line_elems = 64 / elem;
-  phase_call_ = calls_;
   phase_chunks_ = (numel + chunk_elems - 1) / chunk_elems;
   char* bytes = static_cast<char*>(data);
   std::array<const float*, kMaxWorldSize> f32_srcs;
@@ -299,6 +316,73 @@ void ShmAllReduce::allreduce(void* data, int64_t numel, ElemType type) {
     char* out = bytes + first * elem;
     std::memcpy(out, result_area(), static_cast<size_t>(lo * elem));
     std::memcpy(out + hi * elem, result_area() + hi * elem, static_cast<size_t>((n - hi) * elem));
+  }
+}
+
+void ShmAllReduce::broadcast(std::string& message, bool wait_forever) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const bool root = rank_ == 0;
+  const int parity = begin_call(root ? static_cast<int64_t>(message.size()) : -1,
+                                ElemType::kBroadcast);
+  // Rank 0's length is in its descriptor; the receivers read it after the first barrier.
+  int64_t total = root ? static_cast<int64_t>(message.size()) : 0;
+  phase_chunks_ = 1;
+  for (int64_t chunk = 0; chunk < phase_chunks_; ++chunk) {
+    phase_chunk_ = chunk;
+    const int64_t first = chunk * buffer_bytes_;
+    if (root) {
+      std::memcpy(slot(0), message.data() + first,
+                  static_cast<size_t>(std::min(buffer_bytes_, total - first)));
+    }
+    if (chunk == 0 && wait_forever && !root) {
+      // Idle until rank 0 has the next message: no deadline, liveness still checked.
+      wait_deadline_ = std::numeric_limits<double>::infinity();
+      try {
+        barrier("waiting for rank 0's message");
+      } catch (...) {
+        wait_deadline_ = 0;
+        throw;
+      }
+      wait_deadline_ = 0;
+    } else {
+      barrier("after rank 0's copy-in");
+    }
+    if (chunk == 0) {
+      check_call_descriptors(-1, ElemType::kBroadcast, parity);
+      total = control(0).call_numel[parity].load(std::memory_order_relaxed);
+      phase_chunks_ = std::max<int64_t>(1, (total + buffer_bytes_ - 1) / buffer_bytes_);
+      if (!root) message.resize(static_cast<size_t>(total));
+    }
+    if (!root) {
+      std::memcpy(message.data() + first, slot(0),
+                  static_cast<size_t>(std::min(buffer_bytes_, total - first)));
+    }
+    barrier("after copy-out");
+  }
+}
+
+void ShmAllReduce::gather(const void* src, int64_t nbytes, void* dst) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_usable();
+  if (nbytes < 0) throw CommError(ErrorKind::kInvalidArgument, "argument 'nbytes' must be >= 0");
+  if (nbytes == 0) return;
+  const int parity = begin_call(nbytes, ElemType::kGather);
+  const char* in = static_cast<const char*>(src);
+  char* out = static_cast<char*>(dst);
+  phase_chunks_ = (nbytes + buffer_bytes_ - 1) / buffer_bytes_;
+  for (int64_t chunk = 0; chunk < phase_chunks_; ++chunk) {
+    phase_chunk_ = chunk;
+    const int64_t first = chunk * buffer_bytes_;
+    const int64_t n = std::min(buffer_bytes_, nbytes - first);
+    std::memcpy(slot(rank_), in + first, static_cast<size_t>(n));
+    barrier("after copy-in");
+    if (chunk == 0) check_call_descriptors(nbytes, ElemType::kGather, parity);
+    if (rank_ == 0) {
+      for (int r = 0; r < world_size_; ++r) {
+        std::memcpy(out + r * nbytes + first, slot(r), static_cast<size_t>(n));
+      }
+    }
+    barrier("after rank 0's copy-out");
   }
 }
 

@@ -12,13 +12,20 @@
 //
 // and at the end rmsnorm(h += prev) with the final norm. Buffers are owned by the
 // stack and grow to the largest batch seen, so steady-state steps allocate nothing.
+//
+// Tensor parallelism: a rank's stack holds its share of the heads and of the MLP (the
+// sizes it is built with are the rank's), and with a `comm` group it sums the o_proj and
+// down_proj outputs over the ranks (comm/shm_allreduce.h) before they join the residual
+// stream, which every rank then holds whole.
 #include <pybind11/pybind11.h>
 
+#include <chrono>
 #include <cstring>
 #include <string>
 #include <vector>
 
 #include "attention/ops.h"
+#include "comm/shm_allreduce.h"
 #include "common/tensor.h"
 #include "layers/rowops.h"
 #include "quant/block_weight.h"
@@ -62,7 +69,8 @@ class DecoderStack {
  public:
   DecoderStack(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim,
                int64_t intermediate, double eps, double scale, py::handle cos_cache,
-               py::handle sin_cache, py::handle final_norm, const py::list& layers)
+               py::handle sin_cache, py::handle final_norm, const py::list& layers,
+               py::object comm)
       : h_(hidden), heads_(heads), kv_(kv_heads), hd_(head_dim), inter_(intermediate),
         eps_(static_cast<float>(eps)), scale_(scale) {
     if (hidden < 1 || heads < 1 || kv_heads < 1 || head_dim < 2 || intermediate < 1 ||
@@ -88,6 +96,14 @@ class DecoderStack {
     refs_.append(cos_cache);
     refs_.append(sin_cache);
     refs_.append(final_norm);
+    if (!comm.is_none()) {
+      try {
+        comm_ = &py::cast<comm::ShmAllReduce&>(comm);
+      } catch (const py::cast_error&) {
+        fail("argument 'comm' must be None or an xllm._C.ShmAllReduce");
+      }
+      refs_.append(comm);
+    }
     if (layers.empty()) fail("argument 'layers' must list at least one layer");
     for (size_t i = 0; i < layers.size(); ++i) {
       py::tuple t = py::reinterpret_borrow<py::tuple>(layers[i]);
@@ -195,15 +211,19 @@ class DecoderStack {
                                       scale_);
       }
       l.o->linear_raw(attn, Q, n, tmp, H, isa);
+      reduce(tmp, n * H);
       rowops::rms_norm(tmp, H, res, H, l.post_norm, eps_, n, H, normed, H, isa);
       l.gate_up->linear_raw(normed, H, n, gu, 2 * I, isa);
       rowops::silu_and_mul(gu, 2 * I, n, I, act, I, isa);
       l.down->linear_raw(act, I, n, tmp, H, isa);
+      reduce(tmp, n * H);
     }
     rowops::rms_norm(tmp, H, res, H, final_norm_, eps_, n, H, out.ptr<float>(), H, isa);
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+  // Seconds spent summing over the ranks since construction (0 without a group).
+  double comm_seconds() const { return comm_seconds_; }
 
  private:
   const BlockWeight& weight(py::handle obj, size_t layer, const char* name, int64_t rows,
@@ -219,6 +239,14 @@ class DecoderStack {
            rows, ", ", cols, "]");
     }
     return *w;
+  }
+
+  // Sums a row-parallel projection's partial output over the ranks, in place.
+  void reduce(float* data, int64_t numel) {
+    if (comm_ == nullptr) return;
+    const auto t0 = std::chrono::steady_clock::now();
+    comm_->allreduce(data, numel, comm::ElemType::kFloat32);
+    comm_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
 
   void grow(int64_t n) {
@@ -238,6 +266,8 @@ class DecoderStack {
   double scale_;
   const float *cos_ = nullptr, *sin_ = nullptr, *final_norm_ = nullptr;
   std::vector<Layer> layers_;
+  comm::ShmAllReduce* comm_ = nullptr;  // kept alive by refs_
+  double comm_seconds_ = 0;
   py::list refs_;  // keeps every tensor and weight the raw pointers point into alive
   int64_t capacity_ = 0;
   std::vector<float> residual_, normed_, tmp_, qkv_, attn_, gate_up_, act_;
@@ -250,17 +280,20 @@ void register_decoder_stack(py::module_& m) {
                            "All decoder layers of a Llama-family model in one native call "
                            "(fp32 CPU, block weights); see xllm/models/llama.py.")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, py::handle,
-                    py::handle, py::handle, const py::list&>(),
+                    py::handle, py::handle, const py::list&, py::object>(),
            py::arg("hidden_size"), py::arg("num_heads"), py::arg("num_kv_heads"),
            py::arg("head_dim"), py::arg("intermediate_size"), py::arg("eps"), py::arg("scale"),
-           py::arg("cos_cache"), py::arg("sin_cache"), py::arg("final_norm"), py::arg("layers"))
+           py::arg("cos_cache"), py::arg("sin_cache"), py::arg("final_norm"), py::arg("layers"),
+           py::arg("comm") = py::none())
       .def("forward", &DecoderStack::forward, py::arg("x"), py::arg("positions"),
            py::arg("slot_mapping"), py::arg("num_decodes"), py::arg("decode_block_tables"),
            py::arg("decode_seq_lens"), py::arg("prefill_block_tables"),
            py::arg("prefill_query_start_loc"), py::arg("prefill_seq_lens"), py::arg("out"),
            "out [T, hidden] = final norm of the stack applied to embeddings x [T, hidden]; "
            "writes every layer's K/V at slot_mapping.")
-      .def_property_readonly("num_layers", &DecoderStack::num_layers);
+      .def_property_readonly("num_layers", &DecoderStack::num_layers)
+      .def_property_readonly("comm_seconds", &DecoderStack::comm_seconds,
+                             "Seconds spent in the tensor-parallel sums since construction.");
 }
 
 }  // namespace xllm

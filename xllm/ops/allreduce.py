@@ -79,6 +79,26 @@ class ShmAllReduce:
         self._impl.allreduce(tensor)
         return tensor
 
+    def broadcast(self, message: bytes | None, wait_forever: bool = False) -> bytes:
+        """Rank 0 sends ``message`` to every rank and gets it back; every other rank passes
+        None and gets rank 0's message. Any length (chunks of ``buffer_bytes``).
+        ``wait_forever``: a receiving rank waits for rank 0 without the timeout (a worker idle
+        between steps); it still fails at once if rank 0 dies or leaves."""
+        return self._impl.broadcast(message, wait_forever)
+
+    def gather(self, src: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor | None:
+        """Rank 0's ``dst`` gets every rank's ``src`` in rank order (``dst`` holds world_size
+        times src's bytes, e.g. ``[world_size, *src.shape]``) and is returned; the other
+        ranks pass None and get None. ``src`` is contiguous, of the same size on every rank."""
+        self._impl.gather(src, dst)
+        return dst
+
+    @property
+    def native(self) -> object:
+        """The native group (``xllm._C.ShmAllReduce``), for native callers such as the
+        decoder stack."""
+        return self._impl
+
     def close(self) -> None:
         """Leaves the group; ranks still waiting for this one fail at once. Idempotent."""
         self._impl.close()
