@@ -38,8 +38,8 @@ from xllm.layers import (  # noqa: E402
     apply_rotary,
     compute_inv_freq,
 )
+from xllm.layers.attn_metadata import AttentionMetadata  # noqa: E402
 from xllm.ops.kv_cache import allocate_kv_cache  # noqa: E402
-from xllm.runtime.attn_metadata import AttentionMetadata  # noqa: E402
 
 
 @contextlib.contextmanager

@@ -27,11 +27,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from xllm.layers.attn_metadata import AttentionMetadata  # noqa: E402
 from xllm.models.config import ModelConfig  # noqa: E402
 from xllm.models.llama import LlamaForCausalLM, Qwen3ForCausalLM  # noqa: E402
 from xllm.models.registry import SUPPORTED_ARCHITECTURES, get_model_class  # noqa: E402
 from xllm.ops.kv_cache import allocate_kv_cache  # noqa: E402
-from xllm.runtime.attn_metadata import AttentionMetadata  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 

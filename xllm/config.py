@@ -40,6 +40,10 @@ class EngineConfig:
     seed: int = 0  # seeds the sampler for requests without their own seed
     num_threads: int | None = None  # torch threads; default: all cores
     device: str = "cpu"  # cpu | cuda
+    # Ranks that each hold 1/N of the model (heads, MLP, vocabulary); rank 0 is the engine
+    # process, the others are worker processes it starts, each pinned to its share of the
+    # cores (xllm.runtime.tp). CPU only for now.
+    tensor_parallel_size: int = 1
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -75,12 +79,30 @@ class EngineConfig:
             raise ValueError("kv_offload_disk_gb needs kv_offload_disk (the tier's directory)")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got "
+                             f"{self.tensor_parallel_size!r}")
+        if self.tensor_parallel_size > 1:
+            if self.device != "cpu":
+                raise ValueError("tensor parallelism runs on the CPU only for now (the CUDA "
+                                 "path over NCCL is not built); use tensor_parallel_size 1")
+            if self.kv_offload_cpu_gb > 0 or self.kv_offload_disk is not None:
+                raise ValueError("KV tiers (kv_offload_cpu_gb, kv_offload_disk) do not work "
+                                 "with tensor parallelism yet: each rank holds only its heads "
+                                 "of a block; use one or the other")
+            cores = len(os.sched_getaffinity(0))
+            if self.tensor_parallel_size > cores:
+                raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} exceeds the "
+                                 f"{cores} CPU cores this process may use: every rank needs a "
+                                 "core of its own")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
 
     @property
     def threads(self) -> int:
-        return self.num_threads or len(os.sched_getaffinity(0))
+        """Threads of one rank: all cores, or a rank's share of them under TP."""
+        share = len(os.sched_getaffinity(0)) // self.tensor_parallel_size
+        return self.num_threads or share
 
     @classmethod
     def option_names(cls) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field, replace
 
@@ -20,15 +21,19 @@ from xllm.config import EngineConfig
 from xllm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from xllm.engine.speed_model import OnlineSpeedModel
 from xllm.kvcache.store import KVStore, KVStoreConfig
+from xllm.layers.parallel import SINGLE, TensorParallel, check_tensor_parallel
 from xllm.loader import resolve_model
 from xllm.loader.generation_config import GenerationConfig
 from xllm.loader.model import TORCH_DTYPES, load_model, resolve_dtype
 from xllm.models.config import ModelConfig
 from xllm.runtime.model_runner import ModelRunner
 from xllm.runtime.prompt_logprobs import PromptLogprobs
+from xllm.runtime.tp import WorkerGroup, WorkerSpec, pin_to, rank_cores
 from xllm.sampling_params import SamplingParams
 from xllm.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig, SchedulerOutput
 from xllm.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger("xllm.engine")
 
 
 @dataclass
@@ -84,10 +89,42 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, mc, self.device, config.weight_format)
         kv_dtype = (self.dtype if config.kv_cache_dtype == "auto"
                     else TORCH_DTYPES[config.kv_cache_dtype])
-        model = load_model(self.model_dir, mc, self.dtype, self.device, progress=progress,
-                           weight_format=config.weight_format)
+        tp_size = config.tensor_parallel_size
+        for note in check_tensor_parallel(mc.num_attention_heads, mc.num_key_value_heads,
+                                          mc.intermediate_size, tp_size):
+            logger.warning("tensor parallelism: %s", note)
+        # The pool's block count is the whole model's (all heads): every rank holds its heads
+        # of the same blocks, so kv_cache_memory_gb bounds all ranks together.
+        full_block = KVStoreConfig(num_blocks=2, num_layers=mc.num_hidden_layers,
+                                   num_kv_heads=mc.num_key_value_heads,
+                                   block_size=config.block_size, head_size=mc.head_dim,
+                                   dtype_bytes=kv_dtype.itemsize).block_bytes
+        num_blocks = config.num_kv_blocks or max(
+            2, int(config.kv_cache_memory_gb * (1 << 30)) // full_block)
+        self.workers: WorkerGroup | None = None
+        tp = SINGLE
+        if tp_size > 1:
+            self.workers = WorkerGroup.start(WorkerSpec(
+                model_dir=str(self.model_dir), dtype=str(self.dtype).removeprefix("torch."),
+                kv_dtype=str(kv_dtype).removeprefix("torch."),
+                weight_format=config.weight_format, block_size=config.block_size,
+                num_blocks=num_blocks, max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len, rank=0, size=tp_size, group="", cores=[]))
+            pin_to(rank_cores(tp_size)[0])
+            tp = TensorParallel(0, tp_size, self.workers.comm)
+        try:
+            model = load_model(self.model_dir, mc, self.dtype, self.device, progress=progress,
+                               weight_format=config.weight_format, tp=tp)
+            if self.workers is not None:
+                self.workers.wait_ready()
+        except BaseException:
+            if self.workers is not None:
+                self.workers.close()
+            raise
+        num_kv_heads = model.model.layers[0].self_attn.num_kv_heads  # this rank's
         store_config = KVStoreConfig(
-            num_blocks=2, num_layers=mc.num_hidden_layers, num_kv_heads=mc.num_key_value_heads,
+            num_blocks=2, num_layers=mc.num_hidden_layers, num_kv_heads=num_kv_heads,
             block_size=config.block_size, head_size=mc.head_dim,
             dtype_bytes=kv_dtype.itemsize, on_demand=self.device.type == "cpu",
             idle_seconds=config.kv_idle_release_s,
@@ -95,8 +132,6 @@ class LLMEngine:
             disk_tier_dir=config.kv_offload_disk,
             disk_tier_bytes=int(config.kv_offload_disk_gb * (1 << 30)),
             identity=_kv_identity(self.model_dir, self.dtype, kv_dtype, config.weight_format))
-        num_blocks = config.num_kv_blocks or max(
-            2, int(config.kv_cache_memory_gb * (1 << 30)) // store_config.block_bytes)
         self.num_kv_blocks = num_blocks
         self.kv_store = KVStore(replace(store_config, num_blocks=num_blocks))
         self.runner = ModelRunner(
@@ -104,7 +139,8 @@ class LLMEngine:
             kv_caches=self.kv_store.kv_caches(kv_dtype, self.device),
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len, device=self.device, seed=config.seed)
+            max_model_len=self.max_model_len, device=self.device, seed=config.seed,
+            workers=self.workers)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -232,6 +268,8 @@ class LLMEngine:
         return self.kv_store.maintain()
 
     def close(self) -> None:
+        if self.workers is not None:
+            self.workers.close()
         self.kv_store.close()
 
     def step(self) -> list[RequestOutput]:

@@ -1,7 +1,7 @@
 """Attention over the paged KV cache: cache write, then decode and prefill ops.
 
 The runner orders a batch's token rows decodes first, then prefills (see
-``xllm.runtime.attn_metadata``), so one call writes every new K/V row into the cache and
+``xllm.layers.attn_metadata``), so one call writes every new K/V row into the cache and
 then runs ``paged_attention_decode`` on the head rows and ``paged_attention_prefill`` on
 the tail, each into its slice of one output tensor. The ops pick their backend from the
 tensors' device (native C++ on CPU, Triton on CUDA); layout: ``xllm.ops.kv_cache``.
@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from xllm.layers.attn_metadata import AttentionMetadata
 from xllm.ops import attention as ops
-from xllm.runtime.attn_metadata import AttentionMetadata
 
 
 class PagedAttention(nn.Module):

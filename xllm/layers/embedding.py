@@ -6,22 +6,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xllm.layers.parallel import SINGLE, TensorParallel, vocab_shard
 from xllm.ops.blocks import BlockLinearWeight
 
 
 class VocabEmbedding(nn.Module):
-    """Token id -> row of a [vocab_size, hidden_size] table."""
+    """Token id -> row of a [vocab_size, hidden_size] table.
 
-    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype = torch.float32):
+    Under tensor parallelism (``tp``) a rank holds rows ``[start, stop)`` of the table padded
+    to ``ceil(vocab / size)``; tokens outside them look up zeros, and the ranks' rows sum."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype = torch.float32,
+                 tp: TensorParallel = SINGLE):
         super().__init__()
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
+        self.tp = tp
+        self.start, self.stop, rows = vocab_shard(vocab_size, tp)
         self.weight = nn.Parameter(
-            torch.empty(vocab_size, hidden_size, dtype=dtype), requires_grad=False
+            torch.empty(rows, hidden_size, dtype=dtype), requires_grad=False
         )
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        if not self.tp.enabled:
+            return F.embedding(input_ids, self.weight)
+        mine = (input_ids >= self.start) & (input_ids < self.stop)
+        out = F.embedding(torch.where(mine, input_ids - self.start, 0), self.weight)
+        out.mul_(mine.unsqueeze(-1).to(out.dtype))
+        return self.tp.allreduce(out)
 
     def extra_repr(self) -> str:
         return f"{self.vocab_size}, {self.hidden_size}"
@@ -40,16 +52,19 @@ class LMHead(nn.Module):
         hidden_size: int,
         dtype: torch.dtype = torch.float32,
         tied_to: VocabEmbedding | None = None,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
+        self.tp = tp
         self.tied = tied_to is not None
         # A plain attribute, not a submodule, so the tied table is listed once (as the
         # embedding's) by named_parameters() and state_dict().
         self._tied_to = [tied_to] if tied_to is not None else []
         if tied_to is None:
+            rows = vocab_shard(vocab_size, tp)[2]
             self.weight = nn.Parameter(
-                torch.empty(vocab_size, hidden_size, dtype=dtype), requires_grad=False
+                torch.empty(rows, hidden_size, dtype=dtype), requires_grad=False
             )
         self.blocks: BlockLinearWeight | None = None
 
@@ -67,11 +82,23 @@ class LMHead(nn.Module):
     def table(self) -> torch.Tensor:
         return self._tied_to[0].weight if self.tied else self.weight
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits [n, vocab]; under tensor parallelism each rank computes its vocabulary
+        rows, and they meet on rank 0, which returns them (the others return None)."""
         if self.blocks is not None:
-            return self.blocks(hidden.float())
-        w = self.table
-        return F.linear(hidden.to(w.dtype), w).float()
+            logits = self.blocks(hidden.float())
+        else:
+            w = self.table
+            logits = F.linear(hidden.to(w.dtype), w).float()
+        if not self.tp.enabled:
+            return logits
+        n, rows = logits.shape
+        size = self.tp.size
+        dst = torch.empty(size, n, rows) if self.tp.rank == 0 else None
+        self.tp.comm.gather(logits.contiguous(), dst)
+        if dst is None:
+            return None
+        return dst.permute(1, 0, 2).reshape(n, size * rows)[:, :self.vocab_size]
 
     def extra_repr(self) -> str:
         return f"vocab={self.vocab_size}, tied={self.tied}"

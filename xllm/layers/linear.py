@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xllm.layers.parallel import TensorParallel
 from xllm.ops.blocks import BlockLinearWeight
 
 
@@ -42,10 +43,15 @@ def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
 
 
 class Linear(nn.Module):
-    """y = x W^T + b with W [out_features, in_features]."""
+    """y = x W^T + b with W [out_features, in_features].
+
+    ``reduce``: a row-parallel layer (``xllm.layers.parallel``): this rank holds some of the
+    input columns, and the outputs of all ranks are summed (the bias is rank 0's alone).
+    """
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype = torch.float32
+        self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype = torch.float32,
+        reduce: TensorParallel | None = None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -53,11 +59,13 @@ class Linear(nn.Module):
         self.weight = _param(out_features, in_features, dtype=dtype)
         self.bias = _param(out_features, dtype=dtype) if bias else None
         self.blocks: BlockLinearWeight | None = None
+        self.reduce = reduce if reduce is not None and reduce.enabled else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.blocks is not None:
-            return self.blocks(x)
-        return F.linear(x, self.weight, self.bias)
+        y = self.blocks(x) if self.blocks is not None else F.linear(x, self.weight, self.bias)
+        if self.reduce is not None:
+            y = self.reduce.allreduce(y.contiguous())
+        return y
 
     def use_blocks(self, blocks: BlockLinearWeight) -> None:
         """Computes on ``blocks`` from now on (fp32) and frees the dense weight."""

@@ -98,9 +98,12 @@ def _files_from_index(index_path: Path) -> dict[Path, list[str] | None]:
 
 
 def iter_weights(
-    model_dir: str | Path, progress: bool = True
+    model_dir: str | Path, progress: bool = True, lazy: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (HF tensor name, tensor) for every weight of the model in `model_dir`.
+
+    ``lazy``: yields safetensors slices (``get_slice``) instead, valid until the next item,
+    of which the consumer reads only what it indexes (a tensor-parallel rank its share).
 
     Tensors keep the checkpoint's dtype; the model's load_weights converts. With an index,
     each shard must hold exactly the tensors the index assigns to it (a stale index would
@@ -136,7 +139,7 @@ def iter_weights(
         for file, names in plan:
             with safe_open(str(file), framework="pt") as f:
                 for name in names:
-                    yield name, f.get_tensor(name)
+                    yield name, f.get_slice(name) if lazy else f.get_tensor(name)
                     bar.update(1)
     finally:
         bar.close()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from xllm.layers.parallel import TensorParallel
 from xllm.models.config import ModelConfig
 from xllm.models.registry import get_model_class
 
@@ -56,7 +57,7 @@ WEIGHT_FORMATS = ("auto", "dense", "blocks", "int8", "bf16", "f32")
 
 def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
                device: torch.device, progress: bool = True,
-               weight_format: str = "dense") -> torch.nn.Module:
+               weight_format: str = "dense", tp: TensorParallel | None = None) -> torch.nn.Module:
     """The model with its weights. ``weight_format`` (docs/models.md) says how the weights
     are stored; ``dtype`` how they are multiplied:
 
@@ -81,6 +82,9 @@ def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
 
     Every format but ``dense`` runs on the CPU, keeps norms, rope, attention and the residual
     stream in fp32, and lets the native decoder stack run the whole model.
+
+    ``tp``: this rank's share of a tensor-parallel model (``xllm.layers.parallel``); it reads
+    only its slices of the checkpoint and of the blocks file.
     """
     from xllm.loader import iter_weights
     from xllm.loader.gguf_import import BLOCKS_FILE
@@ -115,12 +119,14 @@ def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
     cls = get_model_class(model_config.architecture)
     # The native formats keep everything around the linears (embedding, norms, rope, residual)
     # in fp32, whatever dtype the linears multiply in.
-    model = cls(model_config, dtype=torch.float32 if cpu and weight_format != "dense" else dtype)
-    model.load_weights(iter_weights(model_dir, progress=progress))
+    tp = tp or TensorParallel()
+    model = cls(model_config, dtype=torch.float32 if cpu and weight_format != "dense" else dtype,
+                tp=tp)
+    model.load_weights(iter_weights(model_dir, progress=progress, lazy=tp.enabled))
     if weight_format in ("blocks", "int8"):
         from xllm.ops.blocks import read_blocks
 
-        model.attach_blocks(read_blocks(blocks_path),
+        model.attach_blocks(read_blocks(blocks_path, model.shard_specs()),
                             "int8" if weight_format == "int8" else "fp32")
     elif bf16_gemm:
         model.attach_rows("bf16_gemm")

@@ -11,6 +11,12 @@ fused into the next norm.
 
 Weights load from Hugging Face names (``load_weights``); the checkpoint's q/k/v and
 gate/up tensors are copied into row ranges of the fused projections.
+
+Tensor parallelism (``tp``, ``xllm.layers.parallel``): the same modules hold one rank's
+share (whole GQA groups of heads, a slice of the MLP and of the vocabulary), each rank
+reads only its slices of the checkpoint, and o_proj, down_proj and the embedding sum their
+partial outputs over the ranks. The native decoder stack is built from these modules, so
+it runs the same shard with the sums inside it: one definition of the math, two executors.
 """
 
 from __future__ import annotations
@@ -23,13 +29,21 @@ from torch import nn
 from xllm import _C
 from xllm.layers.activation import SiluAndMul
 from xllm.layers.attention import PagedAttention
+from xllm.layers.attn_metadata import AttentionMetadata
 from xllm.layers.embedding import LMHead, VocabEmbedding
 from xllm.layers.layernorm import RMSNorm
 from xllm.layers.linear import Linear, MergedLinear, copy_checked
+from xllm.layers.parallel import (
+    SINGLE,
+    Slice,
+    TensorParallel,
+    head_shard,
+    mlp_shard,
+    vocab_shard,
+)
 from xllm.layers.rotary import RotaryEmbedding, Rotation
 from xllm.models.config import ModelConfig
 from xllm.ops.blocks import BLOCK, BlockLinearWeight, PackedBlocks, concat_rows
-from xllm.runtime.attn_metadata import AttentionMetadata
 
 # Checkpoint tensors that carry no weights of ours (precomputed rope tables in old
 # checkpoints); accepted and skipped.
@@ -37,13 +51,16 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype,
+                 tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        shard = head_shard(config.num_attention_heads, config.num_key_value_heads, tp)
+        self.shard = shard
+        self.num_heads = shard.num_heads
+        self.num_kv_heads = shard.num_kv_heads
         self.head_dim = config.head_dim
-        self.q_size = config.q_size
-        self.kv_size = config.kv_size
+        self.q_size = shard.num_heads * config.head_dim
+        self.kv_size = shard.num_kv_heads * config.head_dim
         self.qkv_proj = MergedLinear(
             config.hidden_size,
             [self.q_size, self.kv_size, self.kv_size],
@@ -51,7 +68,8 @@ class LlamaAttention(nn.Module):
             bias=config.attention_bias,
             dtype=dtype,
         )
-        self.o_proj = Linear(self.q_size, config.hidden_size, config.o_proj_bias, dtype)
+        self.o_proj = Linear(self.q_size, config.hidden_size, config.o_proj_bias, dtype,
+                             reduce=tp)
         self.qk_norm = config.qk_norm
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
@@ -83,13 +101,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype,
+                 tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        inter = config.intermediate_size
+        start, stop = mlp_shard(config.intermediate_size, tp)
+        inter = stop - start
         self.gate_up_proj = MergedLinear(
             config.hidden_size, [inter, inter], ("gate_proj", "up_proj"), config.mlp_bias, dtype
         )
-        self.down_proj = Linear(inter, config.hidden_size, config.mlp_bias, dtype)
+        self.down_proj = Linear(inter, config.hidden_size, config.mlp_bias, dtype, reduce=tp)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,10 +117,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype,
+                 tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, dtype)
-        self.mlp = LlamaMLP(config, dtype)
+        self.self_attn = LlamaAttention(config, dtype, tp)
+        self.mlp = LlamaMLP(config, dtype, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -123,11 +144,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype,
+                 tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype, tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, dtype) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, dtype, tp) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary_emb = RotaryEmbedding(
@@ -154,7 +176,8 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Decoder-only LM over the paged KV cache; see the module docstring."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32,
+                 tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype}")
@@ -167,13 +190,15 @@ class LlamaForCausalLM(nn.Module):
             )
         self.config = config
         self.dtype = dtype
+        self.tp = tp
         self._stack: _C.DecoderStack | None = None
-        self.model = LlamaModel(config, dtype)
+        self.model = LlamaModel(config, dtype, tp)
         self.lm_head = LMHead(
             config.vocab_size,
             config.hidden_size,
             dtype,
             tied_to=self.model.embed_tokens if config.tie_word_embeddings else None,
+            tp=tp,
         )
 
     def forward(
@@ -222,12 +247,20 @@ class LlamaForCausalLM(nn.Module):
                 a.attn.key_cache, a.attn.value_cache,
             ))
         cfg = self.config
+        first = self.model.layers[0]
         self._stack = _C.DecoderStack(
-            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-            cfg.intermediate_size, cfg.rms_norm_eps, self.model.layers[0].self_attn.attn.scale,
-            rope.cos_cache, rope.sin_cache, self.model.norm.weight, layers,
+            cfg.hidden_size, first.self_attn.num_heads, first.self_attn.num_kv_heads,
+            cfg.head_dim, first.mlp.down_proj.in_features, cfg.rms_norm_eps,
+            first.self_attn.attn.scale, rope.cos_cache, rope.sin_cache, self.model.norm.weight,
+            layers, self.tp.comm.native if self.tp.enabled else None,
         )
         return True
+
+    @property
+    def comm_seconds(self) -> float:
+        """Seconds the native stack has spent in tensor-parallel sums (0 without TP or off
+        the native stack, where the modules' sums are not timed)."""
+        return self._stack.comm_seconds if self._stack is not None else 0.0
 
     @property
     def max_context_len(self) -> int:
@@ -237,8 +270,10 @@ class LlamaForCausalLM(nn.Module):
         window = cfg.sliding_window or cfg.max_position_embeddings
         return min(cfg.max_position_embeddings, window)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [n, vocab_size] for hidden rows [n, hidden_size]."""
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """fp32 logits [n, vocab_size] for hidden rows [n, hidden_size]. Under tensor
+        parallelism every rank must call it with the same rows; rank 0 gets the logits,
+        the others None."""
         return self.lm_head(hidden)
 
     def bind_kv_caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -331,25 +366,60 @@ class LlamaForCausalLM(nn.Module):
                     expected[prefix + pname] = param
         return expected
 
+    def shard_specs(self) -> dict[str, Slice]:
+        """Checkpoint name -> the slice of it this rank holds, for every tensor that tensor
+        parallelism splits (none without it; norms are whole on every rank)."""
+        if not self.tp.enabled:
+            return {}
+        cfg, tp = self.config, self.tp
+        hd, hidden = cfg.head_dim, cfg.hidden_size
+        start, stop, rows = vocab_shard(cfg.vocab_size, tp)
+        vocab = Slice(0, start, stop, cfg.vocab_size, pad_to=rows)
+        specs = {"model.embed_tokens.weight": vocab, "lm_head.weight": vocab}
+        m0, m1 = mlp_shard(cfg.intermediate_size, tp)
+        inter = cfg.intermediate_size
+        for i, layer in enumerate(self.model.layers):
+            sh = layer.self_attn.shard
+            q = Slice(0, sh.q_start * hd, (sh.q_start + sh.num_heads) * hd, cfg.q_size)
+            kv = Slice(0, sh.kv_start * hd, (sh.kv_start + sh.num_kv_heads) * hd, cfg.kv_size)
+            mlp = Slice(0, m0, m1, inter)
+            a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+            for kind in ("weight", "bias"):
+                specs.update({f"{a}q_proj.{kind}": q, f"{a}k_proj.{kind}": kv,
+                              f"{a}v_proj.{kind}": kv, f"{m}gate_proj.{kind}": mlp,
+                              f"{m}up_proj.{kind}": mlp})
+            specs[f"{a}o_proj.weight"] = Slice(1, q.start, q.stop, cfg.q_size)
+            specs[f"{m}down_proj.weight"] = Slice(1, m0, m1, inter)
+            # A row-parallel bias joins the sum once: rank 0 adds it.
+            for name in (f"{a}o_proj.bias", f"{m}down_proj.bias"):
+                specs[name] = Slice(0, 0, hidden, hidden, zero=tp.rank != 0)
+        return specs
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Fills every parameter from (Hugging Face name, tensor) pairs, converting dtype.
 
-        Raises ValueError for a tensor of the wrong shape, an unknown name, a name seen
-        twice, or any expected tensor the checkpoint lacks. With tied embeddings a
-        checkpoint's lm_head.weight (transformers' state_dict has it) is checked and skipped.
+        A tensor may also be a safetensors slice (``iter_weights(lazy=True)``): a rank then
+        reads only its share of it (``shard_specs``). Raises ValueError for a tensor of the
+        wrong shape, an unknown name, a name seen twice, or any expected tensor the
+        checkpoint lacks. With tied embeddings a checkpoint's lm_head.weight (transformers'
+        state_dict has it) is checked and skipped.
         """
         expected = self._expected_tensors()
+        specs = self.shard_specs()
+        whole = Slice(0, 0, 0, 0)  # stands for "all of it" below
         loaded: set[str] = set()
         tied = self.lm_head.tied
         for name, tensor in weights:
             if name.endswith(_IGNORED_SUFFIXES):
                 continue
             if tied and name == "lm_head.weight":
-                table = self.model.embed_tokens.weight
-                if tuple(tensor.shape) != tuple(table.shape):
+                want = (self.config.vocab_size, self.config.hidden_size)
+                shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else tuple(
+                    tensor.get_shape())
+                if shape != want:
                     raise ValueError(
-                        f"checkpoint tensor 'lm_head.weight' has shape {tuple(tensor.shape)}, but "
-                        f"the model expects {tuple(table.shape)}"
+                        f"checkpoint tensor 'lm_head.weight' has shape {shape}, but "
+                        f"the model expects {want}"
                     )
                 continue
             target = expected.get(name)
@@ -361,7 +431,12 @@ class LlamaForCausalLM(nn.Module):
                 )
             if name in loaded:
                 raise ValueError(f"checkpoint tensor {name!r} appears twice")
-            copy_checked(target, tensor, name)
+            spec = specs.get(name, whole)
+            if spec is whole:
+                part = tensor if isinstance(tensor, torch.Tensor) else tensor[:]
+            else:
+                part = spec.take(tensor, name)
+            copy_checked(target, part, name)
             loaded.add(name)
         missing = [n for n in expected if n not in loaded]
         if missing:

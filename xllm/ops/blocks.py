@@ -28,8 +28,10 @@ at every size measured.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -167,8 +169,13 @@ def concat_rows(parts: list[PackedBlocks]) -> PackedBlocks:
                         np.concatenate([p.scales for p in parts]), mins)
 
 
-def read_blocks(path: Path) -> dict[str, PackedBlocks]:
-    """The blocks file an import wrote (``xllm_blocks/blocks.safetensors``), by HF name."""
+def read_blocks(path: Path, shards: Mapping[str, Any] | None = None) -> dict[str, PackedBlocks]:
+    """The blocks file an import wrote (``xllm_blocks/blocks.safetensors``), by HF name.
+
+    ``shards`` (tensor parallelism: name -> ``xllm.layers.parallel.Slice``) reads only each
+    named weight's slice: rows, or columns in whole blocks. A column slice that does not
+    fall on block boundaries leaves that weight out (its layer keeps the dense weight).
+    """
     from safetensors import safe_open
 
     out: dict[str, PackedBlocks] = {}
@@ -177,9 +184,26 @@ def read_blocks(path: Path) -> dict[str, PackedBlocks]:
         for name, fmt in formats.items():
             if fmt not in FORMATS:
                 raise ValueError(f"{path}: tensor {name!r} has unknown block format {fmt!r}")
-            mins = f.get_tensor(f"{name}.mins") if fmt == "q4_1" else None
-            out[name] = PackedBlocks(fmt, f.get_tensor(f"{name}.qs"),
-                                     f.get_tensor(f"{name}.scales"), mins)
+            parts = ("qs", "scales", "mins") if fmt == "q4_1" else ("qs", "scales")
+            spec = (shards or {}).get(name)
+            if spec is None:
+                arrays = [f.get_tensor(f"{name}.{p}") for p in parts]
+            elif spec.dim == 0:
+                arrays = [f.get_slice(f"{name}.{p}")[spec.start:spec.stop] for p in parts]
+                if spec.pad_to is not None and arrays[0].shape[0] < spec.pad_to:
+                    arrays = [np.concatenate([a, np.zeros((spec.pad_to - a.shape[0],
+                                                           *a.shape[1:]), a.dtype)])
+                              for a in arrays]
+            elif spec.start % BLOCK or spec.stop % BLOCK:
+                continue
+            else:
+                b0, b1 = spec.start // BLOCK, spec.stop // BLOCK
+                nb = f.get_slice(f"{name}.scales").get_shape()[1]
+                width = f.get_slice(f"{name}.qs").get_shape()[1] // nb
+                arrays = [f.get_slice(f"{name}.qs")[:, b0 * width:b1 * width]]
+                arrays += [f.get_slice(f"{name}.{p}")[:, b0:b1] for p in parts[1:]]
+            mins = arrays[2] if fmt == "q4_1" else None
+            out[name] = PackedBlocks(fmt, arrays[0], arrays[1], mins)
     return out
 
 

@@ -13,11 +13,31 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from xllm.layers.attn_metadata import AttentionMetadata
 from xllm.layers.sampler import Sampler, SamplingBatch
 from xllm.models.config import ModelConfig
-from xllm.runtime.attn_metadata import AttentionMetadata
-from xllm.runtime.prompt_logprobs import PromptLogprobs, find_prompt_spans, score_prompt_spans
+from xllm.runtime.prompt_logprobs import (
+    PromptLogprobs,
+    PromptSpan,
+    find_prompt_spans,
+    logit_slab_rows,
+    score_prompt_spans,
+    span_rows,
+)
+from xllm.runtime.tp import WorkerGroup
 from xllm.scheduler import SchedulerOutput
+
+
+def kv_cache_tensors(num_layers: int, num_blocks: int, num_kv_heads: int, block_size: int,
+                     head_dim: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (key, value) caches in zero-filled memory that the OS backs only as blocks
+    are written (calloc'd pages), for a tensor-parallel worker's share of the pool."""
+    from xllm.ops.kv_cache import kv_cache_shape
+
+    shape = kv_cache_shape(num_blocks, num_kv_heads, block_size, head_dim)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    return [tuple(torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+                  for _ in range(2)) for _ in range(num_layers)]
 
 
 @dataclass
@@ -45,8 +65,10 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, *, block_size: int,
                  kv_caches: list[tuple[torch.Tensor, torch.Tensor]], max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, device: torch.device,
-                 seed: int = 0) -> None:
+                 seed: int = 0, workers: WorkerGroup | None = None) -> None:
         self.model = model
+        # Tensor parallelism: the other ranks, sent every step before it runs (xllm.runtime.tp).
+        self.workers = workers
         self.config = model_config
         self.block_size = block_size
         self.device = device
@@ -128,12 +150,15 @@ class ModelRunner:
         scheduled = out.scheduled
         if not scheduled:
             return RunnerOutput([], [])
+        spans = find_prompt_spans(out)
+        if self.workers is not None:
+            self.workers.send(out, span_rows(spans) if spans else None)
         input_ids, positions, metadata, last_rows = self.prepare(out)
         hidden = self.model(input_ids, positions, metadata)
         sampling = [item for item in scheduled if item.samples]
         sampled: list[list[int]] = [[] for _ in scheduled]
         logprobs: list[TokenLogprobs | None] = [None] * len(scheduled)
-        prompt_logprobs = self._score_prompts(out, hidden)
+        prompt_logprobs = self._score_prompts(out, spans, hidden)
         if not sampling:
             return RunnerOutput(sampled, logprobs, prompt_logprobs)
         logits = self.model.compute_logits(hidden[torch.from_numpy(last_rows).to(hidden.device)])
@@ -162,10 +187,26 @@ class ModelRunner:
             j += 1
         return RunnerOutput(sampled, logprobs, prompt_logprobs)
 
-    def _score_prompts(self, out: SchedulerOutput,
+    @torch.inference_mode()
+    def execute_shard(self, out: SchedulerOutput, prompt_rows: np.ndarray) -> None:
+        """A tensor-parallel worker's step: the same inputs as rank 0 (``out`` is rebuilt from
+        the step message), this rank's share of the forward pass, and its part of every LM
+        head call rank 0 makes (prompt scoring in the same slabs first, then sampling)."""
+        if not out.scheduled:
+            return
+        input_ids, positions, metadata, last_rows = self.prepare(out)
+        hidden = self.model(input_ids, positions, metadata)
+        if len(prompt_rows):
+            rows = hidden.index_select(0, torch.from_numpy(prompt_rows))
+            step = logit_slab_rows(self.config.vocab_size)
+            for a in range(0, rows.shape[0], step):
+                self.model.compute_logits(rows[a:a + step])
+        if len(last_rows):
+            self.model.compute_logits(hidden[torch.from_numpy(last_rows)])
+
+    def _score_prompts(self, out: SchedulerOutput, spans: list[PromptSpan] | None,
                        hidden: torch.Tensor) -> list[PromptLogprobs | None] | None:
         """Prompt logprobs of the requests that asked, aligned with ``out.scheduled``."""
-        spans = find_prompt_spans(out)
         if spans is None:
             return None
         scored = score_prompt_spans(out, spans, hidden, self.model.compute_logits,

@@ -71,6 +71,17 @@ def find_prompt_spans(out: SchedulerOutput) -> list[PromptSpan] | None:
     return spans
 
 
+def span_rows(spans: list[PromptSpan]) -> np.ndarray:
+    """The hidden rows the spans score, in order (int64)."""
+    return np.concatenate([np.arange(s.row, s.row + s.count) for s in spans])
+
+
+def logit_slab_rows(vocab_size: int) -> int:
+    """Rows of logits computed at once while scoring prompts (tensor-parallel ranks follow
+    the same slabs, since the LM head is a collective there)."""
+    return max(1, _LOGITS_BYTES // (4 * vocab_size))
+
+
 def score_prompt_spans(
     out: SchedulerOutput,
     spans: list[PromptSpan],
@@ -85,8 +96,7 @@ def score_prompt_spans(
         s = spans[0]
         rows = hidden[s.row : s.row + s.count]  # a view: no gather
     else:
-        index = np.concatenate([np.arange(s.row, s.row + s.count) for s in spans])
-        rows = hidden.index_select(0, torch.from_numpy(index).to(hidden.device))
+        rows = hidden.index_select(0, torch.from_numpy(span_rows(spans)).to(hidden.device))
     targets = torch.tensor(
         [
             t
@@ -98,7 +108,7 @@ def score_prompt_spans(
     ).unsqueeze(1)
     k = min(max(s.k for s in spans), vocab_size)
     m = rows.shape[0]
-    step = max(1, _LOGITS_BYTES // (4 * vocab_size))
+    step = logit_slab_rows(vocab_size)
     chosen_parts, rank_parts, top_lp_parts, top_id_parts = [], [], [], []
     for a in range(0, m, step):
         b = min(m, a + step)

@@ -1,0 +1,341 @@
+"""Tensor-parallel workers: rank 0 (the engine process) schedules and samples; ranks 1..N-1
+run their share of every forward pass, driven by one compact step message per step.
+
+The step message (rank 0 -> all, ``ShmAllReduce.broadcast`` over the group's shared memory)
+is one int32 array, not pickled objects. A worker keeps a mirror of each request it is
+running (the tokens fed so far and the block ids), so a message carries a request's tokens
+and block table once, when it starts or restarts, and after that only what changed:
+
+    header   [kind, num_decodes, num_items, num_drop, num_tokens, num_blocks, num_rows]
+    drop     [num_drop]        slots to forget (requests not scheduled this step)
+    items    [num_items, 6]    slot, flags (1: reset, 2: samples), computed, new tokens,
+                               tokens appended, blocks appended -- in the step's row order
+    tokens   [num_tokens]      the items' appended tokens (a decode: its last sampled one)
+    blocks   [num_blocks]      the items' appended block ids (the scheduler's new_block_ids)
+    rows     [num_rows]        hidden rows whose logits score prompt tokens this step
+
+A request not scheduled in a step is dropped from the mirrors and sent whole if it comes
+back (preempted, or left out by the token budget): rare, and it keeps the protocol free of
+any other bookkeeping. Each worker then builds the same step inputs as rank 0 (the same
+``ModelRunner.prepare``), runs its shard (the sums inside, ``xllm.layers.parallel``) and
+joins the LM head's gather to rank 0. A decode step's message is about 40 bytes a request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from xllm.scheduler import ScheduledRequest, SchedulerOutput
+
+logger = logging.getLogger("xllm.tp")
+
+_STEP, _STOP = 1, 2
+_HEADER = 7
+_RESET, _SAMPLES = 1, 2
+# Waits between ranks inside a step; a dead rank is noticed within milliseconds regardless.
+STEP_TIMEOUT_S = 60.0
+# The group's per-rank slot: a step's activations (tokens x hidden fp32) in one chunk for
+# batches up to about 2048 x 1024.
+BUFFER_BYTES = 8 << 20
+
+
+def encode_stop() -> bytes:
+    return np.array([_STOP, 0, 0, 0, 0, 0, 0], dtype=np.int32).tobytes()
+
+
+class StepEncoder:
+    """Rank 0's side: turns each SchedulerOutput into a message against the workers' mirrors."""
+
+    def __init__(self) -> None:
+        self._live: dict[str, int] = {}  # request id -> slot
+        self._tokens: dict[str, int] = {}  # tokens the workers hold, per request
+        self._blocks: dict[str, int] = {}  # block ids the workers hold, per request
+        self._next_slot = 0
+
+    def encode(self, out: SchedulerOutput, prompt_rows: np.ndarray | None) -> bytes:
+        scheduled = out.scheduled
+        previous, live = self._live, {}
+        items = np.empty((len(scheduled), 6), dtype=np.int32)
+        tokens: list[int] = []
+        blocks: list[int] = []
+        for i, item in enumerate(scheduled):
+            req = item.request
+            rid = req.request_id
+            end = item.num_computed_tokens + item.num_new_tokens
+            slot = previous.pop(rid, None)
+            flags = _SAMPLES if item.samples else 0
+            if slot is None or item.is_new:
+                if slot is None:
+                    slot = self._next_slot
+                    self._next_slot = (self._next_slot + 1) & 0x7FFFFFFF
+                flags |= _RESET
+                new_tokens = req.all_token_ids[:end]
+                new_blocks = req.block_ids
+                self._blocks[rid] = len(new_blocks)
+            else:
+                new_tokens = req.all_token_ids[self._tokens[rid]:end]
+                new_blocks = item.new_block_ids
+                held = self._blocks[rid] + len(new_blocks)
+                if held != len(req.block_ids):
+                    raise RuntimeError(
+                        f"request {rid!r}: the scheduler's new_block_ids leave the workers "
+                        f"with {held} blocks, the request has {len(req.block_ids)}")
+                self._blocks[rid] = held
+            self._tokens[rid] = end
+            live[rid] = slot
+            items[i] = (slot, flags, item.num_computed_tokens, item.num_new_tokens,
+                        len(new_tokens), len(new_blocks))
+            tokens.extend(new_tokens)
+            blocks.extend(new_blocks)
+        for rid in previous:  # not scheduled this step: the workers forget them
+            del self._tokens[rid], self._blocks[rid]
+        self._live = live
+        rows = prompt_rows if prompt_rows is not None else np.empty(0, dtype=np.int64)
+        header = np.array([_STEP, len(out.decodes), len(scheduled), len(previous), len(tokens),
+                           len(blocks), len(rows)], dtype=np.int32)
+        return np.concatenate([
+            header, np.fromiter(previous.values(), dtype=np.int32, count=len(previous)),
+            items.reshape(-1), np.asarray(tokens, dtype=np.int32),
+            np.asarray(blocks, dtype=np.int32), rows.astype(np.int32)]).tobytes()
+
+
+class _Mirror:
+    """A worker's copy of a request: what ``ModelRunner.prepare`` reads."""
+
+    __slots__ = ("request_id", "all_token_ids", "block_ids")
+
+    def __init__(self, slot: int) -> None:
+        self.request_id = str(slot)
+        self.all_token_ids: list[int] = []
+        self.block_ids: list[int] = []
+
+
+class StepDecoder:
+    """A worker's side: applies each message to the mirrors and rebuilds the step."""
+
+    def __init__(self) -> None:
+        self.mirrors: dict[int, _Mirror] = {}
+
+    def decode(self, message: bytes) -> tuple[SchedulerOutput, np.ndarray] | None:
+        """(the step, the prompt-scoring rows), or None for the stop message."""
+        a = np.frombuffer(message, dtype=np.int32)
+        kind, num_decodes, num_items, num_drop, num_tokens, num_blocks, num_rows = (
+            int(v) for v in a[:_HEADER])
+        if kind == _STOP:
+            return None
+        if kind != _STEP:
+            raise RuntimeError(f"unknown step message kind {kind}")
+        at = _HEADER
+        for slot in a[at:at + num_drop].tolist():
+            self.mirrors.pop(slot, None)
+        at += num_drop
+        items = a[at:at + 6 * num_items].reshape(num_items, 6).tolist()
+        at += 6 * num_items
+        tokens = a[at:at + num_tokens].tolist()
+        at += num_tokens
+        blocks = a[at:at + num_blocks].tolist()
+        at += num_blocks
+        rows = a[at:at + num_rows].astype(np.int64)
+        scheduled = []
+        t = b = 0
+        for slot, flags, computed, new, n_tokens, n_blocks in items:
+            mirror = self.mirrors.get(slot)
+            if mirror is None or flags & _RESET:
+                mirror = self.mirrors[slot] = _Mirror(slot)
+            mirror.all_token_ids.extend(tokens[t:t + n_tokens])
+            mirror.block_ids.extend(blocks[b:b + n_blocks])
+            t += n_tokens
+            b += n_blocks
+            scheduled.append(ScheduledRequest(mirror, new, computed, bool(flags & _SAMPLES),  # type: ignore[arg-type]
+                                              bool(flags & _RESET)))
+        out = SchedulerOutput(scheduled[:num_decodes], scheduled[num_decodes:], [],
+                              sum(item.num_new_tokens for item in scheduled))
+        return out, rows
+
+
+@dataclass
+class WorkerSpec:
+    """What a worker process needs to build its shard (passed as JSON on its command line)."""
+
+    model_dir: str
+    dtype: str  # the compute dtype rank 0 resolved (float32 / bfloat16)
+    kv_dtype: str
+    weight_format: str
+    block_size: int
+    num_blocks: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    rank: int
+    size: int
+    group: str
+    cores: list[int]
+    timeout: float = STEP_TIMEOUT_S
+
+
+def rank_cores(size: int) -> list[list[int]]:
+    """This process's CPUs split into ``size`` contiguous shares, one per rank."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if size > len(cpus):
+        raise ValueError(f"tensor_parallel_size {size} exceeds the {len(cpus)} CPU cores this "
+                         "process may use: every rank needs a core of its own")
+    per = len(cpus) // size
+    return [cpus[r * per:(r + 1) * per] for r in range(size)]
+
+
+class WorkerGroup:
+    """Rank 0's handle on the workers: spawns them, sends steps, stops them."""
+
+    def __init__(self, specs: list[WorkerSpec], group: str) -> None:
+        from xllm.ops.allreduce import ShmAllReduce
+
+        self.size = len(specs) + 1
+        self.encoder = StepEncoder()
+        self._logs = [tempfile.TemporaryFile(prefix=f"xllm-tp{s.rank}-") for s in specs]
+        env = dict(os.environ, OMP_NUM_THREADS=str(len(specs[0].cores)) if specs else "1")
+        self.procs = [
+            subprocess.Popen([sys.executable, "-m", "xllm.runtime.worker",
+                              json.dumps(asdict(s))], stdin=subprocess.DEVNULL,
+                             stdout=log, stderr=subprocess.STDOUT, env=env)
+            for s, log in zip(specs, self._logs, strict=True)]
+        try:
+            self.comm = ShmAllReduce(group, 0, self.size, timeout=STEP_TIMEOUT_S,
+                                     buffer_bytes=BUFFER_BYTES)
+        except Exception as e:
+            self.kill()
+            raise RuntimeError(f"tensor-parallel workers did not attach: {e}"
+                               f"{self.worker_logs()}") from None
+        self.closed = False
+
+    @classmethod
+    def start(cls, base: WorkerSpec) -> WorkerGroup:
+        """Spawns ranks 1..size-1 of ``base`` (whose rank, group and cores are replaced)."""
+        cores = rank_cores(base.size)
+        group = f"tp_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        specs = [WorkerSpec(**{**asdict(base), "rank": r, "group": group, "cores": cores[r]})
+                 for r in range(1, base.size)]
+        return cls(specs, group)
+
+    def wait_ready(self) -> None:
+        """Blocks until every worker has loaded its shard (no deadline: a load takes as long
+        as it takes; a worker that dies fails this at once, with its log)."""
+        try:
+            self.comm.broadcast(b"ready", wait_forever=True)
+        except Exception as e:
+            self.kill()
+            raise RuntimeError(f"a tensor-parallel worker failed while loading: {e}"
+                               f"{self.worker_logs()}") from None
+
+    def send(self, out: SchedulerOutput, prompt_rows: np.ndarray | None) -> None:
+        self.comm.broadcast(self.encoder.encode(out, prompt_rows))
+
+    def worker_logs(self, tail: int = 2000) -> str:
+        text = []
+        for rank, log in enumerate(self._logs, start=1):
+            try:
+                log.seek(0)
+                data = log.read().decode(errors="replace")[-tail:]
+            except (OSError, ValueError):
+                continue
+            if data.strip():
+                text.append(f"\n--- rank {rank} log (tail) ---\n{data}")
+        return "".join(text)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stops the workers (a stop message, then a kill for any that linger). Idempotent."""
+        if getattr(self, "closed", True):
+            self.kill()
+            return
+        self.closed = True
+        try:
+            self.comm.broadcast(encode_stop())
+        except Exception:  # noqa: BLE001 - a worker already gone: it is stopped anyway
+            pass
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+        for log in self._logs:
+            log.close()
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        comm = getattr(self, "comm", None)
+        if comm is not None:
+            comm.close()
+
+    def alive(self) -> bool:
+        return all(p.poll() is None for p in self.procs)
+
+
+def pin_to(cores: list[int]) -> None:
+    """Pins the calling thread (and the threads it starts) to ``cores`` and sizes torch's and
+    the native kernels' thread pools to them."""
+    import torch
+
+    os.sched_setaffinity(0, cores)
+    torch.set_num_threads(len(cores))
+
+
+def worker_main(spec: WorkerSpec) -> int:
+    """A worker's life: attach, load the shard, then one forward per step message."""
+    import torch
+
+    from xllm.layers.parallel import TensorParallel
+    from xllm.loader.model import TORCH_DTYPES, load_model
+    from xllm.models.config import ModelConfig
+    from xllm.ops.allreduce import ShmAllReduce
+    from xllm.runtime.model_runner import ModelRunner, kv_cache_tensors
+
+    pin_to(spec.cores)
+    comm = ShmAllReduce(spec.group, spec.rank, spec.size, timeout=spec.timeout,
+                        buffer_bytes=BUFFER_BYTES)
+    try:
+        tp = TensorParallel(spec.rank, spec.size, comm)
+        model_dir = Path(spec.model_dir)
+        config = ModelConfig.from_file(model_dir)
+        model = load_model(model_dir, config, TORCH_DTYPES[spec.dtype], torch.device("cpu"),
+                           progress=False, weight_format=spec.weight_format, tp=tp)
+        attn = model.model.layers[0].self_attn
+        caches = kv_cache_tensors(config.num_hidden_layers, spec.num_blocks, attn.num_kv_heads,
+                                  spec.block_size, config.head_dim, TORCH_DTYPES[spec.kv_dtype])
+        runner = ModelRunner(model, config, block_size=spec.block_size, kv_caches=caches,
+                             max_num_seqs=spec.max_num_seqs,
+                             max_num_batched_tokens=spec.max_num_batched_tokens,
+                             max_model_len=spec.max_model_len, device=torch.device("cpu"))
+        comm.broadcast(None, wait_forever=True)  # "ready": every rank has loaded
+        decoder = StepDecoder()
+        while True:
+            step = decoder.decode(comm.broadcast(None, wait_forever=True))
+            if step is None:
+                return 0
+            runner.execute_shard(*step)
+    finally:
+        comm.close()
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.WARNING)
+    spec = WorkerSpec(**json.loads(sys.argv[1]))
+    try:
+        return worker_main(spec)
+    except RuntimeError as e:  # rank 0 gone or failed: nothing left to serve
+        print(f"xllm tp worker rank {spec.rank}: {e}", file=sys.stderr)
+        return 1
