@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 
@@ -102,6 +103,7 @@ class LLMEngine:
         num_blocks = config.num_kv_blocks or max(
             2, int(config.kv_cache_memory_gb * (1 << 30)) // full_block)
         self.workers: WorkerGroup | None = None
+        self._affinity: set[int] | None = None
         tp = SINGLE
         if tp_size > 1:
             self.workers = WorkerGroup.start(WorkerSpec(
@@ -111,6 +113,9 @@ class LLMEngine:
                 num_blocks=num_blocks, max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 max_model_len=self.max_model_len, rank=0, size=tp_size, group="", cores=[]))
+            # Rank 0's compute runs on this thread (the server's engine thread, or the caller's
+            # offline); pinned to the first share of the cores until close() gives them back.
+            self._affinity = os.sched_getaffinity(0)
             pin_to(rank_cores(tp_size)[0])
             tp = TensorParallel(0, tp_size, self.workers.comm)
         try:
@@ -119,8 +124,7 @@ class LLMEngine:
             if self.workers is not None:
                 self.workers.wait_ready()
         except BaseException:
-            if self.workers is not None:
-                self.workers.close()
+            self._stop_workers()
             raise
         num_kv_heads = model.model.layers[0].self_attn.num_kv_heads  # this rank's
         store_config = KVStoreConfig(
@@ -268,9 +272,18 @@ class LLMEngine:
         return self.kv_store.maintain()
 
     def close(self) -> None:
+        """Stops the workers (tensor parallelism) and the KV store; idempotent. Call from the
+        thread that built the engine: it unpins that thread."""
+        self._stop_workers()
+        self.kv_store.close()
+
+    def _stop_workers(self) -> None:
         if self.workers is not None:
             self.workers.close()
-        self.kv_store.close()
+        if self._affinity is not None:
+            os.sched_setaffinity(0, self._affinity)
+            torch.set_num_threads(len(self._affinity))
+            self._affinity = None
 
     def step(self) -> list[RequestOutput]:
         # Before scheduling: finished write-backs published, landed prefetches in the prefix

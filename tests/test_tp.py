@@ -1,0 +1,239 @@
+"""Tensor parallelism (xllm.layers.parallel, xllm.runtime.tp): TP=2 against TP=1.
+
+- how heads split (whole GQA groups, replicated KV heads, uneven splits, impossible ones);
+- the step messages: replayed against a real scheduler with preemption, every worker mirror
+  holds exactly the request's tokens and blocks, and a decode costs a few dozen bytes;
+- TP=2 greedy output equals TP=1 on random-weight configs of each architecture (the module
+  path and the native stack) and on the demo model; where fp32 summation order flips a
+  near-tie, the test shows the top-2 logprob gap at the first difference instead of failing;
+- seeded sampling, n > 1, prompt logprobs and preemption under TP=2 equal TP=1;
+- a killed worker ends in an error within seconds, never a hang; bad sizes fail at start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from test_models import VARIANTS, VOCAB, hf_model  # noqa: E402
+
+from xllm import LLM, SamplingParams  # noqa: E402
+from xllm.config import EngineConfig  # noqa: E402
+from xllm.layers.parallel import TensorParallel, check_tensor_parallel, head_shard  # noqa: E402
+from xllm.runtime.tp import StepDecoder, StepEncoder  # noqa: E402
+from xllm.scheduler import Request, Scheduler, SchedulerConfig  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+
+TWO_CORES = len(os.sched_getaffinity(0)) >= 2
+needs_two = pytest.mark.skipif(not TWO_CORES, reason="TP=2 needs two cores")
+
+
+# ---------------------------------------------------------------- how heads split
+
+
+@pytest.mark.parametrize("heads, kv, n", [(8, 8, 2), (8, 2, 2), (9, 3, 2), (12, 4, 3),
+                                          (8, 1, 2), (8, 2, 4), (9, 3, 6), (6, 3, 4)])
+def test_head_shards_cover_every_head_once(heads: int, kv: int, n: int) -> None:
+    if kv < n and n % kv:
+        with pytest.raises(ValueError, match="multiple"):
+            head_shard(heads, kv, TensorParallel(0, n, comm=object()))
+        return
+    group = heads // kv
+    seen = []
+    for r in range(n):
+        s = head_shard(heads, kv, TensorParallel(r, n, comm=object()))
+        assert s.num_heads >= 1 and s.num_heads % s.num_kv_heads == 0
+        local_group = s.num_heads // s.num_kv_heads
+        for i in range(s.num_heads):  # the kernels' mapping is the checkpoint's mapping
+            assert s.kv_start + i // local_group == (s.q_start + i) // group
+        seen += range(s.q_start, s.q_start + s.num_heads)
+    assert seen == list(range(heads))
+
+
+def test_impossible_and_uneven_splits_are_reported() -> None:
+    with pytest.raises(ValueError, match="exceeds the model's 4 attention heads"):
+        check_tensor_parallel(4, 2, 128, 8)
+    with pytest.raises(ValueError, match="ranks must be a multiple"):
+        check_tensor_parallel(8, 2, 128, 3)
+    notes = check_tensor_parallel(9, 3, 1536, 2)  # the demo model
+    assert len(notes) == 1 and "(6, 3 heads)" in notes[0]
+    assert check_tensor_parallel(8, 2, 128, 2) == []
+
+
+def test_bad_sizes_fail_at_start_up() -> None:
+    cores = len(os.sched_getaffinity(0))
+    with pytest.raises(ValueError, match="every rank needs a core"):
+        EngineConfig(tensor_parallel_size=cores + 1)
+    with pytest.raises(ValueError, match="CPU only"):
+        EngineConfig(tensor_parallel_size=2, device="cuda")
+    with pytest.raises(ValueError, match="KV tiers"):
+        EngineConfig(tensor_parallel_size=2, kv_offload_cpu_gb=1.0)
+    with pytest.raises(ValueError, match=">= 1"):
+        EngineConfig(tensor_parallel_size=0)
+
+
+# ---------------------------------------------------------------- step messages
+
+
+def test_step_messages_keep_worker_mirrors_exact() -> None:
+    """A scheduler short of blocks preempts and readmits; every step's message, applied to
+    the workers' mirrors, gives each scheduled request exactly its tokens and blocks."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=64, block_size=4,
+                                      num_blocks=40, max_model_len=128,
+                                      enable_prefix_caching=True))
+    gen = torch.Generator().manual_seed(3)
+    for i in range(8):
+        prompt = torch.randint(0, 100, (5 + 7 * i,), generator=gen).tolist()
+        sched.add_request(Request(f"r{i}", prompt, SamplingParams(max_tokens=20 + i,
+                                                                  ignore_eos=True)))
+    encoder, decoder = StepEncoder(), StepDecoder()
+    decode_bytes = []
+    steps = preempted = 0
+    while sched.has_unfinished_requests():
+        out = sched.schedule()
+        preempted += len(out.preempted_ids)
+        message = encoder.encode(out, None)
+        mirrored, rows = decoder.decode(message)
+        assert len(rows) == 0
+        assert len(mirrored.decodes) == len(out.decodes)
+        for item, copy in zip(out.scheduled, mirrored.scheduled, strict=True):
+            end = item.num_computed_tokens + item.num_new_tokens
+            assert copy.request.all_token_ids[:end] == item.request.all_token_ids[:end]
+            assert copy.request.block_ids == item.request.block_ids
+            assert (copy.num_computed_tokens, copy.num_new_tokens, copy.samples) == (
+                item.num_computed_tokens, item.num_new_tokens, item.samples)
+        live = {item.request.request_id for item in out.scheduled}
+        assert len(decoder.mirrors) == len(live)  # nothing unscheduled lingers
+        if out.scheduled and not out.prefills:
+            decode_bytes.append(len(message) / len(out.scheduled))
+        sampled = [[int(torch.randint(0, 100, (1,), generator=gen))] if item.samples else []
+                   for item in out.scheduled]
+        sched.update_from_output(out, sampled)
+        steps += 1
+    assert preempted > 0, "the workload was meant to preempt"
+    assert decode_bytes and max(decode_bytes) <= 64  # 24 bytes an item + its token (+ a block)
+
+
+# ---------------------------------------------------------------- TP=2 against TP=1
+
+
+def _model_dir(name: str, native_sizes: bool, root: Path, demo_dir: Path) -> Path:
+    out = root / f"{name}-{int(native_sizes)}"
+    if not out.exists():
+        hf_model(name, native_sizes).save_pretrained(out)
+        for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            shutil.copy(demo_dir / f, out / f)
+    return out
+
+
+def _greedy(llm: LLM, prompts: list[list[int]], max_tokens: int) -> list:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=2)
+    return [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def _assert_same_or_near_tie(ref: list, got: list, tol: float = 1e-4) -> None:
+    """Token-identical, or the first difference is at a near-tie of TP=1's top two (shown)."""
+    for i, (a, b) in enumerate(zip(ref, got, strict=True)):
+        if a.token_ids == b.token_ids:
+            continue
+        pairs = zip(a.token_ids, b.token_ids, strict=True)  # ignore_eos: equal lengths
+        at = next(j for j, (x, y) in enumerate(pairs) if x != y)
+        top2 = sorted(a.logprobs[at].values(), reverse=True)[:2]
+        gap = top2[0] - top2[1]
+        print(f"prompt {i}: TP=2 differs at token {at}; TP=1's top-2 logprob gap there {gap:.2e}")
+        assert gap < tol, f"prompt {i} differs at token {at} with a top-2 gap of {gap}"
+
+
+@pytest.fixture(scope="module")
+def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tp_models")
+
+
+@needs_two
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("path", ["modules", "native"])
+def test_tp2_matches_tp1_on_each_architecture(name: str, path: str, models_root: Path,
+                                              demo_model_dir: Path) -> None:
+    native = path == "native"
+    model_dir = _model_dir(name, native, models_root, demo_model_dir)
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (5, 23, 40)]
+    options = dict(dtype="float32", weight_format="f32" if native else "dense",
+                   max_model_len=128, num_kv_blocks=64, block_size=8)
+    ref = _greedy(LLM(str(model_dir), **options), prompts, 32)
+    llm = LLM(str(model_dir), tensor_parallel_size=2, **options)
+    try:
+        assert (llm.engine.runner.model._stack is not None) == native
+        _assert_same_or_near_tie(ref, _greedy(llm, prompts, 32))
+    finally:
+        llm.engine.close()
+
+
+@needs_two
+def test_demo_model_tp2_equals_tp1_with_sampling_logprobs_and_preemption(
+        demo_model_dir: Path) -> None:
+    """The demo model (3 KV groups over 2 ranks: uneven), on exact fp32 GGUF blocks through
+    the native stack: greedy, seeded sampling with n = 2, prompt logprobs, and a pool small
+    enough to preempt."""
+    options = dict(dtype="float32", weight_format="blocks", num_kv_blocks=12, max_num_seqs=6)
+    prompts = ["The capital of France is", "def fibonacci(n):",
+               "Once upon a time, in a land far away,", "List three colours:",
+               "Water boils at", "The best way to learn is"]
+    greedy = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=2)
+    sampled = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=11, n=2)
+    scored = SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=3)
+
+    def run(llm: LLM) -> tuple:
+        g = [o.outputs[0] for o in llm.generate(prompts, greedy, use_tqdm=False)]
+        s = [[c.token_ids for c in o.outputs]
+             for o in llm.generate(prompts[:3], sampled, use_tqdm=False)]
+        p = llm.generate(prompts[1], scored, use_tqdm=False)[0]
+        return g, s, p, llm.engine.scheduler.stats().num_preempted
+
+    ref = run(LLM(str(demo_model_dir), **options))
+    llm = LLM(str(demo_model_dir), tensor_parallel_size=2, **options)
+    try:
+        got = run(llm)
+    finally:
+        llm.engine.close()
+    assert ref[3] > 0 and got[3] == ref[3], "the pool was meant to preempt, alike"
+    _assert_same_or_near_tie(ref[0], got[0])
+    assert got[1] == ref[1]
+    assert got[2].outputs[0].token_ids == ref[2].outputs[0].token_ids
+    for a, b in zip(ref[2].prompt_logprobs[1:], got[2].prompt_logprobs[1:], strict=True):
+        assert a.keys() == b.keys()
+        assert max(abs(a[t] - b[t]) for t in a) < 1e-4
+
+
+# ---------------------------------------------------------------- failure
+
+
+@needs_two
+def test_killed_worker_ends_in_an_error_not_a_hang(models_root: Path,
+                                                   demo_model_dir: Path) -> None:
+    model_dir = _model_dir("llama-gqa", False, models_root, demo_model_dir)
+    llm = LLM(str(model_dir), tensor_parallel_size=2, dtype="float32", weight_format="dense",
+              max_model_len=128, num_kv_blocks=64)
+    engine = llm.engine
+    try:
+        worker = engine.workers.procs[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+        engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=4))
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="rank 1"):
+            while engine.has_unfinished_requests():
+                engine.step()
+        assert time.monotonic() - start < 5
+    finally:
+        engine.close()
+    assert not engine.workers.alive()
