@@ -228,6 +228,8 @@ def test_killed_worker_ends_in_an_error_not_a_hang(models_root: Path,
         worker = engine.workers.procs[0]
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait(10)
+        with pytest.raises(RuntimeError, match="died while the engine was idle"):
+            engine.maintain()  # an idle server notices too (its loop calls this)
         engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=4))
         start = time.monotonic()
         with pytest.raises(RuntimeError, match="rank 1"):
@@ -237,3 +239,76 @@ def test_killed_worker_ends_in_an_error_not_a_hang(models_root: Path,
     finally:
         engine.close()
     assert not engine.workers.alive()
+
+
+@needs_two
+def test_server_with_tp_serves_reports_and_exits_when_a_worker_dies(
+        demo_model_dir: Path) -> None:
+    """xllm-server --tensor-parallel-size 2: answers, /metrics shows the ranks' sums and the
+    model's idle share; a killed worker makes requests fail with 503 and the server exit."""
+    import http.client
+    import json
+    import re
+    import subprocess
+    import sys
+
+    def call(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            conn.request(method, path, json.dumps(body) if body else None,
+                         {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode()
+        finally:
+            conn.close()
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xllm.api.server", "--model", str(demo_model_dir), "--port", "0",
+         "--max-model-len", "128", "--kv-cache-memory-gb", "0.05", "--dtype", "float32",
+         "--tensor-parallel-size", "2"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines: list[str] = []
+    try:
+        port = None
+        deadline = time.monotonic() + 120
+        while port is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            m = re.search(r"serving .* on http://127\.0\.0\.1:(\d+)", line)
+            port = int(m.group(1)) if m else None
+        assert port is not None, "no ready line:\n" + "".join(lines)
+        body = {"model": str(demo_model_dir), "prompt": "One, two,", "max_tokens": 8,
+                "temperature": 0, "ignore_eos": True}
+        status, text = call(port, "POST", "/v1/completions", body)
+        assert status == 200, text
+        status, text = call(port, "GET", "/metrics")
+        values = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1])
+                  for ln in text.splitlines() if ln and not ln.startswith("#")}
+        assert values["xllm_tp_allreduce_seconds_total"] > 0
+        assert values["xllm_tp_message_seconds_total"] > 0
+        assert 0 < values["xllm_tp_allreduce_seconds_per_step"] < 1
+        assert values["xllm_model_busy_seconds_total"] > 0
+        assert 0 <= values["xllm_model_idle_ratio"] < 1
+        workers = [int(p) for task in Path(f"/proc/{proc.pid}/task").iterdir()
+                   for p in (task / "children").read_text().split()]
+        assert len(workers) == 1
+        # Killed mid-request: that request gets a 503, and the server exits.
+        import threading
+
+        answers: list[tuple[int, str]] = []
+        long = dict(body, max_tokens=120)
+        caller = threading.Thread(target=lambda: answers.append(
+            call(port, "POST", "/v1/completions", long)))
+        caller.start()
+        time.sleep(0.5)
+        os.kill(workers[0], signal.SIGKILL)
+        caller.join(30)
+        assert answers and answers[0][0] == 503, answers
+        assert "died" in answers[0][1]
+        assert proc.wait(30) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

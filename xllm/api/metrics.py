@@ -56,6 +56,27 @@ class _EngineCollector(Collector):
                                   "Prompt tokens served from the prefix cache",
                                   value=s.prefix_cache_hit_tokens)
         yield CounterMetricFamily("xllm_engine_steps", "Model steps run", value=s.num_steps)
+        yield CounterMetricFamily("xllm_model_busy_seconds", "Seconds the model spent in steps",
+                                  value=s.model_busy_seconds)
+        yield CounterMetricFamily("xllm_model_idle_seconds",
+                                  "Seconds the model waited between back-to-back steps (the "
+                                  "engine's outputs, scheduling and inputs)",
+                                  value=s.model_idle_seconds)
+        total = s.model_busy_seconds + s.model_idle_seconds
+        yield GaugeMetricFamily("xllm_model_idle_ratio",
+                                "Share of busy time the model waited between steps, since start",
+                                value=s.model_idle_seconds / total if total else 0.0)
+        yield CounterMetricFamily("xllm_tp_allreduce_seconds",
+                                  "Tensor parallelism: seconds rank 0 spent in sums and gathers "
+                                  "with the other ranks", value=s.tp_reduce_seconds)
+        yield CounterMetricFamily("xllm_tp_message_seconds",
+                                  "Tensor parallelism: seconds rank 0 spent sending step "
+                                  "messages", value=s.tp_message_seconds)
+        steps = max(1, s.num_steps)
+        yield GaugeMetricFamily("xllm_tp_allreduce_seconds_per_step",
+                                "Tensor parallelism: sums, gathers and step messages per model "
+                                "step, since start",
+                                value=(s.tp_reduce_seconds + s.tp_message_seconds) / steps)
         yield from _kv_store_metrics(s.kv_store)
         yield GaugeMetricFamily("xllm_engine_ready", "1 while the engine serves, else 0",
                                 value=1.0 if s.state == "ready" else 0.0)

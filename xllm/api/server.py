@@ -26,7 +26,7 @@ from xllm.api.app import build_app
 from xllm.api.settings import ServerSettings
 from xllm.cli import add_engine_options, engine_config_from_args
 from xllm.config import EngineConfig
-from xllm.engine.async_engine import READY, AsyncEngine
+from xllm.engine.async_engine import READY, STOPPED, AsyncEngine
 
 __all__ = ["add_server_options", "main", "run_server", "settings_from_args"]
 
@@ -144,7 +144,12 @@ async def _serve_http(server: _Server, engine: AsyncEngine, settings: ServerSett
         names = ", ".join(settings.served_model_names)
         logger.info("xllm-server %s serving %s on %s", _version(), names,
                     _listen_url(server, settings.host))
-    elif engine.state not in ("loading", READY) and not server.should_exit:
+    # An engine that fails later (a fault in a step, a tensor-parallel worker that died) is
+    # not trusted again: requests get 503 meanwhile, and the server exits so that whatever
+    # supervises it (the master, systemd) restarts it and resumes its requests elsewhere.
+    while not task.done() and not server.should_exit and engine.state in ("loading", READY):
+        await asyncio.sleep(0.1)
+    if engine.state not in ("loading", READY, STOPPED) and not server.should_exit:
         logger.error("%s; exiting", engine.error)
         server.should_exit = True
         status = 1

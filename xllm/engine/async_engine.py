@@ -73,6 +73,10 @@ class EngineStats:
     num_unfinished_requests: int = 0  # requests the scheduler still holds (blocks or a place)
     num_steps: int = 0  # model steps run since start
     kv_store: KVStoreStats = KVStoreStats()
+    model_busy_seconds: float = 0.0  # in model steps, since start
+    model_idle_seconds: float = 0.0  # between back-to-back steps (the engine's own work)
+    tp_reduce_seconds: float = 0.0  # tensor parallelism: sums and gathers on rank 0
+    tp_message_seconds: float = 0.0  # tensor parallelism: step messages to the workers
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -429,7 +433,10 @@ class AsyncEngine:
             prefix_cache_queried_tokens=s.prefix_cache_queried_tokens,
             prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
             num_unfinished_requests=len(sched.requests), num_steps=steps,
-            kv_store=engine.kv_store.stats())
+            kv_store=engine.kv_store.stats(), model_busy_seconds=engine.model_busy_seconds,
+            model_idle_seconds=engine.model_idle_seconds,
+            tp_reduce_seconds=engine.tp_reduce_seconds,
+            tp_message_seconds=engine.tp_message_seconds)
 
     def _fail(self, message: str, state: str = FAILED) -> None:
         self._error = message

@@ -157,6 +157,11 @@ class LLMEngine:
         # TTFT/TPOT as functions of length and batch, fitted from its own steps (the PD
         # planner's speed model; instances report it in their heartbeats).
         self.speed = OnlineSpeedModel()
+        # The model's time in steps, and its idle time between back-to-back steps (the
+        # engine's own work: outputs, scheduling, inputs), for /metrics and the benchmarks.
+        self.model_busy_seconds = 0.0
+        self.model_idle_seconds = 0.0
+        self._last_step_end: float | None = None
         # The model, tokenizer and torch's own objects live as long as the process: moved out
         # of the collector's generations, the full collections that steps' garbage triggers
         # no longer walk them (they were ~1% of a batched decode's time in a profile).
@@ -263,12 +268,32 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._states)
 
+    @property
+    def tp_reduce_seconds(self) -> float:
+        """Seconds rank 0 spent summing and gathering with the other ranks (0 without TP)."""
+        if self.workers is None:
+            return 0.0
+        return self.workers.comm.reduce_seconds + self.runner.model.comm_seconds
+
+    @property
+    def tp_message_seconds(self) -> float:
+        """Seconds rank 0 spent encoding and sending step messages (0 without TP)."""
+        return self.workers.comm.message_seconds if self.workers is not None else 0.0
+
     # ---- the step -------------------------------------------------------------------------
 
     def maintain(self) -> float | None:
         """Background upkeep of the KV store between steps (publishing tier writes, giving
         idle KV memory back); returns the seconds until it is next due, None when nothing is
-        pending. Idle callers sleep that long at most."""
+        pending. Idle callers sleep that long at most. Under tensor parallelism it also checks
+        that every worker is alive (RuntimeError if one died: the engine cannot go on), at
+        least once a second."""
+        if self.workers is not None:
+            if not self.workers.alive():
+                raise RuntimeError("a tensor-parallel worker died while the engine was idle"
+                                   f"{self.workers.worker_logs()}")
+            due = self.kv_store.maintain()
+            return 1.0 if due is None else min(due, 1.0)
         return self.kv_store.maintain()
 
     def close(self) -> None:
@@ -291,8 +316,11 @@ class LLMEngine:
         self.kv_store.maintain(busy=True)
         out = self.scheduler.schedule()
         if not out.scheduled:
+            self._last_step_end = None
             return []
         t0 = time.perf_counter()
+        if self._last_step_end is not None:  # the model waited on the engine since last step
+            self.model_idle_seconds += t0 - self._last_step_end
         result = self.runner.execute(out)
         elapsed = time.perf_counter() - t0
         if out.prefills:  # the prompt speed, for the KV store's swap-or-recompute choice
@@ -308,6 +336,7 @@ class LLMEngine:
         if result.prompt_logprobs is not None:
             self._absorb_prompt_logprobs(out, result.prompt_logprobs)
         self.scheduler.update_from_output(out, result.sampled_token_ids)
+        self.model_busy_seconds += elapsed
         now = time.monotonic()
         touched: dict[str, _RequestState] = {}
         for item, new_ids, lp in zip(out.scheduled, result.sampled_token_ids, result.logprobs,
@@ -336,6 +365,8 @@ class LLMEngine:
                 del self._states[state.request_id]
                 for c in state.completions:
                     self._owner.pop(c.request.request_id, None)
+        # Work left: the time until the next step's model call is the model idling on us.
+        self._last_step_end = time.perf_counter() if self._states else None
         return outputs
 
     def _absorb_prompt_logprobs(self, out: SchedulerOutput,

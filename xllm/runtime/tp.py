@@ -50,6 +50,41 @@ STEP_TIMEOUT_S = 60.0
 BUFFER_BYTES = 8 << 20
 
 
+class TimedGroup:
+    """Rank 0's ShmAllReduce with the seconds spent in each collective counted (the metrics'
+    allreduce and messaging time); the native stack's own sums are counted by the stack."""
+
+    def __init__(self, comm: object) -> None:
+        self.comm = comm
+        self.reduce_seconds = 0.0  # allreduce and gather (the LM head)
+        self.message_seconds = 0.0  # step messages
+
+    def allreduce(self, x):  # noqa: ANN001, ANN201
+        t0 = time.perf_counter()
+        self.comm.allreduce(x)
+        self.reduce_seconds += time.perf_counter() - t0
+        return x
+
+    def gather(self, src, dst):  # noqa: ANN001, ANN201
+        t0 = time.perf_counter()
+        self.comm.gather(src, dst)
+        self.reduce_seconds += time.perf_counter() - t0
+        return dst
+
+    def broadcast(self, message: bytes | None, wait_forever: bool = False) -> bytes:
+        t0 = time.perf_counter()
+        out = self.comm.broadcast(message, wait_forever)
+        self.message_seconds += time.perf_counter() - t0
+        return out
+
+    @property
+    def native(self) -> object:
+        return self.comm.native
+
+    def close(self) -> None:
+        self.comm.close()
+
+
 def encode_stop() -> bytes:
     return np.array([_STOP, 0, 0, 0, 0, 0, 0], dtype=np.int32).tobytes()
 
@@ -210,8 +245,8 @@ class WorkerGroup:
                              stdout=log, stderr=subprocess.STDOUT, env=env)
             for s, log in zip(specs, self._logs, strict=True)]
         try:
-            self.comm = ShmAllReduce(group, 0, self.size, timeout=STEP_TIMEOUT_S,
-                                     buffer_bytes=BUFFER_BYTES)
+            self.comm = TimedGroup(ShmAllReduce(group, 0, self.size, timeout=STEP_TIMEOUT_S,
+                                                buffer_bytes=BUFFER_BYTES))
         except Exception as e:
             self.kill()
             raise RuntimeError(f"tensor-parallel workers did not attach: {e}"
@@ -232,13 +267,17 @@ class WorkerGroup:
         as it takes; a worker that dies fails this at once, with its log)."""
         try:
             self.comm.broadcast(b"ready", wait_forever=True)
+            self.comm.message_seconds = 0.0
         except Exception as e:
             self.kill()
             raise RuntimeError(f"a tensor-parallel worker failed while loading: {e}"
                                f"{self.worker_logs()}") from None
 
     def send(self, out: SchedulerOutput, prompt_rows: np.ndarray | None) -> None:
-        self.comm.broadcast(self.encoder.encode(out, prompt_rows))
+        t0 = time.perf_counter()
+        message = self.encoder.encode(out, prompt_rows)
+        self.comm.message_seconds += time.perf_counter() - t0
+        self.comm.broadcast(message)
 
     def worker_logs(self, tail: int = 2000) -> str:
         text = []
