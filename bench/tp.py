@@ -7,10 +7,10 @@ For each weight format (``default``: this CPU's default, bf16/int8 on AMX machin
 ``fp32``: exact fp32 GGUF blocks) and scenario (bench.throughput's prompts: one stream of
 128 tokens, 16 x 128, one 509-token prompt), the demo model runs at TP=1 on all cores and
 at TP=2 with one core per rank, in this process (rank 0) and a worker. Reported per run:
-tokens per second, and from the engine's own counters the share of the model's step time
-that rank 0 spent in sums, gathers and step messages (``tp_share``), and the share of busy
-time the model sat idle between steps (``idle``: the engine's scheduling, inputs and
-outputs). ``--idle`` also runs those scenarios at TP=1 for the idle share alone (batch 1,
+tokens per second, and from the engine's own counters, as shares of the engine's wall time
+with work: rank 0's time in sums, gathers and step messages (``tp_share``), and the time the
+model (forward passes and LM head) sat idle (``idle``: the engine's scheduling, step
+inputs, sampling, outputs and loop). ``--idle`` also runs those scenarios at TP=1 for the idle share alone (batch 1,
 16 and 64 with the defaults). Each run is a warm-up then a timed pass, as bench.throughput.
 """
 
@@ -45,12 +45,13 @@ def run(scenario: str, tp: int, options: dict) -> dict:
         busy, idle, reduce, message = (now - then for now, then in zip(
             (engine.model_busy_seconds, engine.model_idle_seconds, engine.tp_reduce_seconds,
              engine.tp_message_seconds), before, strict=True))
+        wall = busy + idle  # the engine's time with work, steps and the gaps between them
         return {"scenario": scenario, "tp": tp, "tokens_per_s": _tokens_per_second(
                     prompts, max_new, seconds), "seconds": seconds,
-                "tp_share": (reduce + message) / busy if tp > 1 else None,
-                "reduce_share": reduce / busy if tp > 1 else None,
-                "message_share": message / busy if tp > 1 else None,
-                "idle": idle / (busy + idle) if busy + idle else 0.0}
+                "tp_share": (reduce + message) / wall if tp > 1 else None,
+                "reduce_share": reduce / wall if tp > 1 else None,
+                "message_share": message / wall if tp > 1 else None,
+                "idle": idle / wall if wall else 0.0}
     finally:
         engine.close()
 

@@ -157,8 +157,10 @@ class LLMEngine:
         # TTFT/TPOT as functions of length and batch, fitted from its own steps (the PD
         # planner's speed model; instances report it in their heartbeats).
         self.speed = OnlineSpeedModel()
-        # The model's time in steps, and its idle time between back-to-back steps (the
-        # engine's own work: outputs, scheduling, inputs), for /metrics and the benchmarks.
+        # While the engine has work: the model's time (forward passes and LM head, the
+        # runner's forward_seconds) and the rest of the wall time, when the model waits on the
+        # engine (scheduling, step inputs, sampling, outputs, stop strings, the server loop
+        # between steps), for /metrics and the benchmarks.
         self.model_busy_seconds = 0.0
         self.model_idle_seconds = 0.0
         self._last_step_end: float | None = None
@@ -311,6 +313,8 @@ class LLMEngine:
             self._affinity = None
 
     def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
+        forward_before = self.runner.forward_seconds
         # Before scheduling: finished write-backs published, landed prefetches in the prefix
         # cache (an admission whose prefetch is still going waits for it), idle memory freed.
         self.kv_store.maintain(busy=True)
@@ -319,8 +323,6 @@ class LLMEngine:
             self._last_step_end = None
             return []
         t0 = time.perf_counter()
-        if self._last_step_end is not None:  # the model waited on the engine since last step
-            self.model_idle_seconds += t0 - self._last_step_end
         result = self.runner.execute(out)
         elapsed = time.perf_counter() - t0
         if out.prefills:  # the prompt speed, for the KV store's swap-or-recompute choice
@@ -336,7 +338,6 @@ class LLMEngine:
         if result.prompt_logprobs is not None:
             self._absorb_prompt_logprobs(out, result.prompt_logprobs)
         self.scheduler.update_from_output(out, result.sampled_token_ids)
-        self.model_busy_seconds += elapsed
         now = time.monotonic()
         touched: dict[str, _RequestState] = {}
         for item, new_ids, lp in zip(out.scheduled, result.sampled_token_ids, result.logprobs,
@@ -365,8 +366,14 @@ class LLMEngine:
                 del self._states[state.request_id]
                 for c in state.completions:
                     self._owner.pop(c.request.request_id, None)
-        # Work left: the time until the next step's model call is the model idling on us.
-        self._last_step_end = time.perf_counter() if self._states else None
+        end = time.perf_counter()
+        busy = self.runner.forward_seconds - forward_before
+        wall = end - start
+        if self._last_step_end is not None:  # back to back: the gap was the engine's too
+            wall += start - self._last_step_end
+        self.model_busy_seconds += busy
+        self.model_idle_seconds += wall - busy
+        self._last_step_end = end if self._states else None
         return outputs
 
     def _absorb_prompt_logprobs(self, out: SchedulerOutput,

@@ -8,6 +8,7 @@ tensors. Rows are ordered decodes first, then prefills (see AttentionMetadata).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,6 +89,8 @@ class ModelRunner:
         self._query_start = np.zeros(max_num_seqs + 1, dtype=np.int32)
         self._arange = np.arange(max_model_len + 1, dtype=np.int64)
         self.sampler = Sampler(seed=seed)
+        # Seconds in the model itself (forward passes, LM head), for the idle-share metric.
+        self.forward_seconds = 0.0
 
     def kv_cache_bytes(self) -> int:
         return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
@@ -154,14 +157,18 @@ class ModelRunner:
         if self.workers is not None:
             self.workers.send(out, span_rows(spans) if spans else None)
         input_ids, positions, metadata, last_rows = self.prepare(out)
+        t0 = time.perf_counter()
         hidden = self.model(input_ids, positions, metadata)
+        self.forward_seconds += time.perf_counter() - t0
         sampling = [item for item in scheduled if item.samples]
         sampled: list[list[int]] = [[] for _ in scheduled]
         logprobs: list[TokenLogprobs | None] = [None] * len(scheduled)
         prompt_logprobs = self._score_prompts(out, spans, hidden)
         if not sampling:
             return RunnerOutput(sampled, logprobs, prompt_logprobs)
+        t0 = time.perf_counter()
         logits = self.model.compute_logits(hidden[torch.from_numpy(last_rows).to(hidden.device)])
+        self.forward_seconds += time.perf_counter() - t0
         reqs = [item.request for item in sampling]
         batch = SamplingBatch.build(
             [r.sampling_params for r in reqs], [r.prompt_token_ids for r in reqs],
