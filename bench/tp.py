@@ -10,8 +10,9 @@ at TP=2 with one core per rank, in this process (rank 0) and a worker. Reported 
 tokens per second, and from the engine's own counters, as shares of the engine's wall time
 with work: rank 0's time in sums, gathers and step messages (``tp_share``), and the time the
 model (forward passes and LM head) sat idle (``idle``: the engine's scheduling, step
-inputs, sampling, outputs and loop). ``--idle`` also runs those scenarios at TP=1 for the idle share alone (batch 1,
-16 and 64 with the defaults). Each run is a warm-up then a timed pass, as bench.throughput.
+inputs, sampling, outputs and loop). ``--idle`` also runs those scenarios at TP=1 for the
+idle share alone (batch 1, 16 and 64 with the defaults). Each run is a warm-up then a timed
+pass, as bench.throughput.
 """
 
 from __future__ import annotations

@@ -3,9 +3,27 @@
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
+
+
+def read_ready_port(proc: subprocess.Popen, lines: list[str], timeout: float = 120) -> int:
+    """The port an ``xllm-server`` child (stderr piped, text mode) announces in its ready
+    line; the lines read are appended to ``lines``. AssertionError if none comes in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = re.search(r"serving .* on http://127\.0\.0\.1:(\d+)", line)
+        if m:
+            return int(m.group(1))
+    raise AssertionError("no ready line:\n" + "".join(lines))
 
 
 @pytest.fixture(scope="session")

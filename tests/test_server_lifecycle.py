@@ -12,10 +12,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
+from conftest import read_ready_port
 from live_server import LiveServer
 
 from xllm.api.app import build_app
@@ -122,16 +122,7 @@ def test_server_process_ready_line_and_graceful_sigterm(demo_model_dir) -> None:
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     lines: list[str] = []
     try:
-        deadline = time.monotonic() + 90
-        port = None
-        while port is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            lines.append(line)
-            m = re.search(r"serving .* on http://127\.0\.0\.1:(\d+)", line)
-            port = int(m.group(1)) if m else None
-        assert port is not None, "no ready line:\n" + "".join(lines)
+        port = read_ready_port(proc, lines, timeout=90)
         assert _get(port, "/health")[0] == 200
         # A stream in flight when SIGTERM arrives still finishes.
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)

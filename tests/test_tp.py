@@ -23,6 +23,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from conftest import read_ready_port  # noqa: E402
 from test_models import VARIANTS, VOCAB, hf_model  # noqa: E402
 
 from xllm import LLM, SamplingParams  # noqa: E402
@@ -248,7 +249,6 @@ def test_server_with_tp_serves_reports_and_exits_when_a_worker_dies(
     model's idle share; a killed worker makes requests fail with 503 and the server exit."""
     import http.client
     import json
-    import re
     import subprocess
     import sys
 
@@ -269,16 +269,7 @@ def test_server_with_tp_serves_reports_and_exits_when_a_worker_dies(
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     lines: list[str] = []
     try:
-        port = None
-        deadline = time.monotonic() + 120
-        while port is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            lines.append(line)
-            m = re.search(r"serving .* on http://127\.0\.0\.1:(\d+)", line)
-            port = int(m.group(1)) if m else None
-        assert port is not None, "no ready line:\n" + "".join(lines)
+        port = read_ready_port(proc, lines)
         body = {"model": str(demo_model_dir), "prompt": "One, two,", "max_tokens": 8,
                 "temperature": 0, "ignore_eos": True}
         status, text = call(port, "POST", "/v1/completions", body)
