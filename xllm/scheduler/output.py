@@ -21,10 +21,12 @@ class ScheduledRequest:
     num_new_tokens: int
     num_computed_tokens: int  # before this step
     samples: bool  # this step reaches the request's last known token: sample its next one
-    # Admitted from the waiting queue this step (first time, or again after preemption): the
-    # runner builds its block table from request.block_ids instead of appending new_block_ids.
+    # Admitted from the waiting queue this step (first time, or again after preemption): its
+    # block table is request.block_ids whole, not the previous one plus new_block_ids.
     is_new: bool = False
-    new_block_ids: list[int] = field(default_factory=list)  # allocated this step
+    # Allocated this step, appended to request.block_ids. Tensor-parallel step messages send
+    # only these to the workers (xllm.runtime.tp, which checks they add up).
+    new_block_ids: list[int] = field(default_factory=list)
 
     @property
     def request_id(self) -> str:
