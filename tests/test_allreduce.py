@@ -274,6 +274,24 @@ def test_idle_receiver_fails_when_rank_0_leaves() -> None:
     assert "rank 0" in results[1] and "closed" in results[1]
 
 
+def test_rank_0_waits_forever_for_a_late_receiver() -> None:
+    """Rank 0 waits past its timeout for workers still loading (the TP start-up handshake)."""
+    group = _group("late")
+
+    def sender() -> bytes:
+        with ShmAllReduce(group, 0, 2, timeout=0.5) as ar:
+            return ar.broadcast(b"ready", wait_forever=True)
+
+    def receiver() -> bytes:
+        with ShmAllReduce(group, 1, 2, timeout=0.5) as ar:
+            time.sleep(1.5)  # "loading"
+            return ar.broadcast(None)
+
+    results = _in_threads([sender, receiver])
+    _check_ok(results)
+    assert results == [b"ready", b"ready"]
+
+
 # ---------------------------------------------------------------- arguments and lifecycle
 
 

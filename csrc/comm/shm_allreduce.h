@@ -97,8 +97,9 @@ class ShmAllReduce {
 
   // Rank 0 sends `message` to every rank; every other rank receives it into `message`
   // (replacing what it held). Messages of any length pass in chunks of buffer_bytes.
-  // wait_forever: a receiving rank waits for rank 0 without the deadline (a worker idle
-  // between steps), still failing at once if rank 0 dies, closes or aborts.
+  // wait_forever: the first barrier has no deadline on any rank (a worker idle between
+  // steps; rank 0 waiting for workers still loading), still failing at once if a rank
+  // dies, closes or aborts.
   void broadcast(std::string& message, bool wait_forever);
 
   // Gathers `nbytes` from every rank (the same count on each, checked) into rank 0's

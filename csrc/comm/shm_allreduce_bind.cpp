@@ -110,7 +110,7 @@ void register_shm_allreduce(py::module_& m) {
            "returns it.")
       .def("broadcast", &broadcast, py::arg("message"), py::arg("wait_forever") = false,
            "Rank 0 sends `message` (bytes) to every rank; the others pass None and get it "
-           "back. wait_forever: a receiver waits for rank 0 without the timeout.")
+           "back. wait_forever: the first wait has no timeout, on any rank.")
       .def("gather", &gather, py::arg("src"), py::arg("dst"),
            "Rank 0's `dst` (world_size x src's bytes) gets every rank's contiguous `src` in "
            "rank order; the other ranks pass dst=None.")

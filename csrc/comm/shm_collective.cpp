@@ -334,11 +334,12 @@ void ShmAllReduce::broadcast(std::string& message, bool wait_forever) {
       std::memcpy(slot(0), message.data() + first,
                   static_cast<size_t>(std::min(buffer_bytes_, total - first)));
     }
-    if (chunk == 0 && wait_forever && !root) {
-      // Idle until rank 0 has the next message: no deadline, liveness still checked.
+    if (chunk == 0 && wait_forever) {
+      // No deadline for the first arrival, liveness still checked: a receiver idles until
+      // rank 0 has the next message; rank 0 waits for ranks still starting up.
       wait_deadline_ = std::numeric_limits<double>::infinity();
       try {
-        barrier("waiting for rank 0's message");
+        barrier("waiting for the first arrival");
       } catch (...) {
         wait_deadline_ = 0;
         throw;

@@ -82,8 +82,9 @@ class ShmAllReduce:
     def broadcast(self, message: bytes | None, wait_forever: bool = False) -> bytes:
         """Rank 0 sends ``message`` to every rank and gets it back; every other rank passes
         None and gets rank 0's message. Any length (chunks of ``buffer_bytes``).
-        ``wait_forever``: a receiving rank waits for rank 0 without the timeout (a worker idle
-        between steps); it still fails at once if rank 0 dies or leaves."""
+        ``wait_forever``: the first wait has no timeout on any rank (a worker idle between
+        steps, rank 0 waiting for workers that still load); it still fails at once if a rank
+        dies or leaves."""
         return self._impl.broadcast(message, wait_forever)
 
     def gather(self, src: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor | None:
