@@ -94,14 +94,19 @@ class LLMEngine:
         for note in check_tensor_parallel(mc.num_attention_heads, mc.num_key_value_heads,
                                           mc.intermediate_size, tp_size):
             logger.warning("tensor parallelism: %s", note)
-        # The pool's block count is the whole model's (all heads): every rank holds its heads
-        # of the same blocks, so kv_cache_memory_gb bounds all ranks together.
-        full_block = KVStoreConfig(num_blocks=2, num_layers=mc.num_hidden_layers,
-                                   num_kv_heads=mc.num_key_value_heads,
-                                   block_size=config.block_size, head_size=mc.head_dim,
-                                   dtype_bytes=kv_dtype.itemsize).block_bytes
+        store_config = KVStoreConfig(
+            num_blocks=2, num_layers=mc.num_hidden_layers, num_kv_heads=mc.num_key_value_heads,
+            block_size=config.block_size, head_size=mc.head_dim,
+            dtype_bytes=kv_dtype.itemsize, on_demand=self.device.type == "cpu",
+            idle_seconds=config.kv_idle_release_s,
+            cpu_tier_bytes=int(config.kv_offload_cpu_gb * (1 << 30)),
+            disk_tier_dir=config.kv_offload_disk,
+            disk_tier_bytes=int(config.kv_offload_disk_gb * (1 << 30)),
+            identity=_kv_identity(self.model_dir, self.dtype, kv_dtype, config.weight_format))
+        # The pool's block count is the whole model's (all heads): under TP every rank holds
+        # its heads of the same blocks, so kv_cache_memory_gb bounds all ranks together.
         num_blocks = config.num_kv_blocks or max(
-            2, int(config.kv_cache_memory_gb * (1 << 30)) // full_block)
+            2, int(config.kv_cache_memory_gb * (1 << 30)) // store_config.block_bytes)
         self.workers: WorkerGroup | None = None
         self._affinity: set[int] | None = None
         tp = SINGLE
@@ -127,17 +132,9 @@ class LLMEngine:
             self._stop_workers()
             raise
         num_kv_heads = model.model.layers[0].self_attn.num_kv_heads  # this rank's
-        store_config = KVStoreConfig(
-            num_blocks=2, num_layers=mc.num_hidden_layers, num_kv_heads=num_kv_heads,
-            block_size=config.block_size, head_size=mc.head_dim,
-            dtype_bytes=kv_dtype.itemsize, on_demand=self.device.type == "cpu",
-            idle_seconds=config.kv_idle_release_s,
-            cpu_tier_bytes=int(config.kv_offload_cpu_gb * (1 << 30)),
-            disk_tier_dir=config.kv_offload_disk,
-            disk_tier_bytes=int(config.kv_offload_disk_gb * (1 << 30)),
-            identity=_kv_identity(self.model_dir, self.dtype, kv_dtype, config.weight_format))
         self.num_kv_blocks = num_blocks
-        self.kv_store = KVStore(replace(store_config, num_blocks=num_blocks))
+        self.kv_store = KVStore(replace(store_config, num_blocks=num_blocks,
+                                        num_kv_heads=num_kv_heads))
         self.runner = ModelRunner(
             model, mc, block_size=config.block_size,
             kv_caches=self.kv_store.kv_caches(kv_dtype, self.device),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from xllm.layers.parallel import TensorParallel
+from xllm.layers.parallel import SINGLE, TensorParallel
 from xllm.models.config import ModelConfig
 from xllm.models.registry import get_model_class
 
@@ -57,7 +57,7 @@ WEIGHT_FORMATS = ("auto", "dense", "blocks", "int8", "bf16", "f32")
 
 def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
                device: torch.device, progress: bool = True,
-               weight_format: str = "dense", tp: TensorParallel | None = None) -> torch.nn.Module:
+               weight_format: str = "dense", tp: TensorParallel = SINGLE) -> torch.nn.Module:
     """The model with its weights. ``weight_format`` (docs/models.md) says how the weights
     are stored; ``dtype`` how they are multiplied:
 
@@ -119,7 +119,6 @@ def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
     cls = get_model_class(model_config.architecture)
     # The native formats keep everything around the linears (embedding, norms, rope, residual)
     # in fp32, whatever dtype the linears multiply in.
-    tp = tp or TensorParallel()
     model = cls(model_config, dtype=torch.float32 if cpu and weight_format != "dense" else dtype,
                 tp=tp)
     model.load_weights(iter_weights(model_dir, progress=progress, lazy=tp.enabled))

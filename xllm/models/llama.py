@@ -406,7 +406,6 @@ class LlamaForCausalLM(nn.Module):
         """
         expected = self._expected_tensors()
         specs = self.shard_specs()
-        whole = Slice(0, 0, 0, 0)  # stands for "all of it" below
         loaded: set[str] = set()
         tied = self.lm_head.tied
         for name, tensor in weights:
@@ -431,11 +430,11 @@ class LlamaForCausalLM(nn.Module):
                 )
             if name in loaded:
                 raise ValueError(f"checkpoint tensor {name!r} appears twice")
-            spec = specs.get(name, whole)
-            if spec is whole:
-                part = tensor if isinstance(tensor, torch.Tensor) else tensor[:]
-            else:
+            spec = specs.get(name)
+            if spec is not None:
                 part = spec.take(tensor, name)
+            else:
+                part = tensor if isinstance(tensor, torch.Tensor) else tensor[:]
             copy_checked(target, part, name)
             loaded.add(name)
         missing = [n for n in expected if n not in loaded]

@@ -25,6 +25,9 @@ compute is always fp32 there), float32/float16/bfloat16 on CUDA.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 DEFAULT_BLOCK_SIZE = 16
@@ -42,10 +45,15 @@ def kv_cache_shape(num_blocks: int, num_kv_heads: int, block_size: int, head_siz
 def allocate_kv_cache(num_blocks: int, num_kv_heads: int, block_size: int, head_size: int,
                       dtype: torch.dtype = torch.float32,
                       device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed (key_cache, value_cache) for one layer."""
+    """Zeroed (key_cache, value_cache) for one layer. On the CPU the zeros are calloc'd
+    pages, which the OS backs only as blocks are written (torch.zeros would touch them all)."""
     shape = kv_cache_shape(num_blocks, num_kv_heads, block_size, head_size)
-    return (torch.zeros(shape, dtype=dtype, device=device),
-            torch.zeros(shape, dtype=dtype, device=device))
+    if torch.device(device).type != "cpu":
+        return (torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device))
+    nbytes = math.prod(shape) * dtype.itemsize
+    return tuple(torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+                 for _ in range(2))
 
 
 def slots_for_positions(block_table: list[int], positions: list[int], block_size: int) -> list[int]:

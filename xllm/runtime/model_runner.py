@@ -29,18 +29,6 @@ from xllm.runtime.tp import WorkerGroup
 from xllm.scheduler import SchedulerOutput
 
 
-def kv_cache_tensors(num_layers: int, num_blocks: int, num_kv_heads: int, block_size: int,
-                     head_dim: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (key, value) caches in zero-filled memory that the OS backs only as blocks
-    are written (calloc'd pages), for a tensor-parallel worker's share of the pool."""
-    from xllm.ops.kv_cache import kv_cache_shape
-
-    shape = kv_cache_shape(num_blocks, num_kv_heads, block_size, head_dim)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    return [tuple(torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
-                  for _ in range(2)) for _ in range(num_layers)]
-
-
 @dataclass
 class TokenLogprobs:
     """Logprobs of one sampled token: its own, its rank, and the top alternatives."""

@@ -293,8 +293,7 @@ class WorkerGroup:
 
     def close(self, timeout: float = 10.0) -> None:
         """Stops the workers (a stop message, then a kill for any that linger). Idempotent."""
-        if getattr(self, "closed", True):
-            self.kill()
+        if self.closed:
             return
         self.closed = True
         try:
@@ -341,7 +340,8 @@ def worker_main(spec: WorkerSpec) -> int:
     from xllm.loader.model import TORCH_DTYPES, load_model
     from xllm.models.config import ModelConfig
     from xllm.ops.allreduce import ShmAllReduce
-    from xllm.runtime.model_runner import ModelRunner, kv_cache_tensors
+    from xllm.ops.kv_cache import allocate_kv_cache
+    from xllm.runtime.model_runner import ModelRunner
 
     pin_to(spec.cores)
     comm = ShmAllReduce(spec.group, spec.rank, spec.size, timeout=spec.timeout,
@@ -353,8 +353,10 @@ def worker_main(spec: WorkerSpec) -> int:
         model = load_model(model_dir, config, TORCH_DTYPES[spec.dtype], torch.device("cpu"),
                            progress=False, weight_format=spec.weight_format, tp=tp)
         attn = model.model.layers[0].self_attn
-        caches = kv_cache_tensors(config.num_hidden_layers, spec.num_blocks, attn.num_kv_heads,
-                                  spec.block_size, config.head_dim, TORCH_DTYPES[spec.kv_dtype])
+        # Its heads of the pool: zeros the OS backs as blocks are written.
+        caches = [allocate_kv_cache(spec.num_blocks, attn.num_kv_heads, spec.block_size,
+                                    config.head_dim, TORCH_DTYPES[spec.kv_dtype])
+                  for _ in range(config.num_hidden_layers)]
         runner = ModelRunner(model, config, block_size=spec.block_size, kv_caches=caches,
                              max_num_seqs=spec.max_num_seqs,
                              max_num_batched_tokens=spec.max_num_batched_tokens,
