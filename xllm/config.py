@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+# overlap_scheduling's default per device, from bench.overlap (docs/benchmarks.md).
+OVERLAP_BY_DEFAULT = {"cpu": False, "cuda": False}
 
 
 @dataclass
@@ -44,6 +46,11 @@ class EngineConfig:
     # process, the others are worker processes it starts, each pinned to its share of the
     # cores (xllm.runtime.tp). CPU only for now.
     tensor_parallel_size: int = 1
+    # Overlap scheduling: the model runs on its own thread while the engine schedules and
+    # prepares the next step and turns the last one into outputs. None: on where it
+    # measures faster (docs/benchmarks.md). Not with KV tiers (their copies would race the
+    # step in flight).
+    overlap_scheduling: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -95,6 +102,11 @@ class EngineConfig:
                 raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} exceeds the "
                                  f"{cores} CPU cores this process may use: every rank needs a "
                                  "core of its own")
+        if self.overlap_scheduling and (self.kv_offload_cpu_gb > 0
+                                        or self.kv_offload_disk is not None):
+            raise ValueError("overlap_scheduling does not work with KV tiers (kv_offload_cpu_gb, "
+                             "kv_offload_disk) yet: their copies would race the step in "
+                             "flight; turn one of them off")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
 
@@ -103,6 +115,16 @@ class EngineConfig:
         """Threads of one rank: all cores, or a rank's share of them under TP."""
         share = len(os.sched_getaffinity(0)) // self.tensor_parallel_size
         return self.num_threads or share
+
+    @property
+    def overlap(self) -> bool:
+        """Whether the engine overlaps scheduling with the model (overlap_scheduling, or its
+        default where it is None)."""
+        if self.overlap_scheduling is not None:
+            return self.overlap_scheduling
+        if self.kv_offload_cpu_gb > 0 or self.kv_offload_disk is not None:
+            return False
+        return OVERLAP_BY_DEFAULT[self.device]
 
     @classmethod
     def option_names(cls) -> list[str]:

@@ -1,5 +1,7 @@
 #include "common/cpu_info.h"
 
+#include <omp.h>
+
 #include <atomic>
 
 #if defined(__x86_64__)
@@ -157,6 +159,16 @@ void register_cpu_info(py::module_& m) {
       },
       py::arg("isa"),
       "Selects the CPU kernels' ISA level (any level up to detected_isa()); tests use it.");
+  m.def(
+      "set_thread_parallelism",
+      [](int threads) {
+        if (threads < 1) fail("argument 'threads' must be >= 1, got ", threads);
+        omp_set_num_threads(threads);
+      },
+      py::arg("threads"),
+      "Threads the OpenMP parallel regions started by the CALLING thread use (torch's and the "
+      "native kernels'; its own setting, unlike torch.set_num_threads). A helper thread that "
+      "must not start a second team of workers on cores the model's team uses sets 1.");
 }
 
 }  // namespace xllm

@@ -56,11 +56,13 @@ class _EngineCollector(Collector):
                                   "Prompt tokens served from the prefix cache",
                                   value=s.prefix_cache_hit_tokens)
         yield CounterMetricFamily("xllm_engine_steps", "Model steps run", value=s.num_steps)
-        yield CounterMetricFamily("xllm_model_busy_seconds", "Seconds the model spent in steps",
+        yield CounterMetricFamily("xllm_model_busy_seconds",
+                                  "Seconds the model spent in steps (forward, LM head, sampler)",
                                   value=s.model_busy_seconds)
         yield CounterMetricFamily("xllm_model_idle_seconds",
                                   "Seconds the model waited between back-to-back steps (the "
-                                  "engine's outputs, scheduling and inputs)",
+                                  "engine's outputs, scheduling and inputs, less what overlap "
+                                  "scheduling hides)",
                                   value=s.model_idle_seconds)
         total = s.model_busy_seconds + s.model_idle_seconds
         yield GaugeMetricFamily("xllm_model_idle_ratio",

@@ -3,8 +3,14 @@
 One call of ``step()`` schedules a batch under the token budget, runs the model
 once, appends the sampled tokens, applies stop conditions (token-level in the
 scheduler; stop strings here, on the incrementally detokenized text) and returns
-what changed. The engine is single-threaded; AsyncEngine (the server) drives it
-from its own thread.
+what changed. AsyncEngine (the server) drives it from its own thread.
+
+With overlap scheduling (``EngineConfig.overlap_scheduling``) a helper thread
+schedules step N+1 and prepares its inputs while step N computes on this thread; a
+decode of N+1 whose token N is sampling gets it filled in when N is done. The model
+stays on the engine's thread: on a CPU a second thread starting parallel work would
+bring a second OpenMP team onto the same cores (the helper runs single-threaded).
+Outputs are the same as without overlap.
 """
 
 from __future__ import annotations
@@ -14,10 +20,12 @@ import itertools
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import torch
 
+from xllm import _C
 from xllm.config import EngineConfig
 from xllm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from xllm.engine.speed_model import OnlineSpeedModel
@@ -27,7 +35,7 @@ from xllm.loader import resolve_model
 from xllm.loader.generation_config import GenerationConfig
 from xllm.loader.model import TORCH_DTYPES, load_model, resolve_dtype
 from xllm.models.config import ModelConfig
-from xllm.runtime.model_runner import ModelRunner
+from xllm.runtime.model_runner import ModelRunner, PreparedStep, RunnerOutput
 from xllm.runtime.prompt_logprobs import PromptLogprobs
 from xllm.runtime.tp import WorkerGroup, WorkerSpec, pin_to, rank_cores
 from xllm.sampling_params import SamplingParams
@@ -147,17 +155,25 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             block_size=config.block_size, num_blocks=num_blocks,
             max_model_len=self.max_model_len,
-            enable_prefix_caching=config.enable_prefix_caching), store=self.kv_store)
+            enable_prefix_caching=config.enable_prefix_caching, overlap=config.overlap),
+            store=self.kv_store)
+        # Overlap scheduling: the helper that schedules ahead, and the step it scheduled and
+        # prepared for the next step() call.
+        self._helper: ThreadPoolExecutor | None = None
+        if config.overlap:
+            self._helper = ThreadPoolExecutor(1, thread_name_prefix="xllm-schedule",
+                                              initializer=_single_threaded)
+        self._next: tuple[SchedulerOutput, PreparedStep] | None = None
         self._states: dict[str, _RequestState] = {}
         self._owner: dict[str, tuple[_RequestState, _Completion]] = {}
         self._ids = itertools.count()
         # TTFT/TPOT as functions of length and batch, fitted from its own steps (the PD
         # planner's speed model; instances report it in their heartbeats).
         self.speed = OnlineSpeedModel()
-        # While the engine has work: the model's time (forward passes and LM head, the
-        # runner's forward_seconds) and the rest of the wall time, when the model waits on the
-        # engine (scheduling, step inputs, sampling, outputs, stop strings, the server loop
-        # between steps), for /metrics and the benchmarks.
+        # While the engine has work: the model's time (the runner's run(): forward passes,
+        # LM head, sampler; its busy_seconds) and the rest of the wall time, when the model
+        # waits on the engine (scheduling, step inputs, outputs, stop strings, the server
+        # loop between steps), for /metrics and the benchmarks.
         self.model_busy_seconds = 0.0
         self.model_idle_seconds = 0.0
         self._last_step_end: float | None = None
@@ -265,7 +281,8 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._states)
+        """Requests not yet finished, or (overlap) a step scheduled ahead: step() again."""
+        return bool(self._states) or self._next is not None
 
     @property
     def tp_reduce_seconds(self) -> float:
@@ -296,8 +313,11 @@ class LLMEngine:
         return self.kv_store.maintain()
 
     def close(self) -> None:
-        """Stops the workers (tensor parallelism) and the KV store; idempotent. Call from the
-        thread that built the engine: it unpins that thread."""
+        """Stops the helper thread (overlap), the workers (tensor parallelism) and the KV
+        store; idempotent. Call from the thread that built the engine: it unpins that
+        thread."""
+        if self._helper is not None:
+            self._helper.shutdown()
         self._stop_workers()
         self.kv_store.close()
 
@@ -311,17 +331,55 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
-        forward_before = self.runner.forward_seconds
+        busy_before = self.runner.busy_seconds
         # Before scheduling: finished write-backs published, landed prefetches in the prefix
         # cache (an admission whose prefetch is still going waits for it), idle memory freed.
         self.kv_store.maintain(busy=True)
+        if self._helper is not None:
+            return self._step_overlap(start, busy_before)
         out = self.scheduler.schedule()
         if not out.scheduled:
             self._last_step_end = None
             return []
         t0 = time.perf_counter()
         result = self.runner.execute(out)
-        elapsed = time.perf_counter() - t0
+        self._update(out, result, time.perf_counter() - t0)
+        outputs = self._emit(out, result)
+        self._account(start, busy_before)
+        return outputs
+
+    def _step_overlap(self, start: float, busy_before: float) -> list[RequestOutput]:
+        """step() with the next step scheduled and prepared on the helper thread while this
+        one computes (see the module doc)."""
+        ahead = self._next
+        self._next = None
+        if ahead is not None and all(item.request.is_finished for item in ahead[0].scheduled):
+            # Everything it held finished (stop strings, aborts) since it was scheduled.
+            self.scheduler.update_from_output(ahead[0], [[] for _ in ahead[0].scheduled])
+            ahead = None
+        if ahead is None:
+            ahead = self._schedule_ahead()
+            if ahead is None:
+                self._last_step_end = None
+                return []
+        out, step = ahead
+        self.runner.complete(step)  # the tokens its decodes waited for are in by now
+        helper = self._helper.submit(self._schedule_ahead)
+        try:
+            result = self.runner.run(step)
+        finally:
+            self._next = helper.result()
+        self._update(out, result, step.seconds)
+        outputs = self._emit(out, result)
+        self._account(start, busy_before)
+        return outputs
+
+    def _schedule_ahead(self) -> tuple[SchedulerOutput, PreparedStep] | None:
+        out = self.scheduler.schedule()
+        return (out, self.runner.prepare(out)) if out.scheduled else None
+
+    def _update(self, out: SchedulerOutput, result: RunnerOutput, elapsed: float) -> None:
+        """A computed step's tokens into the scheduler (and its timing into the models)."""
         if out.prefills:  # the prompt speed, for the KV store's swap-or-recompute choice
             self.kv_store.observe_prefill(out.num_batched_tokens - len(out.decodes), elapsed)
             if not out.decodes and len(out.prefills) == 1:  # a speed-model sample
@@ -335,6 +393,9 @@ class LLMEngine:
         if result.prompt_logprobs is not None:
             self._absorb_prompt_logprobs(out, result.prompt_logprobs)
         self.scheduler.update_from_output(out, result.sampled_token_ids)
+
+    def _emit(self, out: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
+        """Detokenizes a step's tokens, applies stop strings, returns the outputs."""
         now = time.monotonic()
         touched: dict[str, _RequestState] = {}
         for item, new_ids, lp in zip(out.scheduled, result.sampled_token_ids, result.logprobs,
@@ -345,6 +406,8 @@ class LLMEngine:
             if owner is None:
                 continue
             state, completion = owner
+            if completion.finish_reason is not None:
+                continue  # overlap: a stop string ended it after this step was scheduled
             if state.metrics.first_token_time is None:
                 state.metrics.first_token_time = now
             self._absorb(completion, new_ids, lp)
@@ -363,15 +426,19 @@ class LLMEngine:
                 del self._states[state.request_id]
                 for c in state.completions:
                     self._owner.pop(c.request.request_id, None)
+        return outputs
+
+    def _account(self, start: float, busy_before: float) -> None:
+        """The model's busy and idle seconds over this step() call (and the gap before it,
+        when the engine had work then)."""
         end = time.perf_counter()
-        busy = self.runner.forward_seconds - forward_before
+        busy = self.runner.busy_seconds - busy_before
         wall = end - start
         if self._last_step_end is not None:  # back to back: the gap was the engine's too
             wall += start - self._last_step_end
         self.model_busy_seconds += busy
         self.model_idle_seconds += wall - busy
-        self._last_step_end = end if self._states else None
-        return outputs
+        self._last_step_end = end if self.has_unfinished_requests() else None
 
     def _absorb_prompt_logprobs(self, out: SchedulerOutput,
                                 scored: list[PromptLogprobs | None]) -> None:
@@ -449,6 +516,14 @@ class LLMEngine:
             num_cached_tokens=max(c.request.num_cached_tokens for c in state.completions),
             metrics=state.metrics, deltas=deltas, prompt_logprobs=state.prompt_logprobs,
             prompt_token_ranks=state.prompt_token_ranks)
+
+
+def _single_threaded() -> None:
+    """The overlap helper's thread: its torch and native calls run on it alone, never
+    waking a second OpenMP team onto the model's cores (which halves the model's speed on a
+    CPU it fills). torch first: its lazy per-thread set-up would undo the setting."""
+    torch.get_num_threads()
+    _C.set_thread_parallelism(1)
 
 
 def _kv_identity(model_dir, dtype: torch.dtype, kv_dtype: torch.dtype,  # noqa: ANN001

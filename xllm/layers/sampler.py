@@ -32,7 +32,14 @@ import torch
 from xllm import _C
 from xllm.sampling_params import SamplingParams
 
-__all__ = ["Sampler", "SamplerOutput", "SamplingBatch", "apply_penalties", "apply_suppression"]
+__all__ = [
+    "Sampler",
+    "SamplerOutput",
+    "SamplingBatch",
+    "apply_penalties",
+    "apply_suppression",
+    "has_penalties",
+]
 
 _INF = float("inf")
 _SAMPLING_EPS = 1e-5  # temperatures below this are greedy (as vLLM): 1/T would overflow
@@ -133,11 +140,14 @@ class SamplingBatch:
         vocab_size: int,
         device: torch.device | str = "cpu",
         suppress_token_ids: list[list[int]] | None = None,
+        num_pending: list[int] | None = None,
     ) -> SamplingBatch:
         """``suppress_token_ids[i]``: ids masked to -inf in row i this step (the engine passes
         EOS + stop ids while a request has fewer than min_tokens outputs); ids outside the
         vocabulary can never be sampled anyway and are ignored. Seeded rows use
-        ``len(output_token_ids[i])`` as their step."""
+        ``len(output_token_ids[i])`` as their step, plus ``num_pending[i]``: outputs a step
+        still in flight is sampling, not yet in the list (overlap scheduling). A row with
+        penalties cannot have any: they depend on those tokens' values."""
         if not isinstance(params, (list, tuple)):
             raise ValueError(
                 f"params must be a list of SamplingParams, got {type(params).__name__}"
@@ -147,6 +157,8 @@ class SamplingBatch:
         _check_rows("output_token_ids", output_token_ids, n)
         if suppress_token_ids is not None:
             _check_rows("suppress_token_ids", suppress_token_ids, n)
+        if num_pending is not None and len(num_pending) != n:
+            raise ValueError(f"num_pending has {len(num_pending)} entries for {n} rows")
         if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
             raise ValueError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
         for i, p in enumerate(params):
@@ -166,7 +178,7 @@ class SamplingBatch:
             if greedy[i]:
                 continue
             if p.seed is not None:
-                step = len(output_token_ids[i])
+                step = len(output_token_ids[i]) + (num_pending[i] if num_pending else 0)
                 seeded.append(_group([i], params, top_k, v, device, mix_seed(p.seed, step)))
             else:
                 (limited if restricted[i] else plain).append(i)
@@ -176,6 +188,13 @@ class SamplingBatch:
         greedy_idx = [i for i in range(n) if greedy[i]]
         asking = [i for i, p in enumerate(params) if p.logprobs is not None]
         penalties = _build_penalties(params, prompt_token_ids, output_token_ids, v, device)
+        if penalties is not None and num_pending and any(
+            num_pending[i] and has_penalties(p) for i, p in enumerate(params)
+        ):
+            raise ValueError(
+                "a row with penalties has outputs still being sampled (num_pending): build "
+                "its batch once they are in output_token_ids"
+            )
         return cls(
             n=n,
             vocab_size=v,
@@ -301,6 +320,11 @@ def _flat_keys(
             f"vocabulary [0, {v})"
         )
     return row_of * v + tokens, row_of
+
+
+def has_penalties(p: SamplingParams) -> bool:
+    """Whether a row's logits depend on its earlier tokens (repetition, frequency, presence)."""
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
 def _build_penalties(

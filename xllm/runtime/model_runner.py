@@ -4,6 +4,14 @@ Every step's inputs (token ids, positions, slot mapping, block tables, sequence
 lengths, query offsets) are written into host buffers allocated once at start-up
 and handed to torch as zero-copy views, so a step allocates no per-request
 tensors. Rows are ordered decodes first, then prefills (see AttentionMetadata).
+
+A step is three calls, so that overlap scheduling can split them across threads:
+``prepare`` (read the scheduler's output into one of two buffer sets, build the
+sampling batch and the workers' step message), ``complete`` (fill in the tokens a
+previous step was still sampling when this one was prepared, send the message) and
+``run`` (the forward pass, LM head and sampler; it reads only the prepared step,
+never a request, so it may run on another thread while the engine goes on).
+``execute`` does all three.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import numpy as np
 import torch
 
 from xllm.layers.attn_metadata import AttentionMetadata
-from xllm.layers.sampler import Sampler, SamplingBatch
+from xllm.layers.sampler import Sampler, SamplingBatch, has_penalties
 from xllm.models.config import ModelConfig
 from xllm.runtime.prompt_logprobs import (
     PromptLogprobs,
@@ -25,7 +33,7 @@ from xllm.runtime.prompt_logprobs import (
     score_prompt_spans,
     span_rows,
 )
-from xllm.runtime.tp import WorkerGroup
+from xllm.runtime.tp import StepMessage, WorkerGroup
 from xllm.scheduler import SchedulerOutput
 
 
@@ -50,6 +58,37 @@ class RunnerOutput:
     prompt_logprobs: list[PromptLogprobs | None] | None = None
 
 
+class _Buffers:
+    """One step's host buffers; the runner has two, so that a step can be prepared while the
+    previous one still runs from the other."""
+
+    def __init__(self, max_tokens: int, max_num_seqs: int, max_blocks_per_seq: int) -> None:
+        self.input_ids = np.zeros(max_tokens, dtype=np.int64)
+        self.positions = np.zeros(max_tokens, dtype=np.int64)
+        self.block_tables = np.zeros((max_num_seqs, max_blocks_per_seq), dtype=np.int32)
+        self.seq_lens = np.zeros(max_num_seqs, dtype=np.int32)
+        self.query_start = np.zeros(max_num_seqs + 1, dtype=np.int32)
+
+
+@dataclass
+class PreparedStep:
+    """A step ready to run: its inputs and everything ``run`` needs, nothing it must read
+    from the requests."""
+
+    out: SchedulerOutput
+    buffers: _Buffers
+    num_tokens: int
+    metadata: AttentionMetadata
+    last_rows: np.ndarray  # hidden rows that sample, in scheduled order
+    spans: list[PromptSpan] | None
+    # Input rows whose token a step in flight was sampling at prepare time:
+    # (row, request, position); complete() reads them from the request.
+    pending: list[tuple[int, object, int]]
+    sampling: SamplingBatch | None  # None: no row samples, or complete() builds it
+    message: StepMessage | None = None  # the workers' step (tensor parallelism)
+    seconds: float = 0.0  # run()'s wall time
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, *, block_size: int,
                  kv_caches: list[tuple[torch.Tensor, torch.Tensor]], max_num_seqs: int,
@@ -69,16 +108,15 @@ class ModelRunner:
         self.kv_caches = kv_caches  # per layer (key, value): xllm.kvcache.KVStore.kv_caches
         model.bind_kv_caches(self.kv_caches)
         max_tokens = max_num_batched_tokens
-        self._input_ids = np.zeros(max_tokens, dtype=np.int64)
-        self._positions = np.zeros(max_tokens, dtype=np.int64)
+        self._buffers = [_Buffers(max_tokens, max_num_seqs, self.max_blocks_per_seq)
+                         for _ in range(2)]
+        self._next_buffers = 0
         self._row_of_token = np.zeros(max_tokens, dtype=np.int64)
-        self._block_tables = np.zeros((max_num_seqs, self.max_blocks_per_seq), dtype=np.int32)
-        self._seq_lens = np.zeros(max_num_seqs, dtype=np.int32)
-        self._query_start = np.zeros(max_num_seqs + 1, dtype=np.int32)
         self._arange = np.arange(max_model_len + 1, dtype=np.int64)
         self.sampler = Sampler(seed=seed)
-        # Seconds in the model itself (forward passes, LM head), for the idle-share metric.
-        self.forward_seconds = 0.0
+        # Seconds in run(): the model's step (forward pass, prompt scoring, LM head, sampler),
+        # for the idle-share metric.
+        self.busy_seconds = 0.0
 
     def kv_cache_bytes(self) -> int:
         return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
@@ -87,11 +125,16 @@ class ModelRunner:
         tensor = torch.from_numpy(array)
         return tensor if self.device.type == "cpu" else tensor.to(self.device, non_blocking=True)
 
-    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor,
-                                                     AttentionMetadata, np.ndarray]:
-        """Fills the step's buffers; returns input ids, positions, metadata, sampling rows."""
+    def _fill(self, out: SchedulerOutput, buf: _Buffers,
+              pending: list[tuple[int, object, int]] | None) -> tuple[int, AttentionMetadata,
+                                                                       np.ndarray]:
+        """Writes the step's inputs into ``buf``; returns the token count, the attention
+        metadata and the sampling rows. A decode whose token is not known yet (overlap) is
+        listed in ``pending`` (a worker's mirrors always know theirs: pending is None)."""
         scheduled = out.scheduled
         num_decodes = len(out.decodes)
+        input_ids, positions_buf = buf.input_ids, buf.positions
+        block_tables, seq_lens = buf.block_tables, buf.seq_lens
         n = 0
         last_rows = []
         for i, item in enumerate(scheduled):
@@ -99,70 +142,128 @@ class ModelRunner:
             tokens = req.all_token_ids
             end = n + count
             if count == 1:
-                self._input_ids[n] = tokens[start]
-                self._positions[n] = start
+                if start < len(tokens):
+                    input_ids[n] = tokens[start]
+                else:  # being sampled by the step in flight
+                    assert pending is not None
+                    pending.append((n, req, start))
+                positions_buf[n] = start
                 self._row_of_token[n] = i
             else:
-                self._input_ids[n:end] = tokens[start:start + count]
-                self._positions[n:end] = self._arange[start:start + count]
+                input_ids[n:end] = tokens[start:start + count]
+                positions_buf[n:end] = self._arange[start:start + count]
                 self._row_of_token[n:end] = i
             blocks = req.block_ids
-            self._block_tables[i, :len(blocks)] = blocks
-            self._seq_lens[i] = start + count
+            block_tables[i, :len(blocks)] = blocks
+            seq_lens[i] = start + count
             if item.samples:
                 last_rows.append(end - 1)
             n = end
         num_seqs = len(scheduled)
-        positions = self._positions[:n]
+        positions = positions_buf[:n]
         block_index = positions // self.block_size
-        slots = (self._block_tables[self._row_of_token[:n], block_index].astype(np.int64)
+        slots = (block_tables[self._row_of_token[:n], block_index].astype(np.int64)
                  * self.block_size + positions % self.block_size)
         # Prefill query offsets, relative to the first prefill token.
         prefill_counts = [item.num_new_tokens for item in out.prefills]
-        self._query_start[0] = 0
+        query_start = buf.query_start
+        query_start[0] = 0
         if prefill_counts:
-            np.cumsum(prefill_counts, out=self._query_start[1:len(prefill_counts) + 1])
+            np.cumsum(prefill_counts, out=query_start[1:len(prefill_counts) + 1])
         num_prefills = num_seqs - num_decodes
         metadata = AttentionMetadata(
             slot_mapping=self._to_device(slots),
             num_decode_tokens=num_decodes,
-            decode_block_tables=self._to_device(self._block_tables[:num_decodes]),
-            decode_seq_lens=self._to_device(self._seq_lens[:num_decodes]),
-            prefill_block_tables=self._to_device(self._block_tables[num_decodes:num_seqs]),
-            prefill_query_start_loc=self._to_device(self._query_start[:num_prefills + 1]),
-            prefill_seq_lens=self._to_device(self._seq_lens[num_decodes:num_seqs]),
+            decode_block_tables=self._to_device(block_tables[:num_decodes]),
+            decode_seq_lens=self._to_device(seq_lens[:num_decodes]),
+            prefill_block_tables=self._to_device(block_tables[num_decodes:num_seqs]),
+            prefill_query_start_loc=self._to_device(query_start[:num_prefills + 1]),
+            prefill_seq_lens=self._to_device(seq_lens[num_decodes:num_seqs]),
             num_prefill_tokens=n - num_decodes,
         )
-        return (self._to_device(self._input_ids[:n]), self._to_device(positions), metadata,
-                np.asarray(last_rows, dtype=np.int64))
+        return n, metadata, np.asarray(last_rows, dtype=np.int64)
+
+    def _take_buffers(self) -> _Buffers:
+        buf = self._buffers[self._next_buffers]
+        self._next_buffers ^= 1
+        return buf
+
+    def prepare(self, out: SchedulerOutput) -> PreparedStep:
+        """Reads the step from the scheduler's output and the requests into the next buffer
+        set (the one the step before last used). With overlap scheduling a decode's token
+        may still be being sampled by the step in flight: complete() fills it in."""
+        buf = self._take_buffers()
+        pending: list[tuple[int, object, int]] = []
+        n, metadata, last_rows = self._fill(out, buf, pending)
+        spans = find_prompt_spans(out)
+        step = PreparedStep(out, buf, n, metadata, last_rows, spans, pending, None)
+        if self.workers is not None:
+            step.message = self.workers.encode(out, span_rows(spans) if spans else None)
+        if len(last_rows):
+            step.sampling = self._sampling_batch(out, ready=not pending)
+        return step
+
+    def complete(self, step: PreparedStep) -> None:
+        """Fills in the tokens pending at prepare time (now in their requests; a request
+        finished meanwhile gets a placeholder, its row's result is dropped) and the sampling
+        batch if it had to wait for them, and sends the workers the step."""
+        if step.pending:
+            input_ids = step.buffers.input_ids
+            for row, req, position in step.pending:
+                tokens = req.all_token_ids  # type: ignore[attr-defined]
+                input_ids[row] = tokens[position] if position < len(tokens) else 0
+            if step.message is not None:
+                step.message.fill()
+            if step.sampling is None and len(step.last_rows):
+                step.sampling = self._sampling_batch(step.out, ready=True)
+        if self.workers is not None:
+            self.workers.send(step.message)
+
+    def _sampling_batch(self, out: SchedulerOutput, ready: bool) -> SamplingBatch | None:
+        """The step's sampling batch; None when some outputs are still pending (not ready)
+        and a row with pending outputs has penalties, which need their values."""
+        reqs = [item.request for item in out.scheduled if item.samples]
+        pending = None
+        if not ready:
+            pending = [r.num_pending_outputs - 1 for r in reqs]  # this step's own is not one
+            if any(k and has_penalties(r.sampling_params)
+                   for k, r in zip(pending, reqs, strict=True)):
+                return None
+        return SamplingBatch.build(
+            [r.sampling_params for r in reqs], [r.prompt_token_ids for r in reqs],
+            [r.output_token_ids for r in reqs], vocab_size=self.config.vocab_size,
+            device=self.device, num_pending=pending,
+            suppress_token_ids=[self._suppressed(r, k)
+                                for r, k in zip(reqs, pending or [0] * len(reqs), strict=True)])
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        scheduled = out.scheduled
-        if not scheduled:
+        """prepare, complete and run in one call (the synchronous engine)."""
+        if not out.scheduled:
             return RunnerOutput([], [])
-        spans = find_prompt_spans(out)
-        if self.workers is not None:
-            self.workers.send(out, span_rows(spans) if spans else None)
-        input_ids, positions, metadata, last_rows = self.prepare(out)
-        t0 = time.perf_counter()
-        hidden = self.model(input_ids, positions, metadata)
-        self.forward_seconds += time.perf_counter() - t0
-        sampling = [item for item in scheduled if item.samples]
+        step = self.prepare(out)
+        self.complete(step)
+        return self.run(step)
+
+    @torch.inference_mode()
+    def run(self, step: PreparedStep) -> RunnerOutput:
+        """The model, prompt scoring, LM head and sampler for a completed step."""
+        t_start = time.perf_counter()
+        out = step.out
+        scheduled = out.scheduled
+        buf, n = step.buffers, step.num_tokens
+        hidden = self.model(self._to_device(buf.input_ids[:n]),
+                            self._to_device(buf.positions[:n]), step.metadata)
         sampled: list[list[int]] = [[] for _ in scheduled]
         logprobs: list[TokenLogprobs | None] = [None] * len(scheduled)
-        prompt_logprobs = self._score_prompts(out, spans, hidden)
-        if not sampling:
+        prompt_logprobs = self._score_prompts(out, step.spans, hidden)
+        if not len(step.last_rows):
+            self._done(step, t_start)
             return RunnerOutput(sampled, logprobs, prompt_logprobs)
-        t0 = time.perf_counter()
-        logits = self.model.compute_logits(hidden[torch.from_numpy(last_rows).to(hidden.device)])
-        self.forward_seconds += time.perf_counter() - t0
-        reqs = [item.request for item in sampling]
-        batch = SamplingBatch.build(
-            [r.sampling_params for r in reqs], [r.prompt_token_ids for r in reqs],
-            [r.output_token_ids for r in reqs], vocab_size=logits.shape[-1],
-            device=logits.device, suppress_token_ids=[self._suppressed(r) for r in reqs])
-        result = self.sampler(logits, batch)
+        logits = self.model.compute_logits(
+            hidden[torch.from_numpy(step.last_rows).to(hidden.device)])
+        assert step.sampling is not None, "run() before complete()"
+        result = self.sampler(logits, step.sampling)
         token_ids = result.token_ids.tolist()
         want_logprobs = result.logprobs is not None
         if want_logprobs:
@@ -174,13 +275,18 @@ class ModelRunner:
             if not item.samples:
                 continue
             sampled[i] = [token_ids[j]]
-            k = item.request.sampling_params.logprobs
+            k = step.sampling.params[j].logprobs
             if want_logprobs and k is not None:
                 logprobs[i] = TokenLogprobs(token_ids[j], lp[j][0], ranks[j],
                                             list(zip(lp_ids[j][1:k + 1], lp[j][1:k + 1],
                                                      strict=True)))
             j += 1
+        self._done(step, t_start)
         return RunnerOutput(sampled, logprobs, prompt_logprobs)
+
+    def _done(self, step: PreparedStep, t_start: float) -> None:
+        step.seconds = time.perf_counter() - t_start
+        self.busy_seconds += step.seconds
 
     @torch.inference_mode()
     def execute_shard(self, out: SchedulerOutput, prompt_rows: np.ndarray) -> None:
@@ -189,8 +295,10 @@ class ModelRunner:
         head call rank 0 makes (prompt scoring in the same slabs first, then sampling)."""
         if not out.scheduled:
             return
-        input_ids, positions, metadata, last_rows = self.prepare(out)
-        hidden = self.model(input_ids, positions, metadata)
+        buf = self._take_buffers()
+        n, metadata, last_rows = self._fill(out, buf, None)
+        hidden = self.model(self._to_device(buf.input_ids[:n]),
+                            self._to_device(buf.positions[:n]), metadata)
         if len(prompt_rows):
             rows = hidden.index_select(0, torch.from_numpy(prompt_rows))
             step = logit_slab_rows(self.config.vocab_size)
@@ -212,10 +320,11 @@ class ModelRunner:
         return result
 
     @staticmethod
-    def _suppressed(req) -> list[int]:  # noqa: ANN001 - a scheduler Request
-        """EOS and stop ids are masked while a request is below its min_tokens."""
+    def _suppressed(req, pending: int = 0) -> list[int]:  # noqa: ANN001 - a scheduler Request
+        """EOS and stop ids are masked while a request is below its min_tokens (counting
+        ``pending`` outputs still being sampled)."""
         params = req.sampling_params
-        if len(req.output_token_ids) >= params.min_tokens:
+        if len(req.output_token_ids) + pending >= params.min_tokens:
             return []
         ids = list(params.stop_token_ids)
         if not params.ignore_eos:

@@ -85,6 +85,23 @@ class TimedGroup:
         self.comm.close()
 
 
+class StepMessage:
+    """An encoded step. With overlap scheduling a decode's token may still be being sampled
+    when its step is encoded: the message then has a hole there, filled by ``fill`` once the
+    token is in its request (as the runner fills its own input row)."""
+
+    __slots__ = ("array", "holes")
+
+    def __init__(self, array: np.ndarray, holes: list[tuple[int, object, int]]) -> None:
+        self.array = array
+        self.holes = holes  # (offset in array, request, token position)
+
+    def fill(self) -> None:
+        for offset, req, position in self.holes:
+            tokens = req.all_token_ids  # type: ignore[attr-defined]
+            self.array[offset] = tokens[position] if position < len(tokens) else 0
+
+
 def encode_stop() -> bytes:
     return np.array([_STOP, 0, 0, 0, 0, 0, 0], dtype=np.int32).tobytes()
 
@@ -98,12 +115,13 @@ class StepEncoder:
         self._blocks: dict[str, int] = {}  # block ids the workers hold, per request
         self._next_slot = 0
 
-    def encode(self, out: SchedulerOutput, prompt_rows: np.ndarray | None) -> bytes:
+    def encode(self, out: SchedulerOutput, prompt_rows: np.ndarray | None) -> StepMessage:
         scheduled = out.scheduled
         previous, live = self._live, {}
         items = np.empty((len(scheduled), 6), dtype=np.int32)
         tokens: list[int] = []
         blocks: list[int] = []
+        holes: list[tuple[int, object, int]] = []  # (index in tokens, request, position)
         for i, item in enumerate(scheduled):
             req = item.request
             rid = req.request_id
@@ -115,11 +133,11 @@ class StepEncoder:
                     slot = self._next_slot
                     self._next_slot = (self._next_slot + 1) & 0x7FFFFFFF
                 flags |= _RESET
-                new_tokens = req.all_token_ids[:end]
+                first = 0
                 new_blocks = req.block_ids
                 self._blocks[rid] = len(new_blocks)
             else:
-                new_tokens = req.all_token_ids[self._tokens[rid]:end]
+                first = self._tokens[rid]
                 new_blocks = item.new_block_ids
                 held = self._blocks[rid] + len(new_blocks)
                 if held != len(req.block_ids):
@@ -127,6 +145,12 @@ class StepEncoder:
                         f"request {rid!r}: the scheduler's new_block_ids leave the workers "
                         f"with {held} blocks, the request has {len(req.block_ids)}")
                 self._blocks[rid] = held
+            new_tokens = req.all_token_ids[first:end]
+            known = first + len(new_tokens)
+            if known < end:  # overlap: being sampled by the step in flight
+                holes.extend((len(tokens) + len(new_tokens) + k, req, known + k)
+                             for k in range(end - known))
+                new_tokens = new_tokens + [0] * (end - known)
             self._tokens[rid] = end
             live[rid] = slot
             items[i] = (slot, flags, item.num_computed_tokens, item.num_new_tokens,
@@ -139,10 +163,14 @@ class StepEncoder:
         rows = prompt_rows if prompt_rows is not None else np.empty(0, dtype=np.int64)
         header = np.array([_STEP, len(out.decodes), len(scheduled), len(previous), len(tokens),
                            len(blocks), len(rows)], dtype=np.int32)
-        return np.concatenate([
+        array = np.concatenate([
             header, np.fromiter(previous.values(), dtype=np.int32, count=len(previous)),
             items.reshape(-1), np.asarray(tokens, dtype=np.int32),
-            np.asarray(blocks, dtype=np.int32), rows.astype(np.int32)]).tobytes()
+            np.asarray(blocks, dtype=np.int32), rows.astype(np.int32)])
+        if holes:
+            base = _HEADER + len(previous) + items.size
+            holes = [(base + at, req, position) for at, req, position in holes]
+        return StepMessage(array, holes)
 
 
 class _Mirror:
@@ -273,11 +301,14 @@ class WorkerGroup:
             raise RuntimeError(f"a tensor-parallel worker failed while loading: {e}"
                                f"{self.worker_logs()}") from None
 
-    def send(self, out: SchedulerOutput, prompt_rows: np.ndarray | None) -> None:
+    def encode(self, out: SchedulerOutput, prompt_rows: np.ndarray | None) -> StepMessage:
         t0 = time.perf_counter()
         message = self.encoder.encode(out, prompt_rows)
         self.comm.message_seconds += time.perf_counter() - t0
-        self.comm.broadcast(message)
+        return message
+
+    def send(self, message: StepMessage) -> None:
+        self.comm.broadcast(message.array.tobytes())
 
     def worker_logs(self, tail: int = 2000) -> str:
         text = []

@@ -15,6 +15,11 @@ class SchedulerConfig:
     num_blocks: int  # KV blocks in the pool, including the null block 0 (never handed out)
     max_model_len: int  # longest context (prompt + outputs) a request may reach
     enable_prefix_caching: bool = True
+    # Overlap scheduling: schedule() may run once more while the previous step is still being
+    # computed (its outputs not yet passed to update_from_output). A request whose token is
+    # being sampled then decodes with that token unknown (the runner fills it in), and blocks
+    # of a request finished while a step computing it is in flight are released when it ends.
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_model_len"):
@@ -26,6 +31,8 @@ class SchedulerConfig:
                 f"num_blocks must be an integer >= 2 (block 0 is the reserved null block), "
                 f"got {self.num_blocks!r}"
             )
+        if type(self.overlap) is not bool:
+            raise ValueError(f"overlap must be a bool, got {self.overlap!r}")
         if type(self.enable_prefix_caching) is not bool:
             raise ValueError(
                 f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}"

@@ -181,18 +181,20 @@ class KVCacheManager:
 
     # ---- holds: a finished prefill's blocks kept for a decode instance -------------------
 
-    def hold(self, request: Request) -> None:
+    def hold(self, request: Request, keep_rest: bool = False) -> None:
         """Instead of freeing a finished request's blocks: keeps its registered (full)
         blocks pinned under its id, with their hashes, for a peer to fetch
-        (:attr:`holds`, readable from other threads); frees the rest."""
+        (:attr:`holds`, readable from other threads); frees the rest -- or, with
+        ``keep_rest``, leaves them to the request for a later free() (a step in flight
+        still writes them)."""
         registered = self._num_registered.pop(request.request_id, 0)
         blocks = request.block_ids
-        if blocks[registered:]:
+        if blocks[registered:] and not keep_rest:
             self.pool.free(blocks[registered:])
         if registered:
             self.holds[request.request_id] = (tuple(blocks[:registered]),
                                               tuple(request.block_hashes[:registered]))
-        request.block_ids = []
+        request.block_ids = blocks[registered:] if keep_rest else []
 
     def release_hold(self, request_id: str) -> bool:
         """Lets go of a hold: its blocks join the free list (still cached)."""
@@ -283,7 +285,8 @@ class KVCacheManager:
     def _num_new_blocks(
         self, request: Request, num_new_tokens: int, computed: ComputedBlocks
     ) -> int:
-        total = request.num_computed_tokens + computed.num_tokens + num_new_tokens
+        total = (request.num_computed_tokens + request.num_inflight_tokens + computed.num_tokens
+                 + num_new_tokens)
         held = len(request.block_ids) + len(computed.block_ids)
         return max(0, -(-total // self.block_size) - held)
 
@@ -304,11 +307,11 @@ class KVCacheManager:
         num_new_tokens: int,
         computed: ComputedBlocks | None = None,
     ) -> list[int] | None:
-        """Makes request.block_ids cover num_computed_tokens (+ the prefix hit) +
-        num_new_tokens tokens. ``computed`` (from get_computed_blocks) is given exactly once,
-        when a waiting request is admitted: its blocks are shared (ref count + 1) and the
-        admission counts in the prefix-cache stats. Returns the newly allocated block ids, or
-        None -- with nothing changed -- when the pool has too few free blocks."""
+        """Makes request.block_ids cover num_computed_tokens + num_inflight_tokens (+ the
+        prefix hit) + num_new_tokens tokens. ``computed`` (from get_computed_blocks) is given
+        exactly once, when a waiting request is admitted: its blocks are shared (ref count +
+        1) and the admission counts in the prefix-cache stats. Returns the newly allocated
+        block ids, or None -- with nothing changed -- when the pool has too few free blocks."""
         if type(num_new_tokens) is not int or num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be an integer >= 0, got {num_new_tokens!r}")
         admission = computed is not None

@@ -73,6 +73,8 @@ class Request:
         "max_output_tokens",
         "stopping_token_ids",
         "hold_kv",
+        "num_inflight_tokens",
+        "num_pending_outputs",
     )
 
     def __init__(
@@ -129,6 +131,11 @@ class Request:
         self.hold_kv = False
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0  # tokens whose KV is written into block_ids
+        # Overlap scheduling: tokens of steps scheduled but not yet through update_from_output
+        # (their KV is being written, after num_computed_tokens), and tokens those steps are
+        # sampling (not yet in all_token_ids). Both 0 between steps without overlap.
+        self.num_inflight_tokens = 0
+        self.num_pending_outputs = 0
         self.block_ids: list[int] = []
         # Chained hashes of the full blocks of all_token_ids, extended as tokens arrive; a full
         # block's tokens never change, so they stay valid across preemption.

@@ -18,10 +18,22 @@ offline work), never ones of its own class and priority.
 
 Siblings (n > 1): a request with ``share_prefix_with`` waits, outside the queue, until its
 leader's prompt blocks are cached, then takes them as a prefix hit.
+
+Overlap scheduling (``SchedulerConfig.overlap``): schedule() may be called again while the
+previous output is still computing, before its update_from_output. Each request counts the
+tokens of such steps (``num_inflight_tokens``, computed after ``num_computed_tokens``) and the
+tokens they sample (``num_pending_outputs``); the next step continues after them, a decode
+whose input token is the one being sampled (the runner fills it in once known). A request
+whose in-flight step will end it by length is not scheduled again. One finished while a step
+computing it is in flight (a stop string, an abort) keeps its blocks until that step is
+through update_from_output: nothing else may write them while the step can. Tokens, stops
+and blocks come out exactly as without overlap; only the decisions of a step lag one step
+behind what the previous one sampled.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -89,7 +101,13 @@ class Scheduler:
         self._num_waiting = 0  # queued + deferred
         self._num_preempted = 0
         self._next_seq = 0
-        self._pending: SchedulerOutput | None = None
+        # Outputs scheduled and not yet through update_from_output, oldest first: at most one,
+        # or two with overlap scheduling.
+        self._outstanding: deque[SchedulerOutput] = deque()
+        self._max_outstanding = 2 if config.overlap else 1
+        # Finished while a step computing them is in flight: their blocks are released (freed
+        # or held) when their last such step is through update_from_output.
+        self._release_later: dict[str, Request] = {}
 
     # ---- metrics ---------------------------------------------------------------------
 
@@ -247,7 +265,14 @@ class Scheduler:
     ) -> None:
         if request.status is _RUNNING:
             del self._running[request.offline][request.request_id]
-            if request.hold_kv and status is not RequestStatus.FINISHED_ABORTED:
+            hold = request.hold_kv and status is not RequestStatus.FINISHED_ABORTED
+            if self._max_outstanding > 1 and request.num_inflight_tokens:
+                # Overlap: a step in flight still writes its KV. A hold takes the full blocks
+                # now (that step cannot write those); the rest wait for the step.
+                if hold:
+                    self.kv.hold(request, keep_rest=True)
+                self._release_later[request.request_id] = request
+            elif hold:
                 self.kv.hold(request)  # a prefill's prompt, kept for its decode instance
             else:
                 self.kv.free(request)
@@ -263,8 +288,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Picks this step's tokens. The output must be passed to update_from_output before
-        the next schedule()."""
-        if self._pending is not None:
+        the next schedule() -- or, with overlap scheduling, before the one after."""
+        if len(self._outstanding) >= self._max_outstanding:
             raise RuntimeError(
                 "schedule() called again before update_from_output() consumed the previous "
                 "SchedulerOutput (on a failed step, abort its requests and pass [] for each)"
@@ -276,13 +301,18 @@ class Scheduler:
         decodes, prefills = [], []
         for sr in step.scheduled.values():
             (decodes if sr.num_new_tokens == 1 and sr.samples else prefills).append(sr)
+            request = sr.request
+            request.num_inflight_tokens += sr.num_new_tokens
+            if sr.samples:
+                request.num_pending_outputs += 1
         out = SchedulerOutput(
             decodes=decodes,
             prefills=prefills,
             preempted_ids=list(step.preempted),
             num_batched_tokens=self.config.max_num_batched_tokens - step.budget,
         )
-        self._pending = out
+        if decodes or prefills:  # an empty step has nothing to consume
+            self._outstanding.append(out)
         return out
 
     def _schedule_running(self, step: _Step, offline: bool) -> None:
@@ -297,8 +327,17 @@ class Scheduler:
                 return
             if request.status is not _RUNNING:  # preempted earlier in this step
                 continue
-            computed = request.num_computed_tokens
+            computed = request.num_computed_tokens + request.num_inflight_tokens
             num_tokens = len(request.all_token_ids)
+            pending = request.num_pending_outputs
+            if pending:  # overlap: continues after a step in flight
+                num_tokens += pending
+                max_out = request.max_output_tokens
+                if num_tokens >= self.max_seq_len or (
+                    max_out is not None
+                    and len(request.output_token_ids) + pending >= max_out
+                ):
+                    continue  # that step ends it by length
             n = num_tokens - computed
             if n > budget:
                 n = budget
@@ -349,6 +388,11 @@ class Scheduler:
         """Admits the head of a waiting queue, preempting requests it outranks if it must."""
         kv = self.kv
         victims: list[Request] | None = None
+        if request.num_inflight_tokens or request.request_id in self._release_later:
+            # Overlap: preempted while a step computing it is in flight (it is readmitted
+            # once that step's outputs are in), or a new request under the id of one whose
+            # blocks are not yet released.
+            return False
         if self.num_running >= self.config.max_num_seqs:  # no seat: cheap refusal first
             victims = self._outranked_by(request)
             if not victims:
@@ -399,7 +443,9 @@ class Scheduler:
         """Preemption: blocks freed, outputs kept, back into its class's queue under its
         original key. Its tokens are recomputed with the prompt, except what the prefix cache
         still holds at readmission -- and, with a tier below the pool, what the KV manager
-        swapped out (written down) when that costs less than recomputing."""
+        swapped out (written down) when that costs less than recomputing. With overlap, a
+        victim a step in flight still computes gives its blocks back at once all the same:
+        only later steps of this scheduler can take them, and they run after that one."""
         rid = victim.request_id
         del self._running[victim.offline][rid]
         undone = step.scheduled.pop(rid, None)
@@ -425,10 +471,12 @@ class Scheduler:
         registers newly full blocks in the prefix cache and frees finished requests' blocks.
         Returns the requests that finished in this step. Checks everything before changing
         anything."""
-        if out is not self._pending:
+        if out.is_empty and all(out is not o for o in self._outstanding):
+            return []
+        if not self._outstanding or out is not self._outstanding[0]:
             raise ValueError(
-                "out must be the SchedulerOutput returned by the latest schedule() call, and "
-                "each output can be consumed only once"
+                "out must be the oldest SchedulerOutput returned by schedule() and not yet "
+                "consumed; each output can be consumed only once"
             )
         scheduled = out.scheduled
         if len(sampled_token_ids) != len(scheduled):
@@ -451,17 +499,27 @@ class Scheduler:
                 )
             if not all(type(t) is int and t >= 0 for t in tokens):
                 raise ValueError(f"sampled_token_ids[{i}] must hold non-negative ints: {tokens!r}")
-        self._pending = None
+        self._outstanding.popleft()
 
         advanced: list[Request] = []
         stopped: list[tuple[Request, RequestStatus, int | None]] = []
         max_seq_len = self.max_seq_len
+        release = self._release_later
         for sr, tokens in zip(scheduled, sampled_token_ids, strict=True):
             request = sr.request
-            if request.status > _PREEMPTED:  # finished while the step ran
+            request.num_inflight_tokens -= sr.num_new_tokens
+            if sr.samples:
+                request.num_pending_outputs -= 1
+            status = request.status
+            if status > _PREEMPTED:  # finished while the step ran
+                if release and not request.num_inflight_tokens and request.request_id in release:
+                    self.kv.free(release.pop(request.request_id))
                 continue
-            request.num_computed_tokens = sr.num_computed_tokens + sr.num_new_tokens
-            advanced.append(request)
+            if status is _RUNNING:
+                request.num_computed_tokens = sr.num_computed_tokens + sr.num_new_tokens
+                advanced.append(request)
+            # else preempted after this step was scheduled (overlap): its blocks are gone and
+            # it recomputes, but the token it sampled here is its next one all the same.
             for token in tokens:
                 request.output_token_ids.append(token)
                 request.all_token_ids.append(token)
