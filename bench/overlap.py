@@ -48,32 +48,40 @@ def timed(llm, prompts: list[list[int]], max_new: int) -> tuple[dict, list]:  # 
 def run(scenario: str, fmt: str, tp: int, repeats: int, threads: int | None) -> list[dict]:
     from xllm import LLM, SamplingParams
 
-    engines = {}
-    try:
-        for overlap in (False, True):
-            engines[overlap] = LLM("demo", max_model_len=1024, tensor_parallel_size=tp,
-                                   overlap_scheduling=overlap, num_threads=threads, **FORMATS[fmt])
-        prompts, max_new = _prompts(engines[False].tokenizer, scenario)
+    def build(overlap: bool) -> LLM:
+        llm = LLM("demo", max_model_len=1024, tensor_parallel_size=tp,
+                  overlap_scheduling=overlap, num_threads=threads, **FORMATS[fmt])
         warm = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-        for llm in engines.values():
-            llm.generate(prompts, warm, use_tqdm=False)
-        runs: dict[bool, list[dict]] = {False: [], True: []}
-        tokens = {}
+        llm.generate(_prompts(llm.tokenizer, scenario)[0], warm, use_tqdm=False)
+        return llm
+
+    runs: dict[bool, list[dict]] = {False: [], True: []}
+    tokens = {}
+    engines: dict[bool, LLM] = {}
+    try:
+        # Side by side, unless under TP: an engine's rank 0 pins its thread, so two cannot
+        # share a process; then each timed run gets an engine of its own.
+        if tp == 1:
+            engines = {overlap: build(overlap) for overlap in (False, True)}
         for _ in range(repeats):
-            for overlap, llm in engines.items():
-                row, tokens[overlap] = timed(llm, prompts, max_new)
-                runs[overlap].append(row)
-        rows = []
-        for overlap, measured in runs.items():
-            rows.append({"format": fmt, "scenario": scenario, "tp": tp, "threads": threads,
-                         "overlap": overlap,
-                         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in measured),
-                         "idle": statistics.median(r["idle"] for r in measured),
-                         "runs": measured, "same_tokens": tokens[False] == tokens[True]})
-        return rows
+            for overlap in (False, True):
+                llm = engines.get(overlap) or build(overlap)
+                try:
+                    prompts, max_new = _prompts(llm.tokenizer, scenario)
+                    row, tokens[overlap] = timed(llm, prompts, max_new)
+                    runs[overlap].append(row)
+                finally:
+                    if overlap not in engines:
+                        llm.engine.close()
     finally:
         for llm in engines.values():
             llm.engine.close()
+    return [{"format": fmt, "scenario": scenario, "tp": tp, "threads": threads,
+             "overlap": overlap,
+             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in measured),
+             "idle": statistics.median(r["idle"] for r in measured),
+             "runs": measured, "same_tokens": tokens[False] == tokens[True]}
+            for overlap, measured in runs.items()]
 
 
 def main(argv: list[str] | None = None) -> int:
