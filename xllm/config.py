@@ -46,6 +46,12 @@ class EngineConfig:
     # process, the others are worker processes it starts, each pinned to its share of the
     # cores (xllm.runtime.tp). CPU only for now.
     tensor_parallel_size: int = 1
+    # HOST:PORT: the tensor-parallel ranks 1..N-1 run on other hosts, each started there with
+    # `python -m xllm.runtime.worker --master HOST:PORT --rank R`; rank 0 serves the
+    # rendezvous (torch.distributed's TCP store) at this address, on its own cores, and the
+    # ranks talk over TCP (xllm.ops.tcp_group). None: every rank on this host, over shared
+    # memory.
+    tp_master: str | None = None
     # Overlap scheduling: the model runs on its own thread while the engine schedules and
     # prepares the next step and turns the last one into outputs. None: on where it
     # measures faster (docs/benchmarks.md). Not with KV tiers (their copies would race the
@@ -98,7 +104,11 @@ class EngineConfig:
                                  "with tensor parallelism yet: each rank holds only its heads "
                                  "of a block; use one or the other")
             cores = len(os.sched_getaffinity(0))
-            if self.tensor_parallel_size > cores:
+            if self.tp_master is not None:
+                from xllm.ops.tcp_group import parse_address
+
+                parse_address(self.tp_master)
+            elif self.tensor_parallel_size > cores:
                 raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} exceeds the "
                                  f"{cores} CPU cores this process may use: every rank needs a "
                                  "core of its own")
@@ -107,13 +117,17 @@ class EngineConfig:
             raise ValueError("overlap_scheduling does not work with KV tiers (kv_offload_cpu_gb, "
                              "kv_offload_disk) yet: their copies would race the step in "
                              "flight; turn one of them off")
+        if self.tp_master is not None and self.tensor_parallel_size < 2:
+            raise ValueError("tp_master names the rendezvous of ranks on other hosts; it needs "
+                             "tensor_parallel_size >= 2")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
 
     @property
     def threads(self) -> int:
-        """Threads of one rank: all cores, or a rank's share of them under TP."""
-        share = len(os.sched_getaffinity(0)) // self.tensor_parallel_size
+        """Threads of one rank: all cores, or a rank's share of them under TP on one host."""
+        ranks_here = 1 if self.tp_master is not None else self.tensor_parallel_size
+        share = len(os.sched_getaffinity(0)) // ranks_here
         return self.num_threads or share
 
     @property

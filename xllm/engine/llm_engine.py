@@ -119,17 +119,22 @@ class LLMEngine:
         self._affinity: set[int] | None = None
         tp = SINGLE
         if tp_size > 1:
-            self.workers = WorkerGroup.start(WorkerSpec(
+            spec = WorkerSpec(
                 model_dir=str(self.model_dir), dtype=str(self.dtype).removeprefix("torch."),
                 kv_dtype=str(kv_dtype).removeprefix("torch."),
                 weight_format=config.weight_format, block_size=config.block_size,
                 num_blocks=num_blocks, max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
-                max_model_len=self.max_model_len, rank=0, size=tp_size, group="", cores=[]))
-            # Rank 0's compute runs on this thread (the server's engine thread, or the caller's
-            # offline); pinned to the first share of the cores until close() gives them back.
-            self._affinity = os.sched_getaffinity(0)
-            pin_to(rank_cores(tp_size)[0])
+                max_model_len=self.max_model_len, rank=0, size=tp_size, group="", cores=[])
+            if config.tp_master is not None:  # the other ranks on other hosts, over TCP
+                self.workers = WorkerGroup.remote(spec, config.tp_master)
+            else:
+                self.workers = WorkerGroup.start(spec)
+                # Rank 0's compute runs on this thread (the server's engine thread, or the
+                # caller's offline); pinned to the first share of the cores until close()
+                # gives them back.
+                self._affinity = os.sched_getaffinity(0)
+                pin_to(rank_cores(tp_size)[0])
             tp = TensorParallel(0, tp_size, self.workers.comm)
         try:
             model = load_model(self.model_dir, mc, self.dtype, self.device, progress=progress,

@@ -23,6 +23,7 @@ joins the LM head's gather to rank 0. A decode step's message is about 40 bytes 
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,10 @@ STEP_TIMEOUT_S = 60.0
 # The group's per-rank slot: a step's activations (tokens x hidden fp32) in one chunk for
 # batches up to about 2048 x 1024.
 BUFFER_BYTES = 8 << 20
+# Ranks on other hosts (EngineConfig.tp_master): how long rank 0 waits for them to join, and
+# the store key of the spec it publishes for them.
+JOIN_TIMEOUT_S = 600.0
+SPEC_KEY = "xllm/tp/spec"
 
 
 class TimedGroup:
@@ -80,6 +85,12 @@ class TimedGroup:
     @property
     def native(self) -> object:
         return self.comm.native
+
+    def alive(self) -> bool:
+        """Whether the group's connections to its peers are open (TCP; always True on shared
+        memory, where the workers' processes are watched instead)."""
+        check = getattr(self.comm, "alive", None)
+        return True if check is None else check()
 
     def close(self) -> None:
         self.comm.close()
@@ -260,11 +271,16 @@ def rank_cores(size: int) -> list[list[int]]:
 class WorkerGroup:
     """Rank 0's handle on the workers: spawns them, sends steps, stops them."""
 
-    def __init__(self, specs: list[WorkerSpec], group: str) -> None:
+    def __init__(self, specs: list[WorkerSpec], group: str,
+                 remote: TimedGroup | None = None, size: int = 0) -> None:
         from xllm.ops.allreduce import ShmAllReduce
 
-        self.size = len(specs) + 1
+        self.size = size or len(specs) + 1
         self.encoder = StepEncoder()
+        self.closed = False
+        if remote is not None:  # ranks on other hosts, already joined: nothing to start
+            self._logs, self.procs, self.comm = [], [], remote
+            return
         self._logs = [tempfile.TemporaryFile(prefix=f"xllm-tp{s.rank}-") for s in specs]
         env = dict(os.environ, OMP_NUM_THREADS=str(len(specs[0].cores)) if specs else "1")
         self.procs = [
@@ -289,6 +305,18 @@ class WorkerGroup:
         specs = [WorkerSpec(**{**asdict(base), "rank": r, "group": group, "cores": cores[r]})
                  for r in range(1, base.size)]
         return cls(specs, group)
+
+    @classmethod
+    def remote(cls, base: WorkerSpec, master: str) -> WorkerGroup:
+        """Rank 0 of a group whose workers run on other hosts: serves the rendezvous at
+        ``master``, publishes ``base`` for them, and waits up to JOIN_TIMEOUT_S for all of
+        them to join (each started on its host with ``python -m xllm.runtime.worker
+        --master HOST:PORT --rank R``)."""
+        from xllm.ops.tcp_group import TcpGroup
+
+        comm = TcpGroup(master, 0, base.size, timeout=base.timeout, join_timeout=JOIN_TIMEOUT_S,
+                        store_items={SPEC_KEY: json.dumps(asdict(base)).encode()})
+        return cls([], "", remote=TimedGroup(comm), size=base.size)
 
     def wait_ready(self) -> None:
         """Blocks until every worker has loaded its shard (no deadline: a load takes as long
@@ -351,7 +379,7 @@ class WorkerGroup:
             comm.close()
 
     def alive(self) -> bool:
-        return all(p.poll() is None for p in self.procs)
+        return all(p.poll() is None for p in self.procs) and self.comm.alive()
 
 
 def pin_to(cores: list[int]) -> None:
@@ -363,8 +391,9 @@ def pin_to(cores: list[int]) -> None:
     torch.set_num_threads(len(cores))
 
 
-def worker_main(spec: WorkerSpec) -> int:
-    """A worker's life: attach, load the shard, then one forward per step message."""
+def worker_main(spec: WorkerSpec, comm: object | None = None) -> int:
+    """A worker's life: attach (``comm``: a group already joined, for ranks on other hosts),
+    load the shard, then one forward per step message."""
     import torch
 
     from xllm.layers.parallel import TensorParallel
@@ -375,8 +404,9 @@ def worker_main(spec: WorkerSpec) -> int:
     from xllm.runtime.model_runner import ModelRunner
 
     pin_to(spec.cores)
-    comm = ShmAllReduce(spec.group, spec.rank, spec.size, timeout=spec.timeout,
-                        buffer_bytes=BUFFER_BYTES)
+    if comm is None:
+        comm = ShmAllReduce(spec.group, spec.rank, spec.size, timeout=spec.timeout,
+                            buffer_bytes=BUFFER_BYTES)
     try:
         tp = TensorParallel(spec.rank, spec.size, comm)
         model_dir = Path(spec.model_dir)
@@ -403,11 +433,53 @@ def worker_main(spec: WorkerSpec) -> int:
         comm.close()
 
 
+def _cores(text: str) -> list[int]:
+    cores: list[int] = []
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        cores.extend(range(int(a), int(b or a) + 1))
+    return cores
+
+
+def remote_main(argv: list[str]) -> int:
+    """A worker on another host than rank 0: joins at --master, takes rank 0's spec (its
+    model directory unless --model names this host's copy) and runs as worker_main."""
+    from xllm.ops.tcp_group import TcpGroup
+
+    parser = argparse.ArgumentParser(
+        prog="python -m xllm.runtime.worker",
+        description="A tensor-parallel worker rank on another host than the engine (rank 0, "
+                    "started with --tensor-parallel-size N --tp-master HOST:PORT).")
+    parser.add_argument("--master", required=True, help="rank 0's HOST:PORT (its tp_master)")
+    parser.add_argument("--rank", type=int, required=True, help="this rank, 1..N-1")
+    parser.add_argument("--model", help="the model directory on this host (default: rank "
+                        "0's path)")
+    parser.add_argument("--cores", type=_cores, help="CPUs to pin to, e.g. 0-7 (default: "
+                        "all this process may use)")
+    args = parser.parse_args(argv)
+    comm = TcpGroup(args.master, args.rank, None, timeout=STEP_TIMEOUT_S,
+                    join_timeout=JOIN_TIMEOUT_S)
+    try:
+        spec = WorkerSpec(**json.loads(comm.get(SPEC_KEY)))
+        spec = replace(spec, rank=args.rank, model_dir=args.model or spec.model_dir,
+                       cores=args.cores or sorted(os.sched_getaffinity(0)))
+    except BaseException:
+        comm.close()
+        raise
+    return worker_main(spec, comm)
+
+
 def main() -> int:
     logging.basicConfig(level=logging.WARNING)
-    spec = WorkerSpec(**json.loads(sys.argv[1]))
+    argv = sys.argv[1:]
+    remote = bool(argv) and argv[0].startswith("-")
+    rank = "?"
     try:
+        if remote:
+            return remote_main(argv)
+        spec = WorkerSpec(**json.loads(argv[0]))
+        rank = spec.rank
         return worker_main(spec)
-    except RuntimeError as e:  # rank 0 gone or failed: nothing left to serve
-        print(f"xllm tp worker rank {spec.rank}: {e}", file=sys.stderr)
+    except (RuntimeError, TimeoutError) as e:  # rank 0 gone or failed: nothing left to serve
+        print(f"xllm tp worker rank {rank}: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,201 @@
+"""Tensor parallelism across hosts: the TCP group (torch.distributed's store for the
+rendezvous, gloo for sums and gathers, a socket for step messages), and an engine whose
+worker runs in another network namespace, reached over a veth pair."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from xllm import LLM, SamplingParams
+from xllm.config import EngineConfig
+from xllm.ops.tcp_group import TcpGroup, interface_of, parse_address
+
+GROUP_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    from xllm.ops.tcp_group import TcpGroup
+    g = TcpGroup(sys.argv[1], 1, None, timeout=20)
+    x = torch.arange(1000, dtype=torch.float32) * 0.37
+    g.allreduce(x)
+    y = (torch.arange(64, dtype=torch.float32) / 7).to(torch.bfloat16)
+    g.allreduce(y)
+    g.gather(torch.full((3, 2), 5.0), None)
+    first = g.broadcast(None, wait_forever=True)
+    second = g.broadcast(None, wait_forever=True)
+    print(json.dumps([x.tolist(), y.float().tolist(), first.decode(), second.decode(),
+                      g.get("note").decode()]), flush=True)
+    g.broadcast(None, wait_forever=True)  # ends when rank 0 closes: RuntimeError
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_addresses_and_config_errors() -> None:
+    assert parse_address("10.0.0.1:29500") == ("10.0.0.1", 29500)
+    assert parse_address("[::1]:80") == ("::1", 80)
+    for bad in ("10.0.0.1", "host:0", "host:x", ":80"):
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            parse_address(bad)
+    assert interface_of("127.0.0.1") == "lo"
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        EngineConfig(tensor_parallel_size=2, tp_master="nohost")
+    with pytest.raises(ValueError, match="tensor_parallel_size >= 2"):
+        EngineConfig(tp_master="127.0.0.1:29500")
+    # Rank 0 with ranks elsewhere keeps all of this host's cores.
+    config = EngineConfig(tensor_parallel_size=8, tp_master="127.0.0.1:29500")
+    assert config.threads == len(os.sched_getaffinity(0))
+
+
+def test_tcp_group_sums_gathers_and_messages_exactly() -> None:
+    """Two processes over 127.0.0.1: bit-identical sums on both ranks (bf16 summed in fp32,
+    rounded once), a gather in rank order, messages after the workers' announcement; a
+    worker whose rank 0 leaves fails its wait at once."""
+    master = f"127.0.0.1:{_free_port()}"
+    worker = subprocess.Popen([sys.executable, "-c", GROUP_SCRIPT, master],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        g = TcpGroup(master, 0, 2, timeout=20, store_items={"note": b"spec"})
+        x = torch.arange(1000, dtype=torch.float32) * 0.37
+        expected = x + x
+        g.allreduce(x)
+        assert torch.equal(x, expected)
+        y = (torch.arange(64, dtype=torch.float32) / 7).to(torch.bfloat16)
+        y_expected = (y.float() * 2).to(torch.bfloat16)
+        g.allreduce(y)
+        assert torch.equal(y, y_expected)
+        dst = torch.empty(2, 3, 2)
+        g.gather(torch.full((3, 2), 4.0), dst)
+        assert dst[0].eq(4.0).all() and dst[1].eq(5.0).all()
+        assert g.broadcast(b"ready", wait_forever=True) == b"ready"
+        g.broadcast(b"step one")
+        assert g.alive()
+        line = worker.stdout.readline()
+        got = json.loads(line)
+        assert got[0] == expected.tolist() and got[1] == y_expected.float().tolist()
+        assert got[2:] == ["ready", "step one", "spec"]
+        g.close()
+        assert worker.wait(timeout=10) != 0  # its wait failed rather than hung
+        assert "closed" in worker.stderr.read()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+
+
+# ------------------------------------------------------------- two hosts: network namespaces
+
+RANK0_SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    from xllm import LLM, SamplingParams
+    model, master = sys.argv[1], sys.argv[2]
+    llm = LLM(model, tensor_parallel_size=2, tp_master=master, dtype="float32",
+              weight_format="blocks", max_model_len=256, num_kv_blocks=64)
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.9, seed=5, max_tokens=12, n=2, ignore_eos=True)
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    g = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    s = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts[:1], seeded,
+                                                                 use_tqdm=False)]
+    print(json.dumps({"greedy": g, "seeded": s}), flush=True)
+    sys.stdin.readline()  # the test kills the worker, then says go
+    t0 = time.monotonic()
+    try:
+        llm.generate(prompts, greedy, use_tqdm=False)
+        print(json.dumps({"error": None}), flush=True)
+    except Exception as e:
+        print(json.dumps({"error": type(e).__name__, "seconds": time.monotonic() - t0}),
+              flush=True)
+    llm.engine.close()
+""")
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, timeout=10, capture_output=True)
+
+
+@pytest.fixture
+def two_hosts():  # noqa: ANN201
+    """Two network namespaces joined by a veth pair, addresses 10.213.X.1 and .2; removed
+    afterwards (which removes the pair). Skips where namespaces cannot be made."""
+    tag = f"{os.getpid() % 10000}{random.randrange(100)}"
+    a, b = f"xllm-a{tag}", f"xllm-b{tag}"
+    net = f"10.213.{random.randrange(1, 250)}"
+    made = []
+    try:
+        for ns in (a, b):
+            _ip("netns", "add", ns)
+            made.append(ns)
+        _ip("link", "add", f"xva{tag}", "type", "veth", "peer", "name", f"xvb{tag}")
+        for ns, dev, host in ((a, f"xva{tag}", 1), (b, f"xvb{tag}", 2)):
+            _ip("link", "set", dev, "netns", ns)
+            _ip("-n", ns, "addr", "add", f"{net}.{host}/24", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+    except (OSError, subprocess.SubprocessError) as e:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], timeout=10, capture_output=True)
+        pytest.skip(f"cannot make network namespaces here ({e}); needs root and ip netns")
+    try:
+        yield (a, f"{net}.1"), (b, f"{net}.2")
+    finally:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], timeout=10, capture_output=True)
+
+
+def test_engine_with_a_worker_on_another_host(two_hosts, demo_model_dir: Path) -> None:  # noqa: ANN001
+    """Rank 0 (the engine) in one namespace, rank 1 in the other, talking over the veth pair:
+    greedy and seeded outputs equal one rank's; then the worker is killed and the engine's
+    next step fails within seconds instead of hanging."""
+    (ns_a, addr_a), (ns_b, _) = two_hosts
+    master = f"{addr_a}:{random.randrange(20000, 40000)}"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    rank0 = subprocess.Popen(["ip", "netns", "exec", ns_a, sys.executable, "-c", RANK0_SCRIPT,
+                              str(demo_model_dir), master],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    worker = subprocess.Popen(["ip", "netns", "exec", ns_b, sys.executable, "-m",
+                               "xllm.runtime.worker", "--master", master, "--rank", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=env)
+    try:
+        deadline = time.monotonic() + 180
+        line = ""
+        while not line and time.monotonic() < deadline and rank0.poll() is None:
+            line = rank0.stdout.readline()
+        assert line, f"rank 0 gave no result: {rank0.stderr.read()[-3000:]}"
+        got = json.loads(line)
+        ref = LLM(str(demo_model_dir), dtype="float32", weight_format="blocks",
+                  max_model_len=256, num_kv_blocks=64)
+        greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+        seeded = SamplingParams(temperature=0.9, seed=5, max_tokens=12, n=2, ignore_eos=True)
+        prompts = ["The capital of France is", "def fibonacci(n):"]
+        assert got["greedy"] == [o.outputs[0].token_ids
+                                 for o in ref.generate(prompts, greedy, use_tqdm=False)]
+        assert got["seeded"] == [[c.token_ids for c in o.outputs]
+                                 for o in ref.generate(prompts[:1], seeded, use_tqdm=False)]
+        worker.kill()
+        worker.wait(timeout=10)
+        rank0.stdin.write("go\n")
+        rank0.stdin.flush()
+        after = json.loads(rank0.stdout.readline())
+        assert after["error"] == "RuntimeError" and after["seconds"] < 10, after
+        assert rank0.wait(timeout=30) == 0
+    finally:
+        for p in (rank0, worker):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
