@@ -1,7 +1,7 @@
 """Tensor parallelism on one host: TP=2 (one core a rank) against TP=1 (two threads).
 
     python -m bench.tp [--scenarios single,batch16,prefill509] [--formats default,fp32]
-                       [--idle single,batch16,batch64] [--json PATH]
+                       [--idle single,batch16,batch64] [--repeats K] [--json PATH]
 
 For each weight format (``default``: this CPU's default, bf16/int8 on AMX machines;
 ``fp32``: exact fp32 GGUF blocks) and scenario (bench.throughput's prompts: one stream of
@@ -12,7 +12,8 @@ with work: rank 0's time in sums, gathers and step messages (``tp_share``), and 
 model (forward passes and LM head) sat idle (``idle``: the engine's scheduling, step
 inputs, sampling, outputs and loop). ``--idle`` also runs those scenarios at TP=1 for the
 idle share alone (batch 1, 16 and 64 with the defaults). Each run is a warm-up then a timed
-pass, as bench.throughput.
+pass, as bench.throughput; ``--repeats K`` times the pass K times and reports the
+medians (the 509-token prefill is one step, so one pass is one noisy sample).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -28,7 +30,7 @@ from bench.throughput import _cpu_name, _prompts, _tokens_per_second
 FORMATS = {"default": {}, "fp32": {"dtype": "float32", "weight_format": "blocks"}}
 
 
-def run(scenario: str, tp: int, options: dict) -> dict:
+def run(scenario: str, tp: int, options: dict, repeats: int = 1) -> dict:
     from xllm import LLM, SamplingParams
 
     llm = LLM("demo", tensor_parallel_size=tp, max_model_len=1024, **options)
@@ -37,22 +39,29 @@ def run(scenario: str, tp: int, options: dict) -> dict:
         prompts, max_new = _prompts(llm.tokenizer, scenario)
         params = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True)
         llm.generate(prompts, params, use_tqdm=False)  # warm-up
-        engine.scheduler.reset_prefix_cache()
-        before = (engine.model_busy_seconds, engine.model_idle_seconds,
-                  engine.tp_reduce_seconds, engine.tp_message_seconds)
-        start = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        seconds = time.perf_counter() - start
-        busy, idle, reduce, message = (now - then for now, then in zip(
-            (engine.model_busy_seconds, engine.model_idle_seconds, engine.tp_reduce_seconds,
-             engine.tp_message_seconds), before, strict=True))
-        wall = busy + idle  # the engine's time with work, steps and the gaps between them
-        return {"scenario": scenario, "tp": tp, "tokens_per_s": _tokens_per_second(
-                    prompts, max_new, seconds), "seconds": seconds,
-                "tp_share": (reduce + message) / wall if tp > 1 else None,
-                "reduce_share": reduce / wall if tp > 1 else None,
-                "message_share": message / wall if tp > 1 else None,
-                "idle": idle / wall if wall else 0.0}
+        passes = []
+        for _ in range(repeats):
+            engine.scheduler.reset_prefix_cache()
+            before = (engine.model_busy_seconds, engine.model_idle_seconds,
+                      engine.tp_reduce_seconds, engine.tp_message_seconds)
+            start = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            seconds = time.perf_counter() - start
+            busy, idle, reduce, message = (now - then for now, then in zip(
+                (engine.model_busy_seconds, engine.model_idle_seconds, engine.tp_reduce_seconds,
+                 engine.tp_message_seconds), before, strict=True))
+            wall = busy + idle  # the engine's time with work, steps and the gaps between them
+            passes.append({"tokens_per_s": _tokens_per_second(prompts, max_new, seconds),
+                           "seconds": seconds,
+                           "tp_share": (reduce + message) / wall if tp > 1 else None,
+                           "reduce_share": reduce / wall if tp > 1 else None,
+                           "message_share": message / wall if tp > 1 else None,
+                           "idle": idle / wall if wall else 0.0})
+        row: dict = {"scenario": scenario, "tp": tp, "passes": passes}
+        for key in passes[0]:
+            values = [p[key] for p in passes]
+            row[key] = None if values[0] is None else statistics.median(values)
+        return row
     finally:
         engine.close()
 
@@ -63,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default="single,batch16,prefill509")
     parser.add_argument("--formats", default="default,fp32")
     parser.add_argument("--idle", default="", help="scenarios for the TP=1 idle share alone")
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     if len(os.sched_getaffinity(0)) < 2:
@@ -76,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         for scenario in args.scenarios.split(","):
             base = None
             for tp in (1, 2):
-                row = {"format": fmt, **run(scenario, tp, FORMATS[fmt])}
+                row = {"format": fmt, **run(scenario, tp, FORMATS[fmt], args.repeats)}
                 base = base or row["tokens_per_s"]
                 row["vs_tp1"] = row["tokens_per_s"] / base
                 rows.append(row)
@@ -88,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['vs_tp1']:6.2f}x {pct('tp_share'):>8} {pct('reduce_share'):>7} "
                       f"{pct('message_share'):>6} {pct('idle'):>6}", flush=True)
     for scenario in filter(None, args.idle.split(",")):
-        row = {"format": "default", "idle_only": True, **run(scenario, 1, {})}
+        row = {"format": "default", "idle_only": True, **run(scenario, 1, {}, args.repeats)}
         rows.append(row)
         print(f"idle share, TP=1, default, {scenario}: {100 * row['idle']:.1f}% "
               f"({row['tokens_per_s']:.1f} tok/s)", flush=True)

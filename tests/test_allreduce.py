@@ -125,6 +125,39 @@ def test_bit_exact_against_reference(world: int, isa: str) -> None:
     assert not os.path.exists(_shm_path(group)), "the name must be unlinked once all attached"
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_bf16_sums_of_float32_match_the_reference(world: int, isa: str) -> None:
+    """A float32 tensor summed with bf16_sums: each rank's values rounded to bf16, summed as
+    bf16 data is, widened back -- bit for bit, across chunks and the vector tails."""
+    lengths = [1, 7, 15, 16, 17, 1023, 1025, 4097, 9001]
+
+    def run(rank: int, group: str) -> list[torch.Tensor]:
+        with ShmAllReduce(group, rank, world, timeout=20, buffer_bytes=SMALL_BUFFER) as ar:
+            outs = []
+            for i, n in enumerate(lengths):
+                t = _inputs(i, rank, n, F32)
+                assert ar.allreduce(t, bf16_sums=True) is t and t.dtype == F32
+                outs.append(t)
+            return outs
+
+    group = _group("bf16sums")
+    results = _in_threads([partial(run, r, group) for r in range(world)])
+    _check_ok(results)
+    for i, n in enumerate(lengths):
+        expected = allreduce_reference([_inputs(i, r, n, F32).to(BF16)
+                                        for r in range(world)]).float()
+        for r in range(world):
+            assert torch.equal(_bits(results[r][i]), _bits(expected)), f"length {n} rank {r}"
+
+    def mismatched(rank: int, group: str) -> None:
+        with ShmAllReduce(group, rank, 2, timeout=20) as ar:
+            ar.allreduce(torch.ones(64), bf16_sums=rank == 0)
+
+    group = _group("bf16mix")
+    results = _in_threads([partial(mismatched, r, group) for r in range(2)])
+    assert all(isinstance(e, ValueError) and "bf16 sums" in str(e) for e in results), results
+
+
 def test_special_values_and_bf16_rounding(isa: str) -> None:
     inf, nan = float("inf"), float("nan")
     a32 = torch.tensor([inf, -inf, 1.0, -0.0, 0.0, 3e38, 1.0, 5.0] * 5, dtype=F32)

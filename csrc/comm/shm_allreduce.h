@@ -64,7 +64,13 @@ class CommError : public std::runtime_error {
 // What a rank's current call is, as published in its call descriptor: the element
 // type of an allreduce, or one of the byte collectives (every rank must make the same
 // kind of call; a mismatch fails on every rank at the same barrier).
-enum class ElemType : int32_t { kFloat32 = 1, kBFloat16 = 2, kBroadcast = 3, kGather = 4 };
+enum class ElemType : int32_t {
+  kFloat32 = 1,
+  kBFloat16 = 2,
+  kBroadcast = 3,
+  kGather = 4,
+  kFloat32Bf16Sums = 5,  // float32 data, rounded to bf16 for the trip and the sum
+};
 
 struct SegmentHeader;
 struct RankControl;
@@ -93,6 +99,8 @@ class ShmAllReduce {
   // In place. data: [numel] elements of `type`; every rank must pass the same
   // numel and type (checked; a mismatch throws kInvalidArgument on every rank
   // and leaves the group usable). numel == 0 returns at once without syncing.
+  // kFloat32Bf16Sums: float32 data, each rank's rounded to bf16, summed as bf16 data
+  // is (fp32 sums, rounded once) and widened back: half the bytes of a float32 sum.
   void allreduce(void* data, int64_t numel, ElemType type);
 
   // Rank 0 sends `message` to every rank; every other rank receives it into `message`

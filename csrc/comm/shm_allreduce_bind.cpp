@@ -36,12 +36,13 @@ void check_python_signals() {
   if (PyErr_CheckSignals() != 0) throw py::error_already_set();
 }
 
-py::object allreduce(ShmAllReduce& self, py::handle tensor) {
+py::object allreduce(ShmAllReduce& self, py::handle tensor, bool bf16_sums) {
   Tensor t = host_tensor(tensor, "tensor");
   check_dtype(t, {DType::kFloat32, DType::kBFloat16});
   check_contiguous(t);
-  const comm::ElemType type =
+  comm::ElemType type =
       t.dtype == DType::kFloat32 ? comm::ElemType::kFloat32 : comm::ElemType::kBFloat16;
+  if (bf16_sums && type == comm::ElemType::kFloat32) type = comm::ElemType::kFloat32Bf16Sums;
   {
     // The tensor stays alive: the caller's frame holds it for the whole call.
     py::gil_scoped_release release;
@@ -105,9 +106,10 @@ void register_shm_allreduce(py::module_& m) {
            py::arg("group"), py::arg("rank"), py::arg("world_size"),
            py::arg("timeout") = ShmAllReduce::kDefaultTimeoutSeconds,
            py::arg("buffer_bytes") = ShmAllReduce::kDefaultBufferBytes)
-      .def("allreduce", &allreduce, py::arg("tensor"),
+      .def("allreduce", &allreduce, py::arg("tensor"), py::arg("bf16_sums") = false,
            "Sums `tensor` (CPU, contiguous, float32 or bfloat16) over all ranks, in place; "
-           "returns it.")
+           "returns it. bf16_sums: a float32 tensor travels and is summed as bf16 (half the "
+           "bytes), widened back after.")
       .def("broadcast", &broadcast, py::arg("message"), py::arg("wait_forever") = false,
            "Rank 0 sends `message` (bytes) to every rank; the others pass None and get it "
            "back. wait_forever: the first wait has no timeout, on any rank.")

@@ -37,6 +37,7 @@ const char* type_name(int32_t type) {
     case static_cast<int32_t>(ElemType::kBFloat16): return "bfloat16";
     case static_cast<int32_t>(ElemType::kBroadcast): return "bytes (broadcast)";
     case static_cast<int32_t>(ElemType::kGather): return "bytes (gather)";
+    case static_cast<int32_t>(ElemType::kFloat32Bf16Sums): return "float32 (bf16 sums)";
     default: return "nothing";
   }
 }
@@ -269,11 +270,24 @@ void ShmAllReduce::allreduce(void* data, int64_t numel, ElemType type) {
   if (header_->abort_state.load(std::memory_order_acquire) == kAbortPublished) fail_from_abort();
   if (numel < 0) throw CommError(ErrorKind::kInvalidArgument, "argument 'numel' must be >= 0");
   if (numel == 0) return;
-  if (type != ElemType::kFloat32 && type != ElemType::kBFloat16) {
+  if (type != ElemType::kFloat32 && type != ElemType::kBFloat16 &&
+      type != ElemType::kFloat32Bf16Sums) {
     throw CommError(ErrorKind::kInvalidArgument, "allreduce sums float32 or bfloat16 only");
   }
   const int parity = begin_call(numel, type);
+  // `elem`: bytes an element has in the slots (the trip); `data_elem`: in the caller's data.
+  const bool widen = type == ElemType::kFloat32Bf16Sums;
   const int64_t elem = type == ElemType::kFloat32 ? 4 : 2;
+  const int64_t data_elem = widen ? 4 : elem;
+  // Slots to the caller's data, converting bf16 back to float32 where the trip narrowed it.
+  auto copy_out = [&](char* to, const char* from, int64_t count) {
+    if (widen) {
+      convert_bf16_to_f32(reinterpret_cast<const uint16_t*>(from), reinterpret_cast<float*>(to),
+                          count);
+    } else {
+      std::memcpy(to, from, static_cast<size_t>(count * elem));
+    }
+  };
 
   const int64_t chunk_elems = buffer_bytes_ / elem;
   // Slices start on 64-byte boundaries so no two ranks write one cache line of the result.
@@ -286,7 +300,12 @@ void ShmAllReduce::allreduce(void* data, int64_t numel, ElemType type) {
     phase_chunk_ = chunk;
     const int64_t first = chunk * chunk_elems;
     const int64_t n = std::min(chunk_elems, numel - first);
-    std::memcpy(slot(rank_), bytes + first * elem, static_cast<size_t>(n * elem));
+    if (widen) {
+      convert_f32_to_bf16(reinterpret_cast<const float*>(bytes) + first,
+                          reinterpret_cast<uint16_t*>(slot(rank_)), n);
+    } else {
+      std::memcpy(slot(rank_), bytes + first * elem, static_cast<size_t>(n * elem));
+    }
     barrier("after copy-in");
     if (chunk == 0) check_call_descriptors(numel, type, parity);
 
@@ -309,13 +328,13 @@ void ShmAllReduce::allreduce(void* data, int64_t numel, ElemType type) {
       }
       // Our own slice is hot in cache and final: copy it out now, before the
       // barrier, where it overlaps with waiting for the slowest rank.
-      std::memcpy(bytes + (first + lo) * elem, dst, static_cast<size_t>((hi - lo) * elem));
+      copy_out(bytes + (first + lo) * data_elem, dst, hi - lo);
     }
     barrier("after reduce");
     // The other ranks' slices: [0, lo) and [hi, n).
-    char* out = bytes + first * elem;
-    std::memcpy(out, result_area(), static_cast<size_t>(lo * elem));
-    std::memcpy(out + hi * elem, result_area() + hi * elem, static_cast<size_t>((n - hi) * elem));
+    char* out = bytes + first * data_elem;
+    copy_out(out, result_area(), lo);
+    copy_out(out + hi * data_elem, result_area() + hi * elem, n - hi);
   }
 }
 

@@ -96,9 +96,50 @@ __attribute__((target("avx2"))) int64_t reduce_bf16_avx2(const uint16_t* const* 
   return i;
 }
 
+// 16 floats -> 16 bf16: packus works per 128-bit lane, so the 64-bit quarters come out
+// as 0-3, 8-11, 4-7, 12-15 and one permute puts them in order.
+__attribute__((target("avx2"))) int64_t f32_to_bf16_avx2(const float* src, uint16_t* dst,
+                                                         int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i packed = _mm256_packus_epi32(round_to_bf16x8(_mm256_loadu_ps(src + i)),
+                                               round_to_bf16x8(_mm256_loadu_ps(src + i + 8)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm256_permute4x64_epi64(packed, 0xD8));
+  }
+  return i;
+}
+
+__attribute__((target("avx2"))) int64_t bf16_to_f32_avx2(const uint16_t* src, float* dst,
+                                                         int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i wide = _mm256_cvtepu16_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
+  }
+  return i;
+}
+
 #endif  // XLLM_HAVE_X86
 
 }  // namespace
+
+void convert_f32_to_bf16(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+#ifdef XLLM_HAVE_X86
+  if (active_isa() >= Isa::kAvx2) i = f32_to_bf16_avx2(src, dst, n);
+#endif
+  for (; i < n; ++i) dst[i] = f32_to_bf16_rne(src[i]);
+}
+
+void convert_bf16_to_f32(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#ifdef XLLM_HAVE_X86
+  if (active_isa() >= Isa::kAvx2) i = bf16_to_f32_avx2(src, dst, n);
+#endif
+  for (; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+}
 
 void reduce_sum_f32(const float* const* srcs, int n_src, float* dst, int64_t n) {
   int64_t done = 0;

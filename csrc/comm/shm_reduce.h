@@ -19,6 +19,11 @@ void reduce_sum_f32(const float* const* srcs, int n_src, float* dst, int64_t n);
 // srcs: [n_src] pointers, each to [n] bf16 bit patterns; dst: [n] bf16 bit patterns.
 void reduce_sum_bf16(const uint16_t* const* srcs, int n_src, uint16_t* dst, int64_t n);
 
+// fp32 data that travels as bf16 (an allreduce with bf16 sums): src rounded to nearest
+// even, as f32_to_bf16_rne; and back, exactly.
+void convert_f32_to_bf16(const float* src, uint16_t* dst, int64_t n);
+void convert_bf16_to_f32(const uint16_t* src, float* dst, int64_t n);
+
 // fp32 -> bf16 with round to nearest even; shared with the kernels so both paths agree.
 inline uint16_t f32_to_bf16_rne(float value) {
   uint32_t bits;

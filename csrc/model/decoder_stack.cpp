@@ -70,7 +70,7 @@ class DecoderStack {
   DecoderStack(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim,
                int64_t intermediate, double eps, double scale, py::handle cos_cache,
                py::handle sin_cache, py::handle final_norm, const py::list& layers,
-               py::object comm)
+               py::object comm, bool bf16_sums)
       : h_(hidden), heads_(heads), kv_(kv_heads), hd_(head_dim), inter_(intermediate),
         eps_(static_cast<float>(eps)), scale_(scale) {
     if (hidden < 1 || heads < 1 || kv_heads < 1 || head_dim < 2 || intermediate < 1 ||
@@ -96,6 +96,7 @@ class DecoderStack {
     refs_.append(cos_cache);
     refs_.append(sin_cache);
     refs_.append(final_norm);
+    bf16_sums_ = bf16_sums;
     if (!comm.is_none()) {
       try {
         comm_ = &py::cast<comm::ShmAllReduce&>(comm);
@@ -245,7 +246,8 @@ class DecoderStack {
   void reduce(float* data, int64_t numel) {
     if (comm_ == nullptr) return;
     const auto t0 = std::chrono::steady_clock::now();
-    comm_->allreduce(data, numel, comm::ElemType::kFloat32);
+    comm_->allreduce(data, numel,
+                     bf16_sums_ ? comm::ElemType::kFloat32Bf16Sums : comm::ElemType::kFloat32);
     comm_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
 
@@ -268,6 +270,7 @@ class DecoderStack {
   std::vector<Layer> layers_;
   comm::ShmAllReduce* comm_ = nullptr;  // kept alive by refs_
   double comm_seconds_ = 0;
+  bool bf16_sums_ = false;  // the sums travel as bf16 (a model computing in bf16)
   py::list refs_;  // keeps every tensor and weight the raw pointers point into alive
   int64_t capacity_ = 0;
   std::vector<float> residual_, normed_, tmp_, qkv_, attn_, gate_up_, act_;
@@ -280,11 +283,11 @@ void register_decoder_stack(py::module_& m) {
                            "All decoder layers of a Llama-family model in one native call "
                            "(fp32 CPU, block weights); see xllm/models/llama.py.")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, py::handle,
-                    py::handle, py::handle, const py::list&, py::object>(),
+                    py::handle, py::handle, const py::list&, py::object, bool>(),
            py::arg("hidden_size"), py::arg("num_heads"), py::arg("num_kv_heads"),
            py::arg("head_dim"), py::arg("intermediate_size"), py::arg("eps"), py::arg("scale"),
            py::arg("cos_cache"), py::arg("sin_cache"), py::arg("final_norm"), py::arg("layers"),
-           py::arg("comm") = py::none())
+           py::arg("comm") = py::none(), py::arg("bf16_sums") = false)
       .def("forward", &DecoderStack::forward, py::arg("x"), py::arg("positions"),
            py::arg("slot_mapping"), py::arg("num_decodes"), py::arg("decode_block_tables"),
            py::arg("decode_seq_lens"), py::arg("prefill_block_tables"),

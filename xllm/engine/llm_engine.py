@@ -135,7 +135,8 @@ class LLMEngine:
                 # gives them back.
                 self._affinity = os.sched_getaffinity(0)
                 pin_to(rank_cores(tp_size)[0])
-            tp = TensorParallel(0, tp_size, self.workers.comm)
+            tp = TensorParallel(0, tp_size, self.workers.comm,
+                                bf16_sums=self.dtype == torch.bfloat16)
         try:
             model = load_model(self.model_dir, mc, self.dtype, self.device, progress=progress,
                                weight_format=config.weight_format, tp=tp)

@@ -66,6 +66,9 @@ class TensorParallel:
     rank: int = 0
     size: int = 1
     comm: Any = None  # xllm.ops.allreduce.ShmAllReduce (allreduce / gather) when size > 1
+    # The row-parallel sums travel as bf16 (half the bytes): a model computing in bf16, whose
+    # products already round their inputs to bf16 or int8. Every rank alike.
+    bf16_sums: bool = False
 
     def __post_init__(self) -> None:
         if self.size < 1 or not 0 <= self.rank < self.size:
@@ -77,9 +80,11 @@ class TensorParallel:
     def enabled(self) -> bool:
         return self.size > 1
 
-    def allreduce(self, x):  # noqa: ANN001, ANN201 - a contiguous CPU tensor, summed in place
+    def allreduce(self, x, exact: bool = False):  # noqa: ANN001, ANN201
+        """Sums a contiguous CPU tensor over the ranks in place (in bf16 where bf16_sums,
+        unless ``exact``)."""
         if self.size > 1:
-            self.comm.allreduce(x)
+            self.comm.allreduce(x, self.bf16_sums and not exact)
         return x
 
 

@@ -254,7 +254,7 @@ class LlamaForCausalLM(nn.Module):
             cfg.hidden_size, first.self_attn.num_heads, first.self_attn.num_kv_heads,
             cfg.head_dim, first.mlp.down_proj.in_features, cfg.rms_norm_eps,
             first.self_attn.attn.scale, rope.cos_cache, rope.sin_cache, self.model.norm.weight,
-            layers, self.tp.comm.native if self.tp.enabled else None,
+            layers, self.tp.comm.native if self.tp.enabled else None, self.tp.bf16_sums,
         )
         return True
 

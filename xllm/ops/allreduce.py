@@ -68,15 +68,17 @@ class ShmAllReduce:
             )
         self._impl = _C.ShmAllReduce(group, rank, world_size, float(timeout), buffer_bytes)
 
-    def allreduce(self, tensor: torch.Tensor) -> torch.Tensor:
+    def allreduce(self, tensor: torch.Tensor, bf16_sums: bool = False) -> torch.Tensor:
         """Sums ``tensor`` over all ranks in place and returns it.
 
         ``tensor`` must be a contiguous CPU tensor of float32 or bfloat16 with the
         same number of elements and dtype on every rank (bf16 is summed in fp32
         and rounded once). An empty tensor returns at once without synchronising.
-        The GIL is released while waiting for the other ranks.
+        The GIL is released while waiting for the other ranks. ``bf16_sums`` (every
+        rank alike): a float32 tensor is rounded to bf16 for the trip and the sum, then
+        widened back -- half the bytes, bf16's precision.
         """
-        self._impl.allreduce(tensor)
+        self._impl.allreduce(tensor, bf16_sums)
         return tensor
 
     def broadcast(self, message: bytes | None, wait_forever: bool = False) -> bytes:

@@ -174,14 +174,16 @@ class TcpGroup:
 
     # ---- collectives --------------------------------------------------------------------
 
-    def allreduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sums a contiguous CPU float32 or bfloat16 tensor over all ranks, in place."""
+    def allreduce(self, tensor: torch.Tensor, bf16_sums: bool = False) -> torch.Tensor:
+        """Sums a contiguous CPU float32 or bfloat16 tensor over all ranks, in place
+        (``bf16_sums``: a float32 one rounded to bf16 first and after, as on shared memory)."""
         if tensor.numel() == 0:
             return tensor
-        work = tensor if tensor.dtype == torch.float32 else tensor.float()
+        narrow = tensor.dtype == torch.bfloat16 or bf16_sums
+        work = tensor.to(torch.bfloat16).float() if narrow else tensor
         self._wait(self._pg.allreduce([work]))
-        if work is not tensor:
-            tensor.copy_(work)
+        if narrow:
+            tensor.copy_(work.to(torch.bfloat16))
         return tensor
 
     def gather(self, src: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor | None:

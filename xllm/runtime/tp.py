@@ -64,9 +64,9 @@ class TimedGroup:
         self.reduce_seconds = 0.0  # allreduce and gather (the LM head)
         self.message_seconds = 0.0  # step messages
 
-    def allreduce(self, x):  # noqa: ANN001, ANN201
+    def allreduce(self, x, bf16_sums: bool = False):  # noqa: ANN001, ANN201
         t0 = time.perf_counter()
-        self.comm.allreduce(x)
+        self.comm.allreduce(x, bf16_sums)
         self.reduce_seconds += time.perf_counter() - t0
         return x
 
@@ -408,7 +408,7 @@ def worker_main(spec: WorkerSpec, comm: object | None = None) -> int:
         comm = ShmAllReduce(spec.group, spec.rank, spec.size, timeout=spec.timeout,
                             buffer_bytes=BUFFER_BYTES)
     try:
-        tp = TensorParallel(spec.rank, spec.size, comm)
+        tp = TensorParallel(spec.rank, spec.size, comm, bf16_sums=spec.dtype == "bfloat16")
         model_dir = Path(spec.model_dir)
         config = ModelConfig.from_file(model_dir)
         model = load_model(model_dir, config, TORCH_DTYPES[spec.dtype], torch.device("cpu"),
