@@ -4,6 +4,7 @@ gives the same tokens, texts, stops and logprobs as the synchronous engine."""
 from __future__ import annotations
 
 import random
+import time
 import zlib
 
 import pytest
@@ -212,3 +213,47 @@ def test_engine_overlap_matches_synchronous(demo_model_dir) -> None:  # noqa: AN
         assert engine.model_idle_seconds > 0 and engine.model_busy_seconds > 0
     finally:
         engine.close()
+
+
+def test_async_engine_with_overlap_streams_and_aborts(demo_model_dir) -> None:  # noqa: ANN001
+    """The server's engine thread with overlap: concurrent streams, one aborted by its
+    reader mid-way; the others end as the synchronous engine's, and nothing stays held."""
+    import asyncio
+
+    from xllm.engine.async_engine import AsyncEngine
+
+    prompts = PROMPTS[:6]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    reference = LLM(model=str(demo_model_dir), dtype="float32", max_model_len=256)
+    expected = [o.outputs[0].token_ids
+                for o in reference.generate(prompts, params, use_tqdm=False)]
+    reference.engine.close()
+    engine = AsyncEngine(EngineConfig(model=str(demo_model_dir), dtype="float32",
+                                      max_model_len=256, overlap_scheduling=True))
+    engine.start()
+    assert engine.wait_ready(120)
+
+    async def one(i: int) -> list[int] | None:
+        stream = engine.generate(prompts[i], params)
+        last = None
+        async for out in stream:
+            last = out
+            if i == 2 and len(out.outputs[0].token_ids) >= 4:
+                stream.abort()
+                return None
+        return last.outputs[0].token_ids
+
+    async def main() -> list:
+        return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+
+    try:
+        got = asyncio.run(main())
+        for i, tokens in enumerate(got):
+            assert tokens == (None if i == 2 else expected[i]), i
+        deadline = time.monotonic() + 10
+        while engine.stats().num_unfinished_requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = engine.stats()
+        assert stats.num_unfinished_requests == 0 and stats.kv_cache_usage == 0
+    finally:
+        engine.shutdown()
