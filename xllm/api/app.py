@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -68,9 +69,43 @@ def _generation_responses(model: type, chunk: type) -> dict[int | str, dict[str,
             **_ERRORS}
 
 
+# A JSON escape of a UTF-16 surrogate (\ud800-\udfff): the only way a JSON body decodes to a
+# string Python cannot encode back to UTF-8 (raw bytes that are not UTF-8 fail the parse).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+# An oversize body is read to its end (and dropped) before the 413, up to this much: a
+# server that answers and closes while the client still sends makes the client's socket
+# reset, and the client never sees the answer.
+_DRAIN_BYTES = 256 << 20
+
+
+def _lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The JSON path of the first string in ``value`` holding a lone UTF-16 surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if isinstance(key, str) and _lone_surrogate(key) is not None:
+            return path or "body"
+        inner = f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else key)
+        found = _lone_surrogate(item, inner)
+        if found is not None:
+            return found
+    return None
+
+
 class _Guard:
     """Pure ASGI middleware: API key on /v1/* (and on a master's POST /cluster/* actions),
-    body-size limit (413) before any parsing.
+    body-size limit (413) before any parsing, and JSON text no model can read: a lone UTF-16
+    surrogate (a 400 naming where, for every field alike).
 
     The body is read here (counting) and replayed to the app; later receive() calls go to
     the server, so handlers still see the client's disconnect.
@@ -96,6 +131,7 @@ class _Guard:
         limit = self.settings.max_request_body_bytes
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
+            await _drain(receive, int(length))
             await _send_error(send, 413, f"the request body has {int(length)} bytes; this "
                               f"server accepts at most {limit}", code="request_too_large")
             return
@@ -110,22 +146,49 @@ class _Guard:
             body = message.get("body", b"")
             size += len(body)
             if size > limit:
+                if message.get("more_body", False):
+                    await _drain(receive, _DRAIN_BYTES)
                 await _send_error(send, 413, f"the request body is over {limit} bytes, this "
                                   "server's limit", code="request_too_large")
                 return
             chunks.append(body)
             if not message.get("more_body", False):
                 break
+        body = b"".join(chunks)
+        if _SURROGATE_ESCAPE.search(body):
+            try:
+                where = _lone_surrogate(json.loads(body))
+            except ValueError:
+                where = None  # not JSON: the app's own parse answers that
+            if where is not None:
+                await _send_error(send, 400, f"{where}: the text holds a lone UTF-16 surrogate "
+                                  "(an unpaired \\ud800-\\udfff escape), which is not "
+                                  "Unicode text; send valid UTF-16 pairs or UTF-8",
+                                  code="invalid_unicode")
+                return
         replayed = False
 
         async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+async def _drain(receive: Receive, most: int) -> None:
+    """Reads and drops what is left of a request body, at most ``most`` bytes (at least the
+    announced length, capped by _DRAIN_BYTES)."""
+    left = min(most, _DRAIN_BYTES)
+    while left > 0:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        left -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 async def _send_error(send: Send, status: int, message: str, code: str) -> None:

@@ -126,8 +126,17 @@ class OpenAIServing:
     # ---- prompts -------------------------------------------------------------------------
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Tokenizes a prompt (long ones off the event loop); a 400 before tokenizing for
+        one whose bytes alone show it cannot fit the context."""
         tok = self.engine.engine.tokenizer
         if len(text) > _LONG_TEXT:
+            per_token = tok.max_bytes_per_token
+            size = len(text.encode("utf-8", "surrogatepass"))
+            if per_token and size > per_token * self.max_model_len:
+                raise APIError.bad_request(
+                    f"the prompt has {size} bytes of text; no token of this model covers more "
+                    f"than {per_token}, so it is over {size // per_token} tokens, more than the "
+                    f"context holds ({self.max_model_len}, max_model_len); shorten it")
             return await asyncio.to_thread(tok.encode, text, add_special_tokens)
         return tok.encode(text, add_special_tokens)
 

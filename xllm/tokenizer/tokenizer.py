@@ -8,6 +8,7 @@ mutates the backend after loading, so threads may encode and decode concurrently
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -130,6 +131,17 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of token ids the tokenizer can produce, added tokens included."""
         return int(self._backend.get_vocab_size(with_added_tokens=True))
+
+    @functools.cached_property
+    def max_bytes_per_token(self) -> int | None:
+        """No token covers more UTF-8 bytes of input text than this (the longest token's
+        text, which is never shorter than the bytes it stands for: a byte-level BPE symbol
+        or a byte-fallback token is longer); None where a normalizer could shrink the input
+        first, and no bound holds. Lets a prompt that cannot fit be refused untokenized."""
+        if self._backend.normalizer is not None:
+            return None
+        vocab = self._backend.get_vocab(with_added_tokens=True)
+        return max((len(token.encode("utf-8")) for token in vocab), default=None)
 
     @property
     def chat_template(self) -> str | None:
