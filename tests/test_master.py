@@ -157,6 +157,8 @@ BAD_BODIES: list[tuple[str, object]] = [
     ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": "x"}],
                               "top_logprobs": 2}),
     ("/v1/chat/completions", {"model": "M", "messages": [{"role": "robot", "content": "x"}]}),
+    ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": "\ud800"}]}),
+    ("/v1/completions", {"model": "M", "prompt": "word " * 400_000}),  # refused by its bytes
     ("/v1/nothing", {}),
 ]
 

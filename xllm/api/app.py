@@ -6,6 +6,7 @@ still be under way: ``/health`` answers 503 until it is ready).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import re
@@ -72,10 +73,13 @@ def _generation_responses(model: type, chunk: type) -> dict[int | str, dict[str,
 # A JSON escape of a UTF-16 surrogate (\ud800-\udfff): the only way a JSON body decodes to a
 # string Python cannot encode back to UTF-8 (raw bytes that are not UTF-8 fail the parse).
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
-# An oversize body is read to its end (and dropped) before the 413, up to this much: a
-# server that answers and closes while the client still sends makes the client's socket
-# reset, and the client never sees the answer.
+# An oversize body is read to its end (and dropped) before the 413, up to this much and this
+# long (and no longer than a pause in the client's sending): a server that answers and
+# closes while the client still sends makes the client's socket reset, and the client never
+# sees the answer.
 _DRAIN_BYTES = 256 << 20
+_DRAIN_SECONDS = 10.0
+_DRAIN_PAUSE_SECONDS = 1.0
 
 
 def _lone_surrogate(value: Any, path: str = "") -> str | None:
@@ -131,7 +135,8 @@ class _Guard:
         limit = self.settings.max_request_body_bytes
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            await _drain(receive, int(length))
+            if dict(scope["headers"]).get(b"expect", b"").lower() != b"100-continue":
+                await _drain(receive, int(length))  # (with 100-continue nothing was sent)
             await _send_error(send, 413, f"the request body has {int(length)} bytes; this "
                               f"server accepts at most {limit}", code="request_too_large")
             return
@@ -179,11 +184,19 @@ class _Guard:
 
 
 async def _drain(receive: Receive, most: int) -> None:
-    """Reads and drops what is left of a request body, at most ``most`` bytes (at least the
-    announced length, capped by _DRAIN_BYTES)."""
+    """Reads and drops what is left of a request body: at most ``most`` bytes (capped by
+    _DRAIN_BYTES), _DRAIN_SECONDS, and until the client pauses for _DRAIN_PAUSE_SECONDS."""
     left = min(most, _DRAIN_BYTES)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _DRAIN_SECONDS
     while left > 0:
-        message = await receive()
+        wait = min(_DRAIN_PAUSE_SECONDS, deadline - loop.time())
+        if wait <= 0:
+            return
+        try:
+            message = await asyncio.wait_for(receive(), wait)
+        except asyncio.TimeoutError:
+            return
         if message["type"] != "http.request":
             return
         left -= len(message.get("body", b""))
