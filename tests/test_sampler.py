@@ -501,3 +501,28 @@ def test_large_vocab_batch_is_fast() -> None:
         torch.set_num_threads(threads)
     # generous: tens of ms single-threaded even on a busy machine (see bench/sampler.py)
     assert min(times) < 0.3, times
+
+
+def test_logit_bias_shifts_the_pick_and_leaves_logprobs_raw() -> None:
+    """+100 all but forces a token, -100 bans the argmax; rows without a bias, and seeded
+    rows, are untouched; logprobs are the raw model's (as vLLM and OpenAI report them)."""
+    g = torch.Generator().manual_seed(5)
+    vocab = 300
+    logits = torch.randn(4, vocab, generator=g)
+    top = logits.argmax(-1).tolist()
+    params = [SP(temperature=0.0, logit_bias={7: 100.0}, logprobs=1),
+              SP(temperature=0.0, logit_bias={top[1]: -100.0, vocab + 5: 3.0}),
+              SP(temperature=0.0),
+              SP(temperature=1.0, seed=3, logit_bias={11: 100.0})]
+    out = Sampler(seed=0)(logits, build(params, vocab))
+    tokens = out.token_ids.tolist()
+    assert tokens[0] == 7 and tokens[3] == 11 and tokens[2] == top[2]
+    masked = logits[1].clone()
+    masked[top[1]] -= 100
+    assert tokens[1] == int(masked.argmax())
+    raw = torch.log_softmax(logits[0], -1)
+    assert math.isclose(out.logprobs[0, 0].item(), raw[7].item(), rel_tol=1e-5)
+    with pytest.raises(ValueError, match="logit_bias"):
+        SP(logit_bias={-1: 1.0})
+    with pytest.raises(ValueError, match=r"logit_bias\[3\]"):
+        SP(logit_bias={3: 101.0})

@@ -193,6 +193,26 @@ def test_stop_echo_and_extensions(client: openai.OpenAI) -> None:
     assert ext.usage.completion_tokens == 4
 
 
+def test_logit_bias(client: openai.OpenAI, served_engine) -> None:  # noqa: ANN001
+    """OpenAI's logit_bias: +100 on a token makes it every greedy pick, on both endpoints;
+    bad keys, biases and token ids are 400s naming the field."""
+    token = served_engine.engine.tokenizer.encode(" fox", add_special_tokens=False)[0]
+    out = client.completions.create(model="demo", prompt="Hello", max_tokens=4, temperature=0,
+                                    logit_bias={str(token): 100})
+    assert out.choices[0].text == " fox" * 4
+    chat = client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+        temperature=0, logit_bias={str(token): 100})
+    assert chat.choices[0].message.content == " fox" * 3
+    vocab = served_engine.engine.model_config.vocab_size
+    for bias, match in (({"abc": 1}, "token ids"), ({str(token): 101}, "[-100, 100]"),
+                        ({str(vocab): 5}, "outside the vocabulary")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="demo", prompt="Hello", max_tokens=1,
+                                      logit_bias=bias)
+        assert match in e.value.body["message"], e.value.body
+
+
 def test_bad_requests_get_openai_errors(server: LiveServer, client: openai.OpenAI,
                                         served_engine) -> None:  # noqa: ANN001
     with pytest.raises(openai.BadRequestError) as e:

@@ -33,6 +33,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # {token id: bias in [-100, 100]} added to the logits before sampling (OpenAI's
+    # logit_bias; -100 bans a token in practice, +100 all but forces it). Logprobs stay the
+    # raw model's.
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -103,6 +107,18 @@ class SamplingParams:
             all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
             "stop_token_ids must be a list of non-negative integers",
         )
+        if self.logit_bias is not None:
+            _check(isinstance(self.logit_bias, dict), "logit_bias must map token ids to biases")
+            self.logit_bias = dict(self.logit_bias)
+            for token, bias in self.logit_bias.items():
+                _check(
+                    isinstance(token, int) and not isinstance(token, bool) and token >= 0,
+                    f"logit_bias keys must be token ids (integers >= 0), got {token!r}",
+                )
+                _check(
+                    _finite(bias) and -100 <= bias <= 100,
+                    f"logit_bias[{token}] must be a number in [-100, 100], got {bias!r}",
+                )
 
     @property
     def greedy(self) -> bool:

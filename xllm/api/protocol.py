@@ -80,6 +80,9 @@ class _SamplingFields(_Strict):
         "the response's prompt_logprobs (the first prompt token's entry is null)")
     offline: bool = Field(False, description="extension; best-effort traffic that only uses "
                           "capacity online requests leave idle")
+    logit_bias: dict[str, float] | None = Field(
+        None, description="token id (as a string) -> bias in [-100, 100], added to the logits "
+        "before sampling")
 
 
 class CompletionRequest(_SamplingFields):

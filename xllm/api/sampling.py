@@ -85,6 +85,14 @@ def to_sampling_params(request: CompletionRequest | ChatCompletionRequest, *,
             f"min_tokens ({request.min_tokens}) must not exceed max_tokens ({max_tokens})",
             param="min_tokens")
     stop = request.stop if request.stop is not None else []
+    logit_bias = None
+    if request.logit_bias is not None:
+        logit_bias = {}
+        for key, bias in request.logit_bias.items():
+            if not key.strip().isdigit():
+                raise APIError.bad_request(f"logit_bias keys are token ids; got {key!r}",
+                                           param="logit_bias")
+            logit_bias[int(key)] = bias
     try:
         return SamplingParams(
             n=request.n,
@@ -99,6 +107,7 @@ def to_sampling_params(request: CompletionRequest | ChatCompletionRequest, *,
             stop_token_ids=list(request.stop_token_ids or []), ignore_eos=request.ignore_eos,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=request.skip_special_tokens,
-            include_stop_str_in_output=request.include_stop_str_in_output)
+            include_stop_str_in_output=request.include_stop_str_in_output,
+            logit_bias=logit_bias)
     except ValueError as e:  # SamplingParams names the field in its message
         raise APIError.bad_request(str(e)) from e

@@ -136,7 +136,8 @@ class OpenAIServing:
                 raise APIError.bad_request(
                     f"the prompt has {size} bytes of text; no token of this model covers more "
                     f"than {per_token}, so it is over {size // per_token} tokens, more than the "
-                    f"context holds ({self.max_model_len}, max_model_len); shorten it")
+                    f"context holds ({self.max_model_len}, max_model_len); shorten it",
+                    code="context_length_exceeded")
             return await asyncio.to_thread(tok.encode, text, add_special_tokens)
         return tok.encode(text, add_special_tokens)
 

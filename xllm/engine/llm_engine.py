@@ -222,6 +222,9 @@ class LLMEngine:
         if room < 1:
             raise ValueError(f"the prompt has {len(token_ids)} tokens but the context holds "
                              f"{self.max_model_len} (max_model_len); shorten the prompt")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias names token id {max(params.logit_bias)}, outside the "
+                             f"vocabulary [0, {vocab})")
         if generated:
             _check_resume(generated, params, vocab, room)
         if params.max_tokens is None:

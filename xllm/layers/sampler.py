@@ -1,8 +1,9 @@
 """Sampling for the whole batch at once: one call picks the next token of every request.
 
 Order of work (as vLLM): (1) logprobs of the RAW model logits, if any row asks; (2) repetition,
-frequency and presence penalties; (3) suppression of EOS/stop ids below ``min_tokens``; (4) greedy
-rows: argmax; (5) the other rows: divide by temperature, top-k, top-p, min-p, then draw.
+frequency and presence penalties, then each row's logit_bias; (3) suppression of EOS/stop ids
+below ``min_tokens``; (4) greedy rows: argmax; (5) the other rows: divide by temperature, top-k,
+top-p, min-p, then draw.
 
 Drawing is inverse-CDF sampling with one uniform number per row over the kept tokens' weights,
 in two levels (float64 sums of 256-token blocks, then one block) so it costs about one pass. An
@@ -130,6 +131,8 @@ class SamplingBatch:
     penalties: Penalties | None
     suppress_index: torch.Tensor | None  # int64: row * vocab + token to mask to -inf
     logprob_rows: torch.Tensor | None  # int64; None = every row asks (or none does)
+    bias_index: torch.Tensor | None = None  # int64: row * vocab + token given a logit_bias
+    bias: torch.Tensor | None = None  # float32: that bias
 
     @classmethod
     def build(
@@ -211,6 +214,7 @@ class SamplingBatch:
             penalties=penalties,
             suppress_index=_build_suppression(suppress_token_ids, v, device),
             logprob_rows=_index(asking, device) if 0 < len(asking) < n else None,
+            **_build_bias(params, v, device),
         )
 
     @property
@@ -362,6 +366,24 @@ def _build_penalties(
     return pen
 
 
+def _build_bias(params: list[SamplingParams], v: int,
+                device: torch.device) -> dict[str, torch.Tensor | None]:
+    """The batch's logit_bias entries as flat indices and values (ids outside the vocabulary
+    can never be sampled and are left out)."""
+    index: list[int] = []
+    values: list[float] = []
+    for row, p in enumerate(params):
+        if p.logit_bias:
+            for token, bias in p.logit_bias.items():
+                if token < v:
+                    index.append(row * v + token)
+                    values.append(bias)
+    if not index:
+        return {"bias_index": None, "bias": None}
+    return {"bias_index": torch.tensor(index, dtype=torch.int64, device=device),
+            "bias": torch.tensor(values, dtype=torch.float32, device=device)}
+
+
 def _build_suppression(
     suppress: list[list[int]] | None, v: int, device: torch.device
 ) -> torch.Tensor | None:
@@ -425,10 +447,13 @@ class Sampler:
             return SamplerOutput(empty, torch.empty(0, k + 1, device=device), ids, empty)
         raw = logits.float().contiguous()  # no-ops for the usual fp32 contiguous logits
         processed = raw
-        if batch.penalties is not None or batch.suppress_index is not None:
+        if (batch.penalties is not None or batch.suppress_index is not None
+                or batch.bias_index is not None):
             # a contiguous copy: the caller's logits stay untouched, and updates go to flat indices
             processed = raw.clone(memory_format=torch.contiguous_format)
             apply_penalties(processed, batch)
+            if batch.bias_index is not None:
+                processed.view(-1).index_add_(0, batch.bias_index, batch.bias)
             apply_suppression(processed, batch)
 
         if batch.all_greedy:

@@ -62,6 +62,8 @@ def params_to_proto(p: SamplingParams) -> instance_pb2.SamplingParams:
         msg.max_tokens = p.max_tokens
     if p.logprobs is not None:
         msg.logprobs = p.logprobs
+    if p.logit_bias:
+        msg.logit_bias.update(p.logit_bias)
     return msg
 
 
@@ -78,7 +80,8 @@ def params_from_proto(msg: instance_pb2.SamplingParams) -> SamplingParams:
         stop=list(msg.stop), stop_token_ids=list(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         skip_special_tokens=msg.skip_special_tokens,
-        include_stop_str_in_output=msg.include_stop_str_in_output)
+        include_stop_str_in_output=msg.include_stop_str_in_output,
+        logit_bias=dict(msg.logit_bias) or None)
 
 
 class _Ewma:
