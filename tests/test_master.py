@@ -182,6 +182,12 @@ def test_bad_input_gets_the_same_errors_as_xllm_server(master, served_engine,  #
             got = requests.post(url + path, data=content, headers=headers, timeout=30)
             assert want.status_code >= 400, (path, body)
             assert (got.status_code, got.json()) == (want.status_code, want.json()), (path, body)
+    # logit_bias travels to the instances (the proto's map): +100 makes the token every pick.
+    token = served_engine.engine.tokenizer.encode(" fox", add_special_tokens=False)[0]
+    got = requests.post(url + "/v1/completions", timeout=60, json={
+        "model": model, "prompt": "Hello", "max_tokens": 3, "temperature": 0,
+        "logit_bias": {str(token): 100}})
+    assert got.status_code == 200 and got.json()["choices"][0]["text"] == " fox" * 3, got.text
     # Prompt logprobs: xllm-server computes them; the master's cluster does not yet, and says so.
     for extra, param in (({"echo": True, "logprobs": 1}, "echo"), ({"prompt_logprobs": 0},
                                                                     "prompt_logprobs")):
