@@ -26,6 +26,7 @@ from xllm.api.protocol import (
     TopLogprob,
     random_id,
 )
+from xllm.api.reasoning import ReasoningStream, split
 from xllm.api.sampling import to_sampling_params
 from xllm.api.serving import Job, OpenAIServing, PromptInput, delta_logprobs
 from xllm.engine.outputs import RequestOutput
@@ -72,6 +73,13 @@ def _logprobs(serving: OpenAIServing, out: RequestOutput, index: int, num_new: i
     return ChoiceLogprobs(content=content)
 
 
+def _message(parser: str | None, text: str) -> AssistantMessage:
+    if parser is None:
+        return AssistantMessage(content=text)
+    reasoning, content = split(parser, text)
+    return AssistantMessage(content=content, reasoning_content=reasoning)
+
+
 async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequest,
                                  raw: Request) -> Response:
     serving.check_model(req.model)
@@ -101,8 +109,9 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
     if not await serving.until_done_or_disconnected(job, raw, collect()):
         return Response(status_code=499)  # nobody is listening
     out = final[0]
+    parser = serving.settings.reasoning_parser
     choices = [ChatChoice(
-        index=c.index, message=AssistantMessage(content=c.text),
+        index=c.index, message=_message(parser, c.text),
         logprobs=None if k is None else _logprobs(serving, out, c.index, len(c.token_ids), k),
         finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in out.outputs]
     body = ChatCompletionResponse(
@@ -124,6 +133,8 @@ async def _stream(serving: OpenAIServing, req: ChatCompletionRequest, job: Job, 
 
     done: set[int] = set()
     prompt_sent = req.prompt_logprobs is None
+    parser = serving.settings.reasoning_parser
+    splits = {i: ReasoningStream(parser) for i in range(req.n)} if parser else None
     try:
         # The role first, as OpenAI does, before any token is computed.
         yield event([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
@@ -138,8 +149,14 @@ async def _stream(serving: OpenAIServing, req: ChatCompletionRequest, job: Job, 
                     continue
                 if c.finish_reason is not None:
                     done.add(c.index)
+                delta = DeltaMessage(content=text)
+                if splits is not None:
+                    reasoning, content = splits[c.index].feed(
+                        text, final=c.finish_reason is not None)
+                    delta = DeltaMessage(content=content or None,
+                                         reasoning_content=reasoning or None)
                 choices.append(ChatStreamChoice(
-                    index=c.index, delta=DeltaMessage(content=text),
+                    index=c.index, delta=delta,
                     logprobs=None if k is None else _logprobs(serving, out, c.index, len(ids), k),
                     finish_reason=c.finish_reason, stop_reason=c.stop_reason))
             if choices:

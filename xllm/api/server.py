@@ -49,6 +49,9 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
                    help="cap on new tokens per completion (default: the context length)")
     g.add_argument("--max-n", type=int, default=d.max_n,
                    help="cap on completions per prompt (n)")
+    g.add_argument("--reasoning-parser", metavar="NAME",
+                   help="split chat answers into reasoning_content (<think>...</think>) and "
+                        "content: deepseek_r1 or qwen3 (default: no split)")
     g.add_argument("--grace-period", type=float, default=d.grace_period_s, dest="grace_period_s",
                    help="seconds in-flight requests may take to finish on SIGTERM/SIGINT")
     g.add_argument("--access-log", action="store_true", help="log every HTTP request")
@@ -76,7 +79,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         host=args.host, port=args.port, served_model_names=list(args.served_model_names),
         api_key=args.api_key, max_request_body_bytes=args.max_request_body_bytes,
         max_waiting_requests=args.max_waiting_requests, max_tokens_limit=args.max_tokens_limit,
-        max_n=args.max_n,
+        max_n=args.max_n, reasoning_parser=args.reasoning_parser,
         grace_period_s=args.grace_period_s, access_log=args.access_log, log_level=args.log_level)
 
 

@@ -17,6 +17,8 @@ class ServerSettings:
     max_waiting_requests: int = 1024  # requests not yet started above this get 503
     max_tokens_limit: int | None = None  # cap on new tokens per completion (None: context)
     max_n: int = 128  # cap on completions per prompt (``n``)
+    # Chat answers split into reasoning_content and content (xllm.api.reasoning), or None.
+    reasoning_parser: str | None = None
     grace_period_s: float = 30.0  # SIGTERM/SIGINT: how long in-flight requests may finish
     access_log: bool = False
     log_level: str = "info"
@@ -34,6 +36,10 @@ class ServerSettings:
             raise ValueError(f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
         if not 1 <= self.max_n <= 128:
             raise ValueError(f"max_n must be in [1, 128], got {self.max_n}")
+        if self.reasoning_parser is not None:
+            from xllm.api.reasoning import parser_name
+
+            self.reasoning_parser = parser_name(self.reasoning_parser)
         if self.grace_period_s < 0:
             raise ValueError(f"grace_period_s must be >= 0, got {self.grace_period_s}")
         if self.api_key is not None and not self.api_key:
