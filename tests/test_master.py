@@ -256,3 +256,24 @@ def test_dynamic_pd_from_the_command_line(demo_model_dir: Path, served_engine,  
             pd = requests.get(f"{url}/cluster/pd", timeout=5).json()
         assert pd["policy"] == "dynamic" and pd["slo_tpot_ms"] == 50
         assert pd["last"]["traffic"]["rate"] > 0 and pd["last"]["reason"]
+
+
+def test_reasoning_parser_through_the_master(demo_model_dir: Path, served_engine,  # noqa: ANN001
+                                             tmp_path: Path) -> None:
+    """--reasoning-parser on xllm-master splits answers as xllm-server does: the demo writes
+    no </think>, so under deepseek_r1 the whole answer is reasoning_content."""
+    body = {"model": str(demo_model_dir), "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": "Name a colour."}]}
+    with _running_master(demo_model_dir, tmp_path / "master.log",
+                         ["--spawn", "1", "--reasoning-parser", "deepseek_r1"], 1) as (_, url, _):
+        got = requests.post(url + "/v1/chat/completions", json=body, timeout=60).json()
+    message = got["choices"][0]["message"]
+    from xllm.api.app import build_app
+    from xllm.api.settings import ServerSettings
+
+    app = build_app(served_engine, ServerSettings(served_model_names=[str(demo_model_dir)]),
+                    shutdown_engine=False)
+    with LiveServer(app) as server:
+        plain = requests.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    text = plain["choices"][0]["message"]["content"]
+    assert text and message["reasoning_content"] == text and message["content"] is None
