@@ -257,3 +257,27 @@ def test_async_engine_with_overlap_streams_and_aborts(demo_model_dir) -> None:  
         assert stats.num_unfinished_requests == 0 and stats.kv_cache_usage == 0
     finally:
         engine.shutdown()
+
+
+def test_a_failing_step_reports_its_own_error(demo_model_dir) -> None:  # noqa: ANN001
+    """With overlap, the model's error surfaces from step() (and the caller's generate)
+    once the helper's scheduling ahead has finished: nothing is left running."""
+    llm = LLM(model=str(demo_model_dir), dtype="float32", max_model_len=256,
+              overlap_scheduling=True)
+    engine = llm.engine
+    real_run, calls = engine.runner.run, []
+
+    def run(step):  # noqa: ANN001, ANN202
+        calls.append(step)
+        if len(calls) == 3:
+            raise RuntimeError("the model failed")
+        return real_run(step)
+
+    engine.runner.run = run
+    try:
+        with pytest.raises(RuntimeError, match="the model failed"):
+            llm.generate(["Hello", "Hi there"], SamplingParams(temperature=0, max_tokens=8),
+                         use_tqdm=False)
+        assert engine._helper._work_queue.empty()
+    finally:
+        engine.close()

@@ -376,8 +376,10 @@ class LLMEngine:
         helper = self._helper.submit(self._schedule_ahead)
         try:
             result = self.runner.run(step)
-        finally:
-            self._next = helper.result()
+        except BaseException:
+            helper.exception()  # let it finish; the model's error is the one to report
+            raise
+        self._next = helper.result()
         self._update(out, result, step.seconds)
         outputs = self._emit(out, result)
         self._account(start, busy_before)
