@@ -99,7 +99,7 @@ class EngineConfig:
             if self.device != "cpu":
                 raise ValueError("tensor parallelism runs on the CPU only for now (the CUDA "
                                  "path over NCCL is not built); use tensor_parallel_size 1")
-            if self.kv_offload_cpu_gb > 0 or self.kv_offload_disk is not None:
+            if self.kv_tiers:
                 raise ValueError("KV tiers (kv_offload_cpu_gb, kv_offload_disk) do not work "
                                  "with tensor parallelism yet: each rank holds only its heads "
                                  "of a block; use one or the other")
@@ -112,8 +112,7 @@ class EngineConfig:
                 raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} exceeds the "
                                  f"{cores} CPU cores this process may use: every rank needs a "
                                  "core of its own")
-        if self.overlap_scheduling and (self.kv_offload_cpu_gb > 0
-                                        or self.kv_offload_disk is not None):
+        if self.overlap_scheduling and self.kv_tiers:
             raise ValueError("overlap_scheduling does not work with KV tiers (kv_offload_cpu_gb, "
                              "kv_offload_disk) yet: their copies would race the step in "
                              "flight; turn one of them off")
@@ -131,12 +130,17 @@ class EngineConfig:
         return self.num_threads or share
 
     @property
+    def kv_tiers(self) -> bool:
+        """Whether the KV store has a tier below the pool (CPU memory or disk)."""
+        return self.kv_offload_cpu_gb > 0 or self.kv_offload_disk is not None
+
+    @property
     def overlap(self) -> bool:
         """Whether the engine overlaps scheduling with the model (overlap_scheduling, or its
         default where it is None)."""
         if self.overlap_scheduling is not None:
             return self.overlap_scheduling
-        if self.kv_offload_cpu_gb > 0 or self.kv_offload_disk is not None:
+        if self.kv_tiers:
             return False
         return OVERLAP_BY_DEFAULT[self.device]
 

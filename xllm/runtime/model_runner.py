@@ -33,7 +33,7 @@ from xllm.runtime.prompt_logprobs import (
     score_prompt_spans,
     span_rows,
 )
-from xllm.runtime.tp import StepMessage, WorkerGroup
+from xllm.runtime.tp import StepMessage, WorkerGroup, token_at
 from xllm.scheduler import SchedulerOutput
 
 
@@ -210,8 +210,7 @@ class ModelRunner:
         if step.pending:
             input_ids = step.buffers.input_ids
             for row, req, position in step.pending:
-                tokens = req.all_token_ids  # type: ignore[attr-defined]
-                input_ids[row] = tokens[position] if position < len(tokens) else 0
+                input_ids[row] = token_at(req, position)
             if step.message is not None:
                 step.message.fill()
             if step.sampling is None and len(step.last_rows):

@@ -109,8 +109,14 @@ class StepMessage:
 
     def fill(self) -> None:
         for offset, req, position in self.holes:
-            tokens = req.all_token_ids  # type: ignore[attr-defined]
-            self.array[offset] = tokens[position] if position < len(tokens) else 0
+            self.array[offset] = token_at(req, position)
+
+
+def token_at(req: object, position: int) -> int:
+    """The request's token at ``position``, once the step that sampled it is in; 0 for a
+    request that finished without it (its row's result is dropped)."""
+    tokens = req.all_token_ids  # type: ignore[attr-defined]
+    return tokens[position] if position < len(tokens) else 0
 
 
 def encode_stop() -> bytes:

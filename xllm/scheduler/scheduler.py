@@ -105,8 +105,9 @@ class Scheduler:
         # or two with overlap scheduling.
         self._outstanding: deque[SchedulerOutput] = deque()
         self._max_outstanding = 2 if config.overlap else 1
-        # Finished while a step computing them is in flight: their blocks are released (freed
-        # or held) when their last such step is through update_from_output.
+        # Finished while a step computing them is in flight: the blocks they still hold are
+        # freed when their last such step is through update_from_output (a hold took its
+        # full blocks already).
         self._release_later: dict[str, Request] = {}
 
     # ---- metrics ---------------------------------------------------------------------
@@ -471,7 +472,7 @@ class Scheduler:
         registers newly full blocks in the prefix cache and frees finished requests' blocks.
         Returns the requests that finished in this step. Checks everything before changing
         anything."""
-        if out.is_empty and all(out is not o for o in self._outstanding):
+        if out.is_empty:  # never outstanding: nothing to consume
             return []
         if not self._outstanding or out is not self._outstanding[0]:
             raise ValueError(
