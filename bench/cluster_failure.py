@@ -40,14 +40,14 @@ _MISSED_BY = re.compile(r"missed its heartbeat deadline by ([\d.]+) s")
 
 async def _victim(cluster: LocalCluster) -> tuple[InstanceProcess, float]:
     """The instance running the most requests now, and that number."""
-    best, best_running = None, -1.0
-    for inst in cluster.instances():
-        running = prom.value(await prom.scrape(inst.url), "xllm_num_requests_running")
-        if running > best_running:
-            best, best_running = inst, running
-    if best is None:
+    instances = cluster.instances()
+    if not instances:
         raise RuntimeError("no instance process of the cluster is running")
-    return best, best_running
+    # All at once: the streams run on while this scrapes, and a short one may end first.
+    scraped = await asyncio.gather(*(prom.scrape(inst.url) for inst in instances))
+    running = [prom.value(m, "xllm_num_requests_running") for m in scraped]
+    best = max(range(len(instances)), key=running.__getitem__)
+    return instances[best], running[best]
 
 
 class _VoidTrial(Exception):
@@ -156,8 +156,7 @@ async def kill_phase(
             specs = [replace(s, output_len=min(2 * s.output_len, cap)) for s in specs]
             await _wait_idle(cluster, deadline)
     try:
-        m0 = await prom.scrape(cluster.url)
-        victim, running = await _victim(cluster)
+        m0, (victim, running) = await asyncio.gather(prom.scrape(cluster.url), _victim(cluster))
         if victim.instance_id is None:
             raise RuntimeError(
                 f"cannot tell the registry id of instance {victim.url} (it listens "
