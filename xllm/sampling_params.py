@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from xllm.structured.spec import GrammarSpec
+
 
 @dataclass
 class SamplingParams:
@@ -37,6 +39,10 @@ class SamplingParams:
     # logit_bias; -100 bans a token in practice, +100 all but forces it). Logprobs stay the
     # raw model's.
     logit_bias: dict[int, float] | None = None
+    # The output must match this (a JSON schema, a regex, a choice, a grammar): tokens that
+    # cannot continue a match are masked before sampling (xllm.structured). Logprobs stay the
+    # raw model's.
+    structured: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -119,6 +125,10 @@ class SamplingParams:
                     _finite(bias) and -100 <= bias <= 100,
                     f"logit_bias[{token}] must be a number in [-100, 100], got {bias!r}",
                 )
+
+        _check(self.structured is None or isinstance(self.structured, GrammarSpec),
+               "structured must be an xllm.structured.GrammarSpec or None, got "
+               f"{type(self.structured).__name__}")
 
     @property
     def greedy(self) -> bool:

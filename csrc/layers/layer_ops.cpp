@@ -141,9 +141,48 @@ void argmax_rows(py::handle out_obj, py::handle x_obj) {
                       isa);
 }
 
+// ---- token bitmask (structured outputs) -----------------------------------------
+
+void apply_token_bitmask(py::handle logits_obj, py::handle bitmask_obj, py::handle rows_obj) {
+  const Tensor x = host_tensor(logits_obj, "logits");
+  const Tensor b = host_tensor(bitmask_obj, "bitmask");
+  const Tensor r = host_tensor(rows_obj, "rows");
+  check_dtype(x, DType::kFloat32);
+  check_dtype(b, DType::kInt32);
+  check_dtype(r, DType::kInt64);
+  check_ndim(x, 2, "[num_rows, vocab_size]");
+  check_ndim(b, 2, "[num_masked_rows, words]");
+  check_ndim(r, 1, "[num_masked_rows]");
+  check_contiguous(r);
+  check_dim(r, 0, b.size(0), "bitmask.shape[0]");
+  if (x.stride[1] != 1 || b.stride[1] != 1) {
+    fail("arguments 'logits' and 'bitmask' must have contiguous rows (stride(1) == 1)");
+  }
+  const int64_t v = x.size(1);
+  if (b.size(1) * 32 < v) {
+    fail("argument 'bitmask' has ", b.size(1), " words per row; ", (v + 31) / 32,
+         " are needed for ", v, " logits");
+  }
+  const int64_t* rows = r.ptr<int64_t>();
+  for (int64_t i = 0; i < r.size(0); ++i) {
+    if (rows[i] < 0 || rows[i] >= x.size(0)) {
+      fail("argument 'rows' holds ", rows[i], " at ", i, "; rows must be in [0, ", x.size(0), ")");
+    }
+  }
+  const Isa isa = active_isa();
+  py::gil_scoped_release release;
+  rowops::apply_token_bitmask(x.ptr<float>(), x.stride[0], v, b.ptr<int32_t>(), b.stride[0], rows,
+                              r.size(0), isa);
+}
+
 }  // namespace
 
 void register_layer_ops(py::module_& m) {
+  m.def("apply_token_bitmask", &apply_token_bitmask, py::arg("logits"), py::arg("bitmask"),
+        py::arg("rows"),
+        "In place: logits[rows[i], j] = -inf where bit j % 32 of bitmask[i, j // 32] is 0 "
+        "(logits [N, V] fp32, bitmask [M, >= ceil(V / 32)] int32, rows [M] int64): the "
+        "structured-output mask of xgrammar's layout.");
   m.def("argmax_rows", &argmax_rows, py::arg("out"), py::arg("x"),
         "out [T] (int64) = the index of each row's first maximum of x [T, V] (fp32, rows may "
         "be strided), as torch.argmax: the first NaN if a row holds one.");

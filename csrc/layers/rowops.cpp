@@ -261,4 +261,65 @@ void rotary(float* x, int64_t ldx, int64_t rows, int64_t heads, int64_t hd, cons
   }
 }
 
+namespace {
+
+// One row: logits[j] = -inf where bit j of the mask words is 0, for j < v.
+void mask_row_scalar(float* x, const int32_t* words, int64_t v) {
+  for (int64_t w = 0; w * 32 < v; ++w) {
+    uint32_t off = ~static_cast<uint32_t>(words[w]);
+    if (w * 32 + 32 > v) off &= (1u << (v - w * 32)) - 1u;
+    while (off) {
+      x[w * 32 + __builtin_ctz(off)] = -INFINITY;
+      off &= off - 1;
+    }
+  }
+}
+
+// 8 lanes at a time: lane k is masked where bit k of the byte is 0 (a masked store).
+XLLM_AVX2 void mask_row_avx2(float* x, const int32_t* words, int64_t v) {
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256 ninf = _mm256_set1_ps(-INFINITY);
+  const int64_t full = v / 32;
+  for (int64_t w = 0; w < full; ++w) {
+    const uint32_t bits = static_cast<uint32_t>(words[w]);
+    if (bits == 0xFFFFFFFFu) continue;
+    for (int b = 0; b < 4; ++b) {
+      const __m256i byte = _mm256_set1_epi32(static_cast<int>((bits >> (8 * b)) & 0xFF));
+      const __m256i off = _mm256_cmpeq_epi32(_mm256_and_si256(byte, bit), _mm256_setzero_si256());
+      _mm256_maskstore_ps(x + w * 32 + 8 * b, off, ninf);
+    }
+  }
+  if (full * 32 < v) mask_row_scalar(x + full * 32, words + full, v - full * 32);
+}
+
+#if defined(__x86_64__)
+XLLM_AVX512 void mask_row_avx512(float* x, const int32_t* words, int64_t v) {
+  const __m512 ninf = _mm512_set1_ps(-INFINITY);
+  for (int64_t w = 0; w * 32 < v; ++w) {
+    const uint32_t off = ~static_cast<uint32_t>(words[w]);
+    if (!off) continue;
+    const int64_t at = w * 32;
+    _mm512_mask_storeu_ps(x + at, static_cast<__mmask16>(off & first_lanes(v - at)), ninf);
+    _mm512_mask_storeu_ps(x + at + 16, static_cast<__mmask16>((off >> 16) & first_lanes(v - at - 16)),
+                          ninf);
+  }
+}
+#endif
+
+}  // namespace
+
+void apply_token_bitmask(float* x, int64_t ldx, int64_t v, const int32_t* bitmask, int64_t ldb,
+                         const int64_t* rows, int64_t m, Isa isa) {
+  for (int64_t i = 0; i < m; ++i) {
+    float* row = x + rows[i] * ldx;
+    const int32_t* words = bitmask + i * ldb;
+#if defined(__x86_64__)
+    if (isa >= Isa::kAvx512) mask_row_avx512(row, words, v);
+    else
+#endif
+    if (isa >= Isa::kAvx2) mask_row_avx2(row, words, v);
+    else mask_row_scalar(row, words, v);
+  }
+}
+
 }  // namespace xllm::rowops

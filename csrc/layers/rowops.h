@@ -32,4 +32,10 @@ void rotary(float* x, int64_t ldx, int64_t rows, int64_t heads, int64_t hd, cons
 // maxima. Greedy sampling's pick over the vocabulary.
 void argmax_rows(const float* x, int64_t ldx, int64_t rows, int64_t v, int64_t* out, Isa isa);
 
+// Structured outputs: for i < m, logits row rows[i] of x (row stride ldx, v columns) gets
+// -inf wherever bit j % 32 of word j / 32 of bitmask row i (row stride ldb, in int32 words)
+// is 0 (xgrammar's and llguidance's layout: bit set = token allowed).
+void apply_token_bitmask(float* x, int64_t ldx, int64_t v, const int32_t* bitmask, int64_t ldb,
+                         const int64_t* rows, int64_t m, Isa isa);
+
 }  // namespace xllm::rowops

@@ -3,14 +3,14 @@
 Shared by xllm-server and the cluster master, so it holds no server state. Field names,
 defaults and ranges follow the OpenAI API; fields marked *extension* are vLLM-style extras.
 Unknown fields are rejected (400 naming the field) rather than silently ignored: a client
-asking for ``tools`` or ``response_format`` must learn that this server does not do them.
+sending a field this server does not know must learn that it is not applied.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -49,6 +49,35 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's response_format: text (no constraint), any JSON object, or a JSON schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsParams(_Strict):
+    """vLLM's structured_outputs extension: exactly one of these constrains the output."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json",
+                                               description="a JSON schema (object or text)")
+    regex: str | None = None
+    choice: list[NonEmptyStr] | None = Field(None, min_length=1)
+    grammar: str | None = Field(None, description="EBNF (GBNF dialect) with a root rule")
+    json_object: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+
+
 class _SamplingFields(_Strict):
     """What both endpoints share: the model, sampling, stopping and the extensions."""
 
@@ -83,6 +112,10 @@ class _SamplingFields(_Strict):
     logit_bias: dict[str, float] | None = Field(
         None, description="token id (as a string) -> bias in [-100, 100], added to the logits "
         "before sampling")
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = Field(
+        None, description="extension (vLLM's): the output matches a JSON schema, a regex, "
+        "one of a list of strings or a grammar")
 
 
 class CompletionRequest(_SamplingFields):

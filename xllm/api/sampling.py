@@ -5,8 +5,10 @@ from __future__ import annotations
 from xllm.api.errors import APIError
 from xllm.api.protocol import ChatCompletionRequest, CompletionRequest
 from xllm.sampling_params import SamplingParams
+from xllm.structured import GrammarSpec
+from xllm.structured.grammar import check as check_grammar
 
-__all__ = ["check_context", "requested_max_tokens", "to_sampling_params"]
+__all__ = ["check_context", "requested_max_tokens", "structured_spec", "to_sampling_params"]
 
 # OpenAI's completions endpoint defaults to 16 new tokens; chat to whatever the context holds.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
@@ -37,17 +39,59 @@ def check_context(num_prompt_tokens: int, max_tokens: int | None, max_model_len:
             param="max_tokens", code="context_length_exceeded")
 
 
+def structured_spec(request: CompletionRequest | ChatCompletionRequest) -> GrammarSpec | None:
+    """What ``response_format`` or the ``structured_outputs`` extension asks the output to
+    match (None: nothing), checked: a 400 that says what is wrong with a bad schema, regex
+    or grammar."""
+    fmt, so = request.response_format, request.structured_outputs
+    if fmt is not None and fmt.type != "text" and so is not None:
+        raise APIError.bad_request("give response_format or structured_outputs, not both",
+                                   param="structured_outputs")
+    param = "response_format"
+    try:
+        if fmt is not None and fmt.type == "json_object":
+            spec = GrammarSpec("json_object")
+        elif fmt is not None and fmt.type == "json_schema":
+            param = "response_format.json_schema.schema"
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise ValueError("response_format of type json_schema needs json_schema.schema")
+            spec = GrammarSpec.json_schema(fmt.json_schema.schema_)
+        elif so is not None:
+            fields = {"json": so.json_, "regex": so.regex, "choice": so.choice,
+                      "grammar": so.grammar, "json_object": so.json_object or None}
+            named = [k for k, v in fields.items() if v is not None]
+            param = "structured_outputs" + (f".{named[0]}" if len(named) == 1 else "")
+            if len(named) != 1:
+                raise ValueError("structured_outputs takes exactly one of json, regex, choice, "
+                                 f"grammar, json_object; got {', '.join(named) or 'none'}")
+            kind, value = named[0], fields[named[0]]
+            if kind == "json":
+                spec = GrammarSpec.json_schema(value)  # type: ignore[arg-type]
+            elif kind == "choice":
+                spec = GrammarSpec.choice(value)  # type: ignore[arg-type]
+            else:
+                spec = GrammarSpec(kind, "" if kind == "json_object" else value)  # type: ignore
+        else:
+            return None
+        check_grammar(spec)
+    except ValueError as e:
+        raise APIError.bad_request(str(e), param=param) from e
+    return spec
+
+
 def to_sampling_params(request: CompletionRequest | ChatCompletionRequest, *,
                        num_prompt_tokens: int, max_model_len: int,
                        max_tokens_limit: int | None = None, max_n: int | None = None,
-                       scores_prompts: bool = True) -> SamplingParams:
+                       scores_prompts: bool = True,
+                       structured: GrammarSpec | None = None) -> SamplingParams:
     """SamplingParams for one prompt. APIError(400) naming the parameter on bad values.
 
     ``max_tokens_limit``: the server's cap on new tokens per completion (requests above it
     are refused; requests without max_tokens get at most that many). ``max_n``: the server's
     cap on ``n``. ``scores_prompts``: whether the engine behind the server computes prompt
     logprobs (completions' ``echo`` with ``logprobs``, the ``prompt_logprobs`` extension);
-    where it does not, those requests are refused.
+    where it does not, those requests are refused. ``structured``: the grammar the output
+    must match, when not the request's own (``structured_spec``): a forced tool call's.
     """
     if max_n is not None and request.n > max_n:
         raise APIError.bad_request(f"n is {request.n} but this server allows at most {max_n} "
@@ -108,6 +152,7 @@ def to_sampling_params(request: CompletionRequest | ChatCompletionRequest, *,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=request.skip_special_tokens,
             include_stop_str_in_output=request.include_stop_str_in_output,
-            logit_bias=logit_bias)
+            logit_bias=logit_bias,
+            structured=structured if structured is not None else structured_spec(request))
     except ValueError as e:  # SamplingParams names the field in its message
         raise APIError.bad_request(str(e)) from e

@@ -316,18 +316,47 @@ class AsyncEngine:
             raise ValueError(f"request id {rid!r} is already in use")
         stream = RequestStream(rid, self, asyncio.get_running_loop())
         self._streams[rid] = stream
+        add = _Add(rid, prompt, params, priority, offline, generated_token_ids, generated_text,
+                   hold_kv)
+        if params.structured is not None and self._engine is not None:
+            # Compile the grammar first, on the compiler's thread: the request reaches the
+            # engine thread once it is compiled (cached), so no step waits for a compile.
+            compiling = self._engine.grammars.submit(params.structured)
+            if not compiling.done():
+                compiling.add_done_callback(lambda f: self._add_compiled(add, stream, f))
+                return stream
+        error = self._push(add)
+        if error is not None:
+            self._streams.pop(rid, None)
+            raise error
+        return stream
+
+    def _push(self, add: _Add) -> Exception | None:
+        """Queues ``add`` for the engine thread; the error to report when it cannot."""
         try:
-            pushed = self._inbox.try_push(_Add(rid, prompt, params, priority, offline,
-                                               generated_token_ids, generated_text, hold_kv))
+            pushed = self._inbox.try_push(add)
         except QueueClosed:
             pushed = None
-        if not pushed:
-            self._streams.pop(rid, None)
-            if pushed is None:
-                raise EngineDeadError(self._error or "the engine is shutting down")
-            raise EngineOverloadedError(f"the engine's inbox is full ({self._inbox.capacity} "
-                                        "requests queued); retry later")
-        return stream
+        if pushed:
+            return None
+        if pushed is None:
+            return EngineDeadError(self._error or "the engine is shutting down")
+        return EngineOverloadedError(f"the engine's inbox is full ({self._inbox.capacity} "
+                                     "requests queued); retry later")
+
+    def _add_compiled(self, add: _Add, stream: RequestStream,
+                      compiled: concurrent.futures.Future[object]) -> None:
+        """The compiler's thread, a request's grammar compiled (or not): on to the engine, or
+        the error (a ValueError saying what is wrong with the spec) to the stream."""
+        if self._streams.get(add.request_id) is not stream:
+            return  # aborted meanwhile
+        error = None if compiled.cancelled() else compiled.exception()
+        if compiled.cancelled():
+            error = EngineDeadError(self._error or "the engine is shutting down")
+        if error is None:
+            error = self._push(add)
+        if error is not None:
+            stream._put(None, error)
 
     def call_on_engine_thread(self, fn: Callable[[LLMEngine], object]
                               ) -> concurrent.futures.Future[object]:

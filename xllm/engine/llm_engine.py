@@ -40,6 +40,7 @@ from xllm.runtime.prompt_logprobs import PromptLogprobs
 from xllm.runtime.tp import WorkerGroup, WorkerSpec, pin_to, rank_cores
 from xllm.sampling_params import SamplingParams
 from xllm.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig, SchedulerOutput
+from xllm.structured.grammar import GrammarCompiler
 from xllm.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger("xllm.engine")
@@ -88,6 +89,10 @@ class LLMEngine:
         self.generation_config = GenerationConfig.from_dir(self.model_dir)
         self.eos_token_ids = set(self.generation_config.eos_token_ids) or set(
             self.tokenizer.eos_token_ids)
+        # Structured outputs' grammars, compiled on their own thread and cached. Thread-safe:
+        # AsyncEngine compiles a request's grammar before the request reaches this thread.
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
+                                        self.eos_token_ids)
         self.device = torch.device(config.device)
         mc = self.model_config
         limit = mc.max_position_embeddings
@@ -204,7 +209,12 @@ class LLMEngine:
         its outputs so far, so the sampler's step (seeded draws), penalties, ``min_tokens``
         and ``max_tokens`` continue exactly as in an uninterrupted run, and stop strings
         spanning the resume point are found. ``generated_text``: the text the client already
-        has; outputs carry the full text and token ids, deltas only what follows."""
+        has; outputs carry the full text and token ids, deltas only what follows.
+
+        ``params.structured``: the request's grammar is compiled here unless cached (submit
+        it to ``self.grammars`` first to keep the compile off this thread); a resumed
+        request's grammar state is rebuilt from ``generated_token_ids``. ValueError for a
+        spec that does not compile."""
         params = params or SamplingParams()
         generated = [int(t) for t in generated_token_ids or ()]
         if request_id in self._states:
@@ -227,6 +237,9 @@ class LLMEngine:
                              f"vocabulary [0, {vocab})")
         if generated:
             _check_resume(generated, params, vocab, room)
+        compiled = None
+        if params.structured is not None:
+            compiled = self.grammars.compile(params.structured)
         if params.max_tokens is None:
             params = replace(params, max_tokens=room)
         state = _RequestState(request_id, text, token_ids, params)
@@ -245,6 +258,8 @@ class LLMEngine:
             req = Request(child_id, token_ids, child_params, eos_token_ids=self.eos_token_ids,
                           priority=priority, offline=offline, share_prefix_with=first)
             req.hold_kv = hold_kv  # a prefill whose blocks a decode instance will fetch
+            if compiled is not None:
+                req.grammar = self.grammars.matcher(compiled, generated)
             completion = _Completion(req, IncrementalDetokenizer(
                 self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens))
             if params.logprobs is not None:
@@ -328,6 +343,7 @@ class LLMEngine:
         if self._helper is not None:
             self._helper.shutdown()
         self._stop_workers()
+        self.grammars.close()
         self.kv_store.close()
 
     def _stop_workers(self) -> None:

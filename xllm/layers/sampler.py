@@ -1,8 +1,9 @@
 """Sampling for the whole batch at once: one call picks the next token of every request.
 
 Order of work (as vLLM): (1) logprobs of the RAW model logits, if any row asks; (2) repetition,
-frequency and presence penalties, then each row's logit_bias; (3) suppression of EOS/stop ids
-below ``min_tokens``; (4) greedy rows: argmax; (5) the other rows: divide by temperature, top-k,
+frequency and presence penalties, then each row's logit_bias, then the structured-output
+token bitmask of the rows that have one; (3) suppression of EOS/stop ids below
+``min_tokens``; (4) greedy rows: argmax; (5) the other rows: divide by temperature, top-k,
 top-p, min-p, then draw.
 
 Drawing is inverse-CDF sampling with one uniform number per row over the kept tokens' weights,
@@ -39,6 +40,7 @@ __all__ = [
     "SamplingBatch",
     "apply_penalties",
     "apply_suppression",
+    "apply_token_bitmask",
     "has_penalties",
 ]
 
@@ -133,6 +135,10 @@ class SamplingBatch:
     logprob_rows: torch.Tensor | None  # int64; None = every row asks (or none does)
     bias_index: torch.Tensor | None = None  # int64: row * vocab + token given a logit_bias
     bias: torch.Tensor | None = None  # float32: that bias
+    # Structured outputs: row mask_rows[i] may only sample tokens whose bit is set in
+    # bitmask[i] (int32 words, bit j % 32 of word j // 32 = token j; xgrammar's layout).
+    mask_rows: torch.Tensor | None = None  # int64 [m]
+    bitmask: torch.Tensor | None = None  # int32 [m, ceil(vocab / 32)]
 
     @classmethod
     def build(
@@ -144,6 +150,8 @@ class SamplingBatch:
         device: torch.device | str = "cpu",
         suppress_token_ids: list[list[int]] | None = None,
         num_pending: list[int] | None = None,
+        mask_rows: list[int] | None = None,
+        bitmask: torch.Tensor | None = None,
     ) -> SamplingBatch:
         """``suppress_token_ids[i]``: ids masked to -inf in row i this step (the engine passes
         EOS + stop ids while a request has fewer than min_tokens outputs); ids outside the
@@ -168,6 +176,16 @@ class SamplingBatch:
             if not isinstance(p, SamplingParams):
                 raise ValueError(f"params[{i}] must be a SamplingParams, got {type(p).__name__}")
         device, v = torch.device(device), vocab_size
+        if (mask_rows is None) != (bitmask is None):
+            raise ValueError("mask_rows and bitmask go together")
+        if mask_rows is not None:
+            words = -(-v // 32)
+            if (bitmask.dtype != torch.int32 or bitmask.dim() != 2  # type: ignore[union-attr]
+                    or bitmask.shape[0] != len(mask_rows) or bitmask.shape[1] < words):
+                raise ValueError(f"bitmask must be int32 [{len(mask_rows)}, >= {words}] (one "
+                                 "row of words per masked row)")
+            if any(not 0 <= r < n for r in mask_rows):
+                raise ValueError(f"mask_rows must be rows of the batch, in [0, {n})")
 
         greedy = [p.temperature < _SAMPLING_EPS for p in params]
         top_k = [p.top_k if 0 < p.top_k < v else 0 for p in params]
@@ -215,6 +233,8 @@ class SamplingBatch:
             suppress_index=_build_suppression(suppress_token_ids, v, device),
             logprob_rows=_index(asking, device) if 0 < len(asking) < n else None,
             **_build_bias(params, v, device),
+            mask_rows=None if not mask_rows else _index(mask_rows, device),
+            bitmask=None if not mask_rows else bitmask.to(device),  # type: ignore[union-attr]
         )
 
     @property
@@ -448,12 +468,13 @@ class Sampler:
         raw = logits.float().contiguous()  # no-ops for the usual fp32 contiguous logits
         processed = raw
         if (batch.penalties is not None or batch.suppress_index is not None
-                or batch.bias_index is not None):
+                or batch.bias_index is not None or batch.mask_rows is not None):
             # a contiguous copy: the caller's logits stay untouched, and updates go to flat indices
             processed = raw.clone(memory_format=torch.contiguous_format)
             apply_penalties(processed, batch)
             if batch.bias_index is not None:
                 processed.view(-1).index_add_(0, batch.bias_index, batch.bias)
+            apply_token_bitmask(processed, batch)
             apply_suppression(processed, batch)
 
         if batch.all_greedy:
@@ -511,6 +532,22 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
     if pen.output_index is not None:
         vals = flat.index_select(0, pen.output_index)
         flat.index_copy_(0, pen.output_index, (vals - pen.frequency) - pen.presence)
+
+
+def apply_token_bitmask(logits: torch.Tensor, batch: SamplingBatch) -> None:
+    """-inf, in place, on each masked row's tokens whose bit is clear (native on CPU: a masked
+    vector store per 16 tokens; elsewhere the bits unpacked by torch)."""
+    rows, bitmask = batch.mask_rows, batch.bitmask
+    if rows is None or bitmask is None:
+        return
+    if logits.device.type == "cpu":
+        _C.apply_token_bitmask(logits, bitmask, rows)
+        return
+    v = logits.shape[1]
+    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :v].bool()
+    sub = logits.index_select(0, rows)
+    logits.index_copy_(0, rows, sub.masked_fill_(~allowed, -_INF))
 
 
 def apply_suppression(logits: torch.Tensor, batch: SamplingBatch) -> None:

@@ -68,6 +68,15 @@ class _Buffers:
         self.block_tables = np.zeros((max_num_seqs, max_blocks_per_seq), dtype=np.int32)
         self.seq_lens = np.zeros(max_num_seqs, dtype=np.int32)
         self.query_start = np.zeros(max_num_seqs + 1, dtype=np.int32)
+        self.max_num_seqs = max_num_seqs
+        self.bitmask: torch.Tensor | None = None  # structured outputs: made at first use
+
+    def token_bitmask(self, vocab_size: int) -> torch.Tensor:
+        """The step's structured-output bitmask rows [max_num_seqs, ceil(vocab / 32)]."""
+        if self.bitmask is None:
+            self.bitmask = torch.full((self.max_num_seqs, -(-vocab_size // 32)), -1,
+                                      dtype=torch.int32)
+        return self.bitmask
 
 
 @dataclass
@@ -200,7 +209,7 @@ class ModelRunner:
         if self.workers is not None:
             step.message = self.workers.encode(out, span_rows(spans) if spans else None)
         if len(last_rows):
-            step.sampling = self._sampling_batch(out, ready=not pending)
+            step.sampling = self._sampling_batch(out, buf, ready=not pending)
         return step
 
     def complete(self, step: PreparedStep) -> None:
@@ -214,26 +223,39 @@ class ModelRunner:
             if step.message is not None:
                 step.message.fill()
             if step.sampling is None and len(step.last_rows):
-                step.sampling = self._sampling_batch(step.out, ready=True)
+                step.sampling = self._sampling_batch(step.out, step.buffers, ready=True)
         if self.workers is not None:
             self.workers.send(step.message)
 
-    def _sampling_batch(self, out: SchedulerOutput, ready: bool) -> SamplingBatch | None:
+    def _sampling_batch(self, out: SchedulerOutput, buf: _Buffers,
+                        ready: bool) -> SamplingBatch | None:
         """The step's sampling batch; None when some outputs are still pending (not ready)
-        and a row with pending outputs has penalties, which need their values."""
+        and a row with pending outputs has penalties or a grammar, which need their values.
+        Fills the structured-output bitmask of the rows that have a grammar."""
         reqs = [item.request for item in out.scheduled if item.samples]
         pending = None
         if not ready:
             pending = [r.num_pending_outputs - 1 for r in reqs]  # this step's own is not one
-            if any(k and has_penalties(r.sampling_params)
+            if any(k and (has_penalties(r.sampling_params) or r.grammar is not None)
                    for k, r in zip(pending, reqs, strict=True)):
                 return None
+        # A grammar that has ended (its stop token accepted) masks nothing: its request is
+        # finished (overlap: the row's result is dropped) or ignores EOS (the next token
+        # ends it, see Scheduler.update_from_output).
+        mask_rows = [j for j, r in enumerate(reqs)
+                     if r.grammar is not None and not r.grammar.is_terminated()]
+        bitmask = None
+        if mask_rows:
+            bitmask = buf.token_bitmask(self.config.vocab_size)[:len(mask_rows)]
+            for i, j in enumerate(mask_rows):
+                reqs[j].grammar.fill_next_token_bitmask(bitmask, i)
         return SamplingBatch.build(
             [r.sampling_params for r in reqs], [r.prompt_token_ids for r in reqs],
             [r.output_token_ids for r in reqs], vocab_size=self.config.vocab_size,
             device=self.device, num_pending=pending,
             suppress_token_ids=[self._suppressed(r, k)
-                                for r, k in zip(reqs, pending or [0] * len(reqs), strict=True)])
+                                for r, k in zip(reqs, pending or [0] * len(reqs), strict=True)],
+            mask_rows=mask_rows or None, bitmask=bitmask)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from xllm.sampling_params import SamplingParams
 
@@ -75,6 +76,7 @@ class Request:
         "hold_kv",
         "num_inflight_tokens",
         "num_pending_outputs",
+        "grammar",
     )
 
     def __init__(
@@ -136,6 +138,10 @@ class Request:
         # sampling (not yet in all_token_ids). Both 0 between steps without overlap.
         self.num_inflight_tokens = 0
         self.num_pending_outputs = 0
+        # Structured outputs: the matcher of the request's grammar (accept_token,
+        # fill_next_token_bitmask, is_terminated), advanced over every output token; None
+        # for an unconstrained request.
+        self.grammar: Any = None
         self.block_ids: list[int] = []
         # Chained hashes of the full blocks of all_token_ids, extended as tokens arrive; a full
         # block's tokens never change, so they stay valid across preemption.

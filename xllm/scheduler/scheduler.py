@@ -521,7 +521,13 @@ class Scheduler:
                 advanced.append(request)
             # else preempted after this step was scheduled (overlap): its blocks are gone and
             # it recomputes, but the token it sampled here is its next one all the same.
+            grammar = request.grammar
             for token in tokens:
+                if grammar is not None and not grammar.accept_token(token):
+                    # Cannot happen under the sampler's mask, except past the grammar's end
+                    # (ignore_eos): the output is complete, the token is dropped.
+                    stopped.append((request, _STOPPED, None))
+                    break
                 request.output_token_ids.append(token)
                 request.all_token_ids.append(token)
                 # Token-level stops (stop strings are the engine's): EOS / stop ids, not
