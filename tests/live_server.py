@@ -37,22 +37,26 @@ class LiveServer:
         assert not self._thread.is_alive(), "the test server did not stop"
 
 
-def greedy_texts(served_engine, prompts: list[str], max_tokens: int) -> list[str]:  # noqa: ANN001
-    """What ``served_engine`` (an AsyncEngine) answers each prompt, greedily, ignoring EOS:
-    the reference a cluster's streamed texts must equal."""
+def greedy_texts(served_engine, prompts: list[str], max_tokens: int,  # noqa: ANN001
+                 structured: list | None = None) -> list[str]:
+    """What ``served_engine`` (an AsyncEngine) answers each prompt, greedily, ignoring EOS
+    (and, where ``structured[i]`` is a GrammarSpec, constrained by it): the reference a
+    cluster's streamed texts must equal."""
     import asyncio
 
     from xllm.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-
-    async def one(p: str) -> str:
+    async def one(p: str, spec: object) -> str:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                structured=spec)  # type: ignore[arg-type]
         text = ""
         async for out in served_engine.generate(p, params):
             text = out.outputs[0].text
         return text
 
     async def run() -> list[str]:
-        return list(await asyncio.gather(*(one(p) for p in prompts)))
+        specs = structured or [None] * len(prompts)
+        return list(await asyncio.gather(*(one(p, s) for p, s in zip(prompts, specs,
+                                                                       strict=True))))
 
     return asyncio.run(run())

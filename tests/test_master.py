@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,14 +84,29 @@ def master(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # n
         yield running
 
 
+# Three streams in four are constrained (a grammar that never ends, so each runs to its
+# length): a stream resumed on another instance goes on in its grammar's state.
+CONSTRAINT = "root ::= [a-z ] root"
+
+
+def _constrained(i: int) -> bool:
+    return i % 4 != 0
+
+
 def _expected(served_engine, prompts: list[str]) -> list[str]:  # noqa: ANN001
-    return greedy_texts(served_engine, prompts, MAX_TOKENS)
+    from xllm.structured import GrammarSpec
+
+    specs = [GrammarSpec("grammar", CONSTRAINT) if _constrained(i) else None
+             for i in range(len(prompts))]
+    return greedy_texts(served_engine, prompts, MAX_TOKENS, specs)
 
 
 def _stream(url: str, model: str, prompt: str, progress: list[int],
             i: int) -> tuple[str, str | None]:
     body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
             "ignore_eos": True, "stream": True}
+    if _constrained(i):
+        body["structured_outputs"] = {"grammar": CONSTRAINT}
     text, finish = "", None
     with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=120) as r:
         assert r.status_code == 200, r.text
@@ -131,9 +147,11 @@ def test_sigkill_one_of_three_instances_mid_stream(master, served_engine,  # noq
         os.kill(victims[0], signal.SIGKILL)
         results = [f.result(timeout=120) for f in futures]
     elapsed = time.monotonic() - started
-    for (text, finish), want in zip(results, expected, strict=True):
+    for i, ((text, finish), want) in enumerate(zip(results, expected, strict=True)):
         assert finish == "length"
         assert text == want
+        if _constrained(i):
+            assert re.fullmatch("[a-z ]+", text), text
     logged = log.read_text(errors="replace")
     assert "resuming" in logged, logged[-3000:]
     # The dead instance is out of routing within the heartbeat deadline (+ monitor period).
@@ -159,6 +177,16 @@ BAD_BODIES: list[tuple[str, object]] = [
     ("/v1/chat/completions", {"model": "M", "messages": [{"role": "robot", "content": "x"}]}),
     ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": "\ud800"}]}),
     ("/v1/completions", {"model": "M", "prompt": "word " * 400_000}),  # refused by its bytes
+    ("/v1/completions", {"model": "M", "prompt": "hi",
+                         "structured_outputs": {"json": {"type": "objekt"}}}),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "structured_outputs": {"regex": "(a"}}),
+    ("/v1/completions", {"model": "M", "prompt": "hi",
+                         "structured_outputs": {"regex": "a", "choice": ["a"]}}),
+    ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_schema"}}),
+    ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_object"},
+                              "structured_outputs": {"regex": "a"}}),
     ("/v1/nothing", {}),
 ]
 

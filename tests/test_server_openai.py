@@ -229,9 +229,9 @@ def test_bad_requests_get_openai_errors(server: LiveServer, client: openai.OpenA
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="demo", messages=[], max_tokens=1)
     with pytest.raises(openai.BadRequestError) as e:  # unsupported OpenAI field: said so
-        client.chat.completions.create(model="demo", max_tokens=1, response_format={
-            "type": "json_object"}, messages=[{"role": "user", "content": "hi"}])
-    assert e.value.body["param"] == "response_format"
+        client.chat.completions.create(model="demo", max_tokens=1, functions=[{
+            "name": "f", "parameters": {}}], messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["param"] == "functions"
     # What the client cannot send: malformed JSON, a non-object, a huge body.
     headers = {"Content-Type": "application/json"}
     for body in (b"{not json", b"[1, 2]", b'{"model": "demo", "prompt": 5}'):

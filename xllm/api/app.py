@@ -40,6 +40,7 @@ from xllm.api.protocol import (
 from xllm.api.serving import OpenAIServing
 from xllm.api.settings import ServerSettings
 from xllm.engine.async_engine import READY, AsyncEngine
+from xllm.structured.grammar import preload_grammar_engine
 
 __all__ = ["build_app"]
 
@@ -223,6 +224,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, *,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        preload_grammar_engine()  # its first import takes a second: not in a request
         yield
         if shutdown_engine:
             engine.shutdown()

@@ -27,7 +27,7 @@ from xllm.api.protocol import (
     random_id,
 )
 from xllm.api.reasoning import ReasoningStream, split
-from xllm.api.sampling import to_sampling_params
+from xllm.api.sampling import check_structured, to_sampling_params
 from xllm.api.serving import Job, OpenAIServing, PromptInput, delta_logprobs
 from xllm.engine.outputs import RequestOutput
 
@@ -90,6 +90,7 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
                                 max_tokens_limit=serving.settings.max_tokens_limit,
                                 max_n=serving.settings.max_n,
                                 scores_prompts=serving.scores_prompts)
+    await check_structured(req, params.structured)
     k = params.logprobs
     job = serving.submit([prompt], [params], priority=req.priority, offline=req.offline)
     rid = random_id("chatcmpl")

@@ -19,7 +19,7 @@ from xllm.api.protocol import (
     PromptLogprob,
     random_id,
 )
-from xllm.api.sampling import to_sampling_params
+from xllm.api.sampling import check_structured, to_sampling_params
 from xllm.api.serving import Job, OpenAIServing, PromptInput, delta_logprobs
 from xllm.engine.outputs import RequestOutput
 
@@ -88,6 +88,7 @@ async def create_completion(serving: OpenAIServing, req: CompletionRequest,
                                  max_n=serving.settings.max_n,
                                  scores_prompts=serving.scores_prompts)
               for p in prompts]
+    await check_structured(req, params[0].structured)
     echo = [(p.text if p.text is not None else serving.decode(p.token_ids)) if req.echo else ""
             for p in prompts]
     job = serving.submit(prompts, params, priority=req.priority, offline=req.offline)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from xllm.api.errors import APIError
 from xllm.api.protocol import ChatCompletionRequest, CompletionRequest
 from xllm.sampling_params import SamplingParams
 from xllm.structured import GrammarSpec
 from xllm.structured.grammar import check as check_grammar
 
-__all__ = ["check_context", "requested_max_tokens", "structured_spec", "to_sampling_params"]
+__all__ = ["check_context", "check_structured", "requested_max_tokens", "structured_spec",
+           "to_sampling_params"]
 
 # OpenAI's completions endpoint defaults to 16 new tokens; chat to whatever the context holds.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
@@ -39,44 +42,65 @@ def check_context(num_prompt_tokens: int, max_tokens: int | None, max_model_len:
             param="max_tokens", code="context_length_exceeded")
 
 
+def _structured_param(request: CompletionRequest | ChatCompletionRequest,
+                      kind: str | None = None) -> str:
+    """The request field a structured-output spec came from (for a 400's ``param``)."""
+    fmt = request.response_format
+    if fmt is not None and fmt.type == "json_schema":
+        return "response_format.json_schema.schema"
+    if fmt is not None and fmt.type == "json_object":
+        return "response_format"
+    return "structured_outputs" + (f".{kind}" if kind else "")
+
+
 def structured_spec(request: CompletionRequest | ChatCompletionRequest) -> GrammarSpec | None:
     """What ``response_format`` or the ``structured_outputs`` extension asks the output to
-    match (None: nothing), checked: a 400 that says what is wrong with a bad schema, regex
-    or grammar."""
+    match (None: nothing). A 400 for a malformed request; ``check_structured`` then parses
+    the spec itself."""
     fmt, so = request.response_format, request.structured_outputs
     if fmt is not None and fmt.type != "text" and so is not None:
         raise APIError.bad_request("give response_format or structured_outputs, not both",
                                    param="structured_outputs")
-    param = "response_format"
+    kind = None
     try:
         if fmt is not None and fmt.type == "json_object":
-            spec = GrammarSpec("json_object")
-        elif fmt is not None and fmt.type == "json_schema":
-            param = "response_format.json_schema.schema"
+            return GrammarSpec("json_object")
+        if fmt is not None and fmt.type == "json_schema":
             if fmt.json_schema is None or fmt.json_schema.schema_ is None:
                 raise ValueError("response_format of type json_schema needs json_schema.schema")
-            spec = GrammarSpec.json_schema(fmt.json_schema.schema_)
-        elif so is not None:
-            fields = {"json": so.json_, "regex": so.regex, "choice": so.choice,
-                      "grammar": so.grammar, "json_object": so.json_object or None}
-            named = [k for k, v in fields.items() if v is not None]
-            param = "structured_outputs" + (f".{named[0]}" if len(named) == 1 else "")
-            if len(named) != 1:
-                raise ValueError("structured_outputs takes exactly one of json, regex, choice, "
-                                 f"grammar, json_object; got {', '.join(named) or 'none'}")
-            kind, value = named[0], fields[named[0]]
-            if kind == "json":
-                spec = GrammarSpec.json_schema(value)  # type: ignore[arg-type]
-            elif kind == "choice":
-                spec = GrammarSpec.choice(value)  # type: ignore[arg-type]
-            else:
-                spec = GrammarSpec(kind, "" if kind == "json_object" else value)  # type: ignore
-        else:
+            return GrammarSpec.json_schema(fmt.json_schema.schema_)
+        if so is None:
             return None
-        check_grammar(spec)
+        fields = {"json": so.json_, "regex": so.regex, "choice": so.choice,
+                  "grammar": so.grammar, "json_object": so.json_object or None}
+        named = [k for k, v in fields.items() if v is not None]
+        if len(named) != 1:
+            raise ValueError("structured_outputs takes exactly one of json, regex, choice, "
+                             f"grammar, json_object; got {', '.join(named) or 'none'}")
+        kind = named[0]
+        value = fields[kind]
+        if kind == "json":
+            return GrammarSpec.json_schema(value)  # type: ignore[arg-type]
+        if kind == "choice":
+            return GrammarSpec.choice(value)  # type: ignore[arg-type]
+        return GrammarSpec(kind, "" if kind == "json_object" else value)  # type: ignore
     except ValueError as e:
-        raise APIError.bad_request(str(e), param=param) from e
-    return spec
+        raise APIError.bad_request(str(e), param=_structured_param(request, kind)) from e
+
+
+async def check_structured(request: CompletionRequest | ChatCompletionRequest,
+                           spec: GrammarSpec | None, param: str | None = None) -> None:
+    """A 400 that says what is wrong with a schema, regex or grammar that does not parse.
+    Parsed on a worker thread: a large schema takes a while, and the first one loads the
+    grammar engine. ``param``: the field to blame (default: where ``structured_spec``
+    found it)."""
+    if spec is None:
+        return
+    try:
+        await asyncio.to_thread(check_grammar, spec)
+    except ValueError as e:
+        raise APIError.bad_request(
+            str(e), param=param or _structured_param(request, spec.kind)) from e
 
 
 def to_sampling_params(request: CompletionRequest | ChatCompletionRequest, *,

@@ -396,6 +396,7 @@ class AsyncEngine:
             self._ready.set()
             return
         self._engine = engine
+        engine.grammars.warm()  # structured outputs' first request compiles only its grammar
         self._publish(engine, READY)
         self._ready.set()
         try:

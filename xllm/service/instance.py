@@ -42,6 +42,7 @@ from xllm.kvcache.transfer import (
 from xllm.sampling_params import SamplingParams
 from xllm.service.proto import instance_pb2, instance_pb2_grpc, master_pb2, master_pb2_grpc
 from xllm.service.state import ROLES, Capacity, InstanceInfo, speed_to_proto
+from xllm.structured import GrammarSpec
 
 __all__ = ["InstanceAgent", "InstanceServicer", "params_from_proto", "params_to_proto"]
 
@@ -64,6 +65,8 @@ def params_to_proto(p: SamplingParams) -> instance_pb2.SamplingParams:
         msg.logprobs = p.logprobs
     if p.logit_bias:
         msg.logit_bias.update(p.logit_bias)
+    if p.structured is not None:
+        msg.structured_kind, msg.structured_value = p.structured.kind, p.structured.value
     return msg
 
 
@@ -81,7 +84,9 @@ def params_from_proto(msg: instance_pb2.SamplingParams) -> SamplingParams:
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         skip_special_tokens=msg.skip_special_tokens,
         include_stop_str_in_output=msg.include_stop_str_in_output,
-        logit_bias=dict(msg.logit_bias) or None)
+        logit_bias=dict(msg.logit_bias) or None,
+        structured=GrammarSpec(msg.structured_kind, msg.structured_value)  # type: ignore[arg-type]
+        if msg.structured_kind else None)
 
 
 class _Ewma:

@@ -30,7 +30,7 @@ from typing import Any
 
 from xllm.structured.spec import GrammarSpec
 
-__all__ = ["GrammarCompiler", "check", "new_bitmask"]
+__all__ = ["GrammarCompiler", "check", "new_bitmask", "preload_grammar_engine"]
 
 _SEPARATORS = (", ", ": ")
 # The JSON grammar the OpenAI json_object mode asks for: one object (any keys and values).
@@ -44,6 +44,29 @@ def _xgr() -> Any:
         raise RuntimeError("structured outputs need the xgrammar package: pip install "
                            "xgrammar") from e
     return xgrammar
+
+
+_preload_lock = threading.Lock()
+_preloading: threading.Thread | None = None
+
+
+def preload_grammar_engine() -> None:
+    """Imports xgrammar (and the transformers it loads, about a second) on a background
+    thread, so that a server's first structured request does not wait for it on its event
+    loop. Idempotent."""
+    global _preloading
+    with _preload_lock:
+        if _preloading is None:
+            _preloading = threading.Thread(target=_import_quietly, name="xllm-grammar-import",
+                                           daemon=True)
+            _preloading.start()
+
+
+def _import_quietly() -> None:
+    try:
+        _xgr()
+    except RuntimeError:
+        pass  # reported when a request needs it
 
 
 def _grammar(spec: GrammarSpec) -> Any:
@@ -130,6 +153,12 @@ class GrammarCompiler:
             # Our pool is the one thread that compiles; xgrammar's own cache is ours.
             self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         return self._compiler
+
+    def warm(self) -> None:
+        """Loads the grammar engine and reads the vocabulary on the compiler's thread now,
+        so that the first request's compile is only its own (a server calls this once its
+        model is loaded)."""
+        self._pool.submit(self._xgr_compiler)
 
     def _compile(self, spec: GrammarSpec) -> Any:
         grammar = _grammar(spec)
