@@ -43,6 +43,11 @@ class SamplingParams:
     # cannot continue a match are masked before sampling (xllm.structured). Logprobs stay the
     # raw model's.
     structured: GrammarSpec | None = None
+    # An embedding request: the prompt's final hidden states pooled ("last": the last
+    # token's, "mean": the average over the prompt), L2-normalized, in
+    # RequestOutput.embedding. It computes its whole prompt (no prefix-cache hit), samples
+    # one token (max_tokens must be 1; the token is not the answer) and has n = 1.
+    pooling: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -126,6 +131,10 @@ class SamplingParams:
                     f"logit_bias[{token}] must be a number in [-100, 100], got {bias!r}",
                 )
 
+        _check(self.pooling in (None, "last", "mean"),
+               f"pooling must be None, 'last' or 'mean', got {self.pooling!r}")
+        _check(self.pooling is None or (self.n == 1 and self.max_tokens == 1),
+               "an embedding request (pooling) has n = 1 and max_tokens = 1")
         _check(self.structured is None or isinstance(self.structured, GrammarSpec),
                "structured must be an xllm.structured.GrammarSpec or None, got "
                f"{type(self.structured).__name__}")

@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import xllm
 from xllm.api.chat import create_chat_completion
 from xllm.api.completions import create_completion
+from xllm.api.embeddings import create_embedding
 from xllm.api.errors import error_body, install_error_handlers
 from xllm.api.metrics import CONTENT_TYPE, ServerMetrics
 from xllm.api.protocol import (
@@ -31,6 +32,8 @@ from xllm.api.protocol import (
     CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
     ErrorResponse,
     HealthResponse,
     ModelCard,
@@ -270,6 +273,11 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, *,
               responses=_generation_responses(ChatCompletionResponse, ChatCompletionChunk))
     async def chat(body: ChatCompletionRequest, raw: Request) -> Response:
         return await create_chat_completion(serving, body, raw)
+
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse,
+              responses={400: _ERRORS[400], 401: _ERRORS[401]})
+    async def embeddings(body: EmbeddingRequest, raw: Request) -> Response:
+        return await create_embedding(serving, body, raw)
 
     app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
     return app

@@ -1,11 +1,11 @@
 """POST /v1/chat/completions: the model's chat template, stream or not, ``logprobs`` /
-``top_logprobs``, ``n``, the ``prompt_logprobs`` extension (vLLM's)."""
+``top_logprobs``, ``n``, tool calls (``xllm.api.tools``), reasoning content, the
+``prompt_logprobs`` extension (vLLM's)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 import jinja2
 from fastapi import Request
@@ -29,28 +29,17 @@ from xllm.api.protocol import (
 from xllm.api.reasoning import ReasoningStream, split
 from xllm.api.sampling import check_structured, to_sampling_params
 from xllm.api.serving import Job, OpenAIServing, PromptInput, delta_logprobs
+from xllm.api.tools import ToolPlan, plan_tools, template_messages
 from xllm.engine.outputs import RequestOutput
 
 __all__ = ["create_chat_completion"]
 
 
-def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
-    out = []
-    for m in req.messages:
-        content = m.content
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
-        message: dict[str, Any] = {"role": m.role, "content": content or ""}
-        if m.name is not None:
-            message["name"] = m.name
-        out.append(message)
-    return out
-
-
-async def _prompt(serving: OpenAIServing, req: ChatCompletionRequest) -> PromptInput:
+async def _prompt(serving: OpenAIServing, req: ChatCompletionRequest,
+                  plan: ToolPlan) -> PromptInput:
     tok = serving.engine.engine.tokenizer
     try:
-        text = tok.apply_chat_template(_messages(req),
+        text = tok.apply_chat_template(template_messages(req), tools=plan.tools,
                                        add_generation_prompt=req.add_generation_prompt)
     except (ValueError, jinja2.TemplateError) as e:
         # The template itself rejects some conversations (raise_exception in Jinja).
@@ -73,30 +62,42 @@ def _logprobs(serving: OpenAIServing, out: RequestOutput, index: int, num_new: i
     return ChoiceLogprobs(content=content)
 
 
-def _message(parser: str | None, text: str) -> AssistantMessage:
-    if parser is None:
-        return AssistantMessage(content=text)
-    reasoning, content = split(parser, text)
-    return AssistantMessage(content=content, reasoning_content=reasoning)
+def _message(parser: str | None, plan: ToolPlan, text: str,
+             finish: str | None) -> tuple[AssistantMessage, str | None]:
+    """The answer's message (reasoning split off, then tool calls read) and its
+    finish_reason ("tool_calls" when the model stopped after calling tools on its own)."""
+    reasoning, content = split(parser, text) if parser is not None else (None, text)
+    calls = []
+    if plan.reads_calls and content is not None:
+        content, calls = plan.parse(content)
+    return (AssistantMessage(content=content, reasoning_content=reasoning, tool_calls=calls),
+            _finish(plan, finish, bool(calls)))
+
+
+def _finish(plan: ToolPlan, finish: str | None, called: bool) -> str | None:
+    return "tool_calls" if called and finish == "stop" and plan.mode != "named" else finish
 
 
 async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequest,
                                  raw: Request) -> Response:
     serving.check_model(req.model)
     serving.check_ready()
-    prompt = await _prompt(serving, req)
+    plan = plan_tools(req, serving.settings.tool_call_parser,
+                      serving.engine.engine.tokenizer.chat_template)
+    prompt = await _prompt(serving, req, plan)
     params = to_sampling_params(req, num_prompt_tokens=len(prompt.token_ids),
                                 max_model_len=serving.max_model_len,
                                 max_tokens_limit=serving.settings.max_tokens_limit,
                                 max_n=serving.settings.max_n,
-                                scores_prompts=serving.scores_prompts)
-    await check_structured(req, params.structured)
+                                scores_prompts=serving.scores_prompts, structured=plan.spec)
+    await check_structured(req, params.structured,
+                           param="tools" if plan.spec is not None else None)
     k = params.logprobs
     job = serving.submit([prompt], [params], priority=req.priority, offline=req.offline)
     rid = random_id("chatcmpl")
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(serving, req, job, rid, k, include_usage),
+        return StreamingResponse(_stream(serving, req, plan, job, rid, k, include_usage),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     final: list[RequestOutput] = []
@@ -111,10 +112,14 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
         return Response(status_code=499)  # nobody is listening
     out = final[0]
     parser = serving.settings.reasoning_parser
-    choices = [ChatChoice(
-        index=c.index, message=_message(parser, c.text),
-        logprobs=None if k is None else _logprobs(serving, out, c.index, len(c.token_ids), k),
-        finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in out.outputs]
+    choices = []
+    for c in out.outputs:
+        message, finish = _message(parser, plan, c.text, c.finish_reason)
+        choices.append(ChatChoice(
+            index=c.index, message=message,
+            logprobs=None if k is None else _logprobs(serving, out, c.index, len(c.token_ids),
+                                                      k),
+            finish_reason=finish, stop_reason=c.stop_reason))
     body = ChatCompletionResponse(
         id=rid, model=serving.model_name, choices=choices, usage=job.usage(),
         prompt_logprobs=None if req.prompt_logprobs is None else serving.prompt_logprobs(
@@ -122,8 +127,8 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
     return JSONResponse(body.model_dump())
 
 
-async def _stream(serving: OpenAIServing, req: ChatCompletionRequest, job: Job, rid: str,
-                  k: int | None, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(serving: OpenAIServing, req: ChatCompletionRequest, plan: ToolPlan, job: Job,
+                  rid: str, k: int | None, include_usage: bool) -> AsyncIterator[str]:
     model = serving.model_name
 
     def event(choices: list[ChatStreamChoice],
@@ -136,6 +141,7 @@ async def _stream(serving: OpenAIServing, req: ChatCompletionRequest, job: Job, 
     prompt_sent = req.prompt_logprobs is None
     parser = serving.settings.reasoning_parser
     splits = {i: ReasoningStream(parser) for i in range(req.n)} if parser else None
+    tools = {i: plan.streamer() for i in range(req.n)} if plan.reads_calls else None
     try:
         # The role first, as OpenAI does, before any token is computed.
         yield event([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
@@ -150,16 +156,23 @@ async def _stream(serving: OpenAIServing, req: ChatCompletionRequest, job: Job, 
                     continue
                 if c.finish_reason is not None:
                     done.add(c.index)
+                final = c.finish_reason is not None
+                finish = c.finish_reason
                 delta = DeltaMessage(content=text)
-                if splits is not None:
-                    reasoning, content = splits[c.index].feed(
-                        text, final=c.finish_reason is not None)
+                if splits is not None or tools is not None:
+                    reasoning, content = (splits[c.index].feed(text, final=final)
+                                          if splits is not None else ("", text))
+                    calls = None
+                    if tools is not None:
+                        content, calls = tools[c.index].feed(content, final)
+                        finish = _finish(plan, finish, tools[c.index].called)
                     delta = DeltaMessage(content=content or None,
-                                         reasoning_content=reasoning or None)
+                                         reasoning_content=reasoning or None,
+                                         tool_calls=calls or None)
                 choices.append(ChatStreamChoice(
                     index=c.index, delta=delta,
                     logprobs=None if k is None else _logprobs(serving, out, c.index, len(ids), k),
-                    finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                    finish_reason=finish, stop_reason=c.stop_reason))
             if choices:
                 prompt_logprobs = None
                 if not prompt_sent:  # the extension rides on the first chunk with tokens

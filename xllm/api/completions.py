@@ -20,24 +20,10 @@ from xllm.api.protocol import (
     random_id,
 )
 from xllm.api.sampling import check_structured, to_sampling_params
-from xllm.api.serving import Job, OpenAIServing, PromptInput, delta_logprobs
+from xllm.api.serving import Job, OpenAIServing, delta_logprobs
 from xllm.engine.outputs import RequestOutput
 
 __all__ = ["create_completion"]
-
-
-async def _prompts(serving: OpenAIServing, req: CompletionRequest) -> list[PromptInput]:
-    p = req.prompt
-    if isinstance(p, str):
-        return [PromptInput(p, await serving.encode(p))]
-    if isinstance(p[0], str):
-        return [PromptInput(t, await serving.encode(t)) for t in p]  # type: ignore[arg-type]
-    if isinstance(p[0], int):
-        serving.check_token_ids(p, "prompt")  # type: ignore[arg-type]
-        return [PromptInput(None, list(p))]  # type: ignore[arg-type]
-    for ids in p:
-        serving.check_token_ids(ids, "prompt")  # type: ignore[arg-type]
-    return [PromptInput(None, list(ids)) for ids in p]  # type: ignore[arg-type]
 
 
 class _Logprobs:
@@ -81,7 +67,7 @@ async def create_completion(serving: OpenAIServing, req: CompletionRequest,
                             raw: Request) -> Response:
     serving.check_model(req.model)
     serving.check_ready()
-    prompts = await _prompts(serving, req)
+    prompts = await serving.prompt_inputs(req.prompt, "prompt")
     params = [to_sampling_params(req, num_prompt_tokens=len(p.token_ids),
                                  max_model_len=serving.max_model_len,
                                  max_tokens_limit=serving.settings.max_tokens_limit,

@@ -52,6 +52,13 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--reasoning-parser", metavar="NAME",
                    help="split chat answers into reasoning_content (<think>...</think>) and "
                         "content: deepseek_r1 or qwen3 (default: no split)")
+    g.add_argument("--tool-call-parser", metavar="NAME",
+                   help="read tool calls under tool_choice auto in this format: hermes (qwen), "
+                        "llama3_json, mistral or deepseek_v3 (default: the format the chat "
+                        "template shows, if any)")
+    g.add_argument("--embedding-pooling", default=d.embedding_pooling, choices=("last", "mean"),
+                   help="/v1/embeddings pools the prompt's final hidden states so: the last "
+                        "token's (decoder embedding models' usual choice) or their mean")
     g.add_argument("--grace-period", type=float, default=d.grace_period_s, dest="grace_period_s",
                    help="seconds in-flight requests may take to finish on SIGTERM/SIGINT")
     g.add_argument("--access-log", action="store_true", help="log every HTTP request")
@@ -80,6 +87,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         api_key=args.api_key, max_request_body_bytes=args.max_request_body_bytes,
         max_waiting_requests=args.max_waiting_requests, max_tokens_limit=args.max_tokens_limit,
         max_n=args.max_n, reasoning_parser=args.reasoning_parser,
+        tool_call_parser=args.tool_call_parser, embedding_pooling=args.embedding_pooling,
         grace_period_s=args.grace_period_s, access_log=args.access_log, log_level=args.log_level)
 
 

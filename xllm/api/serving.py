@@ -141,6 +141,20 @@ class OpenAIServing:
             return await asyncio.to_thread(tok.encode, text, add_special_tokens)
         return tok.encode(text, add_special_tokens)
 
+    async def prompt_inputs(self, p: str | list[str] | list[int] | list[list[int]],
+                            param: str) -> list[PromptInput]:
+        """The prompts of a request's text, texts, token ids or lists of token ids."""
+        if isinstance(p, str):
+            return [PromptInput(p, await self.encode(p))]
+        if isinstance(p[0], str):
+            return [PromptInput(t, await self.encode(t)) for t in p]  # type: ignore[arg-type]
+        if isinstance(p[0], int):
+            self.check_token_ids(p, param)  # type: ignore[arg-type]
+            return [PromptInput(None, list(p))]  # type: ignore[arg-type]
+        for ids in p:
+            self.check_token_ids(ids, param)  # type: ignore[arg-type]
+        return [PromptInput(None, list(ids)) for ids in p]  # type: ignore[arg-type]
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.engine.engine.tokenizer.decode(ids, skip_special_tokens=False)
 

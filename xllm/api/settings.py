@@ -19,6 +19,11 @@ class ServerSettings:
     max_n: int = 128  # cap on completions per prompt (``n``)
     # Chat answers split into reasoning_content and content (xllm.api.reasoning), or None.
     reasoning_parser: str | None = None
+    # The format tool calls are read from under tool_choice "auto" (xllm.api.tool_parsers);
+    # None: the one the chat template shows, if any.
+    tool_call_parser: str | None = None
+    # /v1/embeddings: the prompt's final hidden states pooled so ("last" token or "mean").
+    embedding_pooling: str = "last"
     grace_period_s: float = 30.0  # SIGTERM/SIGINT: how long in-flight requests may finish
     access_log: bool = False
     log_level: str = "info"
@@ -40,6 +45,13 @@ class ServerSettings:
             from xllm.api.reasoning import parser_name
 
             self.reasoning_parser = parser_name(self.reasoning_parser)
+        if self.tool_call_parser is not None:
+            from xllm.api.tool_parsers import get_parser
+
+            get_parser(self.tool_call_parser)  # ValueError naming the known parsers
+        if self.embedding_pooling not in ("last", "mean"):
+            raise ValueError("embedding_pooling must be 'last' or 'mean', got "
+                             f"{self.embedding_pooling!r}")
         if self.grace_period_s < 0:
             raise ValueError(f"grace_period_s must be >= 0, got {self.grace_period_s}")
         if self.api_key is not None and not self.api_key:

@@ -73,6 +73,11 @@ class _RequestState:
     # RequestOutput.prompt_logprobs), filled chunk by chunk by the first completion's request.
     prompt_logprobs: list[dict[int, float] | None] | None = None
     prompt_token_ranks: list[int | None] | None = None
+    # With params.pooling: the pooled hidden state so far (mean: the sum of the positions
+    # before pooled_upto), then the normalized embedding once the prompt is through.
+    pooled: torch.Tensor | None = None
+    pooled_upto: int = 0
+    embedding: list[float] | None = None
 
     @property
     def finished(self) -> bool:
@@ -419,6 +424,8 @@ class LLMEngine:
                                   1e3 * elapsed)
         if result.prompt_logprobs is not None:
             self._absorb_prompt_logprobs(out, result.prompt_logprobs)
+        if result.pooled is not None:
+            self._absorb_pooled(out, result.pooled)
         self.scheduler.update_from_output(out, result.sampled_token_ids)
 
     def _emit(self, out: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
@@ -488,6 +495,28 @@ class LLMEngine:
                 entries.append(entry)
                 ranks.append(chunk.ranks[j])
 
+    def _absorb_pooled(self, out: SchedulerOutput,
+                       pooled: list[tuple[int, torch.Tensor] | None]) -> None:
+        """Embedding requests' chunks: summed (mean) or taken (last); the embedding is made
+        once the prompt's last position is in. A prompt preempted mid-way restarts at 0."""
+        for item, piece in zip(out.scheduled, pooled, strict=True):
+            owner = self._owner.get(item.request.request_id) if piece is not None else None
+            if owner is None:
+                continue
+            state = owner[0]
+            start, vector = piece
+            n = item.num_new_tokens
+            mean = state.params.pooling == "mean"
+            if mean:
+                state.pooled = vector if start == 0 or state.pooled is None else (
+                    state.pooled + vector)
+            else:
+                state.pooled = vector
+            state.pooled_upto = start + n
+            if state.pooled_upto == len(state.prompt_token_ids):
+                v = state.pooled / state.pooled_upto if mean else state.pooled
+                state.embedding = torch.nn.functional.normalize(v, dim=0).tolist()
+
     def _absorb(self, completion: _Completion, new_ids: list[int], lp) -> None:  # noqa: ANN001
         req = completion.request
         params = req.sampling_params
@@ -542,7 +571,8 @@ class LLMEngine:
             prompt_token_ids=state.prompt_token_ids, outputs=outputs, finished=state.finished,
             num_cached_tokens=max(c.request.num_cached_tokens for c in state.completions),
             metrics=state.metrics, deltas=deltas, prompt_logprobs=state.prompt_logprobs,
-            prompt_token_ranks=state.prompt_token_ranks)
+            prompt_token_ranks=state.prompt_token_ranks,
+            embedding=state.embedding if state.finished else None)
 
 
 def _single_threaded() -> None:

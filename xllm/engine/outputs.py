@@ -46,3 +46,6 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     # Aligned with prompt_logprobs: each prompt token's rank (1 = the model's likeliest).
     prompt_token_ranks: list[int | None] | None = None
+    # An embedding request's (SamplingParams.pooling) L2-normalized pooled hidden state, in
+    # its finished output; None otherwise.
+    embedding: list[float] | None = None

@@ -56,6 +56,40 @@ class RunnerOutput:
     # Aligned likewise, the prompt tokens this step scored per request; None (the whole list)
     # when no request scored prompt tokens this step (see xllm.runtime.prompt_logprobs).
     prompt_logprobs: list[PromptLogprobs | None] | None = None
+    # Aligned likewise, embedding requests' pooled hidden states of this step's chunk:
+    # (first position, fp32 vector: the chunk's sum for mean pooling, the prompt's last
+    # hidden state for last pooling); None where none (the whole list: no such request).
+    pooled: list[tuple[int, torch.Tensor] | None] | None = None
+
+
+@dataclass
+class PoolSpan:
+    """An embedding request's prompt chunk in a step: hidden rows [row, row + count)."""
+
+    index: int  # in SchedulerOutput.scheduled
+    row: int
+    count: int
+    start: int  # the chunk's first position
+    last_only: bool  # last pooling: only the row of the prompt's last token
+
+
+def find_pool_spans(out: SchedulerOutput) -> list[PoolSpan] | None:
+    """The step's pooling work; None (the usual case) when no embedding request prefills.
+    Last pooling takes only the chunk holding the prompt's last token."""
+    spans: list[PoolSpan] | None = None
+    row = 0
+    # All rows: a one-token prompt's step is scheduled as a decode.
+    for j, item in enumerate(out.scheduled):
+        request = item.request
+        mode = request.sampling_params.pooling
+        n = item.num_new_tokens
+        if mode is not None and not request.output_token_ids:
+            start = item.num_computed_tokens
+            if mode == "mean" or start + n == request.num_prompt_tokens:
+                spans = spans or []
+                spans.append(PoolSpan(j, row, n, start, mode == "last"))
+        row += n
+    return spans
 
 
 class _Buffers:
@@ -90,6 +124,7 @@ class PreparedStep:
     metadata: AttentionMetadata
     last_rows: np.ndarray  # hidden rows that sample, in scheduled order
     spans: list[PromptSpan] | None
+    pool_spans: list[PoolSpan] | None
     # Input rows whose token a step in flight was sampling at prepare time:
     # (row, request, position); complete() reads them from the request.
     pending: list[tuple[int, object, int]]
@@ -205,7 +240,8 @@ class ModelRunner:
         pending: list[tuple[int, object, int]] = []
         n, metadata, last_rows = self._fill(out, buf, pending)
         spans = find_prompt_spans(out)
-        step = PreparedStep(out, buf, n, metadata, last_rows, spans, pending, None)
+        step = PreparedStep(out, buf, n, metadata, last_rows, spans, find_pool_spans(out),
+                            pending, None)
         if self.workers is not None:
             step.message = self.workers.encode(out, span_rows(spans) if spans else None)
         if len(last_rows):
@@ -278,9 +314,11 @@ class ModelRunner:
         sampled: list[list[int]] = [[] for _ in scheduled]
         logprobs: list[TokenLogprobs | None] = [None] * len(scheduled)
         prompt_logprobs = self._score_prompts(out, step.spans, hidden)
+        pooled = None if step.pool_spans is None else _pool(step.pool_spans, hidden,
+                                                            len(scheduled))
         if not len(step.last_rows):
             self._done(step, t_start)
-            return RunnerOutput(sampled, logprobs, prompt_logprobs)
+            return RunnerOutput(sampled, logprobs, prompt_logprobs, pooled)
         logits = self.model.compute_logits(
             hidden[torch.from_numpy(step.last_rows).to(hidden.device)])
         assert step.sampling is not None, "run() before complete()"
@@ -303,7 +341,7 @@ class ModelRunner:
                                                      strict=True)))
             j += 1
         self._done(step, t_start)
-        return RunnerOutput(sampled, logprobs, prompt_logprobs)
+        return RunnerOutput(sampled, logprobs, prompt_logprobs, pooled)
 
     def _done(self, step: PreparedStep, t_start: float) -> None:
         step.seconds = time.perf_counter() - t_start
@@ -351,3 +389,16 @@ class ModelRunner:
         if not params.ignore_eos:
             ids.extend(req.eos_token_ids)
         return ids
+
+
+def _pool(spans: list[PoolSpan], hidden: torch.Tensor,
+          n: int) -> list[tuple[int, torch.Tensor] | None]:
+    """Each span's piece of its request's embedding, in fp32 (see RunnerOutput.pooled)."""
+    pooled: list[tuple[int, torch.Tensor] | None] = [None] * n
+    for span in spans:
+        if span.last_only:
+            vector = hidden[span.row + span.count - 1].float().clone()
+        else:
+            vector = hidden[span.row:span.row + span.count].float().sum(0)
+        pooled[span.index] = (span.start, vector)
+    return pooled

@@ -113,9 +113,10 @@ class KVCacheManager:
         (``allocate_slots`` takes the blocks)."""
         if not self.enable_prefix_caching:
             return NO_COMPUTED_BLOCKS
-        if request.sampling_params.prompt_logprobs is not None and not request.output_token_ids:
-            # Prompt logprobs need the logits of every prompt position, and a cached block's
-            # positions are never run. (Once it has outputs, its prompt was scored already.)
+        if _runs_whole_prompt(request):
+            # Prompt logprobs need the logits of every prompt position, mean pooling its hidden
+            # states, and a cached block's positions are never run. (Once it has outputs, its
+            # prompt was scored already.)
             return NO_COMPUTED_BLOCKS
         if self.store is not None and self.store.prefetching(request.request_id):
             self.store.wait_prefetch(request.request_id)  # its prefix is landing: take it
@@ -154,7 +155,7 @@ class KVCacheManager:
         store = self.store
         if store is None or not self.enable_prefix_caching:
             return False
-        if request.sampling_params.prompt_logprobs is not None and not request.output_token_ids:
+        if _runs_whole_prompt(request):
             return False
         bs = self.block_size
         max_blocks = (request.num_tokens - 1) // bs
@@ -375,3 +376,10 @@ class KVCacheManager:
                             [content[b] for b in blocks])
             self.pool.free(request.block_ids)
             request.block_ids = []
+
+
+def _runs_whole_prompt(request: Request) -> bool:
+    """Whether every prompt position must run (no prefix-cache hit): prompt logprobs and
+    mean pooling need each position's output, until the request has sampled."""
+    p = request.sampling_params
+    return (p.prompt_logprobs is not None or p.pooling == "mean") and not request.output_token_ids

@@ -67,6 +67,8 @@ def params_to_proto(p: SamplingParams) -> instance_pb2.SamplingParams:
         msg.logit_bias.update(p.logit_bias)
     if p.structured is not None:
         msg.structured_kind, msg.structured_value = p.structured.kind, p.structured.value
+    if p.pooling is not None:
+        msg.pooling = p.pooling
     return msg
 
 
@@ -86,7 +88,8 @@ def params_from_proto(msg: instance_pb2.SamplingParams) -> SamplingParams:
         include_stop_str_in_output=msg.include_stop_str_in_output,
         logit_bias=dict(msg.logit_bias) or None,
         structured=GrammarSpec(msg.structured_kind, msg.structured_value)  # type: ignore[arg-type]
-        if msg.structured_kind else None)
+        if msg.structured_kind else None,
+        pooling=msg.pooling or None)
 
 
 class _Ewma:
@@ -402,6 +405,8 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                         msg.usage.CopyFrom(instance_pb2.Usage(
                             prompt_tokens=len(prompt), completion_tokens=len(c.token_ids),
                             cached_tokens=out.num_cached_tokens))
+                        if out.embedding is not None:
+                            msg.embedding.extend(out.embedding)
                     yield msg
         except HandedOff:
             # A role switch handed the request off: its KV is held under its id until the

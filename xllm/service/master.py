@@ -161,6 +161,7 @@ class ClusterStream:
         self._events: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self._outs = [CompletionOutput(i, "", []) for i in range(params.n)]
         self._cached = 0
+        self._embedding: list[float] | None = None  # an embedding request's, once finished
         self._tasks: list[asyncio.Task[None]] = []
         self._flights: list[_Flight] = []
         seq = engine.admission.next_seq()
@@ -211,6 +212,8 @@ class ClusterStream:
             kind = resp.WhichOneof("stop_reason")
             c.stop_reason = getattr(resp, kind) if kind else None
             self._cached = max(self._cached, resp.usage.cached_tokens)
+            if resp.embedding:
+                self._embedding = list(resp.embedding)
         done = all(o.finish_reason is not None for o in self._outs)
         if done:
             self.finished = True
@@ -220,7 +223,8 @@ class ClusterStream:
                    for o in self._outs]
         return RequestOutput(self.request_id, None, self.prompt, outputs, done,
                              num_cached_tokens=self._cached,
-                             deltas={index: (resp.text_delta, ids)})
+                             deltas={index: (resp.text_delta, ids)},
+                             embedding=self._embedding if done else None)
 
     def abort(self) -> None:
         self.finished = True

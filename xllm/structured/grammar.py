@@ -30,16 +30,23 @@ from typing import Any
 
 from xllm.structured.spec import GrammarSpec
 
-__all__ = ["GrammarCompiler", "check", "new_bitmask", "preload_grammar_engine"]
+__all__ = ["GrammarCompiler", "check", "check_json_schema", "new_bitmask",
+           "preload_grammar_engine"]
 
 _SEPARATORS = (", ", ": ")
 # The JSON grammar the OpenAI json_object mode asks for: one object (any keys and values).
 _JSON_OBJECT_SCHEMA = {"type": "object"}
 
 
+_import_lock = threading.Lock()  # one importer at a time: see _xgr
+
+
 def _xgr() -> Any:
+    # Two threads importing xgrammar at once (the preload and a request's check) could see
+    # it half-initialized through transformers' lazy modules; the lock makes one wait.
     try:
-        import xgrammar
+        with _import_lock:
+            import xgrammar
     except ImportError as e:  # a dependency of the package; absent only in broken installs
         raise RuntimeError("structured outputs need the xgrammar package: pip install "
                            "xgrammar") from e
@@ -76,7 +83,7 @@ def _grammar(spec: GrammarSpec) -> Any:
     try:
         if spec.kind == "json":
             schema = json.loads(spec.value)
-            _check_schema(schema)
+            check_json_schema(schema)
             return xgr.Grammar.from_json_schema(schema, any_whitespace=False,
                                                 separators=_SEPARATORS)
         if spec.kind == "json_object":
@@ -103,7 +110,7 @@ def _first_line(e: BaseException) -> str:
     return text if len(text) < 2000 else text[:2000] + "..."
 
 
-def _check_schema(schema: Any) -> None:
+def check_json_schema(schema: Any) -> None:
     """The schema is valid JSON Schema (2020-12), or ValueError naming the first problem."""
     import jsonschema
 
