@@ -305,3 +305,65 @@ def test_reasoning_parser_through_the_master(demo_model_dir: Path, served_engine
         plain = requests.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
     text = plain["choices"][0]["message"]["content"]
     assert text and message["reasoning_content"] == text and message["content"] is None
+
+
+def test_agent_api_through_the_master(demo_model_dir: Path, served_engine,  # noqa: ANN001
+                                      tmp_path: Path) -> None:
+    """Tool calls (required, named, auto with --tool-call-parser), JSON-schema outputs and
+    embeddings through xllm-master answer as xllm-server does (greedy: the same text, the
+    same calls; ids aside)."""
+    import jsonschema
+    from test_server_structured import PERSON
+    from test_server_tools import HERMES_CALL, SCHEMAS, TOOLS
+
+    from xllm.api.app import build_app
+    from xllm.api.settings import ServerSettings
+
+    model = str(demo_model_dir)
+    chat = {"model": model, "temperature": 0, "max_tokens": 120,
+            "messages": [{"role": "user", "content": "What is the weather in Rome?"}]}
+    bodies = [
+        {**chat, "tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False},
+        {**chat, "tools": TOOLS, "tool_choice": {"type": "function",
+                                                 "function": {"name": "search"}}},
+        {**chat, "tools": TOOLS, "structured_outputs": {"regex": HERMES_CALL}},
+        {**chat, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},
+        {**chat, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "person", "schema": PERSON}}},
+    ]
+
+    def answers(url: str) -> list:
+        out = []
+        for body in bodies:
+            r = requests.post(url + "/v1/chat/completions", json=body, timeout=60)
+            got = r.json()
+            for choice in got.get("choices", []):
+                for call in choice["message"]["tool_calls"]:
+                    call.pop("id")
+            out.append((r.status_code, got.get("choices", got.get("error"))))
+        for stream in (False, True):  # a streamed named call: name first, then arguments
+            r = requests.post(url + "/v1/chat/completions", timeout=60, stream=stream,
+                              json={**bodies[1], "stream": stream})
+            out.append(r.text.count('"name":"search"') if stream else r.status_code)
+        emb = requests.post(url + "/v1/embeddings", timeout=60, json={
+            "model": model, "input": ["first text", "second"]}).json()
+        out.append([d["embedding"] for d in emb["data"]])
+        return out
+
+    settings = ServerSettings(served_model_names=[model], tool_call_parser="hermes")
+    with LiveServer(build_app(served_engine, settings, shutdown_engine=False)) as server:
+        want = answers(server.url)
+    with _running_master(demo_model_dir, tmp_path / "master.log",
+                         ["--spawn", "1", "--tool-call-parser", "hermes"], 1) as (_, url, _):
+        got = answers(url)
+    for i in (0, 1, 2):
+        assert got[i][0] == 200 and got[i][1][0]["finish_reason"] in ("tool_calls", "stop")
+        for call in got[i][1][0]["message"]["tool_calls"]:
+            fn = call["function"]
+            jsonschema.validate(json.loads(fn["arguments"]), SCHEMAS[fn["name"]])
+    assert got[3][0] == 400 and got[3][1]["param"] == "tool_choice"
+    jsonschema.validate(json.loads(got[4][1][0]["message"]["content"]), PERSON)
+    assert got[-2] == 1  # the streamed call's name came once
+    assert got[:-1] == want[:-1]
+    for a, b in zip(got[-1], want[-1], strict=True):
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
