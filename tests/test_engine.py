@@ -148,3 +148,18 @@ def test_stop_strings_n_seed_and_logprobs(llm: LLM, hf_model) -> None:  # noqa: 
         assert len(entry) >= 3
         for token_id, value in entry.items():
             assert value == pytest.approx(row[token_id].item(), abs=1e-3)
+
+
+def test_the_ending_token_is_not_text(llm: LLM) -> None:
+    """A request ended by EOS (or a stop token id) does not show that token's text, even with
+    skip_special_tokens off (as vLLM); include_stop_str_in_output shows it."""
+    eos = llm.tokenizer.decode([2], skip_special_tokens=False)
+    assert eos == "<|im_end|>"
+    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}])
+    ids = llm.tokenizer.encode(prompt, add_special_tokens=False)
+    base = {"temperature": 0.0, "max_tokens": 60, "skip_special_tokens": False}
+    plain, shown = llm.generate([ids, ids], [SamplingParams(**base), SamplingParams(
+        **base, include_stop_str_in_output=True)], use_tqdm=False)
+    assert plain.outputs[0].finish_reason == "stop" and plain.outputs[0].token_ids[-1] == 2
+    assert not plain.outputs[0].text.endswith(eos)
+    assert shown.outputs[0].text == plain.outputs[0].text + eos

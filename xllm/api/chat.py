@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import jinja2
 from fastapi import Request
@@ -90,6 +91,10 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
                                 max_tokens_limit=serving.settings.max_tokens_limit,
                                 max_n=serving.settings.max_n,
                                 scores_prompts=serving.scores_prompts, structured=plan.spec)
+    if plan.mode == "auto" and params.skip_special_tokens:
+        # Tool-call markers ([TOOL_CALLS], <|python_tag|>, DeepSeek's) are special tokens:
+        # the parser must see them in the text (as vLLM's parsers ask too).
+        params = replace(params, skip_special_tokens=False)
     await check_structured(req, params.structured,
                            param="tools" if plan.spec is not None else None)
     k = params.logprobs

@@ -526,6 +526,12 @@ class LLMEngine:
             completion.logprobs.append(entry)
             completion.cumulative_logprob += lp.logprob
         before = len(completion.detokenizer.text)
+        if (req.status is RequestStatus.FINISHED_STOPPED and new_ids
+                and new_ids[-1] in req.stopping_token_ids
+                and not params.include_stop_str_in_output):
+            # The EOS or stop token that ended it is not text of the answer (as vLLM): with
+            # skip_special_tokens off it would otherwise read "<|im_end|>" at the end.
+            new_ids = new_ids[:-1]
         completion.detokenizer.step(new_ids)
         hit = None
         if params.stop:
