@@ -111,3 +111,24 @@ def test_bad_embedding_requests_are_400s(client: openai.OpenAI, kw: dict, param:
     assert message in error["message"], error
     if param is not None:
         assert error["param"] == param, error
+
+
+def test_both_engines_are_engine_clients(served_engine) -> None:  # noqa: ANN001
+    """The OpenAI layer talks only to EngineClient: xllm-server's AsyncEngine and
+    xllm-master's ClusterEngine both implement it (the facts the API reads included)."""
+    from xllm.engine.protocol import EngineClient
+    from xllm.service.master import ClusterEngine, ModelFacts
+    from xllm.service.registry import EmbeddedRegistry
+    from xllm.service.routing import Router
+
+    assert isinstance(served_engine, EngineClient)
+    assert served_engine.hidden_size == 576 and served_engine.vocab_size == 49152
+    assert served_engine.tokenizer is served_engine.engine.tokenizer
+    engine = served_engine.engine
+    registry = EmbeddedRegistry()
+    cluster = ClusterEngine(engine.config, ModelFacts(engine.tokenizer, engine.model_config,
+                                                      256, registry),
+                            registry, Router("round_robin", 16))
+    assert isinstance(cluster, EngineClient)
+    assert (cluster.hidden_size, cluster.vocab_size, cluster.max_model_len) == (576, 49152, 256)
+    assert cluster.tokenizer is engine.tokenizer and not cluster.supports_prompt_logprobs

@@ -128,7 +128,7 @@ def test_config() -> None:
         EngineConfig(overlap_scheduling=True, kv_offload_cpu_gb=1.0)
     import argparse
 
-    from xllm.cli import add_engine_options
+    from xllm.config import add_engine_options
 
     parser = argparse.ArgumentParser()
     add_engine_options(parser)

@@ -2,8 +2,8 @@
 OpenAI-compatible server, same as ``xllm-server``) and ``xllm bench serve`` (the serving
 load generator, same as ``python -m bench.serve``).
 
-Engine options are generated from EngineConfig's fields, one flag per field, so
-the CLI and the config can never drift apart.
+Engine options are generated from EngineConfig's fields, one flag per field
+(``xllm.config.add_engine_options``), so the CLI and the config can never drift apart.
 """
 
 from __future__ import annotations
@@ -12,33 +12,9 @@ import argparse
 import dataclasses
 import json
 import sys
-import typing
 from collections.abc import Sequence
 
-from xllm.config import EngineConfig
-
-
-def add_engine_options(parser: argparse.ArgumentParser) -> None:
-    """One --flag per EngineConfig field, typed and defaulted from the dataclass."""
-    hints = typing.get_type_hints(EngineConfig)
-    group = parser.add_argument_group("engine options (EngineConfig)")
-    for f in dataclasses.fields(EngineConfig):
-        if f.name == "extra":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        args = typing.get_args(hint)
-        base = next((a for a in args if a is not type(None)), hint) if args else hint
-        if base is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=f.default)
-        else:
-            group.add_argument(flag, dest=f.name, type=base, default=f.default,
-                               metavar=f.name.upper())
-
-
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(**{name: getattr(args, name) for name in EngineConfig.option_names()})
+from xllm.config import add_engine_options, engine_config_from_args
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -147,3 +150,26 @@ class EngineConfig:
     @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in fields(cls) if f.name != "extra"]
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """One --flag per EngineConfig field, typed and defaulted from the dataclass."""
+    hints = typing.get_type_hints(EngineConfig)
+    group = parser.add_argument_group("engine options (EngineConfig)")
+    for f in dataclasses.fields(EngineConfig):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        if base is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=f.default)
+        else:
+            group.add_argument(flag, dest=f.name, type=base, default=f.default,
+                               metavar=f.name.upper())
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{name: getattr(args, name) for name in EngineConfig.option_names()})

@@ -1,7 +1,8 @@
 """The FastAPI application: routes, the API-key and body-size guard, OpenAPI description.
 
-``build_app(engine, settings)`` serves an AsyncEngine that the caller started (loading may
-still be under way: ``/health`` answers 503 until it is ready).
+``build_app(engine, settings)`` serves an ``EngineClient`` (xllm.engine.protocol): an
+AsyncEngine the caller started (loading may still be under way: ``/health`` answers 503
+until it is ready), or the master's ClusterEngine.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ from xllm.api.protocol import (
 )
 from xllm.api.serving import OpenAIServing
 from xllm.api.settings import ServerSettings
-from xllm.engine.async_engine import READY, AsyncEngine
+from xllm.engine.async_engine import READY
+from xllm.engine.protocol import EngineClient
 from xllm.structured.grammar import preload_grammar_engine
 
 __all__ = ["build_app"]
@@ -217,11 +219,11 @@ async def _send_error(send: Send, status: int, message: str, code: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def build_app(engine: AsyncEngine, settings: ServerSettings, *,
+def build_app(engine: EngineClient, settings: ServerSettings, *,
               shutdown_engine: bool = True) -> FastAPI:
     """The app serving ``engine``; with ``shutdown_engine`` its lifespan end stops it."""
     if not settings.served_model_names:
-        settings.served_model_names = [engine.config.model]
+        settings.served_model_names = [engine.model_path]
     metrics = ServerMetrics(engine.stats)
     serving = OpenAIServing(engine, settings, metrics)
 
@@ -259,7 +261,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, *,
 
     @app.get("/v1/models", response_model=ModelList, responses={401: _ERRORS[401]})
     async def models() -> ModelList:
-        max_len = engine.engine.max_model_len if engine.state == READY else None
+        max_len = engine.max_model_len if engine.state == READY else None
         return ModelList(data=[ModelCard(id=name, max_model_len=max_len)
                                for name in settings.served_model_names])
 

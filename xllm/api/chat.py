@@ -38,7 +38,7 @@ __all__ = ["create_chat_completion"]
 
 async def _prompt(serving: OpenAIServing, req: ChatCompletionRequest,
                   plan: ToolPlan) -> PromptInput:
-    tok = serving.engine.engine.tokenizer
+    tok = serving.engine.tokenizer
     try:
         text = tok.apply_chat_template(template_messages(req), tools=plan.tools,
                                        add_generation_prompt=req.add_generation_prompt)
@@ -84,7 +84,7 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
     serving.check_model(req.model)
     serving.check_ready()
     plan = plan_tools(req, serving.settings.tool_call_parser,
-                      serving.engine.engine.tokenizer.chat_template)
+                      serving.engine.tokenizer.chat_template)
     prompt = await _prompt(serving, req, plan)
     params = to_sampling_params(req, num_prompt_tokens=len(prompt.token_ids),
                                 max_model_len=serving.max_model_len,
@@ -105,15 +105,8 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
         return StreamingResponse(_stream(serving, req, plan, job, rid, k, include_usage),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    final: list[RequestOutput] = []
-
-    async def collect() -> AsyncIterator[None]:
-        async for _, out in serving.outputs(job):
-            if out.finished:
-                final.append(out)
-            yield None
-
-    if not await serving.until_done_or_disconnected(job, raw, collect()):
+    final = await serving.finished_outputs(job, raw)
+    if final is None:
         return Response(status_code=499)  # nobody is listening
     out = final[0]
     parser = serving.settings.reasoning_parser

@@ -84,15 +84,8 @@ async def create_completion(serving: OpenAIServing, req: CompletionRequest,
         return StreamingResponse(_stream(serving, req, job, rid, echo, include_usage),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    final: dict[int, RequestOutput] = {}
-
-    async def collect() -> AsyncIterator[None]:
-        async for i, out in serving.outputs(job):
-            if out.finished:
-                final[i] = out
-            yield None
-
-    if not await serving.until_done_or_disconnected(job, raw, collect()):
+    final = await serving.finished_outputs(job, raw)
+    if final is None:
         return Response(status_code=499)  # nobody is listening
     choices = []
     for i in range(len(prompts)):

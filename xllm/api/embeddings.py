@@ -10,7 +10,6 @@ pooling) gives embeddings worth having.
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
 
 import numpy as np
 from fastapi import Request
@@ -20,7 +19,6 @@ from xllm.api.errors import APIError
 from xllm.api.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from xllm.api.sampling import check_context
 from xllm.api.serving import OpenAIServing
-from xllm.engine.outputs import RequestOutput
 from xllm.sampling_params import SamplingParams
 
 __all__ = ["create_embedding"]
@@ -30,7 +28,7 @@ async def create_embedding(serving: OpenAIServing, req: EmbeddingRequest,
                            raw: Request) -> Response:
     serving.check_model(req.model)
     serving.check_ready()
-    size = serving.engine.engine.model_config.hidden_size
+    size = serving.engine.hidden_size
     if req.dimensions is not None and req.dimensions != size:
         raise APIError.bad_request(f"dimensions is {req.dimensions}, but this model's "
                                    f"embeddings have {size} (they are not shortened)",
@@ -42,15 +40,8 @@ async def create_embedding(serving: OpenAIServing, req: EmbeddingRequest,
                             pooling=serving.settings.embedding_pooling)
     job = serving.submit(prompts, [params] * len(prompts), priority=req.priority,
                          offline=False)
-    final: dict[int, RequestOutput] = {}
-
-    async def collect() -> AsyncIterator[None]:
-        async for i, out in serving.outputs(job):
-            if out.finished:
-                final[i] = out
-            yield None
-
-    if not await serving.until_done_or_disconnected(job, raw, collect()):
+    final = await serving.finished_outputs(job, raw)
+    if final is None:
         return Response(status_code=499)  # nobody is listening
     data = []
     for i in range(len(prompts)):

@@ -24,8 +24,7 @@ import uvicorn
 
 from xllm.api.app import build_app
 from xllm.api.settings import ServerSettings
-from xllm.cli import add_engine_options, engine_config_from_args
-from xllm.config import EngineConfig
+from xllm.config import EngineConfig, add_engine_options, engine_config_from_args
 from xllm.engine.async_engine import READY, STOPPED, AsyncEngine
 
 __all__ = ["add_server_options", "main", "run_server", "settings_from_args"]

@@ -21,14 +21,9 @@ from xllm.api.errors import APIError
 from xllm.api.metrics import ServerMetrics
 from xllm.api.protocol import PromptLogprob, PromptTokensDetails, UsageInfo
 from xllm.api.settings import ServerSettings
-from xllm.engine.async_engine import (
-    READY,
-    AsyncEngine,
-    EngineDeadError,
-    EngineOverloadedError,
-    RequestStream,
-)
+from xllm.engine.async_engine import READY, EngineDeadError, EngineOverloadedError
 from xllm.engine.outputs import RequestOutput
+from xllm.engine.protocol import EngineClient, OutputStream
 from xllm.sampling_params import SamplingParams
 
 __all__ = ["Job", "OpenAIServing", "PromptInput"]
@@ -60,7 +55,7 @@ class _Track:
 class Job:
     """All engine requests of one HTTP request (one per prompt; each has n completions)."""
 
-    streams: list[RequestStream]
+    streams: list[OutputStream]
     prompts: list[PromptInput]
     params: list[SamplingParams]
     tracks: list[_Track]
@@ -78,7 +73,7 @@ class Job:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, settings: ServerSettings,
+    def __init__(self, engine: EngineClient, settings: ServerSettings,
                  metrics: ServerMetrics) -> None:
         self.engine = engine
         self.settings = settings
@@ -90,13 +85,13 @@ class OpenAIServing:
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.engine.max_model_len
+        return self.engine.max_model_len
 
     @property
     def scores_prompts(self) -> bool:
-        """Whether the engine computes prompt logprobs (AsyncEngine does; an engine that
-        does not say so, like the cluster master's, is taken not to)."""
-        return bool(getattr(self.engine, "supports_prompt_logprobs", False))
+        """Whether the engine computes prompt logprobs (AsyncEngine does, the cluster master
+        does not yet)."""
+        return self.engine.supports_prompt_logprobs
 
     # ---- admission -----------------------------------------------------------------------
 
@@ -128,7 +123,7 @@ class OpenAIServing:
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Tokenizes a prompt (long ones off the event loop); a 400 before tokenizing for
         one whose bytes alone show it cannot fit the context."""
-        tok = self.engine.engine.tokenizer
+        tok = self.engine.tokenizer
         if len(text) > _LONG_TEXT:
             per_token = tok.max_bytes_per_token
             size = len(text.encode("utf-8", "surrogatepass"))
@@ -156,14 +151,14 @@ class OpenAIServing:
         return [PromptInput(None, list(ids)) for ids in p]  # type: ignore[arg-type]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.engine.engine.tokenizer.decode(ids, skip_special_tokens=False)
+        return self.engine.tokenizer.decode(ids, skip_special_tokens=False)
 
     @functools.lru_cache(maxsize=1 << 16)  # noqa: B019 - one serving object per server
     def token_text(self, token_id: int) -> str:
-        return self.engine.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def check_token_ids(self, ids: Sequence[int], param: str) -> None:
-        vocab = self.engine.engine.model_config.vocab_size
+        vocab = self.engine.vocab_size
         bad = next((t for t in ids if t >= vocab), None)
         if bad is not None:
             raise APIError.bad_request(f"token id {bad} is outside the vocabulary [0, {vocab})",
@@ -246,6 +241,21 @@ class OpenAIServing:
             return True
         return False
 
+    async def finished_outputs(self, job: Job, raw: Request) -> dict[int, RequestOutput] | None:
+        """Each prompt's finished output, once all are in; None (and the job aborted) if the
+        client left first."""
+        final: dict[int, RequestOutput] = {}
+
+        async def collect() -> AsyncIterator[None]:
+            async for i, out in self.outputs(job):
+                if out.finished:
+                    final[i] = out
+                yield None
+
+        if not await self.until_done_or_disconnected(job, raw, collect()):
+            return None
+        return final
+
     # ---- logprobs ------------------------------------------------------------------------
 
     def logprob_entries(self, token_ids: Sequence[int], logprobs: Sequence[dict[int, float]],
@@ -303,7 +313,7 @@ def delta_logprobs(out: RequestOutput, index: int, num_new: int) -> tuple[list[i
 
 
 async def _merge_streams(
-        streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        streams: list[OutputStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Interleaves several streams as their outputs arrive; one pending read per stream, so
     a slow reader keeps each stream's coalescing (memory stays bounded)."""
     if len(streams) == 1:

@@ -40,6 +40,7 @@ from xllm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from xllm.engine.llm_engine import LLMEngine
+    from xllm.tokenizer import Tokenizer
 
 __all__ = ["AsyncEngine", "EngineDeadError", "EngineOverloadedError", "EngineStats",
            "RequestStream"]
@@ -273,6 +274,28 @@ class AsyncEngine:
         if self._engine is None:
             raise EngineDeadError(self._error or "the engine is still loading")
         return self._engine
+
+    # The model's facts (EngineClient), once loaded: EngineDeadError before.
+
+    @property
+    def model_path(self) -> str:
+        return str(self.config.model)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model_config.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.engine.model_config.hidden_size
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Blocks until the engine has loaded or failed; True when it is ready."""

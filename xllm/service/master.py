@@ -96,8 +96,9 @@ class MasterServicer(master_pb2_grpc.MasterServicer):
 
 @dataclass
 class ModelFacts:
-    """What the OpenAI layer reads from ``AsyncEngine.engine``: the tokenizer (prompts, chat
-    template, logprob token texts), the vocabulary size and the context length."""
+    """The model's facts the OpenAI layer reads (``EngineClient``): the tokenizer (prompts,
+    chat template, logprob token texts), the model's config (vocabulary and hidden sizes)
+    and the context length."""
 
     tokenizer: Any
     model_config: Any
@@ -260,12 +261,17 @@ def pd_candidates(fresh: list[InstanceView], started: bool, max_tokens: int | No
 
 
 class ClusterEngine:
-    """An AsyncEngine look-alike over the cluster (see the module docstring).
+    """The cluster as an ``xllm.engine.protocol.EngineClient`` (the module docstring says how
+    it serves), for the OpenAI layer of xllm-master.
 
     ``max_attempts``: instances one completion may use in all (first try + resumes);
     ``instance_wait_s``: how long a flight waits for a live instance it has not failed on;
     ``max_offline_queued``: offline requests that may wait at the master for capacity.
     """
+
+    # The instances do not send prompt logprobs back yet: echo + logprobs and
+    # prompt_logprobs are refused (400).
+    supports_prompt_logprobs = False
 
     def __init__(self, config: Any, facts: ModelFacts, registry: InstanceRegistry,
                  router: Router, *, max_attempts: int = 4, instance_wait_s: float = 3.0,
@@ -273,7 +279,7 @@ class ClusterEngine:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         self.config = config
-        self.engine = facts
+        self.facts = facts
         self.registry = registry
         self.router = router
         self.max_attempts = max_attempts
@@ -295,7 +301,27 @@ class ClusterEngine:
         self._closed = False
         registry.subscribe(self._on_event)
 
-    # ---- what the OpenAI layer reads -------------------------------------------------------
+    # ---- what the OpenAI layer reads (EngineClient) ----------------------------------------
+
+    @property
+    def model_path(self) -> str:
+        return str(self.config.model)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.facts.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.facts.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.facts.model_config.vocab_size)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.facts.model_config.hidden_size)
 
     @property
     def state(self) -> str:
@@ -338,7 +364,7 @@ class ClusterEngine:
         if offline:
             self.admission.check_room(params.n)  # AdmissionQueueFull: HTTP 503 "overloaded"
         if isinstance(prompt, str):
-            prompt = self.engine.tokenizer.encode(prompt)
+            prompt = self.facts.tokenizer.encode(prompt)
         rid = request_id or self.new_request_id()
         self.pd.meter.arrive(time.monotonic(), len(prompt), params.max_tokens)
         stream = ClusterStream(self, rid, list(prompt), params, priority, offline)

@@ -26,8 +26,7 @@ import uvicorn
 from xllm.api.app import build_app
 from xllm.api.errors import APIError
 from xllm.api.server import _listen_url, _Server, add_server_options, settings_from_args
-from xllm.cli import add_engine_options, engine_config_from_args
-from xllm.config import EngineConfig
+from xllm.config import EngineConfig, add_engine_options, engine_config_from_args
 from xllm.service.master import ClusterEngine, MasterServicer, ModelFacts
 from xllm.service.pd import PD_POLICIES, PdController, load_speed_model
 from xllm.service.proto import master_pb2_grpc
@@ -204,7 +203,7 @@ async def _run(args: argparse.Namespace, config: EngineConfig) -> int:
                             Router(args.policy, config.block_size, spare),
                             max_attempts=args.max_attempts,
                             max_offline_queued=args.offline_queue_size, pd=pd)
-    app = build_app(cluster, settings, shutdown_engine=False)  # type: ignore[arg-type]
+    app = build_app(cluster, settings, shutdown_engine=False)
     cluster.metrics.register(app.state.serving.metrics.registry)  # on the same /metrics
 
     @app.get("/cluster/instances")
