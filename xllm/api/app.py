@@ -277,7 +277,7 @@ def build_app(engine: EngineClient, settings: ServerSettings, *,
         return await create_chat_completion(serving, body, raw)
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse,
-              responses={400: _ERRORS[400], 401: _ERRORS[401]})
+              responses={code: _ERRORS[code] for code in (400, 401, 404, 413, 503)})
     async def embeddings(body: EmbeddingRequest, raw: Request) -> Response:
         return await create_embedding(serving, body, raw)
 
@@ -304,11 +304,12 @@ def _openapi(app: FastAPI, settings: ServerSettings) -> dict[str, Any]:
         schemas.update(body.pop("$defs", {}))
         schemas.setdefault(chunk.__name__, body)
     limit = settings.max_tokens_limit
-    for model in ("CompletionRequest", "ChatCompletionRequest"):
+    for model in ("CompletionRequest", "ChatCompletionRequest", "EmbeddingRequest"):
         props = components["schemas"][model]["properties"]
         # Only the served names are accepted (any other is a 404).
         props["model"]["enum"] = list(settings.served_model_names)
-        props["n"]["maximum"] = settings.max_n
+        if "n" in props:
+            props["n"]["maximum"] = settings.max_n
         for field in ("max_tokens", "max_completion_tokens"):
             if limit is not None and field in props:
                 for branch in props[field].get("anyOf", [props[field]]):
