@@ -442,6 +442,8 @@ def test_registry_lists_supported_architectures() -> None:
         "MistralForCausalLM",
         "Qwen2ForCausalLM",
         "Qwen3ForCausalLM",
+        "Qwen3MoeForCausalLM",
+        "MixtralForCausalLM",
     }
     for arch in SUPPORTED_ARCHITECTURES:
         assert issubclass(get_model_class(arch), LlamaForCausalLM)

@@ -36,7 +36,19 @@ _ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 32,
         "max_position_embeddings": 32768,
     },
+    # Mixture-of-experts: Qwen3-MoE derives head_dim from the heads (no 128 default).
+    "Qwen3MoeForCausalLM": {
+        "head_dim": None,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 32768,
+    },
+    "MixtralForCausalLM": {
+        "head_dim": None,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 4096 * 32,
+    },
 }
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
 
 
 def _rope_from_hf(cfg: dict[str, Any], max_position_embeddings: int) -> tuple[float, dict | None]:
@@ -64,6 +76,28 @@ def _rope_from_hf(cfg: dict[str, Any], max_position_embeddings: int) -> tuple[fl
     return float(theta), scaling
 
 
+def _moe_from_hf(arch: str, cfg: dict[str, Any], layers: int) -> dict[str, Any]:
+    """The mixture-of-experts fields as transformers reads them (its config defaults)."""
+    if arch == "Qwen3MoeForCausalLM":
+        # The Hub's key is num_experts; transformers saves it as num_local_experts.
+        experts = int(cfg.get("num_experts", cfg.get("num_local_experts", 128)))
+        step = int(cfg.get("decoder_sparse_step", 1))
+        dense = set(cfg.get("mlp_only_layers") or [])
+        sparse = tuple(i for i in range(layers)
+                       if i not in dense and experts > 0 and (i + 1) % step == 0)
+        return {"num_experts": experts,
+                "num_experts_per_tok": int(cfg.get("num_experts_per_tok", 8)),
+                "moe_intermediate_size": int(cfg.get("moe_intermediate_size", 768)),
+                "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)),
+                "sparse_layers": sparse}
+    if arch == "MixtralForCausalLM":
+        return {"num_experts": int(cfg.get("num_local_experts", 8)),
+                "num_experts_per_tok": int(cfg.get("num_experts_per_tok", 2)),
+                "moe_intermediate_size": int(cfg["intermediate_size"]),
+                "norm_topk_prob": True, "sparse_layers": tuple(range(layers))}
+    return {}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     architecture: str  # config.json "architectures"[0], the registry key
@@ -85,6 +119,13 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False  # per-head RMSNorm on q and k before rope (Qwen3)
     sliding_window: int | None = None  # recorded; not applied (see docs)
+    # Mixture of experts (0 experts: a dense model). Routing: softmax over all experts, the
+    # top num_experts_per_tok, renormalized to sum 1 when norm_topk_prob.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    sparse_layers: tuple[int, ...] = ()  # the layers whose MLP is the experts
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     torch_dtype: str = "float32"  # the checkpoint's dtype as config.json names it
@@ -113,6 +154,14 @@ class ModelConfig:
             raise ValueError(
                 f"config.json: hidden_act {self.hidden_act!r} is not supported; supported: 'silu'"
             )
+        if self.num_experts:
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(
+                    f"config.json: num_experts_per_tok must be in [1, {self.num_experts}] (the "
+                    f"experts), got {self.num_experts_per_tok}")
+            if self.moe_intermediate_size < 1:
+                raise ValueError("config.json: the experts' intermediate size must be a "
+                                 f"positive integer, got {self.moe_intermediate_size}")
         if self.rope_type not in SUPPORTED_ROPE_SCALING:
             raise ValueError(
                 f"config.json: rope_scaling type {self.rope_type!r} is not "
@@ -161,7 +210,7 @@ class ModelConfig:
         # has q/k/v bias and never o_proj bias; Mistral has none; only Llama reads mlp_bias.
         if arch == "Qwen2ForCausalLM":
             qkv_bias, o_bias = True, False
-        elif arch == "MistralForCausalLM":
+        elif arch in ("MistralForCausalLM", "MixtralForCausalLM"):
             qkv_bias = o_bias = False
         else:
             qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
@@ -170,8 +219,12 @@ class ModelConfig:
         # use_sliding_window.
         if arch == "MistralForCausalLM":
             sliding_window = cfg.get("sliding_window", 4096)
+        elif arch == "MixtralForCausalLM":  # applied whenever set; transformers' default: none
+            sliding_window = cfg.get("sliding_window")
         else:
             sliding_window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+        layers = int(required["num_hidden_layers"])
+        moe = _moe_from_hf(arch, cfg, layers)
         return cls(
             architecture=arch,
             vocab_size=int(required["vocab_size"]),
@@ -190,8 +243,9 @@ class ModelConfig:
             attention_bias=qkv_bias,
             o_proj_bias=o_bias,
             mlp_bias=mlp_bias,
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             sliding_window=None if sliding_window is None else int(sliding_window),
+            **moe,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=eos_list,
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),

@@ -33,6 +33,7 @@ from xllm.layers.attn_metadata import AttentionMetadata
 from xllm.layers.embedding import LMHead, VocabEmbedding
 from xllm.layers.layernorm import RMSNorm
 from xllm.layers.linear import Linear, MergedLinear, copy_checked
+from xllm.layers.moe import SparseMoE
 from xllm.layers.parallel import (
     SINGLE,
     Slice,
@@ -118,10 +119,11 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype,
-                 tp: TensorParallel = SINGLE) -> None:
+                 tp: TensorParallel = SINGLE, index: int = 0) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, dtype, tp)
-        self.mlp = LlamaMLP(config, dtype, tp)
+        self.mlp: nn.Module = (SparseMoE(config, dtype) if index in config.sparse_layers
+                               else LlamaMLP(config, dtype, tp))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -149,7 +151,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype, tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, dtype, tp) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, dtype, tp, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary_emb = RotaryEmbedding(
@@ -188,6 +190,9 @@ class LlamaForCausalLM(nn.Module):
                 f"config.json: partial_rotary_factor {partial!r} is not supported by "
                 f"{config.architecture} here; only full-head rotary (1.0) is"
             )
+        if config.num_experts and tp.enabled:
+            raise ValueError(f"tensor parallelism does not split {config.architecture}'s "
+                             "experts yet; run it with --tensor-parallel-size 1")
         self.config = config
         self.dtype = dtype
         self.tp = tp
@@ -234,6 +239,8 @@ class LlamaForCausalLM(nn.Module):
         rope = self.model.rotary_emb
         if rope.cos_cache.device.type != "cpu" or rope.cos_cache.dtype != torch.float32:
             return False
+        if any(not isinstance(layer.mlp, LlamaMLP) for layer in self.model.layers):
+            return False  # mixture-of-experts layers run as modules
         layers = []
         for layer in self.model.layers:
             a, m = layer.self_attn, layer.mlp
@@ -358,6 +365,9 @@ class LlamaForCausalLM(nn.Module):
         expected: dict[str, torch.Tensor] = {}
         for module_name, module in self.named_modules():
             prefix = f"{module_name}." if module_name else ""
+            if isinstance(module, SparseMoE):
+                expected.update(module.checkpoint_tensors(prefix)[0])
+                continue
             for pname, param in module.named_parameters(recurse=False):
                 if isinstance(module, MergedLinear):
                     parent = module_name.rpartition(".")[0]
@@ -367,6 +377,13 @@ class LlamaForCausalLM(nn.Module):
                 else:
                     expected[prefix + pname] = param
         return expected
+
+    def _fused_aliases(self) -> dict[str, tuple[torch.Tensor, list[str]]]:
+        aliases: dict[str, tuple[torch.Tensor, list[str]]] = {}
+        for module_name, module in self.named_modules():
+            if isinstance(module, SparseMoE):
+                aliases.update(module.checkpoint_tensors(f"{module_name}.")[1])
+        return aliases
 
     def shard_specs(self) -> dict[str, Slice]:
         """Checkpoint name -> the slice of it this rank holds, for every tensor that tensor
@@ -407,11 +424,21 @@ class LlamaForCausalLM(nn.Module):
         state_dict has it) is checked and skipped.
         """
         expected = self._expected_tensors()
+        aliases = self._fused_aliases()
         specs = self.shard_specs()
         loaded: set[str] = set()
         tied = self.lm_head.tied
         for name, tensor in weights:
             if name.endswith(_IGNORED_SUFFIXES):
+                continue
+            name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's checkpoints
+            if name in aliases:  # transformers' fused experts (its in-memory state_dict)
+                target, covered = aliases[name]
+                if loaded.intersection(covered):
+                    raise ValueError(f"checkpoint tensor {name!r} overlaps tensors seen before")
+                copy_checked(target, tensor if isinstance(tensor, torch.Tensor) else tensor[:],
+                             name)
+                loaded.update(covered)
                 continue
             if tied and name == "lm_head.weight":
                 want = (self.config.vocab_size, self.config.hidden_size)
@@ -458,3 +485,12 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     """Llama layers with per-head RMSNorm on q and k before rope, and explicit head_dim."""
+
+
+class Qwen3MoeForCausalLM(LlamaForCausalLM):
+    """Qwen3 attention (q/k norm) with mixture-of-experts MLPs (xllm.layers.moe) on the
+    layers ModelConfig.sparse_layers lists, dense ones elsewhere."""
+
+
+class MixtralForCausalLM(LlamaForCausalLM):
+    """Mistral attention with a mixture of experts in every layer (top-k renormalized)."""

@@ -1,0 +1,96 @@
+"""Mixture-of-experts MLP (Qwen3-MoE, Mixtral): a router picks each token's top-k experts,
+each a SiLU-gated MLP, and the token's output is their weighted sum.
+
+Routing as transformers does it: router logits in fp32, softmax over every expert, the top
+k, renormalized to sum 1 when ``norm_topk_prob`` (Mixtral always). Weights are held fused as
+transformers 5 holds them in memory: ``w13 [E, 2I, H]`` (each expert's gate rows, then its
+up rows) and ``w2 [E, H, I]``; checkpoints name them per expert (``checkpoint_tensors``).
+
+The experts run in ``moe_reference``: tokens grouped by expert with one sort, then one pair
+of matmuls per expert that has tokens. That is a Python loop over the active experts, the
+torch reference a native op is to replace on the hot path (issue 16).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from xllm.models.config import ModelConfig
+
+__all__ = ["SparseMoE", "moe_reference", "route"]
+
+
+def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor,
+                                                                          torch.Tensor]:
+    """(expert ids [T, k] int64, weights [T, k] fp32) from router logits [T, E]."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ids, weights
+
+
+def moe_reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                  w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) for every token t, where expert e is
+    ``w2[e] @ (silu(gate) * up)`` with ``[gate; up] = w13[e] @ x``."""
+    t, k = ids.shape
+    out = torch.zeros_like(x)
+    if t == 0:
+        return out
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    tokens = order // k
+    scale = weights.reshape(-1)[order].to(x.dtype).unsqueeze(1)
+    inter = w2.shape[2]
+    start = 0
+    for e, n in enumerate(counts):
+        if not n:
+            continue
+        rows = tokens[start:start + n]
+        h = x.index_select(0, rows) @ w13[e].t()
+        h = nn.functional.silu(h[:, :inter]) * h[:, inter:]
+        out.index_add_(0, rows, (h @ w2[e].t()) * scale[start:start + n])
+        start += n
+    return out
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        e, i, h = config.num_experts, config.moe_intermediate_size, config.hidden_size
+        self.num_experts, self.intermediate_size = e, i
+        self.top_k = config.num_experts_per_tok
+        self.renormalize = config.norm_topk_prob
+        self.mixtral = config.architecture == "MixtralForCausalLM"
+        # The router stays fp32 (a rounding can flip a routing decision).
+        self.router = nn.Parameter(torch.empty(e, h, dtype=torch.float32), requires_grad=False)
+        self.w13 = nn.Parameter(torch.empty(e, 2 * i, h, dtype=dtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(e, h, i, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = route(x.float() @ self.router.t(), self.top_k, self.renormalize)
+        return moe_reference(x, ids, weights, self.w13, self.w2)
+
+    def checkpoint_tensors(self, prefix: str) -> tuple[dict[str, torch.Tensor],
+                                                       dict[str, tuple[torch.Tensor, list[str]]]]:
+        """(checkpoint name -> destination view, per expert as checkpoints store them;
+        fused name -> (destination, the per-expert names it stands for), as transformers'
+        state_dict has them). ``prefix`` ends with "mlp." (Mixtral's "block_sparse_moe." is
+        renamed to it before lookup)."""
+        i = self.intermediate_size
+        names = ("w1", "w3", "w2") if self.mixtral else ("gate_proj", "up_proj", "down_proj")
+        expected: dict[str, torch.Tensor] = {f"{prefix}gate.weight": self.router}
+        for e in range(self.num_experts):
+            p = f"{prefix}experts.{e}."
+            expected[f"{p}{names[0]}.weight"] = self.w13[e, :i]
+            expected[f"{p}{names[1]}.weight"] = self.w13[e, i:]
+            expected[f"{p}{names[2]}.weight"] = self.w2[e]
+        per = [n for n in expected if n != f"{prefix}gate.weight"]
+        down = [n for n in per if n.endswith(f".{names[2]}.weight")]
+        gate_up = [n for n in per if n not in down]
+        aliases = {f"{prefix}experts.gate_up_proj": (self.w13, gate_up),
+                   f"{prefix}experts.down_proj": (self.w2, down)}
+        return expected, aliases
