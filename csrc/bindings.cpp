@@ -15,6 +15,7 @@ void register_shm_allreduce(py::module_& m);
 void register_quant(py::module_& m);
 void register_layer_ops(py::module_& m);
 void register_decoder_stack(py::module_& m);
+void register_moe(py::module_& m);
 }  // namespace xllm
 
 PYBIND11_MODULE(_C, m) {
@@ -30,4 +31,5 @@ PYBIND11_MODULE(_C, m) {
   xllm::register_quant(m);
   xllm::register_layer_ops(m);
   xllm::register_decoder_stack(m);
+  xllm::register_moe(m);
 }

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(300)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # Sparse layers 1 and 3 (decoder_sparse_step 2), layer 2 dense too (mlp_only_layers).
     "qwen3-moe": ("Qwen3MoeForCausalLM", dict(
-        num_hidden_layers=4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+        num_hidden_layers=4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
         head_dim=16, decoder_sparse_step=2, mlp_only_layers=[2], norm_topk_prob=False)),
     "qwen3-moe-renorm": ("Qwen3MoeForCausalLM", dict(
         num_experts=6, num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=True)),
@@ -181,3 +181,52 @@ def test_the_engine_serves_a_moe_checkpoint(tmp_path: Path, demo_model_dir: Path
             agree = sum(a == b for g, w in zip(got, want, strict=True)
                         for a, b in zip(g, w, strict=True))
             assert agree >= 0.75 * sum(map(len, want)), (got, want)
+
+
+@pytest.mark.parametrize("fmt", ["f32", "bf16_gemm"])
+def test_native_experts_match_the_reference(isa: str, fmt: str) -> None:
+    """_C.MoeExperts against moe_reference: token counts 0 to 300, experts without tokens,
+    every expert chosen, each ISA level; f32 rows to fp32 rounding, bf16 arithmetic close."""
+    from xllm.layers.moe import SparseMoE
+
+    hf = _hf("qwen3-moe-renorm")
+    cfg = ModelConfig.from_hf_dict({**hf.config.to_dict(), "moe_intermediate_size": 64})
+    gen = torch.Generator().manual_seed(3)
+    moe = SparseMoE(cfg, torch.float32)
+    with torch.no_grad():
+        for p in (moe.router, moe.w13, moe.w2):
+            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
+    w13, w2 = moe.w13.detach().clone(), moe.w2.detach().clone()
+    assert moe.use_rows(fmt) and moe.native.num_experts == 6
+    tol = dict(atol=2e-5, rtol=1e-5) if fmt == "f32" else dict(atol=3e-2, rtol=3e-2)
+    for t, k in ((0, 3), (1, 3), (3, 1), (17, 3), (300, 3), (5, 6)):
+        x = torch.randn(t, 64, generator=gen)
+        logits = torch.randn(t, 6, generator=gen)
+        if t == 17:
+            logits[:, 4:] = -1e9  # experts 4 and 5 get no tokens
+        ids, w = route(logits, k, True)
+        want = moe_reference(x, ids, w, w13, w2)
+        out = torch.empty(t, 64)
+        moe.native.forward(x, ids, w, out)
+        torch.testing.assert_close(out, want, **tol)
+    with pytest.raises(ValueError, match="expert ids must be in"):
+        moe.native.forward(torch.zeros(1, 64), torch.tensor([[6, 0, 1]]), torch.ones(1, 3),
+                           torch.empty(1, 64))
+
+
+@pytest.mark.parametrize("name", ["qwen3-moe", "mixtral"])
+def test_native_experts_give_transformers_tokens(name: str) -> None:
+    hf = _hf(name)
+    ours = _ours(hf)
+    ours.attach_rows("f32")
+    assert all(ours.model.layers[i].mlp.native is not None for i in ours.config.sparse_layers)
+    prompts = _prompts([6, 19], 11)
+    config = transformers.GenerationConfig(max_new_tokens=MAX_NEW, do_sample=False,
+                                           eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        for p, tokens in zip(prompts, paged_greedy_generate(ours, prompts, MAX_NEW),
+                             strict=True):
+            ids = torch.tensor([p])
+            want = hf.generate(ids, attention_mask=torch.ones_like(ids),
+                               generation_config=config)[0, len(p):].tolist()
+            assert tokens == want

@@ -214,6 +214,16 @@ def paged_attention_prefill(
 ) -> None: ...
 
 # --- block weights (csrc/quant/; layout and use: xllm/ops/blocks.py) ---
+class MoeExperts:
+    """A mixture-of-experts MLP's experts: gate_up[e] [2I, H] and down[e] [H, I]."""
+
+    def __init__(self, gate_up: list[BlockWeight], down: list[BlockWeight]) -> None: ...
+    def forward(
+        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out: torch.Tensor
+    ) -> None: ...
+    @property
+    def num_experts(self) -> int: ...
+
 class BlockWeight:
     """W [out_features, in_features] in GGUF-style blocks of 32 or plain rows, decoded exactly
     to fp32; or bf16 rows in bf16 arithmetic (format 'bf16_gemm')."""

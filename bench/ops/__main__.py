@@ -16,7 +16,8 @@ import torch
 from bench.ops.common import Row
 
 SUITES = (
-    "attention", "kv_write", "linear", "block_pool", "queue", "vmm", "allreduce", "triton_gpu",
+    "attention", "kv_write", "linear", "block_pool", "queue", "vmm", "allreduce", "moe",
+    "triton_gpu",
 )
 
 

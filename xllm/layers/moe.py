@@ -6,9 +6,12 @@ k, renormalized to sum 1 when ``norm_topk_prob`` (Mixtral always). Weights are h
 transformers 5 holds them in memory: ``w13 [E, 2I, H]`` (each expert's gate rows, then its
 up rows) and ``w2 [E, H, I]``; checkpoints name them per expert (``checkpoint_tensors``).
 
-The experts run in ``moe_reference``: tokens grouped by expert with one sort, then one pair
-of matmuls per expert that has tokens. That is a Python loop over the active experts, the
-torch reference a native op is to replace on the hot path (issue 16).
+On the CPU, once ``use_rows`` has put every expert on native row weights (the model's
+``attach_rows``), the experts run in one native call (``_C.MoeExperts``, csrc/moe/moe.cpp:
+a counting sort by expert, one GEMM pair per expert over its block of rows, a fixed-order
+weighted sum). Elsewhere they run in ``moe_reference``, the torch reference: tokens grouped by
+expert with one sort, then one pair of matmuls per expert that has tokens (a Python loop
+over the active experts).
 """
 
 from __future__ import annotations
@@ -69,9 +72,34 @@ class SparseMoE(nn.Module):
         self.router = nn.Parameter(torch.empty(e, h, dtype=torch.float32), requires_grad=False)
         self.w13 = nn.Parameter(torch.empty(e, 2 * i, h, dtype=dtype), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(e, h, i, dtype=dtype), requires_grad=False)
+        self.native: object | None = None  # _C.MoeExperts once use_rows ran
+
+    def use_rows(self, fmt: str) -> bool:
+        """Puts every expert on native row weights (``xllm.ops.blocks`` formats: f32, bf16,
+        bf16_gemm) run by ``_C.MoeExperts``, releasing the dense copies; False (nothing
+        changes) when the sizes do not suit the kernels (multiples of 32)."""
+        from xllm import _C
+        from xllm.ops.blocks import BLOCK, BlockLinearWeight
+
+        if self.w13.shape[2] % BLOCK or self.w2.shape[2] % BLOCK:
+            return False
+        gate_up = [BlockLinearWeight.from_rows(self.w13[e].float(), fmt).native
+                   for e in range(self.num_experts)]
+        down = [BlockLinearWeight.from_rows(self.w2[e].float(), fmt).native
+                for e in range(self.num_experts)]
+        self.native = _C.MoeExperts(gate_up, down)
+        self.hidden_size = self.w13.shape[2]
+        self.w13 = nn.Parameter(torch.empty(0), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(0), requires_grad=False)
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = route(x.float() @ self.router.t(), self.top_k, self.renormalize)
+        if self.native is not None:
+            out = torch.empty(x.shape[0], self.hidden_size, dtype=torch.float32)
+            self.native.forward(x.float().contiguous(), ids.contiguous(),  # type: ignore[attr-defined]
+                                weights.contiguous(), out)
+            return out.to(x.dtype)
         return moe_reference(x, ids, weights, self.w13, self.w2)
 
     def checkpoint_tensors(self, prefix: str) -> tuple[dict[str, torch.Tensor],

@@ -348,6 +348,8 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"row weights compute in fp32; the model is {self.dtype}")
         switched = 0
         for module in self.modules():
+            if isinstance(module, SparseMoE) and module.native is None:
+                switched += module.use_rows(fmt)
             if isinstance(module, Linear) and module.blocks is None and (
                     module.in_features % BLOCK == 0):
                 module.use_blocks(BlockLinearWeight.from_rows(module.weight, fmt, module.bias))
