@@ -230,3 +230,44 @@ def test_native_experts_give_transformers_tokens(name: str) -> None:
             want = hf.generate(ids, attention_mask=torch.ones_like(ids),
                                generation_config=config)[0, len(p):].tolist()
             assert tokens == want
+
+
+@pytest.mark.parametrize("kind", ["v2-greedy", "v2-grouped", "v3"])
+def test_grouped_routing_matches_deepseek_routers(kind: str) -> None:
+    """route_grouped reproduces transformers' DeepSeek-V2 (greedy, group-limited: max score
+    per group, masked with 0) and V3 routers (sigmoid, correction bias for the choice only,
+    groups by their top-2 sum masked with -inf, renormalized + 1e-20, scaled)."""
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    from xllm.layers.moe import RouterSpec, route_grouped
+
+    gen = torch.Generator().manual_seed(len(kind))
+    common = dict(hidden_size=32, n_routed_experts=16, num_experts_per_tok=3, n_group=4,
+                  topk_group=2, routed_scaling_factor=1.7)
+    bias = None
+    if kind.startswith("v2"):
+        method = "greedy" if kind == "v2-greedy" else "group_limited_greedy"
+        router = DeepseekV2TopkRouter(transformers.DeepseekV2Config(**common,
+                                                                     topk_method=method))
+        spec = RouterSpec(3, "softmax", False, n_group=4 if method != "greedy" else 1,
+                          topk_group=2 if method != "greedy" else 1, scale=1.7)
+    else:
+        router = DeepseekV3TopkRouter(transformers.DeepseekV3Config(**common,
+                                                                     norm_topk_prob=True))
+        bias = torch.randn(16, generator=gen) * 0.3
+        router.e_score_correction_bias.copy_(bias)
+        spec = RouterSpec(3, "sigmoid", True, 1e-20, 4, 2, "top2sum", float("-inf"), 1.7)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(16, 32, generator=gen))
+        x = torch.randn(50, 32, generator=gen)
+        _, want_w, want_ids = router(x)
+        ids, w = route_grouped(x @ router.weight.t(), spec, bias)
+    order, want_order = ids.argsort(-1), want_ids.argsort(-1)
+    assert torch.equal(ids.gather(1, order), want_ids.gather(1, want_order))
+    torch.testing.assert_close(w.gather(1, order), want_w.gather(1, want_order),
+                               atol=1e-6, rtol=1e-6)
+    # The defaults are route()'s choice.
+    plain_ids, plain_w = route(x @ router.weight.t(), 3, True)
+    ids, w = route_grouped(x @ router.weight.t(), RouterSpec(3, renormalize=True))
+    assert torch.equal(ids, plain_ids) and torch.allclose(w, plain_w)

@@ -16,12 +16,14 @@ over the active experts).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from xllm.models.config import ModelConfig
 
-__all__ = ["SparseMoE", "moe_reference", "route"]
+__all__ = ["RouterSpec", "SparseMoE", "moe_reference", "route", "route_grouped"]
 
 
 def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor,
@@ -32,6 +34,60 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Te
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return ids, weights
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How a router turns logits into experts, covering DeepSeek's routers too: scores by
+    softmax or sigmoid; a correction bias added for the choice only (V3); the experts split
+    into ``n_group`` groups of which the ``topk_group`` best (by their best score, or by the
+    sum of their best two) stay eligible, the others masked with ``mask_value``; the top k;
+    weights (the unbiased scores) renormalized (+ ``renorm_eps``) and scaled."""
+
+    top_k: int
+    scoring: str = "softmax"  # or "sigmoid"
+    renormalize: bool = False
+    renorm_eps: float = 0.0
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "max"  # or "top2sum"
+    mask_value: float = 0.0
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"scoring must be softmax or sigmoid, got {self.scoring!r}")
+        if self.group_score not in ("max", "top2sum"):
+            raise ValueError(f"group_score must be max or top2sum, got {self.group_score!r}")
+        if not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"topk_group must be in [1, n_group={self.n_group}], got "
+                             f"{self.topk_group}")
+
+
+def route_grouped(logits: torch.Tensor, spec: RouterSpec,
+                  bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert ids [T, k], weights [T, k] fp32) for router logits [T, E] under ``spec``
+    (transformers' DeepseekV2TopkRouter and DeepseekV3TopkRouter; with the defaults, the
+    same choice as ``route``)."""
+    logits = logits.float()
+    scores = torch.softmax(logits, -1) if spec.scoring == "softmax" else logits.sigmoid()
+    choice = scores if bias is None else scores + bias.float()
+    t, e = choice.shape
+    if spec.n_group > 1:
+        if e % spec.n_group:
+            raise ValueError(f"{e} experts do not split into {spec.n_group} groups")
+        groups = choice.view(t, spec.n_group, e // spec.n_group)
+        best = (groups.amax(-1) if spec.group_score == "max"
+                else groups.topk(2, dim=-1).values.sum(-1))
+        keep = torch.zeros_like(best, dtype=torch.bool).scatter_(
+            1, best.topk(spec.topk_group, dim=-1).indices, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(e // spec.n_group, 1),
+                                    spec.mask_value)
+    ids = choice.topk(spec.top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if spec.renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + spec.renorm_eps)
+    return ids, weights * spec.scale
 
 
 def moe_reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
