@@ -124,13 +124,26 @@ class MoeExperts {
     for (int64_t p = 0; p < P; ++p) {
       std::memcpy(xs_.data() + p * H, x + row_of_[p] * H, H * sizeof(float));
     }
-    // 3. the experts with tokens, each over its block of rows
+    // 3. the experts with tokens, each over its block of rows. With a few rows per expert
+    //    (decode) the threads take whole experts (each GEMM then runs on one thread: a
+    //    nested region is inactive), sparing two fork/joins per expert; otherwise the
+    //    experts go in turn and each GEMM spreads over the threads.
+    active_.clear();
     for (int64_t e = 0; e < E; ++e) {
+      if (offset_[e + 1] > offset_[e]) active_.push_back(e);
+    }
+    const int64_t A = static_cast<int64_t>(active_.size());
+    auto expert = [&](int64_t e) {
       const int64_t n = offset_[e + 1] - offset_[e], at = offset_[e];
-      if (n == 0) continue;
       gate_up_[e]->linear_raw(xs_.data() + at * H, H, n, gu_.data() + at * 2 * I, 2 * I, isa);
       rowops::silu_and_mul(gu_.data() + at * 2 * I, 2 * I, n, I, act_.data() + at * I, I, isa);
       down_[e]->linear_raw(act_.data() + at * I, I, n, ys_.data() + at * H, H, isa);
+    };
+    if (A >= 2 && P <= kRowsPerExpertToSpread * A && omp_get_max_threads() > 1) {
+#pragma omp parallel for schedule(dynamic, 1)
+      for (int64_t a = 0; a < A; ++a) expert(active_[a]);
+    } else {  // no enclosing region: even a one-thread team would serialize the GEMMs' own
+      for (int64_t a = 0; a < A; ++a) expert(active_[a]);
     }
     // 4. weighted sum per token, slots in order
     const int combine = T * k * H >= (int64_t{1} << 16) ? omp_get_max_threads() : 1;
@@ -152,7 +165,9 @@ class MoeExperts {
   int64_t hidden_ = 0, inter_ = 0;
   std::vector<const BlockWeight*> gate_up_, down_;
   py::object keep_;
-  std::vector<int64_t> offset_, next_, row_of_, slot_;
+  // Decode-sized work: threads take whole experts when the rows per expert are this few.
+  static constexpr int64_t kRowsPerExpertToSpread = 4;
+  std::vector<int64_t> offset_, next_, row_of_, slot_, active_;
   std::vector<float> xs_, ys_, gu_, act_;
 };
 
