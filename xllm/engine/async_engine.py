@@ -373,11 +373,11 @@ class AsyncEngine:
         the error (a ValueError saying what is wrong with the spec) to the stream."""
         if self._streams.get(add.request_id) is not stream:
             return  # aborted meanwhile
-        error = None if compiled.cancelled() else compiled.exception()
         if compiled.cancelled():
-            error = EngineDeadError(self._error or "the engine is shutting down")
-        if error is None:
-            error = self._push(add)
+            error: BaseException | None = EngineDeadError(
+                self._error or "the engine is shutting down")
+        else:
+            error = compiled.exception() or self._push(add)
         if error is not None:
             stream._put(None, error)
 

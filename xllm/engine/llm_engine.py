@@ -73,10 +73,9 @@ class _RequestState:
     # RequestOutput.prompt_logprobs), filled chunk by chunk by the first completion's request.
     prompt_logprobs: list[dict[int, float] | None] | None = None
     prompt_token_ranks: list[int | None] | None = None
-    # With params.pooling: the pooled hidden state so far (mean: the sum of the positions
-    # before pooled_upto), then the normalized embedding once the prompt is through.
+    # With params.pooling: the pooled hidden state so far (mean: the sum over the chunks
+    # computed), then the normalized embedding once the prompt is through.
     pooled: torch.Tensor | None = None
-    pooled_upto: int = 0
     embedding: list[float] | None = None
 
     @property
@@ -524,9 +523,9 @@ class LLMEngine:
                     state.pooled + vector)
             else:
                 state.pooled = vector
-            state.pooled_upto = start + n
-            if state.pooled_upto == len(state.prompt_token_ids):
-                v = state.pooled / state.pooled_upto if mean else state.pooled
+            end = start + n
+            if end == len(state.prompt_token_ids):
+                v = state.pooled / end if mean else state.pooled
                 state.embedding = torch.nn.functional.normalize(v, dim=0).tolist()
 
     def _absorb(self, completion: _Completion, new_ids: list[int], lp) -> None:  # noqa: ANN001

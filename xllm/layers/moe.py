@@ -144,7 +144,6 @@ class SparseMoE(nn.Module):
         down = [BlockLinearWeight.from_rows(self.w2[e].float(), fmt).native
                 for e in range(self.num_experts)]
         self.native = _C.MoeExperts(gate_up, down)
-        self.hidden_size = self.w13.shape[2]
         self.w13 = nn.Parameter(torch.empty(0), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(0), requires_grad=False)
         return True
@@ -152,7 +151,7 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = route(x.float() @ self.router.t(), self.top_k, self.renormalize)
         if self.native is not None:
-            out = torch.empty(x.shape[0], self.hidden_size, dtype=torch.float32)
+            out = torch.empty(x.shape[0], self.router.shape[1], dtype=torch.float32)
             self.native.forward(x.float().contiguous(), ids.contiguous(),  # type: ignore[attr-defined]
                                 weights.contiguous(), out)
             return out.to(x.dtype)

@@ -35,6 +35,7 @@ from xllm.runtime.prompt_logprobs import (
 )
 from xllm.runtime.tp import StepMessage, WorkerGroup, token_at
 from xllm.scheduler import SchedulerOutput
+from xllm.structured.grammar import new_bitmask
 
 
 @dataclass
@@ -102,14 +103,12 @@ class _Buffers:
         self.block_tables = np.zeros((max_num_seqs, max_blocks_per_seq), dtype=np.int32)
         self.seq_lens = np.zeros(max_num_seqs, dtype=np.int32)
         self.query_start = np.zeros(max_num_seqs + 1, dtype=np.int32)
-        self.max_num_seqs = max_num_seqs
         self.bitmask: torch.Tensor | None = None  # structured outputs: made at first use
 
     def token_bitmask(self, vocab_size: int) -> torch.Tensor:
         """The step's structured-output bitmask rows [max_num_seqs, ceil(vocab / 32)]."""
         if self.bitmask is None:
-            self.bitmask = torch.full((self.max_num_seqs, -(-vocab_size // 32)), -1,
-                                      dtype=torch.int32)
+            self.bitmask = new_bitmask(self.block_tables.shape[0], vocab_size)
         return self.bitmask
 
 
