@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -35,6 +38,23 @@ class LiveServer:
         self.server.should_exit = True
         self._thread.join(15)
         assert not self._thread.is_alive(), "the test server did not stop"
+
+
+@contextlib.contextmanager
+def openai_client(served_engine: Any, timeout: float = 120,  # noqa: ANN401
+                  **settings: Any) -> Iterator[Any]:
+    """The official openai client of an xllm-server (model name "demo", ``settings`` as
+    ServerSettings' fields) around ``served_engine``, live for the block."""
+    import openai
+
+    from xllm.api.app import build_app
+    from xllm.api.settings import ServerSettings
+
+    app = build_app(served_engine, ServerSettings(served_model_names=["demo"], **settings),
+                    shutdown_engine=False)
+    with LiveServer(app) as srv:
+        yield openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0,
+                            timeout=timeout)
 
 
 def greedy_texts(served_engine, prompts: list[str], max_tokens: int,  # noqa: ANN001

@@ -12,10 +12,8 @@ import numpy as np
 import openai
 import pytest
 import torch
-from live_server import LiveServer
+from live_server import openai_client
 
-from xllm.api.app import build_app
-from xllm.api.settings import ServerSettings
 from xllm.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.timeout(240)
@@ -71,10 +69,8 @@ def test_pooling_params_are_checked() -> None:
 
 @pytest.fixture(scope="module")
 def client(served_engine) -> Iterator[openai.OpenAI]:  # noqa: ANN001
-    settings = ServerSettings(served_model_names=["demo"])
-    with LiveServer(build_app(served_engine, settings, shutdown_engine=False)) as srv:
-        yield openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0,
-                            timeout=60)
+    with openai_client(served_engine, timeout=60) as c:
+        yield c
 
 
 def test_embeddings_endpoint(client: openai.OpenAI, served_engine, demo_hf) -> None:  # noqa: ANN001

@@ -248,7 +248,18 @@ def hf_model(name: str, native_sizes: bool = False, bf16_values: bool | None = N
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = model_cls(config).eval()
-    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    randomize(model, torch.Generator().manual_seed(sum(map(ord, name))))
+    if bf16_values:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.bfloat16().float())
+    return model
+
+
+def randomize(model: torch.nn.Module, gen: torch.Generator) -> None:
+    """O(1)-scale random weights: norms near 1, small biases, unit-variance embeddings, and
+    weights [..., out, in] scaled so unit-variance inputs give unit-variance outputs (3-D
+    expert weights included)."""
     with torch.no_grad():
         for pname, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
@@ -258,11 +269,8 @@ def hf_model(name: str, native_sizes: bool = False, bf16_values: bool | None = N
                 p.copy_(0.2 * noise)
             elif "embed" in pname:
                 p.copy_(noise)
-            else:  # weights [out, in]: unit-variance outputs for unit-variance inputs
-                p.copy_(noise / math.sqrt(p.shape[1]))
-            if bf16_values:
-                p.copy_(p.bfloat16().float())
-    return model
+            else:
+                p.copy_(noise / math.sqrt(p.shape[-1]))
 
 
 @functools.cache

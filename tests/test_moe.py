@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from test_models import _SMALL, MAX_NEW, VOCAB, paged_greedy_generate, prefill_logits
+from test_models import (
+    _SMALL,
+    MAX_NEW,
+    VOCAB,
+    paged_greedy_generate,
+    prefill_logits,
+    randomize,
+)
 
 from xllm.layers.moe import moe_reference, route
 from xllm.loader import iter_weights
@@ -41,16 +48,7 @@ def _hf(name: str) -> Any:
     config._experts_implementation = "eager"  # transformers' plain loop, not grouped_mm
     torch.manual_seed(0)
     model = getattr(transformers, arch)(config).eval()
-    gen = torch.Generator().manual_seed(sum(map(ord, name)))
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "norm" in pname:
-                p.copy_(1 + 0.2 * noise)
-            elif "embed" in pname:
-                p.copy_(noise)
-            else:  # [.., out, in]: unit-variance outputs (routers: spread-out logits)
-                p.copy_(noise / math.sqrt(p.shape[-1]))
+    randomize(model, torch.Generator().manual_seed(sum(map(ord, name))))
     return model
 
 

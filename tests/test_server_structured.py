@@ -12,10 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import jsonschema
 import openai
 import pytest
-from live_server import LiveServer
-
-from xllm.api.app import build_app
-from xllm.api.settings import ServerSettings
+from live_server import openai_client
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -37,10 +34,8 @@ PROMPTS = [f"Describe person number {i}, who likes {h}, as JSON." for i, h in
 
 @pytest.fixture(scope="module")
 def client(served_engine) -> Iterator[openai.OpenAI]:  # noqa: ANN001
-    settings = ServerSettings(served_model_names=["demo"])
-    with LiveServer(build_app(served_engine, settings, shutdown_engine=False)) as srv:
-        yield openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0,
-                            timeout=120)
+    with openai_client(served_engine) as c:
+        yield c
 
 
 def _chat(client: openai.OpenAI, prompt: str, **kw) -> object:  # noqa: ANN003

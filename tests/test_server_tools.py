@@ -12,11 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import jsonschema
 import openai
 import pytest
-from live_server import LiveServer
+from live_server import openai_client
 
-from xllm.api.app import build_app
 from xllm.api.protocol import ChatCompletionRequest
-from xllm.api.settings import ServerSettings
 from xllm.api.tools import template_messages
 
 pytestmark = pytest.mark.timeout(300)
@@ -51,10 +49,8 @@ PROMPTS = [f"{q} (request {i})" for i, q in enumerate(
 
 @pytest.fixture(scope="module")
 def client(served_engine) -> Iterator[openai.OpenAI]:  # noqa: ANN001
-    settings = ServerSettings(served_model_names=["demo"], tool_call_parser="hermes")
-    with LiveServer(build_app(served_engine, settings, shutdown_engine=False)) as srv:
-        yield openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0,
-                            timeout=120)
+    with openai_client(served_engine, tool_call_parser="hermes") as c:
+        yield c
 
 
 def _chat(client: openai.OpenAI, prompt: str, **kw):  # noqa: ANN003, ANN202
@@ -253,9 +249,7 @@ def test_bad_tool_requests_are_400s(client: openai.OpenAI, body: dict, param: st
 
 
 def test_auto_without_a_known_format_is_a_400(served_engine) -> None:  # noqa: ANN001
-    settings = ServerSettings(served_model_names=["demo"])  # no --tool-call-parser
-    with LiveServer(build_app(served_engine, settings, shutdown_engine=False)) as srv:
-        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+    with openai_client(served_engine) as c:  # no --tool-call-parser
         with pytest.raises(openai.BadRequestError) as info:
             _chat(c, "hi", max_tokens=4)
         assert "--tool-call-parser" in info.value.body["message"]
