@@ -130,18 +130,19 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        headers = dict(scope["headers"])
         guarded = scope["path"].startswith("/v1/") or (
             scope["path"].startswith("/cluster/") and scope["method"] == "POST")
         if self.key is not None and guarded:
-            auth = dict(scope["headers"]).get(b"authorization", b"")
+            auth = headers.get(b"authorization", b"")
             if not auth.startswith(b"Bearer ") or not hmac.compare_digest(auth[7:], self.key):
                 await _send_error(send, 401, "missing or wrong API key: send the header "
                                   "'Authorization: Bearer <key>'", code="invalid_api_key")
                 return
         limit = self.settings.max_request_body_bytes
-        length = dict(scope["headers"]).get(b"content-length")
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            if dict(scope["headers"]).get(b"expect", b"").lower() != b"100-continue":
+            if headers.get(b"expect", b"").lower() != b"100-continue":
                 await _drain(receive, int(length))  # (with 100-continue nothing was sent)
             await _send_error(send, 413, f"the request body has {int(length)} bytes; this "
                               f"server accepts at most {limit}", code="request_too_large")
