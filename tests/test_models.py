@@ -31,7 +31,7 @@ from xllm.layers.attn_metadata import AttentionMetadata  # noqa: E402
 from xllm.models.config import ModelConfig  # noqa: E402
 from xllm.models.llama import LlamaForCausalLM, Qwen3ForCausalLM  # noqa: E402
 from xllm.models.registry import SUPPORTED_ARCHITECTURES, get_model_class  # noqa: E402
-from xllm.ops.kv_cache import allocate_kv_cache  # noqa: E402
+from xllm.ops.kv_cache import allocate_kv_cache, allocate_model_kv_caches  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -93,10 +93,7 @@ def paged_greedy_generate(
     cfg = model.config
     seqs = [_Seq(list(p), len(p), max_new_tokens) for p in prompts]
     num_blocks = 1 + sum(math.ceil((len(p) + max_new_tokens) / block_size) for p in prompts)
-    caches = [
-        allocate_kv_cache(num_blocks, cfg.num_key_value_heads, block_size, cfg.head_dim, kv_dtype)
-        for _ in range(cfg.num_hidden_layers)
-    ]
+    caches = allocate_model_kv_caches(cfg, num_blocks, block_size, kv_dtype)
     model.bind_kv_caches(caches)
     next_block = 1
     while not all(s.done for s in seqs):
@@ -328,10 +325,7 @@ def prefill_logits(
     """Every position's logits [len(p), vocab] for each prompt, all in one prefill batch."""
     cfg = model.config
     num_blocks = 1 + sum(math.ceil(len(p) / block_size) for p in prompts)
-    caches = [
-        allocate_kv_cache(num_blocks, cfg.num_key_value_heads, block_size, cfg.head_dim, kv_dtype)
-        for _ in range(cfg.num_hidden_layers)
-    ]
+    caches = allocate_model_kv_caches(cfg, num_blocks, block_size, kv_dtype)
     model.bind_kv_caches(caches)
     free = list(range(num_blocks - 1, 0, -1))  # back to front: tables are not the identity
     tables, slots, starts = [], [], [0]
@@ -452,6 +446,8 @@ def test_registry_lists_supported_architectures() -> None:
         "Qwen3ForCausalLM",
         "Qwen3MoeForCausalLM",
         "MixtralForCausalLM",
+        "DeepseekV2ForCausalLM",
+        "DeepseekV3ForCausalLM",
     }
     for arch in SUPPORTED_ARCHITECTURES:
         assert issubclass(get_model_class(arch), LlamaForCausalLM)

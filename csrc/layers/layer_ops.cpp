@@ -82,7 +82,8 @@ void silu_and_mul(py::handle out_obj, py::handle x_obj) {
 
 // ---- rotary embedding ---------------------------------------------------------
 
-// x [T, heads, head_dim] (rows strided, heads contiguous) rotated in place at positions.
+// x [T, heads, head_dim] (rows and heads strided, each head contiguous) rotated in place at
+// positions. Strided heads: MLA rotates the rope tail of each head's row.
 void rotary(py::handle x_obj, py::handle positions_obj, py::handle cos_obj, py::handle sin_obj) {
   const Tensor x = host_tensor(x_obj, "x");
   const Tensor pos = host_tensor(positions_obj, "positions");
@@ -101,8 +102,9 @@ void rotary(py::handle x_obj, py::handle positions_obj, py::handle cos_obj, py::
   check_contiguous(pos);
   const int64_t rows = x.size(0), heads = x.size(1), hd = x.size(2), half = hd / 2;
   if (hd % 2) fail("argument 'x' must have an even head_dim, got ", x.shape_str());
-  if (x.stride[2] != 1 || x.stride[1] != hd) {
-    fail("argument 'x' must have contiguous heads (stride(1) == head_dim, stride(2) == 1)");
+  if (x.stride[2] != 1 || (heads > 1 && x.stride[1] < hd)) {
+    fail("argument 'x' must have contiguous heads that do not overlap (stride(2) == 1, "
+         "stride(1) >= head_dim)");
   }
   check_dim(pos, 0, rows, "x.shape[0]");
   check_dim(cs, 1, half, "head_dim / 2");
@@ -118,8 +120,8 @@ void rotary(py::handle x_obj, py::handle positions_obj, py::handle cos_obj, py::
   }
   const Isa isa = active_isa();
   py::gil_scoped_release release;
-  rowops::rotary(x.ptr<float>(), x.stride[0], rows, heads, hd, pp, cs.ptr<float>(), sn.ptr<float>(),
-               isa);
+  rowops::rotary(x.ptr<float>(), x.stride[0], rows, heads, hd, x.stride[1], pp, cs.ptr<float>(),
+                 sn.ptr<float>(), isa);
 }
 
 // ---- argmax over rows ---------------------------------------------------------

@@ -234,7 +234,8 @@ void silu_and_mul(const float* x, int64_t ldx, int64_t rows, int64_t d, float* o
   }
 }
 
-void rotary(float* x, int64_t ldx, int64_t rows, int64_t heads, int64_t hd, const int64_t* pos,
+void rotary(float* x, int64_t ldx, int64_t rows, int64_t heads, int64_t hd, int64_t ldh,
+            const int64_t* pos,
             const float* cos, const float* sin, Isa isa) {
   const int64_t half = hd / 2;
 #pragma omp parallel for schedule(static) num_threads(threads_for_rows(rows))
@@ -242,7 +243,7 @@ void rotary(float* x, int64_t ldx, int64_t rows, int64_t heads, int64_t hd, cons
     const float* c = cos + pos[i] * half;
     const float* s = sin + pos[i] * half;
     for (int64_t h = 0; h < heads; ++h) {
-      float* x1 = x + i * ldx + h * hd;
+      float* x1 = x + i * ldx + h * ldh;
 #if defined(__x86_64__)
       if (isa >= Isa::kAvx512) {
         rotate_avx512(x1, x1 + half, c, s, half);

@@ -22,9 +22,10 @@ void rms_norm(const float* x, int64_t ldx, float* res, int64_t ldr, const float*
 void silu_and_mul(const float* x, int64_t ldx, int64_t rows, int64_t d, float* out,
                   int64_t ldo, Isa isa);
 
-// Rotates x [rows, heads, hd] (heads contiguous, row stride ldx) in place, halves layout,
+// Rotates x [rows, heads, hd] (head stride ldh, row stride ldx) in place, halves layout,
 // with cos/sin rows [*, hd / 2] at pos[r] (already checked to be in range).
-void rotary(float* x, int64_t ldx, int64_t rows, int64_t heads, int64_t hd, const int64_t* pos,
+void rotary(float* x, int64_t ldx, int64_t rows, int64_t heads, int64_t hd, int64_t ldh,
+            const int64_t* pos,
             const float* cos, const float* sin, Isa isa);
 
 // out[r] = the index of the first maximum of x[r, :v] (x [rows, v], row stride ldx), as

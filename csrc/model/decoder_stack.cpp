@@ -194,7 +194,7 @@ class DecoderStack {
           rowops::rms_norm(q + Q, hd_, nullptr, 0, l.k_norm, eps_, kv_, hd_, q + Q, hd_, isa);
         }
       }
-      rowops::rotary(qkv, QKV, n, heads_ + kv_, hd_, pp, cos_, sin_, isa);
+      rowops::rotary(qkv, QKV, n, heads_ + kv_, hd_, hd_, pp, cos_, sin_, isa);
       const Tensor k = view("key", qkv + Q, DType::kFloat32, {n, kv_, hd_}, {QKV, hd_, 1});
       const Tensor v = view("value", qkv + Q + KVS, DType::kFloat32, {n, kv_, hd_}, {QKV, hd_, 1});
       attn::write_kv_cache(k, v, l.key_cache, l.value_cache, slots);

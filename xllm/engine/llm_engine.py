@@ -123,9 +123,10 @@ class LLMEngine:
         for note in check_tensor_parallel(mc.num_attention_heads, mc.num_key_value_heads,
                                           mc.intermediate_size, tp_size):
             logger.warning("tensor parallelism: %s", note)
+        kv_heads, kv_head_size, kv_tensors = mc.kv_cache_geometry()
         store_config = KVStoreConfig(
-            num_blocks=2, num_layers=mc.num_hidden_layers, num_kv_heads=mc.num_key_value_heads,
-            block_size=config.block_size, head_size=mc.head_dim,
+            num_blocks=2, num_layers=mc.num_hidden_layers, num_kv_heads=kv_heads,
+            block_size=config.block_size, head_size=kv_head_size, tensors_per_layer=kv_tensors,
             dtype_bytes=kv_dtype.itemsize, on_demand=self.device.type == "cpu",
             idle_seconds=config.kv_idle_release_s,
             cpu_tier_bytes=int(config.kv_offload_cpu_gb * (1 << 30)),

@@ -1,11 +1,12 @@
 """The paged KV cache's memory, mapped on demand over the native VMM page pool.
 
 Each attention layer has a key and a value tensor ``[num_blocks, num_kv_heads, block_size,
-head_size]`` (the layout of :mod:`xllm.ops.kv_cache`), so block ``b`` occupies
-``segment_bytes`` bytes at ``b * segment_bytes`` of each of the ``2 * num_layers``
-*regions*. All regions live in one :class:`~xllm.ops.vmm.VmmPool` reservation sized for the
-pool's ceiling; a *page group* ``g`` is page ``g`` of every region, which holds blocks
-``[g * blocks_per_group, (g + 1) * blocks_per_group)`` of every layer. Groups are mapped as
+head_size]`` (the layout of :mod:`xllm.ops.kv_cache`; MLA has one tensor per layer, read as
+both), so block ``b`` occupies ``segment_bytes`` bytes at ``b * segment_bytes`` of each of the
+``tensors_per_layer * num_layers`` *regions*. All regions live in one
+:class:`~xllm.ops.vmm.VmmPool` reservation sized for the pool's ceiling; a *page group*
+``g`` is page ``g`` of every region, which holds blocks ``[g * blocks_per_group, (g + 1) *
+blocks_per_group)`` of every layer. Groups are mapped as
 blocks come into use and unmapped when their blocks are all free, so the attention kernels
 see one contiguous tensor per layer while the memory behind it grows and shrinks.
 
@@ -35,10 +36,12 @@ class KVMemory:
     groups mapped on demand. Thread-safe as the VMM pool is (one mutex)."""
 
     def __init__(self, num_blocks: int, num_layers: int, segment_bytes: int,
-                 target_page_bytes: int = DEFAULT_TARGET_PAGE_BYTES) -> None:
+                 target_page_bytes: int = DEFAULT_TARGET_PAGE_BYTES,
+                 tensors_per_layer: int = 2) -> None:
         for name, value in (("num_blocks", num_blocks), ("num_layers", num_layers),
                             ("segment_bytes", segment_bytes),
-                            ("target_page_bytes", target_page_bytes)):
+                            ("target_page_bytes", target_page_bytes),
+                            ("tensors_per_layer", tensors_per_layer)):
             if type(value) is not int or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         unit = math.lcm(segment_bytes, mmap.PAGESIZE)
@@ -47,7 +50,10 @@ class KVMemory:
         self.num_blocks = num_blocks
         self.num_layers = num_layers
         self.segment_bytes = segment_bytes
-        self.num_regions = 2 * num_layers
+        if tensors_per_layer not in (1, 2):
+            raise ValueError(f"tensors_per_layer must be 1 or 2, got {tensors_per_layer}")
+        self.tensors_per_layer = tensors_per_layer
+        self.num_regions = tensors_per_layer * num_layers
         self.num_groups = -(-num_blocks // self.blocks_per_group)
         self.region_bytes = self.num_groups * self.page_bytes
         self.vmm = VmmPool(self.region_bytes * self.num_regions, self.page_bytes)
@@ -95,7 +101,8 @@ class KVMemory:
 
     def tensors(self, shape: tuple[int, ...], dtype: torch.dtype) -> list[tuple[torch.Tensor,
                                                                               torch.Tensor]]:
-        """Per layer (key_cache, value_cache) views of ``shape`` over the regions (no copy)."""
+        """Per layer (key_cache, value_cache) views of ``shape`` over the regions (no copy); with
+        one tensor per layer the pair is that view twice."""
         elems = math.prod(shape)
         if shape[0] != self.num_blocks or elems * dtype.itemsize != (
                 self.num_blocks * self.segment_bytes):
@@ -103,4 +110,5 @@ class KVMemory:
                              f"of {self.segment_bytes} bytes")
         views = [self.vmm.tensor(dtype, shape, offset=r * self.region_bytes)
                  for r in range(self.num_regions)]
-        return [(views[2 * i], views[2 * i + 1]) for i in range(self.num_layers)]
+        n = self.tensors_per_layer
+        return [(views[n * i], views[n * i + n - 1]) for i in range(self.num_layers)]

@@ -70,6 +70,9 @@ class KVStoreConfig:
     # What the KV bytes depend on beyond the shape (model files, dtypes, weight format): a
     # disk tier written under another identity is never read (xllm.kvcache.tiers.DiskTier).
     identity: tuple[tuple[str, str], ...] = ()
+    # 2: a key and a value tensor per layer; 1: one tensor read as both (MLA's latent rows,
+    # ModelConfig.kv_cache_geometry).
+    tensors_per_layer: int = 2
 
     @property
     def segment_bytes(self) -> int:
@@ -79,19 +82,20 @@ class KVStoreConfig:
     @property
     def block_bytes(self) -> int:
         """One block of every layer, keys and values."""
-        return 2 * self.num_layers * self.segment_bytes
+        return self.num_regions * self.segment_bytes
 
     def layout(self) -> dict[str, Any]:
         """What the KV bytes depend on: a disk tier's directory and a peer's layout key are
         fingerprints of it."""
         return {"identity": dict(self.identity), "block_size": self.block_size,
                 "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
-                "head_size": self.head_size, "dtype_bytes": self.dtype_bytes}
+                "head_size": self.head_size, "dtype_bytes": self.dtype_bytes,
+                "tensors_per_layer": self.tensors_per_layer}
 
     @property
     def num_regions(self) -> int:
-        """Per-layer key and value tensors."""
-        return 2 * self.num_layers
+        """Per-layer key and value tensors (or the one latent tensor)."""
+        return self.tensors_per_layer * self.num_layers
 
 
 # Load-latency histogram buckets (seconds): a few blocks take microseconds, a long prefix from
@@ -199,7 +203,8 @@ class KVStore:
         self.memory: KVMemory | None = None
         self.pool: BlockPoolProtocol
         if config.on_demand:
-            self.memory = KVMemory(config.num_blocks, config.num_layers, config.segment_bytes)
+            self.memory = KVMemory(config.num_blocks, config.num_layers, config.segment_bytes,
+                                   tensors_per_layer=config.tensors_per_layer)
             self.pool = OnDemandBlockPool(self.memory, idle_seconds=config.idle_seconds,
                                           before_unmap=self._before_unmap)
             self.regions = self.memory.regions
@@ -256,7 +261,7 @@ class KVStore:
         zeroed tensors when memory is not on demand (CUDA)."""
         import torch
 
-        from xllm.ops.kv_cache import allocate_kv_cache, kv_cache_shape
+        from xllm.ops.kv_cache import allocate_kv_cache, allocate_kv_cache_one, kv_cache_shape
 
         c = self.config
         if dtype.itemsize != c.dtype_bytes:
@@ -267,10 +272,18 @@ class KVStore:
                                  f"{device}")
             shape = kv_cache_shape(c.num_blocks, c.num_kv_heads, c.block_size, c.head_size)
             return self.memory.tensors(shape, dtype)
-        caches = [allocate_kv_cache(c.num_blocks, c.num_kv_heads, c.block_size, c.head_size,
-                                    dtype=dtype, device=device) for _ in range(c.num_layers)]
+        if c.tensors_per_layer == 2:
+            caches = [allocate_kv_cache(c.num_blocks, c.num_kv_heads, c.block_size,
+                                        c.head_size, dtype=dtype, device=device)
+                      for _ in range(c.num_layers)]
+        else:
+            ones = [allocate_kv_cache_one(c.num_blocks, c.num_kv_heads, c.block_size,
+                                          c.head_size, dtype=dtype, device=device)
+                    for _ in range(c.num_layers)]
+            caches = [(t, t) for t in ones]
         if torch.device(device).type == "cpu":
-            self.regions = [t.data_ptr() for pair in caches for t in pair]
+            self.regions = [t.data_ptr() for pair in caches
+                            for t in pair[:c.tensors_per_layer]]
         elif self.tiers:
             raise ValueError("KV tiers need the KV cache in host memory for now")
         return caches

@@ -23,7 +23,7 @@ from torch import nn
 
 from xllm.models.config import ModelConfig
 
-__all__ = ["RouterSpec", "SparseMoE", "moe_reference", "route", "route_grouped"]
+__all__ = ["RouterSpec", "SparseMoE", "moe_reference", "route", "route_grouped", "router_spec"]
 
 
 def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor,
@@ -116,16 +116,40 @@ def moe_reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     return out
 
 
+def router_spec(config: ModelConfig) -> RouterSpec:
+    """The routing a config asks for (``ModelConfig``'s routing fields). DeepSeek's routers
+    add 1e-20 to the renormalizing sum."""
+    deepseek = config.architecture.startswith("Deepseek")
+    return RouterSpec(
+        config.num_experts_per_tok, scoring=config.scoring_func,
+        renormalize=config.norm_topk_prob, renorm_eps=1e-20 if deepseek else 0.0,
+        n_group=config.n_group, topk_group=config.topk_group,
+        group_score="top2sum" if config.routing_bias else "max",
+        mask_value=float("-inf") if config.routing_bias else 0.0,
+        scale=config.routed_scaling_factor)
+
+
 class SparseMoE(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    """Routed experts (and DeepSeek's shared experts, ``shared``: an MLP every token runs,
+    added to the routed sum)."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype,
+                 shared: nn.Module | None = None) -> None:
         super().__init__()
         e, i, h = config.num_experts, config.moe_intermediate_size, config.hidden_size
         self.num_experts, self.intermediate_size = e, i
         self.top_k = config.num_experts_per_tok
         self.renormalize = config.norm_topk_prob
+        self.spec = router_spec(config)
+        # Plain softmax-top-k routing (Qwen3-MoE, Mixtral) takes the shorter ``route``.
+        self.plain = self.spec == RouterSpec(self.top_k, renormalize=self.renormalize)
         self.mixtral = config.architecture == "MixtralForCausalLM"
         # The router stays fp32 (a rounding can flip a routing decision).
         self.router = nn.Parameter(torch.empty(e, h, dtype=torch.float32), requires_grad=False)
+        # V3's correction bias: added to the scores for the choice only.
+        self.bias = (nn.Parameter(torch.zeros(e, dtype=torch.float32), requires_grad=False)
+                     if config.routing_bias else None)
+        self.shared_experts = shared
         self.w13 = nn.Parameter(torch.empty(e, 2 * i, h, dtype=dtype), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(e, h, i, dtype=dtype), requires_grad=False)
         self.native: object | None = None  # _C.MoeExperts once use_rows ran
@@ -148,14 +172,25 @@ class SparseMoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(0), requires_grad=False)
         return True
 
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expert ids [T, k], weights [T, k] fp32) for inputs x [T, H]."""
+        logits = x.float() @ self.router.t()
+        if self.plain:
+            return route(logits, self.top_k, self.renormalize)
+        return route_grouped(logits, self.spec, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids, weights = route(x.float() @ self.router.t(), self.top_k, self.renormalize)
+        ids, weights = self.route(x)
         if self.native is not None:
             out = torch.empty(x.shape[0], self.router.shape[1], dtype=torch.float32)
             self.native.forward(x.float().contiguous(), ids.contiguous(),  # type: ignore[attr-defined]
                                 weights.contiguous(), out)
-            return out.to(x.dtype)
-        return moe_reference(x, ids, weights, self.w13, self.w2)
+            out = out.to(x.dtype)
+        else:
+            out = moe_reference(x, ids, weights, self.w13, self.w2)
+        if self.shared_experts is not None:
+            out += self.shared_experts(x)
+        return out
 
     def checkpoint_tensors(self, prefix: str) -> tuple[dict[str, torch.Tensor],
                                                        dict[str, tuple[torch.Tensor, list[str]]]]:
@@ -166,12 +201,14 @@ class SparseMoE(nn.Module):
         i = self.intermediate_size
         names = ("w1", "w3", "w2") if self.mixtral else ("gate_proj", "up_proj", "down_proj")
         expected: dict[str, torch.Tensor] = {f"{prefix}gate.weight": self.router}
+        if self.bias is not None:
+            expected[f"{prefix}gate.e_score_correction_bias"] = self.bias
         for e in range(self.num_experts):
             p = f"{prefix}experts.{e}."
             expected[f"{p}{names[0]}.weight"] = self.w13[e, :i]
             expected[f"{p}{names[1]}.weight"] = self.w13[e, i:]
             expected[f"{p}{names[2]}.weight"] = self.w2[e]
-        per = [n for n in expected if n != f"{prefix}gate.weight"]
+        per = [n for n in expected if not n.startswith(f"{prefix}gate.")]
         down = [n for n in per if n.endswith(f".{names[2]}.weight")]
         gate_up = [n for n in per if n not in down]
         aliases = {f"{prefix}experts.gate_up_proj": (self.w13, gate_up),

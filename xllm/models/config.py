@@ -47,8 +47,21 @@ _ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 8,
         "max_position_embeddings": 4096 * 32,
     },
+    # Multi-head latent attention: head_dim is the q.k size (nope + rope), set from the MLA keys.
+    "DeepseekV2ForCausalLM": {
+        "head_dim": None,
+        "num_key_value_heads": None,
+        "max_position_embeddings": 2048,
+    },
+    "DeepseekV3ForCausalLM": {
+        "head_dim": None,
+        "num_key_value_heads": None,
+        "max_position_embeddings": 4096,
+    },
 }
-MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM", "DeepseekV2ForCausalLM",
+                     "DeepseekV3ForCausalLM")
+DEEPSEEK_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 
 
 def _rope_from_hf(cfg: dict[str, Any], max_position_embeddings: int) -> tuple[float, dict | None]:
@@ -95,7 +108,60 @@ def _moe_from_hf(arch: str, cfg: dict[str, Any], layers: int) -> dict[str, Any]:
                 "num_experts_per_tok": int(cfg.get("num_experts_per_tok", 2)),
                 "moe_intermediate_size": int(cfg["intermediate_size"]),
                 "norm_topk_prob": True, "sparse_layers": tuple(range(layers))}
+    if arch in DEEPSEEK_ARCHITECTURES:
+        return _deepseek_moe(arch, cfg, layers)
     return {}
+
+
+def _deepseek_moe(arch: str, cfg: dict[str, Any], layers: int) -> dict[str, Any]:
+    """DeepSeek-V2/V3's experts and router. Layers from ``first_k_dense_replace`` on are sparse
+    (every ``moe_layer_freq``-th, as DeepSeek's own code reads it; transformers ignores that key
+    and every released config sets 1). V2: softmax scores, ``greedy`` or
+    ``group_limited_greedy`` (groups ranked by their best score, the rest masked with 0). V3:
+    sigmoid scores plus a correction bias for the choice, groups ranked by the sum of their
+    best two, the rest masked with -inf. Both renormalize the chosen weights (+1e-20) when
+    ``norm_topk_prob`` and scale them by ``routed_scaling_factor``."""
+    v3 = arch == "DeepseekV3ForCausalLM"
+    experts = int(cfg.get("n_routed_experts", cfg.get("num_local_experts",
+                                                        256 if v3 else 64)) or 0)
+    first_dense = int(cfg.get("first_k_dense_replace", 3 if v3 else 0) or 0)
+    freq = int(cfg.get("moe_layer_freq", 1) or 1)
+    sparse = tuple(i for i in range(first_dense, layers) if experts and i % freq == 0)
+    if v3:
+        scoring, grouped = "sigmoid", True
+    else:
+        method = cfg.get("topk_method") or "greedy"
+        if method not in ("greedy", "group_limited_greedy"):
+            raise ValueError(f"config.json: topk_method {method!r} is not supported for "
+                             f"{arch}; supported: 'greedy', 'group_limited_greedy'")
+        scoring, grouped = "softmax", method == "group_limited_greedy"
+    n_group = int(cfg.get("n_group", 8 if v3 else 1) or 1) if grouped else 1
+    topk_group = int(cfg.get("topk_group", 4 if v3 else 1) or 1) if grouped else 1
+    top_k = cfg.get("num_experts_per_tok")
+    return {"num_experts": experts,
+            "num_experts_per_tok": int(8 if v3 and top_k is None else (top_k or 0)),
+            "moe_intermediate_size": int(cfg.get("moe_intermediate_size", 2048 if v3 else 1407)),
+            "norm_topk_prob": bool(cfg.get("norm_topk_prob", v3)),
+            "sparse_layers": sparse,
+            "n_shared_experts": int(cfg.get("n_shared_experts", 1 if v3 else 2) or 0),
+            "routed_scaling_factor": float(cfg.get("routed_scaling_factor", 2.5 if v3 else 1.0)),
+            "scoring_func": scoring, "n_group": n_group, "topk_group": topk_group,
+            "routing_bias": v3}
+
+
+def _mla_from_hf(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Multi-head latent attention's sizes (DeepSeek-V2/V3; transformers' defaults)."""
+    if arch not in DEEPSEEK_ARCHITECTURES:
+        return {}
+    v3 = arch == "DeepseekV3ForCausalLM"
+    q_rank = cfg.get("q_lora_rank", 1536)
+    return {"kv_lora_rank": int(cfg.get("kv_lora_rank", 512)),
+            "q_lora_rank": 0 if q_rank is None else int(q_rank),
+            "qk_nope_head_dim": int(cfg.get("qk_nope_head_dim", 128)),
+            "qk_rope_head_dim": int(cfg.get("qk_rope_head_dim", 64)),
+            "v_head_dim": int(cfg.get("v_head_dim", 128) or 128),
+            # V2 rotates interleaved pairs (complex multiplication); V3 when rope_interleave.
+            "rope_interleave": bool(cfg.get("rope_interleave", True)) if v3 else True}
 
 
 @dataclass(frozen=True)
@@ -126,6 +192,23 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
     sparse_layers: tuple[int, ...] = ()  # the layers whose MLP is the experts
+    # DeepSeek's routing (xllm.layers.moe.RouterSpec) and shared experts (always-on experts of
+    # n_shared_experts * moe_intermediate_size beside the routed ones).
+    n_shared_experts: int = 0
+    routed_scaling_factor: float = 1.0
+    scoring_func: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    routing_bias: bool = False  # V3's e_score_correction_bias
+    # Multi-head latent attention (kv_lora_rank > 0): K and V come from a latent of
+    # kv_lora_rank per token plus one shared rope key of qk_rope_head_dim; head_dim is then
+    # qk_nope_head_dim + qk_rope_head_dim (the q.k size). q_lora_rank 0: q from one projection.
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     torch_dtype: str = "float32"  # the checkpoint's dtype as config.json names it
@@ -162,6 +245,33 @@ class ModelConfig:
             if self.moe_intermediate_size < 1:
                 raise ValueError("config.json: the experts' intermediate size must be a "
                                  f"positive integer, got {self.moe_intermediate_size}")
+        if self.kv_lora_rank:
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                value = getattr(self, name)
+                if not isinstance(value, int) or value < 1:
+                    raise ValueError(
+                        f"config.json: {name} must be a positive integer, got {value!r}")
+            if self.qk_rope_head_dim % 2:
+                raise ValueError("config.json: qk_rope_head_dim must be even, got "
+                                 f"{self.qk_rope_head_dim}")
+            if (self.kv_lora_rank + self.qk_rope_head_dim) % 8:
+                raise ValueError(
+                    f"config.json: kv_lora_rank + qk_rope_head_dim ({self.kv_lora_rank} + "
+                    f"{self.qk_rope_head_dim}) must be a multiple of 8: the latent cache row "
+                    "is the attention kernels' head")
+        if self.num_experts and self.n_group > 1:
+            if self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
+                raise ValueError(
+                    f"config.json: n_group ({self.n_group}) must divide n_routed_experts "
+                    f"({self.num_experts}) and topk_group ({self.topk_group}) be in [1, "
+                    "n_group]")
+            group = self.num_experts // self.n_group
+            if self.topk_group * group < self.num_experts_per_tok or (
+                    self.routing_bias and group < 2):
+                raise ValueError(
+                    f"config.json: topk_group ({self.topk_group}) groups of {group} experts "
+                    f"cannot hold num_experts_per_tok ({self.num_experts_per_tok}) experts"
+                    + (" (and V3 ranks groups by their best two)" if group < 2 else ""))
         if self.rope_type not in SUPPORTED_ROPE_SCALING:
             raise ValueError(
                 f"config.json: rope_scaling type {self.rope_type!r} is not "
@@ -173,6 +283,23 @@ class ModelConfig:
         if not self.rope_scaling:
             return "default"
         return str(self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default")))
+
+    @property
+    def mla(self) -> bool:
+        """Multi-head latent attention (DeepSeek-V2/V3)."""
+        return self.kv_lora_rank > 0
+
+    @property
+    def rope_dim(self) -> int:
+        """The rotated size of each head (MLA rotates only its qk_rope_head_dim part)."""
+        return self.qk_rope_head_dim if self.mla else self.head_dim
+
+    def kv_cache_geometry(self) -> tuple[int, int, int]:
+        """(KV heads, head size, tensors per layer) of the paged cache. MLA keeps one row per
+        token, its latent then its rope key, read as both K and V (xllm.layers.mla)."""
+        if self.mla:
+            return 1, self.kv_lora_rank + self.qk_rope_head_dim, 1
+        return self.num_key_value_heads, self.head_dim, 2
 
     @property
     def q_size(self) -> int:
@@ -225,6 +352,18 @@ class ModelConfig:
             sliding_window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
         layers = int(required["num_hidden_layers"])
         moe = _moe_from_hf(arch, cfg, layers)
+        mla = _mla_from_hf(arch, cfg)
+        if mla:
+            head_dim = mla["qk_nope_head_dim"] + mla["qk_rope_head_dim"]
+            kv_heads = heads
+            qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
+            mlp_bias = arch == "DeepseekV2ForCausalLM" and bool(cfg.get("mlp_bias", False))
+        quant = cfg.get("quantization_config")
+        if quant:
+            method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+            raise ValueError(f"config.json: quantized checkpoints (quantization_config "
+                             f"quant_method {method!r}) are not supported; use the model's "
+                             "bf16 or fp32 weights (or a GGUF file)")
         return cls(
             architecture=arch,
             vocab_size=int(required["vocab_size"]),
@@ -246,6 +385,7 @@ class ModelConfig:
             qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             sliding_window=None if sliding_window is None else int(sliding_window),
             **moe,
+            **mla,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=eos_list,
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),

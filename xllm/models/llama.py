@@ -33,6 +33,7 @@ from xllm.layers.attn_metadata import AttentionMetadata
 from xllm.layers.embedding import LMHead, VocabEmbedding
 from xllm.layers.layernorm import RMSNorm
 from xllm.layers.linear import Linear, MergedLinear, copy_checked
+from xllm.layers.mla import MLAttention
 from xllm.layers.moe import SparseMoE
 from xllm.layers.parallel import (
     SINGLE,
@@ -103,9 +104,9 @@ class LlamaAttention(nn.Module):
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype,
-                 tp: TensorParallel = SINGLE) -> None:
+                 tp: TensorParallel = SINGLE, intermediate_size: int | None = None) -> None:
         super().__init__()
-        start, stop = mlp_shard(config.intermediate_size, tp)
+        start, stop = mlp_shard(intermediate_size or config.intermediate_size, tp)
         inter = stop - start
         self.gate_up_proj = MergedLinear(
             config.hidden_size, [inter, inter], ("gate_proj", "up_proj"), config.mlp_bias, dtype
@@ -121,9 +122,15 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype,
                  tp: TensorParallel = SINGLE, index: int = 0) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, dtype, tp)
-        self.mlp: nn.Module = (SparseMoE(config, dtype) if index in config.sparse_layers
-                               else LlamaMLP(config, dtype, tp))
+        self.self_attn: nn.Module = (MLAttention(config, dtype) if config.mla
+                                     else LlamaAttention(config, dtype, tp))
+        self.mlp: nn.Module
+        if index in config.sparse_layers:
+            shared = (LlamaMLP(config, dtype, intermediate_size=config.moe_intermediate_size
+                               * config.n_shared_experts) if config.n_shared_experts else None)
+            self.mlp = SparseMoE(config, dtype, shared)
+        else:
+            self.mlp = LlamaMLP(config, dtype, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -155,7 +162,7 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary_emb = RotaryEmbedding(
-            config.head_dim,
+            config.rope_dim,
             config.max_position_embeddings,
             config.rope_theta,
             config.rope_scaling,
@@ -190,9 +197,10 @@ class LlamaForCausalLM(nn.Module):
                 f"config.json: partial_rotary_factor {partial!r} is not supported by "
                 f"{config.architecture} here; only full-head rotary (1.0) is"
             )
-        if config.num_experts and tp.enabled:
+        if (config.num_experts or config.mla) and tp.enabled:
+            what = "experts" if config.num_experts else "latent attention"
             raise ValueError(f"tensor parallelism does not split {config.architecture}'s "
-                             "experts yet; run it with --tensor-parallel-size 1")
+                             f"{what} yet; run it with --tensor-parallel-size 1")
         self.config = config
         self.dtype = dtype
         self.tp = tp
@@ -239,8 +247,10 @@ class LlamaForCausalLM(nn.Module):
         rope = self.model.rotary_emb
         if rope.cos_cache.device.type != "cpu" or rope.cos_cache.dtype != torch.float32:
             return False
-        if any(not isinstance(layer.mlp, LlamaMLP) for layer in self.model.layers):
-            return False  # mixture-of-experts layers run as modules
+        if any(not isinstance(layer.mlp, LlamaMLP) or not isinstance(layer.self_attn,
+                                                                      LlamaAttention)
+               for layer in self.model.layers):
+            return False  # mixture-of-experts and latent-attention layers run as modules
         layers = []
         for layer in self.model.layers:
             a, m = layer.self_attn, layer.mlp
@@ -430,8 +440,9 @@ class LlamaForCausalLM(nn.Module):
         specs = self.shard_specs()
         loaded: set[str] = set()
         tied = self.lm_head.tied
+        extra = self._extra_layers()
         for name, tensor in weights:
-            if name.endswith(_IGNORED_SUFFIXES):
+            if name.endswith(_IGNORED_SUFFIXES) or name.startswith(extra):
                 continue
             name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's checkpoints
             if name in aliases:  # transformers' fused experts (its in-memory state_dict)
@@ -475,6 +486,19 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(
                 f"checkpoint lacks {len(missing)} tensor(s) the model needs: {shown}{more}"
             )
+        for module in self.modules():
+            if isinstance(module, MLAttention):
+                module.finish_loading()
+
+    def _extra_layers(self) -> tuple[str, ...]:
+        """Prefixes of checkpoint layers past num_hidden_layers that are not part of the model:
+        DeepSeek-V3's multi-token-prediction layers (num_nextn_predict_layers), which
+        speculative decoding would use and plain decoding does not (transformers skips them
+        too)."""
+        cfg = self.config
+        n = int(cfg.raw.get("num_nextn_predict_layers") or 0) if cfg.mla else 0
+        layers = cfg.num_hidden_layers
+        return tuple(f"model.layers.{i}." for i in range(layers, layers + n))
 
 
 class MistralForCausalLM(LlamaForCausalLM):
@@ -496,3 +520,14 @@ class Qwen3MoeForCausalLM(LlamaForCausalLM):
 
 class MixtralForCausalLM(LlamaForCausalLM):
     """Mistral attention with a mixture of experts in every layer (top-k renormalized)."""
+
+
+class DeepseekV2ForCausalLM(LlamaForCausalLM):
+    """Multi-head latent attention (xllm.layers.mla) with the first ``first_k_dense_replace``
+    layers dense and the rest routed experts plus shared experts (softmax routing, greedy or
+    group-limited)."""
+
+
+class DeepseekV3ForCausalLM(LlamaForCausalLM):
+    """DeepSeek-V2's layers with V3's router: sigmoid scores, a correction bias for the
+    choice, groups ranked by their best two scores."""

@@ -5,6 +5,10 @@ Each attention layer owns two tensors of the same shape::
     key_cache:   [num_blocks, num_kv_heads, block_size, head_size]
     value_cache: [num_blocks, num_kv_heads, block_size, head_size]
 
+Multi-head latent attention (DeepSeek) caches one row per token, its latent and rope key
+(``num_kv_heads`` 1), and that one tensor serves as both key_cache and value_cache
+(``ModelConfig.kv_cache_geometry``, ``xllm.layers.mla``).
+
 A *block* holds ``block_size`` consecutive tokens of one sequence for every KV
 head. Within a block each head's tokens are contiguous (``block_size *
 head_size`` elements), so an attention kernel working on one (sequence, KV head)
@@ -26,9 +30,13 @@ compute is always fp32 there), float32/float16/bfloat16 on CUDA.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from xllm.models.config import ModelConfig
 
 DEFAULT_BLOCK_SIZE = 16
 
@@ -47,13 +55,40 @@ def allocate_kv_cache(num_blocks: int, num_kv_heads: int, block_size: int, head_
                       device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Zeroed (key_cache, value_cache) for one layer. On the CPU the zeros are calloc'd
     pages, which the OS backs only as blocks are written (torch.zeros would touch them all)."""
+    return tuple(allocate_kv_cache_one(num_blocks, num_kv_heads, block_size, head_size, dtype,
+                                       device) for _ in range(2))
+
+
+def allocate_model_kv_caches(config: ModelConfig, num_blocks: int, block_size: int,
+                             dtype: torch.dtype = torch.float32,
+                             device: torch.device | str = "cpu",
+                             num_kv_heads: int | None = None
+                             ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (key_cache, value_cache) for a ``ModelConfig``'s geometry
+    (``kv_cache_geometry``): with one tensor per layer (MLA's latent rows) the pair is that
+    tensor twice. ``num_kv_heads``: this rank's heads under tensor parallelism."""
+    heads, head_size, per_layer = config.kv_cache_geometry()
+    heads = num_kv_heads or heads
+    caches = []
+    for _ in range(config.num_hidden_layers):
+        if per_layer == 2:
+            caches.append(allocate_kv_cache(num_blocks, heads, block_size, head_size, dtype,
+                                            device))
+        else:
+            one = allocate_kv_cache_one(num_blocks, heads, block_size, head_size, dtype, device)
+            caches.append((one, one))
+    return caches
+
+
+def allocate_kv_cache_one(num_blocks: int, num_kv_heads: int, block_size: int, head_size: int,
+                          dtype: torch.dtype = torch.float32,
+                          device: torch.device | str = "cpu") -> torch.Tensor:
+    """One zeroed cache tensor (calloc'd on the CPU, as ``allocate_kv_cache``)."""
     shape = kv_cache_shape(num_blocks, num_kv_heads, block_size, head_size)
     if torch.device(device).type != "cpu":
-        return (torch.zeros(shape, dtype=dtype, device=device),
-                torch.zeros(shape, dtype=dtype, device=device))
+        return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * dtype.itemsize
-    return tuple(torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
-                 for _ in range(2))
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 def slots_for_positions(block_table: list[int], positions: list[int], block_size: int) -> list[int]:

@@ -162,7 +162,7 @@ class ModelRunner:
         self.busy_seconds = 0.0
 
     def kv_cache_bytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
+        return sum(k.numel() * k.element_size() * (1 if k is v else 2) for k, v in self.kv_caches)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(array)

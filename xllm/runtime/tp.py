@@ -406,7 +406,7 @@ def worker_main(spec: WorkerSpec, comm: object | None = None) -> int:
     from xllm.loader.model import TORCH_DTYPES, load_model
     from xllm.models.config import ModelConfig
     from xllm.ops.allreduce import ShmAllReduce
-    from xllm.ops.kv_cache import allocate_kv_cache
+    from xllm.ops.kv_cache import allocate_model_kv_caches
     from xllm.runtime.model_runner import ModelRunner
 
     pin_to(spec.cores)
@@ -421,9 +421,9 @@ def worker_main(spec: WorkerSpec, comm: object | None = None) -> int:
                            progress=False, weight_format=spec.weight_format, tp=tp)
         attn = model.model.layers[0].self_attn
         # Its heads of the pool: zeros the OS backs as blocks are written.
-        caches = [allocate_kv_cache(spec.num_blocks, attn.num_kv_heads, spec.block_size,
-                                    config.head_dim, TORCH_DTYPES[spec.kv_dtype])
-                  for _ in range(config.num_hidden_layers)]
+        caches = allocate_model_kv_caches(config, spec.num_blocks, spec.block_size,
+                                          TORCH_DTYPES[spec.kv_dtype],
+                                          num_kv_heads=attn.num_kv_heads)
         runner = ModelRunner(model, config, block_size=spec.block_size, kv_caches=caches,
                              max_num_seqs=spec.max_num_seqs,
                              max_num_batched_tokens=spec.max_num_batched_tokens,
