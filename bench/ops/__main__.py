@@ -16,7 +16,7 @@ import torch
 from bench.ops.common import Row
 
 SUITES = (
-    "attention", "kv_write", "linear", "block_pool", "queue", "vmm", "allreduce", "moe",
+    "attention", "kv_write", "linear", "block_pool", "queue", "vmm", "allreduce", "moe", "mla",
     "triton_gpu",
 )
 
