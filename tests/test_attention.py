@@ -671,3 +671,64 @@ def test_prefill_rejects_bad_input() -> None:
             p.seq_lens,
             0.1,
         )
+
+
+def _nan_block(p: Paged) -> int:
+    """Appends a block of NaNs to both caches; returns its id."""
+    nan = torch.full((1, *p.key_cache.shape[1:]), float("nan"), dtype=p.key_cache.dtype)
+    p.key_cache = torch.cat([p.key_cache, nan])
+    p.value_cache = torch.cat([p.value_cache, nan])
+    return p.key_cache.shape[0] - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("window", [1, 5, 16, 37, 1000])
+@pytest.mark.parametrize("heads,kv_heads,head_size,block_size", [(8, 2, 64, 16), (12, 4, 80, 1)])
+def test_sliding_window_matches_reference(isa: str, dtype: torch.dtype, window: int, heads: int,
+                                          kv_heads: int, head_size: int, block_size: int) -> None:
+    """A query at position p sees keys (p - window, p] (transformers' sliding window), decode
+    and prefill, and never reads a block wholly before its window: those table entries point
+    at a block of NaNs here, as freed blocks point at the null block in the engine."""
+    bs = block_size
+    lens = [1, 15, 16, 17, 70, 300]
+    p = make_paged(lens, kv_heads, head_size, bs, dtype, seed=window)
+    nan = _nan_block(p)
+    query = torch.randn(len(lens), heads, head_size)
+    want = ref.paged_attention_decode_ref(query, p.key_cache, p.value_cache, p.block_tables,
+                                          p.seq_lens, 0.125, window)
+    tables = p.block_tables.clone()
+    for i, n in enumerate(lens):
+        tables[i, : max(0, n - window) // bs] = nan
+    out = torch.full(query.shape, float("nan"))
+    _C.paged_attention_decode(out, query, p.key_cache, p.value_cache, tables, p.seq_lens, 0.125,
+                              window)
+    torch.testing.assert_close(out, want, rtol=RTOL, atol=ATOL)
+
+    # Prefill: whole prompts, a chunk after a cached prefix, one token, nothing.
+    pairs = [(70, 70), (300, 45), (17, 1), (16, 0), (1, 1)]
+    lens, q_lens = [n for n, _ in pairs], [q for _, q in pairs]
+    p = make_paged(lens, kv_heads, head_size, bs, dtype, seed=window + 1)
+    nan = _nan_block(p)
+    starts = starts_of(q_lens)
+    query = torch.randn(int(starts[-1]), heads, head_size)
+    want = ref.paged_attention_prefill_ref(query, p.key_cache, p.value_cache, p.block_tables,
+                                           starts, p.seq_lens, 0.15, window)
+    tables = p.block_tables.clone()
+    for i, (n, q) in enumerate(pairs):
+        tables[i, : max(0, n - q - window + 1) // bs] = nan  # before the first query's window
+    out = torch.full(query.shape, float("nan"))
+    _C.paged_attention_prefill(out, query, p.key_cache, p.value_cache, tables, starts,
+                               p.seq_lens, 0.15, window)
+    torch.testing.assert_close(out, want, rtol=RTOL, atol=ATOL)
+    # A window as long as the context is no window.
+    if window == 1000:
+        full = ref.paged_attention_prefill_ref(query, p.key_cache, p.value_cache, p.block_tables,
+                                               starts, p.seq_lens, 0.15)
+        torch.testing.assert_close(want, full)
+
+
+def test_window_must_not_be_negative() -> None:
+    p = make_paged([4], 1, 64, 16)
+    with pytest.raises(ValueError, match="'window' must be >= 0"):
+        _C.paged_attention_decode(torch.empty(1, 1, 64), torch.randn(1, 1, 64), p.key_cache,
+                                  p.value_cache, p.block_tables, p.seq_lens, 0.1, -1)

@@ -506,12 +506,12 @@ def test_fused_projections_hold_checkpoint_tensors() -> None:
     assert "lm_head.weight" not in model.state_dict()
 
 
-def test_unsupported_settings_are_rejected_and_window_caps_context() -> None:
+def test_unsupported_settings_are_rejected_and_windows_do_not_cap_context() -> None:
     with pytest.raises(ValueError, match="partial_rotary_factor 0.5"):
         LlamaForCausalLM(_small_config(partial_rotary_factor=0.5))
     assert LlamaForCausalLM(_small_config()).max_context_len == 256
     windowed = _small_config(architectures=["MistralForCausalLM"], sliding_window=100)
-    assert get_model_class("MistralForCausalLM")(windowed).max_context_len == 100
+    assert get_model_class("MistralForCausalLM")(windowed).max_context_len == 256
 
 
 def test_bind_kv_caches_checks_shapes() -> None:
@@ -592,8 +592,9 @@ def test_config_architecture_defaults() -> None:
     qwen2 = parse("Qwen2ForCausalLM", attention_bias=False, mlp_bias=True)
     assert qwen2.attention_bias and not qwen2.o_proj_bias and not qwen2.mlp_bias
     assert qwen2.head_dim == 16 and qwen2.sliding_window is None
-    qwen2_window = parse("Qwen2ForCausalLM", use_sliding_window=True, sliding_window=64)
-    assert qwen2_window.sliding_window == 64
+    qwen2_window = parse("Qwen2ForCausalLM", use_sliding_window=True, sliding_window=64,
+                         max_window_layers=0)
+    assert qwen2_window.sliding_window == 64 and qwen2_window.windowed_everywhere
     mistral = parse("MistralForCausalLM", attention_bias=True)
     assert mistral.sliding_window == 4096 and not mistral.attention_bias
     assert mistral.num_key_value_heads == 8 and mistral.max_position_embeddings == 131072
@@ -601,46 +602,3 @@ def test_config_architecture_defaults() -> None:
     llama = parse("LlamaForCausalLM", attention_bias=True, mlp_bias=True)
     assert llama.attention_bias and llama.o_proj_bias and llama.mlp_bias
     assert llama.num_key_value_heads == 32 and llama.max_position_embeddings == 2048
-
-
-def test_the_engine_caps_the_context_at_a_sliding_window(demo_model_dir, tmp_path,  # noqa: ANN001
-                                                         caplog) -> None:  # noqa: ANN001
-    """Sliding windows are not applied by the kernels yet: the context stops at the window
-    (said in a warning; a larger max_model_len is refused) instead of answering wrongly past
-    it, and within it the answer is transformers'."""
-    import shutil
-
-    import transformers
-
-    from xllm.config import EngineConfig
-    from xllm.engine.llm_engine import LLMEngine
-    from xllm.sampling_params import SamplingParams
-
-    config = transformers.MistralConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, sliding_window=48,
-        architectures=["MistralForCausalLM"])
-    torch.manual_seed(0)
-    hf = transformers.MistralForCausalLM(config).eval()
-    hf.save_pretrained(tmp_path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(demo_model_dir / name, tmp_path / name)
-    with pytest.raises(ValueError, match="sliding window of 48 tokens.*use at most 48"):
-        LLMEngine(EngineConfig(model=str(tmp_path), dtype="float32", max_model_len=64,
-                               kv_cache_memory_gb=0.05))
-    with caplog.at_level("WARNING"):
-        engine = LLMEngine(EngineConfig(model=str(tmp_path), dtype="float32",
-                                        kv_cache_memory_gb=0.05))
-    try:
-        assert engine.max_model_len == 48 and "capped at 48" in caplog.text
-        prompt = list(range(5, 45))
-        engine.add_request("r", prompt, SamplingParams(temperature=0.0, max_tokens=8,
-                                                       ignore_eos=True))
-        out = None
-        while engine.has_unfinished_requests():
-            out = next((o for o in engine.step() if o.finished), out)
-        with torch.no_grad():
-            want = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
-        assert out is not None and out.outputs[0].token_ids == want[0, len(prompt):].tolist()
-    finally:
-        engine.close()

@@ -164,30 +164,42 @@ PREFILL_CASES = [
 ]
 
 
-def check_decode(tri: ModuleType, device: str, case: tuple, seed: int) -> None:
+def check_decode(tri: ModuleType, device: str, case: tuple, seed: int, window: int = 0) -> None:
+    """With a window, the table entries of blocks wholly before it point at the null block
+    (NaN here): the kernel must not read them."""
     heads, kv_heads, head, bs, lens, dtype, part = case
     gen = torch.Generator().manual_seed(seed)
     kc, vc, table, seq_lens = _paged(lens, kv_heads, head, bs, dtype, device, gen)
     query = _strided_query(len(lens), heads, head, dtype, device, gen)
     scale = head**-0.5
+    expected = ref.paged_attention_decode_ref(query, kc, vc, table, seq_lens, scale, window)
+    if window:
+        table = table.clone()
+        for i, n in enumerate(lens):
+            table[i, : max(0, n - window) // bs] = 0
     out = torch.full(query.shape, float("nan"), dtype=dtype, device=device)
-    tri.paged_attention_decode(out, query, kc, vc, table, seq_lens, scale, partition_size=part)
-    expected = ref.paged_attention_decode_ref(query, kc, vc, table, seq_lens, scale)
+    tri.paged_attention_decode(out, query, kc, vc, table, seq_lens, scale, window,
+                               partition_size=part)
     _close(out, expected, dtype)
 
 
-def check_prefill(tri: ModuleType, device: str, case: tuple, seed: int) -> None:
+def check_prefill(tri: ModuleType, device: str, case: tuple, seed: int, window: int = 0) -> None:
     heads, kv_heads, head, bs, q_lens, lens, dtype = case
     gen = torch.Generator().manual_seed(seed)
     kc, vc, table, seq_lens = _paged(lens, kv_heads, head, bs, dtype, device, gen)
     starts = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0).to(torch.int32)
     query = _strided_query(sum(q_lens), heads, head, dtype, device, gen)
     scale = 0.7 * head**-0.5
-    out = torch.full(query.shape, float("nan"), dtype=dtype, device=device)
-    tri.paged_attention_prefill(out, query, kc, vc, table, starts.to(device), seq_lens, scale)
     expected = ref.paged_attention_prefill_ref(
-        query, kc, vc, table, starts.to(device), seq_lens, scale
+        query, kc, vc, table, starts.to(device), seq_lens, scale, window
     )
+    if window:  # blocks before the first query's window: the null block (NaN)
+        table = table.clone()
+        for i, (q, n) in enumerate(zip(q_lens, lens, strict=True)):
+            table[i, : max(0, n - q - window + 1) // bs] = 0
+    out = torch.full(query.shape, float("nan"), dtype=dtype, device=device)
+    tri.paged_attention_prefill(out, query, kc, vc, table, starts.to(device), seq_lens, scale,
+                                window)
     _close(out, expected, dtype)
 
 
@@ -228,6 +240,15 @@ def test_decode_matches_reference(interp: ModuleType, case: tuple) -> None:
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: f"h{c[0]}kv{c[1]}d{c[2]}bs{c[3]}")
 def test_prefill_matches_reference(interp: ModuleType, case: tuple) -> None:
     check_prefill(interp, "cpu", case, seed=PREFILL_CASES.index(case))
+
+
+@pytest.mark.parametrize("window", [1, 20, 70])
+def test_sliding_window_matches_reference(interp: ModuleType, window: int) -> None:
+    """A query at position p sees keys (p - window, p]; split and single-pass decode."""
+    check_decode(interp, "cpu", DECODE_CASES[1], seed=window, window=window)
+    check_decode(interp, "cpu", DECODE_CASES[3], seed=window, window=window)
+    check_prefill(interp, "cpu", PREFILL_CASES[1], seed=window, window=window)
+    check_prefill(interp, "cpu", PREFILL_CASES[3], seed=window, window=window)
 
 
 def test_decode_auto_split_for_small_batch(interp: ModuleType) -> None:
@@ -411,6 +432,15 @@ def test_gpu_decode(gpu: ModuleType, case: tuple) -> None:
 )
 def test_gpu_prefill(gpu: ModuleType, case: tuple) -> None:
     check_prefill(gpu, "cuda", case, seed=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [1, 100, 4096])
+def test_gpu_sliding_window(gpu: ModuleType, window: int) -> None:
+    check_decode(gpu, "cuda", (32, 8, 128, 16, [4097, 1, 900, 2048], torch.bfloat16, None),
+                 seed=2, window=window)
+    check_prefill(gpu, "cuda", (32, 8, 128, 16, [1000, 3, 257], [1000, 700, 1024],
+                                torch.bfloat16), seed=2, window=window)
 
 
 @pytest.mark.gpu

@@ -201,6 +201,7 @@ def paged_attention_decode(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    window: int = 0,
 ) -> None: ...
 def paged_attention_prefill(
     out: torch.Tensor,
@@ -211,6 +212,7 @@ def paged_attention_prefill(
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    window: int = 0,
 ) -> None: ...
 
 # --- block weights (csrc/quant/; layout and use: xllm/ops/blocks.py) ---
@@ -286,6 +288,7 @@ class DecoderStack:
         layers: list[tuple],
         comm: ShmAllReduce | None = None,
         bf16_sums: bool = False,
+        windows: list[int] = ...,
     ) -> None: ...
     def forward(
         self,

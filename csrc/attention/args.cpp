@@ -100,6 +100,10 @@ void check_scale(double scale) {
   if (!std::isfinite(scale)) fail("argument 'scale' must be finite, got ", scale);
 }
 
+void check_window(int64_t window) {
+  if (window < 0) fail("argument 'window' must be >= 0 (0: no sliding window), got ", window);
+}
+
 PagedCall paged_call(const Tensor& out, const Tensor& query, const PagedCache& cache,
                      const Tensor& block_tables, const Tensor& seq_lens, double scale) {
   PagedCall a;

@@ -32,6 +32,9 @@ void check_context(const Tensor& block_tables, const Tensor& seq_lens, const Pag
 
 void check_scale(double scale);
 
+// A sliding window in tokens: >= 0 (0: none).
+void check_window(int64_t window);
+
 // The call's pointers and sizes from its checked tensors (num_seqs: seq_lens' length).
 PagedCall paged_call(const Tensor& out, const Tensor& query, const PagedCache& cache,
                      const Tensor& block_tables, const Tensor& seq_lens, double scale);

@@ -37,6 +37,14 @@ struct PagedCall {
   const int32_t* lens;    // [num_seqs]
   int64_t num_seqs, num_heads;
   float scale;
+  // Sliding window: a query at position p sees keys (p - window, p] (transformers'
+  // kv_idx > q_idx - sliding_window); 0 = the whole causal context.
+  int64_t window = 0;
+
+  // The first key a query at position p sees.
+  int64_t first_key(int64_t p) const {
+    return window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+  }
 };
 
 template <class KT>
@@ -69,6 +77,8 @@ struct TileState {
   float* m;    // [rows] running max of scores
   float* l;    // [rows] running sum of exp(score - m)
   int* pos;    // [rows] last key position each row may see (causal), non-decreasing
+  int* lo;     // [rows] first key position each row may see (sliding window; else 0),
+               // non-decreasing
   int* valid;  // [rows] per chunk: how many of its columns the row sees
   float* s;    // [rows, chunk] scores, then weights
   int chunk;   // columns of s: the chunk length in tokens (a multiple of block_size)
@@ -76,7 +86,7 @@ struct TileState {
   // Floats of scratch that a tile of `rows` rows needs (rounded to 64-byte lines).
   static size_t floats(int rows, int hs, int chunk) {
     auto line = [](size_t n) { return (n + 15) / 16 * 16; };
-    return 2 * line(static_cast<size_t>(rows) * hs) + 4 * line(rows) +
+    return 2 * line(static_cast<size_t>(rows) * hs) + 5 * line(rows) +
            line(static_cast<size_t>(rows) * chunk);
   }
   static TileState carve(float* base, int rows, int hs, int chunk) {
@@ -87,8 +97,9 @@ struct TileState {
     st.m = st.acc + line(static_cast<size_t>(rows) * hs);
     st.l = st.m + line(rows);
     st.pos = reinterpret_cast<int*>(st.l + line(rows));
-    st.valid = reinterpret_cast<int*>(st.l + 2 * line(rows));
-    st.s = st.l + 3 * line(rows);
+    st.lo = reinterpret_cast<int*>(st.l + 2 * line(rows));
+    st.valid = reinterpret_cast<int*>(st.l + 3 * line(rows));
+    st.s = st.l + 4 * line(rows);
     st.chunk = chunk;
     return st;
   }
@@ -105,19 +116,24 @@ inline int chunk_tokens(int64_t block_size, int target) {
 }
 
 // Attends the tile's rows to context tokens [k0, k1) of one sequence for KV head
-// `head`. k0 is a multiple of block_size; tokens past a row's pos are masked, and
-// nothing at or past k1 is read (a block's unused tail may hold anything).
+// `head`. k0 is a multiple of block_size; tokens past a row's pos or before its lo are
+// masked, and nothing at or past k1 is read (a block's unused tail may hold anything).
+// Chunks wholly before every row's lo should not be passed (k0 past them): their blocks
+// may have been freed.
 // block_table: [>= ceil(k1 / block_size)] ids already checked to be in range.
 template <class KT>
 void attend_range(const Kernels<KT>& kern, SoftmaxFn softmax, const KvView<KT>& kv, int64_t head,
                   const int32_t* block_table, int64_t k0, int64_t k1, int rows, TileState& st) {
   const int hs = kv.head_size, bs = kv.block_size, chunk = st.chunk;
   int r0 = 0;  // rows before r0 see none of the current chunk (pos is non-decreasing)
+  int r1 = 0;  // nor do rows from r1 on (their window starts after it; lo non-decreasing)
   for (int64_t c0 = k0; c0 < k1; c0 += chunk) {
     while (r0 < rows && st.pos[r0] < c0) ++r0;
     if (r0 == rows) return;
-    const int n = rows - r0;
     const int ncols = static_cast<int>(std::min<int64_t>(chunk, k1 - c0));
+    while (r1 < rows && st.lo[r1] < c0 + ncols) ++r1;
+    if (r1 <= r0) continue;
+    const int n = r1 - r0;
     float* s = st.s + static_cast<int64_t>(r0) * chunk;
     const float* q = st.q + static_cast<int64_t>(r0) * hs;
     float* acc = st.acc + static_cast<int64_t>(r0) * hs;
@@ -133,8 +149,14 @@ void attend_range(const Kernels<KT>& kern, SoftmaxFn softmax, const KvView<KT>& 
       kern.qk(q, hs, n, kv.k_rows(block, head), static_cast<int>(rows_at(b)), hs, s + b, chunk,
               next, (last ? rows_at(0) : rows_at(b + bs)) * row_bytes);
     }
-    for (int r = r0; r < rows; ++r) {
+    for (int r = r0; r < r1; ++r) {
       st.valid[r] = static_cast<int>(std::min<int64_t>(st.pos[r] - c0 + 1, ncols));
+      // Columns before the window: weight exactly 0 (the kernels' exp of -inf).
+      if (st.lo[r] > c0) {
+        std::fill(s + static_cast<int64_t>(r - r0) * chunk,
+                  s + static_cast<int64_t>(r - r0) * chunk + (st.lo[r] - c0),
+                  -std::numeric_limits<float>::infinity());
+      }
     }
     softmax(s, chunk, n, ncols, st.valid + r0, st.m + r0, st.l + r0, acc, hs);
     for (int b = 0; b < ncols; b += bs) {

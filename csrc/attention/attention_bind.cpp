@@ -16,19 +16,23 @@ void register_attention(py::module_& m) {
         "bfloat16, rounded to nearest even) at slot_mapping [num_tokens] (int64 or int32; "
         "slot = block * block_size + offset, -1 skipped).");
   m.def("paged_attention_decode",
-        static_cast<void (*)(H, H, H, H, H, H, double)>(&attn::paged_attention_decode), py::arg("out"), py::arg("query"),
-        py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"),
-        py::arg("seq_lens"), py::arg("scale"),
+        static_cast<void (*)(H, H, H, H, H, H, double, int64_t)>(&attn::paged_attention_decode),
+        py::arg("out"), py::arg("query"), py::arg("key_cache"), py::arg("value_cache"),
+        py::arg("block_tables"), py::arg("seq_lens"), py::arg("scale"), py::arg("window") = 0,
         "out[i] = attention of query[i] ([num_seqs, num_heads, head_size], the sequence's last "
-        "token) over its seq_lens[i] cached tokens listed by block_tables[i] (int32). fp32 "
+        "token) over its seq_lens[i] cached tokens listed by block_tables[i] (int32), or over "
+        "its last `window` of them (0: all; blocks before the window are not read). fp32 "
         "compute and output; GQA/MQA; seq_len 0 gives zeros.");
   m.def("paged_attention_prefill",
-        static_cast<void (*)(H, H, H, H, H, H, H, double)>(&attn::paged_attention_prefill), py::arg("out"),
-        py::arg("query"), py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"),
-        py::arg("query_start_loc"), py::arg("seq_lens"), py::arg("scale"),
+        static_cast<void (*)(H, H, H, H, H, H, H, double, int64_t)>(
+            &attn::paged_attention_prefill),
+        py::arg("out"), py::arg("query"), py::arg("key_cache"), py::arg("value_cache"),
+        py::arg("block_tables"), py::arg("query_start_loc"), py::arg("seq_lens"),
+        py::arg("scale"), py::arg("window") = 0,
         "Causal attention of query rows query_start_loc[i]:query_start_loc[i+1] (the last "
         "tokens of a context of seq_lens[i] tokens, all already cached) over sequence i's paged "
-        "context; writes out [num_tokens, num_heads, head_size] float32.");
+        "context, each row within its last `window` keys (0: all); writes out [num_tokens, "
+        "num_heads, head_size] float32.");
 }
 
 }  // namespace xllm

@@ -9,7 +9,8 @@
 // a batch of one and a long context, sequences are split into partitions of whole
 // blocks (flash-decoding); each partition keeps its own max, sum and unnormalised
 // output, and a second pass merges them. If that still leaves too few items, their KV
-// heads are split into pieces.
+// heads are split into pieces. With a sliding window, a sequence's range starts at the
+// block holding its window's first key; the blocks before it are never read.
 #include <omp.h>
 
 #include <algorithm>
@@ -41,8 +42,10 @@ void run(const PagedCall& a, Isa isa) {  // a query row per sequence
   // longer than an eighth of a thread's fair share of the work, so that dynamic
   // scheduling can balance it. Large batches of similar lengths are never split; a
   // batch of one, or one long sequence among short ones, is.
+  // The first context token each sequence reads: the block holding its window's first key.
+  auto start_of = [&](int64_t i) { return a.first_key(a.lens[i] - 1) / bs * bs; };
   int64_t total = 0;
-  for (int64_t i = 0; i < a.num_seqs; ++i) total += a.lens[i];
+  for (int64_t i = 0; i < a.num_seqs; ++i) total += a.lens[i] - (a.lens[i] ? start_of(i) : 0);
   const int threads = threads_for(2 * total * a.num_heads * hs);
   const int64_t want_items = 8 * static_cast<int64_t>(threads);
   int64_t part_len = std::max(kMinPartition, (total + want_items - 1) / want_items);
@@ -59,7 +62,7 @@ void run(const PagedCall& a, Isa isa) {  // a query row per sequence
       std::fill(a.out + i * a.num_heads * hs, a.out + (i + 1) * a.num_heads * hs, 0.0f);
       continue;
     }
-    const int64_t parts = (n + part_len - 1) / part_len;
+    const int64_t parts = (n - start_of(i) + part_len - 1) / part_len;
     if (parts > 1) {
       partial_base[i] = num_partials;
       num_partials += parts;
@@ -98,7 +101,8 @@ void run(const PagedCall& a, Isa isa) {  // a query row per sequence
     for (int64_t w = 0; w < num_items; ++w) {
       const Item it = items[w / pieces];
       const int64_t n = a.lens[it.seq];
-      const int64_t k0 = it.part * part_len, k1 = std::min(n, k0 + part_len);
+      const int64_t k0 = start_of(it.seq) + it.part * part_len, k1 = std::min(n, k0 + part_len);
+      const int lo = static_cast<int>(a.first_key(n - 1));
       const int64_t h0 = (w % pieces) * per_piece, h1 = std::min(nkv, h0 + per_piece);
       for (int64_t head = h0; head < h1; ++head) {
         for (int g = 0; g < group; ++g) {
@@ -106,6 +110,7 @@ void run(const PagedCall& a, Isa isa) {  // a query row per sequence
           load_scaled(a.query, a.query_bf16, it.seq * a.q_stride0 + qh * hs, hs, a.scale,
                       st.q + g * hs);
           st.pos[g] = static_cast<int>(n - 1);
+          st.lo[g] = lo;
         }
         st.reset(group, hs);
         attend_range(kern, softmax, kv, head, a.tables + it.seq * a.table_width, k0, k1, group,
@@ -130,7 +135,7 @@ void run(const PagedCall& a, Isa isa) {  // a query row per sequence
     for (int64_t w = 0; w < num_merges; ++w) {
       const int64_t i = split_seqs[w / a.num_heads], qh = w % a.num_heads;
       const int64_t head = qh / group, g = qh % group;
-      const int64_t parts = (a.lens[i] + part_len - 1) / part_len;
+      const int64_t parts = (a.lens[i] - start_of(i) + part_len - 1) / part_len;
       auto row = [&](int64_t p) { return ((partial_base[i] + p) * nkv + head) * group + g; };
       float mx = -INFINITY;
       for (int64_t p = 0; p < parts; ++p) mx = std::max(mx, part_m[row(p)]);
@@ -153,7 +158,7 @@ void run(const PagedCall& a, Isa isa) {  // a query row per sequence
 
 void paged_attention_decode(py::handle out_obj, py::handle query_obj, py::handle key_cache_obj,
                             py::handle value_cache_obj, py::handle block_tables_obj,
-                            py::handle seq_lens_obj, double scale) {
+                            py::handle seq_lens_obj, double scale, int64_t window) {
   const Tensor out = host_tensor(out_obj, "out");
   const Tensor query = host_tensor(query_obj, "query");
   const Tensor key_cache = host_tensor(key_cache_obj, "key_cache");
@@ -161,12 +166,13 @@ void paged_attention_decode(py::handle out_obj, py::handle query_obj, py::handle
   const Tensor block_tables = host_tensor(block_tables_obj, "block_tables");
   const Tensor seq_lens = host_tensor(seq_lens_obj, "seq_lens");
   py::gil_scoped_release release;
-  paged_attention_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+  paged_attention_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale,
+                         window);
 }
 
 void paged_attention_decode(const Tensor& out, const Tensor& query, const Tensor& key_cache,
                             const Tensor& value_cache, const Tensor& block_tables,
-                            const Tensor& seq_lens, double scale) {
+                            const Tensor& seq_lens, double scale, int64_t window) {
 
   const PagedCache cache = check_caches(key_cache, value_cache);
   check_rows(query, -1, "", -1, "", cache.head_size);
@@ -176,7 +182,9 @@ void paged_attention_decode(const Tensor& out, const Tensor& query, const Tensor
   check_dim(query, 0, seq_lens.size(0), "seq_lens' num_seqs");
   check_scale(scale);
 
-  const PagedCall a = paged_call(out, query, cache, block_tables, seq_lens, scale);
+  check_window(window);
+  PagedCall a = paged_call(out, query, cache, block_tables, seq_lens, scale);
+  a.window = window;
   if (a.num_seqs == 0) return;
 
   const Isa isa = active_isa();

@@ -61,11 +61,15 @@ void run(const Prefill& a, Isa isa) {
           load_scaled(a.query, a.query_bf16, (row0 + j) * a.q_stride0 + (head * group + g) * hs,
                       hs, a.scale, st.q + static_cast<int64_t>(r) * hs);
           st.pos[r] = static_cast<int>(past + it.first + j);
+          st.lo[r] = static_cast<int>(a.first_key(past + it.first + j));
         }
       }
       st.reset(rows, hs);
       const int64_t keys = past + it.first + it.ntok;  // the tile's last token sees all before it
-      attend_range(kern, softmax, kv, head, a.tables + it.seq * a.table_width, 0, keys, rows, st);
+      // From the block holding the first row's first key (0 without a window).
+      const int64_t k0 = st.lo[0] / a.cache.block_size * a.cache.block_size;
+      attend_range(kern, softmax, kv, head, a.tables + it.seq * a.table_width, k0, keys, rows,
+                   st);
       for (int j = 0; j < it.ntok; ++j) {
         for (int g = 0; g < group; ++g) {
           const int r = j * group + g;
@@ -129,7 +133,7 @@ void check_query_starts(const Tensor& starts, const Tensor& seq_lens, int64_t nu
 void paged_attention_prefill(py::handle out_obj, py::handle query_obj, py::handle key_cache_obj,
                              py::handle value_cache_obj, py::handle block_tables_obj,
                              py::handle query_start_loc_obj, py::handle seq_lens_obj,
-                             double scale) {
+                             double scale, int64_t window) {
   const Tensor out = host_tensor(out_obj, "out");
   const Tensor query = host_tensor(query_obj, "query");
   const Tensor key_cache = host_tensor(key_cache_obj, "key_cache");
@@ -139,12 +143,13 @@ void paged_attention_prefill(py::handle out_obj, py::handle query_obj, py::handl
   const Tensor seq_lens = host_tensor(seq_lens_obj, "seq_lens");
   py::gil_scoped_release release;
   paged_attention_prefill(out, query, key_cache, value_cache, block_tables, starts, seq_lens,
-                          scale);
+                          scale, window);
 }
 
 void paged_attention_prefill(const Tensor& out, const Tensor& query, const Tensor& key_cache,
                              const Tensor& value_cache, const Tensor& block_tables,
-                             const Tensor& starts, const Tensor& seq_lens, double scale) {
+                             const Tensor& starts, const Tensor& seq_lens, double scale,
+                             int64_t window) {
 
   const PagedCache cache = check_caches(key_cache, value_cache);
   check_rows(query, -1, "", -1, "", cache.head_size);
@@ -153,13 +158,15 @@ void paged_attention_prefill(const Tensor& out, const Tensor& query, const Tenso
   check_context(block_tables, seq_lens, cache);
   check_query_starts(starts, seq_lens, query.size(0));
   check_scale(scale);
+  check_window(window);
 
-  const Prefill a{paged_call(out, query, cache, block_tables, seq_lens, scale),
-                  starts.ptr<int32_t>()};
+  Prefill a{paged_call(out, query, cache, block_tables, seq_lens, scale), starts.ptr<int32_t>()};
+  a.window = window;
   if (query.size(0) == 0) return;
 
   const Isa isa = active_isa();
-  if (cache.bf16 && isa >= Isa::kAmx && prefill_amx(a)) return;
+  // The tile path has no window mask: windowed layers take the vector kernels.
+  if (cache.bf16 && isa >= Isa::kAmx && window == 0 && prefill_amx(a)) return;
   if (cache.bf16) run<bf16_t>(a, isa);
   else run<float>(a, isa);
 }

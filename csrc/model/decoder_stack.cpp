@@ -18,6 +18,7 @@
 // down_proj outputs over the ranks (comm/shm_allreduce.h) before they join the residual
 // stream, which every rank then holds whole.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <chrono>
 #include <cstring>
@@ -63,6 +64,7 @@ struct Layer {
   const BlockWeight *qkv, *o, *gate_up, *down;
   const float *in_norm, *post_norm, *q_norm, *k_norm;  // q_norm/k_norm: nullptr without
   Tensor key_cache, value_cache;
+  int64_t window = 0;  // sliding window of this layer's attention (0: none)
 };
 
 class DecoderStack {
@@ -70,7 +72,7 @@ class DecoderStack {
   DecoderStack(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim,
                int64_t intermediate, double eps, double scale, py::handle cos_cache,
                py::handle sin_cache, py::handle final_norm, const py::list& layers,
-               py::object comm, bool bf16_sums)
+               py::object comm, bool bf16_sums, const std::vector<int64_t>& windows)
       : h_(hidden), heads_(heads), kv_(kv_heads), hd_(head_dim), inter_(intermediate),
         eps_(static_cast<float>(eps)), scale_(scale) {
     if (hidden < 1 || heads < 1 || kv_heads < 1 || head_dim < 2 || intermediate < 1 ||
@@ -106,6 +108,10 @@ class DecoderStack {
       refs_.append(comm);
     }
     if (layers.empty()) fail("argument 'layers' must list at least one layer");
+    if (!windows.empty() && windows.size() != layers.size()) {
+      fail("argument 'windows' must give one sliding window per layer (0: none), or none; got ",
+           windows.size(), " for ", layers.size(), " layers");
+    }
     for (size_t i = 0; i < layers.size(); ++i) {
       py::tuple t = py::reinterpret_borrow<py::tuple>(layers[i]);
       if (t.size() != 10) {
@@ -124,6 +130,8 @@ class DecoderStack {
       l.k_norm = t[7].is_none() ? nullptr : vector_ptr(t[7], "k_norm", head_dim);
       l.key_cache = host_tensor(t[8], "key_cache");
       l.value_cache = host_tensor(t[9], "value_cache");
+      l.window = windows.empty() ? 0 : windows[i];
+      if (l.window < 0) fail("windows[", i, "] must be >= 0, got ", l.window);
       refs_.append(t);
       layers_.push_back(l);
     }
@@ -201,7 +209,8 @@ class DecoderStack {
       if (nd > 0) {
         const Tensor q = view("query", qkv, DType::kFloat32, {nd, heads_, hd_}, {QKV, hd_, 1});
         const Tensor o = view("out", attn, DType::kFloat32, {nd, heads_, hd_}, {Q, hd_, 1});
-        attn::paged_attention_decode(o, q, l.key_cache, l.value_cache, dtables, dlens, scale_);
+        attn::paged_attention_decode(o, q, l.key_cache, l.value_cache, dtables, dlens, scale_,
+                                     l.window);
       }
       if (np > 0) {
         const Tensor q =
@@ -209,7 +218,7 @@ class DecoderStack {
         const Tensor o =
             view("out", attn + nd * Q, DType::kFloat32, {np, heads_, hd_}, {Q, hd_, 1});
         attn::paged_attention_prefill(o, q, l.key_cache, l.value_cache, ptables, pstarts, plens,
-                                      scale_);
+                                      scale_, l.window);
       }
       l.o->linear_raw(attn, Q, n, tmp, H, isa);
       reduce(tmp, n * H);
@@ -283,11 +292,13 @@ void register_decoder_stack(py::module_& m) {
                            "All decoder layers of a Llama-family model in one native call "
                            "(fp32 CPU, block weights); see xllm/models/llama.py.")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, py::handle,
-                    py::handle, py::handle, const py::list&, py::object, bool>(),
+                    py::handle, py::handle, const py::list&, py::object, bool,
+                    const std::vector<int64_t>&>(),
            py::arg("hidden_size"), py::arg("num_heads"), py::arg("num_kv_heads"),
            py::arg("head_dim"), py::arg("intermediate_size"), py::arg("eps"), py::arg("scale"),
            py::arg("cos_cache"), py::arg("sin_cache"), py::arg("final_norm"), py::arg("layers"),
-           py::arg("comm") = py::none(), py::arg("bf16_sums") = false)
+           py::arg("comm") = py::none(), py::arg("bf16_sums") = false,
+           py::arg("windows") = std::vector<int64_t>{})
       .def("forward", &DecoderStack::forward, py::arg("x"), py::arg("positions"),
            py::arg("slot_mapping"), py::arg("num_decodes"), py::arg("decode_block_tables"),
            py::arg("decode_seq_lens"), py::arg("prefill_block_tables"),

@@ -103,18 +103,6 @@ class LLMEngine:
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's "
                              f"max_position_embeddings {limit}; use at most {limit}")
-        window = mc.sliding_window
-        if window is not None and window < (config.max_model_len or limit):
-            # The attention kernels do not apply sliding windows yet: past the window every
-            # token would attend to keys the model never saw together, a wrong answer.
-            why = (f"this model attends within a sliding window of {window} tokens, which "
-                   "xllm does not apply yet (its answers past the window would differ from "
-                   "the model's)")
-            if config.max_model_len is not None:
-                raise ValueError(f"max_model_len {config.max_model_len} is over the window: "
-                                 f"{why}; use at most {window}")
-            logger.warning("max_model_len capped at %d: %s", window, why)
-            limit = window
         self.max_model_len = config.max_model_len or limit
         self.dtype = resolve_dtype(config.dtype, mc, self.device, config.weight_format)
         kv_dtype = (self.dtype if config.kv_cache_dtype == "auto"
@@ -183,7 +171,8 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             block_size=config.block_size, num_blocks=num_blocks,
             max_model_len=self.max_model_len,
-            enable_prefix_caching=config.enable_prefix_caching, overlap=config.overlap),
+            enable_prefix_caching=config.enable_prefix_caching, overlap=config.overlap,
+            sliding_window=mc.sliding_window if mc.windowed_everywhere else 0),
             store=self.kv_store)
         # Overlap scheduling: the helper that schedules ahead, and the step it scheduled and
         # prepared for the next step() call.

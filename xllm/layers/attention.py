@@ -23,7 +23,8 @@ class PagedAttention(nn.Module):
     must be contiguous. The caches are bound once by ``bind_kv_cache``.
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 window: int = 0) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(
@@ -33,6 +34,7 @@ class PagedAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.window = window  # sliding window in tokens (0: full causal attention)
         self.key_cache: torch.Tensor | None = None
         self.value_cache: torch.Tensor | None = None
 
@@ -83,6 +85,7 @@ class PagedAttention(nn.Module):
                 attn.decode_seq_lens,
                 self.scale,
                 out=out[:nd],
+                window=self.window,
             )
         if num_tokens > nd:
             ops.paged_attention_prefill(
@@ -94,11 +97,12 @@ class PagedAttention(nn.Module):
                 attn.prefill_seq_lens,
                 self.scale,
                 out=out[nd:],
+                window=self.window,
             )
         return out
 
     def extra_repr(self) -> str:
         return (
             f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-            f"scale={self.scale:.6g}"
+            f"scale={self.scale:.6g}" + (f", window={self.window}" if self.window else "")
         )

@@ -89,6 +89,40 @@ def _rope_from_hf(cfg: dict[str, Any], max_position_embeddings: int) -> tuple[fl
     return float(theta), scaling
 
 
+def _windows_from_hf(arch: str, cfg: dict[str, Any],
+                     layers: int) -> tuple[int | None, tuple[int, ...]]:
+    """(sliding_window, the layers it applies to) as transformers reads them: Mistral whenever
+    it is set (default 4096), Mixtral whenever it is set (default none), on every layer; Qwen2
+    and Qwen3 only with use_sliding_window, on the layers ``layer_types`` marks
+    ``sliding_attention``, else on those from ``max_window_layers`` (default 28) on; Qwen3-MoE
+    with use_sliding_window, on every layer. Other architectures have no window."""
+    if arch == "MistralForCausalLM":
+        window = cfg.get("sliding_window", 4096)
+    elif arch == "MixtralForCausalLM":
+        window = cfg.get("sliding_window")
+    elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
+        window = cfg.get("sliding_window", 4096) if cfg.get("use_sliding_window") else None
+    else:
+        window = None
+    if window is None:
+        return None, ()
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise ValueError(f"config.json: sliding_window must be an integer, got {window!r}")
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        types = cfg.get("layer_types")
+        if types:
+            if len(types) != layers:
+                raise ValueError(f"config.json: layer_types lists {len(types)} layers, the "
+                                 f"model has {layers}")
+            chosen = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+        else:
+            first = int(cfg.get("max_window_layers", 28))
+            chosen = tuple(range(first, layers))
+    else:
+        chosen = tuple(range(layers))
+    return (window, chosen) if chosen else (None, ())
+
+
 def _moe_from_hf(arch: str, cfg: dict[str, Any], layers: int) -> dict[str, Any]:
     """The mixture-of-experts fields as transformers reads them (its config defaults)."""
     if arch == "Qwen3MoeForCausalLM":
@@ -184,7 +218,11 @@ class ModelConfig:
     o_proj_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # per-head RMSNorm on q and k before rope (Qwen3)
-    sliding_window: int | None = None  # recorded; not applied (see docs)
+    # Sliding-window attention: a token at position p attends to keys (p - window, p], on the
+    # layers window_layers lists (all of them for Mistral, Mixtral and Qwen3-MoE; Qwen2/3 from
+    # layer_types or max_window_layers).
+    sliding_window: int | None = None
+    window_layers: tuple[int, ...] = ()
     # Mixture of experts (0 experts: a dense model). Routing: softmax over all experts, the
     # top num_experts_per_tok, renormalized to sum 1 when norm_topk_prob.
     num_experts: int = 0
@@ -237,6 +275,13 @@ class ModelConfig:
             raise ValueError(
                 f"config.json: hidden_act {self.hidden_act!r} is not supported; supported: 'silu'"
             )
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
+                                                or self.sliding_window < 1):
+            raise ValueError("config.json: sliding_window must be a positive integer or null, "
+                             f"got {self.sliding_window!r}")
+        if any(not 0 <= i < self.num_hidden_layers for i in self.window_layers):
+            raise ValueError(f"window layers {self.window_layers} outside the model's "
+                             f"{self.num_hidden_layers} layers")
         if self.num_experts:
             if not 1 <= self.num_experts_per_tok <= self.num_experts:
                 raise ValueError(
@@ -283,6 +328,18 @@ class ModelConfig:
         if not self.rope_scaling:
             return "default"
         return str(self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default")))
+
+    def layer_window(self, layer: int) -> int:
+        """Layer ``layer``'s sliding window in tokens; 0 for full attention."""
+        if self.sliding_window and layer in self.window_layers:
+            return self.sliding_window
+        return 0
+
+    @property
+    def windowed_everywhere(self) -> bool:
+        """Every layer slides: keys older than the window are never read again, so their
+        blocks can be freed."""
+        return bool(self.sliding_window) and len(self.window_layers) == self.num_hidden_layers
 
     @property
     def mla(self) -> bool:
@@ -344,13 +401,8 @@ class ModelConfig:
         mlp_bias = arch == "LlamaForCausalLM" and bool(cfg.get("mlp_bias", False))
         # Mistral applies sliding_window whenever it is set (default 4096); Qwen2/3 only with
         # use_sliding_window.
-        if arch == "MistralForCausalLM":
-            sliding_window = cfg.get("sliding_window", 4096)
-        elif arch == "MixtralForCausalLM":  # applied whenever set; transformers' default: none
-            sliding_window = cfg.get("sliding_window")
-        else:
-            sliding_window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
         layers = int(required["num_hidden_layers"])
+        sliding_window, window_layers = _windows_from_hf(arch, cfg, layers)
         moe = _moe_from_hf(arch, cfg, layers)
         mla = _mla_from_hf(arch, cfg)
         if mla:
@@ -383,7 +435,8 @@ class ModelConfig:
             o_proj_bias=o_bias,
             mlp_bias=mlp_bias,
             qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
-            sliding_window=None if sliding_window is None else int(sliding_window),
+            sliding_window=sliding_window,
+            window_layers=window_layers,
             **moe,
             **mla,
             bos_token_id=cfg.get("bos_token_id"),

@@ -54,7 +54,7 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb
 
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype,
-                 tp: TensorParallel = SINGLE) -> None:
+                 tp: TensorParallel = SINGLE, window: int = 0) -> None:
         super().__init__()
         shard = head_shard(config.num_attention_heads, config.num_key_value_heads, tp)
         self.shard = shard
@@ -77,7 +77,8 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
         self.attn = PagedAttention(
-            self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim**-0.5
+            self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim**-0.5,
+            window=window,
         )
 
     def forward(
@@ -123,7 +124,8 @@ class LlamaDecoderLayer(nn.Module):
                  tp: TensorParallel = SINGLE, index: int = 0) -> None:
         super().__init__()
         self.self_attn: nn.Module = (MLAttention(config, dtype) if config.mla
-                                     else LlamaAttention(config, dtype, tp))
+                                     else LlamaAttention(config, dtype, tp,
+                                                         config.layer_window(index)))
         self.mlp: nn.Module
         if index in config.sparse_layers:
             shared = (LlamaMLP(config, dtype, intermediate_size=config.moe_intermediate_size
@@ -272,6 +274,7 @@ class LlamaForCausalLM(nn.Module):
             cfg.head_dim, first.mlp.down_proj.in_features, cfg.rms_norm_eps,
             first.self_attn.attn.scale, rope.cos_cache, rope.sin_cache, self.model.norm.weight,
             layers, self.tp.comm.native if self.tp.enabled else None, self.tp.bf16_sums,
+            [layer.self_attn.attn.window for layer in self.model.layers],
         )
         return True
 
@@ -283,11 +286,9 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def max_context_len(self) -> int:
-        """The longest context computed exactly as transformers does: max_position_embeddings,
-        capped at sliding_window, which is recorded but not applied (docs/models.md)."""
-        cfg = self.config
-        window = cfg.sliding_window or cfg.max_position_embeddings
-        return min(cfg.max_position_embeddings, window)
+        """The longest context computed exactly as transformers does: max_position_embeddings
+        (sliding windows are applied by the attention kernels)."""
+        return self.config.max_position_embeddings
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """fp32 logits [n, vocab_size] for hidden rows [n, hidden_size]. Under tensor
@@ -502,7 +503,7 @@ class LlamaForCausalLM(nn.Module):
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    """Llama layers; no biases. sliding_window is recorded, not applied (docs/models.md)."""
+    """Llama layers; no biases; a sliding window on every layer when set."""
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

@@ -53,8 +53,9 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor,
                            value_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float,
                            out: torch.Tensor | None = None,
-                           backend: str | None = None) -> torch.Tensor:
-    """One query token per sequence attending to its whole paged context.
+                           backend: str | None = None, window: int = 0) -> torch.Tensor:
+    """One query token per sequence attending to its whole paged context, or with ``window``
+    > 0 to its last ``window`` tokens (a sliding window; the blocks before it are not read).
 
     query: [num_seqs, num_heads, head_size]; block_tables: int32
     [num_seqs, max_blocks_per_seq]; seq_lens: int32 [num_seqs] (context length,
@@ -62,15 +63,16 @@ def paged_attention_decode(query: torch.Tensor, key_cache: torch.Tensor,
     [num_seqs, num_heads, head_size] (fp32 on CPU; query's dtype on CUDA).
     """
     return _attend("paged_attention_decode", backend, out, query, key_cache, value_cache,
-                   block_tables, seq_lens, float(scale))
+                   block_tables, seq_lens, float(scale), int(window))
 
 
 def paged_attention_prefill(query: torch.Tensor, key_cache: torch.Tensor,
                             value_cache: torch.Tensor, block_tables: torch.Tensor,
                             query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                             out: torch.Tensor | None = None,
-                            backend: str | None = None) -> torch.Tensor:
-    """Several new tokens per sequence attending causally to a paged context.
+                            backend: str | None = None, window: int = 0) -> torch.Tensor:
+    """Several new tokens per sequence attending causally to a paged context (with ``window``
+    > 0, a token at position p to keys (p - window, p] only, as transformers' sliding window).
 
     query: [num_tokens, num_heads, head_size], sequence i owning rows
     query_start_loc[i]:query_start_loc[i+1] (int32 [num_seqs + 1]); those rows are
@@ -79,7 +81,7 @@ def paged_attention_prefill(query: torch.Tensor, key_cache: torch.Tensor,
     chunked prefill and prefix-cache hits alike. Returns ``out`` shaped like query.
     """
     return _attend("paged_attention_prefill", backend, out, query, key_cache, value_cache,
-                   block_tables, query_start_loc, seq_lens, float(scale))
+                   block_tables, query_start_loc, seq_lens, float(scale), int(window))
 
 
 def _attend(op: str, backend: str | None, out: torch.Tensor | None, query: torch.Tensor,

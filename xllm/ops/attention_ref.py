@@ -33,15 +33,19 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> t
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-            q_positions: torch.Tensor) -> torch.Tensor:
-    """q: [q_len, heads, hs]; k/v: [kv_heads, ctx, hs]; causal by absolute position."""
+            q_positions: torch.Tensor, window: int = 0) -> torch.Tensor:
+    """q: [q_len, heads, hs]; k/v: [kv_heads, ctx, hs]; causal by absolute position, and with
+    ``window`` > 0 no key at or before q_position - window."""
     heads, kv_heads = q.shape[1], k.shape[0]
     group = heads // kv_heads
     k = k.repeat_interleave(group, dim=0)  # [heads, ctx, hs]
     v = v.repeat_interleave(group, dim=0)
     scores = torch.einsum("qhd,hkd->hqk", q.float(), k) * scale
     ctx = k.shape[1]
-    mask = torch.arange(ctx, device=q.device)[None, :] > q_positions[:, None]  # [q_len, ctx]
+    keys = torch.arange(ctx, device=q.device)[None, :]
+    mask = keys > q_positions[:, None]  # [q_len, ctx]
+    if window > 0:
+        mask |= keys <= q_positions[:, None] - window
     scores = scores.masked_fill(mask[None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("hqk,hkd->qhd", probs, v)
@@ -49,7 +53,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 
 def paged_attention_decode_ref(query: torch.Tensor, key_cache: torch.Tensor,
                                value_cache: torch.Tensor, block_tables: torch.Tensor,
-                               seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                               seq_lens: torch.Tensor, scale: float,
+                               window: int = 0) -> torch.Tensor:
     """query: [num_seqs, num_heads, head_size] -> [num_seqs, num_heads, head_size] (fp32).
 
     Each sequence's single query token is its last token (position seq_len - 1) and
@@ -63,14 +68,14 @@ def paged_attention_decode_ref(query: torch.Tensor, key_cache: torch.Tensor,
         k = gather_kv(key_cache, block_tables[i], n)
         v = gather_kv(value_cache, block_tables[i], n)
         pos = torch.tensor([n - 1], device=query.device)
-        out[i] = _attend(query[i : i + 1], k, v, scale, pos)[0]
+        out[i] = _attend(query[i : i + 1], k, v, scale, pos, window)[0]
     return out
 
 
 def paged_attention_prefill_ref(query: torch.Tensor, key_cache: torch.Tensor,
                                 value_cache: torch.Tensor, block_tables: torch.Tensor,
                                 query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                                scale: float) -> torch.Tensor:
+                                scale: float, window: int = 0) -> torch.Tensor:
     """query: [num_tokens, num_heads, head_size] -> same shape (fp32).
 
     Sequence i owns query rows query_start_loc[i]:query_start_loc[i+1] (q_len of them);
@@ -88,5 +93,5 @@ def paged_attention_prefill_ref(query: torch.Tensor, key_cache: torch.Tensor,
         k = gather_kv(key_cache, block_tables[i], n)
         v = gather_kv(value_cache, block_tables[i], n)
         pos = torch.arange(n - q_len, n, device=query.device)
-        out[start:end] = _attend(query[start:end], k, v, scale, pos)
+        out[start:end] = _attend(query[start:end], k, v, scale, pos, window)
     return out

@@ -20,6 +20,9 @@ class SchedulerConfig:
     # being sampled then decodes with that token unknown (the runner fills it in), and blocks
     # of a request finished while a step computing it is in flight are released when it ends.
     overlap: bool = False
+    # Every layer attends within this many tokens (0: no sliding window): blocks wholly before
+    # a running request's window are given back to the pool (KVCacheManager.release_outside_window).
+    sliding_window: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_model_len"):
@@ -31,6 +34,9 @@ class SchedulerConfig:
                 f"num_blocks must be an integer >= 2 (block 0 is the reserved null block), "
                 f"got {self.num_blocks!r}"
             )
+        if type(self.sliding_window) is not int or self.sliding_window < 0:
+            raise ValueError(f"sliding_window must be an integer >= 0 (0: none), got "
+                             f"{self.sliding_window!r}")
         if type(self.overlap) is not bool:
             raise ValueError(f"overlap must be a bool, got {self.overlap!r}")
         if type(self.enable_prefix_caching) is not bool:

@@ -58,13 +58,18 @@ class KVCacheManager:
         block_size: int,
         enable_prefix_caching: bool = True,
         store: KVStore | None = None,
+        window: int = 0,
     ) -> None:
         if type(block_size) is not int or block_size < 1:
             raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+        if type(window) is not int or window < 0:
+            raise ValueError(f"window must be an integer >= 0 (0: none), got {window!r}")
         self.pool = block_pool
         # The tiers below the pool (xllm.kvcache), when the engine has any.
         self.store = store if store is not None and store.tiers else None
         self.block_size = block_size
+        # Every layer's sliding window (0: none): release_outside_window frees older blocks.
+        self.window = window
         self.enable_prefix_caching = enable_prefix_caching
         self._num_usable = block_pool.num_blocks - 1
         self._hash = best_block_hashes()
@@ -190,6 +195,12 @@ class KVCacheManager:
         still writes them)."""
         registered = self._num_registered.pop(request.request_id, 0)
         blocks = request.block_ids
+        if request.num_released_blocks:
+            # Its head left the pool with the sliding window: a peer could not take the prefix
+            # from its start, so nothing is held (a decode instance recomputes).
+            registered = 0
+            blocks = blocks[request.num_released_blocks:]
+            request.num_released_blocks = 0
         if blocks[registered:] and not keep_rest:
             self.pool.free(blocks[registered:])
         if registered:
@@ -258,7 +269,7 @@ class KVCacheManager:
         hashes: list[int] = []
         for request in requests:
             num_full = request.num_computed_tokens // bs
-            done = registered.get(request.request_id, 0)
+            done = max(registered.get(request.request_id, 0), request.num_released_blocks)
             if num_full <= done:
                 continue
             req_hashes = self._extend_hashes(request, num_full)
@@ -360,6 +371,10 @@ class KVCacheManager:
         -- for a preempted request only when that costs less than recomputing them (a swap:
         its readmission then loads them as a prefix hit)."""
         registered = self._num_registered.pop(request.request_id, 0)
+        if request.num_released_blocks:  # the head is gone (sliding window): no tier write
+            del request.block_ids[:request.num_released_blocks]
+            request.num_released_blocks = 0
+            registered = 0
         if request.block_ids:
             store = self.store
             if store is not None and registered and preempted:
@@ -376,6 +391,26 @@ class KVCacheManager:
                             [content[b] for b in blocks])
             self.pool.free(request.block_ids)
             request.block_ids = []
+
+
+    def release_outside_window(self, request: Request) -> int:
+        """Gives back request's blocks that lie wholly before every key its next queries can
+        see (a query at position p sees (p - window, p], and the next one is at
+        num_computed_tokens or later); their entries in block_ids become the null block 0,
+        which the attention kernels never read there. They stay in the prefix cache until
+        reused. Returns how many were released."""
+        if not self.window:
+            return 0
+        first_key = request.num_computed_tokens - self.window + 1
+        n = min(first_key // self.block_size, len(request.block_ids)) if first_key > 0 else 0
+        done = request.num_released_blocks
+        if n <= done:
+            return 0
+        ids = request.block_ids
+        self.pool.free(ids[done:n])
+        ids[done:n] = [0] * (n - done)
+        request.num_released_blocks = n
+        return n - done
 
 
 def _runs_whole_prompt(request: Request) -> bool:

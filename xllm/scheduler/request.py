@@ -62,6 +62,7 @@ class Request:
         "output_token_ids",
         "num_computed_tokens",
         "block_ids",
+        "num_released_blocks",
         "block_hashes",
         "status",
         "stop_reason",
@@ -143,6 +144,9 @@ class Request:
         # for an unconstrained request.
         self.grammar: Any = None
         self.block_ids: list[int] = []
+        # Leading entries of block_ids given back to the pool because they lie wholly before
+        # the model's sliding window (0 there: the null block, never read).
+        self.num_released_blocks = 0
         # Chained hashes of the full blocks of all_token_ids, extended as tokens arrive; a full
         # block's tokens never change, so they stay valid across preemption.
         self.block_hashes: list[int] = []

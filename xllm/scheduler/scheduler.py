@@ -90,7 +90,8 @@ class Scheduler:
         self.block_size = config.block_size
         self.max_seq_len = config.max_seq_len
         self.kv = KVCacheManager(
-            block_pool, config.block_size, config.enable_prefix_caching, store=store
+            block_pool, config.block_size, config.enable_prefix_caching, store=store,
+            window=config.sliding_window,
         )
         self.requests: dict[str, Request] = {}  # every unfinished request
         # Indexed by request.offline: running requests in admission order, waiting queues.
@@ -321,6 +322,7 @@ class Scheduler:
         # the pool unless the request crosses into a new block.
         bs = self.block_size
         allocate = self.kv.allocate_slots
+        window = self.kv.window
         scheduled = step.scheduled
         for request in list(self._running[offline].values()):
             budget = step.budget
@@ -328,6 +330,9 @@ class Scheduler:
                 return
             if request.status is not _RUNNING:  # preempted earlier in this step
                 continue
+            if window and request.num_computed_tokens - window + 1 >= (
+                    request.num_released_blocks + 1) * bs:
+                self.kv.release_outside_window(request)
             computed = request.num_computed_tokens + request.num_inflight_tokens
             num_tokens = len(request.all_token_ids)
             pending = request.num_pending_outputs
@@ -405,7 +410,8 @@ class Scheduler:
             # Slow path: make room only if preempting what request outranks can suffice.
             if victims is None:
                 victims = self._outranked_by(request)
-            room = kv.num_free_blocks + sum(len(v.block_ids) for v in victims)
+            room = kv.num_free_blocks + sum(len(v.block_ids) - v.num_released_blocks
+                                            for v in victims)
             if room < kv.num_blocks_needed(request, n, computed):
                 return False
             victims.sort(key=importance_key, reverse=True)  # least important first

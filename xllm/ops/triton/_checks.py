@@ -175,3 +175,9 @@ def check_query_start_loc(
             f"query_start_loc has {query_start_loc.shape[0]} entries; it needs "
             f"num_seqs + 1 = {num_seqs + 1} (block_tables has {num_seqs} rows)"
         )
+
+
+def check_window(window: int) -> None:
+    """A sliding window in tokens: an integer >= 0 (0: none)."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an integer >= 0 (0: no sliding window), got {window!r}")

@@ -73,6 +73,7 @@ def _attend_tile(
     start,
     kv_end,
     q_pos,
+    window,
     scale_log2e,
     stride_cache_block,
     d,
@@ -87,7 +88,8 @@ def _attend_tile(
     """One online-softmax step of rows q [M, HEAD_PAD] over context positions start..+TILE_N.
 
     Positions at or past kv_end are masked; with CAUSAL, so is every position after the
-    row's own q_pos [M]. Returns the updated (acc [M, HEAD_PAD], m_i [M], l_i [M]).
+    row's own q_pos [M], and with window > 0 every one at or before q_pos - window. Returns
+    the updated (acc [M, HEAD_PAD], m_i [M], l_i [M]).
     """
     pos = start + tl.arange(0, TILE_N)
     valid = pos < kv_end
@@ -106,6 +108,7 @@ def _attend_tile(
     keep = valid[None, :]
     if CAUSAL:
         keep = keep & (pos[None, :] <= q_pos[:, None])
+        keep = keep & ((window == 0) | (pos[None, :] > q_pos[:, None] - window))
     s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen no key yet (only padding rows) keeps m = -inf; subtracting 0
@@ -140,6 +143,7 @@ def _decode_kernel(
     stride_cache_block,  # num_kv_heads * block_size * head_size
     num_heads,
     num_partitions,
+    window,  # sliding window in tokens (0: none): the query sees its last `window` keys
     GROUP: tl.constexpr,  # query heads per KV head
     GROUP_PAD: tl.constexpr,  # >= 16 (tl.dot's minimum M), power of two
     HEAD_SIZE: tl.constexpr,
@@ -162,6 +166,10 @@ def _decode_kernel(
     else:
         kv_start = 0
         kv_end = seq_len
+    if window > 0:
+        # Nothing before the window is read (its blocks may have been freed); a partition
+        # wholly before it runs no tile.
+        kv_start = tl.maximum(kv_start, seq_len - window)
 
     g = tl.arange(0, GROUP_PAD)
     g_mask = g < GROUP
@@ -198,6 +206,7 @@ def _decode_kernel(
             start,
             kv_end,
             g,
+            window,
             scale_log2e,
             stride_cache_block,
             d,
@@ -310,6 +319,7 @@ def _prefill_kernel(
     stride_cache_block,
     num_heads,
     num_seqs,
+    window,  # sliding window in tokens (0: none)
     GROUP: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,
@@ -358,7 +368,11 @@ def _prefill_kernel(
     kv_end = prefix + tl.minimum((tile_in_seq + 1) * BLOCK_Q, q_len)
     block_table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     kv_head_offset = kv_head.to(tl.int64) * (BLOCK_SIZE * HEAD_SIZE)
-    for start in range(0, kv_end, TILE_N):
+    # From the tile's first query's first key (0 without a window).
+    kv_start = 0
+    if window > 0:
+        kv_start = tl.maximum(prefix + tile_in_seq * BLOCK_Q - window + 1, 0)
+    for start in range(kv_start, kv_end, TILE_N):
         acc, m_i, l_i = _attend_tile(
             q,
             acc,
@@ -371,6 +385,7 @@ def _prefill_kernel(
             start,
             kv_end,
             q_pos,
+            window,
             scale_log2e,
             stride_cache_block,
             d,

@@ -150,6 +150,7 @@ def paged_attention_decode(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    window: int = 0,
     *,
     max_seq_len: int | None = None,
     partition_size: int | None = None,
@@ -161,6 +162,7 @@ def paged_attention_decode(
     partition length in tokens (tests; 0 forces a single pass); None picks it from the GPU.
     """
     _checks.check_attention_args(out, query, key_cache, value_cache, block_tables, seq_lens, scale)
+    _checks.check_window(window)
     if block_tables.shape[0] != query.shape[0]:
         raise ValueError(
             f"block_tables has {block_tables.shape[0]} rows but query has "
@@ -210,6 +212,7 @@ def paged_attention_decode(
         key_cache.stride(0),
         num_heads,
         num_partitions,
+        int(window),
     )
     if part is None:
         _kernels._decode_kernel[grid](
@@ -248,10 +251,12 @@ def paged_attention_prefill(
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    window: int = 0,
 ) -> None:
     """Causal attention of each sequence's new tokens (rows query_start_loc[i]:[i+1], the last
     q_len of its seq_lens[i] tokens) over its paged context, cached prefix included."""
     _checks.check_attention_args(out, query, key_cache, value_cache, block_tables, seq_lens, scale)
+    _checks.check_window(window)
     num_seqs = block_tables.shape[0]
     _checks.check_query_start_loc(query_start_loc, num_seqs, key_cache.device)
     num_tokens, num_heads, head_size = query.shape
@@ -278,6 +283,7 @@ def paged_attention_prefill(
         key_cache.stride(0),
         num_heads,
         num_seqs,
+        int(window),
         GROUP=group,
         HEAD_SIZE=head_size,
         HEAD_PAD=head_pad,
