@@ -16,6 +16,7 @@ void register_quant(py::module_& m);
 void register_layer_ops(py::module_& m);
 void register_decoder_stack(py::module_& m);
 void register_moe(py::module_& m);
+void register_moe_route(py::module_& m);
 }  // namespace xllm
 
 PYBIND11_MODULE(_C, m) {
@@ -32,4 +33,5 @@ PYBIND11_MODULE(_C, m) {
   xllm::register_layer_ops(m);
   xllm::register_decoder_stack(m);
   xllm::register_moe(m);
+  xllm::register_moe_route(m);
 }

@@ -269,3 +269,44 @@ def test_grouped_routing_matches_deepseek_routers(kind: str) -> None:
     plain_ids, plain_w = route(x @ router.weight.t(), 3, True)
     ids, w = route_grouped(x @ router.weight.t(), RouterSpec(3, renormalize=True))
     assert torch.equal(ids, plain_ids) and torch.allclose(w, plain_w)
+
+
+@pytest.mark.parametrize("kind", ["plain", "renorm", "v2-grouped", "v3"])
+def test_native_router_matches_torch(kind: str) -> None:
+    """_C.moe_route (the CPU's router) chooses the experts route_grouped chooses, with the
+    same weights to fp32 rounding, over 0 to 300 tokens; DeepSeek's grouped forms too."""
+    from xllm.layers.moe import RouterSpec, route_grouped, route_native
+
+    spec, experts = {
+        "plain": (RouterSpec(8), 64),
+        "renorm": (RouterSpec(2, renormalize=True), 8),
+        "v2-grouped": (RouterSpec(3, "softmax", False, 1e-20, 4, 2, "max", 0.0, 1.7), 16),
+        "v3": (RouterSpec(8, "sigmoid", True, 1e-20, 8, 4, "top2sum", float("-inf"), 2.5),
+               256),
+    }[kind]
+    gen = torch.Generator().manual_seed(len(kind))
+    bias = 0.3 * torch.randn(experts, generator=gen) if kind == "v3" else None
+    for t in (0, 1, 7, 300):
+        logits = 2 * torch.randn(t, experts, generator=gen)
+        want_ids, want_w = route_grouped(logits, spec, bias)
+        ids, w = route_native(logits, spec, bias)
+        assert torch.equal(ids, want_ids)
+        torch.testing.assert_close(w, want_w, atol=1e-6, rtol=1e-6)
+    # Ties go to the lower expert id, largest first.
+    ids, w = route_native(torch.tensor([[1.0, 3.0, 3.0, 0.0]]), RouterSpec(2))
+    assert ids.tolist() == [[1, 2]]
+
+
+def test_native_router_rejects_bad_input() -> None:
+    from xllm import _C
+
+    ids, w = torch.empty(2, 2, dtype=torch.int64), torch.empty(2, 2)
+    with pytest.raises(ValueError, match="top_k must be in \\[1, num_experts = 4\\]"):
+        _C.moe_route(torch.zeros(2, 4), torch.empty(2, 5, dtype=torch.int64),
+                     torch.empty(2, 5), 5)
+    with pytest.raises(ValueError, match="n_group \\(3\\) must divide"):
+        _C.moe_route(torch.zeros(2, 4), ids, w, 2, n_group=3)
+    with pytest.raises(ValueError, match="'scoring' must be 'softmax' or 'sigmoid'"):
+        _C.moe_route(torch.zeros(2, 4), ids, w, 2, scoring="relu")
+    with pytest.raises(ValueError, match="bias"):
+        _C.moe_route(torch.zeros(2, 4), ids, w, 2, bias=torch.zeros(3))

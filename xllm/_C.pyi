@@ -216,6 +216,22 @@ def paged_attention_prefill(
 ) -> None: ...
 
 # --- block weights (csrc/quant/; layout and use: xllm/ops/blocks.py) ---
+def moe_route(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    top_k: int,
+    scoring: str = "softmax",
+    renormalize: bool = False,
+    renorm_eps: float = 0.0,
+    n_group: int = 1,
+    topk_group: int = 1,
+    group_score: str = "max",
+    mask_value: float = 0.0,
+    scale: float = 1.0,
+    bias: torch.Tensor | None = None,
+) -> None: ...
+
 class MoeExperts:
     """A mixture-of-experts MLP's experts: gate_up[e] [2I, H] and down[e] [H, I]."""
 

@@ -1,8 +1,8 @@
 """Mixture-of-experts layer: the native experts (``_C.MoeExperts``) against the torch loop
 over experts (``xllm.layers.moe.moe_reference``, the shape of transformers' eager experts).
 
-Both route in torch (softmax over the experts, top-k); the native side then runs the experts
-in one call on f32 rows (the same fp32 arithmetic as the reference); ``extra`` adds the
+The reference routes in torch (softmax over the experts, top-k), the native side in one call
+(``_C.moe_route``) and then runs the experts in one call on f32 rows (the same fp32 arithmetic as the reference); ``extra`` adds the
 same on bf16_gemm rows (bf16 products, as a bf16 checkpoint would run). Shapes: a
 Qwen3-MoE-like layer (64 experts, top 8, hidden 1024, expert 384) and a Mixtral-like one
 (8 experts, top 2, hidden 1024, expert 2048), at 1, 16 and 256 tokens (decode, a batch,
@@ -17,7 +17,7 @@ import math
 import torch
 
 from bench.ops.common import Row, compare, per_call_seconds
-from xllm.layers.moe import moe_reference, route
+from xllm.layers.moe import RouterSpec, moe_reference, route, route_native
 
 SHAPES = {  # name -> (experts, top_k, hidden, expert intermediate)
     "qwen3-moe-like": (64, 8, 1024, 384),
@@ -49,7 +49,7 @@ def run(quick: bool = False) -> list[Row]:
             out = torch.empty(t, h)
 
             def ours(experts=native, x=x, out=out, router=router, k=k) -> torch.Tensor:  # noqa: ANN001
-                ids, w = route(x @ router.t(), k, True)
+                ids, w = route_native(x @ router.t(), RouterSpec(k, renormalize=True))
                 experts.forward(x, ids, w, out)
                 return out
 

@@ -23,7 +23,8 @@ from torch import nn
 
 from xllm.models.config import ModelConfig
 
-__all__ = ["RouterSpec", "SparseMoE", "moe_reference", "route", "route_grouped", "router_spec"]
+__all__ = ["RouterSpec", "SparseMoE", "moe_reference", "route", "route_grouped", "route_native",
+           "router_spec"]
 
 
 def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor,
@@ -88,6 +89,22 @@ def route_grouped(logits: torch.Tensor, spec: RouterSpec,
     if spec.renormalize:
         weights = weights / (weights.sum(-1, keepdim=True) + spec.renorm_eps)
     return ids, weights * spec.scale
+
+
+def route_native(logits: torch.Tensor, spec: RouterSpec,
+                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``route_grouped`` in one native call (``_C.moe_route``, csrc/moe/route.cpp) for CPU
+    logits: the same choice, weights to fp32 rounding (the exp differs in its last bits)."""
+    from xllm import _C
+
+    logits = logits.float().contiguous()
+    t = logits.shape[0]
+    ids = torch.empty(t, spec.top_k, dtype=torch.int64)
+    weights = torch.empty(t, spec.top_k, dtype=torch.float32)
+    _C.moe_route(logits, ids, weights, spec.top_k, spec.scoring, spec.renormalize,
+                 spec.renorm_eps, spec.n_group, spec.topk_group, spec.group_score,
+                 spec.mask_value, spec.scale, None if bias is None else bias.float())
+    return ids, weights
 
 
 def moe_reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -173,8 +190,11 @@ class SparseMoE(nn.Module):
         return True
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(expert ids [T, k], weights [T, k] fp32) for inputs x [T, H]."""
+        """(expert ids [T, k], weights [T, k] fp32) for inputs x [T, H]: on the CPU the fused
+        native router (``route_native``), elsewhere torch."""
         logits = x.float() @ self.router.t()
+        if logits.device.type == "cpu":
+            return route_native(logits, self.spec, self.bias)
         if self.plain:
             return route(logits, self.top_k, self.renormalize)
         return route_grouped(logits, self.spec, self.bias)
