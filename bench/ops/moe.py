@@ -2,12 +2,12 @@
 over experts (``xllm.layers.moe.moe_reference``, the shape of transformers' eager experts).
 
 The reference routes in torch (softmax over the experts, top-k), the native side in one call
-(``_C.moe_route``) and then runs the experts in one call on f32 rows (the same fp32 arithmetic as the reference); ``extra`` adds the
-same on bf16_gemm rows (bf16 products, as a bf16 checkpoint would run). Shapes: a
-Qwen3-MoE-like layer (64 experts, top 8, hidden 1024, expert 384) and a Mixtral-like one
-(8 experts, top 2, hidden 1024, expert 2048), at 1, 16 and 256 tokens (decode, a batch,
-a prompt chunk). Target (issue 16): at least 3x. ``extra``: the native experts on
-bf16_gemm rows, and the torch loop in bf16 (what a bf16 checkpoint's torch path runs).
+(``_C.moe_route``) and then runs the experts in one call on f32 rows (the same fp32
+arithmetic as the reference). Shapes: a Qwen3-MoE-like layer (64 experts, top 8, hidden
+1024, expert 384) and a Mixtral-like one (8 experts, top 2, hidden 1024, expert 2048), at 1,
+16 and 256 tokens (decode, a batch, a prompt chunk). Target (issue 16): at least 3x.
+``extra``: the native experts on bf16_gemm rows, and the torch loop in bf16 (what a bf16
+checkpoint's torch path runs).
 """
 
 from __future__ import annotations
