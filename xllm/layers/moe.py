@@ -9,9 +9,10 @@ up rows) and ``w2 [E, H, I]``; checkpoints name them per expert (``checkpoint_te
 On the CPU, once ``use_rows`` has put every expert on native row weights (the model's
 ``attach_rows``), the experts run in one native call (``_C.MoeExperts``, csrc/moe/moe.cpp:
 a counting sort by expert, one GEMM pair per expert over its block of rows, a fixed-order
-weighted sum). Elsewhere they run in ``moe_reference``, the torch reference: tokens grouped by
-expert with one sort, then one pair of matmuls per expert that has tokens (a Python loop
-over the active experts).
+weighted sum), routed by one native call too (``_C.moe_route``). On CUDA they run in the
+Triton fused-MoE kernels (``xllm.ops.triton.moe``). Elsewhere (dense CPU modules) they run in
+``moe_reference``, the torch reference: tokens grouped by expert with one sort, then one pair
+of matmuls per expert that has tokens (a Python loop over the active experts).
 """
 
 from __future__ import annotations
@@ -206,6 +207,10 @@ class SparseMoE(nn.Module):
             self.native.forward(x.float().contiguous(), ids.contiguous(),  # type: ignore[attr-defined]
                                 weights.contiguous(), out)
             out = out.to(x.dtype)
+        elif x.is_cuda:
+            from xllm.ops.triton.moe import fused_moe
+
+            out = fused_moe(x, self.w13, self.w2, ids, weights)
         else:
             out = moe_reference(x, ids, weights, self.w13, self.w2)
         if self.shared_experts is not None:
