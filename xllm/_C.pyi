@@ -230,6 +230,7 @@ def moe_route(
     mask_value: float = 0.0,
     scale: float = 1.0,
     bias: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> None: ...
 
 class MoeExperts:

@@ -55,6 +55,18 @@ class EngineConfig:
     # ranks talk over TCP (xllm.ops.tcp_group). None: every rank on this host, over shared
     # memory.
     tp_master: str | None = None
+    # Expert parallelism (mixture-of-experts models under tensor parallelism): whole experts
+    # placed on the ranks, every rank routing every token and computing the pairs whose
+    # expert it holds, one allreduce per MoE layer (xllm.layers.eplb, docs/models.md).
+    enable_expert_parallel: bool = False
+    # Replicas of hot experts beside the E logical ones, per MoE layer (E + this must split
+    # evenly over the ranks).
+    num_redundant_experts: int = 0
+    # The expert-parallel load balancer: every eplb_step_interval steps the placement is
+    # recomputed from the tokens each expert got since the last one (DeepSeek's EPLB
+    # method) and applied between steps, each rank reading the experts it gains.
+    enable_eplb: bool = False
+    eplb_step_interval: int = 3000
     # Overlap scheduling: the model runs on its own thread while the engine schedules and
     # prepares the next step and turns the last one into outputs. None: on where it
     # measures faster (docs/benchmarks.md). Not with KV tiers (their copies would race the
@@ -115,6 +127,17 @@ class EngineConfig:
                 raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} exceeds the "
                                  f"{cores} CPU cores this process may use: every rank needs a "
                                  "core of its own")
+        if not isinstance(self.num_redundant_experts, int) or self.num_redundant_experts < 0:
+            raise ValueError(f"num_redundant_experts must be an integer >= 0, got "
+                             f"{self.num_redundant_experts!r}")
+        if not isinstance(self.eplb_step_interval, int) or self.eplb_step_interval < 1:
+            raise ValueError(f"eplb_step_interval must be an integer >= 1, got "
+                             f"{self.eplb_step_interval!r}")
+        if (self.enable_eplb or self.num_redundant_experts) and not self.enable_expert_parallel:
+            raise ValueError("enable_eplb and num_redundant_experts need enable_expert_parallel")
+        if self.enable_expert_parallel and self.tensor_parallel_size < 2:
+            raise ValueError("enable_expert_parallel places experts on the tensor-parallel "
+                             "ranks; it needs tensor_parallel_size >= 2")
         if self.overlap_scheduling and self.kv_tiers:
             raise ValueError("overlap_scheduling does not work with KV tiers (kv_offload_cpu_gb, "
                              "kv_offload_disk) yet: their copies would race the step in "

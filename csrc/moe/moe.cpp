@@ -9,6 +9,8 @@
 //      y_e = act @ W2_e^T, each a BlockWeight::linear_raw over the whole block (any weight
 //      format: f32 / bf16 rows, bf16_gemm, int8; the linears thread over output tiles);
 //   4. out[t] = sum_j w[t, j] * y[slot(t, j)], j in order (deterministic, no atomics).
+// An id of -1 is a pair another rank computes (expert parallelism): it is skipped, and out
+// holds this rank's part of the sum.
 // The work buffers belong to the object and only grow; one thread at a time may call it
 // (the engine thread).
 #include <pybind11/pybind11.h>
@@ -79,8 +81,9 @@ class MoeExperts {
     check_dim(w, 1, k, "ids.shape[1]");
     const int64_t* id = ids.ptr<int64_t>();
     for (int64_t i = 0; i < T * k; ++i) {
-      if (id[i] < 0 || id[i] >= E) {
-        fail("argument 'ids' holds ", id[i], " at ", i, "; expert ids must be in [0, ", E, ")");
+      if (id[i] < -1 || id[i] >= E) {
+        fail("argument 'ids' holds ", id[i], " at ", i, "; expert ids must be in [0, ", E,
+             ") (or -1: another rank's)");
       }
     }
     const Isa isa = active_isa();
@@ -99,17 +102,24 @@ class MoeExperts {
 
   void run(const float* x, int64_t T, int64_t k, const int64_t* id, const float* w, float* out,
            Isa isa) {
-    const int64_t E = num_experts(), H = hidden_, I = inter_, P = T * k;
+    const int64_t E = num_experts(), H = hidden_, I = inter_, pairs = T * k;
     std::fill(out, out + T * H, 0.0f);
-    if (P == 0) return;
-    // 1. counting sort of the (token, slot) pairs by expert
+    // 1. counting sort of this rank's (token, slot) pairs by expert
     offset_.assign(E + 1, 0);
-    for (int64_t i = 0; i < P; ++i) ++offset_[id[i] + 1];
+    for (int64_t i = 0; i < pairs; ++i) {
+      if (id[i] >= 0) ++offset_[id[i] + 1];
+    }
     for (int64_t e = 0; e < E; ++e) offset_[e + 1] += offset_[e];
+    const int64_t P = offset_[E];
+    if (P == 0) return;
     next_.assign(offset_.begin(), offset_.end() - 1);
     row_of_.resize(P);
-    slot_.resize(P);
-    for (int64_t i = 0; i < P; ++i) {
+    slot_.resize(pairs);
+    for (int64_t i = 0; i < pairs; ++i) {
+      if (id[i] < 0) {
+        slot_[i] = -1;
+        continue;
+      }
       const int64_t pos = next_[id[i]]++;
       row_of_[pos] = i / k;
       slot_[i] = pos;
@@ -151,6 +161,7 @@ class MoeExperts {
     for (int64_t t = 0; t < T; ++t) {
       float* o = out + t * H;
       for (int64_t j = 0; j < k; ++j) {
+        if (slot_[t * k + j] < 0) continue;
         const float wt = w[t * k + j];
         const float* y = ys_.data() + slot_[t * k + j] * H;
         for (int64_t c = 0; c < H; ++c) o[c] += wt * y[c];

@@ -115,7 +115,7 @@ void route_token(const RouteSpec& s, const float* logits, const float* bias, flo
 void moe_route(py::handle logits_obj, py::handle ids_obj, py::handle weights_obj, int64_t top_k,
                const std::string& scoring, bool renormalize, double renorm_eps, int64_t n_group,
                int64_t topk_group, const std::string& group_score, double mask_value,
-               double scale, py::handle bias_obj) {
+               double scale, py::handle bias_obj, py::handle counts_obj) {
   const Tensor logits = host_tensor(logits_obj, "logits");
   const Tensor ids = host_tensor(ids_obj, "ids");
   const Tensor w = host_tensor(weights_obj, "weights");
@@ -156,6 +156,15 @@ void moe_route(py::handle logits_obj, py::handle ids_obj, py::handle weights_obj
     check_dim(b, 0, E, "num_experts");
     bias = b.ptr<float>();
   }
+  int64_t* counts = nullptr;
+  if (!counts_obj.is_none()) {
+    const Tensor c = host_tensor(counts_obj, "counts");
+    check_dtype(c, DType::kInt64);
+    check_ndim(c, 1, "[num_experts]");
+    check_contiguous(c);
+    check_dim(c, 0, E, "num_experts");
+    counts = c.ptr<int64_t>();
+  }
   const RouteSpec s{E,           top_k,       n_group,
                     topk_group,  scoring == "sigmoid", renormalize,
                     group_score == "top2sum", static_cast<float>(renorm_eps),
@@ -176,6 +185,9 @@ void moe_route(py::handle logits_obj, py::handle ids_obj, py::handle weights_obj
                   flags.data(), flags.data() + E, ip + t * top_k, wp + t * top_k);
     }
   }
+  if (counts != nullptr) {
+    for (int64_t i = 0; i < T * top_k; ++i) ++counts[ip[i]];
+  }
 }
 
 }  // namespace
@@ -185,11 +197,12 @@ void register_moe_route(py::module_& m) {
         py::arg("top_k"), py::arg("scoring") = "softmax", py::arg("renormalize") = false,
         py::arg("renorm_eps") = 0.0, py::arg("n_group") = 1, py::arg("topk_group") = 1,
         py::arg("group_score") = "max", py::arg("mask_value") = 0.0, py::arg("scale") = 1.0,
-        py::arg("bias") = py::none(),
+        py::arg("bias") = py::none(), py::arg("counts") = py::none(),
         "A mixture-of-experts router after its logits [T, E] (fp32), fused: softmax or "
         "sigmoid scores, an optional choice bias, group limits, the top_k (largest first) "
         "into ids [T, top_k] int64 and their scores into weights [T, top_k] fp32, "
-        "renormalized and scaled as asked (xllm/layers/moe.py: route_grouped).");
+        "renormalized and scaled as asked (xllm/layers/moe.py: route_grouped); adds each "
+        "token's choices to counts [E] int64 when given.");
 }
 
 }  // namespace xllm

@@ -80,6 +80,17 @@ class _EngineCollector(Collector):
                                 "step, since start",
                                 value=(s.tp_reduce_seconds + s.tp_message_seconds) / steps)
         yield from _kv_store_metrics(s.kv_store)
+        if s.expert_counts:
+            family = CounterMetricFamily("xllm_moe_expert_tokens",
+                                         "Mixture of experts: tokens routed to each expert, per "
+                                         "MoE layer", labels=["layer", "expert"])
+            for layer, counts in zip(s.moe_layers, s.expert_counts, strict=True):
+                for expert, n in enumerate(counts):
+                    family.add_metric([str(layer), str(expert)], n)
+            yield family
+            yield CounterMetricFamily("xllm_eplb_rebalances",
+                                      "Expert parallelism: placements recomputed and applied",
+                                      value=s.num_rebalances)
         yield GaugeMetricFamily("xllm_engine_ready", "1 while the engine serves, else 0",
                                 value=1.0 if s.state == "ready" else 0.0)
 

@@ -78,6 +78,11 @@ class EngineStats:
     model_idle_seconds: float = 0.0  # between back-to-back steps (the engine's own work)
     tp_reduce_seconds: float = 0.0  # tensor parallelism: sums and gathers on rank 0
     tp_message_seconds: float = 0.0  # tensor parallelism: step messages to the workers
+    # Mixture of experts: tokens routed to each expert since start, [MoE layers][experts]
+    # (the model's layer indices in moe_layers); expert-parallel rebalances since start.
+    expert_counts: tuple[tuple[int, ...], ...] = ()
+    moe_layers: tuple[int, ...] = ()
+    num_rebalances: int = 0
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -489,7 +494,10 @@ class AsyncEngine:
             kv_store=engine.kv_store.stats(), model_busy_seconds=engine.model_busy_seconds,
             model_idle_seconds=engine.model_idle_seconds,
             tp_reduce_seconds=engine.tp_reduce_seconds,
-            tp_message_seconds=engine.tp_message_seconds)
+            tp_message_seconds=engine.tp_message_seconds,
+            expert_counts=tuple(map(tuple, engine.expert_counts().tolist())),
+            moe_layers=engine.model_config.sparse_layers,
+            num_rebalances=engine.num_rebalances)
 
     def _fail(self, message: str, state: str = FAILED) -> None:
         self._error = message

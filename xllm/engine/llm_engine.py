@@ -23,6 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from xllm import _C
@@ -30,6 +31,7 @@ from xllm.config import EngineConfig
 from xllm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from xllm.engine.speed_model import OnlineSpeedModel
 from xllm.kvcache.store import KVStore, KVStoreConfig
+from xllm.layers.eplb import Placement, rank_loads, rebalance_experts
 from xllm.layers.parallel import SINGLE, TensorParallel, check_tensor_parallel
 from xllm.loader import resolve_model
 from xllm.loader.generation_config import GenerationConfig
@@ -108,6 +110,9 @@ class LLMEngine:
         kv_dtype = (self.dtype if config.kv_cache_dtype == "auto"
                     else TORCH_DTYPES[config.kv_cache_dtype])
         tp_size = config.tensor_parallel_size
+        if config.enable_expert_parallel and not mc.num_experts:
+            raise ValueError(f"enable_expert_parallel places experts on the ranks, but "
+                             f"{mc.architecture} here has no mixture-of-experts layers")
         for note in check_tensor_parallel(mc.num_attention_heads, mc.num_key_value_heads,
                                           mc.intermediate_size, tp_size):
             logger.warning("tensor parallelism: %s", note)
@@ -135,7 +140,9 @@ class LLMEngine:
                 weight_format=config.weight_format, block_size=config.block_size,
                 num_blocks=num_blocks, max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
-                max_model_len=self.max_model_len, rank=0, size=tp_size, group="", cores=[])
+                max_model_len=self.max_model_len, rank=0, size=tp_size, group="", cores=[],
+                expert_parallel=config.enable_expert_parallel,
+                num_redundant_experts=config.num_redundant_experts)
             if config.tp_master is not None:  # the other ranks on other hosts, over TCP
                 self.workers = WorkerGroup.remote(spec, config.tp_master)
             else:
@@ -146,7 +153,9 @@ class LLMEngine:
                 self._affinity = os.sched_getaffinity(0)
                 pin_to(rank_cores(tp_size)[0])
             tp = TensorParallel(0, tp_size, self.workers.comm,
-                                bf16_sums=self.dtype == torch.bfloat16)
+                                bf16_sums=self.dtype == torch.bfloat16,
+                                expert_parallel=config.enable_expert_parallel,
+                                num_redundant_experts=config.num_redundant_experts)
         try:
             model = load_model(self.model_dir, mc, self.dtype, self.device, progress=progress,
                                weight_format=config.weight_format, tp=tp)
@@ -176,6 +185,12 @@ class LLMEngine:
             store=self.kv_store)
         # Overlap scheduling: the helper that schedules ahead, and the step it scheduled and
         # prepared for the next step() call.
+        # Expert parallelism's load balancer: steps until the next rebalance (0: off), the
+        # counts at the last one.
+        self._eplb_interval = config.eplb_step_interval if config.enable_eplb else 0
+        self._steps_to_rebalance = self._eplb_interval
+        self._counts_at_rebalance = self.expert_counts()
+        self.num_rebalances = 0
         self._helper: ThreadPoolExecutor | None = None
         if config.overlap:
             self._helper = ThreadPoolExecutor(1, thread_name_prefix="xllm-schedule",
@@ -360,8 +375,54 @@ class LLMEngine:
             torch.set_num_threads(len(self._affinity))
             self._affinity = None
 
+    # ---- expert parallelism ------------------------------------------------------------------
+
+    @property
+    def placement(self) -> Placement | None:
+        """Where the MoE layers' experts live (expert parallelism), else None."""
+        return self.runner.model.placement
+
+    def expert_counts(self) -> np.ndarray:
+        """[MoE layers, experts]: tokens routed to each expert since start."""
+        return self.runner.model.expert_counts()
+
+    def rebalance_experts(self, load: np.ndarray | None = None) -> Placement:
+        """Recomputes the expert placement (DeepSeek's EPLB method, xllm.layers.eplb) from
+        ``load`` [MoE layers, experts], by default the tokens each expert got since the last
+        rebalance, and applies it on every rank before the next step: the workers first
+        (a message in the step stream), then this rank. Each rank reads the experts it gains
+        from the checkpoint. Outputs stay those of the same model (only the order in which
+        the ranks' parts are summed changes). Returns the new placement."""
+        current = self.placement
+        if current is None:
+            raise ValueError("rebalance_experts needs expert parallelism "
+                             "(enable_expert_parallel with tensor_parallel_size >= 2)")
+        counts = self.expert_counts()
+        if load is None:
+            load = counts - self._counts_at_rebalance
+        load = np.asarray(load, dtype=np.float64)
+        if load.shape != counts.shape:
+            raise ValueError(f"load must be [MoE layers, experts] = {counts.shape}, got "
+                             f"{load.shape}")
+        mc = self.model_config
+        placement = rebalance_experts(load + 1e-6, current.num_physical, mc.n_group, 1,
+                                      current.num_ranks)
+        assert self.workers is not None
+        self.workers.send_placement(placement.phy2log)
+        read = self.runner.model.apply_placement(placement.phy2log)
+        self._counts_at_rebalance = counts
+        self.num_rebalances += 1
+        logger.info("experts rebalanced (%d read on rank 0); max/mean rank load %.2f -> %.2f",
+                    read, _imbalance(load, current), _imbalance(load, placement))
+        return placement
+
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
+        if self._eplb_interval:
+            self._steps_to_rebalance -= 1
+            if self._steps_to_rebalance <= 0:
+                self._steps_to_rebalance = self._eplb_interval
+                self.rebalance_experts()
         busy_before = self.runner.busy_seconds
         # Before scheduling: finished write-backs published, landed prefetches in the prefix
         # cache (an admission whose prefetch is still going waits for it), idle memory freed.
@@ -645,3 +706,11 @@ def _find_stop(text: str, stops: list[str], start: int) -> tuple[int, str] | Non
         if index != -1 and (best is None or index < best[0]):
             best = (index, stop)
     return best
+
+
+def _imbalance(load: np.ndarray, placement: Placement) -> float:
+    """Max over mean rank load, averaged over the MoE layers (1.0: perfectly even)."""
+    ranks = rank_loads(load, placement)
+    mean = ranks.mean(1)
+    return float(np.mean(ranks.max(1) / np.where(mean > 0, mean, 1.0)))
+

@@ -17,11 +17,14 @@ of matmuls per expert that has tokens (a Python loop over the active experts).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
+from xllm.layers.parallel import TensorParallel
 from xllm.models.config import ModelConfig
 
 __all__ = ["RouterSpec", "SparseMoE", "moe_reference", "route", "route_grouped", "route_native",
@@ -92,10 +95,11 @@ def route_grouped(logits: torch.Tensor, spec: RouterSpec,
     return ids, weights * spec.scale
 
 
-def route_native(logits: torch.Tensor, spec: RouterSpec,
-                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def route_native(logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = None,
+                 counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``route_grouped`` in one native call (``_C.moe_route``, csrc/moe/route.cpp) for CPU
-    logits: the same choice, weights to fp32 rounding (the exp differs in its last bits)."""
+    logits: the same choice, weights to fp32 rounding (the exp differs in its last bits).
+    ``counts`` (int64 [E]): each choice is added to it."""
     from xllm import _C
 
     logits = logits.float().contiguous()
@@ -104,21 +108,24 @@ def route_native(logits: torch.Tensor, spec: RouterSpec,
     weights = torch.empty(t, spec.top_k, dtype=torch.float32)
     _C.moe_route(logits, ids, weights, spec.top_k, spec.scoring, spec.renormalize,
                  spec.renorm_eps, spec.n_group, spec.topk_group, spec.group_score,
-                 spec.mask_value, spec.scale, None if bias is None else bias.float())
+                 spec.mask_value, spec.scale, None if bias is None else bias.float(), counts)
     return ids, weights
 
 
 def moe_reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                   w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) for every token t, where expert e is
-    ``w2[e] @ (silu(gate) * up)`` with ``[gate; up] = w13[e] @ x``."""
+    ``w2[e] @ (silu(gate) * up)`` with ``[gate; up] = w13[e] @ x``; pairs with id -1 are
+    skipped."""
     t, k = ids.shape
     out = torch.zeros_like(x)
     if t == 0:
         return out
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    skipped = int((flat < 0).sum())  # -1: another rank's pair (expert parallelism), sorted first
+    order = order[skipped:]
+    counts = torch.bincount(flat[flat >= 0], minlength=w13.shape[0]).tolist()
     tokens = order // k
     scale = weights.reshape(-1)[order].to(x.dtype).unsqueeze(1)
     inter = w2.shape[2]
@@ -149,13 +156,23 @@ def router_spec(config: ModelConfig) -> RouterSpec:
 
 class SparseMoE(nn.Module):
     """Routed experts (and DeepSeek's shared experts, ``shared``: an MLP every token runs,
-    added to the routed sum)."""
+    added to the routed sum).
+
+    Expert parallelism (``ep`` enabled, ``placement``: this layer's physical-to-logical row,
+    ``xllm.layers.eplb``): the rank holds only the logical experts its physical slots name
+    (``local``, each once), routes every token as every rank does, computes the pairs whose
+    chosen replica (``row % count``) lives here, adds its share of the shared experts (their
+    columns split as a dense MLP's), and one allreduce sums the ranks' parts.
+    ``set_placement`` moves experts between ranks at run time, reading the ones a rank gains
+    from the checkpoint."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype,
-                 shared: nn.Module | None = None) -> None:
+                 shared: nn.Module | None = None, ep: TensorParallel | None = None,
+                 placement: np.ndarray | None = None) -> None:
         super().__init__()
         e, i, h = config.num_experts, config.moe_intermediate_size, config.hidden_size
-        self.num_experts, self.intermediate_size = e, i
+        self.num_experts, self.intermediate_size, self.hidden_size = e, i, h
+        self.dtype = dtype
         self.top_k = config.num_experts_per_tok
         self.renormalize = config.norm_topk_prob
         self.spec = router_spec(config)
@@ -168,42 +185,100 @@ class SparseMoE(nn.Module):
         self.bias = (nn.Parameter(torch.zeros(e, dtype=torch.float32), requires_grad=False)
                      if config.routing_bias else None)
         self.shared_experts = shared
-        self.w13 = nn.Parameter(torch.empty(e, 2 * i, h, dtype=dtype), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(e, h, i, dtype=dtype), requires_grad=False)
+        self.ep = ep if ep is not None and ep.enabled else None
+        # Tokens routed to each logical expert since start (this rank's routing: every rank
+        # routes every token), for /metrics and the load balancer.
+        self.counts = torch.zeros(e, dtype=torch.int64)
+        self.prefix = ""  # the checkpoint's "model.layers.N.mlp." (set by checkpoint_tensors)
+        self.row_format: str | None = None  # the use_rows format, kept for set_placement
         self.native: object | None = None  # _C.MoeExperts once use_rows ran
+        self._rows: list[tuple[object, object]] = []  # per local expert (native formats)
+        if self.ep is None:
+            self.local = list(range(e))
+        else:
+            if placement is None:
+                raise ValueError("expert parallelism needs the layer's placement")
+            self._tables(np.asarray(placement))
+        n = len(self.local)
+        self.w13 = nn.Parameter(torch.empty(n, 2 * i, h, dtype=dtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(n, h, i, dtype=dtype), requires_grad=False)
+
+    def _tables(self, placement: np.ndarray) -> None:
+        """This rank's experts and the replica tables from a physical-to-logical row."""
+        assert self.ep is not None
+        per = len(placement) // self.ep.size
+        mine = placement[self.ep.rank * per:(self.ep.rank + 1) * per]
+        self.local = sorted({int(x) for x in mine})
+        count = np.bincount(placement, minlength=self.num_experts)
+        if (count == 0).any():
+            raise ValueError("every logical expert needs a physical replica")
+        order = np.argsort(placement, kind="stable")
+        table = np.full((self.num_experts, int(count.max())), -1, dtype=np.int64)
+        table[placement[order], np.arange(len(order)) - (np.cumsum(count) - count)[
+            placement[order]]] = order
+        index = {x: j for j, x in enumerate(self.local)}
+        owner = np.arange(len(placement)) // per
+        local_of = np.array([index[int(x)] if owner[p] == self.ep.rank else -1
+                             for p, x in enumerate(placement)], dtype=np.int64)
+        self.placement = placement.astype(np.int64)
+        self.log2phy = torch.from_numpy(table)
+        self.replica_count = torch.from_numpy(count.astype(np.int64))
+        self.phys_local = torch.from_numpy(local_of)
 
     def use_rows(self, fmt: str) -> bool:
         """Puts every expert on native row weights (``xllm.ops.blocks`` formats: f32, bf16,
         bf16_gemm) run by ``_C.MoeExperts``, releasing the dense copies; False (nothing
         changes) when the sizes do not suit the kernels (multiples of 32)."""
-        from xllm import _C
-        from xllm.ops.blocks import BLOCK, BlockLinearWeight
+        from xllm.ops.blocks import BLOCK
 
         if self.w13.shape[2] % BLOCK or self.w2.shape[2] % BLOCK:
             return False
-        gate_up = [BlockLinearWeight.from_rows(self.w13[e].float(), fmt).native
-                   for e in range(self.num_experts)]
-        down = [BlockLinearWeight.from_rows(self.w2[e].float(), fmt).native
-                for e in range(self.num_experts)]
-        self.native = _C.MoeExperts(gate_up, down)
+        self.row_format = fmt
+        self._rows = [self._to_rows(self.w13[j], self.w2[j]) for j in range(len(self.local))]
+        self._build_native()
         self.w13 = nn.Parameter(torch.empty(0), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(0), requires_grad=False)
         return True
 
+    def _to_rows(self, w13: torch.Tensor, w2: torch.Tensor) -> tuple[object, object]:
+        from xllm.ops.blocks import BlockLinearWeight
+
+        assert self.row_format is not None
+        return (BlockLinearWeight.from_rows(w13.float(), self.row_format).native,
+                BlockLinearWeight.from_rows(w2.float(), self.row_format).native)
+
+    def _build_native(self) -> None:
+        from xllm import _C
+
+        self.native = (_C.MoeExperts([g for g, _ in self._rows], [d for _, d in self._rows])
+                       if self._rows else None)
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(expert ids [T, k], weights [T, k] fp32) for inputs x [T, H]: on the CPU the fused
-        native router (``route_native``), elsewhere torch."""
+        native router (``route_native``), elsewhere torch. Counts the choices."""
         logits = x.float() @ self.router.t()
         if logits.device.type == "cpu":
-            return route_native(logits, self.spec, self.bias)
+            return route_native(logits, self.spec, self.bias, self.counts)
         if self.plain:
-            return route(logits, self.top_k, self.renormalize)
-        return route_grouped(logits, self.spec, self.bias)
+            ids, weights = route(logits, self.top_k, self.renormalize)
+        else:
+            ids, weights = route_grouped(logits, self.spec, self.bias)
+        self.counts += torch.bincount(ids.reshape(-1), minlength=self.num_experts).cpu()
+        return ids, weights
+
+    def local_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Expert parallelism: each pair's expert as an index into this rank's experts, or
+        -1 where the replica its row picks lives on another rank."""
+        rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1)
+        replica = rows % self.replica_count[ids]
+        return self.phys_local[self.log2phy[ids, replica]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.route(x)
+        if self.ep is not None:
+            ids = self.local_ids(ids)
         if self.native is not None:
-            out = torch.empty(x.shape[0], self.router.shape[1], dtype=torch.float32)
+            out = torch.empty(x.shape[0], self.hidden_size, dtype=torch.float32)
             self.native.forward(x.float().contiguous(), ids.contiguous(),  # type: ignore[attr-defined]
                                 weights.contiguous(), out)
             out = out.to(x.dtype)
@@ -215,27 +290,75 @@ class SparseMoE(nn.Module):
             out = moe_reference(x, ids, weights, self.w13, self.w2)
         if self.shared_experts is not None:
             out += self.shared_experts(x)
+        if self.ep is not None:
+            out = self.ep.allreduce(out.contiguous())
         return out
 
-    def checkpoint_tensors(self, prefix: str) -> tuple[dict[str, torch.Tensor],
-                                                       dict[str, tuple[torch.Tensor, list[str]]]]:
-        """(checkpoint name -> destination view, per expert as checkpoints store them;
-        fused name -> (destination, the per-expert names it stands for), as transformers'
-        state_dict has them). ``prefix`` ends with "mlp." (Mixtral's "block_sparse_moe." is
-        renamed to it before lookup)."""
-        i = self.intermediate_size
+    def expert_names(self, e: int) -> tuple[str, str, str]:
+        """Checkpoint names of logical expert e's gate, up and down weights."""
         names = ("w1", "w3", "w2") if self.mixtral else ("gate_proj", "up_proj", "down_proj")
+        return tuple(f"{self.prefix}experts.{e}.{n}.weight" for n in names)  # type: ignore[return-value]
+
+    def checkpoint_tensors(self, prefix: str) -> tuple[
+            dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, list[str], list[int]]],
+            set[str]]:
+        """(checkpoint name -> destination view, per expert as checkpoints store them;
+        fused name -> (destination, the per-expert names it stands for, the experts it takes),
+        as transformers' state_dict has them; the names of other ranks' experts, which this
+        rank skips). ``prefix`` ends with "mlp." (Mixtral's "block_sparse_moe." is renamed to
+        it before lookup)."""
+        i = self.intermediate_size
+        self.prefix = prefix
         expected: dict[str, torch.Tensor] = {f"{prefix}gate.weight": self.router}
         if self.bias is not None:
             expected[f"{prefix}gate.e_score_correction_bias"] = self.bias
-        for e in range(self.num_experts):
-            p = f"{prefix}experts.{e}."
-            expected[f"{p}{names[0]}.weight"] = self.w13[e, :i]
-            expected[f"{p}{names[1]}.weight"] = self.w13[e, i:]
-            expected[f"{p}{names[2]}.weight"] = self.w2[e]
-        per = [n for n in expected if not n.startswith(f"{prefix}gate.")]
-        down = [n for n in per if n.endswith(f".{names[2]}.weight")]
-        gate_up = [n for n in per if n not in down]
-        aliases = {f"{prefix}experts.gate_up_proj": (self.w13, gate_up),
-                   f"{prefix}experts.down_proj": (self.w2, down)}
-        return expected, aliases
+        gate_up: list[str] = []
+        down: list[str] = []
+        for j, e in enumerate(self.local):
+            g, u, d = self.expert_names(e)
+            expected[g], expected[u], expected[d] = self.w13[j, :i], self.w13[j, i:], self.w2[j]
+            gate_up += [g, u]
+            down.append(d)
+        mine = set(self.local)
+        skip = {n for e in range(self.num_experts) if e not in mine for n in self.expert_names(e)}
+        aliases = {f"{prefix}experts.gate_up_proj": (self.w13, gate_up, self.local),
+                   f"{prefix}experts.down_proj": (self.w2, down, self.local)}
+        return expected, aliases, skip
+
+    def set_placement(self, placement: np.ndarray,
+                      fetch: Callable[[list[str]], dict[str, torch.Tensor]]) -> int:
+        """Moves to a new physical-to-logical row (expert parallelism): keeps the experts
+        this rank still holds, reads those it gains with ``fetch(names) -> tensors`` (the
+        checkpoint), drops the rest. Returns how many experts it read. The same arithmetic
+        runs on the same weights, so outputs change only by the order the ranks' parts are
+        summed in."""
+        assert self.ep is not None
+        old = {e: j for j, e in enumerate(self.local)}
+        self._tables(np.asarray(placement))
+        gained = [e for e in self.local if e not in old]
+        names = [n for e in gained for n in self.expert_names(e)]
+        got = fetch(names) if names else {}
+
+        def weights_of(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+            g, u, d = (got[n] for n in self.expert_names(e))
+            return torch.cat([g, u]).to(self.dtype), d.to(self.dtype)
+
+        if self.row_format is not None:
+            rows = []
+            for e in self.local:
+                rows.append(self._rows[old[e]] if e in old else self._to_rows(*weights_of(e)))
+            self._rows = rows
+            self._build_native()
+        else:
+            w13 = torch.empty(len(self.local), 2 * self.intermediate_size, self.hidden_size,
+                              dtype=self.dtype)
+            w2 = torch.empty(len(self.local), self.hidden_size, self.intermediate_size,
+                             dtype=self.dtype)
+            for j, e in enumerate(self.local):
+                if e in old:
+                    w13[j], w2[j] = self.w13[old[e]], self.w2[old[e]]
+                else:
+                    w13[j], w2[j] = weights_of(e)
+            self.w13 = nn.Parameter(w13, requires_grad=False)
+            self.w2 = nn.Parameter(w2, requires_grad=False)
+        return len(gained)

@@ -69,6 +69,10 @@ class TensorParallel:
     # The row-parallel sums travel as bf16 (half the bytes): a model computing in bf16, whose
     # products already round their inputs to bf16 or int8. Every rank alike.
     bf16_sums: bool = False
+    # Expert parallelism: mixture-of-experts layers place whole experts on the ranks
+    # (xllm.layers.eplb) instead of refusing; ``num_redundant_experts`` extra replicas per layer.
+    expert_parallel: bool = False
+    num_redundant_experts: int = 0
 
     def __post_init__(self) -> None:
         if self.size < 1 or not 0 <= self.rank < self.size:

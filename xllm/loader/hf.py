@@ -143,3 +143,20 @@ def iter_weights(
                     bar.update(1)
     finally:
         bar.close()
+
+
+def read_tensors(model_dir: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of the checkpoint in ``model_dir`` (memory-mapped reads of just
+    those; KeyError naming a tensor the checkpoint lacks). Expert parallelism reads the
+    experts a rank gains in a rebalance with it."""
+    wanted = set(names)
+    found: dict[str, torch.Tensor] = {}
+    for file in weight_files(model_dir):
+        with safe_open(str(file), framework="pt") as f:
+            for name in wanted.intersection(f.keys()):
+                found[name] = f.get_tensor(name)
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise KeyError(f"the checkpoint in {model_dir} lacks {missing[0]!r}"
+                       + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    return found

@@ -122,6 +122,7 @@ def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
     model = cls(model_config, dtype=torch.float32 if cpu and weight_format != "dense" else dtype,
                 tp=tp)
     model.load_weights(iter_weights(model_dir, progress=progress, lazy=tp.enabled))
+    model.checkpoint_dir = str(model_dir)  # expert parallelism reads moved experts from it
     if weight_format in ("blocks", "int8"):
         from xllm.ops.blocks import read_blocks
 

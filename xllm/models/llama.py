@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,6 +32,7 @@ from xllm.layers.activation import SiluAndMul
 from xllm.layers.attention import PagedAttention
 from xllm.layers.attn_metadata import AttentionMetadata
 from xllm.layers.embedding import LMHead, VocabEmbedding
+from xllm.layers.eplb import Placement, static_placement
 from xllm.layers.layernorm import RMSNorm
 from xllm.layers.linear import Linear, MergedLinear, copy_checked
 from xllm.layers.mla import MLAttention
@@ -104,15 +106,20 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    """``reduce``: whether down_proj sums its partial output over the ranks itself (a shared
+    expert's part joins the MoE layer's one sum instead)."""
+
     def __init__(self, config: ModelConfig, dtype: torch.dtype,
-                 tp: TensorParallel = SINGLE, intermediate_size: int | None = None) -> None:
+                 tp: TensorParallel = SINGLE, intermediate_size: int | None = None,
+                 reduce: bool = True) -> None:
         super().__init__()
         start, stop = mlp_shard(intermediate_size or config.intermediate_size, tp)
         inter = stop - start
         self.gate_up_proj = MergedLinear(
             config.hidden_size, [inter, inter], ("gate_proj", "up_proj"), config.mlp_bias, dtype
         )
-        self.down_proj = Linear(inter, config.hidden_size, config.mlp_bias, dtype, reduce=tp)
+        self.down_proj = Linear(inter, config.hidden_size, config.mlp_bias, dtype,
+                                reduce=tp if reduce else None)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,16 +128,19 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype,
-                 tp: TensorParallel = SINGLE, index: int = 0) -> None:
+                 tp: TensorParallel = SINGLE, index: int = 0,
+                 placement: np.ndarray | None = None) -> None:
         super().__init__()
         self.self_attn: nn.Module = (MLAttention(config, dtype) if config.mla
                                      else LlamaAttention(config, dtype, tp,
                                                          config.layer_window(index)))
         self.mlp: nn.Module
         if index in config.sparse_layers:
-            shared = (LlamaMLP(config, dtype, intermediate_size=config.moe_intermediate_size
-                               * config.n_shared_experts) if config.n_shared_experts else None)
-            self.mlp = SparseMoE(config, dtype, shared)
+            ep = tp if tp.expert_parallel else SINGLE
+            shared = (LlamaMLP(config, dtype, ep, config.moe_intermediate_size
+                               * config.n_shared_experts, reduce=False)
+                      if config.n_shared_experts else None)
+            self.mlp = SparseMoE(config, dtype, shared, ep, placement)
         else:
             self.mlp = LlamaMLP(config, dtype, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -156,11 +166,14 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype,
-                 tp: TensorParallel = SINGLE) -> None:
+                 tp: TensorParallel = SINGLE, placement: Placement | None = None) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype, tp)
+        rows = {layer: placement.phy2log[j] for j, layer in enumerate(config.sparse_layers)
+                } if placement is not None else {}
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, dtype, tp, i) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, dtype, tp, i, rows.get(i))
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary_emb = RotaryEmbedding(
@@ -199,15 +212,24 @@ class LlamaForCausalLM(nn.Module):
                 f"config.json: partial_rotary_factor {partial!r} is not supported by "
                 f"{config.architecture} here; only full-head rotary (1.0) is"
             )
-        if (config.num_experts or config.mla) and tp.enabled:
-            what = "experts" if config.num_experts else "latent attention"
+        if config.mla and tp.enabled:
             raise ValueError(f"tensor parallelism does not split {config.architecture}'s "
-                             f"{what} yet; run it with --tensor-parallel-size 1")
+                             "latent attention yet; run it with --tensor-parallel-size 1")
+        if config.num_experts and tp.enabled and not tp.expert_parallel:
+            raise ValueError(f"tensor parallelism does not split {config.architecture}'s "
+                             "experts; place them on the ranks with --enable-expert-parallel "
+                             "(or run with --tensor-parallel-size 1)")
         self.config = config
         self.dtype = dtype
         self.tp = tp
         self._stack: _C.DecoderStack | None = None
-        self.model = LlamaModel(config, dtype, tp)
+        # Expert parallelism: where each MoE layer's experts live (xllm.layers.eplb).
+        self.placement: Placement | None = None
+        if config.num_experts and tp.expert_parallel and tp.enabled:
+            self.placement = static_placement(len(config.sparse_layers), config.num_experts,
+                                              tp.size, tp.num_redundant_experts)
+        self.checkpoint_dir: str | None = None  # where set_placement reads experts from
+        self.model = LlamaModel(config, dtype, tp, self.placement)
         self.lm_head = LMHead(
             config.vocab_size,
             config.hidden_size,
@@ -391,12 +413,50 @@ class LlamaForCausalLM(nn.Module):
                     expected[prefix + pname] = param
         return expected
 
-    def _fused_aliases(self) -> dict[str, tuple[torch.Tensor, list[str]]]:
-        aliases: dict[str, tuple[torch.Tensor, list[str]]] = {}
+    def _fused_aliases(self) -> dict[str, tuple[torch.Tensor, list[str], list[int]]]:
+        aliases: dict[str, tuple[torch.Tensor, list[str], list[int]]] = {}
         for module_name, module in self.named_modules():
             if isinstance(module, SparseMoE):
                 aliases.update(module.checkpoint_tensors(f"{module_name}.")[1])
         return aliases
+
+    def _skipped_tensors(self) -> set[str]:
+        """Checkpoint tensors this rank leaves to others (other ranks' experts)."""
+        skip: set[str] = set()
+        for module_name, module in self.named_modules():
+            if isinstance(module, SparseMoE):
+                skip |= module.checkpoint_tensors(f"{module_name}.")[2]
+        return skip
+
+    def moe_layers(self) -> list[SparseMoE]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)]
+
+    def expert_counts(self) -> np.ndarray:
+        """[MoE layers, experts] int64: tokens routed to each logical expert since start."""
+        layers = self.moe_layers()
+        if not layers:
+            return np.zeros((0, 0), dtype=np.int64)
+        return np.stack([m.counts.numpy().copy() for m in layers])
+
+    def apply_placement(self, phy2log: np.ndarray) -> int:
+        """Moves every MoE layer's experts to a new placement (expert parallelism), reading
+        the experts this rank gains from the checkpoint; returns how many it read."""
+        from xllm.loader.hf import read_tensors
+
+        if self.placement is None:
+            raise ValueError("the model does not run with expert parallelism")
+        if self.checkpoint_dir is None:
+            raise ValueError("set checkpoint_dir: new experts are read from the checkpoint")
+        placement = Placement(np.asarray(phy2log, dtype=np.int64), self.config.num_experts,
+                              self.tp.size)
+        if placement.phy2log.shape != self.placement.phy2log.shape:
+            raise ValueError(f"placement {placement.phy2log.shape} does not fit "
+                             f"{self.placement.phy2log.shape}")
+        directory = self.checkpoint_dir
+        read = sum(m.set_placement(row, lambda names: read_tensors(directory, names))
+                   for m, row in zip(self.moe_layers(), placement.phy2log, strict=True))
+        self.placement = placement
+        return read
 
     def shard_specs(self) -> dict[str, Slice]:
         """Checkpoint name -> the slice of it this rank holds, for every tensor that tensor
@@ -425,6 +485,13 @@ class LlamaForCausalLM(nn.Module):
             # A row-parallel bias joins the sum once: rank 0 adds it.
             for name in (f"{a}o_proj.bias", f"{m}down_proj.bias"):
                 specs[name] = Slice(0, 0, hidden, hidden, zero=tp.rank != 0)
+            if cfg.n_shared_experts and i in cfg.sparse_layers:  # split as a dense MLP
+                full = cfg.moe_intermediate_size * cfg.n_shared_experts
+                s0, s1 = mlp_shard(full, tp)
+                s = f"{m}shared_experts."
+                specs.update({f"{s}gate_proj.weight": Slice(0, s0, s1, full),
+                              f"{s}up_proj.weight": Slice(0, s0, s1, full),
+                              f"{s}down_proj.weight": Slice(1, s0, s1, full)})
         return specs
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -438,6 +505,7 @@ class LlamaForCausalLM(nn.Module):
         """
         expected = self._expected_tensors()
         aliases = self._fused_aliases()
+        skip = self._skipped_tensors()
         specs = self.shard_specs()
         loaded: set[str] = set()
         tied = self.lm_head.tied
@@ -446,12 +514,16 @@ class LlamaForCausalLM(nn.Module):
             if name.endswith(_IGNORED_SUFFIXES) or name.startswith(extra):
                 continue
             name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's checkpoints
+            if name in skip:  # another rank's expert: not read
+                continue
             if name in aliases:  # transformers' fused experts (its in-memory state_dict)
-                target, covered = aliases[name]
+                target, covered, experts = aliases[name]
                 if loaded.intersection(covered):
                     raise ValueError(f"checkpoint tensor {name!r} overlaps tensors seen before")
-                copy_checked(target, tensor if isinstance(tensor, torch.Tensor) else tensor[:],
-                             name)
+                full = tensor if isinstance(tensor, torch.Tensor) else tensor[:]
+                if len(experts) != full.shape[0]:
+                    full = full[experts]
+                copy_checked(target, full, name)
                 loaded.update(covered)
                 continue
             if tied and name == "lm_head.weight":

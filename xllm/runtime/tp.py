@@ -14,6 +14,10 @@ and block table once, when it starts or restarts, and after that only what chang
     blocks   [num_blocks]      the items' appended block ids (the scheduler's new_block_ids)
     rows     [num_rows]        hidden rows whose logits score prompt tokens this step
 
+Expert parallelism's rebalance is a message of its own between two steps: header
+``[3, layers, physical experts, 0, 0, 0, 0]`` and the new physical-to-logical table; each
+worker applies it (reading the experts it gains) before the next step.
+
 A request not scheduled in a step is dropped from the mirrors and sent whole if it comes
 back (preempted, or left out by the token budget): rare, and it keeps the protocol free of
 any other bookkeeping. Each worker then builds the same step inputs as rank 0 (the same
@@ -41,7 +45,7 @@ from xllm.scheduler import ScheduledRequest, SchedulerOutput
 
 logger = logging.getLogger("xllm.tp")
 
-_STEP, _STOP = 1, 2
+_STEP, _STOP, _PLACE = 1, 2, 3
 _HEADER = 7
 _RESET, _SAMPLES = 1, 2
 # Waits between ranks inside a step; a dead rank is noticed within milliseconds regardless.
@@ -121,6 +125,12 @@ def token_at(req: object, position: int) -> int:
 
 def encode_stop() -> bytes:
     return np.array([_STOP, 0, 0, 0, 0, 0, 0], dtype=np.int32).tobytes()
+
+
+def encode_placement(phy2log: np.ndarray) -> bytes:
+    layers, physical = phy2log.shape
+    header = np.array([_PLACE, layers, physical, 0, 0, 0, 0], dtype=np.int32)
+    return np.concatenate([header, phy2log.astype(np.int32).ravel()]).tobytes()
 
 
 class StepEncoder:
@@ -207,13 +217,17 @@ class StepDecoder:
     def __init__(self) -> None:
         self.mirrors: dict[int, _Mirror] = {}
 
-    def decode(self, message: bytes) -> tuple[SchedulerOutput, np.ndarray] | None:
-        """(the step, the prompt-scoring rows), or None for the stop message."""
+    def decode(self, message: bytes) -> tuple[SchedulerOutput, np.ndarray] | np.ndarray | None:
+        """(the step, the prompt-scoring rows); a placement (expert parallelism's
+        physical-to-logical table [layers, physical]); or None for the stop message."""
         a = np.frombuffer(message, dtype=np.int32)
         kind, num_decodes, num_items, num_drop, num_tokens, num_blocks, num_rows = (
             int(v) for v in a[:_HEADER])
         if kind == _STOP:
             return None
+        if kind == _PLACE:
+            return a[_HEADER:_HEADER + num_decodes * num_items].astype(np.int64).reshape(
+                num_decodes, num_items)
         if kind != _STEP:
             raise RuntimeError(f"unknown step message kind {kind}")
         at = _HEADER
@@ -262,6 +276,8 @@ class WorkerSpec:
     group: str
     cores: list[int]
     timeout: float = STEP_TIMEOUT_S
+    expert_parallel: bool = False
+    num_redundant_experts: int = 0
 
 
 def rank_cores(size: int) -> list[list[int]]:
@@ -344,6 +360,10 @@ class WorkerGroup:
     def send(self, message: StepMessage) -> None:
         self.comm.broadcast(message.array.tobytes())
 
+    def send_placement(self, phy2log: np.ndarray) -> None:
+        """Tells the workers a new expert placement, applied before the next step."""
+        self.comm.broadcast(encode_placement(phy2log))
+
     def worker_logs(self, tail: int = 2000) -> str:
         text = []
         for rank, log in enumerate(self._logs, start=1):
@@ -414,7 +434,9 @@ def worker_main(spec: WorkerSpec, comm: object | None = None) -> int:
         comm = ShmAllReduce(spec.group, spec.rank, spec.size, timeout=spec.timeout,
                             buffer_bytes=BUFFER_BYTES)
     try:
-        tp = TensorParallel(spec.rank, spec.size, comm, bf16_sums=spec.dtype == "bfloat16")
+        tp = TensorParallel(spec.rank, spec.size, comm, bf16_sums=spec.dtype == "bfloat16",
+                            expert_parallel=spec.expert_parallel,
+                            num_redundant_experts=spec.num_redundant_experts)
         model_dir = Path(spec.model_dir)
         config = ModelConfig.from_file(model_dir)
         model = load_model(model_dir, config, TORCH_DTYPES[spec.dtype], torch.device("cpu"),
@@ -434,6 +456,9 @@ def worker_main(spec: WorkerSpec, comm: object | None = None) -> int:
             step = decoder.decode(comm.broadcast(None, wait_forever=True))
             if step is None:
                 return 0
+            if isinstance(step, np.ndarray):  # expert parallelism: a new placement
+                model.apply_placement(step)
+                continue
             runner.execute_shard(*step)
     finally:
         comm.close()
