@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds = time.perf_counter() - t1
             row = {"ranks": ranks, "physical": physical,
                    "static": imbalance(held_out, static),
+                   "static_window": imbalance(window, static),
                    "eplb_held_out": imbalance(held_out, placement),
                    "eplb_window": imbalance(window, placement), "rebalance_s": seconds}
             rows.append(row)

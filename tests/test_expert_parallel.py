@@ -186,8 +186,8 @@ def test_eplb_runs_on_its_own_and_counts_reach_metrics(tmp_path: Path,
 
 
 def test_eplb_bench_measures_a_skewed_trace(tmp_path: Path) -> None:
-    """bench.eplb end to end on a small trace: EPLB never leaves the ranks less even than the
-    static placement, on the window it saw."""
+    """bench.eplb end to end on a small trace: on the window it saw, EPLB leaves the ranks
+    more even than the static placement."""
     import json
 
     from bench.eplb import main
@@ -196,4 +196,5 @@ def test_eplb_bench_measures_a_skewed_trace(tmp_path: Path) -> None:
     assert main(["--experts", "16", "--layers", "2", "--tokens", "512", "--top-k", "2",
                  "--groups", "4", "--hidden", "32", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert rows and all(r["eplb_window"] <= r["static"] + 1e-9 for r in rows)
+    assert rows
+    assert np.mean([r["eplb_window"] for r in rows]) < np.mean([r["static_window"] for r in rows])
