@@ -25,6 +25,7 @@ from xllm.ops.blocks import (
     dequantize_ref,
     gguf_tensor_blocks,
     pack_gguf_blocks,
+    quantize_q8_0,
     read_blocks,
 )
 
@@ -326,3 +327,24 @@ def test_weight_format_blocks_needs_an_import(tmp_path: Path) -> None:
         LLM(str(out), weight_format="blocks", num_kv_blocks=16)
     with pytest.raises(ValueError, match="weight_format must be"):
         LLM(str(out), weight_format="int4")
+
+
+def test_q8_0_quantizer_is_ggufs_bit_for_bit() -> None:
+    """quantize_q8_0 (load-time int8 for checkpoints without GGUF blocks) gives the blocks
+    gguf's reference quantizer gives: zero blocks, halves that round away from zero, and the
+    fp16 scale included; from_rows("q8_0") multiplies them in int8."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 96, generator=gen)
+    w[0, :32] = 0.0  # an all-zero block: scale 0, quants 0
+    w[1, :32] = torch.arange(32) - 15.5  # quants at exact halves
+    ours = quantize_q8_0(w)
+    want = pack_gguf_blocks(quantize(w.numpy(), Q.Q8_0), "q8_0", (48, 96))
+    assert np.array_equal(ours.qs, want.qs) and np.array_equal(ours.scales, want.scales)
+    layer = BlockLinearWeight.from_rows(w, "q8_0")
+    assert layer.arithmetic == "int8" and layer.format == "q8_0"
+    from test_int8_dot import quantized_x  # the int8 arithmetic's view of x (5 rows: VNNI)
+
+    x = torch.randn(5, 96, generator=gen)
+    want = quantized_x(x).double() @ torch.from_numpy(dequantize_ref(ours)).double().t()
+    torch.testing.assert_close(layer(x).double(), want, atol=1e-4, rtol=1e-5)
+

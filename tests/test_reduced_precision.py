@@ -11,7 +11,8 @@ Here: bf16 GEMMs (``bf16_gemm`` weights: bf16 weights and products, fp32 sums) a
 activations on GGUF blocks (``int8``), each with a bf16 KV cache through the native
 decoder stack, on the random-weight variants of test_models (weights not rounded to bf16;
 for int8, quantized to Q8_0 / Q4_1 and the reference given the same dequantized values, so
-what is measured is the arithmetic) and on the demo model through the engine (dtype
+what is measured is the arithmetic; q8_0, int8 for a checkpoint without blocks, quantized by
+the model at load) and on the demo model through the engine (dtype
 'bfloat16' with weight_format 'bf16' and 'int8'; the default on CPUs with bf16 and int8
 units is bfloat16 with int8 where an import kept blocks).
 """
@@ -44,7 +45,7 @@ from xllm.models.registry import get_model_class  # noqa: E402
 from xllm.ops.blocks import dequantize_ref, pack_gguf_blocks  # noqa: E402
 
 TOP = 5
-PPL_BOUND = {"bf16_gemm": 0.01, "bf16": 0.01, "int8": 0.03}
+PPL_BOUND = {"bf16_gemm": 0.01, "bf16": 0.01, "int8": 0.03, "q8_0": 0.03, "int8-dense": 0.03}
 # Levels whose int8 path is not the scalar reference (VNNI; amx adds bf16 tiles for
 # prompt-sized inputs): the demo runs there. The random models run on every level.
 INT8_LEVELS = [lv for lv in ("avx512", "amx") if lv in _C.cpu_isas()]
@@ -74,9 +75,9 @@ def perplexity(logits: torch.Tensor, tokens: list[int]) -> float:
     return math.exp(float(nll))
 
 
-def _quantized_copy(hf):  # noqa: ANN001, ANN202
-    """(a copy of hf whose 2-D weights are Q4_1 values (Q8_0 for the embedding / LM head),
-    those weights' blocks by checkpoint name)."""
+def _quantized_copy(hf, q8_only: bool = False):  # noqa: ANN001, ANN202
+    """(a copy of hf whose 2-D weights are Q4_1 values (Q8_0 for the embedding / LM head, or
+    everywhere with ``q8_only``), those weights' blocks by checkpoint name)."""
     import copy
 
     hf = copy.deepcopy(hf)
@@ -85,7 +86,7 @@ def _quantized_copy(hf):  # noqa: ANN001, ANN202
         for name, p in hf.named_parameters():
             if p.dim() != 2 or p.shape[1] % 32:
                 continue
-            fmt, qtype = (("q8_0", gguf.GGMLQuantizationType.Q8_0) if "embed" in name
+            fmt, qtype = (("q8_0", gguf.GGMLQuantizationType.Q8_0) if q8_only or "embed" in name
                           or "lm_head" in name else ("q4_1", gguf.GGMLQuantizationType.Q4_1))
             packed = pack_gguf_blocks(quantize(p.numpy(), qtype), fmt, tuple(p.shape))
             blocks[name] = packed
@@ -97,11 +98,16 @@ def _random_model(name: str, fmt: str):  # noqa: ANN202
     """(our model with every projection on `fmt`, its fp32 transformers reference)."""
     hf = hf_model(name, native_sizes=True, bf16_values=False)
     blocks = None
-    if fmt == "int8":
-        hf, blocks = _quantized_copy(hf)
+    weights = hf.state_dict()
+    if fmt in ("int8", "q8_0"):
+        # q8_0 loads the unquantized weights and quantizes them itself; the reference gets
+        # the Q8_0 values gguf's quantizer gives.
+        hf, blocks = _quantized_copy(hf, q8_only=fmt == "q8_0")
+        if fmt == "int8":
+            weights = hf.state_dict()
     config = ModelConfig.from_hf_dict(hf.config.to_dict())
     model = get_model_class(config.architecture)(config)
-    model.load_weights(hf.state_dict().items())
+    model.load_weights(weights.items())
     if fmt == "int8":
         switched = model.attach_blocks(blocks, "int8")
     else:
@@ -110,9 +116,11 @@ def _random_model(name: str, fmt: str):  # noqa: ANN202
     return model, hf
 
 
-@pytest.mark.parametrize("fmt", ["bf16_gemm", "int8"])
+@pytest.mark.parametrize("fmt", ["bf16_gemm", "int8", "q8_0"])
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_random_models_close_to_transformers_fp32(name: str, fmt: str) -> None:
+    """q8_0: weight_format int8 on a checkpoint without GGUF blocks -- the model quantizes its
+    fp32 weights to Q8_0 at load; the reference holds gguf's Q8_0 values of them."""
     model, hf = _random_model(name, fmt)
     prompts = _prompts(name, [5, 19, 40])
     generated = paged_greedy_generate(model, prompts, MAX_NEW, block_size=4, prefill_chunk=8,
@@ -148,19 +156,29 @@ CHATS = [
 ]
 
 
-# (weight_format, ISA level): bf16 at the best level; int8 at each level with its own path.
-DEMO_CASES = [("bf16", _C.detected_isa())] + [("int8", lv) for lv in INT8_LEVELS]
+# (weight_format, ISA level): bf16 at the best level; int8 at each level with its own path;
+# int8-dense: int8 on a copy of the demo without its blocks file (Q8_0 quantized at load).
+DEMO_CASES = ([("bf16", _C.detected_isa())] + [("int8", lv) for lv in INT8_LEVELS]
+              + [("int8-dense", _C.detected_isa())])
 
 
 @pytest.fixture(scope="module", params=DEMO_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
-def demo_llm(request, demo_model_dir):  # noqa: ANN001, ANN201
+def demo_llm(request, demo_model_dir, tmp_path_factory):  # noqa: ANN001, ANN201
     from xllm import LLM
+    from xllm.loader.gguf_import import BLOCKS_FILE
 
     fmt, level = request.param
-    llm = LLM(model=str(demo_model_dir), dtype="bfloat16", weight_format=fmt,
+    model_dir = demo_model_dir
+    if fmt == "int8-dense":
+        model_dir = tmp_path_factory.mktemp("demo-dense")
+        for f in demo_model_dir.iterdir():
+            if f.name != BLOCKS_FILE.split("/")[0]:  # everything but the import's blocks
+                (model_dir / f.name).symlink_to(f)
+    llm = LLM(model=str(model_dir), dtype="bfloat16", weight_format=fmt.removesuffix("-dense"),
               max_model_len=512, kv_cache_memory_gb=0.1)
     model = llm.engine.runner.model
-    assert model.model.layers[0].mlp.down_proj.blocks.arithmetic == fmt
+    assert model.model.layers[0].mlp.down_proj.blocks.arithmetic == fmt.removesuffix("-dense")
+    assert model.model.layers[0].mlp.down_proj.blocks.format == "q8_0" or fmt != "int8-dense"
     assert model._stack is not None
     _C.set_cpu_isa(level)
     try:

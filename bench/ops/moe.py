@@ -6,8 +6,9 @@ The reference routes in torch (softmax over the experts, top-k), the native side
 arithmetic as the reference). Shapes: a Qwen3-MoE-like layer (64 experts, top 8, hidden
 1024, expert 384) and a Mixtral-like one (8 experts, top 2, hidden 1024, expert 2048), at 1,
 16 and 256 tokens (decode, a batch, a prompt chunk). Target (issue 16): at least 3x.
-``extra``: the native experts on bf16_gemm rows, and the torch loop in bf16 (what a bf16
-checkpoint's torch path runs).
+``extra``: the native experts on bf16_gemm rows and on Q8_0 blocks quantized at load (int8
+arithmetic: ``--weight-format int8`` on a checkpoint without GGUF blocks), and the torch loop
+in bf16 (what a bf16 checkpoint's torch path runs).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def run(quick: bool = False) -> list[Row]:
         w13_bf16, w2_bf16 = w13.bfloat16(), w2.bfloat16()
         native = _experts("f32", w13, w2)
         gemm = _experts("bf16_gemm", w13, w2)
+        q8 = _experts("q8_0", w13, w2)
         for t in ((1, 16) if quick else (1, 16, 256)):
             x = torch.randn(t, h, generator=gen)
             out = torch.empty(t, h)
@@ -62,6 +64,7 @@ def run(quick: bool = False) -> list[Row]:
                           "torch loop over the active experts (moe_reference), fp32",
                           min_ratio=3.0)
             row.extra["bf16_gemm_s"] = per_call_seconds(lambda g=gemm: ours(g))
+            row.extra["q8_0_int8_s"] = per_call_seconds(lambda g=q8: ours(g))
             # torch in bf16 (oneDNN's bf16 matmuls): the loop a bf16 checkpoint would run
             xb = x.bfloat16()
             row.extra["torch_bf16_loop_s"] = per_call_seconds(

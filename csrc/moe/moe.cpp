@@ -149,7 +149,8 @@ class MoeExperts {
       rowops::silu_and_mul(gu_.data() + at * 2 * I, 2 * I, n, I, act_.data() + at * I, I, isa);
       down_[e]->linear_raw(act_.data() + at * I, I, n, ys_.data() + at * H, H, isa);
     };
-    if (A >= 2 && P <= kRowsPerExpertToSpread * A && omp_get_max_threads() > 1) {
+    const int64_t nt = omp_get_max_threads();
+    if (A >= 2 && nt > 1 && (P <= kRowsPerExpertToSpread * A || A >= kExpertsPerThread * nt)) {
 #pragma omp parallel for schedule(dynamic, 1)
       for (int64_t a = 0; a < A; ++a) expert(active_[a]);
     } else {  // no enclosing region: even a one-thread team would serialize the GEMMs' own
@@ -178,6 +179,8 @@ class MoeExperts {
   py::object keep_;
   // Decode-sized work: threads take whole experts when the rows per expert are this few.
   static constexpr int64_t kRowsPerExpertToSpread = 4;
+  // Or when there are this many active experts a thread: enough to balance whole experts.
+  static constexpr int64_t kExpertsPerThread = 8;
   std::vector<int64_t> offset_, next_, row_of_, slot_, active_;
   std::vector<float> xs_, ys_, gu_, act_;
 };

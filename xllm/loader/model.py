@@ -64,7 +64,8 @@ def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
     - ``dense``: torch modules on ``dtype`` parameters (MKL / oneDNN matmuls);
     - ``blocks``: the GGUF blocks an import kept beside the weights, decoded exactly to the
       same fp32 values on the fly by native kernels (``xllm.ops.blocks``); float32 only;
-    - ``int8``: the same blocks with activations quantized to int8 per block of 32 and
+    - ``int8``: the same blocks (without an import's blocks file, the checkpoint's weights
+      quantized to Q8_0 at load) with activations quantized to int8 per block of 32 and
       integer dot products (llama.cpp's arithmetic: VNNI; on AMX CPUs from 8 rows, x in 16
       bits per row times a per-row int8 copy of the weights on AMX-INT8 tiles); float32 or
       bfloat16 (which sets the KV cache's dtype and attention's arithmetic);
@@ -111,10 +112,12 @@ def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
         if dtype == torch.bfloat16 and weight_format not in ("bf16", "int8"):
             raise ValueError(f"weight_format {weight_format!r} computes in float32; with dtype "
                              "bfloat16 use 'bf16' or 'int8' (or 'dense'), or use dtype float32")
-    if weight_format in ("blocks", "int8") and not blocks_path.is_file():
-        raise ValueError(f"weight_format {weight_format!r} needs {blocks_path}, which only a "
-                         "GGUF import writes; use weight_format 'auto', 'bf16', 'f32' or "
+    if weight_format == "blocks" and not blocks_path.is_file():
+        raise ValueError(f"weight_format 'blocks' needs {blocks_path}, which only a GGUF "
+                         "import writes; use weight_format 'auto', 'int8', 'bf16', 'f32' or "
                          "'dense'")
+    # int8 without an import's blocks: the checkpoint's weights quantized to Q8_0 at load.
+    int8_from_dense = weight_format == "int8" and not blocks_path.is_file()
     bf16_gemm = weight_format == "bf16" and dtype == torch.bfloat16
     cls = get_model_class(model_config.architecture)
     # The native formats keep everything around the linears (embedding, norms, rope, residual)
@@ -123,7 +126,9 @@ def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
                 tp=tp)
     model.load_weights(iter_weights(model_dir, progress=progress, lazy=tp.enabled))
     model.checkpoint_dir = str(model_dir)  # expert parallelism reads moved experts from it
-    if weight_format in ("blocks", "int8"):
+    if int8_from_dense:
+        model.attach_rows("q8_0")
+    elif weight_format in ("blocks", "int8"):
         from xllm.ops.blocks import read_blocks
 
         model.attach_blocks(read_blocks(blocks_path, model.shard_specs()),
@@ -132,8 +137,10 @@ def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
         model.attach_rows("bf16_gemm")
     elif weight_format in ("bf16", "f32"):
         model.attach_rows(weight_format)
-    how = {"int8": ": GGUF blocks times x quantized to int8 per block of 32 (VNNI); on AMX "
-                   "from 8 rows x in 16 bits per row times a per-row int8 copy (AMX-INT8)",
+    how = {"int8": (": the checkpoint's weights quantized to Q8_0 at load" if int8_from_dense
+                    else ": GGUF blocks") + " times x quantized to int8 per block of 32 (VNNI); "
+                   "on AMX from 8 rows x in 16 bits per row times a per-row int8 copy "
+                   "(AMX-INT8)",
            "bf16": ": bf16 products with fp32 sums (bf16_gemm)" if bf16_gemm else
                    ": bf16 rows widened exactly to fp32",
            "blocks": ": GGUF blocks decoded exactly to fp32"}.get(weight_format, "")

@@ -82,6 +82,23 @@ def pack_gguf_blocks(raw: np.ndarray, fmt: str, shape: tuple[int, int]) -> Packe
     return PackedBlocks(fmt, qs, scales, None)
 
 
+def quantize_q8_0(weight: torch.Tensor) -> PackedBlocks:
+    """A dense weight [N, K] (K a multiple of 32) as Q8_0 blocks, bit for bit what ggml's
+    reference quantizer (and gguf's ``quantize``) gives: per block of 32, d = max|w| / 127,
+    q = round-half-away(w / d) as int8, d kept as fp16."""
+    if weight.dim() != 2 or weight.shape[1] % BLOCK:
+        raise ValueError(f"weight must be [out, in] with in a multiple of {BLOCK}, got "
+                         f"{tuple(weight.shape)}")
+    rows, cols = weight.shape
+    w = weight.detach().float().reshape(rows, cols // BLOCK, BLOCK)
+    d = w.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    x = w * inv
+    q = (torch.sign(x) * torch.floor(x.abs() + 0.5)).to(torch.int8)
+    scales = d.squeeze(-1).half().float()
+    return PackedBlocks("q8_0", q.reshape(rows, cols).numpy(), scales.numpy(), None)
+
+
 def _raw_blocks(raw: np.ndarray, name: str, shape: tuple[int, int], count: int,
                 size: int) -> np.ndarray:
     """A GGUF tensor's bytes as [count, size] blocks, its size checked."""
@@ -243,9 +260,12 @@ class BlockLinearWeight:
     def from_rows(cls, weight: torch.Tensor, fmt: str,
                   bias: torch.Tensor | None = None) -> BlockLinearWeight:
         """A dense fp32 weight [N, K] as ``bf16`` rows (exact only when the values are bf16
-        values, e.g. a bf16 checkpoint's), ``f32`` rows (no copy when contiguous), or
+        values, e.g. a bf16 checkpoint's), ``f32`` rows (no copy when contiguous),
         ``bf16_gemm`` (bf16 rows packed for the matrix units; bf16 arithmetic: the layer
-        computes bf16(x) @ bf16(W)^T with fp32 sums)."""
+        computes bf16(x) @ bf16(W)^T with fp32 sums), or ``q8_0`` (quantized here to Q8_0
+        blocks, ``quantize_q8_0``, and multiplied in int8 arithmetic)."""
+        if fmt == "q8_0":
+            return cls(quantize_q8_0(weight), bias, "int8")
         if fmt not in ROW_FORMATS + GEMM_FORMATS:
             raise ValueError(f"row format must be one of {ROW_FORMATS + GEMM_FORMATS}, "
                              f"got {fmt!r}")
