@@ -39,6 +39,7 @@ from xllm.layers.attention import PagedAttention
 from xllm.layers.attn_metadata import AttentionMetadata
 from xllm.layers.layernorm import RMSNorm
 from xllm.layers.linear import Linear, MergedLinear
+from xllm.layers.parallel import SINGLE, Slice, TensorParallel, head_shard
 from xllm.layers.rotary import Rotation
 from xllm.models.config import ModelConfig
 
@@ -71,14 +72,22 @@ class MLAttention(nn.Module):
 
     Checkpoint names (``self_attn.``): q_a_proj, q_a_layernorm, q_b_proj (or q_proj when
     q_lora_rank is null), kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj.
+
+    Tensor parallelism: a rank holds a share of the heads (their rows of q_b_proj and kv_b_proj,
+    their columns of o_proj, whose partial outputs are summed) and the whole latent path
+    (q_a, kv_a and their norms), so every rank caches the same latent rows.
     """
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype,
+                 tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        h = config.num_attention_heads
+        self.shard = head_shard(config.num_attention_heads, config.num_attention_heads, tp)
+        self.tp = tp
+        h = self.shard.num_heads
         c, dn, dr, dv = (config.kv_lora_rank, config.qk_nope_head_dim, config.qk_rope_head_dim,
                          config.v_head_dim)
         self.num_heads, self.num_kv_heads = h, 1
+        self._total_heads = config.num_attention_heads
         self.kv_lora_rank, self.nope_dim, self.rope_dim, self.v_dim = c, dn, dr, dv
         self.q_lora_rank = config.q_lora_rank
         self.rope_interleave = config.rope_interleave
@@ -99,8 +108,26 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Module()
         self.kv_b_proj.weight = nn.Parameter(torch.empty(h * (dn + dv), c, dtype=dtype),
                                              requires_grad=False)
-        self.o_proj = Linear(h * dv, config.hidden_size, bias, dtype)
+        self.o_proj = Linear(h * dv, config.hidden_size, bias, dtype, reduce=tp)
         self.attn = PagedAttention(h, 1, c + dr, scale=mla_softmax_scale(config))
+
+    def shard_specs(self, prefix: str) -> dict[str, Slice]:
+        """Checkpoint name -> this rank's slice, for the tensors tensor parallelism splits
+        (``prefix``: "model.layers.N.self_attn.")."""
+        h0, h1 = self.shard.q_start, self.shard.q_start + self.shard.num_heads
+        total = self._total_heads
+        q_head = self.nope_dim + self.rope_dim
+        kv_head = self.nope_dim + self.v_dim
+        q_name = "q_b_proj" if self.q_lora_rank else "q_proj"
+        hidden = self.o_proj.out_features
+        return {
+            f"{prefix}{q_name}.weight": Slice(0, h0 * q_head, h1 * q_head, total * q_head),
+            f"{prefix}kv_b_proj.weight": Slice(0, h0 * kv_head, h1 * kv_head, total * kv_head),
+            f"{prefix}o_proj.weight": Slice(1, h0 * self.v_dim, h1 * self.v_dim,
+                                            total * self.v_dim),
+            # A row-parallel bias joins the sum once: rank 0 adds it.
+            f"{prefix}o_proj.bias": Slice(0, 0, hidden, hidden, zero=self.tp.rank != 0),
+        }
 
     @property
     def w_uk(self) -> torch.Tensor:

@@ -131,7 +131,7 @@ class LlamaDecoderLayer(nn.Module):
                  tp: TensorParallel = SINGLE, index: int = 0,
                  placement: np.ndarray | None = None) -> None:
         super().__init__()
-        self.self_attn: nn.Module = (MLAttention(config, dtype) if config.mla
+        self.self_attn: nn.Module = (MLAttention(config, dtype, tp) if config.mla
                                      else LlamaAttention(config, dtype, tp,
                                                          config.layer_window(index)))
         self.mlp: nn.Module
@@ -212,9 +212,6 @@ class LlamaForCausalLM(nn.Module):
                 f"config.json: partial_rotary_factor {partial!r} is not supported by "
                 f"{config.architecture} here; only full-head rotary (1.0) is"
             )
-        if config.mla and tp.enabled:
-            raise ValueError(f"tensor parallelism does not split {config.architecture}'s "
-                             "latent attention yet; run it with --tensor-parallel-size 1")
         if config.num_experts and tp.enabled and not tp.expert_parallel:
             raise ValueError(f"tensor parallelism does not split {config.architecture}'s "
                              "experts; place them on the ranks with --enable-expert-parallel "
@@ -471,20 +468,25 @@ class LlamaForCausalLM(nn.Module):
         m0, m1 = mlp_shard(cfg.intermediate_size, tp)
         inter = cfg.intermediate_size
         for i, layer in enumerate(self.model.layers):
-            sh = layer.self_attn.shard
-            q = Slice(0, sh.q_start * hd, (sh.q_start + sh.num_heads) * hd, cfg.q_size)
-            kv = Slice(0, sh.kv_start * hd, (sh.kv_start + sh.num_kv_heads) * hd, cfg.kv_size)
-            mlp = Slice(0, m0, m1, inter)
             a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+            if isinstance(layer.self_attn, MLAttention):
+                specs.update(layer.self_attn.shard_specs(a))
+            else:
+                sh = layer.self_attn.shard
+                q = Slice(0, sh.q_start * hd, (sh.q_start + sh.num_heads) * hd, cfg.q_size)
+                kv = Slice(0, sh.kv_start * hd, (sh.kv_start + sh.num_kv_heads) * hd,
+                           cfg.kv_size)
+                for kind in ("weight", "bias"):
+                    specs.update({f"{a}q_proj.{kind}": q, f"{a}k_proj.{kind}": kv,
+                                  f"{a}v_proj.{kind}": kv})
+                specs[f"{a}o_proj.weight"] = Slice(1, q.start, q.stop, cfg.q_size)
+                # A row-parallel bias joins the sum once: rank 0 adds it.
+                specs[f"{a}o_proj.bias"] = Slice(0, 0, hidden, hidden, zero=tp.rank != 0)
+            mlp = Slice(0, m0, m1, inter)
             for kind in ("weight", "bias"):
-                specs.update({f"{a}q_proj.{kind}": q, f"{a}k_proj.{kind}": kv,
-                              f"{a}v_proj.{kind}": kv, f"{m}gate_proj.{kind}": mlp,
-                              f"{m}up_proj.{kind}": mlp})
-            specs[f"{a}o_proj.weight"] = Slice(1, q.start, q.stop, cfg.q_size)
+                specs.update({f"{m}gate_proj.{kind}": mlp, f"{m}up_proj.{kind}": mlp})
             specs[f"{m}down_proj.weight"] = Slice(1, m0, m1, inter)
-            # A row-parallel bias joins the sum once: rank 0 adds it.
-            for name in (f"{a}o_proj.bias", f"{m}down_proj.bias"):
-                specs[name] = Slice(0, 0, hidden, hidden, zero=tp.rank != 0)
+            specs[f"{m}down_proj.bias"] = Slice(0, 0, hidden, hidden, zero=tp.rank != 0)
             if cfg.n_shared_experts and i in cfg.sparse_layers:  # split as a dense MLP
                 full = cfg.moe_intermediate_size * cfg.n_shared_experts
                 s0, s1 = mlp_shard(full, tp)
