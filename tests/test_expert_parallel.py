@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import test_deepseek
 import test_moe
+import torch
 from test_tp import _assert_same_or_near_tie, _greedy, needs_two
 
 from xllm import LLM, SamplingParams
