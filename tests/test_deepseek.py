@@ -13,12 +13,12 @@ import pytest
 import torch
 import transformers
 from test_models import (
-    _SMALL,
     MAX_NEW,
-    VOCAB,
+    hf_from_overrides,
+    ours_from_hf,
     paged_greedy_generate,
     prefill_logits,
-    randomize,
+    random_prompts,
 )
 
 from xllm.layers.mla import MLAttention
@@ -58,15 +58,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def _hf(name: str) -> Any:
-    arch, overrides = VARIANTS[name]
-    config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(
-        **{**_SMALL, **overrides}, architectures=[arch])
-    config._attn_implementation = "eager"
-    config._experts_implementation = "eager"
-    torch.manual_seed(0)
-    model = getattr(transformers, arch)(config).eval()
-    gen = torch.Generator().manual_seed(sum(map(ord, name)))
-    randomize(model, gen)
+    model = hf_from_overrides(*VARIANTS[name], name)
+    gen = torch.Generator().manual_seed(len(name))
     with torch.no_grad():  # V3's correction bias is a buffer: make it matter
         for bname, buf in model.named_buffers():
             if bname.endswith("e_score_correction_bias"):
@@ -74,16 +67,8 @@ def _hf(name: str) -> Any:
     return model
 
 
-def _ours(hf: Any, weights: Any = None) -> Any:
-    config = ModelConfig.from_hf_dict(hf.config.to_dict())
-    model = get_model_class(config.architecture)(config)
-    model.load_weights(weights if weights is not None else hf.state_dict().items())
-    return model
-
-
-def _prompts(lengths: list[int], seed: int) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+_ours = ours_from_hf
+_prompts = random_prompts
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

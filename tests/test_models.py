@@ -253,6 +253,32 @@ def hf_model(name: str, native_sizes: bool = False, bf16_values: bool | None = N
     return model
 
 
+def hf_from_overrides(arch: str, overrides: dict[str, Any], name: str) -> Any:
+    """transformers' ``arch`` on _SMALL plus ``overrides`` (eager attention and experts),
+    its weights drawn by ``randomize`` from a seed derived from ``name``."""
+    config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(
+        **{**_SMALL, **overrides}, architectures=[arch])
+    config._attn_implementation = "eager"
+    config._experts_implementation = "eager"  # transformers' plain loop, not grouped_mm
+    torch.manual_seed(0)
+    model = getattr(transformers, arch)(config).eval()
+    randomize(model, torch.Generator().manual_seed(sum(map(ord, name))))
+    return model
+
+
+def ours_from_hf(hf: Any, weights: Any = None) -> LlamaForCausalLM:
+    """Our model of hf's config, loaded from ``weights`` (default: hf's state_dict)."""
+    config = ModelConfig.from_hf_dict(hf.config.to_dict())
+    model = get_model_class(config.architecture)(config)
+    model.load_weights(weights if weights is not None else hf.state_dict().items())
+    return model
+
+
+def random_prompts(lengths: Sequence[int], seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+
+
 def randomize(model: torch.nn.Module, gen: torch.Generator) -> None:
     """O(1)-scale random weights: norms near 1, small biases, unit-variance embeddings, and
     weights [..., out, in] scaled so unit-variance inputs give unit-variance outputs (3-D

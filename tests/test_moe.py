@@ -12,12 +12,12 @@ import pytest
 import torch
 import transformers
 from test_models import (
-    _SMALL,
     MAX_NEW,
-    VOCAB,
+    hf_from_overrides,
+    ours_from_hf,
     paged_greedy_generate,
     prefill_logits,
-    randomize,
+    random_prompts,
 )
 
 from xllm.layers.moe import moe_reference, route
@@ -40,28 +40,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def _hf(name: str) -> Any:
-    arch, overrides = VARIANTS[name]
-    prefix = arch.removesuffix("ForCausalLM")
-    config = getattr(transformers, f"{prefix}Config")(**{**_SMALL, **overrides},
-                                                       architectures=[arch])
-    config._attn_implementation = "eager"
-    config._experts_implementation = "eager"  # transformers' plain loop, not grouped_mm
-    torch.manual_seed(0)
-    model = getattr(transformers, arch)(config).eval()
-    randomize(model, torch.Generator().manual_seed(sum(map(ord, name))))
-    return model
+    return hf_from_overrides(*VARIANTS[name], name)
 
 
-def _ours(hf: Any, weights: Any = None) -> Any:
-    config = ModelConfig.from_hf_dict(hf.config.to_dict())
-    model = get_model_class(config.architecture)(config)
-    model.load_weights(weights if weights is not None else hf.state_dict().items())
-    return model
-
-
-def _prompts(lengths: list[int], seed: int) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+_ours = ours_from_hf
+_prompts = random_prompts
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -12,7 +12,14 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from test_models import _SMALL, MAX_NEW, paged_greedy_generate, prefill_logits, randomize
+from test_models import (
+    _SMALL,
+    MAX_NEW,
+    hf_from_overrides,
+    paged_greedy_generate,
+    prefill_logits,
+    randomize,
+)
 
 from xllm.models.config import ModelConfig
 from xllm.models.registry import get_model_class
@@ -35,15 +42,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def _hf(name: str) -> Any:
-    arch, overrides = VARIANTS[name]
-    config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(
-        **{**_SMALL, **overrides}, architectures=[arch])
-    config._attn_implementation = "eager"
-    config._experts_implementation = "eager"
-    torch.manual_seed(0)
-    model = getattr(transformers, arch)(config).eval()
-    randomize(model, torch.Generator().manual_seed(sum(map(ord, name))))
-    return model
+    return hf_from_overrides(*VARIANTS[name], name)
 
 
 def _parse(arch: str, **keys: Any) -> ModelConfig:

@@ -15,13 +15,12 @@ filled with NaN: a kernel that reads or weights anything past a sequence's lengt
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from triton_interpreter import run_interpreter_cases
 
 CUDA = torch.cuda.is_available()
 if not CUDA and "triton" not in sys.modules:
@@ -66,33 +65,7 @@ def gpu() -> ModuleType:
 
 @pytest.mark.skipif(IN_PROCESS or CUDA, reason="the interpreter cases run in this process")
 def test_interpreter_cases_in_subprocess() -> None:
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-m",
-            "not gpu",
-            "-k",
-            "not test_interpreter_cases_in_subprocess",
-            str(Path(__file__).resolve()),
-        ],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1], (
-        result.stdout[-2000:]
-    )
+    run_interpreter_cases(__file__)
 
 
 # ------------------------------------------------------------------ builders
