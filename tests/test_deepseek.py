@@ -5,7 +5,6 @@ to end, and the latent cache's geometry."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +13,11 @@ import torch
 import transformers
 from test_models import (
     MAX_NEW,
+    assert_engine_serves,
+    assert_matches_transformers,
     hf_from_overrides,
     ours_from_hf,
     paged_greedy_generate,
-    prefill_logits,
     random_prompts,
 )
 
@@ -106,21 +106,9 @@ def test_moe_block_matches_transformers(name: str) -> None:
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_logits_and_greedy_tokens_match_transformers(name: str) -> None:
     hf = _hf(name)
-    ours = _ours(hf)
     # 150 tokens: past the yarn variant's original 64 positions.
     prompts = _prompts([5, 13, 150 if name == "v3-yarn" else 29], sum(map(ord, name)))
-    with torch.no_grad():
-        for got, p in zip(prefill_logits(ours, prompts), prompts, strict=True):
-            want = hf(torch.tensor([p])).logits[0]
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-        config = transformers.GenerationConfig(max_new_tokens=MAX_NEW, do_sample=False,
-                                               eos_token_id=None, pad_token_id=0)
-        for p, tokens in zip(prompts, paged_greedy_generate(ours, prompts, MAX_NEW,
-                                                            prefill_chunk=7), strict=True):
-            ids = torch.tensor([p])
-            want = hf.generate(ids, attention_mask=torch.ones_like(ids),
-                               generation_config=config)[0, len(p):].tolist()
-            assert tokens == want
+    assert_matches_transformers(hf, _ours(hf), prompts)
 
 
 def test_native_rows_give_transformers_tokens() -> None:
@@ -212,37 +200,14 @@ def test_the_engine_serves_a_deepseek_checkpoint(tmp_path: Path, demo_model_dir:
     """A saved V3 directory through the loader and the engine: one latent row per token in
     the KV store, and transformers' greedy tokens in fp32; in the CPU's default format most
     tokens agree."""
-    from xllm import LLM, SamplingParams
 
-    hf = _hf("v3")
-    hf.save_pretrained(tmp_path)
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(demo_model_dir / f, tmp_path / f)
-    prompts = _prompts([9, 20, 33], 7)
-    config = transformers.GenerationConfig(max_new_tokens=12, do_sample=False,
-                                           eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
-        want = [hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p),
-                                                                          dtype=torch.long),
-                            generation_config=config)[0, len(p):].tolist() for p in prompts]
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    for options in ({"dtype": "float32"}, {}):
-        llm = LLM(str(tmp_path), max_model_len=128, kv_cache_memory_gb=0.05, num_threads=1,
-                  **options)
-        try:
-            store = llm.engine.kv_store.config
-            assert (store.num_kv_heads, store.head_size, store.tensors_per_layer) == (1, 48, 1)
-            assert store.block_bytes == 3 * store.block_size * 48 * store.dtype_bytes
-            got = [o.outputs[0].token_ids for o in llm.generate(prompts, params,
-                                                                 use_tqdm=False)]
-        finally:
-            llm.engine.close()
-        if options:
-            assert got == want
-        else:  # reduced precision: most tokens agree
-            agree = sum(a == b for g, w in zip(got, want, strict=True)
-                        for a, b in zip(g, w, strict=True))
-            assert agree >= 0.75 * sum(map(len, want)), (got, want)
+    def latent_rows(llm: Any) -> None:
+        store = llm.engine.kv_store.config
+        assert (store.num_kv_heads, store.head_size, store.tensors_per_layer) == (1, 48, 1)
+        assert store.block_bytes == 3 * store.block_size * 48 * store.dtype_bytes
+
+    assert_engine_serves(_hf("v3"), tmp_path, demo_model_dir, _prompts([9, 20, 33], 7),
+                         latent_rows)
 
 
 def test_latent_cache_is_smaller_than_the_heads_it_stands_for() -> None:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -277,6 +278,60 @@ def ours_from_hf(hf: Any, weights: Any = None) -> LlamaForCausalLM:
 def random_prompts(lengths: Sequence[int], seed: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+
+
+def greedy_of(hf: Any, prompts: Sequence[Sequence[int]], max_new: int) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt (no EOS stop)."""
+    config = transformers.GenerationConfig(max_new_tokens=max_new, do_sample=False,
+                                           eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        return [hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=int),
+                            generation_config=config)[0, len(p):].tolist() for p in prompts]
+
+
+def assert_matches_transformers(hf: Any, ours: LlamaForCausalLM,
+                                prompts: Sequence[Sequence[int]]) -> None:
+    """Prefill logits close to transformers' (fp32), and MAX_NEW greedy tokens identical
+    (decodes and 7-token prefill chunks stepped together)."""
+    with torch.no_grad():
+        for got, p in zip(prefill_logits(ours, prompts), prompts, strict=True):
+            torch.testing.assert_close(got, hf(torch.tensor([p])).logits[0], atol=1e-4,
+                                       rtol=1e-4)
+    assert paged_greedy_generate(ours, prompts, MAX_NEW, prefill_chunk=7) == greedy_of(
+        hf, prompts, MAX_NEW)
+
+
+def assert_engine_serves(hf: Any, model_dir: Path, demo_model_dir: Path,
+                         prompts: Sequence[Sequence[int]],
+                         check: Callable[[Any], None] | None = None) -> None:
+    """hf saved to ``model_dir`` (with the demo's tokenizer) through the loader and the engine:
+    transformers' 12 greedy tokens in fp32; in the CPU's default format most of them.
+    ``check(llm)`` runs on each engine before it generates."""
+    import shutil
+
+    from xllm import LLM, SamplingParams
+
+    hf.save_pretrained(model_dir)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(demo_model_dir / f, model_dir / f)
+    want = greedy_of(hf, prompts, 12)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    for options in ({"dtype": "float32"}, {}):
+        llm = LLM(str(model_dir), max_model_len=128, kv_cache_memory_gb=0.05, num_threads=1,
+                  **options)
+        try:
+            if check is not None:
+                check(llm)
+            got = [o.outputs[0].token_ids for o in llm.generate(prompts, params,
+                                                                 use_tqdm=False)]
+        finally:
+            llm.engine.close()
+        if options:
+            assert got == want
+        else:  # reduced precision: most tokens agree
+            agree = sum(a == b for g, w in zip(got, want, strict=True)
+                        for a, b in zip(g, w, strict=True))
+            assert agree >= 0.75 * sum(map(len, want)), (got, want)
 
 
 def randomize(model: torch.nn.Module, gen: torch.Generator) -> None:

@@ -13,10 +13,11 @@ import torch
 import transformers
 from test_models import (
     MAX_NEW,
+    assert_engine_serves,
+    assert_matches_transformers,
     hf_from_overrides,
     ours_from_hf,
     paged_greedy_generate,
-    prefill_logits,
     random_prompts,
 )
 
@@ -82,20 +83,7 @@ def test_moe_block_matches_transformers(name: str) -> None:
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_logits_and_greedy_tokens_match_transformers(name: str) -> None:
     hf = _hf(name)
-    ours = _ours(hf)
-    prompts = _prompts([5, 11, 23], sum(map(ord, name)))
-    with torch.no_grad():
-        for got, p in zip(prefill_logits(ours, prompts), prompts, strict=True):
-            want = hf(torch.tensor([p])).logits[0]
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-        config = transformers.GenerationConfig(max_new_tokens=MAX_NEW, do_sample=False,
-                                               eos_token_id=None, pad_token_id=0)
-        for p, tokens in zip(prompts, paged_greedy_generate(ours, prompts, MAX_NEW,
-                                                            prefill_chunk=7), strict=True):
-            ids = torch.tensor([p])
-            want = hf.generate(ids, attention_mask=torch.ones_like(ids),
-                               generation_config=config)[0, len(p):].tolist()
-            assert tokens == want
+    assert_matches_transformers(hf, _ours(hf), _prompts([5, 11, 23], sum(map(ord, name))))
 
 
 @pytest.mark.parametrize("name", ["qwen3-moe", "mixtral"])
@@ -132,36 +120,7 @@ def test_moe_refuses_tensor_parallelism_and_runs_as_modules() -> None:
 def test_the_engine_serves_a_moe_checkpoint(tmp_path: Path, demo_model_dir: Path) -> None:
     """A saved Qwen3-MoE directory through the loader and the engine: transformers' greedy
     tokens, in fp32 and in the CPU's default format."""
-    import shutil
-
-    from xllm import LLM, SamplingParams
-
-    hf = _hf("qwen3-moe")
-    hf.save_pretrained(tmp_path)
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(demo_model_dir / f, tmp_path / f)
-    prompts = _prompts([9, 20], 7)
-    config = transformers.GenerationConfig(max_new_tokens=12, do_sample=False,
-                                           eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
-        want = [hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p),
-                                                                          dtype=torch.long),
-                            generation_config=config)[0, len(p):].tolist() for p in prompts]
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    for options in ({"dtype": "float32"}, {}):
-        llm = LLM(str(tmp_path), max_model_len=128, kv_cache_memory_gb=0.05, num_threads=1,
-                  **options)
-        try:
-            got = [o.outputs[0].token_ids for o in llm.generate(prompts, params,
-                                                                 use_tqdm=False)]
-        finally:
-            llm.engine.close()
-        if options:
-            assert got == want
-        else:  # reduced precision: most tokens agree
-            agree = sum(a == b for g, w in zip(got, want, strict=True)
-                        for a, b in zip(g, w, strict=True))
-            assert agree >= 0.75 * sum(map(len, want)), (got, want)
+    assert_engine_serves(_hf("qwen3-moe"), tmp_path, demo_model_dir, _prompts([9, 20], 7))
 
 
 @pytest.mark.parametrize("fmt", ["f32", "bf16_gemm"])
