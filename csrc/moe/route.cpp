@@ -20,17 +20,12 @@
 #include <vector>
 
 #include "common/tensor.h"
+#include "moe/route.h"
 
 namespace xllm {
 namespace py = pybind11;
 
 namespace {
-
-struct RouteSpec {
-  int64_t experts, top_k, n_group, topk_group;
-  bool sigmoid, renormalize, group_top2;
-  float renorm_eps, mask_value, scale;
-};
 
 // Index of the largest value among v[0..n) not yet taken (ties: the lowest index).
 inline int64_t best_free(const float* v, const uint8_t* taken, int64_t n) {
@@ -52,8 +47,8 @@ inline int64_t best_free(const float* v, const uint8_t* taken, int64_t n) {
   return best;
 }
 
-// scores, choice [E], gscore [n_group] floats and taken [E], gkeep [n_group] flags: the
-// calling thread's scratch.
+}  // namespace
+
 void route_token(const RouteSpec& s, const float* logits, const float* bias, float* scores,
                  float* choice, float* gscore, uint8_t* taken, uint8_t* gkeep, int64_t* ids,
                  float* w) {
@@ -111,6 +106,8 @@ void route_token(const RouteSpec& s, const float* logits, const float* bias, flo
     for (int64_t j = 0; j < s.top_k; ++j) w[j] *= s.scale;
   }
 }
+
+namespace {
 
 void moe_route(py::handle logits_obj, py::handle ids_obj, py::handle weights_obj, int64_t top_k,
                const std::string& scoring, bool renormalize, double renorm_eps, int64_t n_group,
