@@ -15,6 +15,7 @@ from test_models import (
     MAX_NEW,
     assert_engine_serves,
     assert_matches_transformers,
+    greedy_of,
     hf_from_overrides,
     ours_from_hf,
     paged_greedy_generate,
@@ -32,7 +33,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # Sparse layers 1 and 3 (decoder_sparse_step 2), layer 2 dense too (mlp_only_layers).
     "qwen3-moe": ("Qwen3MoeForCausalLM", dict(
         num_hidden_layers=4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
-        head_dim=16, decoder_sparse_step=2, mlp_only_layers=[2], norm_topk_prob=False)),
+        head_dim=16, decoder_sparse_step=2, mlp_only_layers=[2], norm_topk_prob=False,
+        intermediate_size=128)),
     "qwen3-moe-renorm": ("Qwen3MoeForCausalLM", dict(
         num_experts=6, num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=True)),
     "mixtral": ("MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
@@ -101,7 +103,7 @@ def test_saved_checkpoints_load_per_expert(name: str, tmp_path: Path) -> None:
         assert torch.equal(a, b)
 
 
-def test_moe_refuses_tensor_parallelism_and_runs_as_modules() -> None:
+def test_moe_refuses_tensor_parallelism_without_expert_parallelism() -> None:
     from xllm.layers.parallel import TensorParallel
 
     hf = _hf("mixtral")
@@ -112,9 +114,6 @@ def test_moe_refuses_tensor_parallelism_and_runs_as_modules() -> None:
 
     with pytest.raises(ValueError, match="tensor parallelism does not split"):
         get_model_class(cfg.architecture)(cfg, tp=TensorParallel(0, 2, _Comm()))
-    ours = _ours(hf)
-    ours.attach_rows("f32")
-    assert not ours.use_native_stack()
 
 
 def test_the_engine_serves_a_moe_checkpoint(tmp_path: Path, demo_model_dir: Path) -> None:
@@ -156,20 +155,23 @@ def test_native_experts_match_the_reference(isa: str, fmt: str) -> None:
 
 @pytest.mark.parametrize("name", ["qwen3-moe", "mixtral"])
 def test_native_experts_give_transformers_tokens(name: str) -> None:
+    """The experts on native rows, the whole model in the native decoder stack (routing and
+    experts inside it; Qwen3-MoE's dense layers beside them): transformers' tokens, and the
+    stack's expert counts are the routing's."""
     hf = _hf(name)
     ours = _ours(hf)
     ours.attach_rows("f32")
     assert all(ours.model.layers[i].mlp.native is not None for i in ours.config.sparse_layers)
     prompts = _prompts([6, 19], 11)
-    config = transformers.GenerationConfig(max_new_tokens=MAX_NEW, do_sample=False,
-                                           eos_token_id=None, pad_token_id=0)
     with torch.no_grad():
-        for p, tokens in zip(prompts, paged_greedy_generate(ours, prompts, MAX_NEW),
-                             strict=True):
-            ids = torch.tensor([p])
-            want = hf.generate(ids, attention_mask=torch.ones_like(ids),
-                               generation_config=config)[0, len(p):].tolist()
-            assert tokens == want
+        got = paged_greedy_generate(ours, prompts, MAX_NEW)
+    assert ours._stack is not None  # bound its caches: the whole model runs natively
+    assert got == greedy_of(hf, prompts, MAX_NEW)
+    counts = ours.expert_counts()  # each token routed once per step and layer, to top k
+    k = ours.config.num_experts_per_tok
+    assert (counts.sum(1) == counts.sum(1)[0]).all() and counts.sum(1)[0] % k == 0
+    steps_tokens = sum(len(p) for p in prompts) + len(prompts) * (MAX_NEW - 1)
+    assert counts.sum(1)[0] == k * steps_tokens
 
 
 @pytest.mark.parametrize("kind", ["v2-greedy", "v2-grouped", "v3"])

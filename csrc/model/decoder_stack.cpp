@@ -29,6 +29,8 @@
 #include "comm/shm_allreduce.h"
 #include "common/tensor.h"
 #include "layers/rowops.h"
+#include "moe/moe.h"
+#include "moe/route.h"
 #include "quant/block_weight.h"
 
 namespace xllm {
@@ -60,8 +62,20 @@ const float* vector_ptr(py::handle obj, const char* name, int64_t size) {
   return t.ptr<float>();
 }
 
+// A mixture-of-experts MLP: the router's rows (fp32), its routing, the experts, and where
+// the tokens each expert gets are counted.
+struct Moe {
+  const BlockWeight* router;
+  MoeExperts* experts;
+  RouteSpec spec;
+  const float* bias;  // V3's choice bias, or nullptr
+  int64_t* counts;    // [E]
+};
+
 struct Layer {
-  const BlockWeight *qkv, *o, *gate_up, *down;
+  const BlockWeight *qkv, *o, *gate_up, *down;  // gate_up/down: nullptr in a MoE layer
+  bool has_moe = false;
+  Moe moe;
   const float *in_norm, *post_norm, *q_norm, *k_norm;  // q_norm/k_norm: nullptr without
   Tensor key_cache, value_cache;
   int64_t window = 0;  // sliding window of this layer's attention (0: none)
@@ -114,15 +128,21 @@ class DecoderStack {
     }
     for (size_t i = 0; i < layers.size(); ++i) {
       py::tuple t = py::reinterpret_borrow<py::tuple>(layers[i]);
-      if (t.size() != 10) {
+      if (t.size() != 10 && t.size() != 11) {
         fail("layers[", i, "] must be (qkv, o, gate_up, down, input_norm, post_norm, q_norm, "
-             "k_norm, key_cache, value_cache)");
+             "k_norm, key_cache, value_cache[, moe])");
       }
       Layer l;
       l.qkv = &weight(t[0], i, "qkv", qkv_size_, hidden);
       l.o = &weight(t[1], i, "o", hidden, q_size_);
-      l.gate_up = &weight(t[2], i, "gate_up", 2 * intermediate, hidden);
-      l.down = &weight(t[3], i, "down", hidden, intermediate);
+      if (t.size() == 11 && !t[10].is_none()) {
+        l.has_moe = true;
+        l.moe = moe_of(py::reinterpret_borrow<py::tuple>(t[10]), i, hidden);
+        l.gate_up = l.down = nullptr;
+      } else {
+        l.gate_up = &weight(t[2], i, "gate_up", 2 * intermediate, hidden);
+        l.down = &weight(t[3], i, "down", hidden, intermediate);
+      }
       l.in_norm = vector_ptr(t[4], "input_norm", hidden);
       l.post_norm = vector_ptr(t[5], "post_norm", hidden);
       if (t[6].is_none() != t[7].is_none()) fail("layers[", i, "]: give both q_norm and k_norm");
@@ -223,6 +243,10 @@ class DecoderStack {
       l.o->linear_raw(attn, Q, n, tmp, H, isa);
       reduce(tmp, n * H);
       rowops::rms_norm(tmp, H, res, H, l.post_norm, eps_, n, H, normed, H, isa);
+      if (l.has_moe) {
+        experts(l.moe, normed, n, tmp, isa);
+        continue;  // experts are never tensor-parallel here (xllm/models/llama.py)
+      }
       l.gate_up->linear_raw(normed, H, n, gu, 2 * I, isa);
       rowops::silu_and_mul(gu, 2 * I, n, I, act, I, isa);
       l.down->linear_raw(act, I, n, tmp, H, isa);
@@ -249,6 +273,62 @@ class DecoderStack {
            rows, ", ", cols, "]");
     }
     return *w;
+  }
+
+  Moe moe_of(const py::tuple& t, size_t layer, int64_t hidden) {
+    // (router, experts, counts, top_k, scoring, renormalize, renorm_eps, n_group,
+    //  topk_group, group_score, mask_value, scale, bias)
+    if (t.size() != 13) fail("layers[", layer, "].moe must have 13 entries");
+    Moe m;
+    try {
+      m.experts = &py::cast<MoeExperts&>(t[1]);
+    } catch (const py::cast_error&) {
+      fail("layers[", layer, "].moe's experts must be an xllm._C.MoeExperts");
+    }
+    const int64_t E = m.experts->num_experts();
+    m.router = &weight(t[0], layer, "router", E, hidden);
+    const Tensor counts = host_tensor(t[2], "counts");
+    check_dtype(counts, DType::kInt64);
+    check_ndim(counts, 1, "[num_experts]");
+    check_contiguous(counts);
+    check_dim(counts, 0, E, "num_experts");
+    m.counts = counts.ptr<int64_t>();
+    const int64_t top_k = py::cast<int64_t>(t[3]);
+    const auto scoring = py::cast<std::string>(t[4]);
+    const auto group_score = py::cast<std::string>(t[9]);
+    const int64_t n_group = py::cast<int64_t>(t[7]), topk_group = py::cast<int64_t>(t[8]);
+    if (top_k < 1 || top_k > E || n_group < 1 || E % n_group || topk_group < 1 ||
+        topk_group > n_group || (scoring != "softmax" && scoring != "sigmoid")) {
+      fail("layers[", layer, "].moe: inconsistent routing (top_k ", top_k, ", ", E,
+           " experts, n_group ", n_group, ", topk_group ", topk_group, ", scoring ", scoring, ")");
+    }
+    m.spec = RouteSpec{E, top_k, n_group, topk_group, scoring == "sigmoid",
+                       py::cast<bool>(t[5]), group_score == "top2sum",
+                       static_cast<float>(py::cast<double>(t[6])),
+                       static_cast<float>(py::cast<double>(t[10])),
+                       static_cast<float>(py::cast<double>(t[11]))};
+    m.bias = t[12].is_none() ? nullptr : vector_ptr(t[12], "moe bias", E);
+    return m;
+  }
+
+  // tmp [n, H] = the MoE layer's output for normed [n, H]: logits, routing (counted), experts.
+  void experts(const Moe& m, const float* normed, int64_t n, float* tmp, Isa isa) {
+    const int64_t E = m.spec.experts, k = m.spec.top_k;
+    if (static_cast<int64_t>(logits_.size()) < n * E) logits_.resize(n * E);
+    if (static_cast<int64_t>(ids_.size()) < n * k) {
+      ids_.resize(n * k);
+      wts_.resize(n * k);
+    }
+    m.router->linear_raw(normed, h_, n, logits_.data(), E, isa);
+    route_buf_.resize(2 * E + m.spec.n_group);
+    route_flags_.resize(E + m.spec.n_group);
+    for (int64_t r = 0; r < n; ++r) {
+      route_token(m.spec, logits_.data() + r * E, m.bias, route_buf_.data(),
+                  route_buf_.data() + E, route_buf_.data() + 2 * E, route_flags_.data(),
+                  route_flags_.data() + E, ids_.data() + r * k, wts_.data() + r * k);
+    }
+    for (int64_t i = 0; i < n * k; ++i) ++m.counts[ids_[i]];
+    m.experts->run(normed, n, k, ids_.data(), wts_.data(), tmp, isa);
   }
 
   // Sums a row-parallel projection's partial output over the ranks, in place.
@@ -283,6 +363,10 @@ class DecoderStack {
   py::list refs_;  // keeps every tensor and weight the raw pointers point into alive
   int64_t capacity_ = 0;
   std::vector<float> residual_, normed_, tmp_, qkv_, attn_, gate_up_, act_;
+  // Mixture-of-experts layers: router logits, the routing, its scratch.
+  std::vector<float> logits_, wts_, route_buf_;
+  std::vector<int64_t> ids_;
+  std::vector<uint8_t> route_flags_;
 };
 
 }  // namespace

@@ -193,6 +193,7 @@ class SparseMoE(nn.Module):
         self.row_format: str | None = None  # the use_rows format, kept for set_placement
         self.native: object | None = None  # _C.MoeExperts once use_rows ran
         self._rows: list[tuple[object, object]] = []  # per local expert (native formats)
+        self._router_rows: object | None = None  # the router as f32 rows (native stack)
         if self.ep is None:
             self.local = list(range(e))
         else:
@@ -252,6 +253,23 @@ class SparseMoE(nn.Module):
 
         self.native = (_C.MoeExperts([g for g, _ in self._rows], [d for _, d in self._rows])
                        if self._rows else None)
+
+    def stack_entry(self) -> tuple | None:
+        """What the native decoder stack needs to run this layer itself (the router's rows,
+        the routing, the experts, the counts), or None where it cannot: experts not on native
+        rows, expert parallelism (its allreduce), shared experts, a hidden size the router's
+        rows do not suit."""
+        from xllm.ops.blocks import BLOCK, BlockLinearWeight
+
+        if (self.native is None or self.ep is not None or self.shared_experts is not None
+                or self.hidden_size % BLOCK):
+            return None
+        if self._router_rows is None:
+            self._router_rows = BlockLinearWeight.from_rows(self.router.detach(), "f32")
+        s = self.spec
+        return (self._router_rows.native, self.native, self.counts, s.top_k, s.scoring,
+                s.renormalize, s.renorm_eps, s.n_group, s.topk_group, s.group_score,
+                s.mask_value, s.scale, None if self.bias is None else self.bias.detach())
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(expert ids [T, k], weights [T, k] fp32) for inputs x [T, H]: on the CPU the fused

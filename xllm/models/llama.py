@@ -268,29 +268,37 @@ class LlamaForCausalLM(nn.Module):
         rope = self.model.rotary_emb
         if rope.cos_cache.device.type != "cpu" or rope.cos_cache.dtype != torch.float32:
             return False
-        if any(not isinstance(layer.mlp, LlamaMLP) or not isinstance(layer.self_attn,
-                                                                      LlamaAttention)
-               for layer in self.model.layers):
-            return False  # mixture-of-experts and latent-attention layers run as modules
+        if any(not isinstance(layer.self_attn, LlamaAttention) for layer in self.model.layers):
+            return False  # latent-attention layers run as modules
         layers = []
+        inter = 1  # the dense MLPs' columns (none in an all-experts model)
         for layer in self.model.layers:
             a, m = layer.self_attn, layer.mlp
-            projections = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
+            moe = None
+            if isinstance(m, SparseMoE):
+                moe = m.stack_entry()
+                if moe is None:
+                    return False  # experts not on native rows, expert-parallel or shared
+                projections = (a.qkv_proj, a.o_proj)
+            else:
+                projections = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
+                inter = m.down_proj.in_features
             if any(p.blocks is None for p in projections) or a.attn.key_cache is None:
                 return False
             if a.attn.key_cache.device.type != "cpu":
                 return False
             norms = (a.q_norm.weight, a.k_norm.weight) if a.qk_norm else (None, None)
+            natives = [p.blocks.native for p in projections] + [None] * (4 - len(projections))
             layers.append((
-                *(p.blocks.native for p in projections),
+                *natives,
                 layer.input_layernorm.weight, layer.post_attention_layernorm.weight, *norms,
-                a.attn.key_cache, a.attn.value_cache,
+                a.attn.key_cache, a.attn.value_cache, moe,
             ))
         cfg = self.config
         first = self.model.layers[0]
         self._stack = _C.DecoderStack(
             cfg.hidden_size, first.self_attn.num_heads, first.self_attn.num_kv_heads,
-            cfg.head_dim, first.mlp.down_proj.in_features, cfg.rms_norm_eps,
+            cfg.head_dim, inter, cfg.rms_norm_eps,
             first.self_attn.attn.scale, rope.cos_cache, rope.sin_cache, self.model.norm.weight,
             layers, self.tp.comm.native if self.tp.enabled else None, self.tp.bf16_sums,
             [layer.self_attn.attn.window for layer in self.model.layers],
