@@ -287,27 +287,14 @@ class DecoderStack {
     }
     const int64_t E = m.experts->num_experts();
     m.router = &weight(t[0], layer, "router", E, hidden);
-    const Tensor counts = host_tensor(t[2], "counts");
-    check_dtype(counts, DType::kInt64);
-    check_ndim(counts, 1, "[num_experts]");
-    check_contiguous(counts);
-    check_dim(counts, 0, E, "num_experts");
-    m.counts = counts.ptr<int64_t>();
-    const int64_t top_k = py::cast<int64_t>(t[3]);
-    const auto scoring = py::cast<std::string>(t[4]);
-    const auto group_score = py::cast<std::string>(t[9]);
-    const int64_t n_group = py::cast<int64_t>(t[7]), topk_group = py::cast<int64_t>(t[8]);
-    if (top_k < 1 || top_k > E || n_group < 1 || E % n_group || topk_group < 1 ||
-        topk_group > n_group || (scoring != "softmax" && scoring != "sigmoid")) {
-      fail("layers[", layer, "].moe: inconsistent routing (top_k ", top_k, ", ", E,
-           " experts, n_group ", n_group, ", topk_group ", topk_group, ", scoring ", scoring, ")");
-    }
-    m.spec = RouteSpec{E, top_k, n_group, topk_group, scoring == "sigmoid",
-                       py::cast<bool>(t[5]), group_score == "top2sum",
-                       static_cast<float>(py::cast<double>(t[6])),
-                       static_cast<float>(py::cast<double>(t[10])),
-                       static_cast<float>(py::cast<double>(t[11]))};
-    m.bias = t[12].is_none() ? nullptr : vector_ptr(t[12], "moe bias", E);
+    m.counts = static_cast<int64_t*>(expert_vector(t[2], "counts", DType::kInt64, E));
+    if (m.counts == nullptr) fail("layers[", layer, "].moe needs its counts tensor");
+    m.spec = make_route_spec(E, py::cast<int64_t>(t[3]), py::cast<std::string>(t[4]),
+                             py::cast<bool>(t[5]), py::cast<double>(t[6]),
+                             py::cast<int64_t>(t[7]), py::cast<int64_t>(t[8]),
+                             py::cast<std::string>(t[9]), py::cast<double>(t[10]),
+                             py::cast<double>(t[11]));
+    m.bias = static_cast<const float*>(expert_vector(t[12], "moe bias", DType::kFloat32, E));
     return m;
   }
 
@@ -320,14 +307,7 @@ class DecoderStack {
       wts_.resize(n * k);
     }
     m.router->linear_raw(normed, h_, n, logits_.data(), E, isa);
-    route_buf_.resize(2 * E + m.spec.n_group);
-    route_flags_.resize(E + m.spec.n_group);
-    for (int64_t r = 0; r < n; ++r) {
-      route_token(m.spec, logits_.data() + r * E, m.bias, route_buf_.data(),
-                  route_buf_.data() + E, route_buf_.data() + 2 * E, route_flags_.data(),
-                  route_flags_.data() + E, ids_.data() + r * k, wts_.data() + r * k);
-    }
-    for (int64_t i = 0; i < n * k; ++i) ++m.counts[ids_[i]];
+    route_tokens(m.spec, logits_.data(), n, m.bias, ids_.data(), wts_.data(), m.counts);
     m.experts->run(normed, n, k, ids_.data(), wts_.data(), tmp, isa);
   }
 
@@ -363,10 +343,9 @@ class DecoderStack {
   py::list refs_;  // keeps every tensor and weight the raw pointers point into alive
   int64_t capacity_ = 0;
   std::vector<float> residual_, normed_, tmp_, qkv_, attn_, gate_up_, act_;
-  // Mixture-of-experts layers: router logits, the routing, its scratch.
-  std::vector<float> logits_, wts_, route_buf_;
+  // Mixture-of-experts layers: router logits and the routing.
+  std::vector<float> logits_, wts_;
   std::vector<int64_t> ids_;
-  std::vector<uint8_t> route_flags_;
 };
 
 }  // namespace

@@ -47,8 +47,8 @@ inline int64_t best_free(const float* v, const uint8_t* taken, int64_t n) {
   return best;
 }
 
-}  // namespace
-
+// scores, choice [E], gscore [n_group] floats and taken [E], gkeep [n_group] flags: the
+// calling thread's scratch.
 void route_token(const RouteSpec& s, const float* logits, const float* bias, float* scores,
                  float* choice, float* gscore, uint8_t* taken, uint8_t* gkeep, int64_t* ids,
                  float* w) {
@@ -107,6 +107,67 @@ void route_token(const RouteSpec& s, const float* logits, const float* bias, flo
   }
 }
 
+}  // namespace
+
+RouteSpec make_route_spec(int64_t experts, int64_t top_k, const std::string& scoring,
+                          bool renormalize, double renorm_eps, int64_t n_group,
+                          int64_t topk_group, const std::string& group_score,
+                          double mask_value, double scale) {
+  const int64_t E = experts;
+  if (scoring != "softmax" && scoring != "sigmoid") {
+    fail("argument 'scoring' must be 'softmax' or 'sigmoid', got '", scoring, "'");
+  }
+  if (group_score != "max" && group_score != "top2sum") {
+    fail("argument 'group_score' must be 'max' or 'top2sum', got '", group_score, "'");
+  }
+  if (E < 1 || top_k < 1 || top_k > E) {
+    fail("top_k must be in [1, num_experts = ", E, "], got ", top_k);
+  }
+  if (n_group < 1 || E % n_group || topk_group < 1 || topk_group > n_group) {
+    fail("n_group (", n_group, ") must divide the ", E, " experts and topk_group (", topk_group,
+         ") be in [1, n_group]");
+  }
+  if (n_group > 1 && group_score == "top2sum" && E / n_group < 2) {
+    fail("group_score 'top2sum' needs at least 2 experts per group");
+  }
+  return RouteSpec{E,           top_k,       n_group,
+                   topk_group,  scoring == "sigmoid", renormalize,
+                   group_score == "top2sum", static_cast<float>(renorm_eps),
+                   static_cast<float>(mask_value), static_cast<float>(scale)};
+}
+
+void* expert_vector(py::handle obj, const char* name, DType dtype, int64_t experts) {
+  if (obj.is_none()) return nullptr;
+  const Tensor t = host_tensor(obj, name);
+  check_dtype(t, dtype);
+  check_ndim(t, 1, "[num_experts]");
+  check_contiguous(t);
+  check_dim(t, 0, experts, "num_experts");
+  return t.data;
+}
+
+void route_tokens(const RouteSpec& s, const float* logits, int64_t T, const float* bias,
+                  int64_t* ids, float* w, int64_t* counts) {
+  const int64_t E = s.experts, k = s.top_k;
+  // About 10 * E operations a token: threads only for prompt-sized batches.
+  const int threads = T * E >= (int64_t{1} << 16) ? omp_get_max_threads() : 1;
+#pragma omp parallel num_threads(threads)
+  {
+    thread_local std::vector<float> buf;
+    thread_local std::vector<uint8_t> flags;
+    buf.resize(static_cast<size_t>(2 * E + s.n_group));
+    flags.resize(static_cast<size_t>(E + s.n_group));
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+      route_token(s, logits + t * E, bias, buf.data(), buf.data() + E, buf.data() + 2 * E,
+                  flags.data(), flags.data() + E, ids + t * k, w + t * k);
+    }
+  }
+  if (counts != nullptr) {
+    for (int64_t i = 0; i < T * k; ++i) ++counts[ids[i]];
+  }
+}
+
 namespace {
 
 void moe_route(py::handle logits_obj, py::handle ids_obj, py::handle weights_obj, int64_t top_k,
@@ -128,63 +189,13 @@ void moe_route(py::handle logits_obj, py::handle ids_obj, py::handle weights_obj
     check_dim(*t, 0, T, "logits.shape[0]");
     check_dim(*t, 1, top_k, "top_k");
   }
-  if (scoring != "softmax" && scoring != "sigmoid") {
-    fail("argument 'scoring' must be 'softmax' or 'sigmoid', got '", scoring, "'");
-  }
-  if (group_score != "max" && group_score != "top2sum") {
-    fail("argument 'group_score' must be 'max' or 'top2sum', got '", group_score, "'");
-  }
-  if (E < 1 || top_k < 1 || top_k > E) {
-    fail("top_k must be in [1, num_experts = ", E, "], got ", top_k);
-  }
-  if (n_group < 1 || E % n_group || topk_group < 1 || topk_group > n_group) {
-    fail("n_group (", n_group, ") must divide the ", E, " experts and topk_group (", topk_group,
-         ") be in [1, n_group]");
-  }
-  if (n_group > 1 && group_score == "top2sum" && E / n_group < 2) {
-    fail("group_score 'top2sum' needs at least 2 experts per group");
-  }
-  const float* bias = nullptr;
-  if (!bias_obj.is_none()) {
-    const Tensor b = host_tensor(bias_obj, "bias");
-    check_dtype(b, DType::kFloat32);
-    check_ndim(b, 1, "[num_experts]");
-    check_contiguous(b);
-    check_dim(b, 0, E, "num_experts");
-    bias = b.ptr<float>();
-  }
-  int64_t* counts = nullptr;
-  if (!counts_obj.is_none()) {
-    const Tensor c = host_tensor(counts_obj, "counts");
-    check_dtype(c, DType::kInt64);
-    check_ndim(c, 1, "[num_experts]");
-    check_contiguous(c);
-    check_dim(c, 0, E, "num_experts");
-    counts = c.ptr<int64_t>();
-  }
-  const RouteSpec s{E,           top_k,       n_group,
-                    topk_group,  scoring == "sigmoid", renormalize,
-                    group_score == "top2sum", static_cast<float>(renorm_eps),
-                    static_cast<float>(mask_value), static_cast<float>(scale)};
-  const float* lp = logits.ptr<float>();
-  int64_t* ip = ids.ptr<int64_t>();
-  float* wp = w.ptr<float>();
+  const RouteSpec s = make_route_spec(E, top_k, scoring, renormalize, renorm_eps, n_group,
+                                      topk_group, group_score, mask_value, scale);
+  const auto* bias = static_cast<const float*>(
+      expert_vector(bias_obj, "bias", DType::kFloat32, E));
+  auto* counts = static_cast<int64_t*>(expert_vector(counts_obj, "counts", DType::kInt64, E));
   py::gil_scoped_release release;
-  // About 10 * E operations a token: threads only for prompt-sized batches.
-  const int threads = T * E >= (int64_t{1} << 16) ? omp_get_max_threads() : 1;
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<float> buf(static_cast<size_t>(2 * E + n_group));
-    std::vector<uint8_t> flags(static_cast<size_t>(E + n_group));
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < T; ++t) {
-      route_token(s, lp + t * E, bias, buf.data(), buf.data() + E, buf.data() + 2 * E,
-                  flags.data(), flags.data() + E, ip + t * top_k, wp + t * top_k);
-    }
-  }
-  if (counts != nullptr) {
-    for (int64_t i = 0; i < T * top_k; ++i) ++counts[ip[i]];
-  }
+  route_tokens(s, logits.ptr<float>(), T, bias, ids.ptr<int64_t>(), w.ptr<float>(), counts);
 }
 
 }  // namespace

@@ -261,7 +261,7 @@ class KVStore:
         zeroed tensors when memory is not on demand (CUDA)."""
         import torch
 
-        from xllm.ops.kv_cache import allocate_kv_cache, allocate_kv_cache_one, kv_cache_shape
+        from xllm.ops.kv_cache import allocate_kv_caches, kv_cache_shape
 
         c = self.config
         if dtype.itemsize != c.dtype_bytes:
@@ -272,15 +272,8 @@ class KVStore:
                                  f"{device}")
             shape = kv_cache_shape(c.num_blocks, c.num_kv_heads, c.block_size, c.head_size)
             return self.memory.tensors(shape, dtype)
-        if c.tensors_per_layer == 2:
-            caches = [allocate_kv_cache(c.num_blocks, c.num_kv_heads, c.block_size,
-                                        c.head_size, dtype=dtype, device=device)
-                      for _ in range(c.num_layers)]
-        else:
-            ones = [allocate_kv_cache_one(c.num_blocks, c.num_kv_heads, c.block_size,
-                                          c.head_size, dtype=dtype, device=device)
-                    for _ in range(c.num_layers)]
-            caches = [(t, t) for t in ones]
+        caches = allocate_kv_caches(c.num_layers, c.num_blocks, c.num_kv_heads, c.block_size,
+                                    c.head_size, dtype, device, c.tensors_per_layer)
         if torch.device(device).type == "cpu":
             self.regions = [t.data_ptr() for pair in caches
                             for t in pair[:c.tensors_per_layer]]

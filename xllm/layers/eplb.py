@@ -21,8 +21,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Placement", "balanced_packing", "rank_loads", "rebalance_experts",
-           "replicate_experts", "static_placement"]
+__all__ = ["Placement", "balanced_packing", "rank_experts", "rank_loads", "rebalance_experts",
+           "replica_table", "replicate_experts", "static_placement"]
+
+
+def replica_table(row: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """(log2phy [E, max replicas] with -1 padding, count [E]) of one layer's
+    physical-to-logical ``row``; a logical expert's replicas in ascending physical order."""
+    count = np.bincount(row, minlength=num_experts)
+    table = np.full((num_experts, int(count.max())), -1, dtype=np.int64)
+    order = np.argsort(row, kind="stable")
+    starts = np.cumsum(count) - count
+    table[row[order], np.arange(len(row)) - starts[row[order]]] = order
+    return table, count
+
+
+def rank_experts(row: np.ndarray, num_ranks: int, rank: int) -> np.ndarray:
+    """The logical experts rank ``rank`` holds under one layer's physical-to-logical
+    ``row`` (unique, sorted): those its physical slots, the rank's P / N, name."""
+    per = len(row) // num_ranks
+    return np.unique(row[rank * per:(rank + 1) * per])
 
 
 @dataclass(frozen=True)
@@ -54,21 +72,8 @@ class Placement:
         return self.num_physical // self.num_ranks
 
     def replicas(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """(log2phy [E, max replicas] with -1 padding, count [E]) of MoE layer ``layer``; a
-        logical expert's replicas in ascending physical order."""
-        row = self.phy2log[layer]
-        count = np.bincount(row, minlength=self.num_experts)
-        table = np.full((self.num_experts, int(count.max())), -1, dtype=np.int64)
-        order = np.argsort(row, kind="stable")
-        starts = np.cumsum(count) - count
-        rank = np.arange(len(row)) - starts[row[order]]
-        table[row[order], rank] = order
-        return table, count
-
-    def rank_experts(self, layer: int, rank: int) -> np.ndarray:
-        """The logical experts rank ``rank`` holds in MoE layer ``layer`` (unique, sorted)."""
-        n = self.per_rank
-        return np.unique(self.phy2log[layer, rank * n:(rank + 1) * n])
+        """``replica_table`` of MoE layer ``layer``."""
+        return replica_table(self.phy2log[layer], self.num_experts)
 
 
 def static_placement(num_layers: int, num_experts: int, num_ranks: int,

@@ -48,7 +48,12 @@ class RMSNorm(nn.Module):
         return self._normed(residual).to(residual.dtype).mul_(self.weight), residual
 
     def forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalises x (any strides, e.g. per-head views into a fused QKV output) in place."""
+        """Normalises x (any strides, e.g. per-head views into a fused QKV output) in place;
+        2-D fp32 CPU rows with contiguous columns in one native call."""
+        if (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2
+                and x.stride(1) == 1 and self.weight.dtype == torch.float32):
+            _C.rms_norm(x, x, self.weight, self.eps, None)
+            return x
         x.copy_(self._normed(x)).mul_(self.weight)
         return x
 

@@ -34,7 +34,6 @@ import math
 import torch
 from torch import nn
 
-from xllm import _C
 from xllm.layers.attention import PagedAttention
 from xllm.layers.attn_metadata import AttentionMetadata
 from xllm.layers.layernorm import RMSNorm
@@ -152,21 +151,14 @@ class MLAttention(nn.Module):
         q_rows = torch.arange(self.num_heads * per_head).view(self.num_heads, per_head)
         q_rows[:, self.nope_dim:] = q_rows[:, self.nope_dim:][:, order]
         q = self.q_b_proj if self.q_lora_rank else self.q_proj
+        kv = self.qkv_a_proj if self.q_lora_rank else self.kv_a_proj_with_mqa
         kv_rows = torch.cat([torch.arange(c), c + order])
         with torch.no_grad():
             q.weight.copy_(q.weight[q_rows.view(-1)])
-            if self.q_lora_rank:
-                start = self.q_lora_rank
-                part = self.qkv_a_proj.weight[start:]
-                part.copy_(part[kv_rows])
-                if self.qkv_a_proj.bias is not None:
-                    bias = self.qkv_a_proj.bias[start:]
-                    bias.copy_(bias[kv_rows])
-            else:
-                kv = self.kv_a_proj_with_mqa
-                kv.weight.copy_(kv.weight[kv_rows])
-                if kv.bias is not None:
-                    kv.bias.copy_(kv.bias[kv_rows])
+            for param in (kv.weight, kv.bias):  # kv_a's rows: after q_a's in the fused one
+                if param is not None:
+                    part = param[self.q_lora_rank:]
+                    part.copy_(part[kv_rows])
 
     def forward(self, hidden: torch.Tensor, rope: Rotation,
                 attn: AttentionMetadata) -> torch.Tensor:
@@ -180,7 +172,7 @@ class MLAttention(nn.Module):
             q = self.q_proj(hidden)
             kv = self.kv_a_proj_with_mqa(hidden)
         q = q.view(t, h, dn + dr)
-        _norm_rows_inplace(self.kv_a_layernorm, kv[:, :c])
+        self.kv_a_layernorm.forward_inplace(kv[:, :c])
         rope(kv[:, c:].unsqueeze(1))
         # The absorbed query [latent part | rope part] per head.
         query = torch.empty(t, h, c + dr, dtype=q.dtype, device=q.device)
@@ -199,10 +191,3 @@ class MLAttention(nn.Module):
                 f"q_lora_rank={self.q_lora_rank}, nope={self.nope_dim}, rope={self.rope_dim}, "
                 f"v={self.v_dim}, interleaved={self.rope_interleave}")
 
-
-def _norm_rows_inplace(norm: RMSNorm, x: torch.Tensor) -> None:
-    """RMSNorm of x [T, n] (rows may be strided) in place: native on the CPU in fp32."""
-    if x.dtype == torch.float32 and x.device.type == "cpu" and norm.weight.dtype == x.dtype:
-        _C.rms_norm(x, x, norm.weight, norm.eps, None)
-    else:
-        norm.forward_inplace(x)

@@ -17,13 +17,14 @@ of matmuls per expert that has tokens (a Python loop over the active experts).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from xllm.layers.eplb import rank_experts, replica_table
 from xllm.layers.parallel import TensorParallel
 from xllm.models.config import ModelConfig
 
@@ -207,24 +208,17 @@ class SparseMoE(nn.Module):
     def _tables(self, placement: np.ndarray) -> None:
         """This rank's experts and the replica tables from a physical-to-logical row."""
         assert self.ep is not None
-        per = len(placement) // self.ep.size
-        mine = placement[self.ep.rank * per:(self.ep.rank + 1) * per]
-        self.local = sorted({int(x) for x in mine})
-        count = np.bincount(placement, minlength=self.num_experts)
+        table, count = replica_table(placement, self.num_experts)
         if (count == 0).any():
             raise ValueError("every logical expert needs a physical replica")
-        order = np.argsort(placement, kind="stable")
-        table = np.full((self.num_experts, int(count.max())), -1, dtype=np.int64)
-        table[placement[order], np.arange(len(order)) - (np.cumsum(count) - count)[
-            placement[order]]] = order
-        index = {x: j for j, x in enumerate(self.local)}
-        owner = np.arange(len(placement)) // per
-        local_of = np.array([index[int(x)] if owner[p] == self.ep.rank else -1
-                             for p, x in enumerate(placement)], dtype=np.int64)
-        self.placement = placement.astype(np.int64)
+        self.local = rank_experts(placement, self.ep.size, self.ep.rank).tolist()
+        # Physical slot -> index into self.local, -1 for other ranks' slots.
+        per = len(placement) // self.ep.size
+        mine = np.arange(len(placement)) // per == self.ep.rank
+        local_of = np.where(mine, np.searchsorted(self.local, placement), -1)
         self.log2phy = torch.from_numpy(table)
         self.replica_count = torch.from_numpy(count.astype(np.int64))
-        self.phys_local = torch.from_numpy(local_of)
+        self.phys_local = torch.from_numpy(local_of.astype(np.int64))
 
     def use_rows(self, fmt: str) -> bool:
         """Puts every expert on native row weights (``xllm.ops.blocks`` formats: f32, bf16,
@@ -343,19 +337,23 @@ class SparseMoE(nn.Module):
                    f"{prefix}experts.down_proj": (self.w2, down, self.local)}
         return expected, aliases, skip
 
-    def set_placement(self, placement: np.ndarray,
-                      fetch: Callable[[list[str]], dict[str, torch.Tensor]]) -> int:
+    def names_to_gain(self, placement: np.ndarray) -> list[str]:
+        """Checkpoint names of the experts this rank would gain under ``placement``."""
+        assert self.ep is not None
+        new = rank_experts(np.asarray(placement), self.ep.size, self.ep.rank).tolist()
+        have = set(self.local)
+        return [n for e in new if e not in have for n in self.expert_names(e)]
+
+    def set_placement(self, placement: np.ndarray, got: Mapping[str, torch.Tensor]) -> int:
         """Moves to a new physical-to-logical row (expert parallelism): keeps the experts
-        this rank still holds, reads those it gains with ``fetch(names) -> tensors`` (the
-        checkpoint), drops the rest. Returns how many experts it read. The same arithmetic
-        runs on the same weights, so outputs change only by the order the ranks' parts are
-        summed in."""
+        this rank still holds, takes those it gains from ``got`` (their ``names_to_gain``,
+        read from the checkpoint), drops the rest. Returns how many experts it gained. The
+        same arithmetic runs on the same weights, so outputs change only by the order the
+        ranks' parts are summed in."""
         assert self.ep is not None
         old = {e: j for j, e in enumerate(self.local)}
         self._tables(np.asarray(placement))
         gained = [e for e in self.local if e not in old]
-        names = [n for e in gained for n in self.expert_names(e)]
-        got = fetch(names) if names else {}
 
         def weights_of(e: int) -> tuple[torch.Tensor, torch.Tensor]:
             g, u, d = (got[n] for n in self.expert_names(e))

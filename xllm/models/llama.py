@@ -400,13 +400,22 @@ class LlamaForCausalLM(nn.Module):
             switched += 1
         return switched
 
-    def _expected_tensors(self) -> dict[str, torch.Tensor]:
-        """Checkpoint name -> destination (a parameter, or a fused one's row-range view)."""
+    def _checkpoint_maps(self) -> tuple[dict[str, torch.Tensor],
+                                        dict[str, tuple[torch.Tensor, list[str], list[int]]],
+                                        set[str]]:
+        """(checkpoint name -> destination (a parameter, or a fused one's row-range view);
+        transformers' fused expert names -> (destination, the names they stand for, the
+        experts taken); the tensors this rank leaves to others (other ranks' experts))."""
         expected: dict[str, torch.Tensor] = {}
+        aliases: dict[str, tuple[torch.Tensor, list[str], list[int]]] = {}
+        skip: set[str] = set()
         for module_name, module in self.named_modules():
             prefix = f"{module_name}." if module_name else ""
             if isinstance(module, SparseMoE):
-                expected.update(module.checkpoint_tensors(prefix)[0])
+                moe_expected, moe_aliases, moe_skip = module.checkpoint_tensors(prefix)
+                expected.update(moe_expected)
+                aliases.update(moe_aliases)
+                skip |= moe_skip
                 continue
             for pname, param in module.named_parameters(recurse=False):
                 if isinstance(module, MergedLinear):
@@ -416,22 +425,7 @@ class LlamaForCausalLM(nn.Module):
                         expected[hf_name] = module.shard(pname, i)
                 else:
                     expected[prefix + pname] = param
-        return expected
-
-    def _fused_aliases(self) -> dict[str, tuple[torch.Tensor, list[str], list[int]]]:
-        aliases: dict[str, tuple[torch.Tensor, list[str], list[int]]] = {}
-        for module_name, module in self.named_modules():
-            if isinstance(module, SparseMoE):
-                aliases.update(module.checkpoint_tensors(f"{module_name}.")[1])
-        return aliases
-
-    def _skipped_tensors(self) -> set[str]:
-        """Checkpoint tensors this rank leaves to others (other ranks' experts)."""
-        skip: set[str] = set()
-        for module_name, module in self.named_modules():
-            if isinstance(module, SparseMoE):
-                skip |= module.checkpoint_tensors(f"{module_name}.")[2]
-        return skip
+        return expected, aliases, skip
 
     def moe_layers(self) -> list[SparseMoE]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)]
@@ -457,9 +451,10 @@ class LlamaForCausalLM(nn.Module):
         if placement.phy2log.shape != self.placement.phy2log.shape:
             raise ValueError(f"placement {placement.phy2log.shape} does not fit "
                              f"{self.placement.phy2log.shape}")
-        directory = self.checkpoint_dir
-        read = sum(m.set_placement(row, lambda names: read_tensors(directory, names))
-                   for m, row in zip(self.moe_layers(), placement.phy2log, strict=True))
+        layers = list(zip(self.moe_layers(), placement.phy2log, strict=True))
+        names = [n for m, row in layers for n in m.names_to_gain(row)]
+        got = read_tensors(self.checkpoint_dir, names) if names else {}  # one pass, all layers
+        read = sum(m.set_placement(row, got) for m, row in layers)
         self.placement = placement
         return read
 
@@ -513,9 +508,7 @@ class LlamaForCausalLM(nn.Module):
         checkpoint lacks. With tied embeddings a checkpoint's lm_head.weight (transformers'
         state_dict has it) is checked and skipped.
         """
-        expected = self._expected_tensors()
-        aliases = self._fused_aliases()
-        skip = self._skipped_tensors()
+        expected, aliases, skip = self._checkpoint_maps()
         specs = self.shard_specs()
         loaded: set[str] = set()
         tied = self.lm_head.tied

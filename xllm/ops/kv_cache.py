@@ -68,14 +68,24 @@ def allocate_model_kv_caches(config: ModelConfig, num_blocks: int, block_size: i
     (``kv_cache_geometry``): with one tensor per layer (MLA's latent rows) the pair is that
     tensor twice. ``num_kv_heads``: this rank's heads under tensor parallelism."""
     heads, head_size, per_layer = config.kv_cache_geometry()
-    heads = num_kv_heads or heads
+    return allocate_kv_caches(config.num_hidden_layers, num_blocks, num_kv_heads or heads,
+                              block_size, head_size, dtype, device, per_layer)
+
+
+def allocate_kv_caches(num_layers: int, num_blocks: int, num_kv_heads: int, block_size: int,
+                       head_size: int, dtype: torch.dtype = torch.float32,
+                       device: torch.device | str = "cpu", tensors_per_layer: int = 2
+                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (key_cache, value_cache): two zeroed tensors, or with
+    ``tensors_per_layer`` 1 one tensor read as both."""
     caches = []
-    for _ in range(config.num_hidden_layers):
-        if per_layer == 2:
-            caches.append(allocate_kv_cache(num_blocks, heads, block_size, head_size, dtype,
-                                            device))
+    for _ in range(num_layers):
+        if tensors_per_layer == 2:
+            caches.append(allocate_kv_cache(num_blocks, num_kv_heads, block_size, head_size,
+                                            dtype, device))
         else:
-            one = allocate_kv_cache_one(num_blocks, heads, block_size, head_size, dtype, device)
+            one = allocate_kv_cache_one(num_blocks, num_kv_heads, block_size, head_size, dtype,
+                                        device)
             caches.append((one, one))
     return caches
 
