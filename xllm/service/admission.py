@@ -19,7 +19,6 @@ every placement is booked on the instance (Router), so one pass never overfills 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 import time
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from xllm.engine.async_engine import EngineDeadError, EngineOverloadedError
 from xllm.service.registry import InstanceRegistry
 from xllm.service.routing import RouteDecision, Router, RouteRequest
+from xllm.service.tasks import stop_task
 
 __all__ = ["AdmissionQueueFull", "OfflineAdmission"]
 
@@ -190,9 +190,7 @@ class OfflineAdmission:
         """Stops the queue; requests still waiting fail with EngineDeadError."""
         self._closed = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
             self._task = None
         for w in self._heap:
             if not w.future.done():

@@ -39,6 +39,7 @@ from typing import Any
 from xllm.service.proto import master_pb2
 from xllm.service.registry import InstanceRegistry
 from xllm.service.state import InstanceInfo
+from xllm.service.tasks import stop_task, wait_at_most
 
 __all__ = [
     "MASTER_REFRESH_S",
@@ -116,7 +117,7 @@ class EtcdLease:
                 sent = time.monotonic()
                 call = self._client.lease.keep_alive(self.id)
                 try:
-                    resp = await asyncio.wait_for(call.read(), timeout=interval)
+                    resp = await wait_at_most(asyncio.ensure_future(call.read()), interval)
                 finally:
                     call.cancel()
                 if resp.TTL <= 0:
@@ -133,9 +134,7 @@ class EtcdLease:
     async def revoke(self) -> None:
         """Stops the keepalive and deletes the lease (and its keys) now."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
             self._task = None
         if self.alive:
             self.alive = False
@@ -259,9 +258,7 @@ class EtcdLeaderElection:
     async def close(self) -> None:
         """Resigns (the key is deleted at once, so a standby takes over immediately)."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
             self._task = None
         if self._lease is not None:
             await self._lease.revoke()
@@ -347,9 +344,7 @@ class EtcdRegistry(InstanceRegistry):
         if self.election is not None:
             await self.election.close()
         if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+            await stop_task(self._watcher)
             self._watcher = None
         if self.client is not None:
             await self.client.close()

@@ -42,6 +42,7 @@ from xllm.kvcache.transfer import (
 from xllm.sampling_params import SamplingParams
 from xllm.service.proto import instance_pb2, instance_pb2_grpc, master_pb2, master_pb2_grpc
 from xllm.service.state import ROLES, Capacity, InstanceInfo, speed_to_proto
+from xllm.service.tasks import stop_task, wait_at_most
 from xllm.structured import GrammarSpec
 
 __all__ = ["InstanceAgent", "InstanceServicer", "params_from_proto", "params_to_proto"]
@@ -262,7 +263,8 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
             it = call.__aiter__()
             while True:
                 try:
-                    chunk = await asyncio.wait_for(it.__anext__(), FETCH_STALL_S)
+                    chunk = await wait_at_most(asyncio.ensure_future(it.__anext__()),
+                                               FETCH_STALL_S)
                 except StopAsyncIteration:
                     break
                 if chunk.data:
@@ -631,10 +633,7 @@ class InstanceAgent:
 
     async def close(self) -> None:
         """Stops beating and deregisters (the master resumes nothing: requests finished)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         with contextlib.suppress(Exception):
             if self._etcd_lease is not None:
                 await self._etcd_lease.close()
@@ -734,7 +733,7 @@ class InstanceAgent:
             try:  # the snapshot waits for the current step; never longer than half a beat
                 fut = self.engine.call_on_engine_thread(
                     functools.partial(_engine_snapshot, full=want_full))
-                snapshot = await asyncio.wait_for(asyncio.wrap_future(fut), self.interval_s / 2)
+                snapshot = await wait_at_most(asyncio.wrap_future(fut), self.interval_s / 2)
             except Exception as e:  # slow step, engine stopping: beat without a delta
                 if not isinstance(e, (TimeoutError, EngineDeadError, EngineOverloadedError)):
                     _log.warning("prefix-cache snapshot failed: %r", e)
@@ -845,9 +844,7 @@ class InstanceRuntime:
         self.agent.start()
 
     async def close(self, grace_s: float = 1.0) -> None:
-        self._waiter.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._waiter
+        await stop_task(self._waiter)
         await self.agent.close()
         await self.server.stop(grace_s)
         await self.servicer.close_peers()

@@ -20,7 +20,6 @@ HTTP 503), and a resumed offline flight waits there again, keeping its place.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -39,6 +38,7 @@ from xllm.service.proto import instance_pb2, instance_pb2_grpc, master_pb2, mast
 from xllm.service.registry import EmbeddedRegistry, InstanceEvent, InstanceRegistry
 from xllm.service.routing import RouteDecision, Router, RouteRequest
 from xllm.service.state import InstanceInfo, InstanceLoad, InstanceView
+from xllm.service.tasks import stop_task
 
 PD_HOLD_MS = 10_000  # a prefill instance holds a prompt's KV this long for its decode
 
@@ -378,10 +378,7 @@ class ClusterEngine:
 
     async def close(self) -> None:
         self.shutdown()
-        if self._pd_task is not None:
-            self._pd_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pd_task
+        await stop_task(self._pd_task)
         await self.admission.close()
         for ch in self._channels.values():
             await ch.close()

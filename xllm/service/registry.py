@@ -22,7 +22,6 @@ All methods run on the master's asyncio event loop (one thread); none block.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import time
@@ -31,6 +30,7 @@ from dataclasses import dataclass, replace
 
 from xllm.service.prefix_index import TieredPrefixIndex
 from xllm.service.state import InstanceInfo, InstanceLoad, InstanceView
+from xllm.service.tasks import stop_task
 
 __all__ = [
     "EmbeddedRegistry",
@@ -102,9 +102,7 @@ class InstanceRegistry:
 
     async def close(self) -> None:
         if self._monitor is not None:
-            self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor
+            await stop_task(self._monitor)
             self._monitor = None
 
     @property
