@@ -11,7 +11,9 @@ then runs ``bench.serve`` against the master: Poisson arrivals at ``--rate``, pr
 about ``--input-len`` tokens and outputs of about ``--output-len`` (lengths nearly fixed),
 goodput under the SLO. For the PD layout it also reports the KV transfer's time against the
 prefill it follows: the decode instance's mean fetch time (its ``/metrics``) over the time
-the prefill instance takes for one prompt at its reported prompt speed. The ``dynamic``
+the prefill instance takes for one prompt at its reported prompt speed, and over the
+prompt's compute alone (one ``--input-len`` prompt through the same engine, pinned to one
+core with one thread, nothing else running: median of five after a warm-up). The ``dynamic``
 layout starts two mixed instances under ``--pd-policy dynamic`` (planning every 2 s, a
 10 s dwell) and reports the planner's decisions and how long each role switch took; the
 ``switch`` layout switches two mixed instances to 1P:1D and back while the load runs and
@@ -58,6 +60,34 @@ def _metric(url: str, name: str) -> float:
 
 LAYOUTS = {"mixed+mixed": ("mixed", "mixed"), "prefill+decode": ("prefill", "decode"),
            "dynamic": ("mixed", "mixed"), "switch": ("mixed", "mixed")}
+
+
+def time_prompt(input_len: int, repeats: int = 5) -> float:
+    """Seconds one ``input_len``-token prompt takes to its first token on the demo engine
+    as the instances run it (one thread; prefix caching off, a budget of the whole prompt):
+    the median of ``repeats`` after a warm-up. Run pinned to one core."""
+    import statistics
+
+    from xllm import LLM, SamplingParams
+
+    llm = LLM(model="demo", max_model_len=2048, num_threads=1, enable_prefix_caching=False,
+              max_num_batched_tokens=max(input_len, 2048))
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    times = []
+    for i in range(repeats + 1):
+        ids = [(i * 7919 + j * 31) % 30000 + 100 for j in range(input_len)]
+        t0 = time.perf_counter()
+        llm.generate([ids], params, use_tqdm=False)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def _prompt_seconds(input_len: int) -> float:
+    """time_prompt in a process of its own on core 0 (as the instances are pinned)."""
+    code = f"from bench.pd import time_prompt; print(time_prompt({input_len}))"
+    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], check=True,
+                         capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
 
 
 def _speed_models(views: list[dict]) -> list[dict | None]:
@@ -223,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in layouts:
             r = run_layout(name, args, Path(tmp))
             report[name] = r
+            if name == "prefill+decode" and r.get("mean_fetch_ms"):
+                r["prompt_compute_s"] = _prompt_seconds(args.input_len)
+                r["transfer_share_of_prompt_compute"] = (
+                    r["mean_fetch_ms"] / 1e3 / r["prompt_compute_s"])
             print(name, _summary(r), {k: v for k, v in r.items()
                                       if k not in ("serve", "layout")}, flush=True)
     if args.json:

@@ -47,6 +47,53 @@ def test_slow_reader_coalesces_and_stalls_nobody(served_engine) -> None:  # noqa
     asyncio.run(run())
 
 
+def test_calls_beside_the_step_run_while_the_model_computes(served_engine) -> None:  # noqa: ANN001
+    """call_beside_step (a KV fetch's plan and adoption) does not wait for the step to end:
+    it runs while the model computes. Here the model waits (up to 5 s) for the call to have
+    run; the engine's own thread-only calls keep working, and a busy engine lets them in
+    at every step."""
+    runner = served_engine.engine.runner
+    real_run = runner.run
+    in_model = threading.Event()
+    beside_ran = threading.Event()
+    waited: list[bool] = []
+
+    def run(step):  # noqa: ANN001, ANN202
+        if not waited:  # the first step only
+            in_model.set()
+            waited.append(beside_ran.wait(5.0))
+        return real_run(step)
+
+    def beside(engine: LLMEngine) -> int:
+        beside_ran.set()
+        return engine.scheduler.kv.num_free_blocks
+
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+    async def main() -> None:
+        stream = served_engine.generate("Once upon a time", params)
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, in_model.wait, 10.0)
+        free = await asyncio.wait_for(
+            asyncio.wrap_future(served_engine.call_beside_step(beside)), 3.0)
+        assert free > 0
+        # While it steps, calls beside the step and on its thread both get in, every time.
+        for _ in range(5):
+            await asyncio.wait_for(asyncio.wrap_future(served_engine.call_beside_step(
+                lambda e: e.scheduler.kv.num_free_blocks)), 3.0)
+            await asyncio.wait_for(asyncio.wrap_future(served_engine.call_on_engine_thread(
+                lambda e: len(e.scheduler.requests))), 3.0)
+        outs = [o async for o in stream]
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 24
+
+    runner.run = run
+    try:
+        asyncio.run(main())
+    finally:
+        del runner.run
+    assert waited == [True]  # the call ran inside the first step's model time
+
+
 def test_loading_then_fault_turns_health_503_and_fails_requests(demo_model_dir) -> None:  # noqa: ANN001
     release = threading.Event()
     steps = {"n": 0}

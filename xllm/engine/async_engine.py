@@ -28,6 +28,7 @@ import concurrent.futures
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -249,6 +250,11 @@ class AsyncEngine:
         self._stats = EngineStats()
         self._error: str | None = None
         self._stopping = False
+        # The scheduler's state: the engine thread holds it except while it waits for work
+        # and while the model computes (LLMEngine.state_lock); call_beside_step takes it.
+        self._state_lock = threading.Lock()
+        self._beside_waiting = 0  # calls waiting for the lock (the one beside thread writes)
+        self._beside = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="xllm-beside")
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="xllm-engine", daemon=True)
 
@@ -320,6 +326,7 @@ class AsyncEngine:
         self._inbox.close()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        self._beside.shutdown(wait=False, cancel_futures=True)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -404,6 +411,36 @@ class AsyncEngine:
             raise EngineOverloadedError("the engine's inbox is full")
         return future
 
+    def call_beside_step(self, fn: Callable[[LLMEngine], object]
+                         ) -> concurrent.futures.Future[object]:
+        """Runs ``fn(engine)`` as soon as the scheduler's state is free: between two steps,
+        or while the model computes a step (the synchronous engine lets go of it then; with
+        overlap scheduling, whose helper schedules during the model, only between steps).
+        Only for ``fn`` that changes nothing a computing step reads: free and cached KV
+        blocks, holds and the KV store's counters (a KV fetch's plan and adoption, an
+        export's pins), never a request. On a worker thread; the result (or exception)
+        arrives in the returned future. EngineDeadError when the engine is not running."""
+        if self.state != READY or self._stopping:
+            raise EngineDeadError(self._error or f"the engine is {self.state}, not ready")
+
+        def run() -> object:
+            self._beside_waiting += 1
+            try:
+                self._state_lock.acquire()
+            finally:
+                self._beside_waiting -= 1
+            try:
+                if self.state != READY or self._stopping:
+                    raise EngineDeadError(self._error or "the engine is shutting down")
+                return fn(self.engine)
+            finally:
+                self._state_lock.release()
+
+        try:
+            return self._beside.submit(run)
+        except RuntimeError:  # shut down meanwhile
+            raise EngineDeadError(self._error or "the engine is shutting down") from None
+
     def _abort(self, request_id: str) -> None:
         try:
             if self._inbox.try_push(_Abort(request_id)):
@@ -424,6 +461,7 @@ class AsyncEngine:
             self._ready.set()
             return
         self._engine = engine
+        engine.state_lock = self._state_lock
         engine.grammars.warm()  # structured outputs' first request compiles only its grammar
         self._publish(engine, READY)
         self._ready.set()
@@ -431,23 +469,47 @@ class AsyncEngine:
             self._loop(engine)
         except BaseException as e:  # noqa: BLE001 - an engine fault must not hang clients
             logger.exception("engine step failed; failing all in-flight requests")
-            self._fail(f"engine fault: {type(e).__name__}: {e}")
+            with self._state_lock:
+                self._fail(f"engine fault: {type(e).__name__}: {e}")
             return
-        try:  # the KV store finishes its writes (a disk tier keeps them for the next run)
-            engine.close()
-        except Exception:  # noqa: BLE001 - shutting down regardless
-            logger.exception("closing the KV store failed")
-        self._fail("the engine was shut down", state=STOPPED)
+        with self._state_lock:  # no call beside a step from here on
+            try:  # the KV store finishes its writes (a disk tier keeps them for the next run)
+                engine.close()
+            except Exception:  # noqa: BLE001 - shutting down regardless
+                logger.exception("closing the KV store failed")
+            self._fail("the engine was shut down", state=STOPPED)
 
     def _loop(self, engine: LLMEngine) -> None:
+        lock = self._state_lock
+        lock.acquire()
+        try:
+            self._turns(engine, lock)
+        finally:
+            lock.release()
+
+    def _turns(self, engine: LLMEngine, lock: threading.Lock) -> None:
+        """The engine loop, holding ``lock`` but while it waits for work (and while the
+        model computes: LLMEngine.step lets go of it)."""
         steps = 0
         while not self._stopping:
+            if self._beside_waiting:  # a call waits for the lock: let it in first (a busy
+                lock.release()  # engine with nothing to compute would never let go)
+                while self._beside_waiting:
+                    time.sleep(0)
+                lock.acquire()
             idle = not engine.has_unfinished_requests()
             try:
                 # Idle: sleep in the queue (GIL released) until work or close() arrives, or
                 # until the KV store's upkeep is due (giving idle memory back).
                 timeout = engine.maintain() if idle else 0.0
-                items = self._inbox.pop_many(_DRAIN_BATCH, timeout=timeout)
+                if timeout == 0.0:
+                    items = self._inbox.pop_many(_DRAIN_BATCH, timeout=0.0)
+                else:
+                    lock.release()
+                    try:
+                        items = self._inbox.pop_many(_DRAIN_BATCH, timeout=timeout)
+                    finally:
+                        lock.acquire()
             except QueueClosed:
                 return
             if self._overflow_aborts:

@@ -19,6 +19,7 @@ import gc
 import itertools
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -196,6 +197,11 @@ class LLMEngine:
             self._helper = ThreadPoolExecutor(1, thread_name_prefix="xllm-schedule",
                                               initializer=_single_threaded)
         self._next: tuple[SchedulerOutput, PreparedStep] | None = None
+        # Held by whoever drives the engine (AsyncEngine's thread) while it uses the
+        # scheduler; the synchronous step() lets go of it while the model computes, so work
+        # that only touches free and cached KV blocks runs beside the step (a KV fetch's
+        # plan and adoption: AsyncEngine.call_beside_step). None: nobody else waits for it.
+        self.state_lock: threading.Lock | None = None
         self._states: dict[str, _RequestState] = {}
         self._owner: dict[str, tuple[_RequestState, _Completion]] = {}
         self._ids = itertools.count()
@@ -434,7 +440,17 @@ class LLMEngine:
             self._last_step_end = None
             return []
         t0 = time.perf_counter()
-        result = self.runner.execute(out)
+        step = self.runner.prepare(out)
+        self.runner.complete(step)
+        lock = self.state_lock
+        if lock is None:
+            result = self.runner.run(step)
+        else:  # the requests and their block tables are read: only the model runs now
+            lock.release()
+            try:
+                result = self.runner.run(step)
+            finally:
+                lock.acquire()
         self._update(out, result, time.perf_counter() - t0)
         outputs = self._emit(out, result)
         self._account(start, busy_before)

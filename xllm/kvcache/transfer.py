@@ -1,22 +1,25 @@
 """KV blocks between instances (the FetchBlocks RPC of instance.proto).
 
-**Server side** (:func:`export_blocks`, on the engine thread, so nothing moves the blocks
-while they are read): finds the longest leading part of the requested chain it holds -- in
-its pool, then its tiers, each block confirmed against the tokens, as its own prefix cache
-does -- and either writes the blocks straight into the client's KV memory (same host: the
-client's memfd mapped through ``/proc/<pid>/fd/<fd>``; one copy, from the pool with
-:func:`xllm._C.kv_copy_blocks`, from the CPU tier checked on the way, from disk by
-``preadv``), or pins them and gathers them chunk by chunk as the stream goes (gRPC).
+**Server side** (:func:`export_blocks`, holding the engine's scheduler state -- between
+steps, or beside one while its model computes: ``AsyncEngine.call_beside_step`` -- so
+nothing moves the blocks while they are read): finds the longest leading part of the
+requested chain it holds -- in its pool, then its tiers, each block confirmed against the
+tokens, as its own prefix cache does -- and either writes the blocks straight into the
+client's KV memory (same host: the client's memfd mapped through ``/proc/<pid>/fd/<fd>``;
+one copy, from the pool with :func:`xllm._C.kv_copy_blocks`, from the CPU tier checked on
+the way, from disk by ``preadv``), or pins them and gathers them chunk by chunk as the
+stream goes (gRPC).
 
 **Client side** (:func:`plan_fetch`, :func:`receive_chunk`, :func:`finish_fetch`):
-the engine thread reserves pool blocks for the part of the prompt the peer has and this
-instance lacks, when fetching costs less than recomputing (bytes over the measured
-transfer rate, plus a round trip, against tokens over the measured prompt speed); the
-chunks are checked as they land (streamed: checked while copied in; same host: the
-checksums the server computed, against the blocks in place); then the engine thread adopts
-the leading blocks that arrived whole into the prefix cache and frees the rest. The
-request that follows takes them as an ordinary pool hit. A peer that dies, stalls or sends
-a bad block costs only the blocks after it: they are recomputed.
+holding the engine's scheduler state (beside a computing step), it reserves pool blocks
+for the part of the prompt the peer has and this instance lacks, when fetching costs less
+than recomputing (bytes over the measured transfer rate, plus a round trip, against tokens
+over the measured prompt speed); the chunks are checked as they land (streamed: checked
+while copied in; same host: the checksums the server computed, against the blocks in
+place); then (beside the step again) it adopts the leading blocks that arrived whole into
+the prefix cache and frees the rest. The request that follows takes them as an ordinary
+pool hit. A peer that dies, stalls or sends a bad block costs only the blocks after it:
+they are recomputed.
 """
 
 from __future__ import annotations
@@ -101,9 +104,10 @@ class _PeerMemory:
 
 def export_blocks(engine: Any, hashes: list[int], tokens: list[int], first: int,
                   layout: str, shm: tuple[int, int, int, list[int]] | None) -> Export:
-    """On the engine thread. ``hashes``: the chain from the prompt's first block;
-    ``first``: where the client's wanted part starts; ``shm``: (pid, fd, region bytes,
-    client blocks) for the same-host path. A layout mismatch exports nothing."""
+    """With the engine's scheduler state (see plan_fetch). ``hashes``: the chain from the
+    prompt's first block; ``first``: where the client's wanted part starts; ``shm``: (pid,
+    fd, region bytes, client blocks) for the same-host path. A layout mismatch exports
+    nothing."""
     store: KVStore = engine.kv_store
     export = _export(engine, store, hashes, tokens, first, layout, shm)
     store.peer_blocks_served += export.count
@@ -193,7 +197,8 @@ def _pin(engine: Any, sources: list[tuple[Any, int]], sign: int) -> None:
 
 
 def release_export(engine: Any, export: Export) -> None:
-    """On the engine thread, once a streamed export is over (finished or abandoned)."""
+    """With the engine's scheduler state, once a streamed export is over (finished or
+    abandoned)."""
     if export.sources and export.own_pins:
         _pin(engine, export.sources, -1)
     export.sources = None
@@ -307,7 +312,8 @@ class FetchPlan:
 
 def plan_fetch(engine: Any, prompt: list[int], peer_blocks: int, same_host: bool,
                force: bool = False) -> FetchPlan | None:
-    """On the engine thread. Reserves pool blocks for the prompt blocks the peer holds
+    """With the engine's scheduler state (on its thread, or beside a computing step:
+    AsyncEngine.call_beside_step). Reserves pool blocks for the prompt blocks the peer holds
     beyond what this instance finds locally, when fetching them costs less than
     recomputing them (``force``: whatever the costs -- a decode instance taking over a
     prefill instance's request must not prefill it again); None when it does not (or the
@@ -405,10 +411,9 @@ def _receive(store: KVStore, plan: FetchPlan, first: int, count: int,
 
 
 def finish_fetch(engine: Any, plan: FetchPlan, path: str) -> int:
-    """On the engine thread: adopts the blocks that arrived whole, frees the rest; returns
-    how many were adopted, and folds the transfer's rate (from the copy's start, not the
-    plan's: waiting for this engine's step is no part of it) into the store's
-    measurements."""
+    """With the engine's scheduler state: adopts the blocks that arrived whole, frees the
+    rest; returns how many were adopted, and folds the transfer's rate (from the copy's
+    start, not the plan's) into the store's measurements."""
     store: KVStore = engine.kv_store
     n = plan.filled
     engine.scheduler.kv.adopt_blocks(plan.blocks, plan.hashes[plan.first:], plan.contents, n)

@@ -110,11 +110,6 @@ def _is_loopback(peer: str | None) -> bool:
             or peer.startswith("ipv6:[::ffff:127."))
 
 
-def _log_failure(future: Any) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        _log.warning("adopting fetched KV blocks failed: %r", future.exception())
-
-
 # How long a request handed off in a role switch keeps its KV held for the next instance.
 HANDOFF_HOLD_MS = 10_000
 
@@ -170,7 +165,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                     export_held, store, held, list(request.block_hashes), request.first,
                     request.layout, shm))
             elif request.block_hashes:
-                fut = self.engine.call_on_engine_thread(functools.partial(
+                fut = self.engine.call_beside_step(functools.partial(
                     export_blocks, hashes=list(request.block_hashes),
                     tokens=list(request.token_ids), first=request.first,
                     layout=request.layout, shm=shm))
@@ -211,7 +206,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         finally:
             if export.own_pins:
                 with contextlib.suppress(Exception):
-                    await asyncio.wrap_future(self.engine.call_on_engine_thread(
+                    await asyncio.wrap_future(self.engine.call_beside_step(
                         functools.partial(release_export, export=export)))
             if key:
                 self._reading_holds.discard(key)
@@ -222,19 +217,19 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         if key in self._reading_holds:
             return  # the fetch releases it when it is done
         with contextlib.suppress(Exception):
-            await asyncio.wrap_future(self.engine.call_on_engine_thread(
+            await asyncio.wrap_future(self.engine.call_beside_step(
                 lambda e: e.scheduler.kv.release_hold(key)))
 
     async def fetch_from_peer(self, peer: str, context: list[int], peer_blocks: int,
-                              peer_hold: str = "", wait: bool = True) -> int:
+                              peer_hold: str = "") -> int:
         """Fetches the prompt blocks ``peer`` holds and this instance lacks, when that costs
-        less than recomputing them (plan_fetch decides); returns the blocks adopted. Never
-        raises: a peer that fails, stalls or sends a bad block leaves the rest to be
-        recomputed. ``wait=False``: returns once the blocks are here, their adoption queued
-        on the engine thread (a request added next is admitted after it, at the same step
-        boundary, instead of one boundary later); returns the blocks that arrived."""
+        less than recomputing them (plan_fetch decides); returns the blocks adopted (in the
+        prefix cache by then: a request added next finds them). Never raises: a peer that
+        fails, stalls or sends a bad block leaves the rest to be recomputed. The plan and
+        the adoption run beside the engine's step (while its model computes), not after
+        it."""
         try:
-            fut = self.engine.call_on_engine_thread(functools.partial(
+            fut = self.engine.call_beside_step(functools.partial(
                 plan_fetch, prompt=context, peer_blocks=peer_blocks,
                 same_host=self.same_host(peer), force=bool(peer_hold)))
             plan = await asyncio.wrap_future(fut)
@@ -292,11 +287,8 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
             if pulled:  # the peer kept its hold for the copy: let it go now
                 self._release_peer_hold_soon(peer, peer_hold)
         try:
-            fut = self.engine.call_on_engine_thread(functools.partial(
+            fut = self.engine.call_beside_step(functools.partial(
                 finish_fetch, plan=plan, path=path))
-            if not wait:
-                fut.add_done_callback(_log_failure)
-                return plan.filled
             return await asyncio.wrap_future(fut)  # type: ignore[return-value]
         except Exception:  # noqa: BLE001 - the engine stopped: nothing to adopt into
             return 0
@@ -359,8 +351,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                                 f"this instance serves the {self.role} role now")
         if request.kv_peer and request.kv_peer_blocks:
             await self.fetch_from_peer(request.kv_peer, prompt + generated,
-                                       request.kv_peer_blocks, request.kv_peer_hold,
-                                       wait=False)  # adopted just before the request comes
+                                       request.kv_peer_blocks, request.kv_peer_hold)
         try:
             params = params_from_proto(request.sampling_params)
             stream = self.engine.generate(prompt, params, request_id=request.request_id or None,
