@@ -135,6 +135,8 @@ def test_loading_then_fault_turns_health_503_and_fails_requests(demo_model_dir) 
     async def late() -> None:
         with pytest.raises(EngineDeadError):
             engine.generate("x", SamplingParams())
+        with pytest.raises(EngineDeadError):  # nothing runs beside a failed engine's step
+            engine.call_beside_step(lambda e: e.scheduler.kv.num_free_blocks)
 
     asyncio.run(late())
 

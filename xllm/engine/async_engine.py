@@ -326,7 +326,9 @@ class AsyncEngine:
         self._inbox.close()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        self._beside.shutdown(wait=False, cancel_futures=True)
+        # Calls still queued run and raise EngineDeadError (a cancelled future would reach
+        # an awaiting coroutine as its own cancellation).
+        self._beside.shutdown(wait=False)
 
     # ---- requests ------------------------------------------------------------------------
 
