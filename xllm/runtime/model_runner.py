@@ -10,8 +10,8 @@ A step is three calls, so that overlap scheduling can split them across threads:
 sampling batch and the workers' step message), ``complete`` (fill in the tokens a
 previous step was still sampling when this one was prepared, send the message) and
 ``run`` (the forward pass, LM head and sampler; it reads only the prepared step,
-never a request, so it may run on another thread while the engine goes on).
-``execute`` does all three.
+never a request, so it may run on another thread while the engine goes on, and the
+synchronous engine lets others use the scheduler's state meanwhile).
 """
 
 from __future__ import annotations
@@ -291,15 +291,6 @@ class ModelRunner:
             suppress_token_ids=[self._suppressed(r, k)
                                 for r, k in zip(reqs, pending or [0] * len(reqs), strict=True)],
             mask_rows=mask_rows or None, bitmask=bitmask)
-
-    @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        """prepare, complete and run in one call (the synchronous engine)."""
-        if not out.scheduled:
-            return RunnerOutput([], [])
-        step = self.prepare(out)
-        self.complete(step)
-        return self.run(step)
 
     @torch.inference_mode()
     def run(self, step: PreparedStep) -> RunnerOutput:
