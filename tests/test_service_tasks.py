@@ -62,6 +62,7 @@ def test_wait_at_most_returns_or_times_out_cancelling_the_future() -> None:
         fut = loop.create_future()
         loop.call_later(0.01, fut.set_result, 7)
         assert await wait_at_most(fut, 1.0) == 7
+        assert await wait_at_most(asyncio.sleep(0.01, result=3), 1.0) == 3  # a coroutine
         slow = loop.create_future()
         with pytest.raises(TimeoutError):
             await wait_at_most(slow, 0.05)

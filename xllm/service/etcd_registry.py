@@ -117,7 +117,7 @@ class EtcdLease:
                 sent = time.monotonic()
                 call = self._client.lease.keep_alive(self.id)
                 try:
-                    resp = await wait_at_most(asyncio.ensure_future(call.read()), interval)
+                    resp = await wait_at_most(call.read(), interval)
                 finally:
                     call.cancel()
                 if resp.TTL <= 0:

@@ -258,8 +258,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
             it = call.__aiter__()
             while True:
                 try:
-                    chunk = await wait_at_most(asyncio.ensure_future(it.__anext__()),
-                                               FETCH_STALL_S)
+                    chunk = await wait_at_most(it.__anext__(), FETCH_STALL_S)
                 except StopAsyncIteration:
                     break
                 if chunk.data:

@@ -10,6 +10,7 @@ really ended; :func:`wait_at_most` bounds a wait without ever dropping a cancell
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import TypeVar
 
 __all__ = ["stop_task", "wait_at_most"]
@@ -32,9 +33,11 @@ async def stop_task(task: asyncio.Task[object] | None) -> None:
         task.exception()  # retrieved: no "exception was never retrieved" at collection
 
 
-async def wait_at_most(fut: asyncio.Future[T], timeout_s: float) -> T:
-    """``fut``'s result, or TimeoutError (``fut`` cancelled) after ``timeout_s``. Unlike
-    3.11's ``asyncio.wait_for``, a cancellation of the caller always propagates."""
+async def wait_at_most(aw: Awaitable[T], timeout_s: float) -> T:
+    """``aw``'s result (a future, or a coroutine run as a task), or TimeoutError (``aw``
+    cancelled) after ``timeout_s``. Unlike 3.11's ``asyncio.wait_for``, a cancellation of
+    the caller always propagates."""
+    fut = asyncio.ensure_future(aw)
     try:
         done, _ = await asyncio.wait({fut}, timeout=timeout_s)
     except asyncio.CancelledError:
