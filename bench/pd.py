@@ -1,13 +1,14 @@
 """Prefill/decode disaggregation on this machine, equal cores: one prefill and one decode
 instance against two mixed instances, each instance on its own core.
 
-    python -m bench.pd [--rate 1.5] [--num-prompts 60] [--input-len 1000] [--output-len 128]
-                       [--slo-ttft-ms 4000] [--slo-tpot-ms 60] [--json PATH]
+    python -m bench.pd [--rate 1.5 | --load F] [--num-prompts 60] [--input-len 1000]
+                       [--output-len 128] [--slo-ttft-ms 4000] [--slo-tpot-ms 60] [--json PATH]
                        [--layouts mixed+mixed,prefill+decode,dynamic] [--profile-speed]
 
 For each layout it starts an ``xllm-master`` (no spawned instances) and two ``xllm-server``
 instances registered with it, pinned with ``taskset`` to cores 0 and 1 (one thread each),
-then runs ``bench.serve`` against the master: Poisson arrivals at ``--rate``, prompts of
+then runs ``bench.serve`` against the master: Poisson arrivals at ``--rate`` (or, with
+``--load F``, F over the seconds one prompt computes alone, timed first), prompts of
 about ``--input-len`` tokens and outputs of about ``--output-len`` (lengths nearly fixed),
 goodput under the SLO. For the PD layout it also reports the KV transfer's time against the
 prefill it follows: the decode instance's mean fetch time (its ``/metrics``) over the time
@@ -222,6 +223,12 @@ def _summary(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=1.5)
+    parser.add_argument("--load", type=float, default=None, metavar="F",
+                        help="instead of --rate: F times the prompts per second one instance "
+                             "computes, timed at the start (this machine's speed drifts "
+                             "from hour to hour; a fixed rate can overload one run and idle "
+                             "the next, and a simulator is best validated short of "
+                             "saturation, where a small speed error is not a large wait)")
     parser.add_argument("--num-prompts", type=int, default=60)
     parser.add_argument("--input-len", type=int, default=1000)
     parser.add_argument("--output-len", type=int, default=128)
@@ -248,7 +255,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown layout {name!r}; choose from {', '.join(LAYOUTS)}")
     if len(os.sched_getaffinity(0)) < 2:
         parser.error("needs two cores")
+    if args.load is not None and not 0 < args.load < 2:
+        parser.error(f"--load must be in (0, 2), got {args.load}")
     report = {"cpu": _cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args)}
+    if args.load is not None:
+        report["prompt_compute_s_at_start"] = start = _prompt_seconds(args.input_len)
+        args.rate = round(args.load / start, 3)
+        print(f"a {args.input_len}-token prompt computes in {start:.3f} s: rate {args.rate} "
+              "req/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in layouts:
             r = run_layout(name, args, Path(tmp))

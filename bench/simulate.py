@@ -227,9 +227,9 @@ class SimInstance:
         if not b and not chunks:
             self.busy = False
             return
-        ms = model.tpot_ms(b, self.ctx_sum // b) if b else model.ttft_coef[0]
-        for _, start, n in chunks:
-            ms += model.ttft_ms(start + n) - model.ttft_ms(start)
+        spans = [(start, n) for _, start, n in chunks]
+        sampled = b + sum(1 for job, start, n in chunks if start + n >= job.req.trace.prompt)
+        ms = model.step_ms(b, self.ctx_sum, spans, sampled)
         self.busy = True
         self.sim.at(now + max(ms, 0.01) / 1000.0, lambda t: self._end_step(t, b, chunks))
 
@@ -546,6 +546,17 @@ def _budget(flags: str) -> int | None:
     return None
 
 
+def _replay(cfg: SimConfig, models: list[SpeedModel], trace: list[TraceRequest],
+            real: dict[str, float]) -> tuple[dict, dict, dict]:
+    """A recorded run simulated (each instance its own measured model): the report, its
+    p50s and goodput, and their relative errors against ``real``."""
+    sim = simulate(cfg, models, trace)
+    simulated = {"ttft_p50_ms": sim["ttft_ms"]["p50"], "tpot_p50_ms": sim["tpot_ms"]["p50"],
+                 "goodput": sim["goodput"]}
+    return sim, simulated, {k: abs(simulated[k] - v) / v if v else None
+                            for k, v in real.items()}
+
+
 def validate(path: str | Path, out: str | None = None) -> dict[str, Any]:
     """Replays each layout of a bench.pd JSON in simulation; relative errors per metric."""
     data = json.loads(Path(path).read_text())
@@ -561,8 +572,7 @@ def validate(path: str | Path, out: str | None = None) -> dict[str, Any]:
             raise ValueError(f"{path}: layout {layout} lacks the instances' speed models by "
                              "role (rerun bench.pd with --profile-speed)")
         reported.sort(key=lambda m: m["role"] != "prefill")  # the simulation's order
-        models = [SpeedModel(tuple(m["ttft_coef"]), tuple(m["tpot_coef"]))  # type: ignore[arg-type]
-                  for m in reported]
+        models = [SpeedModel.from_dict(m) for m in reported]
         serve = run["serve"]
         trace = sorted((TraceRequest(r["start_s"], int(r["prompt_tokens"]),
                                      max(int(r["output_tokens"]), 1))
@@ -575,19 +585,20 @@ def validate(path: str | Path, out: str | None = None) -> dict[str, Any]:
         if pd_run.get("mean_fetch_ms"):  # the measured KV transfer, per prompt token
             cfg.kv_ms_per_token = pd_run["mean_fetch_ms"] / (
                 sum(t.prompt for t in trace) / len(trace))
-        sim = simulate(cfg, models, trace)  # each instance its own measured model
         real = {"ttft_p50_ms": serve["ttft_ms"]["p50"], "tpot_p50_ms": serve["tpot_ms"]["p50"],
                 "goodput": serve["goodput"]}
-        simulated = {"ttft_p50_ms": sim["ttft_ms"]["p50"], "tpot_p50_ms": sim["tpot_ms"]["p50"],
-                     "goodput": sim["goodput"]}
-        errors = {k: abs(simulated[k] - v) / v if v else None for k, v in real.items()}
-        rows.append({"layout": layout, "policy": policy, "real": real,
-                     "simulated": simulated, "error": errors,
-                     "speed_models": [{"ttft_coef": m.ttft_coef, "tpot_coef": m.tpot_coef}
-                                      for m in models],
-                     "kv_ms_per_token": cfg.kv_ms_per_token, "switches": sim["switches"]})
+        sim, simulated, errors = _replay(cfg, models, trace, real)
+        row = {"layout": layout, "policy": policy, "real": real, "simulated": simulated,
+               "error": errors, "speed_models": [m.to_dict() for m in models],
+               "kv_ms_per_token": cfg.kv_ms_per_token, "switches": sim["switches"]}
+        if any(m.step is not None for m in models):  # beside it, xllm-service's forms alone
+            _, row["simulated_per_request_forms"], row["error_per_request_forms"] = _replay(
+                cfg, [m.per_request_forms() for m in models], trace, real)
+        rows.append(row)
         print(f"{layout:>15}: " + "  ".join(
-            f"{k} real {real[k]:.3g} sim {simulated[k]:.3g} ({100 * (errors[k] or 0):.0f}%)"
+            f"{k} real {real[k]:.3g} sim {simulated[k]:.3g} ({100 * (errors[k] or 0):.0f}%"
+            + (f"; forms {100 * (row['error_per_request_forms'][k] or 0):.0f}%)"
+               if "error_per_request_forms" in row else ")")
             for k in real), flush=True)
     worst = max((e for r in rows for e in r["error"].values() if e is not None), default=None)
     report = {"source": str(path), "cpu": data.get("cpu"), "layouts": rows,
@@ -682,9 +693,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"bench.simulate: error: {e}", file=sys.stderr)
         return 2
-    summary: dict[str, Any] = {"args": vars(args), "speed_model": {
-        "ttft_coef": model.ttft_coef, "tpot_coef": model.tpot_coef},
-        "trace_requests": len(trace)}
+    summary: dict[str, Any] = {"args": vars(args), "speed_model": model.to_dict(),
+                               "trace_requests": len(trace)}
     if args.compare:
         statics = [r for r in results if r["policy"].startswith("static:")]
         best = max(statics, key=lambda r: r["goodput"]) if statics else None

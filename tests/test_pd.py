@@ -245,10 +245,14 @@ def test_dynamic_pd_plans_from_reported_speed_models_and_switches_under_load(
     prefill_samples = [(n, model.ttft_ms(n)) for n in (64, 256, 512, 1024)]
     decode_samples = [(b, c, model.tpot_ms(b, c)) for b in (1, 4, 16) for c in (128, 512)]
 
+    step_samples = [(n, 0, 1, n * (n + 1) / 2, 0, model.ttft_ms(n)) for n, _ in prefill_samples]
+    step_samples += [(b, b, b, 0.0, b * c, ms) for b, c, ms in decode_samples]
+
     def seed(engine) -> None:  # noqa: ANN001 - a profile's samples, made up: a known model
-        engine.speed.prefill.clear()
-        engine.speed.decode.clear()
-        engine.speed.seed(prefill_samples, decode_samples)
+        for window in (engine.speed.prefill, engine.speed.decode, engine.speed.prompt_steps,
+                       engine.speed.decode_steps):
+            window.clear()
+        engine.speed.seed(prefill_samples, decode_samples, step_samples)
 
     cfg = EngineConfig(model=str(demo_model_dir), dtype="float32", max_model_len=512,
                        num_kv_blocks=160, num_threads=1)

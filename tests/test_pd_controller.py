@@ -150,7 +150,25 @@ def test_heartbeats_carry_speed_models_and_bad_ones_are_dropped() -> None:
     load = InstanceLoad.from_proto(master_pb2.LoadReport(speed=msg))
     assert load.speed is not None
     assert load.speed.ttft_ms(1000) == pytest.approx(MODEL.ttft_ms(1000), rel=1e-6)
+    assert load.speed.step is None and not msg.HasField("step")  # no step samples yet
+    # With step samples the step cost travels too, and prices steps at the master as at
+    # the instance.
+    steps = [(b, b, b, 0.0, b * 512, MODEL.tpot_ms(b, 512)) for b in (1, 2, 4, 8, 16)]
+    steps += [(n, 0, 1, n * (n + 1) / 2, 0, MODEL.ttft_ms(n)) for n in (64, 256, 512, 1024)]
+    online.seed([(n, MODEL.ttft_ms(n)) for n in (64, 256, 1024)],
+                [(b, 512, MODEL.tpot_ms(b, 512)) for b in (1, 4, 16)], steps)
+    msg = speed_to_proto(online)
+    assert msg is not None and msg.HasField("step") and msg.step_samples == len(steps)
+    load = InstanceLoad.from_proto(master_pb2.LoadReport(speed=msg))
+    assert load.speed == online.model and load.speed.step is not None
+    assert load.speed.step_ms(3, 900, [(0, 500)], 4) == pytest.approx(
+        online.model.step_ms(3, 900, [(0, 500)], 4))
+    mean = mean_speed_model([load.speed, load.speed])
+    assert mean is not None and mean.step == load.speed.step
+    assert mean_speed_model([load.speed, MODEL]).step is None  # not every one has a step cost
     for bad in (master_pb2.SpeedModel(ttft_coef=[1, 2], tpot_coef=[1, 2, 3]),
-                master_pb2.SpeedModel(ttft_coef=[1, 2, float("nan")], tpot_coef=[1, 2, 3])):
+                master_pb2.SpeedModel(ttft_coef=[1, 2, float("nan")], tpot_coef=[1, 2, 3]),
+                master_pb2.SpeedModel(ttft_coef=[1, 2, 3], tpot_coef=[1, 2, 3],
+                                      step=master_pb2.StepCost(knot_ms=[1.0, 2.0]))):
         assert InstanceLoad.from_proto(master_pb2.LoadReport(speed=bad)).speed is None
     assert InstanceLoad.from_proto(master_pb2.LoadReport()).speed is None

@@ -16,7 +16,7 @@ from bench.simulate import (
     simulate,
     synthetic_trace,
 )
-from xllm.engine.speed_model import SpeedModel
+from xllm.engine.speed_model import KNOTS, SpeedModel, StepCost
 
 MODEL = SpeedModel((7.0, 0.17, 4e-5), (5.0, 0.3, 0.0006))
 
@@ -46,6 +46,25 @@ def test_an_idle_instance_serves_a_request_in_the_models_time() -> None:
     assert report["ttft_ms"]["p50"] == pytest.approx(ttft[1], rel=1e-6)  # upper median
     # one sequence decoding: a step is TPOT(1, context)
     assert MODEL.tpot_ms(1, 1000) <= report["tpot_ms"]["p50"] <= MODEL.tpot_ms(1, 1012)
+
+
+def test_with_a_step_cost_a_prompt_beside_decodes_costs_what_it_prices() -> None:
+    # A step cost whose mixed step costs far more than the per-request forms' sum would.
+    step = StepCost(tuple(5.0 + 0.8 * k for k in KNOTS), 0.5, 3.0, 0.4)
+    model = SpeedModel(MODEL.ttft_coef, MODEL.tpot_coef, step)
+    trace = [TraceRequest(1.0, 1000, 1000), TraceRequest(5.0, 500, 2)]
+    report = simulate(SimConfig(instances=1, policy="mixed"), model, trace)
+    assert report["completed"] == 2
+    # the first prompt alone: one step of 1000 tokens sampling one row (the upper median)
+    first = step.ms(1000, 1, 1000 * 1001 / 2, 0)
+    assert report["ttft_ms"]["p50"] == pytest.approx(first)
+    # the second arrives while the first decodes (context 1000-2000): one step of 501
+    # tokens sampling 2 rows, after at most the decode step in progress
+    second = 2 * report["ttft_ms"]["mean"] - first
+    assert model.step_ms(1, 1000, [(0, 500)], 2) <= second + 1e-6
+    assert second <= model.step_ms(1, 2000, [(0, 500)], 2) + step.ms(1, 1, 0, 2000) + 1e-6
+    # the per-request forms would have priced it at far less
+    assert second > 2 * MODEL.step_ms(1, 2000, [(0, 500)], 2)
 
 
 def test_pd_handoffs_pay_the_transfer_and_dynamic_switches_with_the_mix() -> None:

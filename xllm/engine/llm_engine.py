@@ -208,6 +208,7 @@ class LLMEngine:
         # TTFT/TPOT as functions of length and batch, fitted from its own steps (the PD
         # planner's speed model; instances report it in their heartbeats).
         self.speed = OnlineSpeedModel()
+        self._speed_sample: SchedulerOutput | None = None  # the step _account() will time
         # While the engine has work: the model's time (the runner's run(): forward passes,
         # LM head, sampler; its busy_seconds) and the rest of the wall time, when the model
         # waits on the engine (scheduling, step inputs, outputs, stop strings, the server
@@ -492,14 +493,7 @@ class LLMEngine:
         """A computed step's tokens into the scheduler (and its timing into the models)."""
         if out.prefills:  # the prompt speed, for the KV store's swap-or-recompute choice
             self.kv_store.observe_prefill(out.num_batched_tokens - len(out.decodes), elapsed)
-            if not out.decodes and len(out.prefills) == 1:  # a speed-model sample
-                one = out.prefills[0]
-                if one.num_computed_tokens == 0 and one.samples:
-                    self.speed.add_prefill(one.num_new_tokens, 1e3 * elapsed)
-        else:
-            batch = len(out.decodes)
-            self.speed.add_decode(batch, sum(d.num_computed_tokens for d in out.decodes) // batch,
-                                  1e3 * elapsed)
+        self._speed_sample = out
         if result.prompt_logprobs is not None:
             self._absorb_prompt_logprobs(out, result.prompt_logprobs)
         if result.pooled is not None:
@@ -551,6 +545,29 @@ class LLMEngine:
         self.model_busy_seconds += busy
         self.model_idle_seconds += wall - busy
         self._last_step_end = end if self.has_unfinished_requests() else None
+        out, self._speed_sample = self._speed_sample, None
+        if out is not None:
+            self._add_speed_sample(out, 1e3 * wall)
+
+    def _add_speed_sample(self, out: SchedulerOutput, ms: float) -> None:
+        """A step's whole cycle (``ms``: the model, the engine's own work and the gap before
+        it when the engine had work then, what the next step waits for) into the speed
+        model: a step sample, and a prefill or decode sample when it is one kind alone."""
+        decodes = len(out.decodes)
+        ctx = sum(d.num_computed_tokens for d in out.decodes)
+        sampled = decodes
+        attn = 0.0
+        for p in out.prefills:
+            start, n = p.num_computed_tokens, p.num_new_tokens
+            attn += n * start + n * (n + 1) / 2
+            sampled += p.samples
+        self.speed.add_step(out.num_batched_tokens, decodes, sampled, attn, ctx, ms)
+        if not out.prefills:
+            self.speed.add_decode(decodes, ctx // decodes, ms)
+        elif not decodes and len(out.prefills) == 1:
+            one = out.prefills[0]
+            if one.num_computed_tokens == 0 and one.samples:
+                self.speed.add_prefill(one.num_new_tokens, ms)
 
     def _absorb_prompt_logprobs(self, out: SchedulerOutput,
                                 scored: list[PromptLogprobs | None]) -> None:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xllm.engine.speed_model import SpeedModel
+from xllm.engine.speed_model import SpeedModel, StepCost
 from xllm.service.planner import Planner, Split, Traffic
 from xllm.service.state import InstanceView
 
@@ -120,27 +120,33 @@ def assign_roles(views: Sequence[InstanceView], target: Split) -> list[tuple[Ins
 
 
 def mean_speed_model(models: Sequence[SpeedModel]) -> SpeedModel | None:
+    """The instances' models averaged, coefficient by coefficient (the step cost too, when
+    every model has one; else the per-request forms alone)."""
     if not models:
         return None
     n = len(models)
     ttft = tuple(sum(m.ttft_coef[i] for m in models) / n for i in range(3))
     tpot = tuple(sum(m.tpot_coef[i] for m in models) / n for i in range(3))
-    return SpeedModel(ttft, tpot)  # type: ignore[arg-type]
+    step = None
+    if all(m.step is not None for m in models):
+        steps = [m.step for m in models if m.step is not None]
+        step = StepCost(tuple(sum(s.knot_ms[i] for s in steps) / n
+                              for i in range(len(steps[0].knot_ms))),
+                        sum(s.sample_ms for s in steps) / n, sum(s.attn_ms for s in steps) / n,
+                        sum(s.ctx_ms for s in steps) / n)
+    return SpeedModel(ttft, tpot, step)  # type: ignore[arg-type]
 
 
 def load_speed_model(path: str | Path) -> SpeedModel:
-    """A speed model from JSON: ``{"ttft_coef": [3], "tpot_coef": [3]}``, at the top level
-    or under ``"model"`` (what ``python -m bench.speed_model`` writes)."""
+    """A speed model from JSON (``SpeedModel.to_dict``: ``{"ttft_coef": [3], "tpot_coef":
+    [3], "step": {...}}``, the step cost optional), at the top level or under ``"model"``
+    (what ``python -m bench.speed_model`` writes)."""
     data = json.loads(Path(path).read_text())
     data = data.get("model", data)
     try:
-        ttft, tpot = [float(v) for v in data["ttft_coef"]], [float(v) for v in data["tpot_coef"]]
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: not a speed model (want ttft_coef and tpot_coef, 3 numbers "
-                         f"each): {e}") from None
-    if len(ttft) != 3 or len(tpot) != 3:
-        raise ValueError(f"{path}: ttft_coef and tpot_coef need 3 numbers each")
-    return SpeedModel(tuple(ttft), tuple(tpot))  # type: ignore[arg-type]
+        return SpeedModel.from_dict(data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 @dataclass

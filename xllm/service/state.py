@@ -10,7 +10,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from xllm.engine.speed_model import OnlineSpeedModel, SpeedModel
+from xllm.engine.speed_model import OnlineSpeedModel, SpeedModel, StepCost
 from xllm.service.proto import master_pb2
 
 __all__ = ["ROLES", "Capacity", "InstanceInfo", "InstanceLoad", "InstanceView", "SpareCapacity"]
@@ -101,12 +101,20 @@ class InstanceInfo:
 
 
 def _speed_from_proto(msg: master_pb2.SpeedModel) -> SpeedModel | None:
+    """None for a malformed model (wrong lengths, not finite): the planner goes without."""
     if len(msg.ttft_coef) != 3 or len(msg.tpot_coef) != 3:
         return None
     values = (*msg.ttft_coef, *msg.tpot_coef)
     if not all(math.isfinite(v) for v in values):
         return None
-    return SpeedModel(tuple(msg.ttft_coef), tuple(msg.tpot_coef))  # type: ignore[arg-type]
+    step = None
+    if msg.HasField("step"):
+        s = msg.step
+        try:
+            step = StepCost(tuple(s.knot_ms), s.sample_ms, s.attn_ms, s.ctx_ms)
+        except ValueError:
+            return None
+    return SpeedModel(tuple(msg.ttft_coef), tuple(msg.tpot_coef), step)  # type: ignore[arg-type]
 
 
 def speed_to_proto(online: OnlineSpeedModel) -> master_pb2.SpeedModel | None:
@@ -115,8 +123,14 @@ def speed_to_proto(online: OnlineSpeedModel) -> master_pb2.SpeedModel | None:
     if model is None:
         return None
     n_prefill, n_decode = online.num_samples
-    return master_pb2.SpeedModel(ttft_coef=model.ttft_coef, tpot_coef=model.tpot_coef,
-                                 prefill_samples=n_prefill, decode_samples=n_decode)
+    msg = master_pb2.SpeedModel(ttft_coef=model.ttft_coef, tpot_coef=model.tpot_coef,
+                                prefill_samples=n_prefill, decode_samples=n_decode,
+                                step_samples=online.num_step_samples)
+    if model.step is not None:
+        s = model.step
+        msg.step.CopyFrom(master_pb2.StepCost(knot_ms=s.knot_ms, sample_ms=s.sample_ms,
+                                              attn_ms=s.attn_ms, ctx_ms=s.ctx_ms))
+    return msg
 
 
 @dataclass(slots=True)
