@@ -267,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in layouts:
             r = run_layout(name, args, Path(tmp))
             report[name] = r
+            # Timed after every layout: how far this machine's speed drifted during it.
+            r["prompt_compute_s"] = _prompt_seconds(args.input_len)
             if name == "prefill+decode" and r.get("mean_fetch_ms"):
-                r["prompt_compute_s"] = _prompt_seconds(args.input_len)
                 r["transfer_share_of_prompt_compute"] = (
                     r["mean_fetch_ms"] / 1e3 / r["prompt_compute_s"])
             print(name, _summary(r), {k: v for k, v in r.items()

@@ -54,3 +54,25 @@ def test_a_margin_keeps_a_near_tie_where_it_is() -> None:
     assert not d.switch and d.split == Split(0, 0)
     with pytest.raises(ValueError, match="num_instances"):
         Planner(0, MODEL, slo_ttft_ms=1, slo_tpot_ms=1)
+
+
+def test_mixed_prediction_prices_decodes_riding_the_prompt_steps() -> None:
+    from xllm.engine.speed_model import KNOTS, StepCost
+    from xllm.service.planner import _mixed_tpot
+
+    traffic = Traffic(rate=4.0, prompt_len=1000, output_len=100)
+    # The per-request forms: the decode step stretched by the prompts' share of the time.
+    rate = traffic.rate / 4
+    forms = _mixed_tpot(MODEL, rate, 1000, 100, 1050)
+    rho = rate * (MODEL.ttft_ms(1000) - MODEL.ttft_coef[0]) / 1000
+    batch = max(1, round(rate * 100 * forms / 1000))
+    assert forms == pytest.approx(MODEL.tpot_ms(batch, 1050) / (1 - rho), rel=1e-6)
+    # A step cost where decodes beside a prompt cost next to nothing: the prompt-carrying
+    # steps give every decode a token too, so TPOT is below the stretched decode step.
+    step = StepCost(tuple(8.0 + 0.35 * (k - 1) for k in KNOTS), 0.0, 0.0, 0.0)
+    cheap = SpeedModel(MODEL.ttft_coef, MODEL.tpot_coef, step)
+    tpot = _mixed_tpot(cheap, rate, 1000, 100, 1050)
+    s = cheap.ttft_ms(1000) / 1000
+    assert tpot < cheap.tpot_ms(1, 1050) / (1 - rate * s)
+    p = predict(Split(0, 0), 4, cheap, traffic, 3000, 50)
+    assert p.tpot_ms == pytest.approx(tpot)

@@ -169,3 +169,21 @@ def test_profile_of_the_demo_engine_fits(demo_model_dir) -> None:  # noqa: ANN00
     online.seed(prefill, decode, steps)  # what --profile-speed does: kept in every later fit
     assert online.num_samples == (len(online.prefill) + 4, len(online.decode) + 6)
     assert online.model is not None and online.model.step is not None
+
+
+def test_the_instances_own_steps_outweigh_its_profile_as_they_come() -> None:
+    # A profile taken while the machine ran fast; then every step is 30% slower (this CPU's
+    # speed drifts by that much within minutes). The step cost follows the steps.
+    profile = _step_samples(noise=0.0)
+    prefill = [(n, _true_step(n, 1, n * (n + 1) / 2, 0)) for n in (64, 256, 1024)]
+    decode = [(b, 512, _true_step(b, b, 0, b * 512)) for b in (1, 4, 16)]
+    online = OnlineSpeedModel(refit_every=8)
+    online.seed(prefill, decode, profile)
+    assert online.model is not None and online.model.step is not None
+    assert online.model.ttft_ms(1000) == pytest.approx(_true_step(1000, 1, 500500, 0), rel=0.03)
+    for _ in range(8):
+        for sample in _step_samples(noise=0.0):
+            online.add_step(*sample[:5], 1.3 * sample[5])
+    slow = online.model.ttft_ms(1000) / _true_step(1000, 1, 500500, 0)
+    assert 1.2 < slow < 1.31
+    assert 1.2 < online.model.tpot_ms(8, 512) / _true_step(8, 8, 0, 4096) < 1.31

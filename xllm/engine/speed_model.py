@@ -73,6 +73,8 @@ KNOTS: tuple[int, ...] = tuple(2 ** i for i in range(16))  # step tokens: 1 .. 3
 _ATTN_UNIT = 1e6  # the step cost's prompt-attention coefficient: ms per 1e6 pairs
 _CTX_UNIT = 1e3  # its decode-context coefficient: ms per 1e3 context tokens read
 _CURVATURE_PENALTY = 0.3  # weight of a knot's departure from its neighbours' line
+_HUBER = 0.1  # relative residual past which a step sample's weight falls (1 / residual)
+_BASE_FADE = 32  # a profile's step samples weigh 1 / (1 + own samples of the kind / this)
 MIN_STEP_SAMPLES = 3  # of each kind (with a prompt chunk, decodes only) for a step fit
 
 
@@ -135,12 +137,16 @@ class StepCost:
         return max(value, 0.01)
 
     @classmethod
-    def fit(cls, samples: Sequence[StepSample]) -> StepCost:
+    def fit(cls, samples: Sequence[StepSample], weights: Sequence[float] | None = None
+            ) -> StepCost:
+        """``weights``: each sample's (default 1; relative error is weighted by them)."""
         data = np.asarray(samples, dtype=np.float64).reshape(-1, 6)
         tokens, y = data[:, 0], data[:, 5]
         extra = np.stack([data[:, 2], data[:, 3] / _ATTN_UNIT, data[:, 4] / _CTX_UNIT], 1)
         x = np.concatenate([_hats(tokens), extra], 1)
         w = 1.0 / np.maximum(y, 1e-9)
+        if weights is not None:
+            w = w * np.asarray(weights, dtype=np.float64)
         # Penalty rows: each inner knot near the line through its neighbours, in the scale a
         # straight fit of ms on tokens gives there (relative, like the data rows).
         c0, c1 = _lstsq_relative(np.stack([np.ones_like(tokens), tokens], 1), y)
@@ -154,18 +160,20 @@ class StepCost:
             pen[k - 1, k + 1] = -(mid - lo) / (hi - lo)
             pen[k - 1] *= _CURVATURE_PENALTY / scale[k]
         free = [True, True, True]  # sample, attention, context: refit without a negative one
-        for _ in range(3):
+        robust = np.ones_like(y)  # Huber weights: a step slowed by a neighbour counts less
+        for _ in range(6):
             cols = list(range(len(KNOTS))) + [len(KNOTS) + j for j in range(3) if free[j]]
-            a = np.concatenate([x[:, cols] * w[:, None], pen[:, cols]], 0)
-            b = np.concatenate([y * w, np.zeros(len(pen))])
+            rw = w * robust
+            a = np.concatenate([x[:, cols] * rw[:, None], pen[:, cols]], 0)
+            b = np.concatenate([y * rw, np.zeros(len(pen))])
             coef, *_ = np.linalg.lstsq(a, b, rcond=None)
             full = np.zeros(x.shape[1])
             full[cols] = coef
             negative = [j for j in range(3) if free[j] and full[len(KNOTS) + j] < 0]
-            if not negative:
-                break
             for j in negative:
                 free[j] = False
+            residual = np.abs(x @ full - y) / np.maximum(y, 1e-9)
+            robust = np.minimum(1.0, _HUBER / np.maximum(residual, 1e-12))
         return cls(tuple(float(v) for v in full[:len(KNOTS)]), float(full[-3]),
                    float(full[-2]), float(full[-1]))
 
@@ -221,10 +229,11 @@ class SpeedModel:
 
     @classmethod
     def fit(cls, prefill: Sequence[PrefillSample], decode: Sequence[DecodeSample],
-            steps: Sequence[StepSample] = ()) -> SpeedModel:
+            steps: Sequence[StepSample] = (), step_weights: Sequence[float] | None = None
+            ) -> SpeedModel:
         """Needs at least 3 prefill and 3 decode samples (distinct enough to fit 3 terms);
-        the step cost is fitted when ``steps`` holds at least 3 with a prompt chunk and 3
-        of decodes only."""
+        the step cost is fitted (``step_weights``: each step sample's weight) when
+        ``steps`` holds at least 3 with a prompt chunk and 3 of decodes only."""
         if len(prefill) < 3 or len(decode) < 3:
             raise ValueError("fitting needs at least 3 prefill and 3 decode samples, got "
                              f"{len(prefill)} and {len(decode)}")
@@ -236,7 +245,7 @@ class SpeedModel:
         tpot = np.array([d[2] for d in decode], dtype=np.float64)
         b = _lstsq_relative(np.stack([np.ones_like(b_size), b_size, b_size * ctx], 1), tpot)
         with_prompt = sum(1 for s in steps if s[3] > 0)
-        step = (StepCost.fit(steps) if min(with_prompt, len(steps) - with_prompt)
+        step = (StepCost.fit(steps, step_weights) if min(with_prompt, len(steps) - with_prompt)
                 >= MIN_STEP_SAMPLES else None)
         return cls(tuple(float(v) for v in a), tuple(float(v) for v in b), step)  # type: ignore[arg-type]
 
@@ -348,9 +357,17 @@ class OnlineSpeedModel:
         due = self.model is None or self._since >= self.refit_every
         n_prefill, n_decode = self.num_samples
         if due and n_prefill >= 3 and n_decode >= 3:
+            # The profile's step samples weigh less as the instance's own steps of the same
+            # kind come in: the machine's speed now is what the planner needs (this one's
+            # drifts by tens of percent within minutes), the profile covers the shapes the
+            # traffic has not shown.
+            fade = {True: 1.0 / (1.0 + len(self.prompt_steps) / _BASE_FADE),
+                    False: 1.0 / (1.0 + len(self.decode_steps) / _BASE_FADE)}
+            weights = [fade[s[3] > 0] for s in self.base_steps]
+            weights += [1.0] * (len(self.prompt_steps) + len(self.decode_steps))
             self.model = SpeedModel.fit(
                 self.base_prefill + list(self.prefill), self.base_decode + list(self.decode),
-                self.base_steps + list(self.prompt_steps) + list(self.decode_steps))
+                self.base_steps + list(self.prompt_steps) + list(self.decode_steps), weights)
             self._since = 0
 
 
@@ -408,8 +425,8 @@ def profile_engine(engine: Any, prompt_lens: Sequence[int] = (64, 256, 512, 1024
             engine.add_request(f"profile-{next(ids)}", head + prompt(max(tail, 1)), one)
             drain()
         decode: list[DecodeSample] = []
-        for ctx in contexts:
-            for b in batches:
+        for b in batches:  # the contexts alternate: a drift in speed does not look like one
+            for ctx in contexts:
                 params = SamplingParams(temperature=0.0, max_tokens=decode_steps + 4,
                                         ignore_eos=True)
                 for _ in range(b):

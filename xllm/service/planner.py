@@ -11,7 +11,9 @@ predicts TTFT and TPOT:
   sequences, and ``TPOT = TPOT(B, ctx)`` with ``ctx = Lp + Lo / 2``: the fixed point of
   the two;
 - **mixed**: each instance takes ``lam / N``; its prefills take the share ``rho`` of its
-  time, stretching its decode steps by ``1 / (1 - rho)``.
+  time. Its decodes ride every step, the prompt-carrying ones too, at the step cost's price
+  of a prompt beside them (``_mixed_tpot``); with the per-request forms alone this is the
+  decode step stretched by ``1 / (1 - rho)``.
 
 A split's score is its predicted SLO attainment, ``min(1, slo / predicted)`` for TTFT and
 for TPOT, the smaller of the two (0 when a side cannot keep up). :class:`Planner` moves to
@@ -79,6 +81,33 @@ def _decode_tpot(model: SpeedModel, rate_per_instance: float, output_len: float,
     return tpot
 
 
+def _mixed_tpot(model: SpeedModel, rate_per_instance: float, prompt_len: float,
+                output_len: float, context: float, max_batch: int = 1024) -> float:
+    """A mixed instance's TPOT: its B decodes ride every step, and ``k = rate * Lp / n``
+    steps a second also carry a prompt chunk of ``n`` tokens (a whole prompt), each costing
+    ``m = step(B decodes + n)``; the rest are decode steps of ``d = TPOT(B, ctx)``. Steps a
+    second: ``k + (1 - k m) / d``, one token each per decode, so TPOT is its inverse, at the
+    fixed point with B = rate * Lo * TPOT. With the per-request forms (``m = d + prefill``)
+    this is about ``d / (1 - rho)``, rho the prompts' share of the time."""
+    n = max(1, int(prompt_len))
+    k = rate_per_instance * prompt_len / n  # prompt-carrying steps per second
+    batch = 1
+    tpot = float("inf")
+    for _ in range(100):
+        d = model.tpot_ms(batch, int(context)) / 1000.0
+        m = model.step_ms(batch, int(batch * context), [(0, n)], batch + 1) / 1000.0
+        if k * m >= 1:
+            return float("inf")
+        new = 1000.0 / (k + (1 - k * m) / d)
+        nxt = max(1, round(rate_per_instance * output_len * new / 1000.0))
+        if nxt > max_batch:
+            return float("inf")
+        if nxt == batch and abs(new - tpot) < 1e-6 * max(new, 1.0):
+            return new
+        batch, tpot = nxt, new
+    return tpot
+
+
 def _attainment(predicted: float, slo: float | None) -> float:
     if predicted == float("inf"):
         return 0.0
@@ -98,7 +127,7 @@ def predict(split: Split, n: int, model: SpeedModel, traffic: Traffic,
         if rho >= 1:
             return Prediction(split, float("inf"), float("inf"), 0.0)
         ttft = 1000 * (s + rho * s / (2 * (1 - rho)))
-        tpot = _decode_tpot(model, lam / n, lo, context, stretch=1 / (1 - rho))
+        tpot = _mixed_tpot(model, lam / n, lp, lo, context)
     else:
         rho = lam * s / split.prefill
         ttft = float("inf") if rho >= 1 else 1000 * (s + rho * s / (2 * (1 - rho)))
