@@ -115,14 +115,15 @@ def test_the_controller_switches_with_its_reasons_and_only_when_dynamic() -> Non
         v.info = replace(v.info, role=role)
     assert dyn.plan(101.0, views) == []  # in place: nothing to do
     assert "is best" in dyn.last.reason
-    # The mix flips to short prompts and long outputs at 4 req/s: one decode instance
-    # would fall behind its TPOT, so all mixed is best again, but only after the dwell.
-    for i in range(40):
-        dyn.meter.arrive(101 + 0.25 * i, 50, 400)
+    # The mix flips to short prompts at 8 req/s: one decode instance would hold about 9.5
+    # sequences, and half its requests would miss the TPOT (10 at most meet it), so all
+    # mixed is best again, but only after the dwell.
+    for i in range(80):
+        dyn.meter.arrive(101 + 0.125 * i, 10, 100)
     assert dyn.plan(111.0, views) == []
     assert "ago" in dyn.last.reason
-    for i in range(40):
-        dyn.meter.arrive(121 + 0.25 * i, 50, 400)
+    for i in range(80):
+        dyn.meter.arrive(121 + 0.125 * i, 10, 100)
     later = dyn.plan(131.0, views)
     assert later and {r for _, r in later} == {"mixed"}
     assert len(dyn.decisions) == 2 and dyn.num_switches == 2

@@ -3,6 +3,8 @@ hysteresis and dwell time keep it from flapping."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from xllm.engine.speed_model import SpeedModel
@@ -58,21 +60,50 @@ def test_a_margin_keeps_a_near_tie_where_it_is() -> None:
 
 def test_mixed_prediction_prices_decodes_riding_the_prompt_steps() -> None:
     from xllm.engine.speed_model import KNOTS, StepCost
-    from xllm.service.planner import _mixed_tpot
+    from xllm.service.planner import _mixed_tpot, _mixed_tpot_attainment
 
     traffic = Traffic(rate=4.0, prompt_len=1000, output_len=100)
-    # The per-request forms: the decode step stretched by the prompts' share of the time.
+    # The per-request forms: the mean is the decode step stretched by the prompts' share.
     rate = traffic.rate / 4
     forms = _mixed_tpot(MODEL, rate, 1000, 100, 1050)
     rho = rate * (MODEL.ttft_ms(1000) - MODEL.ttft_coef[0]) / 1000
-    batch = max(1, round(rate * 100 * forms / 1000))
-    assert forms == pytest.approx(MODEL.tpot_ms(batch, 1050) / (1 - rho), rel=1e-6)
+    batch = max(1, round(rate * 100 * forms.tpot_ms / 1000))
+    assert forms.tpot_ms == pytest.approx(MODEL.tpot_ms(batch, 1050) / (1 - rho), rel=1e-6)
     # A step cost where decodes beside a prompt cost next to nothing: the prompt-carrying
     # steps give every decode a token too, so TPOT is below the stretched decode step.
     step = StepCost(tuple(8.0 + 0.35 * (k - 1) for k in KNOTS), 0.0, 0.0, 0.0)
     cheap = SpeedModel(MODEL.ttft_coef, MODEL.tpot_coef, step)
-    tpot = _mixed_tpot(cheap, rate, 1000, 100, 1050)
+    mixed = _mixed_tpot(cheap, rate, 1000, 100, 1050)
     s = cheap.ttft_ms(1000) / 1000
-    assert tpot < cheap.tpot_ms(1, 1050) / (1 - rate * s)
-    p = predict(Split(0, 0), 4, cheap, traffic, 3000, 50)
-    assert p.tpot_ms == pytest.approx(tpot)
+    assert mixed.tpot_ms < cheap.tpot_ms(1, 1050) / (1 - rate * s)
+    # Scored per request: a request meets the SLO when few enough prompt steps (each adding
+    # m - d over its 100 tokens) land in its decoding, a Poisson count.
+    share = _mixed_tpot_attainment(mixed, 100, 12.0)
+    hits = rate * 100 * mixed.decode_ms / 1000
+    allowed = math.floor((12.0 - mixed.decode_ms) * 100 / (mixed.prompt_step_ms - mixed.decode_ms))
+    assert allowed >= 0
+    assert share == pytest.approx(sum(math.exp(-hits) * hits ** i / math.factorial(i)
+                                      for i in range(allowed + 1)), rel=1e-9)
+    assert _mixed_tpot_attainment(mixed, 100, 30.0) > share  # more prompt steps allowed
+    assert _mixed_tpot_attainment(mixed, 100, None) == 1.0
+    assert _mixed_tpot_attainment(mixed, 100, 4.0) == 0.0  # even a decode step misses it
+    p = predict(Split(0, 0), 4, cheap, traffic, 3000, 12.0)
+    assert p.tpot_ms == pytest.approx(mixed.tpot_ms) and p.score == pytest.approx(share)
+
+
+def test_a_decode_split_is_scored_by_the_share_of_requests_whose_batch_meets_the_slo() -> None:
+    from xllm.service.planner import _decode_tpot_attainment
+
+    # MODEL's TPOT at context 1050: 8 + 0.6 B + 0.0015 B x 1050 = 8 + 2.175 B; a 30 ms SLO
+    # holds up to B = 10, so a request meets it when at most 9 others decode beside it.
+    limit = max(b for b in range(1, 50) if MODEL.tpot_ms(b, 1050) <= 30)
+    assert limit == 10
+    tpot = 25.0
+    rate = 3.0  # per decode instance: a mean of rate x Lo x TPOT = 7.5 others
+    share = _decode_tpot_attainment(MODEL, tpot, rate, 100, 1050, 30.0)
+    mean = rate * 100 * tpot / 1000
+    assert share == pytest.approx(sum(math.exp(-mean) * mean ** i / math.factorial(i)
+                                      for i in range(limit)), rel=1e-9)
+    assert 0.5 < share < 1.0  # the mean meets the SLO, not every request
+    assert _decode_tpot_attainment(MODEL, tpot, rate, 100, 1050, 9.0) == 0.0  # none can
+    assert _decode_tpot_attainment(MODEL, float("inf"), rate, 100, 1050, 30.0) == 0.0

@@ -12,11 +12,15 @@ predicts TTFT and TPOT:
   the two;
 - **mixed**: each instance takes ``lam / N``; its prefills take the share ``rho`` of its
   time. Its decodes ride every step, the prompt-carrying ones too, at the step cost's price
-  of a prompt beside them (``_mixed_tpot``); with the per-request forms alone this is the
-  decode step stretched by ``1 / (1 - rho)``.
+  of a prompt beside them (``_mixed_tpot``); with the per-request forms alone the mean is
+  the decode step stretched by ``1 / (1 - rho)``.
 
-A split's score is its predicted SLO attainment, ``min(1, slo / predicted)`` for TTFT and
-for TPOT, the smaller of the two (0 when a side cannot keep up). :class:`Planner` moves to
+A split's score is its predicted SLO attainment, the smaller of TTFT's and TPOT's (0 when
+a side cannot keep up). TTFT's is ``min(1, slo / predicted)`` on the mean. TPOT's is the
+share of requests predicted to meet it, since a request's TPOT is its own and the mean
+hides how it spreads: on a decode instance, the share whose batch (Poisson about its mean)
+is small enough (``_decode_tpot_attainment``); on a mixed one, the share that sit through
+few enough prompt steps (``_mixed_tpot_attainment``). :class:`Planner` moves to
 the best split only when it beats the current one by ``margin`` and the last move is at
 least ``min_dwell_s`` old (hysteresis), and says why; among splits of equal attainment it
 prefers the most headroom under the SLOs.
@@ -28,6 +32,7 @@ bench.simulate runs the same code against simulated instances.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from xllm.engine.speed_model import SpeedModel
@@ -81,31 +86,93 @@ def _decode_tpot(model: SpeedModel, rate_per_instance: float, output_len: float,
     return tpot
 
 
+@dataclass(frozen=True)
+class _MixedDecode:
+    tpot_ms: float  # the mean over decode steps and prompt-carrying steps (inf: too much)
+    decode_ms: float  # a step of the decodes alone
+    prompt_step_ms: float  # a step carrying a prompt beside them
+    prompt_steps_per_s: float
+
+
 def _mixed_tpot(model: SpeedModel, rate_per_instance: float, prompt_len: float,
-                output_len: float, context: float, max_batch: int = 1024) -> float:
-    """A mixed instance's TPOT: its B decodes ride every step, and ``k = rate * Lp / n``
-    steps a second also carry a prompt chunk of ``n`` tokens (a whole prompt), each costing
-    ``m = step(B decodes + n)``; the rest are decode steps of ``d = TPOT(B, ctx)``. Steps a
-    second: ``k + (1 - k m) / d``, one token each per decode, so TPOT is its inverse, at the
-    fixed point with B = rate * Lo * TPOT. With the per-request forms (``m = d + prefill``)
-    this is about ``d / (1 - rho)``, rho the prompts' share of the time."""
+                output_len: float, context: float, max_batch: int = 1024) -> _MixedDecode:
+    """A mixed instance's decoding: its B decodes ride every step, and ``k = rate`` steps a
+    second also carry a prompt (one chunk: the default budget holds a whole prompt),
+    costing ``m = step(B decodes + Lp)``; the rest are decode steps of ``d = TPOT(B,
+    ctx)``. Steps a second: ``k + (1 - k m) / d``, one token each per decode, so the mean
+    TPOT is its inverse, at the fixed point with B = rate * Lo * TPOT. With the
+    per-request forms (``m = d + prefill``) this is about ``d / (1 - rho)``, rho the
+    prompts' share of the time."""
     n = max(1, int(prompt_len))
-    k = rate_per_instance * prompt_len / n  # prompt-carrying steps per second
+    k = rate_per_instance
     batch = 1
     tpot = float("inf")
+    d = m = 0.0
     for _ in range(100):
         d = model.tpot_ms(batch, int(context)) / 1000.0
         m = model.step_ms(batch, int(batch * context), [(0, n)], batch + 1) / 1000.0
         if k * m >= 1:
-            return float("inf")
+            return _MixedDecode(float("inf"), 1000 * d, 1000 * m, k)
         new = 1000.0 / (k + (1 - k * m) / d)
         nxt = max(1, round(rate_per_instance * output_len * new / 1000.0))
         if nxt > max_batch:
-            return float("inf")
+            return _MixedDecode(float("inf"), 1000 * d, 1000 * m, k)
         if nxt == batch and abs(new - tpot) < 1e-6 * max(new, 1.0):
-            return new
+            break
         batch, tpot = nxt, new
-    return tpot
+    return _MixedDecode(new, 1000 * d, 1000 * m, k)
+
+
+def _poisson_cdf(k: int, mean: float) -> float:
+    """P(X <= k) for X ~ Poisson(mean)."""
+    if k < 0:
+        return 0.0
+    if k > mean + 12 * math.sqrt(mean) + 12:
+        return 1.0
+    term = total = math.exp(-mean)
+    for i in range(1, k + 1):
+        term *= mean / i
+        total += term
+    return min(1.0, total)
+
+
+def _mixed_tpot_attainment(mixed: _MixedDecode, output_len: float,
+                           slo: float | None) -> float:
+    """The share of a mixed instance's requests whose TPOT meets the SLO. A request's TPOT
+    is its own: one that no prompt step interrupts decodes at ``d``; each prompt step it
+    sits through adds ``m - d`` over its Lo tokens. Prompt steps land as a Poisson stream
+    of ``k`` a second over its decoding (Lo x d: the requests that meet a tight SLO are
+    the ones few steps interrupt, so theirs is about that long), so the share is the
+    Poisson CDF at the most interruptions the SLO allows (none when even ``d`` misses it).
+    The mean alone would count every request late when a few interruptions raise it (with
+    short outputs, most requests see none)."""
+    if mixed.tpot_ms == float("inf"):
+        return 0.0
+    if slo is None:
+        return 1.0
+    if mixed.decode_ms > slo:
+        return 0.0
+    extra = max(mixed.prompt_step_ms - mixed.decode_ms, 1e-9)
+    allowed = math.floor((slo - mixed.decode_ms) * output_len / extra)
+    hits = mixed.prompt_steps_per_s * output_len * mixed.decode_ms / 1000.0
+    return _poisson_cdf(min(allowed, 10**6), hits)
+
+
+def _decode_tpot_attainment(model: SpeedModel, tpot_ms: float, rate_per_instance: float,
+                            output_len: float, context: float, slo: float | None) -> float:
+    """The share of a decode instance's requests whose TPOT meets the SLO: the instance
+    holds B ~ Poisson(rate x Lo x TPOT) other sequences (Poisson arrivals, each decoding a
+    while), and a request meets the SLO when TPOT(B + 1) does."""
+    if tpot_ms == float("inf"):
+        return 0.0
+    if slo is None:
+        return 1.0
+    mean = rate_per_instance * output_len * tpot_ms / 1000.0
+    limit = int(mean + 12 * math.sqrt(mean) + 12)
+    others = -1
+    while others < limit and model.tpot_ms(others + 2, int(context)) <= slo:
+        others += 1
+    return _poisson_cdf(others, mean)
 
 
 def _attainment(predicted: float, slo: float | None) -> float:
@@ -127,12 +194,16 @@ def predict(split: Split, n: int, model: SpeedModel, traffic: Traffic,
         if rho >= 1:
             return Prediction(split, float("inf"), float("inf"), 0.0)
         ttft = 1000 * (s + rho * s / (2 * (1 - rho)))
-        tpot = _mixed_tpot(model, lam / n, lp, lo, context)
-    else:
-        rho = lam * s / split.prefill
-        ttft = float("inf") if rho >= 1 else 1000 * (s + rho * s / (2 * (1 - rho)))
-        tpot = _decode_tpot(model, lam / split.decode, lo, context)
-    score = min(_attainment(ttft, slo_ttft_ms), _attainment(tpot, slo_tpot_ms))
+        mixed = _mixed_tpot(model, lam / n, lp, lo, context)
+        tpot = mixed.tpot_ms
+        score = min(_attainment(ttft, slo_ttft_ms),
+                    _mixed_tpot_attainment(mixed, lo, slo_tpot_ms))
+        return Prediction(split, ttft, tpot, score)
+    rho = lam * s / split.prefill
+    ttft = float("inf") if rho >= 1 else 1000 * (s + rho * s / (2 * (1 - rho)))
+    tpot = _decode_tpot(model, lam / split.decode, lo, context)
+    score = min(_attainment(ttft, slo_ttft_ms), _decode_tpot_attainment(
+        model, tpot, lam / split.decode, lo, context, slo_tpot_ms))
     return Prediction(split, ttft, tpot, score)
 
 
