@@ -42,7 +42,7 @@ def test_fit_recovers_the_coefficients_and_reports_relative_error() -> None:
 
 
 def test_online_model_refits_on_its_window() -> None:
-    online = OnlineSpeedModel(window=64, refit_every=8)
+    online = OnlineSpeedModel(window=64, refit_every=8, min_interval_s=0)
     prefill, decode = _synthetic(noise=0.0)
     for p in prefill:
         online.add_prefill(*p)
@@ -55,6 +55,18 @@ def test_online_model_refits_on_its_window() -> None:
         online.add_decode(*d)
     assert online.model is not first  # refitted as samples came
     assert online.model.tpot_coef == pytest.approx((20.0, 1.5, 0.004), rel=1e-6)
+    # Adding a sample never fits (it runs after every engine step); a read refits, at most
+    # once per min_interval_s.
+    slow = OnlineSpeedModel(window=64, refit_every=8, min_interval_s=3600)
+    for p in prefill:
+        slow.add_prefill(*p)
+    for d in decode[:3]:
+        slow.add_decode(*d)
+    first = slow.model
+    assert first is not None and slow.model is first
+    for d in decode[3:]:
+        slow.add_decode(*d)
+    assert slow.model is first  # the interval has not passed
 
 
 def _true_step(tokens: int, sampled: int, attn: float, ctx: int) -> float:
@@ -177,7 +189,7 @@ def test_the_instances_own_steps_outweigh_its_profile_as_they_come() -> None:
     profile = _step_samples(noise=0.0)
     prefill = [(n, _true_step(n, 1, n * (n + 1) / 2, 0)) for n in (64, 256, 1024)]
     decode = [(b, 512, _true_step(b, b, 0, b * 512)) for b in (1, 4, 16)]
-    online = OnlineSpeedModel(refit_every=8)
+    online = OnlineSpeedModel(refit_every=8, min_interval_s=0)
     online.seed(prefill, decode, profile)
     assert online.model is not None and online.model.step is not None
     assert online.model.ttft_ms(1000) == pytest.approx(_true_step(1000, 1, 500500, 0), rel=0.03)

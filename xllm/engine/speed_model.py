@@ -302,11 +302,16 @@ class SpeedModel:
 
 class OnlineSpeedModel:
     """A window of recent samples, plus the profile's (kept for good), and the model fitted
-    to them all (refitted every ``refit_every`` new samples once both kinds have enough).
-    Step samples keep two windows, steps with a prompt chunk and decode-only steps, so a
-    decode-heavy stretch does not push every prompt out of the fit."""
+    to them all. Step samples keep two windows, steps with a prompt chunk and decode-only
+    steps, so a decode-heavy stretch does not push every prompt out of the fit.
 
-    def __init__(self, window: int = 512, refit_every: int = 32) -> None:
+    The fit runs when the model is read (the instance's heartbeat reads it), once both
+    kinds have 3 samples, and again once ``refit_every`` new samples have come and
+    ``min_interval_s`` has passed since the last fit: a fit takes a few ms, which adding a
+    sample after every step must not cost."""
+
+    def __init__(self, window: int = 512, refit_every: int = 32,
+                 min_interval_s: float = 2.0) -> None:
         self.prefill: deque[PrefillSample] = deque(maxlen=window)
         self.decode: deque[DecodeSample] = deque(maxlen=window)
         self.prompt_steps: deque[StepSample] = deque(maxlen=window)
@@ -315,17 +320,28 @@ class OnlineSpeedModel:
         self.base_decode: list[DecodeSample] = []
         self.base_steps: list[StepSample] = []
         self.refit_every = refit_every
-        self.model: SpeedModel | None = None
+        self.min_interval_s = min_interval_s
         self.tap: list[StepSample] | None = None  # set: every step sample is copied here too
+        self._model: SpeedModel | None = None
         self._since = 0
+        self._fitted_at = float("-inf")
 
     def seed(self, prefill: Sequence[PrefillSample], decode: Sequence[DecodeSample],
              steps: Sequence[StepSample] = ()) -> None:
-        """A profile's samples: always part of the fit (refitted now)."""
+        """A profile's samples: always part of the fit (refitted at the next read)."""
         self.base_prefill, self.base_decode = list(prefill), list(decode)
         self.base_steps = list(steps)
-        self._since = self.refit_every
-        self._tick(0)
+        self._model = None
+
+    @property
+    def model(self) -> SpeedModel | None:
+        n_prefill, n_decode = self.num_samples
+        if n_prefill < 3 or n_decode < 3:
+            return self._model
+        if self._model is None or (self._since >= self.refit_every and time.monotonic()
+                                   - self._fitted_at >= self.min_interval_s):
+            self._refit()
+        return self._model
 
     @property
     def num_samples(self) -> tuple[int, int]:
@@ -338,11 +354,11 @@ class OnlineSpeedModel:
 
     def add_prefill(self, prompt_len: int, ms: float) -> None:
         self.prefill.append((prompt_len, ms))
-        self._tick()
+        self._since += 1
 
     def add_decode(self, batch: int, context: int, ms: float) -> None:
         self.decode.append((batch, context, ms))
-        self._tick()
+        self._since += 1
 
     def add_step(self, tokens: int, decodes: int, sampled: int, attn: float, ctx: int,
                  ms: float) -> None:
@@ -350,25 +366,22 @@ class OnlineSpeedModel:
         (self.prompt_steps if attn > 0 else self.decode_steps).append(sample)
         if self.tap is not None:
             self.tap.append(sample)
-        self._tick()
+        self._since += 1
 
-    def _tick(self, new: int = 1) -> None:
-        self._since += new
-        due = self.model is None or self._since >= self.refit_every
-        n_prefill, n_decode = self.num_samples
-        if due and n_prefill >= 3 and n_decode >= 3:
-            # The profile's step samples weigh less as the instance's own steps of the same
-            # kind come in: the machine's speed now is what the planner needs (this one's
-            # drifts by tens of percent within minutes), the profile covers the shapes the
-            # traffic has not shown.
-            fade = {True: 1.0 / (1.0 + len(self.prompt_steps) / _BASE_FADE),
-                    False: 1.0 / (1.0 + len(self.decode_steps) / _BASE_FADE)}
-            weights = [fade[s[3] > 0] for s in self.base_steps]
-            weights += [1.0] * (len(self.prompt_steps) + len(self.decode_steps))
-            self.model = SpeedModel.fit(
-                self.base_prefill + list(self.prefill), self.base_decode + list(self.decode),
-                self.base_steps + list(self.prompt_steps) + list(self.decode_steps), weights)
-            self._since = 0
+    def _refit(self) -> None:
+        # The profile's step samples weigh less as the instance's own steps of the same kind
+        # come in: the machine's speed now is what the planner needs (this one's drifts by
+        # tens of percent within minutes), the profile covers the shapes the traffic has
+        # not shown.
+        fade = {True: 1.0 / (1.0 + len(self.prompt_steps) / _BASE_FADE),
+                False: 1.0 / (1.0 + len(self.decode_steps) / _BASE_FADE)}
+        weights = [fade[s[3] > 0] for s in self.base_steps]
+        weights += [1.0] * (len(self.prompt_steps) + len(self.decode_steps))
+        self._model = SpeedModel.fit(
+            self.base_prefill + list(self.prefill), self.base_decode + list(self.decode),
+            self.base_steps + list(self.prompt_steps) + list(self.decode_steps), weights)
+        self._since = 0
+        self._fitted_at = time.monotonic()
 
 
 class Profile(NamedTuple):
