@@ -395,16 +395,22 @@ def profile_engine(engine: Any, prompt_lens: Sequence[int] = (64, 256, 512, 1024
                    contexts: Sequence[int] = (128, 512), decode_steps: int = 8,
                    seed: int = 0) -> Profile:
     """Measures an idle ``LLMEngine``: each prompt length's time to the first token alone
-    (best of 2), and each (batch, context)'s decode step time (mean of ``decode_steps``
-    steps after the prompts are in), then one step of a prompt chunk beside those decodes.
-    Every step the engine takes meanwhile is a step sample (the batched prompts of each
-    decode point's start among them, and prompts whose head is cached). Random token ids;
-    nothing else may run meanwhile."""
+    (best of 2); then, for each context, the largest batch of prompts of that length, whose
+    requests end in turns so the same batch decodes at each of ``batches`` for about
+    ``decode_steps`` steps (each a decode sample: the mean of those steps), with a prompt
+    beside the decodes as each batch size begins. Every step the engine takes is a step
+    sample (the batched prompts, prompts behind a cached head, prompts beside decodes among
+    them). Random token ids; nothing else may run meanwhile."""
     from xllm.sampling_params import SamplingParams
 
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
-    room = engine.max_model_len - decode_steps - 2  # a profile request's prompt, at most
+    sizes = sorted(set(batches), reverse=True)
+    phase = decode_steps + 2  # decode steps per batch size (one spare at each end)
+    room = engine.max_model_len - phase * len(sizes) - 2  # a profile prompt, at most
+    if room < 16:
+        raise ValueError(f"max_model_len {engine.max_model_len} leaves no room for a speed "
+                         f"profile of {len(sizes)} batch sizes x {phase} steps")
     prompt_lens = sorted({min(n, room) for n in prompt_lens})
     contexts = sorted({min(c, room) for c in contexts})
     ids = iter(range(10**9))
@@ -438,24 +444,32 @@ def profile_engine(engine: Any, prompt_lens: Sequence[int] = (64, 256, 512, 1024
             engine.add_request(f"profile-{next(ids)}", head + prompt(max(tail, 1)), one)
             drain()
         decode: list[DecodeSample] = []
-        for b in batches:  # the contexts alternate: a drift in speed does not look like one
-            for ctx in contexts:
-                params = SamplingParams(temperature=0.0, max_tokens=decode_steps + 4,
+        for ctx in contexts:
+            # Request r lasts through every batch size larger than r: the batch shrinks
+            # through ``sizes`` by itself, one prefill of the largest batch serving all.
+            for r in range(sizes[0]):
+                last = max(i for i, b in enumerate(sizes) if b > r)
+                params = SamplingParams(temperature=0.0, max_tokens=1 + phase * (last + 1),
                                         ignore_eos=True)
-                for _ in range(b):
-                    engine.add_request(f"profile-{next(ids)}", prompt(ctx), params)
-                while any(r.num_computed_tokens < r.num_tokens - 1
-                          for r in engine.scheduler.requests.values()):
-                    engine.step()  # the prompts, untimed
+                engine.add_request(f"profile-{next(ids)}", prompt(ctx), params)
+            start = len(tap)
+            seen: set[int] = set()
+            while engine.has_unfinished_requests():
+                running = sum(1 for r in engine.scheduler.requests.values()
+                              if r.num_computed_tokens >= r.num_tokens - 1)
+                if running in sizes and running not in seen and running == len(
+                        engine.scheduler.requests):
+                    seen.add(running)  # a batch size begins: a prompt beside its decodes
+                    engine.add_request(f"profile-{next(ids)}", prompt(min(ctx, 256)), one)
                 engine.step()
-                t0 = time.perf_counter()
-                for _ in range(decode_steps):
-                    engine.step()
-                decode.append((b, ctx + 1 + decode_steps // 2,
-                               1e3 * (time.perf_counter() - t0) / decode_steps))
-                # A prompt beside the decodes: one mixed step (its sample is in the tap).
-                engine.add_request(f"profile-{next(ids)}", prompt(ctx), one)
-                drain()
+            by_size: dict[int, list[StepSample]] = {}
+            for sample in tap[start:]:
+                if sample[3] == 0 and sample[1] in sizes:  # decodes alone
+                    by_size.setdefault(sample[1], []).append(sample)
+            for b in sorted(by_size):
+                steps = by_size[b][1:-1] or by_size[b]  # not a size's first and last step
+                decode.append((b, round(sum(s[4] for s in steps) / (b * len(steps))),
+                               sum(s[5] for s in steps) / len(steps)))
     finally:
         engine.speed.tap = None
     return Profile(prefill, decode, tap)
