@@ -158,7 +158,9 @@ def test_profile_of_the_demo_engine_fits(demo_model_dir) -> None:  # noqa: ANN00
                                             batches=(1, 4, 8), contexts=(64, 256),
                                             decode_steps=4)
     assert [n for n, _ in prefill] == [32, 128, 256, 512]
-    assert len(decode) == 6 and all(ms > 0 for *_, ms in decode)
+    # 3 batch sizes at each of the 2 contexts, and 4 and 1 at a long context (1024 here)
+    assert len(decode) == 8 and all(ms > 0 for *_, ms in decode)
+    assert sorted(b for b, c, _ in decode if c > 1000) == [1, 4]
     assert prefill[-1][1] > prefill[0][1]  # longer prompts take longer
     # Every step was a step sample: among them the prompts alone, the decodes, batched
     # prompts (4 and 8 prompts of 256 tokens need more than one 1024-token step) and a prompt
@@ -179,7 +181,7 @@ def test_profile_of_the_demo_engine_fits(demo_model_dir) -> None:  # noqa: ANN00
     assert {b for b, _, _ in online.decode} >= {1, 4, 8}
     assert len(online.prompt_steps) + len(online.decode_steps) >= len(steps)
     online.seed(prefill, decode, steps)  # what --profile-speed does: kept in every later fit
-    assert online.num_samples == (len(online.prefill) + 4, len(online.decode) + 6)
+    assert online.num_samples == (len(online.prefill) + 4, len(online.decode) + len(decode))
     assert online.model is not None and online.model.step is not None
 
 

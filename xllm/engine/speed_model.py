@@ -398,7 +398,8 @@ def profile_engine(engine: Any, prompt_lens: Sequence[int] = (64, 256, 512, 1024
     (best of 2); then, for each context, the largest batch of prompts of that length, whose
     requests end in turns so the same batch decodes at each of ``batches`` for about
     ``decode_steps`` steps (each a decode sample: the mean of those steps), with a prompt
-    beside the decodes as each batch size begins. Every step the engine takes is a step
+    beside the decodes as each batch size begins; and batches of up to 4 at a context of
+    1024 (or twice the longest, within the model's length). Every step the engine takes is a step
     sample (the batched prompts, prompts behind a cached head, prompts beside decodes among
     them). Random token ids; nothing else may run meanwhile."""
     from xllm.sampling_params import SamplingParams
@@ -444,11 +445,17 @@ def profile_engine(engine: Any, prompt_lens: Sequence[int] = (64, 256, 512, 1024
             engine.add_request(f"profile-{next(ids)}", head + prompt(max(tail, 1)), one)
             drain()
         decode: list[DecodeSample] = []
-        for ctx in contexts:
+        # A long context at small batches too: serving decodes at contexts the short ones do
+        # not reach, where context and batch move together (their costs then look alike).
+        long_ctx = min(max(2 * contexts[-1], 1024), room)
+        passes = [(ctx, sizes) for ctx in contexts]
+        if long_ctx > contexts[-1]:
+            passes.append((long_ctx, [b for b in sizes if b <= 4] or sizes[-1:]))
+        for ctx, pass_sizes in passes:
             # Request r lasts through every batch size larger than r: the batch shrinks
-            # through ``sizes`` by itself, one prefill of the largest batch serving all.
-            for r in range(sizes[0]):
-                last = max(i for i, b in enumerate(sizes) if b > r)
+            # through ``pass_sizes`` by itself, one prefill of the largest batch serving all.
+            for r in range(pass_sizes[0]):
+                last = max(i for i, b in enumerate(pass_sizes) if b > r)
                 params = SamplingParams(temperature=0.0, max_tokens=1 + phase * (last + 1),
                                         ignore_eos=True)
                 engine.add_request(f"profile-{next(ids)}", prompt(ctx), params)
@@ -457,14 +464,14 @@ def profile_engine(engine: Any, prompt_lens: Sequence[int] = (64, 256, 512, 1024
             while engine.has_unfinished_requests():
                 running = sum(1 for r in engine.scheduler.requests.values()
                               if r.num_computed_tokens >= r.num_tokens - 1)
-                if running in sizes and running not in seen and running == len(
+                if running in pass_sizes and running not in seen and running == len(
                         engine.scheduler.requests):
                     seen.add(running)  # a batch size begins: a prompt beside its decodes
                     engine.add_request(f"profile-{next(ids)}", prompt(min(ctx, 256)), one)
                 engine.step()
             by_size: dict[int, list[StepSample]] = {}
             for sample in tap[start:]:
-                if sample[3] == 0 and sample[1] in sizes:  # decodes alone
+                if sample[3] == 0 and sample[1] in pass_sizes:  # decodes alone
                     by_size.setdefault(sample[1], []).append(sample)
             for b in sorted(by_size):
                 steps = by_size[b][1:-1] or by_size[b]  # not a size's first and last step
