@@ -231,7 +231,7 @@ class SimInstance:
         sampled = b + sum(1 for job, start, n in chunks if start + n >= job.req.trace.prompt)
         ms = model.step_ms(b, self.ctx_sum, spans, sampled)
         self.busy = True
-        self.sim.at(now + max(ms, 0.01) / 1000.0, lambda t: self._end_step(t, b, chunks))
+        self.sim.at(now + ms / 1000.0, lambda t: self._end_step(t, b, chunks))
 
     def _end_step(self, now: float, b: int, chunks: list[tuple[Job, int, int]]) -> None:
         self.steps += 1

@@ -30,7 +30,7 @@ import torch
 from xllm import _C
 from xllm.config import EngineConfig
 from xllm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from xllm.engine.speed_model import OnlineSpeedModel
+from xllm.engine.speed_model import OnlineSpeedModel, chunk_attention
 from xllm.kvcache.store import KVStore, KVStoreConfig
 from xllm.layers.eplb import Placement, rank_loads, rebalance_experts
 from xllm.layers.parallel import SINGLE, TensorParallel, check_tensor_parallel
@@ -555,12 +555,9 @@ class LLMEngine:
         model: a step sample, and a prefill or decode sample when it is one kind alone."""
         decodes = len(out.decodes)
         ctx = sum(d.num_computed_tokens for d in out.decodes)
-        sampled = decodes
-        attn = 0.0
-        for p in out.prefills:
-            start, n = p.num_computed_tokens, p.num_new_tokens
-            attn += n * start + n * (n + 1) / 2
-            sampled += p.samples
+        _, attn = chunk_attention([(p.num_computed_tokens, p.num_new_tokens)
+                                   for p in out.prefills])
+        sampled = decodes + sum(p.samples for p in out.prefills)
         self.speed.add_step(out.num_batched_tokens, decodes, sampled, attn, ctx, ms)
         if not out.prefills:
             self.speed.add_decode(decodes, ctx // decodes, ms)

@@ -6,11 +6,10 @@ of :mod:`xllm.service.proto` lives here so the registry and routing never touch 
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
-from xllm.engine.speed_model import OnlineSpeedModel, SpeedModel, StepCost
+from xllm.engine.speed_model import OnlineSpeedModel, SpeedModel
 from xllm.service.proto import master_pb2
 
 __all__ = ["ROLES", "Capacity", "InstanceInfo", "InstanceLoad", "InstanceView", "SpareCapacity"]
@@ -102,19 +101,14 @@ class InstanceInfo:
 
 def _speed_from_proto(msg: master_pb2.SpeedModel) -> SpeedModel | None:
     """None for a malformed model (wrong lengths, not finite): the planner goes without."""
-    if len(msg.ttft_coef) != 3 or len(msg.tpot_coef) != 3:
+    s = msg.step
+    try:
+        return SpeedModel.from_dict({
+            "ttft_coef": msg.ttft_coef, "tpot_coef": msg.tpot_coef,
+            "step": {"knot_ms": s.knot_ms, "sample_ms": s.sample_ms, "attn_ms": s.attn_ms,
+                     "ctx_ms": s.ctx_ms} if msg.HasField("step") else None})
+    except ValueError:
         return None
-    values = (*msg.ttft_coef, *msg.tpot_coef)
-    if not all(math.isfinite(v) for v in values):
-        return None
-    step = None
-    if msg.HasField("step"):
-        s = msg.step
-        try:
-            step = StepCost(tuple(s.knot_ms), s.sample_ms, s.attn_ms, s.ctx_ms)
-        except ValueError:
-            return None
-    return SpeedModel(tuple(msg.ttft_coef), tuple(msg.tpot_coef), step)  # type: ignore[arg-type]
 
 
 def speed_to_proto(online: OnlineSpeedModel) -> master_pb2.SpeedModel | None:
@@ -123,14 +117,12 @@ def speed_to_proto(online: OnlineSpeedModel) -> master_pb2.SpeedModel | None:
     if model is None:
         return None
     n_prefill, n_decode = online.num_samples
-    msg = master_pb2.SpeedModel(ttft_coef=model.ttft_coef, tpot_coef=model.tpot_coef,
-                                prefill_samples=n_prefill, decode_samples=n_decode,
-                                step_samples=online.num_step_samples)
-    if model.step is not None:
-        s = model.step
-        msg.step.CopyFrom(master_pb2.StepCost(knot_ms=s.knot_ms, sample_ms=s.sample_ms,
-                                              attn_ms=s.attn_ms, ctx_ms=s.ctx_ms))
-    return msg
+    s = model.step
+    return master_pb2.SpeedModel(
+        ttft_coef=model.ttft_coef, tpot_coef=model.tpot_coef, prefill_samples=n_prefill,
+        decode_samples=n_decode, step_samples=online.num_step_samples,
+        step=None if s is None else master_pb2.StepCost(
+            knot_ms=s.knot_ms, sample_ms=s.sample_ms, attn_ms=s.attn_ms, ctx_ms=s.ctx_ms))
 
 
 @dataclass(slots=True)
