@@ -16,8 +16,8 @@ import torch
 from bench.ops.common import Row
 
 SUITES = (
-    "attention", "kv_write", "linear", "block_pool", "queue", "vmm", "allreduce", "moe", "mla",
-    "triton_gpu",
+    "attention", "attention_isa", "kv_write", "linear", "block_pool", "queue", "vmm",
+    "allreduce", "moe", "mla", "triton_gpu",
 )
 
 

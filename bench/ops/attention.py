@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.ops.common import Row, compare, per_call_seconds
+from xllm import _C
 from xllm.ops import attention as ops
 
 BLOCK_SIZE = 16
@@ -192,6 +193,52 @@ def prefill_row(model: str, q_len: int, cached: int) -> Row:
     )
     row.extra = {"baseline_variants_s": variants}
     row.note = "no target; reported for reference"
+    return row
+
+
+def isa_row(model: str, batch: int, ctx: int, dtype: torch.dtype, layers: int = 1) -> Row:
+    """Decode on the best ISA level this CPU has against the AVX2 level, alternating.
+
+    With ``layers`` > 1 a call is a whole step's attention: one cache per layer, each
+    read once, so the KV streams from memory as in an engine (one layer's cache of a
+    small batch otherwise stays in cache from one timing round to the next)."""
+    best = _C.detected_isa()
+    heads = MODELS[model]
+    caches = [Paged(batch, [ctx] * batch, heads, dtype, seed=i) for i in range(layers)]
+    p = caches[0]
+    scale = 1.0 / math.sqrt(p.head_size)
+    query = torch.randn(batch, p.num_heads, p.head_size)
+    out = torch.empty(batch, p.num_heads, p.head_size)
+
+    def at(isa: str):
+        def step() -> None:
+            _C.set_cpu_isa(isa)
+            for c in caches:
+                ops.paged_attention_decode(
+                    query, c.key_cache, c.value_cache, c.block_tables, c.seq_lens, scale, out=out
+                )
+        return step
+
+    try:
+        at("avx2")()
+        expected = out.clone()
+        at(best)()
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+        kv_bytes = (layers * 2 * batch * ctx * p.num_kv_heads * p.head_size
+                    * p.key_cache.element_size())
+        dt = "bf16 cache" if dtype == torch.bfloat16 else "fp32 cache"
+        where = f", {layers} layers" if layers > 1 else ""
+        row = compare(
+            "paged_attention_decode",
+            f"{model} h{p.num_heads}/kv{p.num_kv_heads}/d{p.head_size} batch {batch} ctx {ctx} "
+            f"{dt}{where}: {best} kernels",
+            at(best), at("avx2"), "the same op at the avx2 level", **_timer_kwargs(kv_bytes))
+    finally:
+        _C.set_cpu_isa(best)
+    row.extra = {"kv_bytes": kv_bytes, "native_gb_per_s": kv_bytes / row.native_s / 1e9,
+                 "avx2_gb_per_s": kv_bytes / row.reference_s / 1e9}
+    row.note = (f"{row.extra['native_gb_per_s']:.1f} against {row.extra['avx2_gb_per_s']:.1f} "
+                "GB/s of KV")
     return row
 
 

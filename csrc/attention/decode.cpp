@@ -32,7 +32,7 @@ struct Item {
 
 template <class KT>
 void run(const PagedCall& a, Isa isa) {  // a query row per sequence
-  const Kernels<KT> kern = kernels_for<KT>(isa);
+  const Kernels<KT> kern = kernels_for<KT>(isa, a.cache.head_size);
   const SoftmaxFn softmax = softmax_for(isa);
   const KvView<KT> kv(a.cache);
   const int64_t nkv = a.cache.num_kv_heads, bs = a.cache.block_size;

@@ -47,12 +47,18 @@ SoftmaxFn scalar_softmax();
 template <class KT>
 Kernels<KT> avx2_kernels();
 SoftmaxFn avx2_softmax();
+// kernels_avx512.cpp: head sizes that are a multiple of 32, up to 256.
+bool avx512_kernels_fit(int64_t head_size);
+template <class KT>
+Kernels<KT> avx512_kernels();
 #endif
 
-// The kernels for the ISA active now (see common/cpu_info.h), chosen per call.
+// The kernels for the ISA active now (see common/cpu_info.h) and a head size, chosen
+// per call.
 template <class KT>
-Kernels<KT> kernels_for(Isa isa) {
+Kernels<KT> kernels_for(Isa isa, int64_t head_size) {
 #if XLLM_HAVE_AVX2_KERNELS
+  if (isa >= Isa::kAvx512 && avx512_kernels_fit(head_size)) return avx512_kernels<KT>();
   if (isa >= Isa::kAvx2) return avx2_kernels<KT>();
 #endif
   return scalar_kernels<KT>();

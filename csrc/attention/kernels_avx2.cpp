@@ -12,27 +12,6 @@
 namespace xllm::attn {
 namespace {
 
-// Issues prefetches for a byte range a few cache lines per step, so a kernel's
-// loop streams the next block in while it computes on the current one.
-class Prefetcher {
- public:
-  Prefetcher(const void* base, int64_t bytes, int64_t steps)
-      : p_(static_cast<const char*>(base)), left_(base ? (bytes + 63) / 64 : 0),
-        per_step_(steps > 0 ? (left_ + steps - 1) / steps : left_) {}
-  void step() {
-    for (int64_t i = 0; i < per_step_ && left_ > 0; ++i, --left_, p_ += 64) {
-      _mm_prefetch(p_, _MM_HINT_T0);
-    }
-  }
-  void flush() {
-    for (; left_ > 0; --left_, p_ += 64) _mm_prefetch(p_, _MM_HINT_T0);
-  }
-
- private:
-  const char* p_;
-  int64_t left_, per_step_;
-};
-
 // Keeps a value in a register: GCC otherwise folds the same load into every FMA
 // that uses it (a memory operand per FMA), and loads, not FMAs, become the limit
 // (one 256-bit load per cycle on Zen 1).

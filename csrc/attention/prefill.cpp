@@ -24,7 +24,7 @@ constexpr int kChunkTarget = 64;  // key tokens per online-softmax step
 
 template <class KT>
 void run(const Prefill& a, Isa isa) {
-  const Kernels<KT> kern = kernels_for<KT>(isa);
+  const Kernels<KT> kern = kernels_for<KT>(isa, a.cache.head_size);
   const SoftmaxFn softmax = softmax_for(isa);
   const KvView<KT> kv(a.cache);
   const int64_t nkv = a.cache.num_kv_heads;

@@ -54,6 +54,27 @@ inline void from_f32(float x, float* dst) { *dst = x; }
 inline void from_f32(float x, bf16_t* dst) { *dst = f32_to_bf16(x); }
 
 #if XLLM_HAVE_AVX2_KERNELS
+// Issues prefetches for a byte range a few cache lines per step, so a kernel's
+// loop streams the next block in while it computes on the current one.
+class Prefetcher {
+ public:
+  Prefetcher(const void* base, int64_t bytes, int64_t steps)
+      : p_(static_cast<const char*>(base)), left_(base ? (bytes + 63) / 64 : 0),
+        per_step_(steps > 0 ? (left_ + steps - 1) / steps : left_) {}
+  void step() {
+    for (int64_t i = 0; i < per_step_ && left_ > 0; ++i, --left_, p_ += 64) {
+      _mm_prefetch(p_, _MM_HINT_T0);
+    }
+  }
+  void flush() {
+    for (; left_ > 0; --left_, p_ += 64) _mm_prefetch(p_, _MM_HINT_T0);
+  }
+
+ private:
+  const char* p_;
+  int64_t left_, per_step_;
+};
+
 // ---- AVX2 / FMA -----------------------------------------------------------
 
 XLLM_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
