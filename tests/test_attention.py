@@ -20,9 +20,13 @@ import torch
 from xllm import _C
 from xllm.ops import attention as ops
 from xllm.ops import attention_ref as ref
+from xllm.ops.kv_cache import dequantize_rows, kv_row_width, quantize_rows
 
 ISAS = _C.cpu_isas()  # every level this CPU runs, lowest first
 RTOL = ATOL = 1e-5
+# Cache dtypes: fp32, bf16 and int8 rows with a per-row scale (xllm.ops.kv_cache).
+DTYPES = [torch.float32, torch.bfloat16, torch.int8]
+DTYPE_IDS = ["fp32", "bf16", "int8"]
 
 
 @pytest.fixture(autouse=True)
@@ -50,6 +54,12 @@ class Paged:
     seq_lens: torch.Tensor  # int32 [num_seqs]
 
 
+def _poison(dtype: torch.dtype) -> float:
+    """What unowned cache slots hold: NaN, or for int8 rows bytes of -1, whose scale is a
+    NaN (0xFFFFFFFF)."""
+    return -1 if dtype == torch.int8 else float("nan")
+
+
 def make_paged(
     lens: list[int],
     kv_heads: int,
@@ -64,9 +74,9 @@ def make_paged(
     used = [(n + block_size - 1) // block_size for n in lens]
     width = max(used + [1]) if width is None else width
     num_blocks = sum(used) + 3  # + the null block 0 and two never used
-    shape = (num_blocks, kv_heads, block_size, head_size)
-    key_cache = torch.full(shape, float("nan"), dtype=dtype)
-    value_cache = torch.full(shape, float("nan"), dtype=dtype)
+    shape = (num_blocks, kv_heads, block_size, kv_row_width(head_size, dtype))
+    key_cache = torch.full(shape, _poison(dtype), dtype=dtype)
+    value_cache = torch.full(shape, _poison(dtype), dtype=dtype)
     order = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
     tables = torch.zeros(len(lens), width, dtype=torch.int32)
     slots = []
@@ -118,7 +128,7 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("heads,kv_heads,head_size,block_size", SHAPES)
 def test_decode_matches_reference(
     isa: str, dtype: torch.dtype, heads: int, kv_heads: int, head_size: int, block_size: int
@@ -138,7 +148,7 @@ def test_decode_matches_reference(
     assert torch.all(out[0] == 0), "seq_len 0 must give zeros"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_decode_long_context_partitions(isa: str, dtype: torch.dtype) -> None:
     # A batch of one with a long context is split across threads and merged. 3008 is
     # the most a 188-block table row holds; 2999 ends mid-block.
@@ -202,7 +212,7 @@ def test_decode_strided_and_bf16_query(isa: str) -> None:
     torch.testing.assert_close(decode(p, q16, 0.3), expected16, rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("heads,kv_heads,head_size,block_size", SHAPES)
 def test_prefill_matches_reference(
     isa: str, dtype: torch.dtype, heads: int, kv_heads: int, head_size: int, block_size: int
@@ -243,7 +253,7 @@ AMX_TOL = 4e-3
 
 
 def uses_amx_prefill(isa: str, dtype: torch.dtype, group: int, head_size: int) -> bool:
-    return (isa == "amx" and dtype == torch.bfloat16 and head_size % 32 == 0
+    return (isa == "amx" and dtype in (torch.bfloat16, torch.int8) and head_size % 32 == 0
             and head_size <= 128 and group <= 16)
 
 
@@ -251,7 +261,7 @@ def amx_prefill_ref(p: Paged, query: torch.Tensor, starts: torch.Tensor,
                     scale: float) -> torch.Tensor:
     """What the AMX prefill computes, in float64: softmax(bf16(q * scale) K^T) V with the
     weights exp(s - max) rounded to bf16 and normalised by their rounded sum."""
-    heads, hs = query.shape[1], query.shape[2]
+    heads = query.shape[1]
     kv_heads, bs = p.key_cache.shape[1], p.key_cache.shape[2]
     group = heads // kv_heads
     out = torch.zeros(query.shape, dtype=torch.float64)
@@ -260,8 +270,8 @@ def amx_prefill_ref(p: Paged, query: torch.Tensor, starts: torch.Tensor,
         if q1 == q0:
             continue
         blocks = p.block_tables[i, : (n + bs - 1) // bs].long()
-        keys = p.key_cache[blocks].transpose(1, 2).reshape(-1, kv_heads, hs)[:n].double()
-        values = p.value_cache[blocks].transpose(1, 2).reshape(-1, kv_heads, hs)[:n].double()
+        keys, values = (_as_bf16(c[blocks].transpose(1, 2).reshape(-1, kv_heads, c.shape[-1])[:n])
+                        for c in (p.key_cache, p.value_cache))
         q = (query[q0:q1].float() * scale).bfloat16().double()  # [t, heads, hs]
         past = n - (q1 - q0)
         visible = torch.arange(n)[None, :] <= (past + torch.arange(q1 - q0))[:, None]
@@ -273,7 +283,16 @@ def amx_prefill_ref(p: Paged, query: torch.Tensor, starts: torch.Tensor,
     return out.float()
 
 
-def test_amx_prefill_long_prompts_and_head_sizes() -> None:
+def _as_bf16(rows: torch.Tensor) -> torch.Tensor:
+    """Cache rows as the AMX path reads them, in float64: bf16 as they are; int8 rows
+    dequantized and rounded to bf16."""
+    if rows.dtype == torch.int8:
+        return dequantize_rows(rows).bfloat16().double()
+    return rows.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8], ids=["bf16", "int8"])
+def test_amx_prefill_long_prompts_and_head_sizes(dtype: torch.dtype) -> None:
     """The AMX path on prompt-sized inputs: GQA groups 1, 3, 8 and 16, head sizes 32-128,
     chunks after a cached prefix, unused cache slots NaN; close to its rounding-aware
     reference and, within bf16's resolution, to the fp32 reference."""
@@ -281,7 +300,7 @@ def test_amx_prefill_long_prompts_and_head_sizes() -> None:
         pytest.skip("this CPU has no AMX")
     for heads, kv_heads, hs, bs in [(9, 3, 64, 16), (8, 8, 32, 16), (16, 2, 128, 16),
                                     (16, 1, 96, 8)]:
-        p = make_paged([509, 200, 77], kv_heads, hs, bs, torch.bfloat16, seed=hs)
+        p = make_paged([509, 200, 77], kv_heads, hs, bs, dtype, seed=hs)
         starts = starts_of([509, 60, 77])
         query = torch.randn(int(starts[-1]), heads, hs)
         out = prefill(p, query, starts, hs**-0.5)
@@ -360,7 +379,7 @@ def test_prefill_equals_decode_for_one_token(isa: str) -> None:
 # ---- write_kv_cache -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("cache_dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16], ids=["src32", "src16"])
 @pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("num_tokens", [1, 37, 700])
@@ -382,6 +401,8 @@ def test_write_matches_reference(
     caches = [
         torch.randn(num_blocks, kv_heads, bs, hs, generator=gen).to(cache_dtype) for _ in range(2)
     ]
+    if cache_dtype == torch.int8:  # rows of int8 and their scale; the native write must
+        caches = [quantize_rows(c) for c in caches]  # round exactly as the reference
     expected = [c.clone() for c in caches]
     ref.write_kv_cache_ref(key, value, expected[0], expected[1], slots.long())
     _C.write_kv_cache(key, value, caches[0], caches[1], slots)
@@ -675,13 +696,14 @@ def test_prefill_rejects_bad_input() -> None:
 
 def _nan_block(p: Paged) -> int:
     """Appends a block of NaNs to both caches; returns its id."""
-    nan = torch.full((1, *p.key_cache.shape[1:]), float("nan"), dtype=p.key_cache.dtype)
+    nan = torch.full((1, *p.key_cache.shape[1:]), _poison(p.key_cache.dtype),
+                     dtype=p.key_cache.dtype)
     p.key_cache = torch.cat([p.key_cache, nan])
     p.value_cache = torch.cat([p.value_cache, nan])
     return p.key_cache.shape[0] - 1
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("window", [1, 5, 16, 37, 1000])
 @pytest.mark.parametrize("heads,kv_heads,head_size,block_size", [(8, 2, 64, 16), (12, 4, 80, 1)])
 def test_sliding_window_matches_reference(isa: str, dtype: torch.dtype, window: int, heads: int,
@@ -732,3 +754,18 @@ def test_window_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="'window' must be >= 0"):
         _C.paged_attention_decode(torch.empty(1, 1, 64), torch.randn(1, 1, 64), p.key_cache,
                                   p.value_cache, p.block_tables, p.seq_lens, 0.1, -1)
+
+
+def test_int8_rows_need_room_for_their_scale() -> None:
+    """An int8 cache's rows are head_size values and a 4-byte scale: a last dimension of 4
+    holds no values, and a query must match head_size, not the row width."""
+    cache = torch.zeros(4, 1, 16, 4, dtype=torch.int8)
+    with pytest.raises(ValueError, match="int8 with rows of 4 bytes"):
+        _C.paged_attention_decode(torch.zeros(1, 2, 8), torch.zeros(1, 2, 8), cache, cache,
+                                  torch.zeros(1, 1, dtype=torch.int32),
+                                  torch.ones(1, dtype=torch.int32), 0.1, 0)
+    cache = torch.zeros(4, 1, 16, 68, dtype=torch.int8)
+    with pytest.raises(ValueError, match="head_size"):
+        _C.paged_attention_decode(torch.zeros(1, 2, 68), torch.zeros(1, 2, 68), cache, cache,
+                                  torch.zeros(1, 1, dtype=torch.int32),
+                                  torch.ones(1, dtype=torch.int32), 0.1, 0)

@@ -208,6 +208,10 @@ def test_the_engine_serves_a_deepseek_checkpoint(tmp_path: Path, demo_model_dir:
 
     assert_engine_serves(_hf("v3"), tmp_path, demo_model_dir, _prompts([9, 20, 33], 7),
                          latent_rows)
+    from xllm import LLM
+
+    with pytest.raises(ValueError, match="int8 is for K/V caches.*latent cache"):
+        LLM(str(tmp_path), kv_cache_dtype="int8", max_model_len=128, kv_cache_memory_gb=0.05)
 
 
 def test_latent_cache_is_smaller_than_the_heads_it_stands_for() -> None:

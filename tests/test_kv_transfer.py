@@ -28,10 +28,10 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 OPTS = dict(dtype="float32", num_kv_blocks=96, max_num_batched_tokens=512)
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+@pytest.fixture(scope="module", params=["float32", "bfloat16", "int8"])
 def pair(demo_model_dir: Path, request: pytest.FixtureRequest
          ) -> tuple[LLM, LLM, list[int], list[int]]:
-    """A peer that has computed the document, and a fresh instance (fp32 and bf16 KV
+    """A peer that has computed the document, and a fresh instance (fp32, bf16 and int8 KV
     caches); the prompt and the greedy output a lone engine gives for it."""
     opts = {**OPTS, "kv_cache_dtype": request.param}
     peer = LLM(model=str(demo_model_dir), **opts)

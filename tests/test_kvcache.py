@@ -258,7 +258,8 @@ def _tier_opts(tiers: str, tmp_path) -> dict:  # noqa: ANN001
 
 
 @pytest.mark.parametrize(("kv_dtype", "tiers"), [("float32", "cpu"), ("bfloat16", "cpu"),
-                                                 ("float32", "disk"), ("bfloat16", "cpu+disk")])
+                                                 ("float32", "disk"), ("bfloat16", "cpu+disk"),
+                                                 ("int8", "cpu+disk")])
 def test_outputs_identical_from_pool_and_tiers(demo_model_dir, tmp_path, kv_dtype: str,  # noqa: ANN001
                                                tiers: str) -> None:
     prompts = [DOC + q for q in QUESTIONS]
@@ -552,3 +553,30 @@ def test_closing_waits_for_peer_copies_and_refuses_new_ones() -> None:
     closer.join()
     with store.off_thread_copy() as allowed:
         assert not allowed
+
+
+def test_int8_rows_halve_the_cache_and_are_refused_off_the_cpu(demo_model_dir) -> None:  # noqa: ANN001
+    """kv_cache_dtype int8: rows of head_size int8 values and their fp32 scale, so a block
+    takes (64 + 4) / (2 * 64) of a bf16 block's bytes for the demo's head size; the engine
+    writes and reads them (its greedy tokens mostly agree with a bf16 cache's)."""
+    from xllm.config import EngineConfig
+
+    with pytest.raises(ValueError, match="int8 runs on the CPU kernels only"):
+        EngineConfig(kv_cache_dtype="int8", device="cuda")
+    with pytest.raises(ValueError, match="float16 or int8, got 'fp8'"):
+        EngineConfig(kv_cache_dtype="fp8")
+    opts = dict(dtype="bfloat16", num_kv_blocks=72, max_num_batched_tokens=512)
+    outs, configs = {}, {}
+    for kv in ("bfloat16", "int8"):
+        llm = LLM(model=str(demo_model_dir), kv_cache_dtype=kv, **opts)
+        configs[kv] = llm.engine.kv_store.config
+        key_cache = llm.engine.runner.model.model.layers[0].self_attn.attn.key_cache
+        assert key_cache.dtype == (torch.int8 if kv == "int8" else torch.bfloat16)
+        outs[kv] = [o.outputs[0].token_ids for o in llm.generate(
+            [DOC + q for q in QUESTIONS], GREEDY, use_tqdm=False)]
+        llm.engine.close()
+    hs = llm.engine.model_config.head_dim
+    assert configs["int8"].block_bytes * 2 * hs == configs["bfloat16"].block_bytes * (hs + 4)
+    same = sum(a == b for x, y in zip(outs["int8"], outs["bfloat16"], strict=True)
+               for a, b in zip(x, y, strict=False))
+    assert same >= 0.5 * sum(map(len, outs["bfloat16"]))

@@ -45,7 +45,9 @@ from xllm.models.registry import get_model_class  # noqa: E402
 from xllm.ops.blocks import dequantize_ref, pack_gguf_blocks  # noqa: E402
 
 TOP = 5
-PPL_BOUND = {"bf16_gemm": 0.01, "bf16": 0.01, "int8": 0.03, "q8_0": 0.03, "int8-dense": 0.03}
+PPL_BOUND = {"bf16_gemm": 0.01, "bf16": 0.01, "int8": 0.03, "q8_0": 0.03, "int8-dense": 0.03,
+             "bf16_gemm+kv8": 0.03, "int8+kv8": 0.03}
+KV8 = "+kv8"  # a case's suffix: the KV cache in int8 rows (kv_cache_dtype int8)
 # Levels whose int8 path is not the scalar reference (VNNI; amx adds bf16 tiles for
 # prompt-sized inputs): the demo runs there. The random models run on every level.
 INT8_LEVELS = [lv for lv in ("avx512", "amx") if lv in _C.cpu_isas()]
@@ -116,20 +118,22 @@ def _random_model(name: str, fmt: str):  # noqa: ANN202
     return model, hf
 
 
-@pytest.mark.parametrize("fmt", ["bf16_gemm", "int8", "q8_0"])
+@pytest.mark.parametrize("fmt", ["bf16_gemm", "int8", "q8_0", "bf16_gemm+kv8"])
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_random_models_close_to_transformers_fp32(name: str, fmt: str) -> None:
     """q8_0: weight_format int8 on a checkpoint without GGUF blocks -- the model quantizes its
-    fp32 weights to Q8_0 at load; the reference holds gguf's Q8_0 values of them."""
-    model, hf = _random_model(name, fmt)
+    fp32 weights to Q8_0 at load; the reference holds gguf's Q8_0 values of them. +kv8: the
+    KV cache in int8 rows, prompts in chunks of 8 (so later chunks read quantized K/V)."""
+    model, hf = _random_model(name, fmt.removesuffix(KV8))
+    kv_dtype = torch.int8 if fmt.endswith(KV8) else torch.bfloat16
     prompts = _prompts(name, [5, 19, 40])
     generated = paged_greedy_generate(model, prompts, MAX_NEW, block_size=4, prefill_chunk=8,
-                                      kv_dtype=torch.bfloat16)
+                                      kv_dtype=kv_dtype)
     assert model._stack is not None
     agreed = 0
     for prompt, ours in zip(prompts, generated, strict=True):
         seq = prompt + ours
-        our_logits = prefill_logits(model, [seq], kv_dtype=torch.bfloat16)[0]
+        our_logits = prefill_logits(model, [seq], kv_dtype=kv_dtype)[0]
         with torch.no_grad():
             ref_logits = hf(torch.tensor([seq])).logits[0].float()
         at = slice(len(prompt) - 1, len(seq) - 1)
@@ -158,8 +162,9 @@ CHATS = [
 
 # (weight_format, ISA level): bf16 at the best level; int8 at each level with its own path;
 # int8-dense: int8 on a copy of the demo without its blocks file (Q8_0 quantized at load).
+# int8+kv8: the demo's int8 default with the KV cache in int8 rows.
 DEMO_CASES = ([("bf16", _C.detected_isa())] + [("int8", lv) for lv in INT8_LEVELS]
-              + [("int8-dense", _C.detected_isa())])
+              + [("int8-dense", _C.detected_isa()), ("int8+kv8", _C.detected_isa())])
 
 
 @pytest.fixture(scope="module", params=DEMO_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
@@ -174,10 +179,13 @@ def demo_llm(request, demo_model_dir, tmp_path_factory):  # noqa: ANN001, ANN201
         for f in demo_model_dir.iterdir():
             if f.name != BLOCKS_FILE.split("/")[0]:  # everything but the import's blocks
                 (model_dir / f.name).symlink_to(f)
-    llm = LLM(model=str(model_dir), dtype="bfloat16", weight_format=fmt.removesuffix("-dense"),
-              max_model_len=512, kv_cache_memory_gb=0.1)
+    weights = fmt.removesuffix("-dense").removesuffix(KV8)
+    llm = LLM(model=str(model_dir), dtype="bfloat16", weight_format=weights,
+              max_model_len=512, kv_cache_memory_gb=0.1,
+              kv_cache_dtype="int8" if fmt.endswith(KV8) else "auto")
     model = llm.engine.runner.model
-    assert model.model.layers[0].mlp.down_proj.blocks.arithmetic == fmt.removesuffix("-dense")
+    assert model.model.layers[0].mlp.down_proj.blocks.arithmetic == weights
+    assert (model.model.layers[0].self_attn.attn.key_cache.dtype == torch.int8) == fmt.endswith(KV8)
     assert model.model.layers[0].mlp.down_proj.blocks.format == "q8_0" or fmt != "int8-dense"
     assert model._stack is not None
     _C.set_cpu_isa(level)

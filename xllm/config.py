@@ -40,7 +40,9 @@ class EngineConfig:
     # tier if there is one; kv_offload_disk_gb caps its files.
     kv_offload_disk: str | None = None
     kv_offload_disk_gb: float = 0.0
-    kv_cache_dtype: str = "auto"  # auto (= compute dtype) | float32 | bfloat16
+    # auto (= compute dtype) | float32 | bfloat16 | float16 (CUDA) | int8: rows of int8 with a
+    # scale per token and KV head (CPU; half a bf16 cache's bytes, xllm.ops.kv_cache)
+    kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds the sampler for requests without their own seed
     num_threads: int | None = None  # torch threads; default: all cores
@@ -80,9 +82,12 @@ class EngineConfig:
         if self.weight_format not in ("auto", "dense", "blocks", "int8", "bf16", "f32"):
             raise ValueError("weight_format must be auto, dense, blocks, int8, bf16 or f32, "
                              f"got {self.weight_format!r}")
-        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError("kv_cache_dtype must be auto, float32, bfloat16 or float16, "
+        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16", "int8"):
+            raise ValueError("kv_cache_dtype must be auto, float32, bfloat16, float16 or int8, "
                              f"got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype == "int8" and self.device != "cpu":
+            raise ValueError("kv_cache_dtype int8 runs on the CPU kernels only; on "
+                             f"{self.device} use auto, bfloat16, float16 or float32")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

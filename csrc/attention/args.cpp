@@ -5,10 +5,11 @@
 namespace xllm::attn {
 
 PagedCache check_caches(const Tensor& key_cache, const Tensor& value_cache) {
-  const char* layout = "[num_blocks, num_kv_heads, block_size, head_size]";
+  const char* layout =
+      "[num_blocks, num_kv_heads, block_size, head_size] (int8: head_size + 4, the row's scale)";
   for (const Tensor* t : {&key_cache, &value_cache}) {
     check_ndim(*t, 4, layout);
-    check_dtype(*t, {DType::kFloat32, DType::kBFloat16});
+    check_dtype(*t, {DType::kFloat32, DType::kBFloat16, DType::kInt8});
     check_contiguous(*t);
   }
   if (value_cache.dtype != key_cache.dtype) {
@@ -24,10 +25,15 @@ PagedCache check_caches(const Tensor& key_cache, const Tensor& value_cache) {
   c.key = key_cache.data;
   c.value = value_cache.data;
   c.bf16 = key_cache.dtype == DType::kBFloat16;
+  c.q8 = key_cache.dtype == DType::kInt8;
   c.num_blocks = key_cache.size(0);
   c.num_kv_heads = key_cache.size(1);
   c.block_size = key_cache.size(2);
-  c.head_size = key_cache.size(3);
+  c.head_size = key_cache.size(3) - (c.q8 ? kQ8ScaleBytes : 0);
+  if (c.head_size < 1) {
+    fail("argument 'key_cache' is int8 with rows of ", key_cache.size(3),
+         " bytes; an int8 row holds head_size values and a 4-byte scale");
+  }
   return c;
 }
 

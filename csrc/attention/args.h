@@ -10,7 +10,8 @@
 namespace xllm::attn {
 
 // key_cache / value_cache: same shape [num_blocks, num_kv_heads, block_size,
-// head_size], same dtype (float32 or bfloat16), contiguous.
+// head_size], same dtype (float32 or bfloat16), contiguous; or int8 rows of head_size
+// values and their fp32 scale ([.., head_size + 4], vec.h: q8_t).
 PagedCache check_caches(const Tensor& key_cache, const Tensor& value_cache);
 
 // A [rows, heads, head_size] float32/bfloat16 tensor whose last two dimensions are

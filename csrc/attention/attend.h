@@ -18,9 +18,11 @@ namespace xllm::attn {
 
 // One layer's paged cache (layout: xllm/ops/kv_cache.py), already checked.
 struct PagedCache {
-  const void* key;    // [num_blocks, num_kv_heads, block_size, head_size]
+  const void* key;    // [num_blocks, num_kv_heads, block_size, row]
   const void* value;  // same shape and dtype as key
-  bool bf16;          // storage dtype: bfloat16 if true, else float32
+  bool bf16;          // storage dtype: bfloat16 rows
+  bool q8;            // int8 rows with their scale (row = head_size + 4; vec.h: q8_t)
+                      // (neither: float32 rows)
   int64_t num_blocks, num_kv_heads, block_size, head_size;
 };
 
@@ -51,17 +53,18 @@ template <class KT>
 struct KvView {
   const KT* key;
   const KT* value;
-  int64_t block_stride;  // num_kv_heads * block_size * head_size
-  int64_t head_stride;   // block_size * head_size
+  int64_t block_stride;  // num_kv_heads * block_size * row elements
+  int64_t head_stride;   // block_size * row elements
   int block_size, head_size;
 
   explicit KvView(const PagedCache& c)
       : key(static_cast<const KT*>(c.key)), value(static_cast<const KT*>(c.value)),
-        block_stride(c.num_kv_heads * c.block_size * c.head_size),
-        head_stride(c.block_size * c.head_size), block_size(static_cast<int>(c.block_size)),
+        block_stride(c.num_kv_heads * c.block_size * row_stride<KT>(c.head_size)),
+        head_stride(c.block_size * row_stride<KT>(c.head_size)),
+        block_size(static_cast<int>(c.block_size)),
         head_size(static_cast<int>(c.head_size)) {}
 
-  // [block_size, head_size] rows of KV head `head` in block `block`
+  // [block_size, row] rows of KV head `head` in block `block`
   const KT* k_rows(int32_t block, int64_t head) const {
     return key + block * block_stride + head * head_stride;
   }
@@ -139,7 +142,7 @@ void attend_range(const Kernels<KT>& kern, SoftmaxFn softmax, const KvView<KT>& 
     float* acc = st.acc + static_cast<int64_t>(r0) * hs;
     // Calls run K(0..), then V(0..) of this chunk; each prefetches what the next
     // call reads, the last V prefetches the next chunk's first K block.
-    const int64_t row_bytes = static_cast<int64_t>(hs) * sizeof(KT);
+    const int64_t row_bytes = row_stride<KT>(hs) * static_cast<int64_t>(sizeof(KT));
     auto rows_at = [&](int b) { return static_cast<int64_t>(std::min(bs, ncols - b)); };
     for (int b = 0; b < ncols; b += bs) {
       const int32_t block = block_table[(c0 + b) / bs];

@@ -189,6 +189,7 @@ void paged_attention_decode(const Tensor& out, const Tensor& query, const Tensor
 
   const Isa isa = active_isa();
   if (cache.bf16) run<bf16_t>(a, isa);
+  else if (cache.q8) run<q8_t>(a, isa);
   else run<float>(a, isa);
 }
 

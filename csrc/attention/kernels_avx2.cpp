@@ -39,7 +39,7 @@ XLLM_AVX2 void qk_tile(const float* q, int64_t ldq, const KT* k, int hs, float* 
       __m256 kv[NT];
 #pragma GCC unroll 12
       for (int t = 0; t < NT; ++t) {
-        kv[t] = load8(k + static_cast<int64_t>(t) * hs + d);
+        kv[t] = load8(k + t * row_stride<KT>(hs) + d);
         XLLM_IN_REGISTER(kv[t]);
       }
 #pragma GCC unroll 12
@@ -58,7 +58,7 @@ XLLM_AVX2 void qk_tile(const float* q, int64_t ldq, const KT* k, int hs, float* 
       }
 #pragma GCC unroll 12
       for (int t = 0; t < NT; ++t) {
-        __m256 kv = load8(k + static_cast<int64_t>(t) * hs + d);
+        __m256 kv = load8(k + t * row_stride<KT>(hs) + d);
         XLLM_IN_REGISTER(kv);
 #pragma GCC unroll 12
         for (int r = 0; r < NR; ++r) acc[r * NT + t] = _mm256_fmadd_ps(qv[r], kv, acc[r * NT + t]);
@@ -72,10 +72,13 @@ XLLM_AVX2 void qk_tile(const float* q, int64_t ldq, const KT* k, int hs, float* 
     const __m256 z = _mm256_setzero_ps();
     _mm256_store_ps(sums + 8, reduce8(acc[8], acc[9], acc[10], acc[11], z, z, z, z));
   }
+  float scale[NT];  // q8 rows: the sums are of the unscaled values
+#pragma GCC unroll 12
+  for (int t = 0; t < NT; ++t) scale[t] = row_scale(k + t * row_stride<KT>(hs), hs);
 #pragma GCC unroll 12
   for (int r = 0; r < NR; ++r) {
 #pragma GCC unroll 12
-    for (int t = 0; t < NT; ++t) s[r * lds + t] = sums[r * NT + t];
+    for (int t = 0; t < NT; ++t) s[r * lds + t] = sums[r * NT + t] * scale[t];
   }
 }
 
@@ -86,11 +89,11 @@ XLLM_AVX2 void qk_rows(const float* q, int64_t ldq, const KT* k, int ntok, int h
   int t = 0;
   for (; t + NT <= ntok; t += NT) {
     pf.step();
-    qk_tile<NR, NT>(q, ldq, k + static_cast<int64_t>(t) * hs, hs, s + t, lds);
+    qk_tile<NR, NT>(q, ldq, k + t * row_stride<KT>(hs), hs, s + t, lds);
   }
   for (; t < ntok; ++t) {
     pf.step();
-    qk_tile<NR, 1>(q, ldq, k + static_cast<int64_t>(t) * hs, hs, s + t, lds);
+    qk_tile<NR, 1>(q, ldq, k + t * row_stride<KT>(hs), hs, s + t, lds);
   }
 }
 
@@ -128,7 +131,8 @@ XLLM_AVX2 void pv_tile(const float* p, int64_t ldp, const KT* v, int ntok, int h
   for (int i = 0; i < NR * DC; ++i) a[i] = _mm256_loadu_ps(acc + (i / DC) * hs + d0 + 8 * (i % DC));
   const KT* vt = v + d0;
   // As in qk_tile: hold min(NR, DC) operands, stream the others.
-  for (int t = 0; t < ntok; ++t, vt += hs) {
+  for (int t = 0; t < ntok; ++t, vt += row_stride<KT>(hs)) {
+    const float scale = row_scale(vt - d0, hs);  // 1 but for q8 rows
     if constexpr (DC <= NR) {
       __m256 vv[DC];
 #pragma GCC unroll 12
@@ -138,14 +142,14 @@ XLLM_AVX2 void pv_tile(const float* p, int64_t ldp, const KT* v, int ntok, int h
       }
 #pragma GCC unroll 12
       for (int r = 0; r < NR; ++r) {
-        const __m256 w = _mm256_broadcast_ss(p + r * ldp + t);
+        const __m256 w = _mm256_set1_ps(p[r * ldp + t] * scale);
 #pragma GCC unroll 12
         for (int c = 0; c < DC; ++c) a[r * DC + c] = _mm256_fmadd_ps(w, vv[c], a[r * DC + c]);
       }
     } else {
       __m256 w[NR];
 #pragma GCC unroll 12
-      for (int r = 0; r < NR; ++r) w[r] = _mm256_broadcast_ss(p + r * ldp + t);
+      for (int r = 0; r < NR; ++r) w[r] = _mm256_set1_ps(p[r * ldp + t] * scale);
 #pragma GCC unroll 12
       for (int c = 0; c < DC; ++c) {
         __m256 vv = load8(vt + 8 * c);
@@ -262,6 +266,7 @@ Kernels<KT> avx2_kernels() {
 }
 template Kernels<float> avx2_kernels<float>();
 template Kernels<bf16_t> avx2_kernels<bf16_t>();
+template Kernels<q8_t> avx2_kernels<q8_t>();
 
 SoftmaxFn avx2_softmax() { return &softmax; }
 

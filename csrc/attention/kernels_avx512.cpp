@@ -13,6 +13,7 @@
 // reduced four at a time by unpacks and 128-bit lane shuffles); PV updates rows x 64
 // output columns per tile, per V row loaded.
 #include <algorithm>
+#include <type_traits>
 
 #include "attention/kernels.h"
 
@@ -32,10 +33,21 @@ XLLM_AVX512 inline void load32(const bf16_t* p, __m512& a, __m512& b) {
   b = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
+// 32 int8 of a q8 row as two fp32 vectors in order (the row's scale applied later).
+XLLM_AVX512 inline void load32(const q8_t* p, __m512& a, __m512& b) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(x)));
+  b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(x, 1)));
+}
+
+// Whether load32 gives a slice's elements in order (else as even and odd halves).
+template <class KT>
+constexpr bool in_order = !std::is_same_v<KT, bf16_t>;
+
 // 32 fp32 values [lo | hi] in load32's order for KT, and back.
 template <class KT>
 XLLM_AVX512 inline void split(__m512 lo, __m512 hi, __m512& a, __m512& b) {
-  if constexpr (sizeof(KT) == sizeof(float)) {
+  if constexpr (in_order<KT>) {
     a = lo;
     b = hi;
   } else {
@@ -50,7 +62,7 @@ XLLM_AVX512 inline void split(__m512 lo, __m512 hi, __m512& a, __m512& b) {
 
 template <class KT>
 XLLM_AVX512 inline void merge(__m512 a, __m512 b, __m512& lo, __m512& hi) {
-  if constexpr (sizeof(KT) == sizeof(float)) {
+  if constexpr (in_order<KT>) {
     lo = a;
     hi = b;
   } else {
@@ -93,7 +105,7 @@ XLLM_AVX512 void qk_tile(const float* q, int64_t ldq, const KT* k, int hs, float
   for (int d = 0; d < hs; d += 32) {
     __m512 ka[NT], kb[NT];
 #pragma GCC unroll 4
-    for (int t = 0; t < NT; ++t) load32(k + static_cast<int64_t>(t) * hs + d, ka[t], kb[t]);
+    for (int t = 0; t < NT; ++t) load32(k + t * row_stride<KT>(hs) + d, ka[t], kb[t]);
 #pragma GCC unroll 4
     for (int r = 0; r < NR; ++r) {
       const __m512 qa = _mm512_loadu_ps(q + r * ldq + d);
@@ -105,9 +117,16 @@ XLLM_AVX512 void qk_tile(const float* q, int64_t ldq, const KT* k, int hs, float
       }
     }
   }
+  __m128 scales = _mm_setzero_ps();  // q8 rows: the sums are of the unscaled values
+  if constexpr (std::is_same_v<KT, q8_t>) {
+    alignas(16) float sc[4] = {0, 0, 0, 0};
+    for (int t = 0; t < NT; ++t) sc[t] = row_scale(k + t * row_stride<KT>(hs), hs);
+    scales = _mm_load_ps(sc);
+  }
 #pragma GCC unroll 4
   for (int r = 0; r < NR; ++r) {
-    const __m128 sums = reduce4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+    __m128 sums = reduce4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+    if constexpr (std::is_same_v<KT, q8_t>) sums = _mm_mul_ps(sums, scales);
     if constexpr (NT == 4) {
       _mm_storeu_ps(s + r * lds, sums);
     } else {
@@ -122,9 +141,9 @@ XLLM_AVX512 void qk_rows(const float* q, int64_t ldq, const KT* k, int ntok, int
   int t = 0;
   for (; t + 4 <= ntok; t += 4) {
     pf.step();
-    qk_tile<NR, 4>(q, ldq, k + static_cast<int64_t>(t) * hs, hs, s + t, lds);
+    qk_tile<NR, 4>(q, ldq, k + t * row_stride<KT>(hs), hs, s + t, lds);
   }
-  const KT* kt = k + static_cast<int64_t>(t) * hs;
+  const KT* kt = k + t * row_stride<KT>(hs);
   switch (ntok - t) {
     case 1: qk_tile<NR, 1>(q, ldq, kt, hs, s + t, lds); break;
     case 2: qk_tile<NR, 2>(q, ldq, kt, hs, s + t, lds); break;
@@ -141,12 +160,12 @@ template <class KT>
 XLLM_AVX512 void qk(const float* q, int64_t ldq, int nrows, const KT* k, int ntok, int hs,
                     float* s, int64_t lds, const void* next, int64_t next_bytes) {
   Prefetcher pf(next, next_bytes, (ntok + 3) / 4);
-  alignas(64) float reordered[sizeof(KT) == sizeof(float) ? 1 : kRowsPerPass * kMaxHead];
+  alignas(64) float reordered[in_order<KT> ? 1 : kRowsPerPass * kMaxHead];
   for (int r0 = 0; r0 < nrows; r0 += kRowsPerPass) {
     const int rows = std::min(kRowsPerPass, nrows - r0);
     const float* qr = q + r0 * ldq;
     int64_t ld = ldq;
-    if constexpr (sizeof(KT) != sizeof(float)) {
+    if constexpr (!in_order<KT>) {
       for (int r = 0; r < rows; ++r) {
         for (int d = 0; d < hs; d += 32) {
           __m512 a, b;
@@ -187,13 +206,14 @@ XLLM_AVX512 void pv_tile(const float* p, int64_t ldp, const KT* v, int ntok, int
     }
   }
   const KT* vt = v + d0;
-  for (int t = 0; t < ntok; ++t, vt += hs) {
+  for (int t = 0; t < ntok; ++t, vt += row_stride<KT>(hs)) {
+    const float scale = row_scale(vt - d0, hs);  // 1 but for q8 rows
     __m512 va[DC], vb[DC];
 #pragma GCC unroll 2
     for (int c = 0; c < DC; ++c) load32(vt + 32 * c, va[c], vb[c]);
 #pragma GCC unroll 4
     for (int r = 0; r < NR; ++r) {
-      const __m512 w = _mm512_set1_ps(p[r * ldp + t]);
+      const __m512 w = _mm512_set1_ps(p[r * ldp + t] * scale);
 #pragma GCC unroll 2
       for (int c = 0; c < DC; ++c) {
         a[r][c][0] = _mm512_fmadd_ps(w, va[c], a[r][c][0]);
@@ -254,6 +274,7 @@ Kernels<KT> avx512_kernels() {
 }
 template Kernels<float> avx512_kernels<float>();
 template Kernels<bf16_t> avx512_kernels<bf16_t>();
+template Kernels<q8_t> avx512_kernels<q8_t>();
 
 }  // namespace xllm::attn
 #endif  // XLLM_HAVE_AVX2_KERNELS

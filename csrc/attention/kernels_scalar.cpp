@@ -16,7 +16,8 @@ template <class KT>
 void qk(const float* q, int64_t ldq, int nrows, const KT* k, int ntok, int hs, float* s,
         int64_t lds, const void* /*next*/, int64_t /*next_bytes*/) {
   for (int t = 0; t < ntok; ++t) {
-    const KT* kt = k + static_cast<int64_t>(t) * hs;
+    const KT* kt = k + t * row_stride<KT>(hs);
+    const float scale = row_scale(kt, hs);
     for (int r = 0; r < nrows; ++r) {
       const float* qr = q + r * ldq;
       // Four partial sums break the add dependency chain.
@@ -29,7 +30,7 @@ void qk(const float* q, int64_t ldq, int nrows, const KT* k, int ntok, int hs, f
         a3 += qr[d + 3] * to_f32(kt[d + 3]);
       }
       for (; d < hs; ++d) a0 += qr[d] * to_f32(kt[d]);
-      s[r * lds + t] = (a0 + a1) + (a2 + a3);
+      s[r * lds + t] = ((a0 + a1) + (a2 + a3)) * scale;
     }
   }
 }
@@ -38,9 +39,10 @@ template <class KT>
 void pv(const float* p, int64_t ldp, int nrows, const KT* v, int ntok, int hs, float* acc,
         const void* /*next*/, int64_t /*next_bytes*/) {
   for (int t = 0; t < ntok; ++t) {
-    const KT* vt = v + static_cast<int64_t>(t) * hs;
+    const KT* vt = v + t * row_stride<KT>(hs);
+    const float scale = row_scale(vt, hs);
     for (int r = 0; r < nrows; ++r) {
-      const float w = p[r * ldp + t];
+      const float w = p[r * ldp + t] * scale;
       float* ar = acc + static_cast<int64_t>(r) * hs;
       for (int d = 0; d < hs; ++d) ar[d] += w * to_f32(vt[d]);
     }
@@ -82,6 +84,7 @@ Kernels<KT> scalar_kernels() {
 }
 template Kernels<float> scalar_kernels<float>();
 template Kernels<bf16_t> scalar_kernels<bf16_t>();
+template Kernels<q8_t> scalar_kernels<q8_t>();
 
 SoftmaxFn scalar_softmax() { return &softmax; }
 

@@ -1,9 +1,12 @@
 // The KV cache write: each new token's K and V rows (all KV heads) go to its
 // slot, slot = block * block_size + offset, into [num_blocks, num_kv_heads,
 // block_size, head_size] caches. Slot -1 is padding and is skipped. fp32 rows
-// stored into a bf16 cache are rounded to nearest even (as torch's .to() does).
+// stored into a bf16 cache are rounded to nearest even (as torch's .to() does); into an
+// int8 cache, quantized per row (quantize_row).
 #include <omp.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "attention/args.h"
@@ -42,6 +45,25 @@ void copy_row(const void* src, bool src_bf16, void* dst, bool dst_bf16, int64_t 
 #endif
     for (int64_t d = 0; d < n; ++d) o[d] = f32_to_bf16(s[d]);
   }
+}
+
+// A row into q8 form (vec.h): scale = max |x| / 127, q = x / scale rounded to nearest
+// even, then the scale's 4 bytes. A row of zeros gets scale 0 and zeros.
+void quantize_row(const void* src, bool src_bf16, q8_t* dst, int64_t n) {
+  float amax = 0;
+  for (int64_t d = 0; d < n; ++d) {
+    const float x = src_bf16 ? to_f32(static_cast<const bf16_t*>(src)[d])
+                             : static_cast<const float*>(src)[d];
+    amax = std::max(amax, std::fabs(x));
+  }
+  const float scale = amax / 127.0f;
+  for (int64_t d = 0; d < n; ++d) {
+    const float x = src_bf16 ? to_f32(static_cast<const bf16_t*>(src)[d])
+                             : static_cast<const float*>(src)[d];
+    const float q = scale > 0 ? std::nearbyint(x / scale) : 0.0f;
+    dst[d] = static_cast<q8_t>(std::clamp(q, -127.0f, 127.0f));
+  }
+  std::memcpy(dst + n, &scale, sizeof scale);
 }
 
 int64_t slot_at(const Tensor& slots, int64_t t) {
@@ -89,7 +111,9 @@ void write_kv_cache(const Tensor& key, const Tensor& value, const Tensor& key_ca
 
   const bool src_bf16 = key.dtype == DType::kBFloat16, dst_bf16 = cache.bf16;
   const int64_t nkv = cache.num_kv_heads, bs = cache.block_size, hs = cache.head_size;
-  const int64_t src_elt = src_bf16 ? 2 : 4, dst_elt = dst_bf16 ? 2 : 4;
+  const int64_t src_elt = src_bf16 ? 2 : 4;
+  // Bytes of a cache row.
+  const int64_t dst_row = cache.q8 ? hs + kQ8ScaleBytes : hs * (dst_bf16 ? 2 : 4);
   const char* key_src = static_cast<const char*>(key.data);
   const char* value_src = static_cast<const char*>(value.data);
   char* key_dst = static_cast<char*>(key_cache.data);
@@ -106,8 +130,13 @@ void write_kv_cache(const Tensor& key, const Tensor& value, const Tensor& key_ca
     if (s < 0) continue;
     const int64_t block = s / bs, offset = s % bs;
     for (int64_t h = 0; h < nkv; ++h) {
-      const int64_t dst = ((block * nkv + h) * bs + offset) * hs * dst_elt;
+      const int64_t dst = ((block * nkv + h) * bs + offset) * dst_row;
       const int64_t row_k = (t * k_s0 + h * hs) * src_elt, row_v = (t * v_s0 + h * hs) * src_elt;
+      if (cache.q8) {
+        quantize_row(key_src + row_k, src_bf16, reinterpret_cast<q8_t*>(key_dst + dst), hs);
+        quantize_row(value_src + row_v, src_bf16, reinterpret_cast<q8_t*>(value_dst + dst), hs);
+        continue;
+      }
       copy_row(key_src + row_k, src_bf16, key_dst + dst, dst_bf16, hs, isa);
       copy_row(value_src + row_v, src_bf16, value_dst + dst, dst_bf16, hs, isa);
     }

@@ -166,8 +166,9 @@ void paged_attention_prefill(const Tensor& out, const Tensor& query, const Tenso
 
   const Isa isa = active_isa();
   // The tile path has no window mask: windowed layers take the vector kernels.
-  if (cache.bf16 && isa >= Isa::kAmx && window == 0 && prefill_amx(a)) return;
+  if ((cache.bf16 || cache.q8) && isa >= Isa::kAmx && window == 0 && prefill_amx(a)) return;
   if (cache.bf16) run<bf16_t>(a, isa);
+  else if (cache.q8) run<q8_t>(a, isa);
   else run<float>(a, isa);
 }
 

@@ -28,7 +28,8 @@ std::vector<Item> query_tiles(const Prefill& a, int tile_tokens);
 
 // Runs the call on the matrix units: scores and weighted sums as bf16 products with fp32
 // sums (the query times the scale and the softmax weights are rounded to bf16; the max,
-// exp and sums are fp32). Needs a CPU at the amx level and a bf16 cache; returns false,
+// exp and sums are fp32). Needs a CPU at the amx level and a bf16 or q8 cache (q8 rows
+// are widened to bf16 as they are packed); returns false,
 // having done nothing, where the shapes do not suit it (head_size not a multiple of 32 or
 // above 128, more than 16 query heads per KV head, or too large a context to pack).
 bool prefill_amx(const Prefill& a);

@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "quant/bf16_gemm.h"
@@ -41,18 +42,33 @@ struct Packs {
 // K of keys [k0, k0 + 32) of one (sequence, head) into its packed layout
 // [key group of 16][head-dim block of 32][pair p][key t][e], and V into
 // [key block of 32][head-dim group of 16][key pair p][dim d][e].
-void pack_block(const KvView<bf16_t>& kv, const int32_t* table, int64_t head, int64_t len,
+// A q8 cache's rows are widened to bf16 here (q times the row's scale, rounded once).
+template <class KT>
+void pack_block(const KvView<KT>& kv, const int32_t* table, int64_t head, int64_t len,
                 int64_t k0, int hs, bf16_t* kp, bf16_t* vp) {
   const int nd32 = hs / 32, nd16 = hs / 16;
+  bf16_t kw[256], vw[256];  // a q8 row in bf16 (hs <= 128 here)
   for (int t = 0; t < 32; ++t) {
     const int64_t key = k0 + t;
     const bf16_t* krow = nullptr;
     const bf16_t* vrow = nullptr;
     if (key < len) {
       const int32_t block = table[key / kv.block_size];
-      const int64_t off = (key % kv.block_size) * hs;
-      krow = kv.k_rows(block, head) + off;
-      vrow = kv.v_rows(block, head) + off;
+      const int64_t off = (key % kv.block_size) * row_stride<KT>(hs);
+      if constexpr (std::is_same_v<KT, q8_t>) {
+        const q8_t* kq = kv.k_rows(block, head) + off;
+        const q8_t* vq = kv.v_rows(block, head) + off;
+        const float ks = row_scale(kq, hs), vs = row_scale(vq, hs);
+        for (int d = 0; d < hs; ++d) {
+          kw[d] = f32_to_bf16(to_f32(kq[d]) * ks);
+          vw[d] = f32_to_bf16(to_f32(vq[d]) * vs);
+        }
+        krow = kw;
+        vrow = vw;
+      } else {
+        krow = kv.k_rows(block, head) + off;
+        vrow = kv.v_rows(block, head) + off;
+      }
     }
     // K: group (k0 + t) / 16, key t % 16 in it.
     bf16_t* kg = kp + ((k0 + t) / 16) * nd32 * 512 + (t % 16) * 2;
@@ -185,11 +201,11 @@ XLLM_AMX void scaled_bf16(const void* src, bool bf16, int hs, float scale, bf16_
   }
 }
 
-template <int NQ>
+template <int NQ, class KT>
 XLLM_AMX void run(const Prefill& a, const Packs& packs, bf16_t* pack,
                   const std::vector<Item>& items, int64_t max_padded, float* scratch,
                   size_t per_thread, int threads) {
-  const KvView<bf16_t> kv(a.cache);
+  const KvView<KT> kv(a.cache);
   const int64_t nkv = a.cache.num_kv_heads;
   const int hs = static_cast<int>(a.cache.head_size);
   const int nd16 = hs / 16;
@@ -268,13 +284,24 @@ XLLM_AMX void run(const Prefill& a, const Packs& packs, bf16_t* pack,
   }
 }
 
+template <class KT>
+void dispatch(const Prefill& a, const Packs& packs, bf16_t* pack, const std::vector<Item>& items,
+              int64_t max_padded, float* scratch, size_t per_thread, int threads) {
+  switch (a.cache.head_size / 32) {
+    case 1: run<1, KT>(a, packs, pack, items, max_padded, scratch, per_thread, threads); break;
+    case 2: run<2, KT>(a, packs, pack, items, max_padded, scratch, per_thread, threads); break;
+    case 3: run<3, KT>(a, packs, pack, items, max_padded, scratch, per_thread, threads); break;
+    default: run<4, KT>(a, packs, pack, items, max_padded, scratch, per_thread, threads); break;
+  }
+}
+
 }  // namespace
 
 bool prefill_amx(const Prefill& a) {
   const int64_t nkv = a.cache.num_kv_heads;
   const int hs = static_cast<int>(a.cache.head_size);
   const int group = static_cast<int>(a.num_heads / nkv);
-  if (!a.cache.bf16 || hs % 32 || hs > 128 || group > kRows) return false;
+  if (!(a.cache.bf16 || a.cache.q8) || hs % 32 || hs > 128 || group > kRows) return false;
   Packs packs;
   packs.offset.resize(a.num_seqs * nkv);
   packs.padded.resize(a.num_seqs);
@@ -301,11 +328,10 @@ bool prefill_amx(const Prefill& a) {
       16 * 16;
   float* scratch = caller_scratch(per_thread * threads + (total + 1) / 2 + 16);
   auto* pack = reinterpret_cast<bf16_t*>(scratch + per_thread * threads);
-  switch (hs / 32) {
-    case 1: run<1>(a, packs, pack, items, max_padded, scratch, per_thread, threads); break;
-    case 2: run<2>(a, packs, pack, items, max_padded, scratch, per_thread, threads); break;
-    case 3: run<3>(a, packs, pack, items, max_padded, scratch, per_thread, threads); break;
-    default: run<4>(a, packs, pack, items, max_padded, scratch, per_thread, threads); break;
+  if (a.cache.q8) {
+    dispatch<q8_t>(a, packs, pack, items, max_padded, scratch, per_thread, threads);
+  } else {
+    dispatch<bf16_t>(a, packs, pack, items, max_padded, scratch, per_thread, threads);
   }
   return true;
 }

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -50,6 +51,32 @@ inline bf16_t f32_to_bf16(float f) {
   return static_cast<bf16_t>(u >> 16);
 }
 
+// An int8 cache row ("q8"): head_size int8 values, then their fp32 scale (4 bytes, in
+// the row itself so that a block stays one contiguous run of bytes for the pool, the
+// tiers and transfers): value[d] = q[d] * scale.
+using q8_t = int8_t;
+constexpr int64_t kQ8ScaleBytes = 4;
+
+inline float to_f32(q8_t q) { return static_cast<float>(q); }  // times the row's scale
+
+// Elements of KT from one cache row to the next.
+template <class KT>
+constexpr int64_t row_stride(int64_t head_size) {
+  return std::is_same_v<KT, q8_t> ? head_size + kQ8ScaleBytes : head_size;
+}
+
+// The scale of a cache row (1 for float and bf16 rows, whose values are themselves).
+template <class KT>
+inline float row_scale(const KT* row, int64_t head_size) {
+  if constexpr (std::is_same_v<KT, q8_t>) {
+    float s;
+    std::memcpy(&s, row + head_size, sizeof s);
+    return s;
+  } else {
+    return 1.0f;
+  }
+}
+
 inline void from_f32(float x, float* dst) { *dst = x; }
 inline void from_f32(float x, bf16_t* dst) { *dst = f32_to_bf16(x); }
 
@@ -83,6 +110,12 @@ XLLM_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 XLLM_AVX2 inline __m256 load8(const bf16_t* p) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// 8 int8 -> 8 fp32 (a q8 row's values, before its scale).
+XLLM_AVX2 inline __m256 load8(const q8_t* p) {
+  return _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
 XLLM_AVX2 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }

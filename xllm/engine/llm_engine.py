@@ -36,8 +36,9 @@ from xllm.layers.eplb import Placement, rank_loads, rebalance_experts
 from xllm.layers.parallel import SINGLE, TensorParallel, check_tensor_parallel
 from xllm.loader import resolve_model
 from xllm.loader.generation_config import GenerationConfig
-from xllm.loader.model import TORCH_DTYPES, load_model, resolve_dtype
+from xllm.loader.model import load_model, resolve_dtype
 from xllm.models.config import ModelConfig
+from xllm.ops.kv_cache import KV_CACHE_DTYPES, kv_row_width
 from xllm.runtime.model_runner import ModelRunner, PreparedStep, RunnerOutput
 from xllm.runtime.prompt_logprobs import PromptLogprobs
 from xllm.runtime.tp import WorkerGroup, WorkerSpec, pin_to, rank_cores
@@ -109,7 +110,7 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or limit
         self.dtype = resolve_dtype(config.dtype, mc, self.device, config.weight_format)
         kv_dtype = (self.dtype if config.kv_cache_dtype == "auto"
-                    else TORCH_DTYPES[config.kv_cache_dtype])
+                    else KV_CACHE_DTYPES[config.kv_cache_dtype])
         tp_size = config.tensor_parallel_size
         if config.enable_expert_parallel and not mc.num_experts:
             raise ValueError(f"enable_expert_parallel places experts on the ranks, but "
@@ -118,9 +119,13 @@ class LLMEngine:
                                           mc.intermediate_size, tp_size):
             logger.warning("tensor parallelism: %s", note)
         kv_heads, kv_head_size, kv_tensors = mc.kv_cache_geometry()
+        if kv_dtype == torch.int8 and kv_tensors != 2:
+            raise ValueError(f"kv_cache_dtype int8 is for K/V caches; {mc.architecture}'s "
+                             "latent cache (MLA) keeps auto, bfloat16 or float32")
         store_config = KVStoreConfig(
             num_blocks=2, num_layers=mc.num_hidden_layers, num_kv_heads=kv_heads,
-            block_size=config.block_size, head_size=kv_head_size, tensors_per_layer=kv_tensors,
+            block_size=config.block_size, head_size=kv_row_width(kv_head_size, kv_dtype),
+            tensors_per_layer=kv_tensors,
             dtype_bytes=kv_dtype.itemsize, on_demand=self.device.type == "cpu",
             idle_seconds=config.kv_idle_release_s,
             cpu_tier_bytes=int(config.kv_offload_cpu_gb * (1 << 30)),

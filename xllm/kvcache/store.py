@@ -60,7 +60,7 @@ class KVStoreConfig:
     num_layers: int
     num_kv_heads: int
     block_size: int
-    head_size: int
+    head_size: int  # elements of a cache row (an int8 row's scale included: kv_row_width)
     dtype_bytes: int
     on_demand: bool = True  # CPU memory mapped as blocks come into use
     idle_seconds: float = DEFAULT_IDLE_SECONDS
@@ -261,7 +261,7 @@ class KVStore:
         zeroed tensors when memory is not on demand (CUDA)."""
         import torch
 
-        from xllm.ops.kv_cache import allocate_kv_caches, kv_cache_shape
+        from xllm.ops.kv_cache import Q8_SCALE_BYTES, allocate_kv_caches, kv_cache_shape
 
         c = self.config
         if dtype.itemsize != c.dtype_bytes:
@@ -272,8 +272,9 @@ class KVStore:
                                  f"{device}")
             shape = kv_cache_shape(c.num_blocks, c.num_kv_heads, c.block_size, c.head_size)
             return self.memory.tensors(shape, dtype)
+        head_size = c.head_size - (Q8_SCALE_BYTES if dtype == torch.int8 else 0)
         caches = allocate_kv_caches(c.num_layers, c.num_blocks, c.num_kv_heads, c.block_size,
-                                    c.head_size, dtype, device, c.tensors_per_layer)
+                                    head_size, dtype, device, c.tensors_per_layer)
         if torch.device(device).type == "cpu":
             self.regions = [t.data_ptr() for pair in caches
                             for t in pair[:c.tensors_per_layer]]

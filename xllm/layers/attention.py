@@ -14,6 +14,7 @@ from torch import nn
 
 from xllm.layers.attn_metadata import AttentionMetadata
 from xllm.ops import attention as ops
+from xllm.ops.kv_cache import kv_row_width
 
 
 class PagedAttention(nn.Module):
@@ -40,18 +41,21 @@ class PagedAttention(nn.Module):
 
     def bind_kv_cache(self, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
         """Uses these [num_blocks, num_kv_heads, block_size, head_dim] tensors as this
-        layer's cache from now on (they are written in place by every forward)."""
+        layer's cache from now on (they are written in place by every forward); int8 caches
+        have rows of head_dim + 4 (xllm.ops.kv_cache)."""
         for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
             if (
                 not isinstance(cache, torch.Tensor)
                 or cache.dim() != 4
                 or cache.shape[1] != self.num_kv_heads
-                or cache.shape[3] != self.head_dim
+                or cache.shape[3] != kv_row_width(self.head_dim, cache.dtype)
             ):
                 got = tuple(cache.shape) if isinstance(cache, torch.Tensor) else type(cache)
+                row = (kv_row_width(self.head_dim, cache.dtype)
+                       if isinstance(cache, torch.Tensor) else self.head_dim)
                 raise ValueError(
                     f"{name} must be a tensor [num_blocks, {self.num_kv_heads}, block_size, "
-                    f"{self.head_dim}] (num_kv_heads and head_dim of the model), got {got}"
+                    f"{row}] (num_kv_heads and head_dim of the model), got {got}"
                 )
         if key_cache.shape != value_cache.shape:
             raise ValueError(

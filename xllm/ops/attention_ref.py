@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from xllm.ops.kv_cache import dequantize_rows, quantize_rows
+
 
 def write_kv_cache_ref(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                        value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -18,6 +20,10 @@ def write_kv_cache_ref(key: torch.Tensor, value: torch.Tensor, key_cache: torch.
     slots = slot_mapping[keep].long()
     blocks, offsets = slots // block_size, slots % block_size
     # [n, heads, head_size] written at cache[block, :, offset, :]
+    if key_cache.dtype == torch.int8:
+        key_cache[blocks, :, offsets, :] = quantize_rows(key[keep])
+        value_cache[blocks, :, offsets, :] = quantize_rows(value[keep])
+        return
     key_cache[blocks, :, offsets, :] = key[keep].to(key_cache.dtype)
     value_cache[blocks, :, offsets, :] = value[keep].to(value_cache.dtype)
 
@@ -29,7 +35,8 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> t
     blocks = cache[block_table[:num_blocks].long()]  # [nb, heads, bs, hs]
     heads, head_size = cache.shape[1], cache.shape[3]
     kv = blocks.permute(1, 0, 2, 3).reshape(heads, num_blocks * block_size, head_size)
-    return kv[:, :seq_len].float()
+    kv = kv[:, :seq_len]
+    return dequantize_rows(kv) if kv.dtype == torch.int8 else kv.float()
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -24,7 +24,12 @@ sequence lives in block ``block_table[i // block_size]`` at offset
 read past the sequence length). Block tables and sequence lengths are int32.
 
 Storage dtype: float32 or bfloat16 on CPU (bf16 is widened to fp32 on the fly;
-compute is always fp32 there), float32/float16/bfloat16 on CUDA.
+compute is always fp32 there), float32/float16/bfloat16 on CUDA. On CPU also int8
+("q8" rows): each row is ``head_size`` int8 values followed by their fp32 scale (4
+bytes, in the row so a block stays one run of bytes for the pool, the tiers and
+transfers), so the cache's last dimension is ``head_size + 4``; a row is written as
+``scale = max|x| / 127``, ``q = round(x / scale)`` (half to even) and read as
+``q * scale`` (``quantize_rows`` / ``dequantize_rows``: the reference).
 """
 
 from __future__ import annotations
@@ -39,6 +44,34 @@ if TYPE_CHECKING:
     from xllm.models.config import ModelConfig
 
 DEFAULT_BLOCK_SIZE = 16
+
+
+Q8_SCALE_BYTES = 4  # an int8 row's trailing fp32 scale
+# EngineConfig.kv_cache_dtype names (but auto) -> the cache tensors' dtype.
+KV_CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                   "float16": torch.float16, "int8": torch.int8}
+
+
+def kv_row_width(head_size: int, dtype: torch.dtype) -> int:
+    """Elements of ``dtype`` in one cache row: ``head_size``, plus the scale's 4 bytes for
+    int8 rows."""
+    return head_size + Q8_SCALE_BYTES if dtype == torch.int8 else head_size
+
+
+def quantize_rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., head_size] float -> [..., head_size + 4] int8 rows (the layout above)."""
+    x = x.float()
+    scale = x.abs().amax(-1, keepdim=True) / 127.0
+    q = torch.where(scale > 0, torch.round(x / torch.where(scale > 0, scale, 1.0)),
+                    torch.zeros_like(x))
+    q = q.clamp(-127, 127).to(torch.int8)
+    return torch.cat([q, scale.contiguous().view(torch.int8)], dim=-1)
+
+
+def dequantize_rows(rows: torch.Tensor) -> torch.Tensor:
+    """[..., head_size + 4] int8 rows -> [..., head_size] float32."""
+    scale = rows[..., -Q8_SCALE_BYTES:].contiguous().view(torch.float32)
+    return rows[..., :-Q8_SCALE_BYTES].float() * scale
 
 
 def kv_cache_shape(num_blocks: int, num_kv_heads: int, block_size: int, head_size: int) -> tuple:
@@ -93,8 +126,9 @@ def allocate_kv_caches(num_layers: int, num_blocks: int, num_kv_heads: int, bloc
 def allocate_kv_cache_one(num_blocks: int, num_kv_heads: int, block_size: int, head_size: int,
                           dtype: torch.dtype = torch.float32,
                           device: torch.device | str = "cpu") -> torch.Tensor:
-    """One zeroed cache tensor (calloc'd on the CPU, as ``allocate_kv_cache``)."""
-    shape = kv_cache_shape(num_blocks, num_kv_heads, block_size, head_size)
+    """One zeroed cache tensor (calloc'd on the CPU, as ``allocate_kv_cache``); int8 rows
+    have the scale's 4 bytes beyond ``head_size``."""
+    shape = kv_cache_shape(num_blocks, num_kv_heads, block_size, kv_row_width(head_size, dtype))
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * dtype.itemsize

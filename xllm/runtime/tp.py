@@ -426,7 +426,7 @@ def worker_main(spec: WorkerSpec, comm: object | None = None) -> int:
     from xllm.loader.model import TORCH_DTYPES, load_model
     from xllm.models.config import ModelConfig
     from xllm.ops.allreduce import ShmAllReduce
-    from xllm.ops.kv_cache import allocate_model_kv_caches
+    from xllm.ops.kv_cache import KV_CACHE_DTYPES, allocate_model_kv_caches
     from xllm.runtime.model_runner import ModelRunner
 
     pin_to(spec.cores)
@@ -444,7 +444,7 @@ def worker_main(spec: WorkerSpec, comm: object | None = None) -> int:
         attn = model.model.layers[0].self_attn
         # Its heads of the pool: zeros the OS backs as blocks are written.
         caches = allocate_model_kv_caches(config, spec.num_blocks, spec.block_size,
-                                          TORCH_DTYPES[spec.kv_dtype],
+                                          KV_CACHE_DTYPES[spec.kv_dtype],
                                           num_kv_heads=attn.num_kv_heads)
         runner = ModelRunner(model, config, block_size=spec.block_size, kv_caches=caches,
                              max_num_seqs=spec.max_num_seqs,
