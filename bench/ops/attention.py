@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from bench.ops.common import Row, compare, per_call_seconds
 from xllm import _C
 from xllm.ops import attention as ops
+from xllm.ops.kv_cache import dequantize_rows, quantize_rows
 
 BLOCK_SIZE = 16
 # name -> (num_heads, num_kv_heads, head_size)
@@ -52,8 +53,9 @@ class Paged:
         self.width = max((n + BLOCK_SIZE - 1) // BLOCK_SIZE for n in lens)
         num_blocks = batch * self.width + 1
         shape = (num_blocks, self.num_kv_heads, BLOCK_SIZE, self.head_size)
-        self.key_cache = torch.randn(shape, generator=gen).to(dtype)
-        self.value_cache = torch.randn(shape, generator=gen).to(dtype)
+        self.key_cache, self.value_cache = (
+            quantize_rows(x) if dtype == torch.int8 else x.to(dtype)
+            for x in (torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)))
         # Shuffled block ids 1.. (0 is the null block), one row per sequence.
         order = torch.randperm(num_blocks - 1, generator=gen) + 1
         self.block_tables = order.view(batch, self.width).to(torch.int32)
@@ -65,8 +67,11 @@ class Paged:
         """[batch, kv_heads, width * block_size, head_size] float32, padded past each length."""
         batch = self.block_tables.shape[0]
         blocks = cache.index_select(0, self.block_ids)  # [batch * width, kv, bs, hs]
-        blocks = blocks.view(batch, self.width, self.num_kv_heads, BLOCK_SIZE, self.head_size)
-        kv = blocks.transpose(1, 2).reshape(batch, self.num_kv_heads, -1, self.head_size)
+        row = cache.shape[-1]  # head_size, + 4 for int8 rows
+        blocks = blocks.view(batch, self.width, self.num_kv_heads, BLOCK_SIZE, row)
+        kv = blocks.transpose(1, 2).reshape(batch, self.num_kv_heads, -1, row)
+        if kv.dtype == torch.int8:
+            return dequantize_rows(kv)
         return kv if kv.dtype == torch.float32 else kv.float()
 
 
@@ -224,9 +229,9 @@ def isa_row(model: str, batch: int, ctx: int, dtype: torch.dtype, layers: int = 
         expected = out.clone()
         at(best)()
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
-        kv_bytes = (layers * 2 * batch * ctx * p.num_kv_heads * p.head_size
+        kv_bytes = (layers * 2 * batch * ctx * p.num_kv_heads * p.key_cache.shape[-1]
                     * p.key_cache.element_size())
-        dt = "bf16 cache" if dtype == torch.bfloat16 else "fp32 cache"
+        dt = {torch.bfloat16: "bf16 cache", torch.int8: "int8 cache"}.get(dtype, "fp32 cache")
         where = f", {layers} layers" if layers > 1 else ""
         row = compare(
             "paged_attention_decode",

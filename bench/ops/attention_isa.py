@@ -18,6 +18,8 @@ ISA_GRID = [
     ("SmolLM2-135M", 8, 1024, torch.float32, 1),
     ("Llama-3-8B", 4, 1024, torch.bfloat16, 1),
     ("SmolLM2-135M", 8, 1024, torch.bfloat16, 30),
+    ("SmolLM2-135M", 8, 1024, torch.int8, 1),
+    ("SmolLM2-135M", 8, 1024, torch.int8, 30),
 ]
 
 
