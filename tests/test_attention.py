@@ -769,3 +769,21 @@ def test_int8_rows_need_room_for_their_scale() -> None:
         _C.paged_attention_decode(torch.zeros(1, 2, 68), torch.zeros(1, 2, 68), cache, cache,
                                   torch.zeros(1, 1, dtype=torch.int32),
                                   torch.ones(1, dtype=torch.int32), 0.1, 0)
+
+
+@pytest.mark.parametrize("hs", [64, 128, 80])
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16], ids=["src32", "src16"])
+def test_int8_write_rounds_as_the_reference(isa: str, hs: int, src_dtype: torch.dtype) -> None:
+    """The vector quantizer (head sizes that are multiples of 16) and the scalar one give
+    quantize_rows' bits: the same division, ties to even, zero rows with scale 0."""
+    gen = torch.Generator().manual_seed(hs)
+    rows = torch.randn(40, 2, hs, generator=gen) * torch.logspace(-3, 3, 40)[:, None, None]
+    rows[3] = 0
+    rows[5, 0, :] = torch.arange(hs) - hs / 2 + 0.5  # many exact halves after scaling
+    rows = rows.to(src_dtype)
+    slots = torch.randperm(4 * 16, generator=gen)[:40]
+    caches = [torch.zeros(4, 2, 16, hs + 4, dtype=torch.int8) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    ref.write_kv_cache_ref(rows, rows.flip(0), expected[0], expected[1], slots)
+    _C.write_kv_cache(rows, rows.flip(0), caches[0], caches[1], slots)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])

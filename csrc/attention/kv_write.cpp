@@ -66,6 +66,34 @@ void quantize_row(const void* src, bool src_bf16, q8_t* dst, int64_t n) {
   std::memcpy(dst + n, &scale, sizeof scale);
 }
 
+#if XLLM_HAVE_AVX2_KERNELS
+// quantize_row for n a multiple of 16: the same division and rounding (the default
+// MXCSR mode is nearest even), so the same bits.
+XLLM_AVX512 inline __m512 load16(const void* src, bool src_bf16, int64_t d) {
+  if (!src_bf16) return _mm512_loadu_ps(static_cast<const float*>(src) + d);
+  const __m256i h = _mm256_loadu_si256(
+      reinterpret_cast<const __m256i*>(static_cast<const bf16_t*>(src) + d));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+XLLM_AVX512 void quantize_row_avx512(const void* src, bool src_bf16, q8_t* dst, int64_t n) {
+  auto load = [&](int64_t d) XLLM_AVX512 { return load16(src, src_bf16, d); };
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t d = 0; d < n; d += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load(d)));
+  const float scale = _mm512_reduce_max_ps(amax) / 127.0f;
+  if (scale > 0) {
+    const __m512 vs = _mm512_set1_ps(scale);
+    for (int64_t d = 0; d < n; d += 16) {
+      const __m512i q = _mm512_cvtps_epi32(_mm512_div_ps(load(d), vs));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + d), _mm512_cvtsepi32_epi8(q));
+    }
+  } else {
+    std::memset(dst, 0, static_cast<size_t>(n));
+  }
+  std::memcpy(dst + n, &scale, sizeof scale);
+}
+#endif
+
 int64_t slot_at(const Tensor& slots, int64_t t) {
   return slots.dtype == DType::kInt64 ? slots.ptr<int64_t>()[t] : slots.ptr<int32_t>()[t];
 }
@@ -133,8 +161,17 @@ void write_kv_cache(const Tensor& key, const Tensor& value, const Tensor& key_ca
       const int64_t dst = ((block * nkv + h) * bs + offset) * dst_row;
       const int64_t row_k = (t * k_s0 + h * hs) * src_elt, row_v = (t * v_s0 + h * hs) * src_elt;
       if (cache.q8) {
-        quantize_row(key_src + row_k, src_bf16, reinterpret_cast<q8_t*>(key_dst + dst), hs);
-        quantize_row(value_src + row_v, src_bf16, reinterpret_cast<q8_t*>(value_dst + dst), hs);
+        auto* kq = reinterpret_cast<q8_t*>(key_dst + dst);
+        auto* vq = reinterpret_cast<q8_t*>(value_dst + dst);
+#if XLLM_HAVE_AVX2_KERNELS
+        if (isa >= Isa::kAvx512 && hs % 16 == 0) {
+          quantize_row_avx512(key_src + row_k, src_bf16, kq, hs);
+          quantize_row_avx512(value_src + row_v, src_bf16, vq, hs);
+          continue;
+        }
+#endif
+        quantize_row(key_src + row_k, src_bf16, kq, hs);
+        quantize_row(value_src + row_v, src_bf16, vq, hs);
         continue;
       }
       copy_row(key_src + row_k, src_bf16, key_dst + dst, dst_bf16, hs, isa);

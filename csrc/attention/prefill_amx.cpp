@@ -42,6 +42,20 @@ struct Packs {
 // K of keys [k0, k0 + 32) of one (sequence, head) into its packed layout
 // [key group of 16][head-dim block of 32][pair p][key t][e], and V into
 // [key block of 32][head-dim group of 16][key pair p][dim d][e].
+// bf16(q[d] * scale) for a q8 row (hs a multiple of 32), rounded to nearest even.
+XLLM_AMX void widen_q8(const q8_t* q, float scale, int hs, bf16_t* out) {
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int d = 0; d < hs; d += 32) {
+    const __m512 lo = _mm512_mul_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+            reinterpret_cast<const __m128i*>(q + d)))), vs);
+    const __m512 hi = _mm512_mul_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+            reinterpret_cast<const __m128i*>(q + d + 16)))), vs);
+    _mm512_storeu_si512(out + d, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+}
+
 // A q8 cache's rows are widened to bf16 here (q times the row's scale, rounded once).
 template <class KT>
 void pack_block(const KvView<KT>& kv, const int32_t* table, int64_t head, int64_t len,
@@ -58,11 +72,8 @@ void pack_block(const KvView<KT>& kv, const int32_t* table, int64_t head, int64_
       if constexpr (std::is_same_v<KT, q8_t>) {
         const q8_t* kq = kv.k_rows(block, head) + off;
         const q8_t* vq = kv.v_rows(block, head) + off;
-        const float ks = row_scale(kq, hs), vs = row_scale(vq, hs);
-        for (int d = 0; d < hs; ++d) {
-          kw[d] = f32_to_bf16(to_f32(kq[d]) * ks);
-          vw[d] = f32_to_bf16(to_f32(vq[d]) * vs);
-        }
+        widen_q8(kq, row_scale(kq, hs), hs, kw);
+        widen_q8(vq, row_scale(vq, hs), hs, vw);
         krow = kw;
         vrow = vw;
       } else {
