@@ -126,9 +126,14 @@ def _switches(url: str, at: list[float], log: list[dict]) -> None:
 def run_layout(name: str, args: argparse.Namespace, out: Path) -> dict:
     roles = LAYOUTS[name]
     http, grpc_port = _port(), _port()
-    pd = (["--pd-policy", "dynamic", "--slo-ttft-ms", str(args.slo_ttft_ms),
-           "--slo-tpot-ms", str(args.slo_tpot_ms), "--pd-interval", "2",
-           "--pd-min-dwell", "10", "--pd-window", "10"] if name == "dynamic" else [])
+    # The SLOs go to the master in every layout: the dynamic planner plans for them, and
+    # with prefill and decode instances a prompt the prefill instance would start too late
+    # goes whole to the decode instance (xllm.service.master.pd_overflow; --no-overflow:
+    # not told, the roles kept).
+    slo = ([] if args.no_overflow and name != "dynamic" else
+           ["--slo-ttft-ms", str(args.slo_ttft_ms), "--slo-tpot-ms", str(args.slo_tpot_ms)])
+    pd = (["--pd-policy", "dynamic", "--pd-interval", "2",
+           "--pd-min-dwell", "10", "--pd-window", "10"] if name == "dynamic" else []) + slo
     master = subprocess.Popen(
         [sys.executable, "-m", "xllm.service.master_server", "--port", str(http),
          "--grpc-port", str(grpc_port), "--heartbeat-timeout", "5", *pd, *ENGINE],
@@ -202,6 +207,7 @@ def run_layout(name: str, args: argparse.Namespace, out: Path) -> dict:
             if fetches and tps:
                 report["transfer_share_of_prefill"] = (fetch_s / fetches) / (args.input_len / tps)
             report["pd_handoffs"] = _metric(url, "xllm_master_pd_handoffs_total")
+            report["pd_overflows"] = _metric(url, "xllm_master_pd_overflows_total")
         return report
     finally:
         for p in [*instances, master]:
@@ -234,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--slo-ttft-ms", type=float, default=4000)
     parser.add_argument("--slo-tpot-ms", type=float, default=60)
+    parser.add_argument("--no-overflow", action="store_true",
+                        help="keep the SLOs from the master of static layouts, so the "
+                             "prefill+decode layout never sends a prompt whole to its decode "
+                             "instance")
     parser.add_argument("--layouts", default="mixed+mixed,prefill+decode",
                         help="comma-separated: mixed+mixed, prefill+decode, dynamic (two "
                              "mixed instances under --pd-policy dynamic), switch (two mixed "

@@ -57,6 +57,47 @@ def test_roles_pick_where_a_flight_goes() -> None:
     assert pd_candidates(every, False, 1) == ("", every)  # one token: nothing to hand on
     assert pd_candidates(every, False, None) == ("prefill", [views["prefill"]])
 
+def test_overflow_sends_a_late_prompt_whole_to_a_decode_instance() -> None:
+    """With a TTFT SLO, a new request goes whole to a decode instance when the prefill
+    instance would start it too late and the decode instance has the time; otherwise it
+    keeps to the roles."""
+    from xllm.engine.speed_model import SpeedModel
+    from xllm.service.master import pd_overflow
+
+    reg = EmbeddedRegistry()
+    p = reg.register(InstanceInfo("p", "127.0.0.1:1", role="prefill", capacity=Capacity(8)))
+    d = reg.register(InstanceInfo("d", "127.0.0.1:2", role="decode", capacity=Capacity(8)))
+    every = [p, d]
+    speed = SpeedModel(ttft_coef=(0.0, 0.5, 0.0), tpot_coef=(20.0, 1.0, 0.0))  # 0.5 ms a token
+    p.load.speed = speed
+    d.load.tpot_ms = 30.0
+    slo = dict(slo_ttft_ms=2000.0, slo_tpot_ms=60.0)
+    # An idle prefill instance: 500 ms for 1000 tokens, within the SLO.
+    assert pd_candidates(every, False, 128, 1000, **slo) == ("prefill", [p])
+    # 4000 tokens queued there: 2.5 s > 2 s; the decode instance starts it in 0.53 s and its
+    # decodes' TPOT grows by 500 ms / 128 tokens to ~34 ms.
+    p.load.num_waiting_prefill_tokens = 4000
+    assert pd_overflow([p], [d], 1000, 128, 2000.0, 60.0) == [d]
+    assert pd_candidates(every, False, 128, 1000, **slo) == ("", [d])
+    # ... not when that would push its TPOT past the SLO (short outputs spread the stall less)
+    assert pd_candidates(every, False, 16, 1000, **slo) == ("prefill", [p])
+    d.load.tpot_ms = 58.0
+    assert pd_candidates(every, False, 128, 1000, **slo) == ("prefill", [p])
+    d.load.tpot_ms = 30.0
+    # ... nor when the decode instance has as much queued (routed to it since its report)
+    d.pending_prefill_tokens = 4000
+    assert pd_candidates(every, False, 128, 1000, **slo) == ("prefill", [p])
+    d.pending_prefill_tokens = 0
+    # No SLO, a request already started, or nothing to predict with: the roles.
+    assert pd_candidates(every, False, 128, 1000) == ("prefill", [p])
+    assert pd_candidates(every, True, 128, 1000, **slo) == ("decode", [d])
+    p.load.speed = None
+    assert pd_candidates(every, False, 128, 1000, **slo) == ("prefill", [p])
+    # the measured prompt throughput stands in for a speed model
+    p.load.prefill_tokens_per_s = 1000.0
+    assert pd_candidates(every, False, 128, 1000, **slo) == ("", [d])
+
+
 def test_prefill_then_decode_equals_a_mixed_instance(demo_model_dir: Path) -> None:
     from cluster_helpers import cluster, engines
 

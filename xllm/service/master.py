@@ -46,7 +46,8 @@ PD_HOLD_MS = 10_000  # a prefill instance holds a prompt's KV this long for its 
 _TIER_NAMES = {master_pb2.KV_TIER_POOL: "pool", master_pb2.KV_TIER_CPU: "cpu",
                master_pb2.KV_TIER_DISK: "disk"}
 
-__all__ = ["ClusterEngine", "MasterServicer", "ModelFacts", "pd_candidates"]
+__all__ = ["ClusterEngine", "MasterServicer", "ModelFacts", "pd_candidates",
+           "pd_overflow"]
 
 _log = logging.getLogger("xllm.master")
 
@@ -244,20 +245,80 @@ class ClusterStream:
         self.abort()
 
 
-def pd_candidates(fresh: list[InstanceView], started: bool, max_tokens: int | None
-                  ) -> tuple[str, list[InstanceView]]:
+def pd_candidates(fresh: list[InstanceView], started: bool, max_tokens: int | None,
+                  prompt_len: int = 0, slo_ttft_ms: float | None = None,
+                  slo_tpot_ms: float | None = None) -> tuple[str, list[InstanceView]]:
     """Prefill/decode disaggregation: with a prefill and a decode instance among ``fresh``,
     a new request goes to a prefill instance (the prompt and its first token) and one with
     tokens already (``started``) to a decode instance; otherwise (a role missing, or gone)
-    any instance serves the whole request. Returns the phase ("prefill", "decode" or "")
-    and the instances that may take it."""
+    any instance serves the whole request. With a TTFT SLO, a new request that every
+    prefill instance would start too late goes whole to a decode instance that can take
+    it (:func:`pd_overflow`). Returns the phase ("prefill", "decode" or "") and the
+    instances that may take it."""
     prefill = [v for v in fresh if v.info.role == "prefill"]
     decode = [v for v in fresh if v.info.role == "decode"]
     if started:
         return ("decode", decode) if decode else ("", fresh)
     if prefill and decode and max_tokens != 1:
+        if slo_ttft_ms is not None and prompt_len > 0:
+            takers = pd_overflow(prefill, decode, prompt_len, max_tokens, slo_ttft_ms,
+                                 slo_tpot_ms)
+            if takers:
+                return "", takers
         return "prefill", prefill
     return "", fresh
+
+
+def _prompt_ms(v: InstanceView, tokens: int, model: InstanceView) -> float | None:
+    """ms for v to compute ``tokens`` prompt tokens: its speed model's TTFT, else
+    ``model``'s (an instance of the same cluster that has one, else a prefill instance),
+    else ``model``'s or its own measured prompt throughput (which counts queueing, so it
+    errs long; a decode instance's counts the one token it computes after a KV fetch, so
+    it comes last); None with none of these."""
+    for speed in (v.load.speed, model.load.speed):
+        if speed is not None:
+            return max(speed.ttft_ms(tokens), 0.0)
+    for tps in (model.load.prefill_tokens_per_s, v.load.prefill_tokens_per_s):
+        if tps > 0:
+            return 1000.0 * tokens / tps
+    return None
+
+
+def pd_overflow(prefill: list[InstanceView], decode: list[InstanceView], prompt_len: int,
+                max_tokens: int | None, slo_ttft_ms: float,
+                slo_tpot_ms: float | None) -> list[InstanceView]:
+    """The decode instances that should serve a new request whole (prefill included):
+    empty unless every prefill instance's predicted TTFT (the prompt tokens queued on it,
+    reported and routed since, then this prompt) misses ``slo_ttft_ms``. A decode instance
+    qualifies when it would give the first token sooner, and its running requests' TPOT
+    stays within ``slo_tpot_ms`` after its step computes the prompt (the prompt's time
+    spread over ``max_tokens`` of output, 128 when unbounded). Bursts of long prompts then
+    spill onto the decode instances' spare time instead of queueing at the prefill ones."""
+    def queued(v: InstanceView) -> int:
+        return v.load.num_waiting_prefill_tokens + v.pending_prefill_tokens
+
+    reference = next((v for v in prefill + decode if v.load.speed is not None), prefill[0])
+    # The prompts queued ahead at this prompt's rate of ms per token.
+    ttft_p = []
+    for v in prefill:
+        ms = _prompt_ms(v, prompt_len, reference)
+        if ms is None:
+            return []  # nothing to predict with: keep to the roles
+        ttft_p.append(ms * (queued(v) + prompt_len) / prompt_len)
+    best_p = min(ttft_p)
+    if best_p <= slo_ttft_ms:
+        return []
+    out_len = max(max_tokens or 128, 1)
+    takers = []
+    for v in decode:
+        prompt_ms = _prompt_ms(v, prompt_len, reference)
+        if prompt_ms is None:
+            continue
+        ttft_d = prompt_ms * (queued(v) + prompt_len) / prompt_len + v.load.tpot_ms
+        tpot_d = v.load.tpot_ms + prompt_ms / out_len
+        if ttft_d < best_p and (slo_tpot_ms is None or tpot_d <= slo_tpot_ms):
+            takers.append(v)
+    return takers
 
 
 class ClusterEngine:
@@ -286,6 +347,7 @@ class ClusterEngine:
         self.instance_wait_s = instance_wait_s
         self.num_resumed = 0  # flights moved to another instance (a metric, and for tests)
         self.num_pd_handoffs = 0  # flights a prefill instance handed to a decode instance
+        self.num_pd_overflows = 0  # new flights a decode instance took whole (pd_overflow)
         self.num_role_switches = 0
         self.num_migrated = 0  # flights a role switch handed to another instance
         self.admission = OfflineAdmission(registry, router, max_queued=max_offline_queued,
@@ -424,8 +486,15 @@ class ClusterEngine:
             if not fresh and live and time.monotonic() >= deadline:
                 fresh = list(live)  # maybe the earlier failure was transient
             if fresh:
-                flight.phase, fresh = pd_candidates(fresh, bool(flight.generated),
-                                                    flight.params.max_tokens)
+                roles = {v.info.role for v in fresh}
+                phase, fresh = pd_candidates(
+                    fresh, bool(flight.generated), flight.params.max_tokens,
+                    len(flight.prompt), self.pd.slo_ttft_ms, self.pd.slo_tpot_ms)
+                if (phase == "" and not flight.generated and flight.params.max_tokens != 1
+                        and {"prefill", "decode"} <= roles):
+                    self.num_pd_overflows += 1  # a decode instance takes it whole
+                    self.metrics.pd_overflows.inc()
+                flight.phase = phase
                 decision = self.router.route(flight.route, fresh, self.registry.index)
                 self.metrics.routing_seconds.observe(time.perf_counter() - t0)
                 return decision

@@ -78,9 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "planner switches roles to the split whose predicted SLO "
                          "attainment is best for the measured traffic")
     pd.add_argument("--slo-ttft-ms", type=float, default=None, metavar="MS",
-                    help="the time-to-first-token objective the planner plans for")
+                    help="the time-to-first-token objective the planner plans for; with "
+                         "prefill and decode instances (either policy), a new request that "
+                         "every prefill instance would start later than this goes whole to a "
+                         "decode instance with the time for it")
     pd.add_argument("--slo-tpot-ms", type=float, default=None, metavar="MS",
-                    help="the time-per-output-token objective the planner plans for")
+                    help="the time-per-output-token objective the planner plans for; a decode "
+                         "instance takes such a request only if its decodes keep to it")
     pd.add_argument("--pd-interval", type=float, default=5.0, metavar="S",
                     help="seconds between planning rounds")
     pd.add_argument("--pd-min-dwell", type=float, default=30.0, metavar="S",

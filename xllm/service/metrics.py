@@ -74,6 +74,12 @@ class MasterMetrics:
             "fetched from the prefill instance)",
             registry=None,
         )
+        self.pd_overflows = Counter(
+            "xllm_master_pd_overflows",
+            "New completions a decode instance served whole because every prefill instance "
+            "would have missed the TTFT SLO (xllm.service.master.pd_overflow)",
+            registry=None,
+        )
         self.migrated_flights = Counter(
             "xllm_master_migrated_flights",
             "Completions an instance switching to prefill handed off mid-decode (their KV "
@@ -100,6 +106,7 @@ class MasterMetrics:
             self.last_instance_down,
             self.resumed_flights,
             self.pd_handoffs,
+            self.pd_overflows,
             self.migrated_flights,
             self.role_switches,
             self.resume_seconds,
