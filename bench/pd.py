@@ -31,6 +31,7 @@ import json
 import os
 import shlex
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -226,6 +227,18 @@ def _summary(report: dict) -> str:
     return json.dumps(pick)
 
 
+def _paired(rounds: list[dict]) -> dict:
+    """Per round, prefill+decode's goodput and TPOT p99 over mixed+mixed's, and medians."""
+    goodput, tpot = [], []
+    for r in rounds:
+        pd, mixed = r["prefill+decode"]["serve"], r["mixed+mixed"]["serve"]
+        goodput.append(pd["goodput"] / mixed["goodput"] if mixed["goodput"] else float("inf"))
+        tpot.append(pd["tpot_ms"]["p99"] / mixed["tpot_ms"]["p99"])
+    return {"goodput_ratio": goodput, "tpot_p99_ratio": tpot,
+            "median_goodput_ratio": statistics.median(goodput),
+            "median_tpot_p99_ratio": statistics.median(tpot)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=1.5)
@@ -257,8 +270,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-args", default="",
                         help="extra xllm-server flags for prefill instances only (e.g. a "
                              "step budget of one prompt: --max-num-batched-tokens 1024)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="run the layouts N times in turns, the order reversed every "
+                             "other round (this machine's speed drifts within minutes); "
+                             "the record keeps every round and, with mixed+mixed and "
+                             "prefill+decode, each round's ratios of the two and their "
+                             "medians")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error(f"--repeat must be >= 1, got {args.repeat}")
     layouts = args.layouts.split(",")
     for name in layouts:
         if name not in LAYOUTS:
@@ -273,17 +294,29 @@ def main(argv: list[str] | None = None) -> int:
         args.rate = round(args.load / start, 3)
         print(f"a {args.input_len}-token prompt computes in {start:.3f} s: rate {args.rate} "
               "req/s", flush=True)
+    rounds: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in layouts:
-            r = run_layout(name, args, Path(tmp))
-            report[name] = r
-            # Timed after every layout: how far this machine's speed drifted during it.
-            r["prompt_compute_s"] = _prompt_seconds(args.input_len)
-            if name == "prefill+decode" and r.get("mean_fetch_ms"):
-                r["transfer_share_of_prompt_compute"] = (
-                    r["mean_fetch_ms"] / 1e3 / r["prompt_compute_s"])
-            print(name, _summary(r), {k: v for k, v in r.items()
-                                      if k not in ("serve", "layout")}, flush=True)
+        for i in range(args.repeat):
+            results: dict = {}
+            for name in layouts if i % 2 == 0 else layouts[::-1]:
+                r = run_layout(name, args, Path(tmp))
+                results[name] = r
+                # Timed after every layout: how far this machine's speed drifted during it.
+                r["prompt_compute_s"] = _prompt_seconds(args.input_len)
+                if name == "prefill+decode" and r.get("mean_fetch_ms"):
+                    r["transfer_share_of_prompt_compute"] = (
+                        r["mean_fetch_ms"] / 1e3 / r["prompt_compute_s"])
+                print(name, _summary(r), {k: v for k, v in r.items()
+                                          if k not in ("serve", "layout")}, flush=True)
+            rounds.append(results)
+    for name in layouts:
+        report[name] = rounds[0][name]
+    if args.repeat > 1:
+        report["rounds"] = rounds
+        if {"mixed+mixed", "prefill+decode"} <= set(layouts):
+            report["paired"] = paired = _paired(rounds)
+            print("prefill+decode against mixed+mixed, each round:", json.dumps(paired),
+                  flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
