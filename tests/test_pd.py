@@ -88,6 +88,12 @@ def test_overflow_sends_a_late_prompt_whole_to_a_decode_instance() -> None:
     d.pending_prefill_tokens = 4000
     assert pd_candidates(every, False, 128, 1000, **slo) == ("prefill", [p])
     d.pending_prefill_tokens = 0
+    # ... nor when prompts sent to it by overflow lately have used its TPOT headroom: 8000
+    # tokens (4 s of stalls) over 128 tokens would put its decodes at ~66 ms
+    assert pd_candidates(every, False, 128, 1000, **slo, recent_overflow={"d": 8000}) == (
+        "prefill", [p])
+    assert pd_candidates(every, False, 128, 1000, **slo, recent_overflow={"d": 1000}) == (
+        "", [d])
     # No SLO, a request already started, or nothing to predict with: the roles.
     assert pd_candidates(every, False, 128, 1000) == ("prefill", [p])
     assert pd_candidates(every, True, 128, 1000, **slo) == ("decode", [d])

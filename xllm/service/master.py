@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -247,7 +249,9 @@ class ClusterStream:
 
 def pd_candidates(fresh: list[InstanceView], started: bool, max_tokens: int | None,
                   prompt_len: int = 0, slo_ttft_ms: float | None = None,
-                  slo_tpot_ms: float | None = None) -> tuple[str, list[InstanceView]]:
+                  slo_tpot_ms: float | None = None,
+                  recent_overflow: Mapping[str, int] | None = None
+                  ) -> tuple[str, list[InstanceView]]:
     """Prefill/decode disaggregation: with a prefill and a decode instance among ``fresh``,
     a new request goes to a prefill instance (the prompt and its first token) and one with
     tokens already (``started``) to a decode instance; otherwise (a role missing, or gone)
@@ -262,7 +266,7 @@ def pd_candidates(fresh: list[InstanceView], started: bool, max_tokens: int | No
     if prefill and decode and max_tokens != 1:
         if slo_ttft_ms is not None and prompt_len > 0:
             takers = pd_overflow(prefill, decode, prompt_len, max_tokens, slo_ttft_ms,
-                                 slo_tpot_ms)
+                                 slo_tpot_ms, recent_overflow)
             if takers:
                 return "", takers
         return "prefill", prefill
@@ -284,16 +288,27 @@ def _prompt_ms(v: InstanceView, tokens: int, model: InstanceView) -> float | Non
     return None
 
 
+# The share of the TPOT SLO a decode instance's running requests may be predicted to use
+# after taking overflow prompts (the rest is kept for the prediction's error).
+OVERFLOW_TPOT_SHARE = 0.8
+# Overflow prompts count against a decode instance for the decode time of this many tokens
+# at the TPOT SLO (about the life of the requests running there when they were sent).
+OVERFLOW_WINDOW_TOKENS = 128
+
+
 def pd_overflow(prefill: list[InstanceView], decode: list[InstanceView], prompt_len: int,
-                max_tokens: int | None, slo_ttft_ms: float,
-                slo_tpot_ms: float | None) -> list[InstanceView]:
+                max_tokens: int | None, slo_ttft_ms: float, slo_tpot_ms: float | None,
+                recent_tokens: Mapping[str, int] | None = None) -> list[InstanceView]:
     """The decode instances that should serve a new request whole (prefill included):
     empty unless every prefill instance's predicted TTFT (the prompt tokens queued on it,
     reported and routed since, then this prompt) misses ``slo_ttft_ms``. A decode instance
     qualifies when it would give the first token sooner, and its running requests' TPOT
-    stays within ``slo_tpot_ms`` after its step computes the prompt (the prompt's time
-    spread over ``max_tokens`` of output, 128 when unbounded). Bursts of long prompts then
-    spill onto the decode instances' spare time instead of queueing at the prefill ones."""
+    stays within ``OVERFLOW_TPOT_SHARE`` of ``slo_tpot_ms``: every prompt its steps compute
+    meanwhile stalls them all, so the stalls of the overflow prompts sent to it recently
+    (``recent_tokens``: instance id -> their tokens), of those queued there and of this one
+    are spread over ``max_tokens`` of output (128 when unbounded) on top of its reported
+    TPOT. Bursts of long prompts then spill onto the decode instances' spare time instead of
+    queueing at the prefill ones, as far as that time goes."""
     def queued(v: InstanceView) -> int:
         return v.load.num_waiting_prefill_tokens + v.pending_prefill_tokens
 
@@ -314,9 +329,13 @@ def pd_overflow(prefill: list[InstanceView], decode: list[InstanceView], prompt_
         prompt_ms = _prompt_ms(v, prompt_len, reference)
         if prompt_ms is None:
             continue
-        ttft_d = prompt_ms * (queued(v) + prompt_len) / prompt_len + v.load.tpot_ms
-        tpot_d = v.load.tpot_ms + prompt_ms / out_len
-        if ttft_d < best_p and (slo_tpot_ms is None or tpot_d <= slo_tpot_ms):
+        per_token = prompt_ms / prompt_len
+        ttft_d = per_token * (queued(v) + prompt_len) + v.load.tpot_ms
+        stall = per_token * ((recent_tokens or {}).get(v.instance_id, 0) + queued(v)
+                             + prompt_len)
+        tpot_d = v.load.tpot_ms + stall / out_len
+        if ttft_d < best_p and (slo_tpot_ms is None
+                                or tpot_d <= OVERFLOW_TPOT_SHARE * slo_tpot_ms):
             takers.append(v)
     return takers
 
@@ -348,6 +367,7 @@ class ClusterEngine:
         self.num_resumed = 0  # flights moved to another instance (a metric, and for tests)
         self.num_pd_handoffs = 0  # flights a prefill instance handed to a decode instance
         self.num_pd_overflows = 0  # new flights a decode instance took whole (pd_overflow)
+        self._overflows: deque[tuple[float, str, int]] = deque()  # (when, instance, tokens)
         self.num_role_switches = 0
         self.num_migrated = 0  # flights a role switch handed to another instance
         self.admission = OfflineAdmission(registry, router, max_queued=max_offline_queued,
@@ -489,19 +509,35 @@ class ClusterEngine:
                 roles = {v.info.role for v in fresh}
                 phase, fresh = pd_candidates(
                     fresh, bool(flight.generated), flight.params.max_tokens,
-                    len(flight.prompt), self.pd.slo_ttft_ms, self.pd.slo_tpot_ms)
-                if (phase == "" and not flight.generated and flight.params.max_tokens != 1
-                        and {"prefill", "decode"} <= roles):
-                    self.num_pd_overflows += 1  # a decode instance takes it whole
-                    self.metrics.pd_overflows.inc()
+                    len(flight.prompt), self.pd.slo_ttft_ms, self.pd.slo_tpot_ms,
+                    self._recent_overflow())
                 flight.phase = phase
                 decision = self.router.route(flight.route, fresh, self.registry.index)
+                if (phase == "" and not flight.generated and flight.params.max_tokens != 1
+                        and {"prefill", "decode"} <= roles):  # a decode instance takes it whole
+                    self.num_pd_overflows += 1
+                    self.metrics.pd_overflows.inc()
+                    self._overflows.append((time.monotonic(), decision.instance.instance_id,
+                                            len(flight.prompt)))
                 self.metrics.routing_seconds.observe(time.perf_counter() - t0)
                 return decision
             if not live and time.monotonic() >= deadline or self._closed:
                 raise EngineDeadError(f"no instance is alive to serve request "
                                       f"{flight.request_id} (attempt {flight.attempt + 1})")
             await asyncio.sleep(0.05)
+
+    def _recent_overflow(self) -> dict[str, int]:
+        """Prompt tokens sent whole to each decode instance by overflow within the last
+        OVERFLOW_WINDOW_TOKENS x the TPOT SLO (none without one)."""
+        if not self._overflows or self.pd.slo_tpot_ms is None:
+            return {}
+        horizon = time.monotonic() - OVERFLOW_WINDOW_TOKENS * self.pd.slo_tpot_ms / 1e3
+        while self._overflows and self._overflows[0][0] < horizon:
+            self._overflows.popleft()
+        recent: dict[str, int] = {}
+        for _, iid, tokens in self._overflows:
+            recent[iid] = recent.get(iid, 0) + tokens
+        return recent
 
     def start_pd(self) -> None:
         """Starts the dynamic PD loop (``--pd-policy dynamic``); on the running loop."""
