@@ -129,12 +129,13 @@ def run_layout(name: str, args: argparse.Namespace, out: Path) -> dict:
     http, grpc_port = _port(), _port()
     # The SLOs go to the master in every layout: the dynamic planner plans for them, and
     # with prefill and decode instances a prompt the prefill instance would start too late
-    # goes whole to the decode instance (xllm.service.master.pd_overflow; --no-overflow:
-    # not told, the roles kept).
-    slo = ([] if args.no_overflow and name != "dynamic" else
-           ["--slo-ttft-ms", str(args.slo_ttft_ms), "--slo-tpot-ms", str(args.slo_tpot_ms)])
+    # goes whole to the decode instance (--pd-overflow, xllm.service.master.pd_overflow;
+    # bench.pd --no-overflow: not).
+    slo = ["--slo-ttft-ms", str(args.slo_ttft_ms), "--slo-tpot-ms", str(args.slo_tpot_ms)]
+    overflow = [] if args.no_overflow or name == "dynamic" else ["--pd-overflow"]
     pd = (["--pd-policy", "dynamic", "--pd-interval", "2",
-           "--pd-min-dwell", "10", "--pd-window", "10"] if name == "dynamic" else []) + slo
+           "--pd-min-dwell", "10", "--pd-window", "10"] if name == "dynamic" else [])
+    pd += slo + overflow
     master = subprocess.Popen(
         [sys.executable, "-m", "xllm.service.master_server", "--port", str(http),
          "--grpc-port", str(grpc_port), "--heartbeat-timeout", "5", *pd, *ENGINE],
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slo-ttft-ms", type=float, default=4000)
     parser.add_argument("--slo-tpot-ms", type=float, default=60)
     parser.add_argument("--no-overflow", action="store_true",
-                        help="keep the SLOs from the master of static layouts, so the "
+                        help="no --pd-overflow for the master of static layouts: the "
                              "prefill+decode layout never sends a prompt whole to its decode "
                              "instance")
     parser.add_argument("--layouts", default="mixed+mixed,prefill+decode",

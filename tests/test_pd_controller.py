@@ -135,6 +135,8 @@ def test_bad_settings_are_refused() -> None:
         PdController("adaptive")
     with pytest.raises(ValueError, match="slo_tpot_ms"):
         PdController("dynamic", slo_tpot_ms=0)
+    with pytest.raises(ValueError, match="give slo_ttft_ms too"):
+        PdController("static", overflow=True)
 
 
 def test_heartbeats_carry_speed_models_and_bad_ones_are_dropped() -> None:

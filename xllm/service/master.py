@@ -507,10 +507,11 @@ class ClusterEngine:
                 fresh = list(live)  # maybe the earlier failure was transient
             if fresh:
                 roles = {v.info.role for v in fresh}
+                overflow = self.pd.overflow
                 phase, fresh = pd_candidates(
                     fresh, bool(flight.generated), flight.params.max_tokens,
-                    len(flight.prompt), self.pd.slo_ttft_ms, self.pd.slo_tpot_ms,
-                    self._recent_overflow())
+                    len(flight.prompt), self.pd.slo_ttft_ms if overflow else None,
+                    self.pd.slo_tpot_ms, self._recent_overflow() if overflow else None)
                 flight.phase = phase
                 decision = self.router.route(flight.route, fresh, self.registry.index)
                 if (phase == "" and not flight.generated and flight.params.max_tokens != 1

@@ -78,13 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "planner switches roles to the split whose predicted SLO "
                          "attainment is best for the measured traffic")
     pd.add_argument("--slo-ttft-ms", type=float, default=None, metavar="MS",
-                    help="the time-to-first-token objective the planner plans for; with "
-                         "prefill and decode instances (either policy), a new request that "
-                         "every prefill instance would start later than this goes whole to a "
-                         "decode instance with the time for it")
+                    help="the time-to-first-token objective the planner (and overflow) "
+                         "plans for")
     pd.add_argument("--slo-tpot-ms", type=float, default=None, metavar="MS",
-                    help="the time-per-output-token objective the planner plans for; a decode "
-                         "instance takes such a request only if its decodes keep to it")
+                    help="the time-per-output-token objective the planner (and overflow) "
+                         "plans for")
+    pd.add_argument("--pd-overflow", action="store_true",
+                    help="with prefill and decode instances (either policy), a new request "
+                         "that every prefill instance would start later than --slo-ttft-ms "
+                         "goes whole to a decode instance that would start it sooner with "
+                         "its decodes within --slo-tpot-ms (docs/cluster.md)")
     pd.add_argument("--pd-interval", type=float, default=5.0, metavar="S",
                     help="seconds between planning rounds")
     pd.add_argument("--pd-min-dwell", type=float, default=30.0, metavar="S",
@@ -202,7 +205,7 @@ async def _run(args: argparse.Namespace, config: EngineConfig) -> int:
                       slo_tpot_ms=args.slo_tpot_ms, interval_s=args.pd_interval,
                       min_dwell_s=args.pd_min_dwell, window_s=args.pd_window,
                       speed_model=load_speed_model(args.speed_model) if args.speed_model
-                      else None)
+                      else None, overflow=args.pd_overflow)
     cluster = ClusterEngine(config, facts, registry,
                             Router(args.policy, config.block_size, spare),
                             max_attempts=args.max_attempts,

@@ -172,7 +172,8 @@ class PdController:
     def __init__(self, policy: str = "static", *, slo_ttft_ms: float | None = None,
                  slo_tpot_ms: float | None = None, interval_s: float = 5.0,
                  min_dwell_s: float = 30.0, margin: float = 0.05, window_s: float = 15.0,
-                 speed_model: SpeedModel | None = None, history: int = 32) -> None:
+                 speed_model: SpeedModel | None = None, history: int = 32,
+                 overflow: bool = False) -> None:
         if policy not in PD_POLICIES:
             raise ValueError(f"pd-policy must be one of {PD_POLICIES}, got {policy!r}")
         for name, value in (("slo_ttft_ms", slo_ttft_ms), ("slo_tpot_ms", slo_tpot_ms)):
@@ -180,7 +181,11 @@ class PdController:
                 raise ValueError(f"{name} must be > 0, got {value}")
         if not interval_s > 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
+        if overflow and slo_ttft_ms is None:
+            raise ValueError("PD overflow sends a prompt to a decode instance when the prefill "
+                             "instances would miss the TTFT SLO: give slo_ttft_ms too")
         self.policy = policy
+        self.overflow = overflow  # xllm.service.master.pd_overflow, by the master's routing
         self.slo_ttft_ms = slo_ttft_ms
         self.slo_tpot_ms = slo_tpot_ms
         self.interval_s = interval_s
@@ -235,7 +240,7 @@ class PdController:
 
     def view(self) -> dict[str, object]:
         """What /cluster/instances shows of the planner."""
-        return {"policy": self.policy, "slo_ttft_ms": self.slo_ttft_ms,
-                "slo_tpot_ms": self.slo_tpot_ms,
+        return {"policy": self.policy, "overflow": self.overflow,
+                "slo_ttft_ms": self.slo_ttft_ms, "slo_tpot_ms": self.slo_tpot_ms,
                 "last": None if self.last is None else self.last.__dict__,
                 "decisions": [r.__dict__ for r in self.decisions]}
