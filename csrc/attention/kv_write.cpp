@@ -47,44 +47,19 @@ void copy_row(const void* src, bool src_bf16, void* dst, bool dst_bf16, int64_t 
   }
 }
 
-// A row into q8 form (vec.h): scale = max |x| / 127, q = x / scale rounded to nearest
-// even, then the scale's 4 bytes. A row of zeros gets scale 0 and zeros.
-void quantize_row(const void* src, bool src_bf16, q8_t* dst, int64_t n) {
-  float amax = 0;
-  for (int64_t d = 0; d < n; ++d) {
-    const float x = src_bf16 ? to_f32(static_cast<const bf16_t*>(src)[d])
-                             : static_cast<const float*>(src)[d];
-    amax = std::max(amax, std::fabs(x));
-  }
-  const float scale = amax / 127.0f;
-  for (int64_t d = 0; d < n; ++d) {
-    const float x = src_bf16 ? to_f32(static_cast<const bf16_t*>(src)[d])
-                             : static_cast<const float*>(src)[d];
-    const float q = scale > 0 ? std::nearbyint(x / scale) : 0.0f;
-    dst[d] = static_cast<q8_t>(std::clamp(q, -127.0f, 127.0f));
-  }
-  std::memcpy(dst + n, &scale, sizeof scale);
-}
-
 #if XLLM_HAVE_AVX2_KERNELS
 // quantize_row for n a multiple of 16: the same division and rounding (the default
 // MXCSR mode is nearest even), so the same bits.
-XLLM_AVX512 inline __m512 load16(const void* src, bool src_bf16, int64_t d) {
-  if (!src_bf16) return _mm512_loadu_ps(static_cast<const float*>(src) + d);
-  const __m256i h = _mm256_loadu_si256(
-      reinterpret_cast<const __m256i*>(static_cast<const bf16_t*>(src) + d));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 XLLM_AVX512 void quantize_row_avx512(const void* src, bool src_bf16, q8_t* dst, int64_t n) {
-  auto load = [&](int64_t d) XLLM_AVX512 { return load16(src, src_bf16, d); };
   __m512 amax = _mm512_setzero_ps();
-  for (int64_t d = 0; d < n; d += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load(d)));
+  for (int64_t d = 0; d < n; d += 16) {
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(src, src_bf16, d)));
+  }
   const float scale = _mm512_reduce_max_ps(amax) / 127.0f;
   if (scale > 0) {
     const __m512 vs = _mm512_set1_ps(scale);
     for (int64_t d = 0; d < n; d += 16) {
-      const __m512i q = _mm512_cvtps_epi32(_mm512_div_ps(load(d), vs));
+      const __m512i q = _mm512_cvtps_epi32(_mm512_div_ps(load16(src, src_bf16, d), vs));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + d), _mm512_cvtsepi32_epi8(q));
     }
   } else {
@@ -93,6 +68,29 @@ XLLM_AVX512 void quantize_row_avx512(const void* src, bool src_bf16, q8_t* dst, 
   std::memcpy(dst + n, &scale, sizeof scale);
 }
 #endif
+
+// A row into q8 form (vec.h): scale = max |x| / 127, q = x / scale rounded to nearest
+// even, then the scale's 4 bytes. A row of zeros gets scale 0 and zeros.
+void quantize_row(const void* src, bool src_bf16, q8_t* dst, int64_t n, Isa isa) {
+#if XLLM_HAVE_AVX2_KERNELS
+  if (isa >= Isa::kAvx512 && n % 16 == 0) {
+    quantize_row_avx512(src, src_bf16, dst, n);
+    return;
+  }
+#endif
+  auto at = [&](int64_t d) {
+    return src_bf16 ? to_f32(static_cast<const bf16_t*>(src)[d])
+                    : static_cast<const float*>(src)[d];
+  };
+  float amax = 0;
+  for (int64_t d = 0; d < n; ++d) amax = std::max(amax, std::fabs(at(d)));
+  const float scale = amax / 127.0f;
+  for (int64_t d = 0; d < n; ++d) {
+    const float q = scale > 0 ? std::nearbyint(at(d) / scale) : 0.0f;
+    dst[d] = static_cast<q8_t>(std::clamp(q, -127.0f, 127.0f));
+  }
+  std::memcpy(dst + n, &scale, sizeof scale);
+}
 
 int64_t slot_at(const Tensor& slots, int64_t t) {
   return slots.dtype == DType::kInt64 ? slots.ptr<int64_t>()[t] : slots.ptr<int32_t>()[t];
@@ -161,21 +159,13 @@ void write_kv_cache(const Tensor& key, const Tensor& value, const Tensor& key_ca
       const int64_t dst = ((block * nkv + h) * bs + offset) * dst_row;
       const int64_t row_k = (t * k_s0 + h * hs) * src_elt, row_v = (t * v_s0 + h * hs) * src_elt;
       if (cache.q8) {
-        auto* kq = reinterpret_cast<q8_t*>(key_dst + dst);
-        auto* vq = reinterpret_cast<q8_t*>(value_dst + dst);
-#if XLLM_HAVE_AVX2_KERNELS
-        if (isa >= Isa::kAvx512 && hs % 16 == 0) {
-          quantize_row_avx512(key_src + row_k, src_bf16, kq, hs);
-          quantize_row_avx512(value_src + row_v, src_bf16, vq, hs);
-          continue;
-        }
-#endif
-        quantize_row(key_src + row_k, src_bf16, kq, hs);
-        quantize_row(value_src + row_v, src_bf16, vq, hs);
-        continue;
+        quantize_row(key_src + row_k, src_bf16, reinterpret_cast<q8_t*>(key_dst + dst), hs, isa);
+        quantize_row(value_src + row_v, src_bf16, reinterpret_cast<q8_t*>(value_dst + dst), hs,
+                     isa);
+      } else {
+        copy_row(key_src + row_k, src_bf16, key_dst + dst, dst_bf16, hs, isa);
+        copy_row(value_src + row_v, src_bf16, value_dst + dst, dst_bf16, hs, isa);
       }
-      copy_row(key_src + row_k, src_bf16, key_dst + dst, dst_bf16, hs, isa);
-      copy_row(value_src + row_v, src_bf16, value_dst + dst, dst_bf16, hs, isa);
     }
   }
 }

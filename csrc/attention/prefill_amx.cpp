@@ -197,18 +197,9 @@ XLLM_AMX float softmax_row(const float* s, int64_t valid, int64_t width, bf16_t*
 XLLM_AMX void scaled_bf16(const void* src, bool bf16, int hs, float scale, bf16_t* dst) {
   const __m512 sc = _mm512_set1_ps(scale);
   for (int d = 0; d < hs; d += 32) {
-    __m512 v[2];
-    for (int h = 0; h < 2; ++h) {
-      if (bf16) {
-        const __m256i raw = _mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(static_cast<const bf16_t*>(src) + d + 16 * h));
-        v[h] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-      } else {
-        v[h] = _mm512_loadu_ps(static_cast<const float*>(src) + d + 16 * h);
-      }
-      v[h] = _mm512_mul_ps(v[h], sc);
-    }
-    _mm512_storeu_si512(dst + d, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
+    const __m512 lo = _mm512_mul_ps(load16(src, bf16, d), sc);
+    const __m512 hi = _mm512_mul_ps(load16(src, bf16, d + 16), sc);
+    _mm512_storeu_si512(dst + d, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
   }
 }
 

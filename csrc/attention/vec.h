@@ -184,6 +184,14 @@ XLLM_AVX2 inline __m256 exp8(__m256 x) {
 
 // ---- AVX-512 (the avx512 and amx levels) -------------------------------------
 
+// 16 values of an fp32 or bf16 row from element d, as fp32 (bf16 widened exactly).
+XLLM_AVX512 inline __m512 load16(const void* row, bool bf16, int64_t d) {
+  if (!bf16) return _mm512_loadu_ps(static_cast<const float*>(row) + d);
+  const __m256i h =
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const bf16_t*>(row) + d));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 // exp(x) for 16 lanes: exp8's polynomial, 2^n by scalef; x < -87 gives exactly 0.
 XLLM_AVX512 inline __m512 exp16(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.0f);
