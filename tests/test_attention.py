@@ -95,6 +95,40 @@ def make_paged(
     return Paged(key_cache, value_cache, tables, torch.tensor(lens, dtype=torch.int32))
 
 
+def vnni_rows(isa: str, dtype: torch.dtype, head_size: int) -> bool:
+    """Whether the kernels take int8 dot products (kernels_avx512.cpp): int8 rows at the
+    avx512 and amx levels, head sizes that are a multiple of 32 up to 256."""
+    return (isa in ("avx512", "amx") and dtype == torch.int8 and head_size % 32 == 0
+            and head_size <= 256)
+
+
+def as_read(query: torch.Tensor, scale: float, isa: str, dtype: torch.dtype) -> torch.Tensor:
+    """The query that the kernels attend with: where they take int8 dot products, each row
+    of query * scale rounded to int8 with one scale for the row, as they do it in float32
+    (then divided by scale again, for the reference to multiply back); else the query."""
+    if not vnni_rows(isa, dtype, query.shape[-1]):
+        return query
+    x = query.float() * scale
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    # 127 / amax divided as the kernels do it (a scalar's `127.0 / amax` is 127 * (1 / amax)).
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0.0)
+    q8 = torch.round(x * inv)
+    return (q8.double() * (amax / 127.0).double() / scale).float()
+
+
+# Where the kernels take int8 dot products they also round each row's softmax weights
+# (times V's row scales) to 16 bits against the largest of 16 tokens: an output moves by
+# at most 2^-16 * 16 * max|v| per group of 16, much less in practice.
+VNNI_ATOL = 4e-4
+
+
+def tol(isa: str, dtype: torch.dtype, head_size: int) -> dict[str, float]:
+    """assert_close's tolerance for an output of the kernels against the reference run on
+    as_read's query."""
+    atol = VNNI_ATOL if vnni_rows(isa, dtype, head_size) else ATOL
+    return {"rtol": RTOL, "atol": atol}
+
+
 def decode(p: Paged, query: torch.Tensor, scale: float) -> torch.Tensor:
     out = torch.full(query.shape, float("nan"))
     _C.paged_attention_decode(
@@ -142,9 +176,10 @@ def test_decode_matches_reference(
     scale = rng.uniform(0.05, 0.3)
     out = decode(p, query, scale)
     expected = ref.paged_attention_decode_ref(
-        query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, scale
+        as_read(query, scale, isa, dtype), p.key_cache, p.value_cache, p.block_tables,
+        p.seq_lens, scale
     )
-    torch.testing.assert_close(out, expected, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(out, expected, **tol(isa, dtype, head_size))
     assert torch.all(out[0] == 0), "seq_len 0 must give zeros"
 
 
@@ -159,21 +194,24 @@ def test_decode_long_context_partitions(isa: str, dtype: torch.dtype) -> None:
     torch.set_num_threads(max(threads, 2))
     try:
         for lens in ([3008, 2999], [3008, 0], [2999, 17]):
-            check_split_decode(p, query, lens)
+            check_split_decode(p, query, lens, as_read(query, 0.125, isa, dtype),
+                               tol(isa, dtype, 64))
     finally:
         torch.set_num_threads(threads)
 
 
-def check_split_decode(p: Paged, query: torch.Tensor, lens: list[int]) -> None:
-    """Decode of the whole batch and of its first sequence alone, against the reference."""
+def check_split_decode(p: Paged, query: torch.Tensor, lens: list[int], read: torch.Tensor,
+                       close: dict[str, float]) -> None:
+    """Decode of the whole batch and of its first sequence alone, against the reference
+    (on `read`, the query as the kernels read it)."""
     p.seq_lens = torch.tensor(lens, dtype=torch.int32)
     out = decode(p, query, 0.125)
     expected = ref.paged_attention_decode_ref(
-        query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, 0.125
+        read, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, 0.125
     )
-    torch.testing.assert_close(out, expected, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(out, expected, **close)
     alone = Paged(p.key_cache, p.value_cache, p.block_tables[:1], p.seq_lens[:1])
-    torch.testing.assert_close(decode(alone, query[:1], 0.125), expected[:1], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(decode(alone, query[:1], 0.125), expected[:1], **close)
 
 
 def test_decode_full_block_table(isa: str) -> None:
@@ -241,9 +279,10 @@ def test_prefill_matches_reference(
         torch.testing.assert_close(out, expected, rtol=AMX_TOL, atol=AMX_TOL)
         return
     expected = ref.paged_attention_prefill_ref(
-        query, p.key_cache, p.value_cache, p.block_tables, starts, p.seq_lens, 0.15
+        as_read(query, 0.15, isa, dtype), p.key_cache, p.value_cache, p.block_tables, starts,
+        p.seq_lens, 0.15
     )
-    torch.testing.assert_close(out, expected, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(out, expected, **tol(isa, dtype, head_size))
 
 
 # The AMX prefill path rounds q * scale and the softmax weights to bf16 (bf16 products,
@@ -716,15 +755,16 @@ def test_sliding_window_matches_reference(isa: str, dtype: torch.dtype, window: 
     p = make_paged(lens, kv_heads, head_size, bs, dtype, seed=window)
     nan = _nan_block(p)
     query = torch.randn(len(lens), heads, head_size)
-    want = ref.paged_attention_decode_ref(query, p.key_cache, p.value_cache, p.block_tables,
-                                          p.seq_lens, 0.125, window)
+    want = ref.paged_attention_decode_ref(as_read(query, 0.125, isa, dtype), p.key_cache,
+                                          p.value_cache, p.block_tables, p.seq_lens, 0.125,
+                                          window)
     tables = p.block_tables.clone()
     for i, n in enumerate(lens):
         tables[i, : max(0, n - window) // bs] = nan
     out = torch.full(query.shape, float("nan"))
     _C.paged_attention_decode(out, query, p.key_cache, p.value_cache, tables, p.seq_lens, 0.125,
                               window)
-    torch.testing.assert_close(out, want, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(out, want, **tol(isa, dtype, head_size))
 
     # Prefill: whole prompts, a chunk after a cached prefix, one token, nothing.
     pairs = [(70, 70), (300, 45), (17, 1), (16, 0), (1, 1)]
@@ -733,19 +773,21 @@ def test_sliding_window_matches_reference(isa: str, dtype: torch.dtype, window: 
     nan = _nan_block(p)
     starts = starts_of(q_lens)
     query = torch.randn(int(starts[-1]), heads, head_size)
-    want = ref.paged_attention_prefill_ref(query, p.key_cache, p.value_cache, p.block_tables,
-                                           starts, p.seq_lens, 0.15, window)
+    want = ref.paged_attention_prefill_ref(as_read(query, 0.15, isa, dtype), p.key_cache,
+                                           p.value_cache, p.block_tables, starts, p.seq_lens,
+                                           0.15, window)
     tables = p.block_tables.clone()
     for i, (n, q) in enumerate(pairs):
         tables[i, : max(0, n - q - window + 1) // bs] = nan  # before the first query's window
     out = torch.full(query.shape, float("nan"))
     _C.paged_attention_prefill(out, query, p.key_cache, p.value_cache, tables, starts,
                                p.seq_lens, 0.15, window)
-    torch.testing.assert_close(out, want, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(out, want, **tol(isa, dtype, head_size))
     # A window as long as the context is no window.
     if window == 1000:
-        full = ref.paged_attention_prefill_ref(query, p.key_cache, p.value_cache, p.block_tables,
-                                               starts, p.seq_lens, 0.15)
+        full = ref.paged_attention_prefill_ref(as_read(query, 0.15, isa, dtype), p.key_cache,
+                                               p.value_cache, p.block_tables, starts,
+                                               p.seq_lens, 0.15)
         torch.testing.assert_close(want, full)
 
 

@@ -228,7 +228,10 @@ def isa_row(model: str, batch: int, ctx: int, dtype: torch.dtype, layers: int = 
         at("avx2")()
         expected = out.clone()
         at(best)()
-        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+        # On an int8 cache the AVX-512 kernels round the query to int8 (kernels_avx512.cpp),
+        # which the AVX2 ones do not: the two agree within that rounding.
+        close = 3e-2 if dtype == torch.int8 else 1e-4
+        torch.testing.assert_close(out, expected, rtol=close, atol=close)
         kv_bytes = (layers * 2 * batch * ctx * p.num_kv_heads * p.key_cache.shape[-1]
                     * p.key_cache.element_size())
         dt = {torch.bfloat16: "bf16 cache", torch.int8: "int8 cache"}.get(dtype, "fp32 cache")

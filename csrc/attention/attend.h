@@ -76,6 +76,7 @@ struct KvView {
 // One tile's working state, carved from a thread's scratch.
 struct TileState {
   float* q;    // [rows, hs] query rows times the softmax scale
+  float* qp;   // [rows, hs] floats of room: q as the kernels' prep leaves it
   float* acc;  // [rows, hs] unnormalised output
   float* m;    // [rows] running max of scores
   float* l;    // [rows] running sum of exp(score - m)
@@ -89,14 +90,15 @@ struct TileState {
   // Floats of scratch that a tile of `rows` rows needs (rounded to 64-byte lines).
   static size_t floats(int rows, int hs, int chunk) {
     auto line = [](size_t n) { return (n + 15) / 16 * 16; };
-    return 2 * line(static_cast<size_t>(rows) * hs) + 5 * line(rows) +
+    return 3 * line(static_cast<size_t>(rows) * hs) + 5 * line(rows) +
            line(static_cast<size_t>(rows) * chunk);
   }
   static TileState carve(float* base, int rows, int hs, int chunk) {
     auto line = [](size_t n) { return (n + 15) / 16 * 16; };
     TileState st;
     st.q = base;
-    st.acc = st.q + line(static_cast<size_t>(rows) * hs);
+    st.qp = st.q + line(static_cast<size_t>(rows) * hs);
+    st.acc = st.qp + line(static_cast<size_t>(rows) * hs);
     st.m = st.acc + line(static_cast<size_t>(rows) * hs);
     st.l = st.m + line(rows);
     st.pos = reinterpret_cast<int*>(st.l + line(rows));
@@ -124,9 +126,11 @@ inline int chunk_tokens(int64_t block_size, int target) {
 // Chunks wholly before every row's lo should not be passed (k0 past them): their blocks
 // may have been freed.
 // block_table: [>= ceil(k1 / block_size)] ids already checked to be in range.
+// qrows: the tile's query rows as qk reads them (st.q, or st.qp after the kernels' prep).
 template <class KT>
-void attend_range(const Kernels<KT>& kern, SoftmaxFn softmax, const KvView<KT>& kv, int64_t head,
-                  const int32_t* block_table, int64_t k0, int64_t k1, int rows, TileState& st) {
+void attend_chunks(const Kernels<KT>& kern, SoftmaxFn softmax, const KvView<KT>& kv,
+                   int64_t head, const int32_t* block_table, int64_t k0, int64_t k1, int rows,
+                   const float* qrows, TileState& st) {
   const int hs = kv.head_size, bs = kv.block_size, chunk = st.chunk;
   int r0 = 0;  // rows before r0 see none of the current chunk (pos is non-decreasing)
   int r1 = 0;  // nor do rows from r1 on (their window starts after it; lo non-decreasing)
@@ -138,7 +142,7 @@ void attend_range(const Kernels<KT>& kern, SoftmaxFn softmax, const KvView<KT>& 
     if (r1 <= r0) continue;
     const int n = r1 - r0;
     float* s = st.s + static_cast<int64_t>(r0) * chunk;
-    const float* q = st.q + static_cast<int64_t>(r0) * hs;
+    const float* q = qrows + static_cast<int64_t>(r0) * hs;
     float* acc = st.acc + static_cast<int64_t>(r0) * hs;
     // Calls run K(0..), then V(0..) of this chunk; each prefetches what the next
     // call reads, the last V prefetches the next chunk's first K block.
@@ -177,6 +181,20 @@ void attend_range(const Kernels<KT>& kern, SoftmaxFn softmax, const KvView<KT>& 
               next_rows * row_bytes);
     }
   }
+}
+
+// attend_chunks for a whole tile: the kernels' prep of its query rows first, and acc's
+// rows back in order at the end.
+template <class KT>
+void attend_range(const Kernels<KT>& kern, SoftmaxFn softmax, const KvView<KT>& kv, int64_t head,
+                  const int32_t* block_table, int64_t k0, int64_t k1, int rows, TileState& st) {
+  const float* qrows = st.q;
+  if (kern.prep != nullptr) {
+    kern.prep(st.q, rows, kv.head_size, st.qp);
+    qrows = st.qp;
+  }
+  attend_chunks(kern, softmax, kv, head, block_table, k0, k1, rows, qrows, st);
+  if (kern.post != nullptr) kern.post(st.acc, rows, kv.head_size);
 }
 
 // Threads for a call doing about `macs` multiply-adds. Tiny calls (a decode step

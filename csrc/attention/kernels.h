@@ -4,8 +4,9 @@
 // these on one KV block at a time. "Rows" are query rows already multiplied by
 // the softmax scale: the query heads of one KV group (decode), or several query
 // tokens times those heads (prefill), so each K/V row is loaded once for all of
-// them. KT is the cache's storage type (float or bf16_t), widened to fp32 in
-// registers; every sum is fp32.
+// them. KT is the cache's storage type (float, bf16_t or q8_t). Float and bf16
+// rows are widened to fp32 in registers and every sum is fp32; the AVX-512 kernels
+// on q8 rows take integer dot products instead (kernels_avx512.cpp).
 #pragma once
 
 #include <cstdint>
@@ -18,7 +19,8 @@ namespace xllm::attn {
 template <class KT>
 struct Kernels {
   // s[r * lds + t] = dot(q[r * ldq : +hs], k[t * hs : +hs])
-  // q: [nrows, ldq] fp32; k: [ntok, hs] one block's rows of one KV head; s: [nrows, lds]
+  // q: [nrows, ldq] fp32 (or as prep left them); k: [ntok, hs] one block's rows of one
+  // KV head; s: [nrows, lds]
   // next: the bytes [next, next + next_bytes) that the driver reads after this call
   // (the next block); the kernel spreads prefetches for them over its work so that
   // memory streams while it computes. nullptr: nothing to prefetch.
@@ -29,6 +31,16 @@ struct Kernels {
   // p: [nrows, ldp] softmax weights; v: [ntok, hs]; acc: [nrows, hs]; next: as for qk
   void (*pv)(const float* p, int64_t ldp, int nrows, const KT* v, int ntok, int hs, float* acc,
              const void* next, int64_t next_bytes);
+
+  // Optional (nullptr: qk reads the rows as they are). Rewrites a tile's query rows
+  // [nrows, hs] into the form qk reads, once per tile rather than once per block:
+  // out has room for [nrows, hs] floats, and qk is then called on its rows (ldq = hs).
+  void (*prep)(const float* q, int nrows, int hs, float* out);
+
+  // Optional (nullptr: pv keeps acc in order). pv may keep acc's rows in an order of
+  // its own across calls (the online softmax only scales whole rows, in place); post
+  // puts the [nrows, hs] rows back in order once the tile is done.
+  void (*post)(float* acc, int nrows, int hs);
 };
 
 // The online-softmax step for one chunk of key columns (flash-attention style).
