@@ -1,14 +1,15 @@
 """Decode steps and prompt time of the demo model with each KV cache dtype, side by side.
 
-    python -m bench.kv_dtype [--dtypes auto,int8,int8@64] [--context 1100] [--batches 8,16]
+    python -m bench.kv_dtype [--dtypes auto,int8,int8@16] [--context 1100] [--batches 8,16]
                              [--rounds 10] [--threads 1] [--json PATH]
 
-One engine per dtype (``int8@64``: with 64-token KV blocks), all loaded at once. For each batch size every engine holds that many
-requests decoding at ``--context`` tokens of context, and the engines take turns of six
-steps each, ``--rounds`` times (the machine's speed drifts; turns make the drift hit them
-alike): the median step of each turn, and the median over turns of the paired ratio to
-the first dtype. Then the time of one fresh ``--context``-token prompt (median of three),
-in turns too. Pin with ``taskset`` to measure on one core.
+One engine per dtype (``int8@16``: with 16-token KV blocks), all loaded at once. For each
+batch size every engine holds that many requests decoding at ``--context`` tokens of
+context, and the engines take turns of six steps each, ``--rounds`` times (the machine's
+speed drifts; turns make the drift hit them alike): the median step of each turn, and the
+median over turns of the paired ratio to the first dtype. Then the time of one
+fresh ``--context``-token prompt (median of three), in turns too. Pin with ``taskset``
+to measure on one core.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     rng = random.Random(0)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    def engine(label: str) -> LLM:  # "int8" or "int8@64": a dtype, and a block size
+    def engine(label: str) -> LLM:  # "int8" or "int8@16": a dtype, and a block size
         dtype, _, block = label.partition("@")
         extra = {"block_size": int(block)} if block else {}
         return LLM(model="demo", kv_cache_dtype=dtype, num_threads=args.threads, **extra)

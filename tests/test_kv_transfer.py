@@ -25,7 +25,8 @@ pytestmark = pytest.mark.timeout(180)
 
 DOC = "The harbour master wrote down every ship, its flag and its cargo, each night. " * 12
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-OPTS = dict(dtype="float32", num_kv_blocks=96, max_num_batched_tokens=512)
+# 16-token blocks for every cache dtype (int8 would default to 64): the block counts below.
+OPTS = dict(dtype="float32", num_kv_blocks=96, max_num_batched_tokens=512, block_size=16)
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16", "int8"])

@@ -263,7 +263,8 @@ def _tier_opts(tiers: str, tmp_path) -> dict:  # noqa: ANN001
 def test_outputs_identical_from_pool_and_tiers(demo_model_dir, tmp_path, kv_dtype: str,  # noqa: ANN001
                                                tiers: str) -> None:
     prompts = [DOC + q for q in QUESTIONS]
-    opts = dict(dtype="float32", kv_cache_dtype=kv_dtype, num_kv_blocks=72,
+    # The pool and tier sizes are made for 16-token blocks (int8 would default to 64).
+    opts = dict(dtype="float32", kv_cache_dtype=kv_dtype, num_kv_blocks=72, block_size=16,
                 max_num_batched_tokens=512, max_num_seqs=4)
     plain = LLM(model=str(demo_model_dir), enable_prefix_caching=False, **opts)
     want = [o.outputs[0].token_ids for o in plain.generate(prompts, GREEDY, use_tqdm=False)]
@@ -576,7 +577,11 @@ def test_int8_rows_halve_the_cache_and_are_refused_off_the_cpu(demo_model_dir) -
             [DOC + q for q in QUESTIONS], GREEDY, use_tqdm=False)]
         llm.engine.close()
     hs = llm.engine.model_config.head_dim
-    assert configs["int8"].block_bytes * 2 * hs == configs["bfloat16"].block_bytes * (hs + 4)
+    # int8 defaults to 64-token blocks (16 stay 16 when asked for), the others to 16.
+    assert (configs["int8"].block_size, configs["bfloat16"].block_size) == (64, 16)
+    assert EngineConfig(kv_cache_dtype="int8", block_size=16).block_size == 16
+    per_token = {kv: c.block_bytes // c.block_size for kv, c in configs.items()}
+    assert per_token["int8"] * 2 * hs == per_token["bfloat16"] * (hs + 4)
     same = sum(a == b for x, y in zip(outs["int8"], outs["bfloat16"], strict=True)
                for a, b in zip(x, y, strict=False))
     assert same >= 0.5 * sum(map(len, outs["bfloat16"]))

@@ -46,13 +46,15 @@ class Paged:
         heads: tuple[int, int, int],
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
+        block_size: int = BLOCK_SIZE,
     ) -> None:
         gen = torch.Generator().manual_seed(seed)
         self.num_heads, self.num_kv_heads, self.head_size = heads
         self.lens = lens
-        self.width = max((n + BLOCK_SIZE - 1) // BLOCK_SIZE for n in lens)
+        self.block_size = block_size
+        self.width = max((n + block_size - 1) // block_size for n in lens)
         num_blocks = batch * self.width + 1
-        shape = (num_blocks, self.num_kv_heads, BLOCK_SIZE, self.head_size)
+        shape = (num_blocks, self.num_kv_heads, block_size, self.head_size)
         self.key_cache, self.value_cache = (
             quantize_rows(x) if dtype == torch.int8 else x.to(dtype)
             for x in (torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)))
@@ -68,7 +70,7 @@ class Paged:
         batch = self.block_tables.shape[0]
         blocks = cache.index_select(0, self.block_ids)  # [batch * width, kv, bs, hs]
         row = cache.shape[-1]  # head_size, + 4 for int8 rows
-        blocks = blocks.view(batch, self.width, self.num_kv_heads, BLOCK_SIZE, row)
+        blocks = blocks.view(batch, self.width, self.num_kv_heads, self.block_size, row)
         kv = blocks.transpose(1, 2).reshape(batch, self.num_kv_heads, -1, row)
         if kv.dtype == torch.int8:
             return dequantize_rows(kv)
@@ -201,7 +203,8 @@ def prefill_row(model: str, q_len: int, cached: int) -> Row:
     return row
 
 
-def isa_row(model: str, batch: int, ctx: int, dtype: torch.dtype, layers: int = 1) -> Row:
+def isa_row(model: str, batch: int, ctx: int, dtype: torch.dtype, layers: int = 1,
+            block_size: int = BLOCK_SIZE) -> Row:
     """Decode on the best ISA level this CPU has against the AVX2 level, alternating.
 
     With ``layers`` > 1 a call is a whole step's attention: one cache per layer, each
@@ -209,7 +212,8 @@ def isa_row(model: str, batch: int, ctx: int, dtype: torch.dtype, layers: int = 
     small batch otherwise stays in cache from one timing round to the next)."""
     best = _C.detected_isa()
     heads = MODELS[model]
-    caches = [Paged(batch, [ctx] * batch, heads, dtype, seed=i) for i in range(layers)]
+    caches = [Paged(batch, [ctx] * batch, heads, dtype, seed=i, block_size=block_size)
+              for i in range(layers)]
     p = caches[0]
     scale = 1.0 / math.sqrt(p.head_size)
     query = torch.randn(batch, p.num_heads, p.head_size)
@@ -236,6 +240,8 @@ def isa_row(model: str, batch: int, ctx: int, dtype: torch.dtype, layers: int = 
                     * p.key_cache.element_size())
         dt = {torch.bfloat16: "bf16 cache", torch.int8: "int8 cache"}.get(dtype, "fp32 cache")
         where = f", {layers} layers" if layers > 1 else ""
+        if block_size != BLOCK_SIZE:
+            where += f", {block_size}-token blocks"
         row = compare(
             "paged_attention_decode",
             f"{model} h{p.num_heads}/kv{p.num_kv_heads}/d{p.head_size} batch {batch} ctx {ctx} "

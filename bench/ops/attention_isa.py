@@ -10,8 +10,9 @@ from bench.ops.attention import isa_row
 from bench.ops.common import Row
 from xllm import _C
 
-# ISA-level rows: in-cache shapes (compute-bound) and one step of a 30-layer model's
-# attention at a long context (the KV streams from memory).
+# ISA-level rows (model, batch, context, cache dtype, layers[, block size]): in-cache shapes
+# (compute-bound) and one step of a 30-layer model's attention at a long context (the KV
+# streams from memory).
 ISA_GRID = [
     ("SmolLM2-135M", 8, 128, torch.bfloat16, 1),
     ("SmolLM2-135M", 8, 1024, torch.bfloat16, 1),
@@ -20,6 +21,7 @@ ISA_GRID = [
     ("SmolLM2-135M", 8, 1024, torch.bfloat16, 30),
     ("SmolLM2-135M", 8, 1024, torch.int8, 1),
     ("SmolLM2-135M", 8, 1024, torch.int8, 30),
+    ("SmolLM2-135M", 8, 1024, torch.int8, 30, 64),  # an int8 cache's default blocks
 ]
 
 
@@ -27,5 +29,4 @@ def run(quick: bool) -> list[Row]:
     if _C.detected_isa() not in ("avx512", "amx"):
         return []
     grid = ISA_GRID[:1] if quick else ISA_GRID
-    return [isa_row(model, batch, ctx, dtype, layers)
-            for model, batch, ctx, dtype, layers in grid]
+    return [isa_row(*row) for row in grid]

@@ -15,6 +15,7 @@ plus, for the prefix-aware ones, one walk over the prompt's block hashes.
 from __future__ import annotations
 
 import itertools
+import logging
 import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -39,6 +40,8 @@ __all__ = [
     "SloAwarePolicy",
     "make_policy",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class NoInstanceAvailable(RuntimeError):
@@ -286,8 +289,10 @@ class Router:
     """Applies a policy to the registry's routable instances and books the decision.
 
     ``block_size``: the cluster's KV block size (all instances of a model share it), used to
-    hash prompts the way the instances' prefix caches do. ``spare``: when an instance may
-    take offline work.
+    hash prompts the way the instances' prefix caches do; an instance that registered
+    another one is warned about (its prefix hits are then missed: xllm-master takes the
+    instances' --block-size and --kv-cache-dtype, whose int8 defaults to 64-token blocks).
+    ``spare``: when an instance may take offline work.
     """
 
     def __init__(self, policy: RoutingPolicy | str, block_size: int = 16,
@@ -297,10 +302,22 @@ class Router:
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         self.block_size = block_size
         self.spare = spare or SpareCapacity()
+        self._warned_sizes: set[int] = set()
         # Dispatch ids from a random start: with several masters (--etcd) or a restarted
         # one, an instance's heartbeat reaches masters whose ids must not collide (2^62
         # apart on average; never 0, which means "untracked" on the wire).
         self._dispatch_ids = itertools.count(secrets.randbits(62) + 1)
+
+    def _check_block_size(self, instances: Sequence[InstanceView]) -> None:
+        """Warns once per block size that an instance registered with, other than ours."""
+        for v in instances:
+            size = v.info.capacity.block_size
+            if size != self.block_size and size not in self._warned_sizes:
+                self._warned_sizes.add(size)
+                log.warning("instance %s keeps %d-token KV blocks, but prompts are hashed in "
+                            "%d-token blocks here, so its prefix cache is never matched: give "
+                            "xllm-master the instances' --block-size and --kv-cache-dtype",
+                            v.info.instance_id, size, self.block_size)
 
     def route(
         self, request: RouteRequest, instances: Sequence[InstanceView], index: TieredPrefixIndex
@@ -318,6 +335,7 @@ class Router:
             kind = "with spare capacity for offline work" if request.offline else "alive"
             raise NoInstanceAvailable(f"no instance is {kind}")
         if request.block_hashes is None:
+            self._check_block_size(instances)
             request.block_hashes = prompt_block_hashes(request.prompt_token_ids, self.block_size)
         decision = self.policy.select(request, instances, index)
         v = decision.instance
