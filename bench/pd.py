@@ -138,8 +138,7 @@ def run_layout(name: str, args: argparse.Namespace, out: Path) -> dict:
     pd += slo + overflow
     master = subprocess.Popen(
         [sys.executable, "-m", "xllm.service.master_server", "--port", str(http),
-         "--grpc-port", str(grpc_port), "--heartbeat-timeout", "5", *pd,
-         *shlex.split(args.instance_args), *ENGINE],  # the same KV blocks to hash prompts in
+         "--grpc-port", str(grpc_port), "--heartbeat-timeout", "5", *pd, *ENGINE],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     profile = ["--profile-speed"] if args.profile_speed or name == "dynamic" else []
     url = f"http://127.0.0.1:{http}"
@@ -268,9 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="instances profile their speed at start (for bench.simulate "
                              "--validate); the dynamic layout always does")
     parser.add_argument("--instance-args", default="",
-                        help="extra engine flags for every instance of every layout, and "
-                             "for the master (which hashes prompts in the instances' KV "
-                             "blocks: --kv-cache-dtype int8 makes them 64 tokens)")
+                        help="extra xllm-server flags for every instance of every layout")
     parser.add_argument("--prefill-args", default="",
                         help="extra xllm-server flags for prefill instances only (e.g. a "
                              "step budget of one prompt: --max-num-batched-tokens 1024)")

@@ -234,6 +234,29 @@ def test_router_offline_needs_spare_capacity() -> None:
         router.route(RouteRequest([1, 2]), [], index)
 
 
+def test_router_hashes_in_the_instances_block_size(caplog: pytest.LogCaptureFixture) -> None:
+    """Prompts are hashed in the block size the instances registered (an int8 KV cache's 64
+    tokens), not the master's own; instances that disagree get a warning and the master's."""
+    index = PrefixIndex()
+
+    def view(k: int, block_size: int) -> InstanceView:
+        info = InstanceInfo(f"i{k}", f"127.0.0.1:{7100 + k}",
+                            capacity=Capacity(8, block_size=block_size))
+        return InstanceView(info, index.add_instance())
+
+    views = [view(0, 64), view(1, 64)]
+    router = Router("round_robin", BS)
+    prompt = list(range(300))
+    request = RouteRequest(prompt)
+    router.route(request, views, index)
+    assert request.block_hashes == prompt_block_hashes(prompt, 64)
+    with caplog.at_level("WARNING", logger="xllm.service.routing"):
+        request = RouteRequest(prompt)
+        router.route(request, [*views, view(2, 32)], index)
+    assert request.block_hashes == prompt_block_hashes(prompt, BS)
+    assert "different sizes [32, 64]" in caplog.text
+
+
 # ---- simulation: cluster prefix-cache hit rate ----------------------------------------------
 
 

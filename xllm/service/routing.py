@@ -288,10 +288,11 @@ def make_policy(name: str, **options: Any) -> RoutingPolicy:
 class Router:
     """Applies a policy to the registry's routable instances and books the decision.
 
-    ``block_size``: the cluster's KV block size (all instances of a model share it), used to
-    hash prompts the way the instances' prefix caches do; an instance that registered
-    another one is warned about (its prefix hits are then missed: xllm-master takes the
-    instances' --block-size and --kv-cache-dtype, whose int8 defaults to 64-token blocks).
+    ``block_size``: the KV block size to hash prompts in when the instances do not agree on
+    one; otherwise the one they registered (their capacity's block_size), which is what
+    their prefix caches hash in (an int8 KV cache defaults to 64-token blocks, others to
+    16), whatever the master's own flags say. Instances that disagree are warned about:
+    the prefix caches of those of another size are then never matched.
     ``spare``: when an instance may take offline work.
     """
 
@@ -302,22 +303,26 @@ class Router:
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         self.block_size = block_size
         self.spare = spare or SpareCapacity()
-        self._warned_sizes: set[int] = set()
+        self._warned_sizes: set[tuple[int, ...]] = set()
         # Dispatch ids from a random start: with several masters (--etcd) or a restarted
         # one, an instance's heartbeat reaches masters whose ids must not collide (2^62
         # apart on average; never 0, which means "untracked" on the wire).
         self._dispatch_ids = itertools.count(secrets.randbits(62) + 1)
 
-    def _check_block_size(self, instances: Sequence[InstanceView]) -> None:
-        """Warns once per block size that an instance registered with, other than ours."""
-        for v in instances:
-            size = v.info.capacity.block_size
-            if size != self.block_size and size not in self._warned_sizes:
-                self._warned_sizes.add(size)
-                log.warning("instance %s keeps %d-token KV blocks, but prompts are hashed in "
-                            "%d-token blocks here, so its prefix cache is never matched: give "
-                            "xllm-master the instances' --block-size and --kv-cache-dtype",
-                            v.info.instance_id, size, self.block_size)
+    def _block_size_of(self, instances: Sequence[InstanceView]) -> int:
+        """The block size the instances registered, when they all did the same (else ours,
+        with a warning once per set of sizes)."""
+        size = instances[0].info.capacity.block_size
+        if all(v.info.capacity.block_size == size for v in instances):
+            return size
+        sizes = tuple(sorted({v.info.capacity.block_size for v in instances}))
+        if sizes not in self._warned_sizes:
+            self._warned_sizes.add(sizes)
+            log.warning("instances of one model keep KV blocks of different sizes %s; prompts "
+                        "are hashed in %d-token blocks, so the others' prefix caches are never "
+                        "matched: start them with the same --block-size and --kv-cache-dtype",
+                        list(sizes), self.block_size)
+        return self.block_size
 
     def route(
         self, request: RouteRequest, instances: Sequence[InstanceView], index: TieredPrefixIndex
@@ -335,8 +340,8 @@ class Router:
             kind = "with spare capacity for offline work" if request.offline else "alive"
             raise NoInstanceAvailable(f"no instance is {kind}")
         if request.block_hashes is None:
-            self._check_block_size(instances)
-            request.block_hashes = prompt_block_hashes(request.prompt_token_ids, self.block_size)
+            request.block_hashes = prompt_block_hashes(request.prompt_token_ids,
+                                                       self._block_size_of(instances))
         decision = self.policy.select(request, instances, index)
         v = decision.instance
         dispatch_id = next(self._dispatch_ids)
