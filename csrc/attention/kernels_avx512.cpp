@@ -47,39 +47,14 @@ XLLM_AVX512 inline void load32(const bf16_t* p, __m512& a, __m512& b) {
   b = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
-// Whether load32 gives a slice's elements in order (else as even and odd halves).
-template <class KT>
-constexpr bool in_order = !std::is_same_v<KT, bf16_t>;
-
-// 32 fp32 values [lo | hi] in load32's order for KT, and back.
-template <class KT>
-XLLM_AVX512 inline void split(__m512 lo, __m512 hi, __m512& a, __m512& b) {
-  if constexpr (in_order<KT>) {
-    a = lo;
-    b = hi;
-  } else {
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
-                                           28, 30);
-    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
-                                          29, 31);
-    a = _mm512_permutex2var_ps(lo, even, hi);
-    b = _mm512_permutex2var_ps(lo, odd, hi);
-  }
-}
-
-template <class KT>
-XLLM_AVX512 inline void merge(__m512 a, __m512 b, __m512& lo, __m512& hi) {
-  if constexpr (in_order<KT>) {
-    lo = a;
-    hi = b;
-  } else {
-    // Element j of the slice is a[j / 2] when j is even, else b[j / 2] (index 16 + j / 2).
-    const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22,
-                                            7, 23);
-    const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14,
-                                             30, 15, 31);
-    lo = _mm512_permutex2var_ps(a, first, b);
-    hi = _mm512_permutex2var_ps(a, second, b);
+// Each 32 floats [a | b] of n (a multiple of 32) from src, as [a b][first] then [a b][second]
+// (permutex2var: index i < 16 is a[i], else b[i - 16]) at dst, which may be src.
+XLLM_AVX512 inline void permute_slices(const float* src, float* dst, int64_t n, __m512i first,
+                                       __m512i second) {
+  for (int64_t i = 0; i < n; i += 32) {
+    const __m512 a = _mm512_loadu_ps(src + i), b = _mm512_loadu_ps(src + i + 16);
+    _mm512_storeu_ps(dst + i, _mm512_permutex2var_ps(a, first, b));
+    _mm512_storeu_ps(dst + i + 16, _mm512_permutex2var_ps(a, second, b));
   }
 }
 
@@ -169,23 +144,19 @@ XLLM_AVX512 void qk(const float* q, int64_t ldq, int nrows, const KT* k, int nto
   pf.flush();
 }
 
-// bf16 rows: the tile's query rows and its output rows in load32's order (see the top).
+// bf16 rows: the tile's query rows and its output rows in load32's order (see the top):
+// a slice's even elements, then its odd ones, and back.
 XLLM_AVX512 void prep_split(const float* q, int nrows, int hs, float* out) {
-  for (int64_t i = 0; i < static_cast<int64_t>(nrows) * hs; i += 32) {
-    __m512 a, b;
-    split<bf16_t>(_mm512_loadu_ps(q + i), _mm512_loadu_ps(q + i + 16), a, b);
-    _mm512_storeu_ps(out + i, a);
-    _mm512_storeu_ps(out + i + 16, b);
-  }
+  permute_slices(q, out, static_cast<int64_t>(nrows) * hs,
+                 _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
+                 _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31));
 }
 
 XLLM_AVX512 void post_merge(float* acc, int nrows, int hs) {
-  for (int64_t i = 0; i < static_cast<int64_t>(nrows) * hs; i += 32) {
-    __m512 lo, hi;
-    merge<bf16_t>(_mm512_loadu_ps(acc + i), _mm512_loadu_ps(acc + i + 16), lo, hi);
-    _mm512_storeu_ps(acc + i, lo);
-    _mm512_storeu_ps(acc + i + 16, hi);
-  }
+  // Element j of the slice is a[j / 2] when j is even, else b[j / 2] (index 16 + j / 2).
+  permute_slices(acc, acc, static_cast<int64_t>(nrows) * hs,
+                 _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23),
+                 _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31));
 }
 
 // acc[r, d0 : d0 + 32 * DC] += p[r, :ntok] @ v[:ntok, d0 : d0 + 32 * DC] for r < NR
@@ -492,14 +463,9 @@ XLLM_AVX512 void pv_q8(const float* p, int64_t ldp, int nrows, const q8_t* v, in
 // pv_q8's order within each 32 elements: unpacks of two tokens' rows give, per 128-bit
 // lane L, elements 8L .. 8L + 3 in the first vector and 8L + 4 .. 8L + 7 in the second.
 XLLM_AVX512 void post_q8(float* acc, int nrows, int hs) {
-  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i second =
-      _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-  for (int64_t i = 0; i < static_cast<int64_t>(nrows) * hs; i += 32) {
-    const __m512 a = _mm512_loadu_ps(acc + i), b = _mm512_loadu_ps(acc + i + 16);
-    _mm512_storeu_ps(acc + i, _mm512_permutex2var_ps(a, first, b));
-    _mm512_storeu_ps(acc + i + 16, _mm512_permutex2var_ps(a, second, b));
-  }
+  permute_slices(acc, acc, static_cast<int64_t>(nrows) * hs,
+                 _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23),
+                 _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31));
 }
 
 }  // namespace
