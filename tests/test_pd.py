@@ -78,7 +78,7 @@ def test_overflow_sends_a_late_prompt_whole_to_a_decode_instance() -> None:
     # decodes' TPOT grows by 500 ms / 128 tokens to ~34 ms.
     p.load.num_waiting_prefill_tokens = 4000
     assert pd_overflow([p], [d], 1000, 128, 2000.0, 60.0) == [d]
-    assert pd_candidates(every, False, 128, 1000, **slo) == ("", [d])
+    assert pd_candidates(every, False, 128, 1000, **slo) == ("overflow", [d])
     # ... not when that would push its TPOT past the SLO (short outputs spread the stall less)
     assert pd_candidates(every, False, 16, 1000, **slo) == ("prefill", [p])
     d.load.tpot_ms = 58.0
@@ -93,7 +93,7 @@ def test_overflow_sends_a_late_prompt_whole_to_a_decode_instance() -> None:
     assert pd_candidates(every, False, 128, 1000, **slo, recent_overflow={"d": 8000}) == (
         "prefill", [p])
     assert pd_candidates(every, False, 128, 1000, **slo, recent_overflow={"d": 1000}) == (
-        "", [d])
+        "overflow", [d])
     # No SLO, a request already started, or nothing to predict with: the roles.
     assert pd_candidates(every, False, 128, 1000) == ("prefill", [p])
     assert pd_candidates(every, True, 128, 1000, **slo) == ("decode", [d])
@@ -101,7 +101,7 @@ def test_overflow_sends_a_late_prompt_whole_to_a_decode_instance() -> None:
     assert pd_candidates(every, False, 128, 1000, **slo) == ("prefill", [p])
     # the measured prompt throughput stands in for a speed model
     p.load.prefill_tokens_per_s = 1000.0
-    assert pd_candidates(every, False, 128, 1000, **slo) == ("", [d])
+    assert pd_candidates(every, False, 128, 1000, **slo) == ("overflow", [d])
 
 
 def test_prefill_then_decode_equals_a_mixed_instance(demo_model_dir: Path) -> None:

@@ -257,8 +257,9 @@ def pd_candidates(fresh: list[InstanceView], started: bool, max_tokens: int | No
     tokens already (``started``) to a decode instance; otherwise (a role missing, or gone)
     any instance serves the whole request. With a TTFT SLO, a new request that every
     prefill instance would start too late goes whole to a decode instance that can take
-    it (:func:`pd_overflow`). Returns the phase ("prefill", "decode" or "") and the
-    instances that may take it."""
+    it (:func:`pd_overflow`). Returns the phase ("prefill", "decode", "" for the whole
+    request, or "overflow": the whole request on a decode instance) and the instances that
+    may take it."""
     prefill = [v for v in fresh if v.info.role == "prefill"]
     decode = [v for v in fresh if v.info.role == "decode"]
     if started:
@@ -268,7 +269,7 @@ def pd_candidates(fresh: list[InstanceView], started: bool, max_tokens: int | No
             takers = pd_overflow(prefill, decode, prompt_len, max_tokens, slo_ttft_ms,
                                  slo_tpot_ms, recent_overflow)
             if takers:
-                return "", takers
+                return "overflow", takers
         return "prefill", prefill
     return "", fresh
 
@@ -506,7 +507,6 @@ class ClusterEngine:
             if not fresh and live and time.monotonic() >= deadline:
                 fresh = list(live)  # maybe the earlier failure was transient
             if fresh:
-                roles = {v.info.role for v in fresh}
                 overflow = self.pd.overflow
                 phase, fresh = pd_candidates(
                     fresh, bool(flight.generated), flight.params.max_tokens,
@@ -514,8 +514,7 @@ class ClusterEngine:
                     self.pd.slo_tpot_ms, self._recent_overflow() if overflow else None)
                 flight.phase = phase
                 decision = self.router.route(flight.route, fresh, self.registry.index)
-                if (phase == "" and not flight.generated and flight.params.max_tokens != 1
-                        and {"prefill", "decode"} <= roles):  # a decode instance takes it whole
+                if phase == "overflow":  # a decode instance takes it whole
                     self.num_pd_overflows += 1
                     self.metrics.pd_overflows.inc()
                     self._overflows.append((time.monotonic(), decision.instance.instance_id,
