@@ -1,7 +1,7 @@
 """The KV store on the demo model: tiers against the pool alone, transfer rates, memory.
 
     python -m bench.kvcache [--docs 16] [--doc-tokens 1024] [--idle 30] [--json PATH]
-                            [--parts workload,transfer,memory]
+                            [--parts workload,transfer,peer,memory] [--peer-paths shm,grpc]
 
 Parts (each engine in this CPU's default dtype, one run, one machine):
 
@@ -31,7 +31,11 @@ cache; best of 3. Target: the load >= 50% of the sequential read.
 number of blocks as ``transfer`` in its prefix cache, the other fetches them (the path a
 master's hint starts), over shared memory (the peer writes into the fetcher's KV memory) and
 streamed over gRPC; best of 3 each against memcpy of the same bytes. Targets: shared memory
->= 50% of memcpy, gRPC >= 1 GB/s.
+>= 50% of memcpy, gRPC >= 1 GB/s. ``--peer-paths shm,grpc,mooncake`` adds the Mooncake
+transfer engine (TCP; the fetcher reads the blocks from the peer's memory itself). Its
+engine listens on every interface, so that path runs only in a network namespace of its
+own: ``unshare -n sh -c "ip link set lo up && python -m bench.kvcache --parts peer
+--peer-paths shm,grpc,mooncake"``.
 
 ``memory``: an engine whose pool's ceiling is 1 GiB serves a burst of long prompts, all at
 once and all running together, that fills most of the pool; then it sits idle for
@@ -61,6 +65,7 @@ from xllm import _C, SamplingParams
 from xllm.config import EngineConfig
 from xllm.engine.llm_engine import LLMEngine
 from xllm.kvcache.memory import KVMemory
+from xllm.kvcache.mooncake import MooncakeTransport
 from xllm.kvcache.store import KVStore, KVStoreConfig
 from xllm.ops.block_pool import ROOT_HASH, block_hashes
 
@@ -272,10 +277,11 @@ def _peer_chain(c: KVStoreConfig, n: int) -> tuple[list[int], list[int]]:
     return tokens, block_hashes(tokens[:-1], c.block_size)
 
 
-def serve_peer(n: int) -> None:
+def serve_peer(n: int, mooncake: bool) -> None:
     """The serving instance of the peer part, in its own process (as instances are): an
     engine holding ``n`` blocks of random bytes in its prefix cache under the chain's
-    hashes, behind a gRPC server on loopback; prints its port, serves until stdin closes."""
+    hashes, behind a gRPC server on loopback (and a Mooncake transfer engine serving its KV
+    memory, with ``mooncake``); prints its port, serves until stdin closes."""
     import sys
 
     import grpc
@@ -306,7 +312,11 @@ def serve_peer(n: int) -> None:
     async def run() -> None:
         assert await asyncio.wrap_future(engine.call_on_engine_thread(seed)) == n
         server = grpc.aio.server()
-        instance_pb2_grpc.add_InstanceServicer_to_server(InstanceServicer(engine), server)
+        servicer = InstanceServicer(engine)
+        if mooncake:
+            servicer.mooncake = MooncakeTransport("127.0.0.1")
+            servicer.mooncake.serve(engine.engine.kv_store)
+        instance_pb2_grpc.add_InstanceServicer_to_server(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         print(f"PORT {port}", flush=True)
@@ -319,11 +329,19 @@ def serve_peer(n: int) -> None:
         engine.shutdown()
 
 
+def _interfaces() -> set[str]:
+    """This process's network namespace's interfaces (/proc/self/net/dev is per namespace;
+    /sys/class/net is the sysfs of the namespace it was mounted in)."""
+    with open("/proc/self/net/dev") as f:
+        return {line.split(":")[0].strip() for line in f.readlines()[2:]}
+
+
 def run_peer(args: argparse.Namespace) -> dict:
     """Two instances, each its own process, over real gRPC on loopback: the other process
     (:func:`serve_peer`) holds a chain of blocks as large as the transfer part's; this one
     fetches it, over the shared-memory path and over the streamed gRPC path, best of 3
-    each, its cache emptied between runs."""
+    each (and over Mooncake where ``--peer-paths`` names it), its cache emptied between
+    runs."""
     import subprocess
     import sys
 
@@ -337,7 +355,16 @@ def run_peer(args: argparse.Namespace) -> dict:
     tokens, _ = _peer_chain(c, n)
     nbytes = n * c.block_bytes
     t_memcpy = _memcpy_seconds(nbytes)
-    peer = subprocess.Popen([sys.executable, "-m", "bench.kvcache", "--serve-peer", str(n)],
+    paths = args.peer_paths.split(",")
+    if set(paths) - {"shm", "grpc", "mooncake"}:
+        raise SystemExit(f"--peer-paths: unknown paths in {args.peer_paths!r}")
+    mooncake = "mooncake" in paths
+    if mooncake and _interfaces() - {"lo"}:
+        raise SystemExit("the Mooncake path listens on every interface: run it in a network "
+                         "namespace of its own (unshare -n sh -c \"ip link set lo up && "
+                         "python -m bench.kvcache --parts peer --peer-paths ...\")")
+    cmd = [sys.executable, "-m", "bench.kvcache", "--serve-peer", str(n)]
+    peer = subprocess.Popen(cmd + (["--mooncake"] if mooncake else []),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     engine = AsyncEngine(EngineConfig(model="demo", num_kv_blocks=n + 8))
     engine.start()
@@ -349,13 +376,17 @@ def run_peer(args: argparse.Namespace) -> dict:
             assert line, "the serving instance died"
         address = f"127.0.0.1:{line.split()[1]}"
 
+        transport = MooncakeTransport("127.0.0.1") if mooncake else None
+
         async def run() -> dict:
             client = InstanceServicer(engine)
             engine.engine.kv_store._prefill_tps = None  # always fetch: this measures it
             rows = {}
             try:
-                for path, same in (("shm", True), ("grpc", False)):
+                for path in paths:
+                    same = path == "shm"
                     client.same_host = staticmethod(lambda peer, v=same: v)  # type: ignore
+                    client.mooncake = transport if path == "mooncake" else None
                     best = float("inf")
                     for _ in range(3):
                         fut = engine.call_on_engine_thread(
@@ -369,6 +400,8 @@ def run_peer(args: argparse.Namespace) -> dict:
                     rows[f"{path}_vs_memcpy"] = t_memcpy / best
             finally:
                 await client.close_peers()
+                if transport is not None:
+                    transport.close()
             return rows
 
         rows = asyncio.run(run())
@@ -448,10 +481,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--disk-dir", default=None,
                         help="where the disk tier's files go (default: the system's temp dir)")
     parser.add_argument("--json")
+    parser.add_argument("--peer-paths", default="shm,grpc",
+                        help="the peer part's paths: shm, grpc, mooncake (in a network "
+                             "namespace only)")
     parser.add_argument("--serve-peer", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--mooncake", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_peer:
-        serve_peer(args.serve_peer)
+        serve_peer(args.serve_peer, args.mooncake)
         return 0
     parts = args.parts.split(",")
     unknown = set(parts) - {"workload", "transfer", "peer", "memory"}

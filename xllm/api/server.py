@@ -74,6 +74,12 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
                    help="what the master sends here: everything (mixed), prompts and their "
                         "first token (prefill), or the decoding of prompts a prefill "
                         "instance computed (decode); see docs/cluster.md")
+    c.add_argument("--kv-mooncake", choices=("tcp", "rdma"), default=None, metavar="PROTOCOL",
+                   help="serve and fetch KV blocks between instances on other hosts over the "
+                        "Mooncake transfer engine (tcp or rdma; needs "
+                        "mooncake-transfer-engine-non-cuda). It listens on every interface "
+                        "and lets peers read the registered KV memory: trusted networks "
+                        "only (docs/kvcache.md)")
     c.add_argument("--profile-speed", action="store_true",
                    help="before registering, profile prompt and decode step times (~10 s) "
                         "to seed the speed model reported to the master's PD planner "
@@ -133,7 +139,8 @@ async def _serve(server: _Server, engine: AsyncEngine, settings: ServerSettings,
                                   instance_id=cluster.instance_id,
                                   model=(settings.served_model_names or [engine.config.model])[0],
                                   role=getattr(cluster, "role", "mixed"),
-                                  profile_speed=getattr(cluster, "profile_speed", False))
+                                  profile_speed=getattr(cluster, "profile_speed", False),
+                                  kv_mooncake=getattr(cluster, "kv_mooncake", None))
         await runtime.start()
     try:
         return await _serve_http(server, engine, settings)

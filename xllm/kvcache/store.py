@@ -585,7 +585,8 @@ class KVStore:
         return self._prefill_tps
 
     def observe_peer(self, path: str, nbytes: int, seconds: float) -> None:
-        """A peer transfer's rate (``path``: "shm" or "grpc"), for the fetch decision."""
+        """A peer transfer's rate (``path``: "shm", "grpc" or "mooncake"), for the fetch
+        decision."""
         if seconds > 0 and nbytes >= (1 << 20):
             rate = nbytes / seconds
             old = self.peer_bps.get(path)

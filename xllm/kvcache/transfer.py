@@ -42,7 +42,7 @@ __all__ = ["Export", "FetchPlan", "export_blocks", "export_held", "finish_fetch"
 _hash = best_block_hashes()
 MIN_FETCH_BLOCKS = 2  # fewer are cheaper to recompute than to ask for
 ROUND_TRIP_S = 0.002  # an RPC's fixed cost in the fetch-or-recompute comparison
-DEFAULT_RATES = {"shm": 4e9, "grpc": 1e9}  # bytes/s until measured
+DEFAULT_RATES = {"shm": 4e9, "grpc": 1e9, "mooncake": 1e9}  # bytes/s until measured
 
 
 # ---- the server ---------------------------------------------------------------------------
@@ -311,13 +311,14 @@ class FetchPlan:
 
 
 def plan_fetch(engine: Any, prompt: list[int], peer_blocks: int, same_host: bool,
-               force: bool = False) -> FetchPlan | None:
+               force: bool = False, mooncake: bool = False) -> FetchPlan | None:
     """With the engine's scheduler state (on its thread, or beside a computing step:
     AsyncEngine.call_beside_step). Reserves pool blocks for the prompt blocks the peer holds
     beyond what this instance finds locally, when fetching them costs less than
     recomputing them (``force``: whatever the costs -- a decode instance taking over a
-    prefill instance's request must not prefill it again); None when it does not (or the
-    pool is short)."""
+    prefill instance's request must not prefill it again; ``mooncake``: another host's
+    blocks come over the Mooncake transfer engine, priced at its rate); None when it does
+    not (or the pool is short)."""
     store: KVStore = engine.kv_store
     kv = engine.scheduler.kv
     if not kv.enable_prefix_caching:
@@ -332,7 +333,10 @@ def plan_fetch(engine: Any, prompt: list[int], peer_blocks: int, same_host: bool
     n = wanted - local
     if n < MIN_FETCH_BLOCKS:
         return None
-    path = "shm" if same_host and store.memory is not None else "grpc"
+    if same_host and store.memory is not None:
+        path = "shm"
+    else:
+        path = "mooncake" if mooncake else "grpc"
     rate = store.peer_bps.get(path) or DEFAULT_RATES[path]
     fetch_s = ROUND_TRIP_S + n * store.config.block_bytes / rate
     prefill = store.prefill_tps

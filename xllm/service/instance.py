@@ -28,6 +28,7 @@ import grpc
 
 from xllm.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
 from xllm.engine.speed_model import profile_engine
+from xllm.kvcache.mooncake import MooncakeTransport, describe
 from xllm.kvcache.transfer import (
     export_blocks,
     export_held,
@@ -133,6 +134,8 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         self._reading_holds: set[str] = set()  # prefill holds a fetch is reading now
         self._background: set[asyncio.Future[None]] = set()
         self._peer_channels: list[grpc.aio.Channel] = []
+        # Set by InstanceRuntime with --kv-mooncake: peers on other hosts read blocks over it.
+        self.mooncake: MooncakeTransport | None = None
 
     # ---- KV blocks between instances (docs/kvcache.md) -------------------------------------
 
@@ -183,9 +186,22 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                 self._reading_holds.discard(key)
                 await self._release_hold(key)
             return
-        try:  # each chunk gathered (off the loop) while the previous one travels
+        mooncake = self.mooncake if request.mooncake and shm is None else None
+        try:
+            start = 0
+            if mooncake is not None:  # where the blocks are; the client reads them itself
+                addresses, strides, sums = await loop.run_in_executor(
+                    None, describe, store, export.sources)
+                if addresses:
+                    yield instance_pb2.BlockChunk(
+                        first=export.first, count=len(addresses), checksums=sums,
+                        mc_session=mooncake.session, mc_addresses=addresses,
+                        mc_strides=strides)
+                start = len(addresses)
+            # the rest (disk-tier blocks, or all without Mooncake) streamed, each chunk
+            # gathered (off the loop) while the previous one travels
             per = max(1, FETCH_CHUNK_BYTES // store.config.block_bytes)
-            starts = list(range(0, export.count, per))
+            starts = list(range(start, export.count, per))
 
             def gather(i: int) -> asyncio.Future[tuple[list[int], bytes]]:
                 k = min(per, export.count - i)
@@ -203,6 +219,10 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                     break  # a tier read failed: the client recomputes the rest
             if ahead is not None:
                 await ahead  # never leave a gather running past the unpinning
+            if mooncake is not None:
+                # The end; the pins stay until the client has read and hangs up (bounded).
+                yield instance_pb2.BlockChunk(first=export.first + export.count, count=0)
+                await asyncio.sleep(FETCH_TIMEOUT_S)
         finally:
             if export.own_pins:
                 with contextlib.suppress(Exception):
@@ -231,7 +251,8 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         try:
             fut = self.engine.call_beside_step(functools.partial(
                 plan_fetch, prompt=context, peer_blocks=peer_blocks,
-                same_host=self.same_host(peer), force=bool(peer_hold)))
+                same_host=self.same_host(peer), force=bool(peer_hold),
+                mooncake=self.mooncake is not None))
             plan = await asyncio.wrap_future(fut)
         except Exception:  # noqa: BLE001 - the engine is busy or stopping: just compute
             plan = None
@@ -241,10 +262,12 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
             return 0
         store = self.engine.engine.kv_store  # type: ignore[union-attr]
         path = "shm" if plan.shm is not None else "grpc"
+        mooncake = self.mooncake if plan.shm is None else None
         req = instance_pb2.FetchBlocksRequest(block_hashes=plan.hashes, token_ids=plan.tokens,
                                               first=plan.first, layout=plan.layout,
                                               release_hold=peer_hold,
-                                              pull=plan.shm is not None and bool(peer_hold))
+                                              pull=plan.shm is not None and bool(peer_hold),
+                                              mooncake=mooncake is not None)
         if plan.shm is not None:
             req.shm_pid, req.shm_fd, req.shm_region_bytes = plan.shm
             req.shm_blocks.extend(plan.blocks)
@@ -261,11 +284,20 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                     chunk = await wait_at_most(it.__anext__(), FETCH_STALL_S)
                 except StopAsyncIteration:
                     break
-                if chunk.data:
+                if chunk.data and path != "mooncake":
                     path = "grpc"  # the peer could not map this memory: it streamed
                 if landing is not None and not await landing:
                     landing = None
                     break
+                if chunk.mc_session and mooncake is not None:  # read them from the peer
+                    landing = loop.run_in_executor(
+                        None, mooncake.receive, store, plan, chunk.first, chunk.mc_session,
+                        list(chunk.mc_addresses), list(chunk.mc_strides),
+                        list(chunk.checksums))
+                    path = "mooncake"
+                    continue
+                if mooncake is not None and not chunk.count and not chunk.data:
+                    break  # the end of a Mooncake answer: the peer waits for us to hang up
                 if chunk.shm_pid:  # pull: the peer said where its held blocks are
                     landing = loop.run_in_executor(
                         None, pull_blocks, store, plan, chunk.first,
@@ -278,11 +310,13 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         except Exception as e:  # noqa: BLE001 - dead, stalled or refusing peer: recompute
             _log.info("KV fetch from %s stopped after %d blocks: %r", peer, plan.filled, e)
         finally:
+            if landing is not None:
+                # finished before the blocks are adopted or freed, and before hanging up: a
+                # Mooncake peer keeps the blocks pinned until then
+                with contextlib.suppress(Exception):
+                    await landing
             if call is not None:
                 call.cancel()
-            if landing is not None:
-                with contextlib.suppress(Exception):
-                    await landing  # finished before the blocks are adopted or freed
             if pulled:  # the peer kept its hold for the copy: let it go now
                 self._release_peer_hold_soon(peer, peer_hold)
         try:
@@ -803,10 +837,19 @@ class InstanceRuntime:
 
     def __init__(self, engine: AsyncEngine, *, master: str | None, etcd: str | None,
                  host: str = "127.0.0.1", grpc_port: int = 0, instance_id: str | None = None,
-                 model: str = "", role: str = "mixed", profile_speed: bool = False) -> None:
+                 model: str = "", role: str = "mixed", profile_speed: bool = False,
+                 kv_mooncake: str | None = None) -> None:
         self.engine = engine
         self.profile_speed = profile_speed
         self.servicer = InstanceServicer(engine, role)
+        self.mooncake: MooncakeTransport | None = None
+        if kv_mooncake is not None:
+            if engine.config.device != "cpu":
+                raise ValueError("--kv-mooncake serves the CPU engine's KV memory; the CUDA "
+                                 "path is not built")
+            # The session names the address peers reach this host at.
+            self.mooncake = MooncakeTransport(
+                socket.gethostname() if host in ("0.0.0.0", "::", "") else host, kv_mooncake)
         self.server = grpc.aio.server()
         instance_pb2_grpc.add_InstanceServicer_to_server(self.servicer, self.server)
         self.port = self.server.add_insecure_port(f"{host}:{grpc_port}")
@@ -827,6 +870,11 @@ class InstanceRuntime:
             if self.engine.state not in ("loading", "ready"):
                 return  # the load failed: nothing to register
             await asyncio.sleep(0.05)
+        if self.mooncake is not None:  # the KV memory exists now: let peers read it
+            self.mooncake.serve(self.engine.engine.kv_store)  # type: ignore[union-attr]
+            self.servicer.mooncake = self.mooncake
+            _log.info("KV blocks served and fetched over Mooncake (session %s)",
+                      self.mooncake.session)
         if self.profile_speed:  # before registering: no request competes with the profile
             t0 = time.monotonic()
             await asyncio.wrap_future(self.engine.call_on_engine_thread(_profile_speed))
@@ -838,3 +886,5 @@ class InstanceRuntime:
         await self.agent.close()
         await self.server.stop(grace_s)
         await self.servicer.close_peers()
+        if self.mooncake is not None:
+            self.mooncake.close()

@@ -1,0 +1,191 @@
+"""KV blocks between instances over the Mooncake transfer engine (xllm/kvcache/mooncake.py).
+
+Mooncake's engine listens on every interface of its host, so the two instances run inside
+a network namespace the test makes (``unshare -n``, ``lo`` up): this file re-runs itself
+there as a script. In it, two engines with real gRPC servers on 127.0.0.1, the peer with a
+CPU tier, the client told the peer is on another host (so neither shared memory nor the
+gRPC byte stream carries the blocks):
+
+- a prefix in the peer's pool, then only in its CPU tier, read over Mooncake: every block
+  lands, the outputs equal computing it, the path measured is "mooncake";
+- a peer that describes a bad block: the fetch ends there and the rest is recomputed;
+- a peer whose transfer engine is gone (its session unreachable): nothing lands, in
+  bounded time, and the outputs are still right;
+- every block the peer pinned for the readers is let go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+DOC = "The harbour master wrote down every ship, its flag and its cargo, each night. " * 12
+OPTS = dict(dtype="float32", kv_cache_dtype="bfloat16", num_kv_blocks=96,
+            max_num_batched_tokens=512, block_size=16, max_model_len=512, num_threads=1)
+
+
+def _namespace_prefix() -> list[str] | None:
+    """unshare's arguments for a network namespace this process may make (as root, or in a
+    user namespace), or None."""
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return None
+    for prefix in (["unshare", "-n"], ["unshare", "-rn"]):
+        try:
+            ok = subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            ok = False
+        if ok:
+            return prefix
+    return None
+
+
+def test_mooncake_fetch_in_a_network_namespace(demo_model_dir: Path) -> None:
+    from xllm.kvcache.mooncake import mooncake_available
+
+    if importlib.util.find_spec("mooncake") is None:
+        pytest.skip("mooncake-transfer-engine-non-cuda is not installed (the test extra has it)")
+    why = mooncake_available()
+    if why is not None:
+        pytest.skip(f"the Mooncake engine does not import (apt-get install libibverbs1): {why}")
+    prefix = _namespace_prefix()
+    if prefix is None:
+        pytest.skip("cannot make a network namespace here (unshare -n / -rn)")
+    script = f"ip link set lo up && exec {sys.executable} {Path(__file__)} {demo_model_dir}"
+    run = subprocess.run([*prefix, "sh", "-c", script], capture_output=True, text=True,
+                         timeout=280)
+    tail = run.stdout[-3000:] + run.stderr[-6000:]
+    assert run.returncode == 0, tail
+    assert "MOONCAKE OK" in run.stdout, tail
+
+
+# ---- the part that runs inside the namespace ----------------------------------------------
+
+
+def _inside(model_dir: str) -> None:
+    import grpc
+
+    from xllm import SamplingParams
+    from xllm.config import EngineConfig
+    from xllm.engine.async_engine import AsyncEngine
+    from xllm.kvcache.mooncake import MooncakeTransport
+    from xllm.service import instance as instance_mod
+    from xllm.service.instance import InstanceServicer
+    from xllm.service.proto import instance_pb2_grpc
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    instance_mod.FETCH_STALL_S = 2.0
+    # The client is told its peer is on another host: no shared memory, Mooncake instead.
+    InstanceServicer.same_host = staticmethod(lambda peer: False)
+    peer_cfg = EngineConfig(model=model_dir, kv_offload_cpu_gb=0.05, **OPTS)
+    engines = [AsyncEngine(peer_cfg), AsyncEngine(EngineConfig(model=model_dir, **OPTS))]
+    for e in engines:
+        e.start()
+    for e in engines:
+        assert e.wait_ready(120), e.error
+    transports = [MooncakeTransport("127.0.0.1"), MooncakeTransport("127.0.0.1")]
+    transports[0].serve(engines[0].engine.kv_store)
+
+    async def run() -> None:
+        server = grpc.aio.server()
+        peer = InstanceServicer(engines[0])
+        peer.mooncake = transports[0]
+        instance_pb2_grpc.add_InstanceServicer_to_server(peer, server)
+        address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        await server.start()
+        client = InstanceServicer(engines[1])
+        client.mooncake = transports[1]
+        store = engines[1].engine.kv_store
+
+        async def on_engine(fn):  # noqa: ANN001, ANN202
+            return await asyncio.wrap_future(engines[0].call_on_engine_thread(fn))
+
+        async def reset_client() -> None:
+            fut = engines[1].call_on_engine_thread(lambda e: e.scheduler.reset_prefix_cache())
+            assert await asyncio.wrap_future(fut)
+
+        async def check(prompt: list[int], want: list[int], got: int) -> None:
+            outs = [o async for o in engines[1].generate(prompt, greedy)]
+            assert outs[-1].num_cached_tokens == got * 16, (outs[-1].num_cached_tokens, got)
+            assert outs[-1].outputs[0].token_ids == want
+
+        try:
+            prompt = engines[0].engine.tokenizer.encode(DOC + "Name a ship.")
+            want = [o async for o in engines[0].generate(prompt, greedy)][-1]
+            want_ids = want.outputs[0].token_ids
+            n = (len(prompt) - 1) // 16
+            for e in engines:
+                e.engine.kv_store._prefill_tps = None  # fetch whatever the costs
+
+            # 1. from the peer's pool (runs of blocks, a read per region)
+            served = engines[0].engine.kv_store.peer_blocks_served
+            assert await client.fetch_from_peer(address, prompt, n) == n
+            assert engines[0].engine.kv_store.peer_blocks_served == served + n
+            assert "mooncake" in store.peer_bps and "grpc" not in store.peer_bps
+            await check(prompt, want_ids, n)
+
+            # 2. only in the peer's CPU tier (slots, a read each)
+            engines[0].engine.kv_store.flush()
+            assert await on_engine(lambda e: e.scheduler.reset_prefix_cache())
+            assert engines[0].engine.kv_store.cpu.num_blocks >= n
+            await reset_client()
+            assert await client.fetch_from_peer(address, prompt, n) == n
+            await check(prompt, want_ids, n)
+            print("tier slots read:", n, flush=True)
+
+            # 3. a peer that describes a damaged block: the blocks before it only
+            real = instance_mod.describe
+
+            def damaged(store_, sources):  # noqa: ANN001, ANN202
+                addresses, strides, sums = real(store_, sources)
+                sums[4] ^= 1
+                return addresses, strides, sums
+
+            instance_mod.describe = damaged
+            await reset_client()
+            try:
+                assert await client.fetch_from_peer(address, prompt, n) == 4
+            finally:
+                instance_mod.describe = real
+            await check(prompt, want_ids, 4)
+
+            # 4. a peer whose transfer engine is unreachable: nothing lands, in bounded time
+            session = transports[0].session
+            transports[0].session = "127.0.0.1:1"
+            await reset_client()
+            t0 = time.monotonic()
+            try:
+                assert await client.fetch_from_peer(address, prompt, n) == 0
+            finally:
+                transports[0].session = session
+            assert time.monotonic() - t0 < 40
+            await check(prompt, want_ids, 0)
+
+            # every block the peer pinned for the readers was let go
+            await asyncio.sleep(0.5)
+            free = await on_engine(lambda e: e.scheduler.kv.pool.num_free_blocks)
+            assert free == engines[0].engine.num_kv_blocks - 1, free
+        finally:
+            await client.close_peers()
+            await server.stop(0.5)
+
+    try:
+        asyncio.run(run())
+    finally:
+        for e in engines:
+            e.shutdown()
+        for t in transports:
+            t.close()
+    print("MOONCAKE OK", flush=True)
+
+
+if __name__ == "__main__":
+    _inside(sys.argv[1])

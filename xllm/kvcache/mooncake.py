@@ -1,0 +1,230 @@
+"""KV blocks between instances over the Mooncake transfer engine (optional transport).
+
+``xllm-server --kv-mooncake tcp|rdma`` (with ``--master``/``--etcd``): the instance starts a
+Mooncake ``TransferEngine`` (package ``mooncake-transfer-engine-non-cuda`` on CPU hosts) and
+registers its KV pool's memory and its CPU tier's slots with it. A peer that fetches a
+prefix from it then reads the blocks itself, one-sided, straight from that memory:
+
+- **The server** (:func:`describe`) pins the blocks as for a gRPC stream and answers
+  FetchBlocks with a descriptor instead of bytes: its engine's session, and per block the
+  address of its first segment and the distance between its segments (a pool block's
+  segments lie one region apart; a CPU-tier slot holds them back to back), with each
+  block's checksum (pool blocks summed in place, one read pass; tier slots' stored sums).
+  Disk-tier blocks cannot be read remotely: they follow as ordinary gRPC chunks. An empty
+  chunk ends the stream, and the server keeps its pins until the client hangs up (bounded).
+- **The client** (:meth:`MooncakeTransport.receive`) reads the blocks into a landing buffer
+  registered with its own engine -- a run of pool blocks with consecutive ids as one read
+  per region, a slot as one read -- then copies them into its reserved pool blocks,
+  summing them on the way (``kv_copy_blocks``; slots: ``kv_scatter_blocks``, which checks
+  as it copies). A block whose sum differs, a read that fails or times out, ends the fetch
+  there: the rest is recomputed. Nothing from the network is written into the pool before
+  it has been summed and compared; the pool itself is registered only on the serving side.
+
+The engine listens on every interface of its host and lets any peer that reaches its port
+read (and write) the memory it registered: run it on a trusted network only. Tests run it
+inside a network namespace of their own (``unshare -n``, ``lo`` up).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import threading
+from typing import Any
+
+import numpy as np
+
+from xllm import _C
+from xllm.kvcache.store import KVStore
+from xllm.kvcache.tiers import DiskTier
+
+__all__ = ["MooncakeTransport", "describe", "mooncake_available"]
+
+_log = logging.getLogger(__name__)
+
+# Mooncake's TCP transport queues at most 1024 transfers (64 KiB slices) per peer and fails
+# a batch it cannot queue: every batch stays well below that.
+MAX_BATCH_ENTRIES = 256
+MAX_BATCH_BYTES = 16 << 20
+LANDING_BYTES = 32 << 20  # the client's registered landing buffer (a fetch goes in rounds)
+
+
+def mooncake_available() -> str | None:
+    """None when the Mooncake transfer engine imports, else why not."""
+    try:
+        from mooncake.engine import TransferEngine  # noqa: F401
+    except ImportError as e:  # the package, or libibverbs it links against
+        return str(e)
+    return None
+
+
+class MooncakeTransport:
+    """One Mooncake transfer engine: the serving side's registered KV memory, and the
+    client side's landing buffer and reads. ``host`` is the address peers reach this
+    instance at; ``protocol`` Mooncake's transport ("tcp", or "rdma" where there are RDMA
+    devices)."""
+
+    def __init__(self, host: str, protocol: str = "tcp", device: str = "") -> None:
+        why = mooncake_available()
+        if why is not None:
+            raise ValueError(f"--kv-mooncake needs the Mooncake transfer engine (pip install "
+                             f"mooncake-transfer-engine-non-cuda; it links libibverbs1): {why}")
+        from mooncake.engine import TransferEngine
+
+        self._engine = TransferEngine()
+        if self._engine.initialize(host, "P2PHANDSHAKE", protocol, device) != 0:
+            raise RuntimeError(f"the Mooncake transfer engine did not start ({protocol} on "
+                               f"{host})")
+        self.session = f"{host}:{self._engine.get_rpc_port()}"
+        self._registered: list[int] = []
+        self._landing = mmap.mmap(-1, LANDING_BYTES)
+        self.landing = ctypes.addressof(ctypes.c_char.from_buffer(self._landing))
+        self.landing_bytes = LANDING_BYTES
+        self._register(self.landing, LANDING_BYTES)
+        self._lock = threading.Lock()  # one fetch in the landing buffer at a time
+        self.failed_reads = 0
+
+    def _register(self, address: int, nbytes: int) -> None:
+        if self._engine.register_memory(address, nbytes) != 0:
+            raise RuntimeError(f"Mooncake could not register {nbytes} bytes at {address:#x}")
+        self._registered.append(address)
+
+    def serve(self, store: KVStore) -> None:
+        """Lets peers read this instance's KV pool and CPU tier (once the engine is loaded)."""
+        if store.memory is None:
+            raise ValueError("--kv-mooncake serves the KV pool on memory mapped on demand (the "
+                             "CPU engine's); this engine's pool is not")
+        self._register(store.memory.vmm.address, store.memory.vmm.reserved_bytes)
+        if store.cpu is not None:
+            self._register(store.cpu.memory.address, store.cpu.memory.reserved_bytes)
+
+    def read(self, session: str, dsts: np.ndarray, srcs: np.ndarray, lengths: np.ndarray
+             ) -> bool:
+        """Reads ``lengths[i]`` bytes at the peer's ``srcs[i]`` into ``dsts[i]`` here, in
+        batches the transport can queue; False at the first batch that fails."""
+        i, n = 0, len(dsts)
+        while i < n:
+            j = i + 1
+            total = int(lengths[i])
+            while j < n and j - i < MAX_BATCH_ENTRIES and total + int(lengths[j]) <= \
+                    MAX_BATCH_BYTES:
+                total += int(lengths[j])
+                j += 1
+            rc = self._engine.batch_transfer_sync_read(
+                session, dsts[i:j].tolist(), srcs[i:j].tolist(), lengths[i:j].tolist())
+            if rc != 0:
+                self.failed_reads += 1
+                return False
+            i = j
+        return True
+
+    def receive(self, store: KVStore, plan: Any, first: int, session: str,
+                addresses: list[int], strides: list[int], checksums: list[int]) -> bool:
+        """Lands the described blocks in ``plan``'s reserved blocks (any thread: they are
+        reserved). Returns whether all arrived whole; ``plan.filled`` counts those that
+        did."""
+        at = first - plan.first
+        count = len(addresses)
+        if at != plan.filled or at + count > len(plan.blocks) or len(strides) != count or \
+                len(checksums) != count:
+            return False
+        seg = store.config.segment_bytes
+        regions = store.config.num_regions
+        per_round = max(1, self.landing_bytes // (regions * seg))
+        addr = np.asarray(addresses, dtype=np.int64)
+        stride = np.asarray(strides, dtype=np.int64)
+        with self._lock:
+            i = 0
+            while i < count:
+                # A round: blocks of one form (contiguous slots, or segments apart).
+                contiguous = bool(stride[i] == seg) and regions > 1
+                k = 1
+                while k < per_round and i + k < count and \
+                        (bool(stride[i + k] == seg) and regions > 1) == contiguous:
+                    k += 1
+                targets = plan.blocks[at + i:at + i + k]
+                sums = checksums[i:i + k]
+                ok = self._round(store, session, addr[i:i + k], stride[i:i + k], contiguous,
+                                 targets, sums)
+                plan.filled += ok
+                if ok < k:
+                    return False
+                i += k
+        return True
+
+    def _round(self, store: KVStore, session: str, addr: np.ndarray, stride: np.ndarray,
+               contiguous: bool, targets: list[int], sums: list[int]) -> int:
+        seg = store.config.segment_bytes
+        regions = store.config.num_regions
+        k = len(targets)
+        block = regions * seg
+        if contiguous:  # one read per block, landing block after block
+            dsts = self.landing + np.arange(k, dtype=np.int64) * block
+            if not self.read(session, dsts, addr, np.full(k, block, dtype=np.int64)):
+                return 0
+            with store.off_thread_copy() as allowed:
+                if not allowed:
+                    return 0
+                return _C.kv_scatter_blocks(self.landing, block, list(range(k)), sums,
+                                            store.regions, seg, targets)
+        # Segments a region apart: the landing buffer is region-major ([region][block]), so a
+        # run of blocks with consecutive ids on the peer is one read per region.
+        brk = np.ones(k, dtype=bool)
+        brk[1:] = (addr[1:] != addr[:-1] + seg) | (stride[1:] != stride[:-1])
+        starts = np.flatnonzero(brk)
+        lens = np.diff(np.append(starts, k))
+        r = np.arange(regions, dtype=np.int64)[:, None]
+        srcs = (addr[starts][None, :] + r * stride[starts][None, :]).ravel()
+        dsts = (self.landing + (r * k + starts[None, :]) * seg).ravel()
+        nbytes = np.broadcast_to(lens[None, :] * seg, (regions, len(starts))).ravel()
+        if not self.read(session, dsts, srcs, nbytes):
+            return 0
+        with store.off_thread_copy() as allowed:
+            if not allowed:
+                return 0
+            got = _C.kv_copy_blocks([self.landing + q * k * seg for q in range(regions)],
+                                    list(range(k)), store.regions, targets, seg)
+        return next((j for j, (a, b) in enumerate(zip(got, sums, strict=True)) if a != b), k)
+
+    def close(self) -> None:
+        for address in self._registered:
+            self._engine.unregister_memory(address)
+        self._registered.clear()
+
+
+def describe(store: KVStore, sources: list[tuple[Any, int]]
+             ) -> tuple[list[int], list[int], list[int]]:
+    """The leading ``sources`` (pinned) a peer can read with Mooncake -- pool blocks and
+    CPU-tier slots, up to the first disk-tier block -- as (first segment addresses,
+    strides between segments, checksums). Any thread."""
+    seg = store.config.segment_bytes
+    n = next((i for i, (place, _) in enumerate(sources) if isinstance(place, DiskTier)),
+             len(sources))
+    addresses: list[int] = []
+    strides: list[int] = []
+    sums: list[int] = []
+    if n == 0 or store.memory is None:
+        return addresses, strides, sums
+    region = store.memory.region_bytes
+    base = store.regions[0]
+    with store.off_thread_copy() as allowed:
+        if not allowed:
+            return addresses, strides, sums
+        i = 0
+        while i < n:
+            place = sources[i][0]
+            j = i
+            while j < n and sources[j][0] is place:
+                j += 1
+            ids = [s for _, s in sources[i:j]]
+            if place == "pool":
+                addresses.extend(base + b * seg for b in ids)
+                strides.extend([region] * len(ids))
+                sums.extend(_C.kv_blocks_checksums(store.regions, seg, ids))
+            else:  # a CPU-tier slot: the block's segments back to back
+                addresses.extend(place.address + s * place.slot_bytes for s in ids)
+                strides.extend([seg] * len(ids))
+                sums.extend(place.checksums[s] for s in ids)
+            i = j
+    return addresses, strides, sums
