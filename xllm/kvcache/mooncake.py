@@ -31,6 +31,7 @@ import ctypes
 import logging
 import mmap
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,7 @@ from xllm import _C
 from xllm.kvcache.store import KVStore
 from xllm.kvcache.tiers import DiskTier
 
-__all__ = ["MooncakeTransport", "describe", "mooncake_available"]
+__all__ = ["DESCRIBE_BYTES", "MooncakeTransport", "describe", "mooncake_available"]
 
 _log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ _log = logging.getLogger(__name__)
 MAX_BATCH_ENTRIES = 256
 MAX_BATCH_BYTES = 16 << 20
 LANDING_BYTES = 32 << 20  # the client's registered landing buffer (a fetch goes in rounds)
+DESCRIBE_BYTES = 32 << 20  # the server describes (and sums) a fetch's blocks in pieces
 
 
 def mooncake_available() -> str | None:
@@ -83,6 +85,7 @@ class MooncakeTransport:
         self.landing_bytes = LANDING_BYTES
         self._register(self.landing, LANDING_BYTES)
         self._lock = threading.Lock()  # one fetch in the landing buffer at a time
+        self._copier = ThreadPoolExecutor(1, thread_name_prefix="xllm-mooncake-copy")
         self.failed_reads = 0
 
     def _register(self, address: int, nbytes: int) -> None:
@@ -131,11 +134,16 @@ class MooncakeTransport:
             return False
         seg = store.config.segment_bytes
         regions = store.config.num_regions
-        per_round = max(1, self.landing_bytes // (regions * seg))
+        half = self.landing_bytes // 2
+        per_round = max(1, half // (regions * seg))
         addr = np.asarray(addresses, dtype=np.int64)
         stride = np.asarray(strides, dtype=np.int64)
+        # Rounds alternate between the landing buffer's halves: one is read into while the
+        # other is copied out on the copier thread.
+        copying: Future[int] | None = None
+        expected = 0
         with self._lock:
-            i = 0
+            i, n = 0, 0
             while i < count:
                 # A round: blocks of one form (contiguous slots, or segments apart).
                 contiguous = bool(stride[i] == seg) and regions > 1
@@ -143,32 +151,37 @@ class MooncakeTransport:
                 while k < per_round and i + k < count and \
                         (bool(stride[i + k] == seg) and regions > 1) == contiguous:
                     k += 1
-                targets = plan.blocks[at + i:at + i + k]
-                sums = checksums[i:i + k]
-                ok = self._round(store, session, addr[i:i + k], stride[i:i + k], contiguous,
-                                 targets, sums)
-                plan.filled += ok
-                if ok < k:
+                landing = self.landing + (n % 2) * half
+                read = self._read_round(session, landing, addr[i:i + k], stride[i:i + k],
+                                        contiguous, regions, seg)
+                if copying is not None:
+                    ok = copying.result()
+                    plan.filled += ok
+                    copying = None
+                    if ok < expected:
+                        return False
+                if not read:
                     return False
+                copying = self._copier.submit(
+                    self._land, store, landing, contiguous, plan.blocks[at + i:at + i + k],
+                    checksums[i:i + k])
+                expected = k
                 i += k
+                n += 1
+            if copying is not None:
+                ok = copying.result()
+                plan.filled += ok
+                return ok == expected
         return True
 
-    def _round(self, store: KVStore, session: str, addr: np.ndarray, stride: np.ndarray,
-               contiguous: bool, targets: list[int], sums: list[int]) -> int:
-        seg = store.config.segment_bytes
-        regions = store.config.num_regions
-        k = len(targets)
-        block = regions * seg
+    def _read_round(self, session: str, landing: int, addr: np.ndarray, stride: np.ndarray,
+                    contiguous: bool, regions: int, seg: int) -> bool:
+        k = len(addr)
         if contiguous:  # one read per block, landing block after block
-            dsts = self.landing + np.arange(k, dtype=np.int64) * block
-            if not self.read(session, dsts, addr, np.full(k, block, dtype=np.int64)):
-                return 0
-            with store.off_thread_copy() as allowed:
-                if not allowed:
-                    return 0
-                return _C.kv_scatter_blocks(self.landing, block, list(range(k)), sums,
-                                            store.regions, seg, targets)
-        # Segments a region apart: the landing buffer is region-major ([region][block]), so a
+            block = regions * seg
+            dsts = landing + np.arange(k, dtype=np.int64) * block
+            return self.read(session, dsts, addr, np.full(k, block, dtype=np.int64))
+        # Segments a region apart: the landing half is region-major ([region][block]), so a
         # run of blocks with consecutive ids on the peer is one read per region.
         brk = np.ones(k, dtype=bool)
         brk[1:] = (addr[1:] != addr[:-1] + seg) | (stride[1:] != stride[:-1])
@@ -176,18 +189,30 @@ class MooncakeTransport:
         lens = np.diff(np.append(starts, k))
         r = np.arange(regions, dtype=np.int64)[:, None]
         srcs = (addr[starts][None, :] + r * stride[starts][None, :]).ravel()
-        dsts = (self.landing + (r * k + starts[None, :]) * seg).ravel()
+        dsts = (landing + (r * k + starts[None, :]) * seg).ravel()
         nbytes = np.broadcast_to(lens[None, :] * seg, (regions, len(starts))).ravel()
-        if not self.read(session, dsts, srcs, nbytes):
-            return 0
+        return self.read(session, dsts, srcs, nbytes)
+
+    @staticmethod
+    def _land(store: KVStore, landing: int, contiguous: bool, targets: list[int],
+              sums: list[int]) -> int:
+        """A landed round into its pool blocks, summed on the way; the leading blocks whose
+        sums match."""
+        seg = store.config.segment_bytes
+        regions = store.config.num_regions
+        k = len(targets)
         with store.off_thread_copy() as allowed:
             if not allowed:
                 return 0
-            got = _C.kv_copy_blocks([self.landing + q * k * seg for q in range(regions)],
+            if contiguous:
+                return _C.kv_scatter_blocks(landing, regions * seg, list(range(k)), sums,
+                                            store.regions, seg, targets)
+            got = _C.kv_copy_blocks([landing + q * k * seg for q in range(regions)],
                                     list(range(k)), store.regions, targets, seg)
         return next((j for j, (a, b) in enumerate(zip(got, sums, strict=True)) if a != b), k)
 
     def close(self) -> None:
+        self._copier.shutdown(wait=True)
         for address in self._registered:
             self._engine.unregister_memory(address)
         self._registered.clear()

@@ -28,7 +28,7 @@ import grpc
 
 from xllm.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
 from xllm.engine.speed_model import profile_engine
-from xllm.kvcache.mooncake import MooncakeTransport, describe
+from xllm.kvcache.mooncake import DESCRIBE_BYTES, MooncakeTransport, describe
 from xllm.kvcache.transfer import (
     export_blocks,
     export_held,
@@ -189,15 +189,21 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         mooncake = self.mooncake if request.mooncake and shm is None else None
         try:
             start = 0
-            if mooncake is not None:  # where the blocks are; the client reads them itself
+            # Mooncake: where the blocks are, a piece at a time (the client reads a piece
+            # while the next is summed here), up to a block it cannot read (disk)
+            per_piece = max(1, DESCRIBE_BYTES // store.config.block_bytes)
+            while mooncake is not None and start < export.count:
+                piece = export.sources[start:start + per_piece]
                 addresses, strides, sums = await loop.run_in_executor(
-                    None, describe, store, export.sources)
+                    None, describe, store, piece)
                 if addresses:
                     yield instance_pb2.BlockChunk(
-                        first=export.first, count=len(addresses), checksums=sums,
+                        first=export.first + start, count=len(addresses), checksums=sums,
                         mc_session=mooncake.session, mc_addresses=addresses,
                         mc_strides=strides)
-                start = len(addresses)
+                start += len(addresses)
+                if len(addresses) < len(piece):
+                    break
             # the rest (disk-tier blocks, or all without Mooncake) streamed, each chunk
             # gathered (off the loop) while the previous one travels
             per = max(1, FETCH_CHUNK_BYTES // store.config.block_bytes)
