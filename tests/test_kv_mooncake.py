@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
+import os
+import random
 import shutil
 import subprocess
 import sys
@@ -25,6 +28,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from xllm import LLM, SamplingParams
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -65,6 +70,93 @@ def test_mooncake_fetch_in_a_network_namespace(demo_model_dir: Path) -> None:
     tail = run.stdout[-3000:] + run.stderr[-6000:]
     assert run.returncode == 0, tail
     assert "MOONCAKE OK" in run.stdout, tail
+
+
+HTTP = """
+import json, sys, urllib.request
+req = urllib.request.Request(sys.argv[1], data=sys.argv[2].encode() if len(sys.argv) > 2
+                             else None, headers={"content-type": "application/json"})
+print(urllib.request.urlopen(req, timeout=120).read().decode())
+"""
+
+
+def _http(ns: str, url: str, body: dict | None = None) -> str:
+    """A request from inside namespace ``ns`` (the test's own namespace cannot reach it)."""
+    args = ["ip", "netns", "exec", ns, sys.executable, "-c", HTTP, url]
+    if body is not None:
+        args.append(json.dumps(body))
+    return subprocess.run(args, capture_output=True, text=True, timeout=150,
+                          check=True).stdout
+
+
+def test_cluster_on_two_hosts_fetches_a_prefix_over_mooncake(two_hosts,  # noqa: ANN001
+                                                            demo_model_dir: Path) -> None:
+    """xllm-master and an instance on one host, another instance on the other (network
+    namespaces joined by a veth pair), both with --kv-mooncake tcp: round-robin routing
+    sends a re-asked document to the instance that lacks it, which fetches the prefix
+    from its peer over Mooncake (its /metrics say which path) and answers as computing it
+    would."""
+    from xllm.kvcache.mooncake import mooncake_available
+
+    if mooncake_available() is not None:
+        pytest.skip(f"the Mooncake engine does not import: {mooncake_available()}")
+    (ns_a, addr_a), (ns_b, addr_b) = two_hosts
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, GLOG_minloglevel="2", PYTHONUNBUFFERED="1")
+    grpc_port = random.randrange(20000, 40000)
+    procs = [subprocess.Popen(["ip", "netns", "exec", ns_a, str(bin_dir / "xllm-master"),
+                               "--host", addr_a, "--port", "8100", "--grpc-port",
+                               str(grpc_port), "--policy", "round_robin"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
+    try:
+        for ns, addr, port in ((ns_a, addr_a, 8101), (ns_b, addr_b, 8102)):
+            procs.append(subprocess.Popen(
+                ["ip", "netns", "exec", ns, str(bin_dir / "xllm-server"), "--host", addr,
+                 "--port", str(port), "--master", f"{addr_a}:{grpc_port}", "--kv-mooncake",
+                 "tcp", "--num-threads", "1", "--max-model-len", "1024"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+        deadline = time.monotonic() + 150
+        while True:
+            try:
+                listed = json.loads(_http(ns_a, f"http://{addr_a}:8100/cluster/instances"))
+                if len(listed) == 2:
+                    break
+            except subprocess.SubprocessError:
+                pass
+            assert time.monotonic() < deadline, "the instances did not register"
+            assert all(p.poll() is None for p in procs), "a server exited"
+            time.sleep(1)
+        doc = "The harbour master wrote down every ship, its flag and its cargo. " * 20
+        answers = []
+        for question in ("Name a ship.", "Name a flag.", "Name a cargo."):
+            out = json.loads(_http(ns_a, f"http://{addr_a}:8100/v1/completions", {
+                "model": "demo", "prompt": doc + question, "max_tokens": 8,
+                "temperature": 0}))
+            answers.append(out)
+        cached = [a["usage"]["prompt_tokens_details"]["cached_tokens"] for a in answers]
+        assert cached[0] == 0 and min(cached[1:]) >= 16 * 16, cached  # the document's blocks
+        by_path = {}
+        for ns, addr, port in ((ns_a, addr_a, 8101), (ns_b, addr_b, 8102)):
+            for line in _http(ns, f"http://{addr}:{port}/metrics").splitlines():
+                if line.startswith("xllm_kv_peer_path_blocks_total"):
+                    path = line.split('path="')[1].split('"')[0]
+                    by_path[path] = by_path.get(path, 0) + float(line.split()[-1])
+        assert by_path["mooncake"] >= 16 and by_path["grpc"] == by_path["shm"] == 0, by_path
+        plain = LLM(str(demo_model_dir), max_model_len=1024)
+        for a, question in zip(answers, ("Name a ship.", "Name a flag.", "Name a cargo."),
+                               strict=True):
+            ref = plain.generate([doc + question], SamplingParams(temperature=0, max_tokens=8),
+                                 use_tqdm=False)[0].outputs[0].text
+            assert a["choices"][0]["text"] == ref
+    finally:
+        for p in procs[::-1]:
+            p.terminate()
+        for p in procs[::-1]:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
 
 # ---- the part that runs inside the namespace ----------------------------------------------
@@ -130,6 +222,7 @@ def _inside(model_dir: str) -> None:
             assert await client.fetch_from_peer(address, prompt, n) == n
             assert engines[0].engine.kv_store.peer_blocks_served == served + n
             assert "mooncake" in store.peer_bps and "grpc" not in store.peer_bps
+            assert store.stats().peer_blocks_by_path == (("mooncake", n),)
             await check(prompt, want_ids, n)
 
             # 2. only in the peer's CPU tier (slots, a read each)

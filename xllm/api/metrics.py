@@ -141,6 +141,10 @@ def _kv_store_metrics(kv: KVStoreStats) -> Iterator[Metric]:
                     "peer prefix hits), by direction", "direction",
                     {"fetched": kv.peer_blocks_fetched * kv.block_bytes,
                      "served": kv.peer_blocks_served * kv.block_bytes})
+    by_path = dict(kv.peer_blocks_by_path)
+    yield _labelled("xllm_kv_peer_path_blocks", "KV blocks fetched from peers, by the path "
+                    "they took (shm: same host; grpc: streamed; mooncake)", "path",
+                    {p: by_path.get(p, 0) for p in ("shm", "grpc", "mooncake")})
     yield CounterMetricFamily("xllm_kv_peer_fetches", "Fetches of a prefix from a peer",
                               value=kv.peer_fetches)
     yield CounterMetricFamily("xllm_kv_peer_fetch_seconds",

@@ -132,6 +132,7 @@ class KVStoreStats:
     peer_fetches: int = 0
     peer_fetch_seconds: float = 0.0  # summed over fetches (plan to adoption)
     block_bytes: int = 0  # one block's K and V over all layers (peer blocks x this = bytes)
+    peer_blocks_by_path: tuple[tuple[str, int], ...] = ()  # fetched: shm, grpc, mooncake
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +242,7 @@ class KVStore:
         self.peer_blocks_fetched = 0
         self.peer_blocks_served = 0
         self.peer_fetches = 0
+        self.peer_blocks_by_path: dict[str, int] = {}  # blocks fetched, by the path they took
         self.peer_fetch_seconds = 0.0
         # Copies into or out of the KV memory on other threads (peer transfers): close()
         # waits for them, and refuses new ones, so the memory is never unmapped under one.
@@ -656,7 +658,8 @@ class KVStore:
         return KVStoreStats(self.mapped_bytes, reserved, tiers, cumulative, self._load_sum,
                             self.num_swapped, self.num_recomputed, self.peer_blocks_fetched,
                             self.peer_blocks_served, self.peer_fetches,
-                            self.peer_fetch_seconds, self.config.block_bytes)
+                            self.peer_fetch_seconds, self.config.block_bytes,
+                            tuple(sorted(self.peer_blocks_by_path.items())))
 
     @contextlib.contextmanager
     def off_thread_copy(self) -> Iterator[bool]:

@@ -425,6 +425,7 @@ def finish_fetch(engine: Any, plan: FetchPlan, path: str) -> int:
     if n:
         store.observe_peer(path, n * store.config.block_bytes, seconds)
     store.peer_blocks_fetched += n
+    store.peer_blocks_by_path[path] = store.peer_blocks_by_path.get(path, 0) + n
     store.peer_fetches += 1
     store.peer_fetch_seconds += seconds
     return n
