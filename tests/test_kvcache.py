@@ -585,3 +585,44 @@ def test_int8_rows_halve_the_cache_and_are_refused_off_the_cpu(demo_model_dir) -
     same = sum(a == b for x, y in zip(outs["int8"], outs["bfloat16"], strict=True)
                for a, b in zip(x, y, strict=False))
     assert same >= 0.5 * sum(map(len, outs["bfloat16"]))
+
+
+def test_a_memory_follows_another_with_other_groups() -> None:
+    """A tensor-parallel worker's memory (other heads, so other segments and groups) maps
+    exactly its groups that hold a block of rank 0's mapped groups, and unmaps the rest."""
+    import numpy as np
+
+    lead = KVMemory(1000, 2, 8192)  # 256 blocks a group
+    worker = KVMemory(1000, 2, 4096)  # 512 blocks a group
+    assert (lead.blocks_per_group, worker.blocks_per_group) == (256, 512)
+    for group in (0, 3):
+        lead.map_group(group)
+    assert worker.follow(lead.mapped_groups(), lead.blocks_per_group) == (2, 0)
+    assert worker.mapped_groups() == [True, True]  # blocks 0-255 and 768-999
+    lead.unmap_group(3)
+    assert worker.follow(lead.mapped_groups(), lead.blocks_per_group) == (0, 1)
+    assert worker.mapped_groups() == [True, False]
+
+    def covered(memory: KVMemory) -> np.ndarray:
+        out = np.zeros(memory.num_blocks, dtype=bool)
+        for g, on in enumerate(memory.mapped_groups()):
+            out[list(memory.group_blocks(g))] = on
+        return out
+
+    rng = np.random.default_rng(0)
+    small = KVMemory(1000, 1, 4096 * 5)  # 2 MiB pages hold 102 blocks
+    for _ in range(20):
+        for g in range(lead.num_groups):
+            if rng.random() < 0.5 and not lead.is_mapped(g):
+                lead.map_group(g)
+            elif rng.random() < 0.5 and lead.is_mapped(g):
+                lead.unmap_group(g)
+        for follower in (worker, small):
+            follower.follow(lead.mapped_groups(), lead.blocks_per_group)
+            need = covered(lead)
+            have = covered(follower)
+            assert not (need & ~have).any()  # every block rank 0 may use is backed
+            for g in range(follower.num_groups):  # and nothing more than that
+                assert follower.is_mapped(g) == bool(need[list(follower.group_blocks(g))].any())
+    with pytest.raises(ValueError, match="do not cover"):
+        worker.follow([True] * 3, 256)

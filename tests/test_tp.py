@@ -354,3 +354,50 @@ def test_server_with_tp_serves_reports_and_exits_when_a_worker_dies(
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def _shmem_kib(pid: int) -> int:
+    """A process's resident shared memory (memfd pages it has mapped and touched), KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssShmem:"))
+
+
+@needs_two
+def test_worker_kv_memory_follows_rank_0s_pool(demo_model_dir: Path) -> None:
+    """A worker's share of the pool is mapped as rank 0's pool maps page groups, and given
+    back when rank 0 gives its idle groups back (kv_cache_memory_gb is a ceiling on every
+    rank, not a reservation on some); it serves again after."""
+    import time
+
+    llm = LLM(str(demo_model_dir), dtype="float32", tensor_parallel_size=2,
+              kv_cache_memory_gb=0.5, kv_idle_release_s=0.0, max_num_batched_tokens=2048)
+    try:
+        engine = llm.engine
+        pid = engine.workers.procs[0].pid
+        before = _shmem_kib(pid)
+        prompts = [f"Request {i}: " + "tell me a long story about ships " * 60
+                   for i in range(16)]
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+        burst = _shmem_kib(pid)
+        store = engine.kv_store
+        assert store.memory.num_mapped_groups > 1
+        # the worker touched its heads of the burst's blocks (rank 1 holds 1 of 3 KV groups)
+        assert burst - before > 0.2 * store.mapped_bytes / 1024, (before, burst)
+        engine.maintain()
+        engine.maintain()
+        assert store.memory.num_mapped_groups == 1
+        # What the worker may keep: its heads of rank 0's remaining group (the null block's),
+        # the same blocks in its own groups of as many blocks.
+        heads = engine.model_config.num_key_value_heads
+        kept_kib = store.mapped_bytes * (heads - store.config.num_kv_heads) \
+            / store.config.num_kv_heads / 1024
+        assert burst - before > kept_kib + 16 * 1024  # the burst reached beyond that group
+        deadline = time.monotonic() + 10
+        while _shmem_kib(pid) > before + kept_kib + 64 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the worker applies the message after the broadcast returns
+        assert _shmem_kib(pid) <= before + kept_kib + 64, (before, burst, _shmem_kib(pid))
+        out = llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4),
+                           use_tqdm=False)
+        assert all(o.finished for o in out)
+    finally:
+        llm.engine.close()

@@ -174,6 +174,8 @@ class LLMEngine:
         self.num_kv_blocks = num_blocks
         self.kv_store = KVStore(replace(store_config, num_blocks=num_blocks,
                                         num_kv_heads=num_kv_heads))
+        if self.workers is not None:  # their shares of the pool map and unmap as it does
+            self.workers.memory = self.kv_store.memory
         self.runner = ModelRunner(
             model, mc, block_size=config.block_size,
             kv_caches=self.kv_store.kv_caches(kv_dtype, self.device),
@@ -366,6 +368,7 @@ class LLMEngine:
                 raise RuntimeError("a tensor-parallel worker died while the engine was idle"
                                    f"{self.workers.worker_logs()}")
             due = self.kv_store.maintain()
+            self.workers.sync_memory()  # memory given back: the workers give theirs too
             return 1.0 if due is None else min(due, 1.0)
         return self.kv_store.maintain()
 

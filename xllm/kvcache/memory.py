@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import math
 import mmap
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from xllm.ops.vmm import VmmPool
 
@@ -37,7 +40,10 @@ class KVMemory:
 
     def __init__(self, num_blocks: int, num_layers: int, segment_bytes: int,
                  target_page_bytes: int = DEFAULT_TARGET_PAGE_BYTES,
-                 tensors_per_layer: int = 2) -> None:
+                 tensors_per_layer: int = 2, blocks_per_group: int | None = None) -> None:
+        """``blocks_per_group``: groups of exactly that many blocks where that is a whole
+        number of system pages (a tensor-parallel worker's, to match rank 0's groups), else
+        pages of about ``target_page_bytes``."""
         for name, value in (("num_blocks", num_blocks), ("num_layers", num_layers),
                             ("segment_bytes", segment_bytes),
                             ("target_page_bytes", target_page_bytes),
@@ -46,6 +52,8 @@ class KVMemory:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         unit = math.lcm(segment_bytes, mmap.PAGESIZE)
         self.page_bytes = unit * max(1, target_page_bytes // unit)
+        if blocks_per_group and blocks_per_group * segment_bytes % mmap.PAGESIZE == 0:
+            self.page_bytes = blocks_per_group * segment_bytes
         self.blocks_per_group = self.page_bytes // segment_bytes
         self.num_blocks = num_blocks
         self.num_layers = num_layers
@@ -61,6 +69,7 @@ class KVMemory:
         self.regions = [base + r * self.region_bytes for r in range(self.num_regions)]
         self._mapped = [False] * self.num_groups
         self.num_mapped_groups = 0
+        self.version = 0  # counts maps and unmaps (a follower syncs when it changes)
 
     def group_blocks(self, group: int) -> range:
         """The block ids group ``group`` holds (the last group may be short)."""
@@ -81,6 +90,7 @@ class KVMemory:
         self.vmm.map_pages(self._offsets(group))
         self._mapped[group] = True
         self.num_mapped_groups += 1
+        self.version += 1
 
     def unmap_group(self, group: int) -> None:
         """Returns group ``group``'s memory to the OS; its blocks must not be touched until it
@@ -90,6 +100,34 @@ class KVMemory:
         self.vmm.unmap_pages(self._offsets(group))
         self._mapped[group] = False
         self.num_mapped_groups -= 1
+        self.version += 1
+
+    def mapped_groups(self) -> list[bool]:
+        """Whether each page group is mapped (a copy)."""
+        return list(self._mapped)
+
+    def follow(self, mapped: Sequence[bool], blocks_per_group: int) -> tuple[int, int]:
+        """Maps exactly the groups that hold a block of another memory's mapped groups (the
+        same block ids in groups of ``blocks_per_group``): a tensor-parallel worker's share
+        of the pool follows rank 0's, whose segments (heads) and so groups differ. Returns
+        (groups mapped, groups unmapped)."""
+        state = np.asarray(mapped, dtype=bool)
+        if blocks_per_group < 1 or len(state) != -(-self.num_blocks // blocks_per_group):
+            raise ValueError(f"{len(state)} groups of {blocks_per_group} blocks do not cover "
+                             f"this memory's {self.num_blocks} blocks")
+        covered = np.concatenate(([0], np.cumsum(state)))
+        g = np.arange(self.num_groups)
+        first = g * self.blocks_per_group // blocks_per_group
+        last = (np.minimum((g + 1) * self.blocks_per_group, self.num_blocks) - 1) \
+            // blocks_per_group
+        want = (covered[last + 1] - covered[first]) > 0
+        have = np.asarray(self._mapped, dtype=bool)
+        for group in np.flatnonzero(have & ~want).tolist():
+            self.unmap_group(group)
+        grow = np.flatnonzero(want & ~have).tolist()
+        for group in grow:
+            self.map_group(group)
+        return len(grow), int((have & ~want).sum())
 
     @property
     def mapped_bytes(self) -> int:

@@ -260,6 +260,7 @@ class ModelRunner:
             if step.sampling is None and len(step.last_rows):
                 step.sampling = self._sampling_batch(step.out, step.buffers, ready=True)
         if self.workers is not None:
+            self.workers.sync_memory()  # groups this step's new blocks need, mapped first
             self.workers.send(step.message)
 
     def _sampling_batch(self, out: SchedulerOutput, buf: _Buffers,

@@ -18,6 +18,12 @@ Expert parallelism's rebalance is a message of its own between two steps: header
 ``[3, layers, physical experts, 0, 0, 0, 0]`` and the new physical-to-logical table; each
 worker applies it (reading the experts it gains) before the next step.
 
+So is the pool's memory (docs/kvcache.md, memory on demand): rank 0 maps page groups as its
+pool needs blocks and unmaps idle ones; whenever that has changed, the message before the
+next step (or, idle, at once) is header ``[4, blocks per group, groups, 0, 0, 0, 0]`` and
+which of rank 0's groups are mapped. Each worker maps exactly its own groups (its heads'
+segments, so other groups) that hold a block of those, and gives the rest back to the OS.
+
 A request not scheduled in a step is dropped from the mirrors and sent whole if it comes
 back (preempted, or left out by the token budget): rare, and it keeps the protocol free of
 any other bookkeeping. Each worker then builds the same step inputs as rank 0 (the same
@@ -38,14 +44,18 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from xllm.scheduler import ScheduledRequest, SchedulerOutput
 
+if TYPE_CHECKING:
+    from xllm.kvcache.memory import KVMemory
+
 logger = logging.getLogger("xllm.tp")
 
-_STEP, _STOP, _PLACE = 1, 2, 3
+_STEP, _STOP, _PLACE, _MEMORY = 1, 2, 3, 4
 _HEADER = 7
 _RESET, _SAMPLES = 1, 2
 # Waits between ranks inside a step; a dead rank is noticed within milliseconds regardless.
@@ -133,6 +143,19 @@ def encode_placement(phy2log: np.ndarray) -> bytes:
     return np.concatenate([header, phy2log.astype(np.int32).ravel()]).tobytes()
 
 
+def encode_memory(mapped: list[bool], blocks_per_group: int) -> bytes:
+    header = np.array([_MEMORY, blocks_per_group, len(mapped), 0, 0, 0, 0], dtype=np.int32)
+    return np.concatenate([header, np.asarray(mapped, dtype=np.int32)]).tobytes()
+
+
+@dataclass
+class MemoryState:
+    """Which of rank 0's page groups (``blocks_per_group`` blocks each) are mapped."""
+
+    mapped: np.ndarray
+    blocks_per_group: int
+
+
 class StepEncoder:
     """Rank 0's side: turns each SchedulerOutput into a message against the workers' mirrors."""
 
@@ -217,9 +240,11 @@ class StepDecoder:
     def __init__(self) -> None:
         self.mirrors: dict[int, _Mirror] = {}
 
-    def decode(self, message: bytes) -> tuple[SchedulerOutput, np.ndarray] | np.ndarray | None:
+    def decode(self, message: bytes
+               ) -> tuple[SchedulerOutput, np.ndarray] | np.ndarray | MemoryState | None:
         """(the step, the prompt-scoring rows); a placement (expert parallelism's
-        physical-to-logical table [layers, physical]); or None for the stop message."""
+        physical-to-logical table [layers, physical]); rank 0's mapped memory; or None for
+        the stop message."""
         a = np.frombuffer(message, dtype=np.int32)
         kind, num_decodes, num_items, num_drop, num_tokens, num_blocks, num_rows = (
             int(v) for v in a[:_HEADER])
@@ -228,6 +253,8 @@ class StepDecoder:
         if kind == _PLACE:
             return a[_HEADER:_HEADER + num_decodes * num_items].astype(np.int64).reshape(
                 num_decodes, num_items)
+        if kind == _MEMORY:
+            return MemoryState(a[_HEADER:_HEADER + num_items] != 0, num_decodes)
         if kind != _STEP:
             raise RuntimeError(f"unknown step message kind {kind}")
         at = _HEADER
@@ -300,6 +327,9 @@ class WorkerGroup:
         self.size = size or len(specs) + 1
         self.encoder = StepEncoder()
         self.closed = False
+        # Rank 0's pool memory (set by the engine) and its version the workers last heard.
+        self.memory: KVMemory | None = None
+        self._memory_version = -1
         if remote is not None:  # ranks on other hosts, already joined: nothing to start
             self._logs, self.procs, self.comm = [], [], remote
             return
@@ -359,6 +389,16 @@ class WorkerGroup:
 
     def send(self, message: StepMessage) -> None:
         self.comm.broadcast(message.array.tobytes())
+
+    def sync_memory(self) -> None:
+        """Tells the workers which page groups rank 0's pool has mapped, if that changed
+        since they last heard (before a step that may write new blocks; when idle memory
+        was given back). Same thread as the step messages."""
+        memory = self.memory
+        if memory is None or memory.version == self._memory_version:
+            return
+        self._memory_version = memory.version
+        self.comm.broadcast(encode_memory(memory.mapped_groups(), memory.blocks_per_group))
 
     def send_placement(self, phy2log: np.ndarray) -> None:
         """Tells the workers a new expert placement, applied before the next step."""
@@ -422,11 +462,12 @@ def worker_main(spec: WorkerSpec, comm: object | None = None) -> int:
     load the shard, then one forward per step message."""
     import torch
 
+    from xllm.kvcache.memory import KVMemory
     from xllm.layers.parallel import TensorParallel
     from xllm.loader.model import TORCH_DTYPES, load_model
     from xllm.models.config import ModelConfig
     from xllm.ops.allreduce import ShmAllReduce
-    from xllm.ops.kv_cache import KV_CACHE_DTYPES, allocate_model_kv_caches
+    from xllm.ops.kv_cache import KV_CACHE_DTYPES, kv_cache_shape, kv_row_width
     from xllm.runtime.model_runner import ModelRunner
 
     pin_to(spec.cores)
@@ -442,16 +483,28 @@ def worker_main(spec: WorkerSpec, comm: object | None = None) -> int:
         model = load_model(model_dir, config, TORCH_DTYPES[spec.dtype], torch.device("cpu"),
                            progress=False, weight_format=spec.weight_format, tp=tp)
         attn = model.model.layers[0].self_attn
-        # Its heads of the pool: zeros the OS backs as blocks are written.
-        caches = allocate_model_kv_caches(config, spec.num_blocks, spec.block_size,
-                                          KV_CACHE_DTYPES[spec.kv_dtype],
-                                          num_kv_heads=attn.num_kv_heads)
-        runner = ModelRunner(model, config, block_size=spec.block_size, kv_caches=caches,
-                             max_num_seqs=spec.max_num_seqs,
-                             max_num_batched_tokens=spec.max_num_batched_tokens,
-                             max_model_len=spec.max_model_len, device=torch.device("cpu"))
+        _, head_size, per_layer = config.kv_cache_geometry()
+        kv_dtype = KV_CACHE_DTYPES[spec.kv_dtype]
+        row = kv_row_width(head_size, kv_dtype)
+
+        def build(blocks_per_group: int) -> tuple[KVMemory, ModelRunner]:
+            # Its heads of the pool, on memory mapped as rank 0's pool maps its own (the
+            # memory messages), in groups of as many blocks as rank 0's where the pages
+            # allow: nothing until rank 0 says so, given back when rank 0 gives back.
+            memory = KVMemory(spec.num_blocks, config.num_hidden_layers,
+                              attn.num_kv_heads * spec.block_size * row * kv_dtype.itemsize,
+                              tensors_per_layer=per_layer, blocks_per_group=blocks_per_group)
+            shape = kv_cache_shape(spec.num_blocks, attn.num_kv_heads, spec.block_size, row)
+            runner = ModelRunner(model, config, block_size=spec.block_size,
+                                 kv_caches=memory.tensors(shape, kv_dtype),
+                                 max_num_seqs=spec.max_num_seqs,
+                                 max_num_batched_tokens=spec.max_num_batched_tokens,
+                                 max_model_len=spec.max_model_len, device=torch.device("cpu"))
+            return memory, runner
+
         comm.broadcast(None, wait_forever=True)  # "ready": every rank has loaded
         decoder = StepDecoder()
+        memory = runner = None  # built at rank 0's first memory message, before any step
         while True:
             step = decoder.decode(comm.broadcast(None, wait_forever=True))
             if step is None:
@@ -459,6 +512,13 @@ def worker_main(spec: WorkerSpec, comm: object | None = None) -> int:
             if isinstance(step, np.ndarray):  # expert parallelism: a new placement
                 model.apply_placement(step)
                 continue
+            if isinstance(step, MemoryState):  # rank 0's pool mapped or gave back memory
+                if memory is None:
+                    memory, runner = build(step.blocks_per_group)
+                memory.follow(step.mapped, step.blocks_per_group)
+                continue
+            if runner is None:
+                raise RuntimeError("a step came before rank 0 said which KV memory is mapped")
             runner.execute_shard(*step)
     finally:
         comm.close()
