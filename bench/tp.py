@@ -2,6 +2,7 @@
 
     python -m bench.tp [--scenarios single,batch16,prefill509] [--formats default,fp32]
                        [--idle single,batch16,batch64] [--repeats K] [--json PATH]
+                       [--busy-wait S1,S2 [--rounds N]]
 
 For each weight format (``default``: this CPU's default, bf16/int8 on AMX machines;
 ``fp32``: exact fp32 GGUF blocks) and scenario (bench.throughput's prompts: one stream of
@@ -14,6 +15,10 @@ inputs, sampling, outputs and loop). ``--idle`` also runs those scenarios at TP=
 idle share alone (batch 1, 16 and 64 with the defaults). Each run is a warm-up then a timed
 pass, as bench.throughput; ``--repeats K`` times the pass K times and reports the
 medians (the 509-token prefill is one step, so one pass is one noisy sample).
+
+``--busy-wait S1,S2,...`` runs TP=2 once per value of how long a waiting rank keeps its core
+before sleeping (``xllm.runtime.tp.BUSY_WAIT_S``, the group's on every rank), in turns,
+``--rounds N`` times over (this machine's speed drifts: compare within a round).
 """
 
 from __future__ import annotations
@@ -73,20 +78,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", default="default,fp32")
     parser.add_argument("--idle", default="", help="scenarios for the TP=1 idle share alone")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--busy-wait", default=None, metavar="S1,S2",
+                        help="TP=2 once per busy-wait value (seconds), in turns")
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
+    from xllm.runtime import tp as tp_module
+
+    waits = ([float(v) for v in args.busy_wait.split(",")] if args.busy_wait
+             else [tp_module.BUSY_WAIT_S])
     if len(os.sched_getaffinity(0)) < 2:
         print("bench.tp needs two cores", file=sys.stderr)
         return 2
     rows = []
     print(f"CPU: {_cpu_name()}, {len(os.sched_getaffinity(0))} cores")
-    print(f"{'format':<8} {'scenario':<10} {'TP':>2} {'tok/s':>8} {'vs TP1':>7} "
+    print(f"{'format':<8} {'scenario':<10} {'TP':>2} {'wait':>5} {'tok/s':>8} {'vs TP1':>7} "
           f"{'tp_share':>8} {'reduce':>7} {'msg':>6} {'idle':>6}")
     for fmt in args.formats.split(","):
         for scenario in args.scenarios.split(","):
             base = None
-            for tp in (1, 2):
-                row = {"format": fmt, **run(scenario, tp, FORMATS[fmt], args.repeats)}
+            runs = [(1, None)] + [(2, w) for _ in range(args.rounds) for w in waits]
+            for tp, wait in runs:
+                if wait is not None:
+                    tp_module.BUSY_WAIT_S = wait
+                row = {"format": fmt, "busy_wait": wait,
+                       **run(scenario, tp, FORMATS[fmt], args.repeats)}
                 base = base or row["tokens_per_s"]
                 row["vs_tp1"] = row["tokens_per_s"] / base
                 rows.append(row)
@@ -94,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                 def pct(key: str, r: dict = row) -> str:
                     return "" if r[key] is None else f"{100 * r[key]:.1f}%"
 
-                print(f"{fmt:<8} {scenario:<10} {tp:>2} {row['tokens_per_s']:8.1f} "
+                shown = "" if wait is None else f"{wait:g}"
+                print(f"{fmt:<8} {scenario:<10} {tp:>2} {shown:>5} {row['tokens_per_s']:8.1f} "
                       f"{row['vs_tp1']:6.2f}x {pct('tp_share'):>8} {pct('reduce_share'):>7} "
                       f"{pct('message_share'):>6} {pct('idle'):>6}", flush=True)
     for scenario in filter(None, args.idle.split(",")):

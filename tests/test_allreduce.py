@@ -347,6 +347,10 @@ def test_rank_0_waits_forever_for_a_late_receiver() -> None:
         ({"buffer_bytes": 1000}, "buffer_bytes"),
         ({"buffer_bytes": 4100}, "buffer_bytes"),
         ({"buffer_bytes": 1 << 31}, "buffer_bytes"),
+        ({"busy_wait": -1.0}, "busy_wait"),
+        ({"busy_wait": 2.0}, "busy_wait"),
+        ({"busy_wait": float("nan")}, "busy_wait"),
+        ({"busy_wait": "0.1"}, "busy_wait"),
     ],
 )
 def test_bad_constructor_arguments(kwargs: dict, name: str) -> None:

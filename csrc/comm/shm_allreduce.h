@@ -83,6 +83,7 @@ class ShmAllReduce {
   static constexpr size_t kMaxGroupLength = 200;
   static constexpr int64_t kDefaultBufferBytes = int64_t{1} << 20;
   static constexpr double kDefaultTimeoutSeconds = 30.0;
+  static constexpr double kDefaultBusyWaitSeconds = 1e-3;
 
   // Called about every 2 ms while this rank waits for peers (never on the fast
   // path); if it throws, the rank gives up on the group like on a failure and
@@ -113,6 +114,14 @@ class ShmAllReduce {
   // Gathers `nbytes` from every rank (the same count on each, checked) into rank 0's
   // `dst`, laid out [world_size][nbytes] in rank order; `dst` is unused on other ranks.
   void gather(const void* src, int64_t nbytes, void* dst);
+
+  // How long a rank that waits for its peers keeps its CPU (spinning, then yielding) before
+  // it sleeps on the segment's futex (default kDefaultBusyWaitSeconds). Longer keeps a
+  // sleeping peer's wake-up off the next barrier, at the price of a CPU that a computing
+  // rank may share (bench.tp --busy-wait measures both). kInvalidArgument unless
+  // 0 <= seconds <= 1.
+  void set_busy_wait(double seconds);
+  double busy_wait() const { return busy_wait_s_; }
 
   // Leaves the group: peers still waiting for this rank fail at once. Idempotent.
   void close();
@@ -159,6 +168,7 @@ class ShmAllReduce {
   int rank_;
   int world_size_;
   double timeout_s_;
+  double busy_wait_s_ = kDefaultBusyWaitSeconds;
   int64_t buffer_bytes_;
   int owner_pid_;
   InterruptCheck interrupt_check_;

@@ -126,6 +126,8 @@ void register_shm_allreduce(py::module_& m) {
       .def_property_readonly("world_size", &ShmAllReduce::world_size)
       .def_property_readonly("timeout", &ShmAllReduce::timeout)
       .def_property_readonly("buffer_bytes", &ShmAllReduce::buffer_bytes)
+      .def_property("busy_wait", &ShmAllReduce::busy_wait, &ShmAllReduce::set_busy_wait,
+                    "Seconds a waiting rank keeps its CPU (spin, then yield) before it sleeps.")
       .def_property_readonly("segment_name", &ShmAllReduce::segment_name)
       .def_property_readonly("closed", &ShmAllReduce::closed)
       .def_static("segment_name_for", &ShmAllReduce::segment_name_for, py::arg("group"),

@@ -25,8 +25,7 @@ namespace {
 // on the segment's futex until an arrival wakes us. On a loaded 2-core host, a
 // spin that ignored the peer's CPU made 64 KiB calls up to 40x slower whenever
 // the scheduler put both ranks on one core; sleeping early cost ~3x at 1 MiB.
-constexpr double kSpinSeconds = 200e-6;
-constexpr double kYieldSeconds = 1e-3;
+constexpr double kSpinSeconds = 200e-6;  // then yield until busy_wait_s_ (default 1 ms)
 // A sleeping rank wakes at least this often to check its peers' liveness and
 // the deadline (a dead process wakes nobody).
 constexpr double kPeerCheckSeconds = 2e-3;
@@ -134,7 +133,7 @@ void ShmAllReduce::wait_for_peers(uint64_t target, const char* phase) {
     }
     now = monotonic_now();
   }
-  while (now - start < kYieldSeconds) {
+  while (now - start < busy_wait_s_) {
     sched_yield();
     if (all_arrived()) return;
     now = monotonic_now();
@@ -188,6 +187,15 @@ void ShmAllReduce::wait_for_peers(uint64_t target, const char* phase) {
     }
     futex_wait(&header_->wake_seq, seq, std::min(next_check, deadline) - now);
   }
+}
+
+void ShmAllReduce::set_busy_wait(double seconds) {
+  if (!(seconds >= 0 && seconds <= 1)) {
+    throw CommError(ErrorKind::kInvalidArgument,
+                    "argument 'busy_wait' must be between 0 and 1 seconds, got " +
+                        std::to_string(seconds));
+  }
+  busy_wait_s_ = seconds;
 }
 
 void ShmAllReduce::poll_interrupt(const char* phase) {

@@ -44,7 +44,10 @@ class ShmAllReduce:
     at most 200 characters), so groups with different names never collide.
     Rank 0 owns the name: it removes a segment left by a crashed run under the
     same name, refuses one whose creator is still alive, and unlinks the name
-    once all ranks have attached. ``timeout`` bounds every wait for peers.
+    once all ranks have attached. ``timeout`` bounds every wait for peers. ``busy_wait``:
+    seconds a waiting rank keeps its CPU (spinning, then yielding) before it sleeps
+    (default 1 ms; longer keeps a sleeping peer's wake-up off the next barrier, at the price
+    of a CPU a computing rank may share).
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class ShmAllReduce:
         world_size: int,
         timeout: float = DEFAULT_TIMEOUT,
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+        busy_wait: float | None = None,
     ) -> None:
         from xllm import _C
 
@@ -67,6 +71,11 @@ class ShmAllReduce:
                 f"argument 'timeout' must be a number of seconds, got {type(timeout).__name__}"
             )
         self._impl = _C.ShmAllReduce(group, rank, world_size, float(timeout), buffer_bytes)
+        if busy_wait is not None:
+            if isinstance(busy_wait, bool) or not isinstance(busy_wait, (int, float)):
+                raise ValueError(f"argument 'busy_wait' must be a number of seconds, got "
+                                 f"{type(busy_wait).__name__}")
+            self._impl.busy_wait = float(busy_wait)
 
     def allreduce(self, tensor: torch.Tensor, bf16_sums: bool = False) -> torch.Tensor:
         """Sums ``tensor`` over all ranks in place and returns it.

@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,6 +63,11 @@ STEP_TIMEOUT_S = 60.0
 # The group's per-rank slot: a step's activations (tokens x hidden fp32) in one chunk for
 # batches up to about 2048 x 1024.
 BUFFER_BYTES = 8 << 20
+# How long a rank waiting for the others keeps its core before sleeping (ShmAllReduce's
+# default). Longer waits were measured (bench.tp --busy-wait 0.001,0.005,0.05, in turns) and
+# did not pay on the 2-core AMX VM: no steadier sums, and prompt steps 4-15% slower at 50 ms
+# (the waiting rank's spinning takes from the computing one; docs/benchmarks.md).
+BUSY_WAIT_S = 1e-3
 # Ranks on other hosts (EngineConfig.tp_master): how long rank 0 waits for them to join, and
 # the store key of the spec it publishes for them.
 JOIN_TIMEOUT_S = 600.0
@@ -305,6 +310,7 @@ class WorkerSpec:
     timeout: float = STEP_TIMEOUT_S
     expert_parallel: bool = False
     num_redundant_experts: int = 0
+    busy_wait: float = field(default_factory=lambda: BUSY_WAIT_S)  # the group's, every rank
 
 
 def rank_cores(size: int) -> list[list[int]]:
@@ -342,7 +348,8 @@ class WorkerGroup:
             for s, log in zip(specs, self._logs, strict=True)]
         try:
             self.comm = TimedGroup(ShmAllReduce(group, 0, self.size, timeout=STEP_TIMEOUT_S,
-                                                buffer_bytes=BUFFER_BYTES))
+                                                buffer_bytes=BUFFER_BYTES,
+                                                busy_wait=specs[0].busy_wait))
         except Exception as e:
             self.kill()
             raise RuntimeError(f"tensor-parallel workers did not attach: {e}"
@@ -473,7 +480,7 @@ def worker_main(spec: WorkerSpec, comm: object | None = None) -> int:
     pin_to(spec.cores)
     if comm is None:
         comm = ShmAllReduce(spec.group, spec.rank, spec.size, timeout=spec.timeout,
-                            buffer_bytes=BUFFER_BYTES)
+                            buffer_bytes=BUFFER_BYTES, busy_wait=spec.busy_wait)
     try:
         tp = TensorParallel(spec.rank, spec.size, comm, bf16_sums=spec.dtype == "bfloat16",
                             expert_parallel=spec.expert_parallel,
