@@ -65,7 +65,7 @@ STEP_TIMEOUT_S = 60.0
 BUFFER_BYTES = 8 << 20
 # How long a rank waiting for the others keeps its core before sleeping (ShmAllReduce's
 # default). Longer waits were measured (bench.tp --busy-wait 0.001,0.005,0.05, in turns) and
-# did not pay on the 2-core AMX VM: no steadier sums, and prompt steps 4-15% slower at 50 ms
+# did not pay on the 2-core AMX VM: no steadier sums, and prompt steps 3-15% slower at 50 ms
 # (the waiting rank's spinning takes from the computing one; docs/benchmarks.md).
 BUSY_WAIT_S = 1e-3
 # Ranks on other hosts (EngineConfig.tp_master): how long rank 0 waits for them to join, and
