@@ -89,13 +89,16 @@ def _http(ns: str, url: str, body: dict | None = None) -> str:
                           check=True).stdout
 
 
+@pytest.mark.parametrize("pd", [False, True], ids=["mixed", "prefill-decode"])
 def test_cluster_on_two_hosts_fetches_a_prefix_over_mooncake(two_hosts,  # noqa: ANN001
-                                                            demo_model_dir: Path) -> None:
+                                                            demo_model_dir: Path,
+                                                            pd: bool) -> None:
     """xllm-master and an instance on one host, another instance on the other (network
-    namespaces joined by a veth pair), both with --kv-mooncake tcp: round-robin routing
-    sends a re-asked document to the instance that lacks it, which fetches the prefix
-    from its peer over Mooncake (its /metrics say which path) and answers as computing it
-    would."""
+    namespaces joined by a veth pair), both with --kv-mooncake tcp. Mixed: round-robin
+    routing sends a re-asked document to the instance that lacks it, which fetches the
+    prefix from its peer over Mooncake. Prefill/decode: the decode instance pulls each
+    prompt's blocks from the prefill instance's hold over Mooncake. Their /metrics say
+    which path the blocks took; the answers are those of computing them."""
     from xllm.kvcache.mooncake import mooncake_available
 
     if mooncake_available() is not None:
@@ -109,11 +112,12 @@ def test_cluster_on_two_hosts_fetches_a_prefix_over_mooncake(two_hosts,  # noqa:
                                str(grpc_port), "--policy", "round_robin"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
     try:
-        for ns, addr, port in ((ns_a, addr_a, 8101), (ns_b, addr_b, 8102)):
+        for ns, addr, port, role in ((ns_a, addr_a, 8101, "prefill" if pd else "mixed"),
+                                     (ns_b, addr_b, 8102, "decode" if pd else "mixed")):
             procs.append(subprocess.Popen(
                 ["ip", "netns", "exec", ns, str(bin_dir / "xllm-server"), "--host", addr,
                  "--port", str(port), "--master", f"{addr_a}:{grpc_port}", "--kv-mooncake",
-                 "tcp", "--num-threads", "1", "--max-model-len", "1024"],
+                 "tcp", "--num-threads", "1", "--max-model-len", "1024", "--role", role],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
         deadline = time.monotonic() + 150
         while True:
@@ -134,13 +138,15 @@ def test_cluster_on_two_hosts_fetches_a_prefix_over_mooncake(two_hosts,  # noqa:
                 "temperature": 0}))
             answers.append(out)
         cached = [a["usage"]["prompt_tokens_details"]["cached_tokens"] for a in answers]
-        assert cached[0] == 0 and min(cached[1:]) >= 16 * 16, cached  # the document's blocks
+        # the document's blocks (PD: what the prefill instance found cached)
+        assert cached[0] == 0 and min(cached[1:]) >= 16 * 16, cached
         by_path = {}
         for ns, addr, port in ((ns_a, addr_a, 8101), (ns_b, addr_b, 8102)):
             for line in _http(ns, f"http://{addr}:{port}/metrics").splitlines():
                 if line.startswith("xllm_kv_peer_path_blocks_total"):
                     path = line.split('path="')[1].split('"')[0]
                     by_path[path] = by_path.get(path, 0) + float(line.split()[-1])
+        # mixed: the re-asked document's blocks; PD: every prompt's first handoff
         assert by_path["mooncake"] >= 16 and by_path["grpc"] == by_path["shm"] == 0, by_path
         plain = LLM(str(demo_model_dir), max_model_len=1024)
         for a, question in zip(answers, ("Name a ship.", "Name a flag.", "Name a cargo."),
