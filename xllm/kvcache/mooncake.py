@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -50,6 +51,7 @@ MAX_BATCH_ENTRIES = 256
 MAX_BATCH_BYTES = 16 << 20
 LANDING_BYTES = 32 << 20  # the client's registered landing buffer (a fetch goes in rounds)
 DESCRIBE_BYTES = 32 << 20  # the server describes (and sums) a fetch's blocks in pieces
+TRANSFER_TIMEOUT_S = 5
 
 
 def mooncake_available() -> str | None:
@@ -74,6 +76,9 @@ class MooncakeTransport:
                              f"mooncake-transfer-engine-non-cuda; it links libibverbs1): {why}")
         from mooncake.engine import TransferEngine
 
+        # A read from a peer that stalls fails after this many seconds (Mooncake's default is
+        # 30, its least 5): the blocks are recomputed rather than waited for.
+        os.environ.setdefault("MC_TRANSFER_TIMEOUT", str(TRANSFER_TIMEOUT_S))
         self._engine = TransferEngine()
         if self._engine.initialize(host, "P2PHANDSHAKE", protocol, device) != 0:
             raise RuntimeError(f"the Mooncake transfer engine did not start ({protocol} on "
