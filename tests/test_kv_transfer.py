@@ -248,7 +248,7 @@ def test_the_shared_memory_path_only_maps_xllm_kv_memory(tmp_path: Path) -> None
     import gc
     import os
 
-    from xllm.kvcache.transfer import _PeerMemory
+    from xllm.kvcache.memory import PeerMemory
     from xllm.ops.vmm import VmmPool
     from xllm.service.instance import _is_loopback
 
@@ -257,11 +257,11 @@ def test_the_shared_memory_path_only_maps_xllm_kv_memory(tmp_path: Path) -> None
     fd = os.open(victim, os.O_RDWR)
     try:
         with pytest.raises(PermissionError, match="not an xllm KV memory"):
-            _PeerMemory.regions(os.getpid(), fd, 4096, 2)
+            PeerMemory.regions(os.getpid(), fd, 4096, 2)
     finally:
         os.close(fd)
     pool = VmmPool(4 << 20)
-    mapping, regions = _PeerMemory.regions(os.getpid(), pool.fd, 2 << 20, 2)
+    mapping, regions = PeerMemory.regions(os.getpid(), pool.fd, 2 << 20, 2)
     assert len(regions) == 2 and regions[1] - regions[0] == 2 << 20
     # A closed memfd's number is soon another memfd's: the cached mapping of the first is
     # never used for the second.
@@ -270,7 +270,7 @@ def test_the_shared_memory_path_only_maps_xllm_kv_memory(tmp_path: Path) -> None
     del pool, mapping, regions
     gc.collect()
     fresh = VmmPool(4 << 20)
-    _, again = _PeerMemory.regions(os.getpid(), fresh.fd, 2 << 20, 2)
+    _, again = PeerMemory.regions(os.getpid(), fresh.fd, 2 << 20, 2)
     assert fresh.fd == old_fd  # the number came back (the lowest free one)
     assert ctypes.string_at(again[0], 8) == bytes(8)  # the new memory, not the old
     assert _is_loopback("ipv4:127.0.0.1:5000") and _is_loopback("ipv6:[::1]:5000")

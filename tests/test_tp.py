@@ -78,7 +78,7 @@ def test_bad_sizes_fail_at_start_up() -> None:
     with pytest.raises(ValueError, match="CPU only"):
         EngineConfig(tensor_parallel_size=2, device="cuda")
     with pytest.raises(ValueError, match="KV tiers"):
-        EngineConfig(tensor_parallel_size=2, kv_offload_cpu_gb=1.0)
+        EngineConfig(tensor_parallel_size=2, kv_offload_cpu_gb=1.0, tp_master="10.0.0.1:29500")
     with pytest.raises(ValueError, match=">= 1"):
         EngineConfig(tensor_parallel_size=0)
 
@@ -401,3 +401,71 @@ def test_worker_kv_memory_follows_rank_0s_pool(demo_model_dir: Path) -> None:
         assert all(o.finished for o in out)
     finally:
         llm.engine.close()
+
+
+@needs_two
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+def test_kv_tiers_under_tp_carry_every_ranks_heads(models_root: Path, demo_model_dir: Path,
+                                                   tmp_path: Path, tier: str) -> None:
+    """KV tiers under TP=2 (llama-gqa: 2 KV heads, one a rank): rank 0 copies every rank's
+    heads of a block (the workers' shares mapped in its process) to a tier and back. A
+    document evicted from the pool by other prompts comes back from the CPU tier or from disk
+    and the answers equal TP=1's without tiers; a split the tiers cannot take (the demo's 3 KV
+    heads over 2 ranks) is refused at start-up."""
+    model_dir = _model_dir("llama-gqa", True, models_root, demo_model_dir)
+    gen = torch.Generator().manual_seed(7)
+    doc = torch.randint(0, VOCAB, (64,), generator=gen).tolist()
+    prompts = [doc + torch.randint(0, VOCAB, (5,), generator=gen).tolist() for _ in range(3)]
+    floods = [torch.randint(0, VOCAB, (70,), generator=gen).tolist() for _ in range(4)]
+    options = dict(dtype="float32", weight_format="f32", max_model_len=128, num_kv_blocks=24,
+                   block_size=8, max_num_seqs=1)
+    ref = _greedy(LLM(str(model_dir), **options), prompts, 16)
+    tiers = (dict(kv_offload_cpu_gb=0.01) if tier == "cpu" else
+             dict(kv_offload_disk=str(tmp_path / "kv"), kv_offload_disk_gb=0.05))
+    llm = LLM(str(model_dir), tensor_parallel_size=2, **options, **tiers)
+    try:
+        store = llm.engine.kv_store
+        assert store.config.parts == 2 and store.whole
+        params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=2)
+        got = [llm.generate([prompts[0]], params, use_tqdm=False)[0]]
+        for prompt in prompts[1:]:
+            llm.generate(floods, SamplingParams(max_tokens=4), use_tqdm=False)  # evicts doc
+            store.flush()
+            assert store.tiers[0].num_blocks >= 8
+            out = llm.generate([prompt], params, use_tqdm=False)[0]
+            assert out.num_cached_tokens >= 64, out.num_cached_tokens  # the doc, from the tier
+            got.append(out)
+        assert store.tiers[0].hit_blocks >= 16
+        _assert_same_or_near_tie(ref, [o.outputs[0] for o in got])
+    finally:
+        llm.engine.close()
+    with pytest.raises(ValueError, match="split evenly"):
+        LLM(str(demo_model_dir), tensor_parallel_size=2, kv_offload_cpu_gb=0.01)
+
+
+@needs_two
+def test_a_tp_instance_neither_serves_nor_fetches_peer_blocks(demo_model_dir: Path) -> None:
+    """Blocks between instances carry one process's KV memory; a tensor-parallel instance's
+    blocks span its ranks' processes, so it neither exports nor plans fetches (it recomputes:
+    a peer would otherwise fill rank 0's heads only)."""
+    from xllm.kvcache.transfer import export_blocks, locate_held, plan_fetch
+    from xllm.ops.block_pool import block_hashes
+
+    llm = LLM(str(demo_model_dir), tensor_parallel_size=2, num_kv_blocks=64)
+    try:
+        engine = llm.engine
+        prompt = engine.tokenizer.encode("The harbour master wrote down every ship. " * 8)
+        llm.generate([prompt], SamplingParams(max_tokens=2), use_tqdm=False)
+        store = engine.kv_store
+        assert store.config.parts == 2 and not store.transferable
+        store._prefill_tps = None
+        assert plan_fetch(engine, prompt, 6, same_host=False, force=True) is None
+        bs = engine.scheduler.kv.block_size
+        tokens = prompt[:4 * bs]
+        hashes = block_hashes(tokens, bs)
+        assert len(engine.scheduler.kv.pool.lookup(hashes)) == 4  # it holds them
+        export = export_blocks(engine, hashes, tokens, 0, store.layout_key(), None)
+        assert export.count == 0
+        assert locate_held(store, ((1, 2), tuple(hashes)), hashes, 0, store.layout_key()) == []
+    finally:
+        engine.close()

@@ -31,9 +31,10 @@ from xllm import _C
 from xllm.config import EngineConfig
 from xllm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from xllm.engine.speed_model import OnlineSpeedModel, chunk_attention
+from xllm.kvcache.memory import PeerMemory
 from xllm.kvcache.store import KVStore, KVStoreConfig
 from xllm.layers.eplb import Placement, rank_loads, rebalance_experts
-from xllm.layers.parallel import SINGLE, TensorParallel, check_tensor_parallel
+from xllm.layers.parallel import SINGLE, TensorParallel, check_tensor_parallel, head_shard
 from xllm.loader import resolve_model
 from xllm.loader.generation_config import GenerationConfig
 from xllm.loader.model import load_model, resolve_dtype
@@ -119,6 +120,8 @@ class LLMEngine:
                                           mc.intermediate_size, tp_size):
             logger.warning("tensor parallelism: %s", note)
         kv_heads, kv_head_size, kv_tensors = mc.kv_cache_geometry()
+        if tp_size > 1 and config.kv_tiers:
+            _check_tiers_under_tp(mc, kv_tensors, tp_size)
         if kv_dtype == torch.int8 and kv_tensors != 2:
             raise ValueError(f"kv_cache_dtype int8 is for K/V caches; {mc.architecture}'s "
                              "latent cache (MLA) keeps auto, bfloat16 or float32")
@@ -173,9 +176,17 @@ class LLMEngine:
         num_kv_heads = model.model.layers[0].self_attn.num_kv_heads  # this rank's
         self.num_kv_blocks = num_blocks
         self.kv_store = KVStore(replace(store_config, num_blocks=num_blocks,
-                                        num_kv_heads=num_kv_heads))
+                                        num_kv_heads=num_kv_heads, parts=tp_size))
         if self.workers is not None:  # their shares of the pool map and unmap as it does
             self.workers.memory = self.kv_store.memory
+            self.workers.sync_memory()  # they build their shares now, and say where
+            if self.kv_store.tiers:  # tier copies move whole blocks: every rank's heads
+                maps, regions = [], []
+                for pid, fd, region_bytes, count in self.workers.parts:
+                    mm, addresses = PeerMemory.regions(pid, fd, region_bytes, count)
+                    maps.append(mm)
+                    regions += addresses
+                self.kv_store.attach_parts(regions, keep=maps)
         self.runner = ModelRunner(
             model, mc, block_size=config.block_size,
             kv_caches=self.kv_store.kv_caches(kv_dtype, self.device),
@@ -687,6 +698,25 @@ def _single_threaded() -> None:
     CPU it fills). torch first: its lazy per-thread set-up would undo the setting."""
     torch.get_num_threads()
     _C.set_thread_parallelism(1)
+
+
+def _check_tiers_under_tp(mc: ModelConfig, kv_tensors: int, size: int) -> None:
+    """KV tiers under tensor parallelism copy whole blocks, every rank's heads, through rank
+    0 (which maps the workers' shares of the pool): ranks on one host, each holding as many
+    KV heads (blocks of equal parts), and K/V caches. ValueError naming what to change."""
+    if kv_tensors != 2:
+        raise ValueError(f"KV tiers (kv_offload_cpu_gb, kv_offload_disk) do not work with "
+                         f"tensor parallelism for {mc.architecture}'s latent cache (MLA) yet; "
+                         "use one or the other")
+    from types import SimpleNamespace
+
+    counts = [head_shard(mc.num_attention_heads, mc.num_key_value_heads,
+                         SimpleNamespace(size=size, rank=r)).num_kv_heads  # type: ignore[arg-type]
+              for r in range(size)]
+    if len(set(counts)) > 1:
+        raise ValueError(f"KV tiers under tensor parallelism need the KV heads split evenly: "
+                         f"{mc.num_key_value_heads} KV heads over {size} ranks give {counts}; "
+                         "use a tensor_parallel_size that divides them, or no tiers")
 
 
 def _kv_identity(model_dir, dtype: torch.dtype, kv_dtype: torch.dtype,  # noqa: ANN001

@@ -17,8 +17,10 @@ A page is a whole number of segments and of system pages, about ``target_page_by
 
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -29,7 +31,7 @@ from xllm.ops.vmm import VmmPool
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["KVMemory"]
+__all__ = ["KVMemory", "PeerMemory"]
 
 DEFAULT_TARGET_PAGE_BYTES = 2 << 20
 
@@ -150,3 +152,43 @@ class KVMemory:
                  for r in range(self.num_regions)]
         n = self.tensors_per_layer
         return [(views[n * i], views[n * i + n - 1]) for i in range(self.num_layers)]
+
+
+_VMM_MEMFD = "/memfd:xllm-vmm (deleted)"  # what /proc/<pid>/fd/<fd> of a VmmPool reads
+
+
+class PeerMemory:
+    """Another process's KV memory mapped into this one (same host: a peer instance's, or a
+    tensor-parallel worker's share of the pool), cached by the memfd's
+    identity: (pid, fd) and its inode, since a closed fd number is soon reused by another
+    memfd (a restarted engine in the same process). Callers keep the returned mapping
+    object referenced while they copy: a cache eviction on another thread then drops only
+    the cache's reference, never unmapping memory a copy is using."""
+
+    _cache: dict[tuple[int, int, int], tuple[mmap.mmap, int]] = {}
+
+    @classmethod
+    def regions(cls, pid: int, fd: int, region_bytes: int, num_regions: int
+                ) -> tuple[mmap.mmap, list[int]]:
+        path = f"/proc/{pid}/fd/{fd}"
+        key = (pid, fd, os.stat(path).st_ino)
+        entry = cls._cache.get(key)
+        size = region_bytes * num_regions
+        if entry is None or entry[0].size() < size:
+            # Only an xllm KV memory (a VMM pool's memfd): a request can never make this
+            # process write into some other file another process has open.
+            if os.readlink(path) != _VMM_MEMFD:
+                raise PermissionError(f"{path} is not an xllm KV memory")
+            handle = os.open(path, os.O_RDWR)
+            try:
+                if os.fstat(handle).st_ino != key[2]:
+                    raise OSError(f"{path} changed while it was opened")
+                mm = mmap.mmap(handle, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(handle)
+            base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+            if len(cls._cache) > 16:  # peers come and go: keep a few
+                cls._cache.clear()
+            cls._cache[key] = entry = (mm, base)
+        mm, base = entry
+        return mm, [base + r * region_bytes for r in range(num_regions)]

@@ -73,6 +73,11 @@ class KVStoreConfig:
     # 2: a key and a value tensor per layer; 1: one tensor read as both (MLA's latent rows,
     # ModelConfig.kv_cache_geometry).
     tensors_per_layer: int = 2
+    # Ranks whose heads make up a block (tensor parallelism: num_kv_heads is this rank's
+    # share). The store reaches the other ranks' parts only once they are attached
+    # (attach_parts: their memory mapped here); a block's bytes are then all parts' in rank
+    # order, each of num_kv_heads (tiers need an even split; block_bytes assumes one).
+    parts: int = 1
 
     @property
     def segment_bytes(self) -> int:
@@ -87,15 +92,18 @@ class KVStoreConfig:
     def layout(self) -> dict[str, Any]:
         """What the KV bytes depend on: a disk tier's directory and a peer's layout key are
         fingerprints of it."""
-        return {"identity": dict(self.identity), "block_size": self.block_size,
-                "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
-                "head_size": self.head_size, "dtype_bytes": self.dtype_bytes,
-                "tensors_per_layer": self.tensors_per_layer}
+        layout = {"identity": dict(self.identity), "block_size": self.block_size,
+                  "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
+                  "head_size": self.head_size, "dtype_bytes": self.dtype_bytes,
+                  "tensors_per_layer": self.tensors_per_layer}
+        if self.parts > 1:  # (absent for one part: the fingerprints of earlier runs hold)
+            layout["parts"] = self.parts
+        return layout
 
     @property
     def num_regions(self) -> int:
-        """Per-layer key and value tensors (or the one latent tensor)."""
-        return self.tensors_per_layer * self.num_layers
+        """Per-layer key and value tensors (or the one latent tensor), of every part."""
+        return self.tensors_per_layer * self.num_layers * self.parts
 
 
 # Load-latency histogram buckets (seconds): a few blocks take microseconds, a long prefix from
@@ -208,7 +216,7 @@ class KVStore:
                                    tensors_per_layer=config.tensors_per_layer)
             self.pool = OnDemandBlockPool(self.memory, idle_seconds=config.idle_seconds,
                                           before_unmap=self._before_unmap)
-            self.regions = self.memory.regions
+            self.regions = list(self.memory.regions)  # this rank's part; others attached
         else:
             self.pool = BlockPool(config.num_blocks)
             self.regions: list[int] = []  # set by kv_caches() from the tensors it makes
@@ -283,6 +291,30 @@ class KVStore:
         elif self.tiers:
             raise ValueError("KV tiers need the KV cache in host memory for now")
         return caches
+
+    def attach_parts(self, regions: Sequence[int], keep: Sequence[object] = ()) -> None:
+        """The other ranks' parts of every block (tensor parallelism): their regions, mapped
+        in this process, in rank order after this rank's; ``keep``: the mappings, referenced
+        as long as the store. Tier copies then move whole blocks."""
+        c = self.config
+        mine = c.tensors_per_layer * c.num_layers
+        if self.memory is None or len(regions) != mine * (c.parts - 1):
+            raise ValueError(f"attach_parts needs {mine * (c.parts - 1)} regions of the other "
+                             f"{c.parts - 1} parts on memory on demand, got {len(regions)}")
+        self.regions = list(self.memory.regions) + list(regions)
+        self._parts_memory = list(keep)
+
+    @property
+    def whole(self) -> bool:
+        """Whether this store reaches every part of a block (always, without tensor
+        parallelism): tier copies need it."""
+        return len(self.regions) == self.config.num_regions
+
+    @property
+    def transferable(self) -> bool:
+        """Whether blocks may move between instances: one part only (a tensor-parallel
+        instance's blocks span its ranks' processes; peer transfer does not carry that)."""
+        return self.config.parts == 1
 
     # ---- memory -------------------------------------------------------------------------------
 

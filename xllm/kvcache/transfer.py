@@ -25,13 +25,13 @@ they are recomputed.
 from __future__ import annotations
 
 import ctypes
-import mmap
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from xllm import _C
+from xllm.kvcache.memory import PeerMemory
 from xllm.kvcache.store import KVStore
 from xllm.kvcache.tiers import DiskTier
 from xllm.ops.block_pool import ROOT_HASH, best_block_hashes
@@ -63,45 +63,6 @@ class Export:
     own_pins: bool = False  # the export pinned its sources (else a hold keeps them)
 
 
-_VMM_MEMFD = "/memfd:xllm-vmm (deleted)"  # what /proc/<pid>/fd/<fd> of a VmmPool reads
-
-
-class _PeerMemory:
-    """A peer's KV memory mapped into this process (same host), cached by the memfd's
-    identity: (pid, fd) and its inode, since a closed fd number is soon reused by another
-    memfd (a restarted engine in the same process). Callers keep the returned mapping
-    object referenced while they copy: a cache eviction on another thread then drops only
-    the cache's reference, never unmapping memory a copy is using."""
-
-    _cache: dict[tuple[int, int, int], tuple[mmap.mmap, int]] = {}
-
-    @classmethod
-    def regions(cls, pid: int, fd: int, region_bytes: int, num_regions: int
-                ) -> tuple[mmap.mmap, list[int]]:
-        path = f"/proc/{pid}/fd/{fd}"
-        key = (pid, fd, os.stat(path).st_ino)
-        entry = cls._cache.get(key)
-        size = region_bytes * num_regions
-        if entry is None or entry[0].size() < size:
-            # Only an xllm KV memory (a VMM pool's memfd): a request can never make this
-            # process write into some other file another process has open.
-            if os.readlink(path) != _VMM_MEMFD:
-                raise PermissionError(f"{path} is not an xllm KV memory")
-            handle = os.open(path, os.O_RDWR)
-            try:
-                if os.fstat(handle).st_ino != key[2]:
-                    raise OSError(f"{path} changed while it was opened")
-                mm = mmap.mmap(handle, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            finally:
-                os.close(handle)
-            base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-            if len(cls._cache) > 16:  # peers come and go: keep a few
-                cls._cache.clear()
-            cls._cache[key] = entry = (mm, base)
-        mm, base = entry
-        return mm, [base + r * region_bytes for r in range(num_regions)]
-
-
 def export_blocks(engine: Any, hashes: list[int], tokens: list[int], first: int,
                   layout: str, shm: tuple[int, int, int, list[int]] | None) -> Export:
     """With the engine's scheduler state (see plan_fetch). ``hashes``: the chain from the
@@ -117,7 +78,7 @@ def export_blocks(engine: Any, hashes: list[int], tokens: list[int], first: int,
 def _export(engine: Any, store: KVStore, hashes: list[int], tokens: list[int], first: int,
             layout: str, shm: tuple[int, int, int, list[int]] | None) -> Export:
     kv = engine.scheduler.kv
-    if layout != store.layout_key() or first >= len(hashes):
+    if layout != store.layout_key() or first >= len(hashes) or not store.transferable:
         return Export(first, 0, [])
     found = kv.find_prefix(hashes, tokens)
     held = found.num_tokens // kv.block_size
@@ -143,7 +104,7 @@ def _ship(store: KVStore, sources: list[tuple[Any, int]], first: int,
         return None
     pid, fd, region_bytes, dst_blocks = shm
     try:
-        mapping, dst = _PeerMemory.regions(pid, fd, region_bytes, store.config.num_regions)
+        mapping, dst = PeerMemory.regions(pid, fd, region_bytes, store.config.num_regions)
     except OSError:
         return None
     export = _export_shm(store, sources[:len(dst_blocks)], dst, dst_blocks, first)
@@ -166,7 +127,7 @@ def locate_held(store: KVStore, held: tuple[tuple[int, ...], tuple[int, ...]],
                 hashes: list[int], first: int, layout: str) -> list[int]:
     """The held blocks a same-host client may copy itself (pull): those of ``hashes``
     from ``first`` that match the hold's chain, in order ([] on a layout mismatch)."""
-    if layout != store.layout_key() or store.memory is None:
+    if layout != store.layout_key() or store.memory is None or not store.transferable:
         return []
     out = _held_blocks(held, hashes, first)
     store.peer_blocks_served += len(out)
@@ -179,7 +140,7 @@ def export_held(store: KVStore, held: tuple[tuple[int, ...], tuple[int, ...]],
     """Like :func:`export_blocks`, from a finished prefill's held blocks (pinned until the
     hold is released), without the engine thread: any thread, so a busy prefill instance
     serves its decode instance at once. The chain must match the held hashes."""
-    if layout != store.layout_key():
+    if layout != store.layout_key() or not store.transferable:
         return Export(first, 0, [])
     sources: list[tuple[Any, int]] = [("pool", b) for b in _held_blocks(held, hashes, first)]
     if not sources:
@@ -321,7 +282,7 @@ def plan_fetch(engine: Any, prompt: list[int], peer_blocks: int, same_host: bool
     not (or the pool is short)."""
     store: KVStore = engine.kv_store
     kv = engine.scheduler.kv
-    if not kv.enable_prefix_caching:
+    if not kv.enable_prefix_caching or not store.transferable:
         return None
     bs = kv.block_size
     wanted = min(peer_blocks, (len(prompt) - 1) // bs)
@@ -362,7 +323,7 @@ def pull_blocks(store: KVStore, plan: FetchPlan, first: int, peer: tuple[int, in
         return False
     pid, fd, region_bytes = peer
     try:
-        mapping, src = _PeerMemory.regions(pid, fd, region_bytes, store.config.num_regions)
+        mapping, src = PeerMemory.regions(pid, fd, region_bytes, store.config.num_regions)
     except OSError:
         return False
     with store.off_thread_copy() as allowed:

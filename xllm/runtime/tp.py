@@ -333,9 +333,12 @@ class WorkerGroup:
         self.size = size or len(specs) + 1
         self.encoder = StepEncoder()
         self.closed = False
-        # Rank 0's pool memory (set by the engine) and its version the workers last heard.
+        # Rank 0's pool memory (set by the engine) and its version the workers last heard;
+        # where each worker's share of the pool is (pid, memfd, region bytes, regions), as
+        # they reported it at the first memory message.
         self.memory: KVMemory | None = None
         self._memory_version = -1
+        self.parts: list[tuple[int, int, int, int]] = []
         if remote is not None:  # ranks on other hosts, already joined: nothing to start
             self._logs, self.procs, self.comm = [], [], remote
             return
@@ -401,11 +404,18 @@ class WorkerGroup:
         """Tells the workers which page groups rank 0's pool has mapped, if that changed
         since they last heard (before a step that may write new blocks; when idle memory
         was given back). Same thread as the step messages."""
+        import torch
+
         memory = self.memory
         if memory is None or memory.version == self._memory_version:
             return
+        first = self._memory_version < 0
         self._memory_version = memory.version
         self.comm.broadcast(encode_memory(memory.mapped_groups(), memory.blocks_per_group))
+        if first:  # each worker has built its share of the pool: where it is
+            where = torch.zeros(self.size, 4, dtype=torch.int64)
+            self.comm.gather(torch.zeros(4, dtype=torch.int64), where)
+            self.parts = [tuple(int(v) for v in row) for row in where[1:].tolist()]
 
     def send_placement(self, phy2log: np.ndarray) -> None:
         """Tells the workers a new expert placement, applied before the next step."""
@@ -522,6 +532,8 @@ def worker_main(spec: WorkerSpec, comm: object | None = None) -> int:
             if isinstance(step, MemoryState):  # rank 0's pool mapped or gave back memory
                 if memory is None:
                     memory, runner = build(step.blocks_per_group)
+                    comm.gather(torch.tensor([os.getpid(), memory.vmm.fd, memory.region_bytes,
+                                              memory.num_regions], dtype=torch.int64), None)
                 memory.follow(step.mapped, step.blocks_per_group)
                 continue
             if runner is None:
