@@ -21,8 +21,9 @@ worker applies it (reading the experts it gains) before the next step.
 So is the pool's memory (docs/kvcache.md, memory on demand): rank 0 maps page groups as its
 pool needs blocks and unmaps idle ones; whenever that has changed, the message before the
 next step (or, idle, at once) is header ``[4, blocks per group, groups, 0, 0, 0, 0]`` and
-which of rank 0's groups are mapped. Each worker maps exactly its own groups (its heads'
-segments, so other groups) that hold a block of those, and gives the rest back to the OS.
+which of rank 0's groups are mapped. Each worker maps exactly its own groups that hold a
+block of those, gives the rest back to the OS, then answers (a gather: its pid, memfd,
+region size and regions, which rank 0 maps for KV tiers) before rank 0 goes on.
 
 A request not scheduled in a step is dropped from the mirrors and sent whole if it comes
 back (preempted, or left out by the token budget): rare, and it keeps the protocol free of
@@ -403,19 +404,20 @@ class WorkerGroup:
     def sync_memory(self) -> None:
         """Tells the workers which page groups rank 0's pool has mapped, if that changed
         since they last heard (before a step that may write new blocks; when idle memory
-        was given back). Same thread as the step messages."""
+        was given back), and waits until they have followed. Same thread as the step
+        messages."""
         import torch
 
         memory = self.memory
         if memory is None or memory.version == self._memory_version:
             return
-        first = self._memory_version < 0
         self._memory_version = memory.version
         self.comm.broadcast(encode_memory(memory.mapped_groups(), memory.blocks_per_group))
-        if first:  # each worker has built its share of the pool: where it is
-            where = torch.zeros(self.size, 4, dtype=torch.int64)
-            self.comm.gather(torch.zeros(4, dtype=torch.int64), where)
-            self.parts = [tuple(int(v) for v in row) for row in where[1:].tolist()]
+        # Each worker answers once it has mapped and unmapped (rank 0 may write into its
+        # share through its memfd right after: tier loads), saying where its share is.
+        where = torch.zeros(self.size, 4, dtype=torch.int64)
+        self.comm.gather(torch.zeros(4, dtype=torch.int64), where)
+        self.parts = [tuple(int(v) for v in row) for row in where[1:].tolist()]
 
     def send_placement(self, phy2log: np.ndarray) -> None:
         """Tells the workers a new expert placement, applied before the next step."""
@@ -532,9 +534,9 @@ def worker_main(spec: WorkerSpec, comm: object | None = None) -> int:
             if isinstance(step, MemoryState):  # rank 0's pool mapped or gave back memory
                 if memory is None:
                     memory, runner = build(step.blocks_per_group)
-                    comm.gather(torch.tensor([os.getpid(), memory.vmm.fd, memory.region_bytes,
-                                              memory.num_regions], dtype=torch.int64), None)
                 memory.follow(step.mapped, step.blocks_per_group)
+                comm.gather(torch.tensor([os.getpid(), memory.vmm.fd, memory.region_bytes,
+                                          memory.num_regions], dtype=torch.int64), None)
                 continue
             if runner is None:
                 raise RuntimeError("a step came before rank 0 said which KV memory is mapped")
