@@ -444,10 +444,70 @@ def test_kv_tiers_under_tp_carry_every_ranks_heads(models_root: Path, demo_model
 
 
 @needs_two
-def test_a_tp_instance_neither_serves_nor_fetches_peer_blocks(demo_model_dir: Path) -> None:
-    """Blocks between instances carry one process's KV memory; a tensor-parallel instance's
-    blocks span its ranks' processes, so it neither exports nor plans fetches (it recomputes:
-    a peer would otherwise fill rank 0's heads only)."""
+def test_tp_instances_stream_whole_blocks_between_them(models_root: Path,
+                                                       demo_model_dir: Path) -> None:
+    """Two TP=2 instances (llama-gqa: one KV head a rank) over real gRPC: the fetcher gets the
+    peer's prefix, every rank's heads of each block (rank 0 of each reaches its workers'
+    shares), streamed since shared memory and Mooncake address one process's memory; its
+    answer is TP=1's."""
+    import asyncio
+
+    import grpc
+
+    from xllm.config import EngineConfig
+    from xllm.engine.async_engine import AsyncEngine
+    from xllm.service.instance import InstanceServicer
+    from xllm.service.proto import instance_pb2_grpc
+
+    model_dir = _model_dir("llama-gqa", True, models_root, demo_model_dir)
+    gen = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, VOCAB, (70,), generator=gen).tolist()
+    options = dict(dtype="float32", weight_format="f32", max_model_len=128, num_kv_blocks=32,
+                   block_size=8)
+    ref = _greedy(LLM(str(model_dir), **options), [prompt], 12)
+    cfg = EngineConfig(model=str(model_dir), tensor_parallel_size=2, **options)
+    engines = [AsyncEngine(cfg), AsyncEngine(cfg)]
+    for e in engines:
+        e.start()
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+
+    async def run() -> None:
+        server = grpc.aio.server()
+        instance_pb2_grpc.add_InstanceServicer_to_server(InstanceServicer(engines[0]), server)
+        address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        await server.start()
+        client = InstanceServicer(engines[1])
+        try:
+            async for _ in engines[0].generate(prompt, params):
+                pass
+            for e in engines:
+                assert e.engine.kv_store.whole and not e.engine.kv_store.single_part
+                e.engine.kv_store._prefill_tps = None
+            n = (len(prompt) - 1) // 8
+            assert await client.fetch_from_peer(address, prompt, n) == n  # same host: streamed
+            assert set(engines[1].engine.kv_store.peer_bps) <= {"grpc"}
+            outs = [o async for o in engines[1].generate(prompt, params)]
+            assert outs[-1].num_cached_tokens == n * 8
+            _assert_same_or_near_tie(ref, [outs[-1].outputs[0]])
+        finally:
+            await client.close_peers()
+            await server.stop(0.5)
+
+    try:
+        for e in engines:
+            assert e.wait_ready(120), e.error
+        asyncio.run(run())
+    finally:
+        for e in engines:
+            e.shutdown()
+
+
+@needs_two
+def test_a_tp_instance_with_uneven_parts_neither_serves_nor_fetches(demo_model_dir: Path
+                                                                    ) -> None:
+    """Where rank 0 cannot reach whole blocks (the demo's 3 KV heads over 2 ranks: parts of
+    2 and 1 heads), a tensor-parallel instance neither exports nor plans fetches (it
+    recomputes: a peer would otherwise fill rank 0's heads only)."""
     from xllm.kvcache.transfer import export_blocks, locate_held, plan_fetch
     from xllm.ops.block_pool import block_hashes
 
@@ -457,7 +517,7 @@ def test_a_tp_instance_neither_serves_nor_fetches_peer_blocks(demo_model_dir: Pa
         prompt = engine.tokenizer.encode("The harbour master wrote down every ship. " * 8)
         llm.generate([prompt], SamplingParams(max_tokens=2), use_tqdm=False)
         store = engine.kv_store
-        assert store.config.parts == 2 and not store.transferable
+        assert store.config.parts == 2 and not store.whole and not store.transferable
         store._prefill_tps = None
         assert plan_fetch(engine, prompt, 6, same_host=False, force=True) is None
         bs = engine.scheduler.kv.block_size

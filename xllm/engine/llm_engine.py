@@ -120,8 +120,10 @@ class LLMEngine:
                                           mc.intermediate_size, tp_size):
             logger.warning("tensor parallelism: %s", note)
         kv_heads, kv_head_size, kv_tensors = mc.kv_cache_geometry()
-        if tp_size > 1 and config.kv_tiers:
-            _check_tiers_under_tp(mc, kv_tensors, tp_size)
+        # Rank 0 reaches every rank's heads of a block (tiers, blocks between instances)
+        # where the ranks share this host and hold equal parts.
+        whole_blocks = tp_size > 1 and _equal_parts(mc, kv_tensors, tp_size,
+                                                   config.tp_master, config.kv_tiers)
         if kv_dtype == torch.int8 and kv_tensors != 2:
             raise ValueError(f"kv_cache_dtype int8 is for K/V caches; {mc.architecture}'s "
                              "latent cache (MLA) keeps auto, bfloat16 or float32")
@@ -180,7 +182,7 @@ class LLMEngine:
         if self.workers is not None:  # their shares of the pool map and unmap as it does
             self.workers.memory = self.kv_store.memory
             self.workers.sync_memory()  # they build their shares now, and say where
-            if self.kv_store.tiers:  # tier copies move whole blocks: every rank's heads
+            if whole_blocks:  # tier copies and peer blocks move every rank's heads
                 maps, regions = [], []
                 for pid, fd, region_bytes, count in self.workers.parts:
                     mm, addresses = PeerMemory.regions(pid, fd, region_bytes, count)
@@ -700,23 +702,25 @@ def _single_threaded() -> None:
     _C.set_thread_parallelism(1)
 
 
-def _check_tiers_under_tp(mc: ModelConfig, kv_tensors: int, size: int) -> None:
-    """KV tiers under tensor parallelism copy whole blocks, every rank's heads, through rank
-    0 (which maps the workers' shares of the pool): ranks on one host, each holding as many
-    KV heads (blocks of equal parts), and K/V caches. ValueError naming what to change."""
-    if kv_tensors != 2:
-        raise ValueError(f"KV tiers (kv_offload_cpu_gb, kv_offload_disk) do not work with "
-                         f"tensor parallelism for {mc.architecture}'s latent cache (MLA) yet; "
-                         "use one or the other")
+def _equal_parts(mc: ModelConfig, kv_tensors: int, size: int, tp_master: str | None,
+                 tiers: bool) -> bool:
+    """Whether rank 0 can reach whole blocks under tensor parallelism: ranks on this host
+    (it maps the workers' shares of the pool), each holding as many KV heads (blocks of
+    equal parts), K/V caches. KV tiers need it: ValueError naming what to change."""
     from types import SimpleNamespace
 
     counts = [head_shard(mc.num_attention_heads, mc.num_key_value_heads,
                          SimpleNamespace(size=size, rank=r)).num_kv_heads  # type: ignore[arg-type]
               for r in range(size)]
-    if len(set(counts)) > 1:
+    if tiers and kv_tensors != 2:
+        raise ValueError(f"KV tiers (kv_offload_cpu_gb, kv_offload_disk) do not work with "
+                         f"tensor parallelism for {mc.architecture}'s latent cache (MLA) yet; "
+                         "use one or the other")
+    if tiers and len(set(counts)) > 1:
         raise ValueError(f"KV tiers under tensor parallelism need the KV heads split evenly: "
                          f"{mc.num_key_value_heads} KV heads over {size} ranks give {counts}; "
                          "use a tensor_parallel_size that divides them, or no tiers")
+    return tp_master is None and kv_tensors == 2 and len(set(counts)) == 1
 
 
 def _kv_identity(model_dir, dtype: torch.dtype, kv_dtype: torch.dtype,  # noqa: ANN001

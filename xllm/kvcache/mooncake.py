@@ -234,7 +234,7 @@ def describe(store: KVStore, sources: list[tuple[Any, int]]
     addresses: list[int] = []
     strides: list[int] = []
     sums: list[int] = []
-    if n == 0 or store.memory is None or not store.transferable:
+    if n == 0 or store.memory is None or not store.single_part:
         return addresses, strides, sums
     region = store.memory.region_bytes
     base = store.regions[0]

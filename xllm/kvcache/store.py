@@ -312,8 +312,14 @@ class KVStore:
 
     @property
     def transferable(self) -> bool:
-        """Whether blocks may move between instances: one part only (a tensor-parallel
-        instance's blocks span its ranks' processes; peer transfer does not carry that)."""
+        """Whether blocks may move between instances: whole blocks only (under tensor
+        parallelism, once the other ranks' parts are attached); the paths that address
+        one process's memory (shared memory, Mooncake) need one part (``single_part``)."""
+        return self.whole
+
+    @property
+    def single_part(self) -> bool:
+        """Whether a block lies in this process's memory alone (no tensor parallelism)."""
         return self.config.parts == 1
 
     # ---- memory -------------------------------------------------------------------------------

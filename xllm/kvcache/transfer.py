@@ -100,7 +100,7 @@ def _ship(store: KVStore, sources: list[tuple[Any, int]], first: int,
           shm: tuple[int, int, int, list[int]] | None) -> Export | None:
     """Same host: the sources written straight into the client's memory; None when there
     is no such client or its memory cannot be mapped (permissions, gone): stream instead."""
-    if shm is None:
+    if shm is None or not store.single_part:
         return None
     pid, fd, region_bytes, dst_blocks = shm
     try:
@@ -127,7 +127,7 @@ def locate_held(store: KVStore, held: tuple[tuple[int, ...], tuple[int, ...]],
                 hashes: list[int], first: int, layout: str) -> list[int]:
     """The held blocks a same-host client may copy itself (pull): those of ``hashes``
     from ``first`` that match the hold's chain, in order ([] on a layout mismatch)."""
-    if layout != store.layout_key() or store.memory is None or not store.transferable:
+    if layout != store.layout_key() or store.memory is None or not store.single_part:
         return []
     out = _held_blocks(held, hashes, first)
     store.peer_blocks_served += len(out)
@@ -294,10 +294,10 @@ def plan_fetch(engine: Any, prompt: list[int], peer_blocks: int, same_host: bool
     n = wanted - local
     if n < MIN_FETCH_BLOCKS:
         return None
-    if same_host and store.memory is not None:
+    if same_host and store.memory is not None and store.single_part:
         path = "shm"
-    else:
-        path = "mooncake" if mooncake else "grpc"
+    else:  # (a tensor-parallel instance's blocks span processes: streamed)
+        path = "mooncake" if mooncake and store.single_part else "grpc"
     rate = store.peer_bps.get(path) or DEFAULT_RATES[path]
     fetch_s = ROUND_TRIP_S + n * store.config.block_bytes / rate
     prefill = store.prefill_tps
