@@ -3,6 +3,7 @@ block copies between them, each against a plain reference; then the engine end t
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import replace
 
 import pytest
@@ -626,3 +627,49 @@ def test_a_memory_follows_another_with_other_groups() -> None:
                 assert follower.is_mapped(g) == bool(need[list(follower.group_blocks(g))].any())
     with pytest.raises(ValueError, match="do not cover"):
         worker.follow([True] * 3, 256)
+
+
+def test_a_store_of_parts_copies_whole_blocks_once_they_are_attached() -> None:
+    """Tensor parallelism's store: parts of 2 and 1 KV heads. Until the other part's regions
+    are attached the store is not whole (no blocks between instances); attached, a tier
+    write and load move both parts' segments (unequal), checked, and equal a plain
+    gather of each part."""
+    cfg = KVStoreConfig(num_blocks=24, num_layers=2, num_kv_heads=2, block_size=4, head_size=8,
+                        dtype_bytes=4, idle_seconds=0.0, parts=2, part_heads=(2, 1))
+    store = KVStore(replace(cfg, cpu_tier_bytes=4 * cfg.block_bytes))
+    assert cfg.segments == (256,) * 4 + (128,) * 4 and cfg.block_bytes == 1536
+    assert not store.whole and not store.transferable and not store.single_part
+    assert store.layout_key() != KVStore(replace(cfg, part_heads=(1, 2))).layout_key()
+    caches = store.kv_caches(torch.float32)
+    other = KVMemory(24, 2, 128)
+    other.map_group(0)
+    other_caches = other.tensors((24, 1, 4, 8), torch.float32)
+    with pytest.raises(ValueError, match="regions"):
+        store.attach_parts(other.regions[:2])
+    store.attach_parts(other.regions, keep=[other])
+    assert store.whole and store.transferable and not store.single_part
+    blocks = store.pool.allocate(2)
+    gen = torch.Generator().manual_seed(0)
+    for k, v in caches + other_caches:
+        k[blocks].copy_(torch.randn(k[blocks].shape, generator=gen))
+        v[blocks].copy_(torch.randn(v[blocks].shape, generator=gen))
+    want = [torch.cat([t[b].flatten() for pair in caches + other_caches for t in pair])
+            for b in blocks]
+    slots = store.cpu.index.allocate(2)
+    sums = _C.kv_gather_blocks(store.regions, cfg.segments_arg, blocks, store.cpu.address,
+                               store.cpu.slot_bytes, slots)
+    for i, s in enumerate(slots):  # a slot: the block's segments, both parts, in order
+        raw = bytearray(ctypes.string_at(store.cpu.address + s * store.cpu.slot_bytes,
+                                         cfg.block_bytes))
+        assert torch.equal(torch.frombuffer(raw, dtype=torch.float32), want[i])
+    for k, v in caches + other_caches:  # wipe, then load back and check
+        k[blocks].zero_()
+        v[blocks].zero_()
+    assert _C.kv_scatter_blocks(store.cpu.address, store.cpu.slot_bytes, slots, sums,
+                                store.regions, cfg.segments_arg, blocks) == 2
+    for i, b in enumerate(blocks):
+        got = torch.cat([t[b].flatten() for pair in caches + other_caches for t in pair])
+        assert torch.equal(got, want[i])
+    bad = [sums[0], sums[1] ^ 1]
+    assert _C.kv_scatter_blocks(store.cpu.address, store.cpu.slot_bytes, slots, bad,
+                                store.regions, cfg.segments_arg, blocks) == 1

@@ -403,24 +403,33 @@ def test_worker_kv_memory_follows_rank_0s_pool(demo_model_dir: Path) -> None:
         llm.engine.close()
 
 
+def _tp_model(which: str, models_root: Path, demo_model_dir: Path) -> tuple[Path, dict]:
+    """llama-gqa (2 KV heads: one a rank) on f32 rows, or the demo (3 KV heads: parts of 2
+    and 1) on exact fp32 blocks."""
+    if which == "even":
+        return _model_dir("llama-gqa", True, models_root, demo_model_dir), {"weight_format": "f32"}
+    return demo_model_dir, {"weight_format": "blocks"}
+
+
 @needs_two
 @pytest.mark.parametrize("tier", ["cpu", "disk"])
+@pytest.mark.parametrize("split", ["even", "uneven"])
 def test_kv_tiers_under_tp_carry_every_ranks_heads(models_root: Path, demo_model_dir: Path,
-                                                   tmp_path: Path, tier: str) -> None:
-    """KV tiers under TP=2 (llama-gqa: 2 KV heads, one a rank): rank 0 copies every rank's
-    heads of a block (the workers' shares mapped in its process) to a tier and back. A
-    document evicted from the pool by other prompts comes back from the CPU tier or from disk
-    and the answers equal TP=1's without tiers; a split the tiers cannot take (the demo's 3 KV
-    heads over 2 ranks) is refused at start-up."""
-    model_dir = _model_dir("llama-gqa", True, models_root, demo_model_dir)
+                                                   tmp_path: Path, tier: str,
+                                                   split: str) -> None:
+    """KV tiers under TP=2: rank 0 copies every rank's heads of a block (the workers' shares
+    mapped in its process; parts of equal or unequal heads) to a tier and back. A document
+    evicted from the pool by other prompts comes back from the CPU tier or from disk and the
+    answers equal TP=1's without tiers."""
+    model_dir, fmt = _tp_model(split, models_root, demo_model_dir)
     gen = torch.Generator().manual_seed(7)
     doc = torch.randint(0, VOCAB, (64,), generator=gen).tolist()
     prompts = [doc + torch.randint(0, VOCAB, (5,), generator=gen).tolist() for _ in range(3)]
     floods = [torch.randint(0, VOCAB, (70,), generator=gen).tolist() for _ in range(4)]
-    options = dict(dtype="float32", weight_format="f32", max_model_len=128, num_kv_blocks=24,
-                   block_size=8, max_num_seqs=1)
+    options = dict(dtype="float32", max_model_len=128, num_kv_blocks=24, block_size=8,
+                   max_num_seqs=1, **fmt)
     ref = _greedy(LLM(str(model_dir), **options), prompts, 16)
-    tiers = (dict(kv_offload_cpu_gb=0.01) if tier == "cpu" else
+    tiers = (dict(kv_offload_cpu_gb=0.05) if tier == "cpu" else
              dict(kv_offload_disk=str(tmp_path / "kv"), kv_offload_disk_gb=0.05))
     llm = LLM(str(model_dir), tensor_parallel_size=2, **options, **tiers)
     try:
@@ -439,17 +448,16 @@ def test_kv_tiers_under_tp_carry_every_ranks_heads(models_root: Path, demo_model
         _assert_same_or_near_tie(ref, [o.outputs[0] for o in got])
     finally:
         llm.engine.close()
-    with pytest.raises(ValueError, match="split evenly"):
-        LLM(str(demo_model_dir), tensor_parallel_size=2, kv_offload_cpu_gb=0.01)
 
 
 @needs_two
+@pytest.mark.parametrize("split", ["even", "uneven"])
 def test_tp_instances_stream_whole_blocks_between_them(models_root: Path,
-                                                       demo_model_dir: Path) -> None:
-    """Two TP=2 instances (llama-gqa: one KV head a rank) over real gRPC: the fetcher gets the
-    peer's prefix, every rank's heads of each block (rank 0 of each reaches its workers'
-    shares), streamed since shared memory and Mooncake address one process's memory; its
-    answer is TP=1's."""
+                                                       demo_model_dir: Path,
+                                                       split: str) -> None:
+    """Two TP=2 instances over real gRPC: the fetcher gets the peer's prefix, every rank's
+    heads of each block (rank 0 of each reaches its workers' shares), streamed since shared
+    memory and Mooncake address one process's memory; its answer is TP=1's."""
     import asyncio
 
     import grpc
@@ -459,11 +467,10 @@ def test_tp_instances_stream_whole_blocks_between_them(models_root: Path,
     from xllm.service.instance import InstanceServicer
     from xllm.service.proto import instance_pb2_grpc
 
-    model_dir = _model_dir("llama-gqa", True, models_root, demo_model_dir)
+    model_dir, fmt = _tp_model(split, models_root, demo_model_dir)
     gen = torch.Generator().manual_seed(3)
     prompt = torch.randint(0, VOCAB, (70,), generator=gen).tolist()
-    options = dict(dtype="float32", weight_format="f32", max_model_len=128, num_kv_blocks=32,
-                   block_size=8)
+    options = dict(dtype="float32", max_model_len=128, num_kv_blocks=32, block_size=8, **fmt)
     ref = _greedy(LLM(str(model_dir), **options), [prompt], 12)
     cfg = EngineConfig(model=str(model_dir), tensor_parallel_size=2, **options)
     engines = [AsyncEngine(cfg), AsyncEngine(cfg)]
@@ -500,32 +507,3 @@ def test_tp_instances_stream_whole_blocks_between_them(models_root: Path,
     finally:
         for e in engines:
             e.shutdown()
-
-
-@needs_two
-def test_a_tp_instance_with_uneven_parts_neither_serves_nor_fetches(demo_model_dir: Path
-                                                                    ) -> None:
-    """Where rank 0 cannot reach whole blocks (the demo's 3 KV heads over 2 ranks: parts of
-    2 and 1 heads), a tensor-parallel instance neither exports nor plans fetches (it
-    recomputes: a peer would otherwise fill rank 0's heads only)."""
-    from xllm.kvcache.transfer import export_blocks, locate_held, plan_fetch
-    from xllm.ops.block_pool import block_hashes
-
-    llm = LLM(str(demo_model_dir), tensor_parallel_size=2, num_kv_blocks=64)
-    try:
-        engine = llm.engine
-        prompt = engine.tokenizer.encode("The harbour master wrote down every ship. " * 8)
-        llm.generate([prompt], SamplingParams(max_tokens=2), use_tqdm=False)
-        store = engine.kv_store
-        assert store.config.parts == 2 and not store.whole and not store.transferable
-        store._prefill_tps = None
-        assert plan_fetch(engine, prompt, 6, same_host=False, force=True) is None
-        bs = engine.scheduler.kv.block_size
-        tokens = prompt[:4 * bs]
-        hashes = block_hashes(tokens, bs)
-        assert len(engine.scheduler.kv.pool.lookup(hashes)) == 4  # it holds them
-        export = export_blocks(engine, hashes, tokens, 0, store.layout_key(), None)
-        assert export.count == 0
-        assert locate_held(store, ((1, 2), tuple(hashes)), hashes, 0, store.layout_key()) == []
-    finally:
-        engine.close()

@@ -109,16 +109,16 @@ uint64_t block_checksum(const uint8_t* data, size_t n) {
   return c.digest();
 }
 
-void kv_gather_blocks(const uint8_t* const* regions, size_t num_regions, size_t segment_bytes,
+void kv_gather_blocks(const uint8_t* const* regions, size_t num_regions, const size_t* segments,
                       const int64_t* blocks, size_t n, uint8_t* dst, size_t slot_bytes,
                       const int64_t* slots, uint64_t* checksums) {
   for (size_t i = 0; i < n; ++i) {
-    const size_t off = static_cast<size_t>(blocks[i]) * segment_bytes;
+    const size_t b = static_cast<size_t>(blocks[i]);
     uint8_t* out = dst + static_cast<size_t>(slots[i]) * slot_bytes;
     BlockChecksum c;
     for (size_t r = 0; r < num_regions; ++r) {
-      c.copy_update(out, regions[r] + off, segment_bytes, /*stream=*/true);
-      out += segment_bytes;
+      c.copy_update(out, regions[r] + b * segments[r], segments[r], /*stream=*/true);
+      out += segments[r];
     }
     checksums[i] = c.digest();
   }
@@ -127,14 +127,14 @@ void kv_gather_blocks(const uint8_t* const* regions, size_t num_regions, size_t 
 
 void kv_copy_blocks(const uint8_t* const* src_regions, const int64_t* src_blocks,
                     uint8_t* const* dst_regions, const int64_t* dst_blocks, size_t n,
-                    size_t num_regions, size_t segment_bytes, uint64_t* checksums) {
+                    size_t num_regions, const size_t* segments, uint64_t* checksums) {
   for (size_t i = 0; i < n; ++i) {
-    const size_t src_off = static_cast<size_t>(src_blocks[i]) * segment_bytes;
-    const size_t dst_off = static_cast<size_t>(dst_blocks[i]) * segment_bytes;
+    const size_t sb = static_cast<size_t>(src_blocks[i]);
+    const size_t db = static_cast<size_t>(dst_blocks[i]);
     BlockChecksum c;
     for (size_t r = 0; r < num_regions; ++r) {
-      c.copy_update(dst_regions[r] + dst_off, src_regions[r] + src_off, segment_bytes,
-                    /*stream=*/true);
+      c.copy_update(dst_regions[r] + db * segments[r], src_regions[r] + sb * segments[r],
+                    segments[r], /*stream=*/true);
     }
     checksums[i] = c.digest();
   }
@@ -142,28 +142,28 @@ void kv_copy_blocks(const uint8_t* const* src_regions, const int64_t* src_blocks
 }
 
 void kv_blocks_checksums(const uint8_t* const* regions, size_t num_regions,
-                         size_t segment_bytes, const int64_t* blocks, size_t n,
+                         const size_t* segments, const int64_t* blocks, size_t n,
                          uint64_t* checksums) {
   for (size_t i = 0; i < n; ++i) {
-    const size_t off = static_cast<size_t>(blocks[i]) * segment_bytes;
+    const size_t b = static_cast<size_t>(blocks[i]);
     BlockChecksum c;
-    for (size_t r = 0; r < num_regions; ++r) c.update(regions[r] + off, segment_bytes);
+    for (size_t r = 0; r < num_regions; ++r) c.update(regions[r] + b * segments[r], segments[r]);
     checksums[i] = c.digest();
   }
 }
 
 size_t kv_scatter_blocks(const uint8_t* src, size_t slot_bytes, const int64_t* slots,
                          const uint64_t* checksums, size_t n, uint8_t* const* regions,
-                         size_t num_regions, size_t segment_bytes, const int64_t* blocks) {
+                         size_t num_regions, const size_t* segments, const int64_t* blocks) {
   for (size_t i = 0; i < n; ++i) {
-    const size_t off = static_cast<size_t>(blocks[i]) * segment_bytes;
+    const size_t b = static_cast<size_t>(blocks[i]);
     const uint8_t* in = src + static_cast<size_t>(slots[i]) * slot_bytes;
     BlockChecksum c;
     for (size_t r = 0; r < num_regions; ++r) {
       // Streamed too: a prefix of many blocks outgrows the caches anyway, and the stores
       // then cost no read of the lines they replace (0.55x -> 0.8x of memcpy's rate).
-      c.copy_update(regions[r] + off, in, segment_bytes, /*stream=*/true);
-      in += segment_bytes;
+      c.copy_update(regions[r] + b * segments[r], in, segments[r], /*stream=*/true);
+      in += segments[r];
     }
     if (c.digest() != checksums[i]) {
       _mm_sfence();
@@ -207,30 +207,31 @@ int move_block(int fd, int64_t offset, std::vector<iovec>& iov) {
 }
 
 void block_iov(std::vector<iovec>& iov, const uint8_t* const* regions, size_t num_regions,
-               size_t segment_bytes, int64_t block) {
-  const size_t off = static_cast<size_t>(block) * segment_bytes;
+               const size_t* segments, int64_t block) {
+  const size_t b = static_cast<size_t>(block);
   for (size_t r = 0; r < num_regions; ++r) {
-    iov[r].iov_base = const_cast<uint8_t*>(regions[r] + off);
-    iov[r].iov_len = segment_bytes;
+    iov[r].iov_base = const_cast<uint8_t*>(regions[r] + b * segments[r]);
+    iov[r].iov_len = segments[r];
   }
 }
 
-uint64_t block_sum(const uint8_t* const* regions, size_t num_regions, size_t segment_bytes,
+uint64_t block_sum(const uint8_t* const* regions, size_t num_regions, const size_t* segments,
                    int64_t block) {
-  const size_t off = static_cast<size_t>(block) * segment_bytes;
+  const size_t b = static_cast<size_t>(block);
   BlockChecksum c;
-  for (size_t r = 0; r < num_regions; ++r) c.update(regions[r] + off, segment_bytes);
+  for (size_t r = 0; r < num_regions; ++r) c.update(regions[r] + b * segments[r], segments[r]);
   return c.digest();
 }
 
 }  // namespace
 
 DiskIoResult kv_disk_read(int fd, const int64_t* offsets, const uint64_t* checksums, size_t n,
-                          uint8_t* const* regions, size_t num_regions, size_t segment_bytes,
+                          uint8_t* const* regions, size_t num_regions, const size_t* segments,
                           const int64_t* blocks) {
   // Ask for every slot up front (runs of adjacent slots as one range), so the device reads
   // ahead while earlier blocks are copied and checked, as it does for one sequential read.
-  const int64_t slot_bytes = static_cast<int64_t>(num_regions * segment_bytes);
+  int64_t slot_bytes = 0;
+  for (size_t r = 0; r < num_regions; ++r) slot_bytes += static_cast<int64_t>(segments[r]);
   for (size_t i = 0; i < n;) {
     size_t j = i + 1;
     while (j < n && offsets[j] == offsets[j - 1] + slot_bytes) ++j;
@@ -239,21 +240,21 @@ DiskIoResult kv_disk_read(int fd, const int64_t* offsets, const uint64_t* checks
   }
   std::vector<iovec> iov(num_regions);
   for (size_t i = 0; i < n; ++i) {
-    block_iov(iov, regions, num_regions, segment_bytes, blocks[i]);
+    block_iov(iov, regions, num_regions, segments, blocks[i]);
     const int err = move_block<true>(fd, offsets[i], iov);
     if (err != 0) return {i, err};
-    if (block_sum(regions, num_regions, segment_bytes, blocks[i]) != checksums[i]) return {i, -2};
+    if (block_sum(regions, num_regions, segments, blocks[i]) != checksums[i]) return {i, -2};
   }
   return {n, 0};
 }
 
 DiskIoResult kv_disk_write(int fd, const int64_t* offsets, size_t n,
                            const uint8_t* const* regions, size_t num_regions,
-                           size_t segment_bytes, const int64_t* blocks, uint64_t* checksums) {
+                           const size_t* segments, const int64_t* blocks, uint64_t* checksums) {
   std::vector<iovec> iov(num_regions);
   for (size_t i = 0; i < n; ++i) {
-    checksums[i] = block_sum(regions, num_regions, segment_bytes, blocks[i]);
-    block_iov(iov, regions, num_regions, segment_bytes, blocks[i]);
+    checksums[i] = block_sum(regions, num_regions, segments, blocks[i]);
+    block_iov(iov, regions, num_regions, segments, blocks[i]);
     const int err = move_block<false>(fd, offsets[i], iov);
     if (err != 0) return {i, err};
   }

@@ -2,9 +2,10 @@
 // with a checksum of the block's bytes computed in the same pass.
 //
 // The KV cache is 2 * num_layers regions (one per layer's key and value
-// tensor, xllm/ops/kv_cache.py); block b occupies `segment_bytes` bytes at
-// region + b * segment_bytes in each. A tier slot holds one block as those
-// segments back to back (region order), slot_bytes = regions * segment_bytes.
+// tensor, xllm/ops/kv_cache.py; under tensor parallelism every rank's, whose
+// segments differ when its share of the heads does); block b occupies
+// `segments[r]` bytes at region r + b * segments[r]. A tier slot holds one block
+// as those segments back to back (region order), slot_bytes = their sum.
 //
 // The checksum is a Fletcher-style sum over 64-bit words in eight lanes
 // (word i of each 64-byte chunk goes to lane i; running sums and sums of
@@ -42,7 +43,7 @@ uint64_t block_checksum(const uint8_t* data, size_t n);
 
 // Block blocks[i] -> slot slots[i] of dst (slot s at dst + s * slot_bytes);
 // writes each block's checksum to checksums[i].
-void kv_gather_blocks(const uint8_t* const* regions, size_t num_regions, size_t segment_bytes,
+void kv_gather_blocks(const uint8_t* const* regions, size_t num_regions, const size_t* segments,
                       const int64_t* blocks, size_t n, uint8_t* dst, size_t slot_bytes,
                       const int64_t* slots, uint64_t* checksums);
 
@@ -52,18 +53,18 @@ void kv_gather_blocks(const uint8_t* const* regions, size_t num_regions, size_t 
 // garbage and must be recomputed).
 size_t kv_scatter_blocks(const uint8_t* src, size_t slot_bytes, const int64_t* slots,
                          const uint64_t* checksums, size_t n, uint8_t* const* regions,
-                         size_t num_regions, size_t segment_bytes, const int64_t* blocks);
+                         size_t num_regions, const size_t* segments, const int64_t* blocks);
 
 // Block src_blocks[i] of the src regions -> block dst_blocks[i] of the dst
 // regions (another KV cache: a peer's, mapped from its memfd), checksums of
 // each block's bytes to checksums[i], one pass, streaming stores.
 void kv_copy_blocks(const uint8_t* const* src_regions, const int64_t* src_blocks,
                     uint8_t* const* dst_regions, const int64_t* dst_blocks, size_t n,
-                    size_t num_regions, size_t segment_bytes, uint64_t* checksums);
+                    size_t num_regions, const size_t* segments, uint64_t* checksums);
 
 // The checksum of each block in place (what kv_gather_blocks would return).
 void kv_blocks_checksums(const uint8_t* const* regions, size_t num_regions,
-                         size_t segment_bytes, const int64_t* blocks, size_t n,
+                         const size_t* segments, const int64_t* blocks, size_t n,
                          uint64_t* checksums);
 
 // ---- the disk tier: blocks straight between the KV cache and a file ---------
@@ -80,13 +81,13 @@ struct DiskIoResult {
 // Reads blocks[i] from fd at offsets[i], checking each against checksums[i];
 // stops at the first failure.
 DiskIoResult kv_disk_read(int fd, const int64_t* offsets, const uint64_t* checksums, size_t n,
-                          uint8_t* const* regions, size_t num_regions, size_t segment_bytes,
+                          uint8_t* const* regions, size_t num_regions, const size_t* segments,
                           const int64_t* blocks);
 
 // Writes blocks[i] to fd at offsets[i] and their checksums to checksums[i];
 // stops at the first failure.
 DiskIoResult kv_disk_write(int fd, const int64_t* offsets, size_t n,
                            const uint8_t* const* regions, size_t num_regions,
-                           size_t segment_bytes, const int64_t* blocks, uint64_t* checksums);
+                           const size_t* segments, const int64_t* blocks, uint64_t* checksums);
 
 }  // namespace xllm

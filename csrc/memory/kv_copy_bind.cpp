@@ -22,6 +22,32 @@ void check_lengths(size_t blocks, size_t slots) {
   if (blocks != slots) fail("blocks and slots must have the same length, got ", blocks, " and ", slots);
 }
 
+// segment_bytes: one size for every region, or one per region (tensor-parallel parts whose
+// shares of the heads differ).
+std::vector<size_t> segments_of(const py::object& segment_bytes, size_t num_regions) {
+  if (py::isinstance<py::int_>(segment_bytes)) {
+    const auto one = segment_bytes.cast<int64_t>();
+    if (one <= 0) fail("segment_bytes must be positive, got ", one);
+    return std::vector<size_t>(num_regions, static_cast<size_t>(one));
+  }
+  const auto each = segment_bytes.cast<std::vector<int64_t>>();
+  if (each.size() != num_regions) {
+    fail("segment_bytes has ", each.size(), " sizes for ", num_regions, " regions");
+  }
+  std::vector<size_t> out(each.size());
+  for (size_t r = 0; r < each.size(); ++r) {
+    if (each[r] <= 0) fail("segment_bytes[", r, "] must be positive, got ", each[r]);
+    out[r] = static_cast<size_t>(each[r]);
+  }
+  return out;
+}
+
+size_t sum_of(const std::vector<size_t>& segments) {
+  size_t total = 0;
+  for (size_t v : segments) total += v;
+  return total;
+}
+
 template <class T>
 std::vector<T*> as_pointers(const std::vector<uintptr_t>& addrs) {
   std::vector<T*> out(addrs.size());
@@ -37,16 +63,17 @@ std::vector<T*> as_pointers(const std::vector<uintptr_t>& addrs) {
 void register_kv_copy(py::module_& m) {
   m.def(
       "kv_gather_blocks",
-      [](const std::vector<uintptr_t>& regions, size_t segment_bytes,
+      [](const std::vector<uintptr_t>& regions, const py::object& segment_bytes,
          const std::vector<int64_t>& blocks, uintptr_t dst, size_t slot_bytes,
          const std::vector<int64_t>& slots) {
+        const auto segs = segments_of(segment_bytes, regions.size());
         check_lengths(blocks.size(), slots.size());
-        if (slot_bytes < regions.size() * segment_bytes) fail("slot_bytes is smaller than a block");
+        if (slot_bytes < sum_of(segs)) fail("slot_bytes is smaller than a block");
         const auto ptrs = as_pointers<const uint8_t>(regions);
         std::vector<uint64_t> sums(blocks.size());
         {
           py::gil_scoped_release release;
-          kv_gather_blocks(ptrs.data(), ptrs.size(), segment_bytes, blocks.data(), blocks.size(),
+          kv_gather_blocks(ptrs.data(), ptrs.size(), segs.data(), blocks.data(), blocks.size(),
                            reinterpret_cast<uint8_t*>(dst), slot_bytes, slots.data(), sums.data());
         }
         return sums;
@@ -58,15 +85,16 @@ void register_kv_copy(py::module_& m) {
       "kv_scatter_blocks",
       [](uintptr_t src, size_t slot_bytes, const std::vector<int64_t>& slots,
          const std::vector<uint64_t>& checksums, const std::vector<uintptr_t>& regions,
-         size_t segment_bytes, const std::vector<int64_t>& blocks) {
+         const py::object& segment_bytes, const std::vector<int64_t>& blocks) {
+        const auto segs = segments_of(segment_bytes, regions.size());
         check_lengths(blocks.size(), slots.size());
         check_lengths(blocks.size(), checksums.size());
-        if (slot_bytes < regions.size() * segment_bytes) fail("slot_bytes is smaller than a block");
+        if (slot_bytes < sum_of(segs)) fail("slot_bytes is smaller than a block");
         const auto ptrs = as_pointers<uint8_t>(regions);
         py::gil_scoped_release release;
         return kv_scatter_blocks(reinterpret_cast<const uint8_t*>(src), slot_bytes, slots.data(),
                                  checksums.data(), slots.size(), ptrs.data(), ptrs.size(),
-                                 segment_bytes, blocks.data());
+                                 segs.data(), blocks.data());
       },
       py::arg("src"), py::arg("slot_bytes"), py::arg("slots"), py::arg("checksums"),
       py::arg("regions"), py::arg("segment_bytes"), py::arg("blocks"),
@@ -75,8 +103,9 @@ void register_kv_copy(py::module_& m) {
   m.def(
       "kv_disk_read",
       [](int fd, const std::vector<int64_t>& offsets, const std::vector<uint64_t>& checksums,
-         const std::vector<uintptr_t>& regions, size_t segment_bytes,
+         const std::vector<uintptr_t>& regions, const py::object& segment_bytes,
          const std::vector<int64_t>& blocks) {
+        const auto segs = segments_of(segment_bytes, regions.size());
         check_lengths(blocks.size(), offsets.size());
         check_lengths(blocks.size(), checksums.size());
         const auto ptrs = as_pointers<uint8_t>(regions);
@@ -84,7 +113,7 @@ void register_kv_copy(py::module_& m) {
         {
           py::gil_scoped_release release;
           r = kv_disk_read(fd, offsets.data(), checksums.data(), blocks.size(), ptrs.data(),
-                           ptrs.size(), segment_bytes, blocks.data());
+                           ptrs.size(), segs.data(), blocks.data());
         }
         return py::make_tuple(r.done, r.error);
       },
@@ -95,7 +124,8 @@ void register_kv_copy(py::module_& m) {
   m.def(
       "kv_disk_write",
       [](int fd, const std::vector<int64_t>& offsets, const std::vector<uintptr_t>& regions,
-         size_t segment_bytes, const std::vector<int64_t>& blocks) {
+         const py::object& segment_bytes, const std::vector<int64_t>& blocks) {
+        const auto segs = segments_of(segment_bytes, regions.size());
         check_lengths(blocks.size(), offsets.size());
         const auto ptrs = as_pointers<const uint8_t>(regions);
         std::vector<uint64_t> sums(blocks.size());
@@ -103,7 +133,7 @@ void register_kv_copy(py::module_& m) {
         {
           py::gil_scoped_release release;
           r = kv_disk_write(fd, offsets.data(), blocks.size(), ptrs.data(), ptrs.size(),
-                            segment_bytes, blocks.data(), sums.data());
+                            segs.data(), blocks.data(), sums.data());
         }
         sums.resize(r.done);
         return py::make_tuple(sums, r.error);
@@ -116,7 +146,8 @@ void register_kv_copy(py::module_& m) {
       "kv_copy_blocks",
       [](const std::vector<uintptr_t>& src_regions, const std::vector<int64_t>& src_blocks,
          const std::vector<uintptr_t>& dst_regions, const std::vector<int64_t>& dst_blocks,
-         size_t segment_bytes) {
+         const py::object& segment_bytes) {
+        const auto segs = segments_of(segment_bytes, src_regions.size());
         check_lengths(src_blocks.size(), dst_blocks.size());
         if (src_regions.size() != dst_regions.size()) fail("src and dst region counts differ");
         const auto src = as_pointers<const uint8_t>(src_regions);
@@ -125,7 +156,7 @@ void register_kv_copy(py::module_& m) {
         {
           py::gil_scoped_release release;
           kv_copy_blocks(src.data(), src_blocks.data(), dst.data(), dst_blocks.data(),
-                         src_blocks.size(), src.size(), segment_bytes, sums.data());
+                         src_blocks.size(), src.size(), segs.data(), sums.data());
         }
         return sums;
       },
@@ -134,13 +165,14 @@ void register_kv_copy(py::module_& m) {
       "Copies KV blocks between two caches; returns each block's checksum.");
   m.def(
       "kv_blocks_checksums",
-      [](const std::vector<uintptr_t>& regions, size_t segment_bytes,
+      [](const std::vector<uintptr_t>& regions, const py::object& segment_bytes,
          const std::vector<int64_t>& blocks) {
+        const auto segs = segments_of(segment_bytes, regions.size());
         const auto ptrs = as_pointers<const uint8_t>(regions);
         std::vector<uint64_t> sums(blocks.size());
         {
           py::gil_scoped_release release;
-          kv_blocks_checksums(ptrs.data(), ptrs.size(), segment_bytes, blocks.data(),
+          kv_blocks_checksums(ptrs.data(), ptrs.size(), segs.data(), blocks.data(),
                               blocks.size(), sums.data());
         }
         return sums;
@@ -149,10 +181,11 @@ void register_kv_copy(py::module_& m) {
       "Each KV block's checksum, in place.");
   m.def(
       "kv_gather_bytes",
-      [](const std::vector<uintptr_t>& regions, size_t segment_bytes,
+      [](const std::vector<uintptr_t>& regions, const py::object& segment_bytes,
          const std::vector<int64_t>& blocks) {
+        const auto segs = segments_of(segment_bytes, regions.size());
         const auto ptrs = as_pointers<const uint8_t>(regions);
-        const size_t slot = ptrs.size() * segment_bytes;
+        const size_t slot = sum_of(segs);
         // A new bytes object, filled before anyone sees it (no zeroing, no second copy).
         PyObject* raw = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(
                                                                slot * blocks.size()));
@@ -164,7 +197,7 @@ void register_kv_copy(py::module_& m) {
         std::vector<uint64_t> sums(blocks.size());
         {
           py::gil_scoped_release release;
-          kv_gather_blocks(ptrs.data(), ptrs.size(), segment_bytes, blocks.data(), blocks.size(),
+          kv_gather_blocks(ptrs.data(), ptrs.size(), segs.data(), blocks.data(), blocks.size(),
                            dst, slot, slots.data(), sums.data());
         }
         return py::make_tuple(out, sums);

@@ -121,9 +121,9 @@ class LLMEngine:
             logger.warning("tensor parallelism: %s", note)
         kv_heads, kv_head_size, kv_tensors = mc.kv_cache_geometry()
         # Rank 0 reaches every rank's heads of a block (tiers, blocks between instances)
-        # where the ranks share this host and hold equal parts.
-        whole_blocks = tp_size > 1 and _equal_parts(mc, kv_tensors, tp_size,
-                                                   config.tp_master, config.kv_tiers)
+        # where the ranks share this host: their parts' KV heads, else None.
+        part_heads = (_whole_block_parts(mc, kv_tensors, tp_size, config.tp_master,
+                                         config.kv_tiers) if tp_size > 1 else None)
         if kv_dtype == torch.int8 and kv_tensors != 2:
             raise ValueError(f"kv_cache_dtype int8 is for K/V caches; {mc.architecture}'s "
                              "latent cache (MLA) keeps auto, bfloat16 or float32")
@@ -178,17 +178,13 @@ class LLMEngine:
         num_kv_heads = model.model.layers[0].self_attn.num_kv_heads  # this rank's
         self.num_kv_blocks = num_blocks
         self.kv_store = KVStore(replace(store_config, num_blocks=num_blocks,
-                                        num_kv_heads=num_kv_heads, parts=tp_size))
+                                        num_kv_heads=num_kv_heads, parts=tp_size,
+                                        part_heads=part_heads or ()))
         if self.workers is not None:  # their shares of the pool map and unmap as it does
             self.workers.memory = self.kv_store.memory
             self.workers.sync_memory()  # they build their shares now, and say where
-            if whole_blocks:  # tier copies and peer blocks move every rank's heads
-                maps, regions = [], []
-                for pid, fd, region_bytes, count in self.workers.parts:
-                    mm, addresses = PeerMemory.regions(pid, fd, region_bytes, count)
-                    maps.append(mm)
-                    regions += addresses
-                self.kv_store.attach_parts(regions, keep=maps)
+            if part_heads:  # tier copies and peer blocks move every rank's heads
+                self._attach_worker_parts()
         self.runner = ModelRunner(
             model, mc, block_size=config.block_size,
             kv_caches=self.kv_store.kv_caches(kv_dtype, self.device),
@@ -369,6 +365,26 @@ class LLMEngine:
         return self.workers.comm.message_seconds if self.workers is not None else 0.0
 
     # ---- the step -------------------------------------------------------------------------
+
+    def _attach_worker_parts(self) -> None:
+        """Maps the workers' shares of the pool here, so the KV store reaches whole blocks."""
+        assert self.workers is not None
+        c = self.kv_store.config
+        segments = c.segments
+        per = c.tensors_per_layer * c.num_layers
+        if segments[0] != c.segment_bytes:
+            raise RuntimeError(f"rank 0's KV segment is {c.segment_bytes} bytes, its part "
+                               f"was computed as {segments[0]}")
+        maps, regions = [], []
+        for rank, (pid, fd, region_bytes, count, seg) in enumerate(self.workers.parts, 1):
+            if count != per or seg != segments[rank * per]:
+                raise RuntimeError(f"tensor-parallel rank {rank} reports {count} KV regions of "
+                                   f"{seg}-byte segments; expected {per} of "
+                                   f"{segments[rank * per]}")
+            mm, addresses = PeerMemory.regions(pid, fd, region_bytes, count)
+            maps.append(mm)
+            regions += addresses
+        self.kv_store.attach_parts(regions, keep=maps)
 
     def maintain(self) -> float | None:
         """Background upkeep of the KV store between steps (publishing tier writes, giving
@@ -702,25 +718,22 @@ def _single_threaded() -> None:
     _C.set_thread_parallelism(1)
 
 
-def _equal_parts(mc: ModelConfig, kv_tensors: int, size: int, tp_master: str | None,
-                 tiers: bool) -> bool:
-    """Whether rank 0 can reach whole blocks under tensor parallelism: ranks on this host
-    (it maps the workers' shares of the pool), each holding as many KV heads (blocks of
-    equal parts), K/V caches. KV tiers need it: ValueError naming what to change."""
+def _whole_block_parts(mc: ModelConfig, kv_tensors: int, size: int, tp_master: str | None,
+                       tiers: bool) -> tuple[int, ...] | None:
+    """Each rank's KV heads where rank 0 can reach whole blocks under tensor parallelism
+    (ranks on this host, whose shares of the pool it maps; K/V caches), else None. KV tiers
+    need it: ValueError naming what to change."""
     from types import SimpleNamespace
 
-    counts = [head_shard(mc.num_attention_heads, mc.num_key_value_heads,
-                         SimpleNamespace(size=size, rank=r)).num_kv_heads  # type: ignore[arg-type]
-              for r in range(size)]
     if tiers and kv_tensors != 2:
         raise ValueError(f"KV tiers (kv_offload_cpu_gb, kv_offload_disk) do not work with "
                          f"tensor parallelism for {mc.architecture}'s latent cache (MLA) yet; "
                          "use one or the other")
-    if tiers and len(set(counts)) > 1:
-        raise ValueError(f"KV tiers under tensor parallelism need the KV heads split evenly: "
-                         f"{mc.num_key_value_heads} KV heads over {size} ranks give {counts}; "
-                         "use a tensor_parallel_size that divides them, or no tiers")
-    return tp_master is None and kv_tensors == 2 and len(set(counts)) == 1
+    if tp_master is not None or kv_tensors != 2:
+        return None
+    return tuple(head_shard(mc.num_attention_heads, mc.num_key_value_heads,
+                            SimpleNamespace(size=size, rank=r)).num_kv_heads  # type: ignore[arg-type]
+                 for r in range(size))
 
 
 def _kv_identity(model_dir, dtype: torch.dtype, kv_dtype: torch.dtype,  # noqa: ANN001

@@ -78,16 +78,32 @@ class KVStoreConfig:
     # (attach_parts: their memory mapped here); a block's bytes are then all parts' in rank
     # order, each of num_kv_heads (tiers need an even split; block_bytes assumes one).
     parts: int = 1
+    # The KV heads of each part, in rank order (an uneven split: parts of 2 and 1 heads);
+    # () when every part holds num_kv_heads.
+    part_heads: tuple[int, ...] = ()
 
     @property
     def segment_bytes(self) -> int:
-        """One block of one layer's key (or value) cache."""
+        """One block of one layer's key (or value) cache (this rank's part)."""
         return self.num_kv_heads * self.block_size * self.head_size * self.dtype_bytes
 
+    @functools.cached_property
+    def segments(self) -> tuple[int, ...]:
+        """Each region's segment, every part's regions in rank order."""
+        heads = self.part_heads or (self.num_kv_heads,) * self.parts
+        unit = self.block_size * self.head_size * self.dtype_bytes
+        per = self.tensors_per_layer * self.num_layers
+        return tuple(h * unit for h in heads for _ in range(per))
+
     @property
+    def segments_arg(self) -> int | list[int]:
+        """``segment_bytes`` for the native block copies: one size, or one per region."""
+        return self.segment_bytes if self.parts == 1 else list(self.segments)
+
+    @functools.cached_property
     def block_bytes(self) -> int:
-        """One block of every layer, keys and values."""
-        return self.num_regions * self.segment_bytes
+        """One block of every layer, keys and values (of every part)."""
+        return sum(self.segments)
 
     def layout(self) -> dict[str, Any]:
         """What the KV bytes depend on: a disk tier's directory and a peer's layout key are
@@ -98,6 +114,7 @@ class KVStoreConfig:
                   "tensors_per_layer": self.tensors_per_layer}
         if self.parts > 1:  # (absent for one part: the fingerprints of earlier runs hold)
             layout["parts"] = self.parts
+            layout["part_heads"] = list(self.part_heads)
         return layout
 
     @property
@@ -414,10 +431,10 @@ class KVStore:
                                  d_contents)
             self._down_ok[id(job)] = ok
         if tier is self.cpu:
-            return _C.kv_gather_blocks(self.regions, c.segment_bytes, blocks, tier.address,
+            return _C.kv_gather_blocks(self.regions, c.segments_arg, blocks, tier.address,
                                        tier.slot_bytes, slots)
         assert isinstance(tier, DiskTier)  # straight from the pool to the disk
-        return tier.write_blocks(slots, self.regions, c.segment_bytes, blocks, hashes, contents)
+        return tier.write_blocks(slots, self.regions, c.segments_arg, blocks, hashes, contents)
 
     def poll(self) -> None:
         """Publishes the writes the background thread has finished and finishes the
@@ -537,7 +554,7 @@ class KVStore:
         """The bytes of a load, nothing else (any thread, while the slots are held and the
         targets reserved): (leading blocks intact, error: 0, -2 a failed checksum, else an
         I/O failure)."""
-        seg = self.config.segment_bytes
+        seg = self.config.segments_arg
         sums = [tier.checksums[s] for s in slots]
         if isinstance(tier, DiskTier):
             done, err = _C.kv_disk_read(tier.fd, [s * tier.slot_bytes for s in slots], sums,

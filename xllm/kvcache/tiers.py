@@ -203,7 +203,8 @@ class DiskTier(Tier):
             return False
         return self._write_records(slots, hashes, checksums, contents)
 
-    def write_blocks(self, slots: Sequence[int], regions: Sequence[int], segment_bytes: int,
+    def write_blocks(self, slots: Sequence[int], regions: Sequence[int],
+                     segment_bytes: int | Sequence[int],
                      blocks: Sequence[int], hashes: Sequence[int],
                      contents: Sequence[Content]) -> list[int] | None:
         """Writes pool blocks straight from the KV cache (one pwritev each, checksummed on the
@@ -230,7 +231,8 @@ class DiskTier(Tier):
 
     # ---- the engine thread's side -----------------------------------------------------------
 
-    def read_blocks(self, slots: Sequence[int], regions: Sequence[int], segment_bytes: int,
+    def read_blocks(self, slots: Sequence[int], regions: Sequence[int],
+                    segment_bytes: int | Sequence[int],
                     blocks: Sequence[int]) -> tuple[int, bool]:
         """Reads slots straight into pool blocks (one preadv each), checking each block's
         checksum. Returns (leading blocks intact, whether the first failure was a checksum

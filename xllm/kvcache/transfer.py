@@ -178,7 +178,7 @@ def _runs(sources: list[tuple[Any, int]]) -> list[tuple[Any, list[int], int]]:
 
 def _export_shm(store: KVStore, sources: list[tuple[Any, int]], dst: list[int],
                 dst_blocks: list[int], first: int) -> Export:
-    seg = store.config.segment_bytes
+    seg = store.config.segments_arg
     sums: list[int] = []
     for place, ids, at in _runs(sources):
         target = dst_blocks[at:at + len(ids)]
@@ -214,7 +214,7 @@ def _gather(store: KVStore, export: Export, start: int, count: int
     nbytes = cfg.block_bytes
     sources = export.sources[start:start + count]
     if all(place == "pool" for place, _ in sources):  # the usual chunk: one native pass
-        data_bytes, pool_sums = _C.kv_gather_bytes(store.regions, cfg.segment_bytes,
+        data_bytes, pool_sums = _C.kv_gather_bytes(store.regions, cfg.segments_arg,
                                                    [b for _, b in sources])
         return pool_sums, data_bytes
     data = bytearray(len(sources) * nbytes)
@@ -222,7 +222,7 @@ def _gather(store: KVStore, export: Export, start: int, count: int
     sums: list[int] = []
     for place, ids, at in _runs(sources):
         if place == "pool":
-            sums.extend(_C.kv_gather_blocks(store.regions, cfg.segment_bytes, ids, base, nbytes,
+            sums.extend(_C.kv_gather_blocks(store.regions, cfg.segments_arg, ids, base, nbytes,
                                             list(range(at, at + len(ids)))))
             continue
         done = 0
@@ -330,7 +330,7 @@ def pull_blocks(store: KVStore, plan: FetchPlan, first: int, peer: tuple[int, in
         if not allowed:  # the engine is closing: its memory is going away
             return False
         _C.kv_copy_blocks(src, blocks, store.regions, plan.blocks[at:at + len(blocks)],
-                          store.config.segment_bytes)
+                          store.config.segments_arg)
     del mapping  # referenced until the copy is done
     plan.filled += len(blocks)
     return True
@@ -353,7 +353,7 @@ def _receive(store: KVStore, plan: FetchPlan, first: int, count: int,
     if at != plan.filled or count != len(checksums) or at + count > len(plan.blocks):
         return False
     targets = plan.blocks[at:at + count]
-    seg = store.config.segment_bytes
+    seg = store.config.segments_arg
     if data:
         if len(data) != count * store.config.block_bytes:
             return False

@@ -23,7 +23,8 @@ pool needs blocks and unmaps idle ones; whenever that has changed, the message b
 next step (or, idle, at once) is header ``[4, blocks per group, groups, 0, 0, 0, 0]`` and
 which of rank 0's groups are mapped. Each worker maps exactly its own groups that hold a
 block of those, gives the rest back to the OS, then answers (a gather: its pid, memfd,
-region size and regions, which rank 0 maps for KV tiers) before rank 0 goes on.
+region size, regions and segment size, which rank 0 maps to reach whole blocks) before rank
+0 goes on.
 
 A request not scheduled in a step is dropped from the mirrors and sent whole if it comes
 back (preempted, or left out by the token budget): rare, and it keeps the protocol free of
@@ -336,10 +337,10 @@ class WorkerGroup:
         self.closed = False
         # Rank 0's pool memory (set by the engine) and its version the workers last heard;
         # where each worker's share of the pool is (pid, memfd, region bytes, regions), as
-        # they reported it at the first memory message.
+        # they reported it at the first memory message, and its segment bytes.
         self.memory: KVMemory | None = None
         self._memory_version = -1
-        self.parts: list[tuple[int, int, int, int]] = []
+        self.parts: list[tuple[int, ...]] = []
         if remote is not None:  # ranks on other hosts, already joined: nothing to start
             self._logs, self.procs, self.comm = [], [], remote
             return
@@ -415,8 +416,8 @@ class WorkerGroup:
         self.comm.broadcast(encode_memory(memory.mapped_groups(), memory.blocks_per_group))
         # Each worker answers once it has mapped and unmapped (rank 0 may write into its
         # share through its memfd right after: tier loads), saying where its share is.
-        where = torch.zeros(self.size, 4, dtype=torch.int64)
-        self.comm.gather(torch.zeros(4, dtype=torch.int64), where)
+        where = torch.zeros(self.size, 5, dtype=torch.int64)
+        self.comm.gather(torch.zeros(5, dtype=torch.int64), where)
         self.parts = [tuple(int(v) for v in row) for row in where[1:].tolist()]
 
     def send_placement(self, phy2log: np.ndarray) -> None:
@@ -536,7 +537,8 @@ def worker_main(spec: WorkerSpec, comm: object | None = None) -> int:
                     memory, runner = build(step.blocks_per_group)
                 memory.follow(step.mapped, step.blocks_per_group)
                 comm.gather(torch.tensor([os.getpid(), memory.vmm.fd, memory.region_bytes,
-                                          memory.num_regions], dtype=torch.int64), None)
+                                          memory.num_regions, memory.segment_bytes],
+                                         dtype=torch.int64), None)
                 continue
             if runner is None:
                 raise RuntimeError("a step came before rank 0 said which KV memory is mapped")
