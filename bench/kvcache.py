@@ -7,7 +7,8 @@ Parts (each engine in this CPU's default dtype, one run, one machine):
 
 ``workload``: a shared-document workload whose prefix working set is 4x the pool. ``--docs``
 documents of ``--doc-tokens`` tokens (random token ids); the pool holds a quarter of them.
-Round 1 asks each document one question (cold), round 2 asks each a new question in the
+``--tp 2`` runs its engines tensor-parallel (the tiers then hold every rank's heads of a
+block). Round 1 asks each document one question (cold), round 2 asks each a new question in the
 same order (re-asked: the document is a prefix hit if anything still holds it). Requests go
 one at a time through an ``LLMEngine``; TTFT is from ``add_request`` to the first token.
 Run three times, on fresh engines: ``pool`` (no tier: LRU has evicted every document by the
@@ -104,7 +105,8 @@ def run_workload(args: argparse.Namespace) -> dict:
     blocks_per_prompt = -(-(args.doc_tokens + 16) // bs)
     pool_blocks = max(args.docs // 4, 1) * blocks_per_prompt + 1  # a quarter of the documents
     tier_gb = 1.25 * args.docs * blocks_per_prompt * store_cfg.block_bytes / (1 << 30)
-    result: dict = {"docs": args.docs, "doc_tokens": args.doc_tokens, "pool_blocks": pool_blocks,
+    result: dict = {"docs": args.docs, "doc_tokens": args.doc_tokens, "tp": args.tp,
+                    "pool_blocks": pool_blocks,
                     "block_bytes": store_cfg.block_bytes, "cpu_tier_gb": round(tier_gb, 3)}
     variants = (("pool", {}), ("pool+cpu", {"kv_offload_cpu_gb": tier_gb}),
                 ("pool+disk", {"kv_offload_disk": None, "kv_offload_disk_gb": tier_gb}))
@@ -114,7 +116,8 @@ def run_workload(args: argparse.Namespace) -> dict:
             tmp = tempfile.TemporaryDirectory(dir=args.disk_dir)
             tier_opts = {**tier_opts, "kv_offload_disk": tmp.name}
         engine = LLMEngine(EngineConfig(model="demo", num_kv_blocks=pool_blocks,
-                                        max_num_batched_tokens=2048, **tier_opts),
+                                        max_num_batched_tokens=2048,
+                                        tensor_parallel_size=args.tp, **tier_opts),
                            progress=False)
         _ttft(engine, "warm", docs[0][:64])
         rounds = []
@@ -477,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=int, default=16)
     parser.add_argument("--doc-tokens", type=int, default=1024)
     parser.add_argument("--idle", type=float, default=30.0)
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor_parallel_size of the workload part's engines (one host)")
     parser.add_argument("--parts", default="workload,transfer,peer,memory")
     parser.add_argument("--disk-dir", default=None,
                         help="where the disk tier's files go (default: the system's temp dir)")
