@@ -160,7 +160,7 @@ def test_engine_with_a_worker_on_another_host(two_hosts, demo_model_dir: Path) -
         rank0.stdin.flush()
         after = json.loads(rank0.stdout.readline())
         assert after["error"] == "RuntimeError" and after["seconds"] < 10, after
-        assert rank0.wait(timeout=30) == 0
+        assert rank0.wait(timeout=30) == 0, rank0.stderr.read()[-3000:]
     finally:
         for p in (rank0, worker):
             if p.poll() is None:
