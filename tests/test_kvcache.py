@@ -638,7 +638,7 @@ def test_a_store_of_parts_copies_whole_blocks_once_they_are_attached() -> None:
                         dtype_bytes=4, idle_seconds=0.0, parts=2, part_heads=(2, 1))
     store = KVStore(replace(cfg, cpu_tier_bytes=4 * cfg.block_bytes))
     assert cfg.segments == (256,) * 4 + (128,) * 4 and cfg.block_bytes == 1536
-    assert not store.whole and not store.transferable and not store.single_part
+    assert not store.whole and not store.single_part
     assert store.layout_key() != KVStore(replace(cfg, part_heads=(1, 2))).layout_key()
     caches = store.kv_caches(torch.float32)
     other = KVMemory(24, 2, 128)
@@ -647,7 +647,7 @@ def test_a_store_of_parts_copies_whole_blocks_once_they_are_attached() -> None:
     with pytest.raises(ValueError, match="regions"):
         store.attach_parts(other.regions[:2])
     store.attach_parts(other.regions, keep=[other])
-    assert store.whole and store.transferable and not store.single_part
+    assert store.whole and not store.single_part
     blocks = store.pool.allocate(2)
     gen = torch.Generator().manual_seed(0)
     for k, v in caches + other_caches:

@@ -40,6 +40,7 @@ import numpy as np
 from xllm import _C
 from xllm.kvcache.store import KVStore
 from xllm.kvcache.tiers import DiskTier
+from xllm.kvcache.transfer import leading_matches
 
 __all__ = ["DESCRIBE_BYTES", "MooncakeTransport", "describe", "mooncake_available"]
 
@@ -143,6 +144,8 @@ class MooncakeTransport:
         per_round = max(1, half // (regions * seg))
         addr = np.asarray(addresses, dtype=np.int64)
         stride = np.asarray(strides, dtype=np.int64)
+        # A slot holds a block's segments back to back (one read); pool segments lie apart.
+        contiguous_at = (stride == seg) & (regions > 1)
         # Rounds alternate between the landing buffer's halves: one is read into while the
         # other is copied out on the copier thread.
         copying: Future[int] | None = None
@@ -151,10 +154,9 @@ class MooncakeTransport:
             i, n = 0, 0
             while i < count:
                 # A round: blocks of one form (contiguous slots, or segments apart).
-                contiguous = bool(stride[i] == seg) and regions > 1
+                contiguous = bool(contiguous_at[i])
                 k = 1
-                while k < per_round and i + k < count and \
-                        (bool(stride[i + k] == seg) and regions > 1) == contiguous:
+                while k < per_round and i + k < count and contiguous_at[i + k] == contiguous:
                     k += 1
                 landing = self.landing + (n % 2) * half
                 read = self._read_round(session, landing, addr[i:i + k], stride[i:i + k],
@@ -214,7 +216,7 @@ class MooncakeTransport:
                                             store.regions, seg, targets)
             got = _C.kv_copy_blocks([landing + q * k * seg for q in range(regions)],
                                     list(range(k)), store.regions, targets, seg)
-        return next((j for j, (a, b) in enumerate(zip(got, sums, strict=True)) if a != b), k)
+        return leading_matches(got, sums)
 
     def close(self) -> None:
         self._copier.shutdown(wait=True)

@@ -76,7 +76,7 @@ class KVStoreConfig:
     # Ranks whose heads make up a block (tensor parallelism: num_kv_heads is this rank's
     # share). The store reaches the other ranks' parts only once they are attached
     # (attach_parts: their memory mapped here); a block's bytes are then all parts' in rank
-    # order, each of num_kv_heads (tiers need an even split; block_bytes assumes one).
+    # order, each part's segments as long as its heads (part_heads).
     parts: int = 1
     # The KV heads of each part, in rank order (an uneven split: parts of 2 and 1 heads);
     # () when every part holds num_kv_heads.
@@ -324,15 +324,10 @@ class KVStore:
     @property
     def whole(self) -> bool:
         """Whether this store reaches every part of a block (always, without tensor
-        parallelism): tier copies need it."""
+        parallelism; under it once the other ranks' parts are attached). Tier copies and
+        blocks between instances need it; the peer paths that address one process's memory
+        (shared memory, Mooncake) need one part (``single_part``)."""
         return len(self.regions) == self.config.num_regions
-
-    @property
-    def transferable(self) -> bool:
-        """Whether blocks may move between instances: whole blocks only (under tensor
-        parallelism, once the other ranks' parts are attached); the paths that address
-        one process's memory (shared memory, Mooncake) need one part (``single_part``)."""
-        return self.whole
 
     @property
     def single_part(self) -> bool:

@@ -78,7 +78,7 @@ def export_blocks(engine: Any, hashes: list[int], tokens: list[int], first: int,
 def _export(engine: Any, store: KVStore, hashes: list[int], tokens: list[int], first: int,
             layout: str, shm: tuple[int, int, int, list[int]] | None) -> Export:
     kv = engine.scheduler.kv
-    if layout != store.layout_key() or first >= len(hashes) or not store.transferable:
+    if layout != store.layout_key() or first >= len(hashes) or not store.whole:
         return Export(first, 0, [])
     found = kv.find_prefix(hashes, tokens)
     held = found.num_tokens // kv.block_size
@@ -140,7 +140,7 @@ def export_held(store: KVStore, held: tuple[tuple[int, ...], tuple[int, ...]],
     """Like :func:`export_blocks`, from a finished prefill's held blocks (pinned until the
     hold is released), without the engine thread: any thread, so a busy prefill instance
     serves its decode instance at once. The chain must match the held hashes."""
-    if layout != store.layout_key() or not store.transferable:
+    if layout != store.layout_key() or not store.whole:
         return Export(first, 0, [])
     sources: list[tuple[Any, int]] = [("pool", b) for b in _held_blocks(held, hashes, first)]
     if not sources:
@@ -247,6 +247,12 @@ def _gather(store: KVStore, export: Export, start: int, count: int
 # ---- the client ---------------------------------------------------------------------------
 
 
+def leading_matches(have: list[int], want: list[int]) -> int:
+    """How many leading checksums agree (a fetch lands blocks up to the first that does not)."""
+    return next((i for i, (a, b) in enumerate(zip(have, want, strict=True)) if a != b),
+                len(want))
+
+
 @dataclass
 class FetchPlan:
     """A fetch this instance decided on: the chain, where its wanted part starts, and the
@@ -282,7 +288,7 @@ def plan_fetch(engine: Any, prompt: list[int], peer_blocks: int, same_host: bool
     not (or the pool is short)."""
     store: KVStore = engine.kv_store
     kv = engine.scheduler.kv
-    if not kv.enable_prefix_caching or not store.transferable:
+    if not kv.enable_prefix_caching or not store.whole:
         return None
     bs = kv.block_size
     wanted = min(peer_blocks, (len(prompt) - 1) // bs)
@@ -363,9 +369,7 @@ def _receive(store: KVStore, plan: FetchPlan, first: int, count: int,
         ok = _C.kv_scatter_blocks(base, store.config.block_bytes, list(range(count)), checksums,
                                   store.regions, seg, targets)
     elif verify_in_place:
-        have = _C.kv_blocks_checksums(store.regions, seg, targets)
-        ok = next((i for i, (a, b) in enumerate(zip(have, checksums, strict=True)) if a != b),
-                  count)
+        ok = leading_matches(_C.kv_blocks_checksums(store.regions, seg, targets), checksums)
     else:
         # Same host: the peer copied these in with one pass that summed them (tier blocks
         # checked against their stored checksums as they were read); re-reading them here

@@ -336,8 +336,8 @@ class WorkerGroup:
         self.encoder = StepEncoder()
         self.closed = False
         # Rank 0's pool memory (set by the engine) and its version the workers last heard;
-        # where each worker's share of the pool is (pid, memfd, region bytes, regions), as
-        # they reported it at the first memory message, and its segment bytes.
+        # where each worker's share of the pool is (pid, memfd, region bytes, regions,
+        # segment bytes), as each answered the latest memory message.
         self.memory: KVMemory | None = None
         self._memory_version = -1
         self.parts: list[tuple[int, ...]] = []
