@@ -451,6 +451,120 @@ def test_kv_tiers_under_tp_carry_every_ranks_heads(models_root: Path, demo_model
 
 
 @needs_two
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+def test_kv_tiers_under_tp_for_a_latent_cache(tmp_path: Path, demo_model_dir: Path,
+                                              tier: str) -> None:
+    """MLA under TP=2: every rank caches the same latent rows, so a block is rank 0's part,
+    written back into every rank's share on a load (replicas). A document evicted from the
+    pool by other prompts comes back from the tier with TP=1's answers; its layout is a
+    one-rank instance's, so a TP=1 engine then reads the disk tier TP=2 wrote."""
+    import test_expert_parallel
+
+    model_dir = test_expert_parallel._model_dir(tmp_path / "m", demo_model_dir, "deepseek-v3")
+    gen = torch.Generator().manual_seed(5)
+    doc = torch.randint(0, 256, (64,), generator=gen).tolist()
+    prompts = [doc + torch.randint(0, 256, (5,), generator=gen).tolist() for _ in range(3)]
+    floods = [torch.randint(0, 256, (70,), generator=gen).tolist() for _ in range(4)]
+    options = dict(dtype="float32", weight_format="f32", max_model_len=128, num_kv_blocks=24,
+                   block_size=8, max_num_seqs=1)
+    tiers = (dict(kv_offload_cpu_gb=0.05) if tier == "cpu" else
+             dict(kv_offload_disk=str(tmp_path / "kv"), kv_offload_disk_gb=0.05))
+    ref = _greedy(LLM(str(model_dir), **options), prompts, 16)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=2)
+    llm = LLM(str(model_dir), tensor_parallel_size=2, enable_expert_parallel=True, **options,
+              **tiers)
+    try:
+        store = llm.engine.kv_store
+        assert store.config.replicated and store.whole and store.single_part
+        c = store.config
+        assert c.block_bytes == c.segment_bytes * c.num_layers  # one part: its latent rows
+        got = [llm.generate([prompts[0]], params, use_tqdm=False)[0]]
+        for prompt in prompts[1:]:
+            llm.generate(floods, SamplingParams(max_tokens=4), use_tqdm=False)  # evicts doc
+            store.flush()
+            out = llm.generate([prompt], params, use_tqdm=False)[0]
+            assert out.num_cached_tokens >= 64, out.num_cached_tokens  # the doc, from the tier
+            got.append(out)
+        assert store.tiers[0].hit_blocks >= 16
+        _assert_same_or_near_tie(ref, [o.outputs[0] for o in got])
+        layout = store.layout_key()
+    finally:
+        llm.engine.close()
+    if tier == "cpu":
+        return
+    one = LLM(str(model_dir), **options, **tiers)  # one rank, the disk TP=2 wrote
+    try:
+        assert one.engine.kv_store.layout_key() == layout
+        out = one.generate([prompts[0]], params, use_tqdm=False)[0]
+        assert out.num_cached_tokens >= 64 and one.engine.kv_store.disk.hit_blocks >= 8
+        _assert_same_or_near_tie(ref[:1], [out.outputs[0]])
+    finally:
+        one.engine.close()
+
+
+@needs_two
+@pytest.mark.parametrize("same_host", [True, False])
+def test_latent_tp_instance_fetches_a_one_rank_peers_blocks(tmp_path: Path,
+                                                           demo_model_dir: Path,
+                                                           same_host: bool) -> None:
+    """An MLA instance at TP=2 has a one-rank instance's layout (its parts are replicas): it
+    fetches a TP=1 peer's prefix over shared memory or gRPC into rank 0's part, copies it
+    on to rank 1's, and answers as TP=1 does."""
+    import asyncio
+
+    import grpc
+    import test_expert_parallel
+
+    from xllm.engine.async_engine import AsyncEngine
+    from xllm.service.instance import InstanceServicer
+    from xllm.service.proto import instance_pb2_grpc
+
+    model_dir = test_expert_parallel._model_dir(tmp_path, demo_model_dir, "deepseek-v3")
+    prompt = torch.randint(0, 256, (70,), generator=torch.Generator().manual_seed(8)).tolist()
+    options = dict(dtype="float32", weight_format="f32", max_model_len=128, num_kv_blocks=32,
+                   block_size=8)
+    ref = _greedy(LLM(str(model_dir), **options), [prompt], 12)
+    engines = [AsyncEngine(EngineConfig(model=str(model_dir), **options)),
+               AsyncEngine(EngineConfig(model=str(model_dir), tensor_parallel_size=2,
+                                        enable_expert_parallel=True, **options))]
+    for e in engines:
+        e.start()
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+
+    async def run() -> None:
+        server = grpc.aio.server()
+        instance_pb2_grpc.add_InstanceServicer_to_server(InstanceServicer(engines[0]), server)
+        address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        await server.start()
+        client = InstanceServicer(engines[1])
+        client.same_host = lambda peer: same_host  # type: ignore[method-assign]
+        try:
+            async for _ in engines[0].generate(prompt, params):
+                pass
+            store = engines[1].engine.kv_store
+            assert store.config.replicated and store.whole and store.single_part
+            store._prefill_tps = None
+            n = (len(prompt) - 1) // 8
+            assert await client.fetch_from_peer(address, prompt, n) == n
+            assert set(store.peer_bps) <= {"shm" if same_host else "grpc"}
+            assert store.peer_blocks_by_path == {"shm" if same_host else "grpc": n}
+            outs = [o async for o in engines[1].generate(prompt, params)]
+            assert outs[-1].num_cached_tokens == n * 8
+            _assert_same_or_near_tie(ref, [outs[-1].outputs[0]])
+        finally:
+            await client.close_peers()
+            await server.stop(0.5)
+
+    try:
+        for e in engines:
+            assert e.wait_ready(120), e.error
+        asyncio.run(run())
+    finally:
+        for e in engines:
+            e.shutdown()
+
+
+@needs_two
 @pytest.mark.parametrize("split", ["even", "uneven"])
 def test_tp_instances_stream_whole_blocks_between_them(models_root: Path,
                                                        demo_model_dir: Path,

@@ -121,9 +121,11 @@ class LLMEngine:
             logger.warning("tensor parallelism: %s", note)
         kv_heads, kv_head_size, kv_tensors = mc.kv_cache_geometry()
         # Rank 0 reaches every rank's heads of a block (tiers, blocks between instances)
-        # where the ranks share this host: their parts' KV heads, else None.
-        part_heads = (_whole_block_parts(mc, kv_tensors, tp_size, config.tp_master,
-                                         config.kv_tiers) if tp_size > 1 else None)
+        # where the ranks share this host: their parts' KV heads, else None. A latent cache
+        # (MLA) is the same on every rank: its parts are replicas.
+        part_heads = (_whole_block_parts(mc, kv_tensors, tp_size, config.tp_master)
+                      if tp_size > 1 else None)
+        replicated = tp_size > 1 and kv_tensors == 1
         if kv_dtype == torch.int8 and kv_tensors != 2:
             raise ValueError(f"kv_cache_dtype int8 is for K/V caches; {mc.architecture}'s "
                              "latent cache (MLA) keeps auto, bfloat16 or float32")
@@ -179,7 +181,8 @@ class LLMEngine:
         self.num_kv_blocks = num_blocks
         self.kv_store = KVStore(replace(store_config, num_blocks=num_blocks,
                                         num_kv_heads=num_kv_heads, parts=tp_size,
-                                        part_heads=part_heads or ()))
+                                        part_heads=() if replicated else part_heads or (),
+                                        replicated=replicated))
         if self.workers is not None:  # their shares of the pool map and unmap as it does
             self.workers.memory = self.kv_store.memory
             self.workers.sync_memory()  # they build their shares now, and say where
@@ -370,17 +373,16 @@ class LLMEngine:
         """Maps the workers' shares of the pool here, so the KV store reaches whole blocks."""
         assert self.workers is not None
         c = self.kv_store.config
-        segments = c.segments
         per = c.tensors_per_layer * c.num_layers
-        if segments[0] != c.segment_bytes:
+        if c.part_segment(0) != c.segment_bytes:
             raise RuntimeError(f"rank 0's KV segment is {c.segment_bytes} bytes, its part "
-                               f"was computed as {segments[0]}")
+                               f"was computed as {c.part_segment(0)}")
         maps, regions = [], []
         for rank, (pid, fd, region_bytes, count, seg) in enumerate(self.workers.parts, 1):
-            if count != per or seg != segments[rank * per]:
+            if count != per or seg != c.part_segment(rank):
                 raise RuntimeError(f"tensor-parallel rank {rank} reports {count} KV regions of "
                                    f"{seg}-byte segments; expected {per} of "
-                                   f"{segments[rank * per]}")
+                                   f"{c.part_segment(rank)}")
             mm, addresses = PeerMemory.regions(pid, fd, region_bytes, count)
             maps.append(mm)
             regions += addresses
@@ -718,19 +720,18 @@ def _single_threaded() -> None:
     _C.set_thread_parallelism(1)
 
 
-def _whole_block_parts(mc: ModelConfig, kv_tensors: int, size: int, tp_master: str | None,
-                       tiers: bool) -> tuple[int, ...] | None:
+def _whole_block_parts(mc: ModelConfig, kv_tensors: int, size: int, tp_master: str | None
+                       ) -> tuple[int, ...] | None:
     """Each rank's KV heads where rank 0 can reach whole blocks under tensor parallelism
-    (ranks on this host, whose shares of the pool it maps; K/V caches), else None. KV tiers
-    need it: ValueError naming what to change."""
+    (ranks on this host, whose shares of the pool it maps), else None (KV tiers need it;
+    EngineConfig refuses them with tp_master). A latent cache (MLA, one tensor a layer) has
+    one "head", the same on every rank."""
     from types import SimpleNamespace
 
-    if tiers and kv_tensors != 2:
-        raise ValueError(f"KV tiers (kv_offload_cpu_gb, kv_offload_disk) do not work with "
-                         f"tensor parallelism for {mc.architecture}'s latent cache (MLA) yet; "
-                         "use one or the other")
-    if tp_master is not None or kv_tensors != 2:
+    if tp_master is not None:
         return None
+    if kv_tensors != 2:
+        return (1,) * size
     return tuple(head_shard(mc.num_attention_heads, mc.num_key_value_heads,
                             SimpleNamespace(size=size, rank=r)).num_kv_heads  # type: ignore[arg-type]
                  for r in range(size))

@@ -81,6 +81,15 @@ class KVStoreConfig:
     # The KV heads of each part, in rank order (an uneven split: parts of 2 and 1 heads);
     # () when every part holds num_kv_heads.
     part_heads: tuple[int, ...] = ()
+    # Every part holds the same bytes (MLA's latent rows, which each rank computes whole): a
+    # block is one part's bytes, read from this rank's and written into every part, so its
+    # layout is a one-rank instance's (they exchange blocks, and share a disk tier).
+    replicated: bool = False
+
+    @property
+    def distinct_parts(self) -> int:
+        """Parts whose bytes a block concatenates (1 when replicated)."""
+        return 1 if self.replicated else self.parts
 
     @property
     def segment_bytes(self) -> int:
@@ -90,7 +99,7 @@ class KVStoreConfig:
     @functools.cached_property
     def segments(self) -> tuple[int, ...]:
         """Each region's segment, every part's regions in rank order."""
-        heads = self.part_heads or (self.num_kv_heads,) * self.parts
+        heads = self.part_heads or (self.num_kv_heads,) * self.distinct_parts
         unit = self.block_size * self.head_size * self.dtype_bytes
         per = self.tensors_per_layer * self.num_layers
         return tuple(h * unit for h in heads for _ in range(per))
@@ -98,7 +107,7 @@ class KVStoreConfig:
     @property
     def segments_arg(self) -> int | list[int]:
         """``segment_bytes`` for the native block copies: one size, or one per region."""
-        return self.segment_bytes if self.parts == 1 else list(self.segments)
+        return self.segment_bytes if self.distinct_parts == 1 else list(self.segments)
 
     @functools.cached_property
     def block_bytes(self) -> int:
@@ -112,15 +121,22 @@ class KVStoreConfig:
                   "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
                   "head_size": self.head_size, "dtype_bytes": self.dtype_bytes,
                   "tensors_per_layer": self.tensors_per_layer}
-        if self.parts > 1:  # (absent for one part: the fingerprints of earlier runs hold)
+        if self.distinct_parts > 1:  # (absent for one part: earlier runs' fingerprints hold)
             layout["parts"] = self.parts
             layout["part_heads"] = list(self.part_heads)
         return layout
 
     @property
     def num_regions(self) -> int:
-        """Per-layer key and value tensors (or the one latent tensor), of every part."""
-        return self.tensors_per_layer * self.num_layers * self.parts
+        """Per-layer key and value tensors (or the one latent tensor), of every distinct
+        part."""
+        return self.tensors_per_layer * self.num_layers * self.distinct_parts
+
+    def part_segment(self, rank: int) -> int:
+        """The segment of rank ``rank``'s part (every rank's when replicated)."""
+        if self.replicated:
+            return self.segment_bytes
+        return self.segments[rank * self.tensors_per_layer * self.num_layers]
 
 
 # Load-latency histogram buckets (seconds): a few blocks take microseconds, a long prefix from
@@ -237,6 +253,7 @@ class KVStore:
         else:
             self.pool = BlockPool(config.num_blocks)
             self.regions: list[int] = []  # set by kv_caches() from the tensors it makes
+        self.replicas: list[list[int]] = []  # the other parts' regions, when replicas
         self.tiers: list[Tier] = []
         self.cpu: CpuTier | None = None
         self.disk: DiskTier | None = None
@@ -318,8 +335,20 @@ class KVStore:
         if self.memory is None or len(regions) != mine * (c.parts - 1):
             raise ValueError(f"attach_parts needs {mine * (c.parts - 1)} regions of the other "
                              f"{c.parts - 1} parts on memory on demand, got {len(regions)}")
-        self.regions = list(self.memory.regions) + list(regions)
+        if c.replicated:  # blocks are read here and copied on to each replica
+            self.replicas = [list(regions[i:i + mine]) for i in range(0, len(regions), mine)]
+        else:
+            self.regions = list(self.memory.regions) + list(regions)
         self._parts_memory = list(keep)
+
+    def replicate(self, blocks: Sequence[int]) -> None:
+        """Blocks written into this rank's part from outside the model (a tier's load, a
+        peer's blocks): copied on to the other parts when they are replicas (any thread that
+        holds the blocks reserved). Nothing to do otherwise."""
+        if self.replicas and blocks:
+            ids = list(blocks)
+            for replica in self.replicas:
+                _C.kv_copy_blocks(self.regions, ids, replica, ids, self.config.segment_bytes)
 
     @property
     def whole(self) -> bool:
@@ -327,12 +356,15 @@ class KVStore:
         parallelism; under it once the other ranks' parts are attached). Tier copies and
         blocks between instances need it; the peer paths that address one process's memory
         (shared memory, Mooncake) need one part (``single_part``)."""
-        return len(self.regions) == self.config.num_regions
+        c = self.config
+        return (len(self.regions) == c.num_regions
+                and len(self.replicas) == (c.parts - 1 if c.replicated else 0))
 
     @property
     def single_part(self) -> bool:
-        """Whether a block lies in this process's memory alone (no tensor parallelism)."""
-        return self.config.parts == 1
+        """Whether a block's bytes lie in this process's memory alone (no tensor
+        parallelism, or parts that are replicas: what lands here is copied on to them)."""
+        return self.config.distinct_parts == 1
 
     # ---- memory -------------------------------------------------------------------------------
 
@@ -552,12 +584,14 @@ class KVStore:
         seg = self.config.segments_arg
         sums = [tier.checksums[s] for s in slots]
         if isinstance(tier, DiskTier):
-            done, err = _C.kv_disk_read(tier.fd, [s * tier.slot_bytes for s in slots], sums,
-                                        self.regions, seg, target)
-            return done, err
-        ok = _C.kv_scatter_blocks(tier.address, tier.slot_bytes, slots, sums, self.regions, seg,
-                                  target)
-        return ok, 0 if ok == len(slots) else -2
+            ok, err = _C.kv_disk_read(tier.fd, [s * tier.slot_bytes for s in slots], sums,
+                                      self.regions, seg, target)
+        else:
+            ok = _C.kv_scatter_blocks(tier.address, tier.slot_bytes, slots, sums, self.regions,
+                                      seg, target)
+            err = 0 if ok == len(slots) else -2
+        self.replicate(target[:ok])
+        return ok, err
 
     def _account(self, tier: Tier, slots: list[int], ok: int, err: int) -> None:
         """A load's bookkeeping (engine thread): counters, LRU, a corrupt slot dropped."""

@@ -385,6 +385,7 @@ def finish_fetch(engine: Any, plan: FetchPlan, path: str) -> int:
     start, not the plan's) into the store's measurements."""
     store: KVStore = engine.kv_store
     n = plan.filled
+    store.replicate(plan.blocks[:n])  # (parts that are replicas get the bytes too)
     engine.scheduler.kv.adopt_blocks(plan.blocks, plan.hashes[plan.first:], plan.contents, n)
     seconds = time.perf_counter() - plan.started
     if n:
