@@ -9,7 +9,9 @@ For each weight format (``default``: this CPU's default, bf16/int8 on AMX machin
 128 tokens, 16 x 128, one 509-token prompt), the demo model runs at TP=1 on all cores and
 at TP=2 with one core per rank, in this process (rank 0) and a worker. Reported per run:
 tokens per second, and from the engine's own counters, as shares of the engine's wall time
-with work: rank 0's time in sums, gathers and step messages (``tp_share``), and the time the
+with work: rank 0's time in sums, gathers and step messages (``tp_share``; ``waits``: the part
+of it rank 0 spent waiting for the other rank to arrive, the skew of their work rather than
+the transfer), and the time the
 model (forward passes and LM head) sat idle (``idle``: the engine's scheduling, step
 inputs, sampling, outputs and loop). ``--idle`` also runs those scenarios at TP=1 for the
 idle share alone (batch 1, 16 and 64 with the defaults). Each run is a warm-up then a timed
@@ -47,20 +49,25 @@ def run(scenario: str, tp: int, options: dict, repeats: int = 1) -> dict:
         passes = []
         for _ in range(repeats):
             engine.scheduler.reset_prefix_cache()
-            before = (engine.model_busy_seconds, engine.model_idle_seconds,
-                      engine.tp_reduce_seconds, engine.tp_message_seconds)
+            def counters() -> tuple[float, ...]:
+                return (engine.model_busy_seconds, engine.model_idle_seconds,
+                        engine.tp_reduce_seconds, engine.tp_message_seconds,
+                        engine.tp_wait_seconds)
+
+            before = counters()
             start = time.perf_counter()
             llm.generate(prompts, params, use_tqdm=False)
             seconds = time.perf_counter() - start
-            busy, idle, reduce, message = (now - then for now, then in zip(
-                (engine.model_busy_seconds, engine.model_idle_seconds, engine.tp_reduce_seconds,
-                 engine.tp_message_seconds), before, strict=True))
+            busy, idle, reduce, message, wait = (now - then for now, then in zip(
+                counters(), before, strict=True))
             wall = busy + idle  # the engine's time with work, steps and the gaps between them
             passes.append({"tokens_per_s": _tokens_per_second(prompts, max_new, seconds),
                            "seconds": seconds,
                            "tp_share": (reduce + message) / wall if tp > 1 else None,
                            "reduce_share": reduce / wall if tp > 1 else None,
                            "message_share": message / wall if tp > 1 else None,
+                           # of tp_share: waiting for the other rank (skew, not transfer)
+                           "wait_share": wait / wall if tp > 1 else None,
                            "idle": idle / wall if wall else 0.0})
         row: dict = {"scenario": scenario, "tp": tp, "passes": passes}
         for key in passes[0]:
@@ -93,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(f"CPU: {_cpu_name()}, {len(os.sched_getaffinity(0))} cores")
     print(f"{'format':<8} {'scenario':<10} {'TP':>2} {'wait':>5} {'tok/s':>8} {'vs TP1':>7} "
-          f"{'tp_share':>8} {'reduce':>7} {'msg':>6} {'idle':>6}")
+          f"{'tp_share':>8} {'reduce':>7} {'msg':>6} {'waits':>6} {'idle':>6}")
     for fmt in args.formats.split(","):
         for scenario in args.scenarios.split(","):
             base = None
@@ -113,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                 shown = "" if wait is None else f"{wait:g}"
                 print(f"{fmt:<8} {scenario:<10} {tp:>2} {shown:>5} {row['tokens_per_s']:8.1f} "
                       f"{row['vs_tp1']:6.2f}x {pct('tp_share'):>8} {pct('reduce_share'):>7} "
-                      f"{pct('message_share'):>6} {pct('idle'):>6}", flush=True)
+                      f"{pct('message_share'):>6} {pct('wait_share'):>6} {pct('idle'):>6}",
+                      flush=True)
     for scenario in filter(None, args.idle.split(",")):
         row = {"format": "default", "idle_only": True, **run(scenario, 1, {}, args.repeats)}
         rows.append(row)

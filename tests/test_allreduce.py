@@ -267,6 +267,46 @@ def test_broadcast_and_gather_between_allreduces() -> None:
         assert torch.equal(total, torch.full((100,), 3.0))
 
 
+@pytest.mark.parametrize("rows, cols", [(1, 7), (5, 3), (37, 100), (2, 1500)])
+def test_gather_joins_rows_across_chunks(rows: int, cols: int) -> None:
+    """gather(rows=n): each rank's [n, c] lands as its columns of rank 0's [n, world * c],
+    also where a row straddles two chunks of the buffer (rank 0's own part never goes
+    through the segment); rows must divide the bytes."""
+    group = _group(f"rows{rows}")
+
+    def job(rank: int) -> torch.Tensor | None:
+        with ShmAllReduce(group, rank, 3, timeout=20, buffer_bytes=SMALL_BUFFER) as ar:
+            src = torch.arange(rows * cols, dtype=torch.float32).view(rows, cols) + 1000 * rank
+            dst = torch.full((rows, 3 * cols), -1.0) if rank == 0 else None
+            with pytest.raises(ValueError, match="rows"):
+                ar.gather(src, dst, rows * cols + 1)
+            return ar.gather(src, dst, rows)
+
+    results = _in_threads([partial(job, r) for r in range(3)])
+    _check_ok(results)
+    base = torch.arange(rows * cols, dtype=torch.float32).view(rows, cols)
+    assert torch.equal(results[0], torch.cat([base, base + 1000, base + 2000], dim=1))
+    assert results[1] is None and results[2] is None
+
+
+def test_wait_seconds_count_the_time_spent_waiting_for_a_late_rank() -> None:
+    """A rank that arrives 0.3 s before its peer counts that wait; the late one waits for
+    nobody (its copies and sums are not waits)."""
+    group = _group("waits")
+
+    def job(rank: int) -> float:
+        with ShmAllReduce(group, rank, 2, timeout=20) as ar:
+            start = ar.wait_seconds
+            if rank == 1:
+                time.sleep(0.3)
+            ar.allreduce(torch.ones(1 << 16))
+            return ar.wait_seconds - start
+
+    results = _in_threads([partial(job, 0), partial(job, 1)])
+    _check_ok(results)
+    assert 0.25 < results[0] < 5 and results[1] < 0.1
+
+
 def test_byte_collective_misuse_is_a_clear_error() -> None:
     group = _group("bytesbad")
 

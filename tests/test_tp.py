@@ -330,6 +330,8 @@ def test_server_with_tp_serves_reports_and_exits_when_a_worker_dies(
                   for ln in text.splitlines() if ln and not ln.startswith("#")}
         assert values["xllm_tp_allreduce_seconds_total"] > 0
         assert values["xllm_tp_message_seconds_total"] > 0
+        assert 0 <= values["xllm_tp_wait_seconds_total"] < (
+            values["xllm_tp_allreduce_seconds_total"] + values["xllm_tp_message_seconds_total"])
         assert 0 < values["xllm_tp_allreduce_seconds_per_step"] < 1
         assert values["xllm_model_busy_seconds_total"] > 0
         assert 0 <= values["xllm_model_idle_ratio"] < 1

@@ -30,6 +30,7 @@ GROUP_SCRIPT = textwrap.dedent("""
     y = (torch.arange(64, dtype=torch.float32) / 7).to(torch.bfloat16)
     g.allreduce(y)
     g.gather(torch.full((3, 2), 5.0), None)
+    g.gather(torch.arange(6.0).view(3, 2) + 10, None, 3)
     first = g.broadcast(None, wait_forever=True)
     second = g.broadcast(None, wait_forever=True)
     print(json.dumps([x.tolist(), y.float().tolist(), first.decode(), second.decode(),
@@ -80,6 +81,10 @@ def test_tcp_group_sums_gathers_and_messages_exactly() -> None:
         dst = torch.empty(2, 3, 2)
         g.gather(torch.full((3, 2), 4.0), dst)
         assert dst[0].eq(4.0).all() and dst[1].eq(5.0).all()
+        joined = torch.empty(3, 4)
+        g.gather(torch.arange(6.0).view(3, 2), joined, 3)  # rows side by side
+        assert torch.equal(joined, torch.cat([torch.arange(6.0).view(3, 2),
+                                              torch.arange(6.0).view(3, 2) + 10], dim=1))
         assert g.broadcast(b"ready", wait_forever=True) == b"ready"
         g.broadcast(b"step one")
         assert g.alive()

@@ -112,8 +112,12 @@ class ShmAllReduce {
   void broadcast(std::string& message, bool wait_forever);
 
   // Gathers `nbytes` from every rank (the same count on each, checked) into rank 0's
-  // `dst`, laid out [world_size][nbytes] in rank order; `dst` is unused on other ranks.
-  void gather(const void* src, int64_t nbytes, void* dst);
+  // `dst`; `dst` is unused on other ranks. `src` is `rows` rows of nbytes / rows bytes
+  // (rows divides nbytes), and `dst` is laid out [rows][world_size][nbytes / rows]: row i
+  // of every rank, in rank order, then row i + 1 (rows = 1: [world_size][nbytes]; rows =
+  // n: n rows of logits whose columns are split over the ranks, joined). Rank 0's own part
+  // goes straight from src to dst.
+  void gather(const void* src, int64_t nbytes, void* dst, int64_t rows = 1);
 
   // How long a rank that waits for its peers keeps its CPU (spinning, then yielding) before
   // it sleeps on the segment's futex (default kDefaultBusyWaitSeconds). Longer keeps a
@@ -122,6 +126,10 @@ class ShmAllReduce {
   // 0 <= seconds <= 1.
   void set_busy_wait(double seconds);
   double busy_wait() const { return busy_wait_s_; }
+
+  // Seconds this rank has waited at barriers for peers that had not arrived yet, since it
+  // joined (the skew between ranks' work, plus wake-ups; not the copies and sums).
+  double wait_seconds() const { return wait_seconds_; }
 
   // Leaves the group: peers still waiting for this rank fail at once. Idempotent.
   void close();
@@ -169,6 +177,7 @@ class ShmAllReduce {
   int world_size_;
   double timeout_s_;
   double busy_wait_s_ = kDefaultBusyWaitSeconds;
+  double wait_seconds_ = 0;
   int64_t buffer_bytes_;
   int owner_pid_;
   InterruptCheck interrupt_check_;

@@ -69,10 +69,14 @@ py::bytes broadcast(ShmAllReduce& self, py::object message, bool wait_forever) {
   return py::bytes(buf);
 }
 
-void gather(ShmAllReduce& self, py::handle src, py::handle dst) {
+void gather(ShmAllReduce& self, py::handle src, py::handle dst, int64_t rows) {
   const Tensor s = host_tensor(src, "src");
   check_contiguous(s);
   const int64_t nbytes = s.numel() * dtype_size(s.dtype);
+  if (rows < 1 || nbytes % rows != 0) {
+    throw py::value_error("argument 'rows' must be >= 1 and divide src's " +
+                          std::to_string(nbytes) + " bytes, got " + std::to_string(rows));
+  }
   void* out = nullptr;
   if (self.rank() == 0) {
     if (dst.is_none()) throw py::value_error("rank 0 receives: argument 'dst' must be a tensor");
@@ -86,7 +90,7 @@ void gather(ShmAllReduce& self, py::handle src, py::handle dst) {
     out = d.data;
   }
   py::gil_scoped_release release;
-  self.gather(s.data, nbytes, out);
+  self.gather(s.data, nbytes, out, rows);
 }
 
 }  // namespace
@@ -113,9 +117,11 @@ void register_shm_allreduce(py::module_& m) {
       .def("broadcast", &broadcast, py::arg("message"), py::arg("wait_forever") = false,
            "Rank 0 sends `message` (bytes) to every rank; the others pass None and get it "
            "back. wait_forever: the first wait has no timeout, on any rank.")
-      .def("gather", &gather, py::arg("src"), py::arg("dst"),
-           "Rank 0's `dst` (world_size x src's bytes) gets every rank's contiguous `src` in "
-           "rank order; the other ranks pass dst=None.")
+      .def("gather", &gather, py::arg("src"), py::arg("dst"), py::arg("rows") = 1,
+           "Rank 0's `dst` (world_size x src's bytes) gets every rank's contiguous `src`; "
+           "the other ranks pass dst=None. src is `rows` rows; dst is laid out [rows]"
+           "[world_size][row]: each row of every rank in rank order (rows=1: [world_size]"
+           "[src]).")
       .def("close", [](ShmAllReduce& self) {
              py::gil_scoped_release release;  // waits for a call running in another thread
              self.close();
@@ -128,6 +134,9 @@ void register_shm_allreduce(py::module_& m) {
       .def_property_readonly("buffer_bytes", &ShmAllReduce::buffer_bytes)
       .def_property("busy_wait", &ShmAllReduce::busy_wait, &ShmAllReduce::set_busy_wait,
                     "Seconds a waiting rank keeps its CPU (spin, then yield) before it sleeps.")
+      .def_property_readonly("wait_seconds", &ShmAllReduce::wait_seconds,
+                             "Seconds this rank waited at barriers for peers not yet arrived "
+                             "(their work's skew and wake-ups), since it joined.")
       .def_property_readonly("segment_name", &ShmAllReduce::segment_name)
       .def_property_readonly("closed", &ShmAllReduce::closed)
       .def_static("segment_name_for", &ShmAllReduce::segment_name_for, py::arg("group"),

@@ -3,7 +3,9 @@
 #include <sched.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
+#include <cstring>
 #include <limits>
 #include <sstream>
 
@@ -113,6 +115,11 @@ void ShmAllReduce::wait_for_peers(uint64_t target, const char* phase) {
   if (all_arrived()) return;
 
   const double start = monotonic_now();
+  struct WaitClock {  // adds this wait's length however it ends
+    double start;
+    double* total;
+    ~WaitClock() { *total += monotonic_now() - start; }
+  } clock{start, &wait_seconds_};
   double now = start;
   const int my_cpu = sched_getcpu();
   // Does a rank we still wait for need this CPU (it last arrived from it)?
@@ -389,25 +396,51 @@ void ShmAllReduce::broadcast(std::string& message, bool wait_forever) {
   }
 }
 
-void ShmAllReduce::gather(const void* src, int64_t nbytes, void* dst) {
+namespace {
+
+// Bytes [first, first + n) of a rank's part (rows of row_bytes) to where they go in a
+// gathered [rows][world][row_bytes] layout.
+void place_rows(char* dst, const char* from, int64_t first, int64_t n, int64_t row_bytes,
+                int world, int rank) {
+  int64_t at = first;
+  const int64_t end = first + n;
+  while (at < end) {
+    const int64_t row = at / row_bytes, col = at % row_bytes;
+    const int64_t len = std::min(row_bytes - col, end - at);
+    std::memcpy(dst + (row * world + rank) * row_bytes + col, from + (at - first),
+                static_cast<size_t>(len));
+    at += len;
+  }
+}
+
+}  // namespace
+
+void ShmAllReduce::gather(const void* src, int64_t nbytes, void* dst, int64_t rows) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_usable();
   if (nbytes < 0) throw CommError(ErrorKind::kInvalidArgument, "argument 'nbytes' must be >= 0");
+  if (rows < 1 || nbytes % rows != 0) {
+    throw CommError(ErrorKind::kInvalidArgument,
+                    "argument 'rows' must be >= 1 and divide nbytes (" + std::to_string(nbytes) +
+                        "), got " + std::to_string(rows));
+  }
   if (nbytes == 0) return;
   const int parity = begin_call(nbytes, ElemType::kGather);
   const char* in = static_cast<const char*>(src);
   char* out = static_cast<char*>(dst);
+  const int64_t row_bytes = nbytes / rows;
+  if (rank_ == 0) place_rows(out, in, 0, nbytes, row_bytes, world_size_, 0);
   phase_chunks_ = (nbytes + buffer_bytes_ - 1) / buffer_bytes_;
   for (int64_t chunk = 0; chunk < phase_chunks_; ++chunk) {
     phase_chunk_ = chunk;
     const int64_t first = chunk * buffer_bytes_;
     const int64_t n = std::min(buffer_bytes_, nbytes - first);
-    std::memcpy(slot(rank_), in + first, static_cast<size_t>(n));
+    if (rank_ != 0) std::memcpy(slot(rank_), in + first, static_cast<size_t>(n));
     barrier("after copy-in");
     if (chunk == 0) check_call_descriptors(nbytes, ElemType::kGather, parity);
     if (rank_ == 0) {
-      for (int r = 0; r < world_size_; ++r) {
-        std::memcpy(out + r * nbytes + first, slot(r), static_cast<size_t>(n));
+      for (int r = 1; r < world_size_; ++r) {
+        place_rows(out, slot(r), first, n, row_bytes, world_size_, r);
       }
     }
     barrier("after rank 0's copy-out");

@@ -79,6 +79,7 @@ class EngineStats:
     model_idle_seconds: float = 0.0  # between back-to-back steps (the engine's own work)
     tp_reduce_seconds: float = 0.0  # tensor parallelism: sums and gathers on rank 0
     tp_message_seconds: float = 0.0  # tensor parallelism: step messages to the workers
+    tp_wait_seconds: float = 0.0  # of those two, rank 0 waiting for ranks not yet there
     # Mixture of experts: tokens routed to each expert since start, [MoE layers][experts]
     # (the model's layer indices in moe_layers); expert-parallel rebalances since start.
     expert_counts: tuple[tuple[int, ...], ...] = ()
@@ -559,6 +560,7 @@ class AsyncEngine:
             model_idle_seconds=engine.model_idle_seconds,
             tp_reduce_seconds=engine.tp_reduce_seconds,
             tp_message_seconds=engine.tp_message_seconds,
+            tp_wait_seconds=engine.tp_wait_seconds,
             expert_counts=tuple(map(tuple, engine.expert_counts().tolist())),
             moe_layers=engine.model_config.sparse_layers,
             num_rebalances=engine.num_rebalances)

@@ -144,6 +144,7 @@ class LLMEngine:
         num_blocks = config.num_kv_blocks or max(
             2, int(config.kv_cache_memory_gb * (1 << 30)) // store_config.block_bytes)
         self.workers: WorkerGroup | None = None
+        self._tp_wait_base = 0.0
         self._affinity: set[int] | None = None
         tp = SINGLE
         if tp_size > 1:
@@ -174,6 +175,7 @@ class LLMEngine:
                                weight_format=config.weight_format, tp=tp)
             if self.workers is not None:
                 self.workers.wait_ready()
+                self._tp_wait_base = self.workers.comm.wait_seconds  # (loading not counted)
         except BaseException:
             self._stop_workers()
             raise
@@ -363,6 +365,16 @@ class LLMEngine:
         return self.workers.comm.reduce_seconds + self.runner.model.comm_seconds
 
     @property
+    def tp_wait_seconds(self) -> float:
+        """Of tp_reduce_seconds and tp_message_seconds, the seconds rank 0 waited for ranks
+        that had not arrived yet: the skew of the ranks' work (an uneven head split, a rank
+        still decoding its step, a slower core), not the transfer. 0 without TP or over
+        TCP."""
+        if self.workers is None:
+            return 0.0
+        return self.workers.comm.wait_seconds - self._tp_wait_base
+
+    @property
     def tp_message_seconds(self) -> float:
         """Seconds rank 0 spent encoding and sending step messages (0 without TP)."""
         return self.workers.comm.message_seconds if self.workers is not None else 0.0
@@ -480,7 +492,7 @@ class LLMEngine:
             self._last_step_end = None
             return []
         t0 = time.perf_counter()
-        step = self.runner.prepare(out)
+        step = self.runner.prepare(out, send=True)
         self.runner.complete(step)
         lock = self.state_lock
         if lock is None:

@@ -93,12 +93,11 @@ class LMHead(nn.Module):
         if not self.tp.enabled:
             return logits
         n, rows = logits.shape
-        size = self.tp.size
-        dst = torch.empty(size, n, rows) if self.tp.rank == 0 else None
-        self.tp.comm.gather(logits.contiguous(), dst)
+        dst = torch.empty(n, self.tp.size * rows) if self.tp.rank == 0 else None
+        self.tp.comm.gather(logits.contiguous(), dst, n)  # each row's slices side by side
         if dst is None:
             return None
-        return dst.permute(1, 0, 2).reshape(n, size * rows)[:, :self.vocab_size]
+        return dst[:, :self.vocab_size]
 
     def extra_repr(self) -> str:
         return f"vocab={self.vocab_size}, tied={self.tied}"

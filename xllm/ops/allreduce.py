@@ -98,11 +98,15 @@ class ShmAllReduce:
         dies or leaves."""
         return self._impl.broadcast(message, wait_forever)
 
-    def gather(self, src: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor | None:
+    def gather(self, src: torch.Tensor, dst: torch.Tensor | None, rows: int = 1
+               ) -> torch.Tensor | None:
         """Rank 0's ``dst`` gets every rank's ``src`` in rank order (``dst`` holds world_size
         times src's bytes, e.g. ``[world_size, *src.shape]``) and is returned; the other
-        ranks pass None and get None. ``src`` is contiguous, of the same size on every rank."""
-        self._impl.gather(src, dst)
+        ranks pass None and get None. ``src`` is contiguous, of the same size on every rank.
+        ``rows``: src is that many rows and dst joins them row by row, ``[rows, world_size,
+        row]`` (a ``[n, c]`` src per rank into a ``[n, world_size * c]`` dst: columns split
+        over the ranks, joined)."""
+        self._impl.gather(src, dst, rows)
         return dst
 
     @property
@@ -138,6 +142,12 @@ class ShmAllReduce:
     @property
     def closed(self) -> bool:
         return self._impl.closed
+
+    @property
+    def wait_seconds(self) -> float:
+        """Seconds this rank waited at barriers for peers not yet arrived (the skew of the
+        ranks' work, and wake-ups), since it joined."""
+        return self._impl.wait_seconds
 
     @staticmethod
     def segment_name(group: str) -> str:

@@ -186,9 +186,11 @@ class TcpGroup:
             tensor.copy_(work.to(torch.bfloat16))
         return tensor
 
-    def gather(self, src: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor | None:
+    def gather(self, src: torch.Tensor, dst: torch.Tensor | None, rows: int = 1
+               ) -> torch.Tensor | None:
         """Rank 0's ``dst`` ([world_size, *src.shape] or as many bytes) gets every rank's
-        ``src`` in rank order; the other ranks pass None."""
+        ``src`` in rank order; the other ranks pass None. ``rows``: dst joins src's rows
+        row by row, ``[rows, world_size, row]`` (as ShmAllReduce.gather)."""
         import torch.distributed as dist
 
         opts = dist.GatherOptions()
@@ -196,8 +198,12 @@ class TcpGroup:
         if self.rank == 0:
             if dst is None:
                 raise ValueError("rank 0 must pass dst")
-            parts = list(dst.view(self.world_size, *src.shape).unbind(0))
+            world = self.world_size
+            into = dst if rows == 1 else torch.empty((world, *src.shape), dtype=src.dtype)
+            parts = list(into.view(world, *src.shape).unbind(0))
             self._wait(self._pg.gather([parts], [src.contiguous()], opts))
+            if rows > 1:
+                dst.view(rows, world, -1).copy_(into.view(world, rows, -1).transpose(0, 1))
             return dst
         self._wait(self._pg.gather([], [src.contiguous()], opts))
         return None

@@ -129,6 +129,7 @@ class PreparedStep:
     pending: list[tuple[int, object, int]]
     sampling: SamplingBatch | None  # None: no row samples, or complete() builds it
     message: StepMessage | None = None  # the workers' step (tensor parallelism)
+    sent: bool = False  # the workers have it already (prepare with send=True)
     seconds: float = 0.0  # run()'s wall time
 
 
@@ -231,18 +232,27 @@ class ModelRunner:
         self._next_buffers ^= 1
         return buf
 
-    def prepare(self, out: SchedulerOutput) -> PreparedStep:
+    def prepare(self, out: SchedulerOutput, send: bool = False) -> PreparedStep:
         """Reads the step from the scheduler's output and the requests into the next buffer
         set (the one the step before last used). With overlap scheduling a decode's token
-        may still be being sampled by the step in flight: complete() fills it in."""
+        may still be being sampled by the step in flight: complete() fills it in.
+
+        ``send`` (the synchronous engine, where every input token is known): the workers get
+        the step first, so they decode it and fill their inputs while this rank fills its
+        own, rather than after (rank 0 then waits for them at the step's first sum)."""
         buf = self._take_buffers()
+        spans = find_prompt_spans(out)
+        message, sent = None, False
+        if self.workers is not None:
+            message = self.workers.encode(out, span_rows(spans) if spans else None)
+            if send and not message.holes:
+                self.workers.sync_memory()  # groups this step's new blocks need, mapped first
+                self.workers.send(message)
+                sent = True
         pending: list[tuple[int, object, int]] = []
         n, metadata, last_rows = self._fill(out, buf, pending)
-        spans = find_prompt_spans(out)
         step = PreparedStep(out, buf, n, metadata, last_rows, spans, find_pool_spans(out),
-                            pending, None)
-        if self.workers is not None:
-            step.message = self.workers.encode(out, span_rows(spans) if spans else None)
+                            pending, None, message, sent)
         if len(last_rows):
             step.sampling = self._sampling_batch(out, buf, ready=not pending)
         return step
@@ -259,9 +269,10 @@ class ModelRunner:
                 step.message.fill()
             if step.sampling is None and len(step.last_rows):
                 step.sampling = self._sampling_batch(step.out, step.buffers, ready=True)
-        if self.workers is not None:
+        if self.workers is not None and not step.sent:
             self.workers.sync_memory()  # groups this step's new blocks need, mapped first
             self.workers.send(step.message)
+            step.sent = True
 
     def _sampling_batch(self, out: SchedulerOutput, buf: _Buffers,
                         ready: bool) -> SamplingBatch | None:

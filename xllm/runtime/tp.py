@@ -91,9 +91,9 @@ class TimedGroup:
         self.reduce_seconds += time.perf_counter() - t0
         return x
 
-    def gather(self, src, dst):  # noqa: ANN001, ANN201
+    def gather(self, src, dst, rows: int = 1):  # noqa: ANN001, ANN201
         t0 = time.perf_counter()
-        self.comm.gather(src, dst)
+        self.comm.gather(src, dst, rows)
         self.reduce_seconds += time.perf_counter() - t0
         return dst
 
@@ -106,6 +106,12 @@ class TimedGroup:
     @property
     def native(self) -> object:
         return self.comm.native
+
+    @property
+    def wait_seconds(self) -> float:
+        """Seconds this rank waited in collectives for ranks not yet there (shared memory;
+        0 over TCP, where gloo does not say)."""
+        return getattr(self.comm, "wait_seconds", 0.0)
 
     def alive(self) -> bool:
         """Whether the group's connections to its peers are open (TCP; always True on shared
