@@ -36,7 +36,8 @@ streamed over gRPC; best of 3 each against memcpy of the same bytes. Targets: sh
 transfer engine (TCP; the fetcher reads the blocks from the peer's memory itself). Its
 engine listens on every interface, so that path runs only in a network namespace of its
 own: ``unshare -n sh -c "ip link set lo up && python -m bench.kvcache --parts peer
---peer-paths shm,grpc,mooncake"``.
+--peer-paths shm,grpc,mooncake"``. ``--tp 2``: both instances tensor-parallel, a block
+every rank's heads (shared memory maps each rank's memfd; Mooncake is not offered).
 
 ``memory``: an engine whose pool's ceiling is 1 GiB serves a burst of long prompts, all at
 once and all running together, that fills most of the pool; then it sits idle for
@@ -280,7 +281,7 @@ def _peer_chain(c: KVStoreConfig, n: int) -> tuple[list[int], list[int]]:
     return tokens, block_hashes(tokens[:-1], c.block_size)
 
 
-def serve_peer(n: int, mooncake: bool) -> None:
+def serve_peer(n: int, mooncake: bool, tp: int = 1) -> None:
     """The serving instance of the peer part, in its own process (as instances are): an
     engine holding ``n`` blocks of random bytes in its prefix cache under the chain's
     hashes, behind a gRPC server on loopback (and a Mooncake transfer engine serving its KV
@@ -293,7 +294,8 @@ def serve_peer(n: int, mooncake: bool) -> None:
     from xllm.service.instance import InstanceServicer
     from xllm.service.proto import instance_pb2_grpc
 
-    engine = AsyncEngine(EngineConfig(model="demo", num_kv_blocks=n + 8))
+    engine = AsyncEngine(EngineConfig(model="demo", num_kv_blocks=n + 8,
+                                      tensor_parallel_size=tp))
     engine.start()
     assert engine.wait_ready(300), engine.error
     c = engine.engine.kv_store.config
@@ -362,14 +364,17 @@ def run_peer(args: argparse.Namespace) -> dict:
     if set(paths) - {"shm", "grpc", "mooncake"}:
         raise SystemExit(f"--peer-paths: unknown paths in {args.peer_paths!r}")
     mooncake = "mooncake" in paths
+    if mooncake and args.tp > 1:
+        raise SystemExit("--peer-paths mooncake reads one process's memory: not with --tp")
     if mooncake and _interfaces() - {"lo"}:
         raise SystemExit("the Mooncake path listens on every interface: run it in a network "
                          "namespace of its own (unshare -n sh -c \"ip link set lo up && "
                          "python -m bench.kvcache --parts peer --peer-paths ...\")")
-    cmd = [sys.executable, "-m", "bench.kvcache", "--serve-peer", str(n)]
+    cmd = [sys.executable, "-m", "bench.kvcache", "--serve-peer", str(n), "--tp", str(args.tp)]
     peer = subprocess.Popen(cmd + (["--mooncake"] if mooncake else []),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    engine = AsyncEngine(EngineConfig(model="demo", num_kv_blocks=n + 8))
+    engine = AsyncEngine(EngineConfig(model="demo", num_kv_blocks=n + 8,
+                                      tensor_parallel_size=args.tp))
     engine.start()
     try:
         assert engine.wait_ready(300), engine.error
@@ -412,7 +417,8 @@ def run_peer(args: argparse.Namespace) -> dict:
         engine.shutdown()
         peer.stdin.close()  # type: ignore[union-attr]
         peer.wait(30)
-    return {"blocks": n, "bytes": nbytes, "memcpy_GBps": nbytes / t_memcpy / 1e9, **rows}
+    return {"blocks": n, "bytes": nbytes, "tp": args.tp, "memcpy_GBps": nbytes / t_memcpy / 1e9,
+            **rows}
 
 
 def run_memory(args: argparse.Namespace) -> dict:
@@ -481,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc-tokens", type=int, default=1024)
     parser.add_argument("--idle", type=float, default=30.0)
     parser.add_argument("--tp", type=int, default=1,
-                        help="tensor_parallel_size of the workload part's engines (one host)")
+                        help="tensor_parallel_size of the workload and peer parts' engines "
+                             "(one host)")
     parser.add_argument("--parts", default="workload,transfer,peer,memory")
     parser.add_argument("--disk-dir", default=None,
                         help="where the disk tier's files go (default: the system's temp dir)")
@@ -493,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mooncake", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_peer:
-        serve_peer(args.serve_peer, args.mooncake)
+        serve_peer(args.serve_peer, args.mooncake, args.tp)
         return 0
     parts = args.parts.split(",")
     unknown = set(parts) - {"workload", "transfer", "peer", "memory"}

@@ -49,7 +49,7 @@ def _transfer(peer: LLM, client: LLM, prompt: list[int], same_host: bool,
     plan = plan_fetch(engine, prompt, peer_blocks=(len(prompt) - 1) // 16, same_host=same_host)
     assert plan is not None and plan.first == 0
     assert (plan.shm is not None) == same_host
-    shm = None if plan.shm is None else (*plan.shm, plan.blocks)
+    shm = None if plan.shm is None else (plan.shm, plan.blocks)
     export = export_blocks(server, plan.hashes, plan.tokens, plan.first, plan.layout, shm)
     assert export.count == len(plan.blocks)
     assert (export.sources is None) == same_host

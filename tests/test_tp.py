@@ -505,6 +505,44 @@ def test_kv_tiers_under_tp_for_a_latent_cache(tmp_path: Path, demo_model_dir: Pa
 
 
 @needs_two
+def test_pd_between_tp_instances_on_one_host(demo_model_dir: Path) -> None:
+    """Prefill and decode instances at TP=2 under a master: the decode instance copies the
+    prefill's held blocks itself (pull), every rank's part of each from the prefill's
+    memfds, and the streams equal a TP=2 mixed instance's."""
+    import asyncio
+
+    from cluster_helpers import cluster, engines
+
+    from xllm.config import EngineConfig
+
+    cfg = EngineConfig(model=str(demo_model_dir), dtype="float32", weight_format="blocks",
+                       max_model_len=256, num_kv_blocks=64, tensor_parallel_size=2)
+    doc = "Two lighthouses stood on the cape, and their keepers traded letters. " * 4
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+    async def run(prefill, decode) -> None:  # noqa: ANN001
+        tok = prefill.engine.tokenizer
+        prompts = [tok.encode(doc + q) for q in ("Who wrote first?", "What did they trade?")]
+        want = []
+        for prompt in prompts:  # the prefill instance alone, as a mixed one
+            want.append([o async for o in prefill.generate(prompt, params)][-1]
+                        .outputs[0].token_ids)
+        async with cluster([(prefill, "prefill"), (decode, "decode")]) as (_, master):
+            got = []
+            for prompt in prompts:
+                outs = [o async for o in master.generate(prompt, params)]
+                got.append(outs[-1].outputs[0].token_ids)
+            assert got == want
+            assert master.num_pd_handoffs == len(prompts)
+            store = decode.engine.kv_store
+            assert set(store.peer_blocks_by_path) == {"shm"}
+            assert store.peer_blocks_by_path["shm"] >= len(prompts[0]) // 16
+
+    with engines(cfg, 2) as (prefill, decode):
+        asyncio.run(run(prefill, decode))
+
+
+@needs_two
 @pytest.mark.parametrize("same_host", [True, False])
 def test_latent_tp_instance_fetches_a_one_rank_peers_blocks(tmp_path: Path,
                                                            demo_model_dir: Path,
@@ -567,13 +605,15 @@ def test_latent_tp_instance_fetches_a_one_rank_peers_blocks(tmp_path: Path,
 
 
 @needs_two
-@pytest.mark.parametrize("split", ["even", "uneven"])
-def test_tp_instances_stream_whole_blocks_between_them(models_root: Path,
-                                                       demo_model_dir: Path,
-                                                       split: str) -> None:
+@pytest.mark.parametrize("split, same_host", [("even", True), ("uneven", True),
+                                              ("uneven", False)])
+def test_tp_instances_move_whole_blocks_between_them(models_root: Path,
+                                                     demo_model_dir: Path,
+                                                     split: str, same_host: bool) -> None:
     """Two TP=2 instances over real gRPC: the fetcher gets the peer's prefix, every rank's
-    heads of each block (rank 0 of each reaches its workers' shares), streamed since shared
-    memory and Mooncake address one process's memory; its answer is TP=1's."""
+    heads of each block (rank 0 of each reaches its workers' shares): on one host the
+    server writes them straight into every part of the fetcher's memory (each rank's memfd
+    mapped), else they stream; its answer is TP=1's."""
     import asyncio
 
     import grpc
@@ -600,15 +640,19 @@ def test_tp_instances_stream_whole_blocks_between_them(models_root: Path,
         address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
         await server.start()
         client = InstanceServicer(engines[1])
+        client.same_host = lambda peer: same_host  # type: ignore[method-assign]
         try:
             async for _ in engines[0].generate(prompt, params):
                 pass
             for e in engines:
-                assert e.engine.kv_store.whole and not e.engine.kv_store.single_part
-                e.engine.kv_store._prefill_tps = None
+                store = e.engine.kv_store
+                assert store.whole and not store.single_part
+                assert len(store.memory_parts()) == 2  # rank 0's memfd and the worker's
+                store._prefill_tps = None
             n = (len(prompt) - 1) // 8
-            assert await client.fetch_from_peer(address, prompt, n) == n  # same host: streamed
-            assert set(engines[1].engine.kv_store.peer_bps) <= {"grpc"}
+            assert await client.fetch_from_peer(address, prompt, n) == n
+            path = "shm" if same_host else "grpc"
+            assert engines[1].engine.kv_store.peer_blocks_by_path == {path: n}
             outs = [o async for o in engines[1].generate(prompt, params)]
             assert outs[-1].num_cached_tokens == n * 8
             _assert_same_or_near_tie(ref, [outs[-1].outputs[0]])

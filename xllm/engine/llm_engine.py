@@ -389,7 +389,7 @@ class LLMEngine:
         if c.part_segment(0) != c.segment_bytes:
             raise RuntimeError(f"rank 0's KV segment is {c.segment_bytes} bytes, its part "
                                f"was computed as {c.part_segment(0)}")
-        maps, regions = [], []
+        maps, regions, where = [], [], []
         for rank, (pid, fd, region_bytes, count, seg) in enumerate(self.workers.parts, 1):
             if count != per or seg != c.part_segment(rank):
                 raise RuntimeError(f"tensor-parallel rank {rank} reports {count} KV regions of "
@@ -398,7 +398,8 @@ class LLMEngine:
             mm, addresses = PeerMemory.regions(pid, fd, region_bytes, count)
             maps.append(mm)
             regions += addresses
-        self.kv_store.attach_parts(regions, keep=maps)
+            where.append((pid, fd, region_bytes))
+        self.kv_store.attach_parts(regions, keep=maps, where=where)
 
     def maintain(self) -> float | None:
         """Background upkeep of the KV store between steps (publishing tier writes, giving

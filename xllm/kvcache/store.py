@@ -30,6 +30,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -254,6 +255,7 @@ class KVStore:
             self.pool = BlockPool(config.num_blocks)
             self.regions: list[int] = []  # set by kv_caches() from the tensors it makes
         self.replicas: list[list[int]] = []  # the other parts' regions, when replicas
+        self._where: list[tuple[int, int, int]] = []  # the other parts' memfds (attach_parts)
         self.tiers: list[Tier] = []
         self.cpu: CpuTier | None = None
         self.disk: DiskTier | None = None
@@ -326,10 +328,12 @@ class KVStore:
             raise ValueError("KV tiers need the KV cache in host memory for now")
         return caches
 
-    def attach_parts(self, regions: Sequence[int], keep: Sequence[object] = ()) -> None:
+    def attach_parts(self, regions: Sequence[int], keep: Sequence[object] = (),
+                     where: Sequence[tuple[int, int, int]] = ()) -> None:
         """The other ranks' parts of every block (tensor parallelism): their regions, mapped
         in this process, in rank order after this rank's; ``keep``: the mappings, referenced
-        as long as the store. Tier copies then move whole blocks."""
+        as long as the store; ``where``: each part's (pid, memfd, region bytes), for peers on
+        this host that map them too. Tier copies then move whole blocks."""
         c = self.config
         mine = c.tensors_per_layer * c.num_layers
         if self.memory is None or len(regions) != mine * (c.parts - 1):
@@ -339,7 +343,21 @@ class KVStore:
             self.replicas = [list(regions[i:i + mine]) for i in range(0, len(regions), mine)]
         else:
             self.regions = list(self.memory.regions) + list(regions)
+            self._where = list(where)
         self._parts_memory = list(keep)
+
+    def memory_parts(self) -> list[tuple[int, int, int]] | None:
+        """Where a block's parts are on this host, for a peer that maps them: (pid, memfd,
+        region bytes) of this rank's memory, then of each other part's (not of replicas,
+        which get what lands here); None when that is not known (memory not on demand,
+        parts not attached)."""
+        if self.memory is None or not self.whole:
+            return None
+        mine = (os.getpid(), self.memory.vmm.fd, self.memory.region_bytes)
+        others = self._where if self.config.distinct_parts > 1 else []
+        if len(others) != self.config.distinct_parts - 1:
+            return None
+        return [mine, *others]
 
     def replicate(self, blocks: Sequence[int]) -> None:
         """Blocks written into this rank's part from outside the model (a tier's load, a

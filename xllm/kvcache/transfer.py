@@ -63,12 +63,32 @@ class Export:
     own_pins: bool = False  # the export pinned its sources (else a hold keeps them)
 
 
+Parts = list[tuple[int, int, int]]  # (pid, memfd, region bytes) of each part of a KV memory
+
+
+def map_parts(store: KVStore, parts: Parts) -> tuple[list[object], list[int]]:
+    """Another instance's KV memory on this host, mapped here: the mappings (kept referenced
+    while copying) and its regions, every part's in rank order, as ``store.regions`` lists
+    this instance's. OSError when a part cannot be mapped or the parts are not this
+    layout's."""
+    c = store.config
+    if len(parts) != c.distinct_parts:
+        raise OSError(f"a KV memory of {len(parts)} parts; this layout has {c.distinct_parts}")
+    per = c.num_regions // c.distinct_parts
+    mappings, regions = [], []
+    for pid, fd, region_bytes in parts:
+        mapping, addresses = PeerMemory.regions(pid, fd, region_bytes, per)
+        mappings.append(mapping)
+        regions += addresses
+    return mappings, regions
+
+
 def export_blocks(engine: Any, hashes: list[int], tokens: list[int], first: int,
-                  layout: str, shm: tuple[int, int, int, list[int]] | None) -> Export:
+                  layout: str, shm: tuple[Parts, list[int]] | None) -> Export:
     """With the engine's scheduler state (see plan_fetch). ``hashes``: the chain from the
-    prompt's first block; ``first``: where the client's wanted part starts; ``shm``: (pid,
-    fd, region bytes, client blocks) for the same-host path. A layout mismatch exports
-    nothing."""
+    prompt's first block; ``first``: where the client's wanted part starts; ``shm``: where
+    the client's KV memory is (its parts) and the client blocks to fill, for the same-host
+    path. A layout mismatch exports nothing."""
     store: KVStore = engine.kv_store
     export = _export(engine, store, hashes, tokens, first, layout, shm)
     store.peer_blocks_served += export.count
@@ -76,7 +96,7 @@ def export_blocks(engine: Any, hashes: list[int], tokens: list[int], first: int,
 
 
 def _export(engine: Any, store: KVStore, hashes: list[int], tokens: list[int], first: int,
-            layout: str, shm: tuple[int, int, int, list[int]] | None) -> Export:
+            layout: str, shm: tuple[Parts, list[int]] | None) -> Export:
     kv = engine.scheduler.kv
     if layout != store.layout_key() or first >= len(hashes) or not store.whole:
         return Export(first, 0, [])
@@ -97,18 +117,19 @@ def _export(engine: Any, store: KVStore, hashes: list[int], tokens: list[int], f
 
 
 def _ship(store: KVStore, sources: list[tuple[Any, int]], first: int,
-          shm: tuple[int, int, int, list[int]] | None) -> Export | None:
-    """Same host: the sources written straight into the client's memory; None when there
-    is no such client or its memory cannot be mapped (permissions, gone): stream instead."""
-    if shm is None or not store.single_part:
+          shm: tuple[Parts, list[int]] | None) -> Export | None:
+    """Same host: the sources written straight into the client's memory (every part of it,
+    under tensor parallelism); None when there is no such client or its memory cannot be
+    mapped (permissions, gone): stream instead."""
+    if shm is None:
         return None
-    pid, fd, region_bytes, dst_blocks = shm
+    parts, dst_blocks = shm
     try:
-        mapping, dst = PeerMemory.regions(pid, fd, region_bytes, store.config.num_regions)
+        mappings, dst = map_parts(store, parts)
     except OSError:
         return None
     export = _export_shm(store, sources[:len(dst_blocks)], dst, dst_blocks, first)
-    del mapping  # referenced until the copy is done
+    del mappings  # referenced until the copy is done
     return export
 
 
@@ -126,8 +147,9 @@ def _held_blocks(held: tuple[tuple[int, ...], tuple[int, ...]], hashes: list[int
 def locate_held(store: KVStore, held: tuple[tuple[int, ...], tuple[int, ...]],
                 hashes: list[int], first: int, layout: str) -> list[int]:
     """The held blocks a same-host client may copy itself (pull): those of ``hashes``
-    from ``first`` that match the hold's chain, in order ([] on a layout mismatch)."""
-    if layout != store.layout_key() or store.memory is None or not store.single_part:
+    from ``first`` that match the hold's chain, in order ([] on a layout mismatch, or
+    where this memory's parts are not known: store.memory_parts)."""
+    if layout != store.layout_key() or store.memory_parts() is None:
         return []
     out = _held_blocks(held, hashes, first)
     store.peer_blocks_served += len(out)
@@ -136,7 +158,7 @@ def locate_held(store: KVStore, held: tuple[tuple[int, ...], tuple[int, ...]],
 
 def export_held(store: KVStore, held: tuple[tuple[int, ...], tuple[int, ...]],
                 hashes: list[int], first: int, layout: str,
-                shm: tuple[int, int, int, list[int]] | None) -> Export:
+                shm: tuple[Parts, list[int]] | None) -> Export:
     """Like :func:`export_blocks`, from a finished prefill's held blocks (pinned until the
     hold is released), without the engine thread: any thread, so a busy prefill instance
     serves its decode instance at once. The chain must match the held hashes."""
@@ -263,7 +285,7 @@ class FetchPlan:
     first: int
     blocks: list[int]
     layout: str
-    shm: tuple[int, int, int] | None  # (pid, memfd, region bytes) of this instance's KV
+    shm: Parts | None  # where this instance's KV memory is (the same-host path), its parts
     filled: int = 0  # leading blocks arrived whole so far
     started: float = field(default_factory=time.perf_counter)  # reset when the copy starts
 
@@ -300,9 +322,10 @@ def plan_fetch(engine: Any, prompt: list[int], peer_blocks: int, same_host: bool
     n = wanted - local
     if n < MIN_FETCH_BLOCKS:
         return None
-    if same_host and store.memory is not None and store.single_part:
+    shm = store.memory_parts() if same_host else None
+    if shm is not None:
         path = "shm"
-    else:  # (a tensor-parallel instance's blocks span processes: streamed)
+    else:  # (Mooncake reads one process's memory: a tensor-parallel block spans several)
         path = "mooncake" if mooncake and store.single_part else "grpc"
     rate = store.peer_bps.get(path) or DEFAULT_RATES[path]
     fetch_s = ROUND_TRIP_S + n * store.config.block_bytes / rate
@@ -312,24 +335,19 @@ def plan_fetch(engine: Any, prompt: list[int], peer_blocks: int, same_host: bool
     blocks = kv.reserve_blocks(n)
     if blocks is None:
         return None
-    shm = None
-    if path == "shm":
-        assert store.memory is not None
-        shm = (os.getpid(), store.memory.vmm.fd, store.memory.region_bytes)
     return FetchPlan(hashes, tokens, local, blocks, store.layout_key(), shm)
 
 
-def pull_blocks(store: KVStore, plan: FetchPlan, first: int, peer: tuple[int, int, int],
+def pull_blocks(store: KVStore, plan: FetchPlan, first: int, peer: Parts,
                 blocks: list[int]) -> bool:
-    """Same host, a held prefill: copies the peer's blocks (its memfd mapped here) into the
+    """Same host, a held prefill: copies the peer's blocks (its memfds mapped here) into the
     reserved blocks, on this instance's core (any thread: the peer holds them pinned until
     released, the targets are reserved). Returns whether all arrived."""
     at = first - plan.first
     if at != plan.filled or at + len(blocks) > len(plan.blocks):
         return False
-    pid, fd, region_bytes = peer
     try:
-        mapping, src = PeerMemory.regions(pid, fd, region_bytes, store.config.num_regions)
+        mappings, src = map_parts(store, peer)
     except OSError:
         return False
     with store.off_thread_copy() as allowed:
@@ -337,7 +355,7 @@ def pull_blocks(store: KVStore, plan: FetchPlan, first: int, peer: tuple[int, in
             return False
         _C.kv_copy_blocks(src, blocks, store.regions, plan.blocks[at:at + len(blocks)],
                           store.config.segments_arg)
-    del mapping  # referenced until the copy is done
+    del mappings  # referenced until the copy is done
     plan.filled += len(blocks)
     return True
 

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import socket
 import time
 from dataclasses import dataclass
@@ -119,6 +118,13 @@ class HandedOff(Exception):  # noqa: N818 - an event, not a failure
     """Ends a request's stream on this instance: a role switch handed it to another."""
 
 
+def _parts(msg: Any) -> list[tuple[int, int, int]]:
+    """Where a same-host peer's KV memory is, from a FetchBlocksRequest or a BlockChunk:
+    rank 0's (shm_*), then its other ranks' (shm_parts)."""
+    return [(msg.shm_pid, msg.shm_fd, msg.shm_region_bytes),
+            *((p.pid, p.fd, p.region_bytes) for p in msg.shm_parts)]
+
+
 class InstanceServicer(instance_pb2_grpc.InstanceServicer):
     def __init__(self, engine: AsyncEngine, role: str = "mixed") -> None:
         self.engine = engine
@@ -144,21 +150,23 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         shm = None
         local = _is_loopback(context.peer())
         if request.shm_pid and local:  # shared memory only for a caller on this host
-            shm = (request.shm_pid, request.shm_fd, request.shm_region_bytes,
-                   list(request.shm_blocks))
+            shm = (_parts(request), list(request.shm_blocks))
         key = request.release_hold
         loop = asyncio.get_running_loop()
         store = self.engine.engine.kv_store
         held = self.engine.engine.scheduler.kv.holds.get(key) if key else None
-        if held is not None and request.pull and local and store.memory is not None:
+        where = store.memory_parts()
+        if held is not None and request.pull and local and where is not None:
             # Same host: say where the held blocks are; the client copies them on its own
             # core and releases the hold after (this instance stays on its prefills).
             blocks = locate_held(store, held, list(request.block_hashes), request.first,
                                  request.layout)
+            (pid, fd, region_bytes), *others = where
             yield instance_pb2.BlockChunk(
-                first=request.first, count=len(blocks), shm_pid=os.getpid(),
-                shm_fd=store.memory.vmm.fd, shm_region_bytes=store.memory.region_bytes,
-                blocks=blocks)
+                first=request.first, count=len(blocks), shm_pid=pid, shm_fd=fd,
+                shm_region_bytes=region_bytes, blocks=blocks,
+                shm_parts=[instance_pb2.ShmPart(pid=p, fd=f, region_bytes=b)
+                           for p, f, b in others])
             return
         if held is not None:
             self._reading_holds.add(key)
@@ -275,7 +283,9 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                                               pull=plan.shm is not None and bool(peer_hold),
                                               mooncake=mooncake is not None)
         if plan.shm is not None:
-            req.shm_pid, req.shm_fd, req.shm_region_bytes = plan.shm
+            (req.shm_pid, req.shm_fd, req.shm_region_bytes), *others = plan.shm
+            req.shm_parts.extend(instance_pb2.ShmPart(pid=p, fd=f, region_bytes=b)
+                                 for p, f, b in others)
             req.shm_blocks.extend(plan.blocks)
         call = None
         landing: asyncio.Future[bool] | None = None  # the previous chunk, landing off the loop
@@ -306,8 +316,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                     break  # the end of a Mooncake answer: the peer waits for us to hang up
                 if chunk.shm_pid:  # pull: the peer said where its held blocks are
                     landing = loop.run_in_executor(
-                        None, pull_blocks, store, plan, chunk.first,
-                        (chunk.shm_pid, chunk.shm_fd, chunk.shm_region_bytes),
+                        None, pull_blocks, store, plan, chunk.first, _parts(chunk),
                         list(chunk.blocks))
                     pulled = True
                     continue
