@@ -41,41 +41,14 @@
 #include <stdexcept>
 #include <string>
 
+#include "comm/collective.h"
+
 namespace xllm::comm {
-
-// Why an operation failed; the binding maps each kind to a Python exception.
-enum class ErrorKind {
-  kInvalidArgument,  // ValueError: a bad argument or one that disagrees with the peers'
-  kTimeout,          // TimeoutError: peers alive but did not arrive in time
-  kPeerFailure,      // RuntimeError: a peer died, closed, or aborted the group
-  kState,            // RuntimeError: closed/broken object, OS error
-};
-
-class CommError : public std::runtime_error {
- public:
-  CommError(ErrorKind kind, const std::string& message)
-      : std::runtime_error(message), kind_(kind) {}
-  ErrorKind kind() const { return kind_; }
-
- private:
-  ErrorKind kind_;
-};
-
-// What a rank's current call is, as published in its call descriptor: the element
-// type of an allreduce, or one of the byte collectives (every rank must make the same
-// kind of call; a mismatch fails on every rank at the same barrier).
-enum class ElemType : int32_t {
-  kFloat32 = 1,
-  kBFloat16 = 2,
-  kBroadcast = 3,
-  kGather = 4,
-  kFloat32Bf16Sums = 5,  // float32 data, rounded to bf16 for the trip and the sum
-};
 
 struct SegmentHeader;
 struct RankControl;
 
-class ShmAllReduce {
+class ShmAllReduce : public Collective {
  public:
   static constexpr int kMaxWorldSize = 64;
   static constexpr int64_t kMinBufferBytes = 4096;
@@ -102,7 +75,7 @@ class ShmAllReduce {
   // and leaves the group usable). numel == 0 returns at once without syncing.
   // kFloat32Bf16Sums: float32 data, each rank's rounded to bf16, summed as bf16 data
   // is (fp32 sums, rounded once) and widened back: half the bytes of a float32 sum.
-  void allreduce(void* data, int64_t numel, ElemType type);
+  void allreduce(void* data, int64_t numel, ElemType type) override;
 
   // Rank 0 sends `message` to every rank; every other rank receives it into `message`
   // (replacing what it held). Messages of any length pass in chunks of buffer_bytes.
@@ -117,7 +90,7 @@ class ShmAllReduce {
   // of every rank, in rank order, then row i + 1 (rows = 1: [world_size][nbytes]; rows =
   // n: n rows of logits whose columns are split over the ranks, joined). Rank 0's own part
   // goes straight from src to dst.
-  void gather(const void* src, int64_t nbytes, void* dst, int64_t rows = 1);
+  void gather(const void* src, int64_t nbytes, void* dst, int64_t rows = 1) override;
 
   // How long a rank that waits for its peers keeps its CPU (spinning, then yielding) before
   // it sleeps on the segment's futex (default kDefaultBusyWaitSeconds). Longer keeps a
@@ -129,7 +102,7 @@ class ShmAllReduce {
 
   // Seconds this rank has waited at barriers for peers that had not arrived yet, since it
   // joined (the skew between ranks' work, plus wake-ups; not the copies and sums).
-  double wait_seconds() const { return wait_seconds_; }
+  double wait_seconds() const override { return wait_seconds_; }
 
   // Leaves the group: peers still waiting for this rank fail at once. Idempotent.
   void close();
@@ -137,8 +110,8 @@ class ShmAllReduce {
   bool closed() const { return closed_.load(std::memory_order_acquire); }
   const std::string& group() const { return group_; }
   const std::string& segment_name() const { return name_; }
-  int rank() const { return rank_; }
-  int world_size() const { return world_size_; }
+  int rank() const override { return rank_; }
+  int world_size() const override { return world_size_; }
   double timeout() const { return timeout_s_; }
   int64_t buffer_bytes() const { return buffer_bytes_; }
 

@@ -1,4 +1,5 @@
-// Python binding of the shared-memory allreduce: xllm._C.ShmAllReduce.
+// Python bindings of the tensor-parallel groups: xllm._C.ShmAllReduce (one host, shared
+// memory) and xllm._C.TcpCollective (ranks on several hosts), both xllm._C.Collective.
 // Checks the tensor at the boundary, releases the GIL for every wait on peers
 // (attaching, each call, close), and maps CommError kinds onto Python
 // exceptions: ValueError, TimeoutError, RuntimeError.
@@ -8,6 +9,7 @@
 #include <memory>
 
 #include "comm/shm_allreduce.h"
+#include "comm/tcp_collective.h"
 #include "common/tensor.h"
 
 namespace xllm {
@@ -36,7 +38,7 @@ void check_python_signals() {
   if (PyErr_CheckSignals() != 0) throw py::error_already_set();
 }
 
-py::object allreduce(ShmAllReduce& self, py::handle tensor, bool bf16_sums) {
+py::object allreduce(comm::Collective& self, py::handle tensor, bool bf16_sums) {
   Tensor t = host_tensor(tensor, "tensor");
   check_dtype(t, {DType::kFloat32, DType::kBFloat16});
   check_contiguous(t);
@@ -69,7 +71,7 @@ py::bytes broadcast(ShmAllReduce& self, py::object message, bool wait_forever) {
   return py::bytes(buf);
 }
 
-void gather(ShmAllReduce& self, py::handle src, py::handle dst, int64_t rows) {
+void gather(comm::Collective& self, py::handle src, py::handle dst, int64_t rows) {
   const Tensor s = host_tensor(src, "src");
   check_contiguous(s);
   const int64_t nbytes = s.numel() * dtype_size(s.dtype);
@@ -97,7 +99,32 @@ void gather(ShmAllReduce& self, py::handle src, py::handle dst, int64_t rows) {
 
 void register_shm_allreduce(py::module_& m) {
   py::register_exception_translator(&translate_comm_error);
-  py::class_<ShmAllReduce>(m, "ShmAllReduce",
+  py::class_<comm::Collective>(m, "Collective",
+                               "A tensor-parallel group's sums and gathers (ShmAllReduce, "
+                               "TcpCollective); the native decoder stack sums through one.");
+  py::class_<comm::TcpCollective, comm::Collective>(
+      m, "TcpCollective",
+      "Sums and gathers among ranks on several hosts over TCP connections the caller holds "
+      "(rank 0: one per worker, in rank order; a worker: one to rank 0), a star through rank "
+      "0. See xllm.ops.tcp_group.")
+      .def(py::init<int, int, std::vector<int>, double>(), py::arg("rank"),
+           py::arg("world_size"), py::arg("fds"), py::arg("timeout"))
+      .def("allreduce", &allreduce, py::arg("tensor"), py::arg("bf16_sums") = false,
+           "As ShmAllReduce.allreduce.")
+      .def("gather", &gather, py::arg("src"), py::arg("dst"), py::arg("rows") = 1,
+           "As ShmAllReduce.gather.")
+      .def("close", [](comm::TcpCollective& self) {
+             py::gil_scoped_release release;
+             self.close();
+           },
+           "Stops using the connections (their owner closes them). Idempotent.")
+      .def_property_readonly("rank", &comm::TcpCollective::rank)
+      .def_property_readonly("world_size", &comm::TcpCollective::world_size)
+      .def_property_readonly("timeout", &comm::TcpCollective::timeout)
+      .def_property_readonly("wait_seconds", &comm::TcpCollective::wait_seconds,
+                             "Seconds this rank waited for its peers' bytes, since it joined.")
+      .def_property_readonly("closed", &comm::TcpCollective::closed);
+  py::class_<ShmAllReduce, comm::Collective>(m, "ShmAllReduce",
                            "Sum-allreduce among world_size processes of this host through a "
                            "POSIX shared-memory segment named after `group`. Blocks until all "
                            "ranks have attached. See xllm.ops.allreduce.")

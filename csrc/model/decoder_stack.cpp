@@ -15,8 +15,8 @@
 //
 // Tensor parallelism: a rank's stack holds its share of the heads and of the MLP (the
 // sizes it is built with are the rank's), and with a `comm` group it sums the o_proj and
-// down_proj outputs over the ranks (comm/shm_allreduce.h) before they join the residual
-// stream, which every rank then holds whole.
+// down_proj outputs over the ranks (comm/collective.h: shared memory on one host, TCP
+// between hosts) before they join the residual stream, which every rank then holds whole.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -26,7 +26,7 @@
 #include <vector>
 
 #include "attention/ops.h"
-#include "comm/shm_allreduce.h"
+#include "comm/collective.h"
 #include "common/tensor.h"
 #include "layers/rowops.h"
 #include "moe/moe.h"
@@ -115,9 +115,10 @@ class DecoderStack {
     bf16_sums_ = bf16_sums;
     if (!comm.is_none()) {
       try {
-        comm_ = &py::cast<comm::ShmAllReduce&>(comm);
+        comm_ = &py::cast<comm::Collective&>(comm);
       } catch (const py::cast_error&) {
-        fail("argument 'comm' must be None or an xllm._C.ShmAllReduce");
+        fail("argument 'comm' must be None or an xllm._C.Collective (ShmAllReduce, "
+             "TcpCollective)");
       }
       refs_.append(comm);
     }
@@ -337,7 +338,7 @@ class DecoderStack {
   double scale_;
   const float *cos_ = nullptr, *sin_ = nullptr, *final_norm_ = nullptr;
   std::vector<Layer> layers_;
-  comm::ShmAllReduce* comm_ = nullptr;  // kept alive by refs_
+  comm::Collective* comm_ = nullptr;  // kept alive by refs_
   double comm_seconds_ = 0;
   bool bf16_sums_ = false;  // the sums travel as bf16 (a model computing in bf16)
   py::list refs_;  // keeps every tensor and weight the raw pointers point into alive

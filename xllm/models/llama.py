@@ -263,8 +263,6 @@ class LlamaForCausalLM(nn.Module):
         self._stack = None
         if not enabled or self.dtype != torch.float32:
             return False
-        if self.tp.enabled and self.tp.comm.native is None:
-            return False  # ranks on several hosts: the stack cannot sum over TCP
         rope = self.model.rotary_emb
         if rope.cos_cache.device.type != "cpu" or rope.cos_cache.dtype != torch.float32:
             return False

@@ -109,8 +109,7 @@ class TimedGroup:
 
     @property
     def wait_seconds(self) -> float:
-        """Seconds this rank waited in collectives for ranks not yet there (shared memory;
-        0 over TCP, where gloo does not say)."""
+        """Seconds this rank waited in collectives for ranks not yet there."""
         return getattr(self.comm, "wait_seconds", 0.0)
 
     def alive(self) -> bool:
