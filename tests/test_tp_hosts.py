@@ -1,6 +1,6 @@
 """Tensor parallelism across hosts: the TCP group (torch.distributed's store for the
-rendezvous, gloo for sums and gathers, a socket for step messages), and an engine whose
-worker runs in another network namespace, reached over a veth pair."""
+rendezvous, native sums and gathers and the step messages over one socket per worker), and
+an engine whose worker runs in another network namespace, reached over a veth pair."""
 
 from __future__ import annotations
 
@@ -58,6 +58,81 @@ def test_addresses_and_config_errors() -> None:
     # Rank 0 with ranks elsewhere keeps all of this host's cores.
     config = EngineConfig(tensor_parallel_size=8, tp_master="127.0.0.1:29500")
     assert config.threads == len(os.sched_getaffinity(0))
+
+
+def _pair_of_ranks(timeout: float = 5.0):  # noqa: ANN202
+    from xllm import _C
+
+    a, b = socket.socketpair()
+    return (a, b), _C.TcpCollective(0, 2, [a.fileno()], timeout), \
+        _C.TcpCollective(1, 2, [b.fileno()], timeout)
+
+
+def _both(f0, f1):  # noqa: ANN001, ANN202
+    """f0 on this thread and f1 on another, at once: (result or exception) of each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        other = pool.submit(f1)
+        try:
+            mine = f0()
+        except Exception as e:  # noqa: BLE001 - returned for the test to look at
+            mine = e
+        try:
+            theirs = other.result(timeout=30)
+        except Exception as e:  # noqa: BLE001
+            theirs = e
+    return mine, theirs
+
+
+def test_tcp_collective_sums_in_rank_order_and_survives_a_mismatched_call() -> None:
+    """The native TCP sums: bit-identical on both ranks and equal to rank 0's part plus rank
+    1's (fp32; bf16 and bf16 sums summed in fp32 and rounded once, as ShmAllReduce does);
+    rows joined by gather; a call that disagrees fails on both ranks with one message and
+    the next call works; a rank that leaves fails the other's call at once."""
+    socks, r0, r1 = _pair_of_ranks()
+    try:
+        gen = torch.Generator().manual_seed(0)
+        parts = [torch.randn(3001, generator=gen) for _ in range(2)]
+        for dtype, bf16_sums in ((torch.float32, False), (torch.bfloat16, False),
+                                 (torch.float32, True)):
+            x = [p.to(dtype).clone() for p in parts]
+            got = _both(lambda x=x, b=bf16_sums: r0.allreduce(x[0], b),
+                        lambda x=x, b=bf16_sums: r1.allreduce(x[1], b))
+            assert torch.equal(got[0], got[1])
+            narrow = dtype == torch.bfloat16 or bf16_sums
+            a, b = (p.to(dtype) for p in parts)
+            want = ((a.to(torch.bfloat16).float() + b.to(torch.bfloat16).float())
+                    .to(torch.bfloat16).to(dtype) if narrow else a + b)
+            assert torch.equal(got[0], want)
+        src = [torch.arange(6.0).view(3, 2) + 10 * r for r in range(2)]
+        dst = torch.empty(3, 4)
+        _both(lambda: r0.gather(src[0], dst, 3), lambda: r1.gather(src[1], None, 3))
+        assert torch.equal(dst, torch.cat(src, dim=1))
+        errs = _both(lambda: r0.allreduce(torch.ones(10)), lambda: r1.allreduce(torch.ones(11)))
+        assert all(isinstance(e, ValueError) and "same call" in str(e) for e in errs), errs
+        ok = _both(lambda: r0.allreduce(torch.ones(4)), lambda: r1.allreduce(torch.ones(4)))
+        assert all(torch.equal(t, torch.full((4,), 2.0)) for t in ok)
+        socks[1].close()  # rank 1 leaves
+        with pytest.raises(RuntimeError, match="closed its connection"):
+            r0.allreduce(torch.ones(4))
+        with pytest.raises(RuntimeError, match="unusable"):
+            r0.allreduce(torch.ones(4))
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_tcp_collective_times_out_on_a_silent_rank() -> None:
+    socks, r0, _ = _pair_of_ranks(timeout=0.3)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="sent nothing"):
+            r0.allreduce(torch.ones(4))
+        assert time.monotonic() - t0 < 3
+    finally:
+        for s in socks:
+            s.close()
 
 
 def test_tcp_group_sums_gathers_and_messages_exactly() -> None:
