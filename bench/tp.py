@@ -18,6 +18,10 @@ idle share alone (batch 1, 16 and 64 with the defaults). Each run is a warm-up t
 pass, as bench.throughput; ``--repeats K`` times the pass K times and reports the
 medians (the 509-token prefill is one step, so one pass is one noisy sample).
 
+``--tcp`` adds TP=2 with the worker on "another host": rank 0 and the worker in two network
+namespaces joined by a veth pair (made and removed by the run; needs root and ``ip netns``),
+a core each, over TCP (``--tp-master``: the step messages and ``_C.TcpCollective``'s sums).
+
 ``--busy-wait S1,S2,...`` runs TP=2 once per value of how long a waiting rank keeps its core
 before sleeping (``xllm.runtime.tp.BUSY_WAIT_S``, the group's on every rank), in turns,
 ``--rounds N`` times over (this machine's speed drifts: compare within a round).
@@ -26,11 +30,15 @@ before sleeping (``xllm.runtime.tp.BUSY_WAIT_S``, the group's on every rank), in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import random
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 from bench.throughput import _cpu_name, _prompts, _tokens_per_second
 
@@ -78,6 +86,62 @@ def run(scenario: str, tp: int, options: dict, repeats: int = 1) -> dict:
         engine.close()
 
 
+@contextlib.contextmanager
+def two_namespaces() -> Iterator[tuple[str, str, str]]:
+    """Two network namespaces joined by a veth pair: (rank 0's namespace, its address, the
+    worker's namespace); removed afterwards."""
+    tag = f"{os.getpid() % 10000}"
+    a, b, net = f"xbench-a{tag}", f"xbench-b{tag}", "10.217.0"
+
+    def ip(*cmd: str) -> None:
+        subprocess.run(["ip", *cmd], check=True, timeout=10, capture_output=True)
+
+    made = []
+    try:
+        for ns in (a, b):
+            ip("netns", "add", ns)
+            made.append(ns)
+        ip("link", "add", f"xba{tag}", "type", "veth", "peer", "name", f"xbb{tag}")
+        for ns, dev, host in ((a, f"xba{tag}", 1), (b, f"xbb{tag}", 2)):
+            ip("link", "set", dev, "netns", ns)
+            ip("-n", ns, "addr", "add", f"{net}.{host}/24", "dev", dev)
+            ip("-n", ns, "link", "set", dev, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+        yield a, f"{net}.1", b
+    finally:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], timeout=10, capture_output=True)
+
+
+def run_tcp(scenario: str, fmt: str, repeats: int, hosts: tuple[str, str, str]) -> dict:
+    """run() at TP=2 with rank 0 in one namespace (core 0) and the worker in the other
+    (core 1), over TCP."""
+    ns_a, addr, ns_b = hosts
+    cmd = ["ip", "netns", "exec", ns_a, "taskset", "-c", "0", sys.executable, "-m", "bench.tp",
+           "--tcp-rank0", f"{addr}:{random.randrange(20000, 40000)}", "--worker-ns", ns_b,
+           "--scenarios", scenario, "--formats", fmt, "--repeats", str(repeats)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    rows = [line[4:] for line in out.stdout.splitlines() if line.startswith("ROW ")]
+    if out.returncode or not rows:
+        raise RuntimeError(f"the TCP run failed: {out.stderr[-2000:]}")
+    return json.loads(rows[-1])
+
+
+def tcp_rank0(master: str, worker_ns: str, scenario: str, fmt: str, repeats: int) -> None:
+    """Rank 0's side of run_tcp (in its namespace): starts the worker in the other one and
+    prints the run's row."""
+    worker = subprocess.Popen(["ip", "netns", "exec", worker_ns, "taskset", "-c", "1",
+                               sys.executable, "-m", "xllm.runtime.worker", "--master", master,
+                               "--rank", "1", "--cores", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        row = run(scenario, 2, {**FORMATS[fmt], "tp_master": master}, repeats)
+        print("ROW " + json.dumps(row), flush=True)
+    finally:
+        worker.kill()
+        worker.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,7 +153,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="TP=2 once per busy-wait value (seconds), in turns")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--tcp", action="store_true",
+                        help="add TP=2 over TCP, the worker in another network namespace")
+    parser.add_argument("--tcp-rank0", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-ns", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.tcp_rank0:
+        tcp_rank0(args.tcp_rank0, args.worker_ns, args.scenarios, args.formats, args.repeats)
+        return 0
+    if args.tcp:
+        with two_namespaces() as hosts:
+            return _main(args, hosts)
+    return _main(args, None)
+
+
+def _main(args: argparse.Namespace, hosts: tuple[str, str, str] | None) -> int:
     from xllm.runtime import tp as tp_module
 
     waits = ([float(v) for v in args.busy_wait.split(",")] if args.busy_wait
@@ -104,12 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     for fmt in args.formats.split(","):
         for scenario in args.scenarios.split(","):
             base = None
-            runs = [(1, None)] + [(2, w) for _ in range(args.rounds) for w in waits]
-            for tp, wait in runs:
+            runs = [(1, None, "")] + [(2, w, "") for _ in range(args.rounds) for w in waits]
+            if hosts is not None:
+                runs.append((2, None, "tcp"))
+            for tp, wait, over in runs:
                 if wait is not None:
                     tp_module.BUSY_WAIT_S = wait
-                row = {"format": fmt, "busy_wait": wait,
-                       **run(scenario, tp, FORMATS[fmt], args.repeats)}
+                measured = (run_tcp(scenario, fmt, args.repeats, hosts) if over
+                            else run(scenario, tp, FORMATS[fmt], args.repeats))
+                row = {"format": fmt, "busy_wait": wait, "tcp": bool(over), **measured}
                 base = base or row["tokens_per_s"]
                 row["vs_tp1"] = row["tokens_per_s"] / base
                 rows.append(row)
@@ -117,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 def pct(key: str, r: dict = row) -> str:
                     return "" if r[key] is None else f"{100 * r[key]:.1f}%"
 
-                shown = "" if wait is None else f"{wait:g}"
+                shown = over or ("" if wait is None else f"{wait:g}")
                 print(f"{fmt:<8} {scenario:<10} {tp:>2} {shown:>5} {row['tokens_per_s']:8.1f} "
                       f"{row['vs_tp1']:6.2f}x {pct('tp_share'):>8} {pct('reduce_share'):>7} "
                       f"{pct('message_share'):>6} {pct('wait_share'):>6} {pct('idle'):>6}",
