@@ -542,34 +542,24 @@ def test_pd_between_tp_instances_on_one_host(demo_model_dir: Path) -> None:
         asyncio.run(run(prefill, decode))
 
 
-@needs_two
-@pytest.mark.parametrize("same_host", [True, False])
-def test_latent_tp_instance_fetches_a_one_rank_peers_blocks(tmp_path: Path,
-                                                           demo_model_dir: Path,
-                                                           same_host: bool) -> None:
-    """An MLA instance at TP=2 has a one-rank instance's layout (its parts are replicas): it
-    fetches a TP=1 peer's prefix over shared memory or gRPC into rank 0's part, copies it
-    on to rank 1's, and answers as TP=1 does."""
+def _peer_fetch(configs: list, prompt: list[int], params: SamplingParams, same_host: bool,
+                check) -> tuple[int, object]:  # noqa: ANN001
+    """Two instances (``configs``: the serving one's, the fetching one's) over real gRPC: the
+    first computes ``prompt``, ``check(fetcher's store)`` runs, the second fetches the
+    prompt's full blocks but the last (``same_host``: through shared memory) and answers
+    ``prompt``; returns (blocks fetched, its last output)."""
     import asyncio
 
     import grpc
-    import test_expert_parallel
 
     from xllm.engine.async_engine import AsyncEngine
     from xllm.service.instance import InstanceServicer
     from xllm.service.proto import instance_pb2_grpc
 
-    model_dir = test_expert_parallel._model_dir(tmp_path, demo_model_dir, "deepseek-v3")
-    prompt = torch.randint(0, 256, (70,), generator=torch.Generator().manual_seed(8)).tolist()
-    options = dict(dtype="float32", weight_format="f32", max_model_len=128, num_kv_blocks=32,
-                   block_size=8)
-    ref = _greedy(LLM(str(model_dir), **options), [prompt], 12)
-    engines = [AsyncEngine(EngineConfig(model=str(model_dir), **options)),
-               AsyncEngine(EngineConfig(model=str(model_dir), tensor_parallel_size=2,
-                                        enable_expert_parallel=True, **options))]
+    engines = [AsyncEngine(c) for c in configs]
     for e in engines:
         e.start()
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    result: list = []
 
     async def run() -> None:
         server = grpc.aio.server()
@@ -582,15 +572,11 @@ def test_latent_tp_instance_fetches_a_one_rank_peers_blocks(tmp_path: Path,
             async for _ in engines[0].generate(prompt, params):
                 pass
             store = engines[1].engine.kv_store
-            assert store.config.replicated and store.whole and store.single_part
-            store._prefill_tps = None
-            n = (len(prompt) - 1) // 8
-            assert await client.fetch_from_peer(address, prompt, n) == n
-            assert set(store.peer_bps) <= {"shm" if same_host else "grpc"}
-            assert store.peer_blocks_by_path == {"shm" if same_host else "grpc": n}
-            outs = [o async for o in engines[1].generate(prompt, params)]
-            assert outs[-1].num_cached_tokens == n * 8
-            _assert_same_or_near_tie(ref, [outs[-1].outputs[0]])
+            check(store)
+            store._prefill_tps = None  # always fetch
+            n = (len(prompt) - 1) // store.config.block_size
+            result.append(await client.fetch_from_peer(address, prompt, n))
+            result.append([o async for o in engines[1].generate(prompt, params)][-1])
         finally:
             await client.close_peers()
             await server.stop(0.5)
@@ -602,6 +588,39 @@ def test_latent_tp_instance_fetches_a_one_rank_peers_blocks(tmp_path: Path,
     finally:
         for e in engines:
             e.shutdown()
+    return result[0], result[1]
+
+
+@needs_two
+@pytest.mark.parametrize("same_host", [True, False])
+def test_latent_tp_instance_fetches_a_one_rank_peers_blocks(tmp_path: Path,
+                                                           demo_model_dir: Path,
+                                                           same_host: bool) -> None:
+    """An MLA instance at TP=2 has a one-rank instance's layout (its parts are replicas): it
+    fetches a TP=1 peer's prefix over shared memory or gRPC into rank 0's part, copies it
+    on to rank 1's, and answers as TP=1 does."""
+    import test_expert_parallel
+
+    model_dir = test_expert_parallel._model_dir(tmp_path, demo_model_dir, "deepseek-v3")
+    prompt = torch.randint(0, 256, (70,), generator=torch.Generator().manual_seed(8)).tolist()
+    options = dict(dtype="float32", weight_format="f32", max_model_len=128, num_kv_blocks=32,
+                   block_size=8)
+    ref = _greedy(LLM(str(model_dir), **options), [prompt], 12)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    stores = []
+
+    def check(store) -> None:  # noqa: ANN001
+        assert store.config.replicated and store.whole and store.single_part
+        stores.append(store)
+
+    n, out = _peer_fetch([EngineConfig(model=str(model_dir), **options),
+                          EngineConfig(model=str(model_dir), tensor_parallel_size=2,
+                                       enable_expert_parallel=True, **options)],
+                         prompt, params, same_host, check)
+    assert n == (len(prompt) - 1) // 8
+    assert stores[0].peer_blocks_by_path == {"shm" if same_host else "grpc": n}
+    assert out.num_cached_tokens == n * 8
+    _assert_same_or_near_tie(ref, [out.outputs[0]])
 
 
 @needs_two
@@ -614,56 +633,22 @@ def test_tp_instances_move_whole_blocks_between_them(models_root: Path,
     heads of each block (rank 0 of each reaches its workers' shares): on one host the
     server writes them straight into every part of the fetcher's memory (each rank's memfd
     mapped), else they stream; its answer is TP=1's."""
-    import asyncio
-
-    import grpc
-
-    from xllm.config import EngineConfig
-    from xllm.engine.async_engine import AsyncEngine
-    from xllm.service.instance import InstanceServicer
-    from xllm.service.proto import instance_pb2_grpc
-
     model_dir, fmt = _tp_model(split, models_root, demo_model_dir)
     gen = torch.Generator().manual_seed(3)
     prompt = torch.randint(0, VOCAB, (70,), generator=gen).tolist()
     options = dict(dtype="float32", max_model_len=128, num_kv_blocks=32, block_size=8, **fmt)
     ref = _greedy(LLM(str(model_dir), **options), [prompt], 12)
     cfg = EngineConfig(model=str(model_dir), tensor_parallel_size=2, **options)
-    engines = [AsyncEngine(cfg), AsyncEngine(cfg)]
-    for e in engines:
-        e.start()
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    stores = []
 
-    async def run() -> None:
-        server = grpc.aio.server()
-        instance_pb2_grpc.add_InstanceServicer_to_server(InstanceServicer(engines[0]), server)
-        address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-        await server.start()
-        client = InstanceServicer(engines[1])
-        client.same_host = lambda peer: same_host  # type: ignore[method-assign]
-        try:
-            async for _ in engines[0].generate(prompt, params):
-                pass
-            for e in engines:
-                store = e.engine.kv_store
-                assert store.whole and not store.single_part
-                assert len(store.memory_parts()) == 2  # rank 0's memfd and the worker's
-                store._prefill_tps = None
-            n = (len(prompt) - 1) // 8
-            assert await client.fetch_from_peer(address, prompt, n) == n
-            path = "shm" if same_host else "grpc"
-            assert engines[1].engine.kv_store.peer_blocks_by_path == {path: n}
-            outs = [o async for o in engines[1].generate(prompt, params)]
-            assert outs[-1].num_cached_tokens == n * 8
-            _assert_same_or_near_tie(ref, [outs[-1].outputs[0]])
-        finally:
-            await client.close_peers()
-            await server.stop(0.5)
+    def check(store) -> None:  # noqa: ANN001
+        assert store.whole and not store.single_part
+        assert len(store.memory_parts()) == 2  # rank 0's memfd and the worker's
+        stores.append(store)
 
-    try:
-        for e in engines:
-            assert e.wait_ready(120), e.error
-        asyncio.run(run())
-    finally:
-        for e in engines:
-            e.shutdown()
+    n, out = _peer_fetch([cfg, cfg], prompt, params, same_host, check)
+    assert n == (len(prompt) - 1) // 8
+    assert stores[0].peer_blocks_by_path == {"shm" if same_host else "grpc": n}
+    assert out.num_cached_tokens == n * 8
+    _assert_same_or_near_tie(ref, [out.outputs[0]])

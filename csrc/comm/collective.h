@@ -38,6 +38,16 @@ enum class ElemType : int32_t {
   kFloat32Bf16Sums = 5,  // float32 data, rounded to bf16 for the trip and the sum
 };
 
+// A gather's arguments (every implementation checks them alike).
+inline void check_gather_args(int64_t nbytes, int64_t rows) {
+  if (nbytes < 0) throw CommError(ErrorKind::kInvalidArgument, "argument 'nbytes' must be >= 0");
+  if (rows < 1 || nbytes % rows != 0) {
+    throw CommError(ErrorKind::kInvalidArgument,
+                    "argument 'rows' must be >= 1 and divide nbytes (" + std::to_string(nbytes) +
+                        "), got " + std::to_string(rows));
+  }
+}
+
 class Collective {
  public:
   virtual ~Collective() = default;

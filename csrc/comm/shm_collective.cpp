@@ -418,12 +418,7 @@ void place_rows(char* dst, const char* from, int64_t first, int64_t n, int64_t r
 void ShmAllReduce::gather(const void* src, int64_t nbytes, void* dst, int64_t rows) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_usable();
-  if (nbytes < 0) throw CommError(ErrorKind::kInvalidArgument, "argument 'nbytes' must be >= 0");
-  if (rows < 1 || nbytes % rows != 0) {
-    throw CommError(ErrorKind::kInvalidArgument,
-                    "argument 'rows' must be >= 1 and divide nbytes (" + std::to_string(nbytes) +
-                        "), got " + std::to_string(rows));
-  }
+  check_gather_args(nbytes, rows);
   if (nbytes == 0) return;
   const int parity = begin_call(nbytes, ElemType::kGather);
   const char* in = static_cast<const char*>(src);

@@ -235,12 +235,7 @@ void TcpCollective::allreduce(void* data, int64_t numel, ElemType type) {
 void TcpCollective::gather(const void* src, int64_t nbytes, void* dst, int64_t rows) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_usable();
-  if (nbytes < 0) throw CommError(ErrorKind::kInvalidArgument, "argument 'nbytes' must be >= 0");
-  if (rows < 1 || nbytes % rows != 0) {
-    throw CommError(ErrorKind::kInvalidArgument,
-                    "argument 'rows' must be >= 1 and divide nbytes (" + std::to_string(nbytes) +
-                        "), got " + std::to_string(rows));
-  }
+  check_gather_args(nbytes, rows);
   if (nbytes == 0) return;
   const Header header{static_cast<int32_t>(ElemType::kGather), rank_, nbytes, rows};
   if (rank_ != 0) {
