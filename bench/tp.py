@@ -30,7 +30,6 @@ before sleeping (``xllm.runtime.tp.BUSY_WAIT_S``, the group's on every rank), in
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -38,9 +37,11 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
+from bench.netns import two_namespaces
 from bench.throughput import _cpu_name, _prompts, _tokens_per_second
+
+Hosts = tuple[tuple[str, str], tuple[str, str]]  # (namespace, address) of rank 0's, the worker's
 
 FORMATS = {"default": {}, "fp32": {"dtype": "float32", "weight_format": "blocks"}}
 
@@ -86,37 +87,10 @@ def run(scenario: str, tp: int, options: dict, repeats: int = 1) -> dict:
         engine.close()
 
 
-@contextlib.contextmanager
-def two_namespaces() -> Iterator[tuple[str, str, str]]:
-    """Two network namespaces joined by a veth pair: (rank 0's namespace, its address, the
-    worker's namespace); removed afterwards."""
-    tag = f"{os.getpid() % 10000}"
-    a, b, net = f"xbench-a{tag}", f"xbench-b{tag}", "10.217.0"
-
-    def ip(*cmd: str) -> None:
-        subprocess.run(["ip", *cmd], check=True, timeout=10, capture_output=True)
-
-    made = []
-    try:
-        for ns in (a, b):
-            ip("netns", "add", ns)
-            made.append(ns)
-        ip("link", "add", f"xba{tag}", "type", "veth", "peer", "name", f"xbb{tag}")
-        for ns, dev, host in ((a, f"xba{tag}", 1), (b, f"xbb{tag}", 2)):
-            ip("link", "set", dev, "netns", ns)
-            ip("-n", ns, "addr", "add", f"{net}.{host}/24", "dev", dev)
-            ip("-n", ns, "link", "set", dev, "up")
-            ip("-n", ns, "link", "set", "lo", "up")
-        yield a, f"{net}.1", b
-    finally:
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], timeout=10, capture_output=True)
-
-
-def run_tcp(scenario: str, fmt: str, repeats: int, hosts: tuple[str, str, str]) -> dict:
+def run_tcp(scenario: str, fmt: str, repeats: int, hosts: Hosts) -> dict:
     """run() at TP=2 with rank 0 in one namespace (core 0) and the worker in the other
     (core 1), over TCP."""
-    ns_a, addr, ns_b = hosts
+    (ns_a, addr), (ns_b, _) = hosts
     cmd = ["ip", "netns", "exec", ns_a, "taskset", "-c", "0", sys.executable, "-m", "bench.tp",
            "--tcp-rank0", f"{addr}:{random.randrange(20000, 40000)}", "--worker-ns", ns_b,
            "--scenarios", scenario, "--formats", fmt, "--repeats", str(repeats)]
@@ -162,12 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         tcp_rank0(args.tcp_rank0, args.worker_ns, args.scenarios, args.formats, args.repeats)
         return 0
     if args.tcp:
-        with two_namespaces() as hosts:
+        with two_namespaces("xbench") as hosts:
             return _main(args, hosts)
     return _main(args, None)
 
 
-def _main(args: argparse.Namespace, hosts: tuple[str, str, str] | None) -> int:
+def _main(args: argparse.Namespace, hosts: Hosts | None) -> int:
     from xllm.runtime import tp as tp_module
 
     waits = ([float(v) for v in args.busy_wait.split(",")] if args.busy_wait

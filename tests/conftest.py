@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import re
 import subprocess
 import time
@@ -87,36 +86,22 @@ def demo_hf(demo_model_dir: Path):  # noqa: ANN201
 
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(demo_model_dir), dtype=torch.float32).eval()
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, timeout=10, capture_output=True)
 
 
 @pytest.fixture
 def two_hosts():  # noqa: ANN201
-    """Two network namespaces joined by a veth pair, addresses 10.213.X.1 and .2; removed
-    afterwards (which removes the pair). Skips where namespaces cannot be made."""
-    tag = f"{os.getpid() % 10000}{random.randrange(100)}"
-    a, b = f"xllm-a{tag}", f"xllm-b{tag}"
-    net = f"10.213.{random.randrange(1, 250)}"
-    made = []
+    """Two network namespaces joined by a veth pair (bench.netns): ((namespace, address),
+    (namespace, address)); removed afterwards. Skips where namespaces cannot be made."""
+    from bench.netns import two_namespaces
+
+    hosts = two_namespaces()
     try:
-        for ns in (a, b):
-            _ip("netns", "add", ns)
-            made.append(ns)
-        _ip("link", "add", f"xva{tag}", "type", "veth", "peer", "name", f"xvb{tag}")
-        for ns, dev, host in ((a, f"xva{tag}", 1), (b, f"xvb{tag}", 2)):
-            _ip("link", "set", dev, "netns", ns)
-            _ip("-n", ns, "addr", "add", f"{net}.{host}/24", "dev", dev)
-            _ip("-n", ns, "link", "set", dev, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
+        pair = hosts.__enter__()
     except (OSError, subprocess.SubprocessError) as e:
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], timeout=10, capture_output=True)
         pytest.skip(f"cannot make network namespaces here ({e}); needs root and ip netns")
     try:
-        yield (a, f"{net}.1"), (b, f"{net}.2")
+        yield pair
     finally:
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], timeout=10, capture_output=True)
+        hosts.__exit__(None, None, None)
 
 
