@@ -123,6 +123,38 @@ def test_tcp_collective_sums_in_rank_order_and_survives_a_mismatched_call() -> N
             s.close()
 
 
+def test_tcp_collective_with_three_ranks_sums_in_rank_order() -> None:
+    """Rank 0 with two workers (a connection each): every rank gets ((r0 + r1) + r2) in fp32
+    and rank 0 the rows of all three side by side."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from xllm import _C
+
+    (a1, b1), (a2, b2) = socket.socketpair(), socket.socketpair()
+    ranks = [_C.TcpCollective(0, 3, [a1.fileno(), a2.fileno()], 5.0),
+             _C.TcpCollective(1, 3, [b1.fileno()], 5.0),
+             _C.TcpCollective(2, 3, [b2.fileno()], 5.0)]
+    gen = torch.Generator().manual_seed(1)
+    parts = [torch.randn(777, generator=gen) for _ in range(3)]
+    rows = [torch.arange(8.0).view(4, 2) + 100 * r for r in range(3)]
+    dst = torch.empty(4, 6)
+
+    def job(r: int) -> torch.Tensor:
+        out = ranks[r].allreduce(parts[r].clone())
+        ranks[r].gather(rows[r], dst if r == 0 else None, 4)
+        return out
+
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            sums = list(pool.map(job, range(3), timeout=30))
+        want = (parts[0] + parts[1]) + parts[2]
+        assert all(torch.equal(t, want) for t in sums)
+        assert torch.equal(dst, torch.cat(rows, dim=1))
+    finally:
+        for sock in (a1, b1, a2, b2):
+            sock.close()
+
+
 def test_tcp_collective_times_out_on_a_silent_rank() -> None:
     socks, r0, _ = _pair_of_ranks(timeout=0.3)
     try:
