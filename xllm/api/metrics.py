@@ -77,7 +77,7 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily("xllm_tp_wait_seconds",
                                   "Tensor parallelism: of the sums, gathers and messages, "
                                   "seconds rank 0 waited for ranks not there yet (their work's "
-                                  "skew, not the transfer; shared memory only)",
+                                  "skew, not the transfer)",
                                   value=s.tp_wait_seconds)
         steps = max(1, s.num_steps)
         yield GaugeMetricFamily("xllm_tp_allreduce_seconds_per_step",

@@ -368,8 +368,7 @@ class LLMEngine:
     def tp_wait_seconds(self) -> float:
         """Of tp_reduce_seconds and tp_message_seconds, the seconds rank 0 waited for ranks
         that had not arrived yet: the skew of the ranks' work (an uneven head split, a rank
-        still decoding its step, a slower core), not the transfer. 0 without TP or over
-        TCP."""
+        still decoding its step, a slower core), not the transfer. 0 without TP."""
         if self.workers is None:
             return 0.0
         return self.workers.comm.wait_seconds - self._tp_wait_base
@@ -389,16 +388,13 @@ class LLMEngine:
         if c.part_segment(0) != c.segment_bytes:
             raise RuntimeError(f"rank 0's KV segment is {c.segment_bytes} bytes, its part "
                                f"was computed as {c.part_segment(0)}")
-        maps, regions, where = [], [], []
-        for rank, (pid, fd, region_bytes, count, seg) in enumerate(self.workers.parts, 1):
+        for rank, (_, _, _, count, seg) in enumerate(self.workers.parts, 1):
             if count != per or seg != c.part_segment(rank):
                 raise RuntimeError(f"tensor-parallel rank {rank} reports {count} KV regions of "
                                    f"{seg}-byte segments; expected {per} of "
                                    f"{c.part_segment(rank)}")
-            mm, addresses = PeerMemory.regions(pid, fd, region_bytes, count)
-            maps.append(mm)
-            regions += addresses
-            where.append((pid, fd, region_bytes))
+        where = [(pid, fd, region_bytes) for pid, fd, region_bytes, _, _ in self.workers.parts]
+        maps, regions = PeerMemory.parts(where, per)
         self.kv_store.attach_parts(regions, keep=maps, where=where)
 
     def maintain(self) -> float | None:

@@ -192,3 +192,15 @@ class PeerMemory:
             cls._cache[key] = entry = (mm, base)
         mm, base = entry
         return mm, [base + r * region_bytes for r in range(num_regions)]
+
+    @classmethod
+    def parts(cls, parts: Sequence[tuple[int, int, int]], num_regions: int
+              ) -> tuple[list[mmap.mmap], list[int]]:
+        """:meth:`regions` of several memories, (pid, memfd, region bytes) each, in order:
+        their mappings and every one's ``num_regions`` regions after the one before's."""
+        mappings, regions = [], []
+        for pid, fd, region_bytes in parts:
+            mapping, addresses = cls.regions(pid, fd, region_bytes, num_regions)
+            mappings.append(mapping)
+            regions += addresses
+        return mappings, regions

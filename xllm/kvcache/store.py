@@ -353,11 +353,9 @@ class KVStore:
         parts not attached)."""
         if self.memory is None or not self.whole:
             return None
-        mine = (os.getpid(), self.memory.vmm.fd, self.memory.region_bytes)
-        others = self._where if self.config.distinct_parts > 1 else []
-        if len(others) != self.config.distinct_parts - 1:
+        if len(self._where) != self.config.distinct_parts - 1:  # (replicas never set it)
             return None
-        return [mine, *others]
+        return [(os.getpid(), self.memory.vmm.fd, self.memory.region_bytes), *self._where]
 
     def replicate(self, blocks: Sequence[int]) -> None:
         """Blocks written into this rank's part from outside the model (a tier's load, a

@@ -74,13 +74,7 @@ def map_parts(store: KVStore, parts: Parts) -> tuple[list[object], list[int]]:
     c = store.config
     if len(parts) != c.distinct_parts:
         raise OSError(f"a KV memory of {len(parts)} parts; this layout has {c.distinct_parts}")
-    per = c.num_regions // c.distinct_parts
-    mappings, regions = [], []
-    for pid, fd, region_bytes in parts:
-        mapping, addresses = PeerMemory.regions(pid, fd, region_bytes, per)
-        mappings.append(mapping)
-        regions += addresses
-    return mappings, regions
+    return PeerMemory.parts(parts, c.num_regions // c.distinct_parts)
 
 
 def export_blocks(engine: Any, hashes: list[int], tokens: list[int], first: int,

@@ -110,7 +110,7 @@ class TimedGroup:
     @property
     def wait_seconds(self) -> float:
         """Seconds this rank waited in collectives for ranks not yet there."""
-        return getattr(self.comm, "wait_seconds", 0.0)
+        return self.comm.wait_seconds
 
     def alive(self) -> bool:
         """Whether the group's connections to its peers are open (TCP; always True on shared

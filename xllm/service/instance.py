@@ -125,6 +125,14 @@ def _parts(msg: Any) -> list[tuple[int, int, int]]:
             *((p.pid, p.fd, p.region_bytes) for p in msg.shm_parts)]
 
 
+def _put_parts(msg: Any, parts: list[tuple[int, int, int]]) -> None:
+    """The inverse of :func:`_parts`: ``parts`` written into a FetchBlocksRequest or a
+    BlockChunk."""
+    (msg.shm_pid, msg.shm_fd, msg.shm_region_bytes), *others = parts
+    msg.shm_parts.extend(instance_pb2.ShmPart(pid=p, fd=f, region_bytes=b)
+                         for p, f, b in others)
+
+
 class InstanceServicer(instance_pb2_grpc.InstanceServicer):
     def __init__(self, engine: AsyncEngine, role: str = "mixed") -> None:
         self.engine = engine
@@ -155,18 +163,16 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
         loop = asyncio.get_running_loop()
         store = self.engine.engine.kv_store
         held = self.engine.engine.scheduler.kv.holds.get(key) if key else None
-        where = store.memory_parts()
-        if held is not None and request.pull and local and where is not None:
+        if held is not None and request.pull and local and \
+                (where := store.memory_parts()) is not None:
             # Same host: say where the held blocks are; the client copies them on its own
             # core and releases the hold after (this instance stays on its prefills).
             blocks = locate_held(store, held, list(request.block_hashes), request.first,
                                  request.layout)
-            (pid, fd, region_bytes), *others = where
-            yield instance_pb2.BlockChunk(
-                first=request.first, count=len(blocks), shm_pid=pid, shm_fd=fd,
-                shm_region_bytes=region_bytes, blocks=blocks,
-                shm_parts=[instance_pb2.ShmPart(pid=p, fd=f, region_bytes=b)
-                           for p, f, b in others])
+            chunk = instance_pb2.BlockChunk(first=request.first, count=len(blocks),
+                                            blocks=blocks)
+            _put_parts(chunk, where)
+            yield chunk
             return
         if held is not None:
             self._reading_holds.add(key)
@@ -283,9 +289,7 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                                               pull=plan.shm is not None and bool(peer_hold),
                                               mooncake=mooncake is not None)
         if plan.shm is not None:
-            (req.shm_pid, req.shm_fd, req.shm_region_bytes), *others = plan.shm
-            req.shm_parts.extend(instance_pb2.ShmPart(pid=p, fd=f, region_bytes=b)
-                                 for p, f, b in others)
+            _put_parts(req, plan.shm)
             req.shm_blocks.extend(plan.blocks)
         call = None
         landing: asyncio.Future[bool] | None = None  # the previous chunk, landing off the loop
