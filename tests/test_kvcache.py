@@ -673,3 +673,106 @@ def test_a_store_of_parts_copies_whole_blocks_once_they_are_attached() -> None:
     bad = [sums[0], sums[1] ^ 1]
     assert _C.kv_scatter_blocks(store.cpu.address, store.cpu.slot_bytes, slots, bad,
                                 store.regions, cfg.segments_arg, blocks) == 1
+
+
+def test_a_store_with_a_part_on_another_host_moves_whole_blocks_through_its_server(
+        monkeypatch) -> None:  # noqa: ANN001
+    """Ranks on other hosts: the other part is served by a PartServer (here on loopback). A
+    tier write and load move whole blocks through it, in chunks of the staging area, with
+    the same slot bytes and checksums as a store that maps both parts in place; a load
+    into a block of a page group the worker has not mapped yet maps it; a pull of unmapped
+    memory, a server gone, and a rank that answers nonsense each fail the copy (recomputed),
+    never the engine."""
+    import socket
+    import threading
+
+    import xllm.kvcache.store as store_module
+    from xllm.kvcache.parts import PartLink, PartServer, PartsUnavailable
+
+    monkeypatch.setattr(store_module, "STAGING_BYTES", 2 * 1536)  # chunks of 2 blocks
+    cfg = KVStoreConfig(num_blocks=96, num_layers=2, num_kv_heads=2, block_size=4, head_size=8,
+                        dtype_bytes=4, idle_seconds=0.0, parts=2, part_heads=(2, 1),
+                        cpu_tier_bytes=8 * 1536)
+    store = KVStore(cfg)
+    caches = store.kv_caches(torch.float32)
+    worker = KVMemory(96, 2, 128, blocks_per_group=32)
+    worker_caches = worker.tensors((96, 1, 4, 8), torch.float32)
+    server = PartServer("127.0.0.1")
+    server.memory = worker
+    link = PartLink([("127.0.0.1", server.port)], [4 * 128], timeout=5.0)
+    with pytest.raises(ValueError, match="block bytes"):
+        store.attach_link(PartLink([("127.0.0.1", server.port)], [4 * 256]))
+    store.attach_link(link)
+    assert store.whole and store.chunk_blocks == 2 and store.memory_parts() is None
+    blocks = store.pool.allocate(5)  # rank 0 maps their group; the worker follows
+    worker.map_group(0)
+    gen = torch.Generator().manual_seed(1)
+    for k, v in caches + worker_caches:
+        k[blocks].copy_(torch.randn(k[blocks].shape, generator=gen))
+        v[blocks].copy_(torch.randn(v[blocks].shape, generator=gen))
+    both = store.regions + worker.regions  # what a one-host store reaches in place
+    want_bytes, want_sums = _C.kv_gather_bytes(both, cfg.segments_arg, blocks)
+    regions, ids = store.readable(blocks[:2])
+    assert _C.kv_gather_bytes(regions, cfg.segments_arg, ids) == (want_bytes[:2 * 1536],
+                                                                  want_sums[:2])
+
+    # the CPU tier: written through the server (3 chunks), the same slots as in place
+    tokens = list(range(100, 120))
+    hashes = block_hashes(tokens, 4)
+    parents = [ROOT_HASH, *hashes[:-1]]
+    contents = [(parents[i], tuple(tokens[4 * i:4 * i + 4])) for i in range(5)]
+    store.offer(blocks, hashes, contents)
+    store.flush()
+    tier = store.cpu
+    hits = store.lookup(hashes, ROOT_HASH, tokens, 0)
+    assert [len(h.slots) for h in hits] == [5]
+    slots = list(hits[0].slots)
+    assert [tier.checksums[s] for s in slots] == want_sums
+    assert b"".join(ctypes.string_at(tier.address + s * tier.slot_bytes, 1536)
+                    for s in slots) == want_bytes
+
+    # loaded back into blocks of a group the worker has not mapped: it maps it
+    fresh = list(range(70, 75))
+    assert store.memory.is_mapped(70 // store.memory.blocks_per_group)  # (rank 0's groups)
+    assert not worker.is_mapped(2)
+    assert store.load(hits, fresh) == 5
+    assert worker.is_mapped(2)
+    assert _C.kv_gather_bytes(both, cfg.segments_arg, fresh) == (want_bytes, want_sums)
+
+    # blocks between instances: streamed out of the pool and landed through the server
+    from xllm.kvcache.transfer import Export, FetchPlan, gather_chunk, receive_chunk
+
+    sums, data = gather_chunk(store, Export(0, 5, [], [("pool", b) for b in blocks]), 0, 5)
+    assert (data, sums) == (want_bytes, want_sums)
+    plan = FetchPlan(hashes, tokens, 0, list(range(80, 85)), store.layout_key(), None)
+    assert receive_chunk(store, plan, 0, 5, sums, data) and plan.filled == 5
+    assert _C.kv_gather_bytes(both, cfg.segments_arg, plan.blocks) == (want_bytes, want_sums)
+
+    # a pull of blocks whose group the worker does not have mapped fails, the server lives on
+    with pytest.raises(PartsUnavailable, match="not mapped"):
+        store.readable([40])
+    regions, ids = store.readable(fresh[:2])
+    assert _C.kv_gather_bytes(regions, cfg.segments_arg, ids) == (want_bytes[:2 * 1536],
+                                                                  want_sums[:2])
+
+    # a rank that answers nonsense, then one that is gone: copies fail, loads recompute
+    liar = socket.create_server(("127.0.0.1", 0))
+
+    def lie() -> None:
+        conn, _ = liar.accept()
+        conn.recv(1 << 16)
+        conn.sendall(b"\x00" * 12 + b"garbage")
+        conn.close()
+
+    threading.Thread(target=lie, daemon=True).start()
+    store.link = PartLink([("127.0.0.1", liar.getsockname()[1])], [4 * 128], timeout=5.0)
+    with pytest.raises(PartsUnavailable):
+        store.readable(blocks[:1])
+    liar.close()
+    server.close()
+    store.link = link
+    link.close()
+    store.link = PartLink([("127.0.0.1", server.port)], [4 * 128], timeout=2.0)
+    assert store.load(hits, fresh) == 0  # not an exception: recomputed
+    assert tier.corrupt_blocks == 0 and tier.num_blocks == 5  # the tier's bytes are fine
+    store.close()

@@ -209,6 +209,32 @@ def test_tcp_group_sums_gathers_and_messages_exactly() -> None:
 
 # ------------------------------------------------------------- two hosts: network namespaces
 
+def _start_ranks(two_hosts, script: str, *args: str):  # noqa: ANN001, ANN202
+    """Rank 0 running ``script`` (argv: args, then the master address) in one namespace and
+    a worker (rank 1) in the other: (rank 0's process, the worker's)."""
+    (ns_a, addr_a), (ns_b, _) = two_hosts
+    master = f"{addr_a}:{random.randrange(20000, 40000)}"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    rank0 = subprocess.Popen(["ip", "netns", "exec", ns_a, sys.executable, "-c", script,
+                              *args, master],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    worker = subprocess.Popen(["ip", "netns", "exec", ns_b, sys.executable, "-m",
+                               "xllm.runtime.worker", "--master", master, "--rank", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=env)
+    return rank0, worker
+
+
+def _first_line(rank0: subprocess.Popen, timeout: float = 180.0) -> dict:
+    deadline = time.monotonic() + timeout
+    line = ""
+    while not line and time.monotonic() < deadline and rank0.poll() is None:
+        line = rank0.stdout.readline()
+    assert line, f"rank 0 gave no result: {rank0.stderr.read()[-3000:]}"
+    return json.loads(line)
+
+
 RANK0_SCRIPT = textwrap.dedent("""
     import json, sys, time
     from xllm import LLM, SamplingParams
@@ -239,24 +265,9 @@ def test_engine_with_a_worker_on_another_host(two_hosts, demo_model_dir: Path) -
     """Rank 0 (the engine) in one namespace, rank 1 in the other, talking over the veth pair:
     greedy and seeded outputs equal one rank's; then the worker is killed and the engine's
     next step fails within seconds instead of hanging."""
-    (ns_a, addr_a), (ns_b, _) = two_hosts
-    master = f"{addr_a}:{random.randrange(20000, 40000)}"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    rank0 = subprocess.Popen(["ip", "netns", "exec", ns_a, sys.executable, "-c", RANK0_SCRIPT,
-                              str(demo_model_dir), master],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env)
-    worker = subprocess.Popen(["ip", "netns", "exec", ns_b, sys.executable, "-m",
-                               "xllm.runtime.worker", "--master", master, "--rank", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              env=env)
+    rank0, worker = _start_ranks(two_hosts, RANK0_SCRIPT, str(demo_model_dir))
     try:
-        deadline = time.monotonic() + 180
-        line = ""
-        while not line and time.monotonic() < deadline and rank0.poll() is None:
-            line = rank0.stdout.readline()
-        assert line, f"rank 0 gave no result: {rank0.stderr.read()[-3000:]}"
-        got = json.loads(line)
+        got = _first_line(rank0)
         assert got["native"]  # the native decoder stack, its sums over TCP
         ref = LLM(str(demo_model_dir), dtype="float32", weight_format="blocks",
                   max_model_len=256, num_kv_blocks=64)
@@ -273,6 +284,65 @@ def test_engine_with_a_worker_on_another_host(two_hosts, demo_model_dir: Path) -
         rank0.stdin.flush()
         after = json.loads(rank0.stdout.readline())
         assert after["error"] == "RuntimeError" and after["seconds"] < 10, after
+        assert rank0.wait(timeout=30) == 0, rank0.stderr.read()[-3000:]
+    finally:
+        for p in (rank0, worker):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+RANK0_TIERS_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from xllm import LLM, SamplingParams
+    model, tiers, master = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    prompts, floods = json.loads(sys.stdin.readline())
+    llm = LLM(model, tensor_parallel_size=2, tp_master=master, dtype="float32",
+              weight_format="blocks", max_model_len=128, num_kv_blocks=24, block_size=8,
+              max_num_seqs=1, **tiers)
+    store = llm.engine.kv_store
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    out = [llm.generate([prompts[0]], params, use_tqdm=False)[0]]
+    for prompt in prompts[1:]:
+        llm.generate(floods, SamplingParams(max_tokens=4), use_tqdm=False)  # evicts the doc
+        store.flush()
+        out.append(llm.generate([prompt], params, use_tqdm=False)[0])
+    print(json.dumps({"tokens": [o.outputs[0].token_ids for o in out],
+                      "cached": [o.num_cached_tokens for o in out],
+                      "link": store.link is not None, "whole": store.whole,
+                      "hits": store.tiers[0].hit_blocks,
+                      "corrupt": store.tiers[0].corrupt_blocks}), flush=True)
+    llm.engine.close()
+""")
+
+
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+def test_kv_tiers_with_a_worker_on_another_host(two_hosts, demo_model_dir: Path,  # noqa: ANN001
+                                                tmp_path: Path, tier: str) -> None:
+    """KV tiers under TP=2 with rank 1 in the other namespace: rank 0's tier holds whole
+    blocks, the worker's heads of each pulled through its part server and pushed back on a
+    load. A document evicted from the pool by other prompts comes back from the CPU tier or
+    from disk, and the answers equal TP=1's without tiers."""
+    gen = torch.Generator().manual_seed(7)
+    doc = torch.randint(0, 1000, (64,), generator=gen).tolist()
+    prompts = [doc + torch.randint(0, 1000, (5,), generator=gen).tolist() for _ in range(3)]
+    floods = [torch.randint(0, 1000, (70,), generator=gen).tolist() for _ in range(4)]
+    tiers = (dict(kv_offload_cpu_gb=0.05) if tier == "cpu" else
+             dict(kv_offload_disk=str(tmp_path / "kv"), kv_offload_disk_gb=0.05))
+    rank0, worker = _start_ranks(two_hosts, RANK0_TIERS_SCRIPT, str(demo_model_dir),
+                                 json.dumps(tiers))
+    try:
+        rank0.stdin.write(json.dumps([prompts, floods]) + "\n")
+        rank0.stdin.flush()
+        got = _first_line(rank0)
+        assert got["link"] and got["whole"]
+        assert all(c >= 64 for c in got["cached"][1:]), got["cached"]  # the doc, from the tier
+        assert got["hits"] >= 16 and got["corrupt"] == 0
+        ref = LLM(str(demo_model_dir), dtype="float32", weight_format="blocks",
+                  max_model_len=128, num_kv_blocks=24, block_size=8, max_num_seqs=1)
+        params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+        assert got["tokens"] == [o.outputs[0].token_ids
+                                 for o in ref.generate(prompts, params, use_tqdm=False)]
         assert rank0.wait(timeout=30) == 0, rank0.stderr.read()[-3000:]
     finally:
         for p in (rank0, worker):

@@ -124,10 +124,6 @@ class EngineConfig:
             if self.device != "cpu":
                 raise ValueError("tensor parallelism runs on the CPU only for now (the CUDA "
                                  "path over NCCL is not built); use tensor_parallel_size 1")
-            if self.kv_tiers and self.tp_master is not None:
-                raise ValueError("KV tiers (kv_offload_cpu_gb, kv_offload_disk) under tensor "
-                                 "parallelism need the ranks on one host (rank 0 copies every "
-                                 "rank's heads of a block); drop tp_master or the tiers")
             cores = len(os.sched_getaffinity(0))
             if self.tp_master is not None:
                 from xllm.ops.tcp_group import parse_address

@@ -32,6 +32,7 @@ from xllm.config import EngineConfig
 from xllm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from xllm.engine.speed_model import OnlineSpeedModel, chunk_attention
 from xllm.kvcache.memory import PeerMemory
+from xllm.kvcache.parts import PartLink
 from xllm.kvcache.store import KVStore, KVStoreConfig
 from xllm.layers.eplb import Placement, rank_loads, rebalance_experts
 from xllm.layers.parallel import SINGLE, TensorParallel, check_tensor_parallel, head_shard
@@ -120,11 +121,10 @@ class LLMEngine:
                                           mc.intermediate_size, tp_size):
             logger.warning("tensor parallelism: %s", note)
         kv_heads, kv_head_size, kv_tensors = mc.kv_cache_geometry()
-        # Rank 0 reaches every rank's heads of a block (tiers, blocks between instances)
-        # where the ranks share this host: their parts' KV heads, else None. A latent cache
+        # Rank 0 reaches every rank's heads of a block (tiers, blocks between instances): in
+        # place on one host, through the workers' part servers across hosts. A latent cache
         # (MLA) is the same on every rank: its parts are replicas.
-        part_heads = (_whole_block_parts(mc, kv_tensors, tp_size, config.tp_master)
-                      if tp_size > 1 else None)
+        part_heads = _whole_block_parts(mc, kv_tensors, tp_size) if tp_size > 1 else None
         replicated = tp_size > 1 and kv_tensors == 1
         if kv_dtype == torch.int8 and kv_tensors != 2:
             raise ValueError(f"kv_cache_dtype int8 is for K/V caches; {mc.architecture}'s "
@@ -381,19 +381,27 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------
 
     def _attach_worker_parts(self) -> None:
-        """Maps the workers' shares of the pool here, so the KV store reaches whole blocks."""
+        """Lets the KV store reach whole blocks: the workers' shares of the pool mapped here
+        (one host), or their part servers connected (ranks on other hosts)."""
         assert self.workers is not None
         c = self.kv_store.config
         per = c.tensors_per_layer * c.num_layers
         if c.part_segment(0) != c.segment_bytes:
             raise RuntimeError(f"rank 0's KV segment is {c.segment_bytes} bytes, its part "
                                f"was computed as {c.part_segment(0)}")
-        for rank, (_, _, _, count, seg) in enumerate(self.workers.parts, 1):
+        for rank, (_, _, _, count, seg, _) in enumerate(self.workers.parts, 1):
             if count != per or seg != c.part_segment(rank):
                 raise RuntimeError(f"tensor-parallel rank {rank} reports {count} KV regions of "
                                    f"{seg}-byte segments; expected {per} of "
                                    f"{c.part_segment(rank)}")
-        where = [(pid, fd, region_bytes) for pid, fd, region_bytes, _, _ in self.workers.parts]
+        if self.config.tp_master is not None:
+            comm = self.workers.comm.comm
+            self.kv_store.attach_link(PartLink(
+                [(comm.peer_host(rank), port)
+                 for rank, (*_, port) in enumerate(self.workers.parts, 1)],
+                [c.part_segment(rank) * per for rank in range(1, c.parts)]))
+            return
+        where = [(pid, fd, region_bytes) for pid, fd, region_bytes, *_ in self.workers.parts]
         maps, regions = PeerMemory.parts(where, per)
         self.kv_store.attach_parts(regions, keep=maps, where=where)
 
@@ -729,16 +737,12 @@ def _single_threaded() -> None:
     _C.set_thread_parallelism(1)
 
 
-def _whole_block_parts(mc: ModelConfig, kv_tensors: int, size: int, tp_master: str | None
-                       ) -> tuple[int, ...] | None:
-    """Each rank's KV heads where rank 0 can reach whole blocks under tensor parallelism
-    (ranks on this host, whose shares of the pool it maps), else None (KV tiers need it;
-    EngineConfig refuses them with tp_master). A latent cache (MLA, one tensor a layer) has
+def _whole_block_parts(mc: ModelConfig, kv_tensors: int, size: int) -> tuple[int, ...]:
+    """Each rank's KV heads under tensor parallelism: the parts of a whole block (KV tiers
+    and blocks between instances move them). A latent cache (MLA, one tensor a layer) has
     one "head", the same on every rank."""
     from types import SimpleNamespace
 
-    if tp_master is not None:
-        return None
     if kv_tensors != 2:
         return (1,) * size
     return tuple(head_shard(mc.num_attention_heads, mc.num_key_value_heads,

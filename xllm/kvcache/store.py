@@ -38,8 +38,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from xllm import _C
 from xllm.kvcache.memory import KVMemory
+from xllm.kvcache.parts import PartLink, PartsUnavailable
 from xllm.kvcache.pool import DEFAULT_IDLE_SECONDS, OnDemandBlockPool
 from xllm.kvcache.tiers import Content, CpuTier, DiskTier, Tier
 from xllm.ops.block_pool import BlockPool, BlockPoolProtocol
@@ -49,6 +52,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# A whole-block copy's staging area with parts on other hosts (bytes; per copying thread).
+STAGING_BYTES = 32 << 20
+_CORRUPT, _UNREACHABLE = -2, -1000  # a load's errors besides I/O's (negative errno)
 _RATE_WEIGHT = 0.2  # running averages of measured rates: weight of the newest sample
 _MIN_PREFILL_SAMPLE = 64  # prompt tokens a step must compute to measure the prompt speed
 
@@ -256,6 +262,10 @@ class KVStore:
             self.regions: list[int] = []  # set by kv_caches() from the tensors it makes
         self.replicas: list[list[int]] = []  # the other parts' regions, when replicas
         self._where: list[tuple[int, int, int]] = []  # the other parts' memfds (attach_parts)
+        # The other parts on other hosts (attach_link), and each thread's staging area for
+        # the whole blocks assembled from them.
+        self.link: PartLink | None = None
+        self._staging = threading.local()
         self.tiers: list[Tier] = []
         self.cpu: CpuTier | None = None
         self.disk: DiskTier | None = None
@@ -346,6 +356,24 @@ class KVStore:
             self._where = list(where)
         self._parts_memory = list(keep)
 
+    def attach_link(self, link: PartLink) -> None:
+        """The other ranks' parts on other hosts (tensor parallelism with ``tp_master``),
+        served by their :class:`~xllm.kvcache.parts.PartServer`: whole blocks are assembled
+        in a staging area (``readable``) and landed from one (``land``). Replicas (a latent
+        cache) are only written: a block is this rank's part."""
+        c = self.config
+        if self.memory is None or c.parts < 2 or len(link.ranks) != c.parts - 1:
+            raise ValueError(f"attach_link needs the {c.parts - 1} other parts' servers on "
+                             "memory on demand")
+        if any(link.part_bytes[r - 1] != self._part_bytes(r) for r in range(1, c.parts)):
+            raise ValueError(f"the parts' block bytes {link.part_bytes} are not this "
+                             f"layout's {[self._part_bytes(r) for r in range(1, c.parts)]}")
+        self.link = link
+
+    def _part_bytes(self, rank: int) -> int:
+        c = self.config
+        return c.part_segment(rank) * c.tensors_per_layer * c.num_layers
+
     def memory_parts(self) -> list[tuple[int, int, int]] | None:
         """Where a block's parts are on this host, for a peer that maps them: (pid, memfd,
         region bytes) of this rank's memory, then of each other part's (not of replicas,
@@ -357,14 +385,125 @@ class KVStore:
             return None
         return [(os.getpid(), self.memory.vmm.fd, self.memory.region_bytes), *self._where]
 
-    def replicate(self, blocks: Sequence[int]) -> None:
+    def replicate(self, blocks: Sequence[int]) -> int:
         """Blocks written into this rank's part from outside the model (a tier's load, a
         peer's blocks): copied on to the other parts when they are replicas (any thread that
-        holds the blocks reserved). Nothing to do otherwise."""
-        if self.replicas and blocks:
-            ids = list(blocks)
-            for replica in self.replicas:
-                _C.kv_copy_blocks(self.regions, ids, replica, ids, self.config.segment_bytes)
+        holds the blocks reserved; pushed to ranks on other hosts). Returns how many blocks
+        every part now holds: all of them, or 0 when a remote rank could not be written."""
+        ids = list(blocks)
+        if not ids:
+            return 0
+        seg = self.config.segment_bytes
+        for replica in self.replicas:
+            _C.kv_copy_blocks(self.regions, ids, replica, ids, seg)
+        if self.link is not None and self.config.replicated:
+            per = len(self.regions)
+            for at in range(0, len(ids), self.chunk_blocks):
+                part = ids[at:at + self.chunk_blocks]
+                buf, staged = self._stage(len(part), [seg] * per)
+                _C.kv_copy_blocks(self.regions, part, staged, list(range(len(part))), seg)
+                regions = self._region_views(buf, [seg] * per, len(part), len(part))
+                try:
+                    self.link.push(part, [regions] * len(self.link.ranks))
+                except PartsUnavailable as e:
+                    logger.warning("KV blocks not replicated to every rank (%s); recomputed", e)
+                    return 0
+        return len(ids)
+
+    # ---- whole blocks with parts on other hosts ----------------------------------------------
+
+    @property
+    def chunk_blocks(self) -> int:
+        """Blocks a whole-block copy takes at once: unbounded where the store reaches every
+        part in place, else as many as the staging area holds."""
+        if self.link is None:
+            return 1 << 30
+        return max(1, STAGING_BYTES // self.config.block_bytes)
+
+    def _stage(self, n: int, segments: Sequence[int]) -> tuple[np.ndarray, list[int]]:
+        """This thread's staging area for ``n`` blocks of regions of ``segments``,
+        region-major (the native copies' view of a pool of ``n`` blocks): the buffer and the
+        regions' addresses."""
+        need = n * sum(segments)
+        buf = getattr(self._staging, "buf", None)
+        if buf is None or buf.size < need:
+            buf = self._staging.buf = np.empty(max(need, 1), dtype=np.uint8)
+        base, regions, at = buf.ctypes.data, [], 0
+        for seg in segments:
+            regions.append(base + at)
+            at += n * seg
+        return buf, regions
+
+    @staticmethod
+    def _region_views(buf: np.ndarray, segments: Sequence[int], n: int, count: int
+                      ) -> list[memoryview]:
+        """The first ``count`` blocks of each region of a staging area of ``n`` blocks."""
+        views, at, whole = [], 0, memoryview(buf)
+        for seg in segments:
+            views.append(whole[at:at + count * seg])
+            at += n * seg
+        return views
+
+    def _remote_segments(self) -> list[list[int]]:
+        """Each remote part's regions' segments, in rank order."""
+        c = self.config
+        per = c.tensors_per_layer * c.num_layers
+        return [list(c.segments[r * per:(r + 1) * per]) for r in range(1, c.parts)]
+
+    def readable(self, blocks: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Where whole blocks ``blocks`` (held; at most ``chunk_blocks``) can be read by the
+        native copies: (regions, block ids). In place where this process reaches every part;
+        with parts on other hosts, assembled in this thread's staging area (this rank's part
+        copied, the others' pulled), valid until its next call. PartsUnavailable when a
+        remote part cannot be read."""
+        c = self.config
+        if self.link is None or c.replicated:
+            return self.regions, list(blocks)
+        n = len(blocks)
+        buf, staged = self._stage(n, c.segments)
+        per = len(self.regions)
+        _C.kv_copy_blocks(self.regions, list(blocks), staged[:per], list(range(n)),
+                          c.segment_bytes)
+        start = n * c.segment_bytes * per
+        views = []
+        for segs in self._remote_segments():
+            size = n * sum(segs)
+            views.append(memoryview(buf)[start:start + size])
+            start += size
+        self.link.pull(blocks, views)
+        return staged, list(range(n))
+
+    def land(self, blocks: Sequence[int], copy: Callable[[list[int], list[int]], int],
+             replicate: bool = True) -> int:
+        """Writes whole blocks into ``blocks`` (reserved; at most ``chunk_blocks``) with
+        ``copy(regions, ids)``, a native copy that returns how many leading blocks it wrote
+        intact, and on to every part (replicas copied unless ``replicate`` is False -- a
+        fetch replicates once all its chunks are in --, remote parts pushed from the staging
+        area they were written to). Returns how many leading blocks landed whole: 0 when a
+        remote part could not be written (they are recomputed)."""
+        c = self.config
+        if self.link is None or c.replicated:
+            ok = copy(self.regions, list(blocks))
+            return self.replicate(list(blocks)[:ok]) if ok and replicate else ok
+        n = len(blocks)
+        buf, staged = self._stage(n, c.segments)
+        ok = copy(staged, list(range(n)))
+        if not ok:
+            return 0
+        per = len(self.regions)
+        _C.kv_copy_blocks(staged[:per], list(range(ok)), self.regions, list(blocks)[:ok],
+                          c.segment_bytes)
+        start = n * c.segment_bytes * per
+        parts = []
+        for segs in self._remote_segments():
+            parts.append(self._region_views(buf[start:], segs, n, ok))
+            start += n * sum(segs)
+        try:
+            self.link.push(list(blocks)[:ok], parts)
+        except PartsUnavailable as e:
+            logger.warning("KV blocks not written to every rank (%s); recomputed", e)
+            return 0
+        return ok
 
     @property
     def whole(self) -> bool:
@@ -373,6 +512,8 @@ class KVStore:
         blocks between instances need it; the peer paths that address one process's memory
         (shared memory, Mooncake) need one part (``single_part``)."""
         c = self.config
+        if self.link is not None:
+            return True
         return (len(self.regions) == c.num_regions
                 and len(self.replicas) == (c.parts - 1 if c.replicated else 0))
 
@@ -473,11 +614,21 @@ class KVStore:
                                  [s * self.cpu.slot_bytes for s in cpu_slots], d_hashes, d_sums,
                                  d_contents)
             self._down_ok[id(job)] = ok
-        if tier is self.cpu:
-            return _C.kv_gather_blocks(self.regions, c.segments_arg, blocks, tier.address,
-                                       tier.slot_bytes, slots)
-        assert isinstance(tier, DiskTier)  # straight from the pool to the disk
-        return tier.write_blocks(slots, self.regions, c.segments_arg, blocks, hashes, contents)
+        sums: list[int] = []
+        step = self.chunk_blocks
+        for at in range(0, len(blocks), step):
+            regions, ids = self.readable(blocks[at:at + step])
+            if tier is self.cpu:
+                sums += _C.kv_gather_blocks(regions, c.segments_arg, ids, tier.address,
+                                            tier.slot_bytes, slots[at:at + step])
+                continue
+            assert isinstance(tier, DiskTier)  # straight from the pool to the disk
+            part = tier.write_blocks(slots[at:at + step], regions, c.segments_arg, ids,
+                                     hashes[at:at + step], contents[at:at + step])
+            if part is None:
+                return None
+            sums += part
+        return sums
 
     def poll(self) -> None:
         """Publishes the writes the background thread has finished and finishes the
@@ -595,24 +746,40 @@ class KVStore:
 
     def _copy_in(self, tier: Tier, slots: list[int], target: list[int]) -> tuple[int, int]:
         """The bytes of a load, nothing else (any thread, while the slots are held and the
-        targets reserved): (leading blocks intact, error: 0, -2 a failed checksum, else an
-        I/O failure)."""
+        targets reserved): (leading blocks intact, error: 0, _CORRUPT a failed checksum,
+        _UNREACHABLE a remote rank's part not written, else an I/O failure)."""
         seg = self.config.segments_arg
-        sums = [tier.checksums[s] for s in slots]
-        if isinstance(tier, DiskTier):
-            ok, err = _C.kv_disk_read(tier.fd, [s * tier.slot_bytes for s in slots], sums,
-                                      self.regions, seg, target)
-        else:
-            ok = _C.kv_scatter_blocks(tier.address, tier.slot_bytes, slots, sums, self.regions,
-                                      seg, target)
-            err = 0 if ok == len(slots) else -2
-        self.replicate(target[:ok])
-        return ok, err
+        total, step = 0, self.chunk_blocks
+        for at in range(0, len(slots), step):
+            part = slots[at:at + step]
+            sums = [tier.checksums[s] for s in part]
+            err = 0
+
+            def copy(regions: list[int], ids: list[int], part=part, sums=sums) -> int:  # noqa: ANN001
+                nonlocal err
+                if isinstance(tier, DiskTier):
+                    ok, err = _C.kv_disk_read(tier.fd, [s * tier.slot_bytes for s in part],
+                                              sums, regions, seg, ids)
+                    return ok
+                ok = _C.kv_scatter_blocks(tier.address, tier.slot_bytes, part, sums, regions,
+                                          seg, ids)
+                err = 0 if ok == len(part) else _CORRUPT
+                return ok
+
+            landed = self.land(target[at:at + step], copy)
+            if landed < len(part) and not err:
+                err = _UNREACHABLE  # read whole, but a remote rank's part was not written
+            total += landed
+            if landed < len(part):
+                return total, err
+        return total, 0
 
     def _account(self, tier: Tier, slots: list[int], ok: int, err: int) -> None:
         """A load's bookkeeping (engine thread): counters, LRU, a corrupt slot dropped."""
-        if err == -2:
+        if err == _CORRUPT:
             self._corrupt(tier, slots[ok])
+        elif err == _UNREACHABLE:
+            pass  # the tier's bytes are fine
         elif err and isinstance(tier, DiskTier):
             tier.read_errors += 1
         tier.hit_blocks += ok
@@ -788,3 +955,5 @@ class KVStore:
         self.poll()
         for tier in self.tiers:
             tier.close()
+        if self.link is not None:
+            self.link.close()

@@ -32,6 +32,7 @@ from typing import Any
 
 from xllm import _C
 from xllm.kvcache.memory import PeerMemory
+from xllm.kvcache.parts import PartsUnavailable
 from xllm.kvcache.store import KVStore
 from xllm.kvcache.tiers import DiskTier
 from xllm.ops.block_pool import ROOT_HASH, best_block_hashes
@@ -195,11 +196,17 @@ def _runs(sources: list[tuple[Any, int]]) -> list[tuple[Any, list[int], int]]:
 def _export_shm(store: KVStore, sources: list[tuple[Any, int]], dst: list[int],
                 dst_blocks: list[int], first: int) -> Export:
     seg = store.config.segments_arg
+    step = store.chunk_blocks
     sums: list[int] = []
     for place, ids, at in _runs(sources):
         target = dst_blocks[at:at + len(ids)]
         if place == "pool":
-            sums.extend(_C.kv_copy_blocks(store.regions, ids, dst, target, seg))
+            try:
+                for k in range(0, len(ids), step):
+                    regions, src = store.readable(ids[k:k + step])
+                    sums.extend(_C.kv_copy_blocks(regions, src, dst, target[k:k + step], seg))
+            except PartsUnavailable:
+                break
             continue
         checks = [place.checksums[s] for s in ids]
         if isinstance(place, DiskTier):
@@ -220,7 +227,12 @@ def gather_chunk(store: KVStore, export: Export, start: int, count: int
     checks them). Ends early at a tier read that fails, and at once when the engine is
     closing."""
     with store.off_thread_copy() as allowed:
-        return _gather(store, export, start, count) if allowed else ([], b"")
+        if not allowed:
+            return [], b""
+        try:
+            return _gather(store, export, start, count)
+        except PartsUnavailable:  # a remote rank's part of a pool block: the stream ends
+            return [], b""
 
 
 def _gather(store: KVStore, export: Export, start: int, count: int
@@ -229,17 +241,21 @@ def _gather(store: KVStore, export: Export, start: int, count: int
     cfg = store.config
     nbytes = cfg.block_bytes
     sources = export.sources[start:start + count]
-    if all(place == "pool" for place, _ in sources):  # the usual chunk: one native pass
-        data_bytes, pool_sums = _C.kv_gather_bytes(store.regions, cfg.segments_arg,
-                                                   [b for _, b in sources])
+    whole = len(sources) <= store.chunk_blocks
+    if whole and all(place == "pool" for place, _ in sources):  # the usual chunk: one pass
+        regions, ids = store.readable([b for _, b in sources])
+        data_bytes, pool_sums = _C.kv_gather_bytes(regions, cfg.segments_arg, ids)
         return pool_sums, data_bytes
     data = bytearray(len(sources) * nbytes)
     base = ctypes.addressof(ctypes.c_char.from_buffer(data)) if data else 0
     sums: list[int] = []
     for place, ids, at in _runs(sources):
         if place == "pool":
-            sums.extend(_C.kv_gather_blocks(store.regions, cfg.segments_arg, ids, base, nbytes,
-                                            list(range(at, at + len(ids)))))
+            for k in range(0, len(ids), store.chunk_blocks):
+                part = ids[k:k + store.chunk_blocks]
+                regions, src = store.readable(part)
+                sums.extend(_C.kv_gather_blocks(regions, cfg.segments_arg, src, base, nbytes,
+                                                list(range(at + k, at + k + len(part)))))
             continue
         done = 0
         for k, slot in enumerate(ids):
@@ -344,13 +360,20 @@ def pull_blocks(store: KVStore, plan: FetchPlan, first: int, peer: Parts,
         mappings, src = map_parts(store, peer)
     except OSError:
         return False
+    seg, step = store.config.segments_arg, store.chunk_blocks
     with store.off_thread_copy() as allowed:
         if not allowed:  # the engine is closing: its memory is going away
             return False
-        _C.kv_copy_blocks(src, blocks, store.regions, plan.blocks[at:at + len(blocks)],
-                          store.config.segments_arg)
+        for k in range(0, len(blocks), step):
+            part = blocks[k:k + step]
+            landed = store.land(plan.blocks[at + k:at + k + len(part)],
+                                lambda regions, ids, part=part: len(
+                                    _C.kv_copy_blocks(src, part, regions, ids, seg)),
+                                replicate=False)  # (finish_fetch does)
+            plan.filled += landed
+            if landed < len(part):
+                return False
     del mappings  # referenced until the copy is done
-    plan.filled += len(blocks)
     return True
 
 
@@ -373,14 +396,23 @@ def _receive(store: KVStore, plan: FetchPlan, first: int, count: int,
     targets = plan.blocks[at:at + count]
     seg = store.config.segments_arg
     if data:
-        if len(data) != count * store.config.block_bytes:
+        nbytes = store.config.block_bytes
+        if len(data) != count * nbytes:
             return False
         # The bytes object's own buffer (read only here; no copy); data stays referenced.
         base = ctypes.cast(ctypes.c_char_p(bytes(data) if not isinstance(data, bytes)
                                            else data), ctypes.c_void_p).value
-        ok = _C.kv_scatter_blocks(base, store.config.block_bytes, list(range(count)), checksums,
-                                  store.regions, seg, targets)
-    elif verify_in_place:
+        ok, step = 0, store.chunk_blocks
+        for k in range(0, count, step):
+            n = min(step, count - k)
+            landed = store.land(targets[k:k + n], lambda regions, ids, k=k, n=n:
+                                _C.kv_scatter_blocks(base, nbytes, list(range(k, k + n)),
+                                                     checksums[k:k + n], regions, seg, ids),
+                                replicate=False)  # (finish_fetch does)
+            ok += landed
+            if landed < n:
+                break
+    elif verify_in_place:  # (same host: the store reaches every part in place)
         ok = leading_matches(_C.kv_blocks_checksums(store.regions, seg, targets), checksums)
     else:
         # Same host: the peer copied these in with one pass that summed them (tier blocks
@@ -396,8 +428,8 @@ def finish_fetch(engine: Any, plan: FetchPlan, path: str) -> int:
     rest; returns how many were adopted, and folds the transfer's rate (from the copy's
     start, not the plan's) into the store's measurements."""
     store: KVStore = engine.kv_store
-    n = plan.filled
-    store.replicate(plan.blocks[:n])  # (parts that are replicas get the bytes too)
+    # (parts that are replicas get the bytes too; none arrived if a remote one could not)
+    n = store.replicate(plan.blocks[:plan.filled]) if store.config.replicated else plan.filled
     engine.scheduler.kv.adopt_blocks(plan.blocks, plan.hashes[plan.first:], plan.contents, n)
     seconds = time.perf_counter() - plan.started
     if n:

@@ -148,6 +148,15 @@ class TcpGroup:
         conn.settimeout(None)
         self._master_conn = conn
 
+    def local_host(self) -> str:
+        """A worker's address on its path to rank 0 (where it serves rank 0 more)."""
+        assert self._master_conn is not None
+        return self._master_conn.getsockname()[0]
+
+    def peer_host(self, rank: int) -> str:
+        """Rank 0: worker ``rank``'s address, as its connection comes from."""
+        return self._peers[rank - 1].getpeername()[0]
+
     def get(self, key: str) -> bytes:
         """A value rank 0 published in the store (``store_items``)."""
         return self.store.get(key)

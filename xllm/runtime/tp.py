@@ -345,6 +345,8 @@ class WorkerGroup:
         # segment bytes), as each answered the latest memory message.
         self.memory: KVMemory | None = None
         self._memory_version = -1
+        # (pid, memfd, region bytes, regions, segment bytes, the port of its part server: a
+        # worker on another host, else 0)
         self.parts: list[tuple[int, ...]] = []
         if remote is not None:  # ranks on other hosts, already joined: nothing to start
             self._logs, self.procs, self.comm = [], [], remote
@@ -421,8 +423,8 @@ class WorkerGroup:
         self.comm.broadcast(encode_memory(memory.mapped_groups(), memory.blocks_per_group))
         # Each worker answers once it has mapped and unmapped (rank 0 may write into its
         # share through its memfd right after: tier loads), saying where its share is.
-        where = torch.zeros(self.size, 5, dtype=torch.int64)
-        self.comm.gather(torch.zeros(5, dtype=torch.int64), where)
+        where = torch.zeros(self.size, 6, dtype=torch.int64)
+        self.comm.gather(torch.zeros(6, dtype=torch.int64), where)
         self.parts = [tuple(int(v) for v in row) for row in where[1:].tolist()]
 
     def send_placement(self, phy2log: np.ndarray) -> None:
@@ -488,6 +490,7 @@ def worker_main(spec: WorkerSpec, comm: object | None = None) -> int:
     import torch
 
     from xllm.kvcache.memory import KVMemory
+    from xllm.kvcache.parts import PartServer
     from xllm.layers.parallel import TensorParallel
     from xllm.loader.model import TORCH_DTYPES, load_model
     from xllm.models.config import ModelConfig
@@ -496,9 +499,12 @@ def worker_main(spec: WorkerSpec, comm: object | None = None) -> int:
     from xllm.runtime.model_runner import ModelRunner
 
     pin_to(spec.cores)
+    server = None
     if comm is None:
         comm = ShmAllReduce(spec.group, spec.rank, spec.size, timeout=spec.timeout,
                             buffer_bytes=BUFFER_BYTES, busy_wait=spec.busy_wait)
+    else:  # on another host than rank 0: it reads and writes this share over a connection
+        server = PartServer(comm.local_host())
     try:
         tp = TensorParallel(spec.rank, spec.size, comm, bf16_sums=spec.dtype == "bfloat16",
                             expert_parallel=spec.expert_parallel,
@@ -540,15 +546,23 @@ def worker_main(spec: WorkerSpec, comm: object | None = None) -> int:
             if isinstance(step, MemoryState):  # rank 0's pool mapped or gave back memory
                 if memory is None:
                     memory, runner = build(step.blocks_per_group)
-                memory.follow(step.mapped, step.blocks_per_group)
+                if server is None:
+                    memory.follow(step.mapped, step.blocks_per_group)
+                else:
+                    with server.lock:  # (not while rank 0 reads or writes through it)
+                        memory.follow(step.mapped, step.blocks_per_group)
+                        server.memory = memory
                 comm.gather(torch.tensor([os.getpid(), memory.vmm.fd, memory.region_bytes,
-                                          memory.num_regions, memory.segment_bytes],
+                                          memory.num_regions, memory.segment_bytes,
+                                          0 if server is None else server.port],
                                          dtype=torch.int64), None)
                 continue
             if runner is None:
                 raise RuntimeError("a step came before rank 0 said which KV memory is mapped")
             runner.execute_shard(*step)
     finally:
+        if server is not None:
+            server.close()
         comm.close()
 
 
