@@ -1,7 +1,8 @@
 """The KV store on the demo model: tiers against the pool alone, transfer rates, memory.
 
     python -m bench.kvcache [--docs 16] [--doc-tokens 1024] [--idle 30] [--json PATH]
-                            [--parts workload,transfer,peer,memory] [--peer-paths shm,grpc]
+                            [--parts workload,transfer,peer,memory,remote]
+                            [--peer-paths shm,grpc]
 
 Parts (each engine in this CPU's default dtype, one run, one machine):
 
@@ -38,6 +39,14 @@ engine listens on every interface, so that path runs only in a network namespace
 own: ``unshare -n sh -c "ip link set lo up && python -m bench.kvcache --parts peer
 --peer-paths shm,grpc,mooncake"``. ``--tp 2``: both instances tensor-parallel, a block
 every rank's heads (shared memory maps each rank's memfd; Mooncake is not offered).
+
+``remote`` (not in the default parts; needs root and ``ip netns``): a tensor-parallel
+rank's share of the pool on another host. The demo's KV store at TP=2 (its heads split 2
+and 1) in one network namespace, rank 1's share served by a PartServer in another, joined by
+a veth pair; 256 MiB of whole blocks written to the CPU tier and loaded back through
+``KVStore.readable`` / ``land`` (best of 3), against the same store with both parts in its
+process (in place), memcpy of the whole blocks, and the wire: a plain TCP stream of the
+remote part's bytes over the same pair.
 
 ``memory``: an engine whose pool's ceiling is 1 GiB serves a burst of long prompts, all at
 once and all running together, that fills most of the pool; then it sits idle for
@@ -481,6 +490,172 @@ def run_memory(args: argparse.Namespace) -> dict:
             "grow_first_touch_ms": 1e3 * statistics.median(touch_s)}
 
 
+# ---- remote: a tensor-parallel rank's part on another host ---------------------------------
+
+
+def _part_geometry() -> tuple[KVStoreConfig, tuple[int, ...]]:
+    """The demo's KV store at TP=2 in this CPU's default dtype (its KV heads split 2 and 1)
+    and each rank's heads, for ``--tp`` blocks' worth of 256 MiB."""
+    from types import SimpleNamespace
+
+    from xllm.layers.parallel import head_shard
+
+    probe = LLMEngine(EngineConfig(model="demo", num_kv_blocks=2), progress=False)
+    c, mc = probe.kv_store.config, probe.model_config
+    del probe
+    heads = tuple(head_shard(mc.num_attention_heads, mc.num_key_value_heads,
+                             SimpleNamespace(size=2, rank=r)).num_kv_heads for r in range(2))
+    part = replace(c, num_kv_heads=heads[0], parts=2, part_heads=heads)
+    n = max(1, (256 << 20) // part.block_bytes)
+    return replace(part, num_blocks=n + 1, cpu_tier_bytes=(n + 2) * part.block_bytes), heads
+
+
+def serve_part(heads: int) -> None:
+    """The other host's side (``--serve-part``, run in its namespace): rank 1's share of the
+    pool (its ``heads``), mapped and filled, served by a PartServer; and a plain TCP source of
+    the same bytes (the wire's reference). Prints both ports; serves until stdin closes."""
+    import socket
+    import sys
+    import threading
+
+    from xllm.kvcache.parts import PartServer
+
+    c, _ = _part_geometry()
+    seg = c.part_segment(1)
+    memory = KVMemory(c.num_blocks, c.num_layers, seg, tensors_per_layer=c.tensors_per_layer)
+    for g in range(memory.num_groups):
+        memory.map_group(g)
+    for region in memory.regions:
+        ctypes.memset(region, 0x5A, c.num_blocks * seg)
+    host = os.environ["XLLM_BENCH_HOST"]
+    server = PartServer(host)
+    server.memory = memory
+    source = socket.create_server((host, 0))
+    nbytes = (c.num_blocks - 1) * seg * memory.num_regions
+
+    def stream() -> None:
+        data = memoryview(bytearray(8 << 20))
+        while True:
+            conn, _ = source.accept()
+            with conn:
+                left = nbytes
+                while left:
+                    left -= conn.send(data[:min(left, len(data))])
+
+    threading.Thread(target=stream, daemon=True).start()
+    print(server.port, source.getsockname()[1], flush=True)
+    sys.stdin.read()
+
+
+def _whole_block_rates(store: KVStore, n: int) -> tuple[float, float]:
+    """Seconds (best of 3) to write blocks 1..n to the CPU tier and to load them back, in
+    the store's chunks, each through ``readable`` and ``land`` as the store's own copies go."""
+    c, tier = store.config, store.cpu
+    assert tier is not None
+    blocks = slots = list(range(1, n + 1))
+    sums: list[int] = []
+    step = store.chunk_blocks
+
+    def write() -> None:
+        sums.clear()
+        for at in range(0, n, step):
+            regions, ids = store.readable(blocks[at:at + step])
+            sums.extend(_C.kv_gather_blocks(regions, c.segments_arg, ids, tier.address,
+                                            tier.slot_bytes, slots[at:at + step]))
+
+    def load() -> None:
+        for at in range(0, n, step):
+            part = slots[at:at + step]
+            got = store.land(blocks[at:at + step], lambda regions, ids, part=part, at=at:
+                             _C.kv_scatter_blocks(tier.address, tier.slot_bytes, part,
+                                                  sums[at:at + len(part)], regions,
+                                                  c.segments_arg, ids))
+            assert got == len(part)
+
+    return _best(write, 3), _best(load, 3)
+
+
+def remote_rank0(host: str, port: int, raw_port: int) -> None:
+    """Rank 0's side (``--remote-rank0``, in the other namespace): whole blocks to and from
+    a CPU tier with the other part behind the link, against the same with both parts in
+    this process, memcpy, and the wire (a plain TCP stream of the remote part's bytes)."""
+    import socket
+
+    from xllm.kvcache.parts import PartLink
+
+    c, _ = _part_geometry()
+    n = c.num_blocks - 1
+    per = c.tensors_per_layer * c.num_layers
+    rates: dict[str, float] = {}
+    for where in ("in_place", "remote"):
+        store = KVStore(c)
+        store.pool.allocate(n)  # maps every group
+        for region in store.regions:
+            ctypes.memset(region, 0x33, n * c.segment_bytes)
+        if where == "remote":
+            store.attach_link(PartLink([(host, port)], [c.part_segment(1) * per]))
+        else:
+            other = KVMemory(c.num_blocks, c.num_layers, c.part_segment(1),
+                             tensors_per_layer=c.tensors_per_layer)
+            for g in range(other.num_groups):
+                other.map_group(g)
+            store.attach_parts(other.regions, keep=[other])
+        rates[f"{where}_write_s"], rates[f"{where}_load_s"] = _whole_block_rates(store, n)
+        store.close()
+
+    remote_bytes = n * c.part_segment(1) * per
+    buf = bytearray(8 << 20)
+
+    def wire() -> None:
+        with socket.create_connection((host, raw_port)) as conn:
+            left = remote_bytes
+            while left:
+                got = conn.recv_into(buf)
+                assert got
+                left -= got
+
+    t_wire = _best(wire, 3)
+    nbytes = n * c.block_bytes
+    t_memcpy = _memcpy_seconds(nbytes)
+    gbs = lambda t: nbytes / t / 1e9  # noqa: E731
+    row = {"blocks": n, "block_bytes": c.block_bytes, "part_heads": list(c.part_heads),
+           "remote_part_bytes": remote_bytes, "memcpy_GBps": gbs(t_memcpy),
+           "wire_GBps_remote_part": remote_bytes / t_wire / 1e9}
+    for where in ("in_place", "remote"):
+        for op in ("write", "load"):
+            row[f"{where}_{op}_GBps"] = gbs(rates[f"{where}_{op}_s"])
+    for op in ("write", "load"):  # the remote part's bytes over the link vs the wire's rate
+        row[f"remote_{op}_vs_wire"] = t_wire / rates[f"remote_{op}_s"]
+    print(json.dumps(row), flush=True)
+
+
+def run_remote(args: argparse.Namespace) -> dict:
+    """A rank's part on another host (see the module doc): both sides in network namespaces
+    joined by a veth pair."""
+    import subprocess
+    import sys
+
+    from bench.netns import two_namespaces
+
+    with two_namespaces("xbench") as ((ns_a, _), (ns_b, addr_b)):
+        env = dict(os.environ, XLLM_BENCH_HOST=addr_b)
+        server = subprocess.Popen(["ip", "netns", "exec", ns_b, sys.executable, "-m",
+                                   "bench.kvcache", "--serve-part", "1"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  env=env)
+        try:
+            port, raw_port = server.stdout.readline().split()
+            out = subprocess.run(["ip", "netns", "exec", ns_a, sys.executable, "-m",
+                                  "bench.kvcache", "--remote-rank0", addr_b, port, raw_port],
+                                 capture_output=True, text=True, timeout=600)
+            if out.returncode:
+                raise RuntimeError(f"rank 0's side failed: {out.stderr[-3000:]}")
+            return json.loads(out.stdout.strip().splitlines()[-1])
+        finally:
+            server.kill()
+            server.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", type=int, default=16)
@@ -498,12 +673,21 @@ def main(argv: list[str] | None = None) -> int:
                              "namespace only)")
     parser.add_argument("--serve-peer", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mooncake", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-part", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--remote-rank0", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_peer:
         serve_peer(args.serve_peer, args.mooncake, args.tp)
         return 0
+    if args.serve_part:
+        serve_part(args.serve_part)
+        return 0
+    if args.remote_rank0:
+        host, port, raw = args.remote_rank0
+        remote_rank0(host, int(port), int(raw))
+        return 0
     parts = args.parts.split(",")
-    unknown = set(parts) - {"workload", "transfer", "peer", "memory"}
+    unknown = set(parts) - {"workload", "transfer", "peer", "memory", "remote"}
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}")
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -511,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
               "cores": len(os.sched_getaffinity(0)), "date": time.strftime("%Y-%m-%d %H:%M")}
     print(f"CPU {report['cpu']} ({report['isa']}), {report['cores']} cores")
     runners = {"workload": run_workload, "transfer": run_transfer, "peer": run_peer,
-               "memory": run_memory}
+               "memory": run_memory, "remote": run_remote}
     for part in parts:
         report[part] = runners[part](args)
         print(part, json.dumps(report[part], indent=1))

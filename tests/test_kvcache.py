@@ -776,3 +776,41 @@ def test_a_store_with_a_part_on_another_host_moves_whole_blocks_through_its_serv
     assert store.load(hits, fresh) == 0  # not an exception: recomputed
     assert tier.corrupt_blocks == 0 and tier.num_blocks == 5  # the tier's bytes are fine
     store.close()
+
+
+def test_a_latent_cache_replicates_loaded_blocks_to_a_rank_on_another_host() -> None:
+    """MLA under TP with a rank on another host: a block is rank 0's part (read in place);
+    one that lands here (a tier load) is pushed on to the remote replica, and a replica that
+    cannot be written makes the load count nothing (recomputed)."""
+    from xllm.kvcache.parts import PartLink, PartServer
+
+    cfg = KVStoreConfig(num_blocks=64, num_layers=2, num_kv_heads=1, block_size=4, head_size=8,
+                        dtype_bytes=4, idle_seconds=0.0, parts=2, replicated=True,
+                        tensors_per_layer=1, cpu_tier_bytes=4 * 256)
+    store = KVStore(cfg)
+    caches = store.kv_caches(torch.float32)
+    worker = KVMemory(64, 2, 128, tensors_per_layer=1, blocks_per_group=32)
+    server = PartServer("127.0.0.1")
+    server.memory = worker
+    store.attach_link(PartLink([("127.0.0.1", server.port)], [2 * 128], timeout=5.0))
+    assert store.whole and store.single_part and store.chunk_blocks >= 4
+    blocks = store.pool.allocate(2)
+    for k, _ in caches:
+        k[blocks].copy_(torch.randn(k[blocks].shape))
+    regions, ids = store.readable(blocks)
+    assert regions == store.regions and ids == blocks  # in place: rank 0's part is the block
+    want = _C.kv_gather_bytes(store.regions, cfg.segment_bytes, blocks)
+    slots = store.cpu.index.allocate(2)
+    sums = _C.kv_gather_blocks(store.regions, cfg.segment_bytes, blocks, store.cpu.address,
+                               store.cpu.slot_bytes, slots)
+    target = [40, 41]  # in the worker's second group, not mapped there yet
+    landed = store.land(target, lambda regions, ids: _C.kv_scatter_blocks(
+        store.cpu.address, store.cpu.slot_bytes, slots, sums, regions, cfg.segment_bytes, ids))
+    assert landed == 2 and worker.is_mapped(1)
+    assert _C.kv_gather_bytes(store.regions, cfg.segment_bytes, target) == want
+    assert _C.kv_gather_bytes(worker.regions, cfg.segment_bytes, target) == want
+    server.close()
+    assert store.land(target, lambda regions, ids: _C.kv_scatter_blocks(
+        store.cpu.address, store.cpu.slot_bytes, slots, sums, regions, cfg.segment_bytes,
+        ids)) == 0
+    store.close()

@@ -28,7 +28,7 @@ import logging
 import socket
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -201,14 +201,18 @@ class PartLink:
         self._lock = threading.Lock()
         self._closed = False
 
-    def pull(self, blocks: Sequence[int], into: Sequence[memoryview]) -> None:
-        """Each rank's part of ``blocks`` into ``into`` (one view a rank, region-major)."""
-        self._request(_PULL, blocks, into)
+    def pull(self, blocks: Sequence[int], into: Sequence[memoryview],
+             meanwhile: Callable[[], object] | None = None) -> None:
+        """Each rank's part of ``blocks`` into ``into`` (one view a rank, region-major);
+        ``meanwhile`` runs once the requests are out, while the ranks copy and send."""
+        self._request(_PULL, blocks, into, meanwhile)
 
-    def push(self, blocks: Sequence[int], regions: Sequence[Sequence[memoryview]]) -> None:
+    def push(self, blocks: Sequence[int], regions: Sequence[Sequence[memoryview]],
+             meanwhile: Callable[[], object] | None = None) -> None:
         """Writes each rank's part of ``blocks``, given as its regions' bytes in order (one
-        list a rank; a region's view holds its segments of the blocks back to back)."""
-        self._request(_PUSH, blocks, regions)
+        list a rank; a region's view holds its segments of the blocks back to back);
+        ``meanwhile`` runs while the bytes go out (they are sent from another thread)."""
+        self._request(_PUSH, blocks, regions, meanwhile)
 
     def close(self) -> None:
         with self._lock:
@@ -232,22 +236,28 @@ class PartLink:
             self._socks[i] = sock
         return sock
 
-    def _request(self, op: int, blocks: Sequence[int], data: Sequence) -> None:
+    def _request(self, op: int, blocks: Sequence[int], data: Sequence,
+                 meanwhile: Callable[[], object] | None) -> None:
         ids = np.asarray(blocks, dtype=np.int32)
         n = len(ids)
         if n == 0:
+            if meanwhile is not None:
+                meanwhile()
             return
         with self._lock:
             if self._closed:
                 raise PartsUnavailable("the KV part link is closed")
             try:
-                for i in range(len(self.ranks)):  # every request first: the ranks copy at once
-                    sock = self._conn(i)
-                    payload = n * self.part_bytes[i] if op == _PUSH else 0
-                    sock.sendall(_REQUEST.pack(_MAGIC, op, n, payload) + ids.tobytes())
-                    if op == _PUSH:
-                        for region in data[i]:
-                            sock.sendall(region)
+                socks = [self._conn(i) for i in range(len(self.ranks))]
+                heads = [_REQUEST.pack(_MAGIC, op, n, n * self.part_bytes[i] if op == _PUSH
+                                       else 0) + ids.tobytes() for i in range(len(socks))]
+                if op == _PULL:  # every request first: the ranks copy at once
+                    for sock, head in zip(socks, heads, strict=True):
+                        sock.sendall(head)
+                    if meanwhile is not None:
+                        meanwhile()
+                else:
+                    self._send_pushes(socks, heads, data, meanwhile)
                 for i in range(len(self.ranks)):
                     sock = self._conn(i)
                     status, nbytes = _REPLY.unpack(_recv(sock, _REPLY.size))
@@ -265,3 +275,33 @@ class PartLink:
             except (OSError, ValueError, struct.error) as e:
                 self._drop()
                 raise PartsUnavailable(f"a remote rank's KV part: {e}") from None
+            except BaseException:
+                self._drop()  # (``meanwhile`` failed: the ranks' answers are not read)
+                raise
+
+    @staticmethod
+    def _send_pushes(socks: list[socket.socket], heads: list[bytes], data: Sequence,
+                     meanwhile: Callable[[], object] | None) -> None:
+        """Sends every rank its push; on another thread when there is work to overlap."""
+        failed: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                for sock, head, regions in zip(socks, heads, data, strict=True):
+                    sock.sendall(head)
+                    for region in regions:
+                        sock.sendall(region)
+            except BaseException as e:  # noqa: BLE001 - raised on the calling thread
+                failed.append(e)
+
+        if meanwhile is None:
+            send()
+        else:
+            sender = threading.Thread(target=send, name="xllm-kv-parts-push", daemon=True)
+            sender.start()
+            try:
+                meanwhile()
+            finally:
+                sender.join()
+        if failed:
+            raise failed[0]

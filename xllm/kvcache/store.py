@@ -462,15 +462,14 @@ class KVStore:
         n = len(blocks)
         buf, staged = self._stage(n, c.segments)
         per = len(self.regions)
-        _C.kv_copy_blocks(self.regions, list(blocks), staged[:per], list(range(n)),
-                          c.segment_bytes)
         start = n * c.segment_bytes * per
         views = []
         for segs in self._remote_segments():
             size = n * sum(segs)
             views.append(memoryview(buf)[start:start + size])
             start += size
-        self.link.pull(blocks, views)
+        self.link.pull(blocks, views, meanwhile=lambda: _C.kv_copy_blocks(  # (this part)
+            self.regions, list(blocks), staged[:per], list(range(n)), c.segment_bytes))
         return staged, list(range(n))
 
     def land(self, blocks: Sequence[int], copy: Callable[[list[int], list[int]], int],
@@ -491,15 +490,15 @@ class KVStore:
         if not ok:
             return 0
         per = len(self.regions)
-        _C.kv_copy_blocks(staged[:per], list(range(ok)), self.regions, list(blocks)[:ok],
-                          c.segment_bytes)
         start = n * c.segment_bytes * per
         parts = []
         for segs in self._remote_segments():
             parts.append(self._region_views(buf[start:], segs, n, ok))
             start += n * sum(segs)
         try:
-            self.link.push(list(blocks)[:ok], parts)
+            self.link.push(list(blocks)[:ok], parts, meanwhile=lambda: _C.kv_copy_blocks(
+                staged[:per], list(range(ok)), self.regions, list(blocks)[:ok],
+                c.segment_bytes))  # (this part, while the others' bytes go out)
         except PartsUnavailable as e:
             logger.warning("KV blocks not written to every rank (%s); recomputed", e)
             return 0
