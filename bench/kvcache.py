@@ -38,7 +38,7 @@ transfer engine (TCP; the fetcher reads the blocks from the peer's memory itself
 engine listens on every interface, so that path runs only in a network namespace of its
 own: ``unshare -n sh -c "ip link set lo up && python -m bench.kvcache --parts peer
 --peer-paths shm,grpc,mooncake"``. ``--tp 2``: both instances tensor-parallel, a block
-every rank's heads (shared memory maps each rank's memfd; Mooncake is not offered).
+every rank's heads (shared memory maps each rank's memfd; Mooncake reads each part).
 
 ``remote`` (not in the default parts; needs root and ``ip netns``): a tensor-parallel
 rank's share of the pool on another host. The demo's KV store at TP=2 (its heads split 2
@@ -373,8 +373,6 @@ def run_peer(args: argparse.Namespace) -> dict:
     if set(paths) - {"shm", "grpc", "mooncake"}:
         raise SystemExit(f"--peer-paths: unknown paths in {args.peer_paths!r}")
     mooncake = "mooncake" in paths
-    if mooncake and args.tp > 1:
-        raise SystemExit("--peer-paths mooncake reads one process's memory: not with --tp")
     if mooncake and _interfaces() - {"lo"}:
         raise SystemExit("the Mooncake path listens on every interface: run it in a network "
                          "namespace of its own (unshare -n sh -c \"ip link set lo up && "

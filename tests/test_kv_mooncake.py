@@ -53,8 +53,15 @@ def _namespace_prefix() -> list[str] | None:
     return None
 
 
-def test_mooncake_fetch_in_a_network_namespace(demo_model_dir: Path) -> None:
+@pytest.mark.parametrize("tp", [1, 2])
+def test_mooncake_fetch_in_a_network_namespace(demo_model_dir: Path, tp: int) -> None:
+    """(``tp`` 2: both instances tensor-parallel on this host, a block every rank's heads:
+    the peer describes each part's segments in its own memory, registered with its engine
+    as the workers' memfds are mapped in rank 0.)"""
     from xllm.kvcache.mooncake import mooncake_available
+
+    if tp > 1 and len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("TP=2 needs two cores")
 
     if importlib.util.find_spec("mooncake") is None:
         pytest.skip("mooncake-transfer-engine-non-cuda is not installed (the test extra has it)")
@@ -64,7 +71,8 @@ def test_mooncake_fetch_in_a_network_namespace(demo_model_dir: Path) -> None:
     prefix = _namespace_prefix()
     if prefix is None:
         pytest.skip("cannot make a network namespace here (unshare -n / -rn)")
-    script = f"ip link set lo up && exec {sys.executable} {Path(__file__)} {demo_model_dir}"
+    script = (f"ip link set lo up && exec {sys.executable} {Path(__file__)} {demo_model_dir} "
+              f"{tp}")
     run = subprocess.run([*prefix, "sh", "-c", script], capture_output=True, text=True,
                          timeout=280)
     tail = run.stdout[-3000:] + run.stderr[-6000:]
@@ -168,7 +176,7 @@ def test_cluster_on_two_hosts_fetches_a_prefix_over_mooncake(two_hosts,  # noqa:
 # ---- the part that runs inside the namespace ----------------------------------------------
 
 
-def _inside(model_dir: str) -> None:
+def _inside(model_dir: str, tp: int) -> None:
     import grpc
 
     from xllm import SamplingParams
@@ -183,8 +191,9 @@ def _inside(model_dir: str) -> None:
     instance_mod.FETCH_STALL_S = 2.0
     # The client is told its peer is on another host: no shared memory, Mooncake instead.
     InstanceServicer.same_host = staticmethod(lambda peer: False)
-    peer_cfg = EngineConfig(model=model_dir, kv_offload_cpu_gb=0.05, **OPTS)
-    engines = [AsyncEngine(peer_cfg), AsyncEngine(EngineConfig(model=model_dir, **OPTS))]
+    opts = dict(OPTS, tensor_parallel_size=tp)
+    peer_cfg = EngineConfig(model=model_dir, kv_offload_cpu_gb=0.05, **opts)
+    engines = [AsyncEngine(peer_cfg), AsyncEngine(EngineConfig(model=model_dir, **opts))]
     for e in engines:
         e.start()
     for e in engines:
@@ -223,6 +232,8 @@ def _inside(model_dir: str) -> None:
             for e in engines:
                 e.engine.kv_store._prefill_tps = None  # fetch whatever the costs
 
+            parts = store.config.distinct_parts
+            assert parts == tp and engines[0].engine.kv_store.config.distinct_parts == tp
             # 1. from the peer's pool (runs of blocks, a read per region)
             served = engines[0].engine.kv_store.peer_blocks_served
             assert await client.fetch_from_peer(address, prompt, n) == n
@@ -287,4 +298,4 @@ def _inside(model_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    _inside(sys.argv[1])
+    _inside(sys.argv[1], int(sys.argv[2]))

@@ -100,11 +100,14 @@ class MooncakeTransport:
         self._registered.append(address)
 
     def serve(self, store: KVStore) -> None:
-        """Lets peers read this instance's KV pool and CPU tier (once the engine is loaded)."""
+        """Lets peers read this instance's KV pool and CPU tier (once the engine is loaded;
+        under tensor parallelism on one host, the workers' shares mapped here too)."""
         if store.memory is None:
             raise ValueError("--kv-mooncake serves the KV pool on memory mapped on demand (the "
                              "CPU engine's); this engine's pool is not")
         self._register(store.memory.vmm.address, store.memory.vmm.reserved_bytes)
+        for mapping in store.parts_mappings():
+            self._register(ctypes.addressof(ctypes.c_char.from_buffer(mapping)), len(mapping))
         if store.cpu is not None:
             self._register(store.cpu.memory.address, store.cpu.memory.reserved_bytes)
 
@@ -131,21 +134,28 @@ class MooncakeTransport:
     def receive(self, store: KVStore, plan: Any, first: int, session: str,
                 addresses: list[int], strides: list[int], checksums: list[int]) -> bool:
         """Lands the described blocks in ``plan``'s reserved blocks (any thread: they are
-        reserved). Returns whether all arrived whole; ``plan.filled`` counts those that
-        did."""
+        reserved). Each block has an address and a stride per part of this layout (its
+        segments in the peer's memory: part ``p``'s ``q``-th at ``address + q * stride``).
+        Returns whether all arrived whole; ``plan.filled`` counts those that did."""
         at = first - plan.first
-        count = len(addresses)
-        if at != plan.filled or at + count > len(plan.blocks) or len(strides) != count or \
-                len(checksums) != count:
+        count = len(checksums)
+        c = store.config
+        parts = c.distinct_parts
+        if at != plan.filled or at + count > len(plan.blocks) or \
+                len(strides) != count * parts or len(addresses) != count * parts:
             return False
-        seg = store.config.segment_bytes
-        regions = store.config.num_regions
         half = self.landing_bytes // 2
-        per_round = max(1, half // (regions * seg))
-        addr = np.asarray(addresses, dtype=np.int64)
-        stride = np.asarray(strides, dtype=np.int64)
-        # A slot holds a block's segments back to back (one read); pool segments lie apart.
-        contiguous_at = (stride == seg) & (regions > 1)
+        per_round = max(1, half // c.block_bytes)
+        per = c.tensors_per_layer * c.num_layers  # regions a part
+        segs = np.asarray([c.segments[p * per] for p in range(parts)], dtype=np.int64)
+        offsets = np.concatenate(([0], np.cumsum(segs * per)[:-1]))  # of each part in a block
+        addr = np.asarray(addresses, dtype=np.int64).reshape(count, parts)
+        stride = np.asarray(strides, dtype=np.int64).reshape(count, parts)
+        # A slot holds a block's segments back to back, every part's (one read); pool
+        # segments lie a region apart.
+        contiguous_at = ((stride == segs[None, :]).all(axis=1)
+                         & (addr == addr[:, :1] + offsets[None, :]).all(axis=1)
+                         & (c.num_regions > 1))
         # Rounds alternate between the landing buffer's halves: one is read into while the
         # other is copied out on the copier thread.
         copying: Future[int] | None = None
@@ -160,7 +170,7 @@ class MooncakeTransport:
                     k += 1
                 landing = self.landing + (n % 2) * half
                 read = self._read_round(session, landing, addr[i:i + k], stride[i:i + k],
-                                        contiguous, regions, seg)
+                                        contiguous, c, segs)
                 if copying is not None:
                     ok = copying.result()
                     plan.filled += ok
@@ -182,41 +192,56 @@ class MooncakeTransport:
         return True
 
     def _read_round(self, session: str, landing: int, addr: np.ndarray, stride: np.ndarray,
-                    contiguous: bool, regions: int, seg: int) -> bool:
+                    contiguous: bool, c: Any, segs: np.ndarray) -> bool:
+        """Reads a round of ``k`` blocks (``addr``, ``stride``: [k, parts]) into the landing
+        half: block after block when contiguous, else region-major (``[region][block]``,
+        every part's regions in rank order, each its part's segment long)."""
         k = len(addr)
         if contiguous:  # one read per block, landing block after block
-            block = regions * seg
+            block = c.block_bytes
             dsts = landing + np.arange(k, dtype=np.int64) * block
-            return self.read(session, dsts, addr, np.full(k, block, dtype=np.int64))
-        # Segments a region apart: the landing half is region-major ([region][block]), so a
-        # run of blocks with consecutive ids on the peer is one read per region.
-        brk = np.ones(k, dtype=bool)
-        brk[1:] = (addr[1:] != addr[:-1] + seg) | (stride[1:] != stride[:-1])
-        starts = np.flatnonzero(brk)
-        lens = np.diff(np.append(starts, k))
-        r = np.arange(regions, dtype=np.int64)[:, None]
-        srcs = (addr[starts][None, :] + r * stride[starts][None, :]).ravel()
-        dsts = (landing + (r * k + starts[None, :]) * seg).ravel()
-        nbytes = np.broadcast_to(lens[None, :] * seg, (regions, len(starts))).ravel()
-        return self.read(session, dsts, srcs, nbytes)
+            return self.read(session, dsts, addr[:, 0], np.full(k, block, dtype=np.int64))
+        # Segments a region apart: a run of blocks with consecutive ids on the peer is one
+        # read per region.
+        per = c.tensors_per_layer * c.num_layers
+        dsts, srcs, nbytes = [], [], []
+        base = landing
+        for p, seg in enumerate(segs.tolist()):
+            a, st = addr[:, p], stride[:, p]
+            brk = np.ones(k, dtype=bool)
+            brk[1:] = (a[1:] != a[:-1] + seg) | (st[1:] != st[:-1])
+            starts = np.flatnonzero(brk)
+            lens = np.diff(np.append(starts, k))
+            r = np.arange(per, dtype=np.int64)[:, None]
+            srcs.append((a[starts][None, :] + r * st[starts][None, :]).ravel())
+            dsts.append((base + (r * k + starts[None, :]) * seg).ravel())
+            nbytes.append(np.broadcast_to(lens[None, :] * seg, (per, len(starts))).ravel())
+            base += per * k * seg
+        return self.read(session, np.concatenate(dsts), np.concatenate(srcs),
+                         np.concatenate(nbytes))
 
     @staticmethod
     def _land(store: KVStore, landing: int, contiguous: bool, targets: list[int],
               sums: list[int]) -> int:
-        """A landed round into its pool blocks, summed on the way; the leading blocks whose
-        sums match."""
-        seg = store.config.segment_bytes
-        regions = store.config.num_regions
+        """A landed round into its pool blocks (every part: store.land), summed on the way;
+        the leading blocks whose sums match."""
+        c = store.config
         k = len(targets)
-        with store.off_thread_copy() as allowed:
-            if not allowed:
-                return 0
+
+        def copy(regions: list[int], ids: list[int]) -> int:
             if contiguous:
-                return _C.kv_scatter_blocks(landing, regions * seg, list(range(k)), sums,
-                                            store.regions, seg, targets)
-            got = _C.kv_copy_blocks([landing + q * k * seg for q in range(regions)],
-                                    list(range(k)), store.regions, targets, seg)
-        return leading_matches(got, sums)
+                return _C.kv_scatter_blocks(landing, c.block_bytes, list(range(k)), sums,
+                                            regions, c.segments_arg, ids)
+            staged, at = [], landing
+            for seg in c.segments:
+                staged.append(at)
+                at += k * seg
+            return leading_matches(_C.kv_copy_blocks(staged, list(range(k)), regions, ids,
+                                                     c.segments_arg), sums)
+
+        with store.off_thread_copy() as allowed:
+            # (a round, half the landing buffer, is within a chunk of the store's staging)
+            return store.land(targets, copy, replicate=False) if allowed else 0
 
     def close(self) -> None:
         self._copier.shutdown(wait=True)
@@ -228,18 +253,27 @@ class MooncakeTransport:
 def describe(store: KVStore, sources: list[tuple[Any, int]]
              ) -> tuple[list[int], list[int], list[int]]:
     """The leading ``sources`` (pinned) a peer can read with Mooncake -- pool blocks and
-    CPU-tier slots, up to the first disk-tier block -- as (first segment addresses,
-    strides between segments, checksums). Any thread."""
-    seg = store.config.segment_bytes
+    CPU-tier slots, up to the first disk-tier block -- as (first segment addresses and
+    strides between segments: one of each per part of a block, block after block;
+    checksums: one a block). Nothing where a part of the blocks is on another host. Any
+    thread."""
+    c = store.config
     n = next((i for i, (place, _) in enumerate(sources) if isinstance(place, DiskTier)),
              len(sources))
     addresses: list[int] = []
     strides: list[int] = []
     sums: list[int] = []
-    if n == 0 or store.memory is None or not store.single_part:
+    # Every part of a block must lie in this process's memory (not behind a PartLink).
+    if n == 0 or store.memory is None or not store.whole or store.link is not None:
         return addresses, strides, sums
-    region = store.memory.region_bytes
-    base = store.regions[0]
+    parts = c.distinct_parts
+    per = c.tensors_per_layer * c.num_layers
+    # Each part's first region, the distance between its regions, its segment, and where
+    # its segments start in a tier slot.
+    bases = [store.regions[p * per] for p in range(parts)]
+    gaps = [store.regions[p * per + 1] - bases[p] if per > 1 else 0 for p in range(parts)]
+    segs = [c.segments[p * per] for p in range(parts)]
+    offsets = [sum(segs[q] * per for q in range(p)) for p in range(parts)]
     with store.off_thread_copy() as allowed:
         if not allowed:
             return addresses, strides, sums
@@ -251,12 +285,15 @@ def describe(store: KVStore, sources: list[tuple[Any, int]]
                 j += 1
             ids = [s for _, s in sources[i:j]]
             if place == "pool":
-                addresses.extend(base + b * seg for b in ids)
-                strides.extend([region] * len(ids))
-                sums.extend(_C.kv_blocks_checksums(store.regions, seg, ids))
-            else:  # a CPU-tier slot: the block's segments back to back
-                addresses.extend(place.address + s * place.slot_bytes for s in ids)
-                strides.extend([seg] * len(ids))
+                for b in ids:
+                    addresses.extend(bases[p] + b * segs[p] for p in range(parts))
+                    strides.extend(gaps)
+                sums.extend(_C.kv_blocks_checksums(store.regions, c.segments_arg, ids))
+            else:  # a CPU-tier slot: the block's segments back to back, part after part
+                for s in ids:
+                    addresses.extend(place.address + s * place.slot_bytes + offsets[p]
+                                     for p in range(parts))
+                    strides.extend(segs)
                 sums.extend(place.checksums[s] for s in ids)
             i = j
     return addresses, strides, sums

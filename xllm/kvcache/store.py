@@ -262,6 +262,7 @@ class KVStore:
             self.regions: list[int] = []  # set by kv_caches() from the tensors it makes
         self.replicas: list[list[int]] = []  # the other parts' regions, when replicas
         self._where: list[tuple[int, int, int]] = []  # the other parts' memfds (attach_parts)
+        self._parts_memory: list[object] = []  # and their mappings here
         # The other parts on other hosts (attach_link), and each thread's staging area for
         # the whole blocks assembled from them.
         self.link: PartLink | None = None
@@ -373,6 +374,11 @@ class KVStore:
     def _part_bytes(self, rank: int) -> int:
         c = self.config
         return c.part_segment(rank) * c.tensors_per_layer * c.num_layers
+
+    def parts_mappings(self) -> list[object]:
+        """The other parts' memories mapped in this process (attach_parts on one host; mmap
+        objects): a transport that reads this memory in place registers them too."""
+        return list(self._parts_memory)
 
     def memory_parts(self) -> list[tuple[int, int, int]] | None:
         """Where a block's parts are on this host, for a peer that maps them: (pid, memfd,
@@ -507,9 +513,8 @@ class KVStore:
     @property
     def whole(self) -> bool:
         """Whether this store reaches every part of a block (always, without tensor
-        parallelism; under it once the other ranks' parts are attached). Tier copies and
-        blocks between instances need it; the peer paths that address one process's memory
-        (shared memory, Mooncake) need one part (``single_part``)."""
+        parallelism; under it once the other ranks' parts are attached, or linked across
+        hosts). Tier copies and blocks between instances need it."""
         c = self.config
         if self.link is not None:
             return True

@@ -335,8 +335,8 @@ def plan_fetch(engine: Any, prompt: list[int], peer_blocks: int, same_host: bool
     shm = store.memory_parts() if same_host else None
     if shm is not None:
         path = "shm"
-    else:  # (Mooncake reads one process's memory: a tensor-parallel block spans several)
-        path = "mooncake" if mooncake and store.single_part else "grpc"
+    else:
+        path = "mooncake" if mooncake else "grpc"
     rate = store.peer_bps.get(path) or DEFAULT_RATES[path]
     fetch_s = ROUND_TRIP_S + n * store.config.block_bytes / rate
     prefill = store.prefill_tps

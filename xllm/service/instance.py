@@ -210,13 +210,13 @@ class InstanceServicer(instance_pb2_grpc.InstanceServicer):
                 piece = export.sources[start:start + per_piece]
                 addresses, strides, sums = await loop.run_in_executor(
                     None, describe, store, piece)
-                if addresses:
+                if sums:  # (an address and a stride per part of each block)
                     yield instance_pb2.BlockChunk(
-                        first=export.first + start, count=len(addresses), checksums=sums,
+                        first=export.first + start, count=len(sums), checksums=sums,
                         mc_session=mooncake.session, mc_addresses=addresses,
                         mc_strides=strides)
-                start += len(addresses)
-                if len(addresses) < len(piece):
+                start += len(sums)
+                if len(sums) < len(piece):
                     break
             # the rest (disk-tier blocks, or all without Mooncake) streamed, each chunk
             # gathered (off the loop) while the previous one travels
