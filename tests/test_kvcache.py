@@ -220,6 +220,39 @@ def test_store_writes_back_and_loads_with_lru_eviction() -> None:
     store.close()
 
 
+def test_a_load_waits_for_the_steps_in_flight() -> None:
+    """Overlap scheduling: a tier load (into blocks a preempted request's step in flight may
+    still write) starts only once every step begun before it has ended."""
+    import threading
+
+    store = _store(cpu_blocks=4)
+    caches = store.kv_caches(torch.float32)
+    tokens = list(range(200, 208))
+    hashes = block_hashes(tokens, 4)
+    blocks = store.pool.allocate(2)
+    for k, v in caches:
+        for b in blocks:
+            k[b].fill_(3.0)
+            v[b].fill_(-3.0)
+    store.offer(blocks, hashes, [(ROOT_HASH, tuple(tokens[:4])), (hashes[0], tuple(tokens[4:]))])
+    store.flush()
+    hits = store.lookup(hashes, ROOT_HASH, tokens, 0)
+    fresh = [b for b in store.pool.allocate(6) if b not in blocks][:2]
+    store.step_began()
+    loaded: list[int] = []
+    loader = threading.Thread(target=lambda: loaded.append(store.load(hits, fresh)))
+    loader.start()
+    loader.join(0.3)
+    assert loader.is_alive() and not loaded  # waits for the step in flight
+    store.step_ended()
+    loader.join(10)
+    assert loaded == [2]
+    for k, v in caches:
+        assert torch.all(k[fresh] == 3.0) and torch.all(v[fresh] == -3.0)
+    assert store.load(hits, fresh) == 2  # no step in flight: at once
+    store.close()
+
+
 def test_claim_waits_for_a_write_still_reading_its_block() -> None:
     store = _store(cpu_blocks=8)
     store.kv_caches(torch.float32)
@@ -651,8 +684,8 @@ def test_a_store_of_parts_copies_whole_blocks_once_they_are_attached() -> None:
     blocks = store.pool.allocate(2)
     gen = torch.Generator().manual_seed(0)
     for k, v in caches + other_caches:
-        k[blocks].copy_(torch.randn(k[blocks].shape, generator=gen))
-        v[blocks].copy_(torch.randn(v[blocks].shape, generator=gen))
+        k[blocks] = torch.randn(k[blocks].shape, generator=gen)
+        v[blocks] = torch.randn(v[blocks].shape, generator=gen)
     want = [torch.cat([t[b].flatten() for pair in caches + other_caches for t in pair])
             for b in blocks]
     slots = store.cpu.index.allocate(2)
@@ -663,8 +696,8 @@ def test_a_store_of_parts_copies_whole_blocks_once_they_are_attached() -> None:
                                          cfg.block_bytes))
         assert torch.equal(torch.frombuffer(raw, dtype=torch.float32), want[i])
     for k, v in caches + other_caches:  # wipe, then load back and check
-        k[blocks].zero_()
-        v[blocks].zero_()
+        k[blocks] = 0.0
+        v[blocks] = 0.0
     assert _C.kv_scatter_blocks(store.cpu.address, store.cpu.slot_bytes, slots, sums,
                                 store.regions, cfg.segments_arg, blocks) == 2
     for i, b in enumerate(blocks):
@@ -708,10 +741,11 @@ def test_a_store_with_a_part_on_another_host_moves_whole_blocks_through_its_serv
     worker.map_group(0)
     gen = torch.Generator().manual_seed(1)
     for k, v in caches + worker_caches:
-        k[blocks].copy_(torch.randn(k[blocks].shape, generator=gen))
-        v[blocks].copy_(torch.randn(v[blocks].shape, generator=gen))
+        k[blocks] = torch.randn(k[blocks].shape, generator=gen)
+        v[blocks] = torch.randn(v[blocks].shape, generator=gen)
     both = store.regions + worker.regions  # what a one-host store reaches in place
     want_bytes, want_sums = _C.kv_gather_bytes(both, cfg.segments_arg, blocks)
+    assert want_bytes.count(0) < len(want_bytes) // 2  # (random bytes in both parts)
     regions, ids = store.readable(blocks[:2])
     assert _C.kv_gather_bytes(regions, cfg.segments_arg, ids) == (want_bytes[:2 * 1536],
                                                                   want_sums[:2])
@@ -796,10 +830,11 @@ def test_a_latent_cache_replicates_loaded_blocks_to_a_rank_on_another_host() -> 
     assert store.whole and store.single_part and store.chunk_blocks >= 4
     blocks = store.pool.allocate(2)
     for k, _ in caches:
-        k[blocks].copy_(torch.randn(k[blocks].shape))
+        k[blocks] = torch.randn(k[blocks].shape)
     regions, ids = store.readable(blocks)
     assert regions == store.regions and ids == blocks  # in place: rank 0's part is the block
     want = _C.kv_gather_bytes(store.regions, cfg.segment_bytes, blocks)
+    assert want[0].count(0) < len(want[0]) // 2
     slots = store.cpu.index.allocate(2)
     sums = _C.kv_gather_blocks(store.regions, cfg.segment_bytes, blocks, store.cpu.address,
                                store.cpu.slot_bytes, slots)

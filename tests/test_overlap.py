@@ -124,8 +124,7 @@ def test_sampling_batch_counts_pending_outputs() -> None:
 def test_config() -> None:
     assert EngineConfig().overlap is False  # not faster on a CPU (docs/benchmarks.md)
     assert EngineConfig(overlap_scheduling=True).overlap is True
-    with pytest.raises(ValueError, match="KV tiers"):
-        EngineConfig(overlap_scheduling=True, kv_offload_cpu_gb=1.0)
+    assert EngineConfig(overlap_scheduling=True, kv_offload_cpu_gb=1.0).overlap is True
     import argparse
 
     from xllm.config import add_engine_options
@@ -157,13 +156,13 @@ def _params(i: int) -> SamplingParams:
     return kinds[i % len(kinds)]
 
 
-def _run(demo_model_dir, overlap: bool) -> tuple[dict, int, LLM]:  # noqa: ANN001
+def _run(demo_model_dir, overlap: bool, **options) -> tuple[dict, int, LLM]:  # noqa: ANN001, ANN003
     """The mixed workload on a KV pool small enough to preempt, driven step by step with one
     request (n = 1: when an n > 1 request's siblings start depends on the timing) aborted
     midway; returns what the caller saw of each request."""
     llm = LLM(model=str(demo_model_dir), dtype="float32", max_num_seqs=12,
               max_num_batched_tokens=48, num_kv_blocks=34, block_size=8,
-              overlap_scheduling=overlap)
+              overlap_scheduling=overlap, **options)
     engine = llm.engine
     assert (engine._helper is not None) == overlap
     ids = []
@@ -194,13 +193,22 @@ def _run(demo_model_dir, overlap: bool) -> tuple[dict, int, LLM]:  # noqa: ANN00
     return result, engine.scheduler.num_preempted, llm
 
 
-def test_engine_overlap_matches_synchronous(demo_model_dir) -> None:  # noqa: ANN001
-    sync, _, llm = _run(demo_model_dir, overlap=False)
+@pytest.mark.parametrize("tier", [False, True], ids=["pool", "cpu-tier"])
+def test_engine_overlap_matches_synchronous(demo_model_dir, tier: bool) -> None:  # noqa: ANN001
+    """Overlap on and off, the same outputs. With a CPU tier, preempted requests are swapped
+    out and loaded back while steps are in flight: a load into blocks a victim's step in
+    flight may still write waits for that step (KVStore.step_began / step_ended)."""
+    options = dict(kv_offload_cpu_gb=0.05) if tier else {}
+    sync, _, llm = _run(demo_model_dir, overlap=False, **options)
     llm.engine.close()
-    piped, preempted, llm = _run(demo_model_dir, overlap=True)
+    piped, preempted, llm = _run(demo_model_dir, overlap=True, **options)
     engine = llm.engine
     try:
         assert preempted > 0, "the small pool was meant to preempt"
+        if tier:
+            store = engine.kv_store
+            assert store.num_swapped > 0 and store.cpu.hit_blocks > 0, (
+                store.num_swapped, store.cpu.hit_blocks)
         reasons = {o[2] for r in sync.values() for o in r["outputs"]}
         assert {"stop", "length"} <= reasons
         assert sync["q6"]["finished"] is False  # aborted: no final output after the abort

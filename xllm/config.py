@@ -72,10 +72,9 @@ class EngineConfig:
     # method) and applied between steps, each rank reading the experts it gains.
     enable_eplb: bool = False
     eplb_step_interval: int = 3000
-    # Overlap scheduling: the model runs on its own thread while the engine schedules and
-    # prepares the next step and turns the last one into outputs. None: on where it
-    # measures faster (docs/benchmarks.md). Not with KV tiers (their copies would race the
-    # step in flight).
+    # Overlap scheduling: a helper thread schedules and prepares the next step while the
+    # model computes this one. None: on where it measures faster (docs/benchmarks.md). With
+    # KV tiers, a load into blocks a step in flight may still write waits for that step.
     overlap_scheduling: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -144,10 +143,6 @@ class EngineConfig:
         if self.enable_expert_parallel and self.tensor_parallel_size < 2:
             raise ValueError("enable_expert_parallel places experts on the tensor-parallel "
                              "ranks; it needs tensor_parallel_size >= 2")
-        if self.overlap_scheduling and self.kv_tiers:
-            raise ValueError("overlap_scheduling does not work with KV tiers (kv_offload_cpu_gb, "
-                             "kv_offload_disk) yet: their copies would race the step in "
-                             "flight; turn one of them off")
         if self.tp_master is not None and self.tensor_parallel_size < 2:
             raise ValueError("tp_master names the rendezvous of ranks on other hosts; it needs "
                              "tensor_parallel_size >= 2")
@@ -172,8 +167,6 @@ class EngineConfig:
         default where it is None)."""
         if self.overlap_scheduling is not None:
             return self.overlap_scheduling
-        if self.kv_tiers:
-            return False
         return OVERLAP_BY_DEFAULT[self.device]
 
     @classmethod

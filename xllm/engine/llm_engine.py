@@ -426,6 +426,8 @@ class LLMEngine:
         thread."""
         if self._helper is not None:
             self._helper.shutdown()
+        if self.kv_store.link is not None and self.workers is not None and self.workers.alive():
+            self.kv_store.flush()  # write-backs read the remote ranks' parts: before they stop
         self._stop_workers()
         self.grammars.close()
         self.kv_store.close()
@@ -529,12 +531,16 @@ class LLMEngine:
                 return []
         out, step = ahead
         self.runner.complete(step)  # the tokens its decodes waited for are in by now
+        store = self.kv_store
+        store.step_began()  # (a tier load the helper starts waits for this step to end)
         helper = self._helper.submit(self._schedule_ahead)
         try:
             result = self.runner.run(step)
         except BaseException:
+            store.step_ended()
             helper.exception()  # let it finish; the model's error is the one to report
             raise
+        store.step_ended()
         self._next = helper.result()
         self._update(out, result, step.seconds)
         outputs = self._emit(out, result)

@@ -263,8 +263,10 @@ def describe(store: KVStore, sources: list[tuple[Any, int]]
     addresses: list[int] = []
     strides: list[int] = []
     sums: list[int] = []
-    # Every part of a block must lie in this process's memory (not behind a PartLink).
-    if n == 0 or store.memory is None or not store.whole or store.link is not None:
+    # Every part of a block must lie in this process's memory (not behind a PartLink; a
+    # latent cache's replicas need not: a block is this rank's part).
+    remote = store.link is not None and not c.replicated
+    if n == 0 or store.memory is None or not store.whole or remote:
         return addresses, strides, sums
     parts = c.distinct_parts
     per = c.tensors_per_layer * c.num_layers

@@ -304,6 +304,12 @@ class KVStore:
         self._copy_cv = threading.Condition()
         self._copies = 0
         self._closing = False
+        # Overlap scheduling: steps started and ended. A preempted request's blocks go back
+        # to the pool while a step in flight may still write them, so a load into fresh
+        # blocks first waits for every step in flight to end (step_began / step_ended).
+        self._steps_cv = threading.Condition()
+        self._steps_begun = 0
+        self._steps_ended = 0
         self.num_swapped = 0  # preemptions whose blocks went to a tier
         self.num_recomputed = 0  # preemptions left to recompute
         self._load_counts = [0] * (len(LOAD_BUCKETS) + 1)
@@ -621,7 +627,11 @@ class KVStore:
         sums: list[int] = []
         step = self.chunk_blocks
         for at in range(0, len(blocks), step):
-            regions, ids = self.readable(blocks[at:at + step])
+            try:
+                regions, ids = self.readable(blocks[at:at + step])
+            except PartsUnavailable as e:
+                logger.warning("KV blocks not written to %s: %s", tier.name, e)
+                return None
             if tier is self.cpu:
                 sums += _C.kv_gather_blocks(regions, c.segments_arg, ids, tier.address,
                                             tier.slot_bytes, slots[at:at + step])
@@ -711,11 +721,28 @@ class KVStore:
         results = self._copy_hits(hits, blocks)
         return self._account_hits(hits, results, time.perf_counter() - t0)
 
+    def step_began(self) -> None:
+        """The engine started a step while the next one may be scheduled (overlap)."""
+        with self._steps_cv:
+            self._steps_begun += 1
+
+    def step_ended(self) -> None:
+        with self._steps_cv:
+            self._steps_ended += 1
+            self._steps_cv.notify_all()
+
+    def _after_steps_in_flight(self) -> None:
+        """Waits until every step begun so far has ended (at once without overlap)."""
+        with self._steps_cv:
+            target = self._steps_begun
+            self._steps_cv.wait_for(lambda: self._steps_ended >= target)
+
     def _copy_hits(self, hits: Sequence[TierHit], blocks: Sequence[int]
                    ) -> list[tuple[int, int]]:
         """The bytes of the hits, in chain order into ``blocks`` (any thread, while the
-        slots are held and the blocks reserved): (ok, err) per hit, stopping at the first
-        that fell short."""
+        slots are held and the blocks reserved; once no step in flight can write them):
+        (ok, err) per hit, stopping at the first that fell short."""
+        self._after_steps_in_flight()
         results, at = [], 0
         for hit in hits:
             slots = list(hit.slots)
