@@ -4,6 +4,7 @@ an engine whose worker runs in another network namespace, reached over a veth pa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -209,9 +210,11 @@ def test_tcp_group_sums_gathers_and_messages_exactly() -> None:
 
 # ------------------------------------------------------------- two hosts: network namespaces
 
-def _start_ranks(two_hosts, script: str, *args: str):  # noqa: ANN001, ANN202
+@contextlib.contextmanager
+def _ranks(two_hosts, script: str, *args: str):  # noqa: ANN001, ANN202
     """Rank 0 running ``script`` (argv: args, then the master address) in one namespace and
-    a worker (rank 1) in the other: (rank 0's process, the worker's)."""
+    a worker (rank 1) in the other: (rank 0's process, the worker's), killed at the end if
+    still running."""
     (ns_a, addr_a), (ns_b, _) = two_hosts
     master = f"{addr_a}:{random.randrange(20000, 40000)}"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -223,7 +226,13 @@ def _start_ranks(two_hosts, script: str, *args: str):  # noqa: ANN001, ANN202
                                "xllm.runtime.worker", "--master", master, "--rank", "1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               env=env)
-    return rank0, worker
+    try:
+        yield rank0, worker
+    finally:
+        for p in (rank0, worker):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def _first_line(rank0: subprocess.Popen, timeout: float = 180.0) -> dict:
@@ -265,8 +274,7 @@ def test_engine_with_a_worker_on_another_host(two_hosts, demo_model_dir: Path) -
     """Rank 0 (the engine) in one namespace, rank 1 in the other, talking over the veth pair:
     greedy and seeded outputs equal one rank's; then the worker is killed and the engine's
     next step fails within seconds instead of hanging."""
-    rank0, worker = _start_ranks(two_hosts, RANK0_SCRIPT, str(demo_model_dir))
-    try:
+    with _ranks(two_hosts, RANK0_SCRIPT, str(demo_model_dir)) as (rank0, worker):
         got = _first_line(rank0)
         assert got["native"]  # the native decoder stack, its sums over TCP
         ref = LLM(str(demo_model_dir), dtype="float32", weight_format="blocks",
@@ -285,11 +293,6 @@ def test_engine_with_a_worker_on_another_host(two_hosts, demo_model_dir: Path) -
         after = json.loads(rank0.stdout.readline())
         assert after["error"] == "RuntimeError" and after["seconds"] < 10, after
         assert rank0.wait(timeout=30) == 0, rank0.stderr.read()[-3000:]
-    finally:
-        for p in (rank0, worker):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
 
 
 RANK0_TIERS_SCRIPT = textwrap.dedent("""
@@ -329,9 +332,8 @@ def test_kv_tiers_with_a_worker_on_another_host(two_hosts, demo_model_dir: Path,
     floods = [torch.randint(0, 1000, (70,), generator=gen).tolist() for _ in range(4)]
     tiers = (dict(kv_offload_cpu_gb=0.05) if tier == "cpu" else
              dict(kv_offload_disk=str(tmp_path / "kv"), kv_offload_disk_gb=0.05))
-    rank0, worker = _start_ranks(two_hosts, RANK0_TIERS_SCRIPT, str(demo_model_dir),
-                                 json.dumps(tiers))
-    try:
+    with _ranks(two_hosts, RANK0_TIERS_SCRIPT, str(demo_model_dir),
+                json.dumps(tiers)) as (rank0, _):
         rank0.stdin.write(json.dumps([prompts, floods]) + "\n")
         rank0.stdin.flush()
         got = _first_line(rank0)
@@ -344,8 +346,3 @@ def test_kv_tiers_with_a_worker_on_another_host(two_hosts, demo_model_dir: Path,
         assert got["tokens"] == [o.outputs[0].token_ids
                                  for o in ref.generate(prompts, params, use_tqdm=False)]
         assert rank0.wait(timeout=30) == 0, rank0.stderr.read()[-3000:]
-    finally:
-        for p in (rank0, worker):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
