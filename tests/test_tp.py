@@ -88,6 +88,61 @@ def test_bad_sizes_fail_at_start_up() -> None:
 # ---------------------------------------------------------------- step messages
 
 
+class _GatherInTurns:
+    """Two ranks' gather run one after the other: rank 1's part kept, rank 0 joins it."""
+
+    def __init__(self) -> None:
+        self.part: torch.Tensor | None = None
+
+    def gather(self, src: torch.Tensor, dst: torch.Tensor | None, rows: int = 1) -> None:
+        if dst is None:
+            self.part = src.clone()
+            return
+        assert self.part is not None and rows == src.shape[0]
+        joined = dst.view(rows, 2, -1)
+        joined[:, 0] = src
+        joined[:, 1] = self.part
+
+
+@pytest.mark.parametrize("vocab", [384, 383, 3])
+def test_the_lm_heads_argmax_gather_picks_what_the_whole_rows_would(vocab: int) -> None:
+    """The greedy path of the LM head under TP: each rank sends its slice's best (value,
+    token), rank 0 combines. It returns argmax_first of the whole rows -- ties to the lower
+    token across the ranks' boundary, the first NaN, rows of -inf -- and never a padding row
+    of the last slice (odd vocabularies; 3 tokens over 2 ranks)."""
+    from xllm.layers.embedding import LMHead
+    from xllm.layers.sampler import argmax_first
+
+    comm = _GatherInTurns()
+    heads = [LMHead(vocab, 8, tp=TensorParallel(r, 2, comm)) for r in range(2)]
+    rows = -(-vocab // 2)
+    full = torch.randn(vocab, 8, generator=torch.Generator().manual_seed(vocab))
+    full[0] *= 4  # the longest row: hidden[1] below is the best match for it
+    if vocab > rows:
+        full[rows] = full[0]  # rank 1's first token ties rank 0's first
+    for r, head in enumerate(heads):
+        part = torch.full((rows, 8), 50.0)  # padding rows that would win if read
+        mine = full[r * rows:(r + 1) * rows]
+        part[:len(mine)] = mine
+        head.weight.data = part
+    hidden = torch.randn(6, 8, generator=torch.Generator().manual_seed(1))
+    hidden[1] = full[0] * 10  # tokens 0 and ``rows`` (if any) share this row's maximum
+    want = argmax_first(hidden @ full.T)
+    assert want[1] == 0
+    assert heads[1](hidden, argmax=True) is None  # (the worker's turn first)
+    got = heads[0](hidden, argmax=True)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    # NaN and -inf rows, through the combine alone
+    from xllm.layers.embedding import combine_argmax
+
+    best = torch.tensor([[[1.0, 4.0], [1.0, 200.0]],           # a tie: the lower token
+                         [[2.0, 7.0], [float("nan"), 250.0]],  # a NaN wins
+                         [[float("nan"), 9.0], [float("nan"), 300.0]],  # the first NaN
+                         [[-float("inf"), 0.0], [-float("inf"), 192.0]],
+                         [[0.5, 3.0], [0.7, 201.0]]])
+    assert combine_argmax(best).tolist() == [4, 250, 9, 0, 201]
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_step_messages_keep_worker_mirrors_exact(overlap: bool) -> None:
     """A scheduler short of blocks preempts and readmits; every step's message, applied to
@@ -117,8 +172,9 @@ def test_step_messages_keep_worker_mirrors_exact(overlap: bool) -> None:
             continue
         holes += len(message.holes)
         message.fill()
-        mirrored, rows = decoder.decode(message.array.tobytes())
-        assert len(rows) == 0
+        message.set_argmax(holes % 2 == 1)  # (either kind of step message decodes the same)
+        mirrored, rows, argmax = decoder.decode(message.array.tobytes())
+        assert len(rows) == 0 and argmax == (holes % 2 == 1)
         assert len(mirrored.decodes) == len(out.decodes)
         for item, copy in zip(out.scheduled, mirrored.scheduled, strict=True):
             end = item.num_computed_tokens + item.num_new_tokens
@@ -192,6 +248,37 @@ def test_tp2_matches_tp1_on_each_architecture(name: str, path: str, models_root:
     try:
         assert (llm.engine.runner.model._stack is not None) == native
         _assert_same_or_near_tie(ref, _greedy(llm, prompts, 32))
+    finally:
+        llm.engine.close()
+
+
+@needs_two
+def test_plain_greedy_rows_gather_the_ranks_best_tokens(demo_model_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under TP a step whose sampled rows are all plain greedy (no logprobs, penalties,
+    bias, min_tokens or grammar) gathers each rank's best token, not its logits; the tokens
+    equal the full logits' argmax (the same engine asked for logprobs, which gathers them),
+    and a step with any other row gathers the logits."""
+    import xllm.layers.embedding as embedding
+
+    calls = []
+    real = embedding.combine_argmax
+    monkeypatch.setattr(embedding, "combine_argmax",
+                        lambda best: calls.append(best.shape[0]) or real(best))
+    llm = LLM(str(demo_model_dir), tensor_parallel_size=2, dtype="float32",
+              weight_format="blocks", max_model_len=256, num_kv_blocks=64)
+    try:
+        prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+        plain = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+        scored = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=1)
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, plain, use_tqdm=False)]
+        assert len(calls) >= 20 and max(calls) == 3
+        calls.clear()
+        want = [o.outputs[0].token_ids for o in llm.generate(prompts, scored, use_tqdm=False)]
+        assert got == want and not calls
+        seeded = SamplingParams(temperature=0.8, seed=3, max_tokens=20, ignore_eos=True)
+        llm.generate(prompts[:2], [plain, seeded], use_tqdm=False)
+        assert not calls  # a sampled row: the logits
     finally:
         llm.engine.close()
 

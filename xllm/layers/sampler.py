@@ -346,6 +346,22 @@ def _flat_keys(
     return row_of * v + tokens, row_of
 
 
+def argmax_only(batch: SamplingBatch | None) -> bool:
+    """Whether sampling ``batch`` is the argmax of the raw logits and nothing more: every row
+    greedy, no logprobs, penalties, suppressed ids, logit bias or grammar mask (Sampler
+    then returns ``argmax_first(logits)``)."""
+    return (batch is not None and batch.all_greedy and batch.max_logprobs is None
+            and batch.penalties is None and batch.suppress_index is None
+            and batch.bias_index is None and batch.mask_rows is None)
+
+
+def plain_greedy(p: SamplingParams) -> bool:
+    """Whether a row with these params, once past its min_tokens and without a grammar, is
+    sampled as the argmax of its raw logits (a batch of such rows is ``argmax_only``)."""
+    return (p.temperature < _SAMPLING_EPS and p.logprobs is None and not has_penalties(p)
+            and not p.logit_bias)
+
+
 def has_penalties(p: SamplingParams) -> bool:
     """Whether a row's logits depend on its earlier tokens (repetition, frequency, presence)."""
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0

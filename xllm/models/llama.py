@@ -315,11 +315,13 @@ class LlamaForCausalLM(nn.Module):
         (sliding windows are applied by the attention kernels)."""
         return self.config.max_position_embeddings
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """fp32 logits [n, vocab_size] for hidden rows [n, hidden_size]. Under tensor
-        parallelism every rank must call it with the same rows; rank 0 gets the logits,
-        the others None."""
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, argmax: bool = False
+                       ) -> torch.Tensor | None:
+        """fp32 logits [n, vocab_size] for hidden rows [n, hidden_size] (``argmax``: their
+        greedy token ids [n] instead, LMHead.forward). Under tensor parallelism every rank
+        must call it with the same rows and ``argmax``; rank 0 gets the result, the others
+        None."""
+        return self.lm_head(hidden, argmax)
 
     def bind_kv_caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Gives layer i the (key_cache, value_cache) pair kv_caches[i]."""

@@ -23,7 +23,14 @@ import numpy as np
 import torch
 
 from xllm.layers.attn_metadata import AttentionMetadata
-from xllm.layers.sampler import Sampler, SamplingBatch, has_penalties
+from xllm.layers.sampler import (
+    Sampler,
+    SamplerOutput,
+    SamplingBatch,
+    argmax_only,
+    has_penalties,
+    plain_greedy,
+)
 from xllm.models.config import ModelConfig
 from xllm.runtime.prompt_logprobs import (
     PromptLogprobs,
@@ -130,6 +137,9 @@ class PreparedStep:
     sampling: SamplingBatch | None  # None: no row samples, or complete() builds it
     message: StepMessage | None = None  # the workers' step (tensor parallelism)
     sent: bool = False  # the workers have it already (prepare with send=True)
+    # Tensor parallelism, every sampled row plain greedy: the LM head gathers the ranks'
+    # best tokens, and the sampler is not needed (argmax_only).
+    argmax: bool = False
     seconds: float = 0.0  # run()'s wall time
 
 
@@ -242,20 +252,44 @@ class ModelRunner:
         own, rather than after (rank 0 then waits for them at the step's first sum)."""
         buf = self._take_buffers()
         spans = find_prompt_spans(out)
-        message, sent = None, False
+        message, sent, argmax = None, False, False
         if self.workers is not None:
             message = self.workers.encode(out, span_rows(spans) if spans else None)
             if send and not message.holes:
-                self.workers.sync_memory()  # groups this step's new blocks need, mapped first
-                self.workers.send(message)
+                argmax = self._plain_greedy(out)
+                self._send(message, argmax)
                 sent = True
         pending: list[tuple[int, object, int]] = []
         n, metadata, last_rows = self._fill(out, buf, pending)
         step = PreparedStep(out, buf, n, metadata, last_rows, spans, find_pool_spans(out),
-                            pending, None, message, sent)
+                            pending, None, message, sent, argmax=argmax and len(last_rows) > 0)
         if len(last_rows):
             step.sampling = self._sampling_batch(out, buf, ready=not pending)
+            if step.argmax and not argmax_only(step.sampling):
+                raise RuntimeError("a step sent as plain greedy has rows that sample otherwise")
         return step
+
+    def _plain_greedy(self, out: SchedulerOutput) -> bool:
+        """Whether every row that samples this step takes the argmax of its raw logits (its
+        sampling batch will be ``argmax_only``), from the requests alone: the workers hear
+        it with the step, before the batch is built."""
+        samples = False
+        for item in out.scheduled:
+            if item.samples:
+                req = item.request
+                if (not plain_greedy(req.sampling_params) or req.grammar is not None
+                        or self._suppressed(req)):
+                    return False
+                samples = True
+        return samples
+
+    def _send(self, message: StepMessage, argmax: bool) -> None:
+        """Sends the workers the step, saying whether its sampled rows take only their
+        greedy token (then the LM head gathers each rank's best, not its logits)."""
+        assert self.workers is not None
+        message.set_argmax(argmax)
+        self.workers.sync_memory()  # groups this step's new blocks need, mapped first
+        self.workers.send(message)
 
     def complete(self, step: PreparedStep) -> None:
         """Fills in the tokens pending at prepare time (now in their requests; a request
@@ -270,8 +304,8 @@ class ModelRunner:
             if step.sampling is None and len(step.last_rows):
                 step.sampling = self._sampling_batch(step.out, step.buffers, ready=True)
         if self.workers is not None and not step.sent:
-            self.workers.sync_memory()  # groups this step's new blocks need, mapped first
-            self.workers.send(step.message)
+            step.argmax = argmax_only(step.sampling)
+            self._send(step.message, step.argmax)
             step.sent = True
 
     def _sampling_batch(self, out: SchedulerOutput, buf: _Buffers,
@@ -321,10 +355,12 @@ class ModelRunner:
         if not len(step.last_rows):
             self._done(step, t_start)
             return RunnerOutput(sampled, logprobs, prompt_logprobs, pooled)
-        logits = self.model.compute_logits(
-            hidden[torch.from_numpy(step.last_rows).to(hidden.device)])
         assert step.sampling is not None, "run() before complete()"
-        result = self.sampler(logits, step.sampling)
+        rows = hidden[torch.from_numpy(step.last_rows).to(hidden.device)]
+        if step.argmax:  # (tensor parallelism: the ranks' best tokens, not their logits)
+            result = SamplerOutput(self.model.compute_logits(rows, argmax=True))
+        else:
+            result = self.sampler(self.model.compute_logits(rows), step.sampling)
         token_ids = result.token_ids.tolist()
         want_logprobs = result.logprobs is not None
         if want_logprobs:
@@ -350,10 +386,12 @@ class ModelRunner:
         self.busy_seconds += step.seconds
 
     @torch.inference_mode()
-    def execute_shard(self, out: SchedulerOutput, prompt_rows: np.ndarray) -> None:
+    def execute_shard(self, out: SchedulerOutput, prompt_rows: np.ndarray,
+                      argmax: bool = False) -> None:
         """A tensor-parallel worker's step: the same inputs as rank 0 (``out`` is rebuilt from
         the step message), this rank's share of the forward pass, and its part of every LM
-        head call rank 0 makes (prompt scoring in the same slabs first, then sampling)."""
+        head call rank 0 makes (prompt scoring in the same slabs first, then sampling:
+        ``argmax``, its best tokens only)."""
         if not out.scheduled:
             return
         buf = self._take_buffers()
@@ -366,7 +404,7 @@ class ModelRunner:
             for a in range(0, rows.shape[0], step):
                 self.model.compute_logits(rows[a:a + step])
         if len(last_rows):
-            self.model.compute_logits(hidden[torch.from_numpy(last_rows)])
+            self.model.compute_logits(hidden[torch.from_numpy(last_rows)], argmax=argmax)
 
     def _score_prompts(self, out: SchedulerOutput, spans: list[PromptSpan] | None,
                        hidden: torch.Tensor) -> list[PromptLogprobs | None] | None:

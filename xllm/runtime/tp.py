@@ -7,6 +7,7 @@ running (the tokens fed so far and the block ids), so a message carries a reques
 and block table once, when it starts or restarts, and after that only what changed:
 
     header   [kind, num_decodes, num_items, num_drop, num_tokens, num_blocks, num_rows]
+             (kind 5 instead of 1: the sampled rows only take their greedy token)
     drop     [num_drop]        slots to forget (requests not scheduled this step)
     items    [num_items, 6]    slot, flags (1: reset, 2: samples), computed, new tokens,
                                tokens appended, blocks appended -- in the step's row order
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("xllm.tp")
 
-_STEP, _STOP, _PLACE, _MEMORY = 1, 2, 3, 4
+_STEP, _STOP, _PLACE, _MEMORY, _STEP_ARGMAX = 1, 2, 3, 4, 5
 _HEADER = 7
 _RESET, _SAMPLES = 1, 2
 # Waits between ranks inside a step; a dead rank is noticed within milliseconds regardless.
@@ -136,6 +137,11 @@ class StepMessage:
     def fill(self) -> None:
         for offset, req, position in self.holes:
             self.array[offset] = token_at(req, position)
+
+    def set_argmax(self, argmax: bool) -> None:
+        """Whether the step's sampled rows only take their greedy token (the LM head then
+        gathers each rank's best instead of its logits: LMHead.forward)."""
+        self.array[0] = _STEP_ARGMAX if argmax else _STEP
 
 
 def token_at(req: object, position: int) -> int:
@@ -253,10 +259,10 @@ class StepDecoder:
         self.mirrors: dict[int, _Mirror] = {}
 
     def decode(self, message: bytes
-               ) -> tuple[SchedulerOutput, np.ndarray] | np.ndarray | MemoryState | None:
-        """(the step, the prompt-scoring rows); a placement (expert parallelism's
-        physical-to-logical table [layers, physical]); rank 0's mapped memory; or None for
-        the stop message."""
+               ) -> tuple[SchedulerOutput, np.ndarray, bool] | np.ndarray | MemoryState | None:
+        """(the step, the prompt-scoring rows, whether its sampled rows take only their
+        greedy token); a placement (expert parallelism's physical-to-logical table
+        [layers, physical]); rank 0's mapped memory; or None for the stop message."""
         a = np.frombuffer(message, dtype=np.int32)
         kind, num_decodes, num_items, num_drop, num_tokens, num_blocks, num_rows = (
             int(v) for v in a[:_HEADER])
@@ -267,7 +273,7 @@ class StepDecoder:
                 num_decodes, num_items)
         if kind == _MEMORY:
             return MemoryState(a[_HEADER:_HEADER + num_items] != 0, num_decodes)
-        if kind != _STEP:
+        if kind not in (_STEP, _STEP_ARGMAX):
             raise RuntimeError(f"unknown step message kind {kind}")
         at = _HEADER
         for slot in a[at:at + num_drop].tolist():
@@ -294,7 +300,7 @@ class StepDecoder:
                                               bool(flags & _RESET)))
         out = SchedulerOutput(scheduled[:num_decodes], scheduled[num_decodes:], [],
                               sum(item.num_new_tokens for item in scheduled))
-        return out, rows
+        return out, rows, kind == _STEP_ARGMAX
 
 
 @dataclass
