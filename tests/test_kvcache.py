@@ -730,15 +730,19 @@ def test_a_store_with_a_part_on_another_host_moves_whole_blocks_through_its_serv
     caches = store.kv_caches(torch.float32)
     worker = KVMemory(96, 2, 128, blocks_per_group=32)
     worker_caches = worker.tensors((96, 1, 4, 8), torch.float32)
-    server = PartServer("127.0.0.1")
+    server = PartServer("127.0.0.1", "s3cret")
     server.memory = worker
-    link = PartLink([("127.0.0.1", server.port)], [4 * 128], timeout=5.0)
+    link = PartLink([("127.0.0.1", server.port)], [4 * 128], timeout=5.0, token="s3cret")
     with pytest.raises(ValueError, match="block bytes"):
         store.attach_link(PartLink([("127.0.0.1", server.port)], [4 * 256]))
-    store.attach_link(link)
+    store.attach_link(PartLink([("127.0.0.1", server.port)], [4 * 128], timeout=5.0,
+                               token="guess"))
     assert store.whole and store.chunk_blocks == 2 and store.memory_parts() is None
     blocks = store.pool.allocate(5)  # rank 0 maps their group; the worker follows
     worker.map_group(0)
+    with pytest.raises(PartsUnavailable):  # a connection without the token is dropped
+        store.readable(blocks[:1])
+    store.link = link
     gen = torch.Generator().manual_seed(1)
     for k, v in caches + worker_caches:
         k[blocks] = torch.randn(k[blocks].shape, generator=gen)
@@ -806,7 +810,8 @@ def test_a_store_with_a_part_on_another_host_moves_whole_blocks_through_its_serv
     server.close()
     store.link = link
     link.close()
-    store.link = PartLink([("127.0.0.1", server.port)], [4 * 128], timeout=2.0)
+    store.link = PartLink([("127.0.0.1", server.port)], [4 * 128], timeout=2.0,
+                          token="s3cret")
     assert store.load(hits, fresh) == 0  # not an exception: recomputed
     assert tier.corrupt_blocks == 0 and tier.num_blocks == 5  # the tier's bytes are fine
     store.close()

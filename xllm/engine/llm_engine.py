@@ -399,7 +399,8 @@ class LLMEngine:
             self.kv_store.attach_link(PartLink(
                 [(comm.peer_host(rank), port)
                  for rank, (*_, port) in enumerate(self.workers.parts, 1)],
-                [c.part_segment(rank) * per for rank in range(1, c.parts)]))
+                [c.part_segment(rank) * per for rank in range(1, c.parts)],
+                token=self.workers.part_token))
             return
         where = [(pid, fd, region_bytes) for pid, fd, region_bytes, *_ in self.workers.parts]
         maps, regions = PeerMemory.parts(where, per)

@@ -20,10 +20,17 @@ first, and every memory message after the reservation includes them while the bl
 held. A PULL of a block in an unmapped group is refused, never read; a failed request is a
 failed copy, whose blocks are recomputed. Each request has a deadline, and a connection
 that failed is dropped and made again for the next request.
+
+**Exposure.** The server listens on the worker's address towards rank 0 (the interface its
+group connection uses, not every interface) and serves only connections that open with
+rank 0's token (``WorkerSpec.part_token``, handed over through the rendezvous store): it
+keeps stray connections out, not an attacker who can read that store. Like the group's own
+connections, run it on a trusted network.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import socket
 import struct
@@ -46,6 +53,7 @@ _MAGIC = 0x4B565053  # "SPVK"
 _PULL, _PUSH = 1, 2
 _REQUEST = struct.Struct("<IIIQ")  # magic, op, blocks, payload bytes (a push's)
 _REPLY = struct.Struct("<IQ")  # status (0: done), bytes that follow (a pull's, or the error)
+_TOKEN_BYTES = 32  # a connection opens with the token rank 0 gave its workers
 MAX_REQUEST_BYTES = 1 << 30  # a larger request is a broken peer: the connection is dropped
 TIMEOUT_S = 30.0  # one request's deadline
 
@@ -53,6 +61,14 @@ TIMEOUT_S = 30.0  # one request's deadline
 class PartsUnavailable(OSError):
     """A remote rank's part of some blocks could not be read or written (gone, too slow, or
     the blocks not there): the copy fails and its blocks are recomputed."""
+
+
+def _token_bytes(token: str) -> bytes:
+    """A connection's opening: the token (the worker spec's ``part_token``), padded."""
+    data = token.encode()
+    if len(data) > _TOKEN_BYTES:
+        raise ValueError(f"a part server's token is at most {_TOKEN_BYTES} bytes")
+    return data.ljust(_TOKEN_BYTES, b"\0")
 
 
 def _recv_into(sock: socket.socket, view: memoryview) -> None:
@@ -81,8 +97,9 @@ class PartServer:
     ``lock`` guards the memory's mapping: the worker holds it while it follows rank 0's
     memory messages."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, token: str = "") -> None:
         self.lock = threading.Lock()
+        self._token = _token_bytes(token)
         self.memory: KVMemory | None = None
         self._listener = socket.create_server((host, 0))
         self.port: int = self._listener.getsockname()[1]
@@ -122,6 +139,14 @@ class PartServer:
     def _serve(self, conn: socket.socket) -> None:
         buf = np.empty(0, dtype=np.uint8)
         with conn:
+            try:
+                conn.settimeout(TIMEOUT_S)
+                if not hmac.compare_digest(bytes(_recv(conn, _TOKEN_BYTES)), self._token):
+                    raise ValueError("a connection without rank 0's token: dropped")
+                conn.settimeout(None)
+            except (OSError, ValueError):
+                self._conns.discard(conn)
+                return
             while True:
                 try:
                     magic, op, n, payload = _REQUEST.unpack(_recv(conn, _REQUEST.size))
@@ -191,9 +216,10 @@ class PartLink:
     once; failures raise :class:`PartsUnavailable`."""
 
     def __init__(self, ranks: Sequence[tuple[str, int]], part_bytes: Sequence[int],
-                 timeout: float = TIMEOUT_S) -> None:
+                 timeout: float = TIMEOUT_S, token: str = "") -> None:
         if len(ranks) != len(part_bytes):
             raise ValueError("a part size for each rank")
+        self._token = _token_bytes(token)
         self.ranks = list(ranks)
         self.part_bytes = list(part_bytes)
         self.timeout = timeout
@@ -233,6 +259,7 @@ class PartLink:
         if sock is None:
             sock = socket.create_connection(self.ranks[i], timeout=self.timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(self._token)
             self._socks[i] = sock
         return sock
 

@@ -324,6 +324,9 @@ class WorkerSpec:
     expert_parallel: bool = False
     num_redundant_experts: int = 0
     busy_wait: float = field(default_factory=lambda: BUSY_WAIT_S)  # the group's, every rank
+    # What rank 0's connections to a remote worker's part server open with (a worker on
+    # another host serves its share of the pool only to a connection that knows it).
+    part_token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 def rank_cores(size: int) -> list[list[int]]:
@@ -354,6 +357,7 @@ class WorkerGroup:
         # (pid, memfd, region bytes, regions, segment bytes, the port of its part server: a
         # worker on another host, else 0)
         self.parts: list[tuple[int, ...]] = []
+        self.part_token = ""  # what rank 0's connections to their part servers open with
         if remote is not None:  # ranks on other hosts, already joined: nothing to start
             self._logs, self.procs, self.comm = [], [], remote
             return
@@ -393,7 +397,9 @@ class WorkerGroup:
 
         comm = TcpGroup(master, 0, base.size, timeout=base.timeout, join_timeout=JOIN_TIMEOUT_S,
                         store_items={SPEC_KEY: json.dumps(asdict(base)).encode()})
-        return cls([], "", remote=TimedGroup(comm), size=base.size)
+        group = cls([], "", remote=TimedGroup(comm), size=base.size)
+        group.part_token = base.part_token
+        return group
 
     def wait_ready(self) -> None:
         """Blocks until every worker has loaded its shard (no deadline: a load takes as long
@@ -510,7 +516,7 @@ def worker_main(spec: WorkerSpec, comm: object | None = None) -> int:
         comm = ShmAllReduce(spec.group, spec.rank, spec.size, timeout=spec.timeout,
                             buffer_bytes=BUFFER_BYTES, busy_wait=spec.busy_wait)
     else:  # on another host than rank 0: it reads and writes this share over a connection
-        server = PartServer(comm.local_host())
+        server = PartServer(comm.local_host(), spec.part_token)
     try:
         tp = TensorParallel(spec.rank, spec.size, comm, bf16_sums=spec.dtype == "bfloat16",
                             expert_parallel=spec.expert_parallel,
