@@ -583,7 +583,6 @@ def remote_rank0(host: str, port: int, raw_port: int) -> None:
 
     c, _ = _part_geometry()
     n = c.num_blocks - 1
-    per = c.tensors_per_layer * c.num_layers
     rates: dict[str, float] = {}
     for where in ("in_place", "remote"):
         store = KVStore(c)
@@ -591,7 +590,7 @@ def remote_rank0(host: str, port: int, raw_port: int) -> None:
         for region in store.regions:
             ctypes.memset(region, 0x33, n * c.segment_bytes)
         if where == "remote":
-            store.attach_link(PartLink([(host, port)], [c.part_segment(1) * per]))
+            store.attach_link(PartLink([(host, port)], [c.part_bytes(1)]))
         else:
             other = KVMemory(c.num_blocks, c.num_layers, c.part_segment(1),
                              tensors_per_layer=c.tensors_per_layer)
@@ -601,7 +600,7 @@ def remote_rank0(host: str, port: int, raw_port: int) -> None:
         rates[f"{where}_write_s"], rates[f"{where}_load_s"] = _whole_block_rates(store, n)
         store.close()
 
-    remote_bytes = n * c.part_segment(1) * per
+    remote_bytes = n * c.part_bytes(1)
     buf = bytearray(8 << 20)
 
     def wire() -> None:

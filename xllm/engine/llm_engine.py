@@ -385,7 +385,7 @@ class LLMEngine:
         (one host), or their part servers connected (ranks on other hosts)."""
         assert self.workers is not None
         c = self.kv_store.config
-        per = c.tensors_per_layer * c.num_layers
+        per = c.part_regions
         if c.part_segment(0) != c.segment_bytes:
             raise RuntimeError(f"rank 0's KV segment is {c.segment_bytes} bytes, its part "
                                f"was computed as {c.part_segment(0)}")
@@ -399,7 +399,7 @@ class LLMEngine:
             self.kv_store.attach_link(PartLink(
                 [(comm.peer_host(rank), port)
                  for rank, (*_, port) in enumerate(self.workers.parts, 1)],
-                [c.part_segment(rank) * per for rank in range(1, c.parts)],
+                [c.part_bytes(rank) for rank in range(1, c.parts)],
                 token=self.workers.part_token))
             return
         where = [(pid, fd, region_bytes) for pid, fd, region_bytes, *_ in self.workers.parts]

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from xllm import _C
+from xllm.kvcache.parts import staged_regions
 from xllm.kvcache.store import KVStore
 from xllm.kvcache.tiers import DiskTier
 from xllm.kvcache.transfer import leading_matches
@@ -146,9 +147,8 @@ class MooncakeTransport:
             return False
         half = self.landing_bytes // 2
         per_round = max(1, half // c.block_bytes)
-        per = c.tensors_per_layer * c.num_layers  # regions a part
-        segs = np.asarray([c.segments[p * per] for p in range(parts)], dtype=np.int64)
-        offsets = np.concatenate(([0], np.cumsum(segs * per)[:-1]))  # of each part in a block
+        segs = np.asarray([c.part_segment(p) for p in range(parts)], dtype=np.int64)
+        offsets = np.asarray([c.part_offset(p) for p in range(parts)], dtype=np.int64)
         addr = np.asarray(addresses, dtype=np.int64).reshape(count, parts)
         stride = np.asarray(strides, dtype=np.int64).reshape(count, parts)
         # A slot holds a block's segments back to back, every part's (one read); pool
@@ -203,7 +203,7 @@ class MooncakeTransport:
             return self.read(session, dsts, addr[:, 0], np.full(k, block, dtype=np.int64))
         # Segments a region apart: a run of blocks with consecutive ids on the peer is one
         # read per region.
-        per = c.tensors_per_layer * c.num_layers
+        per = c.part_regions
         dsts, srcs, nbytes = [], [], []
         base = landing
         for p, seg in enumerate(segs.tolist()):
@@ -232,10 +232,7 @@ class MooncakeTransport:
             if contiguous:
                 return _C.kv_scatter_blocks(landing, c.block_bytes, list(range(k)), sums,
                                             regions, c.segments_arg, ids)
-            staged, at = [], landing
-            for seg in c.segments:
-                staged.append(at)
-                at += k * seg
+            staged = staged_regions(landing, c.segments, k)  # (the round's layout)
             return leading_matches(_C.kv_copy_blocks(staged, list(range(k)), regions, ids,
                                                      c.segments_arg), sums)
 
@@ -268,14 +265,13 @@ def describe(store: KVStore, sources: list[tuple[Any, int]]
     remote = store.link is not None and not c.replicated
     if n == 0 or store.memory is None or not store.whole or remote:
         return addresses, strides, sums
-    parts = c.distinct_parts
-    per = c.tensors_per_layer * c.num_layers
+    parts, per = c.distinct_parts, c.part_regions
     # Each part's first region, the distance between its regions, its segment, and where
     # its segments start in a tier slot.
     bases = [store.regions[p * per] for p in range(parts)]
     gaps = [store.regions[p * per + 1] - bases[p] if per > 1 else 0 for p in range(parts)]
-    segs = [c.segments[p * per] for p in range(parts)]
-    offsets = [sum(segs[q] * per for q in range(p)) for p in range(parts)]
+    segs = [c.part_segment(p) for p in range(parts)]
+    offsets = [c.part_offset(p) for p in range(parts)]
     with store.off_thread_copy() as allowed:
         if not allowed:
             return addresses, strides, sums

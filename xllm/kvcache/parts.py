@@ -85,10 +85,15 @@ def _recv(sock: socket.socket, n: int) -> bytearray:
     return data
 
 
-def _staging_regions(base: int, num_regions: int, segment: int, n: int) -> list[int]:
-    """Region-major staging of ``n`` blocks: region ``r`` of block ``k`` at
-    ``base + (r * n + k) * segment``."""
-    return [base + r * n * segment for r in range(num_regions)]
+def staged_regions(base: int, segments: Sequence[int], n: int) -> list[int]:
+    """The regions of ``n`` blocks staged region-major at ``base`` (``[region][block]``, each
+    region's segments back to back): the native copies' view of a pool of ``n`` blocks,
+    block ``k`` of region ``r`` at ``regions[r] + k * segments[r]``."""
+    regions, at = [], base
+    for seg in segments:
+        regions.append(at)
+        at += n * seg
+    return regions
 
 
 class PartServer:
@@ -198,8 +203,8 @@ class PartServer:
             for g in unmapped:  # (a push into blocks rank 0 just reserved)
                 memory.map_group(g)
             if n:
-                staged = _staging_regions(buf.ctypes.data, memory.num_regions,
-                                          memory.segment_bytes, n)
+                staged = staged_regions(buf.ctypes.data,
+                                        [memory.segment_bytes] * memory.num_regions, n)
                 block_ids, order = ids.tolist(), list(range(n))
                 if op == _PULL:
                     _C.kv_copy_blocks(memory.regions, block_ids, staged, order,
@@ -227,16 +232,16 @@ class PartLink:
         self._lock = threading.Lock()
         self._closed = False
 
-    def pull(self, blocks: Sequence[int], into: Sequence[memoryview],
+    def pull(self, blocks: Sequence[int], regions: Sequence[Sequence[memoryview]],
              meanwhile: Callable[[], object] | None = None) -> None:
-        """Each rank's part of ``blocks`` into ``into`` (one view a rank, region-major);
+        """Each rank's part of ``blocks`` into its regions' views (one list a rank, in
+        order; a region's view takes its segments of the blocks back to back);
         ``meanwhile`` runs once the requests are out, while the ranks copy and send."""
-        self._request(_PULL, blocks, into, meanwhile)
+        self._request(_PULL, blocks, regions, meanwhile)
 
     def push(self, blocks: Sequence[int], regions: Sequence[Sequence[memoryview]],
              meanwhile: Callable[[], object] | None = None) -> None:
-        """Writes each rank's part of ``blocks``, given as its regions' bytes in order (one
-        list a rank; a region's view holds its segments of the blocks back to back);
+        """Writes each rank's part of ``blocks`` from its regions' views (as ``pull``);
         ``meanwhile`` runs while the bytes go out (they are sent from another thread)."""
         self._request(_PUSH, blocks, regions, meanwhile)
 
@@ -292,10 +297,12 @@ class PartLink:
                         raise PartsUnavailable(f"rank {i + 1}: "
                                                f"{_recv(sock, nbytes).decode(errors='replace')}")
                     if op == _PULL:
-                        if nbytes != data[i].nbytes:
+                        want = sum(region.nbytes for region in data[i])
+                        if nbytes != want:
                             raise PartsUnavailable(f"rank {i + 1} answered {nbytes} bytes for "
-                                                   f"{data[i].nbytes}")
-                        _recv_into(sock, data[i])
+                                                   f"{want}")
+                        for region in data[i]:
+                            _recv_into(sock, region)
             except PartsUnavailable:
                 self._drop()  # (the other ranks' answers may still be on their way)
                 raise

@@ -42,7 +42,7 @@ import numpy as np
 
 from xllm import _C
 from xllm.kvcache.memory import KVMemory
-from xllm.kvcache.parts import PartLink, PartsUnavailable
+from xllm.kvcache.parts import PartLink, PartsUnavailable, staged_regions
 from xllm.kvcache.pool import DEFAULT_IDLE_SECONDS, OnDemandBlockPool
 from xllm.kvcache.tiers import Content, CpuTier, DiskTier, Tier
 from xllm.ops.block_pool import BlockPool, BlockPoolProtocol
@@ -108,8 +108,7 @@ class KVStoreConfig:
         """Each region's segment, every part's regions in rank order."""
         heads = self.part_heads or (self.num_kv_heads,) * self.distinct_parts
         unit = self.block_size * self.head_size * self.dtype_bytes
-        per = self.tensors_per_layer * self.num_layers
-        return tuple(h * unit for h in heads for _ in range(per))
+        return tuple(h * unit for h in heads for _ in range(self.part_regions))
 
     @property
     def segments_arg(self) -> int | list[int]:
@@ -134,16 +133,29 @@ class KVStoreConfig:
         return layout
 
     @property
+    def part_regions(self) -> int:
+        """One part's per-layer key and value tensors (or its one latent tensor a layer)."""
+        return self.tensors_per_layer * self.num_layers
+
+    @property
     def num_regions(self) -> int:
         """Per-layer key and value tensors (or the one latent tensor), of every distinct
         part."""
-        return self.tensors_per_layer * self.num_layers * self.distinct_parts
+        return self.part_regions * self.distinct_parts
 
     def part_segment(self, rank: int) -> int:
         """The segment of rank ``rank``'s part (every rank's when replicated)."""
         if self.replicated:
             return self.segment_bytes
-        return self.segments[rank * self.tensors_per_layer * self.num_layers]
+        return self.segments[rank * self.part_regions]
+
+    def part_bytes(self, rank: int) -> int:
+        """Rank ``rank``'s part of one block (all its regions' segments)."""
+        return self.part_segment(rank) * self.part_regions
+
+    def part_offset(self, rank: int) -> int:
+        """Where rank ``rank``'s part starts in a block's bytes (a tier slot)."""
+        return sum(self.part_bytes(r) for r in range(rank))
 
 
 # Load-latency histogram buckets (seconds): a few blocks take microseconds, a long prefix from
@@ -352,7 +364,7 @@ class KVStore:
         as long as the store; ``where``: each part's (pid, memfd, region bytes), for peers on
         this host that map them too. Tier copies then move whole blocks."""
         c = self.config
-        mine = c.tensors_per_layer * c.num_layers
+        mine = c.part_regions
         if self.memory is None or len(regions) != mine * (c.parts - 1):
             raise ValueError(f"attach_parts needs {mine * (c.parts - 1)} regions of the other "
                              f"{c.parts - 1} parts on memory on demand, got {len(regions)}")
@@ -372,14 +384,11 @@ class KVStore:
         if self.memory is None or c.parts < 2 or len(link.ranks) != c.parts - 1:
             raise ValueError(f"attach_link needs the {c.parts - 1} other parts' servers on "
                              "memory on demand")
-        if any(link.part_bytes[r - 1] != self._part_bytes(r) for r in range(1, c.parts)):
+        want = [c.part_bytes(r) for r in range(1, c.parts)]
+        if list(link.part_bytes) != want:
             raise ValueError(f"the parts' block bytes {link.part_bytes} are not this "
-                             f"layout's {[self._part_bytes(r) for r in range(1, c.parts)]}")
+                             f"layout's {want}")
         self.link = link
-
-    def _part_bytes(self, rank: int) -> int:
-        c = self.config
-        return c.part_segment(rank) * c.tensors_per_layer * c.num_layers
 
     def parts_mappings(self) -> list[object]:
         """The other parts' memories mapped in this process (attach_parts on one host; mmap
@@ -409,12 +418,12 @@ class KVStore:
         for replica in self.replicas:
             _C.kv_copy_blocks(self.regions, ids, replica, ids, seg)
         if self.link is not None and self.config.replicated:
-            per = len(self.regions)
+            segs = [seg] * len(self.regions)
             for at in range(0, len(ids), self.chunk_blocks):
                 part = ids[at:at + self.chunk_blocks]
-                buf, staged = self._stage(len(part), [seg] * per)
+                buf, staged = self._stage(len(part), segs)
                 _C.kv_copy_blocks(self.regions, part, staged, list(range(len(part))), seg)
-                regions = self._region_views(buf, [seg] * per, len(part), len(part))
+                regions = self._region_views(buf, 0, segs, len(part), len(part))
                 try:
                     self.link.push(part, [regions] * len(self.link.ranks))
                 except PartsUnavailable as e:
@@ -440,27 +449,29 @@ class KVStore:
         buf = getattr(self._staging, "buf", None)
         if buf is None or buf.size < need:
             buf = self._staging.buf = np.empty(max(need, 1), dtype=np.uint8)
-        base, regions, at = buf.ctypes.data, [], 0
-        for seg in segments:
-            regions.append(base + at)
-            at += n * seg
-        return buf, regions
+        return buf, staged_regions(buf.ctypes.data, segments, n)
 
     @staticmethod
-    def _region_views(buf: np.ndarray, segments: Sequence[int], n: int, count: int
-                      ) -> list[memoryview]:
-        """The first ``count`` blocks of each region of a staging area of ``n`` blocks."""
-        views, at, whole = [], 0, memoryview(buf)
+    def _region_views(buf: np.ndarray, start: int, segments: Sequence[int], n: int,
+                      count: int) -> list[memoryview]:
+        """The first ``count`` blocks of each region of a staging area of ``n`` blocks,
+        for regions of ``segments`` from byte ``start``."""
+        views, at, whole = [], start, memoryview(buf)
         for seg in segments:
             views.append(whole[at:at + count * seg])
             at += n * seg
         return views
 
-    def _remote_segments(self) -> list[list[int]]:
-        """Each remote part's regions' segments, in rank order."""
-        c = self.config
-        per = c.tensors_per_layer * c.num_layers
-        return [list(c.segments[r * per:(r + 1) * per]) for r in range(1, c.parts)]
+    def _remote_views(self, buf: np.ndarray, n: int, count: int) -> list[list[memoryview]]:
+        """Each remote part's regions in a whole-block staging area of ``n`` blocks (after
+        this rank's), their first ``count`` blocks: what the link pulls into or pushes."""
+        c, per = self.config, self.config.part_regions
+        start, views = n * c.segment_bytes * per, []
+        for rank in range(1, c.parts):
+            segs = c.segments[rank * per:(rank + 1) * per]
+            views.append(self._region_views(buf, start, segs, n, count))
+            start += n * sum(segs)
+        return views
 
     def readable(self, blocks: Sequence[int]) -> tuple[list[int], list[int]]:
         """Where whole blocks ``blocks`` (held; at most ``chunk_blocks``) can be read by the
@@ -474,14 +485,12 @@ class KVStore:
         n = len(blocks)
         buf, staged = self._stage(n, c.segments)
         per = len(self.regions)
-        start = n * c.segment_bytes * per
-        views = []
-        for segs in self._remote_segments():
-            size = n * sum(segs)
-            views.append(memoryview(buf)[start:start + size])
-            start += size
-        self.link.pull(blocks, views, meanwhile=lambda: _C.kv_copy_blocks(  # (this part)
-            self.regions, list(blocks), staged[:per], list(range(n)), c.segment_bytes))
+
+        def this_part() -> None:  # (copied while the remote parts travel)
+            _C.kv_copy_blocks(self.regions, list(blocks), staged[:per], list(range(n)),
+                              c.segment_bytes)
+
+        self.link.pull(blocks, self._remote_views(buf, n, n), meanwhile=this_part)
         return staged, list(range(n))
 
     def land(self, blocks: Sequence[int], copy: Callable[[list[int], list[int]], int],
@@ -501,16 +510,14 @@ class KVStore:
         ok = copy(staged, list(range(n)))
         if not ok:
             return 0
-        per = len(self.regions)
-        start = n * c.segment_bytes * per
-        parts = []
-        for segs in self._remote_segments():
-            parts.append(self._region_views(buf[start:], segs, n, ok))
-            start += n * sum(segs)
+        per, landed = len(self.regions), list(blocks)[:ok]
+
+        def this_part() -> None:  # (copied while the remote parts' bytes go out)
+            _C.kv_copy_blocks(staged[:per], list(range(ok)), self.regions, landed,
+                              c.segment_bytes)
+
         try:
-            self.link.push(list(blocks)[:ok], parts, meanwhile=lambda: _C.kv_copy_blocks(
-                staged[:per], list(range(ok)), self.regions, list(blocks)[:ok],
-                c.segment_bytes))  # (this part, while the others' bytes go out)
+            self.link.push(landed, self._remote_views(buf, n, ok), meanwhile=this_part)
         except PartsUnavailable as e:
             logger.warning("KV blocks not written to every rank (%s); recomputed", e)
             return 0

@@ -75,7 +75,7 @@ def map_parts(store: KVStore, parts: Parts) -> tuple[list[object], list[int]]:
     c = store.config
     if len(parts) != c.distinct_parts:
         raise OSError(f"a KV memory of {len(parts)} parts; this layout has {c.distinct_parts}")
-    return PeerMemory.parts(parts, c.num_regions // c.distinct_parts)
+    return PeerMemory.parts(parts, c.part_regions)
 
 
 def export_blocks(engine: Any, hashes: list[int], tokens: list[int], first: int,
