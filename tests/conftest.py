@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -105,3 +106,23 @@ def two_hosts():  # noqa: ANN201
         hosts.__exit__(None, None, None)
 
 
+
+
+@contextlib.contextmanager
+def kv_reached_through_torch():  # noqa: ANN201
+    """Engines made inside reach their KV pool as a GPU engine does (torch copies through a
+    host staging area, never native copies of its addresses); the tensors stay on the CPU."""
+    from xllm.kvcache.store import KVStore
+
+    original = KVStore.kv_caches
+
+    def kv_caches(self: KVStore, dtype, device="cpu"):  # noqa: ANN001, ANN202
+        caches = original(self, dtype, device)
+        self.attach_device([t for pair in caches for t in pair[:self.config.tensors_per_layer]])
+        return caches
+
+    KVStore.kv_caches = kv_caches
+    try:
+        yield
+    finally:
+        KVStore.kv_caches = original

@@ -119,6 +119,30 @@ def test_recompute_wins_when_the_peer_is_slow(pair) -> None:  # noqa: ANN001
         store._prefill_tps = None
 
 
+@pytest.mark.parametrize("which", ["peer", "client"])
+def test_a_device_cache_serves_and_lands_streamed_blocks(demo_model_dir: Path,
+                                                         which: str) -> None:
+    """A pool reached through torch copies (a GPU engine's) exports and lands streamed
+    blocks with the bytes and checksums of a host pool: a fetch between one of each gives
+    the outputs of computing the prefix."""
+    from conftest import kv_reached_through_torch
+
+    opts = {**OPTS, "kv_cache_dtype": "bfloat16"}
+    with kv_reached_through_torch():
+        odd = LLM(model=str(demo_model_dir), **opts)
+    plain = LLM(model=str(demo_model_dir), **opts)
+    peer, client = (odd, plain) if which == "peer" else (plain, odd)
+    assert odd.engine.kv_store.staged and not plain.engine.kv_store.staged
+    prompt = peer.engine.tokenizer.encode(DOC + "Which ship came first?")
+    want = peer.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    n = _transfer(peer, client, prompt, same_host=False)
+    assert n == (len(prompt) - 1) // 16
+    out = client.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert out.num_cached_tokens == n * 16 and out.outputs[0].token_ids == want
+    client.engine.scheduler.reset_prefix_cache()
+    assert _transfer(peer, client, prompt, same_host=False, corrupt_at=5) == 5
+
+
 def test_grpc_fetch_and_a_peer_that_stalls_mid_transfer(demo_model_dir: Path,
                                                         monkeypatch) -> None:  # noqa: ANN001
     """Two instances over real gRPC: the fetch lands every block; then a peer that sends

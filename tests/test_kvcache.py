@@ -590,6 +590,123 @@ def test_closing_waits_for_peer_copies_and_refuses_new_ones() -> None:
         assert not allowed
 
 
+# ---- a KV cache outside host memory (the GPU engine's, reached through torch) ---------------
+
+
+def _device_store(cpu_blocks: int, dtype: torch.dtype = torch.bfloat16
+                  ) -> tuple[KVStore, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A store whose pool is plain tensors it reaches through torch copies only (what it
+    does with a CUDA cache; the tensors are on the CPU here), with their caches."""
+    from xllm.ops.kv_cache import allocate_kv_caches
+
+    cfg = KVStoreConfig(num_blocks=24, num_layers=2, num_kv_heads=2, block_size=4, head_size=8,
+                        dtype_bytes=dtype.itemsize, idle_seconds=0.0, on_demand=False,
+                        cpu_tier_bytes=cpu_blocks * 2 * 2 * 2 * 4 * 8 * dtype.itemsize)
+    store = KVStore(cfg)
+    caches = allocate_kv_caches(2, 24, 2, 4, 8, dtype)
+    store.attach_device([t for pair in caches for t in pair])
+    return store, caches
+
+
+def test_a_device_cache_moves_whole_blocks_through_staging(monkeypatch) -> None:  # noqa: ANN001
+    """A pool the native copies cannot reach: tier writes and loads gather and land its
+    blocks through a host staging area, in chunks of it, with the slot bytes and checksums
+    of a store that reaches the same bytes in place; a corrupted slot still ends the load
+    there."""
+    import xllm.kvcache.store as store_mod
+
+    monkeypatch.setattr(store_mod, "STAGING_BYTES", 3 * 512)  # 3 blocks a chunk
+    store, caches = _device_store(cpu_blocks=8)
+    assert store.staged and store.whole and store.chunk_blocks == 3
+    assert store.regions == [] and store.memory_parts() is None  # no same-host mapping
+    tokens = list(range(300, 328))
+    hashes = block_hashes(tokens, 4)
+    blocks = store.pool.allocate(7)
+    gen = torch.Generator().manual_seed(3)
+    for k, v in caches:
+        k[blocks] = torch.randn(k[blocks].shape, generator=gen).to(k.dtype)
+        v[blocks] = torch.randn(v[blocks].shape, generator=gen).to(v.dtype)
+    want = [[(k[b].clone(), v[b].clone()) for k, v in caches] for b in blocks]
+    parents = [ROOT_HASH, *hashes[:-1]]
+    store.offer(blocks, hashes, [(parents[i], tuple(tokens[4 * i:4 * i + 4]))
+                                 for i in range(7)])
+    store.flush()
+    tier = store.tiers[0]
+    assert tier.num_blocks == 7
+    # the same bytes in place (a host store's native gather) give the same slots and sums
+    host = [t.clone() for pair in caches for t in pair]
+    slots = list(tier.index.lookup(hashes))
+    ref = bytearray(7 * tier.slot_bytes)
+    ref_sums = _C.kv_gather_blocks([t.data_ptr() for t in host], store.config.segments_arg,
+                                   blocks, ctypes.addressof(ctypes.c_char.from_buffer(ref)),
+                                   tier.slot_bytes, list(range(7)))
+    assert [tier.checksums[s] for s in slots] == ref_sums
+    for i, s in enumerate(slots):
+        got = bytes(memoryview(tier.memory)[s * tier.slot_bytes:(s + 1) * tier.slot_bytes])
+        assert got == bytes(ref[i * tier.slot_bytes:(i + 1) * tier.slot_bytes])
+    hits = store.lookup(hashes, ROOT_HASH, tokens, 0)
+    store.pool.free(blocks)
+    fresh = [b for b in store.pool.allocate(20) if b not in blocks][:7]
+    for k, v in caches:
+        k[fresh] = 0
+        v[fresh] = 0
+    assert store.load(hits, fresh) == 7
+    for i, b in enumerate(fresh):
+        for (k, v), (wk, wv) in zip(caches, want[i], strict=True):
+            assert torch.equal(k[b], wk) and torch.equal(v[b], wv)
+    mv = memoryview(tier.memory)
+    mv[slots[4] * tier.slot_bytes + 9] ^= 0xFF  # the second chunk's second block
+    for k, _ in caches:
+        k[fresh] = 0
+    assert store.load(store.lookup(hashes, ROOT_HASH, tokens, 0), fresh) == 4
+    assert torch.equal(caches[0][0][fresh[3]], want[3][0][0])  # the blocks before it landed
+    store.close()
+
+
+def test_a_device_cache_is_refused_where_it_cannot_be_reached() -> None:
+    store, caches = _device_store(cpu_blocks=2)
+    with pytest.raises(ValueError, match="tensors"):
+        store.attach_device([caches[0][0]])
+    with pytest.raises(ValueError, match="contiguous blocks"):
+        store.attach_device([t.transpose(1, 2) for pair in caches for t in pair])
+    cfg = KVStoreConfig(num_blocks=24, num_layers=2, num_kv_heads=2, block_size=4, head_size=8,
+                        dtype_bytes=4, on_demand=False, parts=2, part_heads=(1, 1))
+    with pytest.raises(ValueError, match="tensor parallelism on a device"):
+        KVStore(cfg).attach_device([t for pair in caches for t in pair])
+    store.close()
+
+
+@pytest.mark.parametrize("tiers", ["cpu", "disk"])
+def test_outputs_identical_with_a_device_cache_and_tiers(demo_model_dir, tmp_path,  # noqa: ANN001
+                                                          tiers: str) -> None:
+    """The engine end to end with its pool reached only through torch copies (how a CUDA
+    engine's tiers work; the tensors stay on the CPU here): re-asked prompts come back
+    from the tier with the outputs of no prefix caching."""
+    from conftest import kv_reached_through_torch
+
+    prompts = [DOC + q for q in QUESTIONS[:2]]
+    opts = dict(dtype="float32", kv_cache_dtype="bfloat16", num_kv_blocks=72, block_size=16,
+                max_num_batched_tokens=512, max_num_seqs=4)
+    plain = LLM(model=str(demo_model_dir), enable_prefix_caching=False, **opts)
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, GREEDY, use_tqdm=False)]
+    del plain
+    with kv_reached_through_torch():
+        llm = LLM(model=str(demo_model_dir), **opts, **_tier_opts(tiers, tmp_path))
+    store = llm.engine.kv_store
+    assert store.device_part is not None and store.staged
+    llm.generate(prompts[:1], GREEDY, use_tqdm=False)
+    _flood(llm)
+    store.flush()
+    for prompt, ref in zip(prompts, want, strict=True):
+        out = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == ref
+        assert out.num_cached_tokens >= 16 * 10
+        _flood(llm)
+        store.flush()
+    assert store.tiers[-1].hit_blocks > 0
+    llm.engine.close()
+
+
 def test_int8_rows_halve_the_cache_and_are_refused_off_the_cpu(demo_model_dir) -> None:  # noqa: ANN001
     """kv_cache_dtype int8: rows of head_size int8 values and their fp32 scale, so a block
     takes (64 + 4) / (2 * 64) of a bf16 block's bytes for the demo's head size; the engine

@@ -19,8 +19,11 @@ blocks in :attr:`KVStore.pool`; the store adds what lies outside the pool:
   before the step that needs them, checking each block's checksum: a block that fails it
   (and every block after it) is recomputed instead.
 
-Torch-free: the store works on raw addresses through ``xllm._C``; the runner gets torch
-views of the pool's memory from :meth:`KVStore.kv_caches`.
+Torch-free on the host: the store works on raw addresses through ``xllm._C``; the runner
+gets torch views of the pool's memory from :meth:`KVStore.kv_caches`. A KV cache in device
+memory (a GPU engine) is reached through torch instead: whole blocks are gathered into a
+staging area in (pinned) host memory and landed from one (:meth:`KVStore.readable`,
+:meth:`KVStore.land`), so tiers, checksums and peers see the same bytes as on the CPU.
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# A whole-block copy's staging area with parts on other hosts (bytes; per copying thread).
+# A whole-block copy's staging area with parts on other hosts or in device memory (bytes;
+# per copying thread).
 STAGING_BYTES = 32 << 20
 _CORRUPT, _UNREACHABLE = -2, -1000  # a load's errors besides I/O's (negative errno)
 _RATE_WEIGHT = 0.2  # running averages of measured rates: weight of the newest sample
@@ -279,6 +283,9 @@ class KVStore:
         # the whole blocks assembled from them.
         self.link: PartLink | None = None
         self._staging = threading.local()
+        # This rank's part when it is not host memory (a KV cache on a GPU): its tensors in
+        # region order, reached through torch copies (attach_device).
+        self.device_part: list[torch.Tensor] | None = None
         self.tiers: list[Tier] = []
         self.cpu: CpuTier | None = None
         self.disk: DiskTier | None = None
@@ -350,12 +357,32 @@ class KVStore:
         head_size = c.head_size - (Q8_SCALE_BYTES if dtype == torch.int8 else 0)
         caches = allocate_kv_caches(c.num_layers, c.num_blocks, c.num_kv_heads, c.block_size,
                                     head_size, dtype, device, c.tensors_per_layer)
+        tensors = [t for pair in caches for t in pair[:c.tensors_per_layer]]
         if torch.device(device).type == "cpu":
-            self.regions = [t.data_ptr() for pair in caches
-                            for t in pair[:c.tensors_per_layer]]
-        elif self.tiers:
-            raise ValueError("KV tiers need the KV cache in host memory for now")
+            self.regions = [t.data_ptr() for t in tensors]
+        else:
+            self.attach_device(tensors)
         return caches
+
+    def attach_device(self, tensors: Sequence[torch.Tensor]) -> None:
+        """This rank's part is these tensors (``[num_blocks, ...]`` each, in region order:
+        per layer its K then V, or its one latent cache), which the native copies cannot
+        reach -- device memory. Whole-block copies (tiers, peers) then go through a staging
+        area in host memory, pinned on CUDA, and torch copies between it and the tensors."""
+        c = self.config
+        if c.parts > 1:
+            raise ValueError("a KV cache outside host memory takes no tensor-parallel parts "
+                             "(tensor parallelism on a device is not built)")
+        if len(tensors) != c.part_regions:
+            raise ValueError(f"attach_device needs {c.part_regions} tensors, got "
+                             f"{len(tensors)}")
+        for t in tensors:
+            if (t.shape[0] != c.num_blocks or not t.is_contiguous()
+                    or t[0].numel() * t.element_size() != c.segment_bytes):
+                raise ValueError(f"attach_device: a tensor of shape {tuple(t.shape)} and "
+                                 f"{t.dtype} is not {c.num_blocks} contiguous blocks of "
+                                 f"{c.segment_bytes} bytes")
+        self.device_part = list(tensors)
 
     def attach_parts(self, regions: Sequence[int], keep: Sequence[object] = (),
                      where: Sequence[tuple[int, int, int]] = ()) -> None:
@@ -434,22 +461,72 @@ class KVStore:
     # ---- whole blocks with parts on other hosts ----------------------------------------------
 
     @property
+    def staged(self) -> bool:
+        """Whether whole blocks pass through a staging area (parts on other hosts, or this
+        rank's part in device memory) rather than being reached in place."""
+        return (self.link is not None or self.device_part is not None) and \
+            not self.config.replicated
+
+    @property
     def chunk_blocks(self) -> int:
         """Blocks a whole-block copy takes at once: unbounded where the store reaches every
         part in place, else as many as the staging area holds."""
-        if self.link is None:
+        if not self.staged:
             return 1 << 30
         return max(1, STAGING_BYTES // self.config.block_bytes)
 
     def _stage(self, n: int, segments: Sequence[int]) -> tuple[np.ndarray, list[int]]:
         """This thread's staging area for ``n`` blocks of regions of ``segments``,
         region-major (the native copies' view of a pool of ``n`` blocks): the buffer and the
-        regions' addresses."""
+        regions' addresses. Pinned host memory when this rank's part is on a CUDA device
+        (``self._staging.host``: the same bytes as a torch tensor)."""
         need = n * sum(segments)
         buf = getattr(self._staging, "buf", None)
         if buf is None or buf.size < need:
-            buf = self._staging.buf = np.empty(max(need, 1), dtype=np.uint8)
+            size = max(need, 1)
+            dev = self.device_part
+            if dev is not None:
+                import torch
+
+                host = torch.empty(size, dtype=torch.uint8, pin_memory=dev[0].is_cuda)
+                self._staging.host = host
+                buf = host.numpy()
+            else:
+                buf = np.empty(size, dtype=np.uint8)
+            self._staging.buf = buf
         return buf, staged_regions(buf.ctypes.data, segments, n)
+
+    def _device_views(self, n: int, count: int) -> Iterator[tuple[torch.Tensor,
+                                                                   torch.Tensor]]:
+        """(device tensor, its first ``count`` blocks in this thread's staging area of ``n``
+        blocks, as a host tensor of the same shape) per region of this rank's part."""
+        assert self.device_part is not None
+        host, seg, at = self._staging.host, self.config.segment_bytes, 0
+        for t in self.device_part:
+            yield t, host[at:at + count * seg].view(t.dtype).view(count, *t.shape[1:])
+            at += n * seg
+
+    def _device_out(self, blocks: Sequence[int], n: int) -> None:
+        """Blocks of this rank's device part into the staging area (one gather and one copy
+        to host per region; returns once the bytes are on the host)."""
+        assert self.device_part is not None
+        import torch
+
+        idx = torch.tensor(list(blocks), dtype=torch.long).to(self.device_part[0].device)
+        for t, host in self._device_views(n, len(blocks)):
+            host.copy_(t.index_select(0, idx))
+
+    def _device_in(self, blocks: Sequence[int], n: int) -> None:
+        """The staging area's first blocks into blocks ``blocks`` of this rank's device part
+        (returns once the copies are done: the staging area may be reused)."""
+        assert self.device_part is not None
+        import torch
+
+        idx = torch.tensor(list(blocks), dtype=torch.long).to(self.device_part[0].device)
+        for t, host in self._device_views(n, len(blocks)):
+            t.index_copy_(0, idx, host.to(t.device))
+        if self.device_part[0].is_cuda:
+            torch.cuda.synchronize(self.device_part[0].device)
 
     @staticmethod
     def _region_views(buf: np.ndarray, start: int, segments: Sequence[int], n: int,
@@ -480,17 +557,23 @@ class KVStore:
         copied, the others' pulled), valid until its next call. PartsUnavailable when a
         remote part cannot be read."""
         c = self.config
-        if self.link is None or c.replicated:
+        if not self.staged:
             return self.regions, list(blocks)
         n = len(blocks)
         buf, staged = self._stage(n, c.segments)
-        per = len(self.regions)
+        per = c.part_regions
 
         def this_part() -> None:  # (copied while the remote parts travel)
-            _C.kv_copy_blocks(self.regions, list(blocks), staged[:per], list(range(n)),
-                              c.segment_bytes)
+            if self.device_part is not None:
+                self._device_out(blocks, n)
+            else:
+                _C.kv_copy_blocks(self.regions, list(blocks), staged[:per], list(range(n)),
+                                  c.segment_bytes)
 
-        self.link.pull(blocks, self._remote_views(buf, n, n), meanwhile=this_part)
+        if self.link is None:
+            this_part()
+        else:
+            self.link.pull(blocks, self._remote_views(buf, n, n), meanwhile=this_part)
         return staged, list(range(n))
 
     def land(self, blocks: Sequence[int], copy: Callable[[list[int], list[int]], int],
@@ -502,7 +585,7 @@ class KVStore:
         area they were written to). Returns how many leading blocks landed whole: 0 when a
         remote part could not be written (they are recomputed)."""
         c = self.config
-        if self.link is None or c.replicated:
+        if not self.staged:
             ok = copy(self.regions, list(blocks))
             return self.replicate(list(blocks)[:ok]) if ok and replicate else ok
         n = len(blocks)
@@ -510,12 +593,18 @@ class KVStore:
         ok = copy(staged, list(range(n)))
         if not ok:
             return 0
-        per, landed = len(self.regions), list(blocks)[:ok]
+        per, landed = c.part_regions, list(blocks)[:ok]
 
         def this_part() -> None:  # (copied while the remote parts' bytes go out)
-            _C.kv_copy_blocks(staged[:per], list(range(ok)), self.regions, landed,
-                              c.segment_bytes)
+            if self.device_part is not None:
+                self._device_in(landed, n)
+            else:
+                _C.kv_copy_blocks(staged[:per], list(range(ok)), self.regions, landed,
+                                  c.segment_bytes)
 
+        if self.link is None:
+            this_part()
+            return ok
         try:
             self.link.push(landed, self._remote_views(buf, n, ok), meanwhile=this_part)
         except PartsUnavailable as e:
@@ -529,7 +618,7 @@ class KVStore:
         parallelism; under it once the other ranks' parts are attached, or linked across
         hosts). Tier copies and blocks between instances need it."""
         c = self.config
-        if self.link is not None:
+        if self.link is not None or self.device_part is not None:
             return True
         return (len(self.regions) == c.num_regions
                 and len(self.replicas) == (c.parts - 1 if c.replicated else 0))
