@@ -8,6 +8,10 @@ compares with what the CPU computes:
   transformers' (fp32, on the CPU), through the whole engine (scheduler, runner, Triton
   attention and KV writes, the fused-MoE kernels, the sampler);
 - in bf16, the logprob-closeness check of tests/test_reduced_precision.py against fp32;
+- the KV pool's memory mapped on demand through the driver's VMM API
+  (:class:`xllm.ops.cuda_vmm.CudaVmmPool`): pages read as zeros when mapped, go back to the
+  device when unmapped, and an engine on it gives the outputs of one allocation up front
+  (``XLLM_CUDA_VMM=0``) and gives memory back when idle;
 - the KV tiers and peer blocks of a pool in device memory (``KVStore.attach_device``): a
   prefix evicted to the CPU or disk tier comes back with the outputs of no prefix caching,
   and blocks move between a CUDA engine and a CPU one either way.
@@ -193,3 +197,74 @@ def test_blocks_move_between_a_cuda_and_a_cpu_engine(which: str, tmp_path: Path,
     finally:
         gpu.engine.close()
         cpu.engine.close()
+
+
+def test_cuda_vmm_pool_maps_zeroed_pages_and_gives_them_back() -> None:
+    from xllm.ops.cuda_vmm import CudaVmmPool, granularity, supported
+
+    assert supported(0)
+    unit = granularity(0)
+    pages = max(1, (64 << 20) // unit)  # 64 MiB a page: visible in the device's free memory
+    pool = CudaVmmPool(4 * pages * unit, pages * unit, 0)
+    page = pool.page_bytes
+    view = pool.tensor(torch.float32)
+    assert view.is_cuda and view.data_ptr() == pool.address
+    assert view.numel() * 4 == pool.reserved_bytes
+    torch.cuda.synchronize()
+    free0 = torch.cuda.mem_get_info()[0]
+    pool.map_pages([page, 3 * page])
+    torch.cuda.synchronize()
+    assert free0 - torch.cuda.mem_get_info()[0] >= 2 * page
+    assert pool.physical_bytes == 2 * page and pool.mapped_offsets() == [page, 3 * page]
+    first = view[page // 4:2 * page // 4]
+    assert torch.count_nonzero(first) == 0  # zeroed when mapped
+    data = torch.randn(first.numel(), device="cuda")
+    first.copy_(data)
+    assert torch.equal(first, data) and torch.count_nonzero(view[3 * page // 4:]) == 0
+    with pytest.raises(ValueError, match="already mapped"):
+        pool.map_pages([page])
+    pool.unmap_pages([page])
+    torch.cuda.synchronize()
+    assert torch.cuda.mem_get_info()[0] - free0 >= -page - (16 << 20)  # one page's worth back
+    pool.map_pages([page])
+    assert torch.count_nonzero(view[page // 4:2 * page // 4]) == 0  # zeros again, not old data
+    bf16 = pool.tensor(torch.bfloat16, (2, page // 2), offset=page)
+    bf16[1].fill_(1.5)
+    assert float(bf16[1].float().mean()) == 1.5
+    with pytest.raises(ValueError, match="multiple"):
+        CudaVmmPool(4 * unit, unit + 1, 0)
+    del view, first, bf16
+    pool.release()
+    assert pool.physical_bytes == 0
+
+
+def test_engine_kv_memory_on_demand_on_cuda(tmp_path: Path, tokenizer_dir: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's pool over cuMemMap: the outputs of one allocation up front; mapped
+    memory grows with a burst and falls once idle, and the engine serves again after."""
+    hf = hf_model("llama-gqa")
+    model_dir = _save(hf, tmp_path, tokenizer_dir)
+    prompts = random_prompts([100] * 12, seed=13)
+    opts = dict(dtype="float32", kv_cache_memory_gb=0.5, kv_idle_release_s=0.0)
+    monkeypatch.setenv("XLLM_CUDA_VMM", "0")
+    whole = _llm(model_dir, **opts)
+    assert whole.engine.kv_store.memory is None
+    want = _greedy(whole, prompts)
+    whole.engine.close()
+    monkeypatch.delenv("XLLM_CUDA_VMM")
+    llm = _llm(model_dir, **opts)
+    store = llm.engine.kv_store
+    try:
+        assert store.memory is not None and store.memory.cuda_device == 0
+        assert store.device_part is not None and store.device_part[0].is_cuda
+        idle = store.mapped_bytes
+        assert idle < store.stats().reserved_bytes
+        assert _greedy(llm, prompts) == want
+        burst = store.mapped_bytes
+        assert burst > idle
+        store.maintain()
+        store.maintain()
+        assert store.mapped_bytes < burst
+        assert _greedy(llm, prompts[:2]) == want[:2]
+    finally:
+        llm.engine.close()

@@ -419,3 +419,23 @@ def test_concurrent_map_unmap() -> None:
     for t in racers:
         t.join(timeout=30)
     assert len(wins) == 1 and pool.mapped_offsets() == [0]
+
+
+def test_the_cuda_pool_speaks_the_driver_s_struct_layouts() -> None:
+    """The CUDA VMM pool calls the driver through ctypes: its structs must have the driver
+    headers' layout (cuda.h, 64-bit): CUmemAllocationProp is 32 bytes with its location at 8,
+    the win32 pointer at 16 and allocFlags at 24; CUmemAccessDesc 12 bytes, flags at 8.
+    Without a driver (this machine), the pool says it is not supported instead of failing."""
+    import ctypes
+
+    from xllm.ops import cuda_vmm
+
+    prop, desc = cuda_vmm._AllocationProp, cuda_vmm._AccessDesc
+    assert ctypes.sizeof(prop) == 32 and ctypes.sizeof(desc) == 12
+    assert (prop.location.offset, prop.win32HandleMetaData.offset,
+            prop.allocFlags.offset) == (8, 16, 24)
+    assert desc.flags.offset == 8 and ctypes.sizeof(cuda_vmm._Location) == 8
+    import torch
+
+    if not torch.cuda.is_available():
+        assert cuda_vmm.supported(0) is False

@@ -133,7 +133,8 @@ class LLMEngine:
             num_blocks=2, num_layers=mc.num_hidden_layers, num_kv_heads=kv_heads,
             block_size=config.block_size, head_size=kv_row_width(kv_head_size, kv_dtype),
             tensors_per_layer=kv_tensors,
-            dtype_bytes=kv_dtype.itemsize, on_demand=self.device.type == "cpu",
+            dtype_bytes=kv_dtype.itemsize, on_demand=_kv_on_demand(self.device),
+            cuda_device=(self.device.index or 0) if self.device.type == "cuda" else None,
             idle_seconds=config.kv_idle_release_s,
             cpu_tier_bytes=int(config.kv_offload_cpu_gb * (1 << 30)),
             disk_tier_dir=config.kv_offload_disk,
@@ -755,6 +756,20 @@ def _whole_block_parts(mc: ModelConfig, kv_tensors: int, size: int) -> tuple[int
     return tuple(head_shard(mc.num_attention_heads, mc.num_key_value_heads,
                             SimpleNamespace(size=size, rank=r)).num_kv_heads  # type: ignore[arg-type]
                  for r in range(size))
+
+
+def _kv_on_demand(device: torch.device) -> bool:
+    """Whether the KV pool's memory is mapped as blocks come into use: always on the CPU; on
+    CUDA where the driver's VMM API is present, unless ``XLLM_CUDA_VMM=0`` asks for one
+    allocation up front (the pool over cuMemMap has not run on a GPU in this project's
+    sessions yet: the way back if it fails there)."""
+    if device.type == "cpu":
+        return True
+    if device.type != "cuda" or os.environ.get("XLLM_CUDA_VMM", "1") == "0":
+        return False
+    from xllm.ops.cuda_vmm import supported
+
+    return supported(device.index or 0)
 
 
 def _kv_identity(model_dir, dtype: torch.dtype, kv_dtype: torch.dtype,  # noqa: ANN001

@@ -42,19 +42,30 @@ class KVMemory:
 
     def __init__(self, num_blocks: int, num_layers: int, segment_bytes: int,
                  target_page_bytes: int = DEFAULT_TARGET_PAGE_BYTES,
-                 tensors_per_layer: int = 2, blocks_per_group: int | None = None) -> None:
+                 tensors_per_layer: int = 2, blocks_per_group: int | None = None,
+                 cuda_device: int | None = None) -> None:
         """``blocks_per_group``: groups of exactly that many blocks where that is a whole
         number of system pages (a tensor-parallel worker's, to match rank 0's groups), else
-        pages of about ``target_page_bytes``."""
+        pages of about ``target_page_bytes``. ``cuda_device``: the memory is that CUDA
+        device's, through the driver's VMM API (:class:`~xllm.ops.cuda_vmm.CudaVmmPool`;
+        pages a whole number of its allocation granularity), not host memory; its regions
+        are then device addresses."""
         for name, value in (("num_blocks", num_blocks), ("num_layers", num_layers),
                             ("segment_bytes", segment_bytes),
                             ("target_page_bytes", target_page_bytes),
                             ("tensors_per_layer", tensors_per_layer)):
             if type(value) is not int or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        unit = math.lcm(segment_bytes, mmap.PAGESIZE)
+        self.cuda_device = cuda_device
+        if cuda_device is None:
+            system_page = mmap.PAGESIZE
+        else:
+            from xllm.ops.cuda_vmm import granularity
+
+            system_page = granularity(cuda_device)
+        unit = math.lcm(segment_bytes, system_page)
         self.page_bytes = unit * max(1, target_page_bytes // unit)
-        if blocks_per_group and blocks_per_group * segment_bytes % mmap.PAGESIZE == 0:
+        if blocks_per_group and blocks_per_group * segment_bytes % system_page == 0:
             self.page_bytes = blocks_per_group * segment_bytes
         self.blocks_per_group = self.page_bytes // segment_bytes
         self.num_blocks = num_blocks
@@ -66,7 +77,13 @@ class KVMemory:
         self.num_regions = tensors_per_layer * num_layers
         self.num_groups = -(-num_blocks // self.blocks_per_group)
         self.region_bytes = self.num_groups * self.page_bytes
-        self.vmm = VmmPool(self.region_bytes * self.num_regions, self.page_bytes)
+        if cuda_device is None:
+            self.vmm = VmmPool(self.region_bytes * self.num_regions, self.page_bytes)
+        else:
+            from xllm.ops.cuda_vmm import CudaVmmPool
+
+            self.vmm = CudaVmmPool(self.region_bytes * self.num_regions, self.page_bytes,
+                                   cuda_device)
         base = self.vmm.address
         self.regions = [base + r * self.region_bytes for r in range(self.num_regions)]
         self._mapped = [False] * self.num_groups

@@ -73,7 +73,10 @@ class KVStoreConfig:
     block_size: int
     head_size: int  # elements of a cache row (an int8 row's scale included: kv_row_width)
     dtype_bytes: int
-    on_demand: bool = True  # CPU memory mapped as blocks come into use
+    on_demand: bool = True  # memory mapped as blocks come into use
+    # The pool's memory is this CUDA device's (on demand through the driver's VMM API, else
+    # one allocation); None: host memory.
+    cuda_device: int | None = None
     idle_seconds: float = DEFAULT_IDLE_SECONDS
     cpu_tier_bytes: int = 0
     disk_tier_dir: str | None = None
@@ -269,10 +272,12 @@ class KVStore:
         self.pool: BlockPoolProtocol
         if config.on_demand:
             self.memory = KVMemory(config.num_blocks, config.num_layers, config.segment_bytes,
-                                   tensors_per_layer=config.tensors_per_layer)
+                                   tensors_per_layer=config.tensors_per_layer,
+                                   cuda_device=config.cuda_device)
             self.pool = OnDemandBlockPool(self.memory, idle_seconds=config.idle_seconds,
                                           before_unmap=self._before_unmap)
-            self.regions = list(self.memory.regions)  # this rank's part; others attached
+            # This rank's part (others attached); device memory is reached through torch.
+            self.regions = list(self.memory.regions) if config.cuda_device is None else []
         else:
             self.pool = BlockPool(config.num_blocks)
             self.regions: list[int] = []  # set by kv_caches() from the tensors it makes
@@ -339,8 +344,9 @@ class KVStore:
 
     def kv_caches(self, dtype: torch.dtype, device: torch.device | str = "cpu"
                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (key_cache, value_cache): views of the mapped-on-demand memory, or plain
-        zeroed tensors when memory is not on demand (CUDA)."""
+        """Per layer (key_cache, value_cache): views of the memory mapped on demand (host, or
+        a CUDA device's through the driver's VMM API), or plain zeroed tensors when memory is
+        not on demand."""
         import torch
 
         from xllm.ops.kv_cache import Q8_SCALE_BYTES, allocate_kv_caches, kv_cache_shape
@@ -348,17 +354,22 @@ class KVStore:
         c = self.config
         if dtype.itemsize != c.dtype_bytes:
             raise ValueError(f"dtype {dtype} is not {c.dtype_bytes} bytes per element")
+        device = torch.device(device)
         if self.memory is not None:
-            if torch.device(device).type != "cpu":
-                raise ValueError("memory on demand is host memory; use on_demand=False on "
-                                 f"{device}")
+            where = "cpu" if c.cuda_device is None else "cuda"
+            if device.type != where or (device.index or 0) != (c.cuda_device or 0):
+                raise ValueError(f"this store's memory on demand is on {where} "
+                                 f"{c.cuda_device or ''}, not {device}")
             shape = kv_cache_shape(c.num_blocks, c.num_kv_heads, c.block_size, c.head_size)
-            return self.memory.tensors(shape, dtype)
+            caches = self.memory.tensors(shape, dtype)
+            if c.cuda_device is not None:
+                self.attach_device([t for pair in caches for t in pair[:c.tensors_per_layer]])
+            return caches
         head_size = c.head_size - (Q8_SCALE_BYTES if dtype == torch.int8 else 0)
         caches = allocate_kv_caches(c.num_layers, c.num_blocks, c.num_kv_heads, c.block_size,
                                     head_size, dtype, device, c.tensors_per_layer)
         tensors = [t for pair in caches for t in pair[:c.tensors_per_layer]]
-        if torch.device(device).type == "cpu":
+        if device.type == "cpu":
             self.regions = [t.data_ptr() for t in tensors]
         else:
             self.attach_device(tensors)
@@ -427,7 +438,7 @@ class KVStore:
         region bytes) of this rank's memory, then of each other part's (not of replicas,
         which get what lands here); None when that is not known (memory not on demand,
         parts not attached)."""
-        if self.memory is None or not self.whole:
+        if self.memory is None or self.device_part is not None or not self.whole:
             return None
         if len(self._where) != self.config.distinct_parts - 1:  # (replicas never set it)
             return None
