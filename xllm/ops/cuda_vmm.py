@@ -121,11 +121,18 @@ def _current(device: int) -> ctypes.CDLL:
         ctx = _contexts.get(device)
         if ctx is None:  # retained once, for the process's life (torch's context too)
             ctx = ctypes.c_void_p()
-            _check(lib, lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device),
+            _check(lib, lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), _handle(lib, device)),
                    "cuDevicePrimaryCtxRetain")
             _contexts[device] = ctx
     _check(lib, lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
     return lib
+
+
+def _handle(lib: ctypes.CDLL, device: int) -> int:
+    """The driver's CUdevice for ordinal ``device``."""
+    handle = ctypes.c_int()
+    _check(lib, lib.cuDeviceGet(ctypes.byref(handle), device), "cuDeviceGet")
+    return handle.value
 
 
 def supported(device: int = 0) -> bool:
@@ -133,7 +140,8 @@ def supported(device: int = 0) -> bool:
     try:
         lib = _cuda()
         value = ctypes.c_int()
-        if lib.cuDeviceGetAttribute(ctypes.byref(value), _ATTRIBUTE_VMM_SUPPORTED, device):
+        if lib.cuDeviceGetAttribute(ctypes.byref(value), _ATTRIBUTE_VMM_SUPPORTED,
+                                    _handle(lib, device)):
             return False
         return bool(value.value)
     except (OSError, RuntimeError):
