@@ -12,6 +12,8 @@ compares with what the CPU computes:
   (:class:`xllm.ops.cuda_vmm.CudaVmmPool`): pages read as zeros when mapped, go back to the
   device when unmapped, and an engine on it gives the outputs of one allocation up front
   (``XLLM_CUDA_VMM=0``) and gives memory back when idle;
+- tensor parallelism on CUDA: TP=2 over NCCL where there are two devices, else over gloo
+  with both ranks on one device, gives TP=1's greedy tokens (or differs at a near tie);
 - the KV tiers and peer blocks of a pool in device memory (``KVStore.attach_device``): a
   prefix evicted to the CPU or disk tier comes back with the outputs of no prefix caching,
   and blocks move between a CUDA engine and a CPU one either way.
@@ -268,3 +270,35 @@ def test_engine_kv_memory_on_demand_on_cuda(tmp_path: Path, tokenizer_dir: Path,
         assert _greedy(llm, prompts[:2]) == want[:2]
     finally:
         llm.engine.close()
+
+
+@pytest.mark.parametrize("vmm", ["1", "0"])
+def test_tp2_on_cuda_matches_tp1(vmm: str, tmp_path: Path, tokenizer_dir: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each rank on its device (rank r on device r; with one device both share it over
+    gloo), its KV share on that device (mapped on demand, or whole with XLLM_CUDA_VMM=0)."""
+    from xllm import SamplingParams
+
+    monkeypatch.setenv("XLLM_CUDA_VMM", vmm)
+    hf = hf_model("llama-gqa")
+    model_dir = _save(hf, tmp_path, tokenizer_dir)
+    prompts = random_prompts([5, 23, 40], seed=21)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=2)
+    opts = dict(dtype="float32", num_kv_blocks=64, block_size=16)
+    one = _llm(model_dir, **opts)
+    ref = [o.outputs[0] for o in one.generate(prompts, params, use_tqdm=False)]
+    one.engine.close()
+    backend = "auto" if torch.cuda.device_count() >= 2 else "gloo"
+    two = _llm(model_dir, tensor_parallel_size=2, tp_backend=backend, **opts)
+    try:
+        got = [o.outputs[0] for o in two.generate(prompts, params, use_tqdm=False)]
+        plain = _greedy(two, prompts)
+    finally:
+        two.engine.close()
+    assert plain == [g.token_ids for g in got]  # each rank's best token = the logits' argmax
+    for a, b in zip(ref, got, strict=True):
+        if a.token_ids != b.token_ids:
+            at = next(j for j, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True))
+                      if x != y)
+            top2 = sorted(a.logprobs[at].values(), reverse=True)[:2]
+            assert top2[0] - top2[1] < 1e-4, (a.token_ids, b.token_ids, top2)

@@ -75,8 +75,15 @@ def test_bad_sizes_fail_at_start_up() -> None:
     cores = len(os.sched_getaffinity(0))
     with pytest.raises(ValueError, match="every rank needs a core"):
         EngineConfig(tensor_parallel_size=cores + 1)
-    with pytest.raises(ValueError, match="CPU only"):
+    with pytest.raises(ValueError, match="CUDA devices"):
         EngineConfig(tensor_parallel_size=2, device="cuda")
+    with pytest.raises(ValueError, match="tp_backend"):
+        EngineConfig(tensor_parallel_size=2, tp_backend="mpi")
+    with pytest.raises(ValueError, match="CPU only"):
+        EngineConfig(tensor_parallel_size=2, device="cuda", tp_master="10.0.0.1:29500")
+    with pytest.raises(ValueError, match="CPU only"):
+        EngineConfig(tensor_parallel_size=2, device="cuda", tp_backend="gloo",
+                     kv_offload_cpu_gb=1.0)
     # (KV tiers with ranks on other hosts are allowed: their parts travel through the
     # workers' part servers, tests/test_tp_hosts.py)
     assert EngineConfig(tensor_parallel_size=2, kv_offload_cpu_gb=1.0,
@@ -250,6 +257,43 @@ def test_tp2_matches_tp1_on_each_architecture(name: str, path: str, models_root:
         _assert_same_or_near_tie(ref, _greedy(llm, prompts, 32))
     finally:
         llm.engine.close()
+
+
+@needs_two
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen3-qknorm-headdim"])
+def test_tp2_over_torch_distributed_matches_tp1(name: str, models_root: Path,
+                                                demo_model_dir: Path) -> None:
+    """tp_backend gloo: the sums and the LM head's gathers go through a torch.distributed
+    process group (xllm.ops.dist_group, the path NCCL takes on CUDA), step messages still
+    over shared memory; greedy (each rank's best token gathered), logprobs (the logits
+    gathered) and seeded sampling as TP=1."""
+    model_dir = _model_dir(name, False, models_root, demo_model_dir)
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (5, 23, 40)]
+    options = dict(dtype="float32", weight_format="dense", max_model_len=128,
+                   num_kv_blocks=64, block_size=8)
+    plain = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=12, temperature=0.8, seed=5, ignore_eos=True)
+
+    def run(llm: LLM) -> tuple:
+        return (_greedy(llm, prompts, 24),
+                [o.outputs[0].token_ids for o in llm.generate(prompts, plain, use_tqdm=False)],
+                [o.outputs[0].token_ids for o in llm.generate(prompts, seeded,
+                                                                use_tqdm=False)])
+
+    ref = run(LLM(str(model_dir), **options))
+    llm = LLM(str(model_dir), tensor_parallel_size=2, tp_backend="gloo", **options)
+    try:
+        from xllm.ops.dist_group import DistGroup
+
+        assert isinstance(llm.engine.workers.comm.comm, DistGroup)
+        got = run(llm)
+        assert llm.engine.workers.comm.reduce_seconds > 0  # the LM head's gathers, timed
+    finally:
+        llm.engine.close()
+    _assert_same_or_near_tie(ref[0], got[0])
+    assert got[1] == [o.token_ids for o in got[0]]  # the best tokens = the logits' argmax
+    assert got[2] == ref[2]
 
 
 @needs_two

@@ -52,8 +52,12 @@ class EngineConfig:
     device: str = "cpu"  # cpu | cuda
     # Ranks that each hold 1/N of the model (heads, MLP, vocabulary); rank 0 is the engine
     # process, the others are worker processes it starts, each pinned to its share of the
-    # cores (xllm.runtime.tp). CPU only for now.
+    # cores (xllm.runtime.tp); on CUDA, rank r on device r.
     tensor_parallel_size: int = 1
+    # What the ranks' sums go through: auto = the native shared-memory group on the CPU
+    # (xllm.ops.allreduce), NCCL on CUDA (xllm.ops.dist_group); gloo = torch.distributed's
+    # gloo on either device (slower; on CUDA it lets ranks share a device, for checks).
+    tp_backend: str = "auto"
     # HOST:PORT: the tensor-parallel ranks 1..N-1 run on other hosts, each started there with
     # `python -m xllm.runtime.worker --master HOST:PORT --rank R`; rank 0 serves the
     # rendezvous (torch.distributed's TCP store) at this address, on its own cores, and the
@@ -119,10 +123,24 @@ class EngineConfig:
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1, got "
                              f"{self.tensor_parallel_size!r}")
+        if self.tp_backend not in ("auto", "gloo"):
+            raise ValueError(f"tp_backend must be auto or gloo, got {self.tp_backend!r}")
         if self.tensor_parallel_size > 1:
             if self.device != "cpu":
-                raise ValueError("tensor parallelism runs on the CPU only for now (the CUDA "
-                                 "path over NCCL is not built); use tensor_parallel_size 1")
+                if self.tp_master is not None:
+                    raise ValueError("tp_master (ranks on other hosts) runs on the CPU only; "
+                                     f"on {self.device} every rank is on this host")
+                if self.kv_tiers:
+                    raise ValueError("KV tiers with tensor parallelism run on the CPU only "
+                                     "for now (a device pool's parts are not gathered)")
+                import torch
+
+                devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+                if self.tp_backend == "auto" and self.tensor_parallel_size > devices:
+                    raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} "
+                                     f"exceeds the {devices} CUDA devices here: every rank "
+                                     "needs a device of its own (tp_backend gloo lets ranks "
+                                     "share one, for checks)")
             cores = len(os.sched_getaffinity(0))
             if self.tp_master is not None:
                 from xllm.ops.tcp_group import parse_address

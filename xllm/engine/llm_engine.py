@@ -157,7 +157,9 @@ class LLMEngine:
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 max_model_len=self.max_model_len, rank=0, size=tp_size, group="", cores=[],
                 expert_parallel=config.enable_expert_parallel,
-                num_redundant_experts=config.num_redundant_experts)
+                num_redundant_experts=config.num_redundant_experts,
+                device=self.device.type, backend=_tp_backend(config),
+                kv_on_demand=store_config.on_demand)
             if config.tp_master is not None:  # the other ranks on other hosts, over TCP
                 self.workers = WorkerGroup.remote(spec, config.tp_master)
             else:
@@ -189,7 +191,7 @@ class LLMEngine:
         if self.workers is not None:  # their shares of the pool map and unmap as it does
             self.workers.memory = self.kv_store.memory
             self.workers.sync_memory()  # they build their shares now, and say where
-            if part_heads:  # tier copies and peer blocks move every rank's heads
+            if part_heads and self.device.type == "cpu":  # tiers and peers: every rank's heads
                 self._attach_worker_parts()
         self.runner = ModelRunner(
             model, mc, block_size=config.block_size,
@@ -756,6 +758,13 @@ def _whole_block_parts(mc: ModelConfig, kv_tensors: int, size: int) -> tuple[int
     return tuple(head_shard(mc.num_attention_heads, mc.num_key_value_heads,
                             SimpleNamespace(size=size, rank=r)).num_kv_heads  # type: ignore[arg-type]
                  for r in range(size))
+
+
+def _tp_backend(config: EngineConfig) -> str:
+    """What the ranks' sums go through (EngineConfig.tp_backend resolved)."""
+    if config.tp_backend == "gloo":
+        return "gloo"
+    return "native" if config.device == "cpu" else "nccl"
 
 
 def _kv_on_demand(device: torch.device) -> bool:

@@ -101,7 +101,8 @@ class LMHead(nn.Module):
         n, rows = logits.shape
         if argmax:
             return self._argmax(logits)
-        dst = torch.empty(n, self.tp.size * rows) if self.tp.rank == 0 else None
+        dst = (torch.empty(n, self.tp.size * rows, device=logits.device)
+               if self.tp.rank == 0 else None)
         self.tp.comm.gather(logits.contiguous(), dst, n)  # each row's slices side by side
         if dst is None:
             return None
@@ -111,7 +112,7 @@ class LMHead(nn.Module):
         start, stop, _ = vocab_shard(self.vocab_size, self.tp)
         local = logits[:, :stop - start]  # (the padding rows of the last slice left out)
         n = local.shape[0]
-        best = torch.empty(n, 2)
+        best = torch.empty(n, 2, device=logits.device)
         if local.shape[1]:
             at = argmax_first(local.contiguous())
             best[:, 0] = local.gather(1, at[:, None])[:, 0]
@@ -119,7 +120,8 @@ class LMHead(nn.Module):
         else:  # (a rank past the vocabulary's end: never the best)
             best[:, 0] = float("-inf")
             best[:, 1] = 0
-        dst = torch.empty(n, self.tp.size * 2) if self.tp.rank == 0 else None
+        dst = torch.empty(n, self.tp.size * 2, device=logits.device) \
+            if self.tp.rank == 0 else None
         self.tp.comm.gather(best, dst, n)
         return None if dst is None else combine_argmax(dst.view(n, self.tp.size, 2))
 

@@ -263,6 +263,8 @@ class LlamaForCausalLM(nn.Module):
         self._stack = None
         if not enabled or self.dtype != torch.float32:
             return False
+        if self.tp.enabled and self.tp.comm.native is None:
+            return False  # sums through torch.distributed: the modules run
         rope = self.model.rotary_emb
         if rope.cos_cache.device.type != "cpu" or rope.cos_cache.dtype != torch.float32:
             return False

@@ -54,6 +54,8 @@ import numpy as np
 from xllm.scheduler import ScheduledRequest, SchedulerOutput
 
 if TYPE_CHECKING:
+    import torch
+
     from xllm.kvcache.memory import KVMemory
 
 logger = logging.getLogger("xllm.tp")
@@ -327,6 +329,22 @@ class WorkerSpec:
     # What rank 0's connections to a remote worker's part server open with (a worker on
     # another host serves its share of the pool only to a connection that knows it).
     part_token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # "cpu", or "cuda": rank r on device r (modulo the devices: gloo lets ranks share one).
+    device: str = "cpu"
+    # The model's sums: "native" (the shared-memory group), or a torch.distributed backend
+    # ("nccl", "gloo") over the TCP store rank 0 serves on 127.0.0.1:dist_port.
+    backend: str = "native"
+    dist_port: int = 0
+    # Rank 0's pool is mapped on demand (its memory messages say which groups); else each
+    # worker allocates its share whole at start.
+    kv_on_demand: bool = True
+
+    def torch_device(self) -> torch.device:
+        import torch
+
+        if self.device == "cpu":
+            return torch.device("cpu")
+        return torch.device(self.device, self.rank % torch.cuda.device_count())
 
 
 def rank_cores(size: int) -> list[list[int]]:
@@ -343,7 +361,10 @@ class WorkerGroup:
     """Rank 0's handle on the workers: spawns them, sends steps, stops them."""
 
     def __init__(self, specs: list[WorkerSpec], group: str,
-                 remote: TimedGroup | None = None, size: int = 0) -> None:
+                 remote: TimedGroup | None = None, size: int = 0, store: object = None
+                 ) -> None:
+        """``store``: rank 0's torch.distributed TCP store when the sums go through
+        torch.distributed (the specs' backend and dist_port)."""
         from xllm.ops.allreduce import ShmAllReduce
 
         self.size = size or len(specs) + 1
@@ -368,11 +389,15 @@ class WorkerGroup:
                               json.dumps(asdict(s))], stdin=subprocess.DEVNULL,
                              stdout=log, stderr=subprocess.STDOUT, env=env)
             for s, log in zip(specs, self._logs, strict=True)]
+        host = None
         try:
-            self.comm = TimedGroup(ShmAllReduce(group, 0, self.size, timeout=STEP_TIMEOUT_S,
-                                                buffer_bytes=BUFFER_BYTES,
-                                                busy_wait=specs[0].busy_wait))
+            host = ShmAllReduce(group, 0, self.size, timeout=STEP_TIMEOUT_S,
+                                buffer_bytes=BUFFER_BYTES, busy_wait=specs[0].busy_wait)
+            self.comm = TimedGroup(host if store is None else _dist_group(specs[0], host, 0,
+                                                                          store))
         except Exception as e:
+            if host is not None:
+                host.close()
             self.kill()
             raise RuntimeError(f"tensor-parallel workers did not attach: {e}"
                                f"{self.worker_logs()}") from None
@@ -383,9 +408,18 @@ class WorkerGroup:
         """Spawns ranks 1..size-1 of ``base`` (whose rank, group and cores are replaced)."""
         cores = rank_cores(base.size)
         group = f"tp_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        store = None
+        if base.backend != "native":  # rank 0 serves the process group's rendezvous
+            import datetime
+
+            import torch.distributed as dist
+
+            store = dist.TCPStore("127.0.0.1", 0, base.size, True, wait_for_workers=False,
+                                  timeout=datetime.timedelta(seconds=base.timeout))
+            base = replace(base, dist_port=store.port)
         specs = [WorkerSpec(**{**asdict(base), "rank": r, "group": group, "cores": cores[r]})
                  for r in range(1, base.size)]
-        return cls(specs, group)
+        return cls(specs, group, store=store)
 
     @classmethod
     def remote(cls, base: WorkerSpec, master: str) -> WorkerGroup:
@@ -487,6 +521,15 @@ class WorkerGroup:
         return all(p.poll() is None for p in self.procs) and self.comm.alive()
 
 
+def _dist_group(spec: WorkerSpec, host: object, rank: int, store: object = None) -> object:
+    """The group whose sums go through torch.distributed (spec.backend), its step messages
+    through ``host``; rank 0 passes the store it serves."""
+    from xllm.ops.dist_group import DistGroup
+
+    return DistGroup(host, spec.backend, ("127.0.0.1", spec.dist_port), rank, spec.size,
+                     timeout=spec.timeout, store=store)
+
+
 def pin_to(cores: list[int]) -> None:
     """Pins the calling thread (and the threads it starts) to ``cores`` and sizes torch's and
     the native kernels' thread pools to them."""
@@ -507,14 +550,24 @@ def worker_main(spec: WorkerSpec, comm: object | None = None) -> int:
     from xllm.loader.model import TORCH_DTYPES, load_model
     from xllm.models.config import ModelConfig
     from xllm.ops.allreduce import ShmAllReduce
-    from xllm.ops.kv_cache import KV_CACHE_DTYPES, kv_cache_shape, kv_row_width
+    from xllm.ops.kv_cache import (
+        KV_CACHE_DTYPES,
+        allocate_kv_caches,
+        kv_cache_shape,
+        kv_row_width,
+    )
     from xllm.runtime.model_runner import ModelRunner
 
     pin_to(spec.cores)
+    device = spec.torch_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     server = None
     if comm is None:
         comm = ShmAllReduce(spec.group, spec.rank, spec.size, timeout=spec.timeout,
                             buffer_bytes=BUFFER_BYTES, busy_wait=spec.busy_wait)
+        if spec.backend != "native":
+            comm = _dist_group(spec, comm, spec.rank)
     else:  # on another host than rank 0: it reads and writes this share over a connection
         server = PartServer(comm.local_host(), spec.part_token)
     try:
@@ -523,31 +576,41 @@ def worker_main(spec: WorkerSpec, comm: object | None = None) -> int:
                             num_redundant_experts=spec.num_redundant_experts)
         model_dir = Path(spec.model_dir)
         config = ModelConfig.from_file(model_dir)
-        model = load_model(model_dir, config, TORCH_DTYPES[spec.dtype], torch.device("cpu"),
+        model = load_model(model_dir, config, TORCH_DTYPES[spec.dtype], device,
                            progress=False, weight_format=spec.weight_format, tp=tp)
         attn = model.model.layers[0].self_attn
         _, head_size, per_layer = config.kv_cache_geometry()
         kv_dtype = KV_CACHE_DTYPES[spec.kv_dtype]
         row = kv_row_width(head_size, kv_dtype)
 
-        def build(blocks_per_group: int) -> tuple[KVMemory, ModelRunner]:
+        def build(blocks_per_group: int | None) -> tuple[KVMemory | None, ModelRunner]:
             # Its heads of the pool, on memory mapped as rank 0's pool maps its own (the
             # memory messages), in groups of as many blocks as rank 0's where the pages
             # allow: nothing until rank 0 says so, given back when rank 0 gives back.
-            memory = KVMemory(spec.num_blocks, config.num_hidden_layers,
-                              attn.num_kv_heads * spec.block_size * row * kv_dtype.itemsize,
-                              tensors_per_layer=per_layer, blocks_per_group=blocks_per_group)
+            # (blocks_per_group None: rank 0's pool is not on demand; this share is whole.)
             shape = kv_cache_shape(spec.num_blocks, attn.num_kv_heads, spec.block_size, row)
-            runner = ModelRunner(model, config, block_size=spec.block_size,
-                                 kv_caches=memory.tensors(shape, kv_dtype),
+            memory = None
+            if blocks_per_group is None:
+                caches = allocate_kv_caches(config.num_hidden_layers, spec.num_blocks,
+                                            attn.num_kv_heads, spec.block_size, row, kv_dtype,
+                                            device, per_layer)
+            else:
+                memory = KVMemory(
+                    spec.num_blocks, config.num_hidden_layers,
+                    attn.num_kv_heads * spec.block_size * row * kv_dtype.itemsize,
+                    tensors_per_layer=per_layer, blocks_per_group=blocks_per_group,
+                    cuda_device=device.index if device.type == "cuda" else None)
+                caches = memory.tensors(shape, kv_dtype)
+            runner = ModelRunner(model, config, block_size=spec.block_size, kv_caches=caches,
                                  max_num_seqs=spec.max_num_seqs,
                                  max_num_batched_tokens=spec.max_num_batched_tokens,
-                                 max_model_len=spec.max_model_len, device=torch.device("cpu"))
+                                 max_model_len=spec.max_model_len, device=device)
             return memory, runner
 
         comm.broadcast(None, wait_forever=True)  # "ready": every rank has loaded
         decoder = StepDecoder()
-        memory = runner = None  # built at rank 0's first memory message, before any step
+        # Built at rank 0's first memory message, before any step (or now, whole).
+        memory, runner = build(None) if not spec.kv_on_demand else (None, None)
         while True:
             step = decoder.decode(comm.broadcast(None, wait_forever=True))
             if step is None:
@@ -564,7 +627,8 @@ def worker_main(spec: WorkerSpec, comm: object | None = None) -> int:
                     with server.lock:  # (not while rank 0 reads or writes through it)
                         memory.follow(step.mapped, step.blocks_per_group)
                         server.memory = memory
-                comm.gather(torch.tensor([os.getpid(), memory.vmm.fd, memory.region_bytes,
+                comm.gather(torch.tensor([os.getpid(), getattr(memory.vmm, "fd", -1),
+                                          memory.region_bytes,
                                           memory.num_regions, memory.segment_bytes,
                                           0 if server is None else server.port],
                                          dtype=torch.int64), None)
