@@ -671,7 +671,7 @@ def test_a_device_cache_is_refused_where_it_cannot_be_reached() -> None:
         store.attach_device([t.transpose(1, 2) for pair in caches for t in pair])
     cfg = KVStoreConfig(num_blocks=24, num_layers=2, num_kv_heads=2, block_size=4, head_size=8,
                         dtype_bytes=4, on_demand=False, parts=2, part_heads=(1, 1))
-    with pytest.raises(ValueError, match="tensor parallelism on a device"):
+    with pytest.raises(ValueError, match="under tensor parallelism are CPU-only"):
         KVStore(cfg).attach_device([t for pair in caches for t in pair])
     store.close()
 

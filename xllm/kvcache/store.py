@@ -362,7 +362,7 @@ class KVStore:
                                  f"{c.cuda_device or ''}, not {device}")
             shape = kv_cache_shape(c.num_blocks, c.num_kv_heads, c.block_size, c.head_size)
             caches = self.memory.tensors(shape, dtype)
-            if c.cuda_device is not None:
+            if c.cuda_device is not None and c.parts == 1:  # (under TP: not whole, no tiers)
                 self.attach_device([t for pair in caches for t in pair[:c.tensors_per_layer]])
             return caches
         head_size = c.head_size - (Q8_SCALE_BYTES if dtype == torch.int8 else 0)
@@ -371,7 +371,7 @@ class KVStore:
         tensors = [t for pair in caches for t in pair[:c.tensors_per_layer]]
         if device.type == "cpu":
             self.regions = [t.data_ptr() for t in tensors]
-        else:
+        elif c.parts == 1:  # (a device pool under TP is not whole: no tiers, no peers)
             self.attach_device(tensors)
         return caches
 
@@ -383,7 +383,8 @@ class KVStore:
         c = self.config
         if c.parts > 1:
             raise ValueError("a KV cache outside host memory takes no tensor-parallel parts "
-                             "(tensor parallelism on a device is not built)")
+                             "(KV tiers and peer blocks under tensor parallelism are "
+                             "CPU-only)")
         if len(tensors) != c.part_regions:
             raise ValueError(f"attach_device needs {c.part_regions} tensors, got "
                              f"{len(tensors)}")
