@@ -3,7 +3,9 @@
 # no network there). Two steps:
 #
 #   bench/device_check.sh prepare   # here: what the machine lacks, into .device/ (ignored)
-#   bench/device_check.sh run       # there, with .device carried; logs under $OUT
+#   bench/device_check.sh run [PART...]  # there, with .device carried; logs under $OUT
+#
+# PARTs (default: all, in this order, the engine first): engine, triton, bench.
 #
 # e.g. the device tool's run with carry [".device"] and the command
 #   bash bench/device_check.sh run
@@ -36,7 +38,10 @@ if [ "$mode" = prepare ]; then
     exit 0
 fi
 
-[ "$mode" = run ] || { echo "usage: $0 prepare|run" >&2; exit 2; }
+[ "$mode" = run ] || { echo "usage: $0 prepare|run [engine] [triton] [bench]" >&2; exit 2; }
+shift
+parts=" ${*:-engine triton bench} "
+want() { [[ "$parts" == *" $1 "* ]]; }
 OUT=${OUT:-/tmp/xllm-device-check}
 mkdir -p "$OUT"
 py=${PYTHON:-python3}
@@ -68,15 +73,15 @@ step build bash -c "cmake -S . -B build/device -G Ninja -DCMAKE_BUILD_TYPE=Relea
 
 export PYTHONPATH=$PWD XLLM_TOKENIZER_DIR=$PWD/.device/tokenizer HF_HUB_OFFLINE=1
 # The engine first (what has never run on a GPU), then the kernels, then their timings.
-step engine "$py" -m pytest -q -rfE --timeout 300 tests/test_cuda.py
-step triton_attention "$py" -m pytest -q -rfE -m gpu tests/test_triton_attention.py
-step triton_moe "$py" -m pytest -q -rfE -m gpu tests/test_triton_moe.py
-step triton_bench "$py" -m bench.ops.triton_gpu --quick
+want engine && step engine "$py" -m pytest -q -rfE --timeout 300 tests/test_cuda.py
+want triton && step triton_attention "$py" -m pytest -q -rfE -m gpu tests/test_triton_attention.py
+want triton && step triton_moe "$py" -m pytest -q -rfE -m gpu tests/test_triton_moe.py
+want bench && step triton_bench "$py" -m bench.ops.triton_gpu --quick
 
-echo "== failures (first 80 lines of each failing log)"
+echo "== failures (the failing tests of each part)"
 for f in engine triton_attention triton_moe; do
-    grep -q -E "failed|error" "$OUT/$f.log" && { echo "-- $f"; grep -E "^(FAILED|ERROR)" \
-        "$OUT/$f.log" | head -n 20; }
+    [ -f "$OUT/$f.log" ] && grep -q -E "failed|error" "$OUT/$f.log" && { echo "-- $f"
+        grep -E "^(FAILED|ERROR)" "$OUT/$f.log" | head -n 20; }
 done
 echo "== summary"
 printf '%s\n' "${summary[@]}"
