@@ -22,6 +22,9 @@ medians (the 509-token prefill is one step, so one pass is one noisy sample).
 namespaces joined by a veth pair (made and removed by the run; needs root and ``ip netns``),
 a core each, over TCP (``--tp-master``: the step messages and ``_C.TcpCollective``'s sums).
 
+``--gloo`` adds TP=2 with the sums over torch.distributed's gloo (``--tp-backend gloo``, the
+path NCCL takes on CUDA; no native decoder stack) beside the native shared-memory group.
+
 ``--busy-wait S1,S2,...`` runs TP=2 once per value of how long a waiting rank keeps its core
 before sleeping (``xllm.runtime.tp.BUSY_WAIT_S``, the group's on every rank), in turns,
 ``--rounds N`` times over (this machine's speed drifts: compare within a round).
@@ -129,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--tcp", action="store_true",
                         help="add TP=2 over TCP, the worker in another network namespace")
+    parser.add_argument("--gloo", action="store_true",
+                        help="add TP=2 with the sums over torch.distributed's gloo")
     parser.add_argument("--tcp-rank0", help=argparse.SUPPRESS)
     parser.add_argument("--worker-ns", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -159,12 +164,18 @@ def _main(args: argparse.Namespace, hosts: Hosts | None) -> int:
             runs = [(1, None, "")] + [(2, w, "") for _ in range(args.rounds) for w in waits]
             if hosts is not None:
                 runs.append((2, None, "tcp"))
+            if args.gloo:
+                runs.append((2, None, "gloo"))
             for tp, wait, over in runs:
                 if wait is not None:
                     tp_module.BUSY_WAIT_S = wait
-                measured = (run_tcp(scenario, fmt, args.repeats, hosts) if over
-                            else run(scenario, tp, FORMATS[fmt], args.repeats))
-                row = {"format": fmt, "busy_wait": wait, "tcp": bool(over), **measured}
+                if over == "tcp":
+                    measured = run_tcp(scenario, fmt, args.repeats, hosts)
+                else:
+                    extra = {"tp_backend": "gloo"} if over == "gloo" else {}
+                    measured = run(scenario, tp, {**FORMATS[fmt], **extra}, args.repeats)
+                row = {"format": fmt, "busy_wait": wait, "tcp": over == "tcp",
+                       "gloo": over == "gloo", **measured}
                 base = base or row["tokens_per_s"]
                 row["vs_tp1"] = row["tokens_per_s"] / base
                 rows.append(row)
