@@ -441,3 +441,54 @@ def test_gpu_decode_captures_in_cuda_graph(gpu: ModuleType) -> None:
     torch.cuda.synchronize()
     expected = ref.paged_attention_decode_ref(query, kc, vc, table, lens, 0.088)
     _close(out, expected, torch.float16)
+
+
+# ------------------------------------------------------------------ the engine on them
+
+ENGINE_CASES = [("dense", "llama-gqa"), ("dense", "qwen3-qknorm-headdim"),
+                ("dense", "llama-mqa-yarn"), ("mla", "v2-lite"), ("moe", "mixtral")]
+
+
+@pytest.mark.parametrize(("kind", "name"), ENGINE_CASES, ids=[n for _, n in ENGINE_CASES])
+def test_the_engine_on_the_triton_kernels_matches_transformers(
+        interp: ModuleType, kind: str, name: str, tmp_path, demo_model_dir,  # noqa: ANN001
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA engine's attention path end to end, here interpreted on CPU tensors: every
+    paged-attention call and KV write of the engine goes to these kernels (the native ones
+    are never called), with its real step metadata -- prompts prefilled in 7-token chunks
+    beside other sequences' decodes, then a prefix-cache hit -- and the greedy tokens equal
+    transformers' (random-weight variants of the dense, latent-attention and MoE models)."""
+    import shutil
+
+    import test_deepseek
+    import test_moe
+    from test_models import greedy_of, hf_model, random_prompts
+
+    from xllm import LLM, SamplingParams
+
+    hf = hf_model(name) if kind == "dense" else (test_moe if kind == "moe"
+                                                 else test_deepseek)._hf(name)
+    hf.save_pretrained(tmp_path)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(demo_model_dir / f, tmp_path / f)
+    calls: list[str] = []
+    real = dispatch._pick
+
+    def to_triton(backend: str | None, tensor: torch.Tensor) -> str:
+        chosen = real(backend, tensor) if backend is not None else "triton"
+        calls.append(chosen)
+        return chosen
+
+    monkeypatch.setattr(dispatch, "_pick", to_triton)
+    prompts = random_prompts([5, 23, 40], seed=7)
+    llm = LLM(str(tmp_path), dtype="float32", weight_format="dense", max_model_len=128,
+              kv_cache_memory_gb=0.01, max_num_batched_tokens=16, block_size=8)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        again = llm.generate(prompts[2:], params, use_tqdm=False)[0]
+    finally:
+        llm.engine.close()
+    assert calls and set(calls) == {"triton"}
+    assert got == greedy_of(hf, prompts, 8)
+    assert again.num_cached_tokens >= 32 and again.outputs[0].token_ids == got[2]
