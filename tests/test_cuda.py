@@ -25,7 +25,6 @@ The tokenizer is the demo model's: ``XLLM_TOKENIZER_DIR`` names a folder with it
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +39,12 @@ ALL: list[tuple[str, str]] = []
 if torch.cuda.is_available():  # (the helpers import transformers: only where this runs)
     import test_deepseek
     import test_moe
-    from test_models import VARIANTS, greedy_of, hf_model, random_prompts
+    from test_models import VARIANTS, greedy_of, hf_model, random_prompts, save_with_tokenizer
     from test_reduced_precision import TOP, assert_logprobs_close
 
     ALL = ([("dense", n) for n in VARIANTS] + [("moe", n) for n in test_moe.VARIANTS]
            + [("mla", n) for n in test_deepseek.VARIANTS])
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 MAX_NEW = 12
 
 
@@ -54,13 +52,6 @@ MAX_NEW = 12
 def tokenizer_dir(request: pytest.FixtureRequest) -> Path:
     where = os.environ.get("XLLM_TOKENIZER_DIR")
     return Path(where) if where else request.getfixturevalue("demo_model_dir")
-
-
-def _save(hf: Any, root: Path, tokenizer_dir: Path) -> Path:
-    hf.save_pretrained(root)
-    for f in TOKENIZER_FILES:
-        shutil.copy(tokenizer_dir / f, root / f)
-    return root
 
 
 def _llm(model_dir: Path, **options: Any) -> Any:
@@ -103,7 +94,7 @@ def _hf(kind: str, name: str) -> Any:
 def test_engine_greedy_equals_transformers_fp32(kind: str, name: str, tmp_path: Path,
                                                 tokenizer_dir: Path) -> None:
     hf = _hf(kind, name)
-    llm = _llm(_save(hf, tmp_path, tokenizer_dir), dtype="float32")
+    llm = _llm(save_with_tokenizer(hf, tmp_path, tokenizer_dir), dtype="float32")
     try:
         layer = llm.engine.runner.model.model.layers[0]
         assert next(layer.parameters()).is_cuda
@@ -118,7 +109,7 @@ def test_engine_bf16_close_to_transformers_fp32(name: str, tmp_path: Path,
     from xllm import SamplingParams
 
     hf = hf_model(name)
-    llm = _llm(_save(hf, tmp_path, tokenizer_dir), dtype="bfloat16")
+    llm = _llm(save_with_tokenizer(hf, tmp_path, tokenizer_dir), dtype="bfloat16")
     try:
         prompts = random_prompts([9, 30], seed=11)
         agreed = 0
@@ -141,7 +132,7 @@ def test_device_pool_tiers_give_the_outputs_of_recomputing(tiers: str, tmp_path:
     """A prefix evicted from the device pool comes back from a tier (gathered to pinned
     staging, landed with index_copy_) with the outputs of an engine without prefix caching."""
     hf = hf_model("llama-gqa")
-    model_dir = _save(hf, tmp_path / "model", tokenizer_dir)
+    model_dir = save_with_tokenizer(hf, tmp_path / "model", tokenizer_dir)
     doc = random_prompts([112], seed=3)[0]
     prompts = [doc + q for q in random_prompts([6, 9], seed=4)]
     flood = random_prompts([120] * 4, seed=5)
@@ -179,7 +170,7 @@ def test_blocks_move_between_a_cuda_and_a_cpu_engine(which: str, tmp_path: Path,
     from test_kv_transfer import _transfer
 
     hf = hf_model("llama-gqa")
-    model_dir = _save(hf, tmp_path, tokenizer_dir)
+    model_dir = save_with_tokenizer(hf, tmp_path, tokenizer_dir)
     opts = dict(dtype="float32", kv_cache_dtype="bfloat16", num_kv_blocks=48, block_size=16)
     gpu = _llm(model_dir, **opts)
     cpu = _llm(model_dir, **{**opts, "device": "cpu"})
@@ -245,7 +236,7 @@ def test_engine_kv_memory_on_demand_on_cuda(tmp_path: Path, tokenizer_dir: Path,
     """The engine's pool over cuMemMap: the outputs of one allocation up front; mapped
     memory grows with a burst and falls once idle, and the engine serves again after."""
     hf = hf_model("llama-gqa")
-    model_dir = _save(hf, tmp_path, tokenizer_dir)
+    model_dir = save_with_tokenizer(hf, tmp_path, tokenizer_dir)
     # A page group is 2 MiB of each region (the device's granularity): 256 of these 8 KiB
     # block segments. 128 requests of 4 blocks each, all running at once, need ~3 groups.
     prompts = random_prompts([180] * 128, seed=13)
@@ -280,28 +271,23 @@ def test_tp2_on_cuda_matches_tp1(vmm: str, tmp_path: Path, tokenizer_dir: Path,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Each rank on its device (rank r on device r; with one device both share it over
     gloo), its KV share on that device (mapped on demand, or whole with XLLM_CUDA_VMM=0)."""
-    from xllm import SamplingParams
+    from test_tp import _assert_same_or_near_tie
+    from test_tp import _greedy as greedy_with_logprobs
 
     monkeypatch.setenv("XLLM_CUDA_VMM", vmm)
     hf = hf_model("llama-gqa")
-    model_dir = _save(hf, tmp_path, tokenizer_dir)
+    model_dir = save_with_tokenizer(hf, tmp_path, tokenizer_dir)
     prompts = random_prompts([5, 23, 40], seed=21)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=2)
     opts = dict(dtype="float32", num_kv_blocks=64, block_size=16)
     one = _llm(model_dir, **opts)
-    ref = [o.outputs[0] for o in one.generate(prompts, params, use_tqdm=False)]
+    ref = greedy_with_logprobs(one, prompts, MAX_NEW)
     one.engine.close()
     backend = "auto" if torch.cuda.device_count() >= 2 else "gloo"
     two = _llm(model_dir, tensor_parallel_size=2, tp_backend=backend, **opts)
     try:
-        got = [o.outputs[0] for o in two.generate(prompts, params, use_tqdm=False)]
+        got = greedy_with_logprobs(two, prompts, MAX_NEW)
         plain = _greedy(two, prompts)
     finally:
         two.engine.close()
     assert plain == [g.token_ids for g in got]  # each rank's best token = the logits' argmax
-    for a, b in zip(ref, got, strict=True):
-        if a.token_ids != b.token_ids:
-            at = next(j for j, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True))
-                      if x != y)
-            top2 = sorted(a.logprobs[at].values(), reverse=True)[:2]
-            assert top2[0] - top2[1] < 1e-4, (a.token_ids, b.token_ids, top2)
+    _assert_same_or_near_tie(ref, got)

@@ -5,7 +5,6 @@ the middle of a run; per-expert token counts on the engine and /metrics."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import test_deepseek
 import test_moe
 import torch
+from test_models import save_with_tokenizer
 from test_tp import _assert_same_or_near_tie, _greedy, needs_two
 
 from xllm import LLM, SamplingParams
@@ -88,10 +88,7 @@ def _model_dir(tmp_path: Path, demo_model_dir: Path, name: str = "qwen3-moe") ->
         hf = test_moe._hf(name)
     else:
         hf = test_deepseek._hf(name.removeprefix("deepseek-"))
-    hf.save_pretrained(tmp_path)
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(demo_model_dir / f, tmp_path / f)
-    return tmp_path
+    return save_with_tokenizer(hf, tmp_path, demo_model_dir)
 
 
 def test_expert_parallel_needs_tensor_parallel_and_experts(tmp_path: Path,

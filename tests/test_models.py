@@ -301,19 +301,26 @@ def assert_matches_transformers(hf: Any, ours: LlamaForCausalLM,
         hf, prompts, MAX_NEW)
 
 
+def save_with_tokenizer(hf: Any, out: Path, tokenizer_dir: Path) -> Path:
+    """A model directory xllm loads: ``hf``'s weights and config plus the tokenizer files of
+    ``tokenizer_dir`` (the demo model's; the tests feed token ids below its vocabulary)."""
+    import shutil
+
+    hf.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(tokenizer_dir / f, out / f)
+    return out
+
+
 def assert_engine_serves(hf: Any, model_dir: Path, demo_model_dir: Path,
                          prompts: Sequence[Sequence[int]],
                          check: Callable[[Any], None] | None = None) -> None:
     """hf saved to ``model_dir`` (with the demo's tokenizer) through the loader and the engine:
     transformers' 12 greedy tokens in fp32; in the CPU's default format most of them.
     ``check(llm)`` runs on each engine before it generates."""
-    import shutil
-
     from xllm import LLM, SamplingParams
 
-    hf.save_pretrained(model_dir)
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(demo_model_dir / f, model_dir / f)
+    save_with_tokenizer(hf, model_dir, demo_model_dir)
     want = greedy_of(hf, prompts, 12)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     for options in ({"dtype": "float32"}, {}):

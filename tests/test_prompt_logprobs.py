@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,10 +72,9 @@ def _random_llama(intermediate: int) -> transformers.LlamaForCausalLM:
 def _save(model: transformers.PreTrainedModel, out: Path, demo_dir: Path) -> Path:
     """A model directory xllm loads: the random weights plus the demo model's tokenizer (ids
     below VOCAB are ordinary tokens there; these tests feed token ids anyway)."""
-    model.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(demo_dir / name, out / name)
-    return out
+    from test_models import save_with_tokenizer
+
+    return save_with_tokenizer(model, out, demo_dir)
 
 
 def _reference(hf: transformers.PreTrainedModel, ids: list[int]) -> torch.Tensor:

@@ -5,7 +5,6 @@ back to the pool while requests run."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from test_models import (
     paged_greedy_generate,
     prefill_logits,
     randomize,
+    save_with_tokenizer,
 )
 
 from xllm.models.config import ModelConfig
@@ -157,9 +157,7 @@ def test_the_engine_serves_past_the_window_in_bounded_memory(
     torch.manual_seed(0)
     hf = transformers.MistralForCausalLM(config).eval()
     randomize(hf, torch.Generator().manual_seed(9))
-    hf.save_pretrained(tmp_path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(demo_model_dir / name, tmp_path / name)
+    save_with_tokenizer(hf, tmp_path, demo_model_dir)
     prompts = [list(range(5, 45)), list(range(100, 170)), list(range(7, 12))]
     gen = transformers.GenerationConfig(max_new_tokens=40, do_sample=False, eos_token_id=None,
                                         pad_token_id=0)

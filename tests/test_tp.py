@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from conftest import read_ready_port  # noqa: E402
-from test_models import VARIANTS, VOCAB, hf_model  # noqa: E402
+from test_models import VARIANTS, VOCAB, hf_model, save_with_tokenizer  # noqa: E402
 
 from xllm import LLM, SamplingParams  # noqa: E402
 from xllm.config import EngineConfig  # noqa: E402
@@ -210,9 +209,7 @@ def test_step_messages_keep_worker_mirrors_exact(overlap: bool) -> None:
 def _model_dir(name: str, native_sizes: bool, root: Path, demo_dir: Path) -> Path:
     out = root / f"{name}-{int(native_sizes)}"
     if not out.exists():
-        hf_model(name, native_sizes).save_pretrained(out)
-        for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-            shutil.copy(demo_dir / f, out / f)
+        save_with_tokenizer(hf_model(name, native_sizes), out, demo_dir)
     return out
 
 

@@ -458,19 +458,15 @@ def test_the_engine_on_the_triton_kernels_matches_transformers(
     are never called), with its real step metadata -- prompts prefilled in 7-token chunks
     beside other sequences' decodes, then a prefix-cache hit -- and the greedy tokens equal
     transformers' (random-weight variants of the dense, latent-attention and MoE models)."""
-    import shutil
-
     import test_deepseek
     import test_moe
-    from test_models import greedy_of, hf_model, random_prompts
+    from test_models import greedy_of, hf_model, random_prompts, save_with_tokenizer
 
     from xllm import LLM, SamplingParams
 
     hf = hf_model(name) if kind == "dense" else (test_moe if kind == "moe"
                                                  else test_deepseek)._hf(name)
-    hf.save_pretrained(tmp_path)
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(demo_model_dir / f, tmp_path / f)
+    save_with_tokenizer(hf, tmp_path, demo_model_dir)
     calls: list[str] = []
     real = dispatch._pick
 

@@ -103,10 +103,11 @@ class MooncakeTransport:
     def serve(self, store: KVStore) -> None:
         """Lets peers read this instance's KV pool and CPU tier (once the engine is loaded;
         under tensor parallelism on one host, the workers' shares mapped here too)."""
-        if store.memory is None or store.device_part is not None:
+        memory = store.host_memory
+        if memory is None:
             raise ValueError("--kv-mooncake serves the KV pool on host memory mapped on demand "
                              "(the CPU engine's); this engine's pool is not")
-        self._register(store.memory.vmm.address, store.memory.vmm.reserved_bytes)
+        self._register(memory.vmm.address, memory.vmm.reserved_bytes)
         for mapping in store.parts_mappings():
             self._register(ctypes.addressof(ctypes.c_char.from_buffer(mapping)), len(mapping))
         if store.cpu is not None:
@@ -263,8 +264,7 @@ def describe(store: KVStore, sources: list[tuple[Any, int]]
     # Every part of a block must lie in this process's memory (not behind a PartLink; a
     # latent cache's replicas need not: a block is this rank's part).
     remote = store.link is not None and not c.replicated
-    if n == 0 or store.memory is None or store.device_part is not None or not store.whole \
-            or remote:
+    if n == 0 or store.host_memory is None or not store.whole or remote:
         return addresses, strides, sums
     parts, per = c.distinct_parts, c.part_regions
     # Each part's first region, the distance between its regions, its segment, and where

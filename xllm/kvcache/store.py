@@ -362,15 +362,15 @@ class KVStore:
                                  f"{c.cuda_device or ''}, not {device}")
             shape = kv_cache_shape(c.num_blocks, c.num_kv_heads, c.block_size, c.head_size)
             caches = self.memory.tensors(shape, dtype)
-            if c.cuda_device is not None and c.parts == 1:  # (under TP: not whole, no tiers)
-                self.attach_device([t for pair in caches for t in pair[:c.tensors_per_layer]])
-            return caches
-        head_size = c.head_size - (Q8_SCALE_BYTES if dtype == torch.int8 else 0)
-        caches = allocate_kv_caches(c.num_layers, c.num_blocks, c.num_kv_heads, c.block_size,
-                                    head_size, dtype, device, c.tensors_per_layer)
+        else:
+            head_size = c.head_size - (Q8_SCALE_BYTES if dtype == torch.int8 else 0)
+            caches = allocate_kv_caches(c.num_layers, c.num_blocks, c.num_kv_heads,
+                                        c.block_size, head_size, dtype, device,
+                                        c.tensors_per_layer)
         tensors = [t for pair in caches for t in pair[:c.tensors_per_layer]]
         if device.type == "cpu":
-            self.regions = [t.data_ptr() for t in tensors]
+            if self.memory is None:
+                self.regions = [t.data_ptr() for t in tensors]
         elif c.parts == 1:  # (a device pool under TP is not whole: no tiers, no peers)
             self.attach_device(tensors)
         return caches
@@ -434,16 +434,24 @@ class KVStore:
         objects): a transport that reads this memory in place registers them too."""
         return list(self._parts_memory)
 
+    @property
+    def host_memory(self) -> KVMemory | None:
+        """The pool's memory when it is host memory mapped on demand (a memfd that peers on
+        this host and Mooncake can map), else None (plain tensors, or a CUDA device's)."""
+        memory = self.memory
+        return memory if memory is not None and memory.cuda_device is None else None
+
     def memory_parts(self) -> list[tuple[int, int, int]] | None:
         """Where a block's parts are on this host, for a peer that maps them: (pid, memfd,
         region bytes) of this rank's memory, then of each other part's (not of replicas,
         which get what lands here); None when that is not known (memory not on demand,
         parts not attached)."""
-        if self.memory is None or self.device_part is not None or not self.whole:
+        memory = self.host_memory
+        if memory is None or not self.whole:
             return None
         if len(self._where) != self.config.distinct_parts - 1:  # (replicas never set it)
             return None
-        return [(os.getpid(), self.memory.vmm.fd, self.memory.region_bytes), *self._where]
+        return [(os.getpid(), memory.vmm.fd, memory.region_bytes), *self._where]
 
     def replicate(self, blocks: Sequence[int]) -> int:
         """Blocks written into this rank's part from outside the model (a tier's load, a

@@ -248,15 +248,6 @@ class CudaVmmPool:
                 _check(lib, lib.cuMemUnmap(self.address + page, self.page_bytes), "cuMemUnmap")
                 self._mapped.discard(page)
 
-    def map_page(self, offset: int) -> None:
-        self.map_pages([offset])
-
-    def unmap_page(self, offset: int) -> None:
-        self.unmap_pages([offset])
-
-    def is_mapped(self, offset: int) -> bool:
-        return self._page(offset) in self._mapped
-
     def mapped_offsets(self) -> list[int]:
         with self._lock:
             return sorted(self._mapped)
