@@ -34,6 +34,22 @@ def test_linear_matches_reference(isa: str, m: int, n: int, k: int) -> None:
     assert (out.double() - ref).abs().max().item() < tol
 
 
+# The AMX driver's blocking: 1600 inputs are summed in 4 passes, 600 outputs (19 pairs of
+# groups, the last one group short of 32 outputs) in blocks of pairs; 40 rows split the
+# groups between threads, 300 and 600 split the rows (in bands of 256), with and without
+# a bias.
+@pytest.mark.parametrize("m", [40, 300, 601])
+def test_long_inputs_in_passes(isa: str, m: int) -> None:
+    g = torch.Generator().manual_seed(m)
+    w = torch.randn(600, 1600, generator=g)
+    bias = torch.randn(600, generator=g) if m % 2 else None
+    weight = BlockLinearWeight.from_rows(w, "bf16_gemm", bias)
+    x = torch.randn(m, 1600, generator=g)
+    ref = _reference(x, w, bias)
+    tol = 4e-7 * 1600 * (x.abs().max() * w.abs().max()).item() + 1e-5
+    assert (weight(x).double() - ref).abs().max().item() < tol
+
+
 def test_strided_rows_and_large_output(isa: str) -> None:
     g = torch.Generator().manual_seed(7)
     w = torch.randn(4100, 64, generator=g)

@@ -100,24 +100,35 @@ void bf16_linear(const PackedBf16& w, const float* x, int64_t ldx, int64_t m,
 #pragma omp parallel num_threads(threads)
     {
       const int nth = omp_get_num_threads(), me = omp_get_thread_num();
-      // Each thread rounds a share of x (a prompt's x was ~5% of the call on one thread).
-      if (amx) {
-        round_rows_bf16_tiles(x, ldx, m, k, xb, m_pad / 16 * me / nth * 16,
-                              m_pad / 16 * (me + 1) / nth * 16);
-      } else {
-        const int64_t r0 = m * me / nth, r1 = m * (me + 1) / nth;
-        round_rows_bf16_avx512(x + r0 * ldx, ldx, r1 - r0, k, xb + r0 * k);
-      }
-#pragma omp barrier
-      const int64_t g_begin = std::min(groups, 2 * (pairs * me / nth));
-      const int64_t g_end = std::min(groups, 2 * (pairs * (me + 1) / nth));
-      if (g_begin < g_end) {
-        if (amx) {
+      if (amx && amx_split_rows(m, nth)) {
+        const int64_t r0 = amx_row_share(m, nth, me), r1 = amx_row_share(m, nth, me + 1);
+        round_rows_bf16_tiles(x, ldx, m, k, xb, r0, std::min(m_pad, r1));
+        if (r0 < std::min(m, r1)) {
           amx_begin();
-          bf16_groups_amx(w, xb, m, g_begin, g_end, bias, out, ldo);
+          bf16_groups_amx(w, xb + r0 * k, std::min(m, r1) - r0, 0, groups, bias,
+                          out + r0 * ldo, ldo);
           amx_end();
+        }
+      } else {
+        // Each thread rounds a share of x (a prompt's x was ~5% of the call on one thread).
+        if (amx) {
+          round_rows_bf16_tiles(x, ldx, m, k, xb, m_pad / 16 * me / nth * 16,
+                                m_pad / 16 * (me + 1) / nth * 16);
         } else {
-          bf16_groups_avx512(w, xb, m, g_begin, g_end, bias, out, ldo);
+          const int64_t r0 = m * me / nth, r1 = m * (me + 1) / nth;
+          round_rows_bf16_avx512(x + r0 * ldx, ldx, r1 - r0, k, xb + r0 * k);
+        }
+#pragma omp barrier
+        const int64_t g_begin = std::min(groups, 2 * (pairs * me / nth));
+        const int64_t g_end = std::min(groups, 2 * (pairs * (me + 1) / nth));
+        if (g_begin < g_end) {
+          if (amx) {
+            amx_begin();
+            bf16_groups_amx(w, xb, m, g_begin, g_end, bias, out, ldo);
+            amx_end();
+          } else {
+            bf16_groups_avx512(w, xb, m, g_begin, g_end, bias, out, ldo);
+          }
         }
       }
     }

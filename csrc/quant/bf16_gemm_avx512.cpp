@@ -7,7 +7,9 @@
 //
 // AMX (many rows): 2 x 2 tiles of 16 x 16 fp32 sums (32 rows x 32 outputs), fed per
 // 32 input features by two 16-row tiles of x and two packed 1 KiB tiles of W; the
-// weight tiles of a pair of groups stay in L1 while every row block of x passes.
+// weight tiles of a pair of groups stay in L1 while a band of row blocks of x passes,
+// its tiles loaded with the no-reuse hint (TILELOADDT1) so that they do not push the
+// weight out; long K is summed in passes (kAmxPassTiles below).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -125,31 +127,58 @@ struct alignas(64) TileConfig {
 };
 
 // tmm0-3: sums (16 x 16 fp32); tmm4-5: x (16 rows x 32 bf16); tmm6-7: W (16 pairs x 16 x 2).
-// a: x in tiles (round_rows_bf16_tiles), the first of MT 16-row blocks.
+// a: x in tiles (round_rows_bf16_tiles), the first of MT 16-row blocks at its first K tile;
+// nk K tiles of 32 inputs. The sums start from src (row stride ld_src floats) or from zero
+// when src is null, and end in dst (row stride ld_dst).
 template <int MT, int NT>
-XLLM_AMX void amx_block(const uint16_t* a, int64_t k, const uint16_t* b0, const uint16_t* b1,
-                        float* c, int64_t ldc = 32) {
-  _tile_zero(0);
-  if (NT > 1) _tile_zero(1);
-  if (MT > 1) _tile_zero(2);
-  if (MT > 1 && NT > 1) _tile_zero(3);
-  for (int64_t kb = 0; kb < k / 32; ++kb) {
-    _tile_loadd(4, a + kb * 512, 64);
-    if (MT > 1) _tile_loadd(5, a + 16 * k + kb * 512, 64);
-    _tile_loadd(6, b0 + kb * 512, 64);
-    if (NT > 1) _tile_loadd(7, b1 + kb * 512, 64);
+XLLM_AMX void amx_block(const uint16_t* a, int64_t k, int64_t nk, const uint16_t* b0,
+                        const uint16_t* b1, const float* src, int64_t ld_src, float* dst,
+                        int64_t ld_dst) {
+  if (src) {
+    const int64_t stride = ld_src * static_cast<int64_t>(sizeof(float));
+    _tile_loadd(0, src, stride);
+    if (NT > 1) _tile_loadd(1, src + 16, stride);
+    if (MT > 1) _tile_loadd(2, src + 16 * ld_src, stride);
+    if (MT > 1 && NT > 1) _tile_loadd(3, src + 16 * ld_src + 16, stride);
+  } else {
+    _tile_zero(0);
+    if (NT > 1) _tile_zero(1);
+    if (MT > 1) _tile_zero(2);
+    if (MT > 1 && NT > 1) _tile_zero(3);
+  }
+  // Tiles are not renamed: a load into a tile waits for the products that read it. The
+  // next K tile's x and W are loaded as soon as their tile's last product has issued.
+  _tile_stream_loadd(4, a, 64);
+  _tile_loadd(6, b0, 64);
+  if (NT > 1) _tile_loadd(7, b1, 64);
+  if (MT > 1) _tile_stream_loadd(5, a + 16 * k, 64);
+  for (int64_t kb = 0; kb < nk; ++kb) {
+    const bool more = kb + 1 < nk;
     _tile_dpbf16ps(0, 4, 6);
     if (NT > 1) _tile_dpbf16ps(1, 4, 7);
+    if (more) _tile_stream_loadd(4, a + (kb + 1) * 512, 64);
     if (MT > 1) _tile_dpbf16ps(2, 5, 6);
+    if (more) _tile_loadd(6, b0 + (kb + 1) * 512, 64);
     if (MT > 1 && NT > 1) _tile_dpbf16ps(3, 5, 7);
+    if (more && MT > 1) _tile_stream_loadd(5, a + 16 * k + (kb + 1) * 512, 64);
+    if (more && NT > 1) _tile_loadd(7, b1 + (kb + 1) * 512, 64);
   }
-  // c: [16 MT rows][16 NT columns] fp32, row stride ldc floats.
-  const int64_t stride = ldc * static_cast<int64_t>(sizeof(float));
-  _tile_stored(0, c, stride);
-  if (NT > 1) _tile_stored(1, c + 16, stride);
-  if (MT > 1) _tile_stored(2, c + 16 * ldc, stride);
-  if (MT > 1 && NT > 1) _tile_stored(3, c + 16 * ldc + 16, stride);
+  const int64_t stride = ld_dst * static_cast<int64_t>(sizeof(float));
+  _tile_stored(0, dst, stride);
+  if (NT > 1) _tile_stored(1, dst + 16, stride);
+  if (MT > 1) _tile_stored(2, dst + 16 * ld_dst, stride);
+  if (MT > 1 && NT > 1) _tile_stored(3, dst + 16 * ld_dst + 16, stride);
 }
+
+// The AMX driver's blocking (bench: bf16 rows in the commit log, the demo's and
+// Llama-3-8B's shapes at 64-2048 rows on the AMX Xeon, L1 48 KiB and L2 2 MiB a core):
+// K of up to kAmxOnePass tiles of 32 inputs is summed in one pass (the demo's 576 inputs:
+// a pair of groups' weight, 36 KiB, stays near L1, and no sums are stored between
+// passes); longer K in passes of about kAmxPassTiles (32 KiB of a pair's weight, held in L1
+// while x's tiles stream past it, loaded with the no-reuse hint). Rows go in bands of
+// kAmxBandRows, whose x for one pass stays in L2 across the pairs; with several passes
+// the sums of kAmxPairs pairs of groups by a band (256 KiB) wait in L2 between passes.
+constexpr int64_t kAmxOnePass = 24, kAmxPassTiles = 16, kAmxBandRows = 256, kAmxPairs = 8;
 
 }  // namespace
 
@@ -169,39 +198,55 @@ XLLM_AMX void amx_end() { _tile_release(); }
 XLLM_AMX void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m,
                               int64_t g_begin, int64_t g_end, const float* bias, float* out,
                               int64_t ldo) {
-  const int64_t k = w.cols;
+  const int64_t k = w.cols, kt = k / 32;
+  const int64_t passes = kt <= kAmxOnePass ? 1 : (kt + kAmxPassTiles - 1) / kAmxPassTiles;
+  const int64_t band = std::min<int64_t>((m + 31) / 32 * 32, kAmxBandRows);
+  const int64_t pairs = (g_end - g_begin + 1) / 2;
+  // Pairs in blocks of at most kAmxPairs, of even sizes (one pass: all of them).
+  const int64_t pair_blocks = passes == 1 ? 1 : (pairs + kAmxPairs - 1) / kAmxPairs;
+  const int64_t nc = (pairs + pair_blocks - 1) / pair_blocks;
+  // Sums of the current (band x nc pairs) block, 32 x 32 fp32 per (row block, pair).
+  float* sums = passes > 1 ? static_cast<float*>(thread_scratch<1>(
+                                 sizeof(float) * 1024 * static_cast<size_t>(band / 32 * nc)))
+                           : nullptr;
   alignas(64) float c[32 * 32];
-  // Rows in bands whose x tiles fit L2 (1 MiB, as the int8 tiles do), each band passing
-  // over this thread's pairs of groups, so that a long prompt's x is not streamed from L3
-  // for every pair (the demo's 30 layers at 2048 rows: 343 -> 263 ms; no change up to 509).
-  const int64_t band = amx_band_rows(2 * k, 32);
-  for (int64_t m_begin = 0; m_begin < m; m_begin += band) {
-    const int64_t m_end = std::min(m, m_begin + band);
-    for (int64_t g = g_begin; g < g_end; g += 2) {
-      const bool two = g + 1 < g_end;
-      const uint16_t* b0 = w.group(g);
-      const uint16_t* b1 = two ? w.group(g + 1) : b0;
-      const int64_t n0 = g * kBf16Group;
-      const int cols = static_cast<int>(std::min<int64_t>(two ? 32 : 16, w.rows - n0));
-      for (int64_t m0 = m_begin; m0 < m_end; m0 += 32) {
-        const bool tall = m0 + 16 < m;
-        const uint16_t* a = xb + m0 * k;
-        if (!bias && two && cols == 32 && m0 + 32 <= m) {  // a whole block: tiles straight out
-          amx_block<2, 2>(a, k, b0, b1, out + m0 * ldo + n0, ldo);
-          continue;
-        }
-        if (tall && two) amx_block<2, 2>(a, k, b0, b1, c);
-        else if (tall) amx_block<2, 1>(a, k, b0, b1, c);
-        else if (two) amx_block<1, 2>(a, k, b0, b1, c);
-        else amx_block<1, 1>(a, k, b0, b1, c);
-        const int64_t rows = std::min<int64_t>(32, m - m0);
-        const float* bb = bias ? bias + n0 : nullptr;
-        for (int64_t r = 0; r < rows; ++r) {
-          float* o = out + (m0 + r) * ldo + n0;
-          store_lanes(o, _mm512_load_ps(c + r * 32), bb, std::min(cols, 16));
-          if (cols > 16) {
-            store_lanes(o + 16, _mm512_load_ps(c + r * 32 + 16), bb ? bb + 16 : nullptr,
-                        cols - 16);
+  for (int64_t p_begin = 0; p_begin < pairs; p_begin += nc) {
+    const int64_t p_end = std::min(pairs, p_begin + nc);
+    for (int64_t m_begin = 0; m_begin < m; m_begin += band) {
+      const int64_t m_end = std::min(m, m_begin + band);
+      for (int64_t pass = 0; pass < passes; ++pass) {
+        const int64_t kb0 = kt * pass / passes, nk = kt * (pass + 1) / passes - kb0;
+        const bool first = pass == 0, last = pass == passes - 1;
+        for (int64_t p = p_begin; p < p_end; ++p) {
+          const int64_t g = g_begin + 2 * p;
+          const bool two = g + 1 < g_end;
+          const uint16_t* b0 = w.group(g) + kb0 * 512;
+          const uint16_t* b1 = two ? w.group(g + 1) + kb0 * 512 : b0;
+          const int64_t n0 = g * kBf16Group;
+          const int cols = static_cast<int>(std::min<int64_t>(two ? 32 : 16, w.rows - n0));
+          for (int64_t m0 = m_begin; m0 < m_end; m0 += 32) {
+            const int64_t rows = std::min<int64_t>(32, m - m0);
+            float* acc = sums ? sums + 1024 * ((m0 - m_begin) / 32 * nc + (p - p_begin)) : c;
+            const float* src = first ? nullptr : acc;
+            const bool direct = last && rows == 32 && cols == 32 && !bias;
+            float* dst = direct ? out + m0 * ldo + n0 : (last ? c : acc);
+            const int64_t ld_dst = direct ? ldo : 32;
+            const uint16_t* a = xb + m0 * k + kb0 * 512;
+            const bool tall = rows > 16;
+            if (tall && two) amx_block<2, 2>(a, k, nk, b0, b1, src, 32, dst, ld_dst);
+            else if (tall) amx_block<2, 1>(a, k, nk, b0, b1, src, 32, dst, ld_dst);
+            else if (two) amx_block<1, 2>(a, k, nk, b0, b1, src, 32, dst, ld_dst);
+            else amx_block<1, 1>(a, k, nk, b0, b1, src, 32, dst, ld_dst);
+            if (!last || direct) continue;
+            const float* bb = bias ? bias + n0 : nullptr;
+            for (int64_t r = 0; r < rows; ++r) {
+              float* o = out + (m0 + r) * ldo + n0;
+              store_lanes(o, _mm512_load_ps(c + r * 32), bb, std::min(cols, 16));
+              if (cols > 16) {
+                store_lanes(o + 16, _mm512_load_ps(c + r * 32 + 16), bb ? bb + 16 : nullptr,
+                            cols - 16);
+              }
+            }
           }
         }
       }

@@ -174,15 +174,26 @@ void int8_linear(const PackedInt8& w, const PackedAmxInt8* amx, const float* x, 
 #pragma omp parallel num_threads(threads)
     {
       const int nth = omp_get_num_threads(), me = omp_get_thread_num();
-      quantize_rows_amx(x, ldx, m, k, xq, sx, m_pad / 16 * me / nth * 16,
-                        m_pad / 16 * (me + 1) / nth * 16);
+      if (amx_split_rows(m, nth)) {  // bf16_gemm.h
+        const int64_t r0 = amx_row_share(m, nth, me), r1 = amx_row_share(m, nth, me + 1);
+        quantize_rows_amx(x, ldx, m, k, xq, sx, r0, std::min(m_pad, r1));
+        if (r0 < std::min(m, r1)) {
+          amx_begin();
+          int8_groups_amx(*amx, xq + r0 * amx->chunks() * 2 * PackedAmxInt8::kChunk, sx + r0,
+                          std::min(m, r1) - r0, 0, groups, bias, out + r0 * ldo, ldo);
+          amx_end();
+        }
+      } else {
+        quantize_rows_amx(x, ldx, m, k, xq, sx, m_pad / 16 * me / nth * 16,
+                          m_pad / 16 * (me + 1) / nth * 16);
 #pragma omp barrier
-      const int64_t g_begin = std::min(groups, 2 * (pairs * me / nth));
-      const int64_t g_end = std::min(groups, 2 * (pairs * (me + 1) / nth));
-      if (g_begin < g_end) {
-        amx_begin();
-        int8_groups_amx(*amx, xq, sx, m, g_begin, g_end, bias, out, ldo);
-        amx_end();
+        const int64_t g_begin = std::min(groups, 2 * (pairs * me / nth));
+        const int64_t g_end = std::min(groups, 2 * (pairs * (me + 1) / nth));
+        if (g_begin < g_end) {
+          amx_begin();
+          int8_groups_amx(*amx, xq, sx, m, g_begin, g_end, bias, out, ldo);
+          amx_end();
+        }
       }
     }
     return;
