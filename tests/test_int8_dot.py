@@ -74,6 +74,23 @@ def test_int8_linear_matches_reference(isa: str, fmt: str, qtype: Q, rows: int, 
     assert (out - ref).abs().max().item() < tol
 
 
+# The amx level sums K over 4096 inputs in passes (int8_amx.cpp): 4160 inputs (65 tiles of
+# 64), 600 outputs (19 pairs of groups, the last short), rows split by groups (40) and by
+# threads' rows (301, with a bias).
+@pytest.mark.parametrize("m", [40, 301])
+def test_long_inputs_in_passes(isa: str, m: int) -> None:
+    if isa != "amx":
+        pytest.skip("the passes are the amx level's; the others are covered above")
+    p = _blocks("q8_0", Q.Q8_0, 600, 4160, seed=m)
+    w32 = torch.from_numpy(dequantize_ref(p))
+    bias = torch.randn(600) if m % 2 else None
+    weight = BlockLinearWeight(p, bias, arithmetic="int8")
+    x = torch.randn(m, 4160, generator=torch.Generator().manual_seed(m)) * 3
+    ref = quantized_x16(x) @ amx_weight(w32).double().T + (0 if bias is None else bias.double())
+    tol = 1e-6 * 4160 * float(x.abs().max() * w32.abs().max()) + 1e-5
+    assert (weight(x).double() - ref).abs().max().item() < tol
+
+
 def test_every_level_computes_the_same_block_sums() -> None:
     """The integer part is exact, so levels differ only in the order of fp32 additions."""
     p = _blocks("q4_1", Q.Q4_1, 64, 576, seed=3)
