@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,28 +91,37 @@ def _tokens_per_second(prompts: list[list[int]], max_new: int, seconds: float) -
     return len(prompts) * max_new / seconds
 
 
-def run_xllm(llm, prompts: list[list[int]], max_new: int) -> float:  # noqa: ANN001
+def run_xllm(llm, prompts: list[list[int]], max_new: int, repeats: int = 1) -> list[float]:  # noqa: ANN001
+    """Seconds of each of `repeats` timed runs after a warm-up, the prefix cache reset before
+    each."""
     from xllm import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True)
     llm.generate(prompts, params, use_tqdm=False)  # warm-up
-    llm.engine.scheduler.reset_prefix_cache()
-    start = time.perf_counter()
-    llm.generate(prompts, params, use_tqdm=False)
-    return time.perf_counter() - start
+    runs = []
+    for _ in range(repeats):
+        llm.engine.scheduler.reset_prefix_cache()
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        runs.append(time.perf_counter() - start)
+    return runs
 
 
-def run_transformers(model, prompts: list[list[int]], max_new: int, pad_id: int) -> float:  # noqa: ANN001
+def run_transformers(model, prompts: list[list[int]], max_new: int, pad_id: int,  # noqa: ANN001
+                     repeats: int = 1) -> list[float]:
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     kwargs = dict(max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
                   pad_token_id=pad_id)
+    runs = []
     with torch.inference_mode():
         model.generate(ids, attention_mask=mask, **kwargs)  # warm-up
-        start = time.perf_counter()
-        model.generate(ids, attention_mask=mask, **kwargs)
-    return time.perf_counter() - start
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.generate(ids, attention_mask=mask, **kwargs)
+            runs.append(time.perf_counter() - start)
+    return runs
 
 
 def _cpu_list(cpus: set[int]) -> str:
@@ -253,6 +263,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"(default {DEFAULT_SCENARIOS})")
     parser.add_argument("--engines", default=",".join(ENGINES),
                         help="comma list of engines to measure (default all)")
+    parser.add_argument("--repeats", type=int, default=1, metavar="N",
+                        help="timed runs per engine and scenario, after its warm-up; the row "
+                             "reports their median (default 1; a prompt-only scenario such as "
+                             "prefill509 is one ~0.1 s step, so a single run swings with the "
+                             "machine)")
     parser.add_argument("--json", metavar="PATH", help="write the rows here")
     parser.add_argument("--plot", metavar="PATH", help="draw tok/s against batch size as a PNG")
     parser.add_argument("--from-json", metavar="PATH",
@@ -277,6 +292,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.scenarios = [s.strip() for s in groups.get(args.scenarios, args.scenarios).split(",")
                       if s.strip()]
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     for name, given, known in (("scenario", args.scenarios, SCENARIOS),
                                ("engine", args.engines, ENGINES)):
         bad = [g for g in given if g not in known]
@@ -356,11 +373,11 @@ def main(argv: list[str] | None = None) -> int:
             row = {"scenario": scenario, "engine": engine, "prompts": len(prompts),
                    "prompt_tokens": sum(len(p) for p in prompts), "output_tokens": max_new}
             if engine == "transformers":
-                seconds = run_transformers(hf, prompts, max_new, pad_id)
+                runs = run_transformers(hf, prompts, max_new, pad_id, args.repeats)
             elif engine in llms:
-                seconds = run_xllm(llms[engine], prompts, max_new)
+                runs = run_xllm(llms[engine], prompts, max_new, args.repeats)
             elif engine in peers:
-                spec = {"prompts": prompts, "max_tokens": max_new}
+                spec = {"prompts": prompts, "max_tokens": max_new, "repeats": args.repeats}
                 if engine.startswith("vllm"):
                     spec.update(model=str(model_dir),
                                 dtype="float32" if engine == "vllm-fp32" else vllm_dtype)
@@ -371,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                 except RuntimeError as e:
                     print(f"# {engine} failed on {scenario}: {e}", flush=True)
                     continue
-                seconds = result["seconds"]
+                runs = result.get("runs_seconds", [result["seconds"]])
                 row["peer"] = result
                 notes = list(result.get("notes", []))
                 if engine == "llamacpp":
@@ -382,9 +399,10 @@ def main(argv: list[str] | None = None) -> int:
                 row["note"] = "; ".join(notes)
             else:
                 continue
+            seconds = statistics.median(runs)
             tps = _tokens_per_second(prompts, max_new, seconds)
             measured[engine] = tps
-            row.update(seconds=seconds, tokens_per_s=tps,
+            row.update(seconds=seconds, runs_seconds=runs, tokens_per_s=tps,
                        ratio_vs_transformers=tps / measured["transformers"]
                        if "transformers" in measured else None,
                        ratio_vs_vllm=tps / measured["vllm"] if "vllm" in measured else None)
