@@ -70,9 +70,9 @@ inline int64_t amx_band_rows(int64_t row_bytes, int64_t step) {
 // Prompt-sized x is split between threads by rows, from kAmxSplitRows rows a thread: each
 // thread prepares its own rows of x (no barrier) and passes them over the whole weight,
 // with half the x in each L2. Fewer rows split the output groups, so that each weight byte
-// is read once (a decode step is bound by those bytes). Measured on the AMX Xeon (bench:
-// the commit log): at 509 rows of the demo's shapes 1.1-1.25x splitting the groups, for
-// the bf16 and the int8 tiles; at 128 rows a thread, mixed.
+// is read once (a decode step is bound by those bytes). Measured on the AMX Xeon
+// (docs/ops.md): at 509 rows of the demo's shapes 1.1-1.25x splitting the groups, for the
+// bf16 and the int8 tiles; at 128 rows a thread, mixed.
 constexpr int64_t kAmxSplitRows = 128;
 inline bool amx_split_rows(int64_t m, int threads) { return m >= kAmxSplitRows * threads; }
 // The first row of thread t's share when split by rows: whole 32-row blocks (AMX tiles).

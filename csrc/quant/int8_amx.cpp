@@ -115,7 +115,7 @@ XLLM_AVX512 void store_sums(const PackedAmxInt8& w, const int32_t* sums, const f
 // Long K (over kOnePassChunks) in passes of about kPassChunks (as the bf16 tiles do):
 // within a pass a pair's weight (2 KiB a chunk) stays in L1 while a band of kBandRows rows
 // passes; the int32 sums of a band by up to kPairs pairs wait in this thread's scratch
-// between passes (exact, combined after the last pass). Measured (the commit log; the AMX
+// between passes (exact, combined after the last pass). Measured (docs/ops.md; the AMX
 // Xeon, against one pass): Llama-3-8B's down projection (14336 inputs) 1.2-1.7x at 64-2048
 // rows; 4096 inputs 0.9-1.1x and 1536 0.95-1.1x, so those keep one pass.
 constexpr int64_t kOnePassChunks = 64, kPassChunks = 8, kBandRows = 256, kPairs = 8;
