@@ -91,6 +91,19 @@ def test_long_inputs_in_passes(isa: str, m: int) -> None:
     assert (weight(x).double() - ref).abs().max().item() < tol
 
 
+def test_amx_rows_do_not_depend_on_the_batch(isa: str) -> None:
+    """x is quantized per row and the tile sums are exact integers, so on the amx level a
+    row's output is bit-identical in a small batch (output groups split between threads)
+    and in a prompt-sized one (rows split), with K in one pass or in several."""
+    if isa != "amx":
+        pytest.skip("the amx level's tiles")
+    for cols in (576, 4160):
+        weight = BlockLinearWeight(_blocks("q4_1", Q.Q4_1, 600, cols, seed=cols),
+                                   arithmetic="int8")
+        x = torch.randn(300, cols, generator=torch.Generator().manual_seed(cols))
+        assert torch.equal(weight(x)[:40], weight(x[:40]))
+
+
 def test_every_level_computes_the_same_block_sums() -> None:
     """The integer part is exact, so levels differ only in the order of fp32 additions."""
     p = _blocks("q4_1", Q.Q4_1, 64, 576, seed=3)
