@@ -62,7 +62,9 @@ void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m, int64_t
 void amx_begin();
 void amx_end();
 // Rows of x a band may hold so that its tiles (row_bytes a row) fit L2, a multiple of
-// step and at least 32: the AMX GEMMs pass each band over a thread's weight groups.
+// step and at least 32: the int8 tiles' one-pass form passes each band over a thread's
+// weight groups (the bf16 tiles and the int8 passes take fixed 256-row bands of one pass's
+// inputs instead).
 inline int64_t amx_band_rows(int64_t row_bytes, int64_t step) {
   constexpr int64_t kBandBytes = int64_t{1} << 20;  // measured best on the AMX Xeon
   return std::max<int64_t>(32, kBandBytes / row_bytes / step * step);
