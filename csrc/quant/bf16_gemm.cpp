@@ -102,11 +102,11 @@ void bf16_linear(const PackedBf16& w, const float* x, int64_t ldx, int64_t m,
       const int nth = omp_get_num_threads(), me = omp_get_thread_num();
       if (amx && amx_split_rows(m, nth)) {
         const int64_t r0 = amx_row_share(m, nth, me), r1 = amx_row_share(m, nth, me + 1);
+        const int64_t rows = std::min(m, r1) - r0;  // (r1 may pass m: the padding rows)
         round_rows_bf16_tiles(x, ldx, m, k, xb, r0, std::min(m_pad, r1));
-        if (r0 < std::min(m, r1)) {
+        if (rows > 0) {
           amx_begin();
-          bf16_groups_amx(w, xb + r0 * k, std::min(m, r1) - r0, 0, groups, bias,
-                          out + r0 * ldo, ldo);
+          bf16_groups_amx(w, xb + r0 * k, rows, 0, groups, bias, out + r0 * ldo, ldo);
           amx_end();
         }
       } else {

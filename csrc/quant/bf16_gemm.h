@@ -69,6 +69,16 @@ inline int64_t amx_band_rows(int64_t row_bytes, int64_t step) {
   constexpr int64_t kBandBytes = int64_t{1} << 20;  // measured best on the AMX Xeon
   return std::max<int64_t>(32, kBandBytes / row_bytes / step * step);
 }
+// Both AMX GEMMs sum a long K in passes (bf16 over 768 inputs, int8 over 4096): rows go in
+// bands of kAmxPassBandRows, whose x for one pass stays in L2 across the pairs of groups,
+// and the sums of a band by up to kAmxPassPairs pairs wait in L2 between passes (measured
+// best for both on the AMX Xeon: docs/ops.md).
+constexpr int64_t kAmxPassBandRows = 256, kAmxPassPairs = 8;
+// Pairs of groups a block of the passes takes: at most kAmxPassPairs, blocks of even sizes.
+inline int64_t amx_pass_pairs(int64_t pairs) {
+  const int64_t blocks = (pairs + kAmxPassPairs - 1) / kAmxPassPairs;
+  return (pairs + blocks - 1) / blocks;
+}
 // Prompt-sized x is split between threads by rows, from kAmxSplitRows rows a thread: each
 // thread prepares its own rows of x (no barrier) and passes them over the whole weight,
 // with half the x in each L2. Fewer rows split the output groups, so that each weight byte

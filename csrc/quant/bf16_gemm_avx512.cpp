@@ -177,9 +177,9 @@ XLLM_AMX void amx_block(const uint16_t* a, int64_t k, int64_t nk, const uint16_t
 // a pair of groups' weight, 36 KiB, stays near L1, and no sums are stored between
 // passes); longer K in passes of about kAmxPassTiles (32 KiB of a pair's weight, held in L1
 // while x's tiles stream past it, loaded with the no-reuse hint). Rows go in bands of
-// kAmxBandRows, whose x for one pass stays in L2 across the pairs; with several passes
-// the sums of kAmxPairs pairs of groups by a band (256 KiB) wait in L2 between passes.
-constexpr int64_t kAmxOnePass = 24, kAmxPassTiles = 16, kAmxBandRows = 256, kAmxPairs = 8;
+// kAmxPassBandRows (bf16_gemm.h) in one pass too; with several passes the sums of up to
+// kAmxPassPairs pairs of groups by a band (256 KiB) wait in L2 between passes.
+constexpr int64_t kAmxOnePass = 24, kAmxPassTiles = 16;
 
 }  // namespace
 
@@ -201,11 +201,9 @@ XLLM_AMX void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m
                               int64_t ldo) {
   const int64_t k = w.cols, kt = k / 32;
   const int64_t passes = kt <= kAmxOnePass ? 1 : (kt + kAmxPassTiles - 1) / kAmxPassTiles;
-  const int64_t band = std::min<int64_t>((m + 31) / 32 * 32, kAmxBandRows);
+  const int64_t band = std::min<int64_t>((m + 31) / 32 * 32, kAmxPassBandRows);
   const int64_t pairs = (g_end - g_begin + 1) / 2;
-  // Pairs in blocks of at most kAmxPairs, of even sizes (one pass: all of them).
-  const int64_t pair_blocks = passes == 1 ? 1 : (pairs + kAmxPairs - 1) / kAmxPairs;
-  const int64_t nc = (pairs + pair_blocks - 1) / pair_blocks;
+  const int64_t nc = passes == 1 ? pairs : amx_pass_pairs(pairs);  // (one pass: no sums kept)
   // Sums of the current (band x nc pairs) block, 32 x 32 fp32 per (row block, pair).
   float* sums = passes > 1 ? static_cast<float*>(thread_scratch<1>(
                                  sizeof(float) * 1024 * static_cast<size_t>(band / 32 * nc)))

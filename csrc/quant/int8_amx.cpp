@@ -113,21 +113,21 @@ XLLM_AVX512 void store_sums(const PackedAmxInt8& w, const int32_t* sums, const f
 }
 
 // Long K (over kOnePassChunks) in passes of about kPassChunks (as the bf16 tiles do):
-// within a pass a pair's weight (2 KiB a chunk) stays in L1 while a band of kBandRows rows
-// passes; the int32 sums of a band by up to kPairs pairs wait in this thread's scratch
+// within a pass a pair's weight (2 KiB a chunk) stays in L1 while a band of
+// kAmxPassBandRows rows passes; the int32 sums of a band by up to kAmxPassPairs pairs
+// (bf16_gemm.h) wait in this thread's scratch
 // between passes (exact, combined after the last pass). Measured (docs/ops.md; the AMX
 // Xeon, against one pass): Llama-3-8B's down projection (14336 inputs) 1.2-1.7x at 64-2048
 // rows; 4096 inputs 0.9-1.1x and 1536 0.95-1.1x, so those keep one pass.
-constexpr int64_t kOnePassChunks = 64, kPassChunks = 8, kBandRows = 256, kPairs = 8;
+constexpr int64_t kOnePassChunks = 64, kPassChunks = 8;
 
 XLLM_AMX void int8_groups_amx_passes(const PackedAmxInt8& w, const int8_t* xq, const float* sx,
                                      int64_t m, int64_t g_begin, int64_t g_end,
                                      const float* bias, float* out, int64_t ldo, int64_t passes) {
   const int64_t chunks = w.chunks();
-  const int64_t band = std::min<int64_t>((m + 15) / 16 * 16, kBandRows);
+  const int64_t band = std::min<int64_t>((m + 15) / 16 * 16, kAmxPassBandRows);
   const int64_t pairs = (g_end - g_begin + 1) / 2;
-  const int64_t pair_blocks = (pairs + kPairs - 1) / kPairs;
-  const int64_t nc = (pairs + pair_blocks - 1) / pair_blocks;
+  const int64_t nc = amx_pass_pairs(pairs);
   auto* slots = static_cast<int32_t*>(
       thread_scratch<2>(sizeof(int32_t) * 1024 * static_cast<size_t>(band / 16 * nc)));
   for (int64_t p_begin = 0; p_begin < pairs; p_begin += nc) {

@@ -176,11 +176,12 @@ void int8_linear(const PackedInt8& w, const PackedAmxInt8* amx, const float* x, 
       const int nth = omp_get_num_threads(), me = omp_get_thread_num();
       if (amx_split_rows(m, nth)) {  // bf16_gemm.h
         const int64_t r0 = amx_row_share(m, nth, me), r1 = amx_row_share(m, nth, me + 1);
+        const int64_t rows = std::min(m, r1) - r0;  // (r1 may pass m: the padding rows)
         quantize_rows_amx(x, ldx, m, k, xq, sx, r0, std::min(m_pad, r1));
-        if (r0 < std::min(m, r1)) {
+        if (rows > 0) {
           amx_begin();
           int8_groups_amx(*amx, xq + r0 * amx->chunks() * 2 * PackedAmxInt8::kChunk, sx + r0,
-                          std::min(m, r1) - r0, 0, groups, bias, out + r0 * ldo, ldo);
+                          rows, 0, groups, bias, out + r0 * ldo, ldo);
           amx_end();
         }
       } else {
