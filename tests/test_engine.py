@@ -87,6 +87,24 @@ def test_bad_arguments_raise_value_error(llm: LLM) -> None:
         LLM(model="demo", not_an_option=1)
 
 
+def test_prompts_as_vllm_dicts(llm: LLM) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    text = "The capital of France is"
+    ids = llm.tokenizer.encode(text)
+    plain = [o.outputs[0].token_ids for o in llm.generate([text, ids], params, use_tqdm=False)]
+    assert plain[0] == plain[1]
+    as_dicts = llm.generate([{"prompt": text}, {"prompt_token_ids": ids}], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in as_dicts] == plain
+    one = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)
+    assert len(one) == 1 and one[0].outputs[0].token_ids == plain[0]
+    for bad in ({"text": text}, {"prompt": text, "prompt_token_ids": ids}, {"prompt": ids}):
+        with pytest.raises(ValueError, match="exactly one key"):
+            llm.generate([bad], params, use_tqdm=False)
+    with pytest.raises(ValueError, match="text or a list of token ids"):
+        llm.generate([[1, "two"]], params, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
 def _drive(engine, rid: str, prompt: list[int], params: SamplingParams,  # noqa: ANN001
            **resume: object) -> tuple[list[int], str, object]:
     """(new token ids, new text) from the deltas, and the final output."""

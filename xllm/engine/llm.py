@@ -12,6 +12,7 @@ from xllm.engine.outputs import RequestOutput
 from xllm.sampling_params import SamplingParams
 
 Message = dict[str, Any]
+Prompt = str | list[int] | dict[str, Any]
 
 
 class LLM:
@@ -28,14 +29,16 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
         self.tokenizer = self.engine.tokenizer
 
-    def generate(self, prompts: str | Sequence[str] | Sequence[list[int]],
+    def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True, priority: int | Sequence[int] = 0,
                  offline: bool = False) -> list[RequestOutput]:
-        """Generates for every prompt (text or token ids); outputs in the prompts' order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        """Generates for every prompt; outputs in the prompts' order. A prompt is text, a list
+        of token ids, or (as vLLM takes them) ``{"prompt": text}`` or ``{"prompt_token_ids":
+        ids}``."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)
+        prompts = [_prompt_input(p) for p in prompts]
         params_list = _per_prompt(params or SamplingParams(), len(prompts), "params")
         priorities = _per_prompt(priority, len(prompts), "priority")
         engine = self.engine
@@ -89,6 +92,19 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [finished[i] for i in ids]
+
+
+def _prompt_input(prompt: Prompt) -> str | list[int]:
+    """Text or token ids from one prompt in any form ``generate`` takes."""
+    if not isinstance(prompt, dict):
+        return prompt
+    keys = set(prompt)
+    if keys == {"prompt"} and isinstance(prompt["prompt"], str):
+        return prompt["prompt"]
+    if keys == {"prompt_token_ids"} and not isinstance(prompt["prompt_token_ids"], (str, dict)):
+        return list(prompt["prompt_token_ids"])
+    raise ValueError("a prompt given as a dict holds exactly one key, 'prompt' (text) or "
+                     f"'prompt_token_ids' (a list of token ids); got keys {sorted(keys)}")
 
 
 def _per_prompt(value: Any, count: int, name: str) -> list[Any]:

@@ -274,7 +274,11 @@ class LLMEngine:
         if isinstance(prompt, str):
             text, token_ids = prompt, self.tokenizer.encode(prompt)
         else:
-            text, token_ids = None, [int(t) for t in prompt]
+            try:
+                text, token_ids = None, [int(t) for t in prompt]
+            except (TypeError, ValueError) as e:
+                raise ValueError("a prompt is text or a list of token ids (integers); got "
+                                 f"{type(prompt).__name__}: {str(prompt)[:60]}") from e
         if not token_ids:
             raise ValueError("the prompt is empty; give at least one token")
         vocab = self.model_config.vocab_size
