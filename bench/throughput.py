@@ -2,6 +2,7 @@
 
     python -m bench.throughput [--scenarios single,batch16,prefill509] [--json PATH]
                                [--engines xllm,transformers,vllm,llamacpp] [--plot PATH]
+                               [--model HF_DIR]
     python -m bench.throughput --from-json PATH --plot PATH      (re-draw saved rows)
 
 Scenarios (the engine issue's): ``single`` = one stream, 128 greedy output tokens;
@@ -16,7 +17,9 @@ warm-up before the timed run. Engines (``--engines``): ``xllm`` in its defaults 
 CPU (on the GGUF demo: int8 linears on the blocks where the CPU has bf16 and int8 units,
 else exact fp32 blocks), ``xllm-fp32``, and
 ``xllm-bf16`` (bf16 rows and bf16 GEMMs: what a Hugging Face checkpoint gets by default on
-a CPU with bf16 arithmetic, where the GGUF demo gets int8);
+a CPU with bf16 arithmetic, where the GGUF demo gets int8), ``xllm-int8`` (int8 linears:
+on the demo its Q4_1 blocks, on a Hugging Face checkpoint its weights quantized to Q8_0 at
+load);
 ``vllm`` in its default for this CPU (bfloat16 where the CPU has bf16 arithmetic, else
 float32) and ``vllm-fp32``; ``llamacpp`` (Q4_1); ``transformers`` (fp32). xllm and
 transformers (batched ``generate``, left padding) run in this process, torch threads = the
@@ -28,6 +31,10 @@ threads bound to the same cores (VLLM_CPU_OMP_THREADS_BIND, VLLM_CPU_NUM_OF_RESE
 unless already set); llama.cpp on the demo's Q4_1 GGUF, n_threads = cores, all prompts as
 parallel sequences of one context. Pin the whole run with ``taskset`` to measure on fewer
 cores. A peer that is not installed is reported as such and skipped.
+
+``--model HF_DIR`` runs every engine on another Hugging Face directory instead of the demo
+(llama.cpp only with ``--gguf``), e.g. a larger model's shapes with random weights from
+``python -m bench.random_checkpoint``; its tokenizer makes the prompts.
 """
 
 from __future__ import annotations
@@ -54,10 +61,12 @@ CURVE = {"single": 1, "batch16": 16, "batch64": 64, "batch256": 256}  # scenario
 # The order each scenario runs them in. "vllm" and "xllm" run in their own default dtype for
 # this CPU (bf16 where it has bf16 arithmetic: AVX512-BF16 or AMX); the -fp32 rows beside
 # them run in float32.
-ENGINES = ("transformers", "vllm-fp32", "vllm", "llamacpp", "xllm-fp32", "xllm-bf16", "xllm")
+ENGINES = ("transformers", "vllm-fp32", "vllm", "llamacpp", "xllm-fp32", "xllm-bf16", "xllm-int8",
+           "xllm")
 LABELS = {"transformers": "transformers (fp32)", "vllm-fp32": "vLLM CPU (fp32)",
           "vllm": "vLLM CPU (default dtype)", "llamacpp": "llama.cpp (Q4_1 weights)",
           "xllm-fp32": "xllm (fp32)", "xllm-bf16": "xllm (bf16 rows, bf16 arithmetic)",
+          "xllm-int8": "xllm (int8 linears)",
           "xllm": "xllm (default dtype)"}
 PEERS_DIR = Path(os.environ.get("XLLM_PEERS_DIR") or Path.home() / ".cache/xllm/peers")
 PEER_SCRIPTS = Path(__file__).resolve().parent / "peers"
@@ -227,7 +236,7 @@ def _print_row(row: dict) -> None:
           f"{row.get('note', '')}", flush=True)
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], path: str, model: str = "the demo model (SmolLM2-135M)") -> None:
     """tok/s against batch size (the CURVE scenarios), one line per engine, as a PNG."""
     import matplotlib
 
@@ -246,7 +255,7 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_xticks(list(CURVE.values()), [str(v) for v in CURVE.values()])
     ax.set_xlabel("concurrent requests (~40-token prompts, 128 output tokens; 1 = single)")
     ax.set_ylabel("output tokens / s")
-    ax.set_title("Offline throughput on the demo model (SmolLM2-135M)")
+    ax.set_title(f"Offline throughput on {model}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -283,7 +292,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "default both are preloaded where found, as vLLM's CPU guide asks; "
                              "an LD_PRELOAD already set is kept)")
     parser.add_argument("--gguf", metavar="PATH",
-                        help="GGUF file for llama.cpp (default: the demo model's Q4_1 GGUF)")
+                        help="GGUF file for llama.cpp (default: the demo model's Q4_1 GGUF; "
+                             "with --model, llama.cpp runs only when this is given)")
+    parser.add_argument("--model", metavar="HF_DIR",
+                        help="a Hugging Face model directory to run instead of the demo (e.g. "
+                             "from python -m bench.random_checkpoint)")
     parser.add_argument("--peer-timeout", type=float, default=1800.0, metavar="S",
                         help="seconds one peer run may take, start-up included (default 1800; "
                              "vLLM's first start compiles for minutes)")
@@ -318,7 +331,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)
-    model_dir = resolve_model("demo")
+    model_dir = resolve_model(args.model or "demo")
+    if args.model and "llamacpp" in args.engines and not args.gguf:
+        args.engines.remove("llamacpp")
+        print("# llamacpp: skipped, --model without --gguf (llama.cpp needs a GGUF of it)")
     tokenizer = Tokenizer.from_dir(model_dir)
     pad_id = tokenizer.pad_token_id or 0
     llms = {}
@@ -328,14 +344,16 @@ def main(argv: list[str] | None = None) -> int:
 
     # vLLM's CPU build computes in bf16 where the CPU has bf16 arithmetic, as xllm's auto does.
     vllm_dtype = "bfloat16" if cpu_has_bf16_compute() else "float32"
-    header = [f"demo model {model_dir.name}", f"{cores} cores {_cpu_list(os.sched_getaffinity(0))}",
+    model_label = model_dir.name if args.model else "the demo model (SmolLM2-135M)"
+    header = [f"model {model_dir.name}", f"{cores} cores {_cpu_list(os.sched_getaffinity(0))}",
               f"torch {torch.__version__}", f"CPU {_cpu_name()} (xllm ISA {_C.detected_isa()})",
               f"vLLM default dtype {vllm_dtype}"]
     xllm_options = {"xllm-fp32": {"dtype": "float32"}, "xllm": {"dtype": "auto"},
                     # What a Hugging Face (not GGUF) checkpoint gets by default on a CPU with
                     # bf16 arithmetic: bf16 rows through bf16 GEMMs.
-                    "xllm-bf16": {"dtype": "bfloat16", "weight_format": "bf16"}}
-    for engine in ("xllm-fp32", "xllm-bf16", "xllm"):
+                    "xllm-bf16": {"dtype": "bfloat16", "weight_format": "bf16"},
+                    "xllm-int8": {"dtype": "bfloat16", "weight_format": "int8"}}
+    for engine in ("xllm-fp32", "xllm-bf16", "xllm-int8", "xllm"):
         if engine in args.engines:
             from xllm import LLM
 
@@ -412,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
     if args.plot:
-        plot(rows, args.plot)
+        plot(rows, args.plot, model_label)
     return 0
 
 

@@ -16,7 +16,7 @@ import torch
 from bench.ops.common import Row
 
 SUITES = (
-    "attention", "attention_isa", "kv_write", "linear", "block_pool", "queue", "vmm",
+    "attention", "attention_isa", "kv_write", "linear", "linear_8b", "block_pool", "queue", "vmm",
     "allreduce", "moe", "mla", "triton_gpu",
 )
 
