@@ -105,3 +105,42 @@ def test_bad_arguments() -> None:
     weight = BlockLinearWeight.from_rows(torch.zeros(16, 32), "bf16_gemm")
     with pytest.raises(ValueError, match="in_features"):
         weight.native.linear(torch.zeros(2, 64), torch.zeros(2, 16))
+
+
+# The gate|up form: SiLU-and-mul applied as the AMX tiles store (each gate group paired
+# with its up group) against the linear and then silu_and_mul: the same bits at every level
+# and row count, fused or not (below 8 rows, off AMX, with a bias, or with I not a multiple
+# of 16 it is the linear and then silu_and_mul). 1600 inputs go in passes; 300 and 601
+# rows split the rows between threads, 8 and 40 the gate groups.
+@pytest.mark.parametrize("m", [1, 8, 40, 300, 601])
+@pytest.mark.parametrize("inter,k,biased", [(96, 64, False), (208, 1600, False), (40, 96, False),
+                                            (96, 64, True)])
+def test_gate_up_with_silu_and_mul(isa: str, m: int, inter: int, k: int, biased: bool) -> None:
+    g = torch.Generator().manual_seed(m * 7 + inter + k)
+    w = torch.randn(2 * inter, k, generator=g) / k**0.5
+    bias = torch.randn(2 * inter, generator=g) if biased else None
+    weight = BlockLinearWeight.from_rows(w, "bf16_gemm", bias).native
+    x = torch.randn(m, k, generator=g) * 3
+    gate_up = torch.empty(m, 2 * inter)
+    weight.linear(x, gate_up)
+    expected = torch.empty(m, inter)
+    _C.silu_and_mul(expected, gate_up)
+    out = torch.full((m, inter), float("nan"))
+    weight.linear_silu_and_mul(x, out)
+    assert torch.equal(out, expected)
+    # Strided rows of x and out.
+    xs = torch.randn(m, k + 32, generator=g)[:, :k]
+    xs.copy_(x)
+    wide = torch.full((m, inter + 16), float("nan"))
+    weight.linear_silu_and_mul(xs, wide[:, :inter])
+    assert torch.equal(wide[:, :inter], expected)
+    assert wide[:, inter:].isnan().all()
+
+
+def test_gate_up_bad_arguments() -> None:
+    weight = BlockLinearWeight.from_rows(torch.randn(34, 32), "bf16_gemm").native
+    with pytest.raises(ValueError, match="out_features / 2"):
+        weight.linear_silu_and_mul(torch.randn(3, 32), torch.empty(3, 34))
+    odd = BlockLinearWeight.from_rows(torch.randn(33, 32), "bf16_gemm").native
+    with pytest.raises(ValueError, match="even number"):
+        odd.linear_silu_and_mul(torch.randn(3, 32), torch.empty(3, 16))

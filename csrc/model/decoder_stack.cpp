@@ -248,8 +248,11 @@ class DecoderStack {
         experts(l.moe, normed, n, tmp, isa);
         continue;  // experts are never tensor-parallel here (xllm/models/llama.py)
       }
-      l.gate_up->linear_raw(normed, H, n, gu, 2 * I, isa);
-      rowops::silu_and_mul(gu, 2 * I, n, I, act, I, isa);
+      // One pass where the weight's format has it (bf16 tiles: no [n, 2I] product written).
+      if (!l.gate_up->linear_glu_raw(normed, H, n, act, I, isa)) {
+        l.gate_up->linear_raw(normed, H, n, gu, 2 * I, isa);
+        rowops::silu_and_mul(gu, 2 * I, n, I, act, I, isa);
+      }
       l.down->linear_raw(act, I, n, tmp, H, isa);
       reduce(tmp, n * H);
     }

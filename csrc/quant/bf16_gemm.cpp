@@ -83,6 +83,77 @@ void unpack_bf16(const PackedBf16& w, float* dst) {
   }
 }
 
+#if defined(__x86_64__)
+namespace {
+
+// The avx512 and amx levels: x rounded to bf16 (in tiles for AMX), then the kernels, on
+// `threads` threads. glu > 0: the gate|up form of bf16_linear_glu (AMX only).
+void bf16_linear_avx512(const PackedBf16& w, const float* x, int64_t ldx, int64_t m,
+                        const float* bias, float* out, int64_t ldo, bool amx, int64_t glu,
+                        int threads) {
+  const int64_t k = w.cols, groups = w.groups();
+  // AMX reads whole 16-row tiles of x: the padding rows are zeros (their outputs are
+  // computed and dropped).
+  const int64_t m_pad = amx ? (m + 15) / 16 * 16 : m;
+  auto* xb = static_cast<uint16_t*>(thread_scratch<0>(sizeof(uint16_t) * m_pad * k));
+  // Shares in pairs of groups: the AMX kernel computes two groups at a time (with glu, a
+  // gate group and its up group, so the shares are of the gate groups).
+  const int64_t units = glu ? glu : (groups + 1) / 2;
+  const int64_t g_all = glu ? glu : groups;
+#pragma omp parallel num_threads(threads)
+  {
+    const int nth = omp_get_num_threads(), me = omp_get_thread_num();
+    if (amx && amx_split_rows(m, nth)) {
+      const int64_t r0 = amx_row_share(m, nth, me), r1 = amx_row_share(m, nth, me + 1);
+      const int64_t rows = std::min(m, r1) - r0;  // (r1 may pass m: the padding rows)
+      round_rows_bf16_tiles(x, ldx, m, k, xb, r0, std::min(m_pad, r1));
+      if (rows > 0) {
+        amx_begin();
+        bf16_groups_amx(w, xb + r0 * k, rows, 0, g_all, bias, out + r0 * ldo, ldo, glu);
+        amx_end();
+      }
+    } else {
+      // Each thread rounds a share of x (a prompt's x was ~5% of the call on one thread).
+      if (amx) {
+        round_rows_bf16_tiles(x, ldx, m, k, xb, m_pad / 16 * me / nth * 16,
+                              m_pad / 16 * (me + 1) / nth * 16);
+      } else {
+        const int64_t r0 = m * me / nth, r1 = m * (me + 1) / nth;
+        round_rows_bf16_avx512(x + r0 * ldx, ldx, r1 - r0, k, xb + r0 * k);
+      }
+#pragma omp barrier
+      const int64_t per = glu ? 1 : 2;  // groups per unit
+      const int64_t g_begin = std::min(g_all, per * (units * me / nth));
+      const int64_t g_end = std::min(g_all, per * (units * (me + 1) / nth));
+      if (g_begin < g_end) {
+        if (amx) {
+          amx_begin();
+          bf16_groups_amx(w, xb, m, g_begin, g_end, bias, out, ldo, glu);
+          amx_end();
+        } else {
+          bf16_groups_avx512(w, xb, m, g_begin, g_end, bias, out, ldo);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+#endif
+
+bool bf16_linear_glu(const PackedBf16& w, const float* x, int64_t ldx, int64_t m, float* out,
+                     int64_t ldo, Isa isa) {
+#if defined(__x86_64__)
+  if (isa >= Isa::kAmx && m >= kAmxMinRows && w.rows % (2 * kBf16Group) == 0) {
+    bf16_linear_avx512(w, x, ldx, m, nullptr, out, ldo, true, w.rows / 2 / kBf16Group,
+                       linear_threads(w.rows, w.cols, m));
+    return true;
+  }
+#endif
+  (void)w, (void)x, (void)ldx, (void)m, (void)out, (void)ldo, (void)isa;
+  return false;
+}
+
 void bf16_linear(const PackedBf16& w, const float* x, int64_t ldx, int64_t m,
                  const float* bias, float* out, int64_t ldo, Isa isa) {
   if (m == 0 || w.rows == 0) return;
@@ -90,49 +161,8 @@ void bf16_linear(const PackedBf16& w, const float* x, int64_t ldx, int64_t m,
   const int threads = linear_threads(w.rows, w.cols, m);
 #if defined(__x86_64__)
   if (isa >= Isa::kAvx512) {
-    const bool amx = isa >= Isa::kAmx && m >= kAmxMinRows;
-    // AMX reads whole 16-row tiles of x: the padding rows are zeros (their outputs are
-    // computed and dropped).
-    const int64_t m_pad = amx ? (m + 15) / 16 * 16 : m;
-    auto* xb = static_cast<uint16_t*>(thread_scratch<0>(sizeof(uint16_t) * m_pad * k));
-    // Shares in pairs of groups: the AMX kernel computes two groups at a time.
-    const int64_t pairs = (groups + 1) / 2;
-#pragma omp parallel num_threads(threads)
-    {
-      const int nth = omp_get_num_threads(), me = omp_get_thread_num();
-      if (amx && amx_split_rows(m, nth)) {
-        const int64_t r0 = amx_row_share(m, nth, me), r1 = amx_row_share(m, nth, me + 1);
-        const int64_t rows = std::min(m, r1) - r0;  // (r1 may pass m: the padding rows)
-        round_rows_bf16_tiles(x, ldx, m, k, xb, r0, std::min(m_pad, r1));
-        if (rows > 0) {
-          amx_begin();
-          bf16_groups_amx(w, xb + r0 * k, rows, 0, groups, bias, out + r0 * ldo, ldo);
-          amx_end();
-        }
-      } else {
-        // Each thread rounds a share of x (a prompt's x was ~5% of the call on one thread).
-        if (amx) {
-          round_rows_bf16_tiles(x, ldx, m, k, xb, m_pad / 16 * me / nth * 16,
-                                m_pad / 16 * (me + 1) / nth * 16);
-        } else {
-          const int64_t r0 = m * me / nth, r1 = m * (me + 1) / nth;
-          round_rows_bf16_avx512(x + r0 * ldx, ldx, r1 - r0, k, xb + r0 * k);
-        }
-#pragma omp barrier
-        const int64_t g_begin = std::min(groups, 2 * (pairs * me / nth));
-        const int64_t g_end = std::min(groups, 2 * (pairs * (me + 1) / nth));
-        if (g_begin < g_end) {
-          if (amx) {
-            amx_begin();
-            bf16_groups_amx(w, xb, m, g_begin, g_end, bias, out, ldo);
-            amx_end();
-          } else {
-            bf16_groups_avx512(w, xb, m, g_begin, g_end, bias, out, ldo);
-          }
-        }
-      }
-    }
-    return;
+    return bf16_linear_avx512(w, x, ldx, m, bias, out, ldo, isa >= Isa::kAmx && m >= kAmxMinRows,
+                              0, threads);
   }
 #endif
   // avx2 / scalar: x rounded to bf16 and widened back (exact), then fp32 kernels.

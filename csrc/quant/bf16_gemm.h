@@ -45,6 +45,13 @@ void unpack_bf16(const PackedBf16& w, float* dst);
 // out [M, N] (row stride ldo) = bf16(x [M, K], row stride ldx) @ W^T (+ bias [N], fp32).
 void bf16_linear(const PackedBf16& w, const float* x, int64_t ldx, int64_t m,
                  const float* bias, float* out, int64_t ldo, Isa isa);
+// A gate|up weight W = [W_gate; W_up] ([2I, K]): out [M, I] = silu(x W_gate^T) * (x W_up^T),
+// bit for bit the linear followed by rowops::silu_and_mul, without writing the [M, 2I]
+// product: the AMX tiles pair each gate group with its up group and apply SiLU-and-mul as
+// they store. Only where that form runs (AMX, from kAmxMinRows rows, I a multiple of 16);
+// returns false, computing nothing, elsewhere.
+bool bf16_linear_glu(const PackedBf16& w, const float* x, int64_t ldx, int64_t m, float* out,
+                     int64_t ldo, Isa isa);
 
 // The kernels of the bf16-capable levels. xb: x rounded to bf16, [m, K] contiguous (or
 // in tiles, for AMX). Each computes output groups [g_begin, g_end) for rows [0, m) on the
@@ -55,8 +62,11 @@ void bf16_groups_avx512(const PackedBf16& w, const uint16_t* xb, int64_t m, int6
                         int64_t g_end, const float* bias, float* out, int64_t ldo);
 // AMX tiles: xb as round_rows_bf16_tiles lays it out. The calling thread must have called
 // amx_begin() (tile configuration) and calls amx_end() when done.
+// glu > 0: W is a gate|up pair [2I, K] with glu = I / 16 groups of each; [g_begin, g_end)
+// are gate groups, and out [m, I] gets silu(x W_gate^T) * (x W_up^T) for them (no bias).
 void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m, int64_t g_begin,
-                     int64_t g_end, const float* bias, float* out, int64_t ldo);
+                     int64_t g_end, const float* bias, float* out, int64_t ldo,
+                     int64_t glu = 0);
 // Configures the calling thread's tiles, all eight 16 rows of 64 bytes (the bf16 and int8
 // kernels and the AMX attention share this shape); amx_end() releases them.
 void amx_begin();

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 
+#include "attention/vec.h"
 #include "common/avx512.h"
 #include "quant/bf16_gemm.h"
 
@@ -118,6 +119,13 @@ XLLM_AVX512 void bf16_groups_avx512(const PackedBf16& w, const uint16_t* xb, int
 
 namespace {
 
+// silu(g) * u, as rowops::silu_and_mul computes it (the same operations in the same order,
+// so a fused gate|up linear gives bit for bit what the linear and then silu_and_mul give).
+XLLM_AVX512 inline __m512 silu_mul16(__m512 g, __m512 u) {
+  const __m512 e = attn::exp16(_mm512_xor_ps(g, _mm512_set1_ps(-0.0f)));
+  return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
+}
+
 struct alignas(64) TileConfig {
   uint8_t palette = 1;
   uint8_t start_row = 0;
@@ -198,11 +206,12 @@ XLLM_AMX void amx_end() { _tile_release(); }
 
 XLLM_AMX void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m,
                               int64_t g_begin, int64_t g_end, const float* bias, float* out,
-                              int64_t ldo) {
+                              int64_t ldo, int64_t glu) {
   const int64_t k = w.cols, kt = k / 32;
   const int64_t passes = kt <= kAmxOnePass ? 1 : (kt + kAmxPassTiles - 1) / kAmxPassTiles;
   const int64_t band = std::min<int64_t>((m + 31) / 32 * 32, kAmxPassBandRows);
-  const int64_t pairs = (g_end - g_begin + 1) / 2;
+  // A pair: groups g and g + 1, or with glu the gate group g and its up group g + glu.
+  const int64_t pairs = glu ? g_end - g_begin : (g_end - g_begin + 1) / 2;
   const int64_t nc = passes == 1 ? pairs : amx_pass_pairs(pairs);  // (one pass: no sums kept)
   // Sums of the current (band x nc pairs) block, 32 x 32 fp32 per (row block, pair).
   float* sums = passes > 1 ? static_cast<float*>(thread_scratch<1>(
@@ -217,17 +226,18 @@ XLLM_AMX void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m
         const int64_t kb0 = kt * pass / passes, nk = kt * (pass + 1) / passes - kb0;
         const bool first = pass == 0, last = pass == passes - 1;
         for (int64_t p = p_begin; p < p_end; ++p) {
-          const int64_t g = g_begin + 2 * p;
-          const bool two = g + 1 < g_end;
+          const int64_t g = glu ? g_begin + p : g_begin + 2 * p;
+          const bool two = glu || g + 1 < g_end;
           const uint16_t* b0 = w.group(g) + kb0 * 512;
-          const uint16_t* b1 = two ? w.group(g + 1) + kb0 * 512 : b0;
+          const uint16_t* b1 = two ? w.group(glu ? g + glu : g + 1) + kb0 * 512 : b0;
           const int64_t n0 = g * kBf16Group;
-          const int cols = static_cast<int>(std::min<int64_t>(two ? 32 : 16, w.rows - n0));
+          const int cols = glu ? kBf16Group
+                               : static_cast<int>(std::min<int64_t>(two ? 32 : 16, w.rows - n0));
           for (int64_t m0 = m_begin; m0 < m_end; m0 += 32) {
             const int64_t rows = std::min<int64_t>(32, m - m0);
             float* acc = sums ? sums + 1024 * ((m0 - m_begin) / 32 * nc + (p - p_begin)) : c;
             const float* src = first ? nullptr : acc;
-            const bool direct = last && rows == 32 && cols == 32 && !bias;
+            const bool direct = last && rows == 32 && cols == 32 && !bias && !glu;
             float* dst = direct ? out + m0 * ldo + n0 : (last ? c : acc);
             const int64_t ld_dst = direct ? ldo : 32;
             const uint16_t* a = xb + m0 * k + kb0 * 512;
@@ -237,6 +247,14 @@ XLLM_AMX void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m
             else if (two) amx_block<1, 2>(a, k, nk, b0, b1, src, 32, dst, ld_dst);
             else amx_block<1, 1>(a, k, nk, b0, b1, src, 32, dst, ld_dst);
             if (!last || direct) continue;
+            if (glu) {
+              for (int64_t r = 0; r < rows; ++r) {
+                _mm512_storeu_ps(out + (m0 + r) * ldo + n0,
+                                 silu_mul16(_mm512_load_ps(c + r * 32),
+                                            _mm512_load_ps(c + r * 32 + 16)));
+              }
+              continue;
+            }
             const float* bb = bias ? bias + n0 : nullptr;
             for (int64_t r = 0; r < rows; ++r) {
               float* o = out + (m0 + r) * ldo + n0;

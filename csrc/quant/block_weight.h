@@ -6,8 +6,10 @@
 #include <pybind11/pybind11.h>
 
 #include <string>
+#include <vector>
 
 #include "common/tensor.h"
+#include "layers/rowops.h"
 #include "quant/bf16_gemm.h"
 #include "quant/block_linear.h"
 #include "quant/int8_dot.h"
@@ -162,6 +164,43 @@ class BlockWeight {
                                 ldo, isa);
     }
     quant::linear(m_, x, ldx, m, bias_ptr_, out, ldo, isa);
+  }
+
+  // A gate|up weight ([2I, K], gate rows first): out [m, I] (row stride ldo) =
+  // silu(x W_gate^T) * (x W_up^T) in one pass, bit for bit linear_raw then
+  // rowops::silu_and_mul, where this format has the fused form for these rows (bf16_gemm on
+  // the AMX tiles, no bias); returns false, computing nothing, elsewhere.
+  bool linear_glu_raw(const float* x, int64_t ldx, int64_t m, float* out, int64_t ldo,
+                      Isa isa) const {
+    if (!bf16_gemm_ || bias_ptr_ || m == 0) return false;
+    return quant::bf16_linear_glu(packed(), x, ldx, m, out, ldo, isa);
+  }
+
+  // out [M, N / 2] = silu(x W_gate^T) * (x W_up^T) for a gate|up weight (N = 2I, gate rows
+  // first): fused where linear_glu_raw runs, else the linear and then silu_and_mul.
+  void linear_silu_and_mul(py::handle x_obj, py::handle out_obj) const {
+    const Tensor x = host_tensor(x_obj, "x");
+    const Tensor out = host_tensor(out_obj, "out");
+    check_dtype(x, DType::kFloat32);
+    check_dtype(out, DType::kFloat32);
+    check_ndim(x, 2, "[num_tokens, in_features]");
+    check_ndim(out, 2, "[num_tokens, out_features / 2]");
+    check_dim(x, 1, m_.cols, "in_features of the weight");
+    check_dim(out, 0, x.size(0), "x.shape[0]");
+    if (m_.rows % 2) fail("a gate|up weight has an even number of out_features, got ", m_.rows);
+    check_dim(out, 1, m_.rows / 2, "out_features / 2 of the weight");
+    if (x.stride[1] != 1 || out.stride[1] != 1) {
+      fail("arguments 'x' and 'out' must have contiguous rows (stride(1) == 1)");
+    }
+    const Isa isa = active_isa();
+    const int64_t m = x.size(0), half = m_.rows / 2;
+    py::gil_scoped_release release;
+    if (linear_glu_raw(x.ptr<float>(), x.stride[0], m, out.ptr<float>(), out.stride[0], isa)) {
+      return;
+    }
+    std::vector<float> gu(static_cast<size_t>(m * 2 * half));
+    linear_raw(x.ptr<float>(), x.stride[0], m, gu.data(), 2 * half, isa);
+    rowops::silu_and_mul(gu.data(), 2 * half, m, half, out.ptr<float>(), out.stride[0], isa);
   }
 
   // Bytes of weight storage the kernels read (the packed copy for bf16_gemm).
