@@ -156,3 +156,25 @@ def test_int8_non_finite_input_gives_nan_rows(isa: str, m: int) -> None:
     assert torch.isnan(out[:bad]).all()
     if m > bad:  # the AMX tiles quantize per row, VNNI per block: other rows keep their bits
         assert torch.equal(out[bad:], clean[bad:])
+
+
+# The gate|up form (SiLU-and-mul applied as the AMX tiles store, each gate group paired with
+# its up group) against int8 linear then silu_and_mul: the same bits at every level and row
+# count, fused or not (below 8 rows, off AMX or with I not a multiple of 16 it is the linear
+# then silu_and_mul). 4160 inputs go in passes; 301 and 601 rows split the rows between
+# threads, 8 and 40 the gate groups.
+@pytest.mark.parametrize("m", [1, 8, 40, 301, 601])
+@pytest.mark.parametrize("fmt, qtype, inter, k", [("q4_1", Q.Q4_1, 96, 576),
+                                                   ("q8_0", Q.Q8_0, 208, 4160),
+                                                   ("q8_0", Q.Q8_0, 40, 96)])
+def test_gate_up_with_silu_and_mul(isa: str, m: int, fmt: str, qtype: Q, inter: int,
+                                   k: int) -> None:
+    weight = BlockLinearWeight(_blocks(fmt, qtype, 2 * inter, k, m + k), arithmetic="int8").native
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 2
+    gate_up = torch.empty(m, 2 * inter)
+    weight.linear(x, gate_up)
+    expected = torch.empty(m, inter)
+    _C.silu_and_mul(expected, gate_up)
+    out = torch.full((m, inter), float("nan"))
+    weight.linear_silu_and_mul(x, out)
+    assert torch.equal(out, expected)

@@ -210,6 +210,14 @@ XLLM_AVX512 inline __m512 exp16(__m512 x) {
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
   return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~underflow), y, n);
 }
+
+// silu(g) * u = g / (1 + exp(-g)) * u, 16 lanes: SiLU-and-mul's arithmetic, shared by the row
+// op (rowops::silu_and_mul) and the GEMMs that fuse it into their store, so both give the
+// same bits.
+XLLM_AVX512 inline __m512 silu_mul16(__m512 g, __m512 u) {
+  const __m512 e = exp16(_mm512_xor_ps(g, _mm512_set1_ps(-0.0f)));
+  return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
+}
 #endif  // XLLM_HAVE_AVX2_KERNELS
 
 }  // namespace xllm::attn

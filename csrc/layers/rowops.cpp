@@ -114,14 +114,9 @@ XLLM_AVX512 void add_avx512(float* r, const float* x, int64_t h) {
 }
 
 XLLM_AVX512 void silu_mul_avx512(const float* g, const float* u, int64_t d, float* out) {
-  const __m512 one = _mm512_set1_ps(1.0f);
-  const __m512 sign = _mm512_set1_ps(-0.0f);
   int64_t i = 0;
   for (; i + 16 <= d; i += 16) {
-    const __m512 gv = _mm512_loadu_ps(g + i);
-    const __m512 e = attn::exp16(_mm512_xor_ps(gv, sign));
-    const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
-    _mm512_storeu_ps(out + i, _mm512_mul_ps(s, _mm512_loadu_ps(u + i)));
+    _mm512_storeu_ps(out + i, attn::silu_mul16(_mm512_loadu_ps(g + i), _mm512_loadu_ps(u + i)));
   }
   if (i < d) silu_mul_avx2(g + i, u + i, d - i, out + i);
 }

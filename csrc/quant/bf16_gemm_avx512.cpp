@@ -119,13 +119,6 @@ XLLM_AVX512 void bf16_groups_avx512(const PackedBf16& w, const uint16_t* xb, int
 
 namespace {
 
-// silu(g) * u, as rowops::silu_and_mul computes it (the same operations in the same order,
-// so a fused gate|up linear gives bit for bit what the linear and then silu_and_mul give).
-XLLM_AVX512 inline __m512 silu_mul16(__m512 g, __m512 u) {
-  const __m512 e = attn::exp16(_mm512_xor_ps(g, _mm512_set1_ps(-0.0f)));
-  return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
-}
-
 struct alignas(64) TileConfig {
   uint8_t palette = 1;
   uint8_t start_row = 0;
@@ -250,8 +243,8 @@ XLLM_AMX void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m
             if (glu) {
               for (int64_t r = 0; r < rows; ++r) {
                 _mm512_storeu_ps(out + (m0 + r) * ldo + n0,
-                                 silu_mul16(_mm512_load_ps(c + r * 32),
-                                            _mm512_load_ps(c + r * 32 + 16)));
+                                 attn::silu_mul16(_mm512_load_ps(c + r * 32),
+                                                  _mm512_load_ps(c + r * 32 + 16)));
               }
               continue;
             }

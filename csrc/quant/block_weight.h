@@ -168,12 +168,16 @@ class BlockWeight {
 
   // A gate|up weight ([2I, K], gate rows first): out [m, I] (row stride ldo) =
   // silu(x W_gate^T) * (x W_up^T) in one pass, bit for bit linear_raw then
-  // rowops::silu_and_mul, where this format has the fused form for these rows (bf16_gemm on
-  // the AMX tiles, no bias); returns false, computing nothing, elsewhere.
+  // rowops::silu_and_mul, where this format has the fused form for these rows (bf16_gemm
+  // or int8 on the AMX tiles, no bias); returns false, computing nothing, elsewhere.
   bool linear_glu_raw(const float* x, int64_t ldx, int64_t m, float* out, int64_t ldo,
                       Isa isa) const {
-    if (!bf16_gemm_ || bias_ptr_ || m == 0) return false;
-    return quant::bf16_linear_glu(packed(), x, ldx, m, out, ldo, isa);
+    if (bias_ptr_ || m == 0) return false;
+    if (bf16_gemm_) return quant::bf16_linear_glu(packed(), x, ldx, m, out, ldo, isa);
+    if (int8_) {
+      return quant::int8_linear_glu(amx_w_.q ? &amx_w_ : nullptr, x, ldx, m, out, ldo, isa);
+    }
+    return false;
   }
 
   // out [M, N / 2] = silu(x W_gate^T) * (x W_up^T) for a gate|up weight (N = 2I, gate rows

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <limits>
 
+#include "attention/vec.h"
 #include "common/avx512.h"
 #include "quant/bf16_gemm.h"
 #include "quant/int8_dot.h"
@@ -112,6 +113,24 @@ XLLM_AVX512 void store_sums(const PackedAmxInt8& w, const int32_t* sums, const f
   }
 }
 
+// The gate|up form's store: out rows [m0, m0 + rows), outputs [n0, n0 + 16) =
+// silu(gate) * up, the gate group's sums in columns 0-15 and its up group's (scales from
+// output n_up) in 16-31, each value scaled as store_sums scales it.
+XLLM_AVX512 void store_glu(const PackedAmxInt8& w, const int32_t* sums, const float* sx,
+                           int64_t m0, int64_t rows, int64_t n0, int64_t n_up, float* out,
+                           int64_t ldo) {
+  const __m512 s0 = _mm512_load_ps(w.s + n0);
+  const __m512 s1 = _mm512_load_ps(w.s + n_up);
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 xs = _mm512_set1_ps(sx[m0 + r]);
+    const int32_t* hi = sums + r * 32;
+    const int32_t* lo = sums + 16 * 32 + r * 32;
+    const __m512 gate = _mm512_mul_ps(_mm512_mul_ps(combine(hi, lo), xs), s0);
+    const __m512 up = _mm512_mul_ps(_mm512_mul_ps(combine(hi + 16, lo + 16), xs), s1);
+    _mm512_storeu_ps(out + (m0 + r) * ldo + n0, attn::silu_mul16(gate, up));
+  }
+}
+
 // Long K (over kOnePassChunks) in passes of about kPassChunks (as the bf16 tiles do):
 // within a pass a pair's weight (2 KiB a chunk) stays in L1 while a band of
 // kAmxPassBandRows rows passes; the int32 sums of a band by up to kAmxPassPairs pairs
@@ -123,10 +142,11 @@ constexpr int64_t kOnePassChunks = 64, kPassChunks = 8;
 
 XLLM_AMX void int8_groups_amx_passes(const PackedAmxInt8& w, const int8_t* xq, const float* sx,
                                      int64_t m, int64_t g_begin, int64_t g_end,
-                                     const float* bias, float* out, int64_t ldo, int64_t passes) {
+                                     const float* bias, float* out, int64_t ldo, int64_t passes,
+                                     int64_t glu) {
   const int64_t chunks = w.chunks();
   const int64_t band = std::min<int64_t>((m + 15) / 16 * 16, kAmxPassBandRows);
-  const int64_t pairs = (g_end - g_begin + 1) / 2;
+  const int64_t pairs = glu ? g_end - g_begin : (g_end - g_begin + 1) / 2;
   const int64_t nc = amx_pass_pairs(pairs);
   auto* slots = static_cast<int32_t*>(
       thread_scratch<2>(sizeof(int32_t) * 1024 * static_cast<size_t>(band / 16 * nc)));
@@ -138,10 +158,10 @@ XLLM_AMX void int8_groups_amx_passes(const PackedAmxInt8& w, const int8_t* xq, c
         const int64_t c0 = chunks * pass / passes, nk = chunks * (pass + 1) / passes - c0;
         const bool first = pass == 0, last = pass == passes - 1;
         for (int64_t p = p_begin; p < p_end; ++p) {
-          const int64_t g = g_begin + 2 * p;
-          const bool two = g + 1 < g_end;
+          const int64_t g = glu ? g_begin + p : g_begin + 2 * p;
+          const bool two = glu || g + 1 < g_end;
           const int8_t* b0 = w.group(g) + c0 * kTile;
-          const int8_t* b1 = two ? w.group(g + 1) + c0 * kTile : b0;
+          const int8_t* b1 = two ? w.group(glu ? g + glu : g + 1) + c0 * kTile : b0;
           const int64_t n0 = g * 16;
           const int cols = static_cast<int>(std::min<int64_t>(two ? 32 : 16, w.rows - n0));
           for (int64_t m0 = m_begin; m0 < m_end; m0 += 16) {
@@ -150,7 +170,10 @@ XLLM_AMX void int8_groups_amx_passes(const PackedAmxInt8& w, const int8_t* xq, c
             const int32_t* init = first ? nullptr : slot;
             if (two) chunk_sums<2>(a, nk, b0, b1, false, nullptr, init, slot);
             else chunk_sums<1>(a, nk, b0, b1, false, nullptr, init, slot);
-            if (last) {
+            if (last && glu) {
+              store_glu(w, slot, sx, m0, std::min<int64_t>(16, m - m0), n0, (g + glu) * 16, out,
+                        ldo);
+            } else if (last) {
               store_sums(w, slot, sx, m0, std::min<int64_t>(16, m - m0), n0, cols, bias, out,
                          ldo);
             }
@@ -165,28 +188,36 @@ XLLM_AMX void int8_groups_amx_passes(const PackedAmxInt8& w, const int8_t* xq, c
 
 XLLM_AMX void int8_groups_amx(const PackedAmxInt8& w, const int8_t* xq, const float* sx,
                               int64_t m, int64_t g_begin, int64_t g_end, const float* bias,
-                              float* out, int64_t ldo) {
+                              float* out, int64_t ldo, int64_t glu) {
   const int64_t chunks = w.chunks();
   if (chunks > kOnePassChunks) {
     return int8_groups_amx_passes(w, xq, sx, m, g_begin, g_end, bias, out, ldo,
-                                  (chunks + kPassChunks - 1) / kPassChunks);
+                                  (chunks + kPassChunks - 1) / kPassChunks, glu);
   }
   const int64_t band = amx_band_rows(2 * chunks * kChunk, 16);
+  const int64_t step = glu ? 1 : 2;  // groups a pair advances (glu: gate g with up g + glu)
   alignas(64) int32_t sums[2 * 16 * 32];
   for (int64_t m_begin = 0; m_begin < m; m_begin += band) {
     const int64_t m_end = std::min(m, m_begin + band);
-    for (int64_t g = g_begin; g < g_end; g += 2) {
-      const bool two = g + 1 < g_end;
+    for (int64_t g = g_begin; g < g_end; g += step) {
+      const bool two = glu || g + 1 < g_end;
       const int8_t* b0 = w.group(g);
-      const int8_t* b1 = two ? w.group(g + 1) : b0;
+      const int8_t* b1 = two ? w.group(glu ? g + glu : g + 1) : b0;
       const int64_t n0 = g * 16;
       const int cols = static_cast<int>(std::min<int64_t>(two ? 32 : 16, w.rows - n0));
       for (int64_t m0 = m_begin; m0 < m_end; m0 += 16) {
         const int8_t* a = xq + (m0 / 16) * chunks * 2 * kTile;
-        const int8_t* next = m0 == m_begin + 16 && g + 2 < g_end ? w.group(g + 2) : nullptr;
+        // (glu: the next gate groups; their up groups stream in their first row block.)
+        const int8_t* next =
+            m0 == m_begin + 16 && g + step < g_end ? w.group(g + step) : nullptr;
         if (two) chunk_sums<2>(a, chunks, b0, b1, m0 == m_begin, next, nullptr, sums);
         else chunk_sums<1>(a, chunks, b0, b1, m0 == m_begin, next, nullptr, sums);
-        store_sums(w, sums, sx, m0, std::min<int64_t>(16, m - m0), n0, cols, bias, out, ldo);
+        if (glu) {
+          store_glu(w, sums, sx, m0, std::min<int64_t>(16, m - m0), n0, (g + glu) * 16, out,
+                    ldo);
+        } else {
+          store_sums(w, sums, sx, m0, std::min<int64_t>(16, m - m0), n0, cols, bias, out, ldo);
+        }
       }
     }
   }

@@ -159,6 +159,65 @@ void int8_groups_scalar(const PackedInt8& w, const QuantizedRows& q, int64_t g_b
   }
 }
 
+#if defined(__x86_64__)
+namespace {
+
+// The amx level's tiles from kAmxInt8MinRows rows on `threads` threads (glu > 0: the gate|up
+// form of int8_linear_glu).
+void int8_linear_amx(const PackedAmxInt8& amx, const float* x, int64_t ldx, int64_t m,
+                     const float* bias, float* out, int64_t ldo, int64_t glu, int threads) {
+  const int64_t k = amx.cols, groups = amx.groups();
+  const int64_t m_pad = (m + 15) / 16 * 16;
+  const size_t x_bytes = static_cast<size_t>(m_pad * amx.chunks() * 2 * PackedAmxInt8::kChunk);
+  auto* xq = static_cast<int8_t*>(thread_scratch<0>(x_bytes));
+  auto* sx = static_cast<float*>(thread_scratch<1>(sizeof(float) * m_pad));
+  // Shares in pairs of groups (with glu, of the gate groups, each paired with its up group).
+  const int64_t g_all = glu ? glu : groups, per = glu ? 1 : 2;
+  const int64_t units = (g_all + per - 1) / per;
+#pragma omp parallel num_threads(threads)
+  {
+    const int nth = omp_get_num_threads(), me = omp_get_thread_num();
+    if (amx_split_rows(m, nth)) {  // bf16_gemm.h
+      const int64_t r0 = amx_row_share(m, nth, me), r1 = amx_row_share(m, nth, me + 1);
+      const int64_t rows = std::min(m, r1) - r0;  // (r1 may pass m: the padding rows)
+      quantize_rows_amx(x, ldx, m, k, xq, sx, r0, std::min(m_pad, r1));
+      if (rows > 0) {
+        amx_begin();
+        int8_groups_amx(amx, xq + r0 * amx.chunks() * 2 * PackedAmxInt8::kChunk, sx + r0, rows,
+                        0, g_all, bias, out + r0 * ldo, ldo, glu);
+        amx_end();
+      }
+    } else {
+      quantize_rows_amx(x, ldx, m, k, xq, sx, m_pad / 16 * me / nth * 16,
+                        m_pad / 16 * (me + 1) / nth * 16);
+#pragma omp barrier
+      const int64_t g_begin = std::min(g_all, per * (units * me / nth));
+      const int64_t g_end = std::min(g_all, per * (units * (me + 1) / nth));
+      if (g_begin < g_end) {
+        amx_begin();
+        int8_groups_amx(amx, xq, sx, m, g_begin, g_end, bias, out, ldo, glu);
+        amx_end();
+      }
+    }
+  }
+}
+
+}  // namespace
+#endif
+
+bool int8_linear_glu(const PackedAmxInt8* amx, const float* x, int64_t ldx, int64_t m,
+                     float* out, int64_t ldo, Isa isa) {
+#if defined(__x86_64__)
+  if (amx && isa >= Isa::kAmx && m >= kAmxInt8MinRows && amx->rows % 32 == 0) {
+    int8_linear_amx(*amx, x, ldx, m, nullptr, out, ldo, amx->rows / 32,
+                    linear_threads(amx->rows, amx->cols, m));
+    return true;
+  }
+#endif
+  (void)amx, (void)x, (void)ldx, (void)m, (void)out, (void)ldo, (void)isa;
+  return false;
+}
+
 void int8_linear(const PackedInt8& w, const PackedAmxInt8* amx, const float* x, int64_t ldx,
                  int64_t m, const float* bias, float* out, int64_t ldo, Isa isa) {
   if (m == 0 || w.rows == 0) return;
@@ -166,38 +225,7 @@ void int8_linear(const PackedInt8& w, const PackedAmxInt8* amx, const float* x, 
   const int threads = linear_threads(w.rows, w.cols, m);
 #if defined(__x86_64__)
   if (amx && isa >= Isa::kAmx && m >= kAmxInt8MinRows) {
-    const int64_t m_pad = (m + 15) / 16 * 16;
-    const size_t x_bytes = static_cast<size_t>(m_pad * amx->chunks() * 2 * PackedAmxInt8::kChunk);
-    auto* xq = static_cast<int8_t*>(thread_scratch<0>(x_bytes));
-    auto* sx = static_cast<float*>(thread_scratch<1>(sizeof(float) * m_pad));
-    const int64_t pairs = (groups + 1) / 2;
-#pragma omp parallel num_threads(threads)
-    {
-      const int nth = omp_get_num_threads(), me = omp_get_thread_num();
-      if (amx_split_rows(m, nth)) {  // bf16_gemm.h
-        const int64_t r0 = amx_row_share(m, nth, me), r1 = amx_row_share(m, nth, me + 1);
-        const int64_t rows = std::min(m, r1) - r0;  // (r1 may pass m: the padding rows)
-        quantize_rows_amx(x, ldx, m, k, xq, sx, r0, std::min(m_pad, r1));
-        if (rows > 0) {
-          amx_begin();
-          int8_groups_amx(*amx, xq + r0 * amx->chunks() * 2 * PackedAmxInt8::kChunk, sx + r0,
-                          rows, 0, groups, bias, out + r0 * ldo, ldo);
-          amx_end();
-        }
-      } else {
-        quantize_rows_amx(x, ldx, m, k, xq, sx, m_pad / 16 * me / nth * 16,
-                          m_pad / 16 * (me + 1) / nth * 16);
-#pragma omp barrier
-        const int64_t g_begin = std::min(groups, 2 * (pairs * me / nth));
-        const int64_t g_end = std::min(groups, 2 * (pairs * (me + 1) / nth));
-        if (g_begin < g_end) {
-          amx_begin();
-          int8_groups_amx(*amx, xq, sx, m, g_begin, g_end, bias, out, ldo);
-          amx_end();
-        }
-      }
-    }
-    return;
+    return int8_linear_amx(*amx, x, ldx, m, bias, out, ldo, 0, threads);
   }
 #endif
   auto* xq = static_cast<int8_t*>(thread_scratch<0>(static_cast<size_t>(m * k) + 64));

@@ -108,6 +108,13 @@ void quantize_rows(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq
 // kAmxInt8MinRows rows: amx (the int8 tile form; null where not packed).
 void int8_linear(const PackedInt8& w, const PackedAmxInt8* amx, const float* x, int64_t ldx,
                  int64_t m, const float* bias, float* out, int64_t ldo, Isa isa);
+// A gate|up weight [2I, K] (gate rows first): out [m, I] = silu(gate) * up, bit for bit
+// int8_linear then rowops::silu_and_mul, with SiLU-and-mul applied as the AMX tiles store
+// (each gate group paired with its up group; no [m, 2I] product written). Only where that
+// form runs (the tile form packed, the amx level, from kAmxInt8MinRows rows, I a multiple
+// of 16); returns false, computing nothing, elsewhere.
+bool int8_linear_glu(const PackedAmxInt8* amx, const float* x, int64_t ldx, int64_t m,
+                     float* out, int64_t ldo, Isa isa);
 // Measured on the demo's shapes (30 layers streamed, 2 cores of a Xeon with AMX): below 8
 // rows VNNI on the blocks is as fast (a step is bound by the bytes it reads).
 constexpr int64_t kAmxInt8MinRows = 8;
@@ -134,9 +141,11 @@ void quantize_rows_amx(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t
                        float* sx, int64_t r_begin, int64_t r_end);
 // Output groups [g_begin, g_end) for rows [0, m) of x in tiles; the calling thread has
 // configured its tiles with amx_begin() (bf16_gemm.h).
+// glu > 0: the gate|up form (glu = I / 16): [g_begin, g_end) are gate groups, each paired
+// with group g + glu, and out [m, I] gets silu(gate) * up for them (no bias).
 void int8_groups_amx(const PackedAmxInt8& w, const int8_t* xq, const float* sx, int64_t m,
                      int64_t g_begin, int64_t g_end, const float* bias, float* out,
-                     int64_t ldo);
+                     int64_t ldo, int64_t glu = 0);
 #endif
 
 }  // namespace xllm::quant

@@ -27,8 +27,8 @@ void register_quant(py::module_& m) {
            py::arg("out"),
            "out [M, out_features / 2] = silu(x @ W_gate^T) * (x @ W_up^T) for a gate|up "
            "weight (gate rows first), fp32: one fused pass where the format has it (bf16 "
-           "rows on AMX tiles), else the linear and then silu_and_mul; the same bits either "
-           "way.")
+           "rows or int8 on AMX tiles), else the linear and then silu_and_mul; the same bits "
+           "either way.")
       .def("dequantize", &BlockWeight::dequantize, py::arg("out"),
            "out [out_features, in_features] = W as fp32 (bit-identical to gguf's dequantize).")
       .def_property_readonly("out_features", &BlockWeight::rows)
