@@ -124,16 +124,7 @@ class BlockWeight {
   void linear(py::handle x_obj, py::handle out_obj) const {
     const Tensor x = host_tensor(x_obj, "x");
     const Tensor out = host_tensor(out_obj, "out");
-    check_dtype(x, DType::kFloat32);
-    check_dtype(out, DType::kFloat32);
-    check_ndim(x, 2, "[num_tokens, in_features]");
-    check_ndim(out, 2, "[num_tokens, out_features]");
-    check_dim(x, 1, m_.cols, "in_features of the weight");
-    check_dim(out, 0, x.size(0), "x.shape[0]");
-    check_dim(out, 1, m_.rows, "out_features of the weight");
-    if (x.stride[1] != 1 || out.stride[1] != 1) {
-      fail("arguments 'x' and 'out' must have contiguous rows (stride(1) == 1)");
-    }
+    check_x_out(x, out, m_.rows, "out_features");
     const Isa isa = active_isa();
     py::gil_scoped_release release;
     linear_raw(x.ptr<float>(), x.stride[0], x.size(0), out.ptr<float>(), out.stride[0], isa);
@@ -185,17 +176,8 @@ class BlockWeight {
   void linear_silu_and_mul(py::handle x_obj, py::handle out_obj) const {
     const Tensor x = host_tensor(x_obj, "x");
     const Tensor out = host_tensor(out_obj, "out");
-    check_dtype(x, DType::kFloat32);
-    check_dtype(out, DType::kFloat32);
-    check_ndim(x, 2, "[num_tokens, in_features]");
-    check_ndim(out, 2, "[num_tokens, out_features / 2]");
-    check_dim(x, 1, m_.cols, "in_features of the weight");
-    check_dim(out, 0, x.size(0), "x.shape[0]");
     if (m_.rows % 2) fail("a gate|up weight has an even number of out_features, got ", m_.rows);
-    check_dim(out, 1, m_.rows / 2, "out_features / 2 of the weight");
-    if (x.stride[1] != 1 || out.stride[1] != 1) {
-      fail("arguments 'x' and 'out' must have contiguous rows (stride(1) == 1)");
-    }
+    check_x_out(x, out, m_.rows / 2, "out_features / 2");
     const Isa isa = active_isa();
     const int64_t m = x.size(0), half = m_.rows / 2;
     py::gil_scoped_release release;
@@ -237,6 +219,21 @@ class BlockWeight {
   quant::Bf16Buffer packed_;
 
   quant::PackedBf16 packed() const { return {packed_.get(), m_.rows, m_.cols}; }
+
+  // x [M, in_features] and out [M, cols] fp32 with contiguous rows; `what` names cols.
+  void check_x_out(const Tensor& x, const Tensor& out, int64_t cols, const std::string& what)
+      const {
+    check_dtype(x, DType::kFloat32);
+    check_dtype(out, DType::kFloat32);
+    check_ndim(x, 2, "[num_tokens, in_features]");
+    check_ndim(out, 2, ("[num_tokens, " + what + "]").c_str());
+    check_dim(x, 1, m_.cols, "in_features of the weight");
+    check_dim(out, 0, x.size(0), "x.shape[0]");
+    check_dim(out, 1, cols, what + " of the weight");
+    if (x.stride[1] != 1 || out.stride[1] != 1) {
+      fail("arguments 'x' and 'out' must have contiguous rows (stride(1) == 1)");
+    }
+  }
 };
 
 
