@@ -96,10 +96,6 @@ void bf16_linear_avx512(const PackedBf16& w, const float* x, int64_t ldx, int64_
   // computed and dropped).
   const int64_t m_pad = amx ? (m + 15) / 16 * 16 : m;
   auto* xb = static_cast<uint16_t*>(thread_scratch<0>(sizeof(uint16_t) * m_pad * k));
-  // Shares in pairs of groups: the AMX kernel computes two groups at a time (with glu, a
-  // gate group and its up group, so the shares are of the gate groups).
-  const int64_t units = glu ? glu : (groups + 1) / 2;
-  const int64_t g_all = glu ? glu : groups;
 #pragma omp parallel num_threads(threads)
   {
     const int nth = omp_get_num_threads(), me = omp_get_thread_num();
@@ -109,7 +105,8 @@ void bf16_linear_avx512(const PackedBf16& w, const float* x, int64_t ldx, int64_
       round_rows_bf16_tiles(x, ldx, m, k, xb, r0, std::min(m_pad, r1));
       if (rows > 0) {
         amx_begin();
-        bf16_groups_amx(w, xb + r0 * k, rows, 0, g_all, bias, out + r0 * ldo, ldo, glu);
+        const auto [g_begin, g_end] = amx_group_share(groups, glu, 1, 0);
+        bf16_groups_amx(w, xb + r0 * k, rows, g_begin, g_end, bias, out + r0 * ldo, ldo, glu);
         amx_end();
       }
     } else {
@@ -122,9 +119,8 @@ void bf16_linear_avx512(const PackedBf16& w, const float* x, int64_t ldx, int64_
         round_rows_bf16_avx512(x + r0 * ldx, ldx, r1 - r0, k, xb + r0 * k);
       }
 #pragma omp barrier
-      const int64_t per = glu ? 1 : 2;  // groups per unit
-      const int64_t g_begin = std::min(g_all, per * (units * me / nth));
-      const int64_t g_end = std::min(g_all, per * (units * (me + 1) / nth));
+      // Shares in whole pairs: the AMX kernel computes two groups at a time.
+      const auto [g_begin, g_end] = amx_group_share(groups, glu, nth, me);
       if (g_begin < g_end) {
         if (amx) {
           amx_begin();

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 
 #include "common/cpu_info.h"
 #include "quant/scratch.h"
@@ -88,6 +89,33 @@ constexpr int64_t kAmxPassBandRows = 256, kAmxPassPairs = 8;
 inline int64_t amx_pass_pairs(int64_t pairs) {
   const int64_t blocks = (pairs + kAmxPassPairs - 1) / kAmxPassPairs;
   return (pairs + blocks - 1) / blocks;
+}
+// The pairs of 16-output groups both AMX drivers multiply together (two weight tiles beside
+// one x tile): neighbours g, g + 1 within [g_begin, g_end) (the last alone when the count
+// is odd), or with glu > 0 (a gate|up weight, glu = I / 16) gate group g in [g_begin, g_end)
+// with its up group g + glu. rows: the weight's output features.
+struct AmxPairs {
+  int64_t g_begin, g_end, glu, rows;
+
+  int64_t count() const { return glu ? g_end - g_begin : (g_end - g_begin + 1) / 2; }
+  int64_t first(int64_t p) const { return g_begin + (glu ? p : 2 * p); }
+  bool two(int64_t p) const { return glu || first(p) + 1 < g_end; }
+  int64_t second(int64_t p) const { return first(p) + (glu ? glu : 1); }
+  // Outputs of pair p that land in out: its first group's onwards (glu: one group's worth).
+  int cols(int64_t p) const {
+    if (glu) return 16;
+    return static_cast<int>(std::min<int64_t>(two(p) ? 32 : 16, rows - 16 * first(p)));
+  }
+};
+// Thread me of nth's groups when the output groups are split: whole pairs, as even as can
+// be; with glu, gate groups (each brings its up group). Returns [begin, end); nth = 1 gives
+// all of them.
+inline std::pair<int64_t, int64_t> amx_group_share(int64_t groups, int64_t glu, int nth,
+                                                  int me) {
+  const int64_t g_all = glu ? glu : groups, per = glu ? 1 : 2;
+  const int64_t units = (g_all + per - 1) / per;
+  return {std::min(g_all, per * (units * me / nth)),
+          std::min(g_all, per * (units * (me + 1) / nth))};
 }
 // Prompt-sized x is split between threads by rows, from kAmxSplitRows rows a thread: each
 // thread prepares its own rows of x (no barrier) and passes them over the whole weight,

@@ -203,8 +203,8 @@ XLLM_AMX void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m
   const int64_t k = w.cols, kt = k / 32;
   const int64_t passes = kt <= kAmxOnePass ? 1 : (kt + kAmxPassTiles - 1) / kAmxPassTiles;
   const int64_t band = std::min<int64_t>((m + 31) / 32 * 32, kAmxPassBandRows);
-  // A pair: groups g and g + 1, or with glu the gate group g and its up group g + glu.
-  const int64_t pairs = glu ? g_end - g_begin : (g_end - g_begin + 1) / 2;
+  const AmxPairs walk{g_begin, g_end, glu, w.rows};
+  const int64_t pairs = walk.count();
   const int64_t nc = passes == 1 ? pairs : amx_pass_pairs(pairs);  // (one pass: no sums kept)
   // Sums of the current (band x nc pairs) block, 32 x 32 fp32 per (row block, pair).
   float* sums = passes > 1 ? static_cast<float*>(thread_scratch<1>(
@@ -219,13 +219,12 @@ XLLM_AMX void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m
         const int64_t kb0 = kt * pass / passes, nk = kt * (pass + 1) / passes - kb0;
         const bool first = pass == 0, last = pass == passes - 1;
         for (int64_t p = p_begin; p < p_end; ++p) {
-          const int64_t g = glu ? g_begin + p : g_begin + 2 * p;
-          const bool two = glu || g + 1 < g_end;
+          const int64_t g = walk.first(p);
+          const bool two = walk.two(p);
           const uint16_t* b0 = w.group(g) + kb0 * 512;
-          const uint16_t* b1 = two ? w.group(glu ? g + glu : g + 1) + kb0 * 512 : b0;
+          const uint16_t* b1 = two ? w.group(walk.second(p)) + kb0 * 512 : b0;
           const int64_t n0 = g * kBf16Group;
-          const int cols = glu ? kBf16Group
-                               : static_cast<int>(std::min<int64_t>(two ? 32 : 16, w.rows - n0));
+          const int cols = walk.cols(p);
           for (int64_t m0 = m_begin; m0 < m_end; m0 += 32) {
             const int64_t rows = std::min<int64_t>(32, m - m0);
             float* acc = sums ? sums + 1024 * ((m0 - m_begin) / 32 * nc + (p - p_begin)) : c;

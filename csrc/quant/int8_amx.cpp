@@ -146,7 +146,8 @@ XLLM_AMX void int8_groups_amx_passes(const PackedAmxInt8& w, const int8_t* xq, c
                                      int64_t glu) {
   const int64_t chunks = w.chunks();
   const int64_t band = std::min<int64_t>((m + 15) / 16 * 16, kAmxPassBandRows);
-  const int64_t pairs = glu ? g_end - g_begin : (g_end - g_begin + 1) / 2;
+  const AmxPairs walk{g_begin, g_end, glu, w.rows};
+  const int64_t pairs = walk.count();
   const int64_t nc = amx_pass_pairs(pairs);
   auto* slots = static_cast<int32_t*>(
       thread_scratch<2>(sizeof(int32_t) * 1024 * static_cast<size_t>(band / 16 * nc)));
@@ -158,12 +159,12 @@ XLLM_AMX void int8_groups_amx_passes(const PackedAmxInt8& w, const int8_t* xq, c
         const int64_t c0 = chunks * pass / passes, nk = chunks * (pass + 1) / passes - c0;
         const bool first = pass == 0, last = pass == passes - 1;
         for (int64_t p = p_begin; p < p_end; ++p) {
-          const int64_t g = glu ? g_begin + p : g_begin + 2 * p;
-          const bool two = glu || g + 1 < g_end;
+          const int64_t g = walk.first(p);
+          const bool two = walk.two(p);
           const int8_t* b0 = w.group(g) + c0 * kTile;
-          const int8_t* b1 = two ? w.group(glu ? g + glu : g + 1) + c0 * kTile : b0;
+          const int8_t* b1 = two ? w.group(walk.second(p)) + c0 * kTile : b0;
           const int64_t n0 = g * 16;
-          const int cols = static_cast<int>(std::min<int64_t>(two ? 32 : 16, w.rows - n0));
+          const int cols = walk.cols(p);
           for (int64_t m0 = m_begin; m0 < m_end; m0 += 16) {
             const int8_t* a = xq + (m0 / 16) * chunks * 2 * kTile + c0 * 2 * kTile;
             int32_t* slot = slots + 1024 * ((m0 - m_begin) / 16 * nc + (p - p_begin));
@@ -171,8 +172,8 @@ XLLM_AMX void int8_groups_amx_passes(const PackedAmxInt8& w, const int8_t* xq, c
             if (two) chunk_sums<2>(a, nk, b0, b1, false, nullptr, init, slot);
             else chunk_sums<1>(a, nk, b0, b1, false, nullptr, init, slot);
             if (last && glu) {
-              store_glu(w, slot, sx, m0, std::min<int64_t>(16, m - m0), n0, (g + glu) * 16, out,
-                        ldo);
+              store_glu(w, slot, sx, m0, std::min<int64_t>(16, m - m0), n0, walk.second(p) * 16,
+                        out, ldo);
             } else if (last) {
               store_sums(w, slot, sx, m0, std::min<int64_t>(16, m - m0), n0, cols, bias, out,
                          ldo);
@@ -195,25 +196,27 @@ XLLM_AMX void int8_groups_amx(const PackedAmxInt8& w, const int8_t* xq, const fl
                                   (chunks + kPassChunks - 1) / kPassChunks, glu);
   }
   const int64_t band = amx_band_rows(2 * chunks * kChunk, 16);
-  const int64_t step = glu ? 1 : 2;  // groups a pair advances (glu: gate g with up g + glu)
+  const AmxPairs walk{g_begin, g_end, glu, w.rows};
   alignas(64) int32_t sums[2 * 16 * 32];
   for (int64_t m_begin = 0; m_begin < m; m_begin += band) {
     const int64_t m_end = std::min(m, m_begin + band);
-    for (int64_t g = g_begin; g < g_end; g += step) {
-      const bool two = glu || g + 1 < g_end;
+    for (int64_t p = 0; p < walk.count(); ++p) {
+      const int64_t g = walk.first(p);
+      const bool two = walk.two(p);
       const int8_t* b0 = w.group(g);
-      const int8_t* b1 = two ? w.group(glu ? g + glu : g + 1) : b0;
+      const int8_t* b1 = two ? w.group(walk.second(p)) : b0;
       const int64_t n0 = g * 16;
-      const int cols = static_cast<int>(std::min<int64_t>(two ? 32 : 16, w.rows - n0));
+      const int cols = walk.cols(p);
       for (int64_t m0 = m_begin; m0 < m_end; m0 += 16) {
         const int8_t* a = xq + (m0 / 16) * chunks * 2 * kTile;
-        // (glu: the next gate groups; their up groups stream in their first row block.)
+        // The next pair's first group and the one after it (neighbours: the next pair; glu:
+        // the next gate groups, whose up groups stream in their first row block).
         const int8_t* next =
-            m0 == m_begin + 16 && g + step < g_end ? w.group(g + step) : nullptr;
+            m0 == m_begin + 16 && p + 1 < walk.count() ? w.group(walk.first(p + 1)) : nullptr;
         if (two) chunk_sums<2>(a, chunks, b0, b1, m0 == m_begin, next, nullptr, sums);
         else chunk_sums<1>(a, chunks, b0, b1, m0 == m_begin, next, nullptr, sums);
         if (glu) {
-          store_glu(w, sums, sx, m0, std::min<int64_t>(16, m - m0), n0, (g + glu) * 16, out,
+          store_glu(w, sums, sx, m0, std::min<int64_t>(16, m - m0), n0, walk.second(p) * 16, out,
                     ldo);
         } else {
           store_sums(w, sums, sx, m0, std::min<int64_t>(16, m - m0), n0, cols, bias, out, ldo);

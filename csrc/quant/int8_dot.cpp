@@ -171,9 +171,6 @@ void int8_linear_amx(const PackedAmxInt8& amx, const float* x, int64_t ldx, int6
   const size_t x_bytes = static_cast<size_t>(m_pad * amx.chunks() * 2 * PackedAmxInt8::kChunk);
   auto* xq = static_cast<int8_t*>(thread_scratch<0>(x_bytes));
   auto* sx = static_cast<float*>(thread_scratch<1>(sizeof(float) * m_pad));
-  // Shares in pairs of groups (with glu, of the gate groups, each paired with its up group).
-  const int64_t g_all = glu ? glu : groups, per = glu ? 1 : 2;
-  const int64_t units = (g_all + per - 1) / per;
 #pragma omp parallel num_threads(threads)
   {
     const int nth = omp_get_num_threads(), me = omp_get_thread_num();
@@ -183,16 +180,16 @@ void int8_linear_amx(const PackedAmxInt8& amx, const float* x, int64_t ldx, int6
       quantize_rows_amx(x, ldx, m, k, xq, sx, r0, std::min(m_pad, r1));
       if (rows > 0) {
         amx_begin();
+        const auto [g_begin, g_end] = amx_group_share(groups, glu, 1, 0);
         int8_groups_amx(amx, xq + r0 * amx.chunks() * 2 * PackedAmxInt8::kChunk, sx + r0, rows,
-                        0, g_all, bias, out + r0 * ldo, ldo, glu);
+                        g_begin, g_end, bias, out + r0 * ldo, ldo, glu);
         amx_end();
       }
     } else {
       quantize_rows_amx(x, ldx, m, k, xq, sx, m_pad / 16 * me / nth * 16,
                         m_pad / 16 * (me + 1) / nth * 16);
 #pragma omp barrier
-      const int64_t g_begin = std::min(g_all, per * (units * me / nth));
-      const int64_t g_end = std::min(g_all, per * (units * (me + 1) / nth));
+      const auto [g_begin, g_end] = amx_group_share(groups, glu, nth, me);  // whole pairs
       if (g_begin < g_end) {
         amx_begin();
         int8_groups_amx(amx, xq, sx, m, g_begin, g_end, bias, out, ldo, glu);
