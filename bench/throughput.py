@@ -7,10 +7,11 @@
 
 Scenarios (the engine issue's): ``single`` = one stream, 128 greedy output tokens;
 ``batch16`` = 16 prompts of ~40 tokens x 128 output tokens; ``prefill509`` = one
-509-token prompt, 1 output token (prompt tokens per second); optional, not run by default
-as they take minutes: ``batch64`` and ``batch256`` (64 and 256 concurrent ~40-token
-prompts x 128 output tokens). ``--scenarios curve`` = single,batch16,batch64,batch256, the
-points of the ``--plot`` PNG (tok/s against batch size, one line per engine).
+509-token prompt, 1 output token (prompt tokens per second); optional, not run by default:
+``batch4`` (the first 4 of batch16's prompts: a lightly loaded server), and, as they take
+minutes, ``batch64`` and ``batch256`` (64 and 256 concurrent ~40-token prompts x 128 output
+tokens). ``--scenarios curve`` = single,batch4,batch16,batch64,batch256, the points of the
+``--plot`` PNG (tok/s against batch size, one line per engine).
 
 Every engine gets the same prompts as token ids, greedy, ignore_eos, with an untimed
 warm-up before the timed run. Engines (``--engines``): ``xllm`` in its defaults for this
@@ -55,9 +56,10 @@ import torch
 WORDS = ("cat dog fox owl bear wolf deer frog duck goat lion mole newt orca puma seal").split()
 ADJECTIVES = ("brave shy old young tiny giant clever sleepy happy grumpy swift quiet noisy "
               "gentle proud lucky").split()
-SCENARIOS = ("single", "batch16", "prefill509", "batch64", "batch256")
+SCENARIOS = ("single", "batch4", "batch16", "prefill509", "batch64", "batch256")
 DEFAULT_SCENARIOS = "single,batch16,prefill509"
-CURVE = {"single": 1, "batch16": 16, "batch64": 64, "batch256": 256}  # scenario -> batch size
+# scenario -> batch size
+CURVE = {"single": 1, "batch4": 4, "batch16": 16, "batch64": 64, "batch256": 256}
 # The order each scenario runs them in. "vllm" and "xllm" run in their own default dtype for
 # this CPU (bf16 where it has bf16 arithmetic: AVX512-BF16 or AMX); the -fp32 rows beside
 # them run in float32.
@@ -76,10 +78,10 @@ def _prompts(tokenizer, scenario: str) -> tuple[list[list[int]], int]:  # noqa: 
     if scenario == "single":
         text = "Write a long story about a curious fox who learns to fly over the mountains."
         return [tokenizer.encode(text)], 128
-    if scenario == "batch16":
+    if scenario in ("batch4", "batch16"):
         texts = [f"Write a story about a {w} who learns to fly over the mountains and the sea, "
                  "meeting many friends along the way, and tell it with vivid detail."
-                 for w in WORDS]
+                 for w in WORDS[:int(scenario.removeprefix("batch"))]]
         return [tokenizer.encode(t) for t in texts], 128
     if scenario in ("batch64", "batch256"):
         n = int(scenario.removeprefix("batch"))

@@ -342,9 +342,9 @@ def test_q8_0_quantizer_is_ggufs_bit_for_bit() -> None:
     assert np.array_equal(ours.qs, want.qs) and np.array_equal(ours.scales, want.scales)
     layer = BlockLinearWeight.from_rows(w, "q8_0")
     assert layer.arithmetic == "int8" and layer.format == "q8_0"
-    from test_int8_dot import quantized_x  # the int8 arithmetic's view of x (5 rows: VNNI)
+    from test_int8_dot import AMX_ROWS, quantized_x  # the int8 arithmetic's view of x
 
-    x = torch.randn(5, 96, generator=gen)
+    x = torch.randn(AMX_ROWS["q8_0"] - 1, 96, generator=gen)  # below the AMX tiles' rows
     want = quantized_x(x).double() @ torch.from_numpy(dequantize_ref(ours)).double().t()
     torch.testing.assert_close(layer(x).double(), want, atol=1e-4, rtol=1e-5)
 

@@ -1,11 +1,10 @@
 """int8-activation linears on GGUF blocks (BlockWeight arithmetic='int8', csrc/quant/
 int8_dot.h) at every ISA level this CPU runs, against a float64 reference of the same
 arithmetic: x quantized per block of 32 to int8 (round half to even), exact integer block
-sums, scaled by the weight's and x's block scales. On the amx level, from 8 rows, the AMX-INT8
-tiles run on the weight requantized per output row (q = round(w / s), s = max|w row| / 127)
-and x quantized per block as above; those are checked against that arithmetic. From 128 rows
-(prompts) the amx level decodes the blocks to bf16 tiles instead; those are checked against
-the weight rounded to bf16 and x rounded to bf16."""
+sums, scaled by the weight's and x's block scales. On the amx level, from
+_C.AMX_INT8_MIN_ROWS rows (by the blocks' format), the AMX-INT8 tiles run on the weight
+requantized per output row (q = round(w / s), s = max|w row| / 127) and x in 16 bits per row
+(quantized_x16); those are checked against that arithmetic."""
 
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ from xllm.ops.blocks import BlockLinearWeight, dequantize_ref, pack_gguf_blocks
 
 Q = gguf.GGMLQuantizationType
 FORMATS = [("q4_1", Q.Q4_1), ("q8_0", Q.Q8_0)]
-AMX_ROWS = 8  # int8_dot.h's kAmxInt8MinRows
+AMX_ROWS = _C.AMX_INT8_MIN_ROWS  # format -> rows from which the amx level takes its tiles
 
 
 def _blocks(fmt: str, qtype: Q, rows: int, cols: int, seed: int):  # noqa: ANN202
@@ -67,7 +66,7 @@ def test_int8_linear_matches_reference(isa: str, fmt: str, qtype: Q, rows: int, 
     out = weight(x).double()
     b = 0 if bias is None else bias.double()
     tol = 1e-6 * cols * float(x.abs().max() * w.abs().max()) + 1e-5
-    if isa == "amx" and m >= AMX_ROWS:
+    if isa == "amx" and m >= AMX_ROWS[fmt]:
         ref = quantized_x16(x) @ amx_weight(w32).double().T + b  # rounded in fp32
     else:
         ref = quantized_x(x).double() @ w.T + b
@@ -105,10 +104,11 @@ def test_amx_rows_do_not_depend_on_the_batch(isa: str) -> None:
 
 
 def test_every_level_computes_the_same_block_sums() -> None:
-    """The integer part is exact, so levels differ only in the order of fp32 additions."""
+    """The integer part is exact, so levels differ only in the order of fp32 additions
+    (below AMX_ROWS rows, where the amx level takes the block sums too)."""
     p = _blocks("q4_1", Q.Q4_1, 64, 576, seed=3)
     weight = BlockLinearWeight(p, arithmetic="int8")
-    x = torch.randn(3, 576, generator=torch.Generator().manual_seed(11))
+    x = torch.randn(AMX_ROWS["q4_1"] - 1, 576, generator=torch.Generator().manual_seed(11))
     outs = []
     for level in _C.cpu_isas():
         _C.set_cpu_isa(level)

@@ -266,6 +266,9 @@ class MoeExperts:
     @property
     def num_experts(self) -> int: ...
 
+AMX_MIN_ROWS: int  # from these rows of x the amx level's bf16 linears take AMX tiles
+AMX_INT8_MIN_ROWS: dict[str, int]  # and its int8 linears the AMX-INT8 tiles, by block format
+
 class BlockWeight:
     """W [out_features, in_features] in GGUF-style blocks of 32 or plain rows, decoded exactly
     to fp32; or bf16 rows in bf16 arithmetic (format 'bf16_gemm')."""

@@ -1,9 +1,9 @@
 """Reduced-precision linears against torch, on the demo model's projection shapes.
 
-- bf16 (``BlockWeight`` format ``bf16_gemm``: AMX tiles from 8 rows, AVX512-BF16 below)
+- bf16 (``BlockWeight`` format ``bf16_gemm``: AMX tiles from 3 rows, AVX512-BF16 below)
   against torch's bf16 ``F.linear`` (oneDNN, AMX where present) on the same bf16 values;
 - int8 (Q4_1 blocks, ``arithmetic='int8'``: VNNI below 8 rows, AMX-INT8 tiles on the
-  per-row int8 copy from 8, bf16 tiles from 128 rows)
+  per-row int8 copy from 8, x in 16 bits per row)
   against the same torch bf16 ``F.linear`` (what a bf16 engine runs for that layer); its
   ``extra`` holds the fp32 block kernel's time (``weight_format=blocks``) too.
 
@@ -14,7 +14,8 @@ references.
 
 The suite ``linear_8b`` (``bench/ops/linear_8b.py``) runs the same comparison on
 Llama-3-8B's projection shapes, where the weights no longer fit the caches and K reaches
-14336 inputs.
+14336 inputs; ``linear_rows`` (``bench/ops/linear_rows.py``) times a decode step's linears
+at few rows on the amx level against the avx512 level, where the tiles take over.
 """
 
 from __future__ import annotations

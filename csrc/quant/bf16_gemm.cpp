@@ -15,10 +15,6 @@
 namespace xllm::quant {
 namespace {
 
-// Rows of x from which the AMX tiles beat VDPBF16PS: below it a tile computes mostly
-// padding while both forms stream the same weight bytes (bench/ops: bf16_linear).
-constexpr int64_t kAmxMinRows = 8;
-
 float widen(uint16_t h) { return attn::to_f32(h); }
 
 // Groups [g_begin, g_end) on the avx2 or scalar level: unpack a group to fp32 rows, then

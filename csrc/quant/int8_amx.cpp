@@ -1,4 +1,4 @@
-// The amx level's int8 linear from kAmxInt8MinRows rows (int8_dot.h: PackedAmxInt8).
+// The amx level's int8 linear from PackedAmxInt8::min_rows rows (int8_dot.h: PackedAmxInt8).
 //
 // x is quantized per row to 16 bits, x[r, k] ~ sx[r] * v with v = 256 hi + lo, hi a signed
 // and lo an unsigned byte; the weight is its per-row int8 copy, w[n, k] ~ s[n] q. Per 64

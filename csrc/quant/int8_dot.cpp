@@ -87,7 +87,7 @@ void unpack_int8(const PackedInt8& w, float* dst) {
 }
 
 PackedAmxInt8 pack_amx_int8(const PackedInt8& w, PackedAmxInt8Buffers& buffers) {
-  PackedAmxInt8 p{nullptr, nullptr, w.rows, w.cols};
+  PackedAmxInt8 p{nullptr, nullptr, w.rows, w.cols, amx_int8_min_rows(w.format)};
   const int64_t groups = p.groups();
   buffers.q = aligned_array<int8_t>(groups * p.group_bytes());
   buffers.s = aligned_array<float>(groups * 16);
@@ -162,7 +162,7 @@ void int8_groups_scalar(const PackedInt8& w, const QuantizedRows& q, int64_t g_b
 #if defined(__x86_64__)
 namespace {
 
-// The amx level's tiles from kAmxInt8MinRows rows on `threads` threads (glu > 0: the gate|up
+// The amx level's tiles from min_rows rows on `threads` threads (glu > 0: the gate|up
 // form of int8_linear_glu).
 void int8_linear_amx(const PackedAmxInt8& amx, const float* x, int64_t ldx, int64_t m,
                      const float* bias, float* out, int64_t ldo, int64_t glu, int threads) {
@@ -205,7 +205,7 @@ void int8_linear_amx(const PackedAmxInt8& amx, const float* x, int64_t ldx, int6
 bool int8_linear_glu(const PackedAmxInt8* amx, const float* x, int64_t ldx, int64_t m,
                      float* out, int64_t ldo, Isa isa) {
 #if defined(__x86_64__)
-  if (amx && isa >= Isa::kAmx && m >= kAmxInt8MinRows && amx->rows % 32 == 0) {
+  if (amx && isa >= Isa::kAmx && m >= amx->min_rows && amx->rows % 32 == 0) {
     int8_linear_amx(*amx, x, ldx, m, nullptr, out, ldo, amx->rows / 32,
                     linear_threads(amx->rows, amx->cols, m));
     return true;
@@ -221,7 +221,7 @@ void int8_linear(const PackedInt8& w, const PackedAmxInt8* amx, const float* x, 
   const int64_t k = w.cols, nb = w.blocks(), groups = w.groups();
   const int threads = linear_threads(w.rows, w.cols, m);
 #if defined(__x86_64__)
-  if (amx && isa >= Isa::kAmx && m >= kAmxInt8MinRows) {
+  if (amx && isa >= Isa::kAmx && m >= amx->min_rows) {
     return int8_linear_amx(*amx, x, ldx, m, bias, out, ldo, 0, threads);
   }
 #endif

@@ -53,7 +53,7 @@ PackedInt8 pack_int8(const BlockMatrix& w, PackedInt8Buffers& buffers);
 // dst [N, K] fp32 = the weight decoded from the packed form (exact).
 void unpack_int8(const PackedInt8& w, float* dst);
 
-// The amx level's form from kAmxInt8MinRows rows: the weight requantized once, at load, to
+// The amx level's form from min_rows rows of x: the weight requantized once, at load, to
 // one scale per output row, w[n, k] ~ s[n] q[n, k] (q = round(w / s), s = max |w row| / 127,
 // signed), packed as AMX-INT8 B tiles: per group of 16 outputs g and block of 32 inputs b,
 // 512 B (the blocks padded with zeros to an even count, so two make one 1 KB tile of 64
@@ -74,6 +74,7 @@ struct PackedAmxInt8 {
   const int8_t* q;
   const float* s;  // [groups * 16]
   int64_t rows, cols;
+  int64_t min_rows;  // rows of x from which the tiles run: amx_int8_min_rows(source format)
 
   int64_t groups() const { return (rows + 15) / 16; }
   int64_t blocks() const { return cols / kBlock; }
@@ -105,19 +106,26 @@ void quantize_rows(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq
                    float* sx, Isa isa);
 
 // out [m, N] (row stride ldo) = x @ W^T (+ bias), int8 arithmetic. On the amx level from
-// kAmxInt8MinRows rows: amx (the int8 tile form; null where not packed).
+// amx->min_rows rows: amx (the int8 tile form; null where not packed).
 void int8_linear(const PackedInt8& w, const PackedAmxInt8* amx, const float* x, int64_t ldx,
                  int64_t m, const float* bias, float* out, int64_t ldo, Isa isa);
 // A gate|up weight [2I, K] (gate rows first): out [m, I] = silu(gate) * up, bit for bit
 // int8_linear then rowops::silu_and_mul, with SiLU-and-mul applied as the AMX tiles store
 // (each gate group paired with its up group; no [m, 2I] product written). Only where that
-// form runs (the tile form packed, the amx level, from kAmxInt8MinRows rows, I a multiple
+// form runs (the tile form packed, the amx level, from amx->min_rows rows, I a multiple
 // of 16); returns false, computing nothing, elsewhere.
 bool int8_linear_glu(const PackedAmxInt8* amx, const float* x, int64_t ldx, int64_t m,
                      float* out, int64_t ldo, Isa isa);
-// Measured on the demo's shapes (30 layers streamed, 2 cores of a Xeon with AMX): below 8
-// rows VNNI on the blocks is as fast (a step is bound by the bytes it reads).
-constexpr int64_t kAmxInt8MinRows = 8;
+// Rows of x from which the tiles beat VNNI on the blocks; few rows are bound by the weight
+// bytes each form reads. Measured on the demo's and Llama-3.2-1B's shapes (30 and 16 layers
+// streamed, 2 cores of a Xeon with AMX): q8_0 blocks are as many bytes as the tiles, and
+// from 3 rows VNNI falls behind (at 4 rows the tiles 1.1-1.15x, at 7 1.35-1.45x); q4_1
+// blocks are 5 bits a weight against the tiles' 8, and VNNI on them stays ahead up to 5 rows
+// (at 3-4 rows 1.3-1.6x) and even at 6-7.
+constexpr int64_t kAmxInt8MinRows = 3, kAmxInt8MinRowsQ4 = 8;
+inline int64_t amx_int8_min_rows(Format f) {
+  return f == Format::kQ8_0 ? kAmxInt8MinRows : kAmxInt8MinRowsQ4;
+}
 
 // Kernels: output groups [g_begin, g_end) for every row of q.
 void int8_groups_scalar(const PackedInt8& w, const QuantizedRows& q, int64_t g_begin,

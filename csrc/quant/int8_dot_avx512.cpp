@@ -7,7 +7,7 @@
 // 16 outputs. Up to 4 rows of x share each weight line loaded; with fewer rows, 4 groups
 // run side by side for independent chains.
 //
-// From kAmxInt8MinRows rows the amx level runs the int8 tile form instead (int8_amx.cpp).
+// From PackedAmxInt8::min_rows rows the amx level runs the int8 tile form instead (int8_amx.cpp).
 #include <immintrin.h>
 
 #include <algorithm>

@@ -10,6 +10,10 @@ namespace xllm {
 namespace py = pybind11;
 
 void register_quant(py::module_& m) {
+  // Where the amx level switches the linears to its tiles (tests and docs read these).
+  m.attr("AMX_MIN_ROWS") = quant::kAmxMinRows;
+  m.attr("AMX_INT8_MIN_ROWS") = py::dict(py::arg("q8_0") = quant::kAmxInt8MinRows,
+                                        py::arg("q4_1") = quant::kAmxInt8MinRowsQ4);
   py::class_<BlockWeight>(m, "BlockWeight",
                           "A weight [out_features, in_features] in GGUF-style blocks of 32 "
                           "(q4_1: w = d*q + m; q8_0: w = d*q) or plain bf16/f32 rows, decoded "

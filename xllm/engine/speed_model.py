@@ -19,8 +19,8 @@ Two forms, both fitted from the same measurements:
   samples (the LM head and the sampler), ``A`` the prompt chunks' attention pairs
   (``n * start + n * (n + 1) / 2`` for a chunk of ``n`` tokens after ``start``), ``C`` the
   context tokens the decodes read. ``base`` is piecewise linear in ``T`` with knots at the
-  powers of two: the linears' cost is not linear in the rows (on this AMX CPU a row count
-  under 8 takes the VNNI kernels, from 8 the AMX tiles; small steps are bound by reading
+  powers of two: the linears' cost is not linear in the rows (on an AMX CPU a few rows take
+  the VNNI or VDPBF16PS kernels, from 3 or 8 rows the AMX tiles; small steps are bound by reading
   the weights, large ones by compute), which is where the linear TPOT form fails (it was
   up to 1.9x off at batch 8 under load). One model covers what the per-request forms
   cannot: a step that carries a prompt chunk beside decodes, and several prompts batched
