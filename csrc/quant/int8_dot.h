@@ -119,10 +119,11 @@ bool int8_linear_glu(const PackedAmxInt8* amx, const float* x, int64_t ldx, int6
 // Rows of x from which the tiles beat VNNI on the blocks; few rows are bound by the weight
 // bytes each form reads. Measured on the demo's and Llama-3.2-1B's shapes (30 and 16 layers
 // streamed, 2 cores of a Xeon with AMX): q8_0 blocks are as many bytes as the tiles, and
-// from 3 rows VNNI falls behind (at 4 rows the tiles 1.1-1.15x, at 7 1.35-1.45x); q4_1
-// blocks are 5 bits a weight against the tiles' 8, and VNNI on them stays ahead up to 5 rows
-// (at 3-4 rows 1.3-1.6x) and even at 6-7.
-constexpr int64_t kAmxInt8MinRows = 3, kAmxInt8MinRowsQ4 = 8;
+// from 3 rows VNNI falls behind (the tiles 1.10x at 3 rows, 1.18-1.37x at 4, 1.44-1.72x at
+// 7: bench.ops --only linear_rows); q4_1 blocks are 5 bits a weight against the tiles' 8,
+// and VNNI on them keeps up to 6 rows (there the tiles 0.97-1.0x) and falls behind from 7
+// (1.02-1.06x at 7, 1.06-1.08x at 8).
+constexpr int64_t kAmxInt8MinRows = 3, kAmxInt8MinRowsQ4 = 7;
 inline int64_t amx_int8_min_rows(Format f) {
   return f == Format::kQ8_0 ? kAmxInt8MinRows : kAmxInt8MinRowsQ4;
 }

@@ -66,7 +66,7 @@ def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
       same fp32 values on the fly by native kernels (``xllm.ops.blocks``); float32 only;
     - ``int8``: the same blocks (without an import's blocks file, the checkpoint's weights
       quantized to Q8_0 at load) with activations quantized to int8 per block of 32 and
-      integer dot products (llama.cpp's arithmetic: VNNI; on AMX CPUs from 3 rows (Q8_0) or 8
+      integer dot products (llama.cpp's arithmetic: VNNI; on AMX CPUs from 3 rows (Q8_0) or 7
       (Q4_x), x in 16 bits per row times a per-row int8 copy of the weights on AMX-INT8
       tiles); float32 or bfloat16 (which sets the KV cache's dtype and attention's
       arithmetic);
@@ -140,7 +140,7 @@ def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
         model.attach_rows(weight_format)
     how = {"int8": (": the checkpoint's weights quantized to Q8_0 at load" if int8_from_dense
                     else ": GGUF blocks") + " times x quantized to int8 per block of 32 (VNNI); "
-                   "on AMX from 3 rows (Q8_0) or 8 (Q4_x) x in 16 bits per row times a per-row "
+                   "on AMX from 3 rows (Q8_0) or 7 (Q4_x) x in 16 bits per row times a per-row "
                    "int8 copy (AMX-INT8)",
            "bf16": ": bf16 products with fp32 sums (bf16_gemm)" if bf16_gemm else
                    ": bf16 rows widened exactly to fp32",

@@ -245,7 +245,7 @@ class BlockLinearWeight:
                  arithmetic: str = "fp32") -> None:
         """``arithmetic``: ``fp32`` decodes the blocks exactly to fp32; ``int8`` quantizes
         x to int8 per block of 32 and multiplies the quants as integers (csrc/quant/
-        int8_dot.h: VNNI; on AMX CPUs from 3 rows on Q8_0 and 8 on Q4_x, x in 16 bits per
+        int8_dot.h: VNNI; on AMX CPUs from 3 rows on Q8_0 and 7 on Q4_x, x in 16 bits per
         row times a per-row int8 copy of the weight on AMX-INT8 tiles)."""
         self.format = blocks.format
         self.qs = torch.from_numpy(np.ascontiguousarray(blocks.qs))
