@@ -52,7 +52,7 @@ def _rows(model: str, fmt: str, rows: tuple[int, ...]) -> list[Row]:
         xs = [torch.randn(m, w.in_features) for w in stack[0]]
         outs = [torch.empty(m, w.out_features) for w in stack[0]]
 
-        def at(isa: str):  # noqa: ANN202
+        def at(isa: str, xs: list[torch.Tensor] = xs, outs: list[torch.Tensor] = outs):  # noqa: ANN202
             def step() -> None:
                 _C.set_cpu_isa(isa)
                 for layer in stack:
