@@ -1,0 +1,173 @@
+// What one core's AMX bf16 tiles can do, apart from any driver: the ceiling the bf16 GEMM
+// (csrc/quant/bf16_gemm_avx512.cpp) is measured against in docs/benchmarks.md. Random
+// bf16 data (zeros run faster), one thread; run one copy per core to see both.
+//
+//   g++ -O2 -mamx-tile -mamx-bf16 bench/amx_tiles.cpp -o /tmp/amx_tiles && /tmp/amx_tiles
+//
+// Lines printed:
+//   products     tile products alone (no loads): the units' own rate;
+//   2x2 A/B KiB  the 2 x 2 block of the GEMM (2 x tiles, 2 weight tiles, 4 sums), x read
+//                round-robin from A KiB (streamed, the no-reuse hint) and the weight from
+//                B KiB: sizes under L1, L2 and beyond show where each operand can live;
+//   blocks       the GEMM's pass structure: blocks of 16 K tiles (one pair's 32 KiB of
+//                weight held while 8 row blocks of x pass), the 4 sums zeroed, stored, or
+//                loaded and stored around each block.
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+namespace {
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+constexpr double kFlopsPerProduct = 16.0 * 16 * 32 * 2;
+
+std::vector<uint16_t> random_bf16(size_t count, uint16_t base) {
+  std::vector<uint16_t> v(count + 32);
+  for (auto& e : v) e = static_cast<uint16_t>(base + (rand() & 0xff) - ((rand() & 1) << 15));
+  return v;
+}
+
+const uint16_t* aligned(const std::vector<uint16_t>& v) {
+  return reinterpret_cast<const uint16_t*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~63);
+}
+
+template <class F>
+void report(const char* what, F&& body) {
+  long products = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  double s = 0;
+  do {
+    products += body();
+    s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  } while (s < 0.5);
+  std::printf("%-28s %6.2f ns a product  %5.2f TFLOP/s\n", what, s / products * 1e9,
+              products * kFlopsPerProduct / s / 1e12);
+}
+
+long products_only() {
+  for (int i = 0; i < 100000; ++i) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  return 400000;
+}
+
+// x tiles from a (a_tiles of 1 KiB), weight tiles from b (b_tiles), as the GEMM orders them.
+long block_2x2(const uint16_t* a, size_t a_tiles, const uint16_t* b, size_t b_tiles) {
+  size_t ia = 0, ib = 0;
+  for (int i = 0; i < 100000; ++i) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_stream_loadd(4, a + ia * 512, 64);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_loadd(6, b + ib * 512, 64);
+    _tile_dpbf16ps(3, 5, 7);
+    _tile_stream_loadd(5, a + (ia + 1) * 512, 64);
+    _tile_loadd(7, b + (ib + 1) * 512, 64);
+    ia = ia + 4 > a_tiles ? 0 : ia + 2;
+    ib = ib + 4 > b_tiles ? 0 : ib + 2;
+  }
+  return 400000;
+}
+
+// mode 0: sums zeroed and dropped; 1: zeroed and stored; 2: loaded and stored.
+template <int Mode>
+void pass_block(const uint16_t* a, int64_t row_block, int nk, const uint16_t* b0,
+                const uint16_t* b1, float* c) {
+  if (Mode == 2) {
+    _tile_loadd(0, c, 128);
+    _tile_loadd(1, c + 16, 128);
+    _tile_loadd(2, c + 512, 128);
+    _tile_loadd(3, c + 528, 128);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  _tile_stream_loadd(4, a, 64);
+  _tile_loadd(6, b0, 64);
+  _tile_loadd(7, b1, 64);
+  _tile_stream_loadd(5, a + row_block, 64);
+  for (int kb = 0; kb < nk; ++kb) {
+    const bool more = kb + 1 < nk;
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (more) _tile_stream_loadd(4, a + (kb + 1) * 512, 64);
+    _tile_dpbf16ps(2, 5, 6);
+    if (more) _tile_loadd(6, b0 + (kb + 1) * 512, 64);
+    _tile_dpbf16ps(3, 5, 7);
+    if (more) _tile_stream_loadd(5, a + row_block + (kb + 1) * 512, 64);
+    if (more) _tile_loadd(7, b1 + (kb + 1) * 512, 64);
+  }
+  if (Mode > 0) {
+    _tile_stored(0, c, 128);
+    _tile_stored(1, c + 16, 128);
+    _tile_stored(2, c + 512, 128);
+    _tile_stored(3, c + 528, 128);
+  }
+}
+
+template <int Mode>
+long blocks(const uint16_t* x, const uint16_t* w, float* sums) {
+  constexpr int kNk = 16, kRowBlocks = 8, kPairs = 8;
+  constexpr int64_t k = kNk * 32, row_block = 16 * k;
+  for (int p = 0; p < kPairs; ++p) {
+    const uint16_t* b0 = w + static_cast<int64_t>(p) * 2 * 16 * k;
+    for (int r = 0; r < kRowBlocks; ++r) {
+      pass_block<Mode>(x + static_cast<int64_t>(r) * 32 * k, row_block, kNk, b0, b0 + 16 * k,
+                       sums + (r * kPairs + p) * 1024);
+    }
+  }
+  return 4L * kNk * kRowBlocks * kPairs;
+}
+
+}  // namespace
+
+int main() {
+  if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) != 0) {
+    std::fprintf(stderr, "the OS did not grant the AMX tile state\n");
+    return 1;
+  }
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) {
+    cfg.colsb[i] = 64;
+    cfg.rows[i] = 16;
+  }
+  _tile_loadconfig(&cfg);
+  const auto xs = random_bf16(4096 * 512, 0x3f80), ws = random_bf16(1024 * 512, 0x3c00);
+  const uint16_t* x = aligned(xs);
+  const uint16_t* w = aligned(ws);
+  _tile_loadd(4, x, 64);
+  _tile_loadd(5, x + 512, 64);
+  _tile_loadd(6, w, 64);
+  _tile_loadd(7, w + 512, 64);
+  report("products", products_only);
+  const int sizes[][2] = {{16, 16}, {512, 32}, {1024, 128}, {512, 512}, {4096, 32}};
+  for (const auto& ab : sizes) {
+    char what[64];
+    std::snprintf(what, sizeof what, "2x2 A %d KiB B %d KiB", ab[0], ab[1]);
+    report(what, [&] { return block_2x2(x, ab[0], w, ab[1]); });
+  }
+  std::vector<float> sums(8 * 8 * 1024 + 16);
+  float* c = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(sums.data()) + 63) & ~63);
+  report("blocks, sums dropped", [&] { return blocks<0>(x, w, c); });
+  report("blocks, sums stored", [&] { return blocks<1>(x, w, c); });
+  report("blocks, sums loaded + stored", [&] { return blocks<2>(x, w, c); });
+  _tile_release();
+  return 0;
+}
