@@ -73,10 +73,10 @@ def test_int8_linear_matches_reference(isa: str, fmt: str, qtype: Q, rows: int, 
     assert (out - ref).abs().max().item() < tol
 
 
-# The amx level sums K over 4096 inputs in passes (int8_amx.cpp): 4160 inputs (65 tiles of
-# 64), 600 outputs (19 pairs of groups, the last short), rows split by groups (40) and by
-# threads' rows (301, with a bias).
-@pytest.mark.parametrize("m", [40, 301])
+# The amx level sums K over 4096 inputs in passes (int8_amx.cpp) from 17 rows, in one pass
+# below: 4160 inputs (65 tiles of 64), 600 outputs (19 pairs of groups, the last short), one
+# row block (9, with a bias), rows split by groups (40) and by threads' rows (301, biased).
+@pytest.mark.parametrize("m", [9, 40, 301])
 def test_long_inputs_in_passes(isa: str, m: int) -> None:
     if isa != "amx":
         pytest.skip("the passes are the amx level's; the others are covered above")

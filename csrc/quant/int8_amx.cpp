@@ -137,7 +137,10 @@ XLLM_AVX512 void store_glu(const PackedAmxInt8& w, const int32_t* sums, const fl
 // (bf16_gemm.h) wait in this thread's scratch
 // between passes (exact, combined after the last pass). Measured (docs/ops.md; the AMX
 // Xeon, against one pass): Llama-3-8B's down projection (14336 inputs) 1.2-1.7x at 64-2048
-// rows; 4096 inputs 0.9-1.1x and 1536 0.95-1.1x, so those keep one pass.
+// rows; 4096 inputs 0.9-1.1x and 1536 0.95-1.1x, so those keep one pass. Up to 16 rows (one
+// row block: no weight tile is used twice) any K is one pass, since the passes would only add
+// the sums' traffic: Llama-3-8B's down projection at 4-16 rows 1.2x (3.1-3.2 -> 2.55-2.65 ms
+// a call, streamed; at 24-32 rows one pass was 0.8x).
 constexpr int64_t kOnePassChunks = 64, kPassChunks = 8;
 
 XLLM_AMX void int8_groups_amx_passes(const PackedAmxInt8& w, const int8_t* xq, const float* sx,
@@ -191,7 +194,7 @@ XLLM_AMX void int8_groups_amx(const PackedAmxInt8& w, const int8_t* xq, const fl
                               int64_t m, int64_t g_begin, int64_t g_end, const float* bias,
                               float* out, int64_t ldo, int64_t glu) {
   const int64_t chunks = w.chunks();
-  if (chunks > kOnePassChunks) {
+  if (chunks > kOnePassChunks && m > 16) {
     return int8_groups_amx_passes(w, xq, sx, m, g_begin, g_end, bias, out, ldo,
                                   (chunks + kPassChunks - 1) / kPassChunks, glu);
   }
