@@ -51,16 +51,18 @@ def test_long_inputs_in_passes(isa: str, m: int) -> None:
 
 
 def test_amx_rows_do_not_depend_on_the_batch(isa: str) -> None:
-    """From 8 rows each output row is the same tile products in the same order whichever way
-    the rows are split between threads or into passes: a row's result is bit-identical
-    alone in a small batch (output groups split between threads) and inside a prompt-sized
-    one (rows split between threads)."""
+    """From _C.AMX_MIN_ROWS rows each output row is the same tile products in the same order
+    whichever way the rows are split between threads or K into passes: a row's result is
+    bit-identical in a small batch (output groups split between threads; up to 32 rows K in
+    one pass) and inside a prompt-sized one (rows split between threads, K in passes)."""
     if isa != "amx":
         pytest.skip("the amx level's tiles; the other levels' order depends on the rows")
     g = torch.Generator().manual_seed(5)
     weight = BlockLinearWeight.from_rows(torch.randn(600, 1600, generator=g), "bf16_gemm")
     x = torch.randn(300, 1600, generator=g)
-    assert torch.equal(weight(x)[:40], weight(x[:40]))
+    whole = weight(x)
+    for rows in (_C.AMX_MIN_ROWS, 20, 40):
+        assert torch.equal(whole[:rows], weight(x[:rows]))
 
 
 def test_strided_rows_and_large_output(isa: str) -> None:

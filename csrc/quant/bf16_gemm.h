@@ -127,9 +127,14 @@ inline std::pair<int64_t, int64_t> amx_group_share(int64_t groups, int64_t glu, 
 // with half the x in each L2. Fewer rows split the output groups, so that each weight byte
 // is read once (a decode step is bound by those bytes). Measured on the AMX Xeon
 // (docs/ops.md): at 509 rows of the demo's shapes 1.1-1.25x splitting the groups, for the
-// bf16 and the int8 tiles; at 128 rows a thread, mixed.
+// bf16 and the int8 tiles; at 128 rows a thread, mixed. While all rows fit one band
+// (kAmxPassBandRows) the groups stay split: each thread then reads its weight once for all
+// rows, where split rows read the whole weight on both (256 rows of Llama-3.2-1B's bf16
+// projections 1.13x, the demo's 1.02-1.11x; from 320 rows two bands make it 0.9x).
 constexpr int64_t kAmxSplitRows = 128;
-inline bool amx_split_rows(int64_t m, int threads) { return m >= kAmxSplitRows * threads; }
+inline bool amx_split_rows(int64_t m, int threads) {
+  return m >= kAmxSplitRows * threads && m > kAmxPassBandRows;
+}
 // The first row of thread t's share when split by rows: whole 32-row blocks (AMX tiles).
 inline int64_t amx_row_share(int64_t m, int threads, int t) {
   return (m + 31) / 32 * t / threads * 32;
