@@ -109,10 +109,24 @@ def test_bad_arguments() -> None:
         weight.native.linear(torch.zeros(2, 64), torch.zeros(2, 16))
 
 
+def assert_fused_glu_is_unfused(weight: _C.BlockWeight, x: torch.Tensor) -> torch.Tensor:
+    """weight.linear_silu_and_mul(x) is bit for bit weight.linear(x) then silu_and_mul (also
+    tests/test_int8_dot.py's check); returns that [m, I] result."""
+    m, inter = x.shape[0], weight.out_features // 2
+    gate_up = torch.empty(m, 2 * inter)
+    weight.linear(x, gate_up)
+    expected = torch.empty(m, inter)
+    _C.silu_and_mul(expected, gate_up)
+    out = torch.full((m, inter), float("nan"))
+    weight.linear_silu_and_mul(x, out)
+    assert torch.equal(out, expected)
+    return expected
+
+
 # The gate|up form: SiLU-and-mul applied as the AMX tiles store (each gate group paired
 # with its up group) against the linear and then silu_and_mul: the same bits at every level
-# and row count, fused or not (below 8 rows, off AMX, with a bias, or with I not a multiple
-# of 16 it is the linear and then silu_and_mul). 1600 inputs go in passes; 300 and 601
+# and row count, fused or not (below _C.AMX_MIN_ROWS rows, off AMX, with a bias, or I not a
+# multiple of 16 it is the linear and then silu_and_mul). 1600 inputs go in passes; 300 and 601
 # rows split the rows between threads, 8 and 40 the gate groups.
 @pytest.mark.parametrize("m", [1, 8, 40, 300, 601])
 @pytest.mark.parametrize("inter,k,biased", [(96, 64, False), (208, 1600, False), (40, 96, False),
@@ -123,13 +137,7 @@ def test_gate_up_with_silu_and_mul(isa: str, m: int, inter: int, k: int, biased:
     bias = torch.randn(2 * inter, generator=g) if biased else None
     weight = BlockLinearWeight.from_rows(w, "bf16_gemm", bias).native
     x = torch.randn(m, k, generator=g) * 3
-    gate_up = torch.empty(m, 2 * inter)
-    weight.linear(x, gate_up)
-    expected = torch.empty(m, inter)
-    _C.silu_and_mul(expected, gate_up)
-    out = torch.full((m, inter), float("nan"))
-    weight.linear_silu_and_mul(x, out)
-    assert torch.equal(out, expected)
+    expected = assert_fused_glu_is_unfused(weight, x)
     # Strided rows of x and out.
     xs = torch.randn(m, k + 32, generator=g)[:, :k]
     xs.copy_(x)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from gguf.quants import quantize
+from test_bf16_gemm import assert_fused_glu_is_unfused
 
 from xllm import _C
 from xllm.ops.blocks import BlockLinearWeight, dequantize_ref, pack_gguf_blocks
@@ -160,7 +161,7 @@ def test_int8_non_finite_input_gives_nan_rows(isa: str, m: int) -> None:
 
 # The gate|up form (SiLU-and-mul applied as the AMX tiles store, each gate group paired with
 # its up group) against int8 linear then silu_and_mul: the same bits at every level and row
-# count, fused or not (below 8 rows, off AMX or with I not a multiple of 16 it is the linear
+# count, fused or not (below AMX_ROWS rows, off AMX or with I not a multiple of 16 it is the linear
 # then silu_and_mul). 4160 inputs go in passes; 301 and 601 rows split the rows between
 # threads, 8 and 40 the gate groups.
 @pytest.mark.parametrize("m", [1, 8, 40, 301, 601])
@@ -171,10 +172,4 @@ def test_gate_up_with_silu_and_mul(isa: str, m: int, fmt: str, qtype: Q, inter: 
                                    k: int) -> None:
     weight = BlockLinearWeight(_blocks(fmt, qtype, 2 * inter, k, m + k), arithmetic="int8").native
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 2
-    gate_up = torch.empty(m, 2 * inter)
-    weight.linear(x, gate_up)
-    expected = torch.empty(m, inter)
-    _C.silu_and_mul(expected, gate_up)
-    out = torch.full((m, inter), float("nan"))
-    weight.linear_silu_and_mul(x, out)
-    assert torch.equal(out, expected)
+    assert_fused_glu_is_unfused(weight, x)
