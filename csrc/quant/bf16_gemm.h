@@ -28,7 +28,8 @@ constexpr int kBf16Group = 16;  // output features per packed group (a tile's co
 // Rows of x from which the AMX tiles beat VDPBF16PS. Both stream the same weight bytes,
 // but from 3 rows VDPBF16PS falls behind memory while a tile (padding rows and all) keeps
 // up: 30 layers of the demo's shapes and 16 of Llama-3.2-1B's, streamed, on the AMX Xeon
-// (2 cores): at 4 rows 1.12-1.18x, at 7 rows 1.45-1.7x the VDPBF16PS form; at 2 rows even.
+// (2 cores; bench.ops --only linear_rows): the tiles 1.09-1.13x at 3 rows, 1.23-1.30x at
+// 4, 1.63-1.77x at 7; at 2 rows even.
 constexpr int64_t kAmxMinRows = 3;
 
 struct PackedBf16 {

@@ -204,7 +204,8 @@ XLLM_AMX void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m
                               int64_t g_begin, int64_t g_end, const float* bias, float* out,
                               int64_t ldo, int64_t glu) {
   const int64_t k = w.cols, kt = k / 32;
-  const int64_t passes = kt <= kAmxOnePass || m <= 32 ? 1 : (kt + kAmxPassTiles - 1) / kAmxPassTiles;
+  const bool one_pass = kt <= kAmxOnePass || m <= 32;  // (32 rows: one 2 x 2 block's)
+  const int64_t passes = one_pass ? 1 : (kt + kAmxPassTiles - 1) / kAmxPassTiles;
   const int64_t band = std::min<int64_t>((m + 31) / 32 * 32, kAmxPassBandRows);
   const AmxPairs walk{g_begin, g_end, glu, w.rows};
   const int64_t pairs = walk.count();
