@@ -17,6 +17,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <utility>
 
 #include "common/cpu_info.h"
@@ -107,11 +110,52 @@ struct AmxPairs {
   int64_t first(int64_t p) const { return g_begin + (glu ? p : 2 * p); }
   bool two(int64_t p) const { return glu || first(p) + 1 < g_end; }
   int64_t second(int64_t p) const { return first(p) + (glu ? glu : 1); }
+  // The (pair, pass) after pair p of pass `pass` in the drivers' loop nest (blocks of pairs
+  // [p_begin, p_end), then bands of rows, then passes, then pairs): the next pair, else the
+  // block's first in the next pass, else in the next band (the same pass 0), else after the
+  // last band the next block's first pair (count() when there is none).
+  std::pair<int64_t, int64_t> after(int64_t p, int64_t pass, int64_t p_begin, int64_t p_end,
+                                    int64_t passes, bool last_band) const {
+    if (p + 1 < p_end) return {p + 1, pass};
+    if (pass + 1 < passes) return {p_begin, pass + 1};
+    return {last_band ? p_end : p_begin, 0};
+  }
   // Outputs of pair p that land in out: its first group's onwards (glu: one group's worth).
   int cols(int64_t p) const {
     if (glu) return 16;
     return static_cast<int>(std::min<int64_t>(two(p) ? 32 : 16, rows - 16 * first(p)));
   }
+};
+// The next pair's weight slices, asked for into L2 a few lines at each K step of the current
+// pair's row blocks, so that they come from memory while the tiles compute. Spread out: the
+// same lines asked for all at once, at the start of each row block or of the pair, measured
+// no faster than none (the requests crowd out the tiles' own loads); spread over the steps,
+// 1.1-1.2x on Llama-3.2-1B's shapes at 64-1024 rows, streamed (docs/ops.md). With one row
+// block (a decode step) each weight byte is used once, streamed by the hardware, and asking
+// measured 0.9x: the drivers ask only from two row blocks on.
+struct NextWeight {
+  const char* b0 = nullptr;  // the slices of its two groups (b1 null: one group)
+  const char* b1 = nullptr;
+  int64_t lines = 0;         // 64-byte lines in each slice (0: nothing to ask for)
+  int64_t done = 0;          // lines asked for so far, in each
+  int64_t per_step = 0;      // lines of each a step
+
+  // Slices of `bytes` each, spread over `steps` steps.
+  void ask(const void* s0, const void* s1, int64_t bytes, int64_t steps) {
+    b0 = static_cast<const char*>(s0);
+    b1 = static_cast<const char*>(s1);
+    lines = bytes / 64;
+    per_step = (lines + steps - 1) / steps;
+  }
+#if defined(__x86_64__)
+  void step() {
+    const int64_t end = std::min(lines, done + per_step);
+    for (; done < end; ++done) {
+      _mm_prefetch(b0 + done * 64, _MM_HINT_T1);
+      if (b1) _mm_prefetch(b1 + done * 64, _MM_HINT_T1);
+    }
+  }
+#endif
 };
 // Thread me of nth's groups when the output groups are split: whole pairs, as even as can
 // be; with glu, gate groups (each brings its up group). Returns [begin, end); nth = 1 gives

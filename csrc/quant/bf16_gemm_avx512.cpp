@@ -9,7 +9,8 @@
 // 32 input features by two 16-row tiles of x and two packed 1 KiB tiles of W; the
 // weight tiles of a pair of groups stay in L1 while a band of row blocks of x passes,
 // its tiles loaded with the no-reuse hint (TILELOADDT1) so that they do not push the
-// weight out; long K is summed in passes (kAmxPassTiles below).
+// weight out, and the next pair's weight is asked for into L2 meanwhile (NextWeight,
+// bf16_gemm.h); long K is summed in passes (kAmxPassTiles below).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -130,11 +131,11 @@ struct alignas(64) TileConfig {
 // tmm0-3: sums (16 x 16 fp32); tmm4-5: x (16 rows x 32 bf16); tmm6-7: W (16 pairs x 16 x 2).
 // a: x in tiles (round_rows_bf16_tiles), the first of MT 16-row blocks at its first K tile;
 // nk K tiles of 32 inputs. The sums start from src (row stride ld_src floats) or from zero
-// when src is null, and end in dst (row stride ld_dst).
-template <int MT, int NT>
+// when src is null, and end in dst (row stride ld_dst). Next: one step of next a K tile.
+template <int MT, int NT, bool Next>
 XLLM_AMX void amx_block(const uint16_t* a, int64_t k, int64_t nk, const uint16_t* b0,
                         const uint16_t* b1, const float* src, int64_t ld_src, float* dst,
-                        int64_t ld_dst) {
+                        int64_t ld_dst, NextWeight& next) {
   if (src) {
     const int64_t stride = ld_src * static_cast<int64_t>(sizeof(float));
     _tile_loadd(0, src, stride);
@@ -157,6 +158,7 @@ XLLM_AMX void amx_block(const uint16_t* a, int64_t k, int64_t nk, const uint16_t
   for (int64_t kb = 0; kb < nk; ++kb) {
     const bool more = kb + 1 < nk;
     _tile_dpbf16ps(0, 4, 6);
+    if (Next) next.step();
     if (NT > 1) _tile_dpbf16ps(1, 4, 7);
     if (more) _tile_stream_loadd(4, a + (kb + 1) * 512, 64);
     if (MT > 1) _tile_dpbf16ps(2, 5, 6);
@@ -227,6 +229,18 @@ XLLM_AMX void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m
           const bool two = walk.two(p);
           const uint16_t* b0 = w.group(g) + kb0 * 512;
           const uint16_t* b1 = two ? w.group(walk.second(p)) + kb0 * 512 : b0;
+          // The weight slice that comes next, asked for over this pair's row blocks.
+          NextWeight next;
+          if (m_end - m_begin > 32) {
+            const auto [np, npass] = walk.after(p, pass, p_begin, p_end, passes,
+                                                m_begin + band >= m);
+            if (np < pairs) {
+              const int64_t nkb0 = kt * npass / passes, nnk = kt * (npass + 1) / passes - nkb0;
+              next.ask(w.group(walk.first(np)) + nkb0 * 512,
+                       walk.two(np) ? w.group(walk.second(np)) + nkb0 * 512 : nullptr,
+                       nnk * 1024, (m_end - m_begin + 31) / 32 * nk);
+            }
+          }
           const int64_t n0 = g * kBf16Group;
           const int cols = walk.cols(p);
           for (int64_t m0 = m_begin; m0 < m_end; m0 += 32) {
@@ -238,10 +252,18 @@ XLLM_AMX void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m
             const int64_t ld_dst = direct ? ldo : 32;
             const uint16_t* a = xb + m0 * k + kb0 * 512;
             const bool tall = rows > 16;
-            if (tall && two) amx_block<2, 2>(a, k, nk, b0, b1, src, 32, dst, ld_dst);
-            else if (tall) amx_block<2, 1>(a, k, nk, b0, b1, src, 32, dst, ld_dst);
-            else if (two) amx_block<1, 2>(a, k, nk, b0, b1, src, 32, dst, ld_dst);
-            else amx_block<1, 1>(a, k, nk, b0, b1, src, 32, dst, ld_dst);
+            // (Only the full 2 x 2 block asks: the others are a band's or a share's edge.)
+            if (tall && two && next.lines) {
+              amx_block<2, 2, true>(a, k, nk, b0, b1, src, 32, dst, ld_dst, next);
+            } else if (tall && two) {
+              amx_block<2, 2, false>(a, k, nk, b0, b1, src, 32, dst, ld_dst, next);
+            } else if (tall) {
+              amx_block<2, 1, false>(a, k, nk, b0, b1, src, 32, dst, ld_dst, next);
+            } else if (two) {
+              amx_block<1, 2, false>(a, k, nk, b0, b1, src, 32, dst, ld_dst, next);
+            } else {
+              amx_block<1, 1, false>(a, k, nk, b0, b1, src, 32, dst, ld_dst, next);
+            }
             if (!last || direct) continue;
             if (glu) {
               for (int64_t r = 0; r < rows; ++r) {

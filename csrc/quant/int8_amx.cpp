@@ -14,10 +14,10 @@
 // outputs, tmm2/3: the lo sums, tmm4/5: x's hi and lo tiles, tmm6/7: the weight). A
 // thread walks its pairs of groups for each band of rows whose x tiles fit in L2
 // (amx_band_rows); within a band the pair's weight, streamed from memory in the band's first
-// pass, stays in L1/L2 for the other passes, and the second pass prefetches the next
-// pair's. A long K (over 4096 inputs: the 14336 of Llama-3-8B's down projection, where a
-// band of whole rows was 32 rows and the weight streamed once per 32 rows) is summed in
-// passes instead (int8_groups_amx_passes).
+// row block, stays in L1/L2 for the others, while the next pair's is asked for into L2 a
+// few lines a step (NextWeight, bf16_gemm.h). A long K (over 4096 inputs: the 14336 of
+// Llama-3-8B's down projection, where a band of whole rows was 32 rows and the weight
+// streamed once per 32 rows) is summed in passes instead (int8_groups_amx_passes).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -40,12 +40,12 @@ constexpr int64_t kAhead = 2;            // chunks of W prefetched ahead in a st
 
 // sums [2][16][32] int32: the hi then the lo sums of 16 rows x 16 NT outputs, over all chunks.
 // a: the rows' x tiles (hi, lo per chunk); b0, b1: the two groups' W tiles. stream: ask for
-// W kAhead chunks on (past the end, the next pair's first chunks). next: the next pair's W,
-// asked for into L2, a chunk's worth a step.
+// W kAhead chunks on (past the end, the next pair's first chunks). next (Next): the next
+// pair's W, asked for into L2 a few lines a step (bf16_gemm.h).
 // init: sums of earlier chunks to go on from (the same layout), or null to start at zero.
-template <int NT>
+template <int NT, bool Next>
 XLLM_AMX void chunk_sums(const int8_t* a, int64_t chunks, const int8_t* b0, const int8_t* b1,
-                         bool stream, const int8_t* next, const int32_t* init, int32_t* sums) {
+                         bool stream, NextWeight& next, const int32_t* init, int32_t* sums) {
   constexpr int64_t kStride = 32 * sizeof(int32_t);
   if (init) {
     _tile_loadd(0, init, kStride);
@@ -59,10 +59,8 @@ XLLM_AMX void chunk_sums(const int8_t* a, int64_t chunks, const int8_t* b0, cons
     if (NT > 1) _tile_zero(3);
   }
   for (int64_t c = 0; c < chunks; ++c) {
-    if (next) {
-      for (int l = 0; l < 2 * kTile / 64; ++l) {
-        _mm_prefetch(reinterpret_cast<const char*>(next + c * 2 * kTile + l * 64), _MM_HINT_T1);
-      }
+    if (Next) {
+      next.step();
     } else if (stream) {
       const int64_t ahead = c + kAhead < chunks ? c + kAhead : c + kAhead + chunks;
       for (int l = 0; l < kTile / 64; ++l) {
@@ -168,12 +166,25 @@ XLLM_AMX void int8_groups_amx_passes(const PackedAmxInt8& w, const int8_t* xq, c
           const int8_t* b1 = two ? w.group(walk.second(p)) + c0 * kTile : b0;
           const int64_t n0 = g * 16;
           const int cols = walk.cols(p);
+          NextWeight next;
+          if (m_end - m_begin > 16) {
+            const auto [np, npass] = walk.after(p, pass, p_begin, p_end, passes,
+                                                m_begin + band >= m);
+            if (np < pairs) {
+              const int64_t nc0 = chunks * npass / passes;
+              next.ask(w.group(walk.first(np)) + nc0 * kTile,
+                       walk.two(np) ? w.group(walk.second(np)) + nc0 * kTile : nullptr,
+                       (chunks * (npass + 1) / passes - nc0) * kTile,
+                       (m_end - m_begin + 15) / 16 * nk);
+            }
+          }
           for (int64_t m0 = m_begin; m0 < m_end; m0 += 16) {
             const int8_t* a = xq + (m0 / 16) * chunks * 2 * kTile + c0 * 2 * kTile;
             int32_t* slot = slots + 1024 * ((m0 - m_begin) / 16 * nc + (p - p_begin));
             const int32_t* init = first ? nullptr : slot;
-            if (two) chunk_sums<2>(a, nk, b0, b1, false, nullptr, init, slot);
-            else chunk_sums<1>(a, nk, b0, b1, false, nullptr, init, slot);
+            if (two && next.lines) chunk_sums<2, true>(a, nk, b0, b1, false, next, init, slot);
+            else if (two) chunk_sums<2, false>(a, nk, b0, b1, false, next, init, slot);
+            else chunk_sums<1, false>(a, nk, b0, b1, false, next, init, slot);
             if (last && glu) {
               store_glu(w, slot, sx, m0, std::min<int64_t>(16, m - m0), n0, walk.second(p) * 16,
                         out, ldo);
@@ -200,24 +211,32 @@ XLLM_AMX void int8_groups_amx(const PackedAmxInt8& w, const int8_t* xq, const fl
   }
   const int64_t band = amx_band_rows(2 * chunks * kChunk, 16);
   const AmxPairs walk{g_begin, g_end, glu, w.rows};
+  const int64_t pairs = walk.count();
   alignas(64) int32_t sums[2 * 16 * 32];
   for (int64_t m_begin = 0; m_begin < m; m_begin += band) {
     const int64_t m_end = std::min(m, m_begin + band);
-    for (int64_t p = 0; p < walk.count(); ++p) {
+    for (int64_t p = 0; p < pairs; ++p) {
       const int64_t g = walk.first(p);
       const bool two = walk.two(p);
       const int8_t* b0 = w.group(g);
       const int8_t* b1 = two ? w.group(walk.second(p)) : b0;
       const int64_t n0 = g * 16;
       const int cols = walk.cols(p);
+      NextWeight next;
+      if (m_end - m_begin > 16) {
+        const int64_t np = walk.after(p, 0, 0, pairs, 1, m_begin + band >= m).first;
+        if (np < pairs) {
+          next.ask(w.group(walk.first(np)),
+                   walk.two(np) ? w.group(walk.second(np)) : nullptr, chunks * kTile,
+                   (m_end - m_begin + 15) / 16 * chunks);
+        }
+      }
       for (int64_t m0 = m_begin; m0 < m_end; m0 += 16) {
         const int8_t* a = xq + (m0 / 16) * chunks * 2 * kTile;
-        // The next pair's first group and the one after it (neighbours: the next pair; glu:
-        // the next gate groups, whose up groups stream in their first row block).
-        const int8_t* next =
-            m0 == m_begin + 16 && p + 1 < walk.count() ? w.group(walk.first(p + 1)) : nullptr;
-        if (two) chunk_sums<2>(a, chunks, b0, b1, m0 == m_begin, next, nullptr, sums);
-        else chunk_sums<1>(a, chunks, b0, b1, m0 == m_begin, next, nullptr, sums);
+        const bool stream = m0 == m_begin;
+        if (two && next.lines) chunk_sums<2, true>(a, chunks, b0, b1, stream, next, nullptr, sums);
+        else if (two) chunk_sums<2, false>(a, chunks, b0, b1, stream, next, nullptr, sums);
+        else chunk_sums<1, false>(a, chunks, b0, b1, stream, next, nullptr, sums);
         if (glu) {
           store_glu(w, sums, sx, m0, std::min<int64_t>(16, m - m0), n0, walk.second(p) * 16, out,
                     ldo);
