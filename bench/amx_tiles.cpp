@@ -2,9 +2,12 @@
 // (csrc/quant/bf16_gemm_avx512.cpp) is measured against in docs/benchmarks.md. Random
 // bf16 data (zeros run faster), one thread; run one copy per core to see both.
 //
-//   g++ -O2 -mamx-tile -mamx-bf16 bench/amx_tiles.cpp -o /tmp/amx_tiles && /tmp/amx_tiles
+//   g++ -O2 -mamx-tile -mamx-bf16 -mavx512bf16 bench/amx_tiles.cpp -o /tmp/amx_tiles &&
+//     /tmp/amx_tiles
 //
 // Lines printed:
+//   vdpbf16ps    the avx512 level's instruction alone (12 independent chains of zmm
+//                products): the ceiling of the VDPBF16PS kernels, in the same units;
 //   products     tile products alone (no loads): the units' own rate;
 //   2x2 A/B KiB  the 2 x 2 block of the GEMM (2 x tiles, 2 weight tiles, 4 sums), x read
 //                round-robin from A KiB (streamed, the no-reuse hint) and the weight from
@@ -32,6 +35,7 @@ struct alignas(64) TileConfig {
 };
 
 constexpr double kFlopsPerProduct = 16.0 * 16 * 32 * 2;
+volatile float sink;
 
 std::vector<uint16_t> random_bf16(size_t count, uint16_t base) {
   std::vector<uint16_t> v(count + 32);
@@ -54,6 +58,23 @@ void report(const char* what, F&& body) {
   } while (s < 0.5);
   std::printf("%-28s %6.2f ns a product  %5.2f TFLOP/s\n", what, s / products * 1e9,
               products * kFlopsPerProduct / s / 1e12);
+}
+
+// VDPBF16PS: 12 chains of 2000 products each, 32 bf16 pairs a product; counted in tile
+// products' worth of flops (a tile product is 256 times one VDPBF16PS) by report().
+__attribute__((target("avx512f,avx512bf16"))) long vdpbf16ps_only() {
+  __m512 acc[12];
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  __m512bh x = (__m512bh)_mm512_set1_epi16(0x3f80), w = (__m512bh)_mm512_set1_epi16(0x3f00);
+  for (int i = 0; i < 2000; ++i) {
+#pragma GCC unroll 12
+    for (auto& a : acc) a = _mm512_dpbf16_ps(a, x, w);
+    __asm__ volatile("" : "+v"(x));  // (not hoisted)
+  }
+  float sum = 0;
+  for (auto& a : acc) sum += _mm512_reduce_add_ps(a);
+  sink = sum;
+  return 12 * 2000 / 256;
 }
 
 long products_only() {
@@ -156,6 +177,7 @@ int main() {
   _tile_loadd(5, x + 512, 64);
   _tile_loadd(6, w, 64);
   _tile_loadd(7, w + 512, 64);
+  report("vdpbf16ps", vdpbf16ps_only);
   report("products", products_only);
   const int sizes[][2] = {{16, 16}, {512, 32}, {1024, 128}, {512, 512}, {4096, 32}};
   for (const auto& ab : sizes) {
