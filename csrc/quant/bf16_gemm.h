@@ -126,37 +126,64 @@ struct AmxPairs {
     return static_cast<int>(std::min<int64_t>(two(p) ? 32 : 16, rows - 16 * first(p)));
   }
 };
-// The next pair's weight slices, asked for into L2 a few lines at each K step of the current
-// pair's row blocks, so that they come from memory while the tiles compute. Spread out: the
-// same lines asked for all at once, at the start of each row block or of the pair, measured
-// no faster than none (the requests crowd out the tiles' own loads); spread over the steps,
-// 1.1-1.2x on Llama-3.2-1B's shapes at 64-1024 rows, streamed (docs/ops.md). With one row
-// block (a decode step) each weight byte is used once, streamed by the hardware, and asking
-// measured 0.9x: the drivers ask only from two row blocks on.
-struct NextWeight {
-  const char* b0 = nullptr;  // the slices of its two groups (b1 null: one group)
-  const char* b1 = nullptr;
-  int64_t lines = 0;         // 64-byte lines in each slice (0: nothing to ask for)
-  int64_t done = 0;          // lines asked for so far, in each
-  int64_t per_step = 0;      // lines of each a step
+// Lines asked for into L2 a few at each K step of the AMX drivers' tile blocks, so that
+// they come from memory while the tiles compute: the next pair's weight slices, and (bf16,
+// several passes) the next pass's slice of x. Spread out: the same lines asked for all at
+// once, at the start of a pair or of each row block, measured no faster than none (the
+// requests crowd out the tiles' own loads); spread over the steps, the weight's 1.1-1.2x on
+// Llama-3.2-1B's shapes at 64-1024 rows, streamed (docs/ops.md). With one row block (a
+// decode step) each weight byte is used once, streamed by the hardware, and asking measured
+// 0.9x: the drivers ask for the weight only from two row blocks on.
+struct L2Ask {
+  const char* base = nullptr;
+  int64_t segs = 0, stride = 0;  // segments (each `lines` 64-byte lines), bytes apart
+  int64_t lines = 0;             // 0: nothing to ask for
+  int64_t seg = 0, line = 0;     // the next line to ask for (segments taken in turn)
+  int64_t per_step = 0;
 
-  // Slices of `bytes` each, spread over `steps` steps.
-  void ask(const void* s0, const void* s1, int64_t bytes, int64_t steps) {
-    b0 = static_cast<const char*>(s0);
-    b1 = static_cast<const char*>(s1);
+  // segs segments of `bytes` each, `stride` bytes apart from `first`, over `steps` steps.
+  void ask(const void* first, int64_t n_segs, int64_t seg_stride, int64_t bytes, int64_t steps) {
+    base = static_cast<const char*>(first);
+    segs = n_segs;
+    stride = seg_stride;
     lines = bytes / 64;
-    per_step = (lines + steps - 1) / steps;
+    per_step = (segs * lines + steps - 1) / steps;
+  }
+  // A pair's two group slices (s1 null: one group).
+  void ask_pair(const void* s0, const void* s1, int64_t bytes, int64_t steps) {
+    ask(s0, s1 ? 2 : 1, s1 ? static_cast<const char*>(s1) - static_cast<const char*>(s0) : 0,
+        bytes, steps);
   }
 #if defined(__x86_64__)
   void step() {
-    const int64_t end = std::min(lines, done + per_step);
-    for (; done < end; ++done) {
-      _mm_prefetch(b0 + done * 64, _MM_HINT_T1);
-      if (b1) _mm_prefetch(b1 + done * 64, _MM_HINT_T1);
+    for (int64_t i = 0; i < per_step && line < lines; ++i) {
+      _mm_prefetch(base + seg * stride + line * 64, _MM_HINT_T1);
+      if (++seg == segs) seg = 0, ++line;
     }
   }
 #endif
 };
+// What the AMX drivers' tile blocks ask for as they go: the next pair's weight (over a pair's
+// row blocks) and, with passes, the next pass's slice of x (over a pass).
+struct AmxAsks {
+  L2Ask weight, x;
+  bool any() const { return weight.lines || x.lines; }
+#if defined(__x86_64__)
+  void step() {
+    weight.step();
+    x.step();
+  }
+#endif
+};
+// With passes: the (first row, pass) of the band whose slice of x comes after pass `pass` of
+// the band at m_begin: the next pass, else the next band's first, else (last_block: none,
+// m) the first band's for the next block of pairs.
+inline std::pair<int64_t, int64_t> amx_next_x(int64_t m_begin, int64_t pass, int64_t passes,
+                                              int64_t band, int64_t m, bool last_block) {
+  if (pass + 1 < passes) return {m_begin, pass + 1};
+  if (m_begin + band < m) return {m_begin + band, 0};
+  return {last_block ? m : 0, 0};
+}
 // Thread me of nth's groups when the output groups are split: whole pairs, as even as can
 // be; with glu, gate groups (each brings its up group). Returns [begin, end); nth = 1 gives
 // all of them.

@@ -9,8 +9,9 @@
 // 32 input features by two 16-row tiles of x and two packed 1 KiB tiles of W; the
 // weight tiles of a pair of groups stay in L1 while a band of row blocks of x passes,
 // its tiles loaded with the no-reuse hint (TILELOADDT1) so that they do not push the
-// weight out, and the next pair's weight is asked for into L2 meanwhile (NextWeight,
-// bf16_gemm.h); long K is summed in passes (kAmxPassTiles below).
+// weight out, and the next pair's weight is asked for into L2 meanwhile (L2Ask,
+// bf16_gemm.h); long K is summed in passes (kAmxPassTiles below), each asking for the next
+// pass's slice of x.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -135,7 +136,7 @@ struct alignas(64) TileConfig {
 template <int MT, int NT, bool Next>
 XLLM_AMX void amx_block(const uint16_t* a, int64_t k, int64_t nk, const uint16_t* b0,
                         const uint16_t* b1, const float* src, int64_t ld_src, float* dst,
-                        int64_t ld_dst, NextWeight& next) {
+                        int64_t ld_dst, AmxAsks& next) {
   if (src) {
     const int64_t stride = ld_src * static_cast<int64_t>(sizeof(float));
     _tile_loadd(0, src, stride);
@@ -224,21 +225,34 @@ XLLM_AMX void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m
       for (int64_t pass = 0; pass < passes; ++pass) {
         const int64_t kb0 = kt * pass / passes, nk = kt * (pass + 1) / passes - kb0;
         const bool first = pass == 0, last = pass == passes - 1;
+        // With passes, the slice of x the next pass reads (the next band's, or the next
+        // block of pairs' first, after the last pass), asked for over this pass.
+        AmxAsks next;
+        if (passes > 1) {
+          const auto [nb, npass] = amx_next_x(m_begin, pass, passes, band, m, p_end == pairs);
+          if (nb < m) {
+            const int64_t nkb0 = kt * npass / passes, nnk = kt * (npass + 1) / passes - nkb0;
+            next.x.ask(xb + (nb / 16 * kt + nkb0) * 512, (std::min(m, nb + band) - nb + 15) / 16,
+                       kt * 1024, nnk * 1024,
+                       (p_end - p_begin) * ((m_end - m_begin + 31) / 32) * nk);
+          }
+        }
         for (int64_t p = p_begin; p < p_end; ++p) {
           const int64_t g = walk.first(p);
           const bool two = walk.two(p);
           const uint16_t* b0 = w.group(g) + kb0 * 512;
           const uint16_t* b1 = two ? w.group(walk.second(p)) + kb0 * 512 : b0;
           // The weight slice that comes next, asked for over this pair's row blocks.
-          NextWeight next;
+          next.weight = L2Ask();
           if (m_end - m_begin > 32) {
             const auto [np, npass] = walk.after(p, pass, p_begin, p_end, passes,
                                                 m_begin + band >= m);
             if (np < pairs) {
               const int64_t nkb0 = kt * npass / passes, nnk = kt * (npass + 1) / passes - nkb0;
-              next.ask(w.group(walk.first(np)) + nkb0 * 512,
-                       walk.two(np) ? w.group(walk.second(np)) + nkb0 * 512 : nullptr,
-                       nnk * 1024, (m_end - m_begin + 31) / 32 * nk);
+              next.weight.ask_pair(
+                  w.group(walk.first(np)) + nkb0 * 512,
+                  walk.two(np) ? w.group(walk.second(np)) + nkb0 * 512 : nullptr, nnk * 1024,
+                  (m_end - m_begin + 31) / 32 * nk);
             }
           }
           const int64_t n0 = g * kBf16Group;
@@ -253,7 +267,7 @@ XLLM_AMX void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m
             const uint16_t* a = xb + m0 * k + kb0 * 512;
             const bool tall = rows > 16;
             // (Only the full 2 x 2 block asks: the others are a band's or a share's edge.)
-            if (tall && two && next.lines) {
+            if (tall && two && next.any()) {
               amx_block<2, 2, true>(a, k, nk, b0, b1, src, 32, dst, ld_dst, next);
             } else if (tall && two) {
               amx_block<2, 2, false>(a, k, nk, b0, b1, src, 32, dst, ld_dst, next);

@@ -15,7 +15,7 @@
 // thread walks its pairs of groups for each band of rows whose x tiles fit in L2
 // (amx_band_rows); within a band the pair's weight, streamed from memory in the band's first
 // row block, stays in L1/L2 for the others, while the next pair's is asked for into L2 a
-// few lines a step (NextWeight, bf16_gemm.h). A long K (over 4096 inputs: the 14336 of
+// few lines a step (L2Ask, bf16_gemm.h). A long K (over 4096 inputs: the 14336 of
 // Llama-3-8B's down projection, where a band of whole rows was 32 rows and the weight
 // streamed once per 32 rows) is summed in passes instead (int8_groups_amx_passes).
 #include <immintrin.h>
@@ -41,11 +41,11 @@ constexpr int64_t kAhead = 2;            // chunks of W prefetched ahead in a st
 // sums [2][16][32] int32: the hi then the lo sums of 16 rows x 16 NT outputs, over all chunks.
 // a: the rows' x tiles (hi, lo per chunk); b0, b1: the two groups' W tiles. stream: ask for
 // W kAhead chunks on (past the end, the next pair's first chunks). next (Next): the next
-// pair's W, asked for into L2 a few lines a step (bf16_gemm.h).
+// pair's W and the next pass's x, asked for into L2 a few lines a step (bf16_gemm.h).
 // init: sums of earlier chunks to go on from (the same layout), or null to start at zero.
 template <int NT, bool Next>
 XLLM_AMX void chunk_sums(const int8_t* a, int64_t chunks, const int8_t* b0, const int8_t* b1,
-                         bool stream, NextWeight& next, const int32_t* init, int32_t* sums) {
+                         bool stream, AmxAsks& next, const int32_t* init, int32_t* sums) {
   constexpr int64_t kStride = 32 * sizeof(int32_t);
   if (init) {
     _tile_loadd(0, init, kStride);
@@ -159,6 +159,17 @@ XLLM_AMX void int8_groups_amx_passes(const PackedAmxInt8& w, const int8_t* xq, c
       for (int64_t pass = 0; pass < passes; ++pass) {
         const int64_t c0 = chunks * pass / passes, nk = chunks * (pass + 1) / passes - c0;
         const bool first = pass == 0, last = pass == passes - 1;
+        AmxAsks next;
+        {
+          const auto [nb, npass] = amx_next_x(m_begin, pass, passes, band, m, p_end == pairs);
+          if (nb < m) {
+            const int64_t nc0 = chunks * npass / passes;
+            next.x.ask(xq + (nb / 16 * chunks + nc0) * 2 * kTile,
+                       (std::min(m, nb + band) - nb + 15) / 16, chunks * 2 * kTile,
+                       (chunks * (npass + 1) / passes - nc0) * 2 * kTile,
+                       (p_end - p_begin) * ((m_end - m_begin + 15) / 16) * nk);
+          }
+        }
         for (int64_t p = p_begin; p < p_end; ++p) {
           const int64_t g = walk.first(p);
           const bool two = walk.two(p);
@@ -166,23 +177,23 @@ XLLM_AMX void int8_groups_amx_passes(const PackedAmxInt8& w, const int8_t* xq, c
           const int8_t* b1 = two ? w.group(walk.second(p)) + c0 * kTile : b0;
           const int64_t n0 = g * 16;
           const int cols = walk.cols(p);
-          NextWeight next;
+          next.weight = L2Ask();
           if (m_end - m_begin > 16) {
             const auto [np, npass] = walk.after(p, pass, p_begin, p_end, passes,
                                                 m_begin + band >= m);
             if (np < pairs) {
               const int64_t nc0 = chunks * npass / passes;
-              next.ask(w.group(walk.first(np)) + nc0 * kTile,
-                       walk.two(np) ? w.group(walk.second(np)) + nc0 * kTile : nullptr,
-                       (chunks * (npass + 1) / passes - nc0) * kTile,
-                       (m_end - m_begin + 15) / 16 * nk);
+              next.weight.ask_pair(
+                  w.group(walk.first(np)) + nc0 * kTile,
+                  walk.two(np) ? w.group(walk.second(np)) + nc0 * kTile : nullptr,
+                  (chunks * (npass + 1) / passes - nc0) * kTile, (m_end - m_begin + 15) / 16 * nk);
             }
           }
           for (int64_t m0 = m_begin; m0 < m_end; m0 += 16) {
             const int8_t* a = xq + (m0 / 16) * chunks * 2 * kTile + c0 * 2 * kTile;
             int32_t* slot = slots + 1024 * ((m0 - m_begin) / 16 * nc + (p - p_begin));
             const int32_t* init = first ? nullptr : slot;
-            if (two && next.lines) chunk_sums<2, true>(a, nk, b0, b1, false, next, init, slot);
+            if (two && next.any()) chunk_sums<2, true>(a, nk, b0, b1, false, next, init, slot);
             else if (two) chunk_sums<2, false>(a, nk, b0, b1, false, next, init, slot);
             else chunk_sums<1, false>(a, nk, b0, b1, false, next, init, slot);
             if (last && glu) {
@@ -222,19 +233,19 @@ XLLM_AMX void int8_groups_amx(const PackedAmxInt8& w, const int8_t* xq, const fl
       const int8_t* b1 = two ? w.group(walk.second(p)) : b0;
       const int64_t n0 = g * 16;
       const int cols = walk.cols(p);
-      NextWeight next;
+      AmxAsks next;
       if (m_end - m_begin > 16) {
         const int64_t np = walk.after(p, 0, 0, pairs, 1, m_begin + band >= m).first;
         if (np < pairs) {
-          next.ask(w.group(walk.first(np)),
-                   walk.two(np) ? w.group(walk.second(np)) : nullptr, chunks * kTile,
-                   (m_end - m_begin + 15) / 16 * chunks);
+          next.weight.ask_pair(w.group(walk.first(np)),
+                               walk.two(np) ? w.group(walk.second(np)) : nullptr, chunks * kTile,
+                               (m_end - m_begin + 15) / 16 * chunks);
         }
       }
       for (int64_t m0 = m_begin; m0 < m_end; m0 += 16) {
         const int8_t* a = xq + (m0 / 16) * chunks * 2 * kTile;
         const bool stream = m0 == m_begin;
-        if (two && next.lines) chunk_sums<2, true>(a, chunks, b0, b1, stream, next, nullptr, sums);
+        if (two && next.any()) chunk_sums<2, true>(a, chunks, b0, b1, stream, next, nullptr, sums);
         else if (two) chunk_sums<2, false>(a, chunks, b0, b1, stream, next, nullptr, sums);
         else chunk_sums<1, false>(a, chunks, b0, b1, stream, next, nullptr, sums);
         if (glu) {
