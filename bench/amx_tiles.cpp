@@ -14,7 +14,12 @@
 //                B KiB: sizes under L1, L2 and beyond show where each operand can live;
 //   blocks       the GEMM's pass structure: blocks of 16 K tiles (one pair's 32 KiB of
 //                weight held while 8 row blocks of x pass), the 4 sums zeroed, stored, or
-//                loaded and stored around each block.
+//                loaded and stored around each block;
+//   driver       the driver's loop nest for a prompt thread's share (256 rows, K = 2048 in
+//                4 passes, blocks of 8 pairs), the weight cycling through 64 MiB (from
+//                memory, as in a model larger than the caches): asking for nothing, for
+//                the next pair's weight, and for that and the next pass's x (L2Ask in
+//                csrc/quant/bf16_gemm.h), a few lines at each K step.
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -157,6 +162,73 @@ long blocks(const uint16_t* x, const uint16_t* w, float* sums) {
   return 4L * kNk * kRowBlocks * kPairs;
 }
 
+// The driver's loop nest (bf16_groups_amx with passes) on one block of 8 pairs: x in the
+// driver's tiles ([16-row block][64 K tiles][16 x 32]), the pairs' weight taken in turn
+// from w (w_tiles tiles of 1 KiB, cycling). Asks: 0 none, 1 the next pair's weight, 2 that
+// and the next pass's x, spread over the steps as the driver spreads them.
+long driver(const uint16_t* x, const uint16_t* w, size_t w_tiles, float* sums, int asks) {
+  constexpr int kt = 64, nk = 16, passes = 4, kPairs = 8, kRowBlocks = 8;
+  constexpr int64_t k = kt * 32;
+  static size_t offset = 0;
+  if (offset + (kPairs + 1) * 2 * kt > w_tiles) offset = 0;
+  const uint16_t* wb = w + offset * 512;  // pair p: groups 2p and 2p + 1, kt tiles each
+  offset += kPairs * 2 * kt;
+  auto ask = [](const char* at, int64_t i) { _mm_prefetch(at + i * 64, _MM_HINT_T1); };
+  for (int pass = 0; pass < passes; ++pass) {
+    const auto* next_x = reinterpret_cast<const char*>(x + ((pass + 1) % passes) * nk * 512);
+    for (int p = 0; p < kPairs; ++p) {
+      const uint16_t* b0 = wb + (2 * p * kt + pass * nk) * 512;
+      const uint16_t* b1 = b0 + kt * 512;
+      // The next pair's slices (past the last pair: the next pass's first, or beyond).
+      const int np = p + 1 < kPairs ? p + 1 : 0, npass = p + 1 < kPairs ? pass : pass + 1;
+      const auto* nw = reinterpret_cast<const char*>(wb + (2 * np * kt + npass * nk) * 512);
+      for (int r = 0; r < kRowBlocks; ++r) {
+        const uint16_t* a = x + static_cast<int64_t>(r) * 32 * k + pass * nk * 512;
+        float* c = sums + (r * kPairs + p) * 1024;
+        if (pass == 0) {
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+        } else {
+          _tile_loadd(0, c, 128);
+          _tile_loadd(1, c + 16, 128);
+          _tile_loadd(2, c + 512, 128);
+          _tile_loadd(3, c + 528, 128);
+        }
+        _tile_stream_loadd(4, a, 64);
+        _tile_loadd(6, b0, 64);
+        _tile_loadd(7, b1, 64);
+        _tile_stream_loadd(5, a + 16 * k, 64);
+        for (int kb = 0; kb < nk; ++kb) {
+          const bool more = kb + 1 < nk;
+          _tile_dpbf16ps(0, 4, 6);
+          if (asks > 0) {  // 256 lines of each group's slice over 8 x 16 steps: 2 a step
+            const int64_t i = (r * nk + kb) * 2;
+            ask(nw, i), ask(nw, i + 1), ask(nw + kt * 1024, i), ask(nw + kt * 1024, i + 1);
+          }
+          if (asks > 1) {  // the next pass's x: 16 row blocks x 256 lines over 1024 steps
+            const int64_t i = ((p * kRowBlocks + r) * nk + kb) * 4;
+            for (int64_t j = i; j < i + 4; ++j) ask(next_x + (j / 256) * kt * 1024, j % 256);
+          }
+          _tile_dpbf16ps(1, 4, 7);
+          if (more) _tile_stream_loadd(4, a + (kb + 1) * 512, 64);
+          _tile_dpbf16ps(2, 5, 6);
+          if (more) _tile_loadd(6, b0 + (kb + 1) * 512, 64);
+          _tile_dpbf16ps(3, 5, 7);
+          if (more) _tile_stream_loadd(5, a + 16 * k + (kb + 1) * 512, 64);
+          if (more) _tile_loadd(7, b1 + (kb + 1) * 512, 64);
+        }
+        _tile_stored(0, c, 128);
+        _tile_stored(1, c + 16, 128);
+        _tile_stored(2, c + 512, 128);
+        _tile_stored(3, c + 528, 128);
+      }
+    }
+  }
+  return 4L * nk * kRowBlocks * kPairs * passes;
+}
+
 }  // namespace
 
 int main() {
@@ -190,6 +262,12 @@ int main() {
   report("blocks, sums dropped", [&] { return blocks<0>(x, w, c); });
   report("blocks, sums stored", [&] { return blocks<1>(x, w, c); });
   report("blocks, sums loaded + stored", [&] { return blocks<2>(x, w, c); });
+  const auto big = random_bf16(size_t{65536} * 512, 0x3c00);  // 64 MiB of weight tiles
+  const char* what[] = {"driver, nothing asked", "driver, weight asked",
+                        "driver, weight and x asked"};
+  for (int asks = 0; asks < 3; ++asks) {
+    report(what[asks], [&] { return driver(x, aligned(big), 65536, c, asks); });
+  }
   _tile_release();
   return 0;
 }
