@@ -132,7 +132,7 @@ struct alignas(64) TileConfig {
 // tmm0-3: sums (16 x 16 fp32); tmm4-5: x (16 rows x 32 bf16); tmm6-7: W (16 pairs x 16 x 2).
 // a: x in tiles (round_rows_bf16_tiles), the first of MT 16-row blocks at its first K tile;
 // nk K tiles of 32 inputs. The sums start from src (row stride ld_src floats) or from zero
-// when src is null, and end in dst (row stride ld_dst). Next: one step of next a K tile.
+// when src is null, and end in dst (row stride ld_dst). Next: next.step() once a K tile.
 template <int MT, int NT, bool Next>
 XLLM_AMX void amx_block(const uint16_t* a, int64_t k, int64_t nk, const uint16_t* b0,
                         const uint16_t* b1, const float* src, int64_t ld_src, float* dst,

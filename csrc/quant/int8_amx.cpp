@@ -41,7 +41,9 @@ constexpr int64_t kAhead = 2;            // chunks of W prefetched ahead in a st
 // sums [2][16][32] int32: the hi then the lo sums of 16 rows x 16 NT outputs, over all chunks.
 // a: the rows' x tiles (hi, lo per chunk); b0, b1: the two groups' W tiles. stream: ask for
 // W kAhead chunks on (past the end, the next pair's first chunks). next (Next): the next
-// pair's W and the next pass's x, asked for into L2 a few lines a step (bf16_gemm.h).
+// pair's W and the next pass's x, asked for into L2 a few lines a step (bf16_gemm.h), in
+// place of stream's requests (the W they would ask for was asked for during the last pair;
+// asking both measured the same).
 // init: sums of earlier chunks to go on from (the same layout), or null to start at zero.
 template <int NT, bool Next>
 XLLM_AMX void chunk_sums(const int8_t* a, int64_t chunks, const int8_t* b0, const int8_t* b1,
