@@ -34,19 +34,21 @@ def test_linear_matches_reference(isa: str, m: int, n: int, k: int) -> None:
     assert (out.double() - ref).abs().max().item() < tol
 
 
-# The AMX driver's blocking: 1600 inputs are summed in 4 passes, 600 outputs (19 pairs of
-# groups, the last one group short of 32 outputs) in blocks of pairs; 40 rows split the
-# groups between threads, 300 and 600 split the rows (in bands of 256), with and without
-# a bias.
-@pytest.mark.parametrize("m", [40, 300, 601])
-def test_long_inputs_in_passes(isa: str, m: int) -> None:
-    g = torch.Generator().manual_seed(m)
-    w = torch.randn(600, 1600, generator=g)
+# The AMX driver's blocking: 600 outputs (19 pairs of groups, the last one group short of 32
+# outputs) in blocks of pairs; 40 and 100 rows split the groups between threads and sum
+# 1600 inputs in one pass, 4160 in 3 (passes of up to 2048 inputs up to 128 rows); 300 and
+# 601 rows split the rows (in bands of 256) and sum 1600 inputs in 4 passes, 4160 in 9; with
+# and without a bias.
+@pytest.mark.parametrize("m", [40, 100, 300, 601])
+@pytest.mark.parametrize("k", [1600, 4160])
+def test_long_inputs_in_passes(isa: str, m: int, k: int) -> None:
+    g = torch.Generator().manual_seed(m + k)
+    w = torch.randn(600, k, generator=g)
     bias = torch.randn(600, generator=g) if m % 2 else None
     weight = BlockLinearWeight.from_rows(w, "bf16_gemm", bias)
-    x = torch.randn(m, 1600, generator=g)
+    x = torch.randn(m, k, generator=g)
     ref = _reference(x, w, bias)
-    tol = 4e-7 * 1600 * (x.abs().max() * w.abs().max()).item() + 1e-5
+    tol = 4e-7 * k * (x.abs().max() * w.abs().max()).item() + 1e-5
     assert (weight(x).double() - ref).abs().max().item() < tol
 
 
