@@ -99,33 +99,6 @@ inline int64_t amx_pass_pairs(int64_t pairs) {
   const int64_t blocks = (pairs + kAmxPassPairs - 1) / kAmxPassPairs;
   return (pairs + blocks - 1) / blocks;
 }
-// The pairs of 16-output groups both AMX drivers multiply together (two weight tiles beside
-// one x tile): neighbours g, g + 1 within [g_begin, g_end) (the last alone when the count
-// is odd), or with glu > 0 (a gate|up weight, glu = I / 16) gate group g in [g_begin, g_end)
-// with its up group g + glu. rows: the weight's output features.
-struct AmxPairs {
-  int64_t g_begin, g_end, glu, rows;
-
-  int64_t count() const { return glu ? g_end - g_begin : (g_end - g_begin + 1) / 2; }
-  int64_t first(int64_t p) const { return g_begin + (glu ? p : 2 * p); }
-  bool two(int64_t p) const { return glu || first(p) + 1 < g_end; }
-  int64_t second(int64_t p) const { return first(p) + (glu ? glu : 1); }
-  // The (pair, pass) after pair p of pass `pass` in the drivers' loop nest (blocks of pairs
-  // [p_begin, p_end), then bands of rows, then passes, then pairs): the next pair, else the
-  // block's first in the next pass, else in the next band (the same pass 0), else after the
-  // last band the next block's first pair (count() when there is none).
-  std::pair<int64_t, int64_t> after(int64_t p, int64_t pass, int64_t p_begin, int64_t p_end,
-                                    int64_t passes, bool last_band) const {
-    if (p + 1 < p_end) return {p + 1, pass};
-    if (pass + 1 < passes) return {p_begin, pass + 1};
-    return {last_band ? p_end : p_begin, 0};
-  }
-  // Outputs of pair p that land in out: its first group's onwards (glu: one group's worth).
-  int cols(int64_t p) const {
-    if (glu) return 16;
-    return static_cast<int>(std::min<int64_t>(two(p) ? 32 : 16, rows - 16 * first(p)));
-  }
-};
 // Lines asked for into L2 a few at each K step of the AMX drivers' tile blocks, so that
 // they come from memory while the tiles compute: the next pair's weight slices, and (bf16,
 // several passes) the next pass's slice of x. Spread out: the same lines asked for all at
@@ -162,6 +135,46 @@ struct L2Ask {
     }
   }
 #endif
+};
+// The pairs of 16-output groups both AMX drivers multiply together (two weight tiles beside
+// one x tile): neighbours g, g + 1 within [g_begin, g_end) (the last alone when the count
+// is odd), or with glu > 0 (a gate|up weight, glu = I / 16) gate group g in [g_begin, g_end)
+// with its up group g + glu. rows: the weight's output features.
+struct AmxPairs {
+  int64_t g_begin, g_end, glu, rows;
+
+  int64_t count() const { return glu ? g_end - g_begin : (g_end - g_begin + 1) / 2; }
+  int64_t first(int64_t p) const { return g_begin + (glu ? p : 2 * p); }
+  bool two(int64_t p) const { return glu || first(p) + 1 < g_end; }
+  int64_t second(int64_t p) const { return first(p) + (glu ? glu : 1); }
+  // The (pair, pass) after pair p of pass `pass` in the drivers' loop nest (blocks of pairs
+  // [p_begin, p_end), then bands of rows, then passes, then pairs): the next pair, else the
+  // block's first in the next pass, else in the next band (the same pass 0), else after the
+  // last band the next block's first pair (count() when there is none).
+  std::pair<int64_t, int64_t> after(int64_t p, int64_t pass, int64_t p_begin, int64_t p_end,
+                                    int64_t passes, bool last_band) const {
+    if (p + 1 < p_end) return {p + 1, pass};
+    if (pass + 1 < passes) return {p_begin, pass + 1};
+    return {last_band ? p_end : p_begin, 0};
+  }
+  // Has `ask` ask for the weight slice that comes after pair p of pass `pass` (after()), over
+  // `steps` steps: that pass's share of each of its groups' `units` units of `unit_bytes`
+  // (group(g): the first byte of group g's packed weight). Past the last pair, nothing.
+  template <class Group>
+  void ask_after(L2Ask& ask, int64_t p, int64_t pass, int64_t p_begin, int64_t p_end,
+                 int64_t passes, bool last_band, int64_t units, int64_t unit_bytes,
+                 int64_t steps, Group group) const {
+    const auto [np, npass] = after(p, pass, p_begin, p_end, passes, last_band);
+    if (np >= count()) return;
+    const int64_t u0 = units * npass / passes, nu = units * (npass + 1) / passes - u0;
+    ask.ask_pair(group(first(np)) + u0 * unit_bytes,
+                 two(np) ? group(second(np)) + u0 * unit_bytes : nullptr, nu * unit_bytes, steps);
+  }
+  // Outputs of pair p that land in out: its first group's onwards (glu: one group's worth).
+  int cols(int64_t p) const {
+    if (glu) return 16;
+    return static_cast<int>(std::min<int64_t>(two(p) ? 32 : 16, rows - 16 * first(p)));
+  }
 };
 // What the AMX drivers' tile blocks ask for as they go: the next pair's weight (over a pair's
 // row blocks) and, with passes, the next pass's slice of x (over a pass).

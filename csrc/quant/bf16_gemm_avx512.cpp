@@ -252,15 +252,10 @@ XLLM_AMX void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m
           // The weight slice that comes next, asked for over this pair's row blocks.
           next.weight = L2Ask();
           if (m_end - m_begin > 32) {
-            const auto [np, npass] = walk.after(p, pass, p_begin, p_end, passes,
-                                                m_begin + band >= m);
-            if (np < pairs) {
-              const int64_t nkb0 = kt * npass / passes, nnk = kt * (npass + 1) / passes - nkb0;
-              next.weight.ask_pair(
-                  w.group(walk.first(np)) + nkb0 * 512,
-                  walk.two(np) ? w.group(walk.second(np)) + nkb0 * 512 : nullptr, nnk * 1024,
-                  (m_end - m_begin + 31) / 32 * nk);
-            }
+            walk.ask_after(next.weight, p, pass, p_begin, p_end, passes, m_begin + band >= m, kt,
+                           1024, (m_end - m_begin + 31) / 32 * nk, [&](int64_t gi) {
+                             return reinterpret_cast<const char*>(w.group(gi));
+                           });
           }
           const int64_t n0 = g * kBf16Group;
           const int cols = walk.cols(p);

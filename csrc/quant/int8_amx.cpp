@@ -87,6 +87,11 @@ XLLM_AMX void chunk_sums(const int8_t* a, int64_t chunks, const int8_t* b0, cons
   if (NT > 1) _tile_stored(3, sums + 16 * 32 + 16, kStride);
 }
 
+// Group g's packed weight as bytes (AmxPairs::ask_after).
+auto byte_groups(const PackedAmxInt8& w) {
+  return [&w](int64_t g) { return reinterpret_cast<const char*>(w.group(g)); };
+}
+
 // 256 hi + lo, as fp32.
 XLLM_AVX512 inline __m512 combine(const int32_t* hi, const int32_t* lo) {
   return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(hi)), _mm512_set1_ps(256.0f),
@@ -181,15 +186,8 @@ XLLM_AMX void int8_groups_amx_passes(const PackedAmxInt8& w, const int8_t* xq, c
           const int cols = walk.cols(p);
           next.weight = L2Ask();
           if (m_end - m_begin > 16) {
-            const auto [np, npass] = walk.after(p, pass, p_begin, p_end, passes,
-                                                m_begin + band >= m);
-            if (np < pairs) {
-              const int64_t nc0 = chunks * npass / passes;
-              next.weight.ask_pair(
-                  w.group(walk.first(np)) + nc0 * kTile,
-                  walk.two(np) ? w.group(walk.second(np)) + nc0 * kTile : nullptr,
-                  (chunks * (npass + 1) / passes - nc0) * kTile, (m_end - m_begin + 15) / 16 * nk);
-            }
+            walk.ask_after(next.weight, p, pass, p_begin, p_end, passes, m_begin + band >= m,
+                           chunks, kTile, (m_end - m_begin + 15) / 16 * nk, byte_groups(w));
           }
           for (int64_t m0 = m_begin; m0 < m_end; m0 += 16) {
             const int8_t* a = xq + (m0 / 16) * chunks * 2 * kTile + c0 * 2 * kTile;
@@ -237,12 +235,8 @@ XLLM_AMX void int8_groups_amx(const PackedAmxInt8& w, const int8_t* xq, const fl
       const int cols = walk.cols(p);
       AmxAsks next;
       if (m_end - m_begin > 16) {
-        const int64_t np = walk.after(p, 0, 0, pairs, 1, m_begin + band >= m).first;
-        if (np < pairs) {
-          next.weight.ask_pair(w.group(walk.first(np)),
-                               walk.two(np) ? w.group(walk.second(np)) : nullptr, chunks * kTile,
-                               (m_end - m_begin + 15) / 16 * chunks);
-        }
+        walk.ask_after(next.weight, p, 0, 0, pairs, 1, m_begin + band >= m, chunks, kTile,
+                       (m_end - m_begin + 15) / 16 * chunks, byte_groups(w));
       }
       for (int64_t m0 = m_begin; m0 < m_end; m0 += 16) {
         const int8_t* a = xq + (m0 / 16) * chunks * 2 * kTile;
