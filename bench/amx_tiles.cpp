@@ -3,7 +3,7 @@
 // bf16 data (zeros run faster), one thread; run one copy per core to see both.
 //
 //   g++ -O2 -mamx-tile -mamx-bf16 -mavx512bf16 bench/amx_tiles.cpp -o /tmp/amx_tiles &&
-//     /tmp/amx_tiles
+//     /tmp/amx_tiles [WEIGHT_MIB]
 //
 // Lines printed:
 //   vdpbf16ps    the avx512 level's instruction alone (12 independent chains of zmm
@@ -16,9 +16,10 @@
 //                weight held while 8 row blocks of x pass), the 4 sums zeroed, stored, or
 //                loaded and stored around each block;
 //   driver       the driver's loop nest for a prompt thread's share (256 rows, K = 2048 in
-//                4 passes, blocks of 8 pairs), the weight cycling through 64 MiB (from
-//                memory, as in a model larger than the caches): asking for nothing, for
-//                the next pair's weight, and for that and the next pass's x (L2Ask in
+//                4 passes, blocks of 8 pairs), the weight cycling through WEIGHT_MIB MiB
+//                (default 64; as in a model larger than the caches, but a VM may report
+//                an L3 that holds 64 MiB: 1024 puts it past any L3): asking for nothing,
+//                for the next pair's weight, and for that and the next pass's x (L2Ask in
 //                csrc/quant/bf16_gemm.h), a few lines at each K step.
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -231,7 +232,7 @@ long driver(const uint16_t* x, const uint16_t* w, size_t w_tiles, float* sums, i
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) != 0) {
     std::fprintf(stderr, "the OS did not grant the AMX tile state\n");
     return 1;
@@ -262,11 +263,16 @@ int main() {
   report("blocks, sums dropped", [&] { return blocks<0>(x, w, c); });
   report("blocks, sums stored", [&] { return blocks<1>(x, w, c); });
   report("blocks, sums loaded + stored", [&] { return blocks<2>(x, w, c); });
-  const auto big = random_bf16(size_t{65536} * 512, 0x3c00);  // 64 MiB of weight tiles
+  const size_t weight_tiles = size_t{1024} * (argc > 1 ? std::strtoul(argv[1], nullptr, 10) : 64);
+  if (weight_tiles < 1024) {
+    std::fprintf(stderr, "WEIGHT_MIB must be at least 1\n");
+    return 2;
+  }
+  const auto big = random_bf16(weight_tiles * 512, 0x3c00);  // 1 KiB tiles
   const char* what[] = {"driver, nothing asked", "driver, weight asked",
                         "driver, weight and x asked"};
   for (int asks = 0; asks < 3; ++asks) {
-    report(what[asks], [&] { return driver(x, aligned(big), 65536, c, asks); });
+    report(what[asks], [&] { return driver(x, aligned(big), weight_tiles, c, asks); });
   }
   _tile_release();
   return 0;
