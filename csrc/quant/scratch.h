@@ -11,6 +11,10 @@
 #include <memory>
 #include <new>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace xllm::quant {
 
 struct AlignedFree {
@@ -20,10 +24,24 @@ struct AlignedFree {
 template <class T>
 using AlignedArray = std::unique_ptr<T[], AlignedFree>;
 
+// Arrays of at least kHugePage bytes (packed weights) are aligned to it and advised onto
+// transparent huge pages (MADV_HUGEPAGE; a hint, for kernels whose THP mode is "madvise"):
+// a decode step streams every weight byte once, and with 4 KiB pages it took a TLB miss
+// every 4 KiB, which in a VM costs a two-level page walk. Measured on the AMX Xeon (a KVM
+// guest), 16 layers of Llama-3.2-1B's projections streamed: bf16 rows 1.03-1.04x at 1-64
+// rows, the int8 tiles 1.08x at 16 rows, prompts 1.01x.
+constexpr size_t kHugePage = size_t{2} << 20;
+
 template <class T>
 AlignedArray<T> aligned_array(size_t count) {
-  void* p = std::aligned_alloc(64, (count * sizeof(T) + 63) / 64 * 64);
+  // (The size is not rounded up to whole huge pages: the last part stays on small pages.)
+  const size_t bytes = (count * sizeof(T) + 63) / 64 * 64;
+  const size_t align = bytes >= kHugePage ? kHugePage : 64;
+  void* p = std::aligned_alloc(align, bytes);
   if (!p) throw std::bad_alloc();
+#if defined(__linux__)
+  if (align == kHugePage) madvise(p, bytes, MADV_HUGEPAGE);  // (best effort: errors ignored)
+#endif
   return AlignedArray<T>(static_cast<T*>(p));
 }
 
