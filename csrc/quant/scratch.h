@@ -28,8 +28,8 @@ using AlignedArray = std::unique_ptr<T[], AlignedFree>;
 // transparent huge pages (MADV_HUGEPAGE; a hint, for kernels whose THP mode is "madvise"):
 // a decode step streams every weight byte once, and with 4 KiB pages it took a TLB miss
 // every 4 KiB, which in a VM costs a two-level page walk. Measured on the AMX Xeon (a KVM
-// guest), 16 layers of Llama-3.2-1B's projections streamed: bf16 rows 1.03-1.04x at 1-64
-// rows, the int8 tiles 1.08x at 16 rows, prompts 1.01x.
+// guest), 16 layers of Llama-3.2-1B's projections streamed: bf16 rows 1.01-1.05x at 1-64
+// rows, the int8 tiles 1.1x at 16 rows, prompts 1.01x.
 constexpr size_t kHugePage = size_t{2} << 20;
 
 template <class T>
