@@ -55,8 +55,9 @@ def test_long_inputs_in_passes(isa: str, m: int, k: int) -> None:
 def test_amx_rows_do_not_depend_on_the_batch(isa: str) -> None:
     """From _C.AMX_MIN_ROWS rows each output row is the same tile products in the same order
     whichever way the rows are split between threads or K into passes: a row's result is
-    bit-identical in a small batch (output groups split between threads; up to 32 rows K in
-    one pass) and inside a prompt-sized one (rows split between threads, K in passes)."""
+    bit-identical in a small batch (output groups split between threads; up to 128 rows the
+    1600 inputs in one pass) and inside a prompt-sized one (rows split between threads, K in
+    passes of 512)."""
     if isa != "amx":
         pytest.skip("the amx level's tiles; the other levels' order depends on the rows")
     g = torch.Generator().manual_seed(5)
