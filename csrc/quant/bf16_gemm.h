@@ -197,6 +197,19 @@ inline std::pair<int64_t, int64_t> amx_next_x(int64_t m_begin, int64_t pass, int
   if (m_begin + band < m) return {m_begin + band, 0};
   return {last_block ? m : 0, 0};
 }
+// Has `ask` ask for the slice of x that comes after pass `pass` of the band at m_begin
+// (amx_next_x), over `steps` steps: that pass's share of the `units` units of `unit_bytes`
+// in each 16-row block of the band's rows (x: the tiles at `base`, [16-row block][units]).
+// After the last, nothing.
+inline void amx_ask_next_x(L2Ask& ask, const void* base, int64_t m_begin, int64_t pass,
+                           int64_t passes, int64_t band, int64_t m, bool last_block,
+                           int64_t units, int64_t unit_bytes, int64_t steps) {
+  const auto [nb, npass] = amx_next_x(m_begin, pass, passes, band, m, last_block);
+  if (nb >= m) return;
+  const int64_t u0 = units * npass / passes, nu = units * (npass + 1) / passes - u0;
+  ask.ask(static_cast<const char*>(base) + (nb / 16 * units + u0) * unit_bytes,
+          (std::min(m, nb + band) - nb + 15) / 16, units * unit_bytes, nu * unit_bytes, steps);
+}
 // Thread me of nth's groups when the output groups are split: whole pairs, as even as can
 // be; with glu, gate groups (each brings its up group). Returns [begin, end); nth = 1 gives
 // all of them.

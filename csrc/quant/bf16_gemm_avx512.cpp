@@ -236,13 +236,8 @@ XLLM_AMX void bf16_groups_amx(const PackedBf16& w, const uint16_t* xb, int64_t m
         // block of pairs' first, after the last pass), asked for over this pass.
         AmxAsks next;
         if (passes > 1) {
-          const auto [nb, npass] = amx_next_x(m_begin, pass, passes, band, m, p_end == pairs);
-          if (nb < m) {
-            const int64_t nkb0 = kt * npass / passes, nnk = kt * (npass + 1) / passes - nkb0;
-            next.x.ask(xb + (nb / 16 * kt + nkb0) * 512, (std::min(m, nb + band) - nb + 15) / 16,
-                       kt * 1024, nnk * 1024,
-                       (p_end - p_begin) * ((m_end - m_begin + 31) / 32) * nk);
-          }
+          amx_ask_next_x(next.x, xb, m_begin, pass, passes, band, m, p_end == pairs, kt, 1024,
+                         (p_end - p_begin) * ((m_end - m_begin + 31) / 32) * nk);
         }
         for (int64_t p = p_begin; p < p_end; ++p) {
           const int64_t g = walk.first(p);

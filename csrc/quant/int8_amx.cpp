@@ -167,16 +167,8 @@ XLLM_AMX void int8_groups_amx_passes(const PackedAmxInt8& w, const int8_t* xq, c
         const int64_t c0 = chunks * pass / passes, nk = chunks * (pass + 1) / passes - c0;
         const bool first = pass == 0, last = pass == passes - 1;
         AmxAsks next;
-        {
-          const auto [nb, npass] = amx_next_x(m_begin, pass, passes, band, m, p_end == pairs);
-          if (nb < m) {
-            const int64_t nc0 = chunks * npass / passes;
-            next.x.ask(xq + (nb / 16 * chunks + nc0) * 2 * kTile,
-                       (std::min(m, nb + band) - nb + 15) / 16, chunks * 2 * kTile,
-                       (chunks * (npass + 1) / passes - nc0) * 2 * kTile,
-                       (p_end - p_begin) * ((m_end - m_begin + 15) / 16) * nk);
-          }
-        }
+        amx_ask_next_x(next.x, xq, m_begin, pass, passes, band, m, p_end == pairs, chunks,
+                       2 * kTile, (p_end - p_begin) * ((m_end - m_begin + 15) / 16) * nk);
         for (int64_t p = p_begin; p < p_end; ++p) {
           const int64_t g = walk.first(p);
           const bool two = walk.two(p);
