@@ -10,7 +10,14 @@ from live_server import LiveServer
 
 from xllm.api.app import build_app
 from xllm.api.settings import ServerSettings
-from xllm.benchmarks.serve import Client, RequestResult, run_load, summarize, synthetic_requests
+from xllm.benchmarks.serve import (
+    Client,
+    RequestResult,
+    regoodput,
+    run_load,
+    summarize,
+    synthetic_requests,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -41,6 +48,11 @@ def test_summary_statistics() -> None:
     assert s["tpot_ms"]["p99"] == pytest.approx(100.0)
     assert s["goodput"] == pytest.approx(0.5)  # TTFT 0.1..0.5 s meet the 0.5 s SLO
     assert s["output_throughput"] == pytest.approx(5.0) and s["errors"] == ["HTTPError: 503"]
+    # Recomputed later from the requests kept: the same SLO gives the same goodput, others
+    # count the requests within them (the failed one counts in the share's total).
+    assert regoodput(s, 500.0, 200.0) == pytest.approx((0.5, 5 / 11))
+    assert regoodput(s, None, None) == pytest.approx((1.0, 10 / 11))
+    assert regoodput(s, 250.0, 50.0) == pytest.approx((0.0, 0.0))  # TPOT is 100 ms
 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])

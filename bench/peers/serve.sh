@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Serve the demo model with a peer's OpenAI-compatible server, for bench.serve to load:
 #
-#   bench/peers/serve.sh vllm|llamacpp [PORT]        (default port 8001)
+#   bench/peers/serve.sh vllm|llamacpp [PORT] [MODEL_DIR]     (default port 8001)
 #
 # Runs in the foreground until stopped (Ctrl-C or SIGTERM); binds 127.0.0.1 and serves the
-# model under the name "demo", as xllm-server does. The peers come from bench/peers/setup.sh
+# model under the name "demo", as xllm-server does. MODEL_DIR (vllm only): a Hugging Face
+# directory to serve instead of the demo (a bench.random_checkpoint one, say). The peers come from bench/peers/setup.sh
 # ($XLLM_PEERS_DIR, default ~/.cache/xllm/peers). The model paths come from xllm's demo
 # cache (this repository's python: $XLLM_PYTHON, default the python on PATH).
 #
@@ -25,6 +26,7 @@ set -euo pipefail
 
 PEER="${1:-}"
 PORT="${2:-8001}"
+MODEL_DIR="${3:-}"
 PEERS_DIR="${XLLM_PEERS_DIR:-$HOME/.cache/xllm/peers}"
 XLLM_PYTHON="${XLLM_PYTHON:-python}"
 CONTEXT=2048
@@ -48,7 +50,7 @@ vllm_dtype() {
 
 case "$PEER" in
     vllm)
-        MODEL="$("$XLLM_PYTHON" -c "from xllm.loader.demo import demo_model_dir; print(demo_model_dir())")"
+        MODEL="${MODEL_DIR:-$("$XLLM_PYTHON" -c "from xllm.loader.demo import demo_model_dir; print(demo_model_dir())")}"
         PY="$PEERS_DIR/vllm/bin/python"
         PRELOAD=""
         for lib in /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 "$PEERS_DIR/vllm/lib/libiomp5.so"; do
@@ -64,6 +66,10 @@ case "$PEER" in
             --max-model-len "$CONTEXT" --kv-cache-memory-bytes $((4 << 30)) --seed 0
         ;;
     llamacpp)
+        if [[ -n "$MODEL_DIR" ]]; then
+            echo "serve.sh: llamacpp serves the demo's GGUF only; MODEL_DIR is for vllm" >&2
+            exit 2
+        fi
         GGUF="$("$XLLM_PYTHON" -c "from xllm.loader.demo import ensure_demo_gguf; print(ensure_demo_gguf())")"
         PY="$PEERS_DIR/llamacpp/bin/python"
         cd "$PEERS_DIR/llamacpp"
@@ -72,7 +78,7 @@ case "$PEER" in
             --interrupt_requests False
         ;;
     *)
-        sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac

@@ -16,7 +16,10 @@ Reports request throughput, output tokens/s, TTFT, TPOT (per request: time after
 token / further tokens), ITL (gaps between streamed events) and end-to-end latency at
 p50/p90/p99, and goodput: completed requests per second meeting every SLO given. Writes JSON
 and PNG plots (latency CDFs; throughput and p99 latencies against request rate when several
-rates run). ``--compare A.json B.json`` only draws the plots of earlier runs side by side.
+rates run). ``--compare A.json B.json`` only reads earlier runs: with ``--plot-dir`` it draws
+their plots side by side, and with ``--slo-ttft-ms`` / ``--slo-tpot-ms`` it prints their
+goodput recomputed under those SLOs from the requests each run kept (a larger model's runs
+judged by a looser SLO than the one they ran under, say).
 """
 
 from __future__ import annotations
@@ -260,6 +263,17 @@ def summarize(results: list[RequestResult], duration: float, slo_ttft: float | N
     return out
 
 
+def regoodput(run: dict[str, Any], slo_ttft_ms: float | None,
+              slo_tpot_ms: float | None) -> tuple[float, float]:
+    """(goodput in requests/s, share of requests) of a summarized run (``summarize``'s
+    dict, from --json) under other SLOs, from the requests it kept."""
+    good = [r for r in run["requests"]
+            if (slo_ttft_ms is None or r["ttft_ms"] <= slo_ttft_ms)
+            and (slo_tpot_ms is None or r["tpot_ms"] is None or r["tpot_ms"] <= slo_tpot_ms)]
+    total = run["completed"] + run["failed"]
+    return len(good) / run["duration_s"], len(good) / total if total else 0.0
+
+
 def _print_run(label: str, load: str, s: dict[str, Any]) -> None:
     def row(name: str, key: str) -> str:
         v = s[key]
@@ -334,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write the results here")
     p.add_argument("--plot-dir", metavar="DIR", help="write PNG plots here")
     p.add_argument("--compare", nargs="+", metavar="JSON",
-                   help="only plot earlier --json results together (needs --plot-dir)")
+                   help="only read earlier --json results: plot them together (--plot-dir), "
+                        "print their goodput under --slo-ttft-ms / --slo-tpot-ms")
     return p
 
 
@@ -375,12 +390,24 @@ async def _bench(args: argparse.Namespace, base_url: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.compare:
-        if not args.plot_dir:
-            print("bench.serve: --compare needs --plot-dir", file=sys.stderr)
+        slo = args.slo_ttft_ms is not None or args.slo_tpot_ms is not None
+        if not args.plot_dir and not slo:
+            print("bench.serve: --compare needs --plot-dir or an SLO (--slo-ttft-ms, "
+                  "--slo-tpot-ms)", file=sys.stderr)
             return 2
         reports = [json.loads(Path(p).read_text()) for p in args.compare]
-        for path in plot_runs(reports, Path(args.plot_dir)):
-            print(f"wrote {path}")
+        if slo:
+            print(f"goodput under TTFT <= {args.slo_ttft_ms} ms, TPOT <= {args.slo_tpot_ms} ms")
+            for report in reports:
+                for run in report["runs"]:
+                    load = next(f"{k}={run[k]}" for k in ("request_rate", "concurrency")
+                                if k in run)
+                    goodput, share = regoodput(run, args.slo_ttft_ms, args.slo_tpot_ms)
+                    print(f"  {report['label']} @ {load}: {goodput:.3f} req/s "
+                          f"({100 * share:.0f}% within SLO)")
+        if args.plot_dir:
+            for path in plot_runs(reports, Path(args.plot_dir)):
+                print(f"wrote {path}")
         return 0
     proc = None
     base_url = args.base_url
