@@ -20,7 +20,7 @@ else exact fp32 blocks), ``xllm-fp32``, and
 ``xllm-bf16`` (bf16 rows and bf16 GEMMs: what a Hugging Face checkpoint gets by default on
 a CPU with bf16 arithmetic, where the GGUF demo gets int8), ``xllm-int8`` (int8 linears:
 on the demo its Q4_1 blocks, on a Hugging Face checkpoint its weights quantized to Q8_0 at
-load);
+load; dtype auto: bfloat16 where the CPU has bf16 arithmetic, else float32);
 ``vllm`` in its default for this CPU (bfloat16 where the CPU has bf16 arithmetic, else
 float32) and ``vllm-fp32``; ``llamacpp`` (Q4_1); ``transformers`` (fp32). xllm and
 transformers (batched ``generate``, left padding) run in this process, torch threads = the
@@ -36,6 +36,11 @@ cores. A peer that is not installed is reported as such and skipped.
 ``--model HF_DIR`` runs every engine on another Hugging Face directory instead of the demo
 (llama.cpp only with ``--gguf``), e.g. a larger model's shapes with random weights from
 ``python -m bench.random_checkpoint``; its tokenizer makes the prompts.
+
+``--isa LEVEL`` runs xllm's kernels at a lower level than the CPU's (``avx2`` on an AVX-512
+CPU, say), its dtype auto deciding as on a CPU of that level: xllm's AVX2 paths measured on
+a machine that has more. The peers still use the whole CPU, so compare xllm's engines with
+each other there.
 """
 
 from __future__ import annotations
@@ -299,6 +304,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", metavar="HF_DIR",
                         help="a Hugging Face model directory to run instead of the demo (e.g. "
                              "from python -m bench.random_checkpoint)")
+    parser.add_argument("--isa", metavar="LEVEL",
+                        help="xllm's kernels at this level, at most the CPU's (scalar, avx2, "
+                             "avx512, amx; default the CPU's)")
     parser.add_argument("--peer-timeout", type=float, default=1800.0, metavar="S",
                         help="seconds one peer run may take, start-up included (default 1800; "
                              "vLLM's first start compiles for minutes)")
@@ -342,19 +350,21 @@ def main(argv: list[str] | None = None) -> int:
     llms = {}
     hf = None
     from xllm import _C
-    from xllm.loader.model import cpu_has_bf16_compute
 
+    if args.isa:
+        _C.set_cpu_isa(args.isa)  # (a ValueError names the levels this CPU has)
     # vLLM's CPU build computes in bf16 where the CPU has bf16 arithmetic, as xllm's auto does.
-    vllm_dtype = "bfloat16" if cpu_has_bf16_compute() else "float32"
+    vllm_dtype = "bfloat16" if _C.detected_isa() in ("avx512", "amx") else "float32"
     model_label = model_dir.name if args.model else "the demo model (SmolLM2-135M)"
     header = [f"model {model_dir.name}", f"{cores} cores {_cpu_list(os.sched_getaffinity(0))}",
-              f"torch {torch.__version__}", f"CPU {_cpu_name()} (xllm ISA {_C.detected_isa()})",
+              f"torch {torch.__version__}", f"CPU {_cpu_name()} (xllm ISA {_C.cpu_isa()}, "
+              f"detected {_C.detected_isa()})",
               f"vLLM default dtype {vllm_dtype}"]
     xllm_options = {"xllm-fp32": {"dtype": "float32"}, "xllm": {"dtype": "auto"},
                     # What a Hugging Face (not GGUF) checkpoint gets by default on a CPU with
                     # bf16 arithmetic: bf16 rows through bf16 GEMMs.
                     "xllm-bf16": {"dtype": "bfloat16", "weight_format": "bf16"},
-                    "xllm-int8": {"dtype": "bfloat16", "weight_format": "int8"}}
+                    "xllm-int8": {"dtype": "auto", "weight_format": "int8"}}
     for engine in ("xllm-fp32", "xllm-bf16", "xllm-int8", "xllm"):
         if engine in args.engines:
             from xllm import LLM

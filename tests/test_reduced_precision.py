@@ -46,7 +46,8 @@ from xllm.ops.blocks import dequantize_ref, pack_gguf_blocks  # noqa: E402
 
 TOP = 5
 PPL_BOUND = {"bf16_gemm": 0.01, "bf16": 0.01, "int8": 0.03, "q8_0": 0.03, "int8-dense": 0.03,
-             "bf16_gemm+kv8": 0.03, "int8+kv8": 0.03}
+             "bf16_gemm+kv8": 0.03, "int8+kv8": 0.03, "int8-f32": 0.03}
+F32 = "-f32"  # a case's suffix: dtype float32 (fp32 KV cache and attention)
 KV8 = "+kv8"  # a case's suffix: the KV cache in int8 rows (kv_cache_dtype int8)
 # Levels whose int8 path is not the scalar reference (VNNI; amx adds bf16 tiles for
 # prompt-sized inputs): the demo runs there. The random models run on every level.
@@ -166,8 +167,11 @@ CHATS = [
 # on an AMX CPU, where the prompts' attention (the perplexity) also takes the int8 dot
 # products of the decode kernels rather than AMX tiles.
 KV8_LEVELS = sorted({_C.detected_isa()} | ({"avx512"} & set(_C.cpu_isas())))
+# int8-f32: weight_format int8 in float32 at the avx2 level, the faster choice on CPUs
+# without bf16 arithmetic (their default is exact fp32).
 DEMO_CASES = ([("bf16", _C.detected_isa())] + [("int8", lv) for lv in INT8_LEVELS]
-              + [("int8-dense", _C.detected_isa())] + [("int8+kv8", lv) for lv in KV8_LEVELS])
+              + [("int8-dense", _C.detected_isa())] + [("int8+kv8", lv) for lv in KV8_LEVELS]
+              + [("int8-f32", "avx2")] * ("avx2" in _C.cpu_isas()))
 
 
 @pytest.fixture(scope="module", params=DEMO_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
@@ -182,8 +186,9 @@ def demo_llm(request, demo_model_dir, tmp_path_factory):  # noqa: ANN001, ANN201
         for f in demo_model_dir.iterdir():
             if f.name != BLOCKS_FILE.split("/")[0]:  # everything but the import's blocks
                 (model_dir / f.name).symlink_to(f)
-    weights = fmt.removesuffix("-dense").removesuffix(KV8)
-    llm = LLM(model=str(model_dir), dtype="bfloat16", weight_format=weights,
+    weights = fmt.removesuffix("-dense").removesuffix(KV8).removesuffix(F32)
+    llm = LLM(model=str(model_dir), dtype="float32" if fmt.endswith(F32) else "bfloat16",
+              weight_format=weights,
               max_model_len=512, kv_cache_memory_gb=0.1,
               kv_cache_dtype="int8" if fmt.endswith(KV8) else "auto")
     model = llm.engine.runner.model
@@ -241,14 +246,47 @@ def test_auto_dtype_follows_the_cpu(caplog: pytest.LogCaptureFixture) -> None:
 
     config = ModelConfig.from_hf_dict(hf_model("llama-gqa").config.to_dict())
     cpu = torch.device("cpu")
-    with caplog.at_level("INFO", logger="xllm.loader"):
-        chosen = resolve_dtype("auto", config, cpu)
-    bf16_cpu = _C.detected_isa() in ("avx512", "amx")
-    assert chosen == (torch.bfloat16 if bf16_cpu else torch.float32)
-    assert "dtype auto -> " in caplog.text
-    assert ("dot-product units" if bf16_cpu else "no bf16") in caplog.text
-    # A weight format that computes in fp32 takes fp32; an explicit dtype is kept.
-    assert resolve_dtype("auto", config, cpu, "blocks") == torch.float32
-    assert resolve_dtype("auto", config, cpu, "f32") == torch.float32
-    assert resolve_dtype("float32", config, cpu) == torch.float32
-    assert resolve_dtype("bfloat16", config, cpu) == torch.bfloat16
+    # (The demo fixture's last level may still be set: this module's fixture ends last.)
+    level = _C.cpu_isa()
+    _C.set_cpu_isa(_C.detected_isa())
+    try:
+        with caplog.at_level("INFO", logger="xllm.loader"):
+            chosen = resolve_dtype("auto", config, cpu)
+        bf16_cpu = _C.detected_isa() in ("avx512", "amx")
+        assert chosen == (torch.bfloat16 if bf16_cpu else torch.float32)
+        assert "dtype auto -> " in caplog.text
+        assert ("dot-product units" if bf16_cpu else "no bf16") in caplog.text
+        # A weight format that computes in fp32 takes fp32; an explicit dtype is kept.
+        assert resolve_dtype("auto", config, cpu, "blocks") == torch.float32
+        assert resolve_dtype("auto", config, cpu, "f32") == torch.float32
+        assert resolve_dtype("float32", config, cpu) == torch.float32
+        assert resolve_dtype("bfloat16", config, cpu) == torch.bfloat16
+        # A level forced below the CPU's decides as a CPU of that level would.
+        if "avx2" in _C.cpu_isas():
+            _C.set_cpu_isa("avx2")
+            assert resolve_dtype("auto", config, cpu) == torch.float32
+    finally:
+        _C.set_cpu_isa(level)
+
+
+def test_auto_weight_format(tmp_path) -> None:  # noqa: ANN001
+    """In bfloat16, int8 on an import's blocks, else bf16 rows; in float32, exact fp32 (the
+    blocks decoded, or rows); dense off the CPU; an explicit format kept."""
+    from xllm.loader.gguf_import import BLOCKS_FILE
+    from xllm.loader.model import resolve_weight_format
+
+    config = ModelConfig.from_hf_dict(hf_model("llama-gqa").config.to_dict())
+    cpu, f32, bf16 = torch.device("cpu"), torch.float32, torch.bfloat16
+    plain, imported = tmp_path / "plain", tmp_path / "imported"
+    plain.mkdir()
+    (imported / BLOCKS_FILE).parent.mkdir(parents=True)
+    (imported / BLOCKS_FILE).write_bytes(b"")
+
+    def auto(dtype: torch.dtype, model_dir, device: torch.device = cpu) -> str:  # noqa: ANN001
+        return resolve_weight_format("auto", dtype, config, device, model_dir)
+
+    assert (auto(bf16, imported), auto(f32, imported)) == ("int8", "blocks")
+    assert auto(bf16, plain) == "bf16"
+    assert auto(f32, plain) == ("bf16" if config.torch_dtype == "bfloat16" else "f32")
+    assert auto(torch.float16, imported) == auto(bf16, imported, torch.device("meta")) == "dense"
+    assert resolve_weight_format("f32", bf16, config, cpu, imported) == "f32"

@@ -38,7 +38,7 @@ from xllm.layers.eplb import Placement, rank_loads, rebalance_experts
 from xllm.layers.parallel import SINGLE, TensorParallel, check_tensor_parallel, head_shard
 from xllm.loader import resolve_model
 from xllm.loader.generation_config import GenerationConfig
-from xllm.loader.model import load_model, resolve_dtype
+from xllm.loader.model import load_model, resolve_dtype, resolve_weight_format
 from xllm.models.config import ModelConfig
 from xllm.ops.kv_cache import KV_CACHE_DTYPES, kv_row_width
 from xllm.runtime.model_runner import ModelRunner, PreparedStep, RunnerOutput
@@ -111,6 +111,9 @@ class LLMEngine:
                              f"max_position_embeddings {limit}; use at most {limit}")
         self.max_model_len = config.max_model_len or limit
         self.dtype = resolve_dtype(config.dtype, mc, self.device, config.weight_format)
+        # (What load_model picks for "auto"; the workers of a tensor-parallel model get it.)
+        self.weight_format = resolve_weight_format(config.weight_format, self.dtype, mc,
+                                                   self.device, self.model_dir)
         kv_dtype = (self.dtype if config.kv_cache_dtype == "auto"
                     else KV_CACHE_DTYPES[config.kv_cache_dtype])
         tp_size = config.tensor_parallel_size
@@ -139,7 +142,7 @@ class LLMEngine:
             cpu_tier_bytes=int(config.kv_offload_cpu_gb * (1 << 30)),
             disk_tier_dir=config.kv_offload_disk,
             disk_tier_bytes=int(config.kv_offload_disk_gb * (1 << 30)),
-            identity=_kv_identity(self.model_dir, self.dtype, kv_dtype, config.weight_format))
+            identity=_kv_identity(self.model_dir, self.dtype, kv_dtype, self.weight_format))
         # The pool's block count is the whole model's (all heads): under TP every rank holds
         # its heads of the same blocks, so kv_cache_memory_gb bounds all ranks together.
         num_blocks = config.num_kv_blocks or max(
@@ -152,7 +155,7 @@ class LLMEngine:
             spec = WorkerSpec(
                 model_dir=str(self.model_dir), dtype=str(self.dtype).removeprefix("torch."),
                 kv_dtype=str(kv_dtype).removeprefix("torch."),
-                weight_format=config.weight_format, block_size=config.block_size,
+                weight_format=self.weight_format, block_size=config.block_size,
                 num_blocks=num_blocks, max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 max_model_len=self.max_model_len, rank=0, size=tp_size, group="", cores=[],

@@ -17,10 +17,12 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 
 def cpu_has_bf16_compute() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 / AMX); else bf16 matmul crawls."""
+    """Whether the CPU kernels' level multiplies bf16 natively (AVX512-BF16 / AMX); else bf16
+    matmul crawls. The level is the CPU's, or a lower one that ``_C.set_cpu_isa`` forced (so
+    that a machine with more can stand in for an AVX2 CPU)."""
     from xllm import _C
 
-    return _C.detected_isa() in ("avx512", "amx")
+    return _C.cpu_isa() in ("avx512", "amx")
 
 
 def resolve_dtype(dtype: str, model_config: ModelConfig, device: torch.device,
@@ -43,7 +45,7 @@ def resolve_dtype(dtype: str, model_config: ModelConfig, device: torch.device,
 
         chosen = torch.bfloat16
         why = (f"this CPU has bf16 and int8 dot-product units (ISA level "
-               f"{_C.detected_isa()}): bf16 or int8 products with fp32 sums, fp32 residual "
+               f"{_C.cpu_isa()}): bf16 or int8 products with fp32 sums, fp32 residual "
                "stream, bf16 KV cache")
     else:
         chosen = torch.float32
@@ -53,6 +55,35 @@ def resolve_dtype(dtype: str, model_config: ModelConfig, device: torch.device,
 
 
 WEIGHT_FORMATS = ("auto", "dense", "blocks", "int8", "bf16", "f32")
+
+
+def resolve_weight_format(weight_format: str, dtype: torch.dtype, model_config: ModelConfig,
+                          device: torch.device, model_dir: Path) -> str:
+    """The weight format ``load_model`` loads. 'auto' picks the fastest format that passes the
+    accuracy checks (tests/test_reduced_precision.py):
+
+    - on a CPU in bfloat16 (``dtype`` auto on CPUs with bf16 arithmetic): ``int8`` where a
+      GGUF import kept its blocks (a 4-5 bit weight moves a third of bf16's bytes in a decode
+      step, and prompt-sized inputs run on the AMX tiles), else ``bf16``;
+    - on a CPU in float32: ``blocks`` (decoded exactly to fp32) where an import kept them,
+      else ``bf16`` rows for a bf16 checkpoint and ``f32`` otherwise: exact fp32. On CPUs
+      without bf16 arithmetic ``int8`` on the blocks measured faster (the avx2 level on an
+      AMX Xeon: docs/benchmarks.md) but not yet on an AVX2-only CPU, and it changes the
+      demo's greedy answer at a near-tie, so it stays a choice there;
+    - ``dense`` everywhere else (CUDA, float16).
+
+    Any other value is returned as it is (``load_model`` checks it)."""
+    if weight_format != "auto":
+        return weight_format
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return "dense"
+    from xllm.loader.gguf_import import BLOCKS_FILE
+
+    if (Path(model_dir) / BLOCKS_FILE).is_file():
+        return "int8" if dtype == torch.bfloat16 else "blocks"
+    if dtype == torch.bfloat16:
+        return "bf16"
+    return "bf16" if model_config.torch_dtype == "bfloat16" else "f32"
 
 
 def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
@@ -75,12 +106,7 @@ def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
       multiplied in bf16 with fp32 sums (``bf16_gemm``: AMX tiles for many rows,
       AVX512-BF16 dot products for few, fp32 FMAs on CPUs without either);
     - ``f32``: fp32 rows through the native kernels; float32 only;
-    - ``auto``: the fastest format that passes the accuracy checks
-      (tests/test_reduced_precision.py). On a CPU in float32, ``blocks`` where an import
-      kept them, else ``bf16`` for a bf16 checkpoint and ``f32`` otherwise; on a CPU in
-      bfloat16, ``int8`` where an import kept blocks (a 4-5 bit weight moves a third of
-      bf16's bytes in a decode step, and prompt-sized inputs run on the same AMX tiles),
-      else ``bf16``; ``dense`` everywhere else. The choice is logged.
+    - ``auto``: ``resolve_weight_format``. The choice is logged.
 
     Every format but ``dense`` runs on the CPU, keeps norms, rope, attention and the residual
     stream in fp32, and lets the native decoder stack run the whole model.
@@ -97,14 +123,7 @@ def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
     cpu = device.type == "cpu"
     requested = weight_format
     if weight_format == "auto":
-        if not cpu or dtype not in (torch.float32, torch.bfloat16):
-            weight_format = "dense"
-        elif dtype == torch.bfloat16:
-            weight_format = "int8" if blocks_path.is_file() else "bf16"
-        elif blocks_path.is_file():
-            weight_format = "blocks"
-        else:
-            weight_format = "bf16" if model_config.torch_dtype == "bfloat16" else "f32"
+        weight_format = resolve_weight_format("auto", dtype, model_config, device, model_dir)
     if weight_format != "dense":
         if not cpu or dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"weight_format {weight_format!r} runs on the CPU in float32 or "
@@ -139,7 +158,8 @@ def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
     elif weight_format in ("bf16", "f32"):
         model.attach_rows(weight_format)
     how = {"int8": (": the checkpoint's weights quantized to Q8_0 at load" if int8_from_dense
-                    else ": GGUF blocks") + " times x quantized to int8 per block of 32 (VNNI); "
+                    else ": GGUF blocks") + " times x quantized to int8 per block of 32 (VNNI, "
+                   "or VPMADDUBSW on AVX2); "
                    "on AMX from 3 rows (Q8_0) or 7 (Q4_x) x in 16 bits per row times a per-row "
                    "int8 copy (AMX-INT8)",
            "bf16": ": bf16 products with fp32 sums (bf16_gemm)" if bf16_gemm else
