@@ -10,8 +10,10 @@ Scenarios (the engine issue's): ``single`` = one stream, 128 greedy output token
 509-token prompt, 1 output token (prompt tokens per second); optional, not run by default:
 ``batch4`` (the first 4 of batch16's prompts: a lightly loaded server), and, as they take
 minutes, ``batch64`` and ``batch256`` (64 and 256 concurrent ~40-token prompts x 128 output
-tokens). ``--scenarios curve`` = single,batch4,batch16,batch64,batch256, the points of the
-``--plot`` PNG (tok/s against batch size, one line per engine).
+tokens), and long prompts, ``prefill2k`` (2048 tokens) and ``prefill4k`` (4000: within a
+4096-position model), where attention's share grows. ``--scenarios curve`` =
+single,batch4,batch16,batch64,batch256, the points of the ``--plot`` PNG (tok/s against
+batch size, one line per engine).
 
 Every engine gets the same prompts as token ids, greedy, ignore_eos, with an untimed
 warm-up before the timed run. Engines (``--engines``): ``xllm`` in its defaults for this
@@ -61,7 +63,9 @@ import torch
 WORDS = ("cat dog fox owl bear wolf deer frog duck goat lion mole newt orca puma seal").split()
 ADJECTIVES = ("brave shy old young tiny giant clever sleepy happy grumpy swift quiet noisy "
               "gentle proud lucky").split()
-SCENARIOS = ("single", "batch4", "batch16", "prefill509", "batch64", "batch256")
+SCENARIOS = ("single", "batch4", "batch16", "prefill509", "batch64", "batch256", "prefill2k",
+             "prefill4k")
+LONG_PROMPTS = {"prefill2k": 2048, "prefill4k": 4000}
 DEFAULT_SCENARIOS = "single,batch16,prefill509"
 # scenario -> batch size
 CURVE = {"single": 1, "batch4": 4, "batch16": 16, "batch64": 64, "batch256": 256}
@@ -98,6 +102,13 @@ def _prompts(tokenizer, scenario: str) -> tuple[list[list[int]], int]:  # noqa: 
         base = tokenizer.encode(" ".join(f"The {w} walked along the river bank at dawn." for w in
                                          WORDS * 8))
         return [base[:509]], 1
+    if scenario in LONG_PROMPTS:
+        n = LONG_PROMPTS[scenario]
+        text = " ".join(f"The {w} walked along the river bank on day {day}."
+                        for day in range(1, n // 50 + 2) for w in WORDS)
+        ids = tokenizer.encode(text)
+        assert len(ids) >= n, (scenario, len(ids))
+        return [ids[:n]], 1
     raise ValueError(f"unknown scenario {scenario!r}; choose from {', '.join(SCENARIOS)}")
 
 
