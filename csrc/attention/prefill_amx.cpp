@@ -12,7 +12,10 @@
 //    tiles, then a plain (not online) softmax per row in zmm registers, weights rounded to
 //    bf16 once, then O = P V in up to 4 output tiles at a time. Materialising a tile's
 //    scores (16 x context floats) instead of rescaling running sums keeps every product
-//    in the tiles. Items go out largest first.
+//    in the tiles. Items go out largest first. With head sizes up to 64 an item is two
+//    tiles (32 rows) whose products share each K and V tile loaded: a product otherwise
+//    loads a 1 KB tile from L2 for its 8192 MACs (Llama-3.2-1B's shapes: 1.1x at 509-2048
+//    tokens, 1.2-1.35x at 4000).
 #include "attention/prefill.h"
 
 #include <immintrin.h>
@@ -31,6 +34,10 @@ namespace xllm::attn {
 namespace {
 
 constexpr int kRows = 16;                      // query rows per tile
+// Query rows per work item: two tiles that share each K tile loaded (scores_pair) where
+// their Q fits in four tiles (head size up to 64), else one.
+template <int NQ>
+constexpr int item_rows() { return NQ <= 2 ? 2 * kRows : kRows; }
 constexpr int64_t kMaxPackBytes = int64_t{1} << 28;  // beyond this, the vector path
 
 // Where each (sequence, head)'s packed K and V live: K at pack + offset, V after it.
@@ -128,6 +135,35 @@ XLLM_AMX void scores(const bf16_t* kp, int64_t ngroups, float* s, int64_t lds) {
   }
 }
 
+// Two 16-row query tiles against the same keys (NQ <= 2: the first tile's Q in tiles 4 ..
+// 4 + NQ - 1, the second's in 4 + NQ ..): each K tile loaded feeds both, halving the K
+// loads a product. S rows 0-15 are the first tile's, rows 16-31 the second's.
+template <int NQ>
+XLLM_AMX void scores_pair(const bf16_t* kp, int64_t ngroups, float* s, int64_t lds) {
+  static_assert(NQ <= 2, "two query tiles need 2 NQ <= 4 tiles");
+  const int64_t stride = static_cast<int64_t>(lds) * sizeof(float);
+  float* s1 = s + 16 * lds;
+  for (int64_t g = 0; g < ngroups; ++g) {
+    const bf16_t* k0 = kp + g * NQ * 512;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_loadd(2, k0, 64);
+    _tile_dpbf16ps(0, 4, 2);
+    if constexpr (NQ == 1) {
+      _tile_dpbf16ps(1, 5, 2);
+    } else {
+      _tile_dpbf16ps(1, 6, 2);
+    }
+    if (NQ > 1) {
+      _tile_loadd(3, k0 + 512, 64);
+      _tile_dpbf16ps(0, 5, 3);
+      _tile_dpbf16ps(1, 7, 3);
+    }
+    _tile_stored(0, s + g * 16, stride);
+    _tile_stored(1, s1 + g * 16, stride);
+  }
+}
+
 template <int NQ>
 XLLM_AMX void load_query(const bf16_t* qb, int hs) {
   const int64_t stride = static_cast<int64_t>(hs) * sizeof(bf16_t);
@@ -135,6 +171,19 @@ XLLM_AMX void load_query(const bf16_t* qb, int hs) {
   if (NQ > 1) _tile_loadd(5, qb + 32, stride);
   if (NQ > 2) _tile_loadd(6, qb + 64, stride);
   if (NQ > 3) _tile_loadd(7, qb + 96, stride);
+}
+
+// Query rows 16-31 (the second tile of scores_pair) into tiles 4 + NQ ...
+template <int NQ>
+XLLM_AMX void load_query_second(const bf16_t* qb, int hs) {
+  const int64_t stride = static_cast<int64_t>(hs) * sizeof(bf16_t);
+  const bf16_t* q1 = qb + 16 * hs;
+  if constexpr (NQ == 1) {
+    _tile_loadd(5, q1, stride);
+  } else {
+    _tile_loadd(6, q1, stride);
+    _tile_loadd(7, q1 + 32, stride);
+  }
 }
 
 // O [16, 16 * NC] (row stride ldo floats) = P [16, 32 * nblocks] (row stride ldp) V for
@@ -161,6 +210,35 @@ XLLM_AMX void weighted_sum(const bf16_t* p, int64_t ldp, const bf16_t* vp, int64
   if (NC > 1) _tile_stored(1, o + c0 * 16 + 16, ostride);
   if (NC > 2) _tile_stored(2, o + c0 * 16 + 32, ostride);
   if (NC > 3) _tile_stored(3, o + c0 * 16 + 48, ostride);
+}
+
+// weighted_sum for two 16-row tiles of P (rows 0-15 and 16-31 of p, o) and head-dim groups
+// [c0, c0 + 2): each V tile loaded feeds both (sums in tiles 0-1 and 2-3, P in 4-5).
+XLLM_AMX void weighted_sum_pair(const bf16_t* p, int64_t ldp, const bf16_t* vp, int64_t nblocks,
+                                int nd16, int c0, float* o, int64_t ldo) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const int64_t pstride = ldp * static_cast<int64_t>(sizeof(bf16_t));
+  const bf16_t* p1 = p + 16 * ldp;
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const bf16_t* v = vp + (b * nd16 + c0) * 512;
+    _tile_loadd(4, p + b * 32, pstride);
+    _tile_loadd(6, v, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(5, p1 + b * 32, pstride);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_loadd(7, v + 512, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  const int64_t ostride = ldo * static_cast<int64_t>(sizeof(float));
+  float* o1 = o + 16 * ldo;
+  _tile_stored(0, o + c0 * 16, ostride);
+  _tile_stored(1, o + c0 * 16 + 16, ostride);
+  _tile_stored(2, o1 + c0 * 16, ostride);
+  _tile_stored(3, o1 + c0 * 16 + 16, ostride);
 }
 
 // exp(x) for x <= 0, to 4e-6 relative: the weights are rounded to bf16 (2^-9) next, so
@@ -252,13 +330,14 @@ XLLM_AMX void run(const Prefill& a, const Packs& packs, bf16_t* pack,
         pack_block(kv, a.tables + seq * a.table_width, head, a.lens[seq], k0, hs, kp, vp);
       }
     }
-    // Phase 2: the query tiles.
+    // Phase 2: the query tiles, two at a time (item_rows<NQ>() rows) where they fit.
+    constexpr int kItem = item_rows<NQ>();
     float* mine = scratch + per_thread * omp_get_thread_num();
-    float* s = mine;                                   // [16, max_padded] scores
-    float* o = s + kRows * max_padded;                 // [16, hs] weighted sums
-    auto* p = reinterpret_cast<bf16_t*>(o + kRows * hs);  // [16, max_padded] weights
-    bf16_t* qb = p + kRows * max_padded;               // [16, hs] query rows
-    float* l = reinterpret_cast<float*>(qb + kRows * hs);  // [16]
+    float* s = mine;                                   // [kItem, max_padded] scores
+    float* o = s + kItem * max_padded;                 // [kItem, hs] weighted sums
+    auto* p = reinterpret_cast<bf16_t*>(o + kItem * hs);  // [kItem, max_padded] weights
+    bf16_t* qb = p + kItem * max_padded;               // [kItem, hs] query rows
+    float* l = reinterpret_cast<float*>(qb + kItem * hs);  // [kItem]
     quant::amx_begin();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t w = 0; w < num_items; ++w) {
@@ -268,7 +347,8 @@ XLLM_AMX void run(const Prefill& a, const Packs& packs, bf16_t* pack,
       const int64_t past = a.lens[it.seq] - q_len;
       const int64_t row0 = a.starts[it.seq] + it.first;
       const int rows = it.ntok * group;
-      for (int r = 0; r < kRows; ++r) {
+      const int used = rows > kRows ? 2 * kRows : kRows;  // rows in the tiles: one or two
+      for (int r = 0; r < used; ++r) {
         if (r < rows) {
           const int64_t at = (row0 + r / group) * a.q_stride0 + (head * group + r % group) * hs;
           scaled_bf16(static_cast<const char*>(a.query) + at * qsize, a.query_bf16, hs,
@@ -277,13 +357,22 @@ XLLM_AMX void run(const Prefill& a, const Packs& packs, bf16_t* pack,
           std::fill(qb + r * hs, qb + (r + 1) * hs, bf16_t{0});
         }
       }
-      const int64_t keys = past + it.first + it.ntok;  // what the tile's last row sees
+      const int64_t keys = past + it.first + it.ntok;  // what the item's last row sees
       const int64_t width = (keys + 31) / 32 * 32;
       const bf16_t* kp = pack + packs.offset[it.seq * nkv + head];
       const bf16_t* vp = kp + packs.padded[it.seq] * hs;
       load_query<NQ>(qb, hs);
-      scores<NQ>(kp, width / 16, s, max_padded);
-      for (int r = 0; r < kRows; ++r) {
+      if constexpr (kItem > kRows) {
+        if (used > kRows) {
+          load_query_second<NQ>(qb, hs);
+          scores_pair<NQ>(kp, width / 16, s, max_padded);
+        } else {
+          scores<NQ>(kp, width / 16, s, max_padded);
+        }
+      } else {
+        scores<NQ>(kp, width / 16, s, max_padded);
+      }
+      for (int r = 0; r < used; ++r) {
         if (r < rows) {
           const int64_t valid = past + it.first + r / group + 1;
           l[r] = softmax_row(s + r * max_padded, valid, width, p + r * max_padded);
@@ -291,12 +380,23 @@ XLLM_AMX void run(const Prefill& a, const Packs& packs, bf16_t* pack,
           std::fill(p + r * max_padded, p + r * max_padded + width, bf16_t{0});
         }
       }
-      for (int c0 = 0; c0 < nd16; c0 += 4) {
-        switch (std::min(4, nd16 - c0)) {
-          case 4: weighted_sum<4>(p, max_padded, vp, width / 32, nd16, c0, o, hs); break;
-          case 3: weighted_sum<3>(p, max_padded, vp, width / 32, nd16, c0, o, hs); break;
-          case 2: weighted_sum<2>(p, max_padded, vp, width / 32, nd16, c0, o, hs); break;
-          default: weighted_sum<1>(p, max_padded, vp, width / 32, nd16, c0, o, hs); break;
+      int h = 0;
+      if (used > kRows && nd16 % 2 == 0) {  // both tiles, V shared
+        for (int c0 = 0; c0 < nd16; c0 += 2) {
+          weighted_sum_pair(p, max_padded, vp, width / 32, nd16, c0, o, hs);
+        }
+        h = used;
+      }
+      for (; h < used; h += kRows) {
+        const bf16_t* ph = p + h * max_padded;
+        float* oh = o + h * hs;
+        for (int c0 = 0; c0 < nd16; c0 += 4) {
+          switch (std::min(4, nd16 - c0)) {
+            case 4: weighted_sum<4>(ph, max_padded, vp, width / 32, nd16, c0, oh, hs); break;
+            case 3: weighted_sum<3>(ph, max_padded, vp, width / 32, nd16, c0, oh, hs); break;
+            case 2: weighted_sum<2>(ph, max_padded, vp, width / 32, nd16, c0, oh, hs); break;
+            default: weighted_sum<1>(ph, max_padded, vp, width / 32, nd16, c0, oh, hs); break;
+          }
         }
       }
       for (int r = 0; r < rows; ++r) {
@@ -343,16 +443,17 @@ bool prefill_amx(const Prefill& a) {
   }
   if (total * static_cast<int64_t>(sizeof(bf16_t)) > kMaxPackBytes) return false;
 
-  const std::vector<Item> items = query_tiles(a, std::max(1, kRows / group));
+  const int64_t rows = hs <= 64 ? item_rows<2>() : item_rows<4>();  // (run's kItem)
+  const std::vector<Item> items = query_tiles(a, std::max<int>(1, rows / group));
   if (items.empty()) return true;
-  int64_t macs = 0;  // QK and PV of the 16 (padded) rows of each tile over the keys it sees
-  for (const Item& it : items) macs += 2 * int64_t{kRows} * (it.cost / it.ntok) * hs * nkv;
+  int64_t macs = 0;  // QK and PV of each item's (padded) rows over the keys it sees
+  for (const Item& it : items) macs += 2 * rows * (it.cost / it.ntok) * hs * nkv;
   const int threads = threads_for(macs);
-  // Per thread: scores and weights [16, max_padded], sums [16, hs], query [16, hs], 16 norms;
-  // in floats, rounded to 64-byte lines.
+  // Per thread: scores and weights [rows, max_padded], sums [rows, hs], query [rows, hs],
+  // rows norms; in floats, rounded to 64-byte lines.
   const size_t per_thread =
-      (kRows * max_padded + kRows * hs + kRows * max_padded / 2 + kRows * hs / 2 + kRows + 15) /
-      16 * 16;
+      (rows * max_padded + rows * hs + rows * max_padded / 2 + rows * hs / 2 + rows + 15) / 16 *
+      16;
   float* scratch = caller_scratch(per_thread * threads + (total + 1) / 2 + 16);
   auto* pack = reinterpret_cast<bf16_t*>(scratch + per_thread * threads);
   if (a.cache.q8) {
