@@ -332,13 +332,15 @@ def _as_bf16(rows: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8], ids=["bf16", "int8"])
 def test_amx_prefill_long_prompts_and_head_sizes(dtype: torch.dtype) -> None:
-    """The AMX path on prompt-sized inputs: GQA groups 1, 3, 8 and 16, head sizes 32-128,
+    """The AMX path on prompt-sized inputs: GQA groups 1, 3, 4, 8 and 16, head sizes 32-128,
     chunks after a cached prefix, unused cache slots NaN; close to its rounding-aware
-    reference and, within bf16's resolution, to the fp32 reference."""
+    reference and, within bf16's resolution, to the fp32 reference. Head sizes up to 64 take
+    two query tiles an item (a group of 3 splits a token's heads between them; 16, one
+    token a tile), larger ones one."""
     if "amx" not in ISAS:
         pytest.skip("this CPU has no AMX")
     for heads, kv_heads, hs, bs in [(9, 3, 64, 16), (8, 8, 32, 16), (16, 2, 128, 16),
-                                    (16, 1, 96, 8)]:
+                                    (16, 1, 96, 8), (32, 8, 64, 16), (16, 1, 64, 16)]:
         p = make_paged([509, 200, 77], kv_heads, hs, bs, dtype, seed=hs)
         starts = starts_of([509, 60, 77])
         query = torch.randn(int(starts[-1]), heads, hs)
