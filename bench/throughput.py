@@ -315,9 +315,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", metavar="HF_DIR",
                         help="a Hugging Face model directory to run instead of the demo (e.g. "
                              "from python -m bench.random_checkpoint)")
-    parser.add_argument("--isa", metavar="LEVEL",
-                        help="xllm's kernels at this level, at most the CPU's (scalar, avx2, "
-                             "avx512, amx; default the CPU's)")
+    parser.add_argument("--isa", choices=("scalar", "avx2", "avx512", "amx"),
+                        help="xllm's kernels at this level, at most the CPU's (default the "
+                             "CPU's)")
     parser.add_argument("--peer-timeout", type=float, default=1800.0, metavar="S",
                         help="seconds one peer run may take, start-up included (default 1800; "
                              "vLLM's first start compiles for minutes)")
@@ -347,8 +347,17 @@ def main(argv: list[str] | None = None) -> int:
             plot(rows, args.plot)
         return 0
 
+    from xllm import _C
     from xllm.loader import resolve_model
     from xllm.tokenizer import Tokenizer
+
+    if args.isa:
+        if args.isa not in _C.cpu_isas():
+            print(f"bench.throughput: --isa {args.isa} is above this CPU's level "
+                  f"({_C.detected_isa()}); choose from {', '.join(_C.cpu_isas())}",
+                  file=sys.stderr)
+            return 2
+        _C.set_cpu_isa(args.isa)
 
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)
@@ -360,10 +369,6 @@ def main(argv: list[str] | None = None) -> int:
     pad_id = tokenizer.pad_token_id or 0
     llms = {}
     hf = None
-    from xllm import _C
-
-    if args.isa:
-        _C.set_cpu_isa(args.isa)  # (a ValueError names the levels this CPU has)
     # vLLM's CPU build computes in bf16 where the CPU has bf16 arithmetic, as xllm's auto does.
     vllm_dtype = "bfloat16" if _C.detected_isa() in ("avx512", "amx") else "float32"
     model_label = model_dir.name if args.model else "the demo model (SmolLM2-135M)"
@@ -417,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
                 runs = run_transformers(hf, prompts, max_new, pad_id, args.repeats)
             elif engine in llms:
                 runs = run_xllm(llms[engine], prompts, max_new, args.repeats)
+                # (What the row ran on: --isa may have lowered the kernels' level.)
+                row.update(isa=_C.cpu_isa(), dtype=str(llms[engine].engine.dtype)
+                           .removeprefix("torch."), weight_format=llms[engine].engine.weight_format)
             elif engine in peers:
                 spec = {"prompts": prompts, "max_tokens": max_new, "repeats": args.repeats}
                 if engine.startswith("vllm"):

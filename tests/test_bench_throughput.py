@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.throughput import ENGINES, LABELS, _parse_args
+from bench.throughput import ENGINES, LABELS, _parse_args, main
 
 
 def test_engines_and_labels() -> None:
@@ -17,6 +17,21 @@ def test_engines_and_labels() -> None:
     with pytest.raises(SystemExit):
         _parse_args(["--engines", "xllm-int3"])
     assert _parse_args(["--model", "/some/dir"]).model == "/some/dir"
+    assert _parse_args(["--scenarios", "prefill2k,prefill4k"]).scenarios == ["prefill2k",
+                                                                           "prefill4k"]
+    assert _parse_args(["--isa", "avx2"]).isa == "avx2"
+    with pytest.raises(SystemExit):
+        _parse_args(["--isa", "avx3"])
+
+
+def test_isa_above_the_cpus_level_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    from xllm import _C
+
+    above = [lv for lv in ("scalar", "avx2", "avx512", "amx") if lv not in _C.cpu_isas()]
+    if not above:
+        pytest.skip("this CPU has every level")
+    assert main(["--isa", above[0], "--engines", "xllm", "--scenarios", "single"]) == 2
+    assert "above this CPU's level" in capsys.readouterr().err
 
 
 def test_random_checkpoint_refuses_what_it_cannot_write(tmp_path) -> None:  # noqa: ANN001
