@@ -362,16 +362,15 @@ XLLM_AMX void run(const Prefill& a, const Packs& packs, bf16_t* pack,
       const bf16_t* kp = pack + packs.offset[it.seq * nkv + head];
       const bf16_t* vp = kp + packs.padded[it.seq] * hs;
       load_query<NQ>(qb, hs);
+      bool paired = false;  // (rows past 16: only where an item holds two tiles)
       if constexpr (kItem > kRows) {
-        if (used > kRows) {
+        paired = used > kRows;
+        if (paired) {
           load_query_second<NQ>(qb, hs);
           scores_pair<NQ>(kp, width / 16, s, max_padded);
-        } else {
-          scores<NQ>(kp, width / 16, s, max_padded);
         }
-      } else {
-        scores<NQ>(kp, width / 16, s, max_padded);
       }
+      if (!paired) scores<NQ>(kp, width / 16, s, max_padded);
       for (int r = 0; r < used; ++r) {
         if (r < rows) {
           const int64_t valid = past + it.first + r / group + 1;
@@ -380,22 +379,17 @@ XLLM_AMX void run(const Prefill& a, const Packs& packs, bf16_t* pack,
           std::fill(p + r * max_padded, p + r * max_padded + width, bf16_t{0});
         }
       }
-      int h = 0;
-      if (used > kRows && nd16 % 2 == 0) {  // both tiles, V shared
+      if (paired) {  // both tiles from each V tile loaded (nd16 is 2 or 4 here)
         for (int c0 = 0; c0 < nd16; c0 += 2) {
           weighted_sum_pair(p, max_padded, vp, width / 32, nd16, c0, o, hs);
         }
-        h = used;
-      }
-      for (; h < used; h += kRows) {
-        const bf16_t* ph = p + h * max_padded;
-        float* oh = o + h * hs;
+      } else {
         for (int c0 = 0; c0 < nd16; c0 += 4) {
           switch (std::min(4, nd16 - c0)) {
-            case 4: weighted_sum<4>(ph, max_padded, vp, width / 32, nd16, c0, oh, hs); break;
-            case 3: weighted_sum<3>(ph, max_padded, vp, width / 32, nd16, c0, oh, hs); break;
-            case 2: weighted_sum<2>(ph, max_padded, vp, width / 32, nd16, c0, oh, hs); break;
-            default: weighted_sum<1>(ph, max_padded, vp, width / 32, nd16, c0, oh, hs); break;
+            case 4: weighted_sum<4>(p, max_padded, vp, width / 32, nd16, c0, o, hs); break;
+            case 3: weighted_sum<3>(p, max_padded, vp, width / 32, nd16, c0, o, hs); break;
+            case 2: weighted_sum<2>(p, max_padded, vp, width / 32, nd16, c0, o, hs); break;
+            default: weighted_sum<1>(p, max_padded, vp, width / 32, nd16, c0, o, hs); break;
           }
         }
       }
