@@ -349,8 +349,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from xllm import _C
     from xllm.loader import resolve_model
+    from xllm.loader.model import cpu_has_bf16_compute
     from xllm.tokenizer import Tokenizer
 
+    # vLLM's CPU build computes in bf16 where the CPU has bf16 arithmetic, as xllm's auto does
+    # (asked before --isa lowers xllm's level: vLLM uses the whole CPU).
+    vllm_dtype = "bfloat16" if cpu_has_bf16_compute() else "float32"
     if args.isa:
         if args.isa not in _C.cpu_isas():
             print(f"bench.throughput: --isa {args.isa} is above this CPU's level "
@@ -369,8 +373,6 @@ def main(argv: list[str] | None = None) -> int:
     pad_id = tokenizer.pad_token_id or 0
     llms = {}
     hf = None
-    # vLLM's CPU build computes in bf16 where the CPU has bf16 arithmetic, as xllm's auto does.
-    vllm_dtype = "bfloat16" if _C.detected_isa() in ("avx512", "amx") else "float32"
     model_label = model_dir.name if args.model else "the demo model (SmolLM2-135M)"
     header = [f"model {model_dir.name}", f"{cores} cores {_cpu_list(os.sched_getaffinity(0))}",
               f"torch {torch.__version__}", f"CPU {_cpu_name()} (xllm ISA {_C.cpu_isa()}, "

@@ -5,9 +5,10 @@
 #
 # Runs in the foreground until stopped (Ctrl-C or SIGTERM); binds 127.0.0.1 and serves the
 # model under the name "demo", as xllm-server does. MODEL_DIR (vllm only): a Hugging Face
-# directory to serve instead of the demo (a bench.random_checkpoint one, say). The peers come from bench/peers/setup.sh
-# ($XLLM_PEERS_DIR, default ~/.cache/xllm/peers). The model paths come from xllm's demo
-# cache (this repository's python: $XLLM_PYTHON, default the python on PATH).
+# directory to serve instead of the demo (a bench.random_checkpoint one, say). The peers
+# come from bench/peers/setup.sh ($XLLM_PEERS_DIR, default ~/.cache/xllm/peers). The model
+# paths come from xllm's demo cache (this repository's python: $XLLM_PYTHON, default the
+# python on PATH).
 #
 #   vllm:     vLLM's OpenAI server on the converted HF directory, in its default dtype for
 #             this CPU (bfloat16 where it has AVX512-BF16 or AMX, else float32;
@@ -78,7 +79,7 @@ case "$PEER" in
             --interrupt_requests False
         ;;
     *)
-        sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac

@@ -231,11 +231,19 @@ async def run_load(client: Client, specs: list[RequestSpec], rate: float | None,
     return results, time.perf_counter() - start
 
 
+def within_slo(ttft: float, tpot: float | None, slo_ttft: float | None,
+               slo_tpot: float | None) -> bool:
+    """Whether a request meets the SLOs given (None: no bound; a one-token output has no
+    TPOT and meets any TPOT bound). Any unit, the same for both."""
+    return ((slo_ttft is None or ttft <= slo_ttft)
+            and (slo_tpot is None or tpot is None or tpot <= slo_tpot))
+
+
 def summarize(results: list[RequestResult], duration: float, slo_ttft: float | None,
               slo_tpot: float | None) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
-    good = [r for r in ok if (slo_ttft is None or r.ttft <= slo_ttft)  # type: ignore[operator]
-            and (slo_tpot is None or r.tpot is None or r.tpot <= slo_tpot)]
+    good = [r for r in ok
+            if within_slo(r.ttft, r.tpot, slo_ttft, slo_tpot)]  # type: ignore[arg-type]
     ms = 1000.0
     out = {
         "completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration,
@@ -268,8 +276,7 @@ def regoodput(run: dict[str, Any], slo_ttft_ms: float | None,
     """(goodput in requests/s, share of requests) of a summarized run (``summarize``'s
     dict, from --json) under other SLOs, from the requests it kept."""
     good = [r for r in run["requests"]
-            if (slo_ttft_ms is None or r["ttft_ms"] <= slo_ttft_ms)
-            and (slo_tpot_ms is None or r["tpot_ms"] is None or r["tpot_ms"] <= slo_tpot_ms)]
+            if within_slo(r["ttft_ms"], r["tpot_ms"], slo_ttft_ms, slo_tpot_ms)]
     total = run["completed"] + run["failed"]
     return len(good) / run["duration_s"], len(good) / total if total else 0.0
 

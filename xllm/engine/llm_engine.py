@@ -111,7 +111,7 @@ class LLMEngine:
                              f"max_position_embeddings {limit}; use at most {limit}")
         self.max_model_len = config.max_model_len or limit
         self.dtype = resolve_dtype(config.dtype, mc, self.device, config.weight_format)
-        # (What load_model picks for "auto"; the workers of a tensor-parallel model get it.)
+        # (Resolved once: load_model, the tensor-parallel workers and the KV identity get it.)
         self.weight_format = resolve_weight_format(config.weight_format, self.dtype, mc,
                                                    self.device, self.model_dir)
         kv_dtype = (self.dtype if config.kv_cache_dtype == "auto"
@@ -178,7 +178,7 @@ class LLMEngine:
                                 num_redundant_experts=config.num_redundant_experts)
         try:
             model = load_model(self.model_dir, mc, self.dtype, self.device, progress=progress,
-                               weight_format=config.weight_format, tp=tp)
+                               weight_format=self.weight_format, tp=tp)
             if self.workers is not None:
                 self.workers.wait_ready()
                 self._tp_wait_base = self.workers.comm.wait_seconds  # (loading not counted)

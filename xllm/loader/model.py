@@ -72,18 +72,22 @@ def resolve_weight_format(weight_format: str, dtype: torch.dtype, model_config: 
       demo's greedy answer at a near-tie, so it stays a choice there;
     - ``dense`` everywhere else (CUDA, float16).
 
-    Any other value is returned as it is (``load_model`` checks it)."""
+    Any other value is returned as it is (``load_model`` checks it). Logs what 'auto'
+    chose."""
     if weight_format != "auto":
         return weight_format
-    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
-        return "dense"
     from xllm.loader.gguf_import import BLOCKS_FILE
 
-    if (Path(model_dir) / BLOCKS_FILE).is_file():
-        return "int8" if dtype == torch.bfloat16 else "blocks"
-    if dtype == torch.bfloat16:
-        return "bf16"
-    return "bf16" if model_config.torch_dtype == "bfloat16" else "f32"
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        chosen = "dense"
+    elif (Path(model_dir) / BLOCKS_FILE).is_file():
+        chosen = "int8" if dtype == torch.bfloat16 else "blocks"
+    elif dtype == torch.bfloat16:
+        chosen = "bf16"
+    else:
+        chosen = "bf16" if model_config.torch_dtype == "bfloat16" else "f32"
+    logger.info("weight_format auto -> %s", chosen)
+    return chosen
 
 
 def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
@@ -121,9 +125,7 @@ def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
         raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
     blocks_path = Path(model_dir) / BLOCKS_FILE
     cpu = device.type == "cpu"
-    requested = weight_format
-    if weight_format == "auto":
-        weight_format = resolve_weight_format("auto", dtype, model_config, device, model_dir)
+    weight_format = resolve_weight_format(weight_format, dtype, model_config, device, model_dir)
     if weight_format != "dense":
         if not cpu or dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"weight_format {weight_format!r} runs on the CPU in float32 or "
@@ -165,6 +167,6 @@ def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
            "bf16": ": bf16 products with fp32 sums (bf16_gemm)" if bf16_gemm else
                    ": bf16 rows widened exactly to fp32",
            "blocks": ": GGUF blocks decoded exactly to fp32"}.get(weight_format, "")
-    logger.info("weight_format %s%s, dtype %s%s", weight_format,
-                " (auto)" if requested == "auto" else "", str(dtype).removeprefix("torch."), how)
+    logger.info("weight_format %s, dtype %s%s", weight_format, str(dtype).removeprefix("torch."),
+                how)
     return model.to(device).eval()
