@@ -315,7 +315,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", metavar="HF_DIR",
                         help="a Hugging Face model directory to run instead of the demo (e.g. "
                              "from python -m bench.random_checkpoint)")
-    parser.add_argument("--isa", choices=("scalar", "avx2", "avx512", "amx"),
+    parser.add_argument("--isa", choices=("scalar", "avx2", "avx512", "avx512_bf16", "amx"),
                         help="xllm's kernels at this level, at most the CPU's (default the "
                              "CPU's)")
     parser.add_argument("--peer-timeout", type=float, default=1800.0, metavar="S",

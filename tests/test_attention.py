@@ -97,8 +97,8 @@ def make_paged(
 
 def vnni_rows(isa: str, dtype: torch.dtype, head_size: int) -> bool:
     """Whether the kernels take int8 dot products (kernels_avx512.cpp): int8 rows at the
-    avx512 and amx levels, head sizes that are a multiple of 32 up to 256."""
-    return (isa in ("avx512", "amx") and dtype == torch.int8 and head_size % 32 == 0
+    avx512, avx512_bf16 and amx levels, head sizes that are a multiple of 32 up to 256."""
+    return (isa in ("avx512", "avx512_bf16", "amx") and dtype == torch.int8 and head_size % 32 == 0
             and head_size <= 256)
 
 

@@ -252,7 +252,7 @@ def test_auto_dtype_follows_the_cpu(caplog: pytest.LogCaptureFixture) -> None:
     try:
         with caplog.at_level("INFO", logger="xllm.loader"):
             chosen = resolve_dtype("auto", config, cpu)
-        bf16_cpu = _C.detected_isa() in ("avx512", "amx")
+        bf16_cpu = _C.detected_isa() in ("avx512_bf16", "amx")
         assert chosen == (torch.bfloat16 if bf16_cpu else torch.float32)
         assert "dtype auto -> " in caplog.text
         assert ("dot-product units" if bf16_cpu else "no bf16") in caplog.text

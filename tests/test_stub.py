@@ -31,13 +31,13 @@ def test_stub_matches_module() -> None:
 def test_isa_switch() -> None:
     best = _C.detected_isa()
     levels = _C.cpu_isas()
-    assert levels == ["scalar", "avx2", "avx512", "amx"][: len(levels)]
+    assert levels == ["scalar", "avx2", "avx512", "avx512_bf16", "amx"][: len(levels)]
     assert levels[-1] == best
     try:
         for level in levels:
             _C.set_cpu_isa(level)
             assert _C.cpu_isa() == level
-        for above in ["scalar", "avx2", "avx512", "amx"][len(levels):]:
+        for above in ["scalar", "avx2", "avx512", "avx512_bf16", "amx"][len(levels):]:
             with pytest.raises(ValueError, match="does not support"):
                 _C.set_cpu_isa(above)
         with pytest.raises(ValueError, match="must be"):
@@ -63,7 +63,9 @@ def test_cpu_features_match_the_kernel() -> None:
     for name, have in features.items():
         assert have == (linux_name.get(name, name) in flags), name
     level = _C.detected_isa()
-    if level in ("avx512", "amx"):
-        assert features["avx512_bf16"] and features["avx512_vnni"]
+    if level in ("avx512", "avx512_bf16", "amx"):
+        assert features["avx512_vnni"] and features["avx512bw"] and features["avx512dq"]
+    assert (level in ("avx512_bf16", "amx")) == (level != "avx512" and features["avx512_bf16"]
+                                                  and features["avx512_vnni"])
     assert (level == "amx") == (features["amx_bf16"] and features["amx_int8"]
                                 and features["avx512_bf16"])

@@ -374,7 +374,7 @@ def test_demo_model_tp2_in_bf16_with_bf16_sums_stays_close(demo_model_dir: Path)
 
     from xllm import _C
 
-    fmt = "int8" if _C.detected_isa() in ("avx512", "amx") else "bf16"
+    fmt = "int8" if _C.detected_isa() in ("avx512", "avx512_bf16", "amx") else "bf16"
     options = dict(dtype="bfloat16", weight_format=fmt, max_model_len=512,
                    kv_cache_memory_gb=0.1)
 

@@ -26,7 +26,7 @@ ISA_GRID = [
 
 
 def run(quick: bool) -> list[Row]:
-    if _C.detected_isa() not in ("avx512", "amx"):
+    if _C.detected_isa() not in ("avx512", "avx512_bf16", "amx"):
         return []
     grid = ISA_GRID[:1] if quick else ISA_GRID
     return [isa_row(*row) for row in grid]

@@ -8,14 +8,14 @@
   ``extra`` holds the fp32 block kernel's time (``weight_format=blocks``) too.
 
 Rows: 1 (a decode step), 16 and 64 (batched decode steps) and 509 (a prompt). Only on
-CPUs with bf16 and int8 units (ISA level avx512 or amx); elsewhere the suite reports
+CPUs with bf16 and int8 units (ISA level avx512_bf16 or amx); elsewhere the suite reports
 nothing: those CPUs compute in fp32 by default and these paths exist there only as plain
 references.
 
 The suite ``linear_8b`` (``bench/ops/linear_8b.py``) runs the same comparison on
 Llama-3-8B's projection shapes, where the weights no longer fit the caches and K reaches
 14336 inputs; ``linear_rows`` (``bench/ops/linear_rows.py``) times a decode step's linears
-at few rows on the amx level against the avx512 level, where the tiles take over.
+at few rows on the amx level against the avx512_bf16 level, where the tiles take over.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _rows(name: str, n: int, k: int, m: int, rng: np.random.Generator,
 
 
 def run(quick: bool = False) -> list[Row]:
-    if _C.detected_isa() not in ("avx512", "amx"):
+    if _C.detected_isa() not in ("avx512_bf16", "amx"):
         return []
     rng = np.random.default_rng(0)
     rows: list[Row] = []

@@ -1,5 +1,5 @@
 """Where the amx level's linears take their tiles: a decode step's linears at few rows, on
-the amx level against the same weights forced to the avx512 level (VDPBF16PS for bf16 rows,
+the amx level against the same weights forced to the avx512_bf16 level (VDPBF16PS for bf16 rows,
 VNNI on the blocks for int8), timed in alternating rounds (the ``linear_rows`` suite).
 
 A call is one decode step's projections (qkv, o, gate|up, down) over every layer of a
@@ -62,7 +62,7 @@ def _rows(model: str, fmt: str, rows: tuple[int, ...]) -> list[Row]:
 
         try:
             row = compare("decode-step linears", f"{model} {fmt} x {m} rows", at("amx"),
-                          at("avx512"), "the same at the avx512 level (VDPBF16PS / VNNI)",
+                          at("avx512_bf16"), "the same at the avx512_bf16 level (VDPBF16PS / VNNI)",
                           min_time=0.2, repeat=3)
         finally:
             _C.set_cpu_isa(_C.detected_isa())

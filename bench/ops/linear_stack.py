@@ -11,9 +11,10 @@ bf16 values with x already in bf16, layer by layer as well. The note gives our b
 TFLOP/s and in GB/s of weight. The gate|up weight is one linear here (the engine fuses
 SiLU-and-mul into its store), so both sides compute the same products.
 
-``bench.ops --only linear_rows`` covers fewer rows (1-16, the tiles against the avx512
-level); ``linear`` and ``linear_8b`` single weights that stay in cache. Only on CPUs with bf16
-and int8 units (ISA level avx512 or amx); about 5 minutes, ``--quick`` 64 and 509 rows.
+``bench.ops --only linear_rows`` covers fewer rows (1-16, the tiles against the
+avx512_bf16 level); ``linear`` and ``linear_8b`` single weights that stay in cache. Only on
+CPUs with bf16 and int8 units (ISA level avx512_bf16 or amx); about 5 minutes, ``--quick``
+64 and 509 rows.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def _stack() -> list[list[tuple[torch.Tensor, BlockLinearWeight, BlockLinearWeig
 
 
 def run(quick: bool = False) -> list[Row]:
-    if _C.detected_isa() not in ("avx512", "amx"):
+    if _C.detected_isa() not in ("avx512_bf16", "amx"):
         return []
     stack = _stack()
     flops_per_row = 2 * sum(w16.numel() for layer in stack for w16, _, _ in layer)

@@ -1,5 +1,5 @@
 // AVX-512 micro-kernels (see kernels.h) for head sizes that are a multiple of 32; the
-// avx512 and amx levels run them (kernels_for), other head sizes keep the AVX2 ones.
+// avx512, avx512_bf16 and amx levels run them (kernels_for), other head sizes keep the AVX2 ones.
 //
 // fp32 and bf16 rows. K and V rows are read 32 elements at a time as two fp32 vectors.
 // From a bf16 cache those are the slice's even and odd elements: one shift and one mask

@@ -182,7 +182,7 @@ XLLM_AVX2 inline __m256 exp8(__m256 x) {
   return _mm256_andnot_ps(underflow, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
 }
 
-// ---- AVX-512 (the avx512 and amx levels) -------------------------------------
+// ---- AVX-512 (the avx512, avx512_bf16 and amx levels) -------------------------------------
 
 // 16 values of an fp32 or bf16 row from element d, as fp32 (bf16 widened exactly).
 XLLM_AVX512 inline __m512 load16(const void* row, bool bf16, int64_t d) {

@@ -1,6 +1,7 @@
-// What the avx512 and amx levels' kernels share (common/cpu_info.h says when they run):
-// their target attributes, lane masks and the masked row store. The module is compiled
-// for baseline x86-64; only functions carrying these attributes use AVX-512 or AMX.
+// What the kernels of the avx512, avx512_bf16 and amx levels share (common/cpu_info.h says
+// when they run): their target attributes, lane masks and the masked row store. The module
+// is compiled for baseline x86-64; only functions carrying these attributes use AVX-512 or
+// AMX.
 #pragma once
 
 #if defined(__x86_64__)
@@ -8,7 +9,11 @@
 
 #include <cstdint>
 
+// XLLM_AVX512 leaves out AVX512-BF16, so that the compiler refuses a bf16 instruction in a
+// kernel the avx512 level runs; only XLLM_AVX512_BF16 and XLLM_AMX functions may use one.
 #define XLLM_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
+#define XLLM_AVX512_BF16 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma")))
 #define XLLM_AMX                                                                        \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma," \

@@ -81,16 +81,24 @@ const Features kFeatures = probe();
 
 Isa detect(const Features& f) {
   const bool avx2 = f.os_avx && f.avx2 && f.fma && f.f16c;
+  // Skylake-SP has AVX-512 without VNNI: it runs the avx2 level, whose int8 kernels do
+  // without VPDPBUSD.
   const bool avx512 = avx2 && f.os_avx512 && f.avx512f && f.avx512bw && f.avx512vl &&
-                      f.avx512dq && f.avx512_vnni && f.avx512_bf16;
-  const bool amx = avx512 && f.os_amx && f.amx_bf16 && f.amx_int8;
-  return amx ? Isa::kAmx : avx512 ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kScalar;
+                      f.avx512dq && f.avx512_vnni;
+  const bool avx512_bf16 = avx512 && f.avx512_bf16;
+  const bool amx = avx512_bf16 && f.os_amx && f.amx_bf16 && f.amx_int8;
+  return amx           ? Isa::kAmx
+         : avx512_bf16 ? Isa::kAvx512Bf16
+         : avx512      ? Isa::kAvx512
+         : avx2        ? Isa::kAvx2
+                       : Isa::kScalar;
 }
 
 const Isa kDetected = detect(kFeatures);
 std::atomic<int> g_active{static_cast<int>(kDetected)};
 
-constexpr const char* kNames[] = {"scalar", "avx2", "avx512", "amx"};
+constexpr const char* kNames[] = {"scalar", "avx2", "avx512", "avx512_bf16", "amx"};
+constexpr int kLevels = sizeof(kNames) / sizeof(kNames[0]);
 
 }  // namespace
 
@@ -129,7 +137,8 @@ std::vector<std::pair<std::string, bool>> cpu_features() {
 
 void register_cpu_info(py::module_& m) {
   m.def("cpu_isa", [] { return std::string(isa_name(active_isa())); },
-        "The ISA level the CPU kernels use now: 'scalar', 'avx2', 'avx512' or 'amx'.");
+        "The ISA level the CPU kernels use now: 'scalar', 'avx2', 'avx512', 'avx512_bf16' or "
+        "'amx'.");
   m.def("detected_isa", [] { return std::string(isa_name(kDetected)); },
         "The best ISA level this CPU (and OS) supports.");
   m.def(
@@ -152,10 +161,11 @@ void register_cpu_info(py::module_& m) {
   m.def(
       "set_cpu_isa",
       [](const std::string& name) {
-        for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < kLevels; ++i) {
           if (name == kNames[i]) return set_isa_override(static_cast<Isa>(i));
         }
-        fail("argument 'isa' must be 'scalar', 'avx2', 'avx512' or 'amx', got '", name, "'");
+        fail("argument 'isa' must be 'scalar', 'avx2', 'avx512', 'avx512_bf16' or 'amx', got '",
+             name, "'");
       },
       py::arg("isa"),
       "Selects the CPU kernels' ISA level (any level up to detected_isa()); tests use it.");

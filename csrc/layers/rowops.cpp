@@ -80,9 +80,9 @@ XLLM_AVX2 void rotate_avx2(float* x1, float* x2, const float* c, const float* s,
 }
 
 #if defined(__x86_64__)
-// ---- AVX-512 (the avx512 and amx levels): the AVX2 forms 16 lanes wide. On the AMX Xeon
-// (2 cores, 64 rows of the demo): SiLU-and-mul 1.43x the AVX2 form (the same bits),
-// RMSNorm 1.2x, rotary 1.2x.
+// ---- AVX-512 (the avx512, avx512_bf16 and amx levels): the AVX2 forms 16 lanes wide. On
+// the AMX Xeon (2 cores, 64 rows of the demo): SiLU-and-mul 1.43x the AVX2 form (the same
+// bits), RMSNorm 1.2x, rotary 1.2x.
 
 XLLM_AVX512 void rms_row_avx512(const float* x, const float* w, float eps, int64_t h,
                                 float* out) {

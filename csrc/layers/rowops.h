@@ -2,7 +2,7 @@
 // (layer_ops.cpp) and the native decoder stack (csrc/model). Pointers only, no
 // Python: callers check arguments and may hold or release the GIL. Rows are split
 // across OpenMP threads only when there are many (prefill). `isa` picks the path:
-// AVX-512 (the avx512 and amx levels: RMSNorm, SiLU-and-mul, rotary; argmax stays on
+// AVX-512 (the avx512, avx512_bf16 and amx levels: RMSNorm, SiLU-and-mul, rotary; argmax stays on
 // AVX2), AVX2, or scalar, the fallback and the reference.
 #pragma once
 

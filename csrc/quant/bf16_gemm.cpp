@@ -17,8 +17,9 @@ namespace {
 
 float widen(uint16_t h) { return attn::to_f32(h); }
 
-// Groups [g_begin, g_end) on the avx2 or scalar level: unpack a group to fp32 rows, then
-// the fp32 tile kernels (<= 3 rows x <= 4 outputs a call) over x already rounded to bf16.
+// Groups [g_begin, g_end) on a level without bf16 arithmetic (avx512, avx2, scalar): unpack
+// a group to fp32 rows, then the fp32 tile kernels (<= 3 rows x <= 4 outputs a call) over x
+// already rounded to bf16.
 void groups_fp32(const PackedBf16& w, const float* xr, int64_t m, int64_t g_begin,
                  int64_t g_end, const float* bias, float* out, int64_t ldo, Isa isa) {
   const Kernels kern = kernels_for(isa);
@@ -82,7 +83,7 @@ void unpack_bf16(const PackedBf16& w, float* dst) {
 #if defined(__x86_64__)
 namespace {
 
-// The avx512 and amx levels: x rounded to bf16 (in tiles for AMX), then the kernels, on
+// The avx512_bf16 and amx levels: x rounded to bf16 (in tiles for AMX), then the kernels, on
 // `threads` threads. glu > 0: the gate|up form of bf16_linear_glu (AMX only).
 void bf16_linear_avx512(const PackedBf16& w, const float* x, int64_t ldx, int64_t m,
                         const float* bias, float* out, int64_t ldo, bool amx, int64_t glu,
@@ -152,7 +153,7 @@ void bf16_linear(const PackedBf16& w, const float* x, int64_t ldx, int64_t m,
   const int64_t k = w.cols, groups = w.groups();
   const int threads = linear_threads(w.rows, w.cols, m);
 #if defined(__x86_64__)
-  if (isa >= Isa::kAvx512) {
+  if (isa >= Isa::kAvx512Bf16) {
     return bf16_linear_avx512(w, x, ldx, m, bias, out, ldo, isa >= Isa::kAmx && m >= kAmxMinRows,
                               0, threads);
   }

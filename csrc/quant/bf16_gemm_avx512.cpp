@@ -1,4 +1,4 @@
-// bf16 linear kernels for the avx512 and amx levels (bf16_gemm.h has the layout).
+// bf16 linear kernels for the avx512_bf16 and amx levels (bf16_gemm.h has the layout).
 //
 // VDPBF16PS (few rows): a zmm of 16 fp32 accumulators per (row, output group); each
 // step broadcasts one k-pair of a row of x and multiplies it into the packed line of
@@ -26,7 +26,7 @@ namespace xllm::quant {
 namespace {
 
 template <int MR, int NT>
-XLLM_AVX512 void dot_block(const PackedBf16& w, const uint16_t* xb, int64_t g0,
+XLLM_AVX512_BF16 void dot_block(const PackedBf16& w, const uint16_t* xb, int64_t g0,
                            const float* bias, float* out, int64_t ldo) {
   const int64_t kp = w.cols / 2;  // k-pairs
   const auto* x32 = reinterpret_cast<const int32_t*>(xb);
@@ -57,7 +57,7 @@ XLLM_AVX512 void dot_block(const PackedBf16& w, const uint16_t* xb, int64_t g0,
 
 // Groups [g, g + NT) for all m rows, MR rows a pass.
 template <int NT>
-XLLM_AVX512 void dot_groups(const PackedBf16& w, const uint16_t* xb, int64_t m, int64_t g,
+XLLM_AVX512_BF16 void dot_groups(const PackedBf16& w, const uint16_t* xb, int64_t m, int64_t g,
                             const float* bias, float* out, int64_t ldo) {
   const int64_t k = w.cols;
   int64_t r = 0;
@@ -72,7 +72,7 @@ XLLM_AVX512 void dot_groups(const PackedBf16& w, const uint16_t* xb, int64_t m, 
 
 }  // namespace
 
-XLLM_AVX512 void round_rows_bf16_avx512(const float* x, int64_t ldx, int64_t m, int64_t k,
+XLLM_AVX512_BF16 void round_rows_bf16_avx512(const float* x, int64_t ldx, int64_t m, int64_t k,
                                         uint16_t* xb) {
   for (int64_t r = 0; r < m; ++r) {
     const float* src = x + r * ldx;
@@ -85,7 +85,7 @@ XLLM_AVX512 void round_rows_bf16_avx512(const float* x, int64_t ldx, int64_t m, 
   }
 }
 
-XLLM_AVX512 void round_rows_bf16_tiles(const float* x, int64_t ldx, int64_t m, int64_t k,
+XLLM_AVX512_BF16 void round_rows_bf16_tiles(const float* x, int64_t ldx, int64_t m, int64_t k,
                                        uint16_t* xb, int64_t r_begin, int64_t r_end) {
   const int64_t kb_count = k / 32;
   for (int64_t r = r_begin; r < r_end; ++r) {
@@ -103,7 +103,7 @@ XLLM_AVX512 void round_rows_bf16_tiles(const float* x, int64_t ldx, int64_t m, i
   }
 }
 
-XLLM_AVX512 void bf16_groups_avx512(const PackedBf16& w, const uint16_t* xb, int64_t m,
+XLLM_AVX512_BF16 void bf16_groups_avx512(const PackedBf16& w, const uint16_t* xb, int64_t m,
                                     int64_t g_begin, int64_t g_end, const float* bias,
                                     float* out, int64_t ldo) {
   int64_t g = g_begin;

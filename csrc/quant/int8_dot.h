@@ -10,9 +10,9 @@
 // becomes u = q + 128, c = -128 d. The integer sums are exact, so every ISA level computes
 // the same block sums from the same quantized x; only the order of the fp32 additions
 // differs. VNNI (VPDPBUSD: unsigned x signed bytes, four products per lane) does the
-// integer part on the avx512 level, and on the amx level for fewer than kAmxInt8MinRows
-// rows; from there the amx level runs AMX-INT8 tiles on a requantized copy of the weight
-// (PackedAmxInt8, below).
+// integer part on the avx512 and avx512_bf16 levels, and on the amx level for fewer than
+// kAmxInt8MinRows rows; from there the amx level runs AMX-INT8 tiles on a requantized copy
+// of the weight (PackedAmxInt8, below).
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-// int8 linear kernels for the avx512 and amx levels, on the packed form (int8_dot.h).
+// int8 linear kernels for the avx512, avx512_bf16 and amx levels, on the packed form (int8_dot.h).
 //
 // Dot products: one zmm lane per output. Each step broadcasts 4 int8 inputs of a row of x
 // to every lane and VPDPBUSD multiplies them with the 4 unsigned quants of each of 16

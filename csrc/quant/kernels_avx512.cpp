@@ -1,8 +1,8 @@
 // The AVX-512 form of the fp32 block kernels' direct form (block_linear.h: a decode step's
-// few rows), for the avx512 and amx levels: the AVX2 kernel's arithmetic 16 lanes wide.
-// Decoding widens a block's 32 quants to fp32 (two zmm) and applies the scale (and min)
-// with one FMA: d * q is exact in fp32, so the FMA rounds where the reference's add does
-// and the decoded weight is the same bits. The sums differ from the AVX2 level's only in
+// few rows), for the avx512, avx512_bf16 and amx levels: the AVX2 kernel's arithmetic 16
+// lanes wide. Decoding widens a block's 32 quants to fp32 (two zmm) and applies the scale
+// (and min) with one FMA: d * q is exact in fp32, so the FMA rounds where the reference's
+// add does and the decoded weight is the same bits. The sums differ from the AVX2 level's only in
 // the order of their fp32 additions. Measured on the demo's shapes (2 cores of a Xeon with
 // AMX): 1.2x the AVX2 kernel at 1 row, 1.4x at 3.
 #include <immintrin.h>

@@ -22,7 +22,7 @@ def cpu_has_bf16_compute() -> bool:
     that a machine with more can stand in for an AVX2 CPU)."""
     from xllm import _C
 
-    return _C.cpu_isa() in ("avx512", "amx")
+    return _C.cpu_isa() in ("avx512_bf16", "amx")
 
 
 def resolve_dtype(dtype: str, model_config: ModelConfig, device: torch.device,

@@ -369,9 +369,9 @@ class LlamaForCausalLM(nn.Module):
         head_name = "model.embed_tokens.weight" if self.lm_head.tied else "lm_head.weight"
         head = blocks.get(head_name)
         if head is not None:
-            # int8 too: faster than the packed bf16 rows at every batch size, on the avx512
-            # level (VNNI against VDPBF16PS) as on amx (the demo's 49152 x 576 head at 64
-            # rows: 5.8 against 17.8 ms, 2.1 against 3.0).
+            # int8 too: faster than the packed bf16 rows at every batch size, on the
+            # avx512_bf16 level (VNNI against VDPBF16PS) as on amx (the demo's 49152 x 576
+            # head at 64 rows: 5.8 against 17.8 ms, 2.1 against 3.0).
             self.lm_head.use_blocks(BlockLinearWeight(head, arithmetic=arithmetic))
             if not self.lm_head.tied:
                 self.lm_head.weight = nn.Parameter(torch.empty(0), requires_grad=False)
