@@ -323,8 +323,9 @@ def test_weight_format_blocks_needs_an_import(tmp_path: Path) -> None:
 
     write_tiny_gguf(tmp_path / "m.gguf", seed=1)  # F32 tensors: nothing kept as blocks
     out = convert_gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf", progress=False)
-    with pytest.raises(ValueError, match="weight_format 'blocks' needs"):
-        LLM(str(out), weight_format="blocks", num_kv_blocks=16)
+    for fmt in ("blocks", "int16"):
+        with pytest.raises(ValueError, match=f"weight_format '{fmt}' needs"):
+            LLM(str(out), weight_format=fmt, num_kv_blocks=16)
     with pytest.raises(ValueError, match="weight_format must be"):
         LLM(str(out), weight_format="int4")
 

@@ -104,12 +104,16 @@ def test_amx_rows_do_not_depend_on_the_batch(isa: str) -> None:
         assert torch.equal(weight(x)[:40], weight(x[:40]))
 
 
-def test_every_level_computes_the_same_block_sums() -> None:
-    """The integer part is exact, so levels differ only in the order of fp32 additions
-    (below AMX_ROWS rows, where the amx level takes the block sums too)."""
-    p = _blocks("q4_1", Q.Q4_1, 64, 576, seed=3)
-    weight = BlockLinearWeight(p, arithmetic="int8")
-    x = torch.randn(AMX_ROWS["q4_1"] - 1, 576, generator=torch.Generator().manual_seed(11))
+@pytest.mark.parametrize("arithmetic, fmt, qtype, m", [
+    ("int8", "q4_1", Q.Q4_1, AMX_ROWS["q4_1"] - 1),
+    ("int16", "q4_1", Q.Q4_1, 40), ("int16", "q8_0", Q.Q8_0, 40)])
+def test_every_level_computes_the_same_block_sums(arithmetic: str, fmt: str, qtype: Q,
+                                                  m: int) -> None:
+    """The integer part is exact and x's parts the same bits on every level, so levels
+    differ only in the order of fp32 additions (int8: below AMX_ROWS rows, where the amx
+    level takes the block sums too; int16: at every row count)."""
+    weight = BlockLinearWeight(_blocks(fmt, qtype, 64, 576, seed=3), arithmetic=arithmetic)
+    x = torch.randn(m, 576, generator=torch.Generator().manual_seed(11))
     outs = []
     for level in _C.cpu_isas():
         _C.set_cpu_isa(level)
@@ -137,16 +141,19 @@ def test_repacked_weight_decodes_exactly(fmt: str, qtype: Q) -> None:
 def test_int8_bad_arguments() -> None:
     with pytest.raises(ValueError, match="arithmetic 'int8' needs format 'q4_1' or 'q8_0'"):
         _C.BlockWeight("f32", torch.zeros(16, 32), arithmetic="int8")
-    with pytest.raises(ValueError, match="'arithmetic' must be 'fp32' or 'int8'"):
+    with pytest.raises(ValueError, match="arithmetic 'int16' needs format 'q4_1' or 'q8_0'"):
+        _C.BlockWeight("f32", torch.zeros(16, 32), arithmetic="int16")
+    with pytest.raises(ValueError, match="'arithmetic' must be 'fp32', 'int8' or 'int16'"):
         _C.BlockWeight("f32", torch.zeros(16, 32), arithmetic="int4")
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 40])
-def test_int8_non_finite_input_gives_nan_rows(isa: str, m: int) -> None:
+@pytest.mark.parametrize("arithmetic", ["int8", "int16"])
+def test_int8_non_finite_input_gives_nan_rows(isa: str, m: int, arithmetic: str) -> None:
     """A NaN or infinity in a row of x makes that row's outputs NaN, as fp32 arithmetic
     would, on every path (VNNI, AVX2, scalar, AMX tiles); the other rows are unaffected."""
     p = _blocks("q4_1", Q.Q4_1, 48, 96, seed=7)
-    weight = BlockLinearWeight(p, arithmetic="int8")
+    weight = BlockLinearWeight(p, arithmetic=arithmetic)
     x = torch.randn(m, 96, generator=torch.Generator().manual_seed(m))
     clean = weight(x.clone())
     x[0, 50] = float("nan")
@@ -173,3 +180,48 @@ def test_gate_up_with_silu_and_mul(isa: str, m: int, fmt: str, qtype: Q, inter: 
     weight = BlockLinearWeight(_blocks(fmt, qtype, 2 * inter, k, m + k), arithmetic="int8").native
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 2
     assert_fused_glu_is_unfused(weight, x)
+
+
+# ---- int16: x in 16 bits per block of 32 (QuantizedRows in int8_dot.h) ---------------------
+
+
+def quantized_x16_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x as the int16 arithmetic sees it: per block of 32, d = max|x| / 32385 and
+    v = round(x * (1 / d)), all in fp32 as the kernels compute it; returns v * d in float64."""
+    m, k = x.shape
+    xb = x.view(m, k // 32, 32)
+    d = xb.abs().amax(-1, keepdim=True) / torch.tensor(32385.0)
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    return (torch.round(xb * inv).double() * d.double()).view(m, k)
+
+
+@pytest.mark.parametrize("fmt, qtype", FORMATS)
+@pytest.mark.parametrize("rows, cols", [(16, 32), (33, 96), (160, 576), (50, 1536)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 16, 17, 40, 130])
+def test_int16_linear_matches_reference(isa: str, fmt: str, qtype: Q, rows: int, cols: int,
+                                        m: int) -> None:
+    """Every level and row count (the amx level keeps the blocks too: no tiles) against the
+    arithmetic's reference, and within 1e-4 of the exact fp32 product (int8 x: ~1e-2)."""
+    p = _blocks(fmt, qtype, rows, cols, seed=rows + cols + m)
+    w = torch.from_numpy(dequantize_ref(p)).double()
+    bias = torch.randn(rows) if m % 2 else None
+    weight = BlockLinearWeight(p, bias, arithmetic="int16")
+    assert weight.arithmetic == "int16"
+    x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m + cols)) * 3
+    x[0, :32] *= 100  # a block far larger than the others: scales are per block
+    out = weight(x).double()
+    b = 0 if bias is None else bias.double()
+    tol = 1e-6 * cols * float(x.abs().max() * w.abs().max()) + 1e-5
+    assert (out - (quantized_x16_blocks(x) @ w.T + b)).abs().max().item() < tol
+    exact = x.double() @ w.T + b
+    assert (out - exact).abs().max().item() < 1e-4 * exact.abs().max().item()
+
+
+def test_int16_keeps_the_blocks_only() -> None:
+    """No AMX tile copy (its per-row requantization is what int16 avoids): the repacked
+    blocks alone, decoding exactly."""
+    p = _blocks("q8_0", Q.Q8_0, 37, 96, seed=5)
+    weight = BlockLinearWeight(p, arithmetic="int16")
+    assert weight.qs is None
+    assert np.array_equal(weight.dequantize().numpy(), dequantize_ref(p))
+    assert weight.nbytes() == 3 * 3 * (512 + 128)

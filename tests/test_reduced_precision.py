@@ -46,7 +46,7 @@ from xllm.ops.blocks import dequantize_ref, pack_gguf_blocks  # noqa: E402
 
 TOP = 5
 PPL_BOUND = {"bf16_gemm": 0.01, "bf16": 0.01, "int8": 0.03, "q8_0": 0.03, "int8-dense": 0.03,
-             "bf16_gemm+kv8": 0.03, "int8+kv8": 0.03, "int8-f32": 0.03}
+             "bf16_gemm+kv8": 0.03, "int8+kv8": 0.03, "int8-f32": 0.03, "int16-f32": 0.001}
 F32 = "-f32"  # a case's suffix: dtype float32 (fp32 KV cache and attention)
 KV8 = "+kv8"  # a case's suffix: the KV cache in int8 rows (kv_cache_dtype int8)
 # Levels whose int8 path is not the scalar reference (VNNI; amx adds bf16 tiles for
@@ -168,10 +168,13 @@ CHATS = [
 # products of the decode kernels rather than AMX tiles.
 KV8_LEVELS = sorted({_C.detected_isa()} | ({"avx512"} & set(_C.cpu_isas())))
 # int8-f32: weight_format int8 in float32 at the avx2 level, the faster choice on CPUs
-# without bf16 arithmetic (their default is exact fp32).
+# without bf16 arithmetic (their default is exact fp32). int16-f32: the avx512 level's
+# default (x in 16 bits), held to 0.1% perplexity, at that level (else the CPU's best).
+INT16_LEVEL = "avx512" if "avx512" in _C.cpu_isas() else _C.detected_isa()
 DEMO_CASES = ([("bf16", _C.detected_isa())] + [("int8", lv) for lv in INT8_LEVELS]
               + [("int8-dense", _C.detected_isa())] + [("int8+kv8", lv) for lv in KV8_LEVELS]
-              + [("int8-f32", "avx2")] * ("avx2" in _C.cpu_isas()))
+              + [("int8-f32", "avx2")] * ("avx2" in _C.cpu_isas())
+              + [("int16-f32", INT16_LEVEL)])
 
 
 @pytest.fixture(scope="module", params=DEMO_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
@@ -290,3 +293,41 @@ def test_auto_weight_format(tmp_path) -> None:  # noqa: ANN001
     assert auto(f32, plain) == ("bf16" if config.torch_dtype == "bfloat16" else "f32")
     assert auto(torch.float16, imported) == auto(bf16, imported, torch.device("meta")) == "dense"
     assert resolve_weight_format("f32", bf16, config, cpu, imported) == "f32"
+    # float32 that dtype auto chose: int16 on an import's blocks at the avx512 level (VNNI,
+    # no bf16 arithmetic); exact blocks at avx2 and whenever float32 was asked for.
+    level = _C.cpu_isa()
+    try:
+        for lv in ("avx2", "avx512"):
+            if lv in _C.cpu_isas():
+                _C.set_cpu_isa(lv)
+                chosen = resolve_weight_format("auto", f32, config, cpu, imported, auto_dtype=True)
+                assert chosen == ("int16" if lv == "avx512" else "blocks")
+                assert auto(f32, imported) == "blocks"
+                assert resolve_weight_format("auto", f32, config, cpu, plain,
+                                             auto_dtype=True) == auto(f32, plain)
+    finally:
+        _C.set_cpu_isa(level)
+
+
+@pytest.mark.skipif("avx512" not in _C.cpu_isas(), reason="needs a CPU with AVX-512 and VNNI")
+def test_engine_defaults_at_the_avx512_level(demo_model_dir) -> None:  # noqa: ANN001
+    """A CPU at the avx512 level (VNNI, no bf16 arithmetic) gets float32 and int16 on the
+    demo's blocks by default, and the exact blocks when float32 is asked for; both give the
+    README's answer."""
+    from xllm import LLM, SamplingParams
+
+    level = _C.cpu_isa()
+    _C.set_cpu_isa("avx512")
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=8)
+        chat = [{"role": "user", "content": "What is the capital of France?"}]
+        texts = []
+        for dtype, fmt in (("auto", "int16"), ("float32", "blocks")):
+            llm = LLM(model=str(demo_model_dir), dtype=dtype, max_model_len=256,
+                      kv_cache_memory_gb=0.05)
+            assert (llm.engine.dtype, llm.engine.weight_format) == (torch.float32, fmt)
+            texts.append(llm.chat([chat], params, use_tqdm=False)[0].outputs[0].text)
+            del llm
+        assert texts[0] == texts[1] and "Paris" in texts[0], texts
+    finally:
+        _C.set_cpu_isa(level)

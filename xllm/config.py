@@ -85,9 +85,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        if self.weight_format not in ("auto", "dense", "blocks", "int8", "bf16", "f32"):
-            raise ValueError("weight_format must be auto, dense, blocks, int8, bf16 or f32, "
-                             f"got {self.weight_format!r}")
+        if self.weight_format not in ("auto", "dense", "blocks", "int8", "int16", "bf16", "f32"):
+            raise ValueError("weight_format must be auto, dense, blocks, int8, int16, bf16 or "
+                             f"f32, got {self.weight_format!r}")
         if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16", "int8"):
             raise ValueError("kv_cache_dtype must be auto, float32, bfloat16, float16 or int8, "
                              f"got {self.kv_cache_dtype!r}")

@@ -41,11 +41,14 @@ class BlockWeight {
     format_ = format;
     const bool q4 = m_.format == quant::Format::kQ4_1;
     const bool blocked = q4 || m_.format == quant::Format::kQ8_0;
-    if (arithmetic == "int8") {
-      if (!blocked) fail("arithmetic 'int8' needs format 'q4_1' or 'q8_0', got '", format, "'");
+    if (arithmetic == "int8" || arithmetic == "int16") {
+      if (!blocked) {
+        fail("arithmetic '", arithmetic, "' needs format 'q4_1' or 'q8_0', got '", format, "'");
+      }
       int8_ = true;
+      x16_ = arithmetic == "int16";
     } else if (arithmetic != "fp32") {
-      fail("argument 'arithmetic' must be 'fp32' or 'int8', got '", arithmetic, "'");
+      fail("argument 'arithmetic' must be 'fp32', 'int8' or 'int16', got '", arithmetic, "'");
     }
     const Tensor q = host_tensor(qs_, "qs");
     check_ndim(q, 2, "[out_features, row bytes / element]");
@@ -93,7 +96,10 @@ class BlockWeight {
       {
         py::gil_scoped_release release;
         int8_w_ = quant::pack_int8(m_, int8_buffers_);
-        if (detected_isa() >= Isa::kAmx) amx_w_ = quant::pack_amx_int8(int8_w_, amx_buffers_);
+        // (int16 keeps the blocks' own weights: the tiles' per-row requantization is not)
+        if (detected_isa() >= Isa::kAmx && !x16_) {
+          amx_w_ = quant::pack_amx_int8(int8_w_, amx_buffers_);
+        }
       }
       m_.qs = nullptr;
       m_.scales = m_.mins = nullptr;
@@ -152,7 +158,7 @@ class BlockWeight {
     if (bf16_gemm_) return quant::bf16_linear(packed(), x, ldx, m, bias_ptr_, out, ldo, isa);
     if (int8_) {
       return quant::int8_linear(int8_w_, amx_w_.q ? &amx_w_ : nullptr, x, ldx, m, bias_ptr_, out,
-                                ldo, isa);
+                                ldo, isa, x16_);
     }
     quant::linear(m_, x, ldx, m, bias_ptr_, out, ldo, isa);
   }
@@ -201,7 +207,9 @@ class BlockWeight {
   }
 
   int64_t rows() const { return m_.rows; }
-  std::string arithmetic() const { return int8_ ? "int8" : bf16_gemm_ ? "bf16" : "fp32"; }
+  std::string arithmetic() const {
+    return x16_ ? "int16" : int8_ ? "int8" : bf16_gemm_ ? "bf16" : "fp32";
+  }
   int64_t cols() const { return m_.cols; }
   const std::string& format() const { return format_; }
 
@@ -212,6 +220,7 @@ class BlockWeight {
   std::string format_;
   bool bf16_gemm_ = false;  // bf16 arithmetic on packed_ (quant/bf16_gemm.h)
   bool int8_ = false;       // int8 activations on int8_w_ (quant/int8_dot.h)
+  bool x16_ = false;        // ... in 16 bits (arithmetic 'int16'; int8_ set too)
   quant::PackedInt8Buffers int8_buffers_;
   quant::PackedInt8 int8_w_{};
   quant::PackedAmxInt8Buffers amx_buffers_;

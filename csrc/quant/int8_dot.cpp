@@ -104,11 +104,13 @@ PackedAmxInt8 pack_amx_int8(const PackedInt8& w, PackedAmxInt8Buffers& buffers) 
 }
 
 void quantize_rows(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq, float* dx,
-                   float* sx, Isa isa) {
+                   float* sx, Isa isa, int8_t* xlo) {
 #if defined(__x86_64__)
-  if (isa >= Isa::kAvx512) return quantize_rows_avx512(x, ldx, m, k, xq, dx, sx);
+  if (isa >= Isa::kAvx512) return quantize_rows_avx512(x, ldx, m, k, xq, dx, sx, xlo);
+  if (isa >= Isa::kAvx2) return quantize_rows_avx2(x, ldx, m, k, xq, dx, sx, xlo);
 #endif
   const int64_t nb = k / kBlock;
+  const float top = xlo ? static_cast<float>(kX16Max) : 127.0f;
   for (int64_t r = 0; r < m; ++r) {
     for (int64_t b = 0; b < nb; ++b) {
       const float* src = x + r * ldx + b * kBlock;
@@ -120,16 +122,24 @@ void quantize_rows(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq
       }
       if (!finite) {  // NaN scales: the row's outputs are NaN, as in fp32 (quantize_block)
         std::fill(xq + r * k + b * kBlock, xq + r * k + (b + 1) * kBlock, int8_t{0});
+        if (xlo) std::fill(xlo + r * k + b * kBlock, xlo + r * k + (b + 1) * kBlock, int8_t{0});
         dx[r * nb + b] = sx[r * nb + b] = std::numeric_limits<float>::quiet_NaN();
         continue;
       }
-      const float d = amax / 127.0f;
+      const float d = amax / top;
       const float id = d > 0.0f ? 1.0f / d : 0.0f;
       int sum = 0;
       for (int i = 0; i < kBlock; ++i) {
         const int q = static_cast<int>(std::nearbyint(src[i] * id));  // round half to even
-        xq[r * k + b * kBlock + i] = static_cast<int8_t>(q);
         sum += q;
+        if (!xlo) {
+          xq[r * k + b * kBlock + i] = static_cast<int8_t>(q);
+          continue;
+        }
+        // q / 255 is never within 0.002 of a half: the rounding is the same in any order.
+        const int hi = static_cast<int>(std::nearbyint(static_cast<float>(q) * (1.0f / 255)));
+        xq[r * k + b * kBlock + i] = static_cast<int8_t>(hi);
+        xlo[r * k + b * kBlock + i] = static_cast<int8_t>(q - 255 * hi);
       }
       dx[r * nb + b] = d;
       sx[r * nb + b] = d * static_cast<float>(sum);
@@ -146,10 +156,13 @@ void int8_groups_scalar(const PackedInt8& w, const QuantizedRows& q, int64_t g_b
       for (int64_t r = 0; r < q.m; ++r) {
         float sum = 0.0f;
         for (int64_t b = 0; b < nb; ++b) {
-          int dot = 0;
+          int dot = 0, lo = 0;
           for (int i = 0; i < kBlock; ++i) {
-            dot += packed_quant(w, g, b, j, i) * q.xq[r * q.cols + b * kBlock + i];
+            const int u = packed_quant(w, g, b, j, i);
+            dot += u * q.xq[r * q.cols + b * kBlock + i];
+            if (q.xlo) lo += u * q.xlo[r * q.cols + b * kBlock + i];
           }
+          if (q.xlo) dot = 255 * dot + lo;
           sum += w.d[(g * nb + b) * 16 + j] * q.dx[r * nb + b] * static_cast<float>(dot) +
                  w.c[(g * nb + b) * 16 + j] * q.sx[r * nb + b];
         }
@@ -216,20 +229,22 @@ bool int8_linear_glu(const PackedAmxInt8* amx, const float* x, int64_t ldx, int6
 }
 
 void int8_linear(const PackedInt8& w, const PackedAmxInt8* amx, const float* x, int64_t ldx,
-                 int64_t m, const float* bias, float* out, int64_t ldo, Isa isa) {
+                 int64_t m, const float* bias, float* out, int64_t ldo, Isa isa, bool x16) {
   if (m == 0 || w.rows == 0) return;
   const int64_t k = w.cols, nb = w.blocks(), groups = w.groups();
   const int threads = linear_threads(w.rows, w.cols, m);
 #if defined(__x86_64__)
-  if (amx && isa >= Isa::kAmx && m >= amx->min_rows) {
+  if (amx && !x16 && isa >= Isa::kAmx && m >= amx->min_rows) {
     return int8_linear_amx(*amx, x, ldx, m, bias, out, ldo, 0, threads);
   }
 #endif
-  auto* xq = static_cast<int8_t*>(thread_scratch<0>(static_cast<size_t>(m * k) + 64));
+  auto* xq = static_cast<int8_t*>(
+      thread_scratch<0>(static_cast<size_t>((x16 ? 2 : 1) * m * k) + 64));
+  int8_t* xlo = x16 ? xq + m * k : nullptr;
   auto* dx = static_cast<float*>(thread_scratch<1>(sizeof(float) * 2 * m * nb + 64));
   float* sx = dx + m * nb;
-  quantize_rows(x, ldx, m, k, xq, dx, sx, isa);
-  const QuantizedRows q{xq, dx, sx, m, k};
+  quantize_rows(x, ldx, m, k, xq, dx, sx, isa, xlo);
+  const QuantizedRows q{xq, dx, sx, m, k, xlo};
 #pragma omp parallel num_threads(threads)
   {
     const int nth = omp_get_num_threads(), me = omp_get_thread_num();

@@ -94,21 +94,34 @@ struct PackedAmxInt8Buffers {
 PackedAmxInt8 pack_amx_int8(const PackedInt8& w, PackedAmxInt8Buffers& buffers);
 
 // x quantized per 32-element block: xq [m, K] int8, dx [m, K / 32], sx [m, K / 32] = dx * sum(xq).
+//
+// With xlo (arithmetic 'int16'), x is in 16 bits per block: v = round(x / dx) with
+// dx = max |x block| / kX16Max, split v = 255 xq + xlo (xq = round(v / 255), both bytes in
+// [-127, 127], so that AVX2's sign trick and VPDPBUSD take either as they take int8 x), and
+// sx = dx * sum(v). A block's integer sum is 255 (u . xq) + (u . xlo), exact in int32
+// (|.| <= 32 * 255 * 32385 < 2^31): the kernels run their int8 pass twice. 15 bits of the
+// block's largest value: the products are within ~3e-5 of the exact blocks' (the weights
+// are not requantized), against ~8e-3 for int8 x.
 struct QuantizedRows {
   const int8_t* xq;
   const float* dx;
   const float* sx;
   int64_t m, cols;
+  const int8_t* xlo = nullptr;  // 16-bit x: the low parts (null: int8 x)
 };
+constexpr int kX16Max = 127 * 255;  // 32385
 
-// Quantizes x [m, K] (row stride ldx) into xq/dx/sx (the same bits on every level).
+// Quantizes x [m, K] (row stride ldx) into xq/dx/sx (the same bits on every level); with
+// xlo non-null, in 16 bits (xq the high parts, xlo the low).
 void quantize_rows(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq, float* dx,
-                   float* sx, Isa isa);
+                   float* sx, Isa isa, int8_t* xlo = nullptr);
 
-// out [m, N] (row stride ldo) = x @ W^T (+ bias), int8 arithmetic. On the amx level from
-// amx->min_rows rows: amx (the int8 tile form; null where not packed).
+// out [m, N] (row stride ldo) = x @ W^T (+ bias), int8 arithmetic (x16: x in 16 bits, as
+// QuantizedRows says). On the amx level from amx->min_rows rows: amx (the int8 tile form;
+// null where not packed).
 void int8_linear(const PackedInt8& w, const PackedAmxInt8* amx, const float* x, int64_t ldx,
-                 int64_t m, const float* bias, float* out, int64_t ldo, Isa isa);
+                 int64_t m, const float* bias, float* out, int64_t ldo, Isa isa,
+                 bool x16 = false);
 // A gate|up weight [2I, K] (gate rows first): out [m, I] = silu(gate) * up, bit for bit
 // int8_linear then rowops::silu_and_mul, with SiLU-and-mul applied as the AMX tiles store
 // (each gate group paired with its up group; no [m, 2I] product written). Only where that
@@ -137,7 +150,9 @@ void int8_groups_avx2(const PackedInt8& w, const QuantizedRows& q, int64_t g_beg
 void int8_groups_avx512(const PackedInt8& w, const QuantizedRows& q, int64_t g_begin,
                         int64_t g_end, const float* bias, float* out, int64_t ldo);
 void quantize_rows_avx512(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq,
-                          float* dx, float* sx);
+                          float* dx, float* sx, int8_t* xlo);
+void quantize_rows_avx2(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq,
+                        float* dx, float* sx, int8_t* xlo);
 // Group g of pack_amx_int8: its 16 rows' scales into s[0..16) and their int8 tiles into
 // dst, `blocks` 512 B tiles (zeros past the weight's last block and for rows past N).
 void requantize_group_avx512(const PackedInt8& w, int64_t g, int64_t blocks, int8_t* dst,

@@ -19,7 +19,9 @@ void register_quant(py::module_& m) {
                           "(q4_1: w = d*q + m; q8_0: w = d*q) or plain bf16/f32 rows, decoded "
                           "exactly to fp32 on the fly; or bf16 rows computed in bf16 "
                           "arithmetic (bf16_gemm: x rounded to bf16, fp32 sums; AMX or "
-                          "AVX512-BF16 where present). Layout: xllm/ops/blocks.py.")
+                          "AVX512-BF16 where present). arithmetic 'int8' / 'int16': q4_1 or q8_0 "
+                          "blocks times x quantized per block of 32 to 8 / 16 bits, integer "
+                          "dot products. Layout: xllm/ops/blocks.py.")
       .def(py::init<const std::string&, py::object, py::object, py::object, py::object,
                     const std::string&>(),
            py::arg("format"), py::arg("qs"), py::arg("scales") = py::none(),

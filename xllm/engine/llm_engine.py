@@ -113,7 +113,8 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, mc, self.device, config.weight_format)
         # (Resolved once: load_model, the tensor-parallel workers and the KV identity get it.)
         self.weight_format = resolve_weight_format(config.weight_format, self.dtype, mc,
-                                                   self.device, self.model_dir)
+                                                   self.device, self.model_dir,
+                                                   auto_dtype=config.dtype == "auto")
         kv_dtype = (self.dtype if config.kv_cache_dtype == "auto"
                     else KV_CACHE_DTYPES[config.kv_cache_dtype])
         tp_size = config.tensor_parallel_size

@@ -54,34 +54,43 @@ def resolve_dtype(dtype: str, model_config: ModelConfig, device: torch.device,
     return chosen
 
 
-WEIGHT_FORMATS = ("auto", "dense", "blocks", "int8", "bf16", "f32")
+WEIGHT_FORMATS = ("auto", "dense", "blocks", "int8", "int16", "bf16", "f32")
 
 
 def resolve_weight_format(weight_format: str, dtype: torch.dtype, model_config: ModelConfig,
-                          device: torch.device, model_dir: Path) -> str:
+                          device: torch.device, model_dir: Path, auto_dtype: bool = False) -> str:
     """The weight format ``load_model`` loads. 'auto' picks the fastest format that passes the
     accuracy checks (tests/test_reduced_precision.py):
 
     - on a CPU in bfloat16 (``dtype`` auto on CPUs with bf16 arithmetic): ``int8`` where a
       GGUF import kept its blocks (a 4-5 bit weight moves a third of bf16's bytes in a decode
       step, and prompt-sized inputs run on the AMX tiles), else ``bf16``;
-    - on a CPU in float32: ``blocks`` (decoded exactly to fp32) where an import kept them,
-      else ``bf16`` rows for a bf16 checkpoint and ``f32`` otherwise: exact fp32. On CPUs
-      without bf16 arithmetic ``int8`` on the blocks measured faster (the avx2 level on an
-      AMX Xeon: docs/benchmarks.md) but not yet on an AVX2-only CPU, and it changes the
-      demo's greedy answer at a near-tie, so it stays a choice there;
+    - on a CPU in float32 that ``dtype`` auto chose (``auto_dtype``) at the avx512 level
+      (VNNI without bf16 arithmetic: Cascade Lake, Ice Lake), ``int16`` where an import kept
+      its blocks: x in 16 bits per block times the blocks, within ~3e-5 of exact, 1.4-1.8x
+      their speed (docs/benchmarks.md);
+    - otherwise in float32: ``blocks`` (decoded exactly to fp32) where an import kept them,
+      else ``bf16`` rows for a bf16 checkpoint and ``f32`` otherwise: exact fp32, which an
+      explicit ``dtype`` float32 always gets. At the avx2 level ``int8`` on the blocks
+      measured faster (on an AMX Xeon forced to it) but not yet on an AVX2-only CPU, and it
+      changes the demo's greedy answer at a near-tie, so it stays a choice there (``int16``
+      there: 2x on one stream, 0.8-0.9x on batches);
     - ``dense`` everywhere else (CUDA, float16).
 
     Any other value is returned as it is (``load_model`` checks it). Logs what 'auto'
     chose."""
     if weight_format != "auto":
         return weight_format
+    from xllm import _C
     from xllm.loader.gguf_import import BLOCKS_FILE
 
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         chosen = "dense"
     elif (Path(model_dir) / BLOCKS_FILE).is_file():
-        chosen = "int8" if dtype == torch.bfloat16 else "blocks"
+        if dtype == torch.bfloat16:
+            chosen = "int8"
+        else:
+            chosen = "int16" if auto_dtype and _C.cpu_isa() == "avx512" else "blocks"
     elif dtype == torch.bfloat16:
         chosen = "bf16"
     else:
@@ -105,6 +114,10 @@ def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
       (Q4_x), x in 16 bits per row times a per-row int8 copy of the weights on AMX-INT8
       tiles); float32 or bfloat16 (which sets the KV cache's dtype and attention's
       arithmetic);
+    - ``int16``: an import's blocks times x quantized to 16 bits per block of 32, integer
+      dot products in two passes (the int8 kernels run twice; the blocks' own weights at
+      every row count): products within ~3e-5 of ``blocks``' at about int8's speed on VNNI;
+      float32 or bfloat16;
     - ``bf16``: bf16 rows. In float32, widened exactly to fp32 in the native kernels
       (exact for a bf16 checkpoint's values); in bfloat16, packed for the matrix units and
       multiplied in bf16 with fp32 sums (``bf16_gemm``: AMX tiles for many rows,
@@ -131,13 +144,14 @@ def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
             raise ValueError(f"weight_format {weight_format!r} runs on the CPU in float32 or "
                              f"bfloat16 only; got device {device.type} and dtype {dtype}; use "
                              "'dense'")
-        if dtype == torch.bfloat16 and weight_format not in ("bf16", "int8"):
+        if dtype == torch.bfloat16 and weight_format not in ("bf16", "int8", "int16"):
             raise ValueError(f"weight_format {weight_format!r} computes in float32; with dtype "
-                             "bfloat16 use 'bf16' or 'int8' (or 'dense'), or use dtype float32")
-    if weight_format == "blocks" and not blocks_path.is_file():
-        raise ValueError(f"weight_format 'blocks' needs {blocks_path}, which only a GGUF "
-                         "import writes; use weight_format 'auto', 'int8', 'bf16', 'f32' or "
-                         "'dense'")
+                             "bfloat16 use 'bf16', 'int8' or 'int16' (or 'dense'), or use "
+                             "dtype float32")
+    if weight_format in ("blocks", "int16") and not blocks_path.is_file():
+        raise ValueError(f"weight_format {weight_format!r} needs {blocks_path}, which only a "
+                         "GGUF import writes; use weight_format 'auto', 'int8', 'bf16', 'f32' "
+                         "or 'dense'")
     # int8 without an import's blocks: the checkpoint's weights quantized to Q8_0 at load.
     int8_from_dense = weight_format == "int8" and not blocks_path.is_file()
     bf16_gemm = weight_format == "bf16" and dtype == torch.bfloat16
@@ -150,11 +164,11 @@ def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
     model.checkpoint_dir = str(model_dir)  # expert parallelism reads moved experts from it
     if int8_from_dense:
         model.attach_rows("q8_0")
-    elif weight_format in ("blocks", "int8"):
+    elif weight_format in ("blocks", "int8", "int16"):
         from xllm.ops.blocks import read_blocks
 
         model.attach_blocks(read_blocks(blocks_path, model.shard_specs()),
-                            "int8" if weight_format == "int8" else "fp32")
+                            "fp32" if weight_format == "blocks" else weight_format)
     elif bf16_gemm:
         model.attach_rows("bf16_gemm")
     elif weight_format in ("bf16", "f32"):
@@ -166,6 +180,8 @@ def load_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype,
                    "int8 copy (AMX-INT8)",
            "bf16": ": bf16 products with fp32 sums (bf16_gemm)" if bf16_gemm else
                    ": bf16 rows widened exactly to fp32",
+           "int16": ": GGUF blocks times x quantized to 16 bits per block of 32 (two "
+                    "integer passes: VNNI, or VPMADDUBSW on AVX2)",
            "blocks": ": GGUF blocks decoded exactly to fp32"}.get(weight_format, "")
     logger.info("weight_format %s, dtype %s%s", weight_format, str(dtype).removeprefix("torch."),
                 how)

@@ -347,8 +347,8 @@ class LlamaForCausalLM(nn.Module):
 
         Call after ``load_weights`` (biases and norms still come from the dense checkpoint).
         A fused projection switches only when all its parts share one block format.
-        ``arithmetic``: ``fp32`` (exact) or ``int8`` (activations quantized to int8 per block
-        of 32; ``BlockLinearWeight``).
+        ``arithmetic``: ``fp32`` (exact), ``int8`` or ``int16`` (activations quantized to 8 or
+        16 bits per block of 32; ``BlockLinearWeight``).
         """
         if self.dtype != torch.float32:
             raise ValueError(f"block weights compute in fp32; the model is {self.dtype}")
