@@ -49,7 +49,8 @@ def resolve_dtype(dtype: str, model_config: ModelConfig, device: torch.device,
                "stream, bf16 KV cache")
     else:
         chosen = torch.float32
-        why = "this CPU has no bf16 arithmetic (no AVX512-BF16 or AMX); fp32 is exact and fastest"
+        why = ("this CPU has no bf16 arithmetic (no AVX512-BF16 or AMX): bf16 matmuls would "
+               "be emulated; fp32 activations and KV cache")
     logger.info("dtype auto -> %s: %s", str(chosen).removeprefix("torch."), why)
     return chosen
 
