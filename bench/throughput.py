@@ -23,7 +23,8 @@ CPU (on the GGUF demo: int8 linears on the blocks where the CPU has bf16 and int
 ``xllm-bf16`` (bf16 rows and bf16 GEMMs: what a Hugging Face checkpoint gets by default on
 a CPU with bf16 arithmetic, where the GGUF demo gets int8), ``xllm-int8`` (int8 linears:
 on the demo its Q4_1 blocks, on a Hugging Face checkpoint its weights quantized to Q8_0 at
-load; dtype auto: bfloat16 where the CPU has bf16 arithmetic, else float32);
+load; dtype auto: bfloat16 where the CPU has bf16 arithmetic, else float32), ``xllm-int16``
+(x in 16 bits per block times a GGUF import's blocks, float32; GGUF imports only);
 ``vllm`` in its default for this CPU (bfloat16 where the CPU has bf16 arithmetic, else
 float32) and ``vllm-fp32``; ``llamacpp`` (Q4_1); ``transformers`` (fp32). xllm and
 transformers (batched ``generate``, left padding) run in this process, torch threads = the
@@ -74,11 +75,11 @@ CURVE = {"single": 1, "batch4": 4, "batch16": 16, "batch64": 64, "batch256": 256
 # this CPU (bf16 where it has bf16 arithmetic: AVX512-BF16 or AMX); the -fp32 rows beside
 # them run in float32.
 ENGINES = ("transformers", "vllm-fp32", "vllm", "llamacpp", "xllm-fp32", "xllm-bf16", "xllm-int8",
-           "xllm")
+           "xllm-int16", "xllm")
 LABELS = {"transformers": "transformers (fp32)", "vllm-fp32": "vLLM CPU (fp32)",
           "vllm": "vLLM CPU (default dtype)", "llamacpp": "llama.cpp (Q4_1 weights)",
           "xllm-fp32": "xllm (fp32)", "xllm-bf16": "xllm (bf16 rows, bf16 arithmetic)",
-          "xllm-int8": "xllm (int8 linears)",
+          "xllm-int8": "xllm (int8 linears)", "xllm-int16": "xllm (int16 linears, fp32)",
           "xllm": "xllm (default dtype)"}
 PEERS_DIR = Path(os.environ.get("XLLM_PEERS_DIR") or Path.home() / ".cache/xllm/peers")
 PEER_SCRIPTS = Path(__file__).resolve().parent / "peers"
@@ -383,8 +384,9 @@ def main(argv: list[str] | None = None) -> int:
                     # What a Hugging Face (not GGUF) checkpoint gets by default on a CPU with
                     # bf16 arithmetic: bf16 rows through bf16 GEMMs.
                     "xllm-bf16": {"dtype": "bfloat16", "weight_format": "bf16"},
-                    "xllm-int8": {"dtype": "auto", "weight_format": "int8"}}
-    for engine in ("xllm-fp32", "xllm-bf16", "xllm-int8", "xllm"):
+                    "xllm-int8": {"dtype": "auto", "weight_format": "int8"},
+                    "xllm-int16": {"dtype": "float32", "weight_format": "int16"}}
+    for engine in ("xllm-fp32", "xllm-bf16", "xllm-int8", "xllm-int16", "xllm"):
         if engine in args.engines:
             from xllm import LLM
 

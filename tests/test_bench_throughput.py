@@ -8,8 +8,8 @@ from bench.throughput import ENGINES, LABELS, _parse_args, main
 
 
 def test_engines_and_labels() -> None:
-    assert {"xllm", "xllm-fp32", "xllm-bf16", "xllm-int8", "vllm", "vllm-fp32", "llamacpp",
-            "transformers"} == set(ENGINES)
+    assert {"xllm", "xllm-fp32", "xllm-bf16", "xllm-int8", "xllm-int16", "vllm", "vllm-fp32",
+            "llamacpp", "transformers"} == set(ENGINES)
     assert set(LABELS) == set(ENGINES)
     args = _parse_args(["--engines", "xllm,xllm-fp32,vllm", "--scenarios", "single,batch64"])
     assert args.engines == ["xllm", "xllm-fp32", "vllm"]
