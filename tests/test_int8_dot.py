@@ -225,3 +225,14 @@ def test_int16_keeps_the_blocks_only() -> None:
     assert weight.qs is None
     assert np.array_equal(weight.dequantize().numpy(), dequantize_ref(p))
     assert weight.nbytes() == 3 * 3 * (512 + 128)
+
+
+@pytest.mark.parametrize("fmt, qtype", FORMATS)
+def test_int16_rows_do_not_depend_on_the_batch(isa: str, fmt: str, qtype: Q) -> None:
+    """Each row's 16-bit parts and integer sums are its own, and no level switches form with
+    the row count, so a row's output is bit-identical in any batch (as fp32 blocks')."""
+    weight = BlockLinearWeight(_blocks(fmt, qtype, 200, 576, seed=9), arithmetic="int16")
+    x = torch.randn(40, 576, generator=torch.Generator().manual_seed(9))
+    whole = weight(x)
+    for m in (1, 2, 3, 4, 5, 8, 16, 17, 33):
+        assert torch.equal(whole[:m], weight(x[:m])), m
