@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+# EngineConfig.weight_format's values (docs/models.md; xllm.loader.model loads them).
+WEIGHT_FORMATS = ("auto", "dense", "blocks", "int8", "int16", "bf16", "f32")
 # overlap_scheduling's default per device, from bench.overlap (docs/benchmarks.md).
 OVERLAP_BY_DEFAULT = {"cpu": False, "cuda": False}
 
@@ -85,9 +87,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        if self.weight_format not in ("auto", "dense", "blocks", "int8", "int16", "bf16", "f32"):
-            raise ValueError("weight_format must be auto, dense, blocks, int8, int16, bf16 or "
-                             f"f32, got {self.weight_format!r}")
+        if self.weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"weight_format must be {', '.join(WEIGHT_FORMATS[:-1])} or "
+                             f"{WEIGHT_FORMATS[-1]}, got {self.weight_format!r}")
         if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16", "int8"):
             raise ValueError("kv_cache_dtype must be auto, float32, bfloat16, float16 or int8, "
                              f"got {self.kv_cache_dtype!r}")

@@ -48,9 +48,6 @@ void linear(const BlockMatrix& w, const float* x, int64_t ldx, int64_t m, const 
   const Kernels kern = kernels_for(isa);
   const int64_t k = w.cols;
   const int64_t tiles = (w.rows + kTileRows - 1) / kTileRows;
-  // Rows per pass: a multiple of kTileCols, so blocking changes no row's grouping.
-  const int64_t fit = kRowBlockBytes / (k * static_cast<int64_t>(sizeof(float)));
-  const int64_t row_block = std::max<int64_t>(kTileCols, fit / kTileCols * kTileCols);
   const int threads = threads_for(w, m);
   if (m <= kTileCols) {
     // A decode step: decode in registers, no scratch round trip. Tiles in chunks of 1/32 of
@@ -69,6 +66,9 @@ void linear(const BlockMatrix& w, const float* x, int64_t ldx, int64_t m, const 
     }
     return;
   }
+  // Rows per pass: a multiple of kTileCols, so blocking changes no row's grouping.
+  const int64_t fit = kRowBlockBytes / (k * static_cast<int64_t>(sizeof(float)));
+  const int64_t row_block = std::max<int64_t>(kTileCols, fit / kTileCols * kTileCols);
 #pragma omp parallel num_threads(threads)
   {
     // This thread's tiles: a contiguous share, as schedule(static) would give it.

@@ -110,7 +110,7 @@ void quantize_rows(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq
   if (isa >= Isa::kAvx2) return quantize_rows_avx2(x, ldx, m, k, xq, dx, sx, xlo);
 #endif
   const int64_t nb = k / kBlock;
-  const float top = xlo ? static_cast<float>(kX16Max) : 127.0f;
+  const float top = x_top(xlo != nullptr);
   for (int64_t r = 0; r < m; ++r) {
     for (int64_t b = 0; b < nb; ++b) {
       const float* src = x + r * ldx + b * kBlock;

@@ -110,6 +110,8 @@ struct QuantizedRows {
   const int8_t* xlo = nullptr;  // 16-bit x: the low parts (null: int8 x)
 };
 constexpr int kX16Max = 127 * 255;  // 32385
+// The largest quant of a block of x: dx = max |x block| / x_top(x16) (every level).
+constexpr float x_top(bool x16) { return x16 ? static_cast<float>(kX16Max) : 127.0f; }
 
 // Quantizes x [m, K] (row stride ldx) into xq/dx/sx (the same bits on every level); with
 // xlo non-null, in 16 bits (xq the high parts, xlo the low).

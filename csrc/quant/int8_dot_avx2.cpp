@@ -256,7 +256,7 @@ XLLM_AVX2 void quantize_rows_avx2(const float* x, int64_t ldx, int64_t m, int64_
       __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
       m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
       m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-      const float d = _mm_cvtss_f32(m4) / (xlo ? static_cast<float>(kX16Max) : 127.0f);
+      const float d = _mm_cvtss_f32(m4) / x_top(xlo != nullptr);
       const __m256 id = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
       __m256i qv[4], sum = _mm256_setzero_si256();
       for (int p = 0; p < 4; ++p) {

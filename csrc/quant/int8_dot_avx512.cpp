@@ -134,7 +134,7 @@ XLLM_AVX512 float quantize_block(const float* src, int8_t* dst, float* sum_d, in
     return std::numeric_limits<float>::quiet_NaN();
   }
   const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-  const float d = amax / (lo ? static_cast<float>(kX16Max) : 127.0f);
+  const float d = amax / x_top(lo != nullptr);
   const __m512 id = _mm512_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
   // cvtps rounds half to even under the default MXCSR, as nearbyint does.
   const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id));

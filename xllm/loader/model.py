@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from xllm.config import WEIGHT_FORMATS
 from xllm.layers.parallel import SINGLE, TensorParallel
 from xllm.models.config import ModelConfig
 from xllm.models.registry import get_model_class
@@ -53,9 +54,6 @@ def resolve_dtype(dtype: str, model_config: ModelConfig, device: torch.device,
                "be emulated; fp32 activations and KV cache")
     logger.info("dtype auto -> %s: %s", str(chosen).removeprefix("torch."), why)
     return chosen
-
-
-WEIGHT_FORMATS = ("auto", "dense", "blocks", "int8", "int16", "bf16", "f32")
 
 
 def resolve_weight_format(weight_format: str, dtype: torch.dtype, model_config: ModelConfig,
