@@ -3,6 +3,8 @@
 #include <omp.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 
 #if defined(__x86_64__)
 #include <cpuid.h>
@@ -94,11 +96,29 @@ Isa detect(const Features& f) {
                        : Isa::kScalar;
 }
 
-const Isa kDetected = detect(kFeatures);
-std::atomic<int> g_active{static_cast<int>(kDetected)};
-
 constexpr const char* kNames[] = {"scalar", "avx2", "avx512", "avx512_bf16", "amx"};
 constexpr int kLevels = sizeof(kNames) / sizeof(kNames[0]);
+constexpr const char* kMaxIsaEnv = "XLLM_MAX_CPU_ISA";
+
+// The level XLLM_MAX_CPU_ISA names (-1: unset; kLevels: not a level, refused at import).
+int env_max_level() {
+  const char* env = std::getenv(kMaxIsaEnv);
+  if (!env || !*env) return -1;
+  for (int i = 0; i < kLevels; ++i) {
+    if (std::strcmp(env, kNames[i]) == 0) return i;
+  }
+  return kLevels;
+}
+
+// The CPU's level, capped by XLLM_MAX_CPU_ISA (as oneDNN's ONEDNN_MAX_CPU_ISA caps its
+// own): the whole process, and the workers it starts, then run as on a CPU of that level.
+Isa capped(Isa best) {
+  const int cap = env_max_level();
+  return cap < 0 || cap >= static_cast<int>(best) ? best : static_cast<Isa>(cap);
+}
+
+const Isa kDetected = capped(detect(kFeatures));
+std::atomic<int> g_active{static_cast<int>(kDetected)};
 
 }  // namespace
 
@@ -136,11 +156,17 @@ std::vector<std::pair<std::string, bool>> cpu_features() {
 }
 
 void register_cpu_info(py::module_& m) {
+  if (env_max_level() == kLevels) {
+    throw py::value_error(std::string("environment variable ") + kMaxIsaEnv + "='" +
+                          std::getenv(kMaxIsaEnv) + "' is not an ISA level; use one of "
+                          "'scalar', 'avx2', 'avx512', 'avx512_bf16', 'amx' (or unset it)");
+  }
   m.def("cpu_isa", [] { return std::string(isa_name(active_isa())); },
         "The ISA level the CPU kernels use now: 'scalar', 'avx2', 'avx512', 'avx512_bf16' or "
         "'amx'.");
   m.def("detected_isa", [] { return std::string(isa_name(kDetected)); },
-        "The best ISA level this CPU (and OS) supports.");
+        "The best ISA level this CPU (and OS) supports, or the lower one the environment "
+        "variable XLLM_MAX_CPU_ISA names.");
   m.def(
       "cpu_isas",
       [] {
