@@ -18,7 +18,7 @@ batch size, one line per engine).
 Every engine gets the same prompts as token ids, greedy, ignore_eos, with an untimed
 warm-up before the timed run. Engines (``--engines``): ``xllm`` in its defaults for this
 CPU (on the GGUF demo: int8 linears on the blocks where the CPU has bf16 and int8 units,
-``int16`` (x in 16 bits) on them at the avx512 level, else exact fp32 blocks),
+else ``int16`` (x in 16 bits; at the avx2 level for up to 8 rows, exact fp32 from 9)),
 ``xllm-fp32``, and
 ``xllm-bf16`` (bf16 rows and bf16 GEMMs: what a Hugging Face checkpoint gets by default on
 a CPU with bf16 arithmetic, where the GGUF demo gets int8), ``xllm-int8`` (int8 linears:

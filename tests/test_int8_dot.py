@@ -106,12 +106,14 @@ def test_amx_rows_do_not_depend_on_the_batch(isa: str) -> None:
 
 @pytest.mark.parametrize("arithmetic, fmt, qtype, m", [
     ("int8", "q4_1", Q.Q4_1, AMX_ROWS["q4_1"] - 1),
-    ("int16", "q4_1", Q.Q4_1, 40), ("int16", "q8_0", Q.Q8_0, 40)])
+    ("int16", "q4_1", Q.Q4_1, _C.X16_AVX2_MAX_ROWS),
+    ("int16", "q8_0", Q.Q8_0, _C.X16_AVX2_MAX_ROWS)])
 def test_every_level_computes_the_same_block_sums(arithmetic: str, fmt: str, qtype: Q,
                                                   m: int) -> None:
     """The integer part is exact and x's parts the same bits on every level, so levels
     differ only in the order of fp32 additions (int8: below AMX_ROWS rows, where the amx
-    level takes the block sums too; int16: at every row count)."""
+    level takes the block sums too; int16: up to X16_AVX2_MAX_ROWS rows, where the avx2
+    level does: from there it runs the exact fp32 tiles on these shapes)."""
     weight = BlockLinearWeight(_blocks(fmt, qtype, 64, 576, seed=3), arithmetic=arithmetic)
     x = torch.randn(m, 576, generator=torch.Generator().manual_seed(11))
     outs = []
@@ -150,8 +152,9 @@ def test_int8_bad_arguments() -> None:
 @pytest.mark.parametrize("m", [1, 3, 8, 40])
 @pytest.mark.parametrize("arithmetic", ["int8", "int16"])
 def test_int8_non_finite_input_gives_nan_rows(isa: str, m: int, arithmetic: str) -> None:
-    """A NaN or infinity in a row of x makes that row's outputs NaN, as fp32 arithmetic
-    would, on every path (VNNI, AVX2, scalar, AMX tiles); the other rows are unaffected."""
+    """A NaN or infinity in a row of x makes that row's outputs NaN on every integer path
+    (VNNI, AVX2, scalar, AMX tiles), and where int16 runs the exact fp32 tiles, what fp32
+    gives (NaN, or an infinity's +-inf); the other rows are unaffected."""
     p = _blocks("q4_1", Q.Q4_1, 48, 96, seed=7)
     weight = BlockLinearWeight(p, arithmetic=arithmetic)
     x = torch.randn(m, 96, generator=torch.Generator().manual_seed(m))
@@ -161,7 +164,10 @@ def test_int8_non_finite_input_gives_nan_rows(isa: str, m: int, arithmetic: str)
         x[1, 3] = float("inf")
     out = weight(x)
     bad = 2 if m > 1 else 1
-    assert torch.isnan(out[:bad]).all()
+    if arithmetic == "int16" and runs_fp32_tiles(isa, m, 96):
+        assert torch.isnan(out[0]).all() and not torch.isfinite(out[:bad]).any()
+    else:
+        assert torch.isnan(out[:bad]).all()
     if m > bad:  # the AMX tiles quantize per row, VNNI per block: other rows keep their bits
         assert torch.equal(out[bad:], clean[bad:])
 
@@ -195,13 +201,20 @@ def quantized_x16_blocks(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(xb * inv).double() * d.double()).view(m, k)
 
 
+def runs_fp32_tiles(isa: str, m: int, cols: int) -> bool:
+    """Whether int16 runs the exact fp32 tiles here (x16_runs_fp32_tiles, int8_dot.h)."""
+    return isa == "avx2" and m > _C.X16_AVX2_MAX_ROWS and cols < _C.X16_AVX2_TILES_MAX_COLS
+
+
 @pytest.mark.parametrize("fmt, qtype", FORMATS)
-@pytest.mark.parametrize("rows, cols", [(16, 32), (33, 96), (160, 576), (50, 1536)])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 16, 17, 40, 130])
+@pytest.mark.parametrize("rows, cols", [(16, 32), (33, 96), (160, 576), (50, 1536), (20, 4096)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 16, 17, 40, 130])
 def test_int16_linear_matches_reference(isa: str, fmt: str, qtype: Q, rows: int, cols: int,
                                         m: int) -> None:
     """Every level and row count (the amx level keeps the blocks too: no tiles) against the
-    arithmetic's reference, and within 1e-4 of the exact fp32 product (int8 x: ~1e-2)."""
+    arithmetic's reference, and within 1e-4 of the exact fp32 product (int8 x: ~1e-2). Where
+    the avx2 level runs the exact fp32 tiles instead, the blocks' own fp32 product, bit for
+    bit."""
     p = _blocks(fmt, qtype, rows, cols, seed=rows + cols + m)
     w = torch.from_numpy(dequantize_ref(p)).double()
     bias = torch.randn(rows) if m % 2 else None
@@ -209,7 +222,11 @@ def test_int16_linear_matches_reference(isa: str, fmt: str, qtype: Q, rows: int,
     assert weight.arithmetic == "int16"
     x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m + cols)) * 3
     x[0, :32] *= 100  # a block far larger than the others: scales are per block
-    out = weight(x).double()
+    out = weight(x)
+    if runs_fp32_tiles(isa, m, cols):
+        assert torch.equal(out, BlockLinearWeight(p, bias)(x))
+        return
+    out = out.double()
     b = 0 if bias is None else bias.double()
     tol = 1e-6 * cols * float(x.abs().max() * w.abs().max()) + 1e-5
     assert (out - (quantized_x16_blocks(x) @ w.T + b)).abs().max().item() < tol
@@ -229,10 +246,14 @@ def test_int16_keeps_the_blocks_only() -> None:
 
 @pytest.mark.parametrize("fmt, qtype", FORMATS)
 def test_int16_rows_do_not_depend_on_the_batch(isa: str, fmt: str, qtype: Q) -> None:
-    """Each row's 16-bit parts and integer sums are its own, and no level switches form with
-    the row count, so a row's output is bit-identical in any batch (as fp32 blocks')."""
+    """Each row's 16-bit parts and integer sums are its own, so a row's output is
+    bit-identical in any batch that runs the same form: every batch on the levels with VNNI
+    and the scalar one; at the avx2 level the batches of up to X16_AVX2_MAX_ROWS rows, and
+    apart from those the larger ones (the exact fp32 tiles)."""
     weight = BlockLinearWeight(_blocks(fmt, qtype, 200, 576, seed=9), arithmetic="int16")
     x = torch.randn(40, 576, generator=torch.Generator().manual_seed(9))
+    small = weight(x[:8])
     whole = weight(x)
-    for m in (1, 2, 3, 4, 5, 8, 16, 17, 33):
-        assert torch.equal(whole[:m], weight(x[:m])), m
+    for m in (1, 2, 3, 4, 5, 8, 9, 16, 17, 33):
+        ref = small if m <= 8 and runs_fp32_tiles(isa, 40, 576) else whole
+        assert torch.equal(ref[:m], weight(x[:m])), m

@@ -178,14 +178,16 @@ CHATS = [
 # on an AMX CPU, where the prompts' attention (the perplexity) also takes the int8 dot
 # products of the decode kernels rather than AMX tiles.
 KV8_LEVELS = sorted({_C.detected_isa()} | ({"avx512"} & set(_C.cpu_isas())))
-# int8-f32: weight_format int8 in float32 at the avx2 level, the faster choice on CPUs
-# without bf16 arithmetic (their default is exact fp32). int16-f32: the avx512 level's
-# default (x in 16 bits), held to 0.1% perplexity, at that level (else the CPU's best).
-INT16_LEVEL = "avx512" if "avx512" in _C.cpu_isas() else _C.detected_isa()
+# int8-f32: weight_format int8 in float32 at the avx2 level, a faster choice on CPUs
+# without bf16 arithmetic. int16-f32: their default (x in 16 bits), held to 0.1%
+# perplexity, at the avx512 level (else the CPU's best) and at the avx2 level (where the
+# prompts take the exact fp32 tiles, and the decode steps the 16-bit form).
+INT16_LEVELS = sorted({"avx512" if "avx512" in _C.cpu_isas() else _C.detected_isa()}
+                      | ({"avx2"} & set(_C.cpu_isas())))
 DEMO_CASES = ([("bf16", _C.detected_isa())] + [("int8", lv) for lv in INT8_LEVELS]
               + [("int8-dense", _C.detected_isa())] + [("int8+kv8", lv) for lv in KV8_LEVELS]
               + [("int8-f32", "avx2")] * ("avx2" in _C.cpu_isas())
-              + [("int16-f32", INT16_LEVEL)])
+              + [("int16-f32", lv) for lv in INT16_LEVELS])
 
 
 @pytest.fixture(scope="module", params=DEMO_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
@@ -305,14 +307,15 @@ def test_auto_weight_format(tmp_path) -> None:  # noqa: ANN001
     assert auto(torch.float16, imported) == auto(bf16, imported, torch.device("meta")) == "dense"
     assert resolve_weight_format("f32", bf16, config, cpu, imported) == "f32"
     # float32 that dtype auto chose: int16 on an import's blocks at the avx512 level (VNNI,
-    # no bf16 arithmetic); exact blocks at avx2 and whenever float32 was asked for.
+    # no bf16 arithmetic) and the avx2 level; exact blocks whenever float32 was asked for
+    # (and at the scalar level).
     level = _C.cpu_isa()
     try:
-        for lv in ("avx2", "avx512"):
+        for lv in ("scalar", "avx2", "avx512"):
             if lv in _C.cpu_isas():
                 _C.set_cpu_isa(lv)
                 chosen = resolve_weight_format("auto", f32, config, cpu, imported, auto_dtype=True)
-                assert chosen == ("int16" if lv == "avx512" else "blocks")
+                assert chosen == ("blocks" if lv == "scalar" else "int16")
                 assert auto(f32, imported) == "blocks"
                 assert resolve_weight_format("auto", f32, config, cpu, plain,
                                              auto_dtype=True) == auto(f32, plain)
@@ -320,15 +323,17 @@ def test_auto_weight_format(tmp_path) -> None:  # noqa: ANN001
         _C.set_cpu_isa(level)
 
 
-@pytest.mark.skipif("avx512" not in _C.cpu_isas(), reason="needs a CPU with AVX-512 and VNNI")
-def test_engine_defaults_at_the_avx512_level(demo_model_dir) -> None:  # noqa: ANN001
-    """A CPU at the avx512 level (VNNI, no bf16 arithmetic) gets float32 and int16 on the
-    demo's blocks by default, and the exact blocks when float32 is asked for; both give the
-    README's answer."""
+@pytest.mark.parametrize("lv", ["avx2", "avx512"])
+def test_engine_defaults_without_bf16_arithmetic(demo_model_dir, lv: str) -> None:  # noqa: ANN001
+    """A CPU at the avx512 level (VNNI, no bf16 arithmetic) or the avx2 level gets float32
+    and int16 on the demo's blocks by default, and the exact blocks when float32 is asked
+    for; both give the README's answer."""
     from xllm import LLM, SamplingParams
 
+    if lv not in _C.cpu_isas():
+        pytest.skip(f"needs a CPU with the {lv} level")
     level = _C.cpu_isa()
-    _C.set_cpu_isa("avx512")
+    _C.set_cpu_isa(lv)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=8)
         chat = [{"role": "user", "content": "What is the capital of France?"}]

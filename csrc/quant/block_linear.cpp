@@ -33,6 +33,16 @@ int threads_for(const BlockMatrix& w, int64_t m) {
   return work < (int64_t{1} << 19) ? 1 : omp_get_max_threads();
 }
 
+// decode_row of a BlockMatrix, row by row, as tiled_linear's DecodeTile.
+struct BlockRows {
+  const BlockMatrix* w;
+  void (*decode_row)(const BlockMatrix& w, int64_t n, float* dst);
+};
+void decode_block_rows(const void* rows, int64_t n0, int nt, float* dst) {
+  const auto* r = static_cast<const BlockRows*>(rows);
+  for (int j = 0; j < nt; ++j) r->decode_row(*r->w, n0 + j, dst + j * r->w->cols);
+}
+
 }  // namespace
 
 // Rows of x per pass over the weight when x is larger than this: a prompt-sized x
@@ -66,6 +76,21 @@ void linear(const BlockMatrix& w, const float* x, int64_t ldx, int64_t m, const 
     }
     return;
   }
+  if (w.format == Format::kF32) {  // the rows are already what a tile reads
+    return tiled_linear(reinterpret_cast<const float*>(w.qs), nullptr, nullptr, w.rows, k, x,
+                        ldx, m, bias, out, ldo, isa, threads);
+  }
+  const BlockRows rows{&w, kern.decode_row};
+  tiled_linear(nullptr, decode_block_rows, &rows, w.rows, k, x, ldx, m, bias, out, ldo, isa,
+               threads);
+}
+
+void tiled_linear(const float* dense, DecodeTile decode, const void* weight, int64_t n,
+                  int64_t k, const float* x, int64_t ldx, int64_t m, const float* bias,
+                  float* out, int64_t ldo, Isa isa, int threads) {
+  if (m == 0 || n == 0) return;
+  const Kernels kern = kernels_for(isa);
+  const int64_t tiles = (n + kTileRows - 1) / kTileRows;
   // Rows per pass: a multiple of kTileCols, so blocking changes no row's grouping.
   const int64_t fit = kRowBlockBytes / (k * static_cast<int64_t>(sizeof(float)));
   const int64_t row_block = std::max<int64_t>(kTileCols, fit / kTileCols * kTileCols);
@@ -74,22 +99,15 @@ void linear(const BlockMatrix& w, const float* x, int64_t ldx, int64_t m, const 
     // This thread's tiles: a contiguous share, as schedule(static) would give it.
     const int nth = omp_get_num_threads(), me = omp_get_thread_num();
     const int64_t t_begin = tiles * me / nth, t_end = tiles * (me + 1) / nth;
-    float* scratch = w.format == Format::kF32
-                         ? nullptr
-                         : thread_scratch(static_cast<size_t>(kTileRows * k));
+    float* scratch = dense ? nullptr : thread_scratch(static_cast<size_t>(kTileRows * k));
     for (int64_t r_begin = 0; r_begin < m; r_begin += row_block) {
       const int64_t r_end = std::min(m, r_begin + row_block);
       for (int64_t t = t_begin; t < t_end; ++t) {
         const int64_t n0 = t * kTileRows;
-        const int nt = static_cast<int>(std::min<int64_t>(kTileRows, w.rows - n0));
+        const int nt = static_cast<int>(std::min<int64_t>(kTileRows, n - n0));
         const float* b = bias ? bias + n0 : nullptr;
-        const float* wt;
-        if (w.format == Format::kF32) {  // the rows are already what a tile reads
-          wt = reinterpret_cast<const float*>(w.qs) + n0 * k;
-        } else {
-          for (int j = 0; j < nt; ++j) kern.decode_row(w, n0 + j, scratch + j * k);
-          wt = scratch;
-        }
+        const float* wt = dense ? dense + n0 * k : scratch;
+        if (!dense) decode(weight, n0, nt, scratch);
         for (int64_t r = r_begin; r < r_end;) {
           // Groups of 3 rows; a final 4 goes as 2 + 2, since a 1-row pass reloads every
           // weight for a quarter of the work of a 3-row one.

@@ -78,6 +78,16 @@ inline Kernels kernels_for(Isa isa) {
 // out [M, N] (row stride ldo) = x [M, K] (row stride ldx) @ W^T (+ bias [N]).
 void linear(const BlockMatrix& w, const float* x, int64_t ldx, int64_t m, const float* bias,
             float* out, int64_t ldo, Isa isa);
+// linear()'s form for more than a decode step's rows, on any weight whose rows decode
+// exactly to fp32: each thread decodes a tile of 4 rows at a time (decode(weight, n0, nt,
+// dst): rows n0 .. n0 + nt into dst [4, K]) into scratch and multiplies every row of x
+// against it. dense: fp32 rows [N, K] read in place instead (decode unused). A row of x
+// gets the same bits whatever the other rows here (not the same as from linear()'s
+// decode-step kernels, which sum in another order).
+using DecodeTile = void (*)(const void* weight, int64_t n0, int nt, float* dst);
+void tiled_linear(const float* dense, DecodeTile decode, const void* weight, int64_t n,
+                  int64_t k, const float* x, int64_t ldx, int64_t m, const float* bias,
+                  float* out, int64_t ldo, Isa isa, int threads);
 // out [N, K] contiguous = W decoded.
 void dequantize(const BlockMatrix& w, float* out, Isa isa);
 

@@ -110,6 +110,23 @@ struct QuantizedRows {
   const int8_t* xlo = nullptr;  // 16-bit x: the low parts (null: int8 x)
 };
 constexpr int kX16Max = 127 * 255;  // 32385
+// At the avx2 level (no VNNI: VPMADDUBSW and VPMADDWD, twice) the 16-bit form beats the
+// exact fp32 kernels on the blocks by far for few rows of x, and for more only where those
+// are slow: K large (their 4-row tiles decoded again for every few rows of x that fit L2).
+// There, from kX16MaxRowsAvx2 + 1 rows and below kX16TilesMaxCols inputs, int16 runs the
+// exact fp32 tiles instead, on the packed weight decoded to fp32 (tiled_linear): the
+// blocks' own fp32 product, bit for bit. On the AMX Xeon forced to that level, int16
+// against the exact blocks, Q4_1 (Q8_0), rows 9 / 16 / 64 / 256:
+//   two passes, K = 576:  0.95 / 1.04 / 0.84 / 0.87  (0.74 / 0.70 / 0.60 / 0.57)
+//   fp32 tiles, K = 576:  0.94 / 0.99 / 0.98 / 1.01  (0.94 / 0.92 / 0.98 / 1.00)
+//   two passes, K = 8192: 1.38 / 1.50 / 1.45 / 1.33   fp32 tiles there: 0.85-0.87
+// and a decode step's projections over the demo's 30 layers (Llama-3.2-1B's 16): 1.77x
+// (3.1x) at 1 row, 1.4x (1.76x) at 4, 1.09x (1.39x) at 8. The other levels run int16's
+// two passes at every row count (VNNI makes them one instruction each).
+constexpr int64_t kX16MaxRowsAvx2 = 8, kX16TilesMaxCols = 4096;
+inline bool x16_runs_fp32_tiles(Isa isa, int64_t m, int64_t k) {
+  return isa == Isa::kAvx2 && m > kX16MaxRowsAvx2 && k < kX16TilesMaxCols;
+}
 // The largest quant of a block of x: dx = max |x block| / x_top(x16) (every level).
 constexpr float x_top(bool x16) { return x16 ? static_cast<float>(kX16Max) : 127.0f; }
 
@@ -155,6 +172,10 @@ void quantize_rows_avx512(const float* x, int64_t ldx, int64_t m, int64_t k, int
                           float* dx, float* sx, int8_t* xlo);
 void quantize_rows_avx2(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq,
                         float* dx, float* sx, int8_t* xlo);
+// Rows n0 .. n0 + 4 of a PackedInt8 (weight; n0 a multiple of 4) decoded exactly to fp32,
+// dst [4, K]: the bits the avx2 level's decode_row gives for the blocks it was packed from
+// (tiled_linear's DecodeTile; rows past N, the group's padding, decode to zeros).
+void decode_packed_tile_avx2(const void* weight, int64_t n0, int nt, float* dst);
 // Group g of pack_amx_int8: its 16 rows' scales into s[0..16) and their int8 tiles into
 // dst, `blocks` 512 B tiles (zeros past the weight's last block and for rows past N).
 void requantize_group_avx512(const PackedInt8& w, int64_t g, int64_t blocks, int8_t* dst,

@@ -64,16 +64,17 @@ def resolve_weight_format(weight_format: str, dtype: torch.dtype, model_config: 
     - on a CPU in bfloat16 (``dtype`` auto on CPUs with bf16 arithmetic): ``int8`` where a
       GGUF import kept its blocks (a 4-5 bit weight moves a third of bf16's bytes in a decode
       step, and prompt-sized inputs run on the AMX tiles), else ``bf16``;
-    - on a CPU in float32 that ``dtype`` auto chose (``auto_dtype``) at the avx512 level
-      (VNNI without bf16 arithmetic: Cascade Lake, Ice Lake), ``int16`` where an import kept
-      its blocks: x in 16 bits per block times the blocks, within ~3e-5 of exact, 1.4-1.8x
-      their speed (docs/benchmarks.md);
+    - on a CPU in float32 that ``dtype`` auto chose (``auto_dtype``), at the avx512 level
+      (VNNI without bf16 arithmetic: Cascade Lake, Ice Lake) or the avx2 level, ``int16``
+      where an import kept its blocks: x in 16 bits per block times the blocks, within
+      ~3e-5 of exact; at avx512 1.7-1.8x the exact blocks' speed; at avx2 the 16-bit form
+      for up to 8 rows of x (one stream ~1.6x) and the exact fp32 kernels from 9 rows
+      except for large inputs (docs/benchmarks.md);
     - otherwise in float32: ``blocks`` (decoded exactly to fp32) where an import kept them,
       else ``bf16`` rows for a bf16 checkpoint and ``f32`` otherwise: exact fp32, which an
       explicit ``dtype`` float32 always gets. At the avx2 level ``int8`` on the blocks
-      measured faster (on an AMX Xeon forced to it) but not yet on an AVX2-only CPU, and it
-      changes the demo's greedy answer at a near-tie, so it stays a choice there (``int16``
-      there: 2x on one stream, 0.8-0.9x on batches);
+      measured faster still (on an AMX Xeon forced to it) but it changes the demo's greedy
+      answer at a near-tie, so it stays a choice;
     - ``dense`` everywhere else (CUDA, float16).
 
     Any other value is returned as it is (``load_model`` checks it). Logs what 'auto'
@@ -89,7 +90,7 @@ def resolve_weight_format(weight_format: str, dtype: torch.dtype, model_config: 
         if dtype == torch.bfloat16:
             chosen = "int8"
         else:
-            chosen = "int16" if auto_dtype and _C.cpu_isa() == "avx512" else "blocks"
+            chosen = "int16" if auto_dtype and _C.cpu_isa() in ("avx2", "avx512") else "blocks"
     elif dtype == torch.bfloat16:
         chosen = "bf16"
     else:
