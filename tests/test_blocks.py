@@ -102,6 +102,27 @@ def test_prompt_sized_inputs_pass_over_the_weight_in_row_blocks(fmt: str, qtype:
     assert torch.equal(got[40:47], across)
 
 
+@pytest.mark.parametrize("fmt, qtype", FORMATS)
+@pytest.mark.parametrize("isa", ISAS)
+def test_many_inputs_pass_over_the_weight_in_chunks(fmt: str, qtype: Q, isa: str) -> None:
+    # Above 2048 inputs decoded weights go 1024 inputs at a time (block_linear.cpp), each
+    # chunk's sums added to out, and a pass holds 256 KiB of a chunk of x (63 rows): 3104
+    # inputs are chunks of 1024, 1024, 1024 and 32; 100 rows passes of 63 and 37. Against the
+    # dense product, with a bias (added once); rows across a pass boundary as a small call on
+    # them alone gives, bit for bit.
+    rows, cols, m = 37, 3104, 100
+    raw, dense = _weight(qtype, rows, cols, 11)
+    bias = torch.randn(rows, generator=torch.Generator().manual_seed(11))
+    weight = BlockLinearWeight(pack_gguf_blocks(raw, fmt, (rows, cols)), bias)
+    x = torch.randn(m, cols, generator=torch.Generator().manual_seed(12))
+    with on_isa(isa):
+        got = weight(x)
+        across = weight(x[60:67].contiguous())
+    want = x.double() @ torch.from_numpy(dense).double().t() + bias.double()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
+    assert torch.equal(got[60:67], across)
+
+
 def _q4_k_raw(rows: int, cols: int, seed: int) -> np.ndarray:
     """Random Q4_K super-blocks (every byte pattern is a valid block once d and dmin are
     finite): gguf-py can dequantize Q4_K but not quantize it."""

@@ -164,7 +164,7 @@ def test_int8_non_finite_input_gives_nan_rows(isa: str, m: int, arithmetic: str)
         x[1, 3] = float("inf")
     out = weight(x)
     bad = 2 if m > 1 else 1
-    if arithmetic == "int16" and runs_fp32_tiles(isa, m, 96):
+    if arithmetic == "int16" and runs_fp32_tiles(isa, m):
         assert torch.isnan(out[0]).all() and not torch.isfinite(out[:bad]).any()
     else:
         assert torch.isnan(out[:bad]).all()
@@ -201,9 +201,9 @@ def quantized_x16_blocks(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(xb * inv).double() * d.double()).view(m, k)
 
 
-def runs_fp32_tiles(isa: str, m: int, cols: int) -> bool:
+def runs_fp32_tiles(isa: str, m: int) -> bool:
     """Whether int16 runs the exact fp32 tiles here (x16_runs_fp32_tiles, int8_dot.h)."""
-    return isa == "avx2" and m > _C.X16_AVX2_MAX_ROWS and cols < _C.X16_AVX2_TILES_MAX_COLS
+    return isa == "avx2" and m > _C.X16_AVX2_MAX_ROWS
 
 
 @pytest.mark.parametrize("fmt, qtype", FORMATS)
@@ -223,7 +223,7 @@ def test_int16_linear_matches_reference(isa: str, fmt: str, qtype: Q, rows: int,
     x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m + cols)) * 3
     x[0, :32] *= 100  # a block far larger than the others: scales are per block
     out = weight(x)
-    if runs_fp32_tiles(isa, m, cols):
+    if runs_fp32_tiles(isa, m):
         assert torch.equal(out, BlockLinearWeight(p, bias)(x))
         return
     out = out.double()
@@ -255,5 +255,5 @@ def test_int16_rows_do_not_depend_on_the_batch(isa: str, fmt: str, qtype: Q) -> 
     small = weight(x[:8])
     whole = weight(x)
     for m in (1, 2, 3, 4, 5, 8, 9, 16, 17, 33):
-        ref = small if m <= 8 and runs_fp32_tiles(isa, 40, 576) else whole
+        ref = small if m <= 8 and runs_fp32_tiles(isa, 40) else whole
         assert torch.equal(ref[:m], weight(x[:m])), m

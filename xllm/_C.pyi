@@ -268,10 +268,9 @@ class MoeExperts:
 
 AMX_MIN_ROWS: int  # from these rows of x the amx level's bf16 linears take AMX tiles
 AMX_INT8_MIN_ROWS: dict[str, int]  # and its int8 linears the AMX-INT8 tiles, by block format
-# int16 at the avx2 level: from X16_AVX2_MAX_ROWS + 1 rows of x, with fewer than
-# X16_AVX2_TILES_MAX_COLS in_features, the exact fp32 tiles (the blocks' own product)
+# int16 at the avx2 level: from X16_AVX2_MAX_ROWS + 1 rows of x, the exact fp32 tiles (the
+# blocks' own product)
 X16_AVX2_MAX_ROWS: int
-X16_AVX2_TILES_MAX_COLS: int
 
 class BlockWeight:
     """W [out_features, in_features] in GGUF-style blocks of 32 or plain rows, decoded exactly

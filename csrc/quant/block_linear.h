@@ -49,8 +49,8 @@ struct BlockMatrix {
 
 // The kernels of one ISA.
 struct Kernels {
-  // dst[0:K] = decoded row n of w.
-  void (*decode_row)(const BlockMatrix& w, int64_t n, float* dst);
+  // dst[0 : 32 (b1 - b0)] = blocks [b0, b1) of row n of w, decoded.
+  void (*decode_row)(const BlockMatrix& w, int64_t n, int64_t b0, int64_t b1, float* dst);
   // out[r * ldo + j] = dot(x[r * ldx : +K], wt[j * K : +K]) (+ bias[j]) for r < mr, j < nt;
   // wt: nt decoded rows [nt, K], mr <= 3, nt <= 4.
   void (*tile)(const float* x, int64_t ldx, int mr, const float* wt, int nt, int64_t k,
@@ -80,11 +80,13 @@ void linear(const BlockMatrix& w, const float* x, int64_t ldx, int64_t m, const 
             float* out, int64_t ldo, Isa isa);
 // linear()'s form for more than a decode step's rows, on any weight whose rows decode
 // exactly to fp32: each thread decodes a tile of 4 rows at a time (decode(weight, n0, nt,
-// dst): rows n0 .. n0 + nt into dst [4, K]) into scratch and multiplies every row of x
-// against it. dense: fp32 rows [N, K] read in place instead (decode unused). A row of x
-// gets the same bits whatever the other rows here (not the same as from linear()'s
+// b0, b1, dst): blocks [b0, b1) of rows n0 .. n0 + nt into dst [4, 32 (b1 - b0)]; all of K,
+// or chunks of it when K is large, block_linear.cpp) into scratch and multiplies every row
+// of x against it. dense: fp32 rows [N, K] read in place instead (decode unused). A row of
+// x gets the same bits whatever the other rows here (not the same as from linear()'s
 // decode-step kernels, which sum in another order).
-using DecodeTile = void (*)(const void* weight, int64_t n0, int nt, float* dst);
+using DecodeTile = void (*)(const void* weight, int64_t n0, int nt, int64_t b0, int64_t b1,
+                           float* dst);
 void tiled_linear(const float* dense, DecodeTile decode, const void* weight, int64_t n,
                   int64_t k, const float* x, int64_t ldx, int64_t m, const float* bias,
                   float* out, int64_t ldo, Isa isa, int threads);

@@ -237,7 +237,7 @@ void int8_linear(const PackedInt8& w, const PackedAmxInt8* amx, const float* x, 
   if (amx && !x16 && isa >= Isa::kAmx && m >= amx->min_rows) {
     return int8_linear_amx(*amx, x, ldx, m, bias, out, ldo, 0, threads);
   }
-  if (x16 && x16_runs_fp32_tiles(isa, m, k)) {  // exact fp32 (int8_dot.h)
+  if (x16 && x16_runs_fp32_tiles(isa, m)) {  // exact fp32 (int8_dot.h)
     return tiled_linear(nullptr, decode_packed_tile_avx2, &w, w.rows, k, x, ldx, m, bias, out,
                         ldo, isa, threads);
   }

@@ -111,21 +111,21 @@ struct QuantizedRows {
 };
 constexpr int kX16Max = 127 * 255;  // 32385
 // At the avx2 level (no VNNI: VPMADDUBSW and VPMADDWD, twice) the 16-bit form beats the
-// exact fp32 kernels on the blocks by far for few rows of x, and for more only where those
-// are slow: K large (their 4-row tiles decoded again for every few rows of x that fit L2).
-// There, from kX16MaxRowsAvx2 + 1 rows and below kX16TilesMaxCols inputs, int16 runs the
-// exact fp32 tiles instead, on the packed weight decoded to fp32 (tiled_linear): the
-// blocks' own fp32 product, bit for bit. On the AMX Xeon forced to that level, int16
-// against the exact blocks, Q4_1 (Q8_0), rows 9 / 16 / 64 / 256:
-//   two passes, K = 576:  0.95 / 1.04 / 0.84 / 0.87  (0.74 / 0.70 / 0.60 / 0.57)
-//   fp32 tiles, K = 576:  0.94 / 0.99 / 0.98 / 1.01  (0.94 / 0.92 / 0.98 / 1.00)
-//   two passes, K = 8192: 1.38 / 1.50 / 1.45 / 1.33   fp32 tiles there: 0.85-0.87
-// and a decode step's projections over the demo's 30 layers (Llama-3.2-1B's 16): 1.77x
-// (3.1x) at 1 row, 1.4x (1.76x) at 4, 1.09x (1.39x) at 8. The other levels run int16's
-// two passes at every row count (VNNI makes them one instruction each).
-constexpr int64_t kX16MaxRowsAvx2 = 8, kX16TilesMaxCols = 4096;
-inline bool x16_runs_fp32_tiles(Isa isa, int64_t m, int64_t k) {
-  return isa == Isa::kAvx2 && m > kX16MaxRowsAvx2 && k < kX16TilesMaxCols;
+// exact fp32 kernels on the blocks by far for few rows of x, and falls behind from about a
+// dozen. From kX16MaxRowsAvx2 + 1 rows int16 runs the exact fp32 tiles instead, on the
+// packed weight decoded to fp32 (tiled_linear): the blocks' own fp32 product, bit for bit.
+// On the AMX Xeon forced to that level, int16's two passes / those fp32 tiles against the
+// exact blocks (Q4_1), rows 9 / 16 / 64 / 256:
+//   K = 576 (3072 x 576):     0.95 / 1.04 / 0.84 / 0.87   0.94 / 0.99 / 0.98 / 1.01
+//   K = 8192 (2048 x 8192):   1.78 / 1.55 / 1.04 / 0.88   1.69 / 1.48 / 1.23 / 1.11
+//   K = 14336 (4096 x 14336): 1.84 / 1.43 / 1.10 / 1.04   1.72 / 1.36 / 1.22 / 1.22
+// (at K > 2048 the tiles take K in chunks, block_linear.cpp, which the packed decode reads
+// better than the blocks' rows) and a decode step's projections over the demo's 30 layers
+// (Llama-3.2-1B's 16): 1.71x (2.9x) at 1 row, 1.45x (1.6x) at 4, 1.04x (1.19x) at 8. The
+// other levels run int16's two passes at every row count (VNNI: one instruction each).
+constexpr int64_t kX16MaxRowsAvx2 = 8;
+inline bool x16_runs_fp32_tiles(Isa isa, int64_t m) {
+  return isa == Isa::kAvx2 && m > kX16MaxRowsAvx2;
 }
 // The largest quant of a block of x: dx = max |x block| / x_top(x16) (every level).
 constexpr float x_top(bool x16) { return x16 ? static_cast<float>(kX16Max) : 127.0f; }
@@ -175,7 +175,8 @@ void quantize_rows_avx2(const float* x, int64_t ldx, int64_t m, int64_t k, int8_
 // Rows n0 .. n0 + 4 of a PackedInt8 (weight; n0 a multiple of 4) decoded exactly to fp32,
 // dst [4, K]: the bits the avx2 level's decode_row gives for the blocks it was packed from
 // (tiled_linear's DecodeTile; rows past N, the group's padding, decode to zeros).
-void decode_packed_tile_avx2(const void* weight, int64_t n0, int nt, float* dst);
+void decode_packed_tile_avx2(const void* weight, int64_t n0, int nt, int64_t b0, int64_t b1,
+                             float* dst);
 // Group g of pack_amx_int8: its 16 rows' scales into s[0..16) and their int8 tiles into
 // dst, `blocks` 512 B tiles (zeros past the weight's last block and for rows past N).
 void requantize_group_avx512(const PackedInt8& w, int64_t g, int64_t blocks, int8_t* dst,

@@ -235,17 +235,19 @@ XLLM_AVX2 inline __m256i words2(const uint8_t* a, const uint8_t* b) {
 // 9-16 rows without, 0.97-1.0x with).
 constexpr int64_t kPrefetchBlocks = 4;
 
-// Rows n0 .. n0 + 4 of the packed weight (n0 a multiple of 4) into dst [4, K].
+// Blocks [b0, b1) of rows n0 .. n0 + 4 of the packed weight (n0 a multiple of 4) into
+// dst [4, 32 (b1 - b0)].
 template <bool Q4>
-XLLM_AVX2 void decode_packed_tile(const PackedInt8& w, int64_t n0, float* dst) {
-  const int64_t k = w.cols, nb = w.blocks(), bytes = w.block_bytes(), g = n0 / 16;
+XLLM_AVX2 void decode_packed_tile(const PackedInt8& w, int64_t n0, int64_t b0, int64_t b1,
+                                  float* dst) {
+  const int64_t k = (b1 - b0) * kBlock, nb = w.blocks(), bytes = w.block_bytes(), g = n0 / 16;
   const uint8_t* quads = w.quads + g * nb * bytes + 4 * (n0 % 16);  // lane n0 % 16 of line 0
   const float* ds = w.d + g * nb * 16 + n0 % 16;
   const float* cs = w.c + g * nb * 16 + n0 % 16;
   const __m256i sh_lo = _mm256_setr_epi32(0, 8, 16, 24, 0, 8, 16, 24);
   const __m256i sh_hi = _mm256_setr_epi32(4, 12, 20, 28, 4, 12, 20, 28);
   const __m256i mask = _mm256_set1_epi32(Q4 ? 0x0F : 0xFF);
-  for (int64_t b = 0; b < nb; ++b) {
+  for (int64_t b = b0; b < b1; ++b) {
     const uint8_t* blk = quads + b * bytes;
     for (int64_t v = 0; v < bytes; v += 128) {
       _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBlocks * bytes + v),
@@ -254,7 +256,7 @@ XLLM_AVX2 void decode_packed_tile(const PackedInt8& w, int64_t n0, float* dst) {
 #pragma GCC unroll 4
     for (int r = 0; r < 4; ++r) {
       const uint8_t* row = blk + 4 * r;
-      float* out = dst + r * k + b * kBlock;
+      float* out = dst + r * k + (b - b0) * kBlock;
       // w = d u + c: Q4_1's d q + m; Q8_0's d (u - 128) = d q, exact (the products and sums
       // of a fp16 d and 8-bit u are), so one rounding as in the blocks' decode_row
       const __m256 scale = _mm256_broadcast_ss(ds + b * 16 + r);
@@ -289,11 +291,12 @@ XLLM_AVX2 void int8_groups_avx2(const PackedInt8& w, const QuantizedRows& q, int
   int8_groups<false>(w, q, g_begin, g_end, bias, out, ldo);
 }
 
-XLLM_AVX2 void decode_packed_tile_avx2(const void* weight, int64_t n0, int nt, float* dst) {
+XLLM_AVX2 void decode_packed_tile_avx2(const void* weight, int64_t n0, int nt, int64_t b0,
+                                       int64_t b1, float* dst) {
   const PackedInt8& w = *static_cast<const PackedInt8*>(weight);
   (void)nt;  // the group's padding rows decode to zeros: all 4 rows are written
-  if (w.format == Format::kQ4_1) return decode_packed_tile<true>(w, n0, dst);
-  decode_packed_tile<false>(w, n0, dst);
+  if (w.format == Format::kQ4_1) return decode_packed_tile<true>(w, n0, b0, b1, dst);
+  decode_packed_tile<false>(w, n0, b0, b1, dst);
 }
 
 // quantize_rows at the avx2 level (the same bits as the scalar form).

@@ -19,23 +19,26 @@ XLLM_AVX2 inline __m256 widen_bf16(const uint8_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-XLLM_AVX2 void decode_row(const BlockMatrix& w, int64_t n, float* dst) {
-  const int64_t nb = w.cols / kBlock;
+XLLM_AVX2 void decode_row(const BlockMatrix& w, int64_t n, int64_t b0, int64_t b1,
+                          float* dst) {
+  const int64_t nb = w.cols / kBlock, count = (b1 - b0) * kBlock;
   const uint8_t* qs = w.qs + n * w.qs_row_bytes();
   if (w.format == Format::kF32) {
-    const float* src = reinterpret_cast<const float*>(qs);
-    for (int64_t i = 0; i < w.cols; i += 8) _mm256_storeu_ps(dst + i, _mm256_loadu_ps(src + i));
+    const float* src = reinterpret_cast<const float*>(qs) + b0 * kBlock;
+    for (int64_t i = 0; i < count; i += 8) _mm256_storeu_ps(dst + i, _mm256_loadu_ps(src + i));
     return;
   }
   if (w.format == Format::kBF16) {
-    for (int64_t i = 0; i < w.cols; i += 8) _mm256_storeu_ps(dst + i, widen_bf16(qs + 2 * i));
+    const uint8_t* src = qs + 2 * b0 * kBlock;
+    for (int64_t i = 0; i < count; i += 8) _mm256_storeu_ps(dst + i, widen_bf16(src + 2 * i));
     return;
   }
   const float* d = w.scales + n * nb;
   if (w.format == Format::kQ4_1) {
     const float* m = w.mins + n * nb;
     const __m128i low = _mm_set1_epi8(0x0F);
-    for (int64_t b = 0; b < nb; ++b, qs += kBlock / 2, dst += kBlock) {
+    qs += b0 * (kBlock / 2);
+    for (int64_t b = b0; b < b1; ++b, qs += kBlock / 2, dst += kBlock) {
       const __m256 scale = _mm256_set1_ps(d[b]);
       const __m256 min = _mm256_set1_ps(m[b]);
       const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
@@ -48,7 +51,8 @@ XLLM_AVX2 void decode_row(const BlockMatrix& w, int64_t n, float* dst) {
       }
     }
   } else {
-    for (int64_t b = 0; b < nb; ++b, qs += kBlock, dst += kBlock) {
+    qs += b0 * kBlock;
+    for (int64_t b = b0; b < b1; ++b, qs += kBlock, dst += kBlock) {
       const __m256 scale = _mm256_set1_ps(d[b]);
       for (int p = 0; p < 4; ++p) {
         const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8 * p));

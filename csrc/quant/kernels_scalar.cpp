@@ -15,30 +15,32 @@ float bf16_value(uint16_t h) {
   return f;
 }
 
-void decode_row(const BlockMatrix& w, int64_t n, float* dst) {
+void decode_row(const BlockMatrix& w, int64_t n, int64_t b0, int64_t b1, float* dst) {
   const int64_t nb = w.cols / kBlock;
   if (w.format == Format::kF32) {
-    std::memcpy(dst, w.qs + n * w.qs_row_bytes(), static_cast<size_t>(w.cols) * sizeof(float));
+    std::memcpy(dst, reinterpret_cast<const float*>(w.qs + n * w.qs_row_bytes()) + b0 * kBlock,
+                static_cast<size_t>((b1 - b0) * kBlock) * sizeof(float));
     return;
   }
   if (w.format == Format::kBF16) {
-    const uint16_t* src = reinterpret_cast<const uint16_t*>(w.qs + n * w.qs_row_bytes());
-    for (int64_t i = 0; i < w.cols; ++i) dst[i] = bf16_value(src[i]);
+    const uint16_t* src =
+        reinterpret_cast<const uint16_t*>(w.qs + n * w.qs_row_bytes()) + b0 * kBlock;
+    for (int64_t i = 0; i < (b1 - b0) * kBlock; ++i) dst[i] = bf16_value(src[i]);
     return;
   }
   const float* d = w.scales + n * nb;
-  const uint8_t* qs = w.qs + n * w.qs_row_bytes();
   if (w.format == Format::kQ4_1) {
+    const uint8_t* qs = w.qs + n * w.qs_row_bytes() + b0 * (kBlock / 2);
     const float* m = w.mins + n * nb;
-    for (int64_t b = 0; b < nb; ++b, qs += kBlock / 2, dst += kBlock) {
+    for (int64_t b = b0; b < b1; ++b, qs += kBlock / 2, dst += kBlock) {
       for (int j = 0; j < kBlock / 2; ++j) {
         dst[j] = d[b] * static_cast<float>(qs[j] & 0x0F) + m[b];
         dst[j + kBlock / 2] = d[b] * static_cast<float>(qs[j] >> 4) + m[b];
       }
     }
   } else {
-    const int8_t* q = reinterpret_cast<const int8_t*>(qs);
-    for (int64_t b = 0; b < nb; ++b, q += kBlock, dst += kBlock) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(w.qs + n * w.qs_row_bytes()) + b0 * kBlock;
+    for (int64_t b = b0; b < b1; ++b, q += kBlock, dst += kBlock) {
       for (int j = 0; j < kBlock; ++j) dst[j] = static_cast<float>(q[j]) * d[b];
     }
   }

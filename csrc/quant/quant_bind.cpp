@@ -14,9 +14,8 @@ void register_quant(py::module_& m) {
   m.attr("AMX_MIN_ROWS") = quant::kAmxMinRows;
   m.attr("AMX_INT8_MIN_ROWS") = py::dict(py::arg("q8_0") = quant::kAmxInt8MinRows,
                                         py::arg("q4_1") = quant::kAmxInt8MinRowsQ4);
-  // Where int16 at the avx2 level runs the exact fp32 tiles instead (x16_runs_fp32_tiles).
+  // From these rows + 1 int16 at the avx2 level runs the exact fp32 tiles instead.
   m.attr("X16_AVX2_MAX_ROWS") = quant::kX16MaxRowsAvx2;
-  m.attr("X16_AVX2_TILES_MAX_COLS") = quant::kX16TilesMaxCols;
   py::class_<BlockWeight>(m, "BlockWeight",
                           "A weight [out_features, in_features] in GGUF-style blocks of 32 "
                           "(q4_1: w = d*q + m; q8_0: w = d*q) or plain bf16/f32 rows, decoded "

@@ -69,7 +69,7 @@ def resolve_weight_format(weight_format: str, dtype: torch.dtype, model_config: 
       where an import kept its blocks: x in 16 bits per block times the blocks, within
       ~3e-5 of exact; at avx512 1.7-1.8x the exact blocks' speed; at avx2 the 16-bit form
       for up to 8 rows of x (one stream ~1.6x) and the exact fp32 kernels from 9 rows
-      except for large inputs (docs/benchmarks.md);
+      (docs/benchmarks.md);
     - otherwise in float32: ``blocks`` (decoded exactly to fp32) where an import kept them,
       else ``bf16`` rows for a bf16 checkpoint and ``f32`` otherwise: exact fp32, which an
       explicit ``dtype`` float32 always gets. At the avx2 level ``int8`` on the blocks
