@@ -16,8 +16,8 @@ import torch
 from bench.ops.common import Row
 
 SUITES = (
-    "attention", "attention_isa", "kv_write", "linear", "linear_8b", "linear_rows", "linear_stack",
-    "block_pool", "queue", "vmm", "allreduce", "moe", "mla", "triton_gpu",
+    "attention", "attention_isa", "kv_write", "linear", "linear_8b", "linear_rows", "int16_rows",
+    "linear_stack", "block_pool", "queue", "vmm", "allreduce", "moe", "mla", "triton_gpu",
 )
 
 
