@@ -213,8 +213,9 @@ def test_int16_linear_matches_reference(isa: str, fmt: str, qtype: Q, rows: int,
                                         m: int) -> None:
     """Every level and row count (the amx level keeps the blocks too: no tiles) against the
     arithmetic's reference, and within 1e-4 of the exact fp32 product (int8 x: ~1e-2). Where
-    the avx2 level runs the exact fp32 tiles instead, the blocks' own fp32 product, bit for
-    bit."""
+    the avx2 level runs the exact fp32 tiles instead, the blocks' own fp32 product: bit for
+    bit up to 1024 inputs, and to fp32 rounding above (the packed weight goes in chunks of
+    K from 1024 inputs, the blocks' rows from 2048: sums in another order)."""
     p = _blocks(fmt, qtype, rows, cols, seed=rows + cols + m)
     w = torch.from_numpy(dequantize_ref(p)).double()
     bias = torch.randn(rows) if m % 2 else None
@@ -224,7 +225,10 @@ def test_int16_linear_matches_reference(isa: str, fmt: str, qtype: Q, rows: int,
     x[0, :32] *= 100  # a block far larger than the others: scales are per block
     out = weight(x)
     if runs_fp32_tiles(isa, m):
-        assert torch.equal(out, BlockLinearWeight(p, bias)(x))
+        exact = BlockLinearWeight(p, bias)(x)
+        if cols <= 1024:
+            assert torch.equal(out, exact)
+        torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-5 * float(exact.abs().max()))
         return
     out = out.double()
     b = 0 if bias is None else bias.double()

@@ -53,15 +53,15 @@ void decode_block_rows(const void* rows, int64_t n0, int nt, int64_t b0, int64_t
 // decodes the tiles again, about 5% of the multiply work at these block sizes.
 constexpr int64_t kRowBlockBytes = 256 << 10;
 
-// With more inputs than kChunkFromCols, decoded weights are multiplied kChunkCols inputs at a
-// time (each chunk's sums added to out), and the rows per pass are fitted to a chunk of x
+// With more inputs than chunk_from_cols (kBlockChunkFromCols for the blocks), decoded weights
+// are multiplied kChunkCols inputs at a time (each chunk's sums added to out), and the rows per pass are fitted to a chunk of x
 // instead of whole rows: at K = 8192 a pass took 6 rows of x (256 KB), and the tiles were
 // decoded again every 6 rows, about 40% of the work. At the avx2 level on the AMX Xeon (Q4_1,
 // a session script alternating both forms in one process) at 16 / 64 / 256 rows: 2048 x 8192
 // 1.23 / 1.56-1.60 / 1.82x, 4096 x 4096 1.13-1.16 / 1.23-1.27 / 1.28-1.29x, 4096 x 14336
 // 1.50-1.80 / 1.93-2.26 / 2.01-2.51x; chunking K = 2048 too measured 0.83-1.05x, so it stays
 // whole, as do fp32 rows (nothing to decode). Chunks of 512, 768 and 1536 were within 10%.
-constexpr int64_t kChunkFromCols = 2048, kChunkCols = 1024;
+constexpr int64_t kChunkCols = 1024;
 
 void linear(const BlockMatrix& w, const float* x, int64_t ldx, int64_t m, const float* bias,
             float* out, int64_t ldo, Isa isa) {
@@ -89,21 +89,21 @@ void linear(const BlockMatrix& w, const float* x, int64_t ldx, int64_t m, const 
   }
   if (w.format == Format::kF32) {  // the rows are already what a tile reads
     return tiled_linear(reinterpret_cast<const float*>(w.qs), nullptr, nullptr, w.rows, k, x,
-                        ldx, m, bias, out, ldo, isa, threads);
+                        ldx, m, bias, out, ldo, isa, threads, k);
   }
   const BlockRows rows{&w, kern.decode_row};
   tiled_linear(nullptr, decode_block_rows, &rows, w.rows, k, x, ldx, m, bias, out, ldo, isa,
-               threads);
+               threads, kBlockChunkFromCols);
 }
 
 void tiled_linear(const float* dense, DecodeTile decode, const void* weight, int64_t n,
                   int64_t k, const float* x, int64_t ldx, int64_t m, const float* bias,
-                  float* out, int64_t ldo, Isa isa, int threads) {
+                  float* out, int64_t ldo, Isa isa, int threads, int64_t chunk_from_cols) {
   if (m == 0 || n == 0) return;
   const Kernels kern = kernels_for(isa);
   const int64_t tiles = (n + kTileRows - 1) / kTileRows;
   // Inputs per pass over a tile: all of K, or (decoded weights, K large) chunks.
-  const int64_t kc = dense || k <= kChunkFromCols ? k : kChunkCols;
+  const int64_t kc = dense || k <= chunk_from_cols ? k : kChunkCols;
   // Rows per pass: a multiple of kTileCols, so blocking changes no row's grouping.
   const int64_t fit = kRowBlockBytes / (kc * static_cast<int64_t>(sizeof(float)));
   const int64_t row_block = std::max<int64_t>(kTileCols, fit / kTileCols * kTileCols);

@@ -239,7 +239,7 @@ void int8_linear(const PackedInt8& w, const PackedAmxInt8* amx, const float* x, 
   }
   if (x16 && x16_runs_fp32_tiles(isa, m)) {  // exact fp32 (int8_dot.h)
     return tiled_linear(nullptr, decode_packed_tile_avx2, &w, w.rows, k, x, ldx, m, bias, out,
-                        ldo, isa, threads);
+                        ldo, isa, threads, kPackedChunkFromCols);
   }
 #endif
   auto* xq = static_cast<int8_t*>(

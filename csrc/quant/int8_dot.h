@@ -113,7 +113,9 @@ constexpr int kX16Max = 127 * 255;  // 32385
 // At the avx2 level (no VNNI: VPMADDUBSW and VPMADDWD, twice) the 16-bit form beats the
 // exact fp32 kernels on the blocks by far for few rows of x, and falls behind from about a
 // dozen. From kX16MaxRowsAvx2 + 1 rows int16 runs the exact fp32 tiles instead, on the
-// packed weight decoded to fp32 (tiled_linear): the blocks' own fp32 product, bit for bit.
+// packed weight decoded to fp32 (tiled_linear): the blocks' own decoded weights and fp32
+// sums, bit for bit up to kPackedChunkFromCols inputs (above, K goes in chunks sooner than
+// for the blocks: the same sums in another order).
 // On the AMX Xeon forced to that level, int16's two passes / those fp32 tiles against the
 // exact blocks (Q4_1), rows 9 / 16 / 64 / 256:
 //   K = 576 (3072 x 576):     0.95 / 1.04 / 0.84 / 0.87   0.94 / 0.99 / 0.98 / 1.01
@@ -124,6 +126,10 @@ constexpr int kX16Max = 127 * 255;  // 32385
 // (Llama-3.2-1B's 16): 1.71x (2.9x) at 1 row, 1.45x (1.6x) at 4, 1.04x (1.19x) at 8. The
 // other levels run int16's two passes at every row count (VNNI: one instruction each).
 constexpr int64_t kX16MaxRowsAvx2 = 8;
+// K above which those tiles decode the packed weight in chunks: from 1024 inputs, not the
+// blocks' 2048 (Llama-3.2-1B's 16 layers from 9 rows, against the blocks: 1.06-1.14x whole
+// at 2048 inputs, 1.22-1.27x in chunks; the demo's 1536 inputs 0.96-1.01x either way).
+constexpr int64_t kPackedChunkFromCols = 1024;
 inline bool x16_runs_fp32_tiles(Isa isa, int64_t m) {
   return isa == Isa::kAvx2 && m > kX16MaxRowsAvx2;
 }
