@@ -18,11 +18,10 @@ import torch
 from gguf.quants import quantize
 
 from bench.ops.common import Row, compare
+from bench.ops.linear_rows import MODELS
 from xllm import _C
 from xllm.ops.blocks import BlockLinearWeight, pack_gguf_blocks
 
-# model -> (layers, hidden, q + 2 kv outputs, intermediate)
-MODELS = {"SmolLM2-135M": (30, 576, 960, 1536), "Llama-3.2-1B": (16, 2048, 3072, 8192)}
 ROWS = (1, 2, 4, 8, 9, 16, 64)
 
 

@@ -53,15 +53,16 @@ void decode_block_rows(const void* rows, int64_t n0, int nt, int64_t b0, int64_t
 // decodes the tiles again, about 5% of the multiply work at these block sizes.
 constexpr int64_t kRowBlockBytes = 256 << 10;
 
-// With more inputs than chunk_from_cols (kBlockChunkFromCols for the blocks), decoded weights
-// are multiplied kChunkCols inputs at a time (each chunk's sums added to out), and the rows per pass are fitted to a chunk of x
-// instead of whole rows: at K = 8192 a pass took 6 rows of x (256 KB), and the tiles were
-// decoded again every 6 rows, about 40% of the work. At the avx2 level on the AMX Xeon (Q4_1,
+// With more inputs than chunk_from_cols (kBlockChunkFromCols for the blocks), decoded
+// weights are multiplied kChunkCols inputs at a time (each chunk's sums added to out), and
+// the rows per pass are fitted to a chunk of x instead of whole rows: at K = 8192 a pass
+// took 6 rows of x (256 KB), and the tiles were decoded again every 6 rows, about 40% of
+// the work. At the avx2 level on the AMX Xeon (Q4_1,
 // a session script alternating both forms in one process) at 16 / 64 / 256 rows: 2048 x 8192
 // 1.23 / 1.56-1.60 / 1.82x, 4096 x 4096 1.13-1.16 / 1.23-1.27 / 1.28-1.29x, 4096 x 14336
 // 1.50-1.80 / 1.93-2.26 / 2.01-2.51x; chunking K = 2048 too measured 0.83-1.05x, so it stays
 // whole, as do fp32 rows (nothing to decode). Chunks of 512, 768 and 1536 were within 10%.
-constexpr int64_t kChunkCols = 1024;
+constexpr int64_t kChunkCols = 1024, kBlockChunkFromCols = 2048;
 
 void linear(const BlockMatrix& w, const float* x, int64_t ldx, int64_t m, const float* bias,
             float* out, int64_t ldo, Isa isa) {

@@ -82,16 +82,14 @@ void linear(const BlockMatrix& w, const float* x, int64_t ldx, int64_t m, const 
 // exactly to fp32: each thread decodes a tile of 4 rows at a time (decode(weight, n0, nt,
 // b0, b1, dst): blocks [b0, b1) of rows n0 .. n0 + nt into dst [4, 32 (b1 - b0)]; all of K,
 // or chunks of 1024 inputs when K > chunk_from_cols, block_linear.cpp) into scratch and
-// multiplies every row of x against it. dense: fp32 rows [N, K] read in place instead (decode unused). A row of
-// x gets the same bits whatever the other rows here (not the same as from linear()'s
-// decode-step kernels, which sum in another order).
+// multiplies every row of x against it. dense: fp32 rows [N, K] read in place instead
+// (decode unused). A row of x gets the same bits whatever the other rows here (not the
+// same as from linear()'s decode-step kernels, which sum in another order).
 using DecodeTile = void (*)(const void* weight, int64_t n0, int nt, int64_t b0, int64_t b1,
                            float* dst);
 void tiled_linear(const float* dense, DecodeTile decode, const void* weight, int64_t n,
                   int64_t k, const float* x, int64_t ldx, int64_t m, const float* bias,
                   float* out, int64_t ldo, Isa isa, int threads, int64_t chunk_from_cols);
-// K above which the blocks' own rows are decoded in chunks (block_linear.cpp).
-constexpr int64_t kBlockChunkFromCols = 2048;
 // out [N, K] contiguous = W decoded.
 void dequantize(const BlockMatrix& w, float* out, Isa isa);
 

@@ -178,9 +178,10 @@ void quantize_rows_avx512(const float* x, int64_t ldx, int64_t m, int64_t k, int
                           float* dx, float* sx, int8_t* xlo);
 void quantize_rows_avx2(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* xq,
                         float* dx, float* sx, int8_t* xlo);
-// Rows n0 .. n0 + 4 of a PackedInt8 (weight; n0 a multiple of 4) decoded exactly to fp32,
-// dst [4, K]: the bits the avx2 level's decode_row gives for the blocks it was packed from
-// (tiled_linear's DecodeTile; rows past N, the group's padding, decode to zeros).
+// Blocks [b0, b1) of rows n0 .. n0 + 4 of a PackedInt8 (weight; n0 a multiple of 4)
+// decoded exactly to fp32, dst [4, 32 (b1 - b0)]: the bits the avx2 level's decode_row
+// gives for the blocks it was packed from (tiled_linear's DecodeTile; rows past N, the
+// group's padding, decode to zeros).
 void decode_packed_tile_avx2(const void* weight, int64_t n0, int nt, int64_t b0, int64_t b1,
                              float* dst);
 // Group g of pack_amx_int8: its 16 rows' scales into s[0..16) and their int8 tiles into
